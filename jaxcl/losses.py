@@ -1,0 +1,149 @@
+"""Contrastive losses over the global batch, as pure functions of arrays.
+
+Every loss takes L2-normalized embeddings and a temperature τ (logits are
+divided by τ; a Python float or a traced scalar, and gradients flow into it).
+
+With ``axis_name=None`` the inputs are the whole batch. With ``axis_name`` set
+(a mesh axis name or a tuple of them) the function runs inside
+``jax.shard_map`` on one device's shard of n rows: it scores its local rows
+against the embeddings all-gathered from every device along those axes (an
+n x N block, N the global batch), labels offset by ``axis_index * n``, and
+returns the loss of the whole global batch, the same value on every device.
+The all-gather's transpose is a reduce-scatter, so when ``jax.grad`` is taken
+outside the shard_map each device receives the gradient for its own rows from
+every other device's loss terms: value and gradients equal the single-device
+computation on the concatenated batch.
+
+Logits and log-sum-exp are computed in float32 whatever the embedding dtype.
+
+``with_metrics=True`` also returns a dict of global-batch diagnostics computed
+from the same logits (no second pass): ``contrastive_top1`` and
+``contrastive_top5``, how often the positive scores above every other
+candidate (resp. is among the five best); ties count against the positive, so
+collapsed embeddings score 0, not 1.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+AxisName = Union[Hashable, Sequence[Hashable], None]
+
+# A finite stand-in for -inf on masked logits: exp() of it underflows to 0,
+# and unlike -inf it keeps 0 * logit products (entropy, gradients) finite.
+_MASKED = -1e9
+
+
+def _gather(x: jax.Array, axis_name: AxisName) -> tuple[jax.Array, jax.Array]:
+  """Returns (x of every device concatenated [N, ...], offset of this shard)."""
+  if axis_name is None:
+    return x, jnp.int32(0)
+  gathered = jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+  offset = jax.lax.axis_index(axis_name) * x.shape[0]
+  return gathered, offset
+
+
+def _global_sum(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _scaled_logits(rows: jax.Array, cols: jax.Array, temperature) -> jax.Array:
+  """rows [n, d] · cols [m, d]ᵀ / τ in float32 (bf16 inputs accumulate in f32)."""
+  sims = jnp.einsum('nd,md->nm', rows, cols, preferred_element_type=jnp.float32)
+  return sims / jnp.asarray(temperature, jnp.float32)
+
+
+def _softmax_terms(logits: jax.Array, positive: jax.Array, axis_name: AxisName,
+                   num_anchors: int, with_metrics: bool):
+  """Mean cross-entropy of the positive column over all anchors of all devices.
+
+  logits: [n, m] float32, already masked where a column is not a candidate.
+  positive: [n] int32 column index of each row's positive.
+  num_anchors: the global number of rows (the mean's denominator).
+  """
+  pos_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+  lse = jax.nn.logsumexp(logits, axis=1)
+  loss = _global_sum(jnp.sum(lse - pos_logit), axis_name) / num_anchors
+  if not with_metrics:
+    return loss
+  # Rank of the positive: candidates (other than itself) scoring at least as high.
+  is_positive = jnp.arange(logits.shape[1])[None, :] == positive[:, None]
+  beaten_by = jnp.sum((logits >= pos_logit[:, None]) & ~is_positive, axis=1)
+  count = lambda hit: _global_sum(jnp.sum(hit.astype(jnp.float32)), axis_name)
+  metrics = {
+      'contrastive_top1': count(beaten_by < 1) / num_anchors,
+      'contrastive_top5': count(beaten_by < 5) / num_anchors,
+  }
+  return loss, metrics
+
+
+def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = None,
+             with_metrics: bool = False):
+  """One-direction InfoNCE: row i of q against every row of k, positive k_i.
+
+  q, k: [n, d] L2-normalized (n = global batch, or the local shard inside
+  shard_map). Returns the mean over the N global anchors of
+  -log softmax(q_i · Kᵀ / τ)[i].
+  """
+  keys, offset = _gather(k, axis_name)
+  logits = _scaled_logits(q, keys, temperature)
+  positive = offset + jnp.arange(q.shape[0], dtype=jnp.int32)
+  return _softmax_terms(logits, positive, axis_name, keys.shape[0], with_metrics)
+
+
+def clip_loss(a: jax.Array, b: jax.Array, *, temperature, axis_name: AxisName = None,
+              with_metrics: bool = False):
+  """CLIP's symmetric loss: ½ (info_nce(a, b) + info_nce(b, a)). a, b: [n, d]."""
+  forward = info_nce(a, b, temperature=temperature, axis_name=axis_name,
+                     with_metrics=with_metrics)
+  backward = info_nce(b, a, temperature=temperature, axis_name=axis_name,
+                      with_metrics=with_metrics)
+  return jax.tree.map(lambda x, y: 0.5 * (x + y), forward, backward)
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = None,
+            with_metrics: bool = False):
+  """SimCLR's NT-Xent over 2N anchors (both views of N pairs).
+
+  z1, z2: [n, d] L2-normalized views; row i of z1 and row i of z2 are the two
+  views of one example. Each anchor's candidates are the other 2N - 1
+  embeddings of the global batch (itself excluded); its positive is the other
+  view of the same example. Returns the mean over the 2N anchors.
+  """
+  n = z1.shape[0]
+  all1, offset = _gather(z1, axis_name)
+  all2, _ = _gather(z2, axis_name)
+  big_n = all1.shape[0]
+  anchors = jnp.concatenate([z1, z2], axis=0)        # [2n, d]
+  candidates = jnp.concatenate([all1, all2], axis=0)  # [2N, d]: view 1 then view 2
+  logits = _scaled_logits(anchors, candidates, temperature)
+  index = offset + jnp.arange(n, dtype=jnp.int32)
+  self_col = jnp.concatenate([index, index + big_n])
+  positive = jnp.concatenate([index + big_n, index])
+  is_self = jnp.arange(2 * big_n)[None, :] == self_col[:, None]
+  logits = jnp.where(is_self, _MASKED, logits)
+  return _softmax_terms(logits, positive, axis_name, 2 * big_n, with_metrics)
+
+
+def siglip_loss(a: jax.Array, b: jax.Array, *, temperature, bias,
+                axis_name: AxisName = None, with_metrics: bool = False):
+  """SigLIP's pairwise sigmoid loss.
+
+  a, b: [n, d] L2-normalized. logits = a · Bᵀ / τ + bias; y = +1 for the pair
+  (i, i), -1 otherwise; loss = -(1/N) Σ_i Σ_j log σ(y_ij · logits_ij), the sum
+  over all N² pairs of the global batch divided by N.
+  """
+  cols, offset = _gather(b, axis_name)
+  logits = _scaled_logits(a, cols, temperature) + jnp.asarray(bias, jnp.float32)
+  positive = offset + jnp.arange(a.shape[0], dtype=jnp.int32)
+  is_positive = jnp.arange(cols.shape[0])[None, :] == positive[:, None]
+  signs = jnp.where(is_positive, 1.0, -1.0)
+  big_n = cols.shape[0]
+  loss = -_global_sum(jnp.sum(jax.nn.log_sigmoid(signs * logits)), axis_name) / big_n
+  if not with_metrics:
+    return loss
+  _, metrics = _softmax_terms(logits, positive, axis_name, big_n, True)
+  return loss, metrics

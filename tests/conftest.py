@@ -1,0 +1,11 @@
+"""Test set-up: 8 simulated CPU devices, set before anything imports jax."""
+
+import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+
+import jax  # noqa: E402  (must come after the flags)
+
+jax.config.update('jax_enable_x64', False)

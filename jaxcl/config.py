@@ -1,0 +1,129 @@
+"""Checks on an experiment config, run before anything is compiled or written.
+
+`validate(config)` raises ConfigError with one clear line for the first
+problem it finds; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import ml_collections
+from etils import epath
+
+from jaxcl import data, models, optim, parallel
+from jaxcl.temperature import MODES as TEMPERATURE_MODES
+
+CONFIG_FILE = 'config.json'  # the config of a run, saved in its workdir
+
+
+class ConfigError(ValueError):
+  """An invalid config; the message names the key and the problem."""
+
+
+_REQUIRED = ('total_steps', 'batch_size', 'seed', 'log_every_steps', 'eval_every_steps',
+             'checkpoint_every_steps', 'dataset.name', 'temperature.mode', 'temperature.init',
+             'temperature.min', 'temperature.max', 'mesh', 'model.name', 'optimizer.name',
+             'augment.image_size', 'eval.batch_size')
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split('.'):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      raise ConfigError(f'config is missing the required key {dotted!r}')
+    node = node[part]
+  return node
+
+
+def _check(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(config, num_devices: int | None = None, process_count: int | None = None) -> None:
+  """Raises ConfigError for the first invalid value in `config`."""
+  for key in _REQUIRED:
+    _get(config, key)
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+
+  for key in ('total_steps', 'batch_size', 'seed', 'log_every_steps', 'eval_every_steps',
+              'checkpoint_every_steps'):
+    _check(isinstance(config[key], int) and not isinstance(config[key], bool),
+           f'{key} must be an integer, got {config[key]!r}')
+  _check(config.total_steps >= 0, f'total_steps must be >= 0, got {config.total_steps}')
+  _check(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
+  for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
+    _check(config[key] > 0, f'{key} must be > 0, got {config[key]}')
+
+  try:
+    shape = parallel.mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(f'mesh: {e}') from None
+  shards = 1
+  for axis in parallel.BATCH_AXES:
+    shards *= shape[axis]
+  _check(config.batch_size % shards == 0,
+         f'batch_size {config.batch_size} is not divisible by the {shards} data shards '
+         f'of the mesh {shape}')
+  _check(config.batch_size % process_count == 0,
+         f'batch_size {config.batch_size} is not divisible by the {process_count} processes')
+  _check(config.eval.batch_size % shards == 0 and config.eval.batch_size > 0,
+         f'eval.batch_size {config.eval.batch_size} must be a positive multiple of the '
+         f'{shards} data shards')
+
+  t = config.temperature
+  _check(t.mode in TEMPERATURE_MODES,
+         f'temperature.mode must be one of {TEMPERATURE_MODES}, got {t.mode!r}')
+  _check(t.init > 0, f'temperature.init must be > 0, got {t.init}')
+  _check(t.min > 0, f'temperature.min must be > 0, got {t.min}')
+  _check(t.min <= t.max, f'temperature.min {t.min} must be <= temperature.max {t.max}')
+  _check(t.min <= t.init <= t.max,
+         f'temperature.init {t.init} must lie in [temperature.min, temperature.max] = '
+         f'[{t.min}, {t.max}]')
+
+  _check(config.model.name in models.RESNETS,
+         f'model.name must be one of {sorted(models.RESNETS)}, got {config.model.name!r}')
+  _check(config.optimizer.name in optim.OPTIMIZERS,
+         f'optimizer.name must be one of {optim.OPTIMIZERS}, got {config.optimizer.name!r}')
+  _check(config.optimizer.learning_rate > 0,
+         f'optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}')
+  a = config.augment
+  _check(a.image_size > 0, f'augment.image_size must be > 0, got {a.image_size}')
+  _check(0 < a.crop_scale_min <= a.crop_scale_max <= 1,
+         f'need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got '
+         f'{a.crop_scale_min}, {a.crop_scale_max}')
+  for key in ('color_jitter_prob', 'grayscale_prob', 'blur_prob'):
+    _check(0 <= a[key] <= 1, f'augment.{key} must be in [0, 1], got {a[key]}')
+  _check_dataset(config.dataset)
+
+
+def _check_dataset(d):
+  if d.name == 'image_folder':
+    _check(bool(d.path), 'dataset.path must name a folder when dataset.name is image_folder')
+    _check(epath.Path(d.path).is_dir(), f'dataset.path {d.path} is not a folder')
+    _check(d.image_size > 0, 'dataset.image_size must be > 0 for an image folder')
+    return
+  try:
+    builder = data.tfds_builder(d.name, d.data_dir)
+  except data.DatasetError as e:
+    raise ConfigError(f'dataset.name: {e}') from None
+  if d.name not in data.EMBEDDED and not d.download:
+    _check(epath.Path(builder.data_dir).joinpath('dataset_info.json').exists(),
+           f'dataset {d.name!r} is not prepared under {builder.data_dir_root}; prepare it or '
+           f'set --config.dataset.download=True')
+
+
+# ----------------------------------------------------------- saved configs ---
+def save(config, workdir) -> None:
+  epath.Path(workdir).joinpath(CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+
+
+def load_saved(workdir):
+  """The config a run in `workdir` was trained with."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise ConfigError(f'{workdir} has no {CONFIG_FILE}: not a jaxcl workdir')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))

@@ -1,0 +1,248 @@
+"""Input: TFDS array_record data sources and image folders, read with grain.
+
+Every dataset becomes a random-access source of records
+``{'image': uint8 [H, W, C], 'label': int}`` with one fixed H, W, C (the
+"stored resolution"). The host only reads and batches uint8 records;
+augmentation runs on the device (jaxcl.augment).
+
+- TFDS by name (``dataset.name = 'cifar10'``, ``'imagenet2012'``, ...): the
+  builder's array_record files in ``dataset.data_dir`` (TFDS's default when
+  unset). Preparing datasets with Image features needs TensorFlow and, for
+  most, the network: done once by the user, or here when
+  ``dataset.download=True``.
+- ``digits``: scikit-learn's 1,797 handwritten digits (8x8, shipped inside
+  scikit-learn) as a real TFDS builder with Tensor features, prepared locally
+  on first use with no network and no TensorFlow. train = the first 1,500
+  images, test = the remaining 297; pixel = round(value * 255 / 16).
+- ``image_folder``: ``dataset.path/SPLIT/CLASS/*.png`` (or ``path/SPLIT/*.png``
+  for unlabeled images, label -1), resized to ``dataset.image_size``.
+
+Training order is deterministic from the seed: grain shuffles the source,
+reshuffles each epoch, and gives process i the records i, i + P, i + 2P, ...
+of that order; the iterator's state (an index) is saved with checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from tensorflow_datasets.core import registered
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
+
+
+class DatasetError(ValueError):
+  """A dataset that cannot be found or read; the message says which and why."""
+
+
+# ------------------------------------------------------ the digits builder ---
+class Digits(tfds.core.GeneratorBasedBuilder):
+  """scikit-learn's handwritten digits: 8x8 grayscale, 10 classes, 1,797 images."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'train = first 1,500 images, test = last 297.'}
+  NUM_TRAIN = 1500
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='sklearn.datasets.load_digits, pixels stored as round(v * 255 / 16).',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+            'label': tfds.features.ClassLabel(num_classes=10),
+        }),
+        supervised_keys=('image', 'label'),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # everything ships inside scikit-learn
+    return {'train': self._generate_examples(0, self.NUM_TRAIN),
+            'test': self._generate_examples(self.NUM_TRAIN, None)}
+
+  def _generate_examples(self, start, stop):
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    digits = load_digits()
+    images = np.round(digits.images * 255.0 / 16.0).astype(np.uint8)[..., None]
+    stop = len(images) if stop is None else stop
+    for i in range(start, stop):
+      yield i, {'image': images[i], 'label': int(digits.target[i])}
+
+
+EMBEDDED = {'digits'}  # prepared locally on first use, no network
+
+
+# ---------------------------------------------------------------- sources ---
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  image_shape: tuple[int, int, int]  # the stored resolution (H, W, C)
+  num_classes: int  # 0 when unlabeled
+
+
+def tfds_builder(name: str, data_dir: str | None):
+  """The TFDS builder for `name`, or DatasetError if TFDS has no such dataset."""
+  try:
+    registered.imported_builder_cls(name.split(':')[0].split('/')[0])
+  except registered.DatasetNotFoundError:
+    raise DatasetError(f'no TFDS dataset named {name!r}') from None
+  return tfds.builder(name, data_dir=data_dir, file_format='array_record')
+
+
+def _prepared(builder) -> bool:
+  return epath.Path(builder.data_dir).joinpath('dataset_info.json').exists()
+
+
+class _TfdsSource:
+  """A TFDS data source whose records come out as {'image', 'label'} numpy arrays."""
+
+  def __init__(self, source, image_key, label_key, image_size):
+    self._source, self._image_key, self._label_key = source, image_key, label_key
+    self._image_size = image_size
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    record = self._source[index]
+    image = np.asarray(record[self._image_key])
+    if image.ndim == 2:
+      image = image[..., None]
+    if self._image_size and image.shape[:2] != (self._image_size,) * 2:
+      image = center_crop_resize(image, self._image_size)
+    label = record[self._label_key] if self._label_key in record else -1
+    return {'image': image.astype(np.uint8), 'label': np.int32(label)}
+
+
+class ImageFolderSource:
+  """Images under `root` (one sub-folder per class, or none), decoded with PIL."""
+
+  def __init__(self, root: str, image_size: int, classes: list[str] | None = None):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    self._image_lib = Image
+    root = epath.Path(root)
+    if not root.is_dir():
+      raise DatasetError(f'image folder {root} does not exist')
+    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+    self.classes = classes if classes is not None else subdirs
+    entries = []
+    if self.classes:
+      for label, name in enumerate(self.classes):
+        entries += [(p, label) for p in sorted((root / name).iterdir()) if _is_image(p)]
+    else:
+      entries = [(p, -1) for p in sorted(root.iterdir()) if _is_image(p)]
+    if not entries:
+      raise DatasetError(f'no images ({", ".join(IMAGE_SUFFIXES)}) under {root}')
+    self._entries, self._image_size = entries, image_size
+
+  def __len__(self):
+    return len(self._entries)
+
+  def __getitem__(self, index):
+    path, label = self._entries[index]
+    with path.open('rb') as f:
+      image = np.asarray(self._image_lib.open(f).convert('RGB'))
+    return {'image': center_crop_resize(image, self._image_size), 'label': np.int32(label)}
+
+
+def _is_image(path) -> bool:
+  return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+  """The central square of `image` resized to size x size (host side, PIL)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w = image.shape[:2]
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  square = image[top:top + side, left:left + side]
+  channels = square.shape[-1]
+  pil = Image.fromarray(square[..., 0] if channels == 1 else square)
+  out = np.asarray(pil.resize((size, size), Image.BILINEAR))
+  return out.reshape(size, size, channels)
+
+
+def load_source(cfg, split: str):
+  """(random-access source, DatasetInfo) for `split` of the dataset `cfg` names.
+
+  cfg: the config's `dataset` group. Raises DatasetError if it is missing.
+  """
+  if cfg.name == 'image_folder':
+    train_root = epath.Path(cfg.path) / cfg.train_split
+    classes = None
+    if train_root.is_dir():
+      classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
+    source = ImageFolderSource(str(epath.Path(cfg.path) / split), cfg.image_size, classes)
+    channels = 3
+    return source, DatasetInfo((cfg.image_size, cfg.image_size, channels), len(source.classes))
+
+  builder = tfds_builder(cfg.name, cfg.data_dir)
+  if not _prepared(builder):
+    if cfg.name in EMBEDDED or cfg.download:
+      builder.download_and_prepare()
+    else:
+      raise DatasetError(
+          f'TFDS dataset {cfg.name!r} is not prepared in {builder.data_dir_root}; prepare it '
+          f'(array_record format) or set --config.dataset.download=True')
+  if split not in builder.info.splits:
+    raise DatasetError(f'dataset {cfg.name!r} has no split {split!r} '
+                       f'(it has {", ".join(builder.info.splits)})')
+  features = builder.info.features
+  image_feature = features[cfg.image_key]
+  shape = tuple(image_feature.shape)
+  if len(shape) == 2:
+    shape = (*shape, 1)
+  if cfg.image_size:
+    shape = (cfg.image_size, cfg.image_size, shape[-1])
+  if None in shape:
+    raise DatasetError(f'{cfg.name!r} images have no fixed size {shape}; set dataset.image_size')
+  label = features[cfg.label_key] if cfg.label_key in features else None
+  num_classes = getattr(label, 'num_classes', 0) or 0
+  source = _TfdsSource(builder.as_data_source(split=split), cfg.image_key, cfg.label_key,
+                       cfg.image_size)
+  return source, DatasetInfo(shape, num_classes)
+
+
+# --------------------------------------------------------------- pipelines ---
+def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0,
+                   process_count: int = 1, num_threads: int = 4):
+  """An endless, checkpointable iterator of this process's share of each
+  global batch: dicts of numpy arrays with leading dim batch_size / processes.
+
+  Epochs reshuffle; the order depends only on the seed and the source.
+  """
+  local_batch = batch_size // process_count
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
+  return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(source, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                 max_examples: int | None = None) -> Iterator[dict]:
+  """One pass over a split in fixed-size batches (the last one padded).
+
+  Yields this process's share of each global batch with a 'mask' (1 = real
+  record) so padding never counts; every process yields the same number of
+  batches, as collective computations require.
+  """
+  total = len(source) if max_examples is None else min(len(source), max_examples)
+  local_batch = batch_size // process_count
+  indices = np.arange(total)[process_index::process_count]
+  num_batches = -(-total // batch_size)
+  for b in range(num_batches):
+    chunk = indices[b * local_batch:(b + 1) * local_batch]
+    records = [source[int(i)] for i in chunk]
+    images = np.stack([r['image'] for r in records]) if records else None
+    labels = np.array([r['label'] for r in records], np.int32)
+    pad = local_batch - len(records)
+    if images is None:
+      images = np.zeros((local_batch, *source[0]['image'].shape), np.uint8)
+    else:
+      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
+    yield {'image': images,
+           'label': np.concatenate([labels, np.full(pad, -1, np.int32)]),
+           'mask': np.concatenate([np.ones(len(records), bool), np.zeros(pad, bool)])}

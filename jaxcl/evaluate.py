@@ -1,0 +1,118 @@
+"""Evaluation of frozen features: weighted kNN and a linear probe, in JAX.
+
+Both take features already computed by the encoder on the labeled train and
+test splits (see `extract_features`). Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxcl import data, parallel
+
+
+def extract_features(embed_fn, mesh, source, *, batch_size: int, max_examples=None):
+  """Runs `embed_fn` (uint8 images [B, H, W, C] -> [B, D]) over a split.
+
+  Returns (features float32 [M, D], labels int32 [M]) as NumPy on every
+  process, padding removed. Each process reads its own share of the records.
+  """
+  feats, labels = [], []
+  for batch in data.eval_batches(source, batch_size=batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count(), max_examples=max_examples):
+    images = parallel.put_batch(mesh, batch['image'])
+    out = parallel.gather_to_host(embed_fn(images))
+    info = parallel.gather_to_host(parallel.put_batch(mesh, {'label': batch['label'],
+                                                             'mask': batch['mask']}))
+    feats.append(out[info['mask']])
+    labels.append(info['label'][info['mask']])
+  return np.concatenate(feats).astype(np.float32), np.concatenate(labels)
+
+
+def _normalize(x):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'num_classes'))
+def _knn_votes(queries, bank, bank_labels, *, k, num_classes, temperature):
+  sims = _normalize(queries) @ _normalize(bank).T
+  top_sims, top_idx = jax.lax.top_k(sims, k)
+  weights = jnp.exp(top_sims / temperature)
+  onehot = jax.nn.one_hot(bank_labels[top_idx], num_classes)  # [q, k, C]
+  return jnp.einsum('qk,qkc->qc', weights, onehot)
+
+
+def knn_top1(train_x, train_y, test_x, test_y, num_classes: int, *, k: int = 20,
+             temperature: float = 0.07, chunk: int = 1024) -> float:
+  """Weighted kNN (Wu et al. 2018, DINO): cosine similarity, the k nearest
+  train features vote for their label with weight exp(similarity / T)."""
+  k = min(k, len(train_x))
+  bank, bank_y = jnp.asarray(train_x), jnp.asarray(train_y)
+  correct = 0
+  for start in range(0, len(test_x), chunk):
+    queries = test_x[start:start + chunk]
+    pad = chunk - len(queries) if len(test_x) > chunk else 0
+    queries = np.concatenate([queries, np.zeros((pad, queries.shape[1]), queries.dtype)])
+    votes = _knn_votes(jnp.asarray(queries), bank, bank_y, k=k, num_classes=num_classes,
+                       temperature=temperature)
+    pred = np.asarray(jnp.argmax(votes, axis=-1))[:len(queries) - pad]
+    correct += int(np.sum(pred == test_y[start:start + chunk]))
+  return correct / len(test_x)
+
+
+@functools.partial(jax.jit, static_argnames=('num_classes', 'steps', 'batch_size'))
+def _train_probe(x, y, key, *, num_classes, steps, batch_size, learning_rate, l2):
+  d = x.shape[1]
+  params = {'w': jnp.zeros((d, num_classes)), 'b': jnp.zeros((num_classes,))}
+  opt = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
+
+  def loss_fn(p, xb, yb):
+    logits = xb @ p['w'] + p['b']
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+    return ce + 0.5 * l2 * jnp.sum(p['w'] ** 2)
+
+  def step(carry, step_key):
+    p, opt_state = carry
+    if batch_size >= x.shape[0]:
+      xb, yb = x, y
+    else:
+      idx = jax.random.randint(step_key, (batch_size,), 0, x.shape[0])
+      xb, yb = x[idx], y[idx]
+    grads = jax.grad(loss_fn)(p, xb, yb)
+    updates, opt_state = opt.update(grads, opt_state, p)
+    return (optax.apply_updates(p, updates), opt_state), None
+
+  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jax.random.split(key, steps))
+  return params
+
+
+def linear_probe_top1(train_x, train_y, test_x, test_y, num_classes: int, *, steps: int = 1000,
+                      learning_rate: float = 1e-2, l2: float = 1e-4, batch_size: int = 4096,
+                      seed: int = 0) -> float:
+  """Multinomial logistic regression on standardized frozen features (Adam,
+  cosine-decayed LR, L2 penalty), top-1 accuracy on the test features."""
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+  params = _train_probe(jnp.asarray((train_x - mean) / std), jnp.asarray(train_y),
+                        jax.random.key(seed), num_classes=num_classes, steps=steps,
+                        batch_size=batch_size, learning_rate=learning_rate, l2=l2)
+  logits = jnp.asarray((test_x - mean) / std) @ params['w'] + params['b']
+  return float(np.mean(np.asarray(jnp.argmax(logits, -1)) == test_y))
+
+
+def evaluate_features(train, test, num_classes: int, cfg) -> dict[str, float]:
+  """{'knn_top1', 'linear_top1'} from (features, labels) of both splits.
+  cfg: the config's `eval` group."""
+  (train_x, train_y), (test_x, test_y) = train, test
+  return {
+      'knn_top1': knn_top1(train_x, train_y, test_x, test_y, num_classes, k=cfg.knn_k,
+                           temperature=cfg.knn_temperature),
+      'linear_top1': linear_probe_top1(train_x, train_y, test_x, test_y, num_classes,
+                                       steps=cfg.probe_steps, learning_rate=cfg.probe_lr,
+                                       l2=cfg.probe_l2, batch_size=cfg.probe_batch_size),
+  }

@@ -1,0 +1,162 @@
+"""Encoders and the SimCLR model (Flax NNX).
+
+ResNet-18/50 (He et al.) with an optional CIFAR-style stem (3x3 stride-1 conv,
+no max-pool) for small images, SimCLR's MLP projection head, and the learnable
+temperature, all in one module so they are trained and checkpointed together.
+Batch-norm statistics are global: the model runs under `jax.jit` on the whole
+sharded batch, so a batch mean is a mean over every device (SimCLR's global BN).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcl.temperature import Temperature
+
+# name: (block kind, blocks per stage)
+RESNETS = {
+    'resnet18': ('basic', (2, 2, 2, 2)),
+    'resnet34': ('basic', (3, 4, 6, 3)),
+    'resnet50': ('bottleneck', (3, 4, 6, 3)),
+}
+
+_BN_MOMENTUM = 0.9  # the value of SimCLR's and torchvision's BN
+
+
+def _conv(cin, cout, k, stride, rngs, dtype):
+  return nnx.Conv(cin, cout, (k, k), strides=stride, padding='SAME', use_bias=False,
+                  kernel_init=nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+                  dtype=dtype, rngs=rngs)
+
+
+def _bn(c, rngs, dtype, zero_init=False):
+  return nnx.BatchNorm(c, momentum=_BN_MOMENTUM, epsilon=1e-5, dtype=dtype,
+                       scale_init=nnx.initializers.zeros if zero_init else nnx.initializers.ones,
+                       rngs=rngs)
+
+
+class BasicBlock(nnx.Module):
+  expansion = 1
+
+  def __init__(self, cin, width, stride, *, rngs, dtype):
+    cout = width * self.expansion
+    self.conv1, self.bn1 = _conv(cin, width, 3, stride, rngs, dtype), _bn(width, rngs, dtype)
+    self.conv2 = _conv(width, cout, 3, 1, rngs, dtype)
+    self.bn2 = _bn(cout, rngs, dtype, zero_init=True)  # each block starts as identity
+    needs_projection = stride != 1 or cin != cout
+    self.shortcut = (nnx.Sequential(_conv(cin, cout, 1, stride, rngs, dtype), _bn(cout, rngs, dtype))
+                     if needs_projection else None)
+
+  def __call__(self, x):
+    y = jax.nn.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return jax.nn.relu(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class Bottleneck(nnx.Module):
+  expansion = 4
+
+  def __init__(self, cin, width, stride, *, rngs, dtype):
+    cout = width * self.expansion
+    self.conv1, self.bn1 = _conv(cin, width, 1, 1, rngs, dtype), _bn(width, rngs, dtype)
+    self.conv2, self.bn2 = _conv(width, width, 3, stride, rngs, dtype), _bn(width, rngs, dtype)
+    self.conv3 = _conv(width, cout, 1, 1, rngs, dtype)
+    self.bn3 = _bn(cout, rngs, dtype, zero_init=True)
+    needs_projection = stride != 1 or cin != cout
+    self.shortcut = (nnx.Sequential(_conv(cin, cout, 1, stride, rngs, dtype), _bn(cout, rngs, dtype))
+                     if needs_projection else None)
+
+  def __call__(self, x):
+    y = jax.nn.relu(self.bn1(self.conv1(x)))
+    y = jax.nn.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    return jax.nn.relu(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet(nnx.Module):
+  """images [b, H, W, C] float -> features [b, width * 2^(stages-1) * expansion]."""
+
+  def __init__(self, *, block: str, stage_sizes: Sequence[int], in_channels: int, width: int = 64,
+               small_images: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
+    block_cls = {'basic': BasicBlock, 'bottleneck': Bottleneck}[block]
+    self.small_images = small_images
+    if small_images:  # CIFAR stem: keep the resolution of 32x32 (or smaller) inputs
+      self.stem = _conv(in_channels, width, 3, 1, rngs, dtype)
+    else:
+      self.stem = _conv(in_channels, width, 7, 2, rngs, dtype)
+    self.stem_bn = _bn(width, rngs, dtype)
+    blocks, cin = [], width
+    for stage, num_blocks in enumerate(stage_sizes):
+      for i in range(num_blocks):
+        stride = 2 if stage > 0 and i == 0 else 1
+        blocks.append(block_cls(cin, width * 2**stage, stride, rngs=rngs, dtype=dtype))
+        cin = width * 2**stage * block_cls.expansion
+    self.blocks = nnx.List(blocks)
+    self.num_features = cin
+
+  def __call__(self, x):
+    x = jax.nn.relu(self.stem_bn(self.stem(x)))
+    if not self.small_images:
+      x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    for block in self.blocks:
+      x = block(x)
+    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+
+
+class ProjectionHead(nnx.Module):
+  """SimCLR's MLP head: (Linear, BN, ReLU) x (layers - 1), then Linear."""
+
+  def __init__(self, cin: int, hidden: int, out: int, layers: int, *, rngs: nnx.Rngs):
+    hidden_layers = []
+    for _ in range(layers - 1):
+      hidden_layers += [nnx.Linear(cin, hidden, use_bias=False, rngs=rngs),
+                        nnx.BatchNorm(hidden, momentum=_BN_MOMENTUM, rngs=rngs), jax.nn.relu]
+      cin = hidden
+    self.hidden = nnx.Sequential(*hidden_layers) if hidden_layers else None
+    self.out = nnx.Linear(cin, out, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(x if self.hidden is None else self.hidden(x))
+
+
+def l2_normalize(x, eps=1e-12):
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+class SimCLRModel(nnx.Module):
+  """Encoder + projection head + temperature.
+
+  `embed(images)` gives the encoder features used for evaluation and export;
+  `__call__(images)` the L2-normalized projections the loss sees.
+  """
+
+  def __init__(self, *, encoder: ResNet, head: ProjectionHead, temperature: Temperature):
+    self.encoder, self.head, self.temperature = encoder, head, temperature
+
+  def embed(self, images):
+    return self.encoder(images)
+
+  def __call__(self, images):
+    return l2_normalize(self.head(self.encoder(images)))
+
+
+def build_model(config, in_channels: int, rngs: nnx.Rngs) -> SimCLRModel:
+  """The model a config describes. `in_channels` comes from the dataset."""
+  m = config.model
+  if m.name not in RESNETS:
+    raise ValueError(f'unknown model.name {m.name!r}; choose one of {sorted(RESNETS)}')
+  block, stages = RESNETS[m.name]
+  if m.get('stage_sizes'):
+    stages = tuple(m.stage_sizes)
+  dtype = jnp.dtype(m.get('dtype', 'float32'))
+  encoder = ResNet(block=block, stage_sizes=stages, in_channels=in_channels, width=m.width,
+                   small_images=m.small_images, rngs=rngs, dtype=dtype)
+  head = ProjectionHead(encoder.num_features, m.head_hidden, m.head_out, m.head_layers, rngs=rngs)
+  t = config.temperature
+  temperature = Temperature(mode=t.mode, init=t.init, min=t.min, max=t.max)
+  return SimCLRModel(encoder=encoder, head=head, temperature=temperature)

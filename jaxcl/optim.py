@@ -1,0 +1,52 @@
+"""Optimizers and learning-rate schedules from config.
+
+LARS (SimCLR's choice) and AdamW, linear warm-up then cosine decay, optional
+global-norm clipping. Weight decay (and LARS's trust ratio) apply only to
+arrays of rank >= 2: convolution and dense kernels. Biases, batch-norm scales
+and offsets and the scalar temperature are left alone, as in SimCLR and
+open_clip.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+OPTIMIZERS = ('lars', 'adamw', 'sgd')
+
+
+def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
+  """Linear warm-up to the peak, then cosine decay to 0 at total_steps.
+
+  peak = cfg.learning_rate * batch_size / 256 when cfg.scale_lr_by_batch
+  (SimCLR's "LR = 0.3 x BatchSize / 256"), else cfg.learning_rate.
+  """
+  o = cfg.optimizer
+  peak = o.learning_rate * (cfg.batch_size / 256 if o.scale_lr_by_batch else 1.0)
+  total = max(int(total_steps), 1)
+  warmup = min(int(o.warmup_steps), total - 1)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)
+
+
+def decay_mask(params):
+  """True where weight decay applies: kernels (rank >= 2)."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def build_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+  o = cfg.optimizer
+  schedule = learning_rate_schedule(cfg, total_steps)
+  if o.name == 'lars':
+    opt = optax.lars(schedule, weight_decay=o.weight_decay, weight_decay_mask=decay_mask,
+                     trust_coefficient=o.lars_trust_coefficient, momentum=o.momentum,
+                     trust_ratio_mask=decay_mask)
+  elif o.name == 'adamw':
+    opt = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
+  elif o.name == 'sgd':
+    opt = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
+                      optax.sgd(schedule, momentum=o.momentum))
+  else:
+    raise ValueError(f'unknown optimizer.name {o.name!r}; choose one of {OPTIMIZERS}')
+  if o.grad_clip_norm:
+    opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
+  return opt

@@ -1,0 +1,79 @@
+"""The device mesh and how arrays are laid out on it.
+
+The mesh comes from the config's `mesh` group: an ordered set of named axes,
+each a size or -1 for "all remaining devices". The batch is split over every
+batch axis (today `data`); parameters and optimizer state are replicated.
+Axes are `Auto` (GSPMD): the encoder runs under `jax.jit` on the sharded
+batch and XLA inserts the collectives (so batch-norm means are global), while
+the loss runs in `jax.shard_map` and gathers embeddings itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data',)  # known axes, in mesh order
+BATCH_AXES = ('data',)  # the axes the batch is split over
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """Resolves -1 and checks the product; raises ValueError with a clear message."""
+  sizes = dict(mesh_cfg.items()) if hasattr(mesh_cfg, 'items') else dict(mesh_cfg)
+  unknown = set(sizes) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f'unknown mesh axes {sorted(unknown)}; known: {list(MESH_AXES)}')
+  sizes = {name: int(sizes.get(name, 1)) for name in MESH_AXES}
+  free = [n for n, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError('at most one mesh axis may be -1')
+  if any(s == 0 or s < -1 for s in sizes.values()):
+    raise ValueError(f'mesh axis sizes must be positive or -1, got {sizes}')
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f'mesh {sizes} does not divide the {num_devices} devices')
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f'mesh {sizes} needs {math.prod(sizes.values())} devices, '
+                     f'there are {num_devices}')
+  return sizes
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  sizes = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes),
+                       devices=devices)
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the batch axes."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def put_batch(mesh: Mesh, local_batch):
+  """This process's rows of the global batch -> global jax.Arrays sharded over
+  the batch axes (`jax.make_array_from_process_local_data`, right on a pod)."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)
+
+
+def gather_to_host(tree):
+  """Batch-sharded global arrays -> the whole arrays as NumPy on every process."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

@@ -15,6 +15,7 @@ from ml_collections import config_dict
 
 def get_config():
   config = ml_collections.ConfigDict()
+  config.name = "simclr_digits"
   config.seed = 0
   config.total_steps = 1500
   config.batch_size = 256

@@ -18,8 +18,8 @@ augmentation runs on the device (jaxcl.augment).
   for unlabeled images, label -1), resized to ``dataset.image_size``.
 
 Training order is deterministic from the seed: grain shuffles the source,
-reshuffles each epoch, and gives process i the records i, i + P, i + 2P, ...
-of that order; the iterator's state (an index) is saved with checkpoints.
+reshuffles each epoch, and each of P processes reads its own block of every
+global batch; the iterator's state (an index) is saved with checkpoints.
 """
 
 from __future__ import annotations
@@ -216,7 +216,10 @@ def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0
   """
   local_batch = batch_size // process_count
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+  # Global batch k is records [kB, (k+1)B) of that order; process p reads the
+  # p-th block of it, so the assembled global batch is the same, row for row,
+  # whatever the number of processes.
+  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
   return iter(ds.to_iter_dataset(options))
 
@@ -231,10 +234,10 @@ def eval_batches(source, *, batch_size: int, process_index: int = 0, process_cou
   """
   total = len(source) if max_examples is None else min(len(source), max_examples)
   local_batch = batch_size // process_count
-  indices = np.arange(total)[process_index::process_count]
   num_batches = -(-total // batch_size)
   for b in range(num_batches):
-    chunk = indices[b * local_batch:(b + 1) * local_batch]
+    start = b * batch_size + process_index * local_batch
+    chunk = np.arange(start, min(start + local_batch, total))
     records = [source[int(i)] for i in chunk]
     images = np.stack([r['image'] for r in records]) if records else None
     labels = np.array([r['label'] for r in records], np.int32)

@@ -100,10 +100,10 @@ class Experiment:
     return model.embed(self.model_inputs(views))
 
 
-def setup(config) -> Experiment:
-  """Builds the Experiment for a validated config (the dataset's metadata is
-  read, and the embedded dataset prepared, here)."""
-  mesh = parallel.make_mesh(config.mesh)
+def setup(config, devices=None) -> Experiment:
+  """Builds the Experiment for a validated config on `devices` (default: all).
+  The dataset's metadata is read, and the embedded dataset prepared, here."""
+  mesh = parallel.make_mesh(config.mesh, devices)
   _, info = data.load_source(config.dataset, config.dataset.train_split)
   abstract_model = nnx.eval_shape(
       lambda: models.build_model(config, info.image_shape[-1], nnx.Rngs(config.seed)))
@@ -268,12 +268,17 @@ def train_and_evaluate(config, workdir) -> dict:
 
   step = start_step
   interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+  previous_metrics = None
   while step < total:
     t0 = time.perf_counter()
     batch = next(train_iter)
     images = parallel.put_batch(exp.mesh, batch['image'])
     data_wait += time.perf_counter() - t0
     state, metrics = train_step(state, images)
+    # Keep one step in flight: dispatch runs ahead of the device by one step
+    # at most, so the progress bar and timings count finished steps.
+    jax.block_until_ready(previous_metrics)
+    previous_metrics = metrics
     step += 1
     interval_steps += 1
     if step == start_step + 1:  # compilation: report it, then time steady-state steps only

@@ -9,3 +9,8 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 import jax  # noqa: E402  (must come after the flags)
 
 jax.config.update('jax_enable_x64', False)
+
+import tempfile  # noqa: E402
+
+# The embedded digits dataset is prepared once per test session, here.
+os.environ.setdefault('TFDS_DATA_DIR', tempfile.mkdtemp(prefix='jaxcl-tfds-'))

@@ -1,0 +1,135 @@
+"""The `jaxcl` command: train, eval, export.
+
+  jaxcl train  --config configs/simclr_digits.py --workdir DIR [--config.key=value ...]
+  jaxcl eval   --workdir DIR
+  jaxcl export --workdir DIR --output FILE
+
+Bad input (an unknown or mistyped override, an invalid value, a missing
+dataset or workdir) prints one line `jaxcl: error: ...` and exits with code 2
+before anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+
+from absl import flags
+from ml_collections import config_flags
+
+USAGE = __doc__.split('\n\n')[1]
+COMMANDS = ('train', 'eval', 'export')
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (Python).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, eval.json.')
+_OUTPUT = flags.DEFINE_string('output', None, 'export: the artifact file to write.')
+
+
+class UsageError(Exception):
+  """Bad command-line input: printed as one line, exit code 2."""
+
+
+def _parse(argv: list[str]):
+  try:
+    flags.FLAGS(argv)
+  except flags.Error as e:
+    raise UsageError(str(e).splitlines()[0]) from None
+  except (AttributeError, KeyError) as e:  # config_flags: an override names no key
+    key = str(e).strip('\'"')
+    where = [a.split('=')[0] for a in argv if a.startswith('--config.') and key in a]
+    raise UsageError(f'unknown config key {key!r}' + (f' in {where[0]}' if where else '') +
+                     '; the config file lists the keys') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(f'{type(e).__name__}: {e}') from None
+
+
+def _load_config():
+  if flags.FLAGS['config'].value is None:
+    raise UsageError('--config is required for train')
+  filename = flags.FLAGS['config'].config_filename
+  if not filename:
+    raise UsageError('--config is required for train')
+  if not os.path.isfile(filename):
+    raise UsageError(f'config file {filename} does not exist')
+  try:
+    config = _CONFIG.value
+    config.keys()  # a file that failed to load raises here
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(f'cannot load config {flags.FLAGS["config"].config_filename}: '
+                     f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+  return config
+
+
+def _require(flag, name):
+  if not flag.value:
+    raise UsageError(f'--{name} is required')
+  return flag.value
+
+
+def _check_workdir(path: str, must_exist: bool):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  p = epath.Path(path)
+  if p.exists() and not p.is_dir():
+    raise UsageError(f'workdir {path} exists and is not a directory')
+  if must_exist and not p.is_dir():
+    raise UsageError(f'workdir {path} does not exist')
+
+
+def _quiet():
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  warnings.filterwarnings('ignore', category=DeprecationWarning)
+  warnings.filterwarnings('ignore', category=UserWarning)
+
+
+def run(argv: list[str]) -> int:
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    raise UsageError('choose a command: ' + ' | '.join(COMMANDS) + '\n' + USAGE)
+  command = argv[1]
+  _parse([argv[0]] + argv[2:])
+  workdir = _require(_WORKDIR, 'workdir')
+  _quiet()
+
+  # Imported late so that `jaxcl` with bad flags answers before jax starts.
+  from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxcl import data  # pylint: disable=g-import-not-at-top
+  try:
+    if command == 'train':
+      config = _load_config()
+      _check_workdir(workdir, must_exist=False)
+      config_lib.validate(config)
+      from jaxcl import train  # pylint: disable=g-import-not-at-top
+      train.train_and_evaluate(config, workdir)
+    elif command == 'eval':
+      _check_workdir(workdir, must_exist=True)
+      from jaxcl import train  # pylint: disable=g-import-not-at-top
+      print(json.dumps(train.evaluate_workdir(workdir), indent=2))
+    else:
+      output = _require(_OUTPUT, 'output')
+      _check_workdir(workdir, must_exist=True)
+      from jaxcl import export  # pylint: disable=g-import-not-at-top
+      metadata = export.export_encoder(workdir, output)
+      print(f'wrote {output} and {output}.json: uint8 {metadata["input"]["shape"]} -> float32 '
+            f'{metadata["output"]["shape"]}')
+  except (config_lib.ConfigError, data.DatasetError) as e:
+    raise UsageError(str(e)) from None
+  return 0
+
+
+def main(argv=None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    code = run(argv)
+  except UsageError as e:
+    print(f'jaxcl: error: {e}', file=sys.stderr)
+    code = 2
+  sys.exit(code)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,60 @@
+"""Every bad config input gets one clear line on stderr, exit code 2, nothing written."""
+
+import os
+
+import pytest
+
+from helpers import DIGITS_CONFIG, jaxcl
+
+BAD = {
+    'unknown key': (['--config.no_such_key=1'], "unknown config key 'no_such_key'"),
+    'unknown nested key': (['--config.model.depth=3'], "unknown config key 'depth'"),
+    'wrong type': (['--config.batch_size=many'], 'batch_size'),
+    'batch not divisible': (['--config.batch_size=30'], 'not divisible by the 8 data shards'),
+    'tau <= 0': (['--config.temperature.init=0'], 'temperature.init must be > 0'),
+    'negative tau min': (['--config.temperature.min=-0.1'], 'temperature.min must be > 0'),
+    'tau min > max': (['--config.temperature.min=0.5', '--config.temperature.max=0.2',
+                       '--config.temperature.init=0.3'], 'temperature.min 0.5 must be <='),
+    'tau mode': (['--config.temperature.mode=warm'], 'temperature.mode must be one of'),
+    'missing dataset': (['--config.dataset.name=no_such_dataset'], "no TFDS dataset named"),
+    'unprepared dataset': (['--config.dataset.name=cifar10'], 'is not prepared'),
+    'mesh too big': (['--config.mesh.data=16'], 'needs 16 devices'),
+    'negative steps': (['--config.total_steps=-5'], 'total_steps must be >= 0'),
+    'model': (['--config.model.name=vgg'], 'model.name must be one of'),
+    'optimizer': (['--config.optimizer.name=rmsprop'], 'optimizer.name must be one of'),
+}
+
+
+@pytest.mark.parametrize('case', BAD)
+def test_bad_config_exits_2_with_one_line(case, tmp_path):
+  overrides, expected = BAD[case]
+  workdir = tmp_path / 'run'
+  proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *overrides,
+               devices=8, check=False)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('jaxcl: error: '), proc.stderr
+  assert expected in lines[0]
+  assert 'Traceback' not in proc.stderr
+  assert not os.path.exists(workdir)
+
+
+def test_missing_config_file_and_flags(tmp_path):
+  for args, expected in [
+      (['train', '--config', str(tmp_path / 'nope.py'), '--workdir', str(tmp_path)],
+       'does not exist'),
+      (['train', '--workdir', str(tmp_path)], '--config is required'),
+      (['train', '--config', DIGITS_CONFIG], '--workdir is required'),
+      (['eval', '--workdir', str(tmp_path / 'nowhere')], 'does not exist'),
+      (['fly'], 'choose a command'),
+  ]:
+    proc = jaxcl(*args, check=False)
+    assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr)
+    assert 'Traceback' not in proc.stderr
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  path = tmp_path / 'file'
+  path.write_text('x')
+  proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(path), check=False)
+  assert proc.returncode == 2 and 'not a directory' in proc.stderr

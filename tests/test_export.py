@@ -1,0 +1,56 @@
+"""Export round trip: the artifact, loaded in a fresh process that has only jax
+and numpy, gives the trained encoder's L2-normalized embeddings."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from helpers import DIGITS_CONFIG, jaxcl, tiny_overrides
+from jaxcl import data, models, train
+
+LOADER = r'''
+import sys
+import jax, numpy as np
+images = np.load(sys.argv[2])
+with open(sys.argv[1], 'rb') as f:
+  embed = jax.export.deserialize(f.read())
+out = np.asarray(embed.call(images))
+np.save(sys.argv[3], out)
+small = np.asarray(embed.call(images[:3]))  # another batch size, same artifact
+np.testing.assert_allclose(small, out[:3], rtol=1e-5, atol=1e-6)
+assert 'jaxcl' not in sys.modules, 'the loader must not need jaxcl'
+print('ok', out.shape, out.dtype)
+'''
+
+
+def test_export_round_trip(tmp_path):
+  workdir = tmp_path / 'run'
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
+        '--config.total_steps=4', '--config.log_every_steps=2')
+  artifact = tmp_path / 'out' / 'encoder.jaxexport'
+  proc = jaxcl('export', '--workdir', str(workdir), '--output', str(artifact))
+  assert 'wrote' in proc.stdout
+  meta = json.loads(open(f'{artifact}.json').read())
+  assert meta['input'] == {**meta['input'], 'shape': ['b', 8, 8, 1], 'dtype': 'uint8'}
+  assert meta['output']['dtype'] == 'float32' and meta['step'] == 4
+  assert meta['config_name'] == 'simclr_digits'
+
+  exp, state = train.load_trained(str(workdir))
+  source, _ = data.load_source(exp.config.dataset, 'test')
+  images = np.stack([source[i]['image'] for i in range(10)])
+  expected = np.asarray(models.l2_normalize(
+      jax.jit(exp.embed)(state.params, state.batch_stats, images)))
+  assert meta['output']['shape'] == ['b', expected.shape[1]]
+
+  np.save(tmp_path / 'images.npy', images)
+  run = subprocess.run([sys.executable, '-c', LOADER, str(artifact), str(tmp_path / 'images.npy'),
+                        str(tmp_path / 'out.npy')], capture_output=True, text=True,
+                       cwd=tmp_path)  # outside the repo: jaxcl is not importable by path
+  assert run.returncode == 0, run.stderr
+  got = np.load(tmp_path / 'out.npy')
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

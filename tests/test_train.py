@@ -1,0 +1,165 @@
+"""The sharded train step against one device; kill-and-resume against an
+uninterrupted run; total_steps=0; eval recomputation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import DIGITS_CONFIG, REPO, jaxcl, tiny_config, tiny_overrides
+from jaxcl import parallel, train
+
+
+# ------------------------------------------------ sharded == single device ---
+@pytest.fixture(scope='module')
+def experiments():
+  config = tiny_config(batch_size=16)
+  single = train.setup(config, devices=jax.devices()[:1])
+  sharded = train.setup(config, devices=jax.devices()[:8])
+  assert dict(sharded.mesh.shape) == {'data': 8}
+  return single, sharded
+
+
+def _images(n, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, size=(n, 8, 8, 1), dtype=np.uint8)
+
+
+def test_sharded_loss_and_grads_equal_single_device(experiments):
+  results = []
+  for exp in experiments:
+    state = exp.init_state()
+    fn = jax.jit(train.make_loss_and_grads(exp))
+    (loss, (metrics, batch_stats, tau)), grads = fn(state, parallel.put_batch(exp.mesh, _images(16)))
+    results.append(jax.device_get((loss, metrics, batch_stats, grads)))
+  (loss1, m1, bs1, g1), (loss8, m8, bs8, g8) = results
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  assert float(loss1) > 0
+  for key in m1:
+    np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5)
+  # Global batch norm: the running statistics agree too.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), bs8, bs1)
+  leaves1, leaves8 = jax.tree.leaves(g1), jax.tree.leaves(g8)
+  assert len(leaves1) == len(leaves8) > 5
+  for a, b in zip(leaves8, leaves1):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  # The temperature receives a gradient.
+  assert abs(float(g1['temperature']['log_tau'][...])) > 0
+
+
+def test_sharded_train_steps_equal_single_device(experiments):
+  finals = []
+  for exp in experiments:
+    state = exp.init_state()
+    step = train.make_train_step(exp)
+    for i in range(3):
+      state, metrics = step(state, parallel.put_batch(exp.mesh, _images(16, seed=i)))
+    finals.append(jax.device_get((state.params, metrics)))
+  (p1, m1), (p8, m8) = finals
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p8, p1)
+  np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-4)
+
+
+def test_temperature_is_clamped_after_update(experiments):
+  exp = experiments[0]
+  state = exp.init_state()
+  log_tau = state.params['temperature']['log_tau']
+  log_tau[...] = np.log(exp.config.temperature.min) - 1.0  # pushed out of range
+  state, metrics = train.make_train_step(exp)(state, parallel.put_batch(exp.mesh, _images(16)))
+  tau = float(np.exp(state.params['temperature']['log_tau'][...]))
+  assert tau == pytest.approx(exp.config.temperature.min, rel=1e-5)
+
+
+# ------------------------------------------------------- kill and resume ---
+RUN = ['--config.total_steps=300', '--config.checkpoint_every_steps=5',
+       '--config.log_every_steps=5', '--config.eval_every_steps=1000']
+
+
+def _final_params(workdir):
+  _, state = train.load_trained(str(workdir))
+  return int(state.step), jax.device_get(state.params)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(), *RUN,
+        devices=2)
+  return workdir
+
+
+def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
+  workdir = tmp_path / 'killed'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
+         str(workdir), *tiny_overrides(), *RUN]
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpts = workdir / 'checkpoints'
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+    if steps and max(steps) >= 10:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run ended before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / 'eval.json').exists()
+
+  resumed = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+                  *tiny_overrides(), *RUN, devices=2)
+  line = [l for l in resumed.stdout.splitlines() if 'resuming from step' in l]
+  assert line, resumed.stdout
+  start = int(line[0].rsplit(' ', 1)[1])
+  assert 10 <= start < 300
+
+  step_a, params_a = _final_params(uninterrupted)
+  step_b, params_b = _final_params(workdir)
+  assert step_a == step_b == 300
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               params_b, params_a)
+  # The logged losses after the resume point match the uninterrupted run's.
+  def losses(path):
+    rows = [json.loads(l) for l in open(path / 'metrics.jsonl')]
+    return {r['step']: r['loss'] for r in rows if 'loss' in r}
+  ref, got = losses(uninterrupted), losses(workdir)
+  shared = [s for s in got if s > start]
+  assert shared
+  np.testing.assert_allclose([got[s] for s in shared], [ref[s] for s in shared], rtol=1e-6)
+
+
+def test_outputs_of_a_run(uninterrupted):
+  rows = [json.loads(l) for l in open(uninterrupted / 'metrics.jsonl')]
+  train_rows = [r for r in rows if 'loss' in r]
+  for key in ('step', 'loss', 'temperature', 'inv_temperature', 'examples_per_sec',
+              'contrastive_top1', 'grad_norm'):
+    assert key in train_rows[0]
+  assert [r['step'] for r in train_rows] == list(range(5, 301, 5))
+  assert train_rows[-1]['loss'] < train_rows[0]['loss']
+  assert any(p.startswith('events.out.tfevents') for p in os.listdir(uninterrupted))
+  results = json.loads((uninterrupted / 'eval.json').read_text())
+  assert 0 <= results['knn_top1'] <= 1 and 0 <= results['linear_top1'] <= 1
+
+
+def test_eval_recomputes_eval_json(uninterrupted):
+  before = json.loads((uninterrupted / 'eval.json').read_text())
+  proc = jaxcl('eval', '--workdir', str(uninterrupted), devices=2)
+  after = json.loads((uninterrupted / 'eval.json').read_text())
+  assert after['step'] == before['step'] == 300
+  assert after['knn_top1'] == pytest.approx(before['knn_top1'], abs=1e-9)
+  assert after['linear_top1'] == pytest.approx(before['linear_top1'], abs=1e-9)
+  assert json.loads(proc.stdout)['knn_top1'] == after['knn_top1']
+
+
+def test_zero_steps_evaluates_random_encoder(tmp_path):
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(tmp_path), *tiny_overrides(),
+        '--config.total_steps=0')
+  results = json.loads((tmp_path / 'eval.json').read_text())
+  assert results['step'] == 0
+  assert 0.2 < results['knn_top1'] <= 1 and 0.2 < results['linear_top1'] <= 1

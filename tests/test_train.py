@@ -52,11 +52,15 @@ def test_sharded_loss_and_grads_equal_single_device(experiments):
   assert abs(float(g1['temperature']['log_tau'][...])) > 0
 
 
-def test_sharded_train_steps_equal_single_device(experiments):
+@pytest.fixture(scope='module')
+def train_steps(experiments):
+  return [train.make_train_step(exp) for exp in experiments]
+
+
+def test_sharded_train_steps_equal_single_device(experiments, train_steps):
   finals = []
-  for exp in experiments:
+  for exp, step in zip(experiments, train_steps):
     state = exp.init_state()
-    step = train.make_train_step(exp)
     for i in range(3):
       state, metrics = step(state, parallel.put_batch(exp.mesh, _images(16, seed=i)))
     finals.append(jax.device_get((state.params, metrics)))
@@ -65,12 +69,12 @@ def test_sharded_train_steps_equal_single_device(experiments):
   np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-4)
 
 
-def test_temperature_is_clamped_after_update(experiments):
+def test_temperature_is_clamped_after_update(experiments, train_steps):
   exp = experiments[0]
   state = exp.init_state()
   log_tau = state.params['temperature']['log_tau']
   log_tau[...] = np.log(exp.config.temperature.min) - 1.0  # pushed out of range
-  state, metrics = train.make_train_step(exp)(state, parallel.put_batch(exp.mesh, _images(16)))
+  state, metrics = train_steps[0](state, parallel.put_batch(exp.mesh, _images(16)))
   tau = float(np.exp(state.params['temperature']['log_tau'][...]))
   assert tau == pytest.approx(exp.config.temperature.min, rel=1e-5)
 

@@ -1,0 +1,68 @@
+"""The temperature module, its clamp, and the optimizer's treatment of it."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxcl import optim
+from jaxcl.temperature import Temperature, project_all
+
+
+def test_learnable_is_log_parameterized_and_clamped():
+  t = Temperature(mode='learnable', init=0.07, min=0.01, max=1.0)
+  assert float(t()) == pytest.approx(0.07, rel=1e-6)
+  assert float(t.log_tau[...]) == pytest.approx(math.log(0.07), rel=1e-6)
+  t.log_tau[...] = jnp.float32(math.log(0.001))
+  project_all(t)
+  assert float(t()) == pytest.approx(0.01, rel=1e-5)  # 1/τ capped at 100
+  t.log_tau[...] = jnp.float32(3.0)
+  project_all(t)
+  assert float(t()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_fixed_has_no_parameter():
+  t = Temperature(mode='fixed', init=0.5)
+  assert float(t()) == 0.5
+  assert not jax.tree.leaves(nnx.state(t, nnx.Param))
+
+
+def test_gradient_reaches_log_tau():
+  t = Temperature(mode='learnable', init=0.5)
+  graphdef, params = nnx.split(t, nnx.Param)
+  # d/d(log τ) of (c / τ) = -c / τ.
+  grad = jax.grad(lambda p: 3.0 / nnx.merge(graphdef, p)())(params)
+  assert float(grad['log_tau'][...]) == pytest.approx(-3.0 / 0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize('bad', [dict(init=0.0), dict(min=0.5, max=0.2, init=0.3),
+                                 dict(init=2.0, max=1.0), dict(mode='cosine')])
+def test_bad_settings_raise(bad):
+  with pytest.raises(ValueError):
+    Temperature(**bad)
+
+
+@pytest.mark.parametrize('name', optim.OPTIMIZERS)
+def test_weight_decay_skips_temperature_biases_and_norms(name):
+  cfg = ml_collections.ConfigDict(dict(
+      batch_size=256, optimizer=dict(name=name, learning_rate=0.0, scale_lr_by_batch=False,
+                                     warmup_steps=0, weight_decay=0.5, b1=0.9, b2=0.999,
+                                     momentum=0.9, lars_trust_coefficient=0.001,
+                                     grad_clip_norm=0.0)))
+  # With learning rate 0 nothing moves; with a constant LR, zero gradients
+  # move only what weight decay touches.
+  cfg.optimizer.learning_rate = 0.1
+  opt = optim.build_optimizer(cfg, total_steps=10)
+  params = {'kernel': jnp.ones((3, 3)), 'bias': jnp.ones((3,)), 'log_tau': jnp.float32(-1.0)}
+  state = opt.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(3):  # past step 0, where the warm-up/cosine schedule gives LR 0
+    updates, state = opt.update(zeros, state, params)
+    params_next = jax.tree.map(lambda p, u: p + u, params, updates)
+  assert np.all(np.asarray(params_next['kernel']) < 1.0)
+  np.testing.assert_array_equal(params_next['bias'], params['bias'])
+  assert float(params_next['log_tau']) == -1.0

@@ -19,6 +19,16 @@ from jaxcl.temperature import MODES as TEMPERATURE_MODES
 CONFIG_FILE = 'config.json'  # the config of a run, saved in its workdir
 
 
+MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
+
+# Keys a resumed run may change: when and how often things happen, how it is
+# evaluated, where data is read from. Anything else would silently mix two
+# experiments in one workdir.
+RESUMABLE_CHANGES = ('total_steps', 'log_every_steps', 'eval_every_steps',
+                     'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval',
+                     'dataset.data_dir', 'dataset.download')
+
+
 class ConfigError(ValueError):
   """An invalid config; the message names the key and the problem."""
 
@@ -91,6 +101,19 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
          f'optimizer.name must be one of {optim.OPTIMIZERS}, got {config.optimizer.name!r}')
   _check(config.optimizer.learning_rate > 0,
          f'optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}')
+  _check(config.optimizer.warmup_steps >= 0,
+         f'optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps}')
+  _check(config.model.get('dtype', 'float32') in MODEL_DTYPES,
+         f'model.dtype must be one of {MODEL_DTYPES}, got {config.model.get("dtype")!r}')
+  d = config.dataset
+  for key in ('mean', 'std'):
+    _check(len(d[key]) in (1, 3), f'dataset.{key} needs 1 or 3 values (per channel), got {d[key]}')
+  _check(all(v > 0 for v in d.std), f'dataset.std values must be > 0, got {d.std}')
+  e = config.eval
+  for key in ('probe_steps', 'knn_k', 'probe_batch_size'):
+    _check(e[key] > 0, f'eval.{key} must be > 0, got {e[key]}')
+  _check(e.max_train_examples >= 0,
+         f'eval.max_train_examples must be >= 0 (0: all), got {e.max_train_examples}')
   a = config.augment
   _check(a.image_size > 0, f'augment.image_size must be > 0, got {a.image_size}')
   _check(0 < a.crop_scale_min <= a.crop_scale_max <= 1,
@@ -203,6 +226,34 @@ def base_config():
 # ----------------------------------------------------------- saved configs ---
 def save(config, workdir) -> None:
   epath.Path(workdir).joinpath(CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+
+
+def _flatten(tree, prefix=''):
+  out = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, dict):
+      out.update(_flatten(value, name + '.'))
+    else:
+      out[name] = list(value) if isinstance(value, (list, tuple)) else value
+  return out
+
+
+def check_resumable(config, workdir) -> None:
+  """Raises ConfigError if `workdir` holds a run of a different experiment."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return
+  saved = _flatten(json.loads(path.read_text()))
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  allowed = lambda key: any(key == k or key.startswith(k + '.') for k in RESUMABLE_CHANGES)
+  changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and not allowed(k))
+  if changed:
+    k = changed[0]
+    raise ConfigError(
+        f'{workdir} holds a run with a different config ({k}: {saved.get(k)!r} there, '
+        f'{new.get(k)!r} now{f", and {len(changed) - 1} more" if len(changed) > 1 else ""}); '
+        f'use a new --workdir')
 
 
 def load_saved(workdir):

@@ -24,7 +24,9 @@ global batch; the iterator's state (an index) is saved with checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 from typing import Iterator
 
 import grain
@@ -131,7 +133,8 @@ class ImageFolderSource:
     entries = []
     if self.classes:
       for label, name in enumerate(self.classes):
-        entries += [(p, label) for p in sorted((root / name).iterdir()) if _is_image(p)]
+        if (root / name).is_dir():  # a split may lack some of the train split's classes
+          entries += [(p, label) for p in sorted((root / name).iterdir()) if _is_image(p)]
     else:
       entries = [(p, -1) for p in sorted(root.iterdir()) if _is_image(p)]
     if not entries:
@@ -182,7 +185,11 @@ def load_source(cfg, split: str):
   builder = tfds_builder(cfg.name, cfg.data_dir)
   if not _prepared(builder):
     if cfg.name in EMBEDDED or cfg.download:
-      builder.download_and_prepare()
+      print(f'jaxcl: preparing TFDS dataset {cfg.name!r} in {builder.data_dir_root} (once)',
+            flush=True)
+      tfds.disable_progress_bar()
+      with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its own banners
+        builder.download_and_prepare()
     else:
       raise DatasetError(
           f'TFDS dataset {cfg.name!r} is not prepared in {builder.data_dir_root}; prepare it '
@@ -191,6 +198,9 @@ def load_source(cfg, split: str):
     raise DatasetError(f'dataset {cfg.name!r} has no split {split!r} '
                        f'(it has {", ".join(builder.info.splits)})')
   features = builder.info.features
+  if cfg.image_key not in features:
+    raise DatasetError(f'dataset {cfg.name!r} has no feature {cfg.image_key!r} (dataset.image_key);'
+                       f' it has {", ".join(features.keys())}')
   image_feature = features[cfg.image_key]
   shape = tuple(image_feature.shape)
   if len(shape) == 2:
@@ -225,19 +235,21 @@ def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0
 
 
 def eval_batches(source, *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                 max_examples: int | None = None) -> Iterator[dict]:
-  """One pass over a split in fixed-size batches (the last one padded).
+                 indices=None) -> Iterator[dict]:
+  """One pass over a split (or over the records `indices`) in fixed-size
+  batches, the last one padded.
 
   Yields this process's share of each global batch with a 'mask' (1 = real
   record) so padding never counts; every process yields the same number of
   batches, as collective computations require.
   """
-  total = len(source) if max_examples is None else min(len(source), max_examples)
+  indices = np.arange(len(source)) if indices is None else np.asarray(indices)
+  total = len(indices)
   local_batch = batch_size // process_count
   num_batches = -(-total // batch_size)
   for b in range(num_batches):
     start = b * batch_size + process_index * local_batch
-    chunk = np.arange(start, min(start + local_batch, total))
+    chunk = indices[start:min(start + local_batch, total)]
     records = [source[int(i)] for i in chunk]
     images = np.stack([r['image'] for r in records]) if records else None
     labels = np.array([r['label'] for r in records], np.int32)

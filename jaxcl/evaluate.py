@@ -16,16 +16,20 @@ import optax
 from jaxcl import data, parallel
 
 
-def extract_features(embed_fn, mesh, source, *, batch_size: int, max_examples=None):
-  """Runs `embed_fn` (uint8 images [B, H, W, C] -> [B, D]) over a split.
+def extract_features(embed_fn, mesh, source, *, batch_size: int, max_examples=None, seed=0):
+  """Runs `embed_fn` (uint8 images [B, H, W, C] -> [B, D]) over a split, or
+  over a random subset of `max_examples` records (drawn with `seed`).
 
   Returns (features float32 [M, D], labels int32 [M]) as NumPy on every
   process, padding removed. Each process reads its own share of the records.
   """
+  indices = None
+  if max_examples is not None and max_examples < len(source):
+    indices = np.sort(np.random.default_rng(seed).permutation(len(source))[:max_examples])
   feats, labels = [], []
   for batch in data.eval_batches(source, batch_size=batch_size,
                                  process_index=jax.process_index(),
-                                 process_count=jax.process_count(), max_examples=max_examples):
+                                 process_count=jax.process_count(), indices=indices):
     images = parallel.put_batch(mesh, batch['image'])
     out = parallel.gather_to_host(embed_fn(images))
     info = parallel.gather_to_host(parallel.put_batch(mesh, {'label': batch['label'],

@@ -55,8 +55,9 @@ def export_encoder(workdir, output) -> dict:
       'temperature': float(np.exp(params['temperature']['log_tau'][...]))
                      if exp.config.temperature.mode == 'learnable' else exp.config.temperature.init,
   }
-  output = epath.Path(output)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  output.write_bytes(exported.serialize())
-  epath.Path(f'{output}.json').write_text(json.dumps(metadata, indent=2) + '\n')
+  if jax.process_index() == 0:  # on a pod every process lowers the same artifact
+    output = epath.Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(exported.serialize())
+    epath.Path(f'{output}.json').write_text(json.dumps(metadata, indent=2) + '\n')
   return metadata

@@ -68,8 +68,7 @@ class Experiment:
     return parallel.replicated(self.mesh)
 
   def _new_model(self):
-    return models.build_model(self.config, self.info.image_shape[-1],
-                              nnx.Rngs(self.config.seed))
+    return _new_model(self.config, self.info)
 
   def init_state(self) -> TrainState:
     """A fresh state, created under jit directly in its replicated layout."""
@@ -79,7 +78,7 @@ class Experiment:
       _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
       return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
                         opt_state=self.optimizer.init(params),
-                        rng=jax.random.key_data(jax.random.key(self.config.seed)))
+                        rng=jax.random.key_data(rng_streams(self.config.seed)['augment']))
 
     return jax.jit(init, out_shardings=self.replicated)()
 
@@ -100,13 +99,22 @@ class Experiment:
     return model.embed(self.model_inputs(views))
 
 
+def rng_streams(seed: int) -> dict:
+  """Independent keys for parameter init and for augmentation."""
+  init, augment_key = jax.random.split(jax.random.key(seed))
+  return {'init': init, 'augment': augment_key}
+
+
+def _new_model(config, info):
+  return models.build_model(config, info.image_shape[-1], nnx.Rngs(rng_streams(config.seed)['init']))
+
+
 def setup(config, devices=None) -> Experiment:
   """Builds the Experiment for a validated config on `devices` (default: all).
   The dataset's metadata is read, and the embedded dataset prepared, here."""
   mesh = parallel.make_mesh(config.mesh, devices)
   _, info = data.load_source(config.dataset, config.dataset.train_split)
-  abstract_model = nnx.eval_shape(
-      lambda: models.build_model(config, info.image_shape[-1], nnx.Rngs(config.seed)))
+  abstract_model = nnx.eval_shape(lambda: _new_model(config, info))
   train_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
   abstract_model.eval()
   eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
@@ -211,12 +219,15 @@ class EvalData:
 
 
 def run_evaluation(exp: Experiment, state: TrainState, eval_data: EvalData, embed_fn) -> dict:
-  """{'knn_top1', 'linear_top1'} of the encoder in `state` (fractions)."""
+  """{'knn_top1', 'linear_top1'} of the encoder in `state` (fractions); {}
+  when the evaluation splits have no labels."""
   cfg = exp.config.eval
+  if not eval_data.num_classes:
+    return {}
   features = functools.partial(embed_fn, state.params, state.batch_stats)
-  limit = cfg.max_train_examples or None
   train = evaluate.extract_features(features, exp.mesh, eval_data.train, batch_size=cfg.batch_size,
-                                    max_examples=limit)
+                                    max_examples=cfg.max_train_examples or None,
+                                    seed=exp.config.seed)
   test = evaluate.extract_features(features, exp.mesh, eval_data.test, batch_size=cfg.batch_size)
   return evaluate.evaluate_features(train, test, eval_data.num_classes, cfg)
 
@@ -238,11 +249,12 @@ def train_and_evaluate(config, workdir) -> dict:
   """Trains, evaluates and checkpoints a validated config in `workdir`;
   resumes from the latest checkpoint there. Returns the final eval results."""
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  # Everything that can fail on bad input comes before the first write.
+  config_lib.check_resumable(config, workdir)
   exp = setup(config)
-  if jax.process_index() == 0:
-    config_lib.save(config, workdir)
   train_source, _ = data.load_source(config.dataset, config.dataset.train_split)
+  eval_data = EvalData(config)
+  workdir.mkdir(parents=True, exist_ok=True)
   train_iter = data.train_iterator(train_source, batch_size=config.batch_size, seed=config.seed,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
@@ -252,6 +264,9 @@ def train_and_evaluate(config, workdir) -> dict:
   if state is None:
     state = exp.init_state()
   start_step = int(state.step)
+  if jax.process_index() == 0:
+    config_lib.save(config, workdir)
+    _drop_metrics_after(workdir, start_step)  # steps the resumed run is about to redo
   total = config.total_steps
   writer = MetricWriter(workdir, total_steps=max(total, start_step), initial_step=start_step)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -264,7 +279,8 @@ def train_and_evaluate(config, workdir) -> dict:
 
   train_step = make_train_step(exp)
   embed_fn = make_embed_fn(exp)
-  eval_data = EvalData(config)
+  if not eval_data.num_classes:
+    writer.print('the evaluation splits have no labels: kNN and linear probe are skipped')
 
   step = start_step
   interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -302,7 +318,7 @@ def train_and_evaluate(config, workdir) -> dict:
     if step % config.checkpoint_every_steps == 0 or step == total:
       save_checkpoint(manager, state, train_iter)
 
-    if step % config.eval_every_steps == 0 and step != total:
+    if step % config.eval_every_steps == 0 and step != total and eval_data.num_classes:
       results = run_evaluation(exp, state, eval_data, embed_fn)
       writer.write(step, results)
       writer.print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
@@ -312,7 +328,8 @@ def train_and_evaluate(config, workdir) -> dict:
     save_checkpoint(manager, state, train_iter)
   manager.wait_until_finished()
   results = run_evaluation(exp, state, eval_data, embed_fn)
-  writer.write(step, results)
+  if results:
+    writer.write(step, results)
   write_eval(workdir, step, results)
   writer.print(f'final (step {step}): ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items())
                + f'  -> {workdir / EVAL_FILE}')
@@ -321,9 +338,22 @@ def train_and_evaluate(config, workdir) -> dict:
   return results
 
 
+def _drop_metrics_after(workdir, step: int) -> None:
+  """Removes metrics.jsonl rows past `step`: a killed run logged them, the
+  resumed run logs them again."""
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return
+  rows = path.read_text().splitlines()
+  kept = [r for r in rows if r.strip() and json.loads(r)['step'] <= step]
+  if len(kept) != len(rows):
+    path.write_text(''.join(r + '\n' for r in kept))
+
+
 def load_trained(workdir):
   """(Experiment, state) of the latest checkpoint in a finished or running workdir."""
   config = config_lib.load_saved(workdir)
+  config_lib.validate(config)  # on the devices present now
   exp = setup(config)
   manager = checkpoint_manager(workdir, config)
   state = restore_checkpoint(manager, exp)

@@ -22,6 +22,13 @@ BAD = {
     'negative steps': (['--config.total_steps=-5'], 'total_steps must be >= 0'),
     'model': (['--config.model.name=vgg'], 'model.name must be one of'),
     'optimizer': (['--config.optimizer.name=rmsprop'], 'optimizer.name must be one of'),
+    'model dtype': (['--config.model.dtype=bf16'], 'model.dtype must be one of'),
+    'std zero': (['--config.dataset.std=(0.0,)'], 'dataset.std values must be > 0'),
+    'mean length': (['--config.dataset.mean=(0.1,0.2)'], 'dataset.mean needs 1 or 3 values'),
+    'probe steps': (['--config.eval.probe_steps=0'], 'eval.probe_steps must be > 0'),
+    'warmup': (['--config.optimizer.warmup_steps=-1'], 'warmup_steps must be >= 0'),
+    'image key': (['--config.dataset.image_key=img'], "has no feature 'img'"),
+    'eval split': (['--config.dataset.eval_test_split=validation'], "has no split 'validation'"),
 }
 
 
@@ -58,3 +65,19 @@ def test_workdir_that_is_a_file(tmp_path):
   path.write_text('x')
   proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(path), check=False)
   assert proc.returncode == 2 and 'not a directory' in proc.stderr
+
+
+def test_resuming_with_a_different_config_is_refused(tmp_path):
+  from helpers import tiny_overrides  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
+        '--config.total_steps=0')
+  saved = (workdir / 'config.json').read_text()
+  proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+               *tiny_overrides(), '--config.total_steps=0', '--config.model.width=16', check=False)
+  assert proc.returncode == 2, proc.stderr
+  assert 'different config (model.width: 8 there, 16 now)' in proc.stderr
+  assert (workdir / 'config.json').read_text() == saved
+  # Changing only the schedule of events is allowed.
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
+        '--config.total_steps=0', '--config.log_every_steps=7')

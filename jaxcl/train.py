@@ -24,7 +24,6 @@ import flax
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath

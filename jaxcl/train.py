@@ -57,6 +57,7 @@ class Experiment:
   config: Any
   mesh: jax.sharding.Mesh
   info: data.DatasetInfo
+  train_source: Any  # random-access records of the pretraining split
   train_graphdef: Any
   eval_graphdef: Any
   optimizer: optax.GradientTransformation
@@ -66,14 +67,11 @@ class Experiment:
   def replicated(self):
     return parallel.replicated(self.mesh)
 
-  def _new_model(self):
-    return _new_model(self.config, self.info)
-
   def init_state(self) -> TrainState:
     """A fresh state, created under jit directly in its replicated layout."""
 
     def init():
-      model = self._new_model()
+      model = _new_model(self.config, self.info)
       _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
       return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
                         opt_state=self.optimizer.init(params),
@@ -112,13 +110,14 @@ def setup(config, devices=None) -> Experiment:
   """Builds the Experiment for a validated config on `devices` (default: all).
   The dataset's metadata is read, and the embedded dataset prepared, here."""
   mesh = parallel.make_mesh(config.mesh, devices)
-  _, info = data.load_source(config.dataset, config.dataset.train_split)
+  train_source, info = data.load_source(config.dataset, config.dataset.train_split)
   abstract_model = nnx.eval_shape(lambda: _new_model(config, info))
   train_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
   abstract_model.eval()
   eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
   schedule = optim.learning_rate_schedule(config, config.total_steps)
-  return Experiment(config=config, mesh=mesh, info=info, train_graphdef=train_graphdef,
+  return Experiment(config=config, mesh=mesh, info=info, train_source=train_source,
+                    train_graphdef=train_graphdef,
                     eval_graphdef=eval_graphdef,
                     optimizer=optim.build_optimizer(config, config.total_steps),
                     schedule=schedule)
@@ -251,7 +250,7 @@ def train_and_evaluate(config, workdir) -> dict:
   # Everything that can fail on bad input comes before the first write.
   config_lib.check_resumable(config, workdir)
   exp = setup(config)
-  train_source, _ = data.load_source(config.dataset, config.dataset.train_split)
+  train_source = exp.train_source
   eval_data = EvalData(config)
   workdir.mkdir(parents=True, exist_ok=True)
   train_iter = data.train_iterator(train_source, batch_size=config.batch_size, seed=config.seed,

@@ -34,7 +34,10 @@ def measure(config, batch_size, steps):
   step = train.make_train_step(exp)
   images = np.random.default_rng(0).integers(0, 256, (batch_size, *exp.info.image_shape),
                                              dtype=np.uint8)
-  batch = parallel.put_batch(exp.mesh, images)
+  batch = {'image': images}
+  if exp.two_tower:  # captions of typical length
+    batch['text'] = exp.tokenizer.encode(['a small red circle in the top left'] * batch_size)
+  batch = parallel.put_batch(exp.mesh, batch)
   t0 = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)

@@ -125,13 +125,18 @@ def simclr_view(key, image, cfg):
   return jnp.clip(image, 0.0, 1.0)
 
 
-def two_views(key, images_uint8, cfg):
-  """Two independent SimCLR views of a batch: uint8 [b, H, W, C] -> 2 x float32
-  [b, S, S, C] in [0, 1]; one key per example and view."""
+def random_views(key, images_uint8, cfg, count: int):
+  """`count` independent augmented views of a batch: uint8 [b, H, W, C] ->
+  list of float32 [b, S, S, C] in [0, 1]; one key per example and view."""
   images = images_uint8.astype(jnp.float32) / 255.0
-  keys = jax.random.split(key, (2, images.shape[0]))
+  keys = jax.random.split(key, (count, images.shape[0]))
   view = jax.vmap(lambda k, x: simclr_view(k, x, cfg))
-  return view(keys[0], images), view(keys[1], images)
+  return [view(keys[i], images) for i in range(count)]
+
+
+def two_views(key, images_uint8, cfg):
+  """SimCLR's two views of each image (see `random_views`)."""
+  return tuple(random_views(key, images_uint8, cfg, 2))
 
 
 def eval_view(images_uint8, image_size: int):

@@ -116,6 +116,10 @@ def run(argv: list[str]) -> int:
       metadata = export.export_encoder(workdir, output)
       print(f'wrote {output} and {output}.json: uint8 {metadata["input"]["shape"]} -> float32 '
             f'{metadata["output"]["shape"]}')
+      if 'text' in metadata:
+        print(f'wrote {export.text_path(output)}: int32 {metadata["text"]["input"]["shape"]} -> '
+              f'float32 {metadata["text"]["output"]["shape"]} ({metadata["tokenizer"]["type"]} '
+              f'tokenizer in {output}.json)')
   except (config_lib.ConfigError, data.DatasetError) as e:
     raise UsageError(str(e)) from None
   return 0

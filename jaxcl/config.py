@@ -13,13 +13,15 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from jaxcl import data, models, optim, parallel
+from jaxcl import data, models, optim, parallel, tokenizers
 from jaxcl.temperature import MODES as TEMPERATURE_MODES
 
 CONFIG_FILE = 'config.json'  # the config of a run, saved in its workdir
 
 
 MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
+METHODS = ('simclr', 'clip', 'siglip')
+TWO_TOWER = ('clip', 'siglip')
 
 # Keys a resumed run may change: when and how often things happen, how it is
 # evaluated, where data is read from. Anything else would silently mix two
@@ -95,8 +97,14 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
          f'temperature.init {t.init} must lie in [temperature.min, temperature.max] = '
          f'[{t.min}, {t.max}]')
 
-  _check(config.model.name in models.RESNETS,
-         f'model.name must be one of {sorted(models.RESNETS)}, got {config.model.name!r}')
+  method = config.get('method', 'simclr')
+  _check(method in METHODS, f'method must be one of {METHODS}, got {method!r}')
+  _check(config.model.name in models.IMAGE_TOWERS,
+         f'model.name must be one of {list(models.IMAGE_TOWERS)}, got {config.model.name!r}')
+  if config.model.name in models.VITS or config.model.name == 'vit':
+    _check_vit(config.model, config.augment.image_size)
+  if method in TWO_TOWER:
+    _check_text(config)
   _check(config.optimizer.name in optim.OPTIMIZERS,
          f'optimizer.name must be one of {optim.OPTIMIZERS}, got {config.optimizer.name!r}')
   _check(config.optimizer.learning_rate > 0,
@@ -124,7 +132,47 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   _check_dataset(config.dataset)
 
 
+def _check_vit(m, image_size):
+  v = m.vit
+  preset = dict(zip(('patch_size', 'width', 'depth', 'heads', 'mlp_dim'),
+                    models.VITS.get(m.name, (0,) * 5)))
+  sizes = {k: v[k] or preset[k] for k in preset}
+  for key, value in sizes.items():
+    _check(isinstance(value, int) and value > 0,
+           f'model.vit.{key} must be a positive integer for model.name {m.name!r}, got {value!r}')
+  _check(sizes['width'] % sizes['heads'] == 0,
+         f'model.vit.width {sizes["width"]} is not divisible by model.vit.heads {sizes["heads"]}')
+  _check(image_size % sizes['patch_size'] == 0,
+         f'augment.image_size {image_size} is not divisible by the ViT patch size '
+         f'{sizes["patch_size"]}')
+  _check(v.pool in ('gap', 'cls'), f"model.vit.pool must be 'gap' or 'cls', got {v.pool!r}")
+
+
+def _check_text(config):
+  x = config.text
+  for key in ('max_length', 'width', 'depth', 'heads', 'mlp_dim'):
+    _check(isinstance(x[key], int) and x[key] > 0,
+           f'text.{key} must be a positive integer, got {x[key]!r}')
+  _check(x.max_length >= 2, f'text.max_length must be >= 2 (a token and end-of-text), '
+                            f'got {x.max_length}')
+  _check(x.width % x.heads == 0, f'text.width {x.width} is not divisible by text.heads {x.heads}')
+  _check(config.model.embed_dim > 0, f'model.embed_dim must be > 0, got {config.model.embed_dim}')
+  try:
+    tokenizers.build_tokenizer(x)
+  except ValueError as e:
+    raise ConfigError(f'text: {e}') from None
+  _check(bool(config.dataset.text_key), 'dataset.text_key must name the caption feature')
+
+
 def _check_dataset(d):
+  if d.name == data.PAIRS:
+    _check(bool(d.path), f'dataset.path must name a JSONL or CSV file when dataset.name is '
+                         f'{data.PAIRS}')
+    _check(epath.Path(d.path).is_file(), f'dataset.path {d.path} is not a file')
+    _check(d.image_size > 0, f'dataset.image_size must be > 0 for {data.PAIRS}')
+    _check(0 <= d.pairs.test_fraction < 1,
+           f'dataset.pairs.test_fraction must be in [0, 1), got {d.pairs.test_fraction}')
+    return
   if d.name == 'image_folder':
     _check(bool(d.path), 'dataset.path must name a folder when dataset.name is image_folder')
     _check(epath.Path(d.path).is_dir(), f'dataset.path {d.path} is not a folder')
@@ -146,6 +194,9 @@ def base_config():
   Config files start from this and override what their recipe changes."""
   config = ml_collections.ConfigDict()
   config.name = ''
+  # simclr: two augmented views of an image, NT-Xent. clip / siglip: image and
+  # caption through two towers, CLIP's softmax loss or SigLIP's sigmoid loss.
+  config.method = 'simclr'
   config.seed = 0
   config.total_steps = 1500
   config.batch_size = 256
@@ -167,6 +218,11 @@ def base_config():
       eval_test_split='test',
       image_key='image',
       label_key='label',
+      text_key='captions',  # clip/siglip: a string or list of strings; 'a/b' for nested features
+      # name='image_text_pairs': path is a JSONL/CSV file of (image path, caption)
+      # rows, converted once (bad rows reported and skipped).
+      pairs=ml_collections.ConfigDict(dict(image_column='image', caption_column='caption',
+                                           test_fraction=0.0)),
       image_size=0,  # 0: the dataset's own fixed size
       mean=(0.5,),
       std=(0.5,),
@@ -191,11 +247,28 @@ def base_config():
       head_hidden=256,
       head_out=64,
       head_layers=2,
-      dtype='float32',
+      dtype='float32',  # activations; parameters stay float32
+      embed_dim=128,  # clip/siglip: the shared embedding size of both towers
+      # ViT sizes (model.name 'vit', or non-zero to override a preset such as vit_b16)
+      vit=ml_collections.ConfigDict(dict(patch_size=0, width=0, depth=0, heads=0, mlp_dim=0,
+                                         pool='gap')),
+  ))
+
+  # clip/siglip: the text tower and its tokenizer.
+  config.text = ml_collections.ConfigDict(dict(
+      tokenizer='bytes',  # or 'sentencepiece' with a model file:
+      sentencepiece_model='',
+      max_length=64,  # tokens, end-of-text included
+      width=256,
+      depth=4,
+      heads=4,
+      mlp_dim=1024,
+      causal=True,  # CLIP's text tower is causal; False: bidirectional
   ))
 
   config.temperature = ml_collections.ConfigDict(dict(
-      mode='learnable', init=0.2, min=0.01, max=1.0))
+      mode='learnable', init=0.2, min=0.01, max=1.0,
+      bias_init=-10.0))  # siglip: the learnable logit bias b
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name='adamw',
@@ -219,6 +292,13 @@ def base_config():
       probe_lr=1e-2,
       probe_l2=1e-4,
       probe_batch_size=4096,
+      # clip/siglip: zero-shot classification (prompt ensembling over the
+      # templates; empty: the dataset's own list, else 'a photo of a {}.') and
+      # image-text retrieval on eval_test_split.
+      zeroshot_templates=(),
+      class_names=(),  # empty: the label feature's names
+      zeroshot_dataset='',  # a labeled TFDS dataset; empty: the training dataset
+      zeroshot_split='',  # empty: eval_test_split
   ))
   return config
 
@@ -261,4 +341,8 @@ def load_saved(workdir):
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise ConfigError(f'{workdir} has no {CONFIG_FILE}: not a jaxcl workdir')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  if (epath.Path(workdir) / tokenizers.SENTENCEPIECE_FILE).exists():
+    # The run's copy of the SentencePiece model, wherever the original went.
+    config.text.sentencepiece_model = str(epath.Path(workdir) / tokenizers.SENTENCEPIECE_FILE)
+  return config

@@ -75,7 +75,16 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': images[i], 'label': int(digits.target[i])}
 
 
-EMBEDDED = {'digits'}  # prepared locally on first use, no network
+# Prepared locally on first use, no network: digits and jaxcl.shapes'
+# procedurally generated captioned shapes.
+EMBEDDED = {'digits', 'captioned_shapes'}
+PAIRS = 'image_text_pairs'  # users' (image path, caption) files: jaxcl.pairs
+
+
+def _register_builders():
+  """Imports the builders that live in other modules (registering them with
+  TFDS); late, because they import this module."""
+  from jaxcl import pairs, shapes  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 
 # ---------------------------------------------------------------- sources ---
@@ -83,10 +92,12 @@ EMBEDDED = {'digits'}  # prepared locally on first use, no network
 class DatasetInfo:
   image_shape: tuple[int, int, int]  # the stored resolution (H, W, C)
   num_classes: int  # 0 when unlabeled
+  class_names: tuple[str, ...] = ()  # the label feature's names, when it has them
 
 
 def tfds_builder(name: str, data_dir: str | None):
   """The TFDS builder for `name`, or DatasetError if TFDS has no such dataset."""
+  _register_builders()
   try:
     registered.imported_builder_cls(name.split(':')[0].split('/')[0])
   except registered.DatasetNotFoundError:
@@ -99,11 +110,12 @@ def _prepared(builder) -> bool:
 
 
 class _TfdsSource:
-  """A TFDS data source whose records come out as {'image', 'label'} numpy arrays."""
+  """A TFDS data source whose records come out as {'image', 'label'} numpy
+  arrays, plus 'captions' (a list of str) when `text_key` is given."""
 
-  def __init__(self, source, image_key, label_key, image_size):
+  def __init__(self, source, image_key, label_key, image_size, text_key=None):
     self._source, self._image_key, self._label_key = source, image_key, label_key
-    self._image_size = image_size
+    self._image_size, self._text_key = image_size, text_key
 
   def __len__(self):
     return len(self._source)
@@ -116,7 +128,52 @@ class _TfdsSource:
     if self._image_size and image.shape[:2] != (self._image_size,) * 2:
       image = center_crop_resize(image, self._image_size)
     label = record[self._label_key] if self._label_key in record else -1
-    return {'image': image.astype(np.uint8), 'label': np.int32(label)}
+    out = {'image': image.astype(np.uint8), 'label': np.int32(label)}
+    if self._text_key:
+      out['captions'] = as_strings(_nested(record, self._text_key))
+    return out
+
+
+def _nested(record, key: str):
+  """record['a']['b'] for key 'a/b' (TFDS nests Sequence/FeaturesDict features)."""
+  for part in key.split('/'):
+    record = record[part]
+  return record
+
+
+def as_strings(value) -> list[str]:
+  """A caption feature's value (str, bytes, or an array/list of them) -> list of str."""
+  if isinstance(value, (str, bytes)):
+    value = [value]
+  return [v.decode('utf-8', errors='replace') if isinstance(v, bytes) else str(v)
+          for v in np.asarray(value, dtype=object).reshape(-1)]
+
+
+DEFAULT_TEMPLATES = ('a photo of a {}.',)
+
+
+def zeroshot_templates(name: str) -> tuple[str, ...]:
+  """The zero-shot prompt templates of dataset `name` ('{}' = class name):
+  the embedded shapes' own list, else CLIP's basic 'a photo of a {}.'."""
+  if name == 'captioned_shapes':
+    from jaxcl import shapes  # pylint: disable=g-import-not-at-top
+    return tuple(shapes.ZEROSHOT_TEMPLATES)
+  return DEFAULT_TEMPLATES
+
+
+def caption_sampler(tokenizer):
+  """A grain random_map transform: record -> {'image', 'label', 'text'}, the
+  text being one caption drawn at random (anew each epoch: the generator
+  depends on the record's position in the repeated dataset), tokenized to
+  int32 [max_length]."""
+
+  def sample(record, rng: np.random.Generator):
+    captions = record['captions']
+    caption = captions[rng.integers(len(captions))] if captions else ''
+    return {'image': record['image'], 'label': record['label'],
+            'text': tokenizer.encode([caption])[0]}
+
+  return sample
 
 
 class ImageFolderSource:
@@ -168,10 +225,12 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
   return out.reshape(size, size, channels)
 
 
-def load_source(cfg, split: str):
+def load_source(cfg, split: str, with_text: bool = False):
   """(random-access source, DatasetInfo) for `split` of the dataset `cfg` names.
 
-  cfg: the config's `dataset` group. Raises DatasetError if it is missing.
+  cfg: the config's `dataset` group. with_text: records also carry
+  'captions' (from the `cfg.text_key` feature). Raises DatasetError if the
+  dataset, the split or a feature is missing.
   """
   if cfg.name == 'image_folder':
     train_root = epath.Path(cfg.path) / cfg.train_split
@@ -180,27 +239,41 @@ def load_source(cfg, split: str):
       classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
     source = ImageFolderSource(str(epath.Path(cfg.path) / split), cfg.image_size, classes)
     channels = 3
-    return source, DatasetInfo((cfg.image_size, cfg.image_size, channels), len(source.classes))
+    return source, DatasetInfo((cfg.image_size, cfg.image_size, channels), len(source.classes),
+                               tuple(source.classes))
 
-  builder = tfds_builder(cfg.name, cfg.data_dir)
-  if not _prepared(builder):
-    if cfg.name in EMBEDDED or cfg.download:
-      print(f'jaxcl: preparing TFDS dataset {cfg.name!r} in {builder.data_dir_root} (once)',
-            flush=True)
-      tfds.disable_progress_bar()
-      with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its own banners
-        builder.download_and_prepare()
-    else:
-      raise DatasetError(
-          f'TFDS dataset {cfg.name!r} is not prepared in {builder.data_dir_root}; prepare it '
-          f'(array_record format) or set --config.dataset.download=True')
+  if cfg.name == PAIRS:
+    _register_builders()
+    from jaxcl import pairs  # pylint: disable=g-import-not-at-top
+    try:
+      builder = pairs.prepare_pairs(cfg.path, image_size=cfg.image_size, data_dir=cfg.data_dir,
+                                    image_key=cfg.pairs.image_column,
+                                    caption_key=cfg.pairs.caption_column,
+                                    test_fraction=cfg.pairs.test_fraction)
+    except ValueError as e:
+      raise DatasetError(str(e)) from None
+  else:
+    builder = tfds_builder(cfg.name, cfg.data_dir)
+    if not _prepared(builder):
+      if cfg.name in EMBEDDED or cfg.download:
+        print(f'jaxcl: preparing TFDS dataset {cfg.name!r} in {builder.data_dir_root} (once)',
+              flush=True)
+        tfds.disable_progress_bar()
+        with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its own banners
+          builder.download_and_prepare()
+      else:
+        raise DatasetError(
+            f'TFDS dataset {cfg.name!r} is not prepared in {builder.data_dir_root}; prepare it '
+            f'(array_record format) or set --config.dataset.download=True')
   if split not in builder.info.splits:
     raise DatasetError(f'dataset {cfg.name!r} has no split {split!r} '
                        f'(it has {", ".join(builder.info.splits)})')
   features = builder.info.features
-  if cfg.image_key not in features:
-    raise DatasetError(f'dataset {cfg.name!r} has no feature {cfg.image_key!r} (dataset.image_key);'
-                       f' it has {", ".join(features.keys())}')
+  for key, what in [(cfg.image_key, 'dataset.image_key')] + (
+      [(cfg.text_key, 'dataset.text_key')] if with_text else []):
+    if key.split('/')[0] not in features:
+      raise DatasetError(f'dataset {cfg.name!r} has no feature {key!r} ({what}); '
+                         f'it has {", ".join(features.keys())}')
   image_feature = features[cfg.image_key]
   shape = tuple(image_feature.shape)
   if len(shape) == 2:
@@ -211,21 +284,26 @@ def load_source(cfg, split: str):
     raise DatasetError(f'{cfg.name!r} images have no fixed size {shape}; set dataset.image_size')
   label = features[cfg.label_key] if cfg.label_key in features else None
   num_classes = getattr(label, 'num_classes', 0) or 0
+  names = tuple(getattr(label, 'names', None) or ()) if num_classes else ()
   source = _TfdsSource(builder.as_data_source(split=split), cfg.image_key, cfg.label_key,
-                       cfg.image_size)
-  return source, DatasetInfo(shape, num_classes)
+                       cfg.image_size, text_key=cfg.text_key if with_text else None)
+  return source, DatasetInfo(shape, num_classes, names)
 
 
 # --------------------------------------------------------------- pipelines ---
 def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1, num_threads: int = 4):
+                   process_count: int = 1, num_threads: int = 4, transform=None):
   """An endless, checkpointable iterator of this process's share of each
   global batch: dicts of numpy arrays with leading dim batch_size / processes.
 
   Epochs reshuffle; the order depends only on the seed and the source.
+  transform: an optional grain random_map function (record, np Generator) ->
+  record, e.g. `caption_sampler`; its randomness is seeded the same way.
   """
   local_batch = batch_size // process_count
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  if transform is not None:
+    ds = ds.random_map(transform)
   # Global batch k is records [kB, (k+1)B) of that order; process p reads the
   # p-th block of it, so the assembled global batch is the same, row for row,
   # whatever the number of processes.

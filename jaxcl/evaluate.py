@@ -120,3 +120,71 @@ def evaluate_features(train, test, num_classes: int, cfg) -> dict[str, float]:
                                        steps=cfg.probe_steps, learning_rate=cfg.probe_lr,
                                        l2=cfg.probe_l2, batch_size=cfg.probe_batch_size),
   }
+
+
+# ------------------------------------------------- two towers (CLIP, SigLIP) ---
+def embed_rows(embed_fn, mesh, rows: np.ndarray, *, batch_size: int) -> np.ndarray:
+  """Runs `embed_fn` ([B, ...] -> [B, D]) over in-memory rows [M, ...] (token
+  ids, say) in global batches of `batch_size`, the last one zero-padded; each
+  process feeds its own block of every batch. Returns float32 [M, D] on every
+  process."""
+  p, count = jax.process_index(), jax.process_count()
+  local = batch_size // count
+  out = []
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start + p * local:min(start + (p + 1) * local, len(rows))]
+    padded = np.zeros((local, *rows.shape[1:]), rows.dtype)
+    padded[:len(chunk)] = chunk
+    z = parallel.gather_to_host(embed_fn(parallel.put_batch(mesh, padded)))
+    out.append(z[:min(batch_size, len(rows) - start)])
+  return np.concatenate(out).astype(np.float32)
+
+
+def zeroshot_classifier(text_embeddings: np.ndarray) -> np.ndarray:
+  """Prompt ensembling: [C, T, D] normalized embeddings of T templates per
+  class -> [C, D], the renormalized mean over the templates (CLIP's recipe)."""
+  return np.asarray(_normalize(jnp.mean(_normalize(jnp.asarray(text_embeddings)), axis=1)))
+
+
+def _ranks(scores: np.ndarray, correct: np.ndarray) -> np.ndarray:
+  """For each row of scores [n, m] and its boolean mask of correct columns:
+  how many wrong columns score at least as high as the best correct one
+  (0 = retrieved first; ties count against)."""
+  best = np.max(np.where(correct, scores, -np.inf), axis=1, keepdims=True)
+  return np.sum((scores >= best) & ~correct, axis=1)
+
+
+def _recall_at(ranks: np.ndarray, ks, name: str) -> dict[str, float]:
+  return {f'{name}{k}': float(np.mean(ranks < k)) for k in ks}
+
+
+def zeroshot_accuracy(image_embeddings, labels, classifier, ks=(1, 5)) -> dict[str, float]:
+  """{'zeroshot_top1', 'zeroshot_top5'}: images [n, D] classified by cosine
+  similarity to the class embeddings [C, D]; labels int [n]."""
+  scores = image_embeddings @ classifier.T
+  correct = np.arange(classifier.shape[0])[None, :] == np.asarray(labels)[:, None]
+  return _recall_at(_ranks(scores, correct), [k for k in ks if k <= classifier.shape[0]],
+                    'zeroshot_top')
+
+
+def retrieval_recall(image_embeddings, text_embeddings, text_image, ks=(1, 5, 10),
+                     chunk: int = 2048) -> dict[str, float]:
+  """Image-to-text and text-to-image recall@k.
+
+  image_embeddings [I, D], text_embeddings [T, D] (normalized), text_image
+  int [T]: the image each caption belongs to (an image may have several).
+  i2t: an image counts as found at k if any of its captions is among the k
+  best-scoring captions; t2i: a caption's image among the k best images.
+  """
+  text_image = np.asarray(text_image)
+  i2t, t2i = [], []
+  for start in range(0, len(image_embeddings), chunk):
+    scores = image_embeddings[start:start + chunk] @ text_embeddings.T
+    rows = np.arange(start, start + len(scores))
+    i2t.append(_ranks(scores, text_image[None, :] == rows[:, None]))
+  for start in range(0, len(text_embeddings), chunk):
+    scores = text_embeddings[start:start + chunk] @ image_embeddings.T
+    t2i.append(_ranks(scores, np.arange(len(image_embeddings))[None, :]
+                      == text_image[start:start + chunk, None]))
+  return {**_recall_at(np.concatenate(i2t), ks, 'i2t_r'),
+          **_recall_at(np.concatenate(t2i), ks, 't2i_r')}

@@ -1,8 +1,16 @@
-"""Encoders and the SimCLR model (Flax NNX).
+"""Encoders and the two contrastive models (Flax NNX).
 
-ResNet-18/50 (He et al.) with an optional CIFAR-style stem (3x3 stride-1 conv,
-no max-pool) for small images, SimCLR's MLP projection head, and the learnable
-temperature, all in one module so they are trained and checkpointed together.
+Image towers: ResNet-18/34/50 (He et al.) with an optional CIFAR-style stem
+(3x3 stride-1 conv, no max-pool) for small images, and ViT (Dosovitskiy et
+al.) with the S/16 and B/16 presets. Text tower: a Transformer encoder over
+token ids, causal (CLIP) or bidirectional, pooled at the end-of-text token.
+
+- SimCLRModel: image encoder + SimCLR's MLP head + temperature.
+- TwoTowerModel (CLIP, SigLIP): image and text encoders, each with a linear
+  projection to a shared embedding size, the temperature and, for SigLIP, the
+  logit bias. Everything trained lives in one module, so it is checkpointed
+  together.
+
 Batch-norm statistics are global: the model runs under `jax.jit` on the whole
 sharded batch, so a batch mean is a mean over every device (SimCLR's global BN).
 """
@@ -145,18 +153,212 @@ class SimCLRModel(nnx.Module):
     return l2_normalize(self.head(self.encoder(images)))
 
 
-def build_model(config, in_channels: int, rngs: nnx.Rngs) -> SimCLRModel:
-  """The model a config describes. `in_channels` comes from the dataset."""
-  m = config.model
-  if m.name not in RESNETS:
-    raise ValueError(f'unknown model.name {m.name!r}; choose one of {sorted(RESNETS)}')
-  block, stages = RESNETS[m.name]
-  if m.get('stage_sizes'):
-    stages = tuple(m.stage_sizes)
+# ========================================================== transformers ====
+# name: (patch size, width, depth, heads, MLP width), the ViT paper's presets
+VITS = {
+    'vit_ti16': (16, 192, 12, 3, 768),
+    'vit_s16': (16, 384, 12, 6, 1536),
+    'vit_b16': (16, 768, 12, 12, 3072),
+    'vit_l16': (16, 1024, 24, 16, 4096),
+}
+IMAGE_TOWERS = (*RESNETS, *VITS, 'vit')  # 'vit': every size from model.vit.*
+
+_dense_init = nnx.initializers.xavier_uniform()
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention: x [b, t, width] -> [b, t, width].
+
+  `jax.nn.dot_product_attention` picks the fused kernel the platform has
+  (cuDNN flash attention on GPUs); key padding is given as per-row lengths.
+  """
+
+  def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype):
+    if width % heads:
+      raise ValueError(f'transformer width {width} is not divisible by {heads} heads')
+    self.heads = heads
+    self.qkv = nnx.Linear(width, 3 * width, kernel_init=_dense_init, dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(width, width, kernel_init=_dense_init, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, *, causal: bool = False, lengths=None):
+    b, t, width = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.heads, width // self.heads), 3, axis=2)
+    y = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths)
+    return self.out(y.reshape(b, t, width))
+
+
+class TransformerBlock(nnx.Module):
+  """Pre-LayerNorm block: x + attention(LN(x)), then x + MLP(LN(x))."""
+
+  def __init__(self, width: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype):
+    self.norm1 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+    self.attention = Attention(width, heads, rngs=rngs, dtype=dtype)
+    self.norm2 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+    self.mlp_in = nnx.Linear(width, mlp_dim, kernel_init=_dense_init,
+                             bias_init=nnx.initializers.normal(1e-6), dtype=dtype, rngs=rngs)
+    self.mlp_out = nnx.Linear(mlp_dim, width, kernel_init=_dense_init,
+                              bias_init=nnx.initializers.normal(1e-6), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, *, causal: bool = False, lengths=None):
+    x = x + self.attention(self.norm1(x), causal=causal, lengths=lengths)
+    return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm2(x))))
+
+
+class ViT(nnx.Module):
+  """images [b, H, W, C] float -> features [b, width] float32.
+
+  Patches of p x p pixels are embedded by a strided convolution, a learned
+  position embedding is added, and the final LayerNorm's output is pooled:
+  the mean over patches ('gap', big_vision's SigLIP default without a MAP
+  head) or a class token ('cls', CLIP's).
+  """
+
+  def __init__(self, *, image_size: int, in_channels: int, patch_size: int, width: int,
+               depth: int, heads: int, mlp_dim: int, pool: str = 'gap', rngs: nnx.Rngs,
+               dtype=jnp.float32):
+    if image_size % patch_size:
+      raise ValueError(f'image size {image_size} is not divisible by the patch size {patch_size}')
+    if pool not in ('gap', 'cls'):
+      raise ValueError(f"ViT pool must be 'gap' or 'cls', got {pool!r}")
+    self.pool, self.num_features = pool, width
+    self.patchify = nnx.Conv(in_channels, width, (patch_size, patch_size), strides=patch_size,
+                             padding='VALID', dtype=dtype, rngs=rngs)
+    num_tokens = (image_size // patch_size) ** 2 + (pool == 'cls')
+    self.position = nnx.Param(nnx.initializers.normal(width ** -0.5)(rngs.params(),
+                                                                   (1, num_tokens, width)))
+    self.cls = nnx.Param(jnp.zeros((1, 1, width))) if pool == 'cls' else None
+    self.blocks = nnx.List([TransformerBlock(width, heads, mlp_dim, rngs=rngs, dtype=dtype)
+                            for _ in range(depth)])
+    self.norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.patchify(x)
+    b, h, w, width = x.shape
+    x = x.reshape(b, h * w, width)
+    if self.cls is not None:
+      x = jnp.concatenate([jnp.broadcast_to(self.cls[...].astype(x.dtype), (b, 1, width)), x], 1)
+    x = x + self.position[...].astype(x.dtype)
+    for block in self.blocks:
+      x = block(x)
+    x = self.norm(x)
+    pooled = x[:, 0] if self.pool == 'cls' else jnp.mean(x, axis=1)
+    return pooled.astype(jnp.float32)
+
+
+def end_of_text(ids, eot_id: int):
+  """The position of the first end-of-text token in each row of ids [b, L]
+  (the last position if a row has none) -> int32 [b]."""
+  is_eot = ids == eot_id
+  return jnp.where(jnp.any(is_eot, axis=1), jnp.argmax(is_eot, axis=1),
+                   ids.shape[1] - 1).astype(jnp.int32)
+
+
+class TextTransformer(nnx.Module):
+  """Token ids int32 [b, L] -> features [b, width] float32, pooled at the
+  end-of-text token.
+
+  Causal (CLIP) or bidirectional attention; keys after the end-of-text token
+  are masked either way, so padding never changes a caption's embedding.
+  """
+
+  def __init__(self, *, vocab_size: int, max_length: int, eot_id: int, width: int, depth: int,
+               heads: int, mlp_dim: int, causal: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.eot_id, self.causal, self.num_features = eot_id, causal, width
+    self.embed = nnx.Embed(vocab_size, width, embedding_init=nnx.initializers.normal(0.02),
+                           dtype=dtype, rngs=rngs)
+    self.position = nnx.Param(nnx.initializers.normal(0.01)(rngs.params(), (1, max_length, width)))
+    self.blocks = nnx.List([TransformerBlock(width, heads, mlp_dim, rngs=rngs, dtype=dtype)
+                            for _ in range(depth)])
+    self.norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+
+  def __call__(self, ids):
+    eot = end_of_text(ids, self.eot_id)
+    x = self.embed(ids)
+    x = x + self.position[...][:, :ids.shape[1]].astype(x.dtype)
+    for block in self.blocks:
+      x = block(x, causal=self.causal, lengths=eot + 1)
+    x = self.norm(x)
+    return jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+class LogitBias(nnx.Module):
+  """SigLIP's learnable logit bias b (a scalar parameter, init -10)."""
+
+  def __init__(self, init: float):
+    self.value = nnx.Param(jnp.asarray(init, jnp.float32))
+
+  def __call__(self):
+    return self.value[...]
+
+
+class TwoTowerModel(nnx.Module):
+  """CLIP / SigLIP: image and text towers projected to one embedding space.
+
+  `embed_image(images)` [b, H, W, C] -> [b, D] and `embed_text(ids)` [b, L]
+  -> [b, D] give L2-normalized embeddings; `embed` is `embed_image` (the
+  image embedder that evaluation and export use). `bias` is None for CLIP.
+  """
+
+  def __init__(self, *, image_encoder, text_encoder: TextTransformer, embed_dim: int,
+               temperature: Temperature, bias: LogitBias | None, rngs: nnx.Rngs):
+    self.image_encoder, self.text_encoder = image_encoder, text_encoder
+    proj_init = lambda width: nnx.initializers.normal(width ** -0.5)
+    self.image_proj = nnx.Linear(image_encoder.num_features, embed_dim, use_bias=False,
+                                 kernel_init=proj_init(image_encoder.num_features), rngs=rngs)
+    self.text_proj = nnx.Linear(text_encoder.num_features, embed_dim, use_bias=False,
+                                kernel_init=proj_init(text_encoder.num_features), rngs=rngs)
+    self.temperature, self.bias = temperature, bias
+
+  def embed_image(self, images):
+    return l2_normalize(self.image_proj(self.image_encoder(images)))
+
+  def embed_text(self, ids):
+    return l2_normalize(self.text_proj(self.text_encoder(ids)))
+
+  def embed(self, images):
+    return self.embed_image(images)
+
+  def __call__(self, images, ids):
+    return self.embed_image(images), self.embed_text(ids)
+
+
+def build_image_encoder(m, in_channels: int, image_size: int, rngs: nnx.Rngs):
+  """The image tower `model.name` names. m: the config's `model` group."""
   dtype = jnp.dtype(m.get('dtype', 'float32'))
-  encoder = ResNet(block=block, stage_sizes=stages, in_channels=in_channels, width=m.width,
-                   small_images=m.small_images, rngs=rngs, dtype=dtype)
-  head = ProjectionHead(encoder.num_features, m.head_hidden, m.head_out, m.head_layers, rngs=rngs)
-  t = config.temperature
+  if m.name in RESNETS:
+    block, stages = RESNETS[m.name]
+    if m.get('stage_sizes'):
+      stages = tuple(m.stage_sizes)
+    return ResNet(block=block, stage_sizes=stages, in_channels=in_channels, width=m.width,
+                  small_images=m.small_images, rngs=rngs, dtype=dtype)
+  if m.name in VITS or m.name == 'vit':
+    v = m.vit
+    preset = VITS.get(m.name, (0, 0, 0, 0, 0))
+    # A non-zero model.vit.* value overrides the preset's.
+    patch, width, depth, heads, mlp = (v[k] or p for k, p in zip(
+        ('patch_size', 'width', 'depth', 'heads', 'mlp_dim'), preset))
+    return ViT(image_size=image_size, in_channels=in_channels, patch_size=patch, width=width,
+               depth=depth, heads=heads, mlp_dim=mlp, pool=v.pool, rngs=rngs, dtype=dtype)
+  raise ValueError(f'unknown model.name {m.name!r}; choose one of {list(IMAGE_TOWERS)}')
+
+
+def build_model(config, in_channels: int, rngs: nnx.Rngs, tokenizer=None):
+  """The model a config describes: a SimCLRModel, or for method clip/siglip a
+  TwoTowerModel. `in_channels` comes from the dataset, `tokenizer` (two
+  towers only) gives the vocabulary size and the end-of-text id."""
+  m, t = config.model, config.temperature
+  encoder = build_image_encoder(m, in_channels, config.augment.image_size, rngs)
   temperature = Temperature(mode=t.mode, init=t.init, min=t.min, max=t.max)
-  return SimCLRModel(encoder=encoder, head=head, temperature=temperature)
+  method = config.get('method', 'simclr')
+  if method == 'simclr':
+    head = ProjectionHead(encoder.num_features, m.head_hidden, m.head_out, m.head_layers,
+                          rngs=rngs)
+    return SimCLRModel(encoder=encoder, head=head, temperature=temperature)
+  x = config.text
+  text_encoder = TextTransformer(vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length,
+                                 eot_id=tokenizer.eot_id, width=x.width, depth=x.depth,
+                                 heads=x.heads, mlp_dim=x.mlp_dim, causal=x.causal, rngs=rngs,
+                                 dtype=jnp.dtype(m.get('dtype', 'float32')))
+  bias = LogitBias(t.bias_init) if method == 'siglip' else None
+  return TwoTowerModel(image_encoder=encoder, text_encoder=text_encoder, embed_dim=m.embed_dim,
+                       temperature=temperature, bias=bias, rngs=rngs)

@@ -1,15 +1,17 @@
 """jaxcl's trainer, top to bottom: set-up, mesh, input, model, step,
-checkpoint, evaluation, loop.
+checkpoint, evaluation, loop. One trainer for all three methods
+(`config.method`): simclr, clip and siglip.
 
 One global batch flows like this: each process reads its rows of uint8
-images with grain (jaxcl.data) and places them on the mesh as one global
-array split over the `data` axis (jaxcl.parallel); inside the jitted step the
-device makes two augmented views per image (jaxcl.augment), the encoder and
-head run on both views as one 2N batch under GSPMD (so batch-norm statistics
-are global), and the loss runs in `jax.shard_map`: each device scores its
-rows against the embeddings gathered from all devices (jaxcl.losses).
-`jax.grad` is taken outside the shard_map, the optimizer updates the
-replicated parameters, and the temperature is clamped back into range.
+images (and, for clip/siglip, one tokenized caption per image) with grain
+(jaxcl.data) and places them on the mesh as global arrays split over the
+`data` axis (jaxcl.parallel). Inside the jitted step the device augments the
+images (jaxcl.augment: two views for SimCLR, one light crop for CLIP), the
+towers run on the whole batch under GSPMD (so batch-norm statistics are
+global), and the loss runs in `jax.shard_map`: each device scores its rows
+against the embeddings gathered from all devices (jaxcl.losses). `jax.grad`
+is taken outside the shard_map, the optimizer updates the replicated
+parameters, and the temperature is clamped back into range.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import flax
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxcl import augment, data, evaluate, losses, models, optim, parallel
+from jaxcl import augment, data, evaluate, losses, models, optim, parallel, tokenizers
 from jaxcl import config as config_lib
 from jaxcl.metric_writer import MetricWriter
 from jaxcl.temperature import project_all
@@ -43,7 +47,7 @@ EVAL_FILE = 'eval.json'
 class TrainState:
   """Everything a step reads and writes; all of it is checkpointed."""
   step: jax.Array  # int32 scalar: steps taken
-  params: Any  # nnx.State of nnx.Param (encoder, head, log τ)
+  params: Any  # nnx.State of nnx.Param (towers, heads, log τ, SigLIP bias)
   batch_stats: Any  # nnx.State of nnx.BatchStat
   opt_state: Any
   rng: jax.Array  # uint32 key data; step s uses fold_in(rng, s)
@@ -53,7 +57,8 @@ class TrainState:
 @dataclasses.dataclass
 class Experiment:
   """What a config builds before any data flows: the mesh, the model's two
-  graph definitions (train and eval mode), the optimizer and its schedule."""
+  graph definitions (train and eval mode), the optimizer and its schedule,
+  and for two towers the tokenizer."""
   config: Any
   mesh: jax.sharding.Mesh
   info: data.DatasetInfo
@@ -62,6 +67,11 @@ class Experiment:
   eval_graphdef: Any
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
+  tokenizer: tokenizers.Tokenizer | None = None  # clip/siglip only
+
+  @property
+  def two_tower(self) -> bool:
+    return self.config.method in config_lib.TWO_TOWER
 
   @property
   def replicated(self):
@@ -71,7 +81,7 @@ class Experiment:
     """A fresh state, created under jit directly in its replicated layout."""
 
     def init():
-      model = _new_model(self.config, self.info)
+      model = _new_model(self.config, self.info, self.tokenizer)
       _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
       return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
                         opt_state=self.optimizer.init(params),
@@ -90,10 +100,15 @@ class Experiment:
     return augment.standardize(images, self.config.dataset.mean, self.config.dataset.std)
 
   def embed(self, params, batch_stats, images_uint8):
-    """Frozen-encoder features of uint8 images [b, H, W, C] -> [b, D] float32."""
+    """Frozen-encoder features of uint8 images [b, H, W, C] -> [b, D] float32:
+    SimCLR's encoder output, or the two-tower model's normalized image embedding."""
     model = nnx.merge(self.eval_graphdef, params, batch_stats)
     views = augment.eval_view(images_uint8, self.config.augment.image_size)
     return model.embed(self.model_inputs(views))
+
+  def embed_text(self, params, batch_stats, ids):
+    """Normalized text embeddings of token ids int32 [b, L] -> [b, D] float32."""
+    return nnx.merge(self.eval_graphdef, params, batch_stats).embed_text(ids)
 
 
 def rng_streams(seed: int) -> dict:
@@ -102,16 +117,23 @@ def rng_streams(seed: int) -> dict:
   return {'init': init, 'augment': augment_key}
 
 
-def _new_model(config, info):
-  return models.build_model(config, info.image_shape[-1], nnx.Rngs(rng_streams(config.seed)['init']))
+def _new_model(config, info, tokenizer):
+  return models.build_model(config, info.image_shape[-1], nnx.Rngs(rng_streams(config.seed)['init']),
+                            tokenizer)
 
 
-def setup(config, devices=None) -> Experiment:
+def setup(config, devices=None, tokenizer=None) -> Experiment:
   """Builds the Experiment for a validated config on `devices` (default: all).
-  The dataset's metadata is read, and the embedded dataset prepared, here."""
+  The dataset's metadata is read, and the embedded dataset prepared, here.
+  tokenizer: for clip/siglip, the one a run was trained with (default: the
+  one config.text describes)."""
   mesh = parallel.make_mesh(config.mesh, devices)
-  train_source, info = data.load_source(config.dataset, config.dataset.train_split)
-  abstract_model = nnx.eval_shape(lambda: _new_model(config, info))
+  two_tower = config.method in config_lib.TWO_TOWER
+  if two_tower and tokenizer is None:
+    tokenizer = tokenizers.build_tokenizer(config.text)
+  train_source, info = data.load_source(config.dataset, config.dataset.train_split,
+                                        with_text=two_tower)
+  abstract_model = nnx.eval_shape(lambda: _new_model(config, info, tokenizer))
   train_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
   abstract_model.eval()
   eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
@@ -120,36 +142,54 @@ def setup(config, devices=None) -> Experiment:
                     train_graphdef=train_graphdef,
                     eval_graphdef=eval_graphdef,
                     optimizer=optim.build_optimizer(config, config.total_steps),
-                    schedule=schedule)
+                    schedule=schedule, tokenizer=tokenizer if two_tower else None)
 
 
 # ================================================================= step ====
 def make_loss_and_grads(exp: Experiment):
-  """(state, images uint8 [N, H, W, C]) -> ((loss, aux), grads) for SimCLR.
+  """(state, batch) -> ((loss, aux), grads) for the config's method.
 
-  aux = (metrics, new batch stats, τ). The loss is NT-Xent over the global
-  batch, computed in shard_map with every device's embeddings gathered.
+  batch: {'image': uint8 [N, H, W, C]} (+ 'text': int32 [N, L] for
+  clip/siglip), split over the batch axes. aux = (metrics, new batch stats,
+  τ, SigLIP bias or None). The loss is computed in shard_map over the global
+  batch, every device's embeddings gathered.
   """
-  batch_spec = P(parallel.BATCH_AXES)
-  loss_on_mesh = jax.shard_map(
-      lambda z1, z2, tau: losses.nt_xent(z1, z2, temperature=tau, axis_name=parallel.BATCH_AXES,
-                                         with_metrics=True),
-      mesh=exp.mesh, in_specs=(batch_spec, batch_spec, P()), out_specs=(P(), P()))
+  method, batch_spec = exp.config.method, P(parallel.BATCH_AXES)
 
-  def loss_and_grads(state: TrainState, images):
+  def loss(a, b, tau, bias):
+    kwargs = dict(temperature=tau, axis_name=parallel.BATCH_AXES, with_metrics=True)
+    if method == 'simclr':
+      return losses.nt_xent(a, b, **kwargs)
+    if method == 'clip':
+      return losses.clip_loss(a, b, **kwargs)
+    return losses.siglip_loss(a, b, bias=bias, **kwargs)
+
+  loss_on_mesh = jax.shard_map(loss, mesh=exp.mesh, in_specs=(batch_spec, batch_spec, P(), P()),
+                               out_specs=(P(), P()))
+
+  def loss_and_grads(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    view1, view2 = augment.two_views(key, images, exp.config.augment)
+    images = batch['image']
     n = images.shape[0]
-    # Interleave the views, [N, 2, ...] -> [2N, ...], so each device's rows stay on it.
-    both = jnp.stack([view1, view2], axis=1).reshape(2 * n, *view1.shape[1:])
-    inputs = exp.model_inputs(both)
+    if method == 'simclr':
+      view1, view2 = augment.two_views(key, images, exp.config.augment)
+      # Interleave the views, [N, 2, ...] -> [2N, ...], so each device's rows stay on it.
+      inputs = exp.model_inputs(
+          jnp.stack([view1, view2], axis=1).reshape(2 * n, *view1.shape[1:]))
+    else:  # one light crop per image; the caption is the other "view"
+      inputs = exp.model_inputs(augment.random_views(key, images, exp.config.augment, 1)[0])
 
     def loss_fn(params):
       model = nnx.merge(exp.train_graphdef, params, state.batch_stats, copy=True)
-      z = model(inputs).reshape(n, 2, -1)
+      if method == 'simclr':
+        z = model(inputs).reshape(n, 2, -1)
+        a, b = z[:, 0], z[:, 1]
+      else:
+        a, b = model(inputs, batch['text'])
       tau = model.temperature()
-      loss, metrics = loss_on_mesh(z[:, 0], z[:, 1], tau)
-      return loss, (metrics, nnx.state(model, nnx.BatchStat), tau)
+      bias = model.bias() if method == 'siglip' else None
+      value, metrics = loss_on_mesh(a, b, tau, jnp.float32(0) if bias is None else bias)
+      return value, (metrics, nnx.state(model, nnx.BatchStat), tau, bias)
 
     return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
@@ -157,12 +197,12 @@ def make_loss_and_grads(exp: Experiment):
 
 
 def make_train_step(exp: Experiment):
-  """The jitted step: (state, images) -> (new state, metrics). The state is
-  replicated and donated; images are split over the batch axes."""
+  """The jitted step: (state, batch) -> (new state, metrics). The state is
+  replicated and donated; the batch is split over the batch axes."""
   loss_and_grads = make_loss_and_grads(exp)
 
-  def train_step(state: TrainState, images):
-    (loss, (metrics, batch_stats, tau)), grads = loss_and_grads(state, images)
+  def train_step(state: TrainState, batch):
+    (loss, (metrics, batch_stats, tau, bias)), grads = loss_and_grads(state, batch)
     updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Clamp log τ into [log τ_min, log τ_max] after the update (open_clip's way).
@@ -171,12 +211,20 @@ def make_train_step(exp: Experiment):
     params = nnx.state(model, nnx.Param)
     metrics = dict(metrics, loss=loss, temperature=tau, inv_temperature=1.0 / tau,
                    grad_norm=optax.global_norm(grads), learning_rate=exp.schedule(state.step))
+    if bias is not None:
+      metrics['bias'] = bias
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
     return new_state, metrics
 
   return jax.jit(train_step, in_shardings=(exp.replicated, parallel.batch_sharding(exp.mesh)),
                  out_shardings=(exp.replicated, exp.replicated), donate_argnums=0)
+
+
+def model_batch(exp: Experiment, batch: dict) -> dict:
+  """The arrays of a host batch the step reads (the labels it does not)."""
+  keys = ('image', 'text') if exp.two_tower else ('image',)
+  return {k: batch[k] for k in keys}
 
 
 # =========================================================== checkpoint ====
@@ -207,33 +255,115 @@ def restore_checkpoint(manager, exp: Experiment, data_iterator=None, step=None):
 
 # =========================================================== evaluation ====
 class EvalData:
-  """The labeled splits the frozen encoder is evaluated on (opened once)."""
+  """The splits the frozen model is evaluated on, opened once.
+
+  simclr: the labeled train and test splits (kNN bank, probe). clip/siglip:
+  the test split with its captions (retrieval) and a labeled split with class
+  names and prompt templates (zero-shot), by default the same test split.
+  """
 
   def __init__(self, config):
-    d = config.dataset
-    self.train, info = data.load_source(d, d.eval_train_split)
-    self.test, _ = data.load_source(d, d.eval_test_split)
-    self.num_classes = info.num_classes
+    d, e = config.dataset, config.eval
+    self.num_classes, self.class_names, self.templates = 0, (), ()
+    if config.method not in config_lib.TWO_TOWER:
+      self.train, info = data.load_source(d, d.eval_train_split)
+      self.test, _ = data.load_source(d, d.eval_test_split)
+      self.num_classes = info.num_classes
+      return
+    self.test, info = data.load_source(d, d.eval_test_split, with_text=True)
+    self.captions = [self.test[i]['captions'] for i in range(len(self.test))]
+    split = e.zeroshot_split or d.eval_test_split
+    if e.zeroshot_dataset or split != d.eval_test_split:
+      self.zeroshot, info = data.load_source(zeroshot_dataset_config(config), split)
+    else:
+      self.zeroshot = self.test
+    self.class_names, self.templates = zeroshot_prompts(config, info)
+    self.num_classes = len(self.class_names)
+
+  @property
+  def labeled(self) -> bool:
+    return self.num_classes > 0
 
 
-def run_evaluation(exp: Experiment, state: TrainState, eval_data: EvalData, embed_fn) -> dict:
-  """{'knn_top1', 'linear_top1'} of the encoder in `state` (fractions); {}
-  when the evaluation splits have no labels."""
+def zeroshot_dataset_config(config):
+  """The `dataset` group of the labeled zero-shot dataset."""
+  d = ml_collections.ConfigDict(config.dataset.to_dict())
+  d.name = config.eval.zeroshot_dataset or d.name
+  return d
+
+
+def zeroshot_prompts(config, info: data.DatasetInfo):
+  """(class names, prompt templates) of zero-shot classification on the
+  dataset `info` describes: eval.class_names or the label feature's names,
+  eval.zeroshot_templates or the dataset's own templates."""
+  names = tuple(config.eval.class_names) or info.class_names
+  if config.eval.class_names and len(names) != info.num_classes:
+    raise config_lib.ConfigError(f'eval.class_names has {len(names)} names, the labels have '
+                                 f'{info.num_classes} classes')
+  templates = (tuple(config.eval.zeroshot_templates)
+               or data.zeroshot_templates(zeroshot_dataset_config(config).name))
+  return names, templates
+
+
+def run_evaluation(exp: Experiment, state: TrainState, eval_data: EvalData, embed_fns) -> dict:
+  """The frozen model's evaluation (fractions in [0, 1]).
+
+  simclr: {'knn_top1', 'linear_top1'} ({} when the splits have no labels).
+  clip/siglip: zero-shot top-1/5 (when a labeled split is there) and
+  image-to-text / text-to-image recall@1/5/10.
+  """
   cfg = exp.config.eval
+  image_features = functools.partial(embed_fns['image'], state.params, state.batch_stats)
+  if exp.two_tower:
+    return _two_tower_evaluation(exp, state, eval_data, embed_fns)
   if not eval_data.num_classes:
     return {}
-  features = functools.partial(embed_fn, state.params, state.batch_stats)
-  train = evaluate.extract_features(features, exp.mesh, eval_data.train, batch_size=cfg.batch_size,
+  train = evaluate.extract_features(image_features, exp.mesh, eval_data.train,
+                                    batch_size=cfg.batch_size,
                                     max_examples=cfg.max_train_examples or None,
                                     seed=exp.config.seed)
-  test = evaluate.extract_features(features, exp.mesh, eval_data.test, batch_size=cfg.batch_size)
+  test = evaluate.extract_features(image_features, exp.mesh, eval_data.test,
+                                   batch_size=cfg.batch_size)
   return evaluate.evaluate_features(train, test, eval_data.num_classes, cfg)
 
 
-def make_embed_fn(exp: Experiment):
-  return jax.jit(exp.embed, in_shardings=(exp.replicated, exp.replicated,
-                                          parallel.batch_sharding(exp.mesh)),
-                 out_shardings=parallel.batch_sharding(exp.mesh))
+def _two_tower_evaluation(exp, state, eval_data: EvalData, embed_fns) -> dict:
+  batch_size = exp.config.eval.batch_size
+  image_features = functools.partial(embed_fns['image'], state.params, state.batch_stats)
+  text_features = functools.partial(embed_fns['text'], state.params, state.batch_stats)
+  results = {}
+  if eval_data.labeled:
+    prompts = [t.format(name) for name in eval_data.class_names for t in eval_data.templates]
+    ids = exp.tokenizer.encode(prompts)
+    text = evaluate.embed_rows(text_features, exp.mesh, ids, batch_size=batch_size)
+    classifier = evaluate.zeroshot_classifier(
+        text.reshape(len(eval_data.class_names), len(eval_data.templates), -1))
+    images, labels = evaluate.extract_features(image_features, exp.mesh, eval_data.zeroshot,
+                                               batch_size=batch_size)
+    keep = labels >= 0  # images without a single class label (e.g. two shapes) are not scored
+    results.update(evaluate.zeroshot_accuracy(images[keep], labels[keep], classifier))
+  if eval_data.zeroshot is eval_data.test and eval_data.labeled:
+    test_images = images
+  else:
+    test_images, _ = evaluate.extract_features(image_features, exp.mesh, eval_data.test,
+                                               batch_size=batch_size)
+  captions = [c for caps in eval_data.captions for c in caps]
+  owner = np.repeat(np.arange(len(eval_data.captions)), [len(c) for c in eval_data.captions])
+  text = evaluate.embed_rows(text_features, exp.mesh, exp.tokenizer.encode(captions),
+                             batch_size=batch_size)
+  results.update(evaluate.retrieval_recall(test_images, text, owner))
+  return results
+
+
+def make_embed_fns(exp: Experiment) -> dict:
+  """Jitted (params, batch_stats, batch) -> embeddings: 'image' (uint8
+  images) and, for two towers, 'text' (token ids); batch-sharded."""
+  batch = parallel.batch_sharding(exp.mesh)
+  shardings = dict(in_shardings=(exp.replicated, exp.replicated, batch), out_shardings=batch)
+  fns = {'image': jax.jit(exp.embed, **shardings)}
+  if exp.two_tower:
+    fns['text'] = jax.jit(exp.embed_text, **shardings)
+  return fns
 
 
 def write_eval(workdir, step: int, results: dict) -> None:
@@ -249,13 +379,16 @@ def train_and_evaluate(config, workdir) -> dict:
   workdir = epath.Path(workdir)
   # Everything that can fail on bad input comes before the first write.
   config_lib.check_resumable(config, workdir)
-  exp = setup(config)
+  exp = setup(config, tokenizer=saved_tokenizer(workdir))
   train_source = exp.train_source
   eval_data = EvalData(config)
   workdir.mkdir(parents=True, exist_ok=True)
-  train_iter = data.train_iterator(train_source, batch_size=config.batch_size, seed=config.seed,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+  if exp.tokenizer is not None and jax.process_index() == 0:
+    exp.tokenizer.save(workdir)  # travels with the checkpoints: the same ids later
+  train_iter = data.train_iterator(
+      train_source, batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      transform=data.caption_sampler(exp.tokenizer) if exp.two_tower else None)
   manager = checkpoint_manager(workdir, config)
   state = restore_checkpoint(manager, exp, train_iter)
   resumed = state is not None
@@ -271,14 +404,20 @@ def train_and_evaluate(config, workdir) -> dict:
   writer.print(
       f'jaxcl: {jax.device_count()} {jax.devices()[0].platform} device(s), '
       f'{jax.process_count()} process(es), mesh {dict(exp.mesh.shape)}; global batch '
-      f'{config.batch_size}; {config.dataset.name} {len(train_source)} train images '
-      f'{exp.info.image_shape}; {config.model.name} {num_params / 1e6:.2f}M params; '
+      f'{config.batch_size}; {config.method} on {config.dataset.name}, {len(train_source)} '
+      f'train images {exp.info.image_shape}; {config.model.name}'
+      + (f' + text transformer ({config.text.tokenizer} tokens, length '
+         f'{exp.tokenizer.max_length})' if exp.two_tower else '')
+      + f', {num_params / 1e6:.2f}M params; '
       + (f'resuming from step {start_step}' if resumed else 'starting from step 0'))
 
   train_step = make_train_step(exp)
-  embed_fn = make_embed_fn(exp)
+  embed_fns = make_embed_fns(exp)
   if not eval_data.num_classes:
-    writer.print('the evaluation splits have no labels: kNN and linear probe are skipped')
+    writer.print('the evaluation splits have no labels: '
+                 + ('zero-shot classification is skipped' if exp.two_tower
+                    else 'kNN and linear probe are skipped'))
+  evaluates = exp.two_tower or eval_data.num_classes > 0
 
   step = start_step
   interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -286,9 +425,9 @@ def train_and_evaluate(config, workdir) -> dict:
   while step < total:
     t0 = time.perf_counter()
     batch = next(train_iter)
-    images = parallel.put_batch(exp.mesh, batch['image'])
+    batch = parallel.put_batch(exp.mesh, model_batch(exp, batch))
     data_wait += time.perf_counter() - t0
-    state, metrics = train_step(state, images)
+    state, metrics = train_step(state, batch)
     # Keep one step in flight: dispatch runs ahead of the device by one step
     # at most, so the progress bar and timings count finished steps.
     jax.block_until_ready(previous_metrics)
@@ -316,8 +455,8 @@ def train_and_evaluate(config, workdir) -> dict:
     if step % config.checkpoint_every_steps == 0 or step == total:
       save_checkpoint(manager, state, train_iter)
 
-    if step % config.eval_every_steps == 0 and step != total and eval_data.num_classes:
-      results = run_evaluation(exp, state, eval_data, embed_fn)
+    if step % config.eval_every_steps == 0 and step != total and evaluates:
+      results = run_evaluation(exp, state, eval_data, embed_fns)
       writer.write(step, results)
       writer.print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
       interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -325,7 +464,7 @@ def train_and_evaluate(config, workdir) -> dict:
   if manager.latest_step() is None:  # total_steps=0: keep the initial encoder for eval/export
     save_checkpoint(manager, state, train_iter)
   manager.wait_until_finished()
-  results = run_evaluation(exp, state, eval_data, embed_fn)
+  results = run_evaluation(exp, state, eval_data, embed_fns)
   if results:
     writer.write(step, results)
   write_eval(workdir, step, results)
@@ -348,11 +487,18 @@ def _drop_metrics_after(workdir, step: int) -> None:
     path.write_text(''.join(r + '\n' for r in kept))
 
 
+def saved_tokenizer(workdir):
+  """The tokenizer a run in `workdir` saved, or None."""
+  if not (epath.Path(workdir) / tokenizers.SPEC_FILE).exists():
+    return None
+  return tokenizers.load_tokenizer(workdir)
+
+
 def load_trained(workdir):
   """(Experiment, state) of the latest checkpoint in a finished or running workdir."""
   config = config_lib.load_saved(workdir)
   config_lib.validate(config)  # on the devices present now
-  exp = setup(config)
+  exp = setup(config, tokenizer=saved_tokenizer(workdir))
   manager = checkpoint_manager(workdir, config)
   state = restore_checkpoint(manager, exp)
   manager.close()
@@ -364,6 +510,6 @@ def load_trained(workdir):
 def evaluate_workdir(workdir) -> dict:
   """`jaxcl eval`: recomputes eval.json from the latest checkpoint."""
   exp, state = load_trained(workdir)
-  results = run_evaluation(exp, state, EvalData(exp.config), make_embed_fn(exp))
+  results = run_evaluation(exp, state, EvalData(exp.config), make_embed_fns(exp))
   write_eval(workdir, int(state.step), results)
   return {'step': int(state.step), **results}

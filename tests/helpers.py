@@ -1,4 +1,5 @@
-"""Shared by the tests: a tiny version of the digits config and a CLI runner."""
+"""Shared by the tests: tiny versions of the digits (SimCLR) and shapes (CLIP)
+configs, and a CLI runner."""
 
 import os
 import subprocess
@@ -6,6 +7,8 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_CONFIG = os.path.join(REPO, 'configs', 'simclr_digits.py')
+CLIP_CONFIG = os.path.join(REPO, 'configs', 'clip_shapes.py')
+SIGLIP_CONFIG = os.path.join(REPO, 'configs', 'siglip_shapes.py')
 
 # A small encoder and few probe steps: each compiles in seconds on 2 cores.
 TINY = {
@@ -20,20 +23,39 @@ TINY = {
 }
 
 
-def tiny_overrides(**extra):
-  values = dict(TINY, **{k: str(v) for k, v in extra.items()})
+# Two towers of one small block each.
+TINY_TWO_TOWER = {
+    'model.vit.patch_size': '8',
+    'model.vit.width': '32',
+    'model.vit.depth': '1',
+    'model.vit.heads': '2',
+    'model.vit.mlp_dim': '64',
+    'model.embed_dim': '16',
+    'text.max_length': '48',
+    'text.width': '32',
+    'text.depth': '1',
+    'text.heads': '2',
+    'text.mlp_dim': '64',
+    'batch_size': '32',
+    'eval.batch_size': '256',
+}
+
+
+def tiny_overrides(tiny=None, **extra):
+  values = dict(TINY if tiny is None else tiny, **{k: str(v) for k, v in extra.items()})
   return [f'--config.{k}={v}' for k, v in values.items()]
 
 
-def tiny_config(**extra):
-  """The same tiny config as a ConfigDict, for in-process tests."""
+def tiny_config(config_file=DIGITS_CONFIG, tiny=None, **extra):
+  """A config file with the tiny overrides as a ConfigDict, for in-process tests."""
   import ast  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('simclr_digits', DIGITS_CONFIG)
+  spec = importlib.util.spec_from_file_location('config_module', config_file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  for key, value in dict(TINY, **{k: str(v) for k, v in extra.items()}).items():
+  tiny = TINY if tiny is None else tiny
+  for key, value in dict(tiny, **{k: str(v) for k, v in extra.items()}).items():
     *path, last = key.split('.')
     node = config
     for part in path:

@@ -28,7 +28,7 @@ def _records(source):
 
 def test_digits_splits_match_sklearn(digits):
   train, test, info = digits
-  assert info == data.DatasetInfo((8, 8, 1), 10)
+  assert info.image_shape == (8, 8, 1) and info.num_classes == 10
   raw = load_digits()
   pixels = np.round(raw.images * 255 / 16).astype(np.uint8)[..., None]
   expected = lambda lo, hi: sorted((pixels[i].tobytes(), int(raw.target[i])) for i in range(lo, hi))
@@ -97,7 +97,7 @@ def test_image_folder(tmp_path):
   cfg = ml_collections.ConfigDict(dict(name='image_folder', path=str(tmp_path), image_size=16,
                                        train_split='train'))
   source, info = data.load_source(cfg, 'test')
-  assert info == data.DatasetInfo((16, 16, 3), 2) and len(source) == 4
+  assert info.image_shape == (16, 16, 3) and info.num_classes == 2 and len(source) == 4
   assert source[3]['image'].shape == (16, 16, 3) and int(source[3]['label']) == 1
   batch = next(data.train_iterator(source, batch_size=4, seed=0))
   assert batch['image'].dtype == np.uint8 and sorted(batch['label']) == [0, 0, 1, 1]

@@ -35,7 +35,8 @@ def test_sharded_loss_and_grads_equal_single_device(experiments):
   for exp in experiments:
     state = exp.init_state()
     fn = jax.jit(train.make_loss_and_grads(exp))
-    (loss, (metrics, batch_stats, tau)), grads = fn(state, parallel.put_batch(exp.mesh, _images(16)))
+    (loss, (metrics, batch_stats, _, _)), grads = fn(
+        state, parallel.put_batch(exp.mesh, {'image': _images(16)}))
     results.append(jax.device_get((loss, metrics, batch_stats, grads)))
   (loss1, m1, bs1, g1), (loss8, m8, bs8, g8) = results
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
@@ -62,7 +63,7 @@ def test_sharded_train_steps_equal_single_device(experiments, train_steps):
   for exp, step in zip(experiments, train_steps):
     state = exp.init_state()
     for i in range(3):
-      state, metrics = step(state, parallel.put_batch(exp.mesh, _images(16, seed=i)))
+      state, metrics = step(state, parallel.put_batch(exp.mesh, {'image': _images(16, seed=i)}))
     finals.append(jax.device_get((state.params, metrics)))
   (p1, m1), (p8, m8) = finals
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p8, p1)
@@ -74,7 +75,7 @@ def test_temperature_is_clamped_after_update(experiments, train_steps):
   state = exp.init_state()
   log_tau = state.params['temperature']['log_tau']
   log_tau[...] = np.log(exp.config.temperature.min) - 1.0  # pushed out of range
-  state, metrics = train_steps[0](state, parallel.put_batch(exp.mesh, _images(16)))
+  state, metrics = train_steps[0](state, parallel.put_batch(exp.mesh, {'image': _images(16)}))
   tau = float(np.exp(state.params['temperature']['log_tau'][...]))
   assert tau == pytest.approx(exp.config.temperature.min, rel=1e-5)
 

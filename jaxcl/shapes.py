@@ -1,0 +1,238 @@
+"""Captioned shapes: an embedded, procedurally generated image-text dataset.
+
+Each image (S x S RGB, uint8) shows one shape (probability 0.7) or two shapes
+in different cells of a 3x3 grid on a dark, slightly noisy background. A
+shape has one of 6 colors, one of 4 forms, one of 2 sizes and one of 9
+positions; each image comes with 3 captions that say all of that in different
+phrasings, e.g.
+
+    a small red circle in the top left
+    top left: a small red circle
+    there is a small red circle in the top left of the image
+
+so a contrastive image-text model has to bind color, form, size and place.
+Single-shape images also carry a class label, the color-form combination
+(24 classes, CLASS_NAMES); two-shape images have label -1. Zero-shot
+classification prompts the text tower with ZEROSHOT_TEMPLATES filled with
+the class names.
+
+Everything is NumPy and deterministic from a seed: no network, no files.
+`CaptionedShapes` is the TFDS builder (registered as 'captioned_shapes'):
+train = generate(0, 10_000), test = generate(1, 1_000) at 32 x 32, records in
+generation order, prepared locally in a few seconds.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+# Well separated in RGB (every pair >= 100 apart) so that a color word is
+# unambiguous after the per-image jitter below.
+COLORS = {
+    'red': (225, 35, 35),
+    'green': (35, 195, 55),
+    'blue': (45, 85, 235),
+    'yellow': (235, 220, 35),
+    'purple': (165, 55, 215),
+    'cyan': (35, 215, 225),
+}
+FORMS = ('circle', 'square', 'triangle', 'diamond')
+SIZES = ('small', 'large')
+# The 3x3 grid, row-major: POSITIONS[3 * row + col].
+POSITIONS = ('top left', 'top', 'top right',
+             'left', 'center', 'right',
+             'bottom left', 'bottom', 'bottom right')
+# How a caption puts each position after a noun ("a red circle at the top").
+PLACES = {
+    'top left': 'in the top left', 'top': 'at the top', 'top right': 'in the top right',
+    'left': 'on the left', 'center': 'in the center', 'right': 'on the right',
+    'bottom left': 'in the bottom left', 'bottom': 'at the bottom',
+    'bottom right': 'in the bottom right',
+}
+
+# Color-major: label = color_index * len(FORMS) + form_index.
+CLASS_NAMES = tuple(f'{color} {form}' for color in COLORS for form in FORMS)
+NUM_CLASSES = len(CLASS_NAMES)  # 24
+
+# Prompts for zero-shot classification, in the captions' own phrasing;
+# prompt ensembling averages the text embeddings over them.
+ZEROSHOT_TEMPLATES = (
+    'a {}',
+    'a small {}',
+    'a large {}',
+    'a {}, small',
+    'a {}, large',
+    'there is a {} in the image',
+)
+
+ONE_SHAPE_PROBABILITY = 0.7
+CAPTIONS_PER_IMAGE = 3
+# Shape radius (center to farthest point) as a fraction of the image side:
+# ~4-5 px and ~8-9 px at S = 32.
+RADIUS = {'small': (0.12, 0.155), 'large': (0.245, 0.28)}
+COLOR_JITTER = 12  # +- per channel and shape
+BACKGROUND_MAX = 40  # background channels in [0, 40) ...
+BACKGROUND_NOISE = 3.0  # ... plus Gaussian pixel noise of this std
+
+# Caption templates. One shape: s = size, c = color, f = form, pos = position
+# name, place = PLACES[pos]. Every template names all four attributes.
+_ONE = (
+    'a {s} {c} {f} {place}',
+    'a {c} {f}, {s}, {place}',
+    '{pos}: a {s} {c} {f}',
+    'there is a {s} {c} {f} {place} of the image',
+    'a picture of a {s} {c} {f} {place}',
+)
+# Two shapes: the same attributes with suffixes 1 and 2, in drawing order.
+_TWO = (
+    'a {s1} {c1} {f1} {place1} and a {s2} {c2} {f2} {place2}',
+    '{pos1}: a {s1} {c1} {f1}; {pos2}: a {s2} {c2} {f2}',
+    '{s1} {c1} {f1} {place1}, {s2} {c2} {f2} {place2}',
+    'a {c1} {f1} ({s1}, {pos1}) and a {c2} {f2} ({s2}, {pos2})',
+)
+# Two shapes may touch but not cover each other: their centers are at least
+# this fraction of the sum of their radii apart.
+_MIN_SEPARATION = 0.85
+
+
+def generate(seed: int, num_images: int, image_size: int = 32) -> list[dict]:
+  """`num_images` captioned images, the same for the same arguments.
+
+  Returns a list of dicts
+    'image': uint8 [S, S, 3] with S = image_size,
+    'captions': list of CAPTIONS_PER_IMAGE distinct str,
+    'label': int, the CLASS_NAMES index for one shape, -1 for two.
+  """
+  rng = np.random.default_rng(seed)
+  # Pixel centers, shared by every shape's rasterization.
+  coords = np.arange(image_size, dtype=np.float32) + 0.5
+  ys, xs = np.meshgrid(coords, coords, indexing='ij')
+  return [_example(rng, image_size, ys, xs) for _ in range(num_images)]
+
+
+def _example(rng, size, ys, xs) -> dict:
+  num_shapes = 1 if rng.random() < ONE_SHAPE_PROBABILITY else 2
+  shapes = _layout(rng, size, num_shapes)
+  background = rng.integers(0, BACKGROUND_MAX, size=3).astype(np.float32)
+  image = background + rng.normal(0.0, BACKGROUND_NOISE, (size, size, 3)).astype(np.float32)
+  for shape in shapes:
+    base = np.asarray(COLORS[shape['color']], np.float32)
+    color = np.clip(base + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255)
+    alpha = _coverage(shape['form'], ys - shape['y'], xs - shape['x'], shape['radius'])
+    image = image * (1.0 - alpha[..., None]) + color * alpha[..., None]
+  image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+  templates = _ONE if num_shapes == 1 else _TWO
+  chosen = rng.choice(len(templates), CAPTIONS_PER_IMAGE, replace=False)
+  captions = [_caption(templates[i], shapes) for i in chosen]
+  if num_shapes == 1:
+    label = list(COLORS).index(shapes[0]['color']) * len(FORMS) + FORMS.index(shapes[0]['form'])
+  else:
+    label = -1
+  return {'image': image, 'captions': captions, 'label': label}
+
+
+def _layout(rng, size, num_shapes) -> list[dict]:
+  """Attributes and pixel geometry of `num_shapes` shapes in distinct cells."""
+  cell = size / 3
+  while True:  # rejection sampling: two large shapes in nearby cells would overlap
+    cells = rng.choice(9, num_shapes, replace=False)
+    shapes = []
+    for c in cells:
+      row, col = divmod(int(c), 3)
+      size_name = SIZES[rng.integers(len(SIZES))]
+      radius = rng.uniform(*RADIUS[size_name]) * size
+      # Jitter within the cell, then pull the center in so the whole shape
+      # stays inside the image (large shapes in corner cells move inward, but
+      # their centers stay in their cell).
+      y = (row + 0.5) * cell + rng.uniform(-cell / 4, cell / 4)
+      x = (col + 0.5) * cell + rng.uniform(-cell / 4, cell / 4)
+      y = float(np.clip(y, radius + 0.5, size - radius - 0.5))
+      x = float(np.clip(x, radius + 0.5, size - radius - 0.5))
+      shapes.append({'color': list(COLORS)[rng.integers(len(COLORS))],
+                     'form': FORMS[rng.integers(len(FORMS))],
+                     'size': size_name, 'position': POSITIONS[int(c)],
+                     'radius': radius, 'y': y, 'x': x})
+    if num_shapes == 1:
+      return shapes
+    a, b = shapes
+    if np.hypot(a['y'] - b['y'], a['x'] - b['x']) >= _MIN_SEPARATION * (a['radius'] + b['radius']):
+      return shapes
+
+
+def _coverage(form, dy, dx, r) -> np.ndarray:
+  """Fraction of each pixel inside the shape: float32 [S, S] in [0, 1].
+
+  dy, dx: pixel centers relative to the shape's center; r: its radius. Uses
+  a signed distance to the outline (negative inside), so edges are
+  anti-aliased over one pixel.
+  """
+  if form == 'circle':
+    distance = np.sqrt(dy * dy + dx * dx) - r
+  elif form == 'square':
+    distance = np.maximum(np.abs(dy), np.abs(dx)) - r / np.sqrt(2.0)  # corners on the circle
+  elif form == 'diamond':
+    distance = (np.abs(dy) + np.abs(dx) - r) / np.sqrt(2.0)
+  elif form == 'triangle':
+    # Equilateral, pointing up, inscribed in the circle of radius r, so its
+    # centroid is the shape's center: the intersection of three half-planes.
+    base = dy - r / 2
+    # The sides' outward unit normals are (-1/2, +-sqrt(3)/2) in (y, x); every
+    # side is r / 2 (the inradius) from the center.
+    sides = -0.5 * dy + np.sqrt(3.0) / 2 * np.abs(dx) - r / 2
+    distance = np.maximum(base, sides)
+  else:
+    raise ValueError(f'unknown form {form!r}')
+  return np.clip(0.5 - distance, 0.0, 1.0).astype(np.float32)
+
+
+def _caption(template: str, shapes: list[dict]) -> str:
+  if len(shapes) == 1:
+    (shape,) = shapes
+    return template.format(s=shape['size'], c=shape['color'], f=shape['form'],
+                           pos=shape['position'], place=PLACES[shape['position']])
+  fields = {}
+  for i, shape in enumerate(shapes, 1):
+    fields.update({f's{i}': shape['size'], f'c{i}': shape['color'], f'f{i}': shape['form'],
+                   f'pos{i}': shape['position'], f'place{i}': PLACES[shape['position']]})
+  return template.format(**fields)
+
+
+# -------------------------------------------------------------- the builder ---
+class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
+  """Procedural captioned shapes: 32x32 RGB, 3 captions each, 24 classes."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
+      '1.0.0': 'train = generate(0, 10000), test = generate(1, 1000), 32x32.'}
+  IMAGE_SIZE = 32
+  # split: (seed, number of images)
+  SPLITS: ClassVar[dict[str, tuple[int, int]]] = {'train': (0, 10_000), 'test': (1, 1_000)}
+
+  def _info(self):
+    size = self.IMAGE_SIZE
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=('Procedurally generated shapes (6 colors x 4 forms x 2 sizes x 9 '
+                     'positions, one or two per image) with 3 captions per image; label = '
+                     'color-form class for one-shape images, -1 for two-shape images.'),
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8),
+            # Encodes and decodes without TensorFlow; decodes to an object
+            # array of UTF-8 bytes.
+            'captions': tfds.features.Tensor(shape=(None,), dtype=np.object_),
+            'label': tfds.features.ClassLabel(names=CLASS_NAMES),
+        }),
+        # Records stay in generation order: source[i] == generate(seed, n)[i].
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # generated, nothing to download
+    return {split: self._generate_examples(seed, num)
+            for split, (seed, num) in self.SPLITS.items()}
+
+  def _generate_examples(self, seed, num_images):
+    yield from enumerate(generate(seed, num_images, self.IMAGE_SIZE))

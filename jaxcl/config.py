@@ -222,7 +222,7 @@ def base_config():
       # name='image_text_pairs': path is a JSONL/CSV file of (image path, caption)
       # rows, converted once (bad rows reported and skipped).
       pairs=ml_collections.ConfigDict(dict(image_column='image', caption_column='caption',
-                                           test_fraction=0.0)),
+                                           test_fraction=0.05)),
       image_size=0,  # 0: the dataset's own fixed size
       mean=(0.5,),
       std=(0.5,),

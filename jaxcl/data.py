@@ -2,24 +2,31 @@
 
 Every dataset becomes a random-access source of records
 ``{'image': uint8 [H, W, C], 'label': int}`` with one fixed H, W, C (the
-"stored resolution"). The host only reads and batches uint8 records;
+"stored resolution"), plus ``'captions'`` (a list of str) for image-text
+training. The host only reads, picks a caption, tokenizes and batches;
 augmentation runs on the device (jaxcl.augment).
 
-- TFDS by name (``dataset.name = 'cifar10'``, ``'imagenet2012'``, ...): the
-  builder's array_record files in ``dataset.data_dir`` (TFDS's default when
-  unset). Preparing datasets with Image features needs TensorFlow and, for
-  most, the network: done once by the user, or here when
-  ``dataset.download=True``.
-- ``digits``: scikit-learn's 1,797 handwritten digits (8x8, shipped inside
-  scikit-learn) as a real TFDS builder with Tensor features, prepared locally
-  on first use with no network and no TensorFlow. train = the first 1,500
-  images, test = the remaining 297; pixel = round(value * 255 / 16).
+- TFDS by name (``dataset.name = 'cifar10'``, ``'imagenet2012'``,
+  ``'coco_captions'``, ...): the builder's array_record files in
+  ``dataset.data_dir`` (TFDS's default when unset); captions come from the
+  ``dataset.text_key`` feature ('a/b' for nested ones). Preparing datasets
+  with Image features needs TensorFlow and, for most, the network: done once
+  by the user, or here when ``dataset.download=True``.
+- Embedded, prepared locally on first use with no network and no TensorFlow:
+  ``digits`` (scikit-learn's 1,797 8x8 handwritten digits; train = the first
+  1,500, test = the remaining 297; pixel = round(value * 255 / 16)) and
+  ``captioned_shapes`` (jaxcl.shapes: procedurally generated images of
+  colored shapes with captions).
+- ``image_text_pairs``: users' JSONL/CSV files of (image path, caption) rows,
+  converted once into a TFDS dataset by jaxcl.pairs (bad rows reported and
+  skipped) and read like any other.
 - ``image_folder``: ``dataset.path/SPLIT/CLASS/*.png`` (or ``path/SPLIT/*.png``
   for unlabeled images, label -1), resized to ``dataset.image_size``.
 
 Training order is deterministic from the seed: grain shuffles the source,
 reshuffles each epoch, and each of P processes reads its own block of every
 global batch; the iterator's state (an index) is saved with checkpoints.
+With several captions per image, one is drawn per image and epoch.
 """
 
 from __future__ import annotations
@@ -102,7 +109,19 @@ def tfds_builder(name: str, data_dir: str | None):
     registered.imported_builder_cls(name.split(':')[0].split('/')[0])
   except registered.DatasetNotFoundError:
     raise DatasetError(f'no TFDS dataset named {name!r}') from None
-  return tfds.builder(name, data_dir=data_dir, file_format='array_record')
+  try:
+    return tfds.builder(name, data_dir=data_dir, file_format='array_record')
+  except ImportError as e:
+    # Many builders import TensorFlow, which only preparing needs: a prepared
+    # dataset is read from its own files, without the builder's code.
+    from tensorflow_datasets.core import read_only_builder  # pylint: disable=g-import-not-at-top
+    try:
+      return read_only_builder.builder_from_files(name, data_dir=data_dir)
+    except Exception:  # pylint: disable=broad-except
+      raise DatasetError(
+          f'TFDS dataset {name!r} is not prepared in {data_dir or "the TFDS data dir"}, and its '
+          f'builder needs a package to prepare it ({e}); prepare it in array_record format '
+          f'where that package is installed') from None
 
 
 def _prepared(builder) -> bool:

@@ -78,13 +78,17 @@ BACKGROUND_MAX = 40  # background channels in [0, 40) ...
 BACKGROUND_NOISE = 3.0  # ... plus Gaussian pixel noise of this std
 
 # Caption templates. One shape: s = size, c = color, f = form, pos = position
-# name, place = PLACES[pos]. Every template names all four attributes.
+# name, place = PLACES[pos]. Like real captions they vary in detail: most
+# name all four attributes, some leave out the position or the size.
 _ONE = (
     'a {s} {c} {f} {place}',
     'a {c} {f}, {s}, {place}',
     '{pos}: a {s} {c} {f}',
     'there is a {s} {c} {f} {place} of the image',
     'a picture of a {s} {c} {f} {place}',
+    'a {s} {c} {f}',
+    'a {c} {f} {place}',
+    'a {c} {f}',
 )
 # Two shapes: the same attributes with suffixes 1 and 2, in drawing order.
 _TWO = (
@@ -92,6 +96,7 @@ _TWO = (
     '{pos1}: a {s1} {c1} {f1}; {pos2}: a {s2} {c2} {f2}',
     '{s1} {c1} {f1} {place1}, {s2} {c2} {f2} {place2}',
     'a {c1} {f1} ({s1}, {pos1}) and a {c2} {f2} ({s2}, {pos2})',
+    'a {c1} {f1} and a {c2} {f2}',
 )
 # Two shapes may touch but not cover each other: their centers are at least
 # this fraction of the sum of their radii apart.
@@ -204,9 +209,10 @@ def _caption(template: str, shapes: list[dict]) -> str:
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
   """Procedural captioned shapes: 32x32 RGB, 3 captions each, 24 classes."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES: ClassVar[dict[str, str]] = {
-      '1.0.0': 'train = generate(0, 10000), test = generate(1, 1000), 32x32.'}
+      '1.0.0': 'train = generate(0, 10000), test = generate(1, 1000), 32x32.',
+      '1.1.0': 'Captions vary in detail: some leave out the position or the size.'}
   IMAGE_SIZE = 32
   # split: (seed, number of images)
   SPLITS: ClassVar[dict[str, tuple[int, int]]] = {'train': (0, 10_000), 'test': (1, 1_000)}

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from helpers import DIGITS_CONFIG, jaxcl
+from helpers import CLIP_CONFIG, DIGITS_CONFIG, jaxcl
 
 BAD = {
     'unknown key': (['--config.no_such_key=1'], "unknown config key 'no_such_key'"),
@@ -29,14 +29,33 @@ BAD = {
     'warmup': (['--config.optimizer.warmup_steps=-1'], 'warmup_steps must be >= 0'),
     'image key': (['--config.dataset.image_key=img'], "has no feature 'img'"),
     'eval split': (['--config.dataset.eval_test_split=validation'], "has no split 'validation'"),
+    'method': (['--config.method=moco'], 'method must be one of'),
 }
+# Two-tower (CLIP) configs: text tower, tokenizer, ViT, caption data.
+BAD_CLIP = {
+    'text heads': (['--config.text.heads=5'], 'text.width 64 is not divisible by text.heads 5'),
+    'text length': (['--config.text.max_length=1'], 'text.max_length must be >= 2'),
+    'sentencepiece without a model': (['--config.text.tokenizer=sentencepiece'], 'text: '),
+    'sentencepiece model missing': (['--config.text.tokenizer=sentencepiece',
+                                     '--config.text.sentencepiece_model=/no/such.model'],
+                                    'text: '),
+    'tokenizer': (['--config.text.tokenizer=words'], 'text: '),
+    'vit patch': (['--config.model.vit.patch_size=5'], 'not divisible by the ViT patch size 5'),
+    'vit heads': (['--config.model.vit.heads=5'], 'model.vit.width 128 is not divisible'),
+    'text key': (['--config.dataset.text_key=caption'], "has no feature 'caption'"),
+    'pairs file missing': (['--config.dataset.name=image_text_pairs',
+                            '--config.dataset.path=/no/such/pairs.jsonl',
+                            '--config.dataset.image_size=32'], 'is not a file'),
+}
+CASES = {**{k: (DIGITS_CONFIG, *v) for k, v in BAD.items()},
+         **{f'clip {k}': (CLIP_CONFIG, *v) for k, v in BAD_CLIP.items()}}
 
 
-@pytest.mark.parametrize('case', BAD)
+@pytest.mark.parametrize('case', CASES)
 def test_bad_config_exits_2_with_one_line(case, tmp_path):
-  overrides, expected = BAD[case]
+  config_file, overrides, expected = CASES[case]
   workdir = tmp_path / 'run'
-  proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *overrides,
+  proc = jaxcl('train', '--config', config_file, '--workdir', str(workdir), *overrides,
                devices=8, check=False)
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()

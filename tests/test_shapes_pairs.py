@@ -49,11 +49,15 @@ def test_captions_and_labels(examples):
       for caption in captions:
         assert color in caption.split() or f'{color},' in caption, caption
         assert re.search(rf'\b{form}\b', caption), caption
-        assert len(_POSITION_RE.findall(caption)) == 1, caption
+        assert len(_POSITION_RE.findall(caption)) <= 1, caption  # some leave it out
     else:
-      for caption in captions:  # two shapes: two of everything
-        assert len(_POSITION_RE.findall(caption)) == 2, caption
-        assert sum(caption.count(s) for s in shapes.SIZES) == 2, caption
+      for caption in captions:  # two shapes: two of every attribute it names
+        assert len(_POSITION_RE.findall(caption)) in (0, 2), caption
+        assert sum(caption.count(s) for s in shapes.SIZES) in (0, 2), caption
+  # Most captions name all four attributes.
+  detailed = [c for e in examples for c in e['captions'] if _POSITION_RE.search(c)
+              and any(s in c for s in shapes.SIZES)]
+  assert len(detailed) > 0.5 * 3 * len(examples)
 
 
 def test_pixels_show_what_the_caption_says(examples):
@@ -62,7 +66,7 @@ def test_pixels_show_what_the_caption_says(examples):
   for e in examples[:60]:
     if e['label'] < 0:
       continue
-    caption = e['captions'][0]
+    caption = max(e['captions'], key=len)  # the most detailed one
     image = e['image'].astype(np.float32)
     background = np.median(image.reshape(-1, 3), axis=0)  # the shape covers < 1/3
     difference = np.linalg.norm(image - background, axis=-1)
@@ -74,12 +78,14 @@ def test_pixels_show_what_the_caption_says(examples):
     inside = difference > 0.5 * difference.max()
     ys, xs = np.nonzero(inside)
     row, col = int((ys.mean() + 0.5) * 3 // S), int((xs.mean() + 0.5) * 3 // S)
-    assert _POSITION_RE.search(caption).group() == shapes.POSITIONS[3 * row + col], caption
+    if _POSITION_RE.search(caption):
+      assert _POSITION_RE.search(caption).group() == shapes.POSITIONS[3 * row + col], caption
     # Size: the radius the area implies, against the midpoint of the two ranges.
     form = shapes.CLASS_NAMES[e['label']].split()[1]
     radius = np.sqrt(inside.sum() / _FORM_AREA[form]) / S
     size = 'large' if radius > 0.2 else 'small'
-    assert re.search(rf'\b{size}\b', caption), (radius, caption)
+    if any(re.search(rf'\b{s}\b', caption) for s in shapes.SIZES):
+      assert re.search(rf'\b{size}\b', caption), (radius, caption)
     checked += 1
   assert checked >= 30
 

@@ -230,3 +230,30 @@ def test_exported_towers_reproduce_zeroshot(clip_run, tmp_path):
   got = json.loads(run.stdout)['zeroshot_top1']
   expected = json.loads((clip_run / 'eval.json').read_text())['zeroshot_top1']
   assert got == pytest.approx(expected, abs=0.01)
+
+
+def test_train_on_a_pairs_file_with_broken_rows(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from jaxcl import shapes  # pylint: disable=g-import-not-at-top
+  rows = []
+  for i, example in enumerate(shapes.generate(seed=5, num_images=48)):
+    Image.fromarray(example['image']).save(tmp_path / f'{i}.png')
+    rows.append(json.dumps({'image': f'{i}.png', 'caption': example['captions'][0]}))
+  rows.insert(3, json.dumps({'image': 'missing.png', 'caption': 'a red circle'}))  # line 4
+  rows.insert(7, '{not json')  # line 8
+  rows.insert(9, json.dumps({'image': '0.png', 'caption': '  '}))  # line 10
+  (tmp_path / 'pairs.jsonl').write_text('\n'.join(rows) + '\n')
+  workdir = tmp_path / 'run'
+  proc = jaxcl('train', '--config', CLIP_CONFIG, '--workdir', str(workdir),
+               *tiny_overrides(TINY_TWO_TOWER, batch_size=8), '--config.total_steps=2',
+               '--config.dataset.name=image_text_pairs',
+               f'--config.dataset.path={tmp_path / "pairs.jsonl"}',
+               '--config.dataset.image_size=32', '--config.dataset.pairs.test_fraction=0.25',
+               '--config.eval.batch_size=8')
+  out = proc.stdout + proc.stderr
+  assert '3 bad rows' in out, out
+  for line in ('line 4', 'line 8', 'line 10'):
+    assert line in out, out
+  results = json.loads((workdir / 'eval.json').read_text())
+  assert 'zeroshot_top1' not in results  # no labels
+  assert 0 <= results['i2t_r1'] <= results['i2t_r10'] <= 1

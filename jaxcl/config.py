@@ -35,7 +35,7 @@ class ConfigError(ValueError):
   """An invalid config; the message names the key and the problem."""
 
 
-_REQUIRED = ('total_steps', 'batch_size', 'seed', 'log_every_steps', 'eval_every_steps',
+_REQUIRED = ('method', 'total_steps', 'batch_size', 'seed', 'log_every_steps', 'eval_every_steps',
              'checkpoint_every_steps', 'dataset.name', 'temperature.mode', 'temperature.init',
              'temperature.min', 'temperature.max', 'mesh', 'model.name', 'optimizer.name',
              'augment.image_size', 'eval.batch_size')
@@ -97,7 +97,7 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
          f'temperature.init {t.init} must lie in [temperature.min, temperature.max] = '
          f'[{t.min}, {t.max}]')
 
-  method = config.get('method', 'simclr')
+  method = config.method
   _check(method in METHODS, f'method must be one of {METHODS}, got {method!r}')
   _check(config.model.name in models.IMAGE_TOWERS,
          f'model.name must be one of {list(models.IMAGE_TOWERS)}, got {config.model.name!r}')
@@ -159,9 +159,23 @@ def _check_text(config):
   _check(config.model.embed_dim > 0, f'model.embed_dim must be > 0, got {config.model.embed_dim}')
   try:
     tokenizers.build_tokenizer(x)
-  except ValueError as e:
-    raise ConfigError(f'text: {e}') from None
+  except (ValueError, RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError
+    raise ConfigError(f'text: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
   _check(bool(config.dataset.text_key), 'dataset.text_key must name the caption feature')
+  _check(config.dataset.name != 'image_folder',
+         f'{config.method} needs captions: image_folder has none; use a TFDS image-text dataset '
+         f'or dataset.name=image_text_pairs')
+  e = config.eval
+  for key in ('zeroshot_templates', 'class_names'):
+    _check(isinstance(e[key], (tuple, list)) and all(isinstance(t, str) for t in e[key]),
+           f'eval.{key} must be a list of strings, got {e[key]!r}')
+  for template in e.zeroshot_templates:
+    try:
+      ok = '{}' in template and template.format('x') != template
+    except (KeyError, IndexError, ValueError):
+      ok = False
+    _check(ok, f"eval.zeroshot_templates: {template!r} needs exactly one '{{}}' for the class "
+               f'name and no other braces')
 
 
 def _check_dataset(d):
@@ -324,7 +338,9 @@ def check_resumable(config, workdir) -> None:
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
-  saved = _flatten(json.loads(path.read_text()))
+  # Keys added to jaxcl after the run was saved take their default values.
+  saved = {**_flatten(json.loads(base_config().to_json_best_effort())),
+           **_flatten(json.loads(path.read_text()))}
   new = _flatten(json.loads(config.to_json_best_effort()))
   allowed = lambda key: any(key == k or key.startswith(k + '.') for k in RESUMABLE_CHANGES)
   changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and not allowed(k))
@@ -341,7 +357,12 @@ def load_saved(workdir):
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise ConfigError(f'{workdir} has no {CONFIG_FILE}: not a jaxcl workdir')
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError as e:
+    raise ConfigError(f'{path} is not valid JSON: {e}') from None
+  config = base_config()  # keys added to jaxcl since the run was saved keep their defaults
+  config.update(saved)
   if (epath.Path(workdir) / tokenizers.SENTENCEPIECE_FILE).exists():
     # The run's copy of the SentencePiece model, wherever the original went.
     config.text.sentencepiece_model = str(epath.Path(workdir) / tokenizers.SENTENCEPIECE_FILE)

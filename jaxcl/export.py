@@ -85,7 +85,7 @@ def export_encoder(workdir, output) -> dict:
     text_exported = _export(embed_text,
                             jax.ShapeDtypeStruct((batch, tokenizer.max_length), jnp.int32))
     files[text_path(output)] = text_exported
-    class_names, templates = train.zeroshot_prompts(config, exp.info)
+    _, class_names, templates = train.zeroshot_data(config)
     tokenizer_spec = tokenizer.spec()
     if tokenizer_spec['type'] == 'sentencepiece':
       tokenizer_spec['model_file'] = epath.Path(output).stem + '.tokenizer.model'

@@ -169,8 +169,9 @@ _dense_init = nnx.initializers.xavier_uniform()
 class Attention(nnx.Module):
   """Multi-head self-attention: x [b, t, width] -> [b, t, width].
 
-  `jax.nn.dot_product_attention` picks the fused kernel the platform has
-  (cuDNN flash attention on GPUs); key padding is given as per-row lengths.
+  Computed by `jax.nn.dot_product_attention` (its XLA implementation, which
+  runs on every platform); key padding is given as per-row lengths, the form
+  its fused kernels take too.
   """
 
   def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype):
@@ -349,7 +350,7 @@ def build_model(config, in_channels: int, rngs: nnx.Rngs, tokenizer=None):
   m, t = config.model, config.temperature
   encoder = build_image_encoder(m, in_channels, config.augment.image_size, rngs)
   temperature = Temperature(mode=t.mode, init=t.init, min=t.min, max=t.max)
-  method = config.get('method', 'simclr')
+  method = config.method
   if method == 'simclr':
     head = ProjectionHead(encoder.num_features, m.head_hidden, m.head_out, m.head_layers,
                           rngs=rngs)

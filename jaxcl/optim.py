@@ -28,9 +28,16 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)
 
 
+_NO_DECAY = ('position', 'cls')  # ViT / text position embeddings, the class token
+
+
 def decay_mask(params):
-  """True where weight decay applies: kernels (rank >= 2)."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True where weight decay applies: kernels (rank >= 2), not position
+  embeddings or class tokens (open_clip's and big_vision's choice)."""
+  def decays(path, p):
+    names = {getattr(k, 'key', getattr(k, 'name', None)) for k in path}
+    return p.ndim >= 2 and not names & set(_NO_DECAY)
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def build_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:

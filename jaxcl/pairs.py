@@ -204,6 +204,18 @@ def in_test_split(image: str, folder: str, test_fraction: float) -> bool:
 
 
 # ------------------------------------------------------------- the builder ---
+def _content_hash(path: str) -> str | None:
+  """sha1 of the file's bytes (None if it cannot be read: reported later)."""
+  digest = hashlib.sha1()
+  try:
+    with open(path, 'rb') as f:
+      for chunk in iter(lambda: f.read(1 << 20), b''):
+        digest.update(chunk)
+  except OSError:
+    return None
+  return digest.hexdigest()
+
+
 @dataclasses.dataclass(eq=False)
 class ImageTextPairsConfig(tfds.core.BuilderConfig):
   """One pairs file converted at one image size.
@@ -227,11 +239,10 @@ class ImageTextPairsConfig(tfds.core.BuilderConfig):
       raise ValueError(f'image_size must be positive, got {image_size}')
     if not 0.0 <= test_fraction < 1.0:
       raise ValueError(f'test_fraction must be in [0, 1), got {test_fraction}')
-    # The file's size and modification time are part of the identity: a
-    # pairs file edited in place is converted anew, not silently reused.
-    stat = os.stat(path) if os.path.exists(path) else None
+    # The file's contents are part of the identity: a pairs file edited in
+    # place is converted anew, one merely touched or copied is not.
     identity = json.dumps([path, image_size, image_key, caption_key, test_fraction,
-                           stat and stat.st_size, stat and stat.st_mtime_ns])
+                           _content_hash(path)])
     digest = hashlib.sha1(identity.encode('utf-8')).hexdigest()[:8]
     stem = re.sub(r'[^a-z0-9]+', '_', os.path.splitext(os.path.basename(path))[0].lower())
     stem = stem.strip('_')[:40] or 'pairs'

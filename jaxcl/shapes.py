@@ -3,8 +3,9 @@
 Each image (S x S RGB, uint8) shows one shape (probability 0.7) or two shapes
 in different cells of a 3x3 grid on a dark, slightly noisy background. A
 shape has one of 6 colors, one of 4 forms, one of 2 sizes and one of 9
-positions; each image comes with 3 captions that say all of that in different
-phrasings, e.g.
+positions; each image comes with 3 captions in different phrasings, most of
+them naming all four attributes, some leaving out the position or the size
+(as real captions vary in detail), e.g.
 
     a small red circle in the top left
     top left: a small red circle

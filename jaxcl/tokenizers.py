@@ -152,7 +152,7 @@ def build_tokenizer(text_cfg: Any) -> Tokenizer:
     model = getattr(text_cfg, 'sentencepiece_model', None)
     if not model:
       raise ValueError('text.tokenizer=sentencepiece needs text.sentencepiece_model (a path)')
-    if not epath.Path(model).exists():
+    if not epath.Path(model).is_file():
       raise ValueError(f'text.sentencepiece_model {model} does not exist')
     return SentencePieceTokenizer(model, text_cfg.max_length)
   raise ValueError(f'text.tokenizer must be one of {TOKENIZERS}, got {name!r}')

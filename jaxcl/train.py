@@ -270,39 +270,40 @@ class EvalData:
       self.test, _ = data.load_source(d, d.eval_test_split)
       self.num_classes = info.num_classes
       return
-    self.test, info = data.load_source(d, d.eval_test_split, with_text=True)
+    self.test, _ = data.load_source(d, d.eval_test_split, with_text=True)
     self.captions = [self.test[i]['captions'] for i in range(len(self.test))]
-    split = e.zeroshot_split or d.eval_test_split
-    if e.zeroshot_dataset or split != d.eval_test_split:
-      self.zeroshot, info = data.load_source(zeroshot_dataset_config(config), split)
-    else:
-      self.zeroshot = self.test
-    self.class_names, self.templates = zeroshot_prompts(config, info)
+    self.zeroshot, self.class_names, self.templates = zeroshot_data(config, self.test)
     self.num_classes = len(self.class_names)
 
-  @property
-  def labeled(self) -> bool:
-    return self.num_classes > 0
 
-
-def zeroshot_dataset_config(config):
-  """The `dataset` group of the labeled zero-shot dataset."""
-  d = ml_collections.ConfigDict(config.dataset.to_dict())
-  d.name = config.eval.zeroshot_dataset or d.name
-  return d
-
-
-def zeroshot_prompts(config, info: data.DatasetInfo):
-  """(class names, prompt templates) of zero-shot classification on the
-  dataset `info` describes: eval.class_names or the label feature's names,
-  eval.zeroshot_templates or the dataset's own templates."""
-  names = tuple(config.eval.class_names) or info.class_names
-  if config.eval.class_names and len(names) != info.num_classes:
-    raise config_lib.ConfigError(f'eval.class_names has {len(names)} names, the labels have '
-                                 f'{info.num_classes} classes')
-  templates = (tuple(config.eval.zeroshot_templates)
-               or data.zeroshot_templates(zeroshot_dataset_config(config).name))
-  return names, templates
+def zeroshot_data(config, test_source=None):
+  """(labeled source, class names, prompt templates) of zero-shot
+  classification: eval.zeroshot_dataset (default: the training dataset) at
+  eval.zeroshot_split (default: eval_test_split), read with the training
+  dataset's keys; eval.class_names or the label feature's names;
+  eval.zeroshot_templates or the dataset's own. No names: zero-shot is
+  skipped, unless the user asked for a zero-shot dataset (an error)."""
+  d, e = config.dataset, config.eval
+  split = e.zeroshot_split or d.eval_test_split
+  zs = ml_collections.ConfigDict(d.to_dict())
+  zs.name = e.zeroshot_dataset or d.name
+  source, info = data.load_source(zs, split)
+  if test_source is not None and zs.name == d.name and split == d.eval_test_split:
+    source = test_source  # the retrieval split: read its images once
+  names = tuple(e.class_names) or info.class_names
+  if e.class_names and len(names) != info.num_classes:
+    raise config_lib.ConfigError(f'eval.class_names has {len(names)} names, the labels of '
+                                 f'{zs.name!r} have {info.num_classes} classes')
+  if e.zeroshot_dataset and not names:
+    raise config_lib.ConfigError(f'eval.zeroshot_dataset {zs.name!r} has no class names in '
+                                 f'its {d.label_key!r} feature; set eval.class_names')
+  if names and zs.name != d.name:
+    channels = data.load_source(d, d.train_split)[1].image_shape[-1]
+    if info.image_shape[-1] != channels:
+      raise config_lib.ConfigError(f'eval.zeroshot_dataset {zs.name!r} images have '
+                                   f'{info.image_shape[-1]} channels, the training images '
+                                   f'{channels}')
+  return source, names, tuple(e.zeroshot_templates) or data.zeroshot_templates(zs.name)
 
 
 def run_evaluation(exp: Experiment, state: TrainState, eval_data: EvalData, embed_fns) -> dict:
@@ -312,12 +313,12 @@ def run_evaluation(exp: Experiment, state: TrainState, eval_data: EvalData, embe
   clip/siglip: zero-shot top-1/5 (when a labeled split is there) and
   image-to-text / text-to-image recall@1/5/10.
   """
-  cfg = exp.config.eval
-  image_features = functools.partial(embed_fns['image'], state.params, state.batch_stats)
   if exp.two_tower:
     return _two_tower_evaluation(exp, state, eval_data, embed_fns)
   if not eval_data.num_classes:
     return {}
+  cfg = exp.config.eval
+  image_features = functools.partial(embed_fns['image'], state.params, state.batch_stats)
   train = evaluate.extract_features(image_features, exp.mesh, eval_data.train,
                                     batch_size=cfg.batch_size,
                                     max_examples=cfg.max_train_examples or None,
@@ -332,7 +333,7 @@ def _two_tower_evaluation(exp, state, eval_data: EvalData, embed_fns) -> dict:
   image_features = functools.partial(embed_fns['image'], state.params, state.batch_stats)
   text_features = functools.partial(embed_fns['text'], state.params, state.batch_stats)
   results = {}
-  if eval_data.labeled:
+  if eval_data.num_classes:
     prompts = [t.format(name) for name in eval_data.class_names for t in eval_data.templates]
     ids = exp.tokenizer.encode(prompts)
     text = evaluate.embed_rows(text_features, exp.mesh, ids, batch_size=batch_size)
@@ -342,7 +343,7 @@ def _two_tower_evaluation(exp, state, eval_data: EvalData, embed_fns) -> dict:
                                                batch_size=batch_size)
     keep = labels >= 0  # images without a single class label (e.g. two shapes) are not scored
     results.update(evaluate.zeroshot_accuracy(images[keep], labels[keep], classifier))
-  if eval_data.zeroshot is eval_data.test and eval_data.labeled:
+  if eval_data.zeroshot is eval_data.test and eval_data.num_classes:
     test_images = images
   else:
     test_images, _ = evaluate.extract_features(image_features, exp.mesh, eval_data.test,
@@ -379,12 +380,11 @@ def train_and_evaluate(config, workdir) -> dict:
   workdir = epath.Path(workdir)
   # Everything that can fail on bad input comes before the first write.
   config_lib.check_resumable(config, workdir)
-  exp = setup(config, tokenizer=saved_tokenizer(workdir))
+  resuming = (workdir / config_lib.CONFIG_FILE).exists()
+  exp = setup(config, tokenizer=saved_tokenizer(workdir) if resuming else None)
   train_source = exp.train_source
   eval_data = EvalData(config)
   workdir.mkdir(parents=True, exist_ok=True)
-  if exp.tokenizer is not None and jax.process_index() == 0:
-    exp.tokenizer.save(workdir)  # travels with the checkpoints: the same ids later
   train_iter = data.train_iterator(
       train_source, batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -397,6 +397,8 @@ def train_and_evaluate(config, workdir) -> dict:
   start_step = int(state.step)
   if jax.process_index() == 0:
     config_lib.save(config, workdir)
+    if exp.tokenizer is not None:
+      exp.tokenizer.save(workdir)  # travels with the checkpoints: the same ids later
     _drop_metrics_after(workdir, start_step)  # steps the resumed run is about to redo
   total = config.total_steps
   writer = MetricWriter(workdir, total_steps=max(total, start_step), initial_step=start_step)
@@ -491,7 +493,12 @@ def saved_tokenizer(workdir):
   """The tokenizer a run in `workdir` saved, or None."""
   if not (epath.Path(workdir) / tokenizers.SPEC_FILE).exists():
     return None
-  return tokenizers.load_tokenizer(workdir)
+  try:
+    return tokenizers.load_tokenizer(workdir)
+  except (ValueError, RuntimeError, OSError) as e:  # corrupt, missing or swapped files
+    raise config_lib.ConfigError(f'cannot load the tokenizer saved in {workdir}: '
+                                 f'{str(e).splitlines()[0] if str(e) else type(e).__name__}'
+                                 ) from None
 
 
 def load_trained(workdir):

@@ -44,3 +44,21 @@ def test_vit_b16_has_the_published_size():
       3072 * 768 + 768)
   assert count == (16 * 16 * 3 * 768 + 768) + 768 + 197 * 768 + 12 * block + 2 * 768
   assert count == 85_798_656
+
+
+def test_workdirs_saved_before_new_keys_still_load(tmp_path):
+  """A run saved by an older jaxcl (no `method`, `text`, `model.vit` keys)
+  loads with the defaults and resumes under today's config."""
+  import json  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  saved = json.loads(config.to_json_best_effort())
+  for key in ('method', 'text'):
+    del saved[key]
+  del saved['model']['vit']
+  (tmp_path / config_lib.CONFIG_FILE).write_text(json.dumps(saved))
+  loaded = config_lib.load_saved(tmp_path)
+  assert loaded.method == 'simclr' and loaded.model.vit.pool == 'gap'
+  config_lib.check_resumable(config, tmp_path)  # no error
+  config.method = 'clip'
+  with pytest.raises(config_lib.ConfigError, match='method'):
+    config_lib.check_resumable(config, tmp_path)

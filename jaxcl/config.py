@@ -13,7 +13,7 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from jaxcl import data, models, optim, parallel, tokenizers
+from jaxcl import data, losses, models, optim, parallel, tokenizers
 from jaxcl.temperature import MODES as TEMPERATURE_MODES
 
 CONFIG_FILE = 'config.json'  # the config of a run, saved in its workdir
@@ -27,7 +27,7 @@ TWO_TOWER = ('clip', 'siglip')
 # evaluated, where data is read from. Anything else would silently mix two
 # experiments in one workdir.
 RESUMABLE_CHANGES = ('total_steps', 'log_every_steps', 'eval_every_steps',
-                     'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval',
+                     'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval', 'loss',
                      'dataset.data_dir', 'dataset.download')
 
 
@@ -87,6 +87,10 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
          f'eval.batch_size {config.eval.batch_size} must be a positive multiple of the '
          f'{shards} data shards')
 
+  _check(config.loss.impl in losses.IMPLS,
+         f'loss.impl must be one of {losses.IMPLS}, got {config.loss.impl!r}')
+  _check(isinstance(config.loss.block_size, int) and config.loss.block_size > 0,
+         f'loss.block_size must be a positive integer, got {config.loss.block_size!r}')
   t = config.temperature
   _check(t.mode in TEMPERATURE_MODES,
          f'temperature.mode must be one of {TEMPERATURE_MODES}, got {t.mode!r}')
@@ -279,6 +283,12 @@ def base_config():
       mlp_dim=1024,
       causal=True,  # CLIP's text tower is causal; False: bidirectional
   ))
+
+  # How the global-batch loss is computed (values and gradients agree):
+  # dense materializes each device's n x N logits; blockwise and ring compute
+  # them in n x block_size tiles (jaxcl.blockwise), with the other devices'
+  # embeddings all-gathered once (blockwise) or passed around a ring (ring).
+  config.loss = ml_collections.ConfigDict(dict(impl='dense', block_size=1024))
 
   config.temperature = ml_collections.ConfigDict(dict(
       mode='learnable', init=0.2, min=0.01, max=1.0,

@@ -21,6 +21,12 @@ from the same logits (no second pass): ``contrastive_top1`` and
 ``contrastive_top5``, how often the positive scores above every other
 candidate (resp. is among the five best); ties count against the positive, so
 collapsed embeddings score 0, not 1.
+
+``impl`` chooses how the logits are computed, with equal values and
+gradients: 'dense' (default) materializes each device's n x N logits;
+'blockwise' and 'ring' (jaxcl.blockwise) compute them in tiles of
+n x ``block_size`` in a forward and a recomputing backward pass, the columns
+all-gathered once ('blockwise') or passed around the devices ('ring').
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ from typing import Hashable, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-AxisName = Union[Hashable, Sequence[Hashable], None]
+from jaxcl import blockwise
 
-# A finite stand-in for -inf on masked logits: exp() of it underflows to 0,
-# and unlike -inf it keeps 0 * logit products (entropy, gradients) finite.
-_MASKED = -1e9
+AxisName = Union[Hashable, Sequence[Hashable], None]
+IMPLS = ('dense', 'blockwise', 'ring')
+DEFAULT_BLOCK_SIZE = 1024
+_MASKED = blockwise.MASKED
 
 
 def _gather(x: jax.Array, axis_name: AxisName) -> tuple[jax.Array, jax.Array]:
@@ -72,22 +79,64 @@ def _softmax_terms(logits: jax.Array, positive: jax.Array, axis_name: AxisName,
   # Rank of the positive: candidates (other than itself) scoring at least as high.
   is_positive = jnp.arange(logits.shape[1])[None, :] == positive[:, None]
   beaten_by = jnp.sum((logits >= pos_logit[:, None]) & ~is_positive, axis=1)
+  return loss, _rank_metrics(beaten_by, axis_name, num_anchors)
+
+
+def _rank_metrics(beaten_by, axis_name: AxisName, num_anchors: int) -> dict:
+  """contrastive_top1/top5 from each anchor's count of candidates scoring at
+  least its positive's logit."""
   count = lambda hit: _global_sum(jnp.sum(hit.astype(jnp.float32)), axis_name)
-  metrics = {
-      'contrastive_top1': count(beaten_by < 1) / num_anchors,
-      'contrastive_top5': count(beaten_by < 5) / num_anchors,
-  }
-  return loss, metrics
+  return {'contrastive_top1': count(beaten_by < 1) / num_anchors,
+          'contrastive_top5': count(beaten_by < 5) / num_anchors}
+
+
+def _num_devices(axis_name: AxisName) -> int:
+  return 1 if axis_name is None else jax.lax.axis_size(axis_name)
+
+
+def _tiled(kind, rows, cols, col_ids, positive_ids, excluded_ids, positive_logit, temperature,
+           bias, axis_name, impl, block_size):
+  """blockwise.tiled_row_stats with the temperature as a scale, replicated
+  scalars marked per-device so shard_map sums their per-device gradients."""
+  if impl not in ('blockwise', 'ring'):
+    raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
+  scale = 1.0 / jnp.asarray(temperature, jnp.float32)
+  scale, bias = blockwise.varying((scale, jnp.asarray(bias, jnp.float32)), axis_name)
+  return blockwise.tiled_row_stats(
+      kind, axis_name, impl == 'ring' and axis_name is not None, block_size, rows, cols,
+      col_ids, positive_ids, excluded_ids, jax.lax.stop_gradient(positive_logit), scale, bias)
+
+
+def _local_ids(n: int, axis_name: AxisName) -> jax.Array:
+  """Global batch indices of this device's n rows."""
+  offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
+  return offset + jnp.arange(n, dtype=jnp.int32)
+
+
+def _paired_logits(a, b, temperature):
+  """x_ii = a_i · b_i / τ for aligned rows, float32 [n]."""
+  dots = jnp.einsum('nd,nd->n', a, b, preferred_element_type=jnp.float32)
+  return dots / jnp.asarray(temperature, jnp.float32)
 
 
 def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = None,
-             with_metrics: bool = False):
+             with_metrics: bool = False, impl: str = 'dense',
+             block_size: int = DEFAULT_BLOCK_SIZE):
   """One-direction InfoNCE: row i of q against every row of k, positive k_i.
 
   q, k: [n, d] L2-normalized (n = global batch, or the local shard inside
   shard_map). Returns the mean over the N global anchors of
   -log softmax(q_i · Kᵀ / τ)[i].
   """
+  if impl != 'dense':
+    n = q.shape[0]
+    ids = _local_ids(n, axis_name)
+    positive = _paired_logits(q, k, temperature)
+    lse, beaten_by = _tiled(blockwise.SOFTMAX, q, k, ids, ids, jnp.full(n, -1, jnp.int32),
+                            positive, temperature, 0.0, axis_name, impl, block_size)
+    num_anchors = n * _num_devices(axis_name)
+    loss = _global_sum(jnp.sum(lse - positive), axis_name) / num_anchors
+    return (loss, _rank_metrics(beaten_by, axis_name, num_anchors)) if with_metrics else loss
   keys, offset = _gather(k, axis_name)
   logits = _scaled_logits(q, keys, temperature)
   positive = offset + jnp.arange(q.shape[0], dtype=jnp.int32)
@@ -95,17 +144,19 @@ def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = N
 
 
 def clip_loss(a: jax.Array, b: jax.Array, *, temperature, axis_name: AxisName = None,
-              with_metrics: bool = False):
+              with_metrics: bool = False, impl: str = 'dense',
+              block_size: int = DEFAULT_BLOCK_SIZE):
   """CLIP's symmetric loss: ½ (info_nce(a, b) + info_nce(b, a)). a, b: [n, d]."""
-  forward = info_nce(a, b, temperature=temperature, axis_name=axis_name,
-                     with_metrics=with_metrics)
-  backward = info_nce(b, a, temperature=temperature, axis_name=axis_name,
-                      with_metrics=with_metrics)
+  kwargs = dict(temperature=temperature, axis_name=axis_name, with_metrics=with_metrics,
+                impl=impl, block_size=block_size)
+  forward = info_nce(a, b, **kwargs)
+  backward = info_nce(b, a, **kwargs)
   return jax.tree.map(lambda x, y: 0.5 * (x + y), forward, backward)
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = None,
-            with_metrics: bool = False):
+            with_metrics: bool = False, impl: str = 'dense',
+            block_size: int = DEFAULT_BLOCK_SIZE):
   """SimCLR's NT-Xent over 2N anchors (both views of N pairs).
 
   z1, z2: [n, d] L2-normalized views; row i of z1 and row i of z2 are the two
@@ -114,6 +165,18 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
   view of the same example. Returns the mean over the 2N anchors.
   """
   n = z1.shape[0]
+  if impl != 'dense':
+    # Column ids: view 1 of example i is i, view 2 is N + i (N global examples).
+    big_n = n * _num_devices(axis_name)
+    ids1 = _local_ids(n, axis_name)
+    ids = jnp.concatenate([ids1, ids1 + big_n])
+    anchors = jnp.concatenate([z1, z2], axis=0)
+    positive = jnp.tile(_paired_logits(z1, z2, temperature), 2)
+    lse, beaten_by = _tiled(blockwise.SOFTMAX, anchors, anchors, ids,
+                            jnp.concatenate([ids1 + big_n, ids1]), ids, positive, temperature,
+                            0.0, axis_name, impl, block_size)
+    loss = _global_sum(jnp.sum(lse - positive), axis_name) / (2 * big_n)
+    return (loss, _rank_metrics(beaten_by, axis_name, 2 * big_n)) if with_metrics else loss
   all1, offset = _gather(z1, axis_name)
   all2, _ = _gather(z2, axis_name)
   big_n = all1.shape[0]
@@ -129,13 +192,23 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
 
 
 def siglip_loss(a: jax.Array, b: jax.Array, *, temperature, bias,
-                axis_name: AxisName = None, with_metrics: bool = False):
+                axis_name: AxisName = None, with_metrics: bool = False, impl: str = 'dense',
+                block_size: int = DEFAULT_BLOCK_SIZE):
   """SigLIP's pairwise sigmoid loss.
 
   a, b: [n, d] L2-normalized. logits = a · Bᵀ / τ + bias; y = +1 for the pair
   (i, i), -1 otherwise; loss = -(1/N) Σ_i Σ_j log σ(y_ij · logits_ij), the sum
   over all N² pairs of the global batch divided by N.
   """
+  if impl != 'dense':
+    n = a.shape[0]
+    ids = _local_ids(n, axis_name)
+    positive = _paired_logits(a, b, temperature)
+    sums, beaten_by = _tiled(blockwise.SIGMOID, a, b, ids, ids, jnp.full(n, -1, jnp.int32),
+                             positive, temperature, bias, axis_name, impl, block_size)
+    big_n = n * _num_devices(axis_name)
+    loss = -_global_sum(jnp.sum(sums), axis_name) / big_n
+    return (loss, _rank_metrics(beaten_by, axis_name, big_n)) if with_metrics else loss
   cols, offset = _gather(b, axis_name)
   logits = _scaled_logits(a, cols, temperature) + jnp.asarray(bias, jnp.float32)
   positive = offset + jnp.arange(a.shape[0], dtype=jnp.int32)

@@ -157,7 +157,8 @@ def make_loss_and_grads(exp: Experiment):
   method, batch_spec = exp.config.method, P(parallel.BATCH_AXES)
 
   def loss(a, b, tau, bias):
-    kwargs = dict(temperature=tau, axis_name=parallel.BATCH_AXES, with_metrics=True)
+    kwargs = dict(temperature=tau, axis_name=parallel.BATCH_AXES, with_metrics=True,
+                  impl=exp.config.loss.impl, block_size=exp.config.loss.block_size)
     if method == 'simclr':
       return losses.nt_xent(a, b, **kwargs)
     if method == 'clip':
@@ -263,7 +264,7 @@ class EvalData:
   """
 
   def __init__(self, config):
-    d, e = config.dataset, config.eval
+    d = config.dataset
     self.num_classes, self.class_names, self.templates = 0, (), ()
     if config.method not in config_lib.TWO_TOWER:
       self.train, info = data.load_source(d, d.eval_train_split)

@@ -1,0 +1,227 @@
+"""Memory-efficient global contrastive losses: logits in tiles, never whole.
+
+The dense losses (jaxcl.losses, impl='dense') materialize an n x N logit
+matrix per device. Here the same quantities are computed one tile of
+n x block_size logits at a time, in a forward and a backward pass that each
+hold at most one tile (the Inf-CL scheme, ../shared/references.md):
+
+- softmax losses (InfoNCE, CLIP, NT-Xent) need the per-row log-sum-exp over
+  all columns: the forward pass keeps a running (max, sum) per row over column
+  tiles and saves only the final log-sum-exp l_i; the backward pass recomputes
+  each tile x_ij and uses dL/dx_ij = g_i exp(x_ij - l_i).
+- the sigmoid loss (SigLIP) is a plain sum over pairs: the forward pass sums
+  tile by tile, the backward pass recomputes each tile's gradient.
+
+Both are one `jax.custom_vjp` (`tiled_row_stats`) whose backward pass takes
+each tile's gradient with `jax.vjp` of a scalar function of that tile.
+
+Columns come from every device when `axis_name` is given (inside
+`jax.shard_map`), in one of two ways:
+
+- gather (impl='blockwise'): the column embeddings are all-gathered once
+  (N x d floats, small next to N x N logits) and scanned tile by tile; their
+  gradient is reduce-scattered back (`psum_scatter`).
+- ring (impl='ring'): each device's block of columns travels around the
+  devices with `jax.lax.ppermute` while every device computes on the block it
+  holds; the block for the next step is sent while the current one is used,
+  so XLA can overlap the transfer with the compute. In the backward pass each
+  block's gradient accumulator travels with it and arrives home after a full
+  turn. No device ever holds more than two blocks of columns.
+
+Every column has an integer id (its index in the global batch; -1 for
+padding). Row i's positive column has id `positive_ids[i]`; a row may
+exclude one column (`excluded_ids[i]`, NT-Xent's anchor itself; -1: none).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+SOFTMAX, SIGMOID = 'softmax', 'sigmoid'
+
+# A finite stand-in for -inf on masked logits: exp() of it underflows to 0,
+# and unlike -inf it keeps 0 * logit products (entropy, gradients) finite.
+MASKED = -1e9
+
+
+def varying(tree, axis_name):
+  """Marks replicated values as per-device inside shard_map (a no-op
+  outside): scan carries and custom_vjp inputs whose per-device cotangents
+  shard_map must sum need it."""
+  if axis_name is None:
+    return tree
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+  def cast(x):
+    missing = tuple(a for a in names if a not in jax.typeof(x).manual_axis_type.varying)
+    return jax.lax.pcast(x, missing, to='varying') if missing else x
+
+  return jax.tree.map(cast, tree)
+
+
+def _tile(q, k, col_ids, scale, excluded_ids):
+  """Logits of one tile, float32 [n, b], and where they count (valid)."""
+  x = jnp.einsum('nd,bd->nb', q, k, preferred_element_type=jnp.float32) * scale
+  valid = (col_ids[None, :] >= 0) & (col_ids[None, :] != excluded_ids[:, None])
+  return x, valid
+
+
+def _padded_blocks(k, col_ids, block_size):
+  """k [m, d] -> [num_blocks, block, d] (zero rows with id -1 pad the end)."""
+  m = k.shape[0]
+  block = min(block_size, m)
+  pad = -m % block
+  k = jnp.pad(k, ((0, pad), (0, 0)))
+  col_ids = jnp.pad(col_ids, (0, pad), constant_values=-1)
+  return k.reshape(-1, block, k.shape[1]), col_ids.reshape(-1, block)
+
+
+def _over_tiles(fold, carry, k, col_ids, block_size):
+  """carry = fold(carry, k_tile, ids_tile) for every column tile of k; also
+  returns fold's per-tile outputs stacked back to [m, ...] (or None)."""
+  blocks, ids = _padded_blocks(k, col_ids, block_size)
+  carry, per_tile = jax.lax.scan(lambda c, kb: fold(c, *kb), carry, (blocks, ids))
+  if per_tile is None:
+    return carry, None
+  return carry, per_tile.reshape(-1, *per_tile.shape[2:])[:k.shape[0]]
+
+
+def _over_columns(fold, carry, k, col_ids, *, axis_name, ring, block_size, with_grad=False):
+  """Runs `fold` over the column tiles of every device's k.
+
+  fold(carry, k_tile, ids_tile) -> (carry, dk_tile or None). With
+  with_grad=True the per-tile outputs are the gradient of this device's rows
+  with respect to those columns; the gradient of this device's own k, summed
+  over every device's rows, is returned beside the carry.
+  """
+  if axis_name is None:
+    return _over_tiles(fold, carry, k, col_ids, block_size)
+  if not ring:
+    all_k = jax.lax.all_gather(k, axis_name, axis=0, tiled=True)
+    all_ids = jax.lax.all_gather(col_ids, axis_name, axis=0, tiled=True)
+    carry, dk = _over_tiles(fold, carry, all_k, all_ids, block_size)
+    if with_grad:  # every device's rows' gradient for my columns, summed
+      dk = jax.lax.psum_scatter(dk, axis_name, scatter_dimension=0, tiled=True)
+    return carry, dk
+  devices = jax.lax.axis_size(axis_name)
+  perm = [(i, (i + 1) % devices) for i in range(devices)]
+
+  def step(state, _):
+    carry, k_here, ids_here, dk_acc = state
+    # Send on the block before using it: the transfer overlaps the compute.
+    k_next, ids_next = jax.lax.ppermute((k_here, ids_here), axis_name, perm)
+    carry, dk = _over_tiles(fold, carry, k_here, ids_here, block_size)
+    if with_grad:  # the block's gradient travels with it, back home after a turn
+      dk_acc = jax.lax.ppermute(dk_acc + dk, axis_name, perm)
+    return (carry, k_next, ids_next, dk_acc), None
+
+  dk0 = varying(jnp.zeros(k.shape, jnp.float32), axis_name) if with_grad else None
+  (carry, _, _, dk), _ = jax.lax.scan(step, (carry, k, col_ids, dk0), None, length=devices)
+  return carry, dk
+
+
+# --------------------------------------------------------------- the kernel ---
+def _forward_fold(kind, q, scale, bias, positive_ids, excluded_ids, positive_logit):
+  """Per-row statistics over column tiles: (stat, beaten_by) where stat is the
+  running (max, sum of exp) for softmax and the sum of log σ(y z) for
+  sigmoid; beaten_by counts the columns scoring at least the positive's
+  logit (for top-k metrics; ties count against)."""
+
+  def fold(carry, k_tile, ids_tile):
+    x, valid = _tile(q, k_tile, ids_tile, scale, excluded_ids)
+    is_positive = ids_tile[None, :] == positive_ids[:, None]
+    beaten = carry['beaten_by'] + jnp.sum(valid & ~is_positive & (x >= positive_logit[:, None]),
+                                          axis=1)
+    if kind == SOFTMAX:
+      x = jnp.where(valid, x, MASKED)
+      new_max = jnp.maximum(carry['max'], jnp.max(x, axis=1))
+      total = (carry['sum'] * jnp.exp(carry['max'] - new_max)
+               + jnp.sum(jnp.exp(x - new_max[:, None]), axis=1))
+      return {'max': new_max, 'sum': total, 'beaten_by': beaten}, None
+    signs = jnp.where(is_positive, 1.0, -1.0)
+    terms = jnp.where(valid, jax.nn.log_sigmoid(signs * (x + bias)), 0.0)
+    return {'sum': carry['sum'] + jnp.sum(terms, axis=1), 'beaten_by': beaten}, None
+
+  return fold
+
+
+def _tile_objective(kind, ids_tile, positive_ids, excluded_ids, row_stat, g):
+  """The scalar whose gradient is this tile's share of the backward pass:
+  Σ_ij g_i exp(x_ij - lse_i) (softmax, lse held fixed) or Σ_ij g_i log σ(y_ij z_ij)."""
+
+  def objective(q, k_tile, scale, bias):
+    x, valid = _tile(q, k_tile, ids_tile, scale, excluded_ids)
+    if kind == SOFTMAX:
+      terms = jnp.exp(jnp.where(valid, x, MASKED) - row_stat[:, None])
+    else:
+      signs = jnp.where(ids_tile[None, :] == positive_ids[:, None], 1.0, -1.0)
+      terms = jax.nn.log_sigmoid(signs * (x + bias))
+    return jnp.sum(jnp.where(valid, terms, 0.0) * g[:, None])
+
+  return objective
+
+
+def _row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, excluded_ids,
+               positive_logit, scale, bias):
+  n = q.shape[0]
+  carry = {'beaten_by': jnp.zeros(n, jnp.int32), 'sum': jnp.zeros(n, jnp.float32)}
+  if kind == SOFTMAX:
+    carry['max'] = jnp.full(n, MASKED, jnp.float32)
+  carry = varying(carry, axis_name)
+  fold = _forward_fold(kind, q, scale, bias, positive_ids, excluded_ids, positive_logit)
+  carry, _ = _over_columns(fold, carry, k, col_ids, axis_name=axis_name, ring=ring,
+                           block_size=block_size)
+  if kind == SOFTMAX:
+    stat = carry['max'] + jnp.log(carry['sum'])
+  else:
+    stat = carry['sum']
+  return stat, carry['beaten_by']
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def tiled_row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids,
+                    excluded_ids, positive_logit, scale, bias):
+  """Per-row statistics of rows q [n, d] against every column, in tiles.
+
+  kind 'softmax': stat_i = log Σ_j exp(x_ij) over the valid columns j (all
+  columns but padding and excluded_ids[i]); kind 'sigmoid': stat_i =
+  Σ_j log σ(y_ij (x_ij + bias)), y_ij = +1 if column j is row i's positive.
+  x_ij = scale · q_i · k_j. k [m, d]: this device's columns, ids col_ids [m]
+  (-1: padding); with axis_name, every device's columns are used.
+
+  Returns (stat float32 [n], beaten_by int32 [n]); beaten_by counts the
+  valid non-positive columns with x_ij >= positive_logit[i] (no gradient).
+  Differentiable in q, k, scale and bias.
+  """
+  return _row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids,
+                    excluded_ids, positive_logit, scale, bias)
+
+
+def _fwd(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, excluded_ids,
+         positive_logit, scale, bias):
+  out = _row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, excluded_ids,
+                   positive_logit, scale, bias)
+  return out, (q, k, col_ids, positive_ids, excluded_ids, positive_logit, scale, bias, out[0])
+
+
+def _bwd(kind, axis_name, ring, block_size, residuals, cotangents):
+  q, k, col_ids, positive_ids, excluded_ids, positive_logit, scale, bias, stat = residuals
+  g = cotangents[0].astype(jnp.float32)
+
+  def fold(carry, k_tile, ids_tile):
+    objective = _tile_objective(kind, ids_tile, positive_ids, excluded_ids, stat, g)
+    dq, dk, dscale, dbias = jax.grad(objective, argnums=(0, 1, 2, 3))(q, k_tile, scale, bias)
+    return (carry[0] + dq, carry[1] + dscale, carry[2] + dbias), dk
+
+  zeros = varying((jnp.zeros(q.shape, jnp.float32), jnp.zeros_like(scale), jnp.zeros_like(bias)),
+                  axis_name)
+  (dq, dscale, dbias), dk = _over_columns(fold, zeros, k, col_ids, axis_name=axis_name, ring=ring,
+                                          block_size=block_size, with_grad=True)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), None, None, None, None,
+          dscale, dbias)
+
+
+tiled_row_stats.defvjp(_fwd, _bwd)

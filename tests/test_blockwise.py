@@ -1,0 +1,114 @@
+"""The tiled losses (impl='blockwise' and 'ring') against the dense ones:
+values, metrics and gradients (embeddings, temperature, SigLIP bias), on one
+device and sharded over 8, with batch sizes that are not multiples of the
+block size."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from jaxcl import losses
+
+LOSSES = {
+    'info_nce': losses.info_nce,
+    'nt_xent': losses.nt_xent,
+    'clip': losses.clip_loss,
+    'siglip': losses.siglip_loss,
+}
+
+
+def _embeddings(n, d, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(2, n, d))
+  return jnp.asarray(x / np.linalg.norm(x, axis=-1, keepdims=True), jnp.float32)
+
+
+def _loss_fn(name, impl, block_size, mesh=None):
+  """(a, b, τ, bias) -> (loss, metrics), dense or tiled, on `mesh` if given."""
+  fn = LOSSES[name]
+
+  def local(a, b, tau, bias, axis_name=None):
+    kwargs = dict(temperature=tau, axis_name=axis_name, with_metrics=True, impl=impl,
+                  block_size=block_size)
+    if name == 'siglip':
+      kwargs['bias'] = bias
+    return fn(a, b, **kwargs)
+
+  if mesh is None:
+    return local
+  return jax.shard_map(functools.partial(local, axis_name='data'), mesh=mesh,
+                       in_specs=(P('data'), P('data'), P(), P()), out_specs=(P(), P()))
+
+
+def _value_and_grads(fn, a, b, tau, bias):
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3), has_aux=True))(
+      a, b, tau, bias)
+  return jax.device_get((loss, metrics, grads))
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  return jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,), devices=jax.devices()[:8])
+
+
+@pytest.mark.parametrize('name', LOSSES)
+@pytest.mark.parametrize('impl', ['blockwise', 'ring'])
+@pytest.mark.parametrize('sharded', [False, True], ids=['one device', '8 devices'])
+def test_tiled_equals_dense(name, impl, sharded, mesh):
+  # 40 rows: 5 per device; blocks of 3 leave a partial block everywhere.
+  a, b = _embeddings(40, 16, seed=len(name))
+  tau, bias = 0.1, -3.0
+  ref_loss, ref_metrics, ref_grads = _value_and_grads(_loss_fn(name, 'dense', 0), a, b, tau,
+                                                      bias)
+  loss, metrics, grads = _value_and_grads(
+      _loss_fn(name, impl, 3, mesh if sharded else None), a, b, tau, bias)
+  np.testing.assert_allclose(loss, ref_loss, rtol=2e-6)
+  for key in ref_metrics:
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], atol=1e-7, err_msg=key)
+  for got, want, what in zip(grads, ref_grads, ('a', 'b', 'temperature', 'bias')):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6, err_msg=what)
+  assert abs(ref_grads[2]) > 1e-3  # the temperature gradient is there, and matched
+  if name == 'siglip':
+    assert abs(ref_grads[3]) > 1e-3
+
+
+def test_block_larger_than_the_batch_and_bf16():
+  a, b = _embeddings(6, 8, seed=1)
+  dense = _value_and_grads(_loss_fn('clip', 'dense', 0), a, b, 0.07, 0.0)
+  tiled = _value_and_grads(_loss_fn('clip', 'blockwise', 1024), a, b, 0.07, 0.0)
+  np.testing.assert_allclose(tiled[0], dense[0], rtol=1e-6)
+  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  dense16 = _loss_fn('clip', 'dense', 0)(a16, b16, 0.07, 0.0)[0]
+  tiled16 = _loss_fn('clip', 'blockwise', 4)(a16, b16, 0.07, 0.0)[0]
+  assert tiled16.dtype == jnp.float32
+  np.testing.assert_allclose(tiled16, dense16, rtol=1e-5)
+
+
+def test_unknown_impl_is_refused():
+  a, b = _embeddings(4, 4, seed=2)
+  with pytest.raises(ValueError, match='impl must be one of'):
+    losses.info_nce(a, b, temperature=0.1, impl='chunky')
+
+
+def test_train_step_with_ring_loss_equals_dense_single_device():
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from jaxcl import parallel, train  # pylint: disable=g-import-not-at-top
+  results = []
+  for impl, devices in (('dense', 1), ('ring', 8)):
+    config = tiny_config(batch_size=16)
+    config.loss.update(impl=impl, block_size=3)
+    exp = train.setup(config, devices=jax.devices()[:devices])
+    images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+    (loss, (metrics, _, _, _)), grads = jax.jit(train.make_loss_and_grads(exp))(
+        exp.init_state(), parallel.put_batch(exp.mesh, {'image': images}))
+    results.append(jax.device_get((loss, metrics, grads)))
+  (loss1, m1, g1), (loss8, m8, g8) = results
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  for key in m1:
+    np.testing.assert_allclose(m8[key], m1[key], atol=1e-6, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), g8, g1)

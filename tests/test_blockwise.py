@@ -4,6 +4,7 @@ device and sharded over 8, with batch sizes that are not multiples of the
 block size."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -112,3 +113,41 @@ def test_train_step_with_ring_loss_equals_dense_single_device():
   for key in m1:
     np.testing.assert_allclose(m8[key], m1[key], atol=1e-6, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), g8, g1)
+
+
+# ------------------------------------------ what the sharded step communicates ---
+_COLLECTIVE = re.compile(r'=\s*(\(.*?\)|\S+)\s+(all-gather|collective-permute|all-to-all)'
+                         r'(?:-start)?\(')
+_SHAPE = re.compile(r'(f32|bf16|s32|u32|u8)\[([\d,]*)\]')
+
+
+def _moved_arrays(hlo: str):
+  """(op, dtype, shape) of every all-gather / collective-permute / all-to-all."""
+  moved = []
+  for match in _COLLECTIVE.finditer(hlo):
+    for dtype, dims in _SHAPE.findall(match.group(1)):
+      moved.append((match.group(2), dtype, tuple(int(x) for x in dims.split(',') if x)))
+  return moved
+
+
+@pytest.mark.parametrize('impl', ['dense', 'ring'])
+def test_sharded_step_moves_only_embeddings(impl):
+  """Between devices the loss moves embeddings (and their ids), nothing the
+  size of an image or an activation: the compiled HLO's gathers and permutes
+  are all [rows, embedding size] (or [rows] ids)."""
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from jaxcl import parallel, train  # pylint: disable=g-import-not-at-top
+  config = tiny_config(batch_size=16)
+  config.loss.update(impl=impl, block_size=4)
+  exp = train.setup(config, devices=jax.devices()[:8])
+  batch = parallel.put_batch(exp.mesh, {'image': np.zeros((16, 8, 8, 1), np.uint8)})
+  hlo = train.make_train_step(exp).lower(exp.init_state(), batch).compile().as_text()
+  moved = _moved_arrays(hlo)
+  assert moved, 'the loss must communicate embeddings'
+  dim, n = config.model.head_out, 16
+  for op, dtype, shape in moved:
+    if impl == 'dense':  # each view's embeddings of the global batch, gathered once
+      assert (op, dtype, shape) == ('all-gather', 'f32', (n, dim)), (op, dtype, shape)
+    else:  # this device's 2 x 2 anchors (and their ids) passed around the ring
+      assert op == 'collective-permute' and shape in ((2 * n // 8, dim), (2 * n // 8,)), (
+          op, dtype, shape)

@@ -4,6 +4,10 @@
   jaxcl eval   --workdir DIR
   jaxcl export --workdir DIR --output FILE
 
+Several processes (one per host or GPU) add --coordinator_address HOST:PORT
+--num_processes N --process_id I, except on TPU pods and under SLURM, where
+they find each other themselves.
+
 Bad input (an unknown or mistyped override, an invalid value, a missing
 dataset or workdir) prints one line `jaxcl: error: ...` and exits with code 2
 before anything is compiled or written.
@@ -27,6 +31,11 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, eval.json.')
 _OUTPUT = flags.DEFINE_string('output', None, 'export: the artifact file to write.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process: HOST:PORT of process 0 (with --num_processes '
+    'and --process_id). TPU pods and SLURM jobs are detected without them.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: how many.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this one, from 0.')
 
 
 class UsageError(Exception):
@@ -96,6 +105,11 @@ def run(argv: list[str]) -> int:
   _quiet()
 
   # Imported late so that `jaxcl` with bad flags answers before jax starts.
+  from jaxcl import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
   from jaxcl import data  # pylint: disable=g-import-not-at-top
   try:

@@ -32,6 +32,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from jaxcl import augment, data, evaluate, losses, models, optim, parallel, tokenizers
@@ -131,6 +132,10 @@ def setup(config, devices=None, tokenizer=None) -> Experiment:
   two_tower = config.method in config_lib.TWO_TOWER
   if two_tower and tokenizer is None:
     tokenizer = tokenizers.build_tokenizer(config.text)
+  if jax.process_count() > 1:  # one process prepares an embedded or converted dataset
+    if jax.process_index() == 0:
+      data.load_source(config.dataset, config.dataset.train_split, with_text=two_tower)
+    multihost_utils.sync_global_devices('jaxcl: dataset prepared')
   train_source, info = data.load_source(config.dataset, config.dataset.train_split,
                                         with_text=two_tower)
   abstract_model = nnx.eval_shape(lambda: _new_model(config, info, tokenizer))

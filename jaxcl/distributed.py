@@ -1,0 +1,48 @@
+"""Multi-process start-up: one jaxcl process per host (TPU pod) or per GPU
+(SLURM), joined by `jax.distributed.initialize` before any device is used.
+
+- Explicit: `--coordinator_address HOST:PORT --num_processes N --process_id I`
+  (any cluster, or several local processes on one machine).
+- TPU pod slices and SLURM jobs with more than one task: detected from the
+  environment; `jax.distributed.initialize()` then finds the coordinator and
+  the process's rank itself.
+
+On CPUs the processes' collectives go through gloo.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def cluster_detected() -> str | None:
+  """'tpu pod' or 'slurm' when this process is one of several the
+  environment describes, else None."""
+  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  if ',' in hosts or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
+    return 'tpu pod'
+  if os.environ.get('SLURM_JOB_ID') and int(os.environ.get('SLURM_NTASKS', '1') or 1) > 1:
+    return 'slurm'
+  return None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> str | None:
+  """Joins the job's processes; returns how ('flags', 'tpu pod', 'slurm') or
+  None for a single-process run. Must run before jax touches a device."""
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+    raise ValueError('--coordinator_address, --num_processes and --process_id go together')
+  import jax  # pylint: disable=g-import-not-at-top
+  if coordinator_address is not None:
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f'--process_id {process_id} must be in [0, --num_processes '
+                       f'{num_processes})')
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return 'flags'
+  how = cluster_detected()
+  if how is not None:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize()
+  return how

@@ -35,7 +35,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from jaxcl import augment, data, evaluate, losses, models, optim, parallel, tokenizers
+from jaxcl import augment, data, evaluate, losses, models, optim, parallel, throughput, tokenizers
 from jaxcl import config as config_lib
 from jaxcl.metric_writer import MetricWriter
 from jaxcl.temperature import project_all
@@ -419,7 +419,7 @@ def train_and_evaluate(config, workdir) -> dict:
       + f', {num_params / 1e6:.2f}M params; '
       + (f'resuming from step {start_step}' if resumed else 'starting from step 0'))
 
-  train_step = make_train_step(exp)
+  train_step, compiled_step, step_flops = make_train_step(exp), None, None
   embed_fns = make_embed_fns(exp)
   if not eval_data.num_classes:
     writer.print('the evaluation splits have no labels: '
@@ -435,7 +435,10 @@ def train_and_evaluate(config, workdir) -> dict:
     batch = next(train_iter)
     batch = parallel.put_batch(exp.mesh, model_batch(exp, batch))
     data_wait += time.perf_counter() - t0
-    state, metrics = train_step(state, batch)
+    if compiled_step is None:  # compiled ahead of time, for XLA's count of its FLOPs
+      compiled_step = train_step.lower(state, batch).compile()
+      step_flops = throughput.step_flops(compiled_step)
+    state, metrics = compiled_step(state, batch)
     # Keep one step in flight: dispatch runs ahead of the device by one step
     # at most, so the progress bar and timings count finished steps.
     jax.block_until_ready(previous_metrics)
@@ -452,9 +455,13 @@ def train_and_evaluate(config, workdir) -> dict:
     if step % config.log_every_steps == 0 or step == total:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       elapsed = time.perf_counter() - interval_start
+      step_time = elapsed / interval_steps
       metrics.update(examples_per_sec=interval_steps * config.batch_size / elapsed,
-                     step_time=elapsed / interval_steps,
-                     data_wait_fraction=data_wait / elapsed)
+                     step_time=step_time, data_wait_time=data_wait / interval_steps,
+                     compute_time=(elapsed - data_wait) / interval_steps,
+                     data_wait_fraction=data_wait / elapsed,
+                     **throughput.metrics(step_flops, jax.device_count(), config.batch_size,
+                                          step_time, jax.devices()[0].device_kind))
       writer.write(step, metrics)
       writer.advance(0, loss=metrics['loss'], tau=metrics['temperature'],
                      acc=metrics['contrastive_top1'])

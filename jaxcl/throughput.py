@@ -1,0 +1,62 @@
+"""Throughput accounting: FLOPs from XLA's cost analysis of the compiled
+step, achieved TFLOP/s per device, and MFU where the device's peak is known.
+
+The FLOPs are those of the whole compiled train step (augmentation, both
+towers forward and backward, the loss, the optimizer update), counted by XLA
+on the per-device program after SPMD partitioning, so nothing is estimated by
+hand. MFU = achieved FLOP/s per device / the device's peak dense bf16 FLOP/s.
+"""
+
+from __future__ import annotations
+
+# Peak dense bf16 TFLOP/s per device (chip), from the vendors' specifications.
+PEAK_TFLOPS = (
+    ('TPU v6 lite', 918.0),  # v6e (Trillium)
+    ('TPU v6e', 918.0),
+    ('TPU v5 lite', 197.0),  # v5e
+    ('TPU v5e', 197.0),
+    ('TPU v5p', 459.0),
+    ('TPU v5', 459.0),  # v5p reports itself as 'TPU v5'
+    ('TPU v4', 275.0),
+    ('H200', 989.0),  # SXM, dense
+    ('H100', 989.0),  # SXM, dense (the PCIe card: 756)
+    ('A100', 312.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The peak dense bf16 TFLOP/s of a device kind (jax.Device.device_kind), or None."""
+  if 'H100' in device_kind and 'PCIe' in device_kind:
+    return 756.0
+  for name, peak in PEAK_TFLOPS:
+    if name in device_kind:
+      return peak
+  return None
+
+
+def step_flops(compiled) -> float | None:
+  """FLOPs of one execution of a compiled step on one device, or None when
+  XLA gives no cost analysis on this platform."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
+def metrics(flops_per_device: float | None, num_devices: int, batch_size: int,
+            step_time: float, device_kind: str) -> dict[str, float]:
+  """flops_per_example, tflops_per_device and (peak known) mfu for a step
+  that took `step_time` seconds; {} without a cost analysis."""
+  if not flops_per_device or step_time <= 0:
+    return {}
+  achieved = flops_per_device / step_time / 1e12
+  out = {'flops_per_example': flops_per_device * num_devices / batch_size,
+         'tflops_per_device': achieved}
+  peak = peak_tflops(device_kind)
+  if peak:
+    out['mfu'] = achieved / peak
+  return out

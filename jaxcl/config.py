@@ -223,8 +223,9 @@ def base_config():
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
 
-  # -1: all devices. Axes are split over the batch; params are replicated.
-  config.mesh = ml_collections.ConfigDict({'data': -1})
+  # -1: all remaining devices. The batch is split over both axes; parameters
+  # and optimizer state are replicated over `data` and sharded over `fsdp`.
+  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
 
   config.dataset = ml_collections.ConfigDict(dict(
       name='digits',

@@ -78,23 +78,28 @@ class Experiment:
   def replicated(self):
     return parallel.replicated(self.mesh)
 
+  def _new_state(self) -> TrainState:
+    model = _new_model(self.config, self.info, self.tokenizer)
+    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
+                      opt_state=self.optimizer.init(params),
+                      rng=jax.random.key_data(rng_streams(self.config.seed)['augment']))
+
+  @functools.cached_property
+  def state_sharding(self):
+    """The state's layout: replicated, or with FSDP its large arrays split
+    over the `fsdp` axis (jaxcl.parallel.state_shardings)."""
+    return parallel.state_shardings(self.mesh, jax.eval_shape(self._new_state))
+
   def init_state(self) -> TrainState:
-    """A fresh state, created under jit directly in its replicated layout."""
-
-    def init():
-      model = _new_model(self.config, self.info, self.tokenizer)
-      _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-      return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
-                        opt_state=self.optimizer.init(params),
-                        rng=jax.random.key_data(rng_streams(self.config.seed)['augment']))
-
-    return jax.jit(init, out_shardings=self.replicated)()
+    """A fresh state, created under jit directly in its layout."""
+    return jax.jit(self._new_state, out_shardings=self.state_sharding)()
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state, for restoring checkpoints."""
-    shapes = jax.eval_shape(self.init_state)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
-                        shapes)
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                 sharding=sharding),
+                        jax.eval_shape(self._new_state), self.state_sharding)
 
   def model_inputs(self, images):
     """float32 images in [0, 1] -> the encoder's normalized input."""
@@ -223,8 +228,8 @@ def make_train_step(exp: Experiment):
                               opt_state=opt_state)
     return new_state, metrics
 
-  return jax.jit(train_step, in_shardings=(exp.replicated, parallel.batch_sharding(exp.mesh)),
-                 out_shardings=(exp.replicated, exp.replicated), donate_argnums=0)
+  return jax.jit(train_step, in_shardings=(exp.state_sharding, parallel.batch_sharding(exp.mesh)),
+                 out_shardings=(exp.state_sharding, exp.replicated), donate_argnums=0)
 
 
 def model_batch(exp: Experiment, batch: dict) -> dict:
@@ -366,7 +371,8 @@ def make_embed_fns(exp: Experiment) -> dict:
   """Jitted (params, batch_stats, batch) -> embeddings: 'image' (uint8
   images) and, for two towers, 'text' (token ids); batch-sharded."""
   batch = parallel.batch_sharding(exp.mesh)
-  shardings = dict(in_shardings=(exp.replicated, exp.replicated, batch), out_shardings=batch)
+  state = exp.state_sharding
+  shardings = dict(in_shardings=(state.params, state.batch_stats, batch), out_shardings=batch)
   fns = {'image': jax.jit(exp.embed, **shardings)}
   if exp.two_tower:
     fns['text'] = jax.jit(exp.embed_text, **shardings)

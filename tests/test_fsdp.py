@@ -1,0 +1,61 @@
+"""FSDP: with parameters and optimizer state split over an `fsdp` axis of 4,
+each device holds about a quarter of them, and the step computes what the
+data-parallel step computes."""
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from jaxcl import parallel, train
+
+
+def test_fsdp_spec():
+  spec = parallel.fsdp_spec
+  assert spec((3, 3, 64, 128), 4) == jax.sharding.PartitionSpec(None, None, None, 'fsdp')
+  assert spec((128, 64), 4) == jax.sharding.PartitionSpec('fsdp')
+  assert spec((130, 66), 4) == jax.sharding.PartitionSpec()  # nothing divides
+  assert spec((64,), 4) == jax.sharding.PartitionSpec()  # small: replicated
+  assert spec((128, 64), 1) == jax.sharding.PartitionSpec()
+
+
+@pytest.fixture(scope='module')
+def experiments():
+  out = []
+  for mesh in ({'data': 8, 'fsdp': 1}, {'data': 2, 'fsdp': 4}):
+    config = tiny_config(**{'batch_size': 16, 'model.width': 32, 'model.head_hidden': 256,
+                            'model.head_out': 64})
+    config.mesh.update(mesh)
+    out.append(train.setup(config, devices=jax.devices()[:8]))
+  return out
+
+
+def _images(seed):
+  return np.random.default_rng(seed).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+
+
+def test_fsdp_divides_parameter_and_optimizer_memory(experiments):
+  sizes = []
+  for exp in experiments:
+    state = exp.init_state()
+    sizes.append(parallel.bytes_per_device((state.params, state.opt_state)))
+  dp, fsdp = sizes
+  assert 3.5 < dp / fsdp <= 4.0, (dp, fsdp)
+
+
+def test_fsdp_step_equals_data_parallel(experiments):
+  results = []
+  for exp in experiments:
+    state = exp.init_state()
+    (loss, (metrics, _, _, _)), grads = jax.jit(train.make_loss_and_grads(exp))(
+        state, parallel.put_batch(exp.mesh, {'image': _images(0)}))
+    step = train.make_train_step(exp)
+    for i in range(2):
+      state, _ = step(state, parallel.put_batch(exp.mesh, {'image': _images(i)}))
+    results.append(jax.device_get((loss, grads, state.params)))
+  (loss_dp, grads_dp, params_dp), (loss_fsdp, grads_fsdp, params_fsdp) = results
+  np.testing.assert_allclose(loss_fsdp, loss_dp, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               grads_fsdp, grads_dp)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               params_fsdp, params_dp)

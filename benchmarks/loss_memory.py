@@ -12,7 +12,9 @@ a, b and τ) and reports:
   temporaries, the bytes XLA plans to hold at once), before running it;
 - process peak RSS (resource.getrusage) after running it: what the process
   really touched, jax and the inputs included;
-- wall time: median of 3 runs after one warm-up run.
+- wall time: the median of 3 runs after a warm-up run, or for batches above
+  --repeat_below a single run (the executable is compiled ahead of time, so
+  the single run includes no compilation).
 
 A case whose compiled peak exceeds --max_gb is not run (reported as such).
 "one device" cases run on 1 CPU device; "sharded" cases on --devices
@@ -61,21 +63,23 @@ row = {'compiled_peak_bytes': int(planned), 'temp_bytes': int(mem.temp_size_in_b
 if planned > args['max_gb'] * 2**30:
   row['ran'] = False
 else:
-  jax.block_until_ready(compiled(a, b, jnp.float32(0.07)))
+  repeats = 3 if n <= args['repeat_below'] else 1
+  if repeats > 1:
+    jax.block_until_ready(compiled(a, b, jnp.float32(0.07)))
   times = []
-  for _ in range(3):
+  for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(a, b, jnp.float32(0.07)))
     times.append(time.perf_counter() - t0)
-  row.update(ran=True, seconds=sorted(times)[1],
+  row.update(ran=True, seconds=sorted(times)[len(times) // 2], runs=repeats,
              peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 print('ROW ' + json.dumps(row))
 '''
 
 
-def run_case(batch, dim, impl, block_size, devices, max_gb, timeout):
+def run_case(batch, dim, impl, block_size, devices, max_gb, timeout, repeat_below):
   args = dict(batch=batch, dim=dim, impl=impl, block_size=block_size, devices=devices,
-              max_gb=max_gb)
+              max_gb=max_gb, repeat_below=repeat_below)
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
   try:
@@ -102,7 +106,8 @@ def main():
   parser.add_argument('--devices', type=int, default=8, help='for the sharded cases; 0: none')
   parser.add_argument('--sharded_batches', default='1024,4096,16384')
   parser.add_argument('--max_gb', type=float, default=20.0)
-  parser.add_argument('--timeout', type=int, default=1200)
+  parser.add_argument('--timeout', type=int, default=1800)
+  parser.add_argument('--repeat_below', type=int, default=16384)
   parser.add_argument('--json', default='benchmarks/loss_memory.json')
   args = parser.parse_args()
 
@@ -115,7 +120,8 @@ def main():
   print(f'{"devices":>7} | {"batch":>6} | {"impl":>9} | {"compiled peak GB":>16} | '
         f'{"peak RSS GB":>11} | {"seconds":>8}')
   for batch, impl, devices in cases:
-    row = run_case(batch, args.dim, impl, args.block_size, devices, args.max_gb, args.timeout)
+    row = run_case(batch, args.dim, impl, args.block_size, devices, args.max_gb, args.timeout,
+                   args.repeat_below)
     rows.append(row)
     seconds = f'{row["seconds"]:.3f}' if row.get('ran') else (
         row.get('error') or f'not run: needs > {args.max_gb:g} GB')

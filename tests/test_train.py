@@ -22,7 +22,7 @@ def experiments():
   config = tiny_config(batch_size=16)
   single = train.setup(config, devices=jax.devices()[:1])
   sharded = train.setup(config, devices=jax.devices()[:8])
-  assert dict(sharded.mesh.shape) == {'data': 8}
+  assert dict(sharded.mesh.shape) == {'data': 8, 'fsdp': 1}
   return single, sharded
 
 

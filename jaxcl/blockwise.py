@@ -1,8 +1,9 @@
 """Memory-efficient global contrastive losses: logits in tiles, never whole.
 
 The dense losses (jaxcl.losses, impl='dense') materialize an n x N logit
-matrix per device. Here the same quantities are computed one tile of
-n x block_size logits at a time, in a forward and a backward pass that each
+matrix per device. Here the same quantities are computed one tile of at
+most block_size x block_size logits at a time (rows and columns both in
+blocks), in a forward and a backward pass that each
 hold at most one tile (the Inf-CL scheme, ../shared/references.md):
 
 - softmax losses (InfoNCE, CLIP, NT-Xent) need the per-row log-sum-exp over
@@ -124,40 +125,66 @@ def _over_columns(fold, carry, k, col_ids, *, axis_name, ring, block_size, with_
 
 
 # --------------------------------------------------------------- the kernel ---
-def _forward_fold(kind, q, scale, bias, positive_ids, excluded_ids, positive_logit):
-  """Per-row statistics over column tiles: (stat, beaten_by) where stat is the
-  running (max, sum of exp) for softmax and the sum of log σ(y z) for
-  sigmoid; beaten_by counts the columns scoring at least the positive's
-  logit (for top-k metrics; ties count against)."""
+# Rows are processed in chunks of block_size as well, so a tile is at most
+# block_size x block_size logits however many rows a device has.
+_ROW_PAD = {'positive_ids': -2, 'excluded_ids': -1}  # a padded row matches no column
 
-  def fold(carry, k_tile, ids_tile):
-    x, valid = _tile(q, k_tile, ids_tile, scale, excluded_ids)
-    is_positive = ids_tile[None, :] == positive_ids[:, None]
-    beaten = carry['beaten_by'] + jnp.sum(valid & ~is_positive & (x >= positive_logit[:, None]),
-                                          axis=1)
+
+def _chunk_rows(rows: dict, block_size: int) -> dict:
+  """Per-row arrays [n, ...] -> [n / r, r, ...], r = min(block_size, n), the
+  last chunk padded (padded rows get zero cotangents, so they never count)."""
+  n = next(iter(rows.values())).shape[0]
+  r = min(block_size, n)
+  pad = -n % r
+
+  def chunk(name, x):
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=_ROW_PAD.get(name, 0))
+    return x.reshape(-1, r, *x.shape[1:])
+
+  return {name: chunk(name, x) for name, x in rows.items()}
+
+
+def _unchunk(x, n):
+  return x.reshape(-1, *x.shape[2:])[:n]
+
+
+def _forward_fold(kind, rows, scale, bias):
+  """Per-row statistics over column tiles, rows chunked: (stat, beaten_by)
+  where stat is the running (max, sum of exp) for softmax and the sum of
+  log σ(y z) for sigmoid; beaten_by counts the columns scoring at least the
+  positive's logit (for top-k metrics; ties count against)."""
+
+  def one_chunk(k_tile, ids_tile, row, carry):
+    x, valid = _tile(row['q'], k_tile, ids_tile, scale, row['excluded_ids'])
+    is_positive = ids_tile[None, :] == row['positive_ids'][:, None]
+    beaten = carry['beaten_by'] + jnp.sum(
+        valid & ~is_positive & (x >= row['positive_logit'][:, None]), axis=1)
     if kind == SOFTMAX:
       x = jnp.where(valid, x, MASKED)
       new_max = jnp.maximum(carry['max'], jnp.max(x, axis=1))
       total = (carry['sum'] * jnp.exp(carry['max'] - new_max)
                + jnp.sum(jnp.exp(x - new_max[:, None]), axis=1))
-      return {'max': new_max, 'sum': total, 'beaten_by': beaten}, None
+      return {'max': new_max, 'sum': total, 'beaten_by': beaten}
     signs = jnp.where(is_positive, 1.0, -1.0)
     terms = jnp.where(valid, jax.nn.log_sigmoid(signs * (x + bias)), 0.0)
-    return {'sum': carry['sum'] + jnp.sum(terms, axis=1), 'beaten_by': beaten}, None
+    return {'sum': carry['sum'] + jnp.sum(terms, axis=1), 'beaten_by': beaten}
+
+  def fold(carry, k_tile, ids_tile):
+    return jax.lax.map(lambda args: one_chunk(k_tile, ids_tile, *args), (rows, carry)), None
 
   return fold
 
 
-def _tile_objective(kind, ids_tile, positive_ids, excluded_ids, row_stat, g):
-  """The scalar whose gradient is this tile's share of the backward pass:
+def _tile_objective(kind, ids_tile, row, g):
+  """The scalar whose gradient is one tile's share of the backward pass:
   Σ_ij g_i exp(x_ij - lse_i) (softmax, lse held fixed) or Σ_ij g_i log σ(y_ij z_ij)."""
 
   def objective(q, k_tile, scale, bias):
-    x, valid = _tile(q, k_tile, ids_tile, scale, excluded_ids)
+    x, valid = _tile(q, k_tile, ids_tile, scale, row['excluded_ids'])
     if kind == SOFTMAX:
-      terms = jnp.exp(jnp.where(valid, x, MASKED) - row_stat[:, None])
+      terms = jnp.exp(jnp.where(valid, x, MASKED) - row['stat'][:, None])
     else:
-      signs = jnp.where(ids_tile[None, :] == positive_ids[:, None], 1.0, -1.0)
+      signs = jnp.where(ids_tile[None, :] == row['positive_ids'][:, None], 1.0, -1.0)
       terms = jax.nn.log_sigmoid(signs * (x + bias))
     return jnp.sum(jnp.where(valid, terms, 0.0) * g[:, None])
 
@@ -167,18 +194,18 @@ def _tile_objective(kind, ids_tile, positive_ids, excluded_ids, row_stat, g):
 def _row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, excluded_ids,
                positive_logit, scale, bias):
   n = q.shape[0]
-  carry = {'beaten_by': jnp.zeros(n, jnp.int32), 'sum': jnp.zeros(n, jnp.float32)}
+  rows = _chunk_rows(dict(q=q, positive_ids=positive_ids, excluded_ids=excluded_ids,
+                          positive_logit=positive_logit), block_size)
+  shape = rows['positive_ids'].shape
+  carry = {'beaten_by': jnp.zeros(shape, jnp.int32), 'sum': jnp.zeros(shape, jnp.float32)}
   if kind == SOFTMAX:
-    carry['max'] = jnp.full(n, MASKED, jnp.float32)
+    carry['max'] = jnp.full(shape, MASKED, jnp.float32)
   carry = varying(carry, axis_name)
-  fold = _forward_fold(kind, q, scale, bias, positive_ids, excluded_ids, positive_logit)
+  fold = _forward_fold(kind, rows, scale, bias)
   carry, _ = _over_columns(fold, carry, k, col_ids, axis_name=axis_name, ring=ring,
                            block_size=block_size)
-  if kind == SOFTMAX:
-    stat = carry['max'] + jnp.log(carry['sum'])
-  else:
-    stat = carry['sum']
-  return stat, carry['beaten_by']
+  stat = carry['max'] + jnp.log(carry['sum']) if kind == SOFTMAX else carry['sum']
+  return _unchunk(stat, n), _unchunk(carry['beaten_by'], n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -201,7 +228,7 @@ def tiled_row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_i
 
 
 def _fwd(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, excluded_ids,
-         positive_logit, scale, bias):
+         positive_logit, scale, bias):  # pylint: disable=missing-function-docstring
   out = _row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, excluded_ids,
                    positive_logit, scale, bias)
   return out, (q, k, col_ids, positive_ids, excluded_ids, positive_logit, scale, bias, out[0])
@@ -209,18 +236,27 @@ def _fwd(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, exclude
 
 def _bwd(kind, axis_name, ring, block_size, residuals, cotangents):
   q, k, col_ids, positive_ids, excluded_ids, positive_logit, scale, bias, stat = residuals
-  g = cotangents[0].astype(jnp.float32)
+  n = q.shape[0]
+  rows = _chunk_rows(dict(q=q, positive_ids=positive_ids, excluded_ids=excluded_ids, stat=stat,
+                          g=cotangents[0].astype(jnp.float32)), block_size)
 
   def fold(carry, k_tile, ids_tile):
-    objective = _tile_objective(kind, ids_tile, positive_ids, excluded_ids, stat, g)
-    dq, dk, dscale, dbias = jax.grad(objective, argnums=(0, 1, 2, 3))(q, k_tile, scale, bias)
+    def one_chunk(acc, row):  # this row chunk's gradients against the tile
+      objective = _tile_objective(kind, ids_tile, row, row['g'])
+      dq, dk, dscale, dbias = jax.grad(objective, argnums=(0, 1, 2, 3))(row['q'], k_tile, scale,
+                                                                        bias)
+      return (acc[0] + dk, acc[1] + dscale, acc[2] + dbias), dq
+
+    zeros = varying((jnp.zeros(k_tile.shape, jnp.float32), jnp.zeros_like(scale),
+                     jnp.zeros_like(bias)), axis_name)
+    (dk, dscale, dbias), dq = jax.lax.scan(one_chunk, zeros, rows)
     return (carry[0] + dq, carry[1] + dscale, carry[2] + dbias), dk
 
-  zeros = varying((jnp.zeros(q.shape, jnp.float32), jnp.zeros_like(scale), jnp.zeros_like(bias)),
-                  axis_name)
+  zeros = varying((jnp.zeros(rows['q'].shape, jnp.float32), jnp.zeros_like(scale),
+                   jnp.zeros_like(bias)), axis_name)
   (dq, dscale, dbias), dk = _over_columns(fold, zeros, k, col_ids, axis_name=axis_name, ring=ring,
                                           block_size=block_size, with_grad=True)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), None, None, None, None,
+  return (_unchunk(dq, n).astype(q.dtype), dk.astype(k.dtype), None, None, None, None,
           dscale, dbias)
 
 

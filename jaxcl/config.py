@@ -287,7 +287,7 @@ def base_config():
 
   # How the global-batch loss is computed (values and gradients agree):
   # dense materializes each device's n x N logits; blockwise and ring compute
-  # them in n x block_size tiles (jaxcl.blockwise), with the other devices'
+  # them in block_size x block_size tiles (jaxcl.blockwise), with the other devices'
   # embeddings all-gathered once (blockwise) or passed around a ring (ring).
   config.loss = ml_collections.ConfigDict(dict(impl='dense', block_size=1024))
 

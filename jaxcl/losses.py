@@ -24,8 +24,8 @@ collapsed embeddings score 0, not 1.
 
 ``impl`` chooses how the logits are computed, with equal values and
 gradients: 'dense' (default) materializes each device's n x N logits;
-'blockwise' and 'ring' (jaxcl.blockwise) compute them in tiles of
-n x ``block_size`` in a forward and a recomputing backward pass, the columns
+'blockwise' and 'ring' (jaxcl.blockwise) compute them in tiles of at most
+``block_size`` x ``block_size`` in a forward and a recomputing backward pass, the columns
 all-gathered once ('blockwise') or passed around the devices ('ring').
 """
 

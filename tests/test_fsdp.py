@@ -59,3 +59,20 @@ def test_fsdp_step_equals_data_parallel(experiments):
                grads_fsdp, grads_dp)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                params_fsdp, params_dp)
+
+
+def test_ring_loss_over_data_and_fsdp_axes_equals_dense():
+  """The batch is split over both mesh axes, so the ring runs over both."""
+  results = []
+  for impl, mesh in (('dense', {'data': 8, 'fsdp': 1}), ('ring', {'data': 2, 'fsdp': 4})):
+    config = tiny_config(batch_size=16)
+    config.loss.update(impl=impl, block_size=3)
+    config.mesh.update(mesh)
+    exp = train.setup(config, devices=jax.devices()[:8])
+    (loss, _), grads = jax.jit(train.make_loss_and_grads(exp))(
+        exp.init_state(), parallel.put_batch(exp.mesh, {'image': _images(0)}))
+    results.append(jax.device_get((loss, grads)))
+  (loss_dense, grads_dense), (loss_ring, grads_ring) = results
+  np.testing.assert_allclose(loss_ring, loss_dense, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               grads_ring, grads_dense)

@@ -97,6 +97,10 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   _check(t.init > 0, f'temperature.init must be > 0, got {t.init}')
   _check(t.min > 0, f'temperature.min must be > 0, got {t.min}')
   _check(t.min <= t.max, f'temperature.min {t.min} must be <= temperature.max {t.max}')
+  for key in ('warmup_steps', 'period'):
+    _check(isinstance(t[key], int) and t[key] >= 0,
+           f'temperature.{key} must be an integer >= 0, got {t[key]!r}')
+  _check(t.lr_multiplier > 0, f'temperature.lr_multiplier must be > 0, got {t.lr_multiplier}')
   _check(t.min <= t.init <= t.max,
          f'temperature.init {t.init} must lie in [temperature.min, temperature.max] = '
          f'[{t.min}, {t.max}]')
@@ -291,8 +295,13 @@ def base_config():
   # embeddings all-gathered once (blockwise) or passed around a ring (ring).
   config.loss = ml_collections.ConfigDict(dict(impl='dense', block_size=1024))
 
+  # mode: fixed (τ = init) | learnable (log τ trained, clamped to [min, max])
+  # | cosine (between max and min with `period` steps; 0: total_steps).
   config.temperature = ml_collections.ConfigDict(dict(
       mode='learnable', init=0.2, min=0.01, max=1.0,
+      warmup_steps=0,  # learnable: τ held at init for these first steps
+      lr_multiplier=1.0,  # learnable: log τ's learning rate = this x the model's
+      period=0,  # cosine
       bias_init=-10.0))  # siglip: the learnable logit bias b
 
   config.optimizer = ml_collections.ConfigDict(dict(

@@ -22,8 +22,8 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from etils import epath
+from flax import nnx
 
 from jaxcl import models, train
 
@@ -55,8 +55,8 @@ def export_encoder(workdir, output) -> dict:
   (batch,) = jax.export.symbolic_shape('b')
   exported = _export(embed, jax.ShapeDtypeStruct((batch, height, width, channels), jnp.uint8))
   dim = int(exported.out_avals[0].shape[1])
-  temperature = (float(np.exp(params['temperature']['log_tau'][...]))
-                 if config.temperature.mode == 'learnable' else config.temperature.init)
+  # τ as the last step used it (learnable: the trained value; cosine: its schedule).
+  temperature = float(nnx.merge(exp.eval_graphdef, params, batch_stats).temperature(state.step))
   metadata = {
       'format': 'jax.export (serialized StableHLO)',
       'load': "jax.export.deserialize(open(FILE, 'rb').read()).call(inputs)",

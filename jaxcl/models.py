@@ -349,7 +349,8 @@ def build_model(config, in_channels: int, rngs: nnx.Rngs, tokenizer=None):
   towers only) gives the vocabulary size and the end-of-text id."""
   m, t = config.model, config.temperature
   encoder = build_image_encoder(m, in_channels, config.augment.image_size, rngs)
-  temperature = Temperature(mode=t.mode, init=t.init, min=t.min, max=t.max)
+  temperature = Temperature(mode=t.mode, init=t.init, min=t.min, max=t.max,
+                            period=t.period or config.total_steps, warmup_steps=t.warmup_steps)
   method = config.method
   if method == 'simclr':
     head = ProjectionHead(encoder.num_features, m.head_hidden, m.head_out, m.head_layers,

@@ -56,4 +56,13 @@ def build_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     raise ValueError(f'unknown optimizer.name {o.name!r}; choose one of {OPTIMIZERS}')
   if o.grad_clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
+  multiplier = (cfg.get('temperature') or {}).get('lr_multiplier', 1.0)
+  if multiplier != 1.0:  # log τ's own learning rate: its updates scaled after the optimizer
+    opt = optax.chain(opt, optax.stateless(
+        lambda updates, _: jax.tree_util.tree_map_with_path(
+            lambda path, u: u * multiplier if _is_temperature(path) else u, updates)))
   return opt
+
+
+def _is_temperature(path) -> bool:
+  return any(getattr(k, 'key', None) == 'log_tau' for k in path)

@@ -2,11 +2,15 @@
 
 Modes:
   learnable: τ = exp(log_tau), log_tau an ``nnx.Param`` initialized at
-    log(init) and trained with the rest of the model. After every optimizer
-    step ``project()`` clamps it to [log τ_min, log τ_max], the way open_clip
-    clamps its logit scale (CLIP caps 1/τ at 100, i.e. τ_min = 0.01). It is a
-    scalar, so the optimizer's "decay only kernels" rule leaves it alone.
+    log(init) and trained with the rest of the model, optionally held at init
+    for ``warmup_steps`` and with its own learning-rate multiplier
+    (jaxcl.optim). After every optimizer step ``project()`` clamps it to
+    [log τ_min, log τ_max], the way open_clip clamps its logit scale (CLIP
+    caps 1/τ at 100, i.e. τ_min = 0.01). It is a scalar, so the optimizer's
+    "decay only kernels" rule leaves it alone.
   fixed: τ = init, a constant; no parameter, no gradient.
+  cosine: a schedule between τ_max and τ_min with a period in steps (Kukleva
+    et al., ICLR 2023); no parameter.
 
 Storing log τ keeps τ positive and makes the optimizer's steps relative: a
 step of 0.01 in log τ changes τ by 1% whatever its size.
@@ -19,29 +23,47 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-MODES = ('fixed', 'learnable')
+MODES = ('fixed', 'learnable', 'cosine')
 
 
 class Temperature(nnx.Module):
-  """τ for the contrastive loss; call it to get a float32 scalar."""
+  """τ for the contrastive loss; call it with the step to get a float32 scalar.
+
+  fixed: τ = init. learnable: τ = exp(log_tau), held at init for the first
+  `warmup_steps` steps (no gradient reaches log τ then). cosine (Kukleva et
+  al., ICLR 2023): τ(t) = τ_min + ½ (τ_max − τ_min)(1 + cos(2π t / period)),
+  starting at τ_max.
+  """
 
   def __init__(self, *, mode: str = 'learnable', init: float = 0.1, min: float = 0.01,  # noqa: A002
-               max: float = 100.0):  # noqa: A002
+               max: float = 100.0, period: int = 0, warmup_steps: int = 0):  # noqa: A002
     if mode not in MODES:
       raise ValueError(f'temperature.mode must be one of {MODES}, got {mode!r}')
     if not 0 < min <= init <= max:
       raise ValueError(f'need 0 < temperature.min <= init <= max, got {min}, {init}, {max}')
+    if mode == 'cosine' and period <= 0:
+      raise ValueError(f'temperature.mode=cosine needs a period > 0, got {period}')
     self.mode = mode
     self.init = float(init)
+    self.min, self.max = float(min), float(max)
     self.log_min = math.log(min)
     self.log_max = math.log(max)
+    self.period, self.warmup_steps = int(period), int(warmup_steps)
     if mode == 'learnable':
       self.log_tau = nnx.Param(jnp.asarray(math.log(init), jnp.float32))
 
-  def __call__(self) -> jnp.ndarray:
+  def __call__(self, step=None) -> jnp.ndarray:
+    """τ at `step` (an int or int32 scalar; needed by cosine and the warm-up)."""
     if self.mode == 'fixed':
       return jnp.asarray(self.init, jnp.float32)
-    return jnp.exp(self.log_tau[...])
+    if self.mode == 'cosine':
+      phase = 2 * jnp.pi * jnp.asarray(step, jnp.float32) / self.period
+      return jnp.asarray(self.min + 0.5 * (self.max - self.min) * (1 + jnp.cos(phase)),
+                         jnp.float32)
+    tau = jnp.exp(self.log_tau[...])
+    if self.warmup_steps and step is not None:
+      tau = jnp.where(jnp.asarray(step) < self.warmup_steps, jnp.float32(self.init), tau)
+    return tau
 
   def project(self) -> None:
     """Clamps the learnable log τ back into [log τ_min, log τ_max] in place."""

@@ -197,7 +197,7 @@ def make_loss_and_grads(exp: Experiment):
         a, b = z[:, 0], z[:, 1]
       else:
         a, b = model(inputs, batch['text'])
-      tau = model.temperature()
+      tau = model.temperature(state.step)
       bias = model.bias() if method == 'siglip' else None
       value, metrics = loss_on_mesh(a, b, tau, jnp.float32(0) if bias is None else bias)
       return value, (metrics, nnx.state(model, nnx.BatchStat), tau, bias)

@@ -66,3 +66,39 @@ def test_weight_decay_skips_temperature_biases_and_norms(name):
   assert np.all(np.asarray(params_next['kernel']) < 1.0)
   np.testing.assert_array_equal(params_next['bias'], params['bias'])
   assert float(params_next['log_tau']) == -1.0
+
+
+def test_cosine_schedule_follows_its_formula():
+  t = Temperature(mode='cosine', init=0.1, min=0.05, max=0.5, period=100)
+  for step in (0, 10, 25, 50, 75, 99, 100, 130):
+    want = 0.05 + 0.5 * (0.5 - 0.05) * (1 + np.cos(2 * np.pi * step / 100))
+    np.testing.assert_allclose(float(t(step)), want, rtol=1e-6)
+  assert float(t(0)) == pytest.approx(0.5) and float(t(50)) == pytest.approx(0.05)
+  assert not nnx.state(t, nnx.Param)  # a schedule, nothing to learn
+
+
+def test_learnable_warmup_holds_init_without_gradient():
+  t = Temperature(mode='learnable', init=0.2, min=0.01, max=1.0, warmup_steps=10)
+  t.log_tau[...] = jnp.log(0.5)  # as if trained away from init
+  assert float(t(0)) == pytest.approx(0.2) and float(t(9)) == pytest.approx(0.2)
+  assert float(t(10)) == pytest.approx(0.5)
+  grad = lambda step: nnx.grad(lambda m: m(step))(t).log_tau[...]
+  assert float(grad(5)) == 0.0
+  assert float(grad(10)) == pytest.approx(0.5)  # d exp(log τ) / d log τ = τ
+
+
+def test_temperature_learning_rate_multiplier():
+  cfg = ml_collections.ConfigDict(dict(
+      batch_size=256, temperature=dict(lr_multiplier=10.0),
+      optimizer=dict(name='sgd', learning_rate=0.1, scale_lr_by_batch=False, warmup_steps=0,
+                     weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.0,
+                     lars_trust_coefficient=0.001, grad_clip_norm=0.0)))
+  opt = optim.build_optimizer(cfg, total_steps=1000)
+  params = {'kernel': jnp.ones((2, 2)), 'temperature': {'log_tau': jnp.float32(0.0)}}
+  grads = {'kernel': jnp.ones((2, 2)), 'temperature': {'log_tau': jnp.float32(1.0)}}
+  state = opt.init(params)
+  for _ in range(3):  # past the schedule's first step
+    updates, state = opt.update(grads, state, params)
+  lr_kernel = -float(updates['kernel'][0, 0])
+  assert lr_kernel > 0
+  assert -float(updates['temperature']['log_tau']) == pytest.approx(10 * lr_kernel, rel=1e-6)

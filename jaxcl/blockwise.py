@@ -149,25 +149,35 @@ def _unchunk(x, n):
 
 
 def _forward_fold(kind, rows, scale, bias):
-  """Per-row statistics over column tiles, rows chunked: (stat, beaten_by)
-  where stat is the running (max, sum of exp) for softmax and the sum of
-  log σ(y z) for sigmoid; beaten_by counts the columns scoring at least the
-  positive's logit (for top-k metrics; ties count against)."""
+  """Per-row running statistics over column tiles, rows chunked: the softmax's
+  max m, Σ exp(x - m) and Σ exp(x - m)(x - m) (log-sum-exp and entropy, kept
+  relative to the max so a near-one-hot softmax keeps its precision), the
+  hardest negative's logit, how many columns score at least the positive
+  (top-k metrics; ties count against), and for sigmoid Σ log σ(y z)."""
 
   def one_chunk(k_tile, ids_tile, row, carry):
     x, valid = _tile(row['q'], k_tile, ids_tile, scale, row['excluded_ids'])
     is_positive = ids_tile[None, :] == row['positive_ids'][:, None]
-    beaten = carry['beaten_by'] + jnp.sum(
-        valid & ~is_positive & (x >= row['positive_logit'][:, None]), axis=1)
-    if kind == SOFTMAX:
-      x = jnp.where(valid, x, MASKED)
-      new_max = jnp.maximum(carry['max'], jnp.max(x, axis=1))
-      total = (carry['sum'] * jnp.exp(carry['max'] - new_max)
-               + jnp.sum(jnp.exp(x - new_max[:, None]), axis=1))
-      return {'max': new_max, 'sum': total, 'beaten_by': beaten}
-    signs = jnp.where(is_positive, 1.0, -1.0)
-    terms = jnp.where(valid, jax.nn.log_sigmoid(signs * (x + bias)), 0.0)
-    return {'sum': carry['sum'] + jnp.sum(terms, axis=1), 'beaten_by': beaten}
+    out = {'beaten_by': carry['beaten_by'] + jnp.sum(
+        valid & ~is_positive & (x >= row['positive_logit'][:, None]), axis=1)}
+    masked = jnp.where(valid, x, MASKED)
+    out['max'] = jnp.maximum(carry['max'], jnp.max(masked, axis=1))
+    shift = carry['max'] - out['max']  # <= 0
+    rescale = jnp.exp(shift)
+    centered = masked - out['max'][:, None]
+    weights = jnp.exp(centered)  # 0 where masked
+    out['exp_sum'] = carry['exp_sum'] * rescale + jnp.sum(weights, axis=1)
+    out['negative_sum'] = carry['negative_sum'] * rescale + jnp.sum(
+        jnp.where(is_positive, 0.0, weights), axis=1)
+    out['exp_x_sum'] = (rescale * (carry['exp_x_sum'] + shift * carry['exp_sum'])
+                        + jnp.sum(weights * centered, axis=1))
+    out['hardest'] = jnp.maximum(carry['hardest'],
+                                 jnp.max(jnp.where(is_positive, MASKED, masked), axis=1))
+    if kind == SIGMOID:
+      signs = jnp.where(is_positive, 1.0, -1.0)
+      terms = jnp.where(valid, jax.nn.log_sigmoid(signs * (x + bias)), 0.0)
+      out['sigmoid_sum'] = carry['sigmoid_sum'] + jnp.sum(terms, axis=1)
+    return out
 
   def fold(carry, k_tile, ids_tile):
     return jax.lax.map(lambda args: one_chunk(k_tile, ids_tile, *args), (rows, carry)), None
@@ -191,21 +201,36 @@ def _tile_objective(kind, ids_tile, row, g):
   return objective
 
 
+def share_of_hardest(hardest_weight, negative_sum):
+  """p(hardest negative) / Σ p(negatives), from weights exp(x - row max)
+  (no cancellation when the positive holds nearly all the mass); 0 without
+  negatives."""
+  return jnp.where(negative_sum > 0, hardest_weight / jnp.maximum(negative_sum, 1e-30), 0.0)
+
+
 def _row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, excluded_ids,
                positive_logit, scale, bias):
   n = q.shape[0]
   rows = _chunk_rows(dict(q=q, positive_ids=positive_ids, excluded_ids=excluded_ids,
                           positive_logit=positive_logit), block_size)
   shape = rows['positive_ids'].shape
-  carry = {'beaten_by': jnp.zeros(shape, jnp.int32), 'sum': jnp.zeros(shape, jnp.float32)}
-  if kind == SOFTMAX:
-    carry['max'] = jnp.full(shape, MASKED, jnp.float32)
+  zeros = jnp.zeros(shape, jnp.float32)
+  carry = {'beaten_by': jnp.zeros(shape, jnp.int32), 'max': zeros + MASKED, 'exp_sum': zeros,
+           'exp_x_sum': zeros, 'negative_sum': zeros, 'hardest': zeros + MASKED}
+  if kind == SIGMOID:
+    carry['sigmoid_sum'] = zeros
   carry = varying(carry, axis_name)
   fold = _forward_fold(kind, rows, scale, bias)
   carry, _ = _over_columns(fold, carry, k, col_ids, axis_name=axis_name, ring=ring,
                            block_size=block_size)
-  stat = carry['max'] + jnp.log(carry['sum']) if kind == SOFTMAX else carry['sum']
-  return _unchunk(stat, n), _unchunk(carry['beaten_by'], n)
+  carry = {name: _unchunk(x, n) for name, x in carry.items()}
+  log_sum = jnp.log(carry['exp_sum'])
+  lse = carry['max'] + log_sum
+  summary = {'beaten_by': carry['beaten_by'], 'lse': lse,
+             'entropy': log_sum - carry['exp_x_sum'] / carry['exp_sum'],
+             'hardest_share': share_of_hardest(jnp.exp(carry['hardest'] - carry['max']),
+                                               carry['negative_sum'])}
+  return (lse if kind == SOFTMAX else carry['sigmoid_sum']), summary
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -219,9 +244,12 @@ def tiled_row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_i
   x_ij = scale · q_i · k_j. k [m, d]: this device's columns, ids col_ids [m]
   (-1: padding); with axis_name, every device's columns are used.
 
-  Returns (stat float32 [n], beaten_by int32 [n]); beaten_by counts the
-  valid non-positive columns with x_ij >= positive_logit[i] (no gradient).
-  Differentiable in q, k, scale and bias.
+  Returns (stat float32 [n], summary): summary (no gradient) holds per-row
+  'lse' (log Σ_j exp x_ij), 'entropy' (of softmax_j x_ij), 'hardest_share'
+  (the hardest negative's share of the negatives' softmax mass) and
+  'beaten_by' (the valid non-positive
+  columns with x_ij >= positive_logit[i]): the diagnostics of
+  jaxcl.losses. Differentiable in q, k, scale and bias.
   """
   return _row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids,
                     excluded_ids, positive_logit, scale, bias)

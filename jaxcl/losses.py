@@ -79,15 +79,71 @@ def _softmax_terms(logits: jax.Array, positive: jax.Array, axis_name: AxisName,
   # Rank of the positive: candidates (other than itself) scoring at least as high.
   is_positive = jnp.arange(logits.shape[1])[None, :] == positive[:, None]
   beaten_by = jnp.sum((logits >= pos_logit[:, None]) & ~is_positive, axis=1)
-  return loss, _rank_metrics(beaten_by, axis_name, num_anchors)
+  # Entropy relative to the row max, so a near-one-hot softmax keeps its precision.
+  centered = logits - jnp.max(logits, axis=1, keepdims=True)
+  weights = jnp.exp(centered)  # 0 on masked columns
+  total = jnp.sum(weights, axis=1)
+  entropy = jnp.log(total) - jnp.sum(weights * centered, axis=1) / total
+  negative_weights = jnp.where(is_positive, 0.0, weights)
+  hardest_share = blockwise.share_of_hardest(jnp.max(negative_weights, axis=1),
+                                             jnp.sum(negative_weights, axis=1))
+  return loss, _diagnostics(beaten_by, lse, entropy, hardest_share, pos_logit, axis_name,
+                            num_anchors)
 
 
-def _rank_metrics(beaten_by, axis_name: AxisName, num_anchors: int) -> dict:
-  """contrastive_top1/top5 from each anchor's count of candidates scoring at
-  least its positive's logit."""
-  count = lambda hit: _global_sum(jnp.sum(hit.astype(jnp.float32)), axis_name)
-  return {'contrastive_top1': count(beaten_by < 1) / num_anchors,
-          'contrastive_top5': count(beaten_by < 5) / num_anchors}
+def _diagnostics(beaten_by, lse, entropy, hardest_share, pos_logit, axis_name: AxisName,
+                 num_anchors: int) -> dict:
+  """What the softmax over each anchor's candidates looks like, averaged over
+  the global batch, from per-row summaries [n] (none needs the logits again):
+
+  contrastive_top1/5: the positive scores above every other candidate / is
+    among the best five (beaten_by: candidates scoring at least as high).
+  positive_prob: p(positive) = exp(x_pos - lse).
+  entropy: H = -Σ_j p_j log p_j (per row in `entropy`);
+    effective_negatives = exp(mean H), the number of equally likely
+    candidates with that entropy (SimCLR's Table 5 reports H).
+  hardest_negative_share: p(hardest negative) / Σ p(negatives), the share of
+    the negatives' gradient weight on the single hardest one (the gradient
+    on negative j is proportional to p_j; Wang and Liu, CVPR 2021).
+  """
+  mean = lambda x: _global_sum(jnp.sum(x.astype(jnp.float32)), axis_name) / num_anchors
+  entropy = mean(entropy)
+  return {'contrastive_top1': mean(beaten_by < 1),
+          'contrastive_top5': mean(beaten_by < 5),
+          'positive_prob': mean(jnp.exp(pos_logit - lse)),
+          'entropy': entropy,
+          'effective_negatives': jnp.exp(entropy),
+          'hardest_negative_share': mean(hardest_share)}
+
+
+def _with_summary(loss, summary, positive, axis_name, num_anchors, with_metrics):
+  if not with_metrics:
+    return loss
+  summary = jax.lax.stop_gradient(summary)
+  return loss, _diagnostics(summary['beaten_by'], summary['lse'], summary['entropy'],
+                            summary['hardest_share'], jax.lax.stop_gradient(positive), axis_name,
+                            num_anchors)
+
+
+def alignment_uniformity(a: jax.Array, b: jax.Array, *, axis_name: AxisName = None) -> dict:
+  """Wang and Isola (2020) on the current batch of L2-normalized pairs.
+
+  alignment: E ||a_i - b_i||² over the positive pairs of the global batch
+  (lower: positives closer). uniformity: log E exp(-2 ||z_i - z_j||²) over
+  pairs of distinct embeddings (a and b together), taken over the pairs
+  within each device's rows and averaged over devices, so it costs (2n)²
+  per device whatever the global batch (lower: more uniform on the sphere).
+  """
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  num = a.shape[0] * _num_devices(axis_name)
+  alignment = _global_sum(jnp.sum(jnp.sum((a - b) ** 2, axis=1)), axis_name) / num
+  z = jnp.concatenate([a, b])
+  sq_dist = jnp.maximum(2.0 - 2.0 * z @ z.T, 0.0)  # unit vectors
+  off_diagonal = ~jnp.eye(z.shape[0], dtype=bool)
+  mean_kernel = jnp.sum(jnp.where(off_diagonal, jnp.exp(-2.0 * sq_dist), 0.0)) / (
+      z.shape[0] * (z.shape[0] - 1))
+  uniformity = _global_sum(jnp.log(mean_kernel), axis_name) / _num_devices(axis_name)
+  return {'alignment': alignment, 'uniformity': uniformity}
 
 
 def _num_devices(axis_name: AxisName) -> int:
@@ -132,11 +188,11 @@ def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = N
     n = q.shape[0]
     ids = _local_ids(n, axis_name)
     positive = _paired_logits(q, k, temperature)
-    lse, beaten_by = _tiled(blockwise.SOFTMAX, q, k, ids, ids, jnp.full(n, -1, jnp.int32),
-                            positive, temperature, 0.0, axis_name, impl, block_size)
+    lse, summary = _tiled(blockwise.SOFTMAX, q, k, ids, ids, jnp.full(n, -1, jnp.int32),
+                          positive, temperature, 0.0, axis_name, impl, block_size)
     num_anchors = n * _num_devices(axis_name)
     loss = _global_sum(jnp.sum(lse - positive), axis_name) / num_anchors
-    return (loss, _rank_metrics(beaten_by, axis_name, num_anchors)) if with_metrics else loss
+    return _with_summary(loss, summary, positive, axis_name, num_anchors, with_metrics)
   keys, offset = _gather(k, axis_name)
   logits = _scaled_logits(q, keys, temperature)
   positive = offset + jnp.arange(q.shape[0], dtype=jnp.int32)
@@ -172,11 +228,11 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
     ids = jnp.concatenate([ids1, ids1 + big_n])
     anchors = jnp.concatenate([z1, z2], axis=0)
     positive = jnp.tile(_paired_logits(z1, z2, temperature), 2)
-    lse, beaten_by = _tiled(blockwise.SOFTMAX, anchors, anchors, ids,
-                            jnp.concatenate([ids1 + big_n, ids1]), ids, positive, temperature,
-                            0.0, axis_name, impl, block_size)
+    lse, summary = _tiled(blockwise.SOFTMAX, anchors, anchors, ids,
+                          jnp.concatenate([ids1 + big_n, ids1]), ids, positive, temperature,
+                          0.0, axis_name, impl, block_size)
     loss = _global_sum(jnp.sum(lse - positive), axis_name) / (2 * big_n)
-    return (loss, _rank_metrics(beaten_by, axis_name, 2 * big_n)) if with_metrics else loss
+    return _with_summary(loss, summary, positive, axis_name, 2 * big_n, with_metrics)
   all1, offset = _gather(z1, axis_name)
   all2, _ = _gather(z2, axis_name)
   big_n = all1.shape[0]
@@ -204,11 +260,11 @@ def siglip_loss(a: jax.Array, b: jax.Array, *, temperature, bias,
     n = a.shape[0]
     ids = _local_ids(n, axis_name)
     positive = _paired_logits(a, b, temperature)
-    sums, beaten_by = _tiled(blockwise.SIGMOID, a, b, ids, ids, jnp.full(n, -1, jnp.int32),
-                             positive, temperature, bias, axis_name, impl, block_size)
+    sums, summary = _tiled(blockwise.SIGMOID, a, b, ids, ids, jnp.full(n, -1, jnp.int32),
+                           positive, temperature, bias, axis_name, impl, block_size)
     big_n = n * _num_devices(axis_name)
     loss = -_global_sum(jnp.sum(sums), axis_name) / big_n
-    return (loss, _rank_metrics(beaten_by, axis_name, big_n)) if with_metrics else loss
+    return _with_summary(loss, summary, positive, axis_name, big_n, with_metrics)
   cols, offset = _gather(b, axis_name)
   logits = _scaled_logits(a, cols, temperature) + jnp.asarray(bias, jnp.float32)
   positive = offset + jnp.arange(a.shape[0], dtype=jnp.int32)

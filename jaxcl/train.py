@@ -170,10 +170,14 @@ def make_loss_and_grads(exp: Experiment):
     kwargs = dict(temperature=tau, axis_name=parallel.BATCH_AXES, with_metrics=True,
                   impl=exp.config.loss.impl, block_size=exp.config.loss.block_size)
     if method == 'simclr':
-      return losses.nt_xent(a, b, **kwargs)
-    if method == 'clip':
-      return losses.clip_loss(a, b, **kwargs)
-    return losses.siglip_loss(a, b, bias=bias, **kwargs)
+      value, metrics = losses.nt_xent(a, b, **kwargs)
+    elif method == 'clip':
+      value, metrics = losses.clip_loss(a, b, **kwargs)
+    else:
+      value, metrics = losses.siglip_loss(a, b, bias=bias, **kwargs)
+    geometry = losses.alignment_uniformity(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b),
+                                           axis_name=parallel.BATCH_AXES)
+    return value, {**metrics, **geometry}
 
   loss_on_mesh = jax.shard_map(loss, mesh=exp.mesh, in_specs=(batch_spec, batch_spec, P(), P()),
                                out_specs=(P(), P()))

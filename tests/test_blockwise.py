@@ -70,7 +70,7 @@ def test_tiled_equals_dense(name, impl, sharded, mesh):
       _loss_fn(name, impl, 3, mesh if sharded else None), a, b, tau, bias)
   np.testing.assert_allclose(loss, ref_loss, rtol=2e-6)
   for key in ref_metrics:
-    np.testing.assert_allclose(metrics[key], ref_metrics[key], atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-7, err_msg=key)
   for got, want, what in zip(grads, ref_grads, ('a', 'b', 'temperature', 'bias')):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6, err_msg=what)
   assert abs(ref_grads[2]) > 1e-3  # the temperature gradient is there, and matched
@@ -110,7 +110,7 @@ def test_train_step_with_ring_loss_equals_dense_single_device():
     results.append(jax.device_get((loss, metrics, grads)))
   (loss1, m1, g1), (loss8, m8, g8) = results
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
-  for key in m1:
+  for key in set(m1) - {'uniformity'}:  # a per-device estimate: tests/test_diagnostics.py
     np.testing.assert_allclose(m8[key], m1[key], atol=1e-6, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), g8, g1)
 

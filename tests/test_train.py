@@ -41,7 +41,7 @@ def test_sharded_loss_and_grads_equal_single_device(experiments):
   (loss1, m1, bs1, g1), (loss8, m8, bs8, g8) = results
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   assert float(loss1) > 0
-  for key in m1:
+  for key in set(m1) - {'uniformity'}:  # a per-device estimate: tests/test_diagnostics.py
     np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5)
   # Global batch norm: the running statistics agree too.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), bs8, bs1)

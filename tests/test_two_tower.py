@@ -47,7 +47,7 @@ def test_sharded_two_tower_step_equals_single_device(experiments):
   (loss1, m1, g1), (loss8, m8, g8) = results
   assert float(loss1) > 0
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
-  for key in m1:
+  for key in set(m1) - {'uniformity'}:  # a per-device estimate: tests/test_diagnostics.py
     np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5)
   leaves1, leaves8 = jax.tree.leaves(g1), jax.tree.leaves(g8)
   assert len(leaves1) == len(leaves8) > 10

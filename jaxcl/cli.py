@@ -3,6 +3,8 @@
   jaxcl train  --config configs/simclr_digits.py --workdir DIR [--config.key=value ...]
   jaxcl eval   --workdir DIR
   jaxcl export --workdir DIR --output FILE
+  jaxcl sweep  --config CONFIG --workdir DIR --temperatures 0.05,0.1,0.2,0.5,1.0,learnable
+  jaxcl report --workdir DIR
 
 Several processes (one per host or GPU) add --coordinator_address HOST:PORT
 --num_processes N --process_id I, except on TPU pods and under SLURM, where
@@ -25,7 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 USAGE = __doc__.split('\n\n')[1]
-COMMANDS = ('train', 'eval', 'export')
+COMMANDS = ('train', 'eval', 'export', 'sweep', 'report')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (Python).',
                                           lock_config=True)
@@ -36,6 +38,9 @@ _COORDINATOR = flags.DEFINE_string(
     'and --process_id). TPU pods and SLURM jobs are detected without them.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: how many.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this one, from 0.')
+_TEMPERATURES = flags.DEFINE_string(
+    'temperatures', '0.05,0.1,0.2,0.5,1.0,learnable',
+    'sweep: comma-separated fixed τ values and/or "learnable".')
 
 
 class UsageError(Exception):
@@ -58,10 +63,10 @@ def _parse(argv: list[str]):
 
 def _load_config():
   if flags.FLAGS['config'].value is None:
-    raise UsageError('--config is required for train')
+    raise UsageError('--config is required')
   filename = flags.FLAGS['config'].config_filename
   if not filename:
-    raise UsageError('--config is required for train')
+    raise UsageError('--config is required')
   if not os.path.isfile(filename):
     raise UsageError(f'config file {filename} does not exist')
   try:
@@ -113,7 +118,18 @@ def run(argv: list[str]) -> int:
   from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
   from jaxcl import data  # pylint: disable=g-import-not-at-top
   try:
-    if command == 'train':
+    if command == 'sweep':
+      from jaxcl import sweep  # pylint: disable=g-import-not-at-top
+      values = sweep.parse_temperatures(_TEMPERATURES.value)
+      config = _load_config()
+      _check_workdir(workdir, must_exist=False)
+      table = sweep.run_sweep(config, workdir, values)
+      print(f'wrote {workdir}/sweep.csv, sweep.json and sweep.png ({len(table["rows"])} runs)')
+    elif command == 'report':
+      _check_workdir(workdir, must_exist=True)
+      from jaxcl import report  # pylint: disable=g-import-not-at-top
+      print(f'wrote {report.write_report(workdir)}')
+    elif command == 'train':
       config = _load_config()
       _check_workdir(workdir, must_exist=False)
       config_lib.validate(config)

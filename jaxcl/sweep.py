@@ -1,0 +1,169 @@
+"""`jaxcl sweep`: one run per temperature, compared in a table and a plot.
+
+  jaxcl sweep --config CONFIG --workdir DIR --temperatures 0.05,0.1,0.2,0.5,1.0,learnable
+
+Each value trains the config with temperature.mode=fixed at that τ (or, for
+`learnable`, the config's learnable τ from its init) in DIR/tau-VALUE, one
+after the other, and evaluates it. A run whose eval.json is there already is
+not trained again, so an interrupted sweep resumes where it stopped (and a
+killed run resumes from its checkpoint). Writes DIR/sweep.csv, DIR/sweep.json
+and DIR/sweep.png: the evaluation metrics against τ (log axis) with the
+learnable run marked at its final τ, entropy and contrastive accuracy against
+τ (SimCLR's Table 5), and the learnable run's τ trajectory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from etils import epath  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jaxcl import config as config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxcl import report  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+LEARNABLE = 'learnable'
+TRAIN_COLUMNS = ('loss', 'entropy', 'effective_negatives', 'positive_prob', 'contrastive_top1',
+                 'contrastive_top5', 'hardest_negative_share', 'alignment', 'uniformity')
+EVAL_COLUMNS = ('knn_top1', 'linear_top1', 'zeroshot_top1', 'zeroshot_top5', 'i2t_r1', 't2i_r1')
+WALL_FILE = 'wall_time.json'
+
+
+def parse_temperatures(text: str) -> list[str]:
+  """'0.05,0.1,learnable' -> ['0.05', '0.1', 'learnable']; ConfigError for
+  anything that is not a positive number or 'learnable', or repeats."""
+  values = [v.strip() for v in text.split(',') if v.strip()]
+  if not values:
+    raise config_lib.ConfigError('--temperatures needs at least one value')
+  for v in values:
+    if v != LEARNABLE:
+      try:
+        ok = float(v) > 0
+      except ValueError:
+        ok = False
+      if not ok:
+        raise config_lib.ConfigError(f'--temperatures: {v!r} is neither a positive number nor '
+                                     f'{LEARNABLE!r}')
+  if len(set(values)) != len(values):
+    raise config_lib.ConfigError(f'--temperatures repeats a value: {text}')
+  return values
+
+
+def run_config(config, value: str):
+  """The sweep's config for one temperature value."""
+  config = config.copy_and_resolve_references()
+  t = config.temperature
+  if value == LEARNABLE:
+    t.mode = LEARNABLE
+  else:
+    tau = float(value)
+    t.update(mode='fixed', init=tau, min=min(t.min, tau), max=max(t.max, tau))
+  config.name = f'{config.name}-tau-{value}' if config.name else f'tau-{value}'
+  return config
+
+
+def _finished(run_dir, total_steps: int) -> bool:
+  path = epath.Path(run_dir) / 'eval.json'
+  return path.exists() and json.loads(path.read_text()).get('step') == total_steps
+
+
+def summarize(run_dir, value: str) -> dict:
+  """One row of the sweep table from a finished run's files."""
+  run_dir = epath.Path(run_dir)
+  rows = report.read_metrics(run_dir)
+  last = [r for r in rows if 'loss' in r][-1] if any('loss' in r for r in rows) else {}
+  results = json.loads((run_dir / 'eval.json').read_text())
+  wall = run_dir / WALL_FILE
+  row = {'run': run_dir.name, 'tau': value, 'final_tau': last.get('temperature'),
+         **{k: last.get(k) for k in TRAIN_COLUMNS},
+         **{k: results[k] for k in EVAL_COLUMNS if k in results},
+         'wall_time_s': json.loads(wall.read_text())['seconds'] if wall.exists() else None}
+  return row
+
+
+def run_sweep(config, workdir, values: list[str], log=print) -> dict:
+  """Trains and evaluates every value (skipping finished runs); writes the
+  sweep files. Returns {'columns', 'rows'}."""
+  from jaxcl import train  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(workdir)
+  configs = {v: run_config(config, v) for v in values}
+  for cfg in configs.values():  # every run's config is checked before the first trains
+    config_lib.validate(cfg)
+  workdir.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for value, cfg in configs.items():
+    run_dir = workdir / f'tau-{value}'
+    if _finished(run_dir, cfg.total_steps):
+      log(f'jaxcl sweep: tau-{value} is finished, skipped')
+    else:
+      log(f'jaxcl sweep: training tau-{value}')
+      start = time.perf_counter()
+      train.train_and_evaluate(cfg, run_dir)
+      (run_dir / WALL_FILE).write_text(json.dumps({'seconds': time.perf_counter() - start}))
+    rows.append(summarize(run_dir, value))
+  columns = [c for c in ('run', 'tau', 'final_tau', *TRAIN_COLUMNS, *EVAL_COLUMNS, 'wall_time_s')
+             if any(r.get(c) is not None for r in rows)]
+  table = {'columns': columns, 'rows': rows}
+  (workdir / 'sweep.json').write_text(json.dumps(table, indent=2) + '\n')
+  with (workdir / 'sweep.csv').open('w') as f:
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(rows)
+  plot_sweep(workdir, table)
+  return table
+
+
+def plot_sweep(workdir, table: dict) -> None:
+  """DIR/sweep.png: evaluation vs τ, entropy and contrastive accuracy vs τ,
+  and the learnable run's τ trajectory."""
+  workdir = epath.Path(workdir)
+  rows = table['rows']
+  fixed = sorted((r for r in rows if r['tau'] != LEARNABLE), key=lambda r: float(r['tau']))
+  learned = [r for r in rows if r['tau'] == LEARNABLE]
+  metrics = [c for c in EVAL_COLUMNS if any(r.get(c) is not None for r in rows)]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  ax = axes[0]
+  for i, metric in enumerate(metrics):
+    color = f'C{i}'
+    ax.plot([float(r['tau']) for r in fixed], [r.get(metric) for r in fixed], 'o-',
+            color=color, label=metric)
+    for r in learned:
+      ax.plot([r['final_tau']], [r.get(metric)], '*', markersize=14, color=color,
+              label=f'{metric}, learnable (final τ)')
+  ax.set_xscale('log')
+  ax.set_xlabel('τ')
+  ax.set_title('evaluation against τ')
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  ax = axes[1]
+  taus = [float(r['tau']) for r in fixed]
+  ax.plot(taus, [r.get('entropy') for r in fixed], 'o-', color='C0', label='entropy (nats)')
+  ax.set_xscale('log')
+  ax.set_xlabel('τ')
+  ax.set_ylabel('entropy', color='C0')
+  twin = ax.twinx()
+  twin.plot(taus, [r.get('contrastive_top1') for r in fixed], 's-', color='C1',
+            label='contrastive top-1')
+  twin.set_ylabel('contrastive top-1', color='C1')
+  ax.set_title('the final step\'s softmax against τ')
+  ax.grid(alpha=0.3)
+  ax = axes[2]
+  for r in learned:
+    points = [(m['step'], m['temperature']) for m in report.read_metrics(workdir / r['run'])
+              if 'temperature' in m]
+    if points:
+      ax.plot(*zip(*points), color='C3', label='learnable τ')
+  for r in fixed:
+    ax.axhline(float(r['tau']), color='gray', lw=0.5)
+  ax.set_yscale('log')
+  ax.set_xlabel('step')
+  ax.set_title('learnable τ over training (grey: the fixed values)')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(str(workdir / 'sweep.png'), dpi=100)
+  plt.close(fig)

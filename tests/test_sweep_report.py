@@ -1,0 +1,79 @@
+"""jaxcl sweep and jaxcl report on a tiny config: files written, finished runs
+skipped on a re-run, every plot referenced by the page."""
+
+import csv
+import json
+import re
+
+import pytest
+
+from helpers import DIGITS_CONFIG, jaxcl, tiny_overrides
+from jaxcl import config as config_lib
+from jaxcl import sweep
+
+RUN = ['--config.total_steps=6', '--config.log_every_steps=3', '--config.eval_every_steps=1000',
+       '--config.checkpoint_every_steps=6']
+
+
+def test_parse_temperatures():
+  assert sweep.parse_temperatures('0.05, 0.1,learnable') == ['0.05', '0.1', 'learnable']
+  for bad in ('', '0.1,-1', '0.1,hot', '0.1,0.1'):
+    with pytest.raises(config_lib.ConfigError):
+      sweep.parse_temperatures(bad)
+
+
+def test_run_config_sets_the_mode():
+  base = config_lib.base_config()
+  fixed = sweep.run_config(base, '2.0')
+  assert (fixed.temperature.mode, fixed.temperature.init, fixed.temperature.max) == (
+      'fixed', 2.0, 2.0)
+  assert sweep.run_config(base, 'learnable').temperature.mode == 'learnable'
+
+
+@pytest.fixture(scope='module')
+def swept(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('sweep')
+  proc = jaxcl('sweep', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+               '--temperatures=0.1,learnable', *tiny_overrides(), *RUN)
+  return workdir, proc
+
+
+def test_sweep_writes_table_and_plot(swept):
+  workdir, proc = swept
+  assert 'sweep.csv' in proc.stdout
+  rows = list(csv.DictReader(open(workdir / 'sweep.csv')))
+  assert [r['tau'] for r in rows] == ['0.1', 'learnable']
+  assert float(rows[0]['final_tau']) == pytest.approx(0.1)  # fixed stays fixed
+  for key in ('entropy', 'contrastive_top1', 'knn_top1', 'linear_top1', 'wall_time_s', 'loss'):
+    assert all(r[key] != '' for r in rows), key
+  table = json.loads((workdir / 'sweep.json').read_text())
+  assert table['rows'][1]['run'] == 'tau-learnable'
+  assert (workdir / 'sweep.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  for run in ('tau-0.1', 'tau-learnable'):
+    assert json.loads((workdir / run / 'eval.json').read_text())['step'] == 6
+
+
+def test_sweep_rerun_skips_finished_runs(swept):
+  workdir, _ = swept
+  before = (workdir / 'tau-0.1' / 'eval.json').stat().st_mtime_ns
+  proc = jaxcl('sweep', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+               '--temperatures=0.1,learnable', *tiny_overrides(), *RUN)
+  assert proc.stdout.count('is finished, skipped') == 2
+  assert (workdir / 'tau-0.1' / 'eval.json').stat().st_mtime_ns == before
+
+
+def test_report_references_every_plot(swept):
+  workdir, _ = swept
+  proc = jaxcl('report', '--workdir', str(workdir))
+  page = (workdir / 'report.html').read_text()
+  assert 'report.html' in proc.stdout
+  pngs = sorted(p for p in workdir.rglob('*.png'))
+  assert len(pngs) >= 1 + 2 * 6  # the sweep plot and each run's plots
+  assert page.count('<img src="data:image/png;base64,') == len(pngs)
+  for png in pngs:
+    assert f'alt="{png.name}"' in page
+  assert 'tau-learnable' in page and 'knn_top1' in page
+  # A single run's report too.
+  jaxcl('report', '--workdir', str(workdir / 'tau-0.1'))
+  single = (workdir / 'tau-0.1' / 'report.html').read_text()
+  assert len(re.findall('<img ', single)) == len(list((workdir / 'tau-0.1' / 'report').glob('*.png')))

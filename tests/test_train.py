@@ -144,7 +144,8 @@ def test_outputs_of_a_run(uninterrupted):
   train_rows = [r for r in rows if 'loss' in r]
   for key in ('step', 'loss', 'temperature', 'inv_temperature', 'examples_per_sec',
               'contrastive_top1', 'grad_norm', 'step_time', 'data_wait_time', 'compute_time',
-              'flops_per_example', 'tflops_per_device'):
+              'flops_per_example', 'tflops_per_device', 'positive_prob', 'entropy',
+              'effective_negatives', 'hardest_negative_share', 'alignment', 'uniformity'):
     assert key in train_rows[0]
   assert [r['step'] for r in train_rows] == list(range(5, 301, 5))
   assert train_rows[-1]['loss'] < train_rows[0]['loss']

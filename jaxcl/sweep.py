@@ -89,8 +89,10 @@ def summarize(run_dir, value: str) -> dict:
 def run_sweep(config, workdir, values: list[str], log=print) -> dict:
   """Trains and evaluates every value (skipping finished runs); writes the
   sweep files. Returns {'columns', 'rows'}."""
+  import jax  # pylint: disable=g-import-not-at-top
   from jaxcl import train  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
+  writer = jax.process_index() == 0  # on a pod, process 0 writes the sweep's files
   configs = {v: run_config(config, v) for v in values}
   for cfg in configs.values():  # every run's config is checked before the first trains
     config_lib.validate(cfg)
@@ -104,11 +106,14 @@ def run_sweep(config, workdir, values: list[str], log=print) -> dict:
       log(f'jaxcl sweep: training tau-{value}')
       start = time.perf_counter()
       train.train_and_evaluate(cfg, run_dir)
-      (run_dir / WALL_FILE).write_text(json.dumps({'seconds': time.perf_counter() - start}))
+      if writer:
+        (run_dir / WALL_FILE).write_text(json.dumps({'seconds': time.perf_counter() - start}))
     rows.append(summarize(run_dir, value))
   columns = [c for c in ('run', 'tau', 'final_tau', *TRAIN_COLUMNS, *EVAL_COLUMNS, 'wall_time_s')
              if any(r.get(c) is not None for r in rows)]
   table = {'columns': columns, 'rows': rows}
+  if not writer:
+    return table
   (workdir / 'sweep.json').write_text(json.dumps(table, indent=2) + '\n')
   with (workdir / 'sweep.csv').open('w') as f:
     writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')

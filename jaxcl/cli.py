@@ -152,6 +152,11 @@ def run(argv: list[str]) -> int:
               f'tokenizer in {output}.json)')
   except (config_lib.ConfigError, data.DatasetError) as e:
     raise UsageError(str(e)) from None
+  except RuntimeError as e:
+    if type(e).__name__ != 'NonFiniteError':
+      raise
+    print(f'jaxcl: {e}', file=sys.stderr)
+    return 1
   return 0
 
 

@@ -28,6 +28,7 @@ TWO_TOWER = ('clip', 'siglip')
 # experiments in one workdir.
 RESUMABLE_CHANGES = ('total_steps', 'log_every_steps', 'eval_every_steps',
                      'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval', 'loss',
+                     'nonfinite',
                      'dataset.data_dir', 'dataset.download')
 
 
@@ -87,6 +88,8 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
          f'eval.batch_size {config.eval.batch_size} must be a positive multiple of the '
          f'{shards} data shards')
 
+  _check(config.nonfinite in ('stop', 'skip'),
+         f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
   _check(config.loss.impl in losses.IMPLS,
          f'loss.impl must be one of {losses.IMPLS}, got {config.loss.impl!r}')
   _check(isinstance(config.loss.block_size, int) and config.loss.block_size > 0,
@@ -226,6 +229,10 @@ def base_config():
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
+  # A step whose loss or gradient norm is NaN/inf: 'stop' (an error naming the
+  # step and the last good checkpoint) or 'skip' (the state stays as it was;
+  # counted and logged as `skipped`).
+  config.nonfinite = 'stop'
 
   # -1: all remaining devices. The batch is split over both axes; parameters
   # and optimizer state are replicated over `data` and sharded over `fsdp`.

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import signal
 import time
 from typing import Any
 
@@ -224,10 +226,18 @@ def make_train_step(exp: Experiment):
     model = nnx.merge(exp.train_graphdef, params, batch_stats)
     project_all(model)
     params = nnx.state(model, nnx.Param)
+    grad_norm = optax.global_norm(grads)
     metrics = dict(metrics, loss=loss, temperature=tau, inv_temperature=1.0 / tau,
-                   grad_norm=optax.global_norm(grads), learning_rate=exp.schedule(state.step))
+                   grad_norm=grad_norm, learning_rate=exp.schedule(state.step))
     if bias is not None:
       metrics['bias'] = bias
+    updated = (params, batch_stats, opt_state)
+    if exp.config.nonfinite == 'skip':  # a non-finite step leaves the state as it was
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                             (state.params, state.batch_stats, state.opt_state))
+      metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
+    params, batch_stats, opt_state = updated
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
     return new_state, metrics
@@ -439,53 +449,76 @@ def train_and_evaluate(config, workdir) -> dict:
 
   step = start_step
   interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-  previous_metrics = None
-  while step < total:
-    t0 = time.perf_counter()
-    batch = next(train_iter)
-    batch = parallel.put_batch(exp.mesh, model_batch(exp, batch))
-    data_wait += time.perf_counter() - t0
-    if compiled_step is None:  # compiled ahead of time, for XLA's count of its FLOPs
-      compiled_step = train_step.lower(state, batch).compile()
-      step_flops = throughput.step_flops(compiled_step)
-    state, metrics = compiled_step(state, batch)
-    # Keep one step in flight: dispatch runs ahead of the device by one step
-    # at most, so the progress bar and timings count finished steps.
-    jax.block_until_ready(previous_metrics)
-    previous_metrics = metrics
-    step += 1
-    interval_steps += 1
-    if step == start_step + 1:  # compilation: report it, then time steady-state steps only
-      jax.block_until_ready(state)
-      writer.print(f'first step (compilation included): {time.perf_counter() - t0:.1f}s')
-      if step % config.log_every_steps and step != total:
+  previous_metrics, skipped = None, 0
+  preemption = Preemption()
+  try:
+    while step < total:
+      t0 = time.perf_counter()
+      batch = next(train_iter)
+      batch = parallel.put_batch(exp.mesh, model_batch(exp, batch))
+      data_wait += time.perf_counter() - t0
+      if compiled_step is None:  # compiled ahead of time, for XLA's count of its FLOPs
+        compiled_step = train_step.lower(state, batch).compile()
+        step_flops = throughput.step_flops(compiled_step)
+      state, metrics = compiled_step(state, batch)
+      # Keep one step in flight: dispatch runs ahead of the device by one step
+      # at most, so the progress bar and timings count finished steps.
+      jax.block_until_ready(previous_metrics)
+      if previous_metrics is not None:  # step - 1 has finished: was it finite?
+        skipped += _check_finite(previous_metrics, step, config, manager)
+      previous_metrics = metrics
+      step += 1
+      interval_steps += 1
+      if step == start_step + 1:  # compilation: report it, then time steady-state steps only
+        jax.block_until_ready(state)
+        writer.print(f'first step (compilation included): {time.perf_counter() - t0:.1f}s')
+        if step % config.log_every_steps and step != total:
+          interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+      writer.advance(1)
+
+      if step % config.log_every_steps == 0 or step == total:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - interval_start
+        step_time = elapsed / interval_steps
+        metrics.update(examples_per_sec=interval_steps * config.batch_size / elapsed,
+                       step_time=step_time, data_wait_time=data_wait / interval_steps,
+                       compute_time=(elapsed - data_wait) / interval_steps,
+                       data_wait_fraction=data_wait / elapsed,
+                       **throughput.metrics(step_flops, jax.device_count(), config.batch_size,
+                                            step_time, jax.devices()[0].device_kind))
+        writer.write(step, metrics)
+        writer.advance(0, loss=metrics['loss'], tau=metrics['temperature'],
+                       acc=metrics['contrastive_top1'])
         interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-    writer.advance(1)
 
-    if step % config.log_every_steps == 0 or step == total:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      elapsed = time.perf_counter() - interval_start
-      step_time = elapsed / interval_steps
-      metrics.update(examples_per_sec=interval_steps * config.batch_size / elapsed,
-                     step_time=step_time, data_wait_time=data_wait / interval_steps,
-                     compute_time=(elapsed - data_wait) / interval_steps,
-                     data_wait_fraction=data_wait / elapsed,
-                     **throughput.metrics(step_flops, jax.device_count(), config.batch_size,
-                                          step_time, jax.devices()[0].device_kind))
-      writer.write(step, metrics)
-      writer.advance(0, loss=metrics['loss'], tau=metrics['temperature'],
-                     acc=metrics['contrastive_top1'])
-      interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+      preempted = preemption.reached(step)
+      if step % config.checkpoint_every_steps == 0 or step == total or preempted:
+        # Never a checkpoint of a non-finite step: this one is checked first.
+        skipped += _check_finite(metrics, step, config, manager)
+        previous_metrics = None
+        save_checkpoint(manager, state, train_iter)
+      if preempted:
+        manager.wait_until_finished()
+        writer.print(f'jaxcl: preempted (SIGTERM): checkpoint of step {step} saved in '
+                     f'{workdir / "checkpoints"}; run the same command again to resume')
+        writer.close()
+        manager.close()
+        return {}
 
-    if step % config.checkpoint_every_steps == 0 or step == total:
-      save_checkpoint(manager, state, train_iter)
+      if step % config.eval_every_steps == 0 and step != total and evaluates:
+        results = run_evaluation(exp, state, eval_data, embed_fns)
+        writer.write(step, results)
+        writer.print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
+        interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
 
-    if step % config.eval_every_steps == 0 and step != total and evaluates:
-      results = run_evaluation(exp, state, eval_data, embed_fns)
-      writer.write(step, results)
-      writer.print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
-      interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-
+  except NonFiniteError:
+    writer.close()  # the progress bar ends before the message
+    manager.close()
+    raise
+  if previous_metrics is not None:
+    skipped += _check_finite(previous_metrics, step, config, manager)
+  if skipped:
+    writer.print(f'jaxcl: {skipped} non-finite step(s) skipped (nonfinite=skip)')
   if manager.latest_step() is None:  # total_steps=0: keep the initial encoder for eval/export
     save_checkpoint(manager, state, train_iter)
   manager.wait_until_finished()
@@ -498,6 +531,52 @@ def train_and_evaluate(config, workdir) -> dict:
   writer.close()
   manager.close()
   return results
+
+
+class NonFiniteError(RuntimeError):
+  """A step's loss or gradient norm was NaN or infinite (nonfinite=stop)."""
+
+
+def _check_finite(metrics, step: int, config, manager) -> int:
+  """1 if the step was skipped as non-finite (nonfinite=skip), 0 if finite;
+  raises NonFiniteError for a non-finite step under nonfinite=stop."""
+  values = jax.device_get({k: metrics[k] for k in ('loss', 'grad_norm', 'skipped')
+                           if k in metrics})
+  if config.nonfinite == 'skip':
+    return int(values['skipped'])
+  if math.isfinite(values['loss']) and math.isfinite(values['grad_norm']):
+    return 0
+  manager.wait_until_finished()
+  raise NonFiniteError(
+      f'step {step}: loss {values["loss"]} / gradient norm {values["grad_norm"]} is not '
+      f'finite; training stopped, nothing after step {step - 1} was saved; the last good '
+      f'checkpoint is step {manager.latest_step()} (set nonfinite=skip to skip such steps)')
+
+
+class Preemption:
+  """SIGTERM (what TPU and SLURM preemption send) asks the loop to finish
+  its step, checkpoint it and exit 0. With several processes they agree on
+  the step through jax's preemption sync point where jax.distributed
+  provides one."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._on_sigterm)
+    except ValueError:  # not the main thread: leave signals to the caller
+      pass
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested
+      except Exception:  # pylint: disable=broad-except  # no preemption service
+        return self.requested
+    return self.requested
 
 
 def _drop_metrics_after(workdir, step: int) -> None:

@@ -170,3 +170,72 @@ def test_zero_steps_evaluates_random_encoder(tmp_path):
   results = json.loads((tmp_path / 'eval.json').read_text())
   assert results['step'] == 0
   assert 0.2 < results['knn_top1'] <= 1 and 0.2 < results['linear_top1'] <= 1
+
+
+def test_sigterm_checkpoints_exits_0_and_resumes_exactly(uninterrupted, tmp_path):
+  """Preemption for real: SIGTERM mid-run -> the step's checkpoint, exit 0;
+  the same command again ends where the uninterrupted run ends."""
+  workdir = tmp_path / 'preempted'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
+         str(workdir), *tiny_overrides(), *RUN]
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  ckpts = workdir / 'checkpoints'
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+    if steps and max(steps) >= 10:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run ended before it could be preempted'
+  sent = time.time()
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0
+  assert time.time() - sent < 30
+  line = [l for l in out.splitlines() if 'preempted (SIGTERM)' in l]
+  assert line, out
+  step = int(line[0].split('checkpoint of step ')[1].split()[0])
+  assert 10 <= step < 300
+  assert max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == step
+  assert not (workdir / 'eval.json').exists()
+
+  resumed = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+                  *tiny_overrides(), *RUN, devices=2)
+  assert f'resuming from step {step}' in resumed.stdout
+  _, params_a = _final_params(uninterrupted)
+  _, params_b = _final_params(workdir)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               params_b, params_a)
+
+
+# ------------------------------------------------------------- NaN and Inf ---
+EXPLODE = ['--config.total_steps=8', '--config.log_every_steps=1', '--config.eval.probe_steps=10',
+           '--config.optimizer.learning_rate=1e35', '--config.optimizer.warmup_steps=0']
+
+
+def test_nonfinite_step_stops_without_saving_it(tmp_path):
+  # Step 1's update (learning rate 1e35) makes step 2's loss NaN.
+  proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(tmp_path), *tiny_overrides(),
+               *EXPLODE, '--config.checkpoint_every_steps=1', check=False)
+  assert proc.returncode == 1
+  message = proc.stderr.strip().splitlines()[-1]
+  assert 'step 2: loss nan' in message and 'the last good checkpoint is step 1' in message
+  assert 'Traceback' not in proc.stderr
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()) == ['1']
+
+
+def test_nonfinite_steps_skipped_leave_the_state(tmp_path):
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(tmp_path), *tiny_overrides(),
+        *EXPLODE, '--config.checkpoint_every_steps=1', '--config.keep_checkpoints=10',
+        '--config.nonfinite=skip')
+  rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert [r['skipped'] for r in rows if 'skipped' in r] == [0.0] + [1.0] * 7
+  exp, last = train.load_trained(str(tmp_path))
+  manager = train.checkpoint_manager(str(tmp_path), exp.config)
+  first = train.restore_checkpoint(manager, exp, step=1)
+  manager.close()
+  assert int(last.step) == 8
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(last.params),
+               jax.device_get(first.params))

@@ -98,20 +98,26 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
-def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
-  workdir = tmp_path / 'killed'
+def _run_until_checkpoint(workdir, min_step: int, **popen_kwargs):
+  """Starts the RUN training (2 devices) in `workdir` and returns once it has
+  a checkpoint at min_step or later (or has ended, or 240 s passed)."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
          str(workdir), *tiny_overrides(), *RUN]
-  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, **popen_kwargs)
   ckpts = workdir / 'checkpoints'
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-    if steps and max(steps) >= 10:
+    if steps and max(steps) >= min_step:
       break
     time.sleep(0.05)
+  return proc
+
+
+def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
+  workdir = tmp_path / 'killed'
+  proc = _run_until_checkpoint(workdir, 10, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   assert proc.poll() is None, 'the run ended before it could be killed'
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -176,18 +182,9 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(uninterrupted, tmp_path
   """Preemption for real: SIGTERM mid-run -> the step's checkpoint, exit 0;
   the same command again ends where the uninterrupted run ends."""
   workdir = tmp_path / 'preempted'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
-         str(workdir), *tiny_overrides(), *RUN]
-  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  proc = _run_until_checkpoint(workdir, 10, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
   ckpts = workdir / 'checkpoints'
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-    if steps and max(steps) >= 10:
-      break
-    time.sleep(0.05)
   assert proc.poll() is None, 'the run ended before it could be preempted'
   sent = time.time()
   proc.send_signal(signal.SIGTERM)

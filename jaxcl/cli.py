@@ -38,6 +38,9 @@ _COORDINATOR = flags.DEFINE_string(
     'and --process_id). TPU pods and SLURM jobs are detected without them.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: how many.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this one, from 0.')
+_ALLOW_BATCH_CHANGE = flags.DEFINE_bool(
+    'allow_batch_change', False, 'train: resume a run with a different global batch_size '
+    '(reported, and recorded in the workdir).')
 _TEMPERATURES = flags.DEFINE_string(
     'temperatures', '0.05,0.1,0.2,0.5,1.0,learnable',
     'sweep: comma-separated fixed τ values and/or "learnable".')
@@ -93,10 +96,27 @@ def _check_workdir(path: str, must_exist: bool):
     raise UsageError(f'workdir {path} does not exist')
 
 
+class _OneLine(logging.Filter):
+  """Library log records as one line, without tracebacks: a failure they
+  describe (orbax's background checkpoint writer, for one) reaches the user
+  as jaxcl's own one-line message."""
+
+  def filter(self, record):
+    record.msg = (record.getMessage().splitlines() or [''])[0][:300]
+    record.args, record.exc_info, record.exc_text, record.stack_info = None, None, None, None
+    return True
+
+
 def _quiet():
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('absl').setLevel(logging.WARNING)
+  logging.getLogger('absl').addFilter(_OneLine())
+  # orbax's write tasks that fail after a failed checkpoint was reported.
+  logging.getLogger('asyncio').setLevel(logging.CRITICAL)
+  # Exceptions Python cannot raise anywhere (tensorstore calling back into an
+  # event loop orbax has closed after a failed write) would print tracebacks.
+  sys.unraisablehook = lambda unraisable: None
   warnings.filterwarnings('ignore', category=DeprecationWarning)
   warnings.filterwarnings('ignore', category=UserWarning)
 
@@ -134,7 +154,7 @@ def run(argv: list[str]) -> int:
       _check_workdir(workdir, must_exist=False)
       config_lib.validate(config)
       from jaxcl import train  # pylint: disable=g-import-not-at-top
-      train.train_and_evaluate(config, workdir)
+      train.train_and_evaluate(config, workdir, allow_batch_change=_ALLOW_BATCH_CHANGE.value)
     elif command == 'eval':
       _check_workdir(workdir, must_exist=True)
       from jaxcl import train  # pylint: disable=g-import-not-at-top
@@ -153,7 +173,8 @@ def run(argv: list[str]) -> int:
   except (config_lib.ConfigError, data.DatasetError) as e:
     raise UsageError(str(e)) from None
   except RuntimeError as e:
-    if type(e).__name__ != 'NonFiniteError':
+    from jaxcl import train  # pylint: disable=g-import-not-at-top
+    if not isinstance(e, train.RunError):
       raise
     print(f'jaxcl: {e}', file=sys.stderr)
     return 1

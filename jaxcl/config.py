@@ -360,8 +360,9 @@ def _flatten(tree, prefix=''):
   return out
 
 
-def check_resumable(config, workdir) -> None:
-  """Raises ConfigError if `workdir` holds a run of a different experiment."""
+def check_resumable(config, workdir, allow_batch_change: bool = False) -> None:
+  """Raises ConfigError if `workdir` holds a run of a different experiment.
+  allow_batch_change: a resumed run may change the global batch_size."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
@@ -369,8 +370,13 @@ def check_resumable(config, workdir) -> None:
   saved = {**_flatten(json.loads(base_config().to_json_best_effort())),
            **_flatten(json.loads(path.read_text()))}
   new = _flatten(json.loads(config.to_json_best_effort()))
-  allowed = lambda key: any(key == k or key.startswith(k + '.') for k in RESUMABLE_CHANGES)
+  resumable = RESUMABLE_CHANGES + (('batch_size',) if allow_batch_change else ())
+  allowed = lambda key: any(key == k or key.startswith(k + '.') for k in resumable)
   changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and not allowed(k))
+  if changed == ['batch_size']:
+    raise ConfigError(
+        f'{workdir} holds a run with global batch_size {saved["batch_size"]}, not '
+        f'{new["batch_size"]}; pass --allow_batch_change to resume it with the new batch size')
   if changed:
     k = changed[0]
     raise ConfigError(

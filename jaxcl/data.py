@@ -311,22 +311,33 @@ def load_source(cfg, split: str, with_text: bool = False):
 
 # --------------------------------------------------------------- pipelines ---
 def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1, num_threads: int = 4, transform=None):
-  """An endless, checkpointable iterator of this process's share of each
-  global batch: dicts of numpy arrays with leading dim batch_size / processes.
+                   process_count: int = 1, num_threads: int = 4, transform=None,
+                   start_record: int = 0, start_batch: int = 0):
+  """An endless iterator of this process's share of each global batch: dicts
+  of numpy arrays with leading dim batch_size / processes.
 
-  Epochs reshuffle; the order depends only on the seed and the source.
+  The records form one stream: epochs of the source, each in its own
+  shuffled order, which depends only on the seed and the source. Global
+  batch k holds records [start_record + k B, start_record + (k+1) B) of
+  that stream; iteration starts at batch `start_batch`. A resumed run
+  therefore reads on from its position whatever its process count, and a
+  run whose global batch changed from B to B' at step s passes
+  start_record = (records read so far) and start_batch = 0.
   transform: an optional grain random_map function (record, np Generator) ->
-  record, e.g. `caption_sampler`; its randomness is seeded the same way.
+  record, e.g. `caption_sampler`; its randomness is seeded by the record's
+  place in the stream, so it too survives a resume.
   """
   local_batch = batch_size // process_count
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   if transform is not None:
     ds = ds.random_map(transform)
-  # Global batch k is records [kB, (k+1)B) of that order; process p reads the
-  # p-th block of it, so the assembled global batch is the same, row for row,
-  # whatever the number of processes.
+  if start_record:
+    ds = ds[start_record:]
+  # Process p reads the p-th block of every global batch, so the assembled
+  # global batch is the same, row for row, whatever the number of processes.
   ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+  if start_batch:
+    ds = ds[start_batch:]
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
   return iter(ds.to_iter_dataset(options))
 

@@ -16,16 +16,17 @@ parameters, and the temperature is clamped back into range.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import signal
+import sys
 import time
 from typing import Any
 
 import flax
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxcl import augment, data, evaluate, losses, models, optim, parallel, throughput, tokenizers
 from jaxcl import config as config_lib
+from jaxcl import lock as lock_lib
 from jaxcl.metric_writer import MetricWriter
 from jaxcl.temperature import project_all
 
@@ -253,29 +255,116 @@ def model_batch(exp: Experiment, batch: dict) -> dict:
 
 
 # =========================================================== checkpoint ====
-def checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir, config, *, cleanup: bool = False) -> ocp.CheckpointManager:
+  """cleanup: delete unfinished checkpoint writes left by a killed run (orbax
+  writes to a temporary directory and renames it when complete, so those
+  are never restored); only the run that holds the workdir may do this."""
   options = ocp.CheckpointManagerOptions(max_to_keep=config.get('keep_checkpoints', 3),
-                                         enable_async_checkpointing=True)
+                                         enable_async_checkpointing=True,
+                                         cleanup_tmp_directories=cleanup)
   return ocp.CheckpointManager(epath.Path(workdir).absolute() / 'checkpoints', options=options)
 
 
-def save_checkpoint(manager, state: TrainState, data_iterator) -> None:
-  """Train state, this process's data-iterator position, and (in the state) the RNG."""
-  step = int(state.step)
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             data=grain.checkpoint.CheckpointSave(data_iterator)))
+def save_checkpoint(manager, state: TrainState) -> None:
+  """Starts writing the train state, RNG included, in the background. The
+  data position is not saved: it follows from the step
+  (jaxcl.data.train_iterator). A failed write (here or, for the previous
+  background one, at this call) raises CheckpointError."""
+  try:
+    manager.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  except Exception as e:  # pylint: disable=broad-except  # tensorstore errors come in many types
+    raise _write_failed(manager, e) from None
 
 
-def restore_checkpoint(manager, exp: Experiment, data_iterator=None, step=None):
-  """The state (and, if given, the iterator's position) of checkpoint `step`
-  (default: the latest). Returns None when there is no checkpoint."""
+def finish_checkpoints(manager) -> None:
+  """Blocks until the background checkpoint writes are complete."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_failed(manager, e) from None
+
+
+def complete_step(workdir) -> int | None:
+  """The newest checkpoint on disk whose write completed, None if none. A
+  write orbax did not finish (killed, or the disk filled) has no final
+  directory name or no commit marker, and is never restored."""
+  path = epath.Path(workdir) / 'checkpoints'
+  steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()
+           and (p / 'commit_success.txt').exists()] if path.exists() else []
+  return max(steps, default=None)
+
+
+def _write_failed(manager, e: Exception) -> CheckpointError:
+  return CheckpointError(
+      f'writing a checkpoint in {manager.directory} failed ({_first_line(e)}); the last '
+      f'complete checkpoint is step {complete_step(manager.directory.parent)}; the unfinished '
+      f'one is never restored')
+
+
+def _close_after_failure(*closables) -> None:
+  for closable in closables:
+    try:
+      closable.close()
+    except Exception:  # pylint: disable=broad-except  # the failure is being reported
+      pass
+
+
+def restore_checkpoint(manager, exp: Experiment, step=None):
+  """The state of checkpoint `step` (default: the latest) in the layout of
+  exp's mesh, whatever mesh wrote it. Returns None when there is none."""
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
-  items = {'state': ocp.args.StandardRestore(exp.abstract_state())}
-  if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  return manager.restore(step, args=ocp.args.Composite(**items)).state
+  return manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(exp.abstract_state()))).state
+
+
+def restore_newest(manager, exp: Experiment):
+  """(state, failures): the newest checkpoint that restores, and the
+  (step, reason) of each newer one that did not (a truncated or missing
+  file, an interrupted copy). (None, []) when there are no checkpoints;
+  CheckpointError when there are some and none restores."""
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state, error = restore_checkpoint(manager, exp, step=step), None
+    except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
+      state, error = None, _first_line(e)
+    if jax.process_count() > 1:  # all processes resume from the same step, or none does
+      restored = multihost_utils.process_allgather(np.int32(error is None))
+      if error is None and not np.all(restored):
+        state, error = None, 'another process could not restore it'
+    if error is None:
+      return state, failures
+    failures.append((step, error))
+  if failures:
+    raise CheckpointError(
+        f'no checkpoint in {manager.directory} restores (' +
+        '; '.join(f'step {s}: {e}' for s, e in failures) + '); nothing was changed: move '
+        'them away to start over')
+  return None, []
+
+
+def set_aside(workdir, steps) -> epath.Path:
+  """Moves unrestorable checkpoints out of the manager's sight (so that they
+  neither count towards keep_checkpoints nor get deleted) into
+  workdir/unrestorable_checkpoints/STEP-TIME, for inspection."""
+  workdir = epath.Path(workdir)
+  aside = workdir / 'unrestorable_checkpoints'
+  if jax.process_index() == 0:
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      (workdir / 'checkpoints' / str(step)).rename(aside / f'{step}-{int(time.time())}')
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('jaxcl: unrestorable checkpoints set aside')
+  return aside
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  text = str(e).strip().splitlines()
+  text = text[0].split('. See full TensorStore details')[0] if text else ''
+  text = f'{type(e).__name__}: {text}' if text else type(e).__name__
+  return text if len(text) <= limit else text[:limit] + '...'
 
 
 # =========================================================== evaluation ====
@@ -400,29 +489,82 @@ def write_eval(workdir, step: int, results: dict) -> None:
 
 
 # ================================================================= loop ====
-def train_and_evaluate(config, workdir) -> dict:
+def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> dict:
   """Trains, evaluates and checkpoints a validated config in `workdir`;
-  resumes from the latest checkpoint there. Returns the final eval results."""
+  resumes from the newest checkpoint there that restores, on whatever mesh
+  this run has. Returns the final eval results (empty when preempted).
+  allow_batch_change: resume a run whose global batch_size was different."""
   workdir = epath.Path(workdir)
   # Everything that can fail on bad input comes before the first write.
-  config_lib.check_resumable(config, workdir)
+  config_lib.check_resumable(config, workdir, allow_batch_change)
   resuming = (workdir / config_lib.CONFIG_FILE).exists()
   exp = setup(config, tokenizer=saved_tokenizer(workdir) if resuming else None)
-  train_source = exp.train_source
   eval_data = EvalData(config)
-  workdir.mkdir(parents=True, exist_ok=True)
-  train_iter = data.train_iterator(
-      train_source, batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      transform=data.caption_sampler(exp.tokenizer) if exp.two_tower else None)
-  manager = checkpoint_manager(workdir, config)
-  state = restore_checkpoint(manager, exp, train_iter)
+  with hold_workdir(workdir) as lock:
+    notes = [f'jaxcl: took over the lock of a run that is gone: {lock_lib.describe(lock.took_over)}'
+             ] if lock.took_over is not None else []
+    return _train_and_evaluate(exp, eval_data, workdir, notes)
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir):
+  """Creates `workdir` and holds its lock (jaxcl.lock) for the body: one
+  run per workdir. Process 0 takes it for the job; every process raises
+  ConfigError if the workdir is in use or cannot be written."""
+  lock, error = lock_lib.WorkdirLock(workdir), None
+  if jax.process_index() == 0:
+    try:
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      lock.acquire()
+    except config_lib.ConfigError as e:
+      error = e
+    except OSError as e:  # not writable, read-only, full, a file on the way
+      error = config_lib.ConfigError(f'cannot write to workdir {workdir}: '
+                                     f'{e.strerror or _first_line(e)}')
+  if jax.process_count() > 1:
+    held = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if not held and error is None:
+      error = config_lib.ConfigError(f'process 0 could not take workdir {workdir}; its '
+                                     f'message says why')
+  if error is not None:
+    raise error
+  try:
+    yield lock
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(exp: Experiment, eval_data: EvalData, workdir: epath.Path,
+                        notes: list) -> dict:
+  """The loop, in a workdir this run holds; `notes` are printed once the
+  writer is up."""
+  config = exp.config
+  train_source = exp.train_source
+  manager = checkpoint_manager(workdir, config, cleanup=True)
+  state, failures = restore_newest(manager, exp)
+  if failures:
+    aside = set_aside(workdir, [step for step, _ in failures])
+    manager.close()
+    manager = checkpoint_manager(workdir, config)
+    notes += [f'jaxcl: checkpoint {step} does not restore ({error}); moved to {aside}'
+              for step, error in failures]
   resumed = state is not None
   if state is None:
     state = exp.init_state()
   start_step = int(state.step)
+  history = batch_history(workdir, config.batch_size, start_step)
+  if len(history) > 1 and history[-1][0] == start_step:
+    notes.append(f'jaxcl: global batch {history[-2][1]} -> {history[-1][1]} from step '
+                 f'{start_step} (--allow_batch_change); recorded in {BATCH_HISTORY_FILE}')
+  start_record, start_batch = data_position(history, start_step)
+  train_iter = data.train_iterator(
+      train_source, batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      transform=data.caption_sampler(exp.tokenizer) if exp.two_tower else None,
+      start_record=start_record, start_batch=start_batch)
   if jax.process_index() == 0:
     config_lib.save(config, workdir)
+    (workdir / BATCH_HISTORY_FILE).write_text(json.dumps(history) + '\n')
     if exp.tokenizer is not None:
       exp.tokenizer.save(workdir)  # travels with the checkpoints: the same ids later
     _drop_metrics_after(workdir, start_step)  # steps the resumed run is about to redo
@@ -438,6 +580,8 @@ def train_and_evaluate(config, workdir) -> dict:
          f'{exp.tokenizer.max_length})' if exp.two_tower else '')
       + f', {num_params / 1e6:.2f}M params; '
       + (f'resuming from step {start_step}' if resumed else 'starting from step 0'))
+  for note in notes:
+    writer.print(note)
 
   train_step, compiled_step, step_flops = make_train_step(exp), None, None
   embed_fns = make_embed_fns(exp)
@@ -496,9 +640,9 @@ def train_and_evaluate(config, workdir) -> dict:
         # Never a checkpoint of a non-finite step: this one is checked first.
         skipped += _check_finite(metrics, step, config, manager)
         previous_metrics = None
-        save_checkpoint(manager, state, train_iter)
+        save_checkpoint(manager, state)
       if preempted:
-        manager.wait_until_finished()
+        finish_checkpoints(manager)
         writer.print(f'jaxcl: preempted (SIGTERM): checkpoint of step {step} saved in '
                      f'{workdir / "checkpoints"}; run the same command again to resume')
         writer.close()
@@ -511,21 +655,23 @@ def train_and_evaluate(config, workdir) -> dict:
         writer.print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
         interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
 
-  except NonFiniteError:
-    writer.close()  # the progress bar ends before the message
-    manager.close()
+    if previous_metrics is not None:
+      skipped += _check_finite(previous_metrics, step, config, manager)
+    if skipped:
+      writer.print(f'jaxcl: {skipped} non-finite step(s) skipped (nonfinite=skip)')
+    if manager.latest_step() is None:  # total_steps=0: keep the initial encoder for eval/export
+      save_checkpoint(manager, state)
+    finish_checkpoints(manager)
+    results = run_evaluation(exp, state, eval_data, embed_fns)
+    if results:
+      writer.write(step, results)
+    write_eval(workdir, step, results)
+  except (RunError, OSError) as e:
+    _close_after_failure(writer, manager)  # the progress bar and orbax's logs end first
+    if isinstance(e, OSError):  # metrics, events, eval.json: a full disk, a lost mount
+      raise RunError(f'cannot write to {workdir}: {e.strerror or _first_line(e)}; the last '
+                     f'complete checkpoint is step {complete_step(workdir)}') from None
     raise
-  if previous_metrics is not None:
-    skipped += _check_finite(previous_metrics, step, config, manager)
-  if skipped:
-    writer.print(f'jaxcl: {skipped} non-finite step(s) skipped (nonfinite=skip)')
-  if manager.latest_step() is None:  # total_steps=0: keep the initial encoder for eval/export
-    save_checkpoint(manager, state, train_iter)
-  manager.wait_until_finished()
-  results = run_evaluation(exp, state, eval_data, embed_fns)
-  if results:
-    writer.write(step, results)
-  write_eval(workdir, step, results)
   writer.print(f'final (step {step}): ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items())
                + f'  -> {workdir / EVAL_FILE}')
   writer.close()
@@ -533,8 +679,16 @@ def train_and_evaluate(config, workdir) -> dict:
   return results
 
 
-class NonFiniteError(RuntimeError):
+class RunError(RuntimeError):
+  """A run stopped for a reason its message states in one line (exit 1)."""
+
+
+class NonFiniteError(RunError):
   """A step's loss or gradient norm was NaN or infinite (nonfinite=stop)."""
+
+
+class CheckpointError(RunError):
+  """No checkpoint in the workdir restores, or one cannot be written."""
 
 
 def _check_finite(metrics, step: int, config, manager) -> int:
@@ -546,7 +700,10 @@ def _check_finite(metrics, step: int, config, manager) -> int:
     return int(values['skipped'])
   if math.isfinite(values['loss']) and math.isfinite(values['grad_norm']):
     return 0
-  manager.wait_until_finished()
+  try:
+    manager.wait_until_finished()  # the message names the last checkpoint written
+  except Exception:  # pylint: disable=broad-except  # reported by the run's own message
+    pass
   raise NonFiniteError(
       f'step {step}: loss {values["loss"]} / gradient norm {values["grad_norm"]} is not '
       f'finite; training stopped, nothing after step {step - 1} was saved; the last good '
@@ -579,6 +736,33 @@ class Preemption:
     return self.requested
 
 
+BATCH_HISTORY_FILE = 'batch_history.json'
+
+
+def batch_history(workdir, batch_size: int, step: int) -> list:
+  """[[first step, global batch size], ...]: the run's segments up to
+  `step`, where this run continues with `batch_size`."""
+  path = epath.Path(workdir) / BATCH_HISTORY_FILE
+  if path.exists():
+    history = json.loads(path.read_text())
+  elif (epath.Path(workdir) / config_lib.CONFIG_FILE).exists():  # a run from before the file
+    history = [[0, config_lib.load_saved(workdir).batch_size]]
+  else:
+    history = []
+  history = [[s, b] for s, b in history if s < step]  # a fallback may have gone back
+  if not history or history[-1][1] != batch_size:
+    history.append([step, batch_size])
+  return history
+
+
+def data_position(history: list, step: int) -> tuple[int, int]:
+  """(start_record, start_batch) of jaxcl.data.train_iterator for resuming
+  at `step`: the records the earlier segments read, and the batches of the
+  current one read so far."""
+  records = sum(b * (s_next - s) for (s, b), (s_next, _) in zip(history, history[1:]))
+  return records, step - history[-1][0]
+
+
 def _drop_metrics_after(workdir, step: int) -> None:
   """Removes metrics.jsonl rows past `step`: a killed run logged them, the
   resumed run logs them again."""
@@ -606,11 +790,24 @@ def saved_tokenizer(workdir):
 def load_trained(workdir):
   """(Experiment, state) of the latest checkpoint in a finished or running workdir."""
   config = config_lib.load_saved(workdir)
-  config_lib.validate(config)  # on the devices present now
+  try:
+    config_lib.validate(config)  # on the devices present now
+  except config_lib.ConfigError as e:
+    if not str(e).startswith('mesh:'):
+      raise
+    config.mesh = config_lib.base_config().mesh  # trained on a pod, evaluated on a laptop
+    config_lib.validate(config)
   exp = setup(config, tokenizer=saved_tokenizer(workdir))
   manager = checkpoint_manager(workdir, config)
-  state = restore_checkpoint(manager, exp)
-  manager.close()
+  try:
+    state, failures = restore_newest(manager, exp)
+  except CheckpointError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  finally:
+    manager.close()
+  for step, error in failures:  # left in place: the run that owns the workdir sets them aside
+    print(f'jaxcl: checkpoint {step} does not restore ({error}); using step {int(state.step)}',
+          file=sys.stderr)
   if state is None:
     raise config_lib.ConfigError(f'{workdir} has no checkpoint to load')
   return exp, state

@@ -14,3 +14,15 @@ import tempfile  # noqa: E402
 
 # The embedded digits dataset is prepared once per test session, here.
 os.environ.setdefault('TFDS_DATA_DIR', tempfile.mkdtemp(prefix='jaxcl-tfds-'))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def uninterrupted(tmp_path_factory):
+  """The reference run: helpers.RUN on 2 devices, never interrupted."""
+  from helpers import DIGITS_CONFIG, RUN, jaxcl, tiny_overrides  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(), *RUN,
+        devices=2)
+  return workdir

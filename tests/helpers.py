@@ -77,3 +77,35 @@ def jaxcl(*args, devices=1, check=True, **kwargs):
   if check and proc.returncode != 0:
     raise AssertionError(f'jaxcl {" ".join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}')
   return proc
+
+
+# The reference run of the kill/resume tests (300 tiny steps on 2 devices,
+# conftest's `uninterrupted` fixture) and its interrupted twins.
+RUN = ['--config.total_steps=300', '--config.checkpoint_every_steps=5',
+       '--config.log_every_steps=5', '--config.eval_every_steps=1000']
+
+
+def final_params(workdir):
+  """(step, params) of the newest checkpoint in `workdir`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxcl import train  # pylint: disable=g-import-not-at-top
+  _, state = train.load_trained(str(workdir))
+  return int(state.step), jax.device_get(state.params)
+
+
+def run_until_checkpoint(workdir, min_step: int, extra=(), **popen_kwargs):
+  """Starts the RUN training (2 devices) in `workdir` and returns the process
+  once it has a checkpoint at min_step or later (or has ended, or 240 s passed)."""
+  import time  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
+         str(workdir), *tiny_overrides(), *RUN, *extra]
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, **popen_kwargs)
+  ckpts = workdir / 'checkpoints'
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+    if steps and max(steps) >= min_step:
+      break
+    time.sleep(0.05)
+  return proc

@@ -63,16 +63,23 @@ def test_processes_read_blocks_of_the_same_global_batch(digits):
     np.testing.assert_array_equal(np.concatenate([x['image'] for x in local]), glob['image'])
 
 
-def test_iterator_state_restores_position(digits):
-  train, _, _ = digits
-  it = data.train_iterator(train, batch_size=32, seed=0)
-  for _ in range(7):
-    next(it)
-  state = it.get_state()
-  want = [next(it)['label'] for _ in range(3)]
-  fresh = data.train_iterator(train, batch_size=32, seed=0)
-  fresh.set_state(state)
-  np.testing.assert_array_equal([next(fresh)['label'] for _ in range(3)], want)
+def test_iterator_resumes_at_a_batch_or_a_record(digits):
+  """The stream read on from a step, by batch (resume) or by record (after a
+  global batch change), is the uninterrupted stream, across epoch ends."""
+  train, _, _ = digits  # 1500 records: 32-row batches cross an epoch end at batch 46
+  stream = data.train_iterator(train, batch_size=32, seed=0)
+  batches = [next(stream) for _ in range(50)]
+  labels = np.concatenate([b['label'] for b in batches])
+  resumed = data.train_iterator(train, batch_size=32, seed=0, start_batch=44)
+  for want in batches[44:50]:
+    np.testing.assert_array_equal(next(resumed)['image'], want['image'])
+  # 40 batches of 32 (1280 records), then batches of 48 from record 1280.
+  wider = data.train_iterator(train, batch_size=48, seed=0, start_record=1280, start_batch=1)
+  np.testing.assert_array_equal(next(wider)['label'], labels[1328:1376])
+  for p in range(2):  # and each of two processes reads its half of it
+    half = data.train_iterator(train, batch_size=48, seed=0, start_record=1280,
+                               process_index=p, process_count=2)
+    np.testing.assert_array_equal(next(half)['label'], labels[1280 + 24 * p:1304 + 24 * p])
 
 
 def test_eval_batches_cover_the_split_once(digits):

@@ -5,14 +5,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from helpers import DIGITS_CONFIG, REPO, jaxcl, tiny_config, tiny_overrides
+from helpers import (DIGITS_CONFIG, RUN, final_params, jaxcl, run_until_checkpoint, tiny_config,
+                     tiny_overrides)
 from jaxcl import parallel, train
 
 
@@ -81,43 +81,9 @@ def test_temperature_is_clamped_after_update(experiments, train_steps):
 
 
 # ------------------------------------------------------- kill and resume ---
-RUN = ['--config.total_steps=300', '--config.checkpoint_every_steps=5',
-       '--config.log_every_steps=5', '--config.eval_every_steps=1000']
-
-
-def _final_params(workdir):
-  _, state = train.load_trained(str(workdir))
-  return int(state.step), jax.device_get(state.params)
-
-
-@pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(), *RUN,
-        devices=2)
-  return workdir
-
-
-def _run_until_checkpoint(workdir, min_step: int, **popen_kwargs):
-  """Starts the RUN training (2 devices) in `workdir` and returns once it has
-  a checkpoint at min_step or later (or has ended, or 240 s passed)."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
-         str(workdir), *tiny_overrides(), *RUN]
-  proc = subprocess.Popen(cmd, env=env, cwd=REPO, **popen_kwargs)
-  ckpts = workdir / 'checkpoints'
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-    if steps and max(steps) >= min_step:
-      break
-    time.sleep(0.05)
-  return proc
-
-
 def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
   workdir = tmp_path / 'killed'
-  proc = _run_until_checkpoint(workdir, 10, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = run_until_checkpoint(workdir, 10, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   assert proc.poll() is None, 'the run ended before it could be killed'
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -130,8 +96,8 @@ def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
   start = int(line[0].rsplit(' ', 1)[1])
   assert 10 <= start < 300
 
-  step_a, params_a = _final_params(uninterrupted)
-  step_b, params_b = _final_params(workdir)
+  step_a, params_a = final_params(uninterrupted)
+  step_b, params_b = final_params(workdir)
   assert step_a == step_b == 300
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                params_b, params_a)
@@ -182,7 +148,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(uninterrupted, tmp_path
   """Preemption for real: SIGTERM mid-run -> the step's checkpoint, exit 0;
   the same command again ends where the uninterrupted run ends."""
   workdir = tmp_path / 'preempted'
-  proc = _run_until_checkpoint(workdir, 10, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+  proc = run_until_checkpoint(workdir, 10, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
   ckpts = workdir / 'checkpoints'
   assert proc.poll() is None, 'the run ended before it could be preempted'
@@ -201,8 +167,8 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(uninterrupted, tmp_path
   resumed = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
                   *tiny_overrides(), *RUN, devices=2)
   assert f'resuming from step {step}' in resumed.stdout
-  _, params_a = _final_params(uninterrupted)
-  _, params_b = _final_params(workdir)
+  _, params_a = final_params(uninterrupted)
+  _, params_b = final_params(workdir)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                params_b, params_a)
 

@@ -1,0 +1,244 @@
+"""Faults caused for real: a workdir held by a live or a killed run,
+corrupt and half-written checkpoints, a restore onto another mesh, a changed
+global batch, a full or read-only disk."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import (DIGITS_CONFIG, REPO, RUN, final_params, jaxcl, run_until_checkpoint,
+                     tiny_overrides)
+from jaxcl import lock as lock_lib
+from jaxcl import train
+
+
+# ------------------------------------------------------------- the lock ---
+def _write_holder(workdir, **record):
+  path = workdir / lock_lib.LOCK_DIR
+  path.mkdir(parents=True)
+  (path / lock_lib.HOLDER_FILE).write_text(json.dumps(record))
+
+
+def test_lock_refuses_a_live_holder_and_releases(tmp_path):
+  first = lock_lib.WorkdirLock(tmp_path).acquire()
+  with pytest.raises(lock_lib.WorkdirLocked, match=f'pid {os.getpid()} on host '):
+    lock_lib.WorkdirLock(tmp_path).acquire()
+  first.release()
+  assert not (tmp_path / lock_lib.LOCK_DIR).exists()
+  with lock_lib.WorkdirLock(tmp_path) as second:
+    assert second.took_over is None
+
+
+def test_lock_of_a_dead_process_is_taken_over(tmp_path):
+  gone = subprocess.Popen(['true'])
+  gone.wait()
+  _write_holder(tmp_path, host=socket.gethostname(), pid=gone.pid, started=0, heartbeat=0)
+  with lock_lib.WorkdirLock(tmp_path) as lock:
+    assert lock.took_over['pid'] == gone.pid
+    assert json.loads((tmp_path / lock_lib.LOCK_DIR / lock_lib.HOLDER_FILE).read_text())[
+        'pid'] == os.getpid()
+
+
+def test_lock_of_a_reused_pid_is_taken_over(tmp_path):
+  # The recorded pid is alive but is another process than the one that locked.
+  _write_holder(tmp_path, host=socket.gethostname(), pid=os.getppid(), process_start='1',
+                started=0, heartbeat=time.time())
+  with lock_lib.WorkdirLock(tmp_path) as lock:
+    assert lock.took_over['pid'] == os.getppid()
+
+
+def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path, monkeypatch):
+  _write_holder(tmp_path, host='elsewhere', pid=1, started=0, heartbeat=time.time() - 10)
+  with pytest.raises(lock_lib.WorkdirLocked, match='pid 1 on host elsewhere'):
+    lock_lib.WorkdirLock(tmp_path).acquire()
+  record = {'host': 'elsewhere', 'pid': 1, 'started': 0,
+            'heartbeat': time.time() - lock_lib.STALE_S - 1}
+  (tmp_path / lock_lib.LOCK_DIR / lock_lib.HOLDER_FILE).write_text(json.dumps(record))
+  monkeypatch.setattr(lock_lib, 'HEARTBEAT_S', 0.05)
+  with lock_lib.WorkdirLock(tmp_path) as lock:
+    assert lock.took_over['host'] == 'elsewhere'
+    first = lock.holder()['heartbeat']
+    time.sleep(0.5)
+    assert lock.holder()['heartbeat'] > first  # the live run keeps its lock fresh
+
+
+# ------------------------------------------------------ batch history ---
+def test_data_position_counts_records_of_each_segment():
+  history = [[0, 32], [100, 64], [150, 16]]
+  assert train.data_position(history, 150) == (32 * 100 + 64 * 50, 0)
+  assert train.data_position(history, 170) == (32 * 100 + 64 * 50, 20)
+  assert train.data_position([[0, 32]], 7) == (0, 7)
+
+
+def test_batch_history_goes_back_with_a_fallback(tmp_path):
+  (tmp_path / train.BATCH_HISTORY_FILE).write_text('[[0, 32], [100, 64]]')
+  assert train.batch_history(tmp_path, 64, 150) == [[0, 32], [100, 64]]
+  assert train.batch_history(tmp_path, 128, 150) == [[0, 32], [100, 64], [150, 128]]
+  # Resumed from a checkpoint before the change: the change never happened.
+  assert train.batch_history(tmp_path, 32, 90) == [[0, 32]]
+  assert train.batch_history(tmp_path, 64, 100) == [[0, 32], [100, 64]]
+
+
+# -------------------------------- killed run: stale lock, bad checkpoints ---
+def _truncate_files(directory):
+  for path in directory.rglob('*'):
+    if path.is_file() and path.parent.name == 'd':  # tensorstore's data chunks
+      with open(path, 'r+b') as f:
+        f.truncate(7)
+
+
+def test_killed_run_with_corrupt_checkpoints_resumes_from_a_good_one(uninterrupted, tmp_path):
+  workdir = tmp_path / 'run'
+  proc = run_until_checkpoint(workdir, 20, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+  assert proc.poll() is None, 'the run ended before it could be tested'
+  proc.send_signal(signal.SIGSTOP)  # alive, holding the workdir, and not finishing meanwhile
+  # A second run on the live workdir is refused, naming the holder.
+  second = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+                 *tiny_overrides(), *RUN, devices=2, check=False)
+  assert second.returncode == 2
+  assert f'in use by a live jaxcl run: pid {proc.pid} on host' in second.stderr.splitlines()[-1]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+  ckpts = workdir / 'checkpoints'
+  steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert len(steps) >= 3
+  good, missing, truncated = steps[-3:]
+  _truncate_files(ckpts / str(truncated))
+  shutil.rmtree(ckpts / str(missing) / 'state')
+  half_written = ckpts / f'{truncated + 5}.orbax-checkpoint-tmp-1'  # a killed write
+  shutil.copytree(ckpts / str(good), half_written)
+
+  resumed = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+                  *tiny_overrides(), *RUN, devices=2)
+  out = resumed.stdout
+  assert f'took over the lock of a run that is gone: pid {proc.pid}' in out
+  assert f'checkpoint {truncated} does not restore' in out
+  assert f'checkpoint {missing} does not restore' in out
+  assert f'resuming from step {good}' in out
+  aside = sorted(p.name.split('-')[0] for p in (workdir / 'unrestorable_checkpoints').iterdir())
+  assert aside == sorted([str(missing), str(truncated)])  # kept for inspection
+  assert not half_written.exists()
+  assert not (workdir / lock_lib.LOCK_DIR).exists()
+  _, params_a = final_params(uninterrupted)
+  step, params_b = final_params(workdir)
+  assert step == 300
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               params_b, params_a)
+
+
+def test_no_restorable_checkpoint_is_an_error_that_changes_nothing(uninterrupted, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted, workdir)
+  for step in (290, 295, 300):
+    shutil.rmtree(workdir / 'checkpoints' / str(step) / 'state')
+  proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+               *tiny_overrides(), *RUN, devices=2, check=False)
+  assert proc.returncode == 1
+  message = proc.stderr.strip().splitlines()[-1]
+  assert message.startswith('jaxcl: no checkpoint in') and 'step 290:' in message
+  assert 'Traceback' not in proc.stderr
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['290', '295', '300']
+
+
+# --------------------------------------------------------- elastic restore ---
+def _copy_at_step(uninterrupted, workdir, step):
+  shutil.copytree(uninterrupted, workdir)
+  for path in (workdir / 'checkpoints').iterdir():
+    if int(path.name) > step:
+      shutil.rmtree(path)
+  (workdir / 'eval.json').unlink()
+
+
+def _losses(workdir):
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  return {r['step']: r['loss'] for r in rows if 'loss' in r}
+
+
+def test_restore_onto_another_mesh_continues_the_run(uninterrupted, tmp_path):
+  """Written on 2 devices (data=2), resumed on 4 (data=2 x fsdp=2)."""
+  workdir = tmp_path / 'run'
+  _copy_at_step(uninterrupted, workdir, 290)
+  proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
+               *RUN, '--config.mesh.data=2', '--config.mesh.fsdp=2', devices=4)
+  assert "mesh {'data': 2, 'fsdp': 2}" in proc.stdout and 'resuming from step 290' in proc.stdout
+  ref, got = _losses(uninterrupted), _losses(workdir)
+  np.testing.assert_allclose([got[295], got[300]], [ref[295], ref[300]], rtol=1e-4)
+  _, params_a = final_params(uninterrupted)
+  _, params_b = final_params(workdir)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+               params_b, params_a)
+
+
+def test_global_batch_changes_only_when_asked(uninterrupted, tmp_path):
+  workdir = tmp_path / 'run'
+  _copy_at_step(uninterrupted, workdir, 290)
+  args = ['train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+          *tiny_overrides(batch_size=64), *RUN]
+  refused = jaxcl(*args, devices=2, check=False)
+  assert refused.returncode == 2
+  assert '--allow_batch_change' in refused.stderr.splitlines()[-1]
+  assert json.loads((workdir / train.BATCH_HISTORY_FILE).read_text()) == [[0, 32]]
+
+  proc = jaxcl(*args, '--allow_batch_change', devices=2)
+  assert 'global batch 32 -> 64 from step 290' in proc.stdout
+  assert json.loads((workdir / train.BATCH_HISTORY_FILE).read_text()) == [[0, 32], [290, 64]]
+  assert sorted(_losses(workdir))[-1] == 300
+
+
+# ------------------------------------------------ full and read-only disks ---
+DISK_SCRIPT = r'''
+set -u
+disk="$1"; shift
+mkdir -p "$disk" && mount -t tmpfs -o size=900k tmpfs "$disk" || exit 90
+"$@" > "$disk.out1" 2> "$disk.err1"; echo $? > "$disk.rc1"
+ls "$disk/w/checkpoints" > "$disk.ls1"
+mount -o remount,size=8m "$disk" || exit 91
+"$@" > "$disk.out2" 2> "$disk.err2"; echo $? > "$disk.rc2"
+mount -o remount,ro "$disk" || exit 92
+"$@" > "$disk.out3" 2> "$disk.err3"; echo $? > "$disk.rc3"
+'''
+
+
+def test_full_disk_then_more_space_then_read_only(tmp_path):
+  """In a private mount namespace: a 900 KB tmpfs fills up at the fourth
+  checkpoint; then, with room, the same command resumes from the last
+  complete one; then, read-only, a run is refused before it starts."""
+  if shutil.which('unshare') is None:
+    pytest.skip('needs unshare(1) for a private tmpfs')
+  disk = tmp_path / 'disk'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
+         str(disk / 'w'), *tiny_overrides(), '--config.total_steps=40',
+         '--config.checkpoint_every_steps=5', '--config.log_every_steps=5',
+         '--config.eval_every_steps=1000']
+  proc = subprocess.run(['unshare', '-rm', 'bash', '-c', DISK_SCRIPT, 'disk', str(disk), *cmd],
+                        env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  if proc.returncode in (90, 91, 92) or 'unshare failed' in proc.stderr:
+    pytest.skip(f'no private tmpfs here: {proc.stderr.strip()[-200:]}')
+  read = lambda suffix: (tmp_path / f'disk.{suffix}').read_text()
+  assert read('rc1').strip() == '1', read('err1')[-2000:]
+  message = read('err1').strip().splitlines()[-1]
+  # The checkpoint writer or the metric writer meets the full disk first.
+  assert message.startswith(('jaxcl: writing a checkpoint in', 'jaxcl: cannot write to'))
+  assert 'RESOURCE_EXHAUSTED' in message or 'No space left' in message
+  assert 'Traceback' not in read('err1')
+  complete = int(message.split('the last complete checkpoint is step ')[1].split(';')[0])
+  assert complete >= 5
+  assert any('orbax-checkpoint-tmp' in n for n in read('ls1').split())  # the unfinished one
+
+  assert read('rc2').strip() == '0', read('err2')[-2000:]
+  assert f'resuming from step {complete}' in read('out2')
+
+  assert read('rc3').strip() == '2'
+  assert read('err3').strip().splitlines()[-1].startswith('jaxcl: error: cannot write to workdir')

@@ -31,6 +31,7 @@ With several captions per image, one is drawn per image and epoch.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
@@ -195,8 +196,36 @@ def caption_sampler(tokenizer):
   return sample
 
 
+# An image whose shorter side is under image_size / MAX_UPSCALE would be
+# mostly interpolation once resized: "wrongly sized", skipped like an
+# unreadable one (a 1x1 tracking pixel, a thumbnail in a photo folder).
+MAX_UPSCALE = 8
+
+
+def image_problem(path, image_size: int) -> str | None:
+  """Why the image file at `path` is unusable at `image_size` (it does not
+  open, does not decode in full, or is too small), or None if it is fine."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with epath.Path(path).open('rb') as f:
+      pil = Image.open(f)
+      if min(pil.size) < max(1, image_size // MAX_UPSCALE):
+        return (f'wrongly sized: {pil.size[0]}x{pil.size[1]} px, under 1/{MAX_UPSCALE} of '
+                f'image_size {image_size}')
+      pil.draft('RGB', (image_size, image_size))  # JPEG: decode at a reduced scale, faster
+      pil.load()  # a truncated file fails here, not in the middle of training
+  except Exception as e:  # noqa: BLE001  pylint: disable=broad-except  # PIL raises many kinds
+    return f'unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'.rstrip(': ')
+  return None
+
+
 class ImageFolderSource:
-  """Images under `root` (one sub-folder per class, or none), decoded with PIL."""
+  """Images under `root` (one sub-folder per class, or none), decoded with PIL.
+
+  Every image is checked once, in parallel, when the source is opened:
+  unreadable or wrongly sized ones (image_problem) are left out and listed
+  in `skipped` as (path, reason). No usable image at all is a DatasetError.
+  """
 
   def __init__(self, root: str, image_size: int, classes: list[str] | None = None):
     from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -215,6 +244,14 @@ class ImageFolderSource:
       entries = [(p, -1) for p in sorted(root.iterdir()) if _is_image(p)]
     if not entries:
       raise DatasetError(f'no images ({", ".join(IMAGE_SUFFIXES)}) under {root}')
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+      problems = list(pool.map(lambda entry: image_problem(entry[0], image_size), entries))
+    self.skipped = [(str(p), why) for (p, _), why in zip(entries, problems) if why]
+    entries = [entry for entry, why in zip(entries, problems) if not why]
+    if not entries:
+      path, why = self.skipped[0]
+      raise DatasetError(f'no usable image under {root}: all {len(self.skipped)} are unreadable '
+                         f'or wrongly sized ({path}: {why})')
     self._entries, self._image_size = entries, image_size
 
   def __len__(self):
@@ -222,8 +259,11 @@ class ImageFolderSource:
 
   def __getitem__(self, index):
     path, label = self._entries[index]
-    with path.open('rb') as f:
-      image = np.asarray(self._image_lib.open(f).convert('RGB'))
+    try:
+      with path.open('rb') as f:
+        image = np.asarray(self._image_lib.open(f).convert('RGB'))
+    except Exception as e:  # pylint: disable=broad-except  # changed since it was checked
+      raise DatasetError(f'image {path} no longer reads: {type(e).__name__}: {e}') from None
     return {'image': center_crop_resize(image, self._image_size), 'label': np.int32(label)}
 
 

@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jaxcl.data import center_crop_resize
+from jaxcl.data import MAX_UPSCALE, center_crop_resize
 
 JSON_SUFFIXES = ('.jsonl', '.json')
 DELIMITERS = {'.csv': ',', '.tsv': '\t'}
@@ -67,16 +67,17 @@ def read_pairs(path, *, image_key: str = 'image', caption_key: str = 'caption'):
   (one line) only when the file itself is missing, unreadable or of an
   unknown kind; a bad row never raises.
   """
-  path = os.path.abspath(os.fspath(path))
-  suffix = os.path.splitext(path)[1].lower()
+  path = _absolute_path(path)
+  suffix = epath.Path(path).suffix.lower()
   if suffix not in JSON_SUFFIXES and suffix not in DELIMITERS:
     raise ValueError(f'pairs file {path} is not .jsonl, .json, .csv or .tsv')
-  folder = os.path.dirname(path)
+  folder = str(epath.Path(path).parent)
   rows, bad_rows = [], []
   try:
     # surrogateescape: a line that is not UTF-8 becomes one bad row (found by
     # _check_utf8) instead of an exception that ends the whole read.
-    with open(path, encoding='utf-8-sig', errors='surrogateescape', newline='') as f:
+    with epath.Path(path).open('rb') as raw, io.TextIOWrapper(
+        raw, encoding='utf-8-sig', errors='surrogateescape', newline='') as f:
       if suffix in JSON_SUFFIXES:
         records = _json_records(f)
       else:
@@ -182,16 +183,30 @@ def _check_utf8(text: str) -> str | None:
   return None
 
 
+def _remote(path: str) -> bool:
+  return '://' in path  # gs://..., s3://...: epath opens them as they are
+
+
+def _absolute_path(path) -> str:
+  path = os.fspath(path)
+  return path if _remote(path) else str(epath.Path(path).expanduser().absolute())
+
+
 def _absolute(image: str, folder: str) -> str:
-  if '://' in image:  # gs://..., s3://...: epath opens them as they are
+  """An image path of a pairs file in `folder`, absolute (relative ones are
+  relative to the file's folder, local or remote)."""
+  if _remote(image):
     return image
+  if _remote(folder):
+    return str(epath.Path(folder) / image)
   return os.path.normpath(os.path.join(folder, os.path.expanduser(image)))
 
 
 def _split_key(image: str, folder: str) -> str:
   """The path hashed for the train/test split: relative to the pairs file's folder."""
-  if '://' in image:
-    return image
+  if _remote(image) or _remote(folder):
+    prefix = folder.rstrip('/') + '/'
+    return image[len(prefix):] if image.startswith(prefix) else image
   relative = os.path.relpath(image, folder)
   outside = relative == os.pardir or relative.startswith(os.pardir + os.sep)
   return image if outside else relative.replace(os.sep, '/')
@@ -208,7 +223,7 @@ def _content_hash(path: str) -> str | None:
   """sha1 of the file's bytes (None if it cannot be read: reported later)."""
   digest = hashlib.sha1()
   try:
-    with open(path, 'rb') as f:
+    with epath.Path(path).open('rb') as f:
       for chunk in iter(lambda: f.read(1 << 20), b''):
         digest.update(chunk)
   except OSError:
@@ -234,7 +249,7 @@ class ImageTextPairsConfig(tfds.core.BuilderConfig):
   @classmethod
   def create(cls, path, *, image_size: int, image_key: str = 'image',
              caption_key: str = 'caption', test_fraction: float = 0.0):
-    path = os.path.abspath(os.fspath(path))
+    path = _absolute_path(path)
     if image_size <= 0:
       raise ValueError(f'image_size must be positive, got {image_size}')
     if not 0.0 <= test_fraction < 1.0:
@@ -244,7 +259,7 @@ class ImageTextPairsConfig(tfds.core.BuilderConfig):
     identity = json.dumps([path, image_size, image_key, caption_key, test_fraction,
                            _content_hash(path)])
     digest = hashlib.sha1(identity.encode('utf-8')).hexdigest()[:8]
-    stem = re.sub(r'[^a-z0-9]+', '_', os.path.splitext(os.path.basename(path))[0].lower())
+    stem = re.sub(r'[^a-z0-9]+', '_', epath.Path(path).stem.lower())
     stem = stem.strip('_')[:40] or 'pairs'
     return cls(name=f'{stem}_{digest}',
                description=f'{path} at {image_size}x{image_size}',
@@ -297,7 +312,7 @@ class ImageTextPairs(tfds.core.GeneratorBasedBuilder):
     groups: dict[str, list[tuple[int, str]]] = {}
     for line, image, caption in rows:
       groups.setdefault(image, []).append((line, caption))
-    folder = os.path.dirname(cfg.path)
+    folder = str(epath.Path(cfg.path).parent)
     splits = {'train': []}
     if cfg.test_fraction > 0:
       splits['test'] = []
@@ -323,6 +338,10 @@ class ImageTextPairs(tfds.core.GeneratorBasedBuilder):
       try:
         with epath.Path(path).open('rb') as f:
           pil = Image.open(f)
+          if min(pil.size) < max(1, size // MAX_UPSCALE):
+            self._skip(captions, f'wrongly sized image: {path} ({pil.size[0]}x{pil.size[1]} '
+                                 f'px, under 1/{MAX_UPSCALE} of image_size {size})')
+            continue
           pil.draft('RGB', (2 * size, 2 * size))  # JPEG: decode at a reduced scale, much faster
           pil = ImageOps.exif_transpose(pil).convert('RGB')
       except Exception as e:  # noqa: BLE001  pylint: disable=broad-except

@@ -557,6 +557,7 @@ def _train_and_evaluate(exp: Experiment, eval_data: EvalData, workdir: epath.Pat
     notes.append(f'jaxcl: global batch {history[-2][1]} -> {history[-1][1]} from step '
                  f'{start_step} (--allow_batch_change); recorded in {BATCH_HISTORY_FILE}')
   start_record, start_batch = data_position(history, start_step)
+  notes += _report_skipped_images(workdir, exp, eval_data)
   train_iter = data.train_iterator(
       train_source, batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -734,6 +735,33 @@ class Preemption:
       except Exception:  # pylint: disable=broad-except  # no preemption service
         return self.requested
     return self.requested
+
+
+SKIPPED_IMAGES_FILE = 'skipped_images.json'
+MAX_LISTED = 5
+
+
+def _report_skipped_images(workdir, exp: Experiment, eval_data: EvalData) -> list[str]:
+  """Lines naming the images an image folder left out (unreadable or wrongly
+  sized); all of them go to workdir/skipped_images.json."""
+  d = exp.config.dataset
+  splits = {d.train_split: exp.train_source,
+            d.get('eval_train_split'): getattr(eval_data, 'train', None),
+            d.get('eval_test_split'): eval_data.test}
+  skipped = {split: source.skipped for split, source in splits.items()
+             if getattr(source, 'skipped', None)}
+  if not skipped:
+    return []
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / SKIPPED_IMAGES_FILE).write_text(json.dumps(skipped, indent=1) + '\n')
+  lines = []
+  for split, items in skipped.items():
+    lines.append(f'jaxcl: {len(items)} image(s) of split {split!r} skipped (unreadable or '
+                 f'wrongly sized; all listed in {SKIPPED_IMAGES_FILE}):')
+    lines += [f'  {path}: {why}' for path, why in items[:MAX_LISTED]]
+    if len(items) > MAX_LISTED:
+      lines.append(f'  ... and {len(items) - MAX_LISTED} more')
+  return lines
 
 
 BATCH_HISTORY_FILE = 'batch_history.json'

@@ -1,5 +1,7 @@
 """The digits TFDS builder, the grain pipelines, image folders, augmentations."""
 
+import io
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -110,6 +112,35 @@ def test_image_folder(tmp_path):
   assert batch['image'].dtype == np.uint8 and sorted(batch['label']) == [0, 0, 1, 1]
   with pytest.raises(data.DatasetError):
     data.load_source(cfg, 'validation')
+
+
+def make_bad_images(folder):
+  """Three image files that cannot be used at image_size 16; their names."""
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / 'text.png').write_bytes(b'not an image')
+  buffer = io.BytesIO()
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8) + 90).save(buffer, format='PNG')
+  (folder / 'truncated.png').write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+  Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(folder / 'pixel.png')
+  return ['pixel.png', 'text.png', 'truncated.png']
+
+
+def test_image_folder_skips_unreadable_and_wrongly_sized_images(tmp_path):
+  rng = np.random.default_rng(0)
+  (tmp_path / 'train' / 'a').mkdir(parents=True)
+  for i in range(2):
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(
+        tmp_path / 'train' / 'a' / f'{i}.png')
+  bad = make_bad_images(tmp_path / 'train' / 'b')
+  source = data.ImageFolderSource(str(tmp_path / 'train'), image_size=16)
+  assert len(source) == 2 and source.classes == ['a', 'b']
+  assert [p.rsplit('/', 1)[1] for p, _ in source.skipped] == bad
+  reasons = dict((p.rsplit('/', 1)[1], why) for p, why in source.skipped)
+  assert reasons['pixel.png'].startswith('wrongly sized: 1x1 px')
+  assert reasons['text.png'].startswith('unreadable: UnidentifiedImageError')
+  assert reasons['truncated.png'].startswith('unreadable:')
+  with pytest.raises(data.DatasetError, match='no usable image .* all 3 are unreadable'):
+    data.ImageFolderSource(str(tmp_path / 'train' / 'b'), image_size=16)
 
 
 AUG = ml_collections.ConfigDict(dict(

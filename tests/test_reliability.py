@@ -242,3 +242,29 @@ def test_full_disk_then_more_space_then_read_only(tmp_path):
 
   assert read('rc3').strip() == '2'
   assert read('err3').strip().splitlines()[-1].startswith('jaxcl: error: cannot write to workdir')
+
+
+# ------------------------------------------------------- bad image files ---
+def test_image_folder_run_reports_the_images_it_skipped(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from test_data import make_bad_images  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 24), ('test', 8)):
+    for cls in ('a', 'b'):
+      (tmp_path / 'images' / split / cls).mkdir(parents=True)
+      for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+            tmp_path / 'images' / split / cls / f'{i}.png')
+  bad = make_bad_images(tmp_path / 'images' / 'train' / 'b')
+  workdir = tmp_path / 'run'
+  proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
+               '--config.dataset.name=image_folder', f'--config.dataset.path={tmp_path}/images',
+               '--config.dataset.image_size=16', '--config.dataset.mean=(0.5,0.5,0.5)',
+               '--config.dataset.std=(0.5,0.5,0.5)', '--config.total_steps=2',
+               '--config.eval.probe_steps=5')
+  assert "3 image(s) of split 'train' skipped" in proc.stdout
+  for name in bad:
+    assert f'images/train/b/{name}: ' in proc.stdout
+  listed = json.loads((workdir / train.SKIPPED_IMAGES_FILE).read_text())
+  assert sorted(p.rsplit('/', 1)[1] for p, _ in listed['train']) == bad
+  assert 'test' not in listed

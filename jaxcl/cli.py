@@ -78,7 +78,25 @@ def _load_config():
   except Exception as e:  # pylint: disable=broad-except
     raise UsageError(f'cannot load config {flags.FLAGS["config"].config_filename}: '
                      f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+  _check_tuple_overrides(config, sys.argv)
   return config
+
+
+def _check_tuple_overrides(config, argv):
+  """config_flags reads `--config.names=abc` for a tuple field as ('a', 'b',
+  'c'); a tuple value must be written as one."""
+  for arg in argv:
+    if not arg.startswith('--config.') or '=' not in arg:
+      continue
+    key, value = arg[len('--config.'):].split('=', 1)
+    node = config
+    try:
+      for part in key.split('.'):
+        node = node[part]
+    except (KeyError, TypeError):
+      continue
+    if isinstance(node, (tuple, list)) and not value.strip().startswith(('(', '[')):
+      raise UsageError(f'--config.{key} takes a tuple, written (a, b) or [a, b]; got {value!r}')
 
 
 def _require(flag, name):

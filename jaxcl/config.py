@@ -7,6 +7,7 @@ problem it finds; the CLI prints it and exits with code 2.
 from __future__ import annotations
 
 import json
+import math
 
 import jax
 import ml_collections
@@ -58,6 +59,17 @@ def _check(ok: bool, message: str):
 
 def validate(config, num_devices: int | None = None, process_count: int | None = None) -> None:
   """Raises ConfigError for the first invalid value in `config`."""
+  try:
+    _validate(config, num_devices, process_count)
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # a value of a type no check expects
+    lines = str(e).splitlines()
+    raise ConfigError(f'invalid config: {type(e).__name__}: {lines[0] if lines else ""}'
+                      ) from None
+
+
+def _validate(config, num_devices, process_count) -> None:
   for key in _REQUIRED:
     _get(config, key)
   num_devices = jax.device_count() if num_devices is None else num_devices
@@ -126,9 +138,21 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
          f'model.dtype must be one of {MODEL_DTYPES}, got {config.model.get("dtype")!r}')
   d = config.dataset
   for key in ('mean', 'std'):
-    _check(len(d[key]) in (1, 3), f'dataset.{key} needs 1 or 3 values (per channel), got {d[key]}')
+    _check(isinstance(d[key], (tuple, list)) and len(d[key]) in (1, 3)
+           and all(_is_number(v) for v in d[key]),
+           f'dataset.{key} needs 1 or 3 numbers (per channel), got {d[key]!r}')
   _check(all(v > 0 for v in d.std), f'dataset.std values must be > 0, got {d.std}')
   e = config.eval
+  for key in ('zeroshot_templates', 'class_names'):
+    _check(isinstance(e[key], (tuple, list)) and all(isinstance(t, str) for t in e[key]),
+           f'eval.{key} must be a list of strings, got {e[key]!r}')
+  for template in e.zeroshot_templates:
+    try:
+      ok = '{}' in template and template.format('x') != template
+    except (KeyError, IndexError, ValueError):
+      ok = False
+    _check(ok, f"eval.zeroshot_templates: {template!r} needs exactly one '{{}}' for the class "
+               f'name and no other braces')
   for key in ('probe_steps', 'knn_k', 'probe_batch_size'):
     _check(e[key] > 0, f'eval.{key} must be > 0, got {e[key]}')
   _check(e.max_train_examples >= 0,
@@ -140,7 +164,53 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
          f'{a.crop_scale_min}, {a.crop_scale_max}')
   for key in ('color_jitter_prob', 'grayscale_prob', 'blur_prob'):
     _check(0 <= a[key] <= 1, f'augment.{key} must be in [0, 1], got {a[key]}')
+  for key, ok, need in _RANGES:
+    try:
+      value = _get(config, key)
+    except ConfigError:  # a config without this part (no projection head, say)
+      continue
+    _check(_is_number(value) and ok(value), f'{key} must be {need}, got {value!r}')
+  sizes = config.model.get('stage_sizes', ())
+  _check(isinstance(sizes, (tuple, list)) and all(_is_int(n) and n > 0 for n in sizes),
+         f'model.stage_sizes must be a tuple of positive integers (empty: the preset of '
+         f'model.name), got {sizes!r}')
   _check_dataset(config.dataset)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_positive_int = (lambda v: _is_int(v) and v > 0, 'a positive integer')
+_non_negative = (lambda v: v >= 0, '>= 0')
+_positive = (lambda v: v > 0, '> 0')
+_fraction = (lambda v: 0 <= v < 1, 'in [0, 1)')
+# Keys checked only for their range here (the others, above, in context).
+_RANGES = tuple((key,) + rule for key, rule in (
+    ('keep_checkpoints', _positive_int),
+    ('model.width', _positive_int),
+    ('model.head_hidden', _positive_int),
+    ('model.head_out', _positive_int),
+    ('model.head_layers', _positive_int),
+    ('model.embed_dim', _positive_int),
+    ('optimizer.weight_decay', _non_negative),
+    ('optimizer.momentum', _fraction),
+    ('optimizer.b1', _fraction),
+    ('optimizer.b2', _fraction),
+    ('optimizer.grad_clip_norm', _non_negative),
+    ('optimizer.lars_trust_coefficient', _positive),
+    ('augment.color_jitter_strength', _non_negative),
+    ('eval.knn_temperature', _positive),
+    ('eval.probe_lr', _positive),
+    ('eval.probe_l2', _non_negative),
+    ('temperature.bias_init', (lambda v: True, 'a finite number')),
+    ('temperature.init', (lambda v: True, 'a finite number')),
+    ('optimizer.learning_rate', (lambda v: True, 'a finite number')),
+))
 
 
 def _check_vit(m, image_size):
@@ -176,17 +246,6 @@ def _check_text(config):
   _check(config.dataset.name != 'image_folder',
          f'{config.method} needs captions: image_folder has none; use a TFDS image-text dataset '
          f'or dataset.name=image_text_pairs')
-  e = config.eval
-  for key in ('zeroshot_templates', 'class_names'):
-    _check(isinstance(e[key], (tuple, list)) and all(isinstance(t, str) for t in e[key]),
-           f'eval.{key} must be a list of strings, got {e[key]!r}')
-  for template in e.zeroshot_templates:
-    try:
-      ok = '{}' in template and template.format('x') != template
-    except (KeyError, IndexError, ValueError):
-      ok = False
-    _check(ok, f"eval.zeroshot_templates: {template!r} needs exactly one '{{}}' for the class "
-               f'name and no other braces')
 
 
 def _check_dataset(d):

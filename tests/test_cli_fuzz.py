@@ -1,0 +1,192 @@
+"""Fuzzing `jaxcl train` with random bad config overrides: unknown keys
+(typos of real ones), values of the wrong type, values out of range. Each
+must end in exit code 2 with one line `jaxcl: error: ...` on stderr, no
+traceback, and no workdir written.
+
+The cases run in real processes: one driver process imports the CLI once,
+then forks a child per case (a fresh interpreter each would cost ~3 s)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+from helpers import DIGITS_CONFIG, REPO, tiny_config
+
+NUM_CASES = 64
+
+# Values each key's validation must refuse.
+OUT_OF_RANGE = {
+    'total_steps': ['-1', '-100'],
+    'batch_size': ['0', '-32'],
+    'log_every_steps': ['0', '-1'],
+    'eval_every_steps': ['0'],
+    'checkpoint_every_steps': ['0', '-5'],
+    'keep_checkpoints': ['0', '-1'],
+    'nonfinite': ['ignore', 'STOP', "''"],
+    'method': ['byol', 'moco', 'SIMCLR'],
+    'loss.impl': ['sparse', "''"],
+    'loss.block_size': ['0', '-8'],
+    'mesh.data': ['3', '0', '-2'],
+    'mesh.fsdp': ['0', '5'],
+    'temperature.mode': ['frozen', 'Learnable'],
+    'temperature.init': ['0.0', '-0.1', '100.0'],
+    'temperature.min': ['0.0', '-1.0', '5.0'],
+    'temperature.max': ['1e-5'],
+    'temperature.warmup_steps': ['-1'],
+    'temperature.period': ['-5'],
+    'temperature.lr_multiplier': ['0.0', '-2.0'],
+    'temperature.bias_init': ['inf', 'nan'],
+    'model.name': ['resnet7', 'vgg16', "''"],
+    'model.width': ['0', '-8'],
+    'model.stage_sizes': ['(0,1)', '(-1,)', '(1,2.5)'],
+    'model.head_hidden': ['0'],
+    'model.head_out': ['0', '-16'],
+    'model.head_layers': ['0'],
+    'model.dtype': ['float8', 'int32'],
+    'optimizer.name': ['sgdd', 'adam_w'],
+    'optimizer.learning_rate': ['0.0', '-0.1', 'nan', 'inf'],
+    'optimizer.warmup_steps': ['-10'],
+    'optimizer.weight_decay': ['-0.1', 'nan'],
+    'optimizer.momentum': ['-0.5', '1.5'],
+    'optimizer.b1': ['1.0', '-0.1'],
+    'optimizer.b2': ['1.5'],
+    'optimizer.grad_clip_norm': ['-1.0'],
+    'dataset.name': ['no_such_dataset', "''"],
+    'dataset.mean': ['(0.5,0.5)', '()'],
+    'dataset.std': ['(0.0,)', '(-1.0,)'],
+    'augment.image_size': ['0', '-8'],
+    'augment.crop_scale_min': ['0.0', '1.5'],
+    'augment.crop_scale_max': ['2.0'],
+    'augment.color_jitter_prob': ['1.5', '-0.1'],
+    'augment.color_jitter_strength': ['-1.0'],
+    'augment.grayscale_prob': ['2.0'],
+    'augment.blur_prob': ['-1.0'],
+    'eval.batch_size': ['0', '-512'],
+    'eval.probe_steps': ['0'],
+    'eval.knn_k': ['0', '-5'],
+    'eval.knn_temperature': ['0.0', '-1.0'],
+    'eval.probe_lr': ['0.0'],
+    'eval.probe_l2': ['-1.0'],
+    'eval.probe_batch_size': ['0'],
+    'eval.max_train_examples': ['-1'],
+}
+
+# Values of the wrong type, by the type of the key's default.
+WRONG_TYPE = {
+    int: ['abc', '2.5', '[1]', '1e3x'],
+    float: ['abc', '[0.1]', 'fast'],
+    bool: ['maybe', '2', 'yes please'],
+    tuple: ['abc', '(1,', "{'a': 1}"],
+}
+
+
+def _flat(config, prefix=''):
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _typo(rng, key):
+  chars = 'abcdefghijklmnopqrstuvwxyz_'
+  i = rng.randrange(len(key) + 1)
+  kind = rng.choice(['insert', 'drop', 'replace', 'suffix'])
+  if kind == 'insert':
+    return key[:i] + rng.choice(chars) + key[i:]
+  if kind == 'drop' and len(key) > 1:
+    i = min(i, len(key) - 1)
+    return key[:i] + key[i + 1:]
+  if kind == 'replace' and i < len(key) and key[i] != '.':
+    return key[:i] + rng.choice(chars.replace(key[i], '')) + key[i + 1:]
+  return key + '_' + rng.choice(['x', 'size', 'old'])
+
+
+def bad_overrides(seed: int, n: int) -> list[str]:
+  rng = random.Random(seed)
+  known = _flat(tiny_config())
+  typed = [k for k, v in known.items() if type(v) in WRONG_TYPE]
+  cases = []
+  while len(cases) < n:
+    kind = rng.choice(['unknown', 'type', 'range', 'range'])
+    if kind == 'unknown':
+      key = _typo(rng, rng.choice(sorted(known)))
+      if key in known or any(k.startswith(key + '.') for k in known) or '..' in key \
+          or key.startswith('.') or key.endswith('.'):
+        continue
+      value = rng.choice(['1', '0.5', 'abc'])
+    elif kind == 'type':
+      key = rng.choice(typed)
+      value = rng.choice(WRONG_TYPE[type(known[key])])
+    else:
+      key = rng.choice(sorted(OUT_OF_RANGE))
+      value = rng.choice(OUT_OF_RANGE[key])
+    case = f'--config.{key}={value}'
+    if case not in cases:
+      cases.append(case)
+  return cases
+
+
+DRIVER = r'''
+import json, os, sys, time, traceback
+import jax  # imported, not initialized: every child initializes its own backend
+from jaxcl import cli, config, distributed  # noqa: F401
+
+cases, out = json.loads(sys.argv[1]), sys.argv[2]
+results = []
+for i, argv in enumerate(cases):
+  err_path = os.path.join(out, f'{i}.err')
+  pid = os.fork()
+  if pid == 0:
+    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    code = 1
+    sys.argv = ['jaxcl'] + argv  # config_flags reads the overrides from sys.argv
+    try:
+      cli.main(sys.argv)
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # a traceback the test will show
+      traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(code)
+  deadline = time.time() + 60
+  while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+      break
+    if time.time() > deadline:  # an override that was not refused: it started training
+      os.kill(pid, 9)
+      _, status = os.waitpid(pid, 0)
+      break
+    time.sleep(0.01)
+  results.append({'code': os.waitstatus_to_exitcode(status),
+                  'stderr': open(err_path, errors='replace').read()})
+print(json.dumps(results))
+'''
+
+
+def test_random_bad_overrides_exit_2_with_one_line(tmp_path):
+  overrides = bad_overrides(seed=int(os.environ.get('JAXCL_FUZZ_SEED', 0)), n=NUM_CASES)
+  assert len(overrides) >= 50
+  cases = [['train', '--config', DIGITS_CONFIG, '--workdir', str(tmp_path / f'run{i}'),
+            '--config.total_steps=3', override] for i, override in enumerate(overrides)]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', DRIVER, json.dumps(cases), str(tmp_path)],
+                        env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  failures = []
+  for i, (override, result) in enumerate(zip(overrides, results)):
+    lines = [line for line in result['stderr'].splitlines() if line.strip()]
+    ok = (result['code'] == 2 and len(lines) == 1 and lines[0].startswith('jaxcl: error: ')
+          and 'Traceback' not in result['stderr'] and not (tmp_path / f'run{i}').exists())
+    if not ok:
+      failures.append(f'{override}: exit {result["code"]}, stderr {result["stderr"][-600:]!r}')
+  assert not failures, f'{len(failures)} of {len(overrides)} cases:\n' + '\n'.join(failures)

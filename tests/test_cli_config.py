@@ -24,7 +24,7 @@ BAD = {
     'optimizer': (['--config.optimizer.name=rmsprop'], 'optimizer.name must be one of'),
     'model dtype': (['--config.model.dtype=bf16'], 'model.dtype must be one of'),
     'std zero': (['--config.dataset.std=(0.0,)'], 'dataset.std values must be > 0'),
-    'mean length': (['--config.dataset.mean=(0.1,0.2)'], 'dataset.mean needs 1 or 3 values'),
+    'mean length': (['--config.dataset.mean=(0.1,0.2)'], 'dataset.mean needs 1 or 3 numbers'),
     'probe steps': (['--config.eval.probe_steps=0'], 'eval.probe_steps must be > 0'),
     'warmup': (['--config.optimizer.warmup_steps=-1'], 'warmup_steps must be >= 0'),
     'image key': (['--config.dataset.image_key=img'], "has no feature 'img'"),

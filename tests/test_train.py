@@ -1,4 +1,4 @@
-"""The sharded train step against one device; kill-and-resume against an
+"""The sharded train step against one device; SIGTERM-and-resume against an
 uninterrupted run; total_steps=0; eval recomputation."""
 
 import json
@@ -80,37 +80,8 @@ def test_temperature_is_clamped_after_update(experiments, train_steps):
   assert tau == pytest.approx(exp.config.temperature.min, rel=1e-5)
 
 
-# ------------------------------------------------------- kill and resume ---
-def test_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
-  workdir = tmp_path / 'killed'
-  proc = run_until_checkpoint(workdir, 10, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  assert proc.poll() is None, 'the run ended before it could be killed'
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not (workdir / 'eval.json').exists()
-
-  resumed = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
-                  *tiny_overrides(), *RUN, devices=2)
-  line = [l for l in resumed.stdout.splitlines() if 'resuming from step' in l]
-  assert line, resumed.stdout
-  start = int(line[0].rsplit(' ', 1)[1])
-  assert 10 <= start < 300
-
-  step_a, params_a = final_params(uninterrupted)
-  step_b, params_b = final_params(workdir)
-  assert step_a == step_b == 300
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               params_b, params_a)
-  # The logged losses after the resume point match the uninterrupted run's.
-  def losses(path):
-    rows = [json.loads(l) for l in open(path / 'metrics.jsonl')]
-    return {r['step']: r['loss'] for r in rows if 'loss' in r}
-  ref, got = losses(uninterrupted), losses(workdir)
-  shared = [s for s in got if s > start]
-  assert shared
-  np.testing.assert_allclose([got[s] for s in shared], [ref[s] for s in shared], rtol=1e-6)
-
-
+# ------------------------------------------ the reference run (conftest) ---
+# SIGKILL and resume: tests/test_reliability.py (with corrupt checkpoints).
 def test_outputs_of_a_run(uninterrupted):
   rows = [json.loads(l) for l in open(uninterrupted / 'metrics.jsonl')]
   train_rows = [r for r in rows if 'loss' in r]

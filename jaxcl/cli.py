@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 import warnings
 
 from absl import flags
@@ -38,6 +39,9 @@ _COORDINATOR = flags.DEFINE_string(
     'and --process_id). TPU pods and SLURM jobs are detected without them.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process: how many.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process: this one, from 0.')
+_HEARTBEAT = flags.DEFINE_integer(
+    'heartbeat_timeout', 60, 'Multi-process: seconds without a heartbeat after which a process '
+    '(a hung or vanished host) counts as dead and the others stop.', lower_bound=1)
 _ALLOW_BATCH_CHANGE = flags.DEFINE_bool(
     'allow_batch_change', False, 'train: resume a run with a different global batch_size '
     '(reported, and recorded in the workdir).')
@@ -150,7 +154,8 @@ def run(argv: list[str]) -> int:
   # Imported late so that `jaxcl` with bad flags answers before jax starts.
   from jaxcl import distributed  # pylint: disable=g-import-not-at-top
   try:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           heartbeat_timeout_s=_HEARTBEAT.value)
   except ValueError as e:
     raise UsageError(str(e)) from None
   from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -206,7 +211,40 @@ def main(argv=None) -> None:
   except UsageError as e:
     print(f'jaxcl: error: {e}', file=sys.stderr)
     code = 2
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+    from jaxcl import distributed  # pylint: disable=g-import-not-at-top
+    if not distributed.multi_process():
+      raise
+    code = _report_in_multi_process(e)
+  from jaxcl import distributed  # pylint: disable=g-import-not-at-top
+  if code and distributed.multi_process():
+    # A normal exit would run jax.distributed's shutdown barrier, which waits
+    # for the other processes: for a dead one until the heartbeat timeout,
+    # for a live one forever (it waits in a collective for us). Leaving at
+    # once closes our connections, so the others' collectives fail and they
+    # stop too, with the message below.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
   sys.exit(code)
+
+
+def _report_in_multi_process(e: BaseException) -> int:
+  """One line for an error in one process of several; exit code 1."""
+  import jax  # pylint: disable=g-import-not-at-top
+  lines = str(e).strip().splitlines()
+  first = (lines[0] if lines else type(e).__name__)[:300]
+  me = jax.process_index()
+  if type(e).__name__ == 'JaxRuntimeError' and any(
+      s in str(e) for s in ('Gloo', 'Connection reset', 'Connection closed', 'UNAVAILABLE',
+                            'Socket closed')):
+    line = (f'jaxcl: error: process {me}: lost another process of the job ({first[:200]}); '
+            f'run the same command on every process to resume from the last checkpoint')
+  else:  # a bug: the traceback helps
+    traceback.print_exc()
+    line = f'jaxcl: error: process {me}: {type(e).__name__}: {first}'
+  print('\n' + line, file=sys.stderr, flush=True)  # after any progress bar
+  return 1
 
 
 if __name__ == '__main__':

@@ -27,9 +27,11 @@ def cluster_detected() -> str | None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> str | None:
+               process_id: int | None = None, heartbeat_timeout_s: int = 100) -> str | None:
   """Joins the job's processes; returns how ('flags', 'tpu pod', 'slurm') or
-  None for a single-process run. Must run before jax touches a device."""
+  None for a single-process run. Must run before jax touches a device.
+  heartbeat_timeout_s: a process silent this long (a hung or vanished host)
+  is declared dead, and the others stop instead of waiting for it."""
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
     raise ValueError('--coordinator_address, --num_processes and --process_id go together')
@@ -39,10 +41,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       raise ValueError(f'--process_id {process_id} must be in [0, --num_processes '
                        f'{num_processes})')
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
     return 'flags'
   how = cluster_detected()
   if how is not None:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
   return how
+
+
+def multi_process() -> bool:
+  """Whether jax.distributed has joined this process to others."""
+  import sys  # pylint: disable=g-import-not-at-top
+  if 'jax' not in sys.modules:
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.distributed.is_initialized() and jax.process_count() > 1

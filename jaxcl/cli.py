@@ -1,6 +1,7 @@
 """The `jaxcl` command: train, eval, export.
 
   jaxcl train  --config configs/simclr_digits.py --workdir DIR [--config.key=value ...]
+               [--allow_batch_change]
   jaxcl eval   --workdir DIR
   jaxcl export --workdir DIR --output FILE
   jaxcl sweep  --config CONFIG --workdir DIR --temperatures 0.05,0.1,0.2,0.5,1.0,learnable
@@ -8,7 +9,8 @@
 
 Several processes (one per host or GPU) add --coordinator_address HOST:PORT
 --num_processes N --process_id I, except on TPU pods and under SLURM, where
-they find each other themselves.
+they find each other themselves; --heartbeat_timeout S (default 60) bounds
+how long they wait for a host that stopped answering.
 
 Bad input (an unknown or mistyped override, an invalid value, a missing
 dataset or workdir) prints one line `jaxcl: error: ...` and exits with code 2

@@ -65,6 +65,15 @@ def describe(holder: dict) -> str:
   return f'pid {holder.get("pid")} on host {holder.get("host")} (started {started})'
 
 
+def _read_holder(lock_dir) -> dict | None:
+  try:
+    return json.loads((lock_dir / HOLDER_FILE).read_text())
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    return {}
+
+
 class WorkdirLock:
   """acquire() / release(); a context manager. `took_over` is the holder
   record of a stale lock this run replaced, if any."""
@@ -73,6 +82,7 @@ class WorkdirLock:
     self.path = epath.Path(workdir) / LOCK_DIR
     self.token = uuid.uuid4().hex
     self.took_over: dict | None = None
+    self.lost: dict | None = None  # the run that took the lock over while this one stalled
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
 
@@ -86,12 +96,10 @@ class WorkdirLock:
   def holder(self) -> dict | None:
     """The current holder's record; {} for a lock whose record is unreadable
     (being written, or a killed writer); None when unlocked."""
-    try:
-      return json.loads((self.path / HOLDER_FILE).read_text())
-    except FileNotFoundError:
-      return {} if self.path.exists() else None
-    except (OSError, ValueError):
+    record = _read_holder(self.path)
+    if record is None and self.path.exists():
       return {}
+    return record
 
   def _stale(self, holder: dict) -> bool:
     if not holder:  # no readable record: stale once nothing touched the lock for STALE_S
@@ -128,16 +136,28 @@ class WorkdirLock:
               f'{self.path.parent} is in use by a live jaxcl run: {describe(holder)}'
               f'{"" if holder else " (holder unknown)"}; wait for it, stop it, or use another '
               f'--workdir') from None
-        try:  # only one of several runs taking over can rename it away
-          stale = self.path.parent / f'{LOCK_DIR}.stale-{self.token}'
+        stale = self.path.parent / f'{LOCK_DIR}.stale-{self.token}'
+        try:
           self.path.rename(stale)
-        except OSError:
+        except OSError:  # another run moved it first
           continue
+        moved = _read_holder(stale)
+        if moved != holder:  # another run took it over meanwhile: ours is not to move
+          try:
+            stale.rename(self.path)
+          except OSError:
+            pass
+          raise WorkdirLocked(f'{self.path.parent} was just taken by another run: '
+                              f'{describe(moved or {})}')
         stale.rmtree(missing_ok=True)
         self.took_over = holder
         continue
       record = self._record()
-      self._write(record)
+      try:
+        self._write(record)
+      except OSError:  # a full disk: no half-made lock may block the next run
+        self.path.rmtree(missing_ok=True)
+        raise
       if self.holder().get('token') != self.token:  # object stores: someone else wrote last
         raise WorkdirLocked(f'{self.path.parent} was taken by another run that started at '
                             f'the same time: {describe(self.holder())}')
@@ -149,6 +169,10 @@ class WorkdirLock:
 
   def _heartbeat(self, record: dict) -> None:
     while not self._stop.wait(HEARTBEAT_S):
+      current = self.holder()
+      if current and current.get('token') != self.token:  # stalled past STALE_S, taken over
+        self.lost = current
+        return
       record['heartbeat'] = time.time()
       try:
         self._write(record)
@@ -162,7 +186,10 @@ class WorkdirLock:
       self._thread = None
       holder = self.holder()
       if holder and holder.get('token') == self.token:
-        self.path.rmtree(missing_ok=True)
+        try:
+          self.path.rmtree(missing_ok=True)
+        except OSError:  # a lost mount: the lock goes stale and is taken over
+          pass
 
   def __enter__(self) -> WorkdirLock:
     return self.acquire()

@@ -289,8 +289,11 @@ def complete_step(workdir) -> int | None:
   write orbax did not finish (killed, or the disk filled) has no final
   directory name or no commit marker, and is never restored."""
   path = epath.Path(workdir) / 'checkpoints'
-  steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()
-           and (p / 'commit_success.txt').exists()] if path.exists() else []
+  try:
+    steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()
+             and (p / 'commit_success.txt').exists()] if path.exists() else []
+  except OSError:  # called while reporting a storage failure: unknown, not a traceback
+    return None
   return max(steps, default=None)
 
 
@@ -326,10 +329,16 @@ def restore_newest(manager, exp: Experiment):
   CheckpointError when there are some and none restores."""
   failures = []
   for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      state, error = restore_checkpoint(manager, exp, step=step), None
-    except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
-      state, error = None, _first_line(e)
+    for attempt in range(2):  # once more: a transient read error (a 503) is not corruption
+      try:
+        state, error = restore_checkpoint(manager, exp, step=step), None
+        break
+      except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
+        state, error = None, _first_line(e)
+        if attempt == 0 and jax.process_count() == 1:
+          time.sleep(1.0)
+          continue
+        break
     if jax.process_count() > 1:  # all processes resume from the same step, or none does
       restored = multihost_utils.process_allgather(np.int32(error is None))
       if error is None and not np.all(restored):
@@ -503,7 +512,11 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> 
   with hold_workdir(workdir) as lock:
     notes = [f'jaxcl: took over the lock of a run that is gone: {lock_lib.describe(lock.took_over)}'
              ] if lock.took_over is not None else []
-    return _train_and_evaluate(exp, eval_data, workdir, notes)
+    try:
+      return _train_and_evaluate(exp, eval_data, workdir, notes, lock)
+    except OSError as e:  # writing the run's files: a full disk, a lost mount
+      raise RunError(f'cannot write to {workdir}: {e.strerror or _first_line(e)}; the last '
+                     f'complete checkpoint is step {complete_step(workdir)}') from None
 
 
 @contextlib.contextmanager
@@ -535,7 +548,7 @@ def hold_workdir(workdir):
 
 
 def _train_and_evaluate(exp: Experiment, eval_data: EvalData, workdir: epath.Path,
-                        notes: list) -> dict:
+                        notes: list, lock: lock_lib.WorkdirLock) -> dict:
   """The loop, in a workdir this run holds; `notes` are printed once the
   writer is up."""
   config = exp.config
@@ -565,7 +578,7 @@ def _train_and_evaluate(exp: Experiment, eval_data: EvalData, workdir: epath.Pat
       start_record=start_record, start_batch=start_batch)
   if jax.process_index() == 0:
     config_lib.save(config, workdir)
-    (workdir / BATCH_HISTORY_FILE).write_text(json.dumps(history) + '\n')
+    _write_atomically(workdir / BATCH_HISTORY_FILE, json.dumps(history) + '\n')
     if exp.tokenizer is not None:
       exp.tokenizer.save(workdir)  # travels with the checkpoints: the same ids later
     _drop_metrics_after(workdir, start_step)  # steps the resumed run is about to redo
@@ -637,6 +650,9 @@ def _train_and_evaluate(exp: Experiment, eval_data: EvalData, workdir: epath.Pat
         interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
 
       preempted = preemption.reached(step)
+      if lock.lost is not None:  # this run stalled long enough for another to take over
+        raise RunError(f'{workdir} was taken over by {lock_lib.describe(lock.lost)} while this '
+                       f'run stalled; stopping without writing more')
       if step % config.checkpoint_every_steps == 0 or step == total or preempted:
         # Never a checkpoint of a non-finite step: this one is checked first.
         skipped += _check_finite(metrics, step, config, manager)
@@ -808,9 +824,24 @@ def _drop_metrics_after(workdir, step: int) -> None:
   if not path.exists():
     return
   rows = path.read_text().splitlines()
-  kept = [r for r in rows if r.strip() and json.loads(r)['step'] <= step]
-  if len(kept) != len(rows):
-    path.write_text(''.join(r + '\n' for r in kept))
+  kept = [r for r in rows if _row_step(r) is not None and _row_step(r) <= step]
+  if len(kept) != len(rows):  # also drops a line a full disk cut short
+    _write_atomically(path, ''.join(r + '\n' for r in kept))
+
+
+def _row_step(row: str) -> int | None:
+  try:
+    return int(json.loads(row)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def _write_atomically(path, text: str) -> None:
+  """Readers see the old file or the new one, never a part of either."""
+  path = epath.Path(path)
+  tmp = path.parent / f'{path.name}.tmp'
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 def saved_tokenizer(workdir):

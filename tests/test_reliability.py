@@ -268,3 +268,15 @@ def test_image_folder_run_reports_the_images_it_skipped(tmp_path):
   listed = json.loads((workdir / train.SKIPPED_IMAGES_FILE).read_text())
   assert sorted(p.rsplit('/', 1)[1] for p, _ in listed['train']) == bad
   assert 'test' not in listed
+
+
+def test_a_lock_taken_over_is_noticed_and_not_overwritten(tmp_path, monkeypatch):
+  monkeypatch.setattr(lock_lib, 'HEARTBEAT_S', 0.05)
+  lock = lock_lib.WorkdirLock(tmp_path).acquire()
+  other = {'host': 'elsewhere', 'pid': 7, 'started': 0, 'heartbeat': time.time(), 'token': 'x'}
+  (tmp_path / lock_lib.LOCK_DIR / lock_lib.HOLDER_FILE).write_text(json.dumps(other))
+  time.sleep(0.5)
+  assert lock.lost == other
+  assert lock.holder() == other  # the stalled run's heartbeat left the new record alone
+  lock.release()
+  assert (tmp_path / lock_lib.LOCK_DIR).exists()  # not ours to remove

@@ -15,10 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import (DIGITS_CONFIG, REPO, RUN, final_params, jaxcl, run_until_checkpoint,
-                     tiny_overrides)
+from helpers import (DIGITS_CONFIG, REPO, RUN, RUN_STEPS, final_params, jaxcl,
+                     run_until_checkpoint, tiny_overrides)
 from jaxcl import lock as lock_lib
 from jaxcl import train
+
+END = RUN_STEPS  # the reference run's last step
 
 
 # ------------------------------------------------------------- the lock ---
@@ -132,7 +134,7 @@ def test_killed_run_with_corrupt_checkpoints_resumes_from_a_good_one(uninterrupt
   assert not (workdir / lock_lib.LOCK_DIR).exists()
   _, params_a = final_params(uninterrupted)
   step, params_b = final_params(workdir)
-  assert step == 300
+  assert step == END
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                params_b, params_a)
 
@@ -140,15 +142,15 @@ def test_killed_run_with_corrupt_checkpoints_resumes_from_a_good_one(uninterrupt
 def test_no_restorable_checkpoint_is_an_error_that_changes_nothing(uninterrupted, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(uninterrupted, workdir)
-  for step in (290, 295, 300):
+  for step in (END - 10, END - 5, END):
     shutil.rmtree(workdir / 'checkpoints' / str(step) / 'state')
   proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
                *tiny_overrides(), *RUN, devices=2, check=False)
   assert proc.returncode == 1
   message = proc.stderr.strip().splitlines()[-1]
-  assert message.startswith('jaxcl: no checkpoint in') and 'step 290:' in message
+  assert message.startswith('jaxcl: no checkpoint in') and f'step {END - 10}:' in message
   assert 'Traceback' not in proc.stderr
-  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['290', '295', '300']
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == [str(END - 10), str(END - 5), str(END)]
 
 
 # --------------------------------------------------------- elastic restore ---
@@ -168,12 +170,12 @@ def _losses(workdir):
 def test_restore_onto_another_mesh_continues_the_run(uninterrupted, tmp_path):
   """Written on 2 devices (data=2), resumed on 4 (data=2 x fsdp=2)."""
   workdir = tmp_path / 'run'
-  _copy_at_step(uninterrupted, workdir, 290)
+  _copy_at_step(uninterrupted, workdir, END - 10)
   proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
                *RUN, '--config.mesh.data=2', '--config.mesh.fsdp=2', devices=4)
-  assert "mesh {'data': 2, 'fsdp': 2}" in proc.stdout and 'resuming from step 290' in proc.stdout
+  assert "mesh {'data': 2, 'fsdp': 2}" in proc.stdout and f'resuming from step {END - 10}' in proc.stdout
   ref, got = _losses(uninterrupted), _losses(workdir)
-  np.testing.assert_allclose([got[295], got[300]], [ref[295], ref[300]], rtol=1e-4)
+  np.testing.assert_allclose([got[END - 5], got[END]], [ref[END - 5], ref[END]], rtol=1e-4)
   _, params_a = final_params(uninterrupted)
   _, params_b = final_params(workdir)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
@@ -182,7 +184,7 @@ def test_restore_onto_another_mesh_continues_the_run(uninterrupted, tmp_path):
 
 def test_global_batch_changes_only_when_asked(uninterrupted, tmp_path):
   workdir = tmp_path / 'run'
-  _copy_at_step(uninterrupted, workdir, 290)
+  _copy_at_step(uninterrupted, workdir, END - 10)
   args = ['train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
           *tiny_overrides(batch_size=64), *RUN]
   refused = jaxcl(*args, devices=2, check=False)
@@ -191,9 +193,9 @@ def test_global_batch_changes_only_when_asked(uninterrupted, tmp_path):
   assert json.loads((workdir / train.BATCH_HISTORY_FILE).read_text()) == [[0, 32]]
 
   proc = jaxcl(*args, '--allow_batch_change', devices=2)
-  assert 'global batch 32 -> 64 from step 290' in proc.stdout
-  assert json.loads((workdir / train.BATCH_HISTORY_FILE).read_text()) == [[0, 32], [290, 64]]
-  assert sorted(_losses(workdir))[-1] == 300
+  assert f'global batch 32 -> 64 from step {END - 10}' in proc.stdout
+  assert json.loads((workdir / train.BATCH_HISTORY_FILE).read_text()) == [[0, 32], [END - 10, 64]]
+  assert sorted(_losses(workdir))[-1] == END
 
 
 # ------------------------------------------------ full and read-only disks ---

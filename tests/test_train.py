@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import (DIGITS_CONFIG, RUN, final_params, jaxcl, run_until_checkpoint, tiny_config,
+from helpers import (DIGITS_CONFIG, RUN, RUN_STEPS, final_params, jaxcl, run_until_checkpoint, tiny_config,
                      tiny_overrides)
 from jaxcl import parallel, train
 
@@ -90,7 +90,7 @@ def test_outputs_of_a_run(uninterrupted):
               'flops_per_example', 'tflops_per_device', 'positive_prob', 'entropy',
               'effective_negatives', 'hardest_negative_share', 'alignment', 'uniformity'):
     assert key in train_rows[0]
-  assert [r['step'] for r in train_rows] == list(range(5, 301, 5))
+  assert [r['step'] for r in train_rows] == list(range(5, RUN_STEPS + 1, 5))
   assert train_rows[-1]['loss'] < train_rows[0]['loss']
   assert any(p.startswith('events.out.tfevents') for p in os.listdir(uninterrupted))
   results = json.loads((uninterrupted / 'eval.json').read_text())
@@ -101,7 +101,7 @@ def test_eval_recomputes_eval_json(uninterrupted):
   before = json.loads((uninterrupted / 'eval.json').read_text())
   proc = jaxcl('eval', '--workdir', str(uninterrupted), devices=2)
   after = json.loads((uninterrupted / 'eval.json').read_text())
-  assert after['step'] == before['step'] == 300
+  assert after['step'] == before['step'] == RUN_STEPS
   assert after['knn_top1'] == pytest.approx(before['knn_top1'], abs=1e-9)
   assert after['linear_top1'] == pytest.approx(before['linear_top1'], abs=1e-9)
   assert json.loads(proc.stdout)['knn_top1'] == after['knn_top1']
@@ -131,7 +131,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(uninterrupted, tmp_path
   line = [l for l in out.splitlines() if 'preempted (SIGTERM)' in l]
   assert line, out
   step = int(line[0].split('checkpoint of step ')[1].split()[0])
-  assert 10 <= step < 300
+  assert 10 <= step < RUN_STEPS
   assert max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == step
   assert not (workdir / 'eval.json').exists()
 

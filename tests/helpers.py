@@ -81,7 +81,7 @@ def jaxcl(*args, devices=1, check=True, **kwargs):
 
 # The reference run of the kill/resume tests (RUN_STEPS tiny steps on 2
 # devices, conftest's `uninterrupted` fixture) and its interrupted twins.
-RUN_STEPS = 120
+RUN_STEPS = 80
 RUN = [f'--config.total_steps={RUN_STEPS}', '--config.checkpoint_every_steps=5',
        '--config.log_every_steps=5', '--config.eval_every_steps=1000']
 

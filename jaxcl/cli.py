@@ -29,6 +29,8 @@ import warnings
 from absl import flags
 from ml_collections import config_flags
 
+from jaxcl import errors
+
 USAGE = __doc__.split('\n\n')[1]
 COMMANDS = ('train', 'eval', 'export', 'sweep', 'report')
 
@@ -83,7 +85,7 @@ def _load_config():
     config.keys()  # a file that failed to load raises here
   except Exception as e:  # pylint: disable=broad-except
     raise UsageError(f'cannot load config {flags.FLAGS["config"].config_filename}: '
-                     f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+                     f'{errors.first_line(e)}') from None
   _check_tuple_overrides(config, sys.argv)
   return config
 
@@ -234,8 +236,7 @@ def main(argv=None) -> None:
 def _report_in_multi_process(e: BaseException) -> int:
   """One line for an error in one process of several; exit code 1."""
   import jax  # pylint: disable=g-import-not-at-top
-  lines = str(e).strip().splitlines()
-  first = (lines[0] if lines else type(e).__name__)[:300]
+  first = errors.first_line(e)[:300]
   me = jax.process_index()
   if type(e).__name__ == 'JaxRuntimeError' and any(
       s in str(e) for s in ('Gloo', 'Connection reset', 'Connection closed', 'UNAVAILABLE',

@@ -14,7 +14,7 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from jaxcl import data, losses, models, optim, parallel, tokenizers
+from jaxcl import data, errors, losses, models, optim, parallel, tokenizers
 from jaxcl.temperature import MODES as TEMPERATURE_MODES
 
 CONFIG_FILE = 'config.json'  # the config of a run, saved in its workdir
@@ -64,8 +64,7 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   except ConfigError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # a value of a type no check expects
-    lines = str(e).splitlines()
-    raise ConfigError(f'invalid config: {type(e).__name__}: {lines[0] if lines else ""}'
+    raise ConfigError(f'invalid config: {type(e).__name__}: {errors.first_line(e, "")}'
                       ) from None
 
 
@@ -241,7 +240,7 @@ def _check_text(config):
   try:
     tokenizers.build_tokenizer(x)
   except (ValueError, RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError
-    raise ConfigError(f'text: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+    raise ConfigError(f'text: {errors.first_line(e)}') from None
   _check(bool(config.dataset.text_key), 'dataset.text_key must name the caption feature')
   _check(config.dataset.name != 'image_folder',
          f'{config.method} needs captions: image_folder has none; use a TFDS image-text dataset '

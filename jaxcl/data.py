@@ -43,6 +43,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import registered
 
+from jaxcl import errors
+
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
 
 
@@ -215,7 +217,7 @@ def image_problem(path, image_size: int) -> str | None:
       pil.draft('RGB', (image_size, image_size))  # JPEG: decode at a reduced scale, faster
       pil.load()  # a truncated file fails here, not in the middle of training
   except Exception as e:  # noqa: BLE001  pylint: disable=broad-except  # PIL raises many kinds
-    return f'unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'.rstrip(': ')
+    return f'unreadable: {type(e).__name__}: {errors.first_line(e, "")}'.rstrip(': ')
   return None
 
 

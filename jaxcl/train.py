@@ -38,7 +38,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from jaxcl import augment, data, evaluate, losses, models, optim, parallel, throughput, tokenizers
+from jaxcl import (augment, data, errors, evaluate, losses, models, optim, parallel, throughput,
+                   tokenizers)
 from jaxcl import config as config_lib
 from jaxcl import lock as lock_lib
 from jaxcl.metric_writer import MetricWriter
@@ -370,8 +371,7 @@ def set_aside(workdir, steps) -> epath.Path:
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
-  text = str(e).strip().splitlines()
-  text = text[0].split('. See full TensorStore details')[0] if text else ''
+  text = errors.first_line(e, '').split('. See full TensorStore details')[0]
   text = f'{type(e).__name__}: {text}' if text else type(e).__name__
   return text if len(text) <= limit else text[:limit] + '...'
 
@@ -683,11 +683,8 @@ def _train_and_evaluate(exp: Experiment, eval_data: EvalData, workdir: epath.Pat
     if results:
       writer.write(step, results)
     write_eval(workdir, step, results)
-  except (RunError, OSError) as e:
+  except (RunError, OSError):  # an OSError becomes one line in train_and_evaluate
     _close_after_failure(writer, manager)  # the progress bar and orbax's logs end first
-    if isinstance(e, OSError):  # metrics, events, eval.json: a full disk, a lost mount
-      raise RunError(f'cannot write to {workdir}: {e.strerror or _first_line(e)}; the last '
-                     f'complete checkpoint is step {complete_step(workdir)}') from None
     raise
   writer.print(f'final (step {step}): ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items())
                + f'  -> {workdir / EVAL_FILE}')
@@ -852,7 +849,7 @@ def saved_tokenizer(workdir):
     return tokenizers.load_tokenizer(workdir)
   except (ValueError, RuntimeError, OSError) as e:  # corrupt, missing or swapped files
     raise config_lib.ConfigError(f'cannot load the tokenizer saved in {workdir}: '
-                                 f'{str(e).splitlines()[0] if str(e) else type(e).__name__}'
+                                 f'{errors.first_line(e)}'
                                  ) from None
 
 

@@ -1,20 +1,21 @@
-"""The `jaxcl` command: train, eval, export.
+"""The `jaxcl` command: train, eval, export, sweep, report.
 
-  jaxcl train  --config configs/simclr_digits.py --workdir DIR [--config.key=value ...]
-               [--allow_batch_change]
+  jaxcl train  --config FILE --workdir DIR [--config.KEY=VALUE ...] [--allow_batch_change]
   jaxcl eval   --workdir DIR
-  jaxcl export --workdir DIR --output FILE
-  jaxcl sweep  --config CONFIG --workdir DIR --temperatures 0.05,0.1,0.2,0.5,1.0,learnable
+  jaxcl export --workdir DIR --output FILE [--overwrite]
+  jaxcl sweep  --config FILE --workdir DIR [--temperatures 0.05,0.1,0.2,0.5,1.0,learnable]
   jaxcl report --workdir DIR
 
-Several processes (one per host or GPU) add --coordinator_address HOST:PORT
---num_processes N --process_id I, except on TPU pods and under SLURM, where
-they find each other themselves; --heartbeat_timeout S (default 60) bounds
-how long they wait for a host that stopped answering.
+`jaxcl COMMAND --help` lists a command's flags. Several processes (one per
+host or GPU) add --coordinator_address HOST:PORT --num_processes N
+--process_id I, except on TPU pods and under SLURM, where they find each
+other themselves; --heartbeat_timeout S (default 60) bounds how long they
+wait for a host that stopped answering.
 
 Bad input (an unknown or mistyped override, an invalid value, a missing
 dataset or workdir) prints one line `jaxcl: error: ...` and exits with code 2
-before anything is compiled or written.
+before anything is compiled or written. Ctrl-C during train or sweep saves
+the current step, like SIGTERM, and exits 130; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -29,15 +31,17 @@ import warnings
 from absl import flags
 from ml_collections import config_flags
 
-from jaxcl import errors
+from jaxcl import config_files, errors
 
 USAGE = __doc__.split('\n\n')[1]
-COMMANDS = ('train', 'eval', 'export', 'sweep', 'report')
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for Ctrl-C
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (Python).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, eval.json.')
-_OUTPUT = flags.DEFINE_string('output', None, 'export: the artifact file to write.')
+_OUTPUT = flags.DEFINE_string('output', None, 'The artifact file to write.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False,
+                               'Replace the files --output would write if they exist.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'Multi-process: HOST:PORT of process 0 (with --num_processes '
     'and --process_id). TPU pods and SLURM jobs are detected without them.')
@@ -47,70 +51,110 @@ _HEARTBEAT = flags.DEFINE_integer(
     'heartbeat_timeout', 60, 'Multi-process: seconds without a heartbeat after which a process '
     '(a hung or vanished host) counts as dead and the others stop.', lower_bound=1)
 _ALLOW_BATCH_CHANGE = flags.DEFINE_bool(
-    'allow_batch_change', False, 'train: resume a run with a different global batch_size '
+    'allow_batch_change', False, 'Resume a run with a different global batch_size '
     '(reported, and recorded in the workdir).')
 _TEMPERATURES = flags.DEFINE_string(
     'temperatures', '0.05,0.1,0.2,0.5,1.0,learnable',
-    'sweep: comma-separated fixed τ values and/or "learnable".')
+    'Comma-separated fixed τ values and/or "learnable".')
+
+MULTI_PROCESS = ('coordinator_address', 'num_processes', 'process_id', 'heartbeat_timeout')
+# command: (what it does, its required flags, its optional flags)
+COMMANDS = {
+    'train': ('Trains a config in a workdir, or resumes the run there.',
+              ('config', 'workdir'), ('allow_batch_change', *MULTI_PROCESS)),
+    'eval': ("Recomputes a run's eval.json from its newest checkpoint.",
+             ('workdir',), MULTI_PROCESS),
+    'export': ('Writes the trained encoder(s) as jax.export artifacts and FILE.json.',
+               ('workdir', 'output'), ('overwrite', *MULTI_PROCESS)),
+    'sweep': ('Trains one run per temperature and compares them (sweep.csv/json/png).',
+              ('config', 'workdir'), ('temperatures', *MULTI_PROCESS)),
+    'report': ('Plots a run or a sweep: DIR/report.html and DIR/report/*.png.',
+               ('workdir',), ()),
+}
+HELP_FLAGS = ('-h', '--help', '-help', '--helpfull', 'help')
 
 
 class UsageError(Exception):
   """Bad command-line input: printed as one line, exit code 2."""
 
 
-def _parse(argv: list[str]):
-  try:
-    flags.FLAGS(argv)
-  except flags.Error as e:
-    raise UsageError(str(e).splitlines()[0]) from None
-  except (AttributeError, KeyError) as e:  # config_flags: an override names no key
-    key = str(e).strip('\'"')
-    where = [a.split('=')[0] for a in argv if a.startswith('--config.') and key in a]
-    raise UsageError(f'unknown config key {key!r}' + (f' in {where[0]}' if where else '') +
-                     '; the config file lists the keys') from None
-  except Exception as e:  # pylint: disable=broad-except
-    raise UsageError(f'{type(e).__name__}: {e}') from None
+def _command_help(command: str) -> str:
+  summary, required, optional = COMMANDS[command]
+  lines = [f'usage: jaxcl {command} ' + ' '.join(f'--{f} {f.upper()}' for f in required)
+           + (' [--config.KEY=VALUE ...]' if 'config' in required else '')
+           + (' [flags]' if optional else ''), '', summary, '', 'flags:']
+  for name in (*required, *optional):
+    flag = flags.FLAGS[name]
+    default = '' if flag.default is None or name in required else f' (default: {flag.default})'
+    lines.append(f'  --{name}: {flag.help}{" (required)" if name in required else default}')
+  if 'config' in required:
+    lines.append('  --config.KEY=VALUE: override any key of the config file '
+                 '(--config.batch_size=512, --config.temperature.init=0.1)')
+  return '\n'.join(lines)
 
 
-def _load_config():
-  if flags.FLAGS['config'].value is None:
-    raise UsageError('--config is required')
-  filename = flags.FLAGS['config'].config_filename
-  if not filename:
-    raise UsageError('--config is required')
-  if not os.path.isfile(filename):
-    raise UsageError(f'config file {filename} does not exist')
-  try:
-    config = _CONFIG.value
-    config.keys()  # a file that failed to load raises here
-  except Exception as e:  # pylint: disable=broad-except
-    raise UsageError(f'cannot load config {flags.FLAGS["config"].config_filename}: '
-                     f'{errors.first_line(e)}') from None
-  _check_tuple_overrides(config, sys.argv)
-  return config
+def _flag_name(arg: str) -> str | None:
+  """'--workdir=x' / '-workdir' -> 'workdir'; None for a positional argument."""
+  if not arg.startswith('-') or arg in ('-', '--'):
+    return None
+  return arg.lstrip('-').split('=', 1)[0]
 
 
-def _check_tuple_overrides(config, argv):
-  """config_flags reads `--config.names=abc` for a tuple field as ('a', 'b',
-  'c'); a tuple value must be written as one."""
-  for arg in argv:
-    if not arg.startswith('--config.') or '=' not in arg:
+def _config_path(args: list[str]) -> str | None:
+  for i, arg in enumerate(args):
+    if arg in ('--config', '-config') and i + 1 < len(args):
+      return args[i + 1]
+    if arg.startswith(('--config=', '-config=')):
+      return arg.split('=', 1)[1]
+  return None
+
+
+def _check_flags(command: str, args: list[str]) -> None:
+  """Flags of other commands, and --config overrides where no config is read."""
+  _, required, optional = COMMANDS[command]
+  own = set(required) | set(optional)
+  for arg in args:
+    name = _flag_name(arg)
+    if name is None:
       continue
-    key, value = arg[len('--config.'):].split('=', 1)
-    node = config
+    base = name[2:] if name.startswith('no') and name[2:] in flags.FLAGS else name
+    if base.startswith('config.') and 'config' in own:
+      continue
+    if (base in flags.FLAGS or base.startswith('config.')) and base not in own:
+      raise UsageError(f'jaxcl {command} does not take --{base} (its flags: '
+                       + ', '.join(f'--{f}' for f in sorted(own)) + ')')
+
+
+def _parse(command: str, args: list[str]) -> None:
+  _check_flags(command, args)
+  config = None
+  if 'config' in COMMANDS[command][1]:
+    path = _config_path(args)
+    if path is None:
+      raise UsageError('--config is required')
     try:
-      for part in key.split('.'):
-        node = node[part]
-    except (KeyError, TypeError):
-      continue
-    if isinstance(node, (tuple, list)) and not value.strip().startswith(('(', '[')):
-      raise UsageError(f'--config.{key} takes a tuple, written (a, b) or [a, b]; got {value!r}')
-
-
-def _require(flag, name):
-  if not flag.value:
-    raise UsageError(f'--{name} is required')
-  return flag.value
+      config = config_files.load(path)
+      config_files.check_overrides(config, args)
+    except config_files.ConfigFileError as e:
+      raise UsageError(str(e)) from None
+  try:
+    positional = flags.FLAGS([f'jaxcl {command}'] + args)[1:]
+  except flags.UnrecognizedFlagError as e:
+    suggestions = getattr(e, 'suggestions', None) or ()
+    raise UsageError(f'unknown flag --{e.flagname}'
+                     + (f" (did you mean --{suggestions[0]}?)" if suggestions else
+                        f'; jaxcl {command} --help lists its flags')) from None
+  except flags.Error as e:
+    raise UsageError(config_files.value_error_message(config, args, errors.first_line(e))
+                     ) from None
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except  # the config file ran twice
+    raise UsageError(f'{type(e).__name__}: {errors.first_line(e)}') from None
+  if positional:
+    raise UsageError(f'jaxcl {command} takes no positional arguments, got '
+                     + ' '.join(repr(p) for p in positional))
+  for name in COMMANDS[command][1]:
+    if name != 'config' and not flags.FLAGS[name].value:
+      raise UsageError(f'--{name} is required')
 
 
 def _check_workdir(path: str, must_exist: bool):
@@ -148,11 +192,19 @@ def _quiet():
 
 
 def run(argv: list[str]) -> int:
-  if len(argv) < 2 or argv[1] not in COMMANDS:
-    raise UsageError('choose a command: ' + ' | '.join(COMMANDS) + '\n' + USAGE)
+  if len(argv) < 2:
+    raise UsageError('choose a command: ' + ' | '.join(COMMANDS) + '; jaxcl --help for more')
+  if argv[1] in HELP_FLAGS:
+    print(__doc__.strip())
+    return 0
   command = argv[1]
-  _parse([argv[0]] + argv[2:])
-  workdir = _require(_WORKDIR, 'workdir')
+  if command not in COMMANDS:
+    raise UsageError(f'unknown command {command!r}; choose one of: ' + ' | '.join(COMMANDS))
+  if any(arg in HELP_FLAGS for arg in argv[2:]):
+    print(_command_help(command))
+    return 0
+  _parse(command, argv[2:])
+  workdir = _WORKDIR.value
   _quiet()
 
   # Imported late so that `jaxcl` with bad flags answers before jax starts.
@@ -162,47 +214,47 @@ def run(argv: list[str]) -> int:
                            heartbeat_timeout_s=_HEARTBEAT.value)
   except ValueError as e:
     raise UsageError(str(e)) from None
-  from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jaxcl import data  # pylint: disable=g-import-not-at-top
   try:
     if command == 'sweep':
       from jaxcl import sweep  # pylint: disable=g-import-not-at-top
       values = sweep.parse_temperatures(_TEMPERATURES.value)
-      config = _load_config()
       _check_workdir(workdir, must_exist=False)
-      table = sweep.run_sweep(config, workdir, values)
+      table = sweep.run_sweep(_CONFIG.value, workdir, values)
       print(f'wrote {workdir}/sweep.csv, sweep.json and sweep.png ({len(table["rows"])} runs)')
     elif command == 'report':
       _check_workdir(workdir, must_exist=True)
       from jaxcl import report  # pylint: disable=g-import-not-at-top
-      print(f'wrote {report.write_report(workdir)}')
+      path, skipped = report.write_report(workdir)
+      print(f'wrote {path}' + (f' ({skipped} unreadable line(s) of metrics.jsonl skipped)'
+                               if skipped else ''))
     elif command == 'train':
-      config = _load_config()
       _check_workdir(workdir, must_exist=False)
-      config_lib.validate(config)
+      from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
       from jaxcl import train  # pylint: disable=g-import-not-at-top
-      train.train_and_evaluate(config, workdir, allow_batch_change=_ALLOW_BATCH_CHANGE.value)
+      config_lib.validate(_CONFIG.value)
+      train.train_and_evaluate(_CONFIG.value, workdir,
+                               allow_batch_change=_ALLOW_BATCH_CHANGE.value)
     elif command == 'eval':
       _check_workdir(workdir, must_exist=True)
       from jaxcl import train  # pylint: disable=g-import-not-at-top
       print(json.dumps(train.evaluate_workdir(workdir), indent=2))
     else:
-      output = _require(_OUTPUT, 'output')
       _check_workdir(workdir, must_exist=True)
       from jaxcl import export  # pylint: disable=g-import-not-at-top
-      metadata = export.export_encoder(workdir, output)
+      output = _OUTPUT.value
+      metadata = export.export_encoder(workdir, output, overwrite=_OVERWRITE.value)
       print(f'wrote {output} and {output}.json: uint8 {metadata["input"]["shape"]} -> float32 '
             f'{metadata["output"]["shape"]}')
       if 'text' in metadata:
         print(f'wrote {export.text_path(output)}: int32 {metadata["text"]["input"]["shape"]} -> '
               f'float32 {metadata["text"]["output"]["shape"]} ({metadata["tokenizer"]["type"]} '
               f'tokenizer in {output}.json)')
-  except (config_lib.ConfigError, data.DatasetError) as e:
+  except (errors.ConfigError, errors.DatasetError) as e:
     raise UsageError(str(e)) from None
-  except RuntimeError as e:
-    from jaxcl import train  # pylint: disable=g-import-not-at-top
-    if not isinstance(e, train.RunError):
-      raise
+  except errors.Interrupted as e:
+    print(f'jaxcl: {e}', file=sys.stderr)
+    return e.exit_code
+  except errors.RunError as e:
     print(f'jaxcl: {e}', file=sys.stderr)
     return 1
   return 0
@@ -215,7 +267,15 @@ def main(argv=None) -> None:
   except UsageError as e:
     print(f'jaxcl: error: {e}', file=sys.stderr)
     code = 2
-  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+  except KeyboardInterrupt as e:
+    from jaxcl import distributed  # pylint: disable=g-import-not-at-top
+    if distributed.multi_process():
+      code = _report_in_multi_process(e)
+    else:  # a second Ctrl-C, or one outside the training loop
+      print('\njaxcl: stopped (Ctrl-C); nothing after the last complete checkpoint was saved',
+            file=sys.stderr)
+      code = EXIT_INTERRUPTED
+  except Exception as e:  # pylint: disable=broad-except
     from jaxcl import distributed  # pylint: disable=g-import-not-at-top
     if not distributed.multi_process():
       raise
@@ -229,7 +289,7 @@ def main(argv=None) -> None:
     # stop too, with the message below.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
 
 

@@ -14,10 +14,10 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from jaxcl import data, errors, losses, models, optim, parallel, tokenizers
+from jaxcl import data, errors, files, losses, models, optim, parallel, tokenizers
 from jaxcl.temperature import MODES as TEMPERATURE_MODES
 
-CONFIG_FILE = 'config.json'  # the config of a run, saved in its workdir
+CONFIG_FILE = files.CONFIG_FILE
 
 
 MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -33,8 +33,7 @@ RESUMABLE_CHANGES = ('total_steps', 'log_every_steps', 'eval_every_steps',
                      'dataset.data_dir', 'dataset.download')
 
 
-class ConfigError(ValueError):
-  """An invalid config; the message names the key and the problem."""
+ConfigError = errors.ConfigError
 
 
 _REQUIRED = ('method', 'total_steps', 'batch_size', 'seed', 'log_every_steps', 'eval_every_steps',
@@ -259,6 +258,9 @@ def _check_dataset(d):
   if d.name == 'image_folder':
     _check(bool(d.path), 'dataset.path must name a folder when dataset.name is image_folder')
     _check(epath.Path(d.path).is_dir(), f'dataset.path {d.path} is not a folder')
+    _check((epath.Path(d.path) / d.train_split).is_dir(),
+           f'dataset.path {d.path} has no {d.train_split}/ folder (dataset.train_split): an '
+           f'image folder holds train/CLASS/*.png, and test/CLASS/*.png for evaluation')
     _check(d.image_size > 0, 'dataset.image_size must be > 0 for an image folder')
     return
   try:
@@ -403,8 +405,30 @@ def base_config():
 
 
 # ----------------------------------------------------------- saved configs ---
+# Keys added to jaxcl after its first release, with the value that gives the
+# behaviour a run saved before them had. A saved config may lack these and
+# only these; any other missing key means the file is not a whole config.
+KEYS_ADDED_LATER = {
+    # CLIP/SigLIP (2026-11-23): earlier runs were SimCLR runs, which read none
+    # of these but the method.
+    'method': 'simclr', 'dataset.text_key': 'captions', 'dataset.pairs.image_column': 'image',
+    'dataset.pairs.caption_column': 'caption', 'dataset.pairs.test_fraction': 0.05,
+    'model.embed_dim': 128, 'model.vit.patch_size': 0, 'model.vit.width': 0,
+    'model.vit.depth': 0, 'model.vit.heads': 0, 'model.vit.mlp_dim': 0, 'model.vit.pool': 'gap',
+    'text.tokenizer': 'bytes', 'text.sentencepiece_model': '', 'text.max_length': 64,
+    'text.width': 256, 'text.depth': 4, 'text.heads': 4, 'text.mlp_dim': 1024,
+    'text.causal': True, 'temperature.bias_init': -10.0, 'eval.zeroshot_templates': [],
+    'eval.class_names': [], 'eval.zeroshot_dataset': '', 'eval.zeroshot_split': '',
+    # The dense loss, a data-only mesh, τ without warm-up, schedule or its own
+    # learning rate, and no check of non-finite steps came first.
+    'loss.impl': 'dense', 'loss.block_size': 1024, 'mesh.fsdp': 1,
+    'temperature.warmup_steps': 0, 'temperature.lr_multiplier': 1.0, 'temperature.period': 0,
+    'nonfinite': 'stop',
+}
+
+
 def save(config, workdir) -> None:
-  epath.Path(workdir).joinpath(CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+  files.write_atomically(epath.Path(workdir) / CONFIG_FILE, config.to_json_best_effort(indent=2))
 
 
 def _flatten(tree, prefix=''):
@@ -418,16 +442,71 @@ def _flatten(tree, prefix=''):
   return out
 
 
+def flat_config(config) -> dict:
+  """{dotted key: value} of a config, as its config.json holds it."""
+  return _flatten(json.loads(config.to_json_best_effort()))
+
+
+def _fits(value, default) -> bool:
+  """Whether a saved value has the type of the key's default."""
+  if default is None:  # a placeholder (dataset.data_dir): a string or unset
+    return value is None or isinstance(value, str)
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  return isinstance(value, type(default))
+
+
+def _kind(default) -> str:
+  for kind, name in ((bool, 'True or False'), (int, 'an integer'), (float, 'a number'),
+                     (str, 'a string'), (list, 'a list'), (type(None), 'a string or null')):
+    if isinstance(default, kind):
+      return name
+  return type(default).__name__
+
+
+def _names(keys) -> str:
+  keys = sorted(keys)
+  return ', '.join(keys[:6]) + (f' and {len(keys) - 6} more' if len(keys) > 6 else '')
+
+
+def read_saved(workdir) -> dict:
+  """The flattened config a run in `workdir` saved, completed with
+  KEYS_ADDED_LATER. ConfigError, naming the keys, if the file is not JSON, not
+  an object, lacks other keys, has keys jaxcl does not know, or values of the
+  wrong type."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise ConfigError(f'{workdir} has no {CONFIG_FILE}: not a jaxcl workdir')
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError as e:
+    raise ConfigError(f'{path} is not valid JSON ({errors.first_line(e)})') from None
+  if not isinstance(saved, dict):
+    raise ConfigError(f'{path} holds a JSON {type(saved).__name__}, not a config object')
+  saved, defaults = _flatten(saved), flat_config(base_config())
+  missing = [k for k in defaults if k not in saved and k not in KEYS_ADDED_LATER]
+  if missing:
+    raise ConfigError(f'{path} is not a whole jaxcl config: it lacks {len(missing)} key(s) '
+                      f'({_names(missing)})')
+  unknown = [k for k in saved if k not in defaults]
+  if unknown:
+    raise ConfigError(f'{path} has key(s) this jaxcl does not know ({_names(unknown)})')
+  wrong = [k for k, v in saved.items() if not _fits(v, defaults[k])]
+  if wrong:
+    k = sorted(wrong)[0]
+    raise ConfigError(f'{path} has value(s) of the wrong type ({_names(wrong)}; {k} is '
+                      f'{saved[k]!r}, where jaxcl writes {_kind(defaults[k])})')
+  return {**{k: v for k, v in KEYS_ADDED_LATER.items() if k in defaults}, **saved}
+
+
 def check_resumable(config, workdir, allow_batch_change: bool = False) -> None:
   """Raises ConfigError if `workdir` holds a run of a different experiment.
   allow_batch_change: a resumed run may change the global batch_size."""
-  path = epath.Path(workdir) / CONFIG_FILE
-  if not path.exists():
+  if not (epath.Path(workdir) / CONFIG_FILE).exists():
     return
-  # Keys added to jaxcl after the run was saved take their default values.
-  saved = {**_flatten(json.loads(base_config().to_json_best_effort())),
-           **_flatten(json.loads(path.read_text()))}
-  new = _flatten(json.loads(config.to_json_best_effort()))
+  saved, new = read_saved(workdir), flat_config(config)
   resumable = RESUMABLE_CHANGES + (('batch_size',) if allow_batch_change else ())
   allowed = lambda key: any(key == k or key.startswith(k + '.') for k in resumable)
   changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and not allowed(k))
@@ -445,15 +524,8 @@ def check_resumable(config, workdir, allow_batch_change: bool = False) -> None:
 
 def load_saved(workdir):
   """The config a run in `workdir` was trained with."""
-  path = epath.Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise ConfigError(f'{workdir} has no {CONFIG_FILE}: not a jaxcl workdir')
-  try:
-    saved = json.loads(path.read_text())
-  except ValueError as e:
-    raise ConfigError(f'{path} is not valid JSON: {e}') from None
-  config = base_config()  # keys added to jaxcl since the run was saved keep their defaults
-  config.update(saved)
+  config = base_config()
+  config.update_from_flattened_dict(read_saved(workdir))
   if (epath.Path(workdir) / tokenizers.SENTENCEPIECE_FILE).exists():
     # The run's copy of the SentencePiece model, wherever the original went.
     config.text.sentencepiece_model = str(epath.Path(workdir) / tokenizers.SENTENCEPIECE_FILE)

@@ -21,11 +21,14 @@ augmentation runs on the device (jaxcl.augment).
   converted once into a TFDS dataset by jaxcl.pairs (bad rows reported and
   skipped) and read like any other.
 - ``image_folder``: ``dataset.path/SPLIT/CLASS/*.png`` (or ``path/SPLIT/*.png``
-  for unlabeled images, label -1), resized to ``dataset.image_size``.
+  for unlabeled images, label -1), resized to ``dataset.image_size``. The
+  train split is required; without the evaluation splits' folders
+  (``test/``) the run trains and skips evaluation.
 
 Training order is deterministic from the seed: grain shuffles the source,
 reshuffles each epoch, and each of P processes reads its own block of every
-global batch; the iterator's state (an index) is saved with checkpoints.
+global batch. Nothing of the iterator is checkpointed: its position follows
+from the step (and the batch history), see `train_iterator`.
 With several captions per image, one is drawn per image and epoch.
 """
 
@@ -48,8 +51,7 @@ from jaxcl import errors
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
 
 
-class DatasetError(ValueError):
-  """A dataset that cannot be found or read; the message says which and why."""
+DatasetError = errors.DatasetError
 
 
 # ------------------------------------------------------ the digits builder ---
@@ -237,11 +239,15 @@ class ImageFolderSource:
       raise DatasetError(f'image folder {root} does not exist')
     subdirs = sorted(p.name for p in root.iterdir() if p.is_dir())
     self.classes = classes if classes is not None else subdirs
+    self.empty_classes = []  # class folders of this split with no image file
     entries = []
     if self.classes:
       for label, name in enumerate(self.classes):
         if (root / name).is_dir():  # a split may lack some of the train split's classes
-          entries += [(p, label) for p in sorted((root / name).iterdir()) if _is_image(p)]
+          images = [(p, label) for p in sorted((root / name).iterdir()) if _is_image(p)]
+          if not images:
+            self.empty_classes.append(str(root / name))
+          entries += images
     else:
       entries = [(p, -1) for p in sorted(root.iterdir()) if _is_image(p)]
     if not entries:
@@ -284,6 +290,15 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
   pil = Image.fromarray(square[..., 0] if channels == 1 else square)
   out = np.asarray(pil.resize((size, size), Image.BILINEAR))
   return out.reshape(size, size, channels)
+
+
+def split_missing(cfg, split: str) -> str | None:
+  """For an image folder, the folder of `split` if it does not exist (an
+  optional evaluation split); None otherwise."""
+  if cfg.name != 'image_folder':
+    return None
+  folder = epath.Path(cfg.path) / split
+  return None if folder.is_dir() else str(folder)
 
 
 def load_source(cfg, split: str, with_text: bool = False):

@@ -1,6 +1,41 @@
-"""How jaxcl turns an exception into its one-line messages."""
+"""jaxcl's exceptions, and how it turns an exception into one line.
+
+Two kinds reach the user: bad input (ConfigError, DatasetError: exit code 2,
+nothing written) and a run that stopped for a stated reason (RunError: exit
+code 1; Interrupted: 0 after SIGTERM, 130 after Ctrl-C, its step saved).
+"""
 
 from __future__ import annotations
+
+
+class ConfigError(ValueError):
+  """An invalid config or command; the message names the key and the problem."""
+
+
+class DatasetError(ValueError):
+  """A dataset that cannot be found or read; the message says which and why."""
+
+
+class RunError(RuntimeError):
+  """A run stopped for a reason its message states in one line (exit 1)."""
+
+
+class NonFiniteError(RunError):
+  """A step's loss or gradient norm was NaN or infinite (nonfinite=stop)."""
+
+
+class CheckpointError(RunError):
+  """No checkpoint in the workdir restores, or one cannot be written."""
+
+
+class Interrupted(Exception):
+  """A signal stopped the run after its current step was saved; the message
+  says where it resumes. exit_code: 0 after SIGTERM (a preemption the
+  scheduler asked for), 128 + signal number otherwise (130 for Ctrl-C)."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
 
 
 def first_line(e: BaseException, default: str | None = None) -> str:

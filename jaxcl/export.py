@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
-from jaxcl import models, train
+from jaxcl import config as config_lib
+from jaxcl import errors, files, models, train
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 
@@ -40,10 +41,52 @@ def text_path(output) -> epath.Path:
   return output.with_name(output.stem + '.text' + output.suffix)
 
 
-def export_encoder(workdir, output) -> dict:
+def sentencepiece_path(output) -> epath.Path:
+  """Where a two-tower export with a SentencePiece tokenizer copies its model."""
+  output = epath.Path(output)
+  return output.with_name(output.stem + '.tokenizer.model')
+
+
+def check_output(workdir, output, *, two_tower: bool, overwrite: bool) -> list[epath.Path]:
+  """The paths an export to `output` writes; ConfigError if one would land
+  on a folder, on a file of a jaxcl workdir (always refused), or on any
+  existing file unless `overwrite`."""
+  output = epath.Path(output)
+  paths = [output, epath.Path(f'{output}.json')]
+  if two_tower:
+    paths += [text_path(output), sentencepiece_path(output)]
+  for path in paths:
+    if path.is_dir():
+      raise errors.ConfigError(f'--output {output}: {path} is a directory; give a file name')
+    for folder in [path.parent, *path.parent.parents]:
+      owner = folder if files.is_run(folder) or files.same_file(folder, workdir) else None
+      if owner is not None:
+        inside = path.relative_to(owner).parts
+        if inside[0] in files.WORKDIR_NAMES:
+          raise errors.ConfigError(f'--output {output} would write {path}, a file of the jaxcl '
+                                   f'workdir {owner}; choose another name')
+    if path.exists() and not overwrite:
+      raise errors.ConfigError(f'--output {output} would replace {path}, which exists; pass '
+                               f'--overwrite to replace it')
+  try:  # before the model is loaded and lowered: a folder that cannot be written
+    probe = output.parent / f'.{output.name}.probe'
+    output.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b'')
+    probe.unlink()
+  except OSError as e:
+    raise errors.ConfigError(f'cannot write --output {output}: '
+                             f'{e.strerror or errors.first_line(e)}') from None
+  return paths
+
+
+def export_encoder(workdir, output, *, overwrite: bool = False) -> dict:
   """Writes `output` (the image embedder), for clip/siglip also the text
   embedder (`text_path(output)`) and the tokenizer, and `output`.json
-  describing them; returns that metadata."""
+  describing them; returns that metadata. Every file is written under a
+  temporary name first and renamed into place only when all are written,
+  FILE.json last, so a failed export leaves nothing that looks complete."""
+  two_tower = config_lib.load_saved(workdir).method in config_lib.TWO_TOWER
+  check_output(workdir, output, two_tower=two_tower, overwrite=overwrite)
   exp, state = train.load_trained(workdir)
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   config = exp.config
@@ -75,7 +118,7 @@ def export_encoder(workdir, output) -> dict:
       'step': int(state.step),
       'temperature': temperature,
   }
-  files = {epath.Path(output): exported}
+  artifacts = {epath.Path(output): exported.serialize()}
   if exp.two_tower:
     tokenizer = exp.tokenizer
 
@@ -84,11 +127,12 @@ def export_encoder(workdir, output) -> dict:
 
     text_exported = _export(embed_text,
                             jax.ShapeDtypeStruct((batch, tokenizer.max_length), jnp.int32))
-    files[text_path(output)] = text_exported
+    artifacts[text_path(output)] = text_exported.serialize()
     _, class_names, templates = train.zeroshot_data(config)
     tokenizer_spec = tokenizer.spec()
     if tokenizer_spec['type'] == 'sentencepiece':
-      tokenizer_spec['model_file'] = epath.Path(output).stem + '.tokenizer.model'
+      tokenizer_spec['model_file'] = sentencepiece_path(output).name
+      artifacts[sentencepiece_path(output)] = tokenizer.model_bytes
     metadata.update({
         'text': {'file': text_path(output).name,
                  'input': {'shape': ['b', tokenizer.max_length], 'dtype': 'int32',
@@ -101,12 +145,11 @@ def export_encoder(workdir, output) -> dict:
         # The prompts of eval.json's zero-shot classification.
         'zeroshot': {'class_names': list(class_names), 'templates': list(templates)},
     })
+  artifacts[epath.Path(f'{output}.json')] = (json.dumps(metadata, indent=2) + '\n').encode()
   if jax.process_index() == 0:  # on a pod every process lowers the same artifacts
-    for path, artifact in files.items():
-      path.parent.mkdir(parents=True, exist_ok=True)
-      path.write_bytes(artifact.serialize())
-    if exp.two_tower and metadata['tokenizer']['type'] == 'sentencepiece':
-      epath.Path(output).with_name(metadata['tokenizer']['model_file']).write_bytes(
-          exp.tokenizer.model_bytes)
-    epath.Path(f'{output}.json').write_text(json.dumps(metadata, indent=2) + '\n')
+    try:
+      files.write_all_atomically(artifacts)
+    except OSError as e:
+      raise errors.ConfigError(f'cannot write --output {output}: '
+                               f'{e.strerror or errors.first_line(e)}') from None
   return metadata

@@ -27,9 +27,10 @@ import uuid
 
 from etils import epath
 
-from jaxcl.config import ConfigError
+from jaxcl import files
+from jaxcl.errors import ConfigError
 
-LOCK_DIR = 'jaxcl.lock'
+LOCK_DIR = files.LOCK_DIR
 HOLDER_FILE = 'holder.json'
 HEARTBEAT_S = 30.0
 STALE_S = 300.0

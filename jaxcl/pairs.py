@@ -384,6 +384,9 @@ def _image_problem(path: str, error: Exception) -> str:
 
 
 # ----------------------------------------------------------------- preparing ---
+_ANNOUNCED = set()  # prepared datasets this process has reported
+
+
 def prepare_pairs(path, *, image_size: int, data_dir: str | None = None,
                   image_key: str = 'image', caption_key: str = 'caption',
                   test_fraction: float = 0.0, log: Callable[[str], None] = print):
@@ -410,8 +413,10 @@ def prepare_pairs(path, *, image_size: int, data_dir: str | None = None,
     counts = (f'{builder.num_pairs} pairs, {builder.num_images} images, '
               f'{len(builder.bad_rows)} bad rows skipped' if saved
               else f'{builder.num_images} images')
-    log(f'jaxcl: {config.path} already prepared in {builder.data_dir} ({counts}); '
-        f'nothing converted')
+    if builder.data_dir not in _ANNOUNCED:  # once, though every split opens the dataset
+      _ANNOUNCED.add(builder.data_dir)
+      log(f'jaxcl: {config.path} already prepared in {builder.data_dir} ({counts}); '
+          f'nothing converted')
     return builder
 
   tfds.disable_progress_bar()

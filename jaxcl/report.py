@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 
 import matplotlib
@@ -20,7 +21,9 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from etils import epath  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-REPORT_DIR, REPORT_FILE = 'report', 'report.html'
+from jaxcl import errors, files  # noqa: E402  pylint: disable=wrong-import-position
+
+REPORT_DIR, REPORT_FILE = files.REPORT_DIR, files.REPORT_FILE
 # (file name, title, metric keys, log y axis)
 RUN_PLOTS = (
     ('loss.png', 'loss', ('loss',), False),
@@ -36,21 +39,39 @@ RUN_PLOTS = (
 )
 
 
-def read_metrics(workdir) -> list[dict]:
-  path = epath.Path(workdir) / 'metrics.jsonl'
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(workdir, with_skipped: bool = False):
+  """The rows of DIR/metrics.jsonl: JSON objects with an integer `step`.
+  Other lines (cut short by a full disk, edited by hand) are skipped;
+  with_skipped: return (rows, number of lines skipped)."""
+  path = epath.Path(workdir) / files.METRICS_FILE
+  rows, skipped = [], 0
+  for line in path.read_text().splitlines() if path.exists() else ():
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      ok = isinstance(row, dict) and isinstance(row.get('step'), int)
+    except ValueError:
+      ok = False
+    if ok:
+      rows.append(row)
+    else:
+      skipped += 1
+  return (rows, skipped) if with_skipped else rows
 
 
-def plot_run(workdir) -> list[str]:
+def _plottable(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plot_run(workdir, rows=None) -> list[str]:
   """Writes DIR/report/*.png for the metrics the run has; returns their names."""
-  rows = read_metrics(workdir)
+  rows = read_metrics(workdir) if rows is None else rows
   out = epath.Path(workdir) / REPORT_DIR
   out.mkdir(parents=True, exist_ok=True)
   written = []
   for name, title, keys, log_y in RUN_PLOTS:
-    series = {k: [(r['step'], r[k]) for r in rows if k in r] for k in keys}
+    series = {k: [(r['step'], r[k]) for r in rows if _plottable(r.get(k))] for k in keys}
     series = {k: v for k, v in series.items() if v}
     if not series:
       continue
@@ -66,10 +87,16 @@ def plot_run(workdir) -> list[str]:
       ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(str(out / name), dpi=100)
-    plt.close(fig)
+    _save_figure(fig, out / name)
     written.append(name)
   return written
+
+
+def _save_figure(fig, path) -> None:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
+  plt.close(fig)
+  files.write_atomically(path, buffer.getvalue())
 
 
 def _image(path) -> str:
@@ -97,23 +124,45 @@ def _json_block(path) -> str:
   return f'<pre>{html.escape(path.read_text())}</pre>'
 
 
-def write_report(workdir) -> epath.Path:
-  """Writes DIR/report/*.png and DIR/report.html; returns the page's path."""
+def _read_sweep(path) -> dict:
+  try:
+    sweep = json.loads(path.read_text())
+    ok = (isinstance(sweep, dict) and isinstance(sweep.get('rows'), list)
+          and isinstance(sweep.get('columns'), list)
+          and all(isinstance(r, dict) and isinstance(r.get('run'), str) for r in sweep['rows']))
+  except ValueError:
+    ok = False
+  if not ok:
+    raise errors.ConfigError(f'{path} is not a jaxcl sweep table; rerun jaxcl sweep to rewrite it')
+  return sweep
+
+
+def write_report(workdir) -> tuple[epath.Path, int]:
+  """Writes DIR/report/*.png and DIR/report.html; returns the page's path
+  and how many unreadable metrics lines were skipped. ConfigError if DIR
+  is neither a jaxcl run nor a sweep."""
   workdir = epath.Path(workdir)
-  parts = [f'<h1>jaxcl report: {html.escape(str(workdir))}</h1>']
+  if not (files.is_run(workdir) or files.is_sweep(workdir)):
+    raise errors.ConfigError(f'{workdir} is neither a jaxcl workdir ({files.CONFIG_FILE}) nor a '
+                             f'sweep (sweep.json): nothing to report')
+  parts, skipped = [f'<h1>jaxcl report: {html.escape(str(workdir))}</h1>'], 0
   sweep_json = workdir / 'sweep.json'
   if sweep_json.exists():
-    sweep = json.loads(sweep_json.read_text())
+    sweep = _read_sweep(sweep_json)
     parts.append('<h2>Temperature sweep</h2>')
     if (workdir / 'sweep.png').exists():
       parts.append(_image(workdir / 'sweep.png'))
     parts.append(_table(sweep['rows'], sweep['columns']))
     for row in sweep['rows']:
       run = workdir / row['run']
-      images = [_image(run / REPORT_DIR / name) for name in plot_run(run)]
+      rows, lost = read_metrics(run, with_skipped=True)
+      skipped += lost
+      images = [_image(run / REPORT_DIR / name) for name in plot_run(run, rows)]
       parts.append(f'<h2>run {html.escape(row["run"])}</h2>' + ''.join(images))
-  if (workdir / 'metrics.jsonl').exists():
-    images = [_image(workdir / REPORT_DIR / name) for name in plot_run(workdir)]
+  if (workdir / files.METRICS_FILE).exists():
+    rows, lost = read_metrics(workdir, with_skipped=True)
+    skipped += lost
+    images = [_image(workdir / REPORT_DIR / name) for name in plot_run(workdir, rows)]
     parts.append('<h2>Metrics</h2>' + ''.join(images))
   parts.append('<h2>eval.json</h2>' + _json_block(workdir / 'eval.json'))
   parts.append('<h2>config.json</h2>' + _json_block(workdir / 'config.json'))
@@ -123,5 +172,5 @@ def write_report(workdir) -> epath.Path:
   page = (f'<!doctype html><html><head><meta charset="utf-8"><title>jaxcl report</title>'
           f'<style>{style}</style></head><body>{"".join(parts)}</body></html>\n')
   path = workdir / REPORT_FILE
-  path.write_text(page)
-  return path
+  files.write_atomically(path, page)
+  return path, skipped

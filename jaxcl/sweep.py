@@ -4,9 +4,12 @@
 
 Each value trains the config with temperature.mode=fixed at that τ (or, for
 `learnable`, the config's learnable τ from its init) in DIR/tau-VALUE, one
-after the other, and evaluates it. A run whose eval.json is there already is
-not trained again, so an interrupted sweep resumes where it stopped (and a
-killed run resumes from its checkpoint). Writes DIR/sweep.csv, DIR/sweep.json
+after the other, and evaluates it. A run whose eval.json is there already, for
+exactly this config, is not trained again, so an interrupted sweep resumes
+where it stopped (and a killed run resumes from its checkpoint). Rerun with a
+different config, the sweep refuses (exit 2) as `jaxcl train` does, unless
+only keys a run may change on resuming differ (total_steps, eval, ...): then
+each run continues, or is evaluated again. Writes DIR/sweep.csv, DIR/sweep.json
 and DIR/sweep.png: the evaluation metrics against τ (log axis) with the
 learnable run marked at its final τ, entropy and contrastive accuracy against
 τ (SimCLR's Table 5), and the learnable run's τ trajectory.
@@ -15,6 +18,7 @@ learnable run marked at its final τ, entropy and contrastive accuracy against
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 
@@ -25,13 +29,14 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-t
 from etils import epath  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxcl import config as config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxcl import files  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxcl import report  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 LEARNABLE = 'learnable'
 TRAIN_COLUMNS = ('loss', 'entropy', 'effective_negatives', 'positive_prob', 'contrastive_top1',
                  'contrastive_top5', 'hardest_negative_share', 'alignment', 'uniformity')
 EVAL_COLUMNS = ('knn_top1', 'linear_top1', 'zeroshot_top1', 'zeroshot_top5', 'i2t_r1', 't2i_r1')
-WALL_FILE = 'wall_time.json'
+WALL_FILE = files.WALL_FILE
 
 
 def parse_temperatures(text: str) -> list[str]:
@@ -49,8 +54,11 @@ def parse_temperatures(text: str) -> list[str]:
       if not ok:
         raise config_lib.ConfigError(f'--temperatures: {v!r} is neither a positive number nor '
                                      f'{LEARNABLE!r}')
-  if len(set(values)) != len(values):
-    raise config_lib.ConfigError(f'--temperatures repeats a value: {text}')
+  seen = {}
+  for v in values:
+    same = seen.setdefault(v if v == LEARNABLE else float(v), v)
+    if same is not v:
+      raise config_lib.ConfigError(f'--temperatures lists one τ twice ({same} and {v})')
   return values
 
 
@@ -67,9 +75,26 @@ def run_config(config, value: str):
   return config
 
 
-def _finished(run_dir, total_steps: int) -> bool:
-  path = epath.Path(run_dir) / 'eval.json'
-  return path.exists() and json.loads(path.read_text()).get('step') == total_steps
+def _read_json(path):
+  """The JSON object in `path`, or None if it is missing or unreadable."""
+  try:
+    value = json.loads(epath.Path(path).read_text())
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def _finished(run_dir, config) -> bool:
+  """Whether run_dir holds this config's finished, evaluated run: its
+  eval.json is readable and at total_steps, and its saved config is this one."""
+  results = _read_json(epath.Path(run_dir) / files.EVAL_FILE)
+  if results is None or results.get('step') != config.total_steps:
+    return False
+  try:
+    saved = config_lib.read_saved(run_dir)
+  except config_lib.ConfigError:
+    return False
+  return saved == config_lib.flat_config(config)
 
 
 def summarize(run_dir, value: str) -> dict:
@@ -77,7 +102,7 @@ def summarize(run_dir, value: str) -> dict:
   run_dir = epath.Path(run_dir)
   rows = report.read_metrics(run_dir)
   last = [r for r in rows if 'loss' in r][-1] if any('loss' in r for r in rows) else {}
-  results = json.loads((run_dir / 'eval.json').read_text())
+  results = _read_json(run_dir / files.EVAL_FILE) or {}
   wall = run_dir / WALL_FILE
   row = {'run': run_dir.name, 'tau': value, 'final_tau': last.get('temperature'),
          **{k: last.get(k) for k in TRAIN_COLUMNS},
@@ -93,32 +118,39 @@ def run_sweep(config, workdir, values: list[str], log=print) -> dict:
   from jaxcl import train  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   writer = jax.process_index() == 0  # on a pod, process 0 writes the sweep's files
+  if workdir.is_dir() and not (files.is_empty_dir(workdir) or files.is_sweep(workdir)):
+    raise config_lib.ConfigError(f'workdir {workdir} holds files but is not a jaxcl sweep (no '
+                                 f'sweep.json or tau-* runs); use a new or empty directory')
   configs = {v: run_config(config, v) for v in values}
-  for cfg in configs.values():  # every run's config is checked before the first trains
+  for value, cfg in configs.items():  # every run is checked before the first trains
     config_lib.validate(cfg)
+    train.check_trainable_workdir(workdir / f'tau-{value}')
+    config_lib.check_resumable(cfg, workdir / f'tau-{value}')
   workdir.mkdir(parents=True, exist_ok=True)
   rows = []
   for value, cfg in configs.items():
     run_dir = workdir / f'tau-{value}'
-    if _finished(run_dir, cfg.total_steps):
+    if _finished(run_dir, cfg):
       log(f'jaxcl sweep: tau-{value} is finished, skipped')
     else:
       log(f'jaxcl sweep: training tau-{value}')
       start = time.perf_counter()
       train.train_and_evaluate(cfg, run_dir)
       if writer:
-        (run_dir / WALL_FILE).write_text(json.dumps({'seconds': time.perf_counter() - start}))
+        files.write_atomically(run_dir / WALL_FILE,
+                               json.dumps({'seconds': time.perf_counter() - start}))
     rows.append(summarize(run_dir, value))
   columns = [c for c in ('run', 'tau', 'final_tau', *TRAIN_COLUMNS, *EVAL_COLUMNS, 'wall_time_s')
              if any(r.get(c) is not None for r in rows)]
   table = {'columns': columns, 'rows': rows}
   if not writer:
     return table
-  (workdir / 'sweep.json').write_text(json.dumps(table, indent=2) + '\n')
-  with (workdir / 'sweep.csv').open('w') as f:
-    writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
-    writer.writeheader()
-    writer.writerows(rows)
+  files.write_atomically(workdir / 'sweep.json', json.dumps(table, indent=2) + '\n')
+  text = io.StringIO()
+  csv_writer = csv.DictWriter(text, fieldnames=columns, extrasaction='ignore')
+  csv_writer.writeheader()
+  csv_writer.writerows(rows)
+  files.write_atomically(workdir / 'sweep.csv', text.getvalue())
   plot_sweep(workdir, table)
   return table
 
@@ -170,5 +202,7 @@ def plot_sweep(workdir, table: dict) -> None:
   ax.set_title('learnable τ over training (grey: the fixed values)')
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(str(workdir / 'sweep.png'), dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
   plt.close(fig)
+  files.write_atomically(workdir / 'sweep.png', buffer.getvalue())

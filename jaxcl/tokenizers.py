@@ -35,9 +35,11 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from jaxcl import files
+
 TOKENIZERS = ('bytes', 'sentencepiece')
-SPEC_FILE = 'tokenizer.json'
-SENTENCEPIECE_FILE = 'tokenizer.model'
+SPEC_FILE = files.TOKENIZER_FILE
+SENTENCEPIECE_FILE = files.SENTENCEPIECE_FILE
 
 
 class Tokenizer(abc.ABC):
@@ -66,7 +68,7 @@ class Tokenizer(abc.ABC):
     directory.mkdir(parents=True, exist_ok=True)
     self._save_files(directory)
     spec = self.spec()
-    (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + '\n')
+    files.write_atomically(directory / SPEC_FILE, json.dumps(spec, indent=2, sort_keys=True) + '\n')
     return spec
 
   def _save_files(self, directory: epath.Path) -> None:
@@ -140,7 +142,7 @@ class SentencePieceTokenizer(Tokenizer):
             'vocab_size': self.vocab_size}
 
   def _save_files(self, directory: epath.Path) -> None:
-    (directory / SENTENCEPIECE_FILE).write_bytes(self.model_bytes)
+    files.write_atomically(directory / SENTENCEPIECE_FILE, self.model_bytes)
 
 
 def build_tokenizer(text_cfg: Any) -> Tokenizer:

@@ -38,14 +38,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from jaxcl import (augment, data, errors, evaluate, losses, models, optim, parallel, throughput,
-                   tokenizers)
+from jaxcl import (augment, data, errors, evaluate, files, losses, models, optim, parallel,
+                   throughput, tokenizers)
 from jaxcl import config as config_lib
 from jaxcl import lock as lock_lib
 from jaxcl.metric_writer import MetricWriter
 from jaxcl.temperature import project_all
 
-EVAL_FILE = 'eval.json'
+EVAL_FILE = files.EVAL_FILE
 
 
 # ================================================================ state ====
@@ -256,14 +256,20 @@ def model_batch(exp: Experiment, batch: dict) -> dict:
 
 
 # =========================================================== checkpoint ====
-def checkpoint_manager(workdir, config, *, cleanup: bool = False) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir, config, *, cleanup: bool = False,
+                       read_only: bool = False) -> ocp.CheckpointManager:
   """cleanup: delete unfinished checkpoint writes left by a killed run (orbax
   writes to a temporary directory and renames it when complete, so those
-  are never restored); only the run that holds the workdir may do this."""
+  are never restored); only the run that holds the workdir may do this.
+  read_only: for eval and export, which write nothing in the workdir."""
+  # (orbax's own read_only option logs three warnings; not creating the
+  # folder and not saving is all these commands need.)
   options = ocp.CheckpointManagerOptions(max_to_keep=config.get('keep_checkpoints', 3),
-                                         enable_async_checkpointing=True,
-                                         cleanup_tmp_directories=cleanup)
-  return ocp.CheckpointManager(epath.Path(workdir).absolute() / 'checkpoints', options=options)
+                                         enable_async_checkpointing=not read_only,
+                                         cleanup_tmp_directories=cleanup and not read_only,
+                                         create=not read_only)
+  return ocp.CheckpointManager(epath.Path(workdir).absolute() / files.CHECKPOINT_DIR,
+                               options=options)
 
 
 def save_checkpoint(manager, state: TrainState) -> None:
@@ -388,6 +394,13 @@ class EvalData:
   def __init__(self, config):
     d = config.dataset
     self.num_classes, self.class_names, self.templates = 0, (), ()
+    self.train = self.test = None
+    missing = [m for m in (data.split_missing(d, d.eval_train_split),
+                           data.split_missing(d, d.eval_test_split)) if m]
+    if missing:  # an image folder without test/: trained, not evaluated
+      self.skip_reason = f'{missing[0]} does not exist'
+      return
+    self.skip_reason = 'the evaluation splits have no labels'
     if config.method not in config_lib.TWO_TOWER:
       self.train, info = data.load_source(d, d.eval_train_split)
       self.test, _ = data.load_source(d, d.eval_test_split)
@@ -493,21 +506,27 @@ def make_embed_fns(exp: Experiment) -> dict:
 
 def write_eval(workdir, step: int, results: dict) -> None:
   if jax.process_index() == 0:
-    epath.Path(workdir).joinpath(EVAL_FILE).write_text(
-        json.dumps({'step': int(step), **results}, indent=2) + '\n')
+    files.write_atomically(epath.Path(workdir) / EVAL_FILE,
+                           json.dumps({'step': int(step), **results}, indent=2) + '\n')
 
 
 # ================================================================= loop ====
 def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> dict:
   """Trains, evaluates and checkpoints a validated config in `workdir`;
   resumes from the newest checkpoint there that restores, on whatever mesh
-  this run has. Returns the final eval results (empty when preempted).
+  this run has. Returns the final eval results; raises errors.Interrupted
+  when SIGTERM or Ctrl-C stopped it (after saving its step).
   allow_batch_change: resume a run whose global batch_size was different."""
   workdir = epath.Path(workdir)
   # Everything that can fail on bad input comes before the first write.
+  check_trainable_workdir(workdir)
   config_lib.check_resumable(config, workdir, allow_batch_change)
   resuming = (workdir / config_lib.CONFIG_FILE).exists()
   exp = setup(config, tokenizer=saved_tokenizer(workdir) if resuming else None)
+  if len(exp.train_source) < config.batch_size:
+    raise config_lib.ConfigError(
+        f'dataset {config.dataset.name!r} has {len(exp.train_source)} training example(s), fewer '
+        f'than one batch of {config.batch_size}; lower batch_size or add data')
   eval_data = EvalData(config)
   with hold_workdir(workdir) as lock:
     notes = [f'jaxcl: took over the lock of a run that is gone: {lock_lib.describe(lock.took_over)}'
@@ -517,6 +536,20 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> 
     except OSError as e:  # writing the run's files: a full disk, a lost mount
       raise RunError(f'cannot write to {workdir}: {e.strerror or _first_line(e)}; the last '
                      f'complete checkpoint is step {complete_step(workdir)}') from None
+
+
+def check_trainable_workdir(workdir) -> None:
+  """ConfigError unless `workdir` is new, empty, or a jaxcl run (its
+  config.json or its lock): training never writes among a user's files."""
+  workdir = epath.Path(workdir)
+  if not workdir.is_dir() or files.is_empty_dir(workdir):
+    return
+  if not (files.is_run(workdir) or (workdir / lock_lib.LOCK_DIR).exists()):
+    names = sorted(p.name for p in workdir.iterdir())
+    raise config_lib.ConfigError(
+        f'workdir {workdir} holds files but is not a jaxcl workdir (no {files.CONFIG_FILE}; '
+        f'it has {", ".join(names[:3])}{", ..." if len(names) > 3 else ""}); use a new or empty '
+        f'directory')
 
 
 @contextlib.contextmanager
@@ -578,7 +611,7 @@ def _train_and_evaluate(exp: Experiment, eval_data: EvalData, workdir: epath.Pat
       start_record=start_record, start_batch=start_batch)
   if jax.process_index() == 0:
     config_lib.save(config, workdir)
-    _write_atomically(workdir / BATCH_HISTORY_FILE, json.dumps(history) + '\n')
+    files.write_atomically(workdir / BATCH_HISTORY_FILE, json.dumps(history) + '\n')
     if exp.tokenizer is not None:
       exp.tokenizer.save(workdir)  # travels with the checkpoints: the same ids later
     _drop_metrics_after(workdir, start_step)  # steps the resumed run is about to redo
@@ -600,7 +633,7 @@ def _train_and_evaluate(exp: Experiment, eval_data: EvalData, workdir: epath.Pat
   train_step, compiled_step, step_flops = make_train_step(exp), None, None
   embed_fns = make_embed_fns(exp)
   if not eval_data.num_classes:
-    writer.print('the evaluation splits have no labels: '
+    writer.print(f'{eval_data.skip_reason}: '
                  + ('zero-shot classification is skipped' if exp.two_tower
                     else 'kNN and linear probe are skipped'))
   evaluates = exp.two_tower or eval_data.num_classes > 0
@@ -660,11 +693,12 @@ def _train_and_evaluate(exp: Experiment, eval_data: EvalData, workdir: epath.Pat
         save_checkpoint(manager, state)
       if preempted:
         finish_checkpoints(manager)
-        writer.print(f'jaxcl: preempted (SIGTERM): checkpoint of step {step} saved in '
-                     f'{workdir / "checkpoints"}; run the same command again to resume')
+        message = (f'{preemption.describe()}: checkpoint of step {step} saved in '
+                   f'{workdir / files.CHECKPOINT_DIR}; run the same command again to resume')
+        writer.print(f'jaxcl: {message}')
         writer.close()
         manager.close()
-        return {}
+        raise errors.Interrupted(message, preemption.exit_code)
 
       if step % config.eval_every_steps == 0 and step != total and evaluates:
         results = run_evaluation(exp, state, eval_data, embed_fns)
@@ -679,6 +713,7 @@ def _train_and_evaluate(exp: Experiment, eval_data: EvalData, workdir: epath.Pat
     if manager.latest_step() is None:  # total_steps=0: keep the initial encoder for eval/export
       save_checkpoint(manager, state)
     finish_checkpoints(manager)
+    preemption.close()  # the final checkpoint is complete: from here Ctrl-C stops at once
     results = run_evaluation(exp, state, eval_data, embed_fns)
     if results:
       writer.write(step, results)
@@ -686,23 +721,18 @@ def _train_and_evaluate(exp: Experiment, eval_data: EvalData, workdir: epath.Pat
   except (RunError, OSError):  # an OSError becomes one line in train_and_evaluate
     _close_after_failure(writer, manager)  # the progress bar and orbax's logs end first
     raise
-  writer.print(f'final (step {step}): ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items())
-               + f'  -> {workdir / EVAL_FILE}')
+  finally:
+    preemption.close()
+  summary = (', '.join(f'{k} {v:.4f}' for k, v in results.items())
+             or f'no evaluation ({eval_data.skip_reason})')
+  writer.print(f'final (step {step}): {summary}  -> {workdir / EVAL_FILE}')
   writer.close()
   manager.close()
   return results
 
 
-class RunError(RuntimeError):
-  """A run stopped for a reason its message states in one line (exit 1)."""
-
-
-class NonFiniteError(RunError):
-  """A step's loss or gradient norm was NaN or infinite (nonfinite=stop)."""
-
-
-class CheckpointError(RunError):
-  """No checkpoint in the workdir restores, or one cannot be written."""
+RunError, NonFiniteError, CheckpointError = (errors.RunError, errors.NonFiniteError,
+                                             errors.CheckpointError)
 
 
 def _check_finite(metrics, step: int, config, manager) -> int:
@@ -725,59 +755,89 @@ def _check_finite(metrics, step: int, config, manager) -> int:
 
 
 class Preemption:
-  """SIGTERM (what TPU and SLURM preemption send) asks the loop to finish
-  its step, checkpoint it and exit 0.
+  """SIGTERM (what TPU and SLURM preemption send) or Ctrl-C (SIGINT) asks
+  the loop to finish its step, checkpoint it and stop (errors.Interrupted:
+  exit 0 after SIGTERM, 130 after Ctrl-C). A second Ctrl-C raises
+  KeyboardInterrupt at once.
 
-  One process: a Python signal handler sets a flag. Several processes:
+  One process: Python signal handlers set a flag. Several processes:
   jax.distributed's preemption sync manager catches SIGTERM on any of them
   and `reached_preemption_sync_point` turns true on all of them at the same
   step, so they save the same checkpoint together. A Python handler there
   would replace jax's, and a process that stopped alone would leave the
   others waiting in a collective."""
 
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
   def __init__(self):
     from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-    self.requested = False
+    self.received = None  # the first signal's number
+    self._previous = {}
     self.native = (jax.process_count() > 1
                    and jax_distributed.global_state.preemption_sync_manager is not None)
     if self.native:
       return
-    try:
-      signal.signal(signal.SIGTERM, self._on_sigterm)
-    except ValueError:  # not the main thread: leave signals to the caller
-      pass
+    for signum in self.SIGNALS if jax.process_count() == 1 else (signal.SIGTERM,):
+      try:
+        self._previous[signum] = signal.signal(signum, self._on_signal)
+      except ValueError:  # not the main thread: leave signals to the caller
+        pass
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self.requested = True
+  def _on_signal(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self.received == signal.SIGINT:
+      raise KeyboardInterrupt  # the second Ctrl-C: stop now
+    if self.received is None:
+      self.received = signum
+    if signum == signal.SIGINT:
+      print('\njaxcl: Ctrl-C: saving the current step, then stopping (Ctrl-C again to stop '
+            'at once)', file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    """Gives the signals back to their previous handlers."""
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  @property
+  def exit_code(self) -> int:
+    return 0 if self.received in (None, signal.SIGTERM) else 128 + self.received
+
+  def describe(self) -> str:
+    return 'interrupted (Ctrl-C)' if self.received == signal.SIGINT else 'preempted (SIGTERM)'
 
   def reached(self, step: int) -> bool:
     """Called by every process at every step."""
     if self.native:
       return bool(multihost_utils.reached_preemption_sync_point(step))
     if jax.process_count() > 1:  # jax's preemption service is off: share the flags (~2 ms)
-      return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
-    return self.requested
+      return bool(np.any(multihost_utils.process_allgather(np.int32(self.received is not None))))
+    return self.received is not None
 
 
-SKIPPED_IMAGES_FILE = 'skipped_images.json'
+SKIPPED_IMAGES_FILE = files.SKIPPED_IMAGES_FILE
 MAX_LISTED = 5
 
 
 def _report_skipped_images(workdir, exp: Experiment, eval_data: EvalData) -> list[str]:
-  """Lines naming the images an image folder left out (unreadable or wrongly
-  sized); all of them go to workdir/skipped_images.json."""
+  """Lines naming an image folder's empty class folders and the images it
+  left out (unreadable or wrongly sized; all of them go to
+  workdir/skipped_images.json)."""
   d = exp.config.dataset
   splits = {d.train_split: exp.train_source,
             d.get('eval_train_split'): getattr(eval_data, 'train', None),
             d.get('eval_test_split'): eval_data.test}
   skipped = {split: source.skipped for split, source in splits.items()
              if getattr(source, 'skipped', None)}
+  empty = sorted({folder for source in splits.values()
+                  for folder in getattr(source, 'empty_classes', ())})
+  lines = [f'jaxcl: class folder {folder} has no images (its class has no examples in that '
+           f'split)' for folder in empty]
   if not skipped:
-    return []
+    return lines
   if jax.process_index() == 0:
-    (epath.Path(workdir) / SKIPPED_IMAGES_FILE).write_text(json.dumps(skipped, indent=1) + '\n')
-  lines = []
+    files.write_atomically(epath.Path(workdir) / SKIPPED_IMAGES_FILE,
+                           json.dumps(skipped, indent=1) + '\n')
   for split, items in skipped.items():
     lines.append(f'jaxcl: {len(items)} image(s) of split {split!r} skipped (unreadable or '
                  f'wrongly sized; all listed in {SKIPPED_IMAGES_FILE}):')
@@ -787,7 +847,7 @@ def _report_skipped_images(workdir, exp: Experiment, eval_data: EvalData) -> lis
   return lines
 
 
-BATCH_HISTORY_FILE = 'batch_history.json'
+BATCH_HISTORY_FILE = files.BATCH_HISTORY_FILE
 
 
 def batch_history(workdir, batch_size: int, step: int) -> list:
@@ -817,13 +877,13 @@ def data_position(history: list, step: int) -> tuple[int, int]:
 def _drop_metrics_after(workdir, step: int) -> None:
   """Removes metrics.jsonl rows past `step`: a killed run logged them, the
   resumed run logs them again."""
-  path = epath.Path(workdir) / 'metrics.jsonl'
+  path = epath.Path(workdir) / files.METRICS_FILE
   if not path.exists():
     return
   rows = path.read_text().splitlines()
   kept = [r for r in rows if _row_step(r) is not None and _row_step(r) <= step]
   if len(kept) != len(rows):  # also drops a line a full disk cut short
-    _write_atomically(path, ''.join(r + '\n' for r in kept))
+    files.write_atomically(path, ''.join(r + '\n' for r in kept))
 
 
 def _row_step(row: str) -> int | None:
@@ -831,14 +891,6 @@ def _row_step(row: str) -> int | None:
     return int(json.loads(row)['step'])
   except (ValueError, KeyError, TypeError):
     return None
-
-
-def _write_atomically(path, text: str) -> None:
-  """Readers see the old file or the new one, never a part of either."""
-  path = epath.Path(path)
-  tmp = path.parent / f'{path.name}.tmp'
-  tmp.write_text(text)
-  tmp.replace(path)
 
 
 def saved_tokenizer(workdir):
@@ -863,8 +915,10 @@ def load_trained(workdir):
       raise
     config.mesh = config_lib.base_config().mesh  # trained on a pod, evaluated on a laptop
     config_lib.validate(config)
+  if not (epath.Path(workdir) / files.CHECKPOINT_DIR).is_dir():
+    raise config_lib.ConfigError(f'{workdir} has no checkpoint to load')
   exp = setup(config, tokenizer=saved_tokenizer(workdir))
-  manager = checkpoint_manager(workdir, config)
+  manager = checkpoint_manager(workdir, config, read_only=True)
   try:
     state, failures = restore_newest(manager, exp)
   except CheckpointError as e:

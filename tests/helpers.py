@@ -110,3 +110,46 @@ def run_until_checkpoint(workdir, min_step: int, extra=(), **popen_kwargs):
       break
     time.sleep(0.05)
   return proc
+
+
+# ------------------------------------------------------------ float results ---
+F32_EPS = 1.2e-7  # float32's machine epsilon (np.finfo(np.float32).eps = 1.19e-7)
+
+
+def assert_close(actual, desired, *, rtol: float, what: str = ''):
+  """Asserts that float results computed in float32 by different reduction
+  orders (sharded vs one device, ring or blockwise vs dense, float32 vs a
+  float64 reference) agree to within what that rounding allows.
+
+  The rule, per leaf of `desired` (a scalar, an array, or a pytree of them,
+  e.g. gradients or a metrics dict; `actual` must have the same structure):
+
+      |actual - desired| <= rtol * scale,   scale = max |desired| over the leaf
+
+  - rtol fits float32 and the reduction: a sum of n float32 terms reordered
+    moves by a few F32_EPS * sqrt(n) of its scale; a step through a network
+    (forward, backward, optimizer) compounds that. Each call states its rtol
+    and why; keep it as tight as the computation honestly allows.
+  - the absolute floor rtol * scale is what a reordered sum's rounding is
+    relative to: the size of the leaf, not of each element, so a near-zero
+    element of a large array (a gradient entry that nearly cancels) is held
+    to the leaf's scale, and a scalar (scale = |desired|) to a relative
+    tolerance whatever its magnitude: never an absolute-only tolerance.
+  - integer and boolean leaves must be equal; NaN never matches.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  paths_d, tree_d = jax.tree_util.tree_flatten_with_path(desired)
+  leaves_a, tree_a = jax.tree_util.tree_flatten(actual)
+  assert tree_a == tree_d, f'{what}: structures differ: {tree_a} vs {tree_d}'
+  for (path, d), a in zip(paths_d, leaves_a):
+    name = what + jax.tree_util.keystr(path)
+    a, d = np.asarray(jax.device_get(a)), np.asarray(jax.device_get(d))
+    if not (np.issubdtype(d.dtype, np.inexact) or np.issubdtype(a.dtype, np.inexact)):
+      np.testing.assert_array_equal(a, d, err_msg=name)
+      continue
+    d64 = d.astype(np.float64)
+    scale = float(np.max(np.abs(d64))) if d64.size else 0.0
+    np.testing.assert_allclose(
+        a.astype(np.float64), d64, rtol=0, atol=rtol * scale, equal_nan=False,
+        err_msg=f'{name}: allowed |actual - desired| <= rtol {rtol:g} x scale {scale:.6g}')

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
+from helpers import assert_close
 from jaxcl import losses
 
 
@@ -71,6 +72,12 @@ def unit_rows(rng, n, d):
 
 
 # -------------------------------------------------------------- the cases ---
+# float32 against float64 (tests/helpers.py: assert_close): the loss sums <= 32
+# logits per row and 32 rows; its gradient adds the finite differences'
+# float64 error (~1e-9) and the reduction over rows.
+RTOL_VALUE = 2e-6
+RTOL_GRAD = 1e-5
+
 N, D = 16, 6
 CASES = {
     # name: (jaxcl function taking (x, y, tau, extra), reference, extra args)
@@ -119,9 +126,9 @@ def test_softmax_losses_match_reference(name, layout):
     loss_fn = _sharded(lambda a, b, t: fn(a, b, t, axis), _mesh(shape, names), axis, 3)
   args = (jnp.float32(x), jnp.float32(y), jnp.float32(tau))
   value, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)))(*args)
-  np.testing.assert_allclose(value, ref(x, y, tau), rtol=1e-5, atol=1e-6)
-  for got, want in zip(grads, finite_diff(ref, [x, y, tau])):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert_close(value, ref(x, y, tau), rtol=RTOL_VALUE, what='loss')
+  for got, want, what in zip(grads, finite_diff(ref, [x, y, tau]), ('x', 'y', 'tau')):
+    assert_close(got, want, rtol=RTOL_GRAD, what=what)
 
 
 @pytest.mark.parametrize('layout', LAYOUTS)
@@ -136,9 +143,10 @@ def test_siglip_matches_reference(layout):
     loss_fn = _sharded(lambda a, b, t, c: fn(a, b, t, c, axis), _mesh(shape, names), axis, 4)
   args = (jnp.float32(x), jnp.float32(y), jnp.float32(tau), jnp.float32(bias))
   value, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3)))(*args)
-  np.testing.assert_allclose(value, ref_siglip(x, y, tau, bias), rtol=1e-5)
-  for got, want in zip(grads, finite_diff(ref_siglip, [x, y, tau, bias])):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert_close(value, ref_siglip(x, y, tau, bias), rtol=RTOL_VALUE, what='loss')
+  for got, want, what in zip(grads, finite_diff(ref_siglip, [x, y, tau, bias]),
+                             ('x', 'y', 'tau', 'bias')):
+    assert_close(got, want, rtol=RTOL_GRAD, what=what)
 
 
 def test_sharded_negatives_are_global():
@@ -149,7 +157,7 @@ def test_sharded_negatives_are_global():
   fn = _sharded(lambda a, b: losses.nt_xent(a, b, temperature=0.1, axis_name='data'), mesh,
                 'data', 2)
   value = fn(jnp.float32(x), jnp.float32(y))
-  np.testing.assert_allclose(value, ref_nt_xent(x, y, 0.1), rtol=1e-5)
+  assert_close(value, ref_nt_xent(x, y, 0.1), rtol=RTOL_VALUE)
   assert abs(float(value) - local_only) > 0.5
 
 
@@ -159,7 +167,7 @@ def test_bf16_inputs_give_float32_logits():
   assert value.dtype == jnp.float32
   xb = np.asarray(jnp.bfloat16(x), np.float64)
   yb = np.asarray(jnp.bfloat16(y), np.float64)
-  np.testing.assert_allclose(value, ref_nt_xent(xb, yb, 0.1), rtol=1e-4)
+  assert_close(value, ref_nt_xent(xb, yb, 0.1), rtol=RTOL_VALUE)  # the same bf16 inputs
 
 
 def ref_contrastive_accuracy(z1, z2, k):

@@ -1,0 +1,142 @@
+"""Config files and their command-line overrides, checked before
+ml_collections' config_flags reads them, so that every mistake is one line
+naming the file or the flag.
+
+A config file is Python that defines `get_config()` returning a ConfigDict
+(`FILE:ARG` passes ARG to `get_config`). It is executed: only run config
+files you trust.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+
+import ml_collections
+
+from jaxcl import errors
+
+
+class ConfigFileError(ValueError):
+  """A config file that does not load, or an override naming no key."""
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of config file `spec` ('path.py' or 'path.py:arg')."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path, arg = spec, None
+  if not epath.Path(spec).is_file() and ':' in spec:
+    path, arg = spec.rsplit(':', 1)
+  if not epath.Path(path).is_file():
+    raise ConfigFileError(f'config file {path} does not exist')
+  try:
+    module_spec = importlib.util.spec_from_file_location('jaxcl_config_file', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  except SystemExit as e:
+    raise ConfigFileError(f'config file {path} called sys.exit({e.code}) while loading'
+                          ) from None
+  except Exception as e:  # pylint: disable=broad-except  # the file's own error, reported
+    raise ConfigFileError(f'config file {path} fails to load: {_describe(e)}') from None
+  get_config = getattr(module, 'get_config', None)
+  if not callable(get_config):
+    raise ConfigFileError(f'config file {path} has no get_config() function')
+  try:
+    config = get_config() if arg is None else get_config(arg)
+  except SystemExit as e:
+    raise ConfigFileError(f'config file {path}: get_config() called sys.exit({e.code})'
+                          ) from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigFileError(f'config file {path}: get_config() raised {_describe(e)}') from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigFileError(f'config file {path}: get_config() returned '
+                          f'{type(config).__name__}, not an ml_collections.ConfigDict')
+  return config
+
+
+def _describe(e: BaseException) -> str:
+  if isinstance(e, SyntaxError) and e.lineno:
+    return f'SyntaxError: {e.msg} (line {e.lineno})'
+  return f'{type(e).__name__}: {errors.first_line(e, "")}'.rstrip(': ')
+
+
+def overrides(args: list[str]) -> list[tuple[str, str | None]]:
+  """(dotted key, value or None) of every --config.KEY[=VALUE] in `args`."""
+  out = []
+  for i, arg in enumerate(args):
+    flag = arg.lstrip('-')
+    if arg.startswith('-') and flag.startswith('config.'):
+      key, eq, value = flag[len('config.'):].partition('=')
+      if not eq:
+        value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith('-') else None
+      out.append((key, value))
+  return out
+
+
+def closest(name: str, candidates) -> str | None:
+  """The candidate a mistyped `name` most likely meant: a close spelling,
+  else one that starts like it or abbreviates it ('lr' ->
+  'learning_rate'); None when nothing comes near."""
+  candidates = sorted(candidates)
+  match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+  if match:
+    return match[0]
+  for c in candidates:
+    if c.startswith(name) or name.startswith(c):
+      return c
+  for c in candidates:  # initials: 'lr' -> 'learning_rate'
+    if len(name) > 1 and ''.join(word[:1] for word in c.split('_')) == name:
+      return c
+  for c in candidates:
+    if name and c[0] == name[0] and _is_subsequence(name.replace('_', ''), c):
+      return c
+  return None
+
+
+def _is_subsequence(short: str, long: str) -> bool:
+  it = iter(long)
+  return all(ch in it for ch in short)
+
+
+def check_overrides(config, args: list[str]) -> None:
+  """ConfigFileError for the first override that names no key of `config`,
+  or that gives a tuple field a value not written as a tuple."""
+  for key, value in overrides(args):
+    node, path = config, []
+    for part in key.split('.'):
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ConfigFileError(f'unknown config key {part!r} in --config.{key} '
+                              f'({".".join(path)} is a value, not a group of keys)')
+      if part not in node:
+        suggestion = closest(part, node.keys())
+        where = f'{".".join(path)}: ' if path else ''
+        raise ConfigFileError(
+            f'unknown config key {part!r} in --config.{key} ('
+            + (f'did you mean {suggestion!r}?)' if suggestion else
+               f'{where}the keys are {", ".join(sorted(node.keys()))})'))
+      node = node[part]
+      path.append(part)
+    # config_flags would read `--config.names=abc` for a tuple as ('a', 'b', 'c').
+    if isinstance(node, (tuple, list)) and value is not None and not value.strip().startswith(
+        ('(', '[')):
+      raise ConfigFileError(f'--config.{key} takes a tuple, written (a, b) or [a, b]; '
+                            f'got {value!r}')
+
+
+_TYPE_NAMES = ((bool, 'True or False'), (int, 'an integer'), (float, 'a number'),
+               (str, 'a string'), (tuple, 'a tuple'), (list, 'a list'))
+
+
+def value_error_message(config, args: list[str], message: str) -> str:
+  """config_flags' error for an override value ('flag --config.k=v: invalid
+  literal for int() ...') as 'KEY takes an integer, got V'; other flag
+  errors as they are, without absl's 'flag' prefix."""
+  for key, value in overrides(args) if config is not None else ():
+    if message.startswith(f'flag --config.{key}='):
+      node = config
+      for part in key.split('.'):
+        node = node[part]
+      kind = next((name for t, name in _TYPE_NAMES if isinstance(node, t)), None)
+      if kind is not None:
+        return f'--config.{key} takes {kind}, got {value!r}'
+  return message[len('flag '):] if message.startswith('flag --') else message

@@ -1,0 +1,101 @@
+"""The files of a workdir, their names, and how jaxcl writes them.
+
+Every file jaxcl writes whole goes through `write_atomically`: readers (and
+a rerun after a crash) see the old file or the new one, never a part of
+either. Only the append-only logs (metrics.jsonl, TensorBoard events) and
+orbax's checkpoints, which are atomic in their own way, are written
+otherwise.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from etils import epath
+
+CONFIG_FILE = 'config.json'  # the config a run was trained with
+EVAL_FILE = 'eval.json'  # the final (or `jaxcl eval`'s) evaluation
+METRICS_FILE = 'metrics.jsonl'  # one JSON row per log step
+CHECKPOINT_DIR = 'checkpoints'
+BATCH_HISTORY_FILE = 'batch_history.json'
+SKIPPED_IMAGES_FILE = 'skipped_images.json'
+SWEEP_FILES = ('sweep.json', 'sweep.csv', 'sweep.png')
+TOKENIZER_FILE = 'tokenizer.json'  # two towers: the tokenizer's spec
+SENTENCEPIECE_FILE = 'tokenizer.model'  # and its SentencePiece model, if any
+LOCK_DIR = 'jaxcl.lock'  # held by the run in progress (jaxcl.lock)
+WALL_FILE = 'wall_time.json'  # a sweep run's training time
+REPORT_DIR, REPORT_FILE = 'report', 'report.html'
+# Everything jaxcl keeps at the top of a workdir (files and folders): nothing
+# else, `jaxcl export --output` included, may write there under these names.
+WORKDIR_NAMES = frozenset({
+    CONFIG_FILE, EVAL_FILE, METRICS_FILE, CHECKPOINT_DIR, BATCH_HISTORY_FILE,
+    SKIPPED_IMAGES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE, LOCK_DIR,
+    'unrestorable_checkpoints', REPORT_DIR, REPORT_FILE, WALL_FILE})
+
+
+def write_atomically(path, data: str | bytes) -> None:
+  """Writes `data` to `path` through a temporary file in the same folder,
+  renamed into place once complete."""
+  path = epath.Path(path)
+  tmp = path.parent / f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp'
+  try:
+    if isinstance(data, bytes):
+      tmp.write_bytes(data)
+    else:
+      tmp.write_text(data)
+    tmp.replace(path)
+  except BaseException:
+    try:
+      tmp.unlink(missing_ok=True)
+    except OSError:  # the original error is the one to report
+      pass
+    raise
+
+
+def write_all_atomically(contents: dict) -> None:
+  """Writes {path: bytes} so that either all files are in place or none is
+  changed: every one goes to a temporary name first; the renames come once
+  all are written, in the order given (put the file that marks the set
+  complete last)."""
+  temps = {}
+  try:
+    for path, data in contents.items():
+      path = epath.Path(path)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      temps[path] = path.parent / f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp'
+      temps[path].write_bytes(data)
+  except BaseException:
+    for tmp in temps.values():
+      try:
+        tmp.unlink(missing_ok=True)
+      except OSError:
+        pass
+    raise
+  for path, tmp in temps.items():
+    tmp.replace(path)
+
+
+def is_run(path) -> bool:
+  """Whether `path` holds a jaxcl run (its config.json)."""
+  return (epath.Path(path) / CONFIG_FILE).exists()
+
+
+def is_sweep(path) -> bool:
+  """Whether `path` holds a jaxcl sweep (sweep.json, or runs named tau-*)."""
+  path = epath.Path(path)
+  if (path / 'sweep.json').exists():
+    return True
+  return path.is_dir() and any(p.name.startswith('tau-') and is_run(p) for p in path.iterdir())
+
+
+def is_empty_dir(path) -> bool:
+  path = epath.Path(path)
+  return path.is_dir() and not any(True for _ in path.iterdir())
+
+
+def same_file(a, b) -> bool:
+  """Whether two local paths name the same file (both resolved); False for
+  object-store paths, whose names are compared as written."""
+  if '://' in str(a) or '://' in str(b):
+    return str(a).rstrip('/') == str(b).rstrip('/')
+  return epath.Path(a).resolve() == epath.Path(b).resolve()

@@ -140,9 +140,9 @@ def _parse(command: str, args: list[str]) -> None:
   try:
     positional = flags.FLAGS([f'jaxcl {command}'] + args)[1:]
   except flags.UnrecognizedFlagError as e:
-    suggestions = getattr(e, 'suggestions', None) or ()
+    suggestion = config_files.closest(e.flagname, COMMANDS[command][1] + COMMANDS[command][2])
     raise UsageError(f'unknown flag --{e.flagname}'
-                     + (f" (did you mean --{suggestions[0]}?)" if suggestions else
+                     + (f' (did you mean --{suggestion}?)' if suggestion else
                         f'; jaxcl {command} --help lists its flags')) from None
   except flags.Error as e:
     raise UsageError(config_files.value_error_message(config, args, errors.first_line(e))
@@ -251,8 +251,7 @@ def run(argv: list[str]) -> int:
               f'tokenizer in {output}.json)')
   except (errors.ConfigError, errors.DatasetError) as e:
     raise UsageError(str(e)) from None
-  except errors.Interrupted as e:
-    print(f'jaxcl: {e}', file=sys.stderr)
+  except errors.Interrupted as e:  # the run printed where it stopped
     return e.exit_code
   except errors.RunError as e:
     print(f'jaxcl: {e}', file=sys.stderr)
@@ -273,8 +272,11 @@ def main(argv=None) -> None:
       code = _report_in_multi_process(e)
     else:  # a second Ctrl-C, or one outside the training loop
       print('\njaxcl: stopped (Ctrl-C); nothing after the last complete checkpoint was saved',
-            file=sys.stderr)
-      code = EXIT_INTERRUPTED
+            file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      # At once: an interpreter shutdown would wait for, and log errors from,
+      # orbax's background writer (an unfinished checkpoint is never restored).
+      os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
   except Exception as e:  # pylint: disable=broad-except
     from jaxcl import distributed  # pylint: disable=g-import-not-at-top
     if not distributed.multi_process():

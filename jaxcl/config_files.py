@@ -102,13 +102,19 @@ def check_overrides(config, args: list[str]) -> None:
   """ConfigFileError for the first override that names no key of `config`,
   or that gives a tuple field a value not written as a tuple."""
   for key, value in overrides(args):
-    node, path = config, []
-    for part in key.split('.'):
+    node, path, parts = config, [], key.split('.')
+    for depth, part in enumerate(parts):
       if not isinstance(node, ml_collections.ConfigDict):
         raise ConfigFileError(f'unknown config key {part!r} in --config.{key} '
                               f'({".".join(path)} is a value, not a group of keys)')
       if part not in node:
         suggestion = closest(part, node.keys())
+        if depth == len(parts) - 1:  # a dropped dot: 'datasettext_key' -> 'dataset.text_key'
+          dotted = [k for k in _dotted_keys(node) if '.' in k]
+          match = difflib.get_close_matches(part, [k.replace('.', '') for k in dotted], n=1,
+                                            cutoff=0.9)
+          if match:
+            suggestion = next(k for k in dotted if k.replace('.', '') == match[0])
         where = f'{".".join(path)}: ' if path else ''
         raise ConfigFileError(
             f'unknown config key {part!r} in --config.{key} ('
@@ -121,6 +127,14 @@ def check_overrides(config, args: list[str]) -> None:
         ('(', '[')):
       raise ConfigFileError(f'--config.{key} takes a tuple, written (a, b) or [a, b]; '
                             f'got {value!r}')
+
+
+def _dotted_keys(node, prefix=''):
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _dotted_keys(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}'
 
 
 _TYPE_NAMES = ((bool, 'True or False'), (int, 'an integer'), (float, 'a number'),

@@ -63,8 +63,8 @@ def check_output(workdir, output, *, two_tower: bool, overwrite: bool) -> list[e
       if owner is not None:
         inside = path.relative_to(owner).parts
         if inside[0] in files.WORKDIR_NAMES:
-          raise errors.ConfigError(f'--output {output} would write {path}, a file of the jaxcl '
-                                   f'workdir {owner}; choose another name')
+          raise errors.ConfigError(f'--output {output} would write {path}, where the jaxcl '
+                                   f'workdir {owner} keeps its own files; choose another name')
     if path.exists() and not overwrite:
       raise errors.ConfigError(f'--output {output} would replace {path}, which exists; pass '
                                f'--overwrite to replace it')

@@ -788,10 +788,7 @@ class Preemption:
     if signum == signal.SIGINT and self.received == signal.SIGINT:
       raise KeyboardInterrupt  # the second Ctrl-C: stop now
     if self.received is None:
-      self.received = signum
-    if signum == signal.SIGINT:
-      print('\njaxcl: Ctrl-C: saving the current step, then stopping (Ctrl-C again to stop '
-            'at once)', file=sys.stderr, flush=True)
+      self.received = signum  # no printing here: the handler may interrupt a write
 
   def close(self) -> None:
     """Gives the signals back to their previous handlers."""
@@ -824,12 +821,11 @@ def _report_skipped_images(workdir, exp: Experiment, eval_data: EvalData) -> lis
   left out (unreadable or wrongly sized; all of them go to
   workdir/skipped_images.json)."""
   d = exp.config.dataset
-  splits = {d.train_split: exp.train_source,
-            d.get('eval_train_split'): getattr(eval_data, 'train', None),
-            d.get('eval_test_split'): eval_data.test}
-  skipped = {split: source.skipped for split, source in splits.items()
+  splits = [(d.train_split, exp.train_source), (d.eval_train_split, eval_data.train),
+            (d.eval_test_split, eval_data.test)]  # the same split may come twice
+  skipped = {split: source.skipped for split, source in splits
              if getattr(source, 'skipped', None)}
-  empty = sorted({folder for source in splits.values()
+  empty = sorted({folder for _, source in splits
                   for folder in getattr(source, 'empty_classes', ())})
   lines = [f'jaxcl: class folder {folder} has no images (its class has no examples in that '
            f'split)' for folder in empty]

@@ -67,8 +67,14 @@ def tiny_config(config_file=DIGITS_CONFIG, tiny=None, **extra):
   return config
 
 
+# The most a jaxcl command of the tests may take (the longest take ~30 s on 2
+# cores): a hang becomes a failure, not a suite that never ends.
+JAXCL_TIMEOUT_S = 900
+
+
 def jaxcl(*args, devices=1, check=True, **kwargs):
   """Runs the `jaxcl` CLI in a fresh process with `devices` CPU devices."""
+  kwargs.setdefault('timeout', JAXCL_TIMEOUT_S)
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   env['JAX_PLATFORMS'] = 'cpu'
@@ -94,22 +100,63 @@ def final_params(workdir):
   return int(state.step), jax.device_get(state.params)
 
 
+# A bound for how long the tiny RUN takes to reach a checkpoint (compilation
+# and tens of steps, ~10 s on 2 cores): generous for a machine several times
+# slower, still an error, not a hang, when the run stalls.
+CHECKPOINT_WAIT_S = 300
+
+
+def newest_checkpoint(workdir) -> int | None:
+  ckpts = workdir / 'checkpoints'
+  steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+  return max(steps, default=None)
+
+
+def logged_steps(workdir) -> list[int]:
+  """The steps of the training rows in workdir/metrics.jsonl so far."""
+  import json  # pylint: disable=g-import-not-at-top
+  path = workdir / 'metrics.jsonl'
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except ValueError:  # a line being written
+      pass
+  return [r['step'] for r in rows if 'loss' in r]
+
+
 def run_until_checkpoint(workdir, min_step: int, extra=(), **popen_kwargs):
-  """Starts the RUN training (2 devices) in `workdir` and returns the process
-  once it has a checkpoint at min_step or later (or has ended, or 240 s passed)."""
+  """Starts the RUN training (2 devices) in `workdir` and returns the process,
+  stopped (SIGSTOP), as soon as it has a checkpoint at min_step or later.
+
+  Stopped, so that it cannot run on to its end while the test looks at it and
+  decides what to do: send SIGCONT (after SIGTERM, say) or SIGKILL. How far it
+  got is logged_steps(workdir)[-1] (to at most log_every_steps - 1 steps
+  more). Fails if the run ends first or takes longer than CHECKPOINT_WAIT_S."""
+  import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
          str(workdir), *tiny_overrides(), *RUN, *extra]
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, **popen_kwargs)
-  ckpts = workdir / 'checkpoints'
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
-    if steps and max(steps) >= min_step:
+  deadline = time.monotonic() + CHECKPOINT_WAIT_S
+  while proc.poll() is None:
+    newest = newest_checkpoint(workdir)
+    if newest is not None and newest >= min_step:
+      proc.send_signal(signal.SIGSTOP)
+      if proc.poll() is None:
+        return proc
       break
+    if time.monotonic() > deadline:
+      proc.kill()
+      proc.wait()
+      raise AssertionError(f'no checkpoint of step {min_step} or later after '
+                           f'{CHECKPOINT_WAIT_S} s (newest: {newest_checkpoint(workdir)})')
     time.sleep(0.05)
-  return proc
+  raise AssertionError(f'the run exited ({proc.returncode}) before a checkpoint of step '
+                       f'{min_step}: newest {newest_checkpoint(workdir)}')
 
 
 # ------------------------------------------------------------ float results ---

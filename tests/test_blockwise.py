@@ -24,13 +24,15 @@ LOSSES = {
 }
 
 
-# Tolerances (tests/helpers.py: assert_close): the loss and its metrics are
-# sums over <= 80 logits reordered by tiles/devices; the gradients add a
-# second reduction (over rows); the train step adds the encoder around them.
+# Tolerances (tests/helpers.py: assert_close; measured worst on 2 x86 cores
+# in brackets). The loss and its metrics: sums over <= 80 logits per row and
+# 40 rows, reordered by tiles and devices [2.8e-7]. The gradients add the
+# reduction over rows [3.0e-7]. The train step puts the encoder around the
+# loss, on 8 devices' shapes vs 1 [metrics 1.9e-7; grads 2.7e-6].
 RTOL_LOSS = 2e-6
-RTOL_GRAD = 1e-5
-RTOL_STEP = 1e-5
-RTOL_STEP_GRAD = 1e-4
+RTOL_GRAD = 5e-6
+RTOL_STEP = 5e-6
+RTOL_STEP_GRAD = 3e-5
 
 
 def _embeddings(n, d, seed):

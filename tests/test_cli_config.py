@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+import messages
 from helpers import CLIP_CONFIG, DIGITS_CONFIG, jaxcl
 
 BAD = {
@@ -60,16 +61,22 @@ CASES = {**{k: (DIGITS_CONFIG, *v) for k, v in BAD.items()},
 
 @pytest.mark.parametrize('case', CASES)
 def test_bad_config_exits_2_with_one_line(case, tmp_path):
-  config_file, overrides, expected = CASES[case]
+  config_file, overrides, _ = CASES[case]
   workdir = tmp_path / 'run'
   proc = jaxcl('train', '--config', config_file, '--workdir', str(workdir), *overrides,
                devices=8, check=False)
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('jaxcl: error: '), proc.stderr
-  assert expected in lines[0]
+  assert lines[0] == messages.expected(messages.CONFIG[case])
   assert 'Traceback' not in proc.stderr
   assert not os.path.exists(workdir)
+
+
+def test_every_case_has_a_reviewed_message():
+  assert set(messages.CONFIG) == set(CASES)
+  for case, (_, _, fragment) in CASES.items():  # the fragment each case was written for
+    assert fragment in messages.CONFIG[case], case
 
 
 def test_missing_config_file_and_flags(tmp_path):
@@ -79,7 +86,7 @@ def test_missing_config_file_and_flags(tmp_path):
       (['train', '--workdir', str(tmp_path)], '--config is required'),
       (['train', '--config', DIGITS_CONFIG], '--workdir is required'),
       (['eval', '--workdir', str(tmp_path / 'nowhere')], 'does not exist'),
-      (['fly'], 'choose a command'),
+      (['fly'], "unknown command 'fly'"),
   ]:
     proc = jaxcl(*args, check=False)
     assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr)

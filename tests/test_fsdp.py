@@ -10,10 +10,12 @@ from helpers import assert_close, tiny_config
 from jaxcl import parallel, train
 
 # FSDP's step reduces the gradients in other orders than data parallelism
-# (tests/helpers.py: assert_close; as in test_train.py's sharded-vs-one).
-RTOL_LOSS = 1e-5
-RTOL_GRAD = 1e-4
-RTOL_PARAMS = 1e-4
+# (tests/helpers.py: assert_close; as test_train.py's sharded-vs-one). Measured
+# worst on 2 x86 cores: loss [1.3e-7], gradients [2.5e-6], parameters after 2
+# Adam steps [2.6e-5: m/sqrt(v) amplifies the rounding of small gradient entries].
+RTOL_LOSS = 5e-6
+RTOL_GRAD = 3e-5
+RTOL_PARAMS = 2e-4
 
 
 def test_fsdp_spec():

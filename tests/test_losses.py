@@ -73,10 +73,11 @@ def unit_rows(rng, n, d):
 
 # -------------------------------------------------------------- the cases ---
 # float32 against float64 (tests/helpers.py: assert_close): the loss sums <= 32
-# logits per row and 32 rows; its gradient adds the finite differences'
-# float64 error (~1e-9) and the reduction over rows.
+# logits per row and 32 rows [worst measured 7.8e-8]; its gradient adds the
+# reduction over rows [1.9e-7] (the float64 finite differences are exact to
+# ~1e-10).
 RTOL_VALUE = 2e-6
-RTOL_GRAD = 1e-5
+RTOL_GRAD = 2e-6
 
 N, D = 16, 6
 CASES = {

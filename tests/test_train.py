@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from helpers import (DIGITS_CONFIG, RUN, RUN_STEPS, assert_close, final_params, jaxcl,
-                     run_until_checkpoint, tiny_config, tiny_overrides)
+                     logged_steps, newest_checkpoint, run_until_checkpoint, tiny_config,
+                     tiny_overrides)
 from jaxcl import parallel, train
 
 
@@ -22,8 +23,12 @@ from jaxcl import parallel, train
 # loss over the batch's logits, the gradients through the encoder's forward
 # and backward (batch norm's statistics, the sums over the batch), the
 # parameters after a few optimizer steps on those gradients.
-RTOL_LOSS = 1e-5
-RTOL_GRAD = 1e-4
+# Measured worst on 2 x86 cores in brackets: loss and metrics [1.1e-7], batch
+# norm statistics [4.1e-7], gradients [2.7e-6], parameters after 3 Adam steps
+# [4.4e-6: m/sqrt(v) amplifies the rounding of gradient entries much smaller
+# than their leaf's largest].
+RTOL_LOSS = 5e-6
+RTOL_GRAD = 3e-5
 RTOL_PARAMS = 1e-4
 @pytest.fixture(scope='module')
 def experiments():
@@ -73,7 +78,7 @@ def test_sharded_train_steps_equal_single_device(experiments, train_steps):
     finals.append(jax.device_get((state.params, metrics)))
   (p1, m1), (p8, m8) = finals
   assert_close(p8, p1, rtol=RTOL_PARAMS, what='params')
-  assert_close(m8['loss'], m1['loss'], rtol=RTOL_PARAMS, what='loss')
+  assert_close(m8['loss'], m1['loss'], rtol=RTOL_LOSS, what='loss')
 
 
 def test_temperature_is_clamped_after_update(experiments, train_steps):
@@ -107,6 +112,7 @@ def test_eval_recomputes_eval_json(uninterrupted):
   before = json.loads((uninterrupted / 'eval.json').read_text())
   proc = jaxcl('eval', '--workdir', str(uninterrupted), devices=2)
   after = json.loads((uninterrupted / 'eval.json').read_text())
+  # Exact: the same program on the same 2 devices, from the same checkpoint.
   assert after['step'] == before['step'] == RUN_STEPS
   assert after['knn_top1'] == pytest.approx(before['knn_top1'], abs=1e-9)
   assert after['linear_top1'] == pytest.approx(before['linear_top1'], abs=1e-9)
@@ -121,24 +127,38 @@ def test_zero_steps_evaluates_random_encoder(tmp_path):
   assert 0.2 < results['knn_top1'] <= 1 and 0.2 < results['linear_top1'] <= 1
 
 
+# How long a run may take to answer SIGTERM: finish its step, write that
+# checkpoint, exit (measured: about 1 s on 2 busy cores; 10x margin on a
+# machine 3x slower).
+SIGTERM_S = 30
+
+
 def test_sigterm_checkpoints_exits_0_and_resumes_exactly(uninterrupted, tmp_path):
   """Preemption for real: SIGTERM mid-run -> the step's checkpoint, exit 0;
   the same command again ends where the uninterrupted run ends."""
   workdir = tmp_path / 'preempted'
-  proc = run_until_checkpoint(workdir, 10, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-  ckpts = workdir / 'checkpoints'
-  assert proc.poll() is None, 'the run ended before it could be preempted'
-  sent = time.time()
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=60)
-  assert proc.returncode == 0
-  assert time.time() - sent < 30
+  # Files, not pipes: nothing reads a pipe while the test waits for the run.
+  with open(tmp_path / 'out', 'w') as out, open(tmp_path / 'err', 'w') as err:
+    proc = run_until_checkpoint(workdir, 10, stdout=out, stderr=err)  # returned stopped
+  try:
+    # Stopped at most log_every_steps past its last logged step: SIGTERM comes mid-run.
+    logged = max(logged_steps(workdir), default=0)
+    assert logged <= RUN_STEPS - 10, f'stopped too late to preempt: step {logged} logged'
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGCONT)
+    assert proc.wait(timeout=SIGTERM_S) == 0, (tmp_path / 'err').read_text()[-3000:]
+    assert time.monotonic() - sent < SIGTERM_S
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  out = (tmp_path / 'out').read_text()
   line = [l for l in out.splitlines() if 'preempted (SIGTERM)' in l]
   assert line, out
   step = int(line[0].split('checkpoint of step ')[1].split()[0])
-  assert 10 <= step < RUN_STEPS
-  assert max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == step
+  assert 10 <= step <= logged + 5 < RUN_STEPS
+  assert newest_checkpoint(workdir) == step
   assert not (workdir / 'eval.json').exists()
 
   resumed = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
@@ -146,8 +166,9 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(uninterrupted, tmp_path
   assert f'resuming from step {step}' in resumed.stdout
   _, params_a = final_params(uninterrupted)
   _, params_b = final_params(workdir)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               params_b, params_a)
+  # Exact: the same program on the same 2 devices, from a checkpoint that
+  # restores the state (data position and RNG included) bit for bit.
+  jax.tree.map(np.testing.assert_array_equal, params_b, params_a)
 
 
 # ------------------------------------------------------------- NaN and Inf ---

@@ -28,9 +28,35 @@ def _batch(exp, n, seed=0):
 
 
 # ------------------------------------------------ sharded == single device ---
+# float32 sums reordered by 8 devices vs 1 (tests/helpers.py: assert_close);
+# measured worst on 2 x86 cores in brackets. The loss's metrics see the
+# towers' rounding times 1/τ = 14 [1.3e-6]; gradients [1.6e-6]; parameters
+# after 2 Adam steps [8.6e-6], all but each attention's key bias (below).
 RTOL_LOSS = 1e-5
-RTOL_GRAD = 1e-4
+RTOL_GRAD = 3e-5
 RTOL_PARAMS = 1e-4
+
+
+def _qkv_biases(tree):
+  """{path: each attention's qkv bias}: columns [q | k | v] (models.Attention)."""
+  return {jax.tree_util.keystr(path): np.asarray(x)
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if "['qkv']['bias']" in jax.tree_util.keystr(path)}
+
+
+def _without_key_bias(params):
+  """params with the key biases set to 0. A key bias b adds q·b to all of a
+  query's logits alike, which softmax ignores: its gradient is 0 in exact
+  arithmetic, so float32 rounding noise, and Adam's m/sqrt(v) turns that noise
+  into steps of ±learning rate that differ from one mesh to another."""
+  def zero(path, x):
+    if "['qkv']['bias']" not in jax.tree_util.keystr(path):
+      return x
+    x, width = np.array(x), x.shape[-1] // 3
+    x[width:2 * width] = 0
+    return x
+  return jax.tree_util.tree_map_with_path(zero, params)
+
 
 @pytest.fixture(scope='module', params=['clip', 'siglip'])
 def experiments(request):
@@ -57,6 +83,12 @@ def test_sharded_two_tower_step_equals_single_device(experiments):
   assert_close(m8, m1, rtol=RTOL_LOSS, what='metrics')
   assert len(jax.tree.leaves(g1)) == len(jax.tree.leaves(g8)) > 10
   assert_close(g8, g1, rtol=RTOL_GRAD, what='grads')
+  # The key biases' gradients are rounding noise (see _without_key_bias).
+  key_biases = _qkv_biases(g1)
+  assert len(key_biases) == 2  # one attention block per tower
+  for name, qkv in key_biases.items():
+    width = len(qkv) // 3
+    assert np.max(np.abs(qkv[width:2 * width])) < 1e-4 * np.max(np.abs(qkv)), name
   # τ (and SigLIP's bias) are parameters with a gradient, equal on both meshes.
   assert abs(float(g1['temperature']['log_tau'][...])) > 0
   if experiments[0].config.method == 'siglip':
@@ -73,9 +105,10 @@ def test_sharded_two_tower_train_steps_equal_single_device(experiments):
       state, metrics = step(state, parallel.put_batch(exp.mesh, _batch(exp, 16, seed=i)))
     finals.append(jax.device_get((state.params, metrics)))
   (p1, m1), (p8, m8) = finals
-  assert_close(p8, p1, rtol=RTOL_PARAMS, what='params')
+  assert len(_qkv_biases(p1)) == 2
+  assert_close(_without_key_bias(p8), _without_key_bias(p1), rtol=RTOL_PARAMS, what='params')
   for key in ('loss', 'temperature', 'inv_temperature'):
-    assert_close(m8[key], m1[key], rtol=RTOL_PARAMS, what=key)
+    assert_close(m8[key], m1[key], rtol=RTOL_LOSS, what=key)
   if experiments[0].config.method == 'siglip':
     assert m1['bias'] == pytest.approx(experiments[0].config.temperature.bias_init, abs=0.1)
   else:
@@ -181,8 +214,11 @@ def test_clip_eval_recomputes_eval_json(clip_run):
   before = json.loads((clip_run / 'eval.json').read_text())
   jaxcl('eval', '--workdir', str(clip_run), devices=1)  # another mesh, same numbers
   after = json.loads((clip_run / 'eval.json').read_text())
+  # Each embedding is computed per example, but XLA may tile another batch
+  # shape differently: a near-tie among the 1000 test images may then go the
+  # other way, moving a rate by 1/1000.
   for key, value in before.items():
-    assert after[key] == pytest.approx(value, abs=1e-6), key
+    assert after[key] == pytest.approx(value, rel=0, abs=1e-3 + 1e-9), key
 
 
 ZERO_SHOT = r'''

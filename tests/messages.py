@@ -1,0 +1,302 @@
+"""Every message the bad-input tests expect, word for word: a reviewed list.
+
+A change to any of them shows here, in review, and a garbled message (a
+quoted repr, a second line, a lost flag name) fails the test that reads it.
+Placeholders: {tfds} is TFDS_DATA_DIR, {workdir} and {tmp} the test's own
+paths, {repo} the repository."""
+
+import os
+
+
+def expected(message: str, **paths) -> str:
+  """`message` with its placeholders filled ({tfds} from the environment)."""
+  paths.setdefault('tfds', os.environ.get('TFDS_DATA_DIR', ''))
+  for name, value in paths.items():
+    message = message.replace('{' + name + '}', str(value))
+  return message
+
+
+# tests/test_cli_config.py: `jaxcl train` with one bad override (8 devices).
+CONFIG = {
+    'unknown key':
+        "jaxcl: error: unknown config key 'no_such_key' in --config.no_such_key (the keys are augment, batch_size, checkpoint_every_steps, dataset, eval, eval_every_steps, keep_checkpoints, log_every_steps, loss, mesh, method, model, name, nonfinite, optimizer, seed, temperature, text, total_steps)",
+    'unknown nested key':
+        "jaxcl: error: unknown config key 'depth' in --config.model.depth (did you mean 'width'?)",
+    'wrong type':
+        "jaxcl: error: --config.batch_size takes an integer, got 'many'",
+    'batch not divisible':
+        "jaxcl: error: batch_size 30 is not divisible by the 8 data shards of the mesh {'data': 8, 'fsdp': 1}",
+    'tau <= 0':
+        'jaxcl: error: temperature.init must be > 0, got 0.0',
+    'negative tau min':
+        'jaxcl: error: temperature.min must be > 0, got -0.1',
+    'tau min > max':
+        'jaxcl: error: temperature.min 0.5 must be <= temperature.max 0.2',
+    'tau mode':
+        "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine'), got 'warm'",
+    'missing dataset':
+        "jaxcl: error: dataset.name: no TFDS dataset named 'no_such_dataset'",
+    'unprepared dataset':
+        "jaxcl: error: dataset 'cifar10' is not prepared under {tfds}; prepare it or set --config.dataset.download=True",
+    'mesh too big':
+        "jaxcl: error: mesh: mesh {'data': 16, 'fsdp': 1} needs 16 devices, there are 8",
+    'negative steps':
+        'jaxcl: error: total_steps must be >= 0, got -5',
+    'model':
+        "jaxcl: error: model.name must be one of ['resnet18', 'resnet34', 'resnet50', 'vit_ti16', 'vit_s16', 'vit_b16', 'vit_l16', 'vit'], got 'vgg'",
+    'optimizer':
+        "jaxcl: error: optimizer.name must be one of ('lars', 'adamw', 'sgd'), got 'rmsprop'",
+    'model dtype':
+        "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'bf16'",
+    'std zero':
+        'jaxcl: error: dataset.std values must be > 0, got (0.0,)',
+    'mean length':
+        'jaxcl: error: dataset.mean needs 1 or 3 numbers (per channel), got (0.1, 0.2)',
+    'probe steps':
+        'jaxcl: error: eval.probe_steps must be > 0, got 0',
+    'warmup':
+        'jaxcl: error: optimizer.warmup_steps must be >= 0, got -1',
+    'image key':
+        "jaxcl: error: dataset 'digits' has no feature 'img' (dataset.image_key); it has image, label",
+    'eval split':
+        "jaxcl: error: dataset 'digits' has no split 'validation' (it has train, test)",
+    'method':
+        "jaxcl: error: method must be one of ('simclr', 'clip', 'siglip'), got 'moco'",
+    'clip text heads':
+        'jaxcl: error: text.width 64 is not divisible by text.heads 5',
+    'clip text length':
+        'jaxcl: error: text.max_length must be >= 2 (a token and end-of-text), got 1',
+    'clip sentencepiece without a model':
+        'jaxcl: error: text: text.tokenizer=sentencepiece needs text.sentencepiece_model (a path)',
+    'clip sentencepiece model missing':
+        'jaxcl: error: text: text.sentencepiece_model /no/such.model does not exist',
+    'clip tokenizer':
+        "jaxcl: error: text: text.tokenizer must be one of ('bytes', 'sentencepiece'), got 'words'",
+    'clip vit patch':
+        'jaxcl: error: augment.image_size 32 is not divisible by the ViT patch size 5',
+    'clip vit heads':
+        'jaxcl: error: model.vit.width 128 is not divisible by model.vit.heads 5',
+    'clip text key':
+        "jaxcl: error: dataset 'captioned_shapes' has no feature 'caption' (dataset.text_key); it has image, captions, label",
+    'clip template':
+        "jaxcl: error: eval.zeroshot_templates: 'a photo' needs exactly one '{}' for the class name and no other braces",
+    'clip template field':
+        "jaxcl: error: eval.zeroshot_templates: 'a {label}' needs exactly one '{}' for the class name and no other braces",
+    'clip class names':
+        "jaxcl: error: eval.class_names has 2 names, the labels of 'captioned_shapes' have 24 classes",
+    'clip image folder has no captions':
+        'jaxcl: error: clip needs captions: image_folder has none; use a TFDS image-text dataset or dataset.name=image_text_pairs',
+    'clip pairs file missing':
+        'jaxcl: error: dataset.path /no/such/pairs.jsonl is not a file',
+}
+
+# tests/test_cli_fuzz.py, seed 0: the random bad overrides of `jaxcl train` (1 device).
+FUZZ_SEED_0 = {
+    '--config.temperature.min=-1.0':
+        'jaxcl: error: temperature.min must be > 0, got -1.0',
+    '--config.eval.probe_lr_size=0.5':
+        "jaxcl: error: unknown config key 'probe_lr_size' in --config.eval.probe_lr_size (did you mean 'probe_lr'?)",
+    '--config.log_every_steps=0':
+        'jaxcl: error: log_every_steps must be > 0, got 0',
+    '--config.model.stage_sizes=abc':
+        "jaxcl: error: --config.model.stage_sizes takes a tuple, written (a, b) or [a, b]; got 'abc'",
+    '--config.temperatre.mode=0.5':
+        "jaxcl: error: unknown config key 'temperatre' in --config.temperatre.mode (did you mean 'temperature'?)",
+    '--config.checkpoint_every_stepp=abc':
+        "jaxcl: error: unknown config key 'checkpoint_every_stepp' in --config.checkpoint_every_stepp (did you mean 'checkpoint_every_steps'?)",
+    '--config.metuod=abc':
+        "jaxcl: error: unknown config key 'metuod' in --config.metuod (did you mean 'method'?)",
+    '--config.text.depth=1e3x':
+        "jaxcl: error: --config.text.depth takes an integer, got '1e3x'",
+    '--config.augment.crop_scale_max=2.0':
+        'jaxcl: error: need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got 0.4, 2.0',
+    '--config.model.namet=0.5':
+        "jaxcl: error: unknown config key 'namet' in --config.model.namet (did you mean 'name'?)",
+    '--config.eval.max_train_examples=-1':
+        'jaxcl: error: eval.max_train_examples must be >= 0 (0: all), got -1',
+    '--config.datasettext_key=1':
+        "jaxcl: error: unknown config key 'datasettext_key' in --config.datasettext_key (did you mean 'dataset.text_key'?)",
+    '--config.augment.grayscale_prob=2.0':
+        'jaxcl: error: augment.grayscale_prob must be in [0, 1], got 2.0',
+    '--config.model.name=vgg16':
+        "jaxcl: error: model.name must be one of ['resnet18', 'resnet34', 'resnet50', 'vit_ti16', 'vit_s16', 'vit_b16', 'vit_l16', 'vit'], got 'vgg16'",
+    '--config.eval_everry_steps=0.5':
+        "jaxcl: error: unknown config key 'eval_everry_steps' in --config.eval_everry_steps (did you mean 'eval_every_steps'?)",
+    '--config.model.stage_sizes=(1,':
+        "jaxcl: error: --config.model.stage_sizes takes a tuple, got '(1,'",
+    '--config.temperature.lr_multiplier_size=abc':
+        "jaxcl: error: unknown config key 'lr_multiplier_size' in --config.temperature.lr_multiplier_size (did you mean 'lr_multiplier'?)",
+    '--config.model.vit.depth=2.5':
+        "jaxcl: error: --config.model.vit.depth takes an integer, got '2.5'",
+    '--config.eval.probe_steps=abc':
+        "jaxcl: error: --config.eval.probe_steps takes an integer, got 'abc'",
+    '--config.model.head_layers=0':
+        'jaxcl: error: model.head_layers must be a positive integer, got 0',
+    '--config.text.mlp_di=1':
+        "jaxcl: error: unknown config key 'mlp_di' in --config.text.mlp_di (did you mean 'mlp_dim'?)",
+    '--config.dataset.dataqdir=1':
+        "jaxcl: error: unknown config key 'dataqdir' in --config.dataset.dataqdir (did you mean 'data_dir'?)",
+    '--config.temperature.bias_init=fast':
+        "jaxcl: error: --config.temperature.bias_init takes a number, got 'fast'",
+    '--config.model.dtype=int32':
+        "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'int32'",
+    '--config.nonfinite_x=1':
+        "jaxcl: error: unknown config key 'nonfinite_x' in --config.nonfinite_x (did you mean 'nonfinite'?)",
+    '--config.eva.probe_steps=0.5':
+        "jaxcl: error: unknown config key 'eva' in --config.eva.probe_steps (did you mean 'eval'?)",
+    '--config.model.width=1e3x':
+        "jaxcl: error: --config.model.width takes an integer, got '1e3x'",
+    '--config.dataet.eval_test_split=1':
+        "jaxcl: error: unknown config key 'dataet' in --config.dataet.eval_test_split (did you mean 'dataset'?)",
+    '--config.augent.crop_scale_max=abc':
+        "jaxcl: error: unknown config key 'augent' in --config.augent.crop_scale_max (did you mean 'augment'?)",
+    '--config.mddel.head_out=1':
+        "jaxcl: error: unknown config key 'mddel' in --config.mddel.head_out (did you mean 'model'?)",
+    '--config.dataspet.text_key=1':
+        "jaxcl: error: unknown config key 'dataspet' in --config.dataspet.text_key (did you mean 'dataset'?)",
+    '--config.text.mlp_dim_old=1':
+        "jaxcl: error: unknown config key 'mlp_dim_old' in --config.text.mlp_dim_old (did you mean 'mlp_dim'?)",
+    '--config.augment.crop_scale_min=0.0':
+        'jaxcl: error: need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got 0.0, 1.0',
+    '--config.text.causal_size=1':
+        "jaxcl: error: unknown config key 'causal_size' in --config.text.causal_size (did you mean 'causal'?)",
+    '--config.optimizter.b2=1':
+        "jaxcl: error: unknown config key 'optimizter' in --config.optimizter.b2 (did you mean 'optimizer'?)",
+    '--config.eval.batch_size=-512':
+        'jaxcl: error: eval.batch_size -512 must be a positive multiple of the 1 data shards',
+    '--config.temperature.lr_multiplier=-2.0':
+        'jaxcl: error: temperature.lr_multiplier must be > 0, got -2.0',
+    '--config.keep_checkpoints=abc':
+        "jaxcl: error: --config.keep_checkpoints takes an integer, got 'abc'",
+    '--config.eval.probe_batch_size=[1]':
+        "jaxcl: error: --config.eval.probe_batch_size takes an integer, got '[1]'",
+    '--config.batch_size=-32':
+        'jaxcl: error: batch_size must be > 0, got -32',
+    '--config.augment.color_jitter_prob=[0.1]':
+        "jaxcl: error: --config.augment.color_jitter_prob takes a number, got '[0.1]'",
+    '--config.optimizer.b1=-0.1':
+        'jaxcl: error: optimizer.b1 must be in [0, 1), got -0.1',
+    "--config.loss.impl=''":
+        'jaxcl: error: loss.impl must be one of (\'dense\', \'blockwise\', \'ring\'), got "\'\'"',
+    '--config.eoss.impl=1':
+        "jaxcl: error: unknown config key 'eoss' in --config.eoss.impl (did you mean 'loss'?)",
+    '--config.log_every_steps=-1':
+        'jaxcl: error: log_every_steps must be > 0, got -1',
+    '--config.optimizer.b2=1.5':
+        'jaxcl: error: optimizer.b2 must be in [0, 1), got 1.5',
+    '--config.augmenf.blur_prob=1':
+        "jaxcl: error: unknown config key 'augmenf' in --config.augmenf.blur_prob (did you mean 'augment'?)",
+    '--config.temperature.min=[0.1]':
+        "jaxcl: error: --config.temperature.min takes a number, got '[0.1]'",
+    '--config.augment.color_jitter_strength=-1.0':
+        'jaxcl: error: augment.color_jitter_strength must be >= 0, got -1.0',
+    '--config.temperature.mode=frozen':
+        "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine'), got 'frozen'",
+    '--config.temperature.min=abc':
+        "jaxcl: error: --config.temperature.min takes a number, got 'abc'",
+    '--config.temperature.bias_init=inf':
+        'jaxcl: error: temperature.bias_init must be a finite number, got inf',
+    '--config.model.stage_sizes=(-1,)':
+        'jaxcl: error: model.stage_sizes must be a tuple of positive integers (empty: the preset of model.name), got (-1,)',
+    '--config.augment.crop_sckle_min=0.5':
+        "jaxcl: error: unknown config key 'crop_sckle_min' in --config.augment.crop_sckle_min (did you mean 'crop_scale_min'?)",
+    '--config.model._stage_sizes=abc':
+        "jaxcl: error: unknown config key '_stage_sizes' in --config.model._stage_sizes (did you mean 'stage_sizes'?)",
+    '--config.eval_every_steps=0':
+        'jaxcl: error: eval_every_steps must be > 0, got 0',
+    '--config.augment.color_jitter_prob=fast':
+        "jaxcl: error: --config.augment.color_jitter_prob takes a number, got 'fast'",
+    '--config.text.mlpg_dim=1':
+        "jaxcl: error: unknown config key 'mlpg_dim' in --config.text.mlpg_dim (did you mean 'mlp_dim'?)",
+    '--config.model.vit.heads=[1]':
+        "jaxcl: error: --config.model.vit.heads takes an integer, got '[1]'",
+    '--config.dataset.mean=(1,':
+        "jaxcl: error: --config.dataset.mean takes a tuple, got '(1,'",
+    '--config.optimizer.momentum=-0.5':
+        'jaxcl: error: optimizer.momentum must be in [0, 1), got -0.5',
+    '--config.eval.zeroshot_idataset=1':
+        "jaxcl: error: unknown config key 'zeroshot_idataset' in --config.eval.zeroshot_idataset (did you mean 'zeroshot_dataset'?)",
+    '--config.batch_size=0':
+        'jaxcl: error: batch_size must be > 0, got 0',
+    '--config.augment.color_jitter_prob=1.5':
+        'jaxcl: error: augment.color_jitter_prob must be in [0, 1], got 1.5',
+}
+
+# tests/test_cli_safety.py: the CLI's own flags, workdirs, saved configs,
+# config files and datasets.
+CLI = {
+    'not a workdir':
+        'jaxcl: error: workdir {tmp} holds files but is not a jaxcl workdir (no config.json; it '
+        'has eval.json, metrics.jsonl); use a new or empty directory',
+    'export onto config.json':
+        'jaxcl: error: --output {workdir}/config would write {workdir}/config.json, where the '
+        'jaxcl workdir {workdir} keeps its own files; choose another name',
+    'export onto eval.json':
+        'jaxcl: error: --output {workdir}/eval would write {workdir}/eval.json, where the jaxcl '
+        'workdir {workdir} keeps its own files; choose another name',
+    'export into checkpoints':
+        'jaxcl: error: --output {workdir}/checkpoints/x would write {workdir}/checkpoints/x, '
+        'where the jaxcl workdir {workdir} keeps its own files; choose another name',
+    'export onto a folder':
+        'jaxcl: error: --output {tmp}: {tmp} is a directory; give a file name',
+    'export into /proc':
+        'jaxcl: error: cannot write --output /proc/x: No such file or directory',
+    'export onto an existing file':
+        'jaxcl: error: --output {tmp}/mine.bin would replace {tmp}/mine.bin, which exists; pass '
+        '--overwrite to replace it',
+    'saved config empty':
+        'jaxcl: error: {workdir}/config.json is not a whole jaxcl config: it lacks 59 key(s) '
+        '(augment.blur_prob, augment.color_jitter_prob, augment.color_jitter_strength, '
+        'augment.crop_scale_max, augment.crop_scale_min, augment.flip and 53 more)',
+    'saved config a list':
+        'jaxcl: error: {workdir}/config.json holds a JSON list, not a config object',
+    'saved config not JSON':
+        "jaxcl: error: {workdir}/config.json is not valid JSON (Expecting ',' delimiter: line 1 "
+        'column 18 (char 17))',
+    'no checkpoint':
+        'jaxcl: error: {workdir} has no checkpoint to load',
+    'second ctrl-c':
+        'jaxcl: stopped (Ctrl-C); nothing after the last complete checkpoint was saved',
+    'config without get_config':
+        'jaxcl: error: config file {tmp}/config.py has no get_config() function',
+    'config that raises':
+        'jaxcl: error: config file {tmp}/config.py: get_config() raised ValueError: no such '
+        'recipe',
+    'config returning None':
+        'jaxcl: error: config file {tmp}/config.py: get_config() returned NoneType, not an '
+        'ml_collections.ConfigDict',
+    'config calling sys.exit':
+        'jaxcl: error: config file {tmp}/config.py: get_config() called sys.exit(3)',
+    'config with a syntax error':
+        'jaxcl: error: config file {tmp}/config.py fails to load: SyntaxError: invalid syntax '
+        '(line 1)',
+    'report on a folder':
+        'jaxcl: error: {tmp} is neither a jaxcl workdir (config.json) nor a sweep (sweep.json): '
+        'nothing to report',
+    'extra argument':
+        "jaxcl: error: jaxcl eval takes no positional arguments, got 'extra'",
+    'flag of another command':
+        'jaxcl: error: jaxcl report does not take --temperatures (its flags: --workdir)',
+    'override without a config':
+        'jaxcl: error: jaxcl eval does not take --config.batch_size (its flags: '
+        '--coordinator_address, --heartbeat_timeout, --num_processes, --process_id, --workdir)',
+    'unknown flag':
+        'jaxcl: error: unknown flag --workdr (did you mean --workdir?)',
+    'sweep without a config':
+        'jaxcl: error: --config is required',
+    'export without an output':
+        'jaxcl: error: --output is required',
+    'a tau twice':
+        'jaxcl: error: --temperatures lists one τ twice (0.1 and 0.10)',
+    'unknown command':
+        "jaxcl: error: unknown command 'fly'; choose one of: train | eval | export | sweep | report",
+    'no command':
+        'jaxcl: error: choose a command: train | eval | export | sweep | report; jaxcl --help for '
+        'more',
+    'dataset smaller than a batch':
+        "jaxcl: error: dataset 'image_folder' has 3 training example(s), fewer than one batch of "
+        '8; lower batch_size or add data',
+    'sweep rerun with another config':
+        'jaxcl: error: {workdir}/tau-0.1 holds a run with a different config '
+        '(optimizer.learning_rate: 0.002 there, 0.001 now); use a new --workdir',
+}

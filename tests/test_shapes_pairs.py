@@ -189,6 +189,9 @@ def test_jsonl_pairs_convert_once_and_report_bad_rows(pair_files):
   assert [p.stat().st_mtime_ns for p in sorted(pathlib.Path(again.data_dir).iterdir())] == mtimes
   assert again.bad_rows == builder.bad_rows and again.data_dir == builder.data_dir
   assert _contents(again) == _contents(builder)
+  # Every split of a run opens the dataset: the process says so once.
+  _, log = _prepare(path, tmp_path)
+  assert log == []
   # Another image size is another dataset.
   other = pairs.prepare_pairs(path, image_size=4, data_dir=str(tmp_path / 'tfds'), log=log.append)
   assert other.data_dir != builder.data_dir

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+import messages
 from helpers import DIGITS_CONFIG, jaxcl, tiny_overrides
 from jaxcl import config as config_lib
 from jaxcl import sweep
@@ -17,7 +18,7 @@ RUN = ['--config.total_steps=6', '--config.log_every_steps=3', '--config.eval_ev
 
 def test_parse_temperatures():
   assert sweep.parse_temperatures('0.05, 0.1,learnable') == ['0.05', '0.1', 'learnable']
-  for bad in ('', '0.1,-1', '0.1,hot', '0.1,0.1'):
+  for bad in ('', '0.1,-1', '0.1,hot', '0.1,0.1', '0.1,0.10', '1,1.0'):
     with pytest.raises(config_lib.ConfigError):
       sweep.parse_temperatures(bad)
 
@@ -77,3 +78,29 @@ def test_report_references_every_plot(swept):
   jaxcl('report', '--workdir', str(workdir / 'tau-0.1'))
   single = (workdir / 'tau-0.1' / 'report.html').read_text()
   assert len(re.findall('<img ', single)) == len(list((workdir / 'tau-0.1' / 'report').glob('*.png')))
+
+
+def test_sweep_rerun_with_another_config_is_refused(swept):
+  workdir, _ = swept
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob('*.json')}
+  proc = jaxcl('sweep', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+               '--temperatures=0.1,learnable', *tiny_overrides(), *RUN,
+               '--config.optimizer.learning_rate=0.001', check=False)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      messages.expected(messages.CLI['sweep rerun with another config'], workdir=workdir)]
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob('*.json')} == before
+
+
+def test_sweep_reevaluates_a_run_whose_results_are_unreadable_or_stale(swept):
+  workdir, _ = swept
+  (workdir / 'tau-0.1' / 'eval.json').write_text('{"step": 6, "knn_to')  # cut short
+  proc = jaxcl('sweep', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+               '--temperatures=0.1,learnable', *tiny_overrides(), *RUN, '--config.eval.knn_k=5')
+  # Both runs are evaluated again: one had no readable results, and knn_k
+  # (a key a run may change) is new for both; neither is trained further.
+  assert proc.stdout.count('training tau-') == 2 and 'is finished, skipped' not in proc.stdout
+  for run in ('tau-0.1', 'tau-learnable'):
+    assert json.loads((workdir / run / 'eval.json').read_text())['step'] == 6
+    assert json.loads((workdir / run / 'config.json').read_text())['eval']['knn_k'] == 5
+    assert 'resuming from step 6' in proc.stdout

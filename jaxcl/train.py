@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -721,6 +722,9 @@ def _train_and_evaluate(exp: Experiment, eval_data: EvalData, workdir: epath.Pat
   except (RunError, OSError):  # an OSError becomes one line in train_and_evaluate
     _close_after_failure(writer, manager)  # the progress bar and orbax's logs end first
     raise
+  except Exception:  # a lost process, a bug: its message comes after the progress bar
+    _close_after_failure(writer)
+    raise
   finally:
     preemption.close()
   summary = (', '.join(f'{k} {v:.4f}' for k, v in results.items())
@@ -788,7 +792,11 @@ class Preemption:
     if signum == signal.SIGINT and self.received == signal.SIGINT:
       raise KeyboardInterrupt  # the second Ctrl-C: stop now
     if self.received is None:
-      self.received = signum  # no printing here: the handler may interrupt a write
+      self.received = signum
+    if signum == signal.SIGINT:
+      # os.write, not print: the handler may have interrupted a print.
+      os.write(sys.stderr.fileno(), b'\njaxcl: Ctrl-C: finishing this step to save it (Ctrl-C '
+                                    b'again to stop at once)\n')
 
   def close(self) -> None:
     """Gives the signals back to their previous handlers."""

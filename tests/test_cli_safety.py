@@ -6,7 +6,6 @@ texts in tests/messages.py)."""
 import json
 import shutil
 import signal
-import subprocess
 import time
 
 import numpy as np
@@ -14,9 +13,10 @@ import pytest
 from PIL import Image
 
 import messages
-from helpers import DIGITS_CONFIG, RUN_STEPS, jaxcl, run_until_checkpoint, tiny_overrides
+from helpers import (DIGITS_CONFIG, RUN_STEPS, jaxcl, logged_steps, run_until_checkpoint,
+                     tiny_overrides)
 from jaxcl import config as config_lib
-from jaxcl import files
+from jaxcl import files, train
 
 STEPS = ['--config.total_steps=2', '--config.log_every_steps=1']
 
@@ -153,11 +153,16 @@ def test_eval_and_export_without_a_checkpoint_write_nothing(trained, tmp_path):
 # ------------------------------------------------------------------- Ctrl-C ---
 def test_ctrl_c_saves_the_current_step_and_says_where_to_resume(tmp_path):
   workdir = tmp_path / 'run'
-  proc = run_until_checkpoint(workdir, 10, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)  # stopped (SIGSTOP) mid-run
-  proc.send_signal(signal.SIGINT)
-  proc.send_signal(signal.SIGCONT)
-  out, err = proc.communicate(timeout=120)
+  with open(tmp_path / 'out', 'w') as out, open(tmp_path / 'err', 'w') as err:
+    proc = run_until_checkpoint(workdir, 10, stdout=out, stderr=err)  # stopped (SIGSTOP)
+  logged = logged_steps(workdir)[-1]
+  try:
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    proc.wait(timeout=120)
+  finally:
+    proc.kill()
+  out, err = (tmp_path / 'out').read_text(), (tmp_path / 'err').read_text()
   assert proc.returncode == 130, err[-2000:]
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err
   line = [l for l in out.splitlines() if 'interrupted (Ctrl-C)' in l]
@@ -165,23 +170,42 @@ def test_ctrl_c_saves_the_current_step_and_says_where_to_resume(tmp_path):
   step = int(line[0].split('checkpoint of step ')[1].split()[0])
   assert line[0] == (f'jaxcl: interrupted (Ctrl-C): checkpoint of step {step} saved in '
                      f'{workdir / "checkpoints"}; run the same command again to resume')
-  assert 10 <= step < RUN_STEPS
+  assert 10 <= step <= logged + 5 and step < RUN_STEPS
   assert max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == step
   assert not (workdir / 'eval.json').exists() and not (workdir / 'jaxcl.lock').exists()
 
 
-def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
+def test_a_second_ctrl_c_raises_at_once():
+  preemption = train.Preemption()
+  try:
+    preemption._on_signal(signal.SIGINT, None)  # pylint: disable=protected-access
+    assert preemption.reached(1) and preemption.exit_code == 130
+    with pytest.raises(KeyboardInterrupt):
+      preemption._on_signal(signal.SIGINT, None)  # pylint: disable=protected-access
+  finally:
+    preemption.close()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_stops_the_cli_in_one_line(tmp_path):
   # The first Ctrl-C lands in a long evaluation, which the loop finishes
-  # before it saves; the second must not wait for it.
+  # before it saves; the second, sent once the first was seen, must not wait.
   workdir = tmp_path / 'run'
-  proc = run_until_checkpoint(workdir, 5, ['--config.eval_every_steps=5',
-                                           '--config.eval.probe_steps=100000'],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  proc.send_signal(signal.SIGINT)
-  proc.send_signal(signal.SIGCONT)
-  time.sleep(2)
-  proc.send_signal(signal.SIGINT)
-  _, err = proc.communicate(timeout=120)
+  with open(tmp_path / 'out', 'w') as out, open(tmp_path / 'err', 'w') as err:
+    proc = run_until_checkpoint(workdir, 5, ['--config.eval_every_steps=5',
+                                             '--config.eval.probe_steps=100000'],
+                                stdout=out, stderr=err)
+  try:
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while 'Ctrl-C again' not in (tmp_path / 'err').read_text() and time.monotonic() < deadline:
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+  finally:
+    proc.kill()
+  err = (tmp_path / 'err').read_text()
   assert proc.returncode == 130, err[-2000:]
   assert 'Traceback' not in err
   assert err.strip().splitlines()[-1] == messages.CLI['second ctrl-c']

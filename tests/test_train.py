@@ -4,7 +4,6 @@ uninterrupted run; total_steps=0; eval recomputation."""
 import json
 import os
 import signal
-import subprocess
 import time
 
 import jax
@@ -30,6 +29,8 @@ from jaxcl import parallel, train
 RTOL_LOSS = 5e-6
 RTOL_GRAD = 3e-5
 RTOL_PARAMS = 1e-4
+
+
 @pytest.fixture(scope='module')
 def experiments():
   config = tiny_config(batch_size=16)

@@ -7,6 +7,9 @@ import pytest
 import messages
 from helpers import CLIP_CONFIG, DIGITS_CONFIG, jaxcl
 
+# One real CLI process per bad input (left out by -m "not slow").
+pytestmark = pytest.mark.slow
+
 BAD = {
     'unknown key': (['--config.no_such_key=1'], "unknown config key 'no_such_key'"),
     'unknown nested key': (['--config.model.depth=3'], "unknown config key 'depth'"),

@@ -18,6 +18,9 @@ from helpers import (DIGITS_CONFIG, RUN_STEPS, jaxcl, logged_steps, run_until_ch
 from jaxcl import config as config_lib
 from jaxcl import files, train
 
+# Dozens of real CLI processes and runs (left out by -m "not slow").
+pytestmark = pytest.mark.slow
+
 STEPS = ['--config.total_steps=2', '--config.log_every_steps=1']
 
 

@@ -17,6 +17,9 @@ import pytest
 from helpers import DIGITS_CONFIG, REPO, assert_close, jaxcl, tiny_overrides
 from jaxcl import train
 
+# Real multi-process jobs: minutes (pytest -m "not slow" leaves them out).
+pytestmark = pytest.mark.slow
+
 RUN = ['--config.total_steps=6', '--config.log_every_steps=1', '--config.checkpoint_every_steps=3',
        '--config.eval_every_steps=1000', '--config.eval.probe_steps=20']
 

@@ -20,6 +20,9 @@ from helpers import (DIGITS_CONFIG, REPO, RUN, RUN_STEPS, assert_close, final_pa
 from jaxcl import lock as lock_lib
 from jaxcl import train
 
+# Real killed, corrupted and full-disk runs: minutes (left out by -m "not slow").
+pytestmark = pytest.mark.slow
+
 END = RUN_STEPS  # the reference run's last step
 
 

@@ -39,6 +39,7 @@ def swept(tmp_path_factory):
   return workdir, proc
 
 
+@pytest.mark.slow  # a real sweep of two runs
 def test_sweep_writes_table_and_plot(swept):
   workdir, proc = swept
   assert 'sweep.csv' in proc.stdout
@@ -54,6 +55,7 @@ def test_sweep_writes_table_and_plot(swept):
     assert json.loads((workdir / run / 'eval.json').read_text())['step'] == 6
 
 
+@pytest.mark.slow  # a real sweep of two runs
 def test_sweep_rerun_skips_finished_runs(swept):
   workdir, _ = swept
   before = (workdir / 'tau-0.1' / 'eval.json').stat().st_mtime_ns
@@ -63,6 +65,7 @@ def test_sweep_rerun_skips_finished_runs(swept):
   assert (workdir / 'tau-0.1' / 'eval.json').stat().st_mtime_ns == before
 
 
+@pytest.mark.slow  # a real sweep of two runs
 def test_report_references_every_plot(swept):
   workdir, _ = swept
   proc = jaxcl('report', '--workdir', str(workdir))
@@ -80,6 +83,7 @@ def test_report_references_every_plot(swept):
   assert len(re.findall('<img ', single)) == len(list((workdir / 'tau-0.1' / 'report').glob('*.png')))
 
 
+@pytest.mark.slow  # a real sweep of two runs
 def test_sweep_rerun_with_another_config_is_refused(swept):
   workdir, _ = swept
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob('*.json')}
@@ -92,6 +96,7 @@ def test_sweep_rerun_with_another_config_is_refused(swept):
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob('*.json')} == before
 
 
+@pytest.mark.slow  # a real sweep of two runs
 def test_sweep_reevaluates_a_run_whose_results_are_unreadable_or_stale(swept):
   workdir, _ = swept
   (workdir / 'tau-0.1' / 'eval.json').write_text('{"step": 6, "knn_to')  # cut short

@@ -134,6 +134,7 @@ def test_zero_steps_evaluates_random_encoder(tmp_path):
 SIGTERM_S = 30
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_0_and_resumes_exactly(uninterrupted, tmp_path):
   """Preemption for real: SIGTERM mid-run -> the step's checkpoint, exit 0;
   the same command again ends where the uninterrupted run ends."""
@@ -177,6 +178,7 @@ EXPLODE = ['--config.total_steps=8', '--config.log_every_steps=1', '--config.eva
            '--config.optimizer.learning_rate=1e35', '--config.optimizer.warmup_steps=0']
 
 
+@pytest.mark.slow
 def test_nonfinite_step_stops_without_saving_it(tmp_path):
   # Step 1's update (learning rate 1e35) makes step 2's loss NaN.
   proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(tmp_path), *tiny_overrides(),
@@ -188,6 +190,7 @@ def test_nonfinite_step_stops_without_saving_it(tmp_path):
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()) == ['1']
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_skipped_leave_the_state(tmp_path):
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(tmp_path), *tiny_overrides(),
         *EXPLODE, '--config.checkpoint_every_steps=1', '--config.keep_checkpoints=10',

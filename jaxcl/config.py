@@ -9,20 +9,16 @@ from __future__ import annotations
 import json
 import math
 
-import jax
 import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from jaxcl import data, errors, files, losses, models, optim, parallel, tokenizers
-from jaxcl.temperature import MODES as TEMPERATURE_MODES
+from jaxcl import errors, files, presets
+from jaxcl.presets import METHODS, MODEL_DTYPES, TEMPERATURE_MODES, TWO_TOWER  # noqa: F401
 
 CONFIG_FILE = files.CONFIG_FILE
 
 
-MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
-METHODS = ('simclr', 'clip', 'siglip')
-TWO_TOWER = ('clip', 'siglip')
 
 # Keys a resumed run may change: when and how often things happen, how it is
 # evaluated, where data is read from. Anything else would silently mix two
@@ -70,8 +66,10 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
 def _validate(config, num_devices, process_count) -> None:
   for key in _REQUIRED:
     _get(config, key)
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  process_count = jax.process_count() if process_count is None else process_count
+  if num_devices is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top  # only to count the devices present
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    process_count = jax.process_count() if process_count is None else process_count
 
   for key in ('total_steps', 'batch_size', 'seed', 'log_every_steps', 'eval_every_steps',
               'checkpoint_every_steps'):
@@ -83,11 +81,11 @@ def _validate(config, num_devices, process_count) -> None:
     _check(config[key] > 0, f'{key} must be > 0, got {config[key]}')
 
   try:
-    shape = parallel.mesh_shape(config.mesh, num_devices)
+    shape = presets.mesh_shape(config.mesh, num_devices)
   except ValueError as e:
     raise ConfigError(f'mesh: {e}') from None
   shards = 1
-  for axis in parallel.BATCH_AXES:
+  for axis in presets.BATCH_AXES:
     shards *= shape[axis]
   _check(config.batch_size % shards == 0,
          f'batch_size {config.batch_size} is not divisible by the {shards} data shards '
@@ -100,8 +98,8 @@ def _validate(config, num_devices, process_count) -> None:
 
   _check(config.nonfinite in ('stop', 'skip'),
          f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
-  _check(config.loss.impl in losses.IMPLS,
-         f'loss.impl must be one of {losses.IMPLS}, got {config.loss.impl!r}')
+  _check(config.loss.impl in presets.LOSS_IMPLS,
+         f'loss.impl must be one of {presets.LOSS_IMPLS}, got {config.loss.impl!r}')
   _check(isinstance(config.loss.block_size, int) and config.loss.block_size > 0,
          f'loss.block_size must be a positive integer, got {config.loss.block_size!r}')
   t = config.temperature
@@ -120,14 +118,14 @@ def _validate(config, num_devices, process_count) -> None:
 
   method = config.method
   _check(method in METHODS, f'method must be one of {METHODS}, got {method!r}')
-  _check(config.model.name in models.IMAGE_TOWERS,
-         f'model.name must be one of {list(models.IMAGE_TOWERS)}, got {config.model.name!r}')
-  if config.model.name in models.VITS or config.model.name == 'vit':
+  _check(config.model.name in presets.IMAGE_TOWERS,
+         f'model.name must be one of {list(presets.IMAGE_TOWERS)}, got {config.model.name!r}')
+  if config.model.name in presets.VITS or config.model.name == 'vit':
     _check_vit(config.model, config.augment.image_size)
   if method in TWO_TOWER:
     _check_text(config)
-  _check(config.optimizer.name in optim.OPTIMIZERS,
-         f'optimizer.name must be one of {optim.OPTIMIZERS}, got {config.optimizer.name!r}')
+  _check(config.optimizer.name in presets.OPTIMIZERS,
+         f'optimizer.name must be one of {presets.OPTIMIZERS}, got {config.optimizer.name!r}')
   _check(config.optimizer.learning_rate > 0,
          f'optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}')
   _check(config.optimizer.warmup_steps >= 0,
@@ -214,7 +212,7 @@ _RANGES = tuple((key,) + rule for key, rule in (
 def _check_vit(m, image_size):
   v = m.vit
   preset = dict(zip(('patch_size', 'width', 'depth', 'heads', 'mlp_dim'),
-                    models.VITS.get(m.name, (0,) * 5)))
+                    presets.VITS.get(m.name, (0,) * 5)))
   sizes = {k: v[k] or preset[k] for k in preset}
   for key, value in sizes.items():
     _check(isinstance(value, int) and value > 0,
@@ -236,6 +234,7 @@ def _check_text(config):
                             f'got {x.max_length}')
   _check(x.width % x.heads == 0, f'text.width {x.width} is not divisible by text.heads {x.heads}')
   _check(config.model.embed_dim > 0, f'model.embed_dim must be > 0, got {config.model.embed_dim}')
+  from jaxcl import tokenizers  # pylint: disable=g-import-not-at-top
   try:
     tokenizers.build_tokenizer(x)
   except (ValueError, RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError
@@ -247,6 +246,7 @@ def _check_text(config):
 
 
 def _check_dataset(d):
+  from jaxcl import data  # pylint: disable=g-import-not-at-top  # TFDS: only when validating
   if d.name == data.PAIRS:
     _check(bool(d.path), f'dataset.path must name a JSONL or CSV file when dataset.name is '
                          f'{data.PAIRS}')
@@ -526,7 +526,7 @@ def load_saved(workdir):
   """The config a run in `workdir` was trained with."""
   config = base_config()
   config.update_from_flattened_dict(read_saved(workdir))
-  if (epath.Path(workdir) / tokenizers.SENTENCEPIECE_FILE).exists():
+  if (epath.Path(workdir) / files.SENTENCEPIECE_FILE).exists():
     # The run's copy of the SentencePiece model, wherever the original went.
-    config.text.sentencepiece_model = str(epath.Path(workdir) / tokenizers.SENTENCEPIECE_FILE)
+    config.text.sentencepiece_model = str(epath.Path(workdir) / files.SENTENCEPIECE_FILE)
   return config

@@ -46,7 +46,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import registered
 
-from jaxcl import errors
+from jaxcl import errors, presets
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
 
@@ -87,10 +87,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': images[i], 'label': int(digits.target[i])}
 
 
-# Prepared locally on first use, no network: digits and jaxcl.shapes'
-# procedurally generated captioned shapes.
-EMBEDDED = {'digits', 'captioned_shapes'}
-PAIRS = 'image_text_pairs'  # users' (image path, caption) files: jaxcl.pairs
+EMBEDDED, PAIRS = presets.EMBEDDED_DATASETS, presets.PAIRS
 
 
 def _register_builders():

@@ -36,10 +36,10 @@ from typing import Hashable, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from jaxcl import blockwise
+from jaxcl import blockwise, presets
 
 AxisName = Union[Hashable, Sequence[Hashable], None]
-IMPLS = ('dense', 'blockwise', 'ring')
+IMPLS = presets.LOSS_IMPLS
 DEFAULT_BLOCK_SIZE = 1024
 _MASKED = blockwise.MASKED
 

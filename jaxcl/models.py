@@ -25,12 +25,7 @@ from flax import nnx
 
 from jaxcl.temperature import Temperature
 
-# name: (block kind, blocks per stage)
-RESNETS = {
-    'resnet18': ('basic', (2, 2, 2, 2)),
-    'resnet34': ('basic', (3, 4, 6, 3)),
-    'resnet50': ('bottleneck', (3, 4, 6, 3)),
-}
+from jaxcl.presets import IMAGE_TOWERS, RESNETS, VITS  # noqa: E402,F401  (re-exported)
 
 _BN_MOMENTUM = 0.9  # the value of SimCLR's and torchvision's BN
 
@@ -154,14 +149,6 @@ class SimCLRModel(nnx.Module):
 
 
 # ========================================================== transformers ====
-# name: (patch size, width, depth, heads, MLP width), the ViT paper's presets
-VITS = {
-    'vit_ti16': (16, 192, 12, 3, 768),
-    'vit_s16': (16, 384, 12, 6, 1536),
-    'vit_b16': (16, 768, 12, 12, 3072),
-    'vit_l16': (16, 1024, 24, 16, 4096),
-}
-IMAGE_TOWERS = (*RESNETS, *VITS, 'vit')  # 'vit': every size from model.vit.*
 
 _dense_init = nnx.initializers.xavier_uniform()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import optax
 
-OPTIMIZERS = ('lars', 'adamw', 'sgd')
+from jaxcl.presets import OPTIMIZERS  # noqa: E402,F401  (re-exported)
 
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:

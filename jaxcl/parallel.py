@@ -20,33 +20,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ('data', 'fsdp')  # known axes, in mesh order
-BATCH_AXES = ('data', 'fsdp')  # the axes the batch is split over
+from jaxcl.presets import BATCH_AXES, MESH_AXES, mesh_shape  # noqa: E402,F401  (re-exported)
+
 FSDP_AXIS = 'fsdp'  # the axis parameters and optimizer state are split over
 FSDP_MIN_SIZE = 2**12  # arrays with fewer elements stay replicated
-
-
-def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
-  """Resolves -1 and checks the product; raises ValueError with a clear message."""
-  sizes = dict(mesh_cfg.items()) if hasattr(mesh_cfg, 'items') else dict(mesh_cfg)
-  unknown = set(sizes) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f'unknown mesh axes {sorted(unknown)}; known: {list(MESH_AXES)}')
-  sizes = {name: int(sizes.get(name, 1)) for name in MESH_AXES}
-  free = [n for n, s in sizes.items() if s == -1]
-  if len(free) > 1:
-    raise ValueError('at most one mesh axis may be -1')
-  if any(s == 0 or s < -1 for s in sizes.values()):
-    raise ValueError(f'mesh axis sizes must be positive or -1, got {sizes}')
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  if free:
-    if num_devices % fixed:
-      raise ValueError(f'mesh {sizes} does not divide the {num_devices} devices')
-    sizes[free[0]] = num_devices // fixed
-  if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f'mesh {sizes} needs {math.prod(sizes.values())} devices, '
-                     f'there are {num_devices}')
-  return sizes
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:

@@ -23,7 +23,9 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-MODES = ('fixed', 'learnable', 'cosine')
+from jaxcl import presets
+
+MODES = presets.TEMPERATURE_MODES
 
 
 class Temperature(nnx.Module):

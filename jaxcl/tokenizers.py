@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from jaxcl import files
+from jaxcl import files, presets
 
-TOKENIZERS = ('bytes', 'sentencepiece')
+TOKENIZERS = presets.TOKENIZERS
 SPEC_FILE = files.TOKENIZER_FILE
 SENTENCEPIECE_FILE = files.SENTENCEPIECE_FILE
 

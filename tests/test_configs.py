@@ -62,3 +62,15 @@ def test_workdirs_saved_before_new_keys_still_load(tmp_path):
   config.method = 'clip'
   with pytest.raises(config_lib.ConfigError, match='method'):
     config_lib.check_resumable(config, tmp_path)
+
+
+def test_config_files_load_without_the_runtime():
+  """`from jaxcl.config import base_config` (what config files do) loads no
+  jax, flax, TFDS or grain: the config layer sits below them."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ('import sys; import jaxcl.config, jaxcl.presets, jaxcl.errors, jaxcl.files; '
+          'print(sorted(m for m in ("jax", "flax", "tensorflow_datasets", "grain", "optax", '
+          '"orbax") if m in sys.modules))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == '[]'

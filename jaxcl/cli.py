@@ -266,6 +266,8 @@ def main(argv=None) -> None:
   except UsageError as e:
     print(f'jaxcl: error: {e}', file=sys.stderr)
     code = 2
+  except BrokenPipeError:  # `jaxcl --help | head`: the reader has what it wanted
+    os._exit(0)  # pylint: disable=protected-access  # flushing stdout would fail again
   except KeyboardInterrupt as e:
     from jaxcl import distributed  # pylint: disable=g-import-not-at-top
     if distributed.multi_process():

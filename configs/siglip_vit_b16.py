@@ -4,9 +4,10 @@ The SigLIP paper's B/16 recipe (Zhai et al. 2023, big_vision): ViT-B/16 at
 224 px (mean-pooled here, where big_vision uses a MAP head), a bidirectional
 12-layer text Transformer of width 768 over 64 tokens, 768-d embeddings;
 learnable τ from 0.1 and logit bias from -10; AdamW (lr 1e-3, weight decay
-1e-4 on matrices), warm-up then cosine. The sigmoid loss over all 32,768² pairs
-of the global batch is computed blockwise: each device its rows against the
-gathered columns.
+1e-4 on matrices), warm-up then cosine. The sigmoid loss covers all 32,768²
+pairs of the global batch: each device scores its rows against the gathered
+columns (loss.impl dense, as set here; --config.loss.impl=blockwise holds one
+tile of logits at a time instead, same values and gradients).
 
 Set the dataset first (a placeholder here), as in clip_vit_b16.py; then on
 every host of a TPU pod:

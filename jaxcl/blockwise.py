@@ -4,7 +4,8 @@ The dense losses (jaxcl.losses, impl='dense') materialize an n x N logit
 matrix per device. Here the same quantities are computed one tile of at
 most block_size x block_size logits at a time (rows and columns both in
 blocks), in a forward and a backward pass that each
-hold at most one tile (the Inf-CL scheme, ../shared/references.md):
+hold at most one tile (the scheme of Inf-CL: Cheng et al., "Breaking the
+Memory Barrier: Near Infinite Batch Size Scaling for Contrastive Loss", 2024):
 
 - softmax losses (InfoNCE, CLIP, NT-Xent) need the per-row log-sum-exp over
   all columns: the forward pass keeps a running (max, sum) per row over column

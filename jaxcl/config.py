@@ -211,9 +211,7 @@ _RANGES = tuple((key,) + rule for key, rule in (
 
 def _check_vit(m, image_size):
   v = m.vit
-  preset = dict(zip(('patch_size', 'width', 'depth', 'heads', 'mlp_dim'),
-                    presets.VITS.get(m.name, (0,) * 5)))
-  sizes = {k: v[k] or preset[k] for k in preset}
+  sizes = presets.vit_sizes(m)
   for key, value in sizes.items():
     _check(isinstance(value, int) and value > 0,
            f'model.vit.{key} must be a positive integer for model.name {m.name!r}, got {value!r}')
@@ -268,7 +266,7 @@ def _check_dataset(d):
   except data.DatasetError as e:
     raise ConfigError(f'dataset.name: {e}') from None
   if d.name not in data.EMBEDDED and not d.download:
-    _check(epath.Path(builder.data_dir).joinpath('dataset_info.json').exists(),
+    _check(data.is_prepared(builder),
            f'dataset {d.name!r} is not prepared under {builder.data_dir_root}; prepare it or '
            f'set --config.dataset.download=True')
 

@@ -126,7 +126,8 @@ def tfds_builder(name: str, data_dir: str | None):
           f'where that package is installed') from None
 
 
-def _prepared(builder) -> bool:
+def is_prepared(builder) -> bool:
+  """Whether a TFDS builder's dataset is prepared in its data_dir."""
   return epath.Path(builder.data_dir).joinpath('dataset_info.json').exists()
 
 
@@ -327,7 +328,7 @@ def load_source(cfg, split: str, with_text: bool = False):
       raise DatasetError(str(e)) from None
   else:
     builder = tfds_builder(cfg.name, cfg.data_dir)
-    if not _prepared(builder):
+    if not is_prepared(builder):
       if cfg.name in EMBEDDED or cfg.download:
         print(f'jaxcl: preparing TFDS dataset {cfg.name!r} in {builder.data_dir_root} (once)',
               flush=True)

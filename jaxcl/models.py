@@ -25,7 +25,7 @@ from flax import nnx
 
 from jaxcl.temperature import Temperature
 
-from jaxcl.presets import IMAGE_TOWERS, RESNETS, VITS  # noqa: E402,F401  (re-exported)
+from jaxcl.presets import IMAGE_TOWERS, RESNETS, VITS, vit_sizes  # noqa: E402,F401  (re-exported)
 
 _BN_MOMENTUM = 0.9  # the value of SimCLR's and torchvision's BN
 
@@ -320,13 +320,8 @@ def build_image_encoder(m, in_channels: int, image_size: int, rngs: nnx.Rngs):
     return ResNet(block=block, stage_sizes=stages, in_channels=in_channels, width=m.width,
                   small_images=m.small_images, rngs=rngs, dtype=dtype)
   if m.name in VITS or m.name == 'vit':
-    v = m.vit
-    preset = VITS.get(m.name, (0, 0, 0, 0, 0))
-    # A non-zero model.vit.* value overrides the preset's.
-    patch, width, depth, heads, mlp = (v[k] or p for k, p in zip(
-        ('patch_size', 'width', 'depth', 'heads', 'mlp_dim'), preset))
-    return ViT(image_size=image_size, in_channels=in_channels, patch_size=patch, width=width,
-               depth=depth, heads=heads, mlp_dim=mlp, pool=v.pool, rngs=rngs, dtype=dtype)
+    return ViT(image_size=image_size, in_channels=in_channels, pool=m.vit.pool, rngs=rngs,
+               dtype=dtype, **vit_sizes(m))
   raise ValueError(f'unknown model.name {m.name!r}; choose one of {list(IMAGE_TOWERS)}')
 
 

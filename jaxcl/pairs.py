@@ -46,6 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxcl import data
 from jaxcl.data import MAX_UPSCALE, center_crop_resize
 
 JSON_SUFFIXES = ('.jsonl', '.json')
@@ -403,7 +404,7 @@ def prepare_pairs(path, *, image_size: int, data_dir: str | None = None,
   with _quiet_absl():  # TFDS warns that the config is not one of BUILDER_CONFIGS
     builder = ImageTextPairs(config=config, data_dir=data_dir, file_format='array_record')
   bad_rows_path = epath.Path(builder.data_dir) / BAD_ROWS_FILE
-  if epath.Path(builder.data_dir).joinpath('dataset_info.json').exists():
+  if data.is_prepared(builder):
     # bad_rows.json is missing only if the builder was prepared some other
     # way (or the process died right after preparing): counts from TFDS then.
     saved = json.loads(bad_rows_path.read_text()) if bad_rows_path.exists() else {}

@@ -28,6 +28,14 @@ VITS = {
     'vit_l16': (16, 1024, 24, 16, 4096),
 }
 IMAGE_TOWERS = (*RESNETS, *VITS, 'vit')  # 'vit': every size from model.vit.*
+VIT_SIZES = ('patch_size', 'width', 'depth', 'heads', 'mlp_dim')  # the order of VITS' tuples
+
+
+def vit_sizes(model_cfg) -> dict:
+  """{patch_size, width, depth, heads, mlp_dim} of config.model: the preset
+  of model.name (none for 'vit'), each overridden by a non-zero model.vit.* value."""
+  preset = VITS.get(model_cfg.name, (0,) * len(VIT_SIZES))
+  return {key: model_cfg.vit[key] or value for key, value in zip(VIT_SIZES, preset)}
 
 # Prepared locally on first use, no network: digits and jaxcl.shapes'
 # procedurally generated captioned shapes.

@@ -13,7 +13,7 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from jaxcl import errors, files, presets
+from jaxcl import config_files, errors, files, presets
 from jaxcl.presets import METHODS, MODEL_DTYPES, TEMPERATURE_MODES, TWO_TOWER  # noqa: F401
 
 CONFIG_FILE = files.CONFIG_FILE
@@ -456,14 +456,6 @@ def _fits(value, default) -> bool:
   return isinstance(value, type(default))
 
 
-def _kind(default) -> str:
-  for kind, name in ((bool, 'True or False'), (int, 'an integer'), (float, 'a number'),
-                     (str, 'a string'), (list, 'a list'), (type(None), 'a string or null')):
-    if isinstance(default, kind):
-      return name
-  return type(default).__name__
-
-
 def _names(keys) -> str:
   keys = sorted(keys)
   return ', '.join(keys[:6]) + (f' and {len(keys) - 6} more' if len(keys) > 6 else '')
@@ -495,7 +487,7 @@ def read_saved(workdir) -> dict:
   if wrong:
     k = sorted(wrong)[0]
     raise ConfigError(f'{path} has value(s) of the wrong type ({_names(wrong)}; {k} is '
-                      f'{saved[k]!r}, where jaxcl writes {_kind(defaults[k])})')
+                      f'{saved[k]!r}, where jaxcl writes {config_files.kind_of(defaults[k])})')
   return {**{k: v for k, v in KEYS_ADDED_LATER.items() if k in defaults}, **saved}
 
 

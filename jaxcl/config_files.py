@@ -138,7 +138,13 @@ def _dotted_keys(node, prefix=''):
 
 
 _TYPE_NAMES = ((bool, 'True or False'), (int, 'an integer'), (float, 'a number'),
-               (str, 'a string'), (tuple, 'a tuple'), (list, 'a list'))
+               (str, 'a string'), (tuple, 'a tuple'), (list, 'a list'),
+               (type(None), 'a string or null'))
+
+
+def kind_of(default) -> str | None:
+  """How a message names the type of a config key's default ('an integer')."""
+  return next((name for t, name in _TYPE_NAMES if isinstance(default, t)), None)
 
 
 def value_error_message(config, args: list[str], message: str) -> str:
@@ -150,7 +156,7 @@ def value_error_message(config, args: list[str], message: str) -> str:
       node = config
       for part in key.split('.'):
         node = node[part]
-      kind = next((name for t, name in _TYPE_NAMES if isinstance(node, t)), None)
-      if kind is not None:
+      kind = kind_of(node)
+      if kind is not None and node is not None:
         return f'--config.{key} takes {kind}, got {value!r}'
   return message[len('flag '):] if message.startswith('flag --') else message

@@ -36,20 +36,7 @@ WORKDIR_NAMES = frozenset({
 def write_atomically(path, data: str | bytes) -> None:
   """Writes `data` to `path` through a temporary file in the same folder,
   renamed into place once complete."""
-  path = epath.Path(path)
-  tmp = path.parent / f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp'
-  try:
-    if isinstance(data, bytes):
-      tmp.write_bytes(data)
-    else:
-      tmp.write_text(data)
-    tmp.replace(path)
-  except BaseException:
-    try:
-      tmp.unlink(missing_ok=True)
-    except OSError:  # the original error is the one to report
-      pass
-    raise
+  write_all_atomically({path: data.encode() if isinstance(data, str) else data})
 
 
 def write_all_atomically(contents: dict) -> None:
@@ -68,7 +55,7 @@ def write_all_atomically(contents: dict) -> None:
     for tmp in temps.values():
       try:
         tmp.unlink(missing_ok=True)
-      except OSError:
+      except OSError:  # the original error is the one to report
         pass
     raise
   for path, tmp in temps.items():

@@ -87,12 +87,13 @@ def plot_run(workdir, rows=None) -> list[str]:
       ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_figure(fig, out / name)
+    save_figure(fig, out / name)
     written.append(name)
   return written
 
 
-def _save_figure(fig, path) -> None:
+def save_figure(fig, path) -> None:
+  """Writes a matplotlib figure as a PNG (atomically) and closes it."""
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=100)
   plt.close(fig)

@@ -202,7 +202,4 @@ def plot_sweep(workdir, table: dict) -> None:
   ax.set_title('learnable τ over training (grey: the fixed values)')
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=100)
-  plt.close(fig)
-  files.write_atomically(workdir / 'sweep.png', buffer.getvalue())
+  report.save_figure(fig, workdir / 'sweep.png')

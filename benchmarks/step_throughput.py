@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxcl import parallel, throughput, train
+from jaxcl import experiment, parallel, throughput, train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/simclr_digits.py')
 _BATCHES = flags.DEFINE_string('batch_sizes', '256', 'Comma-separated global batch sizes.')
@@ -31,13 +31,13 @@ _JSON = flags.DEFINE_string('json', 'benchmarks/step_throughput.json', 'Where to
 def measure(config, batch_size, steps):
   config = config.copy_and_resolve_references()
   config.batch_size = batch_size
-  exp = train.setup(config)
+  exp = experiment.setup(config)
   state = exp.init_state()
-  step = train.make_train_step(exp)
+  step = train_step.make_train_step(exp)
   images = np.random.default_rng(0).integers(0, 256, (batch_size, *exp.info.image_shape),
                                              dtype=np.uint8)
   batch = {'image': images}
-  if exp.two_tower:  # captions of typical length
+  if exp.method.text_tower:  # captions of typical length
     batch['text'] = exp.tokenizer.encode(['a small red circle in the top left'] * batch_size)
   batch = parallel.put_batch(exp.mesh, batch)
   t0 = time.perf_counter()

@@ -16,34 +16,24 @@ every host of a TPU pod:
     "cd jaxcl && jaxcl train --config configs/siglip_vit_b16.py --workdir gs://BUCKET/siglip_b16 \
      --config.dataset.name=YOUR_DATASET --config.dataset.data_dir=gs://BUCKET/tfds \
      --config.text.tokenizer=sentencepiece --config.text.sentencepiece_model=gs://BUCKET/spm.model"
+
+Result: not measured here (it needs a pod and a web-scale dataset); big_vision's
+SigLIP 2 B/16 at 224 px reaches 78.2% ImageNet zero-shot (Tschannen et al. 2025).
 """
 
-from jaxcl.config import base_config
+from jaxcl import recipes
 
 
 def get_config():
-  config = base_config()
+  config = recipes.image_text_pod('siglip')
   config.name = 'siglip_vit_b16'
-  config.method = 'siglip'
   config.total_steps = 275_000  # ~9B pairs seen
-  config.batch_size = 32_768
-  config.log_every_steps = 100
-  config.eval_every_steps = 10_000
-  config.checkpoint_every_steps = 2_000
-
-  config.dataset.update(
-      name='coco_captions',  # placeholder: set --config.dataset.name to your dataset
-      image_key='image', text_key='captions/text', label_key='label',
-      image_size=224, train_split='train', eval_test_split='val',
-      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-  config.augment.update(image_size=224, crop_scale_min=0.9, crop_scale_max=1.0, flip=False,
-                        color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
-  config.model.update(name='vit_b16', embed_dim=768, dtype='bfloat16')
+  config.dataset.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+  config.model.update(embed_dim=768)
   config.model.vit.update(pool='gap')
   config.text.update(tokenizer='bytes', max_length=64, width=768, depth=12, heads=12,
                      mlp_dim=3072, causal=False)
   config.temperature.update(mode='learnable', init=0.1, min=0.01, max=1.0, bias_init=-10.0)
   config.optimizer.update(name='adamw', learning_rate=1e-3, warmup_steps=5_000,
                           weight_decay=1e-4, b1=0.9, b2=0.95, grad_clip_norm=1.0)
-  config.eval.batch_size = 4_096
   return config

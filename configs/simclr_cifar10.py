@@ -13,34 +13,24 @@ Expected: about 85-90% kNN top-1 after 500-1000 epochs (SimCLR reports ~90%
 linear top-1 for ResNet-50 at 1000 epochs); not measured here yet.
 """
 
-import ml_collections
-
+from jaxcl import recipes
 from jaxcl.config import base_config
 
 
 def get_config():
   config = base_config()
   config.name = 'simclr_cifar10'
-  epochs, train_size = 800, 50_000
   config.batch_size = 512
-  config.total_steps = epochs * train_size // config.batch_size
+  recipes.simclr_lars(config, train_size=50_000, epochs=800)
   config.log_every_steps = 100
   config.eval_every_steps = 10_000
   config.checkpoint_every_steps = 2_000
-
   config.dataset.name = 'cifar10'
   config.dataset.mean = (0.4914, 0.4822, 0.4465)
   config.dataset.std = (0.2470, 0.2435, 0.2616)
-
-  config.augment = ml_collections.ConfigDict(dict(
-      image_size=32, crop_scale_min=0.08, crop_scale_max=1.0, flip=True,
-      color_jitter_prob=0.8, color_jitter_strength=0.5, grayscale_prob=0.2, blur_prob=0.0))
-
+  recipes.simclr_augment(config, image_size=32, jitter_strength=0.5, blur_prob=0.0)
   config.model.update(name='resnet18', stage_sizes=(), width=64, small_images=True,
                       head_hidden=2048, head_out=128, head_layers=2)
   config.temperature.update(mode='fixed', init=0.5, min=0.01, max=1.0)
-  config.optimizer.update(name='lars', learning_rate=0.3, scale_lr_by_batch=True,
-                          warmup_steps=10 * train_size // config.batch_size, weight_decay=1e-6,
-                          momentum=0.9)
   config.eval.update(batch_size=1024, knn_k=200, probe_steps=5000, probe_batch_size=4096)
   return config

@@ -14,34 +14,24 @@ Expected (SimCLR paper): ~64.5% linear top-1 at 100 epochs with batch 4096
 subset of train. Not measured here.
 """
 
-import ml_collections
-
+from jaxcl import recipes
 from jaxcl.config import base_config
 
 
 def get_config():
   config = base_config()
   config.name = 'simclr_imagenet'
-  epochs, train_size = 100, 1_281_167
   config.batch_size = 4096
-  config.total_steps = epochs * train_size // config.batch_size
+  recipes.simclr_lars(config, train_size=1_281_167, epochs=100)
   config.log_every_steps = 100
   config.eval_every_steps = 5_000
   config.checkpoint_every_steps = 1_000
-
   config.dataset.update(name='imagenet2012', eval_test_split='validation', image_size=256,
                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-
-  config.augment = ml_collections.ConfigDict(dict(
-      image_size=224, crop_scale_min=0.08, crop_scale_max=1.0, flip=True,
-      color_jitter_prob=0.8, color_jitter_strength=1.0, grayscale_prob=0.2, blur_prob=0.5))
-
+  recipes.simclr_augment(config, image_size=224, jitter_strength=1.0, blur_prob=0.5)
   config.model.update(name='resnet50', stage_sizes=(), width=64, small_images=False,
                       head_hidden=2048, head_out=128, head_layers=2, dtype='bfloat16')
   config.temperature.update(mode='fixed', init=0.1, min=0.01, max=1.0)
-  config.optimizer.update(name='lars', learning_rate=0.3, scale_lr_by_batch=True,
-                          warmup_steps=10 * train_size // config.batch_size, weight_decay=1e-6,
-                          momentum=0.9)
   config.eval.update(batch_size=1024, max_train_examples=100_000, knn_k=20, probe_steps=5000,
                      probe_batch_size=4096)
   return config

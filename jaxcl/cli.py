@@ -236,8 +236,8 @@ def run(argv: list[str]) -> int:
                                allow_batch_change=_ALLOW_BATCH_CHANGE.value)
     elif command == 'eval':
       _check_workdir(workdir, must_exist=True)
-      from jaxcl import train  # pylint: disable=g-import-not-at-top
-      print(json.dumps(train.evaluate_workdir(workdir), indent=2))
+      from jaxcl import trained  # pylint: disable=g-import-not-at-top
+      print(json.dumps(trained.evaluate_workdir(workdir), indent=2))
     else:
       _check_workdir(workdir, must_exist=True)
       from jaxcl import export  # pylint: disable=g-import-not-at-top

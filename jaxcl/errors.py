@@ -45,3 +45,11 @@ def first_line(e: BaseException, default: str | None = None) -> str:
   if lines:
     return lines[0]
   return type(e).__name__ if default is None else default
+
+
+def describe(e: BaseException, limit: int = 300) -> str:
+  """'Type: first line' of an error from storage or orbax, cut at `limit`
+  characters (TensorStore appends pages of details)."""
+  text = first_line(e, '').split('. See full TensorStore details')[0]
+  text = f'{type(e).__name__}: {text}' if text else type(e).__name__
+  return text if len(text) <= limit else text[:limit] + '...'

@@ -26,35 +26,23 @@ from etils import epath
 from flax import nnx
 
 from jaxcl import config as config_lib
-from jaxcl import errors, files, models, train
+from jaxcl import data, errors, files, methods, models, run_files
+from jaxcl.trained import load_trained
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
+text_path, sentencepiece_path = files.text_artifact_path, files.sentencepiece_artifact_path
 
 
 def _export(fn, spec) -> jax.export.Exported:
   return jax.export.export(jax.jit(fn), platforms=PLATFORMS)(spec)
 
 
-def text_path(output) -> epath.Path:
-  """Where a two-tower export puts the text embedder: FILE's name + '.text'."""
+def check_output(workdir, output, *, extra_paths=(), overwrite: bool) -> list[epath.Path]:
+  """The paths an export to `output` writes (with the method's
+  `extra_paths`); ConfigError if one would land on a folder, on a file of a
+  jaxcl workdir (always refused), or on any existing file unless `overwrite`."""
   output = epath.Path(output)
-  return output.with_name(output.stem + '.text' + output.suffix)
-
-
-def sentencepiece_path(output) -> epath.Path:
-  """Where a two-tower export with a SentencePiece tokenizer copies its model."""
-  output = epath.Path(output)
-  return output.with_name(output.stem + '.tokenizer.model')
-
-
-def check_output(workdir, output, *, two_tower: bool, overwrite: bool) -> list[epath.Path]:
-  """The paths an export to `output` writes; ConfigError if one would land
-  on a folder, on a file of a jaxcl workdir (always refused), or on any
-  existing file unless `overwrite`."""
-  output = epath.Path(output)
-  paths = [output, epath.Path(f'{output}.json')]
-  if two_tower:
-    paths += [text_path(output), sentencepiece_path(output)]
+  paths = [output, epath.Path(f'{output}.json'), *extra_paths]
   for path in paths:
     if path.is_dir():
       raise errors.ConfigError(f'--output {output}: {path} is a directory; give a file name')
@@ -79,15 +67,29 @@ def check_output(workdir, output, *, two_tower: bool, overwrite: bool) -> list[e
   return paths
 
 
+def _data_facts(workdir, exp) -> dict:
+  """The data facts the run saved; for a run from before data_facts.json,
+  read from the data (which must then be on disk)."""
+  facts = run_files.saved_data_facts(workdir)
+  if facts is None:
+    dataset = exp.dataset or data.Dataset(exp.config.dataset)
+    eval_data = exp.method.open_eval_data(exp.config, dataset)
+    facts = run_files.data_facts(exp.info, exp.method.data_facts(exp.config, eval_data))
+  return facts
+
+
 def export_encoder(workdir, output, *, overwrite: bool = False) -> dict:
-  """Writes `output` (the image embedder), for clip/siglip also the text
+  """Writes `output` (the image embedder), for a text tower also the text
   embedder (`text_path(output)`) and the tokenizer, and `output`.json
   describing them; returns that metadata. Every file is written under a
   temporary name first and renamed into place only when all are written,
-  FILE.json last, so a failed export leaves nothing that looks complete."""
-  two_tower = config_lib.load_saved(workdir).method in config_lib.TWO_TOWER
-  check_output(workdir, output, two_tower=two_tower, overwrite=overwrite)
-  exp, state = train.load_trained(workdir)
+  FILE.json last, so a failed export leaves nothing that looks complete.
+  The dataset need not be on disk: what export needs of it was saved in the
+  workdir (data_facts.json)."""
+  method = methods.get(config_lib.load_saved(workdir).method)
+  check_output(workdir, output, extra_paths=method.export_paths(output), overwrite=overwrite)
+  exp, state = load_trained(workdir, without_data=True)
+  facts = _data_facts(workdir, exp)
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   config = exp.config
 
@@ -106,10 +108,7 @@ def export_encoder(workdir, output, *, overwrite: bool = False) -> dict:
       'method': config.method,
       'input': {'shape': ['b', height, width, channels], 'dtype': 'uint8',
                 'description': 'images at the dataset\'s stored resolution, pixel values 0-255'},
-      'output': {'shape': ['b', dim], 'dtype': 'float32',
-                 'description': ('L2-normalized image embeddings (the shared image-text space)'
-                                 if exp.two_tower else
-                                 'L2-normalized encoder features (before the projection head)')},
+      'output': {'shape': ['b', dim], 'dtype': 'float32', 'description': method.image_output},
       'embedding_size': dim,
       'platforms': list(PLATFORMS),
       'config_name': config.get('name', ''),
@@ -119,32 +118,10 @@ def export_encoder(workdir, output, *, overwrite: bool = False) -> dict:
       'temperature': temperature,
   }
   artifacts = {epath.Path(output): exported.serialize()}
-  if exp.two_tower:
-    tokenizer = exp.tokenizer
-
-    def embed_text(ids):
-      return exp.embed_text(params, batch_stats, ids)
-
-    text_exported = _export(embed_text,
-                            jax.ShapeDtypeStruct((batch, tokenizer.max_length), jnp.int32))
-    artifacts[text_path(output)] = text_exported.serialize()
-    _, class_names, templates = train.zeroshot_data(config)
-    tokenizer_spec = tokenizer.spec()
-    if tokenizer_spec['type'] == 'sentencepiece':
-      tokenizer_spec['model_file'] = sentencepiece_path(output).name
-      artifacts[sentencepiece_path(output)] = tokenizer.model_bytes
-    metadata.update({
-        'text': {'file': text_path(output).name,
-                 'input': {'shape': ['b', tokenizer.max_length], 'dtype': 'int32',
-                           'description': 'token ids from the tokenizer below'},
-                 'output': {'shape': ['b', dim], 'dtype': 'float32',
-                            'description': 'L2-normalized text embeddings'}},
-        'tokenizer': tokenizer_spec,
-        'logit_bias': (float(params['bias']['value'][...]) if config.method == 'siglip'
-                       else None),
-        # The prompts of eval.json's zero-shot classification.
-        'zeroshot': {'class_names': list(class_names), 'templates': list(templates)},
-    })
+  extra_artifacts, extra_metadata = method.export_artifacts(exp, params, batch_stats, output,
+                                                            facts, _export)
+  artifacts.update(extra_artifacts)
+  metadata.update(extra_metadata)
   artifacts[epath.Path(f'{output}.json')] = (json.dumps(metadata, indent=2) + '\n').encode()
   if jax.process_index() == 0:  # on a pod every process lowers the same artifacts
     try:

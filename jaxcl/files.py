@@ -22,6 +22,8 @@ SKIPPED_IMAGES_FILE = 'skipped_images.json'
 SWEEP_FILES = ('sweep.json', 'sweep.csv', 'sweep.png')
 TOKENIZER_FILE = 'tokenizer.json'  # two towers: the tokenizer's spec
 SENTENCEPIECE_FILE = 'tokenizer.model'  # and its SentencePiece model, if any
+DATA_FACTS_FILE = 'data_facts.json'  # what export needs of the data (jaxcl.run_files)
+UNRESTORABLE_DIR = 'unrestorable_checkpoints'  # checkpoints set aside (jaxcl.checkpoints)
 LOCK_DIR = 'jaxcl.lock'  # held by the run in progress (jaxcl.lock)
 WALL_FILE = 'wall_time.json'  # a sweep run's training time
 REPORT_DIR, REPORT_FILE = 'report', 'report.html'
@@ -30,7 +32,19 @@ REPORT_DIR, REPORT_FILE = 'report', 'report.html'
 WORKDIR_NAMES = frozenset({
     CONFIG_FILE, EVAL_FILE, METRICS_FILE, CHECKPOINT_DIR, BATCH_HISTORY_FILE,
     SKIPPED_IMAGES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE, LOCK_DIR,
-    'unrestorable_checkpoints', REPORT_DIR, REPORT_FILE, WALL_FILE})
+    DATA_FACTS_FILE, UNRESTORABLE_DIR, REPORT_DIR, REPORT_FILE, WALL_FILE})
+
+
+def text_artifact_path(output) -> epath.Path:
+  """Where a two-tower export puts the text embedder: FILE's name + '.text'."""
+  output = epath.Path(output)
+  return output.with_name(output.stem + '.text' + output.suffix)
+
+
+def sentencepiece_artifact_path(output) -> epath.Path:
+  """Where a two-tower export with a SentencePiece tokenizer copies its model."""
+  output = epath.Path(output)
+  return output.with_name(output.stem + '.tokenizer.model')
 
 
 def write_atomically(path, data: str | bytes) -> None:

@@ -5,6 +5,7 @@ Image towers: ResNet-18/34/50 (He et al.) with an optional CIFAR-style stem
 al.) with the S/16 and B/16 presets. Text tower: a Transformer encoder over
 token ids, causal (CLIP) or bidirectional, pooled at the end-of-text token.
 
+The methods (jaxcl.methods) assemble them:
 - SimCLRModel: image encoder + SimCLR's MLP head + temperature.
 - TwoTowerModel (CLIP, SigLIP): image and text encoders, each with a linear
   projection to a shared embedding size, the temperature and, for SigLIP, the
@@ -312,7 +313,7 @@ class TwoTowerModel(nnx.Module):
 
 def build_image_encoder(m, in_channels: int, image_size: int, rngs: nnx.Rngs):
   """The image tower `model.name` names. m: the config's `model` group."""
-  dtype = jnp.dtype(m.get('dtype', 'float32'))
+  dtype = activation_dtype(m)
   if m.name in RESNETS:
     block, stages = RESNETS[m.name]
     if m.get('stage_sizes'):
@@ -325,24 +326,13 @@ def build_image_encoder(m, in_channels: int, image_size: int, rngs: nnx.Rngs):
   raise ValueError(f'unknown model.name {m.name!r}; choose one of {list(IMAGE_TOWERS)}')
 
 
-def build_model(config, in_channels: int, rngs: nnx.Rngs, tokenizer=None):
-  """The model a config describes: a SimCLRModel, or for method clip/siglip a
-  TwoTowerModel. `in_channels` comes from the dataset, `tokenizer` (two
-  towers only) gives the vocabulary size and the end-of-text id."""
-  m, t = config.model, config.temperature
-  encoder = build_image_encoder(m, in_channels, config.augment.image_size, rngs)
-  temperature = Temperature(mode=t.mode, init=t.init, min=t.min, max=t.max,
-                            period=t.period or config.total_steps, warmup_steps=t.warmup_steps)
-  method = config.method
-  if method == 'simclr':
-    head = ProjectionHead(encoder.num_features, m.head_hidden, m.head_out, m.head_layers,
-                          rngs=rngs)
-    return SimCLRModel(encoder=encoder, head=head, temperature=temperature)
-  x = config.text
-  text_encoder = TextTransformer(vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length,
-                                 eot_id=tokenizer.eot_id, width=x.width, depth=x.depth,
-                                 heads=x.heads, mlp_dim=x.mlp_dim, causal=x.causal, rngs=rngs,
-                                 dtype=jnp.dtype(m.get('dtype', 'float32')))
-  bias = LogitBias(t.bias_init) if method == 'siglip' else None
-  return TwoTowerModel(image_encoder=encoder, text_encoder=text_encoder, embed_dim=m.embed_dim,
-                       temperature=temperature, bias=bias, rngs=rngs)
+def activation_dtype(m):
+  """The dtype of the towers' activations (`model.dtype`); parameters stay float32."""
+  return jnp.dtype(m.get('dtype', 'float32'))
+
+
+def build_temperature(config) -> Temperature:
+  """The config's τ (`temperature` group); a cosine period of 0 spans the run."""
+  t = config.temperature
+  return Temperature(mode=t.mode, init=t.init, min=t.min, max=t.max,
+                     period=t.period or config.total_steps, warmup_steps=t.warmup_steps)

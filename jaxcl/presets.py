@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import math
 
-METHODS = ('simclr', 'clip', 'siglip')
-TWO_TOWER = ('clip', 'siglip')  # image and caption through two towers
-
 MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
 LOSS_IMPLS = ('dense', 'blockwise', 'ring')  # jaxcl.losses / jaxcl.blockwise
 OPTIMIZERS = ('lars', 'adamw', 'sgd')  # jaxcl.optim
@@ -37,10 +34,10 @@ def vit_sizes(model_cfg) -> dict:
   preset = VITS.get(model_cfg.name, (0,) * len(VIT_SIZES))
   return {key: model_cfg.vit[key] or value for key, value in zip(VIT_SIZES, preset)}
 
-# Prepared locally on first use, no network: digits and jaxcl.shapes'
+# Prepared locally on first use, no network: digits and jaxcl.data.shapes'
 # procedurally generated captioned shapes.
 EMBEDDED_DATASETS = frozenset({'digits', 'captioned_shapes'})
-PAIRS = 'image_text_pairs'  # users' (image path, caption) files: jaxcl.pairs
+PAIRS = 'image_text_pairs'  # users' (image path, caption) files: jaxcl.data.pairs
 
 MESH_AXES = ('data', 'fsdp')  # known axes, in mesh order
 BATCH_AXES = ('data', 'fsdp')  # the axes the batch is split over

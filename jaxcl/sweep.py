@@ -115,7 +115,7 @@ def run_sweep(config, workdir, values: list[str], log=print) -> dict:
   """Trains and evaluates every value (skipping finished runs); writes the
   sweep files. Returns {'columns', 'rows'}."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxcl import train  # pylint: disable=g-import-not-at-top
+  from jaxcl import run_files, train  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   writer = jax.process_index() == 0  # on a pod, process 0 writes the sweep's files
   if workdir.is_dir() and not (files.is_empty_dir(workdir) or files.is_sweep(workdir)):
@@ -124,7 +124,7 @@ def run_sweep(config, workdir, values: list[str], log=print) -> dict:
   configs = {v: run_config(config, v) for v in values}
   for value, cfg in configs.items():  # every run is checked before the first trains
     config_lib.validate(cfg)
-    train.check_trainable_workdir(workdir / f'tau-{value}')
+    run_files.check_trainable_workdir(workdir / f'tau-{value}')
     config_lib.check_resumable(cfg, workdir / f'tau-{value}')
   workdir.mkdir(parents=True, exist_ok=True)
   rows = []

@@ -9,6 +9,8 @@ hand. MFU = achieved FLOP/s per device / the device's peak dense bf16 FLOP/s.
 
 from __future__ import annotations
 
+import time
+
 # Peak dense bf16 TFLOP/s per device (chip), from the vendors' specifications.
 PEAK_TFLOPS = (
     ('TPU v6 lite', 918.0),  # v6e (Trillium)
@@ -60,3 +62,24 @@ def metrics(flops_per_device: float | None, num_devices: int, batch_size: int,
   if peak:
     out['mfu'] = achieved / peak
   return out
+
+
+class IntervalTimer:
+  """Times the steps since the last `restart()`: wall time, and the part
+  spent waiting for input, for the throughput metrics of a log step."""
+
+  def __init__(self):
+    self.restart()
+
+  def restart(self) -> None:
+    self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
+
+  def metrics(self, batch_size: int) -> dict[str, float]:
+    """examples_per_sec, step_time, data_wait_time, compute_time (per step)
+    and data_wait_fraction over the interval."""
+    elapsed = time.perf_counter() - self.start
+    return {'examples_per_sec': self.steps * batch_size / elapsed,
+            'step_time': elapsed / self.steps,
+            'data_wait_time': self.data_wait / self.steps,
+            'compute_time': (elapsed - self.data_wait) / self.steps,
+            'data_wait_fraction': self.data_wait / elapsed}

@@ -95,8 +95,8 @@ RUN = [f'--config.total_steps={RUN_STEPS}', '--config.checkpoint_every_steps=5',
 def final_params(workdir):
   """(step, params) of the newest checkpoint in `workdir`."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxcl import train  # pylint: disable=g-import-not-at-top
-  _, state = train.load_trained(str(workdir))
+  from jaxcl import trained  # pylint: disable=g-import-not-at-top
+  _, state = trained.load_trained(str(workdir))
   return int(state.step), jax.device_get(state.params)
 
 
@@ -201,3 +201,18 @@ def assert_close(actual, desired, *, rtol: float, what: str = ''):
     error = float(np.max(np.abs(a64 - d64))) if d64.size else 0.0  # NaN fails below
     assert error <= rtol * scale, (
         f'{name}: max |actual - desired| = {error:.3g} > rtol {rtol:g} x scale {scale:.6g}')
+
+
+def copy_without_dataset(workdir, destination):
+  """A copy of the run in `workdir` whose saved config points at a dataset
+  folder that does not exist: what export sees after the data was deleted."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(workdir, destination)
+  config_file = os.path.join(destination, 'config.json')
+  with open(config_file) as f:
+    config = json.load(f)
+  config['dataset']['data_dir'] = os.path.join(str(destination), 'deleted-tfds')
+  with open(config_file, 'w') as f:
+    json.dump(config, f)
+  return destination

@@ -110,14 +110,14 @@ def test_unknown_impl_is_refused():
 
 def test_train_step_with_ring_loss_equals_dense_single_device():
   from helpers import tiny_config  # pylint: disable=g-import-not-at-top
-  from jaxcl import parallel, train  # pylint: disable=g-import-not-at-top
+  from jaxcl import experiment, parallel, train_step  # pylint: disable=g-import-not-at-top
   results = []
   for impl, devices in (('dense', 1), ('ring', 8)):
     config = tiny_config(batch_size=16)
     config.loss.update(impl=impl, block_size=3)
-    exp = train.setup(config, devices=jax.devices()[:devices])
+    exp = experiment.setup(config, devices=jax.devices()[:devices])
     images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
-    (loss, (metrics, _, _, _)), grads = jax.jit(train.make_loss_and_grads(exp))(
+    (loss, (metrics, _, _, _)), grads = jax.jit(train_step.make_loss_and_grads(exp))(
         exp.init_state(), parallel.put_batch(exp.mesh, {'image': images}))
     results.append(jax.device_get((loss, metrics, grads)))
   (loss1, m1, g1), (loss8, m8, g8) = results
@@ -149,12 +149,12 @@ def test_sharded_step_moves_only_embeddings(impl):
   size of an image or an activation: the compiled HLO's gathers and permutes
   are all [rows, embedding size] (or [rows] ids)."""
   from helpers import tiny_config  # pylint: disable=g-import-not-at-top
-  from jaxcl import parallel, train  # pylint: disable=g-import-not-at-top
+  from jaxcl import experiment, parallel, train_step  # pylint: disable=g-import-not-at-top
   config = tiny_config(batch_size=16)
   config.loss.update(impl=impl, block_size=4)
-  exp = train.setup(config, devices=jax.devices()[:8])
+  exp = experiment.setup(config, devices=jax.devices()[:8])
   batch = parallel.put_batch(exp.mesh, {'image': np.zeros((16, 8, 8, 1), np.uint8)})
-  hlo = train.make_train_step(exp).lower(exp.init_state(), batch).compile().as_text()
+  hlo = train_step.make_train_step(exp).lower(exp.init_state(), batch).compile().as_text()
   moved = _moved_arrays(hlo)
   assert moved, 'the loss must communicate embeddings'
   dim, n = config.model.head_out, 16

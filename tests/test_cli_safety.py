@@ -16,7 +16,7 @@ import messages
 from helpers import (DIGITS_CONFIG, RUN_STEPS, jaxcl, logged_steps, run_until_checkpoint,
                      tiny_overrides)
 from jaxcl import config as config_lib
-from jaxcl import files, train
+from jaxcl import files, guards
 
 # Dozens of real CLI processes and runs (left out by -m "not slow").
 pytestmark = pytest.mark.slow
@@ -179,7 +179,7 @@ def test_ctrl_c_saves_the_current_step_and_says_where_to_resume(tmp_path):
 
 
 def test_a_second_ctrl_c_raises_at_once():
-  preemption = train.Preemption()
+  preemption = guards.Preemption()
   try:
     preemption._on_signal(signal.SIGINT, None)  # pylint: disable=protected-access
     assert preemption.reached(1) and preemption.exit_code == 130

@@ -11,7 +11,7 @@ from flax import nnx
 
 from helpers import REPO, tiny_config
 from jaxcl import config as config_lib
-from jaxcl import data, models, tokenizers
+from jaxcl import data, methods, models, tokenizers
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
 
@@ -23,9 +23,9 @@ def test_config_validates_and_builds(path):
     config_lib.validate(config, num_devices=8, process_count=1)
   except config_lib.ConfigError as e:  # pod recipes name datasets the user prepares
     assert 'is not prepared' in str(e) and config.dataset.name not in data.EMBEDDED, e
-  tokenizer = (tokenizers.build_tokenizer(config.text) if config.method in config_lib.TWO_TOWER
-               else None)
-  model = nnx.eval_shape(lambda: models.build_model(config, 3, nnx.Rngs(0), tokenizer))
+  method = methods.get(config.method)
+  tokenizer = tokenizers.build_tokenizer(config.text) if method.text_tower else None
+  model = nnx.eval_shape(lambda: method.build_model(config, 3, nnx.Rngs(0), tokenizer))
   params = nnx.state(model, nnx.Param)
   assert sum(x.size for x in jax.tree.leaves(params)) > 0
   if config.method == 'siglip':

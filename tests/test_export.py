@@ -8,8 +8,8 @@ import sys
 import jax
 import numpy as np
 
-from helpers import DIGITS_CONFIG, jaxcl, tiny_overrides
-from jaxcl import data, models, train
+from helpers import DIGITS_CONFIG, copy_without_dataset, jaxcl, tiny_overrides
+from jaxcl import data, models, trained
 
 LOADER = r'''
 import sys
@@ -38,7 +38,7 @@ def test_export_round_trip(tmp_path):
   assert meta['output']['dtype'] == 'float32' and meta['step'] == 4
   assert meta['config_name'] == 'simclr_digits'
 
-  exp, state = train.load_trained(str(workdir))
+  exp, state = trained.load_trained(str(workdir))
   source, _ = data.load_source(exp.config.dataset, 'test')
   images = np.stack([source[i]['image'] for i in range(10)])
   expected = np.asarray(models.l2_normalize(
@@ -54,3 +54,21 @@ def test_export_round_trip(tmp_path):
   assert got.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_needs_no_dataset(tmp_path):
+  """What export needs of the data is saved in the workdir: with the dataset
+  gone, it writes the same artifact (the same embeddings, the same FILE.json)."""
+  workdir = tmp_path / 'run'
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
+        '--config.total_steps=2', '--config.eval.probe_steps=2')
+  with_data, without = tmp_path / 'a' / 'enc.jaxexport', tmp_path / 'b' / 'enc.jaxexport'
+  jaxcl('export', '--workdir', str(workdir), '--output', str(with_data))
+  moved = copy_without_dataset(workdir, tmp_path / 'moved')
+  jaxcl('export', '--workdir', str(moved), '--output', str(without))
+  assert not (moved / 'deleted-tfds').exists()  # not even prepared again: no data opened
+  assert open(f'{with_data}.json').read() == open(f'{without}.json').read()
+  images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+  outputs = [np.asarray(jax.export.deserialize(path.read_bytes()).call(images))
+             for path in (with_data, without)]
+  np.testing.assert_array_equal(outputs[0], outputs[1])

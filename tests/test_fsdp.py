@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import assert_close, tiny_config
-from jaxcl import parallel, train
+from jaxcl import experiment, parallel, train_step
 
 # FSDP's step reduces the gradients in other orders than data parallelism
 # (tests/helpers.py: assert_close; as test_train.py's sharded-vs-one). Measured
@@ -34,7 +34,7 @@ def experiments():
     config = tiny_config(**{'batch_size': 16, 'model.width': 32, 'model.head_hidden': 256,
                             'model.head_out': 64})
     config.mesh.update(mesh)
-    out.append(train.setup(config, devices=jax.devices()[:8]))
+    out.append(experiment.setup(config, devices=jax.devices()[:8]))
   return out
 
 
@@ -55,9 +55,9 @@ def test_fsdp_step_equals_data_parallel(experiments):
   results = []
   for exp in experiments:
     state = exp.init_state()
-    (loss, (metrics, _, _, _)), grads = jax.jit(train.make_loss_and_grads(exp))(
+    (loss, (metrics, _, _, _)), grads = jax.jit(train_step.make_loss_and_grads(exp))(
         state, parallel.put_batch(exp.mesh, {'image': _images(0)}))
-    step = train.make_train_step(exp)
+    step = train_step.make_train_step(exp)
     for i in range(2):
       state, _ = step(state, parallel.put_batch(exp.mesh, {'image': _images(i)}))
     results.append(jax.device_get((loss, grads, state.params)))
@@ -74,8 +74,8 @@ def test_ring_loss_over_data_and_fsdp_axes_equals_dense():
     config = tiny_config(batch_size=16)
     config.loss.update(impl=impl, block_size=3)
     config.mesh.update(mesh)
-    exp = train.setup(config, devices=jax.devices()[:8])
-    (loss, _), grads = jax.jit(train.make_loss_and_grads(exp))(
+    exp = experiment.setup(config, devices=jax.devices()[:8])
+    (loss, _), grads = jax.jit(train_step.make_loss_and_grads(exp))(
         exp.init_state(), parallel.put_batch(exp.mesh, {'image': _images(0)}))
     results.append(jax.device_get((loss, grads)))
   (loss_dense, grads_dense), (loss_ring, grads_ring) = results

@@ -15,7 +15,7 @@ import helpers
 import pytest
 
 from helpers import DIGITS_CONFIG, REPO, assert_close, jaxcl, tiny_overrides
-from jaxcl import train
+from jaxcl import checkpoints
 
 # Real multi-process jobs: minutes (pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow
@@ -152,7 +152,7 @@ def test_sigterm_to_one_process_then_a_lost_process_then_resume(tmp_path, starte
     assert code == -signal.SIGABRT and 'another task died' in err, (code, err[-2000:])
 
   # Running the job again resumes from the last complete checkpoint.
-  last = train.complete_step(workdir)
+  last = checkpoints.complete_step(workdir)
   procs = _start_job(workdir, tmp_path / 'logs3', started, [f'--config.total_steps={last + 5}'])
   assert [p.wait(timeout=JOB_S) for p in procs] == [0, 0]
   assert f'resuming from step {last}' in (tmp_path / 'logs3' / 'p0.out').read_text()

@@ -18,7 +18,7 @@ import pytest
 from helpers import (DIGITS_CONFIG, REPO, RUN, RUN_STEPS, assert_close, final_params, jaxcl,
                      run_until_checkpoint, tiny_overrides)
 from jaxcl import lock as lock_lib
-from jaxcl import train
+from jaxcl import files, run_files
 
 # Real killed, corrupted and full-disk runs: minutes (left out by -m "not slow").
 pytestmark = pytest.mark.slow
@@ -90,18 +90,18 @@ def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path, monkeypa
 # ------------------------------------------------------ batch history ---
 def test_data_position_counts_records_of_each_segment():
   history = [[0, 32], [100, 64], [150, 16]]
-  assert train.data_position(history, 150) == (32 * 100 + 64 * 50, 0)
-  assert train.data_position(history, 170) == (32 * 100 + 64 * 50, 20)
-  assert train.data_position([[0, 32]], 7) == (0, 7)
+  assert run_files.data_position(history, 150) == (32 * 100 + 64 * 50, 0)
+  assert run_files.data_position(history, 170) == (32 * 100 + 64 * 50, 20)
+  assert run_files.data_position([[0, 32]], 7) == (0, 7)
 
 
 def test_batch_history_goes_back_with_a_fallback(tmp_path):
-  (tmp_path / train.BATCH_HISTORY_FILE).write_text('[[0, 32], [100, 64]]')
-  assert train.batch_history(tmp_path, 64, 150) == [[0, 32], [100, 64]]
-  assert train.batch_history(tmp_path, 128, 150) == [[0, 32], [100, 64], [150, 128]]
+  (tmp_path / files.BATCH_HISTORY_FILE).write_text('[[0, 32], [100, 64]]')
+  assert run_files.batch_history(tmp_path, 64, 150) == [[0, 32], [100, 64]]
+  assert run_files.batch_history(tmp_path, 128, 150) == [[0, 32], [100, 64], [150, 128]]
   # Resumed from a checkpoint before the change: the change never happened.
-  assert train.batch_history(tmp_path, 32, 90) == [[0, 32]]
-  assert train.batch_history(tmp_path, 64, 100) == [[0, 32], [100, 64]]
+  assert run_files.batch_history(tmp_path, 32, 90) == [[0, 32]]
+  assert run_files.batch_history(tmp_path, 64, 100) == [[0, 32], [100, 64]]
 
 
 # -------------------------------- killed run: stale lock, bad checkpoints ---
@@ -208,11 +208,11 @@ def test_global_batch_changes_only_when_asked(uninterrupted, tmp_path):
   refused = jaxcl(*args, devices=2, check=False)
   assert refused.returncode == 2
   assert '--allow_batch_change' in refused.stderr.splitlines()[-1]
-  assert json.loads((workdir / train.BATCH_HISTORY_FILE).read_text()) == [[0, 32]]
+  assert json.loads((workdir / files.BATCH_HISTORY_FILE).read_text()) == [[0, 32]]
 
   proc = jaxcl(*args, '--allow_batch_change', devices=2)
   assert f'global batch 32 -> 64 from step {END - 10}' in proc.stdout
-  assert json.loads((workdir / train.BATCH_HISTORY_FILE).read_text()) == [[0, 32], [END - 10, 64]]
+  assert json.loads((workdir / files.BATCH_HISTORY_FILE).read_text()) == [[0, 32], [END - 10, 64]]
   assert sorted(_losses(workdir))[-1] == END
 
 
@@ -285,7 +285,7 @@ def test_image_folder_run_reports_the_images_it_skipped(tmp_path):
   assert "3 image(s) of split 'train' skipped" in proc.stdout
   for name in bad:
     assert f'images/train/b/{name}: ' in proc.stdout
-  listed = json.loads((workdir / train.SKIPPED_IMAGES_FILE).read_text())
+  listed = json.loads((workdir / files.SKIPPED_IMAGES_FILE).read_text())
   assert sorted(p.rsplit('/', 1)[1] for p, _ in listed['train']) == bad
   assert 'test' not in listed
 

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'jaxcl'
-SOURCES = sorted(PACKAGE.glob('*.py'))
+SOURCES = sorted(PACKAGE.rglob('*.py'))  # the subpackages (data, methods) too
 
 # Calls that would run code from a file, or that bypass epath.
 UNSAFE_MODULES = {'pickle', 'cPickle', 'dill', 'cloudpickle', 'marshal', 'shelve', 'joblib'}
@@ -15,10 +15,10 @@ BARE_FILE_CALLS = {'open'}
 OS_PATH_ALLOWED = {
     # (file, function): why a plain os.path call is right there.
     ('cli.py', 'isfile'): 'the config file: a local Python file that ml_collections executes',
-    ('pairs.py', 'normpath'): 'a local image path (remote ones take the epath branch)',
-    ('pairs.py', 'join'): 'a local image path (remote ones take the epath branch)',
-    ('pairs.py', 'expanduser'): 'a local image path (remote ones take the epath branch)',
-    ('pairs.py', 'relpath'): 'a local image path (remote ones take the epath branch)',
+    ('pair_rows.py', 'normpath'): 'a local image path (remote ones take the epath branch)',
+    ('pair_rows.py', 'join'): 'a local image path (remote ones take the epath branch)',
+    ('pair_rows.py', 'expanduser'): 'a local image path (remote ones take the epath branch)',
+    ('pair_rows.py', 'relpath'): 'a local image path (remote ones take the epath branch)',
 }
 OPEN_ALLOWED = {('lock.py', "f'/proc/{pid}/stat'")}  # this machine's /proc, not a user path
 
@@ -29,7 +29,7 @@ def _calls(tree):
       yield node
 
 
-@pytest.mark.parametrize('source', SOURCES, ids=lambda p: p.name)
+@pytest.mark.parametrize('source', SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_unpickling_or_code_loading(source):
   tree = ast.parse(source.read_text())
   for node in ast.walk(tree):
@@ -47,7 +47,7 @@ def test_no_unpickling_or_code_loading(source):
             f'{source.name}:{call.lineno}')
 
 
-@pytest.mark.parametrize('source', SOURCES, ids=lambda p: p.name)
+@pytest.mark.parametrize('source', SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_paths_go_through_epath(source):
   tree = ast.parse(source.read_text())
   for call in _calls(tree):
@@ -61,7 +61,7 @@ def test_paths_go_through_epath(source):
           f'{source.name}:{call.lineno}: os.path.{func.attr}')
     if isinstance(func, ast.Attribute) and ast.unparse(func.value) in ('os', 'shutil', 'glob'):
       # os._exit: a failed process of several leaves past jax's shutdown barrier (cli.py).
-      # os.write: to stderr's descriptor from a signal handler (train.py), not a path.
+      # os.write: to stderr's descriptor from a signal handler (guards.py), not a path.
       assert func.attr in ('environ', 'getpid', 'kill', 'fspath', 'getenv', 'cpu_count',
                            '_exit', 'write'), (
           f'{source.name}:{call.lineno}: {ast.unparse(func)}')

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxcl import pairs, shapes
+from jaxcl.data import pairs, shapes
 
 S = 32
 # Longest first, so that 'top left' is found before 'top'.

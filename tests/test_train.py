@@ -13,7 +13,7 @@ import pytest
 from helpers import (DIGITS_CONFIG, RUN, RUN_STEPS, assert_close, final_params, jaxcl,
                      logged_steps, newest_checkpoint, run_until_checkpoint, tiny_config,
                      tiny_overrides)
-from jaxcl import parallel, train
+from jaxcl import checkpoints, experiment, parallel, train_step, trained
 
 
 # ------------------------------------------------ sharded == single device ---
@@ -34,8 +34,8 @@ RTOL_PARAMS = 1e-4
 @pytest.fixture(scope='module')
 def experiments():
   config = tiny_config(batch_size=16)
-  single = train.setup(config, devices=jax.devices()[:1])
-  sharded = train.setup(config, devices=jax.devices()[:8])
+  single = experiment.setup(config, devices=jax.devices()[:1])
+  sharded = experiment.setup(config, devices=jax.devices()[:8])
   assert dict(sharded.mesh.shape) == {'data': 8, 'fsdp': 1}
   return single, sharded
 
@@ -48,7 +48,7 @@ def test_sharded_loss_and_grads_equal_single_device(experiments):
   results = []
   for exp in experiments:
     state = exp.init_state()
-    fn = jax.jit(train.make_loss_and_grads(exp))
+    fn = jax.jit(train_step.make_loss_and_grads(exp))
     (loss, (metrics, batch_stats, _, _)), grads = fn(
         state, parallel.put_batch(exp.mesh, {'image': _images(16)}))
     results.append(jax.device_get((loss, metrics, batch_stats, grads)))
@@ -67,7 +67,7 @@ def test_sharded_loss_and_grads_equal_single_device(experiments):
 
 @pytest.fixture(scope='module')
 def train_steps(experiments):
-  return [train.make_train_step(exp) for exp in experiments]
+  return [train_step.make_train_step(exp) for exp in experiments]
 
 
 def test_sharded_train_steps_equal_single_device(experiments, train_steps):
@@ -197,9 +197,9 @@ def test_nonfinite_steps_skipped_leave_the_state(tmp_path):
         '--config.nonfinite=skip')
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert [r['skipped'] for r in rows if 'skipped' in r] == [0.0] + [1.0] * 7
-  exp, last = train.load_trained(str(tmp_path))
-  manager = train.checkpoint_manager(str(tmp_path), exp.config)
-  first = train.restore_checkpoint(manager, exp, step=1)
+  exp, last = trained.load_trained(str(tmp_path))
+  manager = checkpoints.checkpoint_manager(str(tmp_path), exp.config)
+  first = checkpoints.restore_checkpoint(manager, exp.abstract_state(), step=1)
   manager.close()
   assert int(last.step) == 8
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(last.params),

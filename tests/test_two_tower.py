@@ -14,9 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import (CLIP_CONFIG, SIGLIP_CONFIG, TINY_TWO_TOWER, assert_close, jaxcl, tiny_config,
-                     tiny_overrides)
-from jaxcl import evaluate, parallel, train
+from helpers import (CLIP_CONFIG, SIGLIP_CONFIG, TINY_TWO_TOWER, assert_close,
+                     copy_without_dataset, jaxcl, tiny_config, tiny_overrides)
+from jaxcl import evaluate, experiment, parallel, train_step, trained
 
 
 def _batch(exp, n, seed=0):
@@ -63,15 +63,15 @@ def experiments(request):
   config_file = CLIP_CONFIG if request.param == 'clip' else SIGLIP_CONFIG
   config = tiny_config(config_file, TINY_TWO_TOWER, batch_size=16)
   assert config.method == request.param
-  return (train.setup(config, devices=jax.devices()[:1]),
-          train.setup(config, devices=jax.devices()[:8]))
+  return (experiment.setup(config, devices=jax.devices()[:1]),
+          experiment.setup(config, devices=jax.devices()[:8]))
 
 
 def test_sharded_two_tower_step_equals_single_device(experiments):
   results = []
   for exp in experiments:
     state = exp.init_state()
-    fn = jax.jit(train.make_loss_and_grads(exp))
+    fn = jax.jit(train_step.make_loss_and_grads(exp))
     (loss, (metrics, _, tau, bias)), grads = fn(state, parallel.put_batch(exp.mesh,
                                                                           _batch(exp, 16)))
     results.append(jax.device_get((loss, metrics, grads)))
@@ -100,7 +100,7 @@ def test_sharded_two_tower_step_equals_single_device(experiments):
 def test_sharded_two_tower_train_steps_equal_single_device(experiments):
   finals = []
   for exp in experiments:
-    step, state = train.make_train_step(exp), exp.init_state()
+    step, state = train_step.make_train_step(exp), exp.init_state()
     for i in range(2):
       state, metrics = step(state, parallel.put_batch(exp.mesh, _batch(exp, 16, seed=i)))
     finals.append(jax.device_get((state.params, metrics)))
@@ -119,7 +119,7 @@ def test_large_gradient_on_tau_is_clamped_without_nan(experiments):
   exp = experiments[1]  # the 8-device one
   state = exp.init_state()
   batch = parallel.put_batch(exp.mesh, _batch(exp, 16))
-  (_, _), grads = jax.jit(train.make_loss_and_grads(exp))(state, batch)
+  (_, _), grads = jax.jit(train_step.make_loss_and_grads(exp))(state, batch)
   g = float(grads['temperature']['log_tau'][...])
   assert g != 0
   # An optimizer whose step on log τ is -1e4 |g| at every step: far below log τ_min.
@@ -128,8 +128,8 @@ def test_large_gradient_on_tau_is_clamped_without_nan(experiments):
   push_down = optax.stateless(lambda g, _: jax.tree.map(lambda x: -1e4 * jnp.abs(x), g))
   pushed = optax.multi_transform({'tau': push_down, 'rest': optax.adamw(1e-3)}, labels)
   exp = dataclasses.replace(exp, optimizer=pushed)
-  step = train.make_train_step(exp)
-  state = jax.jit(lambda: train.TrainState(
+  step = train_step.make_train_step(exp)
+  state = jax.jit(lambda: experiment.TrainState(
       step=state.step, params=state.params, batch_stats=state.batch_stats,
       opt_state=pushed.init(state.params), rng=state.rng), out_shardings=exp.replicated)()
   t = exp.config.temperature
@@ -255,8 +255,14 @@ def test_exported_towers_reproduce_zeroshot(clip_run, tmp_path):
   meta = json.loads(open(f'{artifact}.json').read())
   assert meta['method'] == 'clip' and meta['text']['input']['shape'] == ['b', 48]
   assert len(meta['zeroshot']['class_names']) == 24 and meta['logit_bias'] is None
+  # The same prompts when the dataset is gone: export reads them from the workdir.
+  moved = copy_without_dataset(clip_run, tmp_path / 'moved')
+  jaxcl('export', '--workdir', str(moved), '--output', str(tmp_path / 'moved.jaxexport'))
+  assert not (moved / 'deleted-tfds').exists()  # no data opened
+  assert json.loads(open(f'{tmp_path / "moved.jaxexport"}.json').read())['zeroshot'] == (
+      meta['zeroshot'])
 
-  exp, _ = train.load_trained(str(clip_run))
+  exp, _ = trained.load_trained(str(clip_run))
   from jaxcl import data  # pylint: disable=g-import-not-at-top
   source, _ = data.load_source(exp.config.dataset, 'test')
   records = [source[i] for i in range(len(source))]
@@ -274,7 +280,7 @@ def test_exported_towers_reproduce_zeroshot(clip_run, tmp_path):
 
 def test_train_on_a_pairs_file_with_broken_rows(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from jaxcl import shapes  # pylint: disable=g-import-not-at-top
+  from jaxcl.data import shapes  # pylint: disable=g-import-not-at-top
   rows = []
   for i, example in enumerate(shapes.generate(seed=5, num_images=48)):
     Image.fromarray(example['image']).save(tmp_path / f'{i}.png')

@@ -1,17 +1,11 @@
 """Users' own (image path, caption) pairs as a prepared TFDS dataset.
 
-A pairs file lists one pair per row:
-
-- JSON lines (``.jsonl``, or ``.json`` holding one object per line):
-  ``{"image": "photos/cat.jpg", "caption": "a cat on a mat"}``;
-- CSV (``.csv``) or TSV (``.tsv``) with a header row naming the columns.
-
-The keys / columns default to 'image' and 'caption'; relative image paths are
-relative to the pairs file's folder. Rows naming the same image become one
-example with several captions.
+A pairs file (JSON lines, CSV or TSV; its format, the checks of its rows and
+the train/test split rule are jaxcl.data.pair_rows') lists one pair per row.
+Rows naming the same image become one example with several captions.
 
 `prepare_pairs` converts the file once, with the `ImageTextPairs` builder,
-into array_record files with the same features as jaxcl.shapes:
+into array_record files with the same features as jaxcl.data.shapes:
 
     'image': uint8 [S, S, 3] (PIL decode, RGB, central square resized to S),
     'captions': object array of UTF-8 bytes, one or more per image,
@@ -21,23 +15,16 @@ read like any TFDS dataset with ``builder.as_data_source(split)``. Bad rows
 stop a conversion: they are skipped, counted, and listed with their line
 numbers in the log and in ``bad_rows.json`` beside the prepared files.
 
-Splits: 'train', plus 'test' when test_fraction > 0. An image is in test iff
-int(sha1(path)[:8], 16) / 2**32 < test_fraction, where path is the image's
-path relative to the pairs file's folder (absolute if outside it), so the
-split depends neither on row order nor on where the folder is mounted, and
-all captions of one image stay in one split.
+Splits: 'train', plus 'test' when test_fraction > 0 (see
+jaxcl.data.pair_rows.in_test_split: all captions of one image stay in one
+split).
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
 import hashlib
-import io
 import json
-import logging
-import os
 import re
 from collections.abc import Callable
 from typing import ClassVar
@@ -46,177 +33,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jaxcl import data
-from jaxcl.data import MAX_UPSCALE, center_crop_resize
+from jaxcl.data import catalog
+from jaxcl.data.images import MAX_UPSCALE, center_crop_resize
+from jaxcl.data.pair_rows import (  # noqa: F401  (DELIMITERS, JSON_SUFFIXES: re-exported)
+    DELIMITERS, JSON_SUFFIXES, absolute_path, in_test_split, read_pairs)
 
-JSON_SUFFIXES = ('.jsonl', '.json')
-DELIMITERS = {'.csv': ',', '.tsv': '\t'}
 BAD_ROWS_FILE = 'bad_rows.json'
 MAX_LOGGED_BAD_ROWS = 20
-
-
-# -------------------------------------------------------------- reading rows ---
-def read_pairs(path, *, image_key: str = 'image', caption_key: str = 'caption'):
-  """The pairs in `path` and the rows that are not pairs.
-
-  Returns (rows, bad_rows):
-    rows: list of (line_number, absolute image path, caption), caption
-      stripped of surrounding whitespace, in file order;
-    bad_rows: list of (line_number, reason) for rows that cannot be parsed,
-      lack a key or have an empty caption.
-  Line numbers count from 1 and include the CSV header. Raises ValueError
-  (one line) only when the file itself is missing, unreadable or of an
-  unknown kind; a bad row never raises.
-  """
-  path = _absolute_path(path)
-  suffix = epath.Path(path).suffix.lower()
-  if suffix not in JSON_SUFFIXES and suffix not in DELIMITERS:
-    raise ValueError(f'pairs file {path} is not .jsonl, .json, .csv or .tsv')
-  folder = str(epath.Path(path).parent)
-  rows, bad_rows = [], []
-  try:
-    # surrogateescape: a line that is not UTF-8 becomes one bad row (found by
-    # _check_utf8) instead of an exception that ends the whole read.
-    with epath.Path(path).open('rb') as raw, io.TextIOWrapper(
-        raw, encoding='utf-8-sig', errors='surrogateescape', newline='') as f:
-      if suffix in JSON_SUFFIXES:
-        records = _json_records(f)
-      else:
-        records = _csv_records(f, DELIMITERS[suffix], image_key, caption_key)
-      for line, record in records:
-        if isinstance(record, str):  # already a reason
-          bad_rows.append((line, record))
-          continue
-        problem = _check_row(record, image_key, caption_key)
-        if problem:
-          bad_rows.append((line, problem))
-          continue
-        image = record[image_key].strip()
-        rows.append((line, _absolute(image, folder), record[caption_key].strip()))
-  except OSError as e:
-    raise ValueError(f'cannot read pairs file {path}: {e.strerror or e}') from None
-  return rows, bad_rows
-
-
-def _json_records(f):
-  """(line number, dict or reason) for every non-blank line of a JSON-lines file."""
-  for line_number, line in enumerate(f, 1):
-    if not line.strip():
-      continue
-    problem = _check_utf8(line)
-    if problem:
-      yield line_number, problem
-      continue
-    try:
-      record = json.loads(line)
-    except ValueError as e:
-      reason = f'not JSON ({e.msg} at column {e.colno})'
-      if line.lstrip().startswith('['):  # a common mistake, worth a hint
-        reason += '; a JSON array? write one object per line (JSON lines)'
-      yield line_number, reason
-      continue
-    if not isinstance(record, dict):
-      yield line_number, f'not a JSON object but {type(record).__name__}'
-      continue
-    yield line_number, record
-
-
-def _csv_records(f, delimiter, image_key, caption_key):
-  """(line number, dict or reason) for every data row of a CSV/TSV file."""
-  reader = csv.reader(f, delimiter=delimiter)
-  try:
-    header = next(reader)
-  except StopIteration:
-    return
-  except csv.Error as e:
-    yield 1, f'unparseable header ({e})'
-    return
-  columns = ', '.join(header)
-  if _check_utf8(columns):
-    yield 1, 'header ' + _check_utf8(columns)
-    return
-  for key in (image_key, caption_key):
-    if key not in header:
-      # Every row would lack it: say so once, on the header line.
-      yield 1, f'no {key!r} column (the columns are: {columns})'
-      return
-  previous_end = reader.line_num
-  while True:
-    # A quoted field may span lines: a row starts after the previous one ends.
-    line_number = previous_end + 1
-    try:
-      fields = next(reader)
-    except StopIteration:
-      return
-    except csv.Error as e:
-      previous_end = reader.line_num
-      yield line_number, f'unparseable row ({e})'
-      continue
-    previous_end = reader.line_num
-    if not fields:  # a blank line
-      continue
-    if len(fields) != len(header):
-      yield line_number, f'{len(fields)} fields, the header has {len(header)}'
-      continue
-    problem = _check_utf8(delimiter.join(fields))
-    yield line_number, problem or dict(zip(header, fields))
-
-
-def _check_row(record: dict, image_key: str, caption_key: str) -> str | None:
-  """Why `record` is not a pair, or None."""
-  for key in (image_key, caption_key):
-    if key not in record or record[key] is None:
-      return f'missing {key!r}'
-    if not isinstance(record[key], str):
-      return f'{key!r} is not a string but {type(record[key]).__name__}'
-  if not record[image_key].strip():
-    return f'empty {image_key!r}'
-  if not record[caption_key].strip():
-    return f'empty {caption_key!r}'
-  return _check_utf8(record[caption_key])
-
-
-def _check_utf8(text: str) -> str | None:
-  try:
-    text.encode('utf-8')
-  except UnicodeEncodeError:
-    return 'not valid UTF-8'
-  return None
-
-
-def _remote(path: str) -> bool:
-  return '://' in path  # gs://..., s3://...: epath opens them as they are
-
-
-def _absolute_path(path) -> str:
-  path = os.fspath(path)
-  return path if _remote(path) else str(epath.Path(path).expanduser().absolute())
-
-
-def _absolute(image: str, folder: str) -> str:
-  """An image path of a pairs file in `folder`, absolute (relative ones are
-  relative to the file's folder, local or remote)."""
-  if _remote(image):
-    return image
-  if _remote(folder):
-    return str(epath.Path(folder) / image)
-  return os.path.normpath(os.path.join(folder, os.path.expanduser(image)))
-
-
-def _split_key(image: str, folder: str) -> str:
-  """The path hashed for the train/test split: relative to the pairs file's folder."""
-  if _remote(image) or _remote(folder):
-    prefix = folder.rstrip('/') + '/'
-    return image[len(prefix):] if image.startswith(prefix) else image
-  relative = os.path.relpath(image, folder)
-  outside = relative == os.pardir or relative.startswith(os.pardir + os.sep)
-  return image if outside else relative.replace(os.sep, '/')
-
-
-def in_test_split(image: str, folder: str, test_fraction: float) -> bool:
-  """Whether the image (absolute path) of a pairs file in `folder` is in 'test'."""
-  digest = hashlib.sha1(_split_key(image, folder).encode('utf-8')).hexdigest()
-  return int(digest[:8], 16) / 2**32 < test_fraction
 
 
 # ------------------------------------------------------------- the builder ---
@@ -250,7 +73,7 @@ class ImageTextPairsConfig(tfds.core.BuilderConfig):
   @classmethod
   def create(cls, path, *, image_size: int, image_key: str = 'image',
              caption_key: str = 'caption', test_fraction: float = 0.0):
-    path = _absolute_path(path)
+    path = absolute_path(path)
     if image_size <= 0:
       raise ValueError(f'image_size must be positive, got {image_size}')
     if not 0.0 <= test_fraction < 1.0:
@@ -401,10 +224,10 @@ def prepare_pairs(path, *, image_size: int, data_dir: str | None = None,
   """
   config = ImageTextPairsConfig.create(path, image_size=image_size, image_key=image_key,
                                        caption_key=caption_key, test_fraction=test_fraction)
-  with _quiet_absl():  # TFDS warns that the config is not one of BUILDER_CONFIGS
+  with catalog.quiet_tfds():  # TFDS warns that the config is not one of BUILDER_CONFIGS
     builder = ImageTextPairs(config=config, data_dir=data_dir, file_format='array_record')
   bad_rows_path = epath.Path(builder.data_dir) / BAD_ROWS_FILE
-  if data.is_prepared(builder):
+  if catalog.is_prepared(builder):
     # bad_rows.json is missing only if the builder was prepared some other
     # way (or the process died right after preparing): counts from TFDS then.
     saved = json.loads(bad_rows_path.read_text()) if bad_rows_path.exists() else {}
@@ -420,9 +243,8 @@ def prepare_pairs(path, *, image_size: int, data_dir: str | None = None,
           f'nothing converted')
     return builder
 
-  tfds.disable_progress_bar()
   try:
-    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its own banners
+    with catalog.quiet_tfds():
       builder.download_and_prepare()
   except Exception as e:  # pylint: disable=broad-except
     if 'No examples were yielded' not in str(e):
@@ -459,15 +281,3 @@ def _summary(bad_rows) -> str:
   more = len(bad_rows) - 1
   more = f' (and {more} more bad row{"s" if more > 1 else ""})' if more else ''
   return f'line {line}: {reason}{more}'
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-  """Hides absl's (TFDS's) warnings for the duration."""
-  logger = logging.getLogger('absl')
-  level = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)

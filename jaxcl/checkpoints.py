@@ -1,0 +1,130 @@
+"""Checkpoints: orbax saves and restores of the train state, the fallback
+past checkpoints that do not restore, and setting those aside.
+
+The data position is not saved: it follows from the step (and the batch
+history, jaxcl.run_files), see jaxcl.data.train_iterator.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+from jaxcl import errors, files
+
+
+def checkpoint_manager(workdir, config, *, cleanup: bool = False,
+                       read_only: bool = False) -> ocp.CheckpointManager:
+  """cleanup: delete unfinished checkpoint writes left by a killed run (orbax
+  writes to a temporary directory and renames it when complete, so those
+  are never restored); only the run that holds the workdir may do this.
+  read_only: for eval and export, which write nothing in the workdir."""
+  # (orbax's own read_only option logs three warnings; not creating the
+  # folder and not saving is all these commands need.)
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.get('keep_checkpoints', 3),
+                                         enable_async_checkpointing=not read_only,
+                                         cleanup_tmp_directories=cleanup and not read_only,
+                                         create=not read_only)
+  return ocp.CheckpointManager(epath.Path(workdir).absolute() / files.CHECKPOINT_DIR,
+                               options=options)
+
+
+def save_checkpoint(manager, state) -> None:
+  """Starts writing the train state, RNG included, in the background. A
+  failed write (here or, for the previous background one, at this call)
+  raises CheckpointError."""
+  try:
+    manager.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  except Exception as e:  # pylint: disable=broad-except  # tensorstore errors come in many types
+    raise _write_failed(manager, e) from None
+
+
+def finish_checkpoints(manager) -> None:
+  """Blocks until the background checkpoint writes are complete."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_failed(manager, e) from None
+
+
+def complete_step(workdir) -> int | None:
+  """The newest checkpoint on disk whose write completed, None if none. A
+  write orbax did not finish (killed, or the disk filled) has no final
+  directory name or no commit marker, and is never restored."""
+  path = epath.Path(workdir) / files.CHECKPOINT_DIR
+  try:
+    steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()
+             and (p / 'commit_success.txt').exists()] if path.exists() else []
+  except OSError:  # called while reporting a storage failure: unknown, not a traceback
+    return None
+  return max(steps, default=None)
+
+
+def _write_failed(manager, e: Exception) -> errors.CheckpointError:
+  return errors.CheckpointError(
+      f'writing a checkpoint in {manager.directory} failed ({errors.describe(e)}); the last '
+      f'complete checkpoint is step {complete_step(manager.directory.parent)}; the unfinished '
+      f'one is never restored')
+
+
+def restore_checkpoint(manager, abstract_state, step=None):
+  """The state of checkpoint `step` (default: the latest) in the layout of
+  `abstract_state` (Experiment.abstract_state()), whatever mesh wrote it.
+  Returns None when there is none."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  return manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state))).state
+
+
+def restore_newest(manager, abstract_state):
+  """(state, failures): the newest checkpoint that restores, and the
+  (step, reason) of each newer one that did not (a truncated or missing
+  file, an interrupted copy). (None, []) when there are no checkpoints;
+  CheckpointError when there are some and none restores."""
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    for attempt in range(2):  # once more: a transient read error (a 503) is not corruption
+      try:
+        state, error = restore_checkpoint(manager, abstract_state, step=step), None
+        break
+      except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
+        state, error = None, errors.describe(e)
+        if attempt == 0 and jax.process_count() == 1:
+          time.sleep(1.0)
+          continue
+        break
+    if jax.process_count() > 1:  # all processes resume from the same step, or none does
+      restored = multihost_utils.process_allgather(np.int32(error is None))
+      if error is None and not np.all(restored):
+        state, error = None, 'another process could not restore it'
+    if error is None:
+      return state, failures
+    failures.append((step, error))
+  if failures:
+    raise errors.CheckpointError(
+        f'no checkpoint in {manager.directory} restores (' +
+        '; '.join(f'step {s}: {e}' for s, e in failures) + '); nothing was changed: move '
+        'them away to start over')
+  return None, []
+
+
+def set_aside(workdir, steps) -> epath.Path:
+  """Moves unrestorable checkpoints out of the manager's sight (so that they
+  neither count towards keep_checkpoints nor get deleted) into
+  workdir/unrestorable_checkpoints/STEP-TIME, for inspection."""
+  workdir = epath.Path(workdir)
+  aside = workdir / files.UNRESTORABLE_DIR
+  if jax.process_index() == 0:
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      (workdir / files.CHECKPOINT_DIR / str(step)).rename(aside / f'{step}-{int(time.time())}')
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('jaxcl: unrestorable checkpoints set aside')
+  return aside

@@ -1,0 +1,62 @@
+"""Input: TFDS array_record data sources and image folders, read with grain.
+
+Every dataset becomes a random-access source of records
+``{'image': uint8 [H, W, C], 'label': int}`` with one fixed H, W, C (the
+"stored resolution"), plus ``'captions'`` (a list of str) for image-text
+training. The host only reads, picks a caption, tokenizes and batches;
+augmentation runs on the device (jaxcl.augment).
+
+- TFDS by name (``dataset.name = 'cifar10'``, ``'imagenet2012'``,
+  ``'coco_captions'``, ...): the builder's array_record files in
+  ``dataset.data_dir`` (TFDS's default when unset); captions come from the
+  ``dataset.text_key`` feature ('a/b' for nested ones). Preparing datasets
+  with Image features needs TensorFlow and, for most, the network: done once
+  by the user, or here when ``dataset.download=True``.
+- Embedded, prepared locally on first use with no network and no TensorFlow:
+  ``digits`` (jaxcl.data.digits: scikit-learn's 1,797 8x8 handwritten
+  digits; train = the first 1,500, test = the remaining 297; pixel =
+  round(value * 255 / 16)) and ``captioned_shapes`` (jaxcl.data.shapes:
+  procedurally generated images of colored shapes with captions).
+- ``image_text_pairs``: users' JSONL/CSV files of (image path, caption) rows,
+  converted once into a TFDS dataset by jaxcl.data.pairs (bad rows reported
+  and skipped) and read like any other.
+- ``image_folder``: ``dataset.path/SPLIT/CLASS/*.png`` (or ``path/SPLIT/*.png``
+  for unlabeled images, label -1), resized to ``dataset.image_size``. The
+  train split is required; without the evaluation splits' folders
+  (``test/``) the run trains and skips evaluation.
+
+Training order is deterministic from the seed: grain shuffles the source,
+reshuffles each epoch, and each of P processes reads its own block of every
+global batch. Nothing of the iterator is checkpointed: its position follows
+from the step (and the batch history), see `train_iterator`.
+With several captions per image, one is drawn per image and epoch.
+
+The modules, each importing only those above it:
+
+- images: image files checked and resized with PIL; `ImageFolderSource`.
+- catalog: TFDS bookkeeping: `is_prepared`, `prepare`, `quiet_tfds`.
+- digits, shapes: the embedded datasets' TFDS builders.
+- pair_rows: the rows of (image path, caption) files, read and checked.
+- pairs: those files converted into a TFDS dataset.
+- sources: datasets by name: `Dataset` (opened once per run), `load_source`.
+- pipeline: `train_iterator`, `eval_batches`, `caption_sampler`.
+
+This package re-exports their public names: ``data.load_source`` etc.
+"""
+
+from jaxcl.data.images import (IMAGE_SUFFIXES, MAX_UPSCALE, ImageFolderSource,
+                               center_crop_resize, image_problem)
+from jaxcl.data.catalog import is_prepared
+from jaxcl.data.digits import Digits
+from jaxcl.data import shapes, pairs  # noqa: F401  (TFDS builders, registered on import)
+from jaxcl.data.sources import (DEFAULT_TEMPLATES, EMBEDDED, PAIRS, Dataset, DatasetError,
+                                DatasetInfo, as_strings, load_source, split_missing,
+                                tfds_builder, zeroshot_templates)
+from jaxcl.data.pipeline import caption_sampler, eval_batches, train_iterator
+
+__all__ = [
+    'DEFAULT_TEMPLATES', 'EMBEDDED', 'IMAGE_SUFFIXES', 'MAX_UPSCALE', 'PAIRS', 'Dataset',
+    'DatasetError', 'DatasetInfo', 'Digits', 'ImageFolderSource', 'as_strings',
+    'caption_sampler', 'center_crop_resize', 'eval_batches', 'image_problem', 'is_prepared',
+    'load_source', 'split_missing', 'tfds_builder', 'train_iterator', 'zeroshot_templates',
+]

@@ -1,0 +1,88 @@
+"""The host pipelines over a random-access source: the endless, shuffled,
+resumable training stream (grain), the captions' sampling in it, and one
+padded pass over an evaluation split. This module imports no other module
+of the package.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grain
+import numpy as np
+
+
+def caption_sampler(tokenizer):
+  """A grain random_map transform: record -> {'image', 'label', 'text'}, the
+  text being one caption drawn at random (anew each epoch: the generator
+  depends on the record's position in the repeated dataset), tokenized to
+  int32 [max_length]."""
+
+  def sample(record, rng: np.random.Generator):
+    captions = record['captions']
+    caption = captions[rng.integers(len(captions))] if captions else ''
+    return {'image': record['image'], 'label': record['label'],
+            'text': tokenizer.encode([caption])[0]}
+
+  return sample
+
+
+def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0,
+                   process_count: int = 1, num_threads: int = 4, transform=None,
+                   start_record: int = 0, start_batch: int = 0):
+  """An endless iterator of this process's share of each global batch: dicts
+  of numpy arrays with leading dim batch_size / processes.
+
+  The records form one stream: epochs of the source, each in its own
+  shuffled order, which depends only on the seed and the source. Global
+  batch k holds records [start_record + k B, start_record + (k+1) B) of
+  that stream; iteration starts at batch `start_batch`. A resumed run
+  therefore reads on from its position whatever its process count, and a
+  run whose global batch changed from B to B' at step s passes
+  start_record = (records read so far) and start_batch = 0.
+  transform: an optional grain random_map function (record, np Generator) ->
+  record, e.g. `caption_sampler`; its randomness is seeded by the record's
+  place in the stream, so it too survives a resume.
+  """
+  local_batch = batch_size // process_count
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  if transform is not None:
+    ds = ds.random_map(transform)
+  if start_record:
+    ds = ds[start_record:]
+  # Process p reads the p-th block of every global batch, so the assembled
+  # global batch is the same, row for row, whatever the number of processes.
+  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+  if start_batch:
+    ds = ds[start_batch:]
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
+  return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(source, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                 indices=None) -> Iterator[dict]:
+  """One pass over a split (or over the records `indices`) in fixed-size
+  batches, the last one padded.
+
+  Yields this process's share of each global batch with a 'mask' (1 = real
+  record) so padding never counts; every process yields the same number of
+  batches, as collective computations require.
+  """
+  indices = np.arange(len(source)) if indices is None else np.asarray(indices)
+  total = len(indices)
+  local_batch = batch_size // process_count
+  num_batches = -(-total // batch_size)
+  for b in range(num_batches):
+    start = b * batch_size + process_index * local_batch
+    chunk = indices[start:min(start + local_batch, total)]
+    records = [source[int(i)] for i in chunk]
+    images = np.stack([r['image'] for r in records]) if records else None
+    labels = np.array([r['label'] for r in records], np.int32)
+    pad = local_batch - len(records)
+    if images is None:
+      images = np.zeros((local_batch, *source[0]['image'].shape), np.uint8)
+    else:
+      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
+    yield {'image': images,
+           'label': np.concatenate([labels, np.full(pad, -1, np.int32)]),
+           'mask': np.concatenate([np.ones(len(records), bool), np.zeros(pad, bool)])}

@@ -1,0 +1,225 @@
+"""Datasets by name as random-access sources of {'image', 'label'} records
+(plus 'captions' for image-text training), with their DatasetInfo.
+
+`Dataset` opens the dataset a config's `dataset` group names, once per run;
+`load_source` is the one-call form. Importing this module imports the
+package's builders (digits, shapes, pairs), which registers them with TFDS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from tensorflow_datasets.core import registered
+
+from jaxcl import errors, presets
+from jaxcl.data import catalog, digits, pairs, shapes  # noqa: F401  (digits: registers it)
+from jaxcl.data.images import ImageFolderSource, center_crop_resize
+
+DatasetError = errors.DatasetError
+
+EMBEDDED, PAIRS = presets.EMBEDDED_DATASETS, presets.PAIRS
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  image_shape: tuple[int, int, int]  # the stored resolution (H, W, C)
+  num_classes: int  # 0 when unlabeled
+  class_names: tuple[str, ...] = ()  # the label feature's names, when it has them
+
+
+def tfds_builder(name: str, data_dir: str | None):
+  """The TFDS builder for `name`, or DatasetError if TFDS has no such dataset."""
+  try:
+    registered.imported_builder_cls(name.split(':')[0].split('/')[0])
+  except registered.DatasetNotFoundError:
+    raise DatasetError(f'no TFDS dataset named {name!r}') from None
+  try:
+    return tfds.builder(name, data_dir=data_dir, file_format='array_record')
+  except ImportError as e:
+    # Many builders import TensorFlow, which only preparing needs: a prepared
+    # dataset is read from its own files, without the builder's code.
+    from tensorflow_datasets.core import read_only_builder  # pylint: disable=g-import-not-at-top
+    try:
+      return read_only_builder.builder_from_files(name, data_dir=data_dir)
+    except Exception:  # pylint: disable=broad-except
+      raise DatasetError(
+          f'TFDS dataset {name!r} is not prepared in {data_dir or "the TFDS data dir"}, and its '
+          f'builder needs a package to prepare it ({e}); prepare it in array_record format '
+          f'where that package is installed') from None
+
+
+class _TfdsSource:
+  """A TFDS data source whose records come out as {'image', 'label'} numpy
+  arrays, plus 'captions' (a list of str) when `text_key` is given."""
+
+  def __init__(self, source, image_key, label_key, image_size, text_key=None):
+    self._source, self._image_key, self._label_key = source, image_key, label_key
+    self._image_size, self._text_key = image_size, text_key
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    record = self._source[index]
+    image = np.asarray(record[self._image_key])
+    if image.ndim == 2:
+      image = image[..., None]
+    if self._image_size and image.shape[:2] != (self._image_size,) * 2:
+      image = center_crop_resize(image, self._image_size)
+    label = record[self._label_key] if self._label_key in record else -1
+    out = {'image': image.astype(np.uint8), 'label': np.int32(label)}
+    if self._text_key:
+      out['captions'] = as_strings(_nested(record, self._text_key))
+    return out
+
+
+def _nested(record, key: str):
+  """record['a']['b'] for key 'a/b' (TFDS nests Sequence/FeaturesDict features)."""
+  for part in key.split('/'):
+    record = record[part]
+  return record
+
+
+def as_strings(value) -> list[str]:
+  """A caption feature's value (str, bytes, or an array/list of them) -> list of str."""
+  if isinstance(value, (str, bytes)):
+    value = [value]
+  return [v.decode('utf-8', errors='replace') if isinstance(v, bytes) else str(v)
+          for v in np.asarray(value, dtype=object).reshape(-1)]
+
+
+DEFAULT_TEMPLATES = ('a photo of a {}.',)
+
+
+def zeroshot_templates(name: str) -> tuple[str, ...]:
+  """The zero-shot prompt templates of dataset `name` ('{}' = class name):
+  the embedded shapes' own list, else CLIP's basic 'a photo of a {}.'."""
+  if name == 'captioned_shapes':
+    return tuple(shapes.ZEROSHOT_TEMPLATES)
+  return DEFAULT_TEMPLATES
+
+
+def split_missing(cfg, split: str) -> str | None:
+  """For an image folder, the folder of `split` if it does not exist (an
+  optional evaluation split); None otherwise."""
+  if cfg.name != 'image_folder':
+    return None
+  folder = epath.Path(cfg.path) / split
+  return None if folder.is_dir() else str(folder)
+
+
+class Dataset:
+  """The dataset that `cfg` (the config's `dataset` group) names, opened once.
+
+  The TFDS builder is resolved (and the dataset prepared or converted, when
+  that is allowed) on the first `split` call; each (split, with_text) is
+  opened once, an image folder's split scanned once, and the same source
+  returned again. A call that raises caches nothing.
+  """
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self._builder = None
+    self._classes = None  # an image folder's classes: its train split's sub-folders
+    self._splits = {}  # (split, with_text): (source, DatasetInfo)
+
+  def split(self, split: str, with_text: bool = False):
+    """(random-access source, DatasetInfo) for `split`.
+
+    with_text: records also carry 'captions' (from the `cfg.text_key`
+    feature). Raises DatasetError if the dataset, the split or a feature is
+    missing.
+    """
+    folder = self.cfg.name == 'image_folder'
+    key = (split, False if folder else bool(with_text))  # an image folder has no captions
+    if key not in self._splits:
+      self._splits[key] = self._open_folder(split) if folder else self._open_tfds(split, with_text)
+    return self._splits[key]
+
+  def missing_split(self, split: str) -> str | None:
+    """split_missing(cfg, split): an image folder's absent (optional) split folder."""
+    return split_missing(self.cfg, split)
+
+  def opened_splits(self) -> list[tuple[str, object]]:
+    """(split, source) of every split opened so far, in opening order (a TFDS
+    split opened both with and without text appears twice)."""
+    return [(split, source) for (split, _), (source, _) in self._splits.items()]
+
+  def _open_folder(self, split):
+    cfg = self.cfg
+    if self._classes is None:
+      train_root = epath.Path(cfg.path) / cfg.train_split
+      if train_root.is_dir():
+        self._classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
+    source = ImageFolderSource(str(epath.Path(cfg.path) / split), cfg.image_size, self._classes)
+    channels = 3
+    return source, DatasetInfo((cfg.image_size, cfg.image_size, channels), len(source.classes),
+                               tuple(source.classes))
+
+  def builder(self):
+    """The dataset's TFDS builder, prepared: resolved once, then reused."""
+    if self._builder is None:
+      self._builder = self._prepared_builder()
+    return self._builder
+
+  def _prepared_builder(self):
+    cfg = self.cfg
+    if cfg.name == PAIRS:
+      try:
+        return pairs.prepare_pairs(cfg.path, image_size=cfg.image_size, data_dir=cfg.data_dir,
+                                   image_key=cfg.pairs.image_column,
+                                   caption_key=cfg.pairs.caption_column,
+                                   test_fraction=cfg.pairs.test_fraction)
+      except ValueError as e:
+        raise DatasetError(str(e)) from None
+    builder = tfds_builder(cfg.name, cfg.data_dir)
+    if not catalog.is_prepared(builder):
+      if cfg.name in EMBEDDED or cfg.download:
+        catalog.prepare(builder, cfg.name)
+      else:
+        raise DatasetError(
+            f'TFDS dataset {cfg.name!r} is not prepared in {builder.data_dir_root}; prepare it '
+            f'(array_record format) or set --config.dataset.download=True')
+    return builder
+
+  def _open_tfds(self, split, with_text):
+    cfg = self.cfg
+    builder = self.builder()
+    if split not in builder.info.splits:
+      raise DatasetError(f'dataset {cfg.name!r} has no split {split!r} '
+                         f'(it has {", ".join(builder.info.splits)})')
+    features = builder.info.features
+    for key, what in [(cfg.image_key, 'dataset.image_key')] + (
+        [(cfg.text_key, 'dataset.text_key')] if with_text else []):
+      if key.split('/')[0] not in features:
+        raise DatasetError(f'dataset {cfg.name!r} has no feature {key!r} ({what}); '
+                           f'it has {", ".join(features.keys())}')
+    image_feature = features[cfg.image_key]
+    shape = tuple(image_feature.shape)
+    if len(shape) == 2:
+      shape = (*shape, 1)
+    if cfg.image_size:
+      shape = (cfg.image_size, cfg.image_size, shape[-1])
+    if None in shape:
+      raise DatasetError(f'{cfg.name!r} images have no fixed size {shape}; set dataset.image_size')
+    label = features[cfg.label_key] if cfg.label_key in features else None
+    num_classes = getattr(label, 'num_classes', 0) or 0
+    names = tuple(getattr(label, 'names', None) or ()) if num_classes else ()
+    source = _TfdsSource(builder.as_data_source(split=split), cfg.image_key, cfg.label_key,
+                         cfg.image_size, text_key=cfg.text_key if with_text else None)
+    return source, DatasetInfo(shape, num_classes, names)
+
+
+def load_source(cfg, split: str, with_text: bool = False):
+  """(random-access source, DatasetInfo) for `split` of the dataset `cfg` names.
+
+  cfg: the config's `dataset` group. with_text: records also carry
+  'captions' (from the `cfg.text_key` feature). Raises DatasetError if the
+  dataset, the split or a feature is missing. Opens the dataset anew at
+  every call: a run that reads several splits opens one `Dataset`.
+  """
+  return Dataset(cfg).split(split, with_text)

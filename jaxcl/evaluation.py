@@ -1,0 +1,36 @@
+"""Evaluation orchestration: the frozen model's jitted embedding functions,
+and the method's evaluation run with them (during training, at its end, and
+by `jaxcl eval`)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from jaxcl import parallel
+from jaxcl.experiment import Experiment, TrainState
+from jaxcl.methods.base import Encoders
+
+
+def make_embed_fns(exp: Experiment) -> dict:
+  """Jitted (params, batch_stats, batch) -> embeddings: 'image' (uint8
+  images) and, for a text tower, 'text' (token ids); batch-sharded. Made
+  once per run, bound to each state's weights by `run_evaluation`."""
+  batch = parallel.batch_sharding(exp.mesh)
+  state = exp.state_sharding
+  shardings = dict(in_shardings=(state.params, state.batch_stats, batch), out_shardings=batch)
+  fns = {'image': jax.jit(exp.embed, **shardings)}
+  if exp.method.text_tower:
+    fns['text'] = jax.jit(exp.embed_text, **shardings)
+  return fns
+
+
+def run_evaluation(exp: Experiment, state: TrainState, eval_data, embed_fns) -> dict:
+  """The method's evaluation of the model in `state` on `eval_data` (from
+  exp.method.open_eval_data); fractions in [0, 1]."""
+  bind = lambda fn: functools.partial(fn, state.params, state.batch_stats)
+  text = embed_fns.get('text')
+  encoders = Encoders(config=exp.config, mesh=exp.mesh, image=bind(embed_fns['image']),
+                      text=bind(text) if text is not None else None, tokenizer=exp.tokenizer)
+  return exp.method.evaluate(encoders, eval_data)

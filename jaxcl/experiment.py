@@ -1,0 +1,134 @@
+"""Set-up: what a validated config builds before any step runs.
+
+`setup(config)` makes the mesh, opens the training data once, builds the
+method's model (as two graph definitions: train and eval mode), the
+optimizer and its schedule, and for a text tower the tokenizer. The
+Experiment then makes the train state, fresh or as the abstract layout that
+checkpoints restore into.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jaxcl import augment, data, methods, optim, parallel, tokenizers
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; all of it is checkpointed."""
+  step: jax.Array  # int32 scalar: steps taken
+  params: Any  # nnx.State of nnx.Param (towers, heads, log τ, SigLIP bias)
+  batch_stats: Any  # nnx.State of nnx.BatchStat
+  opt_state: Any
+  rng: jax.Array  # uint32 key data; step s uses fold_in(rng, s)
+
+
+def rng_streams(seed: int) -> dict:
+  """Independent keys for parameter init and for augmentation."""
+  init, augment_key = jax.random.split(jax.random.key(seed))
+  return {'init': init, 'augment': augment_key}
+
+
+@dataclasses.dataclass
+class Experiment:
+  """A config made concrete: mesh, method, data, model definitions,
+  optimizer. `dataset` and `train_source` are None when it was set up from
+  a workdir's saved data facts (export needs no data)."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  method: Any  # jaxcl.methods.base.Method
+  info: data.DatasetInfo
+  dataset: data.Dataset | None
+  train_source: Any  # random-access records of the pretraining split
+  train_graphdef: Any
+  eval_graphdef: Any
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  tokenizer: tokenizers.Tokenizer | None = None  # text towers only
+
+  @property
+  def replicated(self):
+    return parallel.replicated(self.mesh)
+
+  def _new_state(self) -> TrainState:
+    model = _new_model(self.method, self.config, self.info, self.tokenizer)
+    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
+                      opt_state=self.optimizer.init(params),
+                      rng=jax.random.key_data(rng_streams(self.config.seed)['augment']))
+
+  @functools.cached_property
+  def state_sharding(self):
+    """The state's layout: replicated, or with FSDP its large arrays split
+    over the `fsdp` axis (jaxcl.parallel.state_shardings)."""
+    return parallel.state_shardings(self.mesh, jax.eval_shape(self._new_state))
+
+  def init_state(self) -> TrainState:
+    """A fresh state, created under jit directly in its layout."""
+    return jax.jit(self._new_state, out_shardings=self.state_sharding)()
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the state, for restoring checkpoints."""
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                 sharding=sharding),
+                        jax.eval_shape(self._new_state), self.state_sharding)
+
+  def embed(self, params, batch_stats, images_uint8):
+    """Frozen-encoder features of uint8 images [b, H, W, C] -> [b, D] float32:
+    SimCLR's encoder output, or the two-tower model's normalized image embedding."""
+    model = nnx.merge(self.eval_graphdef, params, batch_stats)
+    views = augment.eval_view(images_uint8, self.config.augment.image_size)
+    return model.embed(augment.standardize(views, self.config.dataset.mean,
+                                           self.config.dataset.std))
+
+  def embed_text(self, params, batch_stats, ids):
+    """Normalized text embeddings of token ids int32 [b, L] -> [b, D] float32."""
+    return nnx.merge(self.eval_graphdef, params, batch_stats).embed_text(ids)
+
+
+def _new_model(method, config, info, tokenizer):
+  rngs = nnx.Rngs(rng_streams(config.seed)['init'])
+  return method.build_model(config, info.image_shape[-1], rngs, tokenizer)
+
+
+def setup(config, devices=None, tokenizer=None, info: data.DatasetInfo | None = None
+          ) -> Experiment:
+  """Builds the Experiment for a validated config on `devices` (default: all).
+
+  tokenizer: for a text tower, the one a run was trained with (default: the
+  one config.text describes). info: the data's facts as a workdir saved them;
+  then no data is opened. Otherwise the training split is opened here (and
+  an embedded dataset prepared, by one process)."""
+  mesh = parallel.make_mesh(config.mesh, devices)
+  method = methods.get(config.method)
+  if method.text_tower and tokenizer is None:
+    tokenizer = tokenizers.build_tokenizer(config.text)
+  dataset = train_source = None
+  if info is None:
+    dataset = data.Dataset(config.dataset)
+    split = config.dataset.train_split
+    if jax.process_count() > 1:  # one process prepares an embedded or converted dataset
+      if jax.process_index() == 0:
+        dataset.split(split, with_text=method.text_tower)
+      multihost_utils.sync_global_devices('jaxcl: dataset prepared')
+    train_source, info = dataset.split(split, with_text=method.text_tower)
+  abstract_model = nnx.eval_shape(lambda: _new_model(method, config, info, tokenizer))
+  train_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
+  abstract_model.eval()
+  eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
+  return Experiment(config=config, mesh=mesh, method=method, info=info, dataset=dataset,
+                    train_source=train_source, train_graphdef=train_graphdef,
+                    eval_graphdef=eval_graphdef,
+                    optimizer=optim.build_optimizer(config, config.total_steps),
+                    schedule=optim.learning_rate_schedule(config, config.total_steps),
+                    tokenizer=tokenizer if method.text_tower else None)

@@ -1,0 +1,112 @@
+"""The interface every contrastive method implements (see jaxcl.methods).
+
+A Method is stateless: the trainer, the evaluation and export call its hooks
+with the config and the arrays; which method runs is decided once, by
+`jaxcl.methods.get(config.method)`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from jaxcl import augment
+
+
+@dataclasses.dataclass
+class Encoders:
+  """A frozen model's jitted embedding functions, bound to its weights, for
+  evaluation: `image` (uint8 images [b, H, W, C] -> [b, D]) and, for a
+  method with a text tower, `text` (token ids int32 [b, L] -> [b, D])."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  image: Callable
+  text: Callable | None = None
+  tokenizer: Any = None
+
+
+class Method(abc.ABC):
+  """What differs between contrastive methods."""
+
+  name: str
+  # The arrays of a host batch the step reads (records carry more: labels).
+  batch_keys: tuple[str, ...] = ('image',)
+  # Whether the model has a text tower: records carry captions, a tokenizer
+  # is built and saved, and export writes a text embedder.
+  text_tower: bool = False
+  # What the exported image embedder returns, for its FILE.json.
+  image_output = ''
+  # What the run's log says when the evaluation data has no labels.
+  skipped_without_labels = ''
+
+  def check_config(self, config) -> None:
+    """Raises errors.ConfigError for values this method cannot run with."""
+
+  @abc.abstractmethod
+  def build_model(self, config, in_channels: int, rngs, tokenizer=None):
+    """The nnx model; `tokenizer` (text towers only) sizes the vocabulary."""
+
+  @abc.abstractmethod
+  def model_inputs(self, key, batch: dict, config):
+    """The model's inputs for one step, made outside the gradient: the
+    augmented, standardized views of batch['image'] (and the token ids)."""
+
+  @abc.abstractmethod
+  def embeddings(self, model, inputs):
+    """The two embedding sets the loss contrasts: (a [n, D], b [n, D])."""
+
+  @abc.abstractmethod
+  def loss(self, a, b, temperature, bias, **kwargs):
+    """(loss, metrics) of jaxcl.losses over the global batch; kwargs go to
+    the loss function (axis_name, impl, block_size, with_metrics)."""
+
+  def bias(self, model):
+    """The learned logit bias the loss takes, or None."""
+    del model
+    return None
+
+  def describe_model(self, config, tokenizer) -> str:
+    """What the run's first line says of the model beyond the image tower."""
+    del config, tokenizer
+    return ''
+
+  def record_transform(self, tokenizer):
+    """A grain random_map function applied to training records, or None."""
+    del tokenizer
+    return None
+
+  @abc.abstractmethod
+  def open_eval_data(self, config, dataset):
+    """The evaluation splits, opened from a jaxcl.data.Dataset; the object
+    has `num_classes`, `skip_reason` and `evaluates` (whether `evaluate`
+    computes anything)."""
+
+  @abc.abstractmethod
+  def evaluate(self, encoders: Encoders, eval_data) -> dict:
+    """The frozen model's evaluation metrics (fractions in [0, 1])."""
+
+  def export_paths(self, output) -> list:
+    """The files an export to `output` writes beside the image embedder."""
+    del output
+    return []
+
+  def export_artifacts(self, exp, params, batch_stats, output, facts: dict, export_fn):
+    """({path: bytes}, metadata) that export adds for this method beside the
+    image embedder. export_fn(fn, input ShapeDtypeStruct) -> jax.export.Exported;
+    facts: the run's data facts (jaxcl.run_files)."""
+    del exp, params, batch_stats, output, facts, export_fn
+    return {}, {}
+
+  def data_facts(self, config, eval_data) -> dict:
+    """What export needs to know about the data beyond the image shape,
+    saved in the workdir so export runs without the dataset."""
+    del config, eval_data
+    return {}
+
+
+def standardize(images, config):
+  """float32 images in [0, 1] -> the encoder's normalized input."""
+  return augment.standardize(images, config.dataset.mean, config.dataset.std)

@@ -1,0 +1,24 @@
+"""SigLIP (Zhai et al. 2023): image and caption towers, the pairwise sigmoid
+loss over every pair of the global batch with a learned logit bias
+(jaxcl.losses.siglip_loss)."""
+
+from __future__ import annotations
+
+from jaxcl import losses, models
+from jaxcl.methods import two_tower
+
+
+class SigLIP(two_tower.TwoTower):
+  name = 'siglip'
+
+  def make_bias(self, config):
+    return models.LogitBias(config.temperature.bias_init)
+
+  def bias(self, model):
+    return model.bias()
+
+  def loss(self, a, b, temperature, bias, **kwargs):
+    return losses.siglip_loss(a, b, temperature=temperature, bias=bias, **kwargs)
+
+
+METHOD = SigLIP()

@@ -1,0 +1,205 @@
+"""What CLIP and SigLIP share: an image and a text tower projected to one
+space, trained on (image, caption) pairs, evaluated by zero-shot
+classification and image-text retrieval. The two differ only in their loss
+(and SigLIP's logit bias): jaxcl.methods.clip, jaxcl.methods.siglip."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxcl import augment, data, errors, evaluate, files, models, tokenizers
+from jaxcl.methods import base
+
+
+class TwoTowerEvalData:
+  """The test split with its captions (retrieval) and a labeled split with
+  class names and prompt templates (zero-shot; by default the same split)."""
+
+  def __init__(self, config, dataset):
+    d = config.dataset
+    self.num_classes, self.class_names, self.templates = 0, (), ()
+    self.test = self.zeroshot = None
+    missing = dataset.missing_split(d.eval_train_split) or dataset.missing_split(d.eval_test_split)
+    if missing:
+      self.skip_reason = f'{missing} does not exist'
+      return
+    self.skip_reason = 'the evaluation splits have no labels'
+    self.test, _ = dataset.split(d.eval_test_split, with_text=True)
+    self.captions = [self.test[i]['captions'] for i in range(len(self.test))]
+    self.zeroshot, self.class_names, self.templates = zeroshot_data(config, dataset, self.test)
+    self.num_classes = len(self.class_names)
+
+  @property
+  def evaluates(self) -> bool:
+    return self.test is not None
+
+
+def zeroshot_data(config, dataset, test_source=None):
+  """(labeled source, class names, prompt templates) of zero-shot
+  classification: eval.zeroshot_dataset (default: the training dataset) at
+  eval.zeroshot_split (default: eval_test_split), read with the training
+  dataset's keys; eval.class_names or the label feature's names;
+  eval.zeroshot_templates or the dataset's own. No names: zero-shot is
+  skipped, unless the user asked for a zero-shot dataset (an error).
+  dataset: the run's jaxcl.data.Dataset (the training data)."""
+  d, e = config.dataset, config.eval
+  split = e.zeroshot_split or d.eval_test_split
+  zs = ml_collections.ConfigDict(d.to_dict())
+  zs.name = e.zeroshot_dataset or d.name
+  other = data.Dataset(zs) if zs.name != d.name else dataset
+  source, info = other.split(split)
+  if test_source is not None and zs.name == d.name and split == d.eval_test_split:
+    source = test_source  # the retrieval split: read its images once
+  names = tuple(e.class_names) or info.class_names
+  if e.class_names and len(names) != info.num_classes:
+    raise errors.ConfigError(f'eval.class_names has {len(names)} names, the labels of '
+                             f'{zs.name!r} have {info.num_classes} classes')
+  if e.zeroshot_dataset and not names:
+    raise errors.ConfigError(f'eval.zeroshot_dataset {zs.name!r} has no class names in '
+                             f'its {d.label_key!r} feature; set eval.class_names')
+  if names and zs.name != d.name:
+    channels = dataset.split(d.train_split, with_text=True)[1].image_shape[-1]
+    if info.image_shape[-1] != channels:
+      raise errors.ConfigError(f'eval.zeroshot_dataset {zs.name!r} images have '
+                               f'{info.image_shape[-1]} channels, the training images '
+                               f'{channels}')
+  return source, names, tuple(e.zeroshot_templates) or data.zeroshot_templates(zs.name)
+
+
+class TwoTower(base.Method):
+  """CLIP and SigLIP; subclasses give the loss and, for SigLIP, the bias."""
+
+  batch_keys = ('image', 'text')
+  text_tower = True
+  image_output = 'L2-normalized image embeddings (the shared image-text space)'
+  skipped_without_labels = 'zero-shot classification is skipped'
+
+  def check_config(self, config):
+    x = config.text
+    for key in ('max_length', 'width', 'depth', 'heads', 'mlp_dim'):
+      _check(isinstance(x[key], int) and x[key] > 0,
+             f'text.{key} must be a positive integer, got {x[key]!r}')
+    _check(x.max_length >= 2, f'text.max_length must be >= 2 (a token and end-of-text), '
+                              f'got {x.max_length}')
+    _check(x.width % x.heads == 0,
+           f'text.width {x.width} is not divisible by text.heads {x.heads}')
+    _check(config.model.embed_dim > 0,
+           f'model.embed_dim must be > 0, got {config.model.embed_dim}')
+    try:
+      tokenizers.build_tokenizer(x)
+    except (ValueError, RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError
+      raise errors.ConfigError(f'text: {errors.first_line(e)}') from None
+    _check(bool(config.dataset.text_key), 'dataset.text_key must name the caption feature')
+    _check(config.dataset.name != 'image_folder',
+           f'{self.name} needs captions: image_folder has none; use a TFDS image-text dataset '
+           f'or dataset.name=image_text_pairs')
+
+  def make_bias(self, config):
+    """The model's learned logit bias module, or None."""
+    del config
+    return None
+
+  def build_model(self, config, in_channels, rngs, tokenizer=None):
+    m, x = config.model, config.text
+    image_encoder = models.build_image_encoder(m, in_channels, config.augment.image_size, rngs)
+    text_encoder = models.TextTransformer(
+        vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length,
+        eot_id=tokenizer.eot_id, width=x.width, depth=x.depth, heads=x.heads, mlp_dim=x.mlp_dim,
+        causal=x.causal, rngs=rngs, dtype=models.activation_dtype(m))
+    return models.TwoTowerModel(image_encoder=image_encoder, text_encoder=text_encoder,
+                                embed_dim=m.embed_dim,
+                                temperature=models.build_temperature(config),
+                                bias=self.make_bias(config), rngs=rngs)
+
+  def model_inputs(self, key, batch, config):
+    # One light crop per image; the caption is the other "view".
+    views = augment.random_views(key, batch['image'], config.augment, 1)[0]
+    return base.standardize(views, config), batch['text']
+
+  def embeddings(self, model, inputs):
+    images, ids = inputs
+    return model(images, ids)
+
+  def describe_model(self, config, tokenizer):
+    return f' + text transformer ({config.text.tokenizer} tokens, length {tokenizer.max_length})'
+
+  def record_transform(self, tokenizer):
+    return data.caption_sampler(tokenizer)
+
+  def open_eval_data(self, config, dataset):
+    return TwoTowerEvalData(config, dataset)
+
+  def evaluate(self, encoders, eval_data):
+    """Zero-shot top-1/5 (when a labeled split is there) and image-to-text /
+    text-to-image recall@1/5/10."""
+    if eval_data.test is None:
+      return {}
+    batch_size, mesh = encoders.config.eval.batch_size, encoders.mesh
+    results = {}
+    if eval_data.num_classes:
+      prompts = [t.format(name) for name in eval_data.class_names for t in eval_data.templates]
+      text = evaluate.embed_rows(encoders.text, mesh, encoders.tokenizer.encode(prompts),
+                                 batch_size=batch_size)
+      classifier = evaluate.zeroshot_classifier(
+          text.reshape(len(eval_data.class_names), len(eval_data.templates), -1))
+      images, labels = evaluate.extract_features(encoders.image, mesh, eval_data.zeroshot,
+                                                 batch_size=batch_size)
+      keep = labels >= 0  # images without a single class label (e.g. two shapes) are not scored
+      results.update(evaluate.zeroshot_accuracy(images[keep], labels[keep], classifier))
+    if eval_data.zeroshot is eval_data.test and eval_data.num_classes:
+      test_images = images
+    else:
+      test_images, _ = evaluate.extract_features(encoders.image, mesh, eval_data.test,
+                                                 batch_size=batch_size)
+    captions = [c for caps in eval_data.captions for c in caps]
+    owner = np.repeat(np.arange(len(eval_data.captions)), [len(c) for c in eval_data.captions])
+    text = evaluate.embed_rows(encoders.text, mesh, encoders.tokenizer.encode(captions),
+                               batch_size=batch_size)
+    results.update(evaluate.retrieval_recall(test_images, text, owner))
+    return results
+
+  def export_paths(self, output):
+    return [files.text_artifact_path(output), files.sentencepiece_artifact_path(output)]
+
+  def export_artifacts(self, exp, params, batch_stats, output, facts, export_fn):
+    """The text embedder (int32 token ids [b, L] -> float32 [b, D], the
+    image embedder's space), the tokenizer (its SentencePiece model copied),
+    the logit bias and the zero-shot prompts of eval.json."""
+    tokenizer, text_file = exp.tokenizer, files.text_artifact_path(output)
+    (batch,) = jax.export.symbolic_shape('b')
+    exported = export_fn(lambda ids: exp.embed_text(params, batch_stats, ids),
+                         jax.ShapeDtypeStruct((batch, tokenizer.max_length), jnp.int32))
+    dim = int(exported.out_avals[0].shape[1])
+    artifacts = {text_file: exported.serialize()}
+    tokenizer_spec = tokenizer.spec()
+    if tokenizer_spec['type'] == 'sentencepiece':
+      tokenizer_spec['model_file'] = files.sentencepiece_artifact_path(output).name
+      artifacts[files.sentencepiece_artifact_path(output)] = tokenizer.model_bytes
+    bias = self.bias(nnx.merge(exp.eval_graphdef, params, batch_stats))
+    metadata = {
+        'text': {'file': text_file.name,
+                 'input': {'shape': ['b', tokenizer.max_length], 'dtype': 'int32',
+                           'description': 'token ids from the tokenizer below'},
+                 'output': {'shape': ['b', dim], 'dtype': 'float32',
+                            'description': 'L2-normalized text embeddings'}},
+        'tokenizer': tokenizer_spec,
+        'logit_bias': None if bias is None else float(bias),
+        # The prompts of eval.json's zero-shot classification.
+        'zeroshot': facts['zeroshot'],
+    }
+    return artifacts, metadata
+
+  def data_facts(self, config, eval_data):
+    """The zero-shot prompts, which export writes beside the text embedder."""
+    del config
+    return {'zeroshot': {'class_names': list(eval_data.class_names),
+                         'templates': list(eval_data.templates)}}
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise errors.ConfigError(message)

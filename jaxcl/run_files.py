@@ -1,0 +1,185 @@
+"""The files of a run in its workdir (names in jaxcl.files), beyond the
+checkpoints: taking the workdir, what a run writes when it starts (config,
+batch history, tokenizer, data facts), the metrics a resumed run redoes, the
+skipped images, and eval.json."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import jax
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from jaxcl import config as config_lib
+from jaxcl import data, errors, files, tokenizers
+from jaxcl import lock as lock_lib
+
+MAX_LISTED = 5  # skipped images named in the run's log (all go to the file)
+
+
+def check_trainable_workdir(workdir) -> None:
+  """ConfigError unless `workdir` is new, empty, or a jaxcl run (its
+  config.json or its lock): training never writes among a user's files."""
+  workdir = epath.Path(workdir)
+  if not workdir.is_dir() or files.is_empty_dir(workdir):
+    return
+  if not (files.is_run(workdir) or (workdir / files.LOCK_DIR).exists()):
+    names = sorted(p.name for p in workdir.iterdir())
+    raise errors.ConfigError(
+        f'workdir {workdir} holds files but is not a jaxcl workdir (no {files.CONFIG_FILE}; '
+        f'it has {", ".join(names[:3])}{", ..." if len(names) > 3 else ""}); use a new or empty '
+        f'directory')
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir):
+  """Creates `workdir` and holds its lock (jaxcl.lock) for the body: one
+  run per workdir. Process 0 takes it for the job; every process raises
+  ConfigError if the workdir is in use or cannot be written."""
+  lock, error = lock_lib.WorkdirLock(workdir), None
+  if jax.process_index() == 0:
+    try:
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      lock.acquire()
+    except errors.ConfigError as e:
+      error = e
+    except OSError as e:  # not writable, read-only, full, a file on the way
+      error = errors.ConfigError(f'cannot write to workdir {workdir}: '
+                                 f'{e.strerror or errors.describe(e)}')
+  if jax.process_count() > 1:
+    held = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if not held and error is None:
+      error = errors.ConfigError(f'process 0 could not take workdir {workdir}; its '
+                                 f'message says why')
+  if error is not None:
+    raise error
+  try:
+    yield lock
+  finally:
+    lock.release()
+
+
+# ---------------------------------------------------------- batch history ---
+def batch_history(workdir, batch_size: int, step: int) -> list:
+  """[[first step, global batch size], ...]: the run's segments up to
+  `step`, where this run continues with `batch_size`."""
+  path = epath.Path(workdir) / files.BATCH_HISTORY_FILE
+  if path.exists():
+    history = json.loads(path.read_text())
+  elif files.is_run(workdir):  # a run from before the file
+    history = [[0, config_lib.load_saved(workdir).batch_size]]
+  else:
+    history = []
+  history = [[s, b] for s, b in history if s < step]  # a fallback may have gone back
+  if not history or history[-1][1] != batch_size:
+    history.append([step, batch_size])
+  return history
+
+
+def data_position(history: list, step: int) -> tuple[int, int]:
+  """(start_record, start_batch) of jaxcl.data.train_iterator for resuming
+  at `step`: the records the earlier segments read, and the batches of the
+  current one read so far."""
+  records = sum(b * (s_next - s) for (s, b), (s_next, _) in zip(history, history[1:]))
+  return records, step - history[-1][0]
+
+
+# ------------------------------------------------------ the run's start ---
+def write_run_start(workdir, config, history: list, tokenizer, facts: dict, step: int) -> None:
+  """What a run writes before its first step (process 0): its config, batch
+  history, tokenizer and data facts, and metrics.jsonl without the rows past
+  `step` (a killed run logged them; the resumed run logs them again)."""
+  if jax.process_index() != 0:
+    return
+  workdir = epath.Path(workdir)
+  config_lib.save(config, workdir)
+  files.write_atomically(workdir / files.BATCH_HISTORY_FILE, json.dumps(history) + '\n')
+  if tokenizer is not None:
+    tokenizer.save(workdir)  # travels with the checkpoints: the same ids later
+  files.write_atomically(workdir / files.DATA_FACTS_FILE, json.dumps(facts, indent=1) + '\n')
+  _drop_metrics_after(workdir, step)
+
+
+def _drop_metrics_after(workdir, step: int) -> None:
+  path = epath.Path(workdir) / files.METRICS_FILE
+  if not path.exists():
+    return
+  rows = path.read_text().splitlines()
+  kept = [r for r in rows if _row_step(r) is not None and _row_step(r) <= step]
+  if len(kept) != len(rows):  # also drops a line a full disk cut short
+    files.write_atomically(path, ''.join(r + '\n' for r in kept))
+
+
+def _row_step(row: str) -> int | None:
+  try:
+    return int(json.loads(row)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def data_facts(info: data.DatasetInfo, extra: dict) -> dict:
+  """What export needs of the data, as data_facts.json holds it: the stored
+  image shape, the classes, and the method's own facts (zero-shot prompts)."""
+  return {'image_shape': list(info.image_shape), 'num_classes': info.num_classes,
+          'class_names': list(info.class_names), **extra}
+
+
+def saved_data_facts(workdir) -> dict | None:
+  """The data facts a run saved, None for a run from before the file."""
+  path = epath.Path(workdir) / files.DATA_FACTS_FILE
+  if not path.exists():
+    return None
+  try:
+    facts = json.loads(path.read_text())
+    info = data.DatasetInfo(tuple(int(n) for n in facts['image_shape']),
+                            int(facts['num_classes']), tuple(facts['class_names']))
+  except (ValueError, KeyError, TypeError) as e:
+    raise errors.ConfigError(f'{path} is not a jaxcl data facts file ({errors.describe(e)})'
+                             ) from None
+  return {**facts, 'info': info}
+
+
+def saved_tokenizer(workdir):
+  """The tokenizer a run in `workdir` saved, or None."""
+  if not (epath.Path(workdir) / files.TOKENIZER_FILE).exists():
+    return None
+  try:
+    return tokenizers.load_tokenizer(workdir)
+  except (ValueError, RuntimeError, OSError) as e:  # corrupt, missing or swapped files
+    raise errors.ConfigError(f'cannot load the tokenizer saved in {workdir}: '
+                             f'{errors.first_line(e)}') from None
+
+
+# ---------------------------------------------------------------- reports ---
+def report_skipped_images(workdir, dataset: data.Dataset) -> list[str]:
+  """Lines naming an image folder's empty class folders and the images it
+  left out (unreadable or wrongly sized; all of them go to
+  workdir/skipped_images.json), over every split the run opened."""
+  sources = dataset.opened_splits()
+  skipped = {split: source.skipped for split, source in sources
+             if getattr(source, 'skipped', None)}
+  empty = sorted({folder for _, source in sources
+                  for folder in getattr(source, 'empty_classes', ())})
+  lines = [f'jaxcl: class folder {folder} has no images (its class has no examples in that '
+           f'split)' for folder in empty]
+  if not skipped:
+    return lines
+  if jax.process_index() == 0:
+    files.write_atomically(epath.Path(workdir) / files.SKIPPED_IMAGES_FILE,
+                           json.dumps(skipped, indent=1) + '\n')
+  for split, items in skipped.items():
+    lines.append(f'jaxcl: {len(items)} image(s) of split {split!r} skipped (unreadable or '
+                 f'wrongly sized; all listed in {files.SKIPPED_IMAGES_FILE}):')
+    lines += [f'  {path}: {why}' for path, why in items[:MAX_LISTED]]
+    if len(items) > MAX_LISTED:
+      lines.append(f'  ... and {len(items) - MAX_LISTED} more')
+  return lines
+
+
+def write_eval(workdir, step: int, results: dict) -> None:
+  if jax.process_index() == 0:
+    files.write_atomically(epath.Path(workdir) / files.EVAL_FILE,
+                           json.dumps({'step': int(step), **results}, indent=2) + '\n')

@@ -1,0 +1,97 @@
+"""The training step, a function of (state, batch), for every method.
+
+Inside the jitted step the device augments the images (the method's views),
+the towers run on the whole batch under GSPMD (so batch-norm statistics are
+global), and the loss runs in `jax.shard_map`: each device scores its rows
+against the embeddings gathered from all devices (jaxcl.losses). `jax.grad`
+is taken outside the shard_map, the optimizer updates the parameters, and
+the temperature is clamped back into range.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxcl import losses, parallel
+from jaxcl.experiment import Experiment, TrainState
+from jaxcl.temperature import project_all
+
+
+def make_loss_and_grads(exp: Experiment):
+  """(state, batch) -> ((loss, aux), grads) for the config's method.
+
+  batch: the method's batch_keys, e.g. {'image': uint8 [N, H, W, C]} (+
+  'text': int32 [N, L] for a text tower), split over the batch axes. aux =
+  (metrics, new batch stats, τ, logit bias or None). The loss is computed in
+  shard_map over the global batch, every device's embeddings gathered.
+  """
+  method, config, batch_spec = exp.method, exp.config, P(parallel.BATCH_AXES)
+
+  def loss(a, b, tau, bias):
+    value, metrics = method.loss(a, b, tau, bias, axis_name=parallel.BATCH_AXES,
+                                 with_metrics=True, impl=config.loss.impl,
+                                 block_size=config.loss.block_size)
+    geometry = losses.alignment_uniformity(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b),
+                                           axis_name=parallel.BATCH_AXES)
+    return value, {**metrics, **geometry}
+
+  loss_on_mesh = jax.shard_map(loss, mesh=exp.mesh, in_specs=(batch_spec, batch_spec, P(), P()),
+                               out_specs=(P(), P()))
+
+  def loss_and_grads(state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    inputs = method.model_inputs(key, batch, config)
+
+    def loss_fn(params):
+      model = nnx.merge(exp.train_graphdef, params, state.batch_stats, copy=True)
+      a, b = method.embeddings(model, inputs)
+      tau = model.temperature(state.step)
+      bias = method.bias(model)
+      value, metrics = loss_on_mesh(a, b, tau, jnp.float32(0) if bias is None else bias)
+      return value, (metrics, nnx.state(model, nnx.BatchStat), tau, bias)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+  return loss_and_grads
+
+
+def make_train_step(exp: Experiment):
+  """The jitted step: (state, batch) -> (new state, metrics). The state is
+  donated; the batch is split over the batch axes."""
+  loss_and_grads = make_loss_and_grads(exp)
+
+  def train_step(state: TrainState, batch):
+    (loss, (metrics, batch_stats, tau, bias)), grads = loss_and_grads(state, batch)
+    updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # Clamp log τ into [log τ_min, log τ_max] after the update (open_clip's way).
+    model = nnx.merge(exp.train_graphdef, params, batch_stats)
+    project_all(model)
+    params = nnx.state(model, nnx.Param)
+    grad_norm = optax.global_norm(grads)
+    metrics = dict(metrics, loss=loss, temperature=tau, inv_temperature=1.0 / tau,
+                   grad_norm=grad_norm, learning_rate=exp.schedule(state.step))
+    if bias is not None:
+      metrics['bias'] = bias
+    updated = (params, batch_stats, opt_state)
+    if exp.config.nonfinite == 'skip':  # a non-finite step leaves the state as it was
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                             (state.params, state.batch_stats, state.opt_state))
+      metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
+    params, batch_stats, opt_state = updated
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return jax.jit(train_step, in_shardings=(exp.state_sharding, parallel.batch_sharding(exp.mesh)),
+                 out_shardings=(exp.state_sharding, exp.replicated), donate_argnums=0)
+
+
+def model_batch(exp: Experiment, batch: dict) -> dict:
+  """The arrays of a host batch the step reads (the labels it does not)."""
+  return {k: batch[k] for k in exp.method.batch_keys}

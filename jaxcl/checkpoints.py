@@ -59,7 +59,7 @@ def complete_step(workdir) -> int | None:
   path = epath.Path(workdir) / files.CHECKPOINT_DIR
   try:
     steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()
-             and (p / 'commit_success.txt').exists()] if path.exists() else []
+             and (p / files.CHECKPOINT_DONE).exists()] if path.exists() else []
   except OSError:  # called while reporting a storage failure: unknown, not a traceback
     return None
   return max(steps, default=None)
@@ -67,7 +67,7 @@ def complete_step(workdir) -> int | None:
 
 def _write_failed(manager, e: Exception) -> errors.CheckpointError:
   return errors.CheckpointError(
-      f'writing a checkpoint in {manager.directory} failed ({errors.describe(e)}); the last '
+      f'writing a checkpoint in {manager.directory} failed ({errors.type_and_first_line(e)}); the last '
       f'complete checkpoint is step {complete_step(manager.directory.parent)}; the unfinished '
       f'one is never restored')
 
@@ -95,7 +95,7 @@ def restore_newest(manager, abstract_state):
         state, error = restore_checkpoint(manager, abstract_state, step=step), None
         break
       except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
-        state, error = None, errors.describe(e)
+        state, error = None, errors.type_and_first_line(e)
         if attempt == 0 and jax.process_count() == 1:
           time.sleep(1.0)
           continue

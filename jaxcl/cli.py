@@ -74,8 +74,7 @@ COMMANDS = {
 HELP_FLAGS = ('-h', '--help', '-help', '--helpfull', 'help')
 
 
-class UsageError(Exception):
-  """Bad command-line input: printed as one line, exit code 2."""
+UsageError = errors.UsageError
 
 
 def _command_help(command: str) -> str:
@@ -245,8 +244,10 @@ def run(argv: list[str]) -> int:
       metadata = export.export_encoder(workdir, output, overwrite=_OVERWRITE.value)
       print(f'wrote {output} and {output}.json: uint8 {metadata["input"]["shape"]} -> float32 '
             f'{metadata["output"]["shape"]}')
-      if 'text' in metadata:
-        print(f'wrote {export.text_path(output)}: int32 {metadata["text"]["input"]["shape"]} -> '
+      if 'text' in metadata:  # a text tower's embedder, written beside the image one
+        from etils import epath  # pylint: disable=g-import-not-at-top
+        text_file = epath.Path(output).with_name(metadata['text']['file'])
+        print(f'wrote {text_file}: int32 {metadata["text"]["input"]["shape"]} -> '
               f'float32 {metadata["text"]["output"]["shape"]} ({metadata["tokenizer"]["type"]} '
               f'tokenizer in {output}.json)')
   except (errors.ConfigError, errors.DatasetError) as e:

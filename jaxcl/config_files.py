@@ -17,8 +17,7 @@ import ml_collections
 from jaxcl import errors
 
 
-class ConfigFileError(ValueError):
-  """A config file that does not load, or an override naming no key."""
+ConfigFileError = errors.ConfigFileError
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

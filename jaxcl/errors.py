@@ -12,6 +12,18 @@ class ConfigError(ValueError):
   """An invalid config or command; the message names the key and the problem."""
 
 
+class UsageError(ConfigError):
+  """Bad command-line input (a flag, a command, a path): one line, exit 2."""
+
+
+class ConfigFileError(ConfigError):
+  """A config file that does not load, or an override naming no key."""
+
+
+class WorkdirLocked(ConfigError):
+  """Another live run holds the workdir (exit code 2)."""
+
+
 class DatasetError(ValueError):
   """A dataset that cannot be found or read; the message says which and why."""
 
@@ -38,6 +50,12 @@ class Interrupted(Exception):
     self.exit_code = exit_code
 
 
+def check(ok: bool, message: str) -> None:
+  """Raises ConfigError(message) unless `ok`: one line per invalid value."""
+  if not ok:
+    raise ConfigError(message)
+
+
 def first_line(e: BaseException, default: str | None = None) -> str:
   """The first line of `e`'s message; `default` (the exception's type name
   unless given) when the message is empty."""
@@ -47,7 +65,7 @@ def first_line(e: BaseException, default: str | None = None) -> str:
   return type(e).__name__ if default is None else default
 
 
-def describe(e: BaseException, limit: int = 300) -> str:
+def type_and_first_line(e: BaseException, limit: int = 300) -> str:
   """'Type: first line' of an error from storage or orbax, cut at `limit`
   characters (TensorStore appends pages of details)."""
   text = first_line(e, '').split('. See full TensorStore details')[0]

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jaxcl import augment, data, methods, optim, parallel, tokenizers
+from jaxcl.methods.base import standardize
 
 
 @flax.struct.dataclass
@@ -88,8 +89,7 @@ class Experiment:
     SimCLR's encoder output, or the two-tower model's normalized image embedding."""
     model = nnx.merge(self.eval_graphdef, params, batch_stats)
     views = augment.eval_view(images_uint8, self.config.augment.image_size)
-    return model.embed(augment.standardize(views, self.config.dataset.mean,
-                                           self.config.dataset.std))
+    return model.embed(standardize(views, self.config))
 
   def embed_text(self, params, batch_stats, ids):
     """Normalized text embeddings of token ids int32 [b, L] -> [b, D] float32."""

@@ -26,11 +26,10 @@ from etils import epath
 from flax import nnx
 
 from jaxcl import config as config_lib
-from jaxcl import data, errors, files, methods, models, run_files
+from jaxcl import errors, files, methods, models, run_files
 from jaxcl.trained import load_trained
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
-text_path, sentencepiece_path = files.text_artifact_path, files.sentencepiece_artifact_path
 
 
 def _export(fn, spec) -> jax.export.Exported:
@@ -67,20 +66,18 @@ def check_output(workdir, output, *, extra_paths=(), overwrite: bool) -> list[ep
   return paths
 
 
-def _data_facts(workdir, exp) -> dict:
+def _saved_or_read_facts(workdir, exp) -> dict:
   """The data facts the run saved; for a run from before data_facts.json,
-  read from the data (which must then be on disk)."""
+  read from the data (which load_trained then opened)."""
   facts = run_files.saved_data_facts(workdir)
   if facts is None:
-    dataset = exp.dataset or data.Dataset(exp.config.dataset)
-    eval_data = exp.method.open_eval_data(exp.config, dataset)
-    facts = run_files.data_facts(exp.info, exp.method.data_facts(exp.config, eval_data))
+    facts = run_files.data_facts(exp.info, exp.method.export_facts(exp.config, exp.dataset))
   return facts
 
 
 def export_encoder(workdir, output, *, overwrite: bool = False) -> dict:
   """Writes `output` (the image embedder), for a text tower also the text
-  embedder (`text_path(output)`) and the tokenizer, and `output`.json
+  embedder (files.text_artifact_path(output)) and the tokenizer, and `output`.json
   describing them; returns that metadata. Every file is written under a
   temporary name first and renamed into place only when all are written,
   FILE.json last, so a failed export leaves nothing that looks complete.
@@ -88,8 +85,8 @@ def export_encoder(workdir, output, *, overwrite: bool = False) -> dict:
   workdir (data_facts.json)."""
   method = methods.get(config_lib.load_saved(workdir).method)
   check_output(workdir, output, extra_paths=method.export_paths(output), overwrite=overwrite)
-  exp, state = load_trained(workdir, without_data=True)
-  facts = _data_facts(workdir, exp)
+  exp, state = load_trained(workdir, open_data=False)
+  facts = _saved_or_read_facts(workdir, exp)
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   config = exp.config
 

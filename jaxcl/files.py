@@ -17,9 +17,11 @@ CONFIG_FILE = 'config.json'  # the config a run was trained with
 EVAL_FILE = 'eval.json'  # the final (or `jaxcl eval`'s) evaluation
 METRICS_FILE = 'metrics.jsonl'  # one JSON row per log step
 CHECKPOINT_DIR = 'checkpoints'
+CHECKPOINT_DONE = 'commit_success.txt'  # orbax's marker of a complete checkpoint
 BATCH_HISTORY_FILE = 'batch_history.json'
 SKIPPED_IMAGES_FILE = 'skipped_images.json'
-SWEEP_FILES = ('sweep.json', 'sweep.csv', 'sweep.png')
+SWEEP_JSON, SWEEP_CSV, SWEEP_PNG = 'sweep.json', 'sweep.csv', 'sweep.png'  # jaxcl sweep
+SWEEP_FILES = (SWEEP_JSON, SWEEP_CSV, SWEEP_PNG)
 TOKENIZER_FILE = 'tokenizer.json'  # two towers: the tokenizer's spec
 SENTENCEPIECE_FILE = 'tokenizer.model'  # and its SentencePiece model, if any
 DATA_FACTS_FILE = 'data_facts.json'  # what export needs of the data (jaxcl.run_files)
@@ -84,7 +86,7 @@ def is_run(path) -> bool:
 def is_sweep(path) -> bool:
   """Whether `path` holds a jaxcl sweep (sweep.json, or runs named tau-*)."""
   path = epath.Path(path)
-  if (path / 'sweep.json').exists():
+  if (path / SWEEP_JSON).exists():
     return True
   return path.is_dir() and any(p.name.startswith('tau-') and is_run(p) for p in path.iterdir())
 

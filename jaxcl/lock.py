@@ -27,8 +27,7 @@ import uuid
 
 from etils import epath
 
-from jaxcl import files
-from jaxcl.errors import ConfigError
+from jaxcl import errors, files
 
 LOCK_DIR = files.LOCK_DIR
 HOLDER_FILE = 'holder.json'
@@ -36,8 +35,7 @@ HEARTBEAT_S = 30.0
 STALE_S = 300.0
 
 
-class WorkdirLocked(ConfigError):
-  """Another live run holds the workdir (exit code 2)."""
+WorkdirLocked = errors.WorkdirLocked
 
 
 def _process_start(pid: int) -> str | None:

@@ -9,6 +9,8 @@ import math
 import jax
 from etils import epath
 
+from jaxcl import files
+
 
 class MetricWriter:
 
@@ -20,7 +22,7 @@ class MetricWriter:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     workdir = epath.Path(workdir)
-    self._jsonl = workdir.joinpath('metrics.jsonl').open('a')
+    self._jsonl = workdir.joinpath(files.METRICS_FILE).open('a')
     self._tb = SummaryWriter(str(workdir))
     self._bar = tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True,
                      disable=total_steps == initial_step)

@@ -147,12 +147,12 @@ def write_report(workdir) -> tuple[epath.Path, int]:
     raise errors.ConfigError(f'{workdir} is neither a jaxcl workdir ({files.CONFIG_FILE}) nor a '
                              f'sweep (sweep.json): nothing to report')
   parts, skipped = [f'<h1>jaxcl report: {html.escape(str(workdir))}</h1>'], 0
-  sweep_json = workdir / 'sweep.json'
+  sweep_json = workdir / files.SWEEP_JSON
   if sweep_json.exists():
     sweep = _read_sweep(sweep_json)
     parts.append('<h2>Temperature sweep</h2>')
-    if (workdir / 'sweep.png').exists():
-      parts.append(_image(workdir / 'sweep.png'))
+    if (workdir / files.SWEEP_PNG).exists():
+      parts.append(_image(workdir / files.SWEEP_PNG))
     parts.append(_table(sweep['rows'], sweep['columns']))
     for row in sweep['rows']:
       run = workdir / row['run']
@@ -165,8 +165,8 @@ def write_report(workdir) -> tuple[epath.Path, int]:
     skipped += lost
     images = [_image(workdir / REPORT_DIR / name) for name in plot_run(workdir, rows)]
     parts.append('<h2>Metrics</h2>' + ''.join(images))
-  parts.append('<h2>eval.json</h2>' + _json_block(workdir / 'eval.json'))
-  parts.append('<h2>config.json</h2>' + _json_block(workdir / 'config.json'))
+  parts.append(f'<h2>{files.EVAL_FILE}</h2>' + _json_block(workdir / files.EVAL_FILE))
+  parts.append(f'<h2>{files.CONFIG_FILE}</h2>' + _json_block(workdir / files.CONFIG_FILE))
   style = ('body{font-family:sans-serif;max-width:1100px;margin:auto}img{margin:4px}'
            'table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}'
            'pre{background:#f6f6f6;padding:8px;overflow:auto}')

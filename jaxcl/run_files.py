@@ -48,7 +48,7 @@ def hold_workdir(workdir):
       error = e
     except OSError as e:  # not writable, read-only, full, a file on the way
       error = errors.ConfigError(f'cannot write to workdir {workdir}: '
-                                 f'{e.strerror or errors.describe(e)}')
+                                 f'{e.strerror or errors.type_and_first_line(e)}')
   if jax.process_count() > 1:
     held = multihost_utils.broadcast_one_to_all(np.int32(error is None))
     if not held and error is None:
@@ -137,7 +137,7 @@ def saved_data_facts(workdir) -> dict | None:
     info = data.DatasetInfo(tuple(int(n) for n in facts['image_shape']),
                             int(facts['num_classes']), tuple(facts['class_names']))
   except (ValueError, KeyError, TypeError) as e:
-    raise errors.ConfigError(f'{path} is not a jaxcl data facts file ({errors.describe(e)})'
+    raise errors.ConfigError(f'{path} is not a jaxcl data facts file ({errors.type_and_first_line(e)})'
                              ) from None
   return {**facts, 'info': info}
 

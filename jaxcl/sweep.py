@@ -145,12 +145,12 @@ def run_sweep(config, workdir, values: list[str], log=print) -> dict:
   table = {'columns': columns, 'rows': rows}
   if not writer:
     return table
-  files.write_atomically(workdir / 'sweep.json', json.dumps(table, indent=2) + '\n')
+  files.write_atomically(workdir / files.SWEEP_JSON, json.dumps(table, indent=2) + '\n')
   text = io.StringIO()
   csv_writer = csv.DictWriter(text, fieldnames=columns, extrasaction='ignore')
   csv_writer.writeheader()
   csv_writer.writerows(rows)
-  files.write_atomically(workdir / 'sweep.csv', text.getvalue())
+  files.write_atomically(workdir / files.SWEEP_CSV, text.getvalue())
   plot_sweep(workdir, table)
   return table
 
@@ -202,4 +202,4 @@ def plot_sweep(workdir, table: dict) -> None:
   ax.set_title('learnable τ over training (grey: the fixed values)')
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  report.save_figure(fig, workdir / 'sweep.png')
+  report.save_figure(fig, workdir / files.SWEEP_PNG)

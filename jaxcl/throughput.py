@@ -5,6 +5,7 @@ The FLOPs are those of the whole compiled train step (augmentation, both
 towers forward and backward, the loss, the optimizer update), counted by XLA
 on the per-device program after SPMD partitioning, so nothing is estimated by
 hand. MFU = achieved FLOP/s per device / the device's peak dense bf16 FLOP/s.
+`IntervalTimer` times the steps between two log steps, input waits apart.
 """
 
 from __future__ import annotations

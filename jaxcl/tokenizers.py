@@ -26,6 +26,7 @@ swapped model file is caught rather than silently giving different ids.
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import itertools
 import json
@@ -156,8 +157,16 @@ def build_tokenizer(text_cfg: Any) -> Tokenizer:
       raise ValueError('text.tokenizer=sentencepiece needs text.sentencepiece_model (a path)')
     if not epath.Path(model).is_file():
       raise ValueError(f'text.sentencepiece_model {model} does not exist')
-    return SentencePieceTokenizer(model, text_cfg.max_length)
+    # Validation and set-up both build it: the model file is read once.
+    stat = epath.Path(model).stat()
+    return _sentencepiece(str(model), text_cfg.max_length, (stat.mtime, stat.length))
   raise ValueError(f'text.tokenizer must be one of {TOKENIZERS}, got {name!r}')
+
+
+@functools.lru_cache(maxsize=4)
+def _sentencepiece(model: str, max_length: int, version) -> SentencePieceTokenizer:
+  del version  # (mtime, size), in the cache key: a model file rewritten is read again
+  return SentencePieceTokenizer(model, max_length)
 
 
 def load_tokenizer(directory: str | epath.PathLike) -> Tokenizer:

@@ -3,7 +3,7 @@
 One global batch flows like this: each process reads its rows of uint8
 images (and, for a text tower, one tokenized caption per image) with grain
 (jaxcl.data) and places them on the mesh as global arrays split over the
-batch axes (jaxcl.parallel). The jitted step (jaxcl.step) augments them on
+batch axes (jaxcl.parallel). The jitted step (jaxcl.train_step) augments them on
 the device into the method's views (jaxcl.methods), runs the towers, and
 computes the loss over the global batch in shard_map. Every
 `checkpoint_every_steps` the state goes to orbax (jaxcl.checkpoints), every
@@ -50,7 +50,7 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> 
     try:
       return _train(exp, eval_data, workdir, notes, lock)
     except OSError as e:  # writing the run's files: a full disk, a lost mount
-      raise errors.RunError(f'cannot write to {workdir}: {e.strerror or errors.describe(e)}; '
+      raise errors.RunError(f'cannot write to {workdir}: {e.strerror or errors.type_and_first_line(e)}; '
                             f'the last complete checkpoint is step '
                             f'{checkpoints.complete_step(workdir)}') from None
 
@@ -87,7 +87,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       process_index=jax.process_index(), process_count=jax.process_count(),
       transform=method.record_transform(exp.tokenizer),
       start_record=start_record, start_batch=start_batch)
-  facts = run_files.data_facts(exp.info, method.data_facts(config, eval_data))
+  facts = run_files.data_facts(exp.info, method.export_facts(config, exp.dataset, eval_data))
   run_files.write_run_start(workdir, config, history, exp.tokenizer, facts, start_step)
   writer = MetricWriter(workdir, total_steps=max(total, start_step), initial_step=start_step)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))

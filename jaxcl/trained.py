@@ -13,21 +13,21 @@ from jaxcl import config as config_lib
 from jaxcl.experiment import setup
 
 
-def load_trained(workdir, *, without_data: bool = False):
+def load_trained(workdir, *, open_data: bool = True):
   """(Experiment, state) of the latest checkpoint in a finished or running
-  workdir. without_data: set up from the data facts the run saved, opening
-  no dataset (a run from before data_facts.json still opens it)."""
+  workdir. open_data=False: set up from the data facts the run saved,
+  opening no dataset (a run from before data_facts.json opens it still)."""
   config = config_lib.load_saved(workdir)
+  facts = None if open_data else run_files.saved_data_facts(workdir)
   try:
-    config_lib.validate(config, check_data=not without_data)  # on the devices present now
+    config_lib.validate(config, check_data=facts is None)  # on the devices present now
   except errors.ConfigError as e:
     if not str(e).startswith('mesh:'):
       raise
     config.mesh = config_lib.base_config().mesh  # trained on a pod, evaluated on a laptop
-    config_lib.validate(config, check_data=not without_data)
+    config_lib.validate(config, check_data=facts is None)
   if not (epath.Path(workdir) / files.CHECKPOINT_DIR).is_dir():
     raise errors.ConfigError(f'{workdir} has no checkpoint to load')
-  facts = run_files.saved_data_facts(workdir) if without_data else None
   exp = setup(config, tokenizer=run_files.saved_tokenizer(workdir),
               info=facts['info'] if facts else None)
   manager = checkpoints.checkpoint_manager(workdir, config, read_only=True)

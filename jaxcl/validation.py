@@ -14,7 +14,7 @@ import ml_collections
 from etils import epath
 
 from jaxcl import errors, methods, presets
-from jaxcl.errors import ConfigError
+from jaxcl.errors import ConfigError, check
 from jaxcl.presets import MODEL_DTYPES, TEMPERATURE_MODES
 
 
@@ -31,11 +31,6 @@ def _get(config, dotted):
       raise ConfigError(f'config is missing the required key {dotted!r}')
     node = node[part]
   return node
-
-
-def _check(ok: bool, message: str):
-  if not ok:
-    raise ConfigError(message)
 
 
 def validate(config, num_devices: int | None = None, process_count: int | None = None, *,
@@ -62,12 +57,12 @@ def _validate(config, num_devices, process_count, check_data) -> None:
 
   for key in ('total_steps', 'batch_size', 'seed', 'log_every_steps', 'eval_every_steps',
               'checkpoint_every_steps'):
-    _check(isinstance(config[key], int) and not isinstance(config[key], bool),
+    check(isinstance(config[key], int) and not isinstance(config[key], bool),
            f'{key} must be an integer, got {config[key]!r}')
-  _check(config.total_steps >= 0, f'total_steps must be >= 0, got {config.total_steps}')
-  _check(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
+  check(config.total_steps >= 0, f'total_steps must be >= 0, got {config.total_steps}')
+  check(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
   for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
-    _check(config[key] > 0, f'{key} must be > 0, got {config[key]}')
+    check(config[key] > 0, f'{key} must be > 0, got {config[key]}')
 
   try:
     shape = presets.mesh_shape(config.mesh, num_devices)
@@ -76,86 +71,85 @@ def _validate(config, num_devices, process_count, check_data) -> None:
   shards = 1
   for axis in presets.BATCH_AXES:
     shards *= shape[axis]
-  _check(config.batch_size % shards == 0,
+  check(config.batch_size % shards == 0,
          f'batch_size {config.batch_size} is not divisible by the {shards} data shards '
          f'of the mesh {shape}')
-  _check(config.batch_size % process_count == 0,
+  check(config.batch_size % process_count == 0,
          f'batch_size {config.batch_size} is not divisible by the {process_count} processes')
-  _check(config.eval.batch_size % shards == 0 and config.eval.batch_size > 0,
+  check(config.eval.batch_size % shards == 0 and config.eval.batch_size > 0,
          f'eval.batch_size {config.eval.batch_size} must be a positive multiple of the '
          f'{shards} data shards')
 
-  _check(config.nonfinite in ('stop', 'skip'),
+  check(config.nonfinite in ('stop', 'skip'),
          f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
-  _check(config.loss.impl in presets.LOSS_IMPLS,
+  check(config.loss.impl in presets.LOSS_IMPLS,
          f'loss.impl must be one of {presets.LOSS_IMPLS}, got {config.loss.impl!r}')
-  _check(isinstance(config.loss.block_size, int) and config.loss.block_size > 0,
+  check(isinstance(config.loss.block_size, int) and config.loss.block_size > 0,
          f'loss.block_size must be a positive integer, got {config.loss.block_size!r}')
   t = config.temperature
-  _check(t.mode in TEMPERATURE_MODES,
+  check(t.mode in TEMPERATURE_MODES,
          f'temperature.mode must be one of {TEMPERATURE_MODES}, got {t.mode!r}')
-  _check(t.init > 0, f'temperature.init must be > 0, got {t.init}')
-  _check(t.min > 0, f'temperature.min must be > 0, got {t.min}')
-  _check(t.min <= t.max, f'temperature.min {t.min} must be <= temperature.max {t.max}')
+  check(t.init > 0, f'temperature.init must be > 0, got {t.init}')
+  check(t.min > 0, f'temperature.min must be > 0, got {t.min}')
+  check(t.min <= t.max, f'temperature.min {t.min} must be <= temperature.max {t.max}')
   for key in ('warmup_steps', 'period'):
-    _check(isinstance(t[key], int) and t[key] >= 0,
+    check(isinstance(t[key], int) and t[key] >= 0,
            f'temperature.{key} must be an integer >= 0, got {t[key]!r}')
-  _check(t.lr_multiplier > 0, f'temperature.lr_multiplier must be > 0, got {t.lr_multiplier}')
-  _check(t.min <= t.init <= t.max,
+  check(t.lr_multiplier > 0, f'temperature.lr_multiplier must be > 0, got {t.lr_multiplier}')
+  check(t.min <= t.init <= t.max,
          f'temperature.init {t.init} must lie in [temperature.min, temperature.max] = '
          f'[{t.min}, {t.max}]')
 
-  _check(config.method in methods.NAMES,
-         f'method must be one of {methods.NAMES}, got {config.method!r}')
-  _check(config.model.name in presets.IMAGE_TOWERS,
+  method = methods.get(config.method)  # ConfigError for an unknown name
+  check(config.model.name in presets.IMAGE_TOWERS,
          f'model.name must be one of {list(presets.IMAGE_TOWERS)}, got {config.model.name!r}')
   if config.model.name in presets.VITS or config.model.name == 'vit':
     _check_vit(config.model, config.augment.image_size)
-  methods.get(config.method).check_config(config)
-  _check(config.optimizer.name in presets.OPTIMIZERS,
+  method.check_config(config)
+  check(config.optimizer.name in presets.OPTIMIZERS,
          f'optimizer.name must be one of {presets.OPTIMIZERS}, got {config.optimizer.name!r}')
-  _check(config.optimizer.learning_rate > 0,
+  check(config.optimizer.learning_rate > 0,
          f'optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}')
-  _check(config.optimizer.warmup_steps >= 0,
+  check(config.optimizer.warmup_steps >= 0,
          f'optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps}')
-  _check(config.model.get('dtype', 'float32') in MODEL_DTYPES,
+  check(config.model.get('dtype', 'float32') in MODEL_DTYPES,
          f'model.dtype must be one of {MODEL_DTYPES}, got {config.model.get("dtype")!r}')
   d = config.dataset
   for key in ('mean', 'std'):
-    _check(isinstance(d[key], (tuple, list)) and len(d[key]) in (1, 3)
+    check(isinstance(d[key], (tuple, list)) and len(d[key]) in (1, 3)
            and all(_is_number(v) for v in d[key]),
            f'dataset.{key} needs 1 or 3 numbers (per channel), got {d[key]!r}')
-  _check(all(v > 0 for v in d.std), f'dataset.std values must be > 0, got {d.std}')
+  check(all(v > 0 for v in d.std), f'dataset.std values must be > 0, got {d.std}')
   e = config.eval
   for key in ('zeroshot_templates', 'class_names'):
-    _check(isinstance(e[key], (tuple, list)) and all(isinstance(t, str) for t in e[key]),
+    check(isinstance(e[key], (tuple, list)) and all(isinstance(t, str) for t in e[key]),
            f'eval.{key} must be a list of strings, got {e[key]!r}')
   for template in e.zeroshot_templates:
     try:
       ok = '{}' in template and template.format('x') != template
     except (KeyError, IndexError, ValueError):
       ok = False
-    _check(ok, f"eval.zeroshot_templates: {template!r} needs exactly one '{{}}' for the class "
+    check(ok, f"eval.zeroshot_templates: {template!r} needs exactly one '{{}}' for the class "
                f'name and no other braces')
   for key in ('probe_steps', 'knn_k', 'probe_batch_size'):
-    _check(e[key] > 0, f'eval.{key} must be > 0, got {e[key]}')
-  _check(e.max_train_examples >= 0,
+    check(e[key] > 0, f'eval.{key} must be > 0, got {e[key]}')
+  check(e.max_train_examples >= 0,
          f'eval.max_train_examples must be >= 0 (0: all), got {e.max_train_examples}')
   a = config.augment
-  _check(a.image_size > 0, f'augment.image_size must be > 0, got {a.image_size}')
-  _check(0 < a.crop_scale_min <= a.crop_scale_max <= 1,
+  check(a.image_size > 0, f'augment.image_size must be > 0, got {a.image_size}')
+  check(0 < a.crop_scale_min <= a.crop_scale_max <= 1,
          f'need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got '
          f'{a.crop_scale_min}, {a.crop_scale_max}')
   for key in ('color_jitter_prob', 'grayscale_prob', 'blur_prob'):
-    _check(0 <= a[key] <= 1, f'augment.{key} must be in [0, 1], got {a[key]}')
+    check(0 <= a[key] <= 1, f'augment.{key} must be in [0, 1], got {a[key]}')
   for key, ok, need in _RANGES:
     try:
       value = _get(config, key)
     except ConfigError:  # a config without this part (no projection head, say)
       continue
-    _check(_is_number(value) and ok(value), f'{key} must be {need}, got {value!r}')
+    check(_is_number(value) and ok(value), f'{key} must be {need}, got {value!r}')
   sizes = config.model.get('stage_sizes', ())
-  _check(isinstance(sizes, (tuple, list)) and all(_is_int(n) and n > 0 for n in sizes),
+  check(isinstance(sizes, (tuple, list)) and all(_is_int(n) and n > 0 for n in sizes),
          f'model.stage_sizes must be a tuple of positive integers (empty: the preset of '
          f'model.name), got {sizes!r}')
   if check_data:
@@ -202,39 +196,39 @@ def _check_vit(m, image_size):
   v = m.vit
   sizes = presets.vit_sizes(m)
   for key, value in sizes.items():
-    _check(isinstance(value, int) and value > 0,
+    check(isinstance(value, int) and value > 0,
            f'model.vit.{key} must be a positive integer for model.name {m.name!r}, got {value!r}')
-  _check(sizes['width'] % sizes['heads'] == 0,
+  check(sizes['width'] % sizes['heads'] == 0,
          f'model.vit.width {sizes["width"]} is not divisible by model.vit.heads {sizes["heads"]}')
-  _check(image_size % sizes['patch_size'] == 0,
+  check(image_size % sizes['patch_size'] == 0,
          f'augment.image_size {image_size} is not divisible by the ViT patch size '
          f'{sizes["patch_size"]}')
-  _check(v.pool in ('gap', 'cls'), f"model.vit.pool must be 'gap' or 'cls', got {v.pool!r}")
+  check(v.pool in ('gap', 'cls'), f"model.vit.pool must be 'gap' or 'cls', got {v.pool!r}")
 
 
 def _check_dataset(d):
   from jaxcl import data  # pylint: disable=g-import-not-at-top  # TFDS: only when validating
   if d.name == data.PAIRS:
-    _check(bool(d.path), f'dataset.path must name a JSONL or CSV file when dataset.name is '
+    check(bool(d.path), f'dataset.path must name a JSONL or CSV file when dataset.name is '
                          f'{data.PAIRS}')
-    _check(epath.Path(d.path).is_file(), f'dataset.path {d.path} is not a file')
-    _check(d.image_size > 0, f'dataset.image_size must be > 0 for {data.PAIRS}')
-    _check(0 <= d.pairs.test_fraction < 1,
+    check(epath.Path(d.path).is_file(), f'dataset.path {d.path} is not a file')
+    check(d.image_size > 0, f'dataset.image_size must be > 0 for {data.PAIRS}')
+    check(0 <= d.pairs.test_fraction < 1,
            f'dataset.pairs.test_fraction must be in [0, 1), got {d.pairs.test_fraction}')
     return
   if d.name == 'image_folder':
-    _check(bool(d.path), 'dataset.path must name a folder when dataset.name is image_folder')
-    _check(epath.Path(d.path).is_dir(), f'dataset.path {d.path} is not a folder')
-    _check((epath.Path(d.path) / d.train_split).is_dir(),
+    check(bool(d.path), 'dataset.path must name a folder when dataset.name is image_folder')
+    check(epath.Path(d.path).is_dir(), f'dataset.path {d.path} is not a folder')
+    check((epath.Path(d.path) / d.train_split).is_dir(),
            f'dataset.path {d.path} has no {d.train_split}/ folder (dataset.train_split): an '
            f'image folder holds train/CLASS/*.png, and test/CLASS/*.png for evaluation')
-    _check(d.image_size > 0, 'dataset.image_size must be > 0 for an image folder')
+    check(d.image_size > 0, 'dataset.image_size must be > 0 for an image folder')
     return
   try:
     builder = data.tfds_builder(d.name, d.data_dir)
   except data.DatasetError as e:
     raise ConfigError(f'dataset.name: {e}') from None
   if d.name not in data.EMBEDDED and not d.download:
-    _check(data.is_prepared(builder),
+    check(data.is_prepared(builder),
            f'dataset {d.name!r} is not prepared under {builder.data_dir_root}; prepare it or '
            f'set --config.dataset.download=True')

@@ -12,6 +12,8 @@ import random
 import subprocess
 import sys
 
+import pytest
+
 import messages
 from helpers import DIGITS_CONFIG, REPO, tiny_config
 
@@ -172,6 +174,7 @@ print(json.dumps(results))
 '''
 
 
+@pytest.mark.slow  # dozens of CLI processes
 def test_random_bad_overrides_exit_2_with_one_line(tmp_path):
   seed = int(os.environ.get('JAXCL_FUZZ_SEED', 0))
   overrides = bad_overrides(seed=seed, n=NUM_CASES)

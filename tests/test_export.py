@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from helpers import DIGITS_CONFIG, copy_without_dataset, jaxcl, tiny_overrides
 from jaxcl import data, models, trained
@@ -26,6 +27,7 @@ print('ok', out.shape, out.dtype)
 '''
 
 
+@pytest.mark.slow  # a whole CLI run and export
 def test_export_round_trip(tmp_path):
   workdir = tmp_path / 'run'
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
@@ -56,6 +58,7 @@ def test_export_round_trip(tmp_path):
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a whole CLI run and export
 def test_export_needs_no_dataset(tmp_path):
   """What export needs of the data is saved in the workdir: with the dataset
   gone, it writes the same artifact (the same embeddings, the same FILE.json)."""

@@ -94,6 +94,7 @@ def test_temperature_is_clamped_after_update(experiments, train_steps):
 
 # ------------------------------------------ the reference run (conftest) ---
 # SIGKILL and resume: tests/test_reliability.py (with corrupt checkpoints).
+@pytest.mark.slow  # a whole CLI run
 def test_outputs_of_a_run(uninterrupted):
   rows = [json.loads(l) for l in open(uninterrupted / 'metrics.jsonl')]
   train_rows = [r for r in rows if 'loss' in r]
@@ -109,6 +110,7 @@ def test_outputs_of_a_run(uninterrupted):
   assert 0 <= results['knn_top1'] <= 1 and 0 <= results['linear_top1'] <= 1
 
 
+@pytest.mark.slow  # a whole CLI run
 def test_eval_recomputes_eval_json(uninterrupted):
   before = json.loads((uninterrupted / 'eval.json').read_text())
   proc = jaxcl('eval', '--workdir', str(uninterrupted), devices=2)
@@ -120,6 +122,7 @@ def test_eval_recomputes_eval_json(uninterrupted):
   assert json.loads(proc.stdout)['knn_top1'] == after['knn_top1']
 
 
+@pytest.mark.slow  # a whole CLI run
 def test_zero_steps_evaluates_random_encoder(tmp_path):
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(tmp_path), *tiny_overrides(),
         '--config.total_steps=0')

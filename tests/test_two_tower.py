@@ -194,6 +194,7 @@ def clip_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # a whole CLI run
 def test_clip_run_writes_metrics_and_eval(clip_run):
   rows = [json.loads(l) for l in open(clip_run / 'metrics.jsonl')]
   train_rows = [r for r in rows if 'loss' in r]
@@ -210,6 +211,7 @@ def test_clip_run_writes_metrics_and_eval(clip_run):
   assert (clip_run / 'tokenizer.json').exists()
 
 
+@pytest.mark.slow  # a whole CLI run
 def test_clip_eval_recomputes_eval_json(clip_run):
   before = json.loads((clip_run / 'eval.json').read_text())
   jaxcl('eval', '--workdir', str(clip_run), devices=1)  # another mesh, same numbers
@@ -248,6 +250,7 @@ print(json.dumps({'zeroshot_top1': float(np.mean(pred == labels))}))
 '''
 
 
+@pytest.mark.slow  # a whole CLI run
 def test_exported_towers_reproduce_zeroshot(clip_run, tmp_path):
   artifact = tmp_path / 'export' / 'clip.jaxexport'
   proc = jaxcl('export', '--workdir', str(clip_run), '--output', str(artifact))
@@ -278,6 +281,7 @@ def test_exported_towers_reproduce_zeroshot(clip_run, tmp_path):
   assert got == pytest.approx(expected, abs=0.01)
 
 
+@pytest.mark.slow  # a whole CLI run
 def test_train_on_a_pairs_file_with_broken_rows(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from jaxcl.data import shapes  # pylint: disable=g-import-not-at-top

@@ -34,7 +34,7 @@ With several captions per image, one is drawn per image and epoch.
 The modules, each importing only those above it:
 
 - images: image files checked and resized with PIL; `ImageFolderSource`.
-- catalog: TFDS bookkeeping: `is_prepared`, `prepare`, `quiet_tfds`.
+- catalog: TFDS bookkeeping: `is_prepared`, `prepare`, `quiet_tfds`, `quiet_absl`.
 - digits, shapes: the embedded datasets' TFDS builders.
 - pair_rows: the rows of (image path, caption) files, read and checked.
 - pairs: those files converted into a TFDS dataset.
@@ -50,7 +50,7 @@ from jaxcl.data.catalog import is_prepared
 from jaxcl.data.digits import Digits
 from jaxcl.data import shapes, pairs  # noqa: F401  (TFDS builders, registered on import)
 from jaxcl.data.sources import (DEFAULT_TEMPLATES, EMBEDDED, PAIRS, Dataset, DatasetError,
-                                DatasetInfo, as_strings, load_source, split_missing,
+                                DatasetInfo, as_strings, load_source,
                                 tfds_builder, zeroshot_templates)
 from jaxcl.data.pipeline import caption_sampler, eval_batches, train_iterator
 
@@ -58,5 +58,5 @@ __all__ = [
     'DEFAULT_TEMPLATES', 'EMBEDDED', 'IMAGE_SUFFIXES', 'MAX_UPSCALE', 'PAIRS', 'Dataset',
     'DatasetError', 'DatasetInfo', 'Digits', 'ImageFolderSource', 'as_strings',
     'caption_sampler', 'center_crop_resize', 'eval_batches', 'image_problem', 'is_prepared',
-    'load_source', 'split_missing', 'tfds_builder', 'train_iterator', 'zeroshot_templates',
+    'load_source', 'tfds_builder', 'train_iterator', 'zeroshot_templates',
 ]

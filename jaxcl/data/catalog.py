@@ -1,9 +1,9 @@
 """TFDS bookkeeping shared by jaxcl.data's builders and sources: whether a
 builder's dataset is prepared, preparing it, and keeping TFDS quiet.
 
-`quiet_tfds` is the one place TFDS is silenced (progress bars, the banners it
-prints, absl's warnings); `is_prepared` the one "is it prepared" check. This
-module imports no other module of the package.
+This is the one place TFDS is silenced (`quiet_tfds`: its progress bars and
+the banners it prints while preparing; `quiet_absl`: its warnings) and the
+one "is it prepared" check. It imports no other module of the package.
 """
 
 from __future__ import annotations
@@ -23,16 +23,21 @@ def is_prepared(builder) -> bool:
 
 @contextlib.contextmanager
 def quiet_tfds():
-  """For the duration: TFDS without progress bars (disabled for good, as
-  tfds.disable_progress_bar does), its printed banners discarded, absl's
-  (TFDS's) warnings hidden."""
+  """For the duration: TFDS's printed banners discarded; its progress bars
+  off (for good, as tfds.disable_progress_bar does)."""
   tfds.disable_progress_bar()
+  with contextlib.redirect_stdout(io.StringIO()):
+    yield
+
+
+@contextlib.contextmanager
+def quiet_absl():
+  """Hides absl's (TFDS's) warnings for the duration."""
   logger = logging.getLogger('absl')
   level = logger.level
   logger.setLevel(logging.ERROR)
   try:
-    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its own banners
-      yield
+    yield
   finally:
     logger.setLevel(level)
 

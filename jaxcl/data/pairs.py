@@ -224,7 +224,7 @@ def prepare_pairs(path, *, image_size: int, data_dir: str | None = None,
   """
   config = ImageTextPairsConfig.create(path, image_size=image_size, image_key=image_key,
                                        caption_key=caption_key, test_fraction=test_fraction)
-  with catalog.quiet_tfds():  # TFDS warns that the config is not one of BUILDER_CONFIGS
+  with catalog.quiet_absl():  # TFDS warns that the config is not one of BUILDER_CONFIGS
     builder = ImageTextPairs(config=config, data_dir=data_dir, file_format='array_record')
   bad_rows_path = epath.Path(builder.data_dir) / BAD_ROWS_FILE
   if catalog.is_prepared(builder):

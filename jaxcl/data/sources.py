@@ -103,15 +103,6 @@ def zeroshot_templates(name: str) -> tuple[str, ...]:
   return DEFAULT_TEMPLATES
 
 
-def split_missing(cfg, split: str) -> str | None:
-  """For an image folder, the folder of `split` if it does not exist (an
-  optional evaluation split); None otherwise."""
-  if cfg.name != 'image_folder':
-    return None
-  folder = epath.Path(cfg.path) / split
-  return None if folder.is_dir() else str(folder)
-
-
 class Dataset:
   """The dataset that `cfg` (the config's `dataset` group) names, opened once.
 
@@ -141,8 +132,12 @@ class Dataset:
     return self._splits[key]
 
   def missing_split(self, split: str) -> str | None:
-    """split_missing(cfg, split): an image folder's absent (optional) split folder."""
-    return split_missing(self.cfg, split)
+    """For an image folder, the folder of `split` if it does not exist (an
+    optional evaluation split); None otherwise."""
+    if self.cfg.name != 'image_folder':
+      return None
+    folder = epath.Path(self.cfg.path) / split
+    return None if folder.is_dir() else str(folder)
 
   def opened_splits(self) -> list[tuple[str, object]]:
     """(split, source) of every split opened so far, in opening order (a TFDS

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 
+from jaxcl import errors
+
 _MODULES = {
     'simclr': 'jaxcl.methods.simclr',  # two augmented views of an image, NT-Xent
     'clip': 'jaxcl.methods.clip',  # image and caption, softmax InfoNCE both ways
@@ -23,5 +25,7 @@ NAMES = tuple(_MODULES)
 
 
 def get(name: str):
-  """The Method object registered as `name` (KeyError if there is none)."""
+  """The Method object registered as `name`; ConfigError if there is none."""
+  if name not in _MODULES:
+    raise errors.ConfigError(f'method must be one of {NAMES}, got {name!r}')
   return importlib.import_module(_MODULES[name]).METHOD

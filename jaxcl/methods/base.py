@@ -100,11 +100,19 @@ class Method(abc.ABC):
     del exp, params, batch_stats, output, facts, export_fn
     return {}, {}
 
-  def data_facts(self, config, eval_data) -> dict:
+  def export_facts(self, config, dataset, eval_data=None) -> dict:
     """What export needs to know about the data beyond the image shape,
-    saved in the workdir so export runs without the dataset."""
-    del config, eval_data
+    saved in the workdir (data_facts.json) so export runs without the
+    dataset: from the run's open `eval_data`, or read from `dataset`."""
+    del config, dataset, eval_data
     return {}
+
+
+def missing_eval_split(config, dataset) -> str | None:
+  """An image folder's absent evaluation split folder (the run then trains
+  without evaluating), or None."""
+  d = config.dataset
+  return dataset.missing_split(d.eval_train_split) or dataset.missing_split(d.eval_test_split)
 
 
 def standardize(images, config):

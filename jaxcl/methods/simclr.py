@@ -19,7 +19,7 @@ class SimCLREvalData:
   def __init__(self, config, dataset):
     d = config.dataset
     self.num_classes, self.train, self.test = 0, None, None
-    missing = dataset.missing_split(d.eval_train_split) or dataset.missing_split(d.eval_test_split)
+    missing = base.missing_eval_split(config, dataset)
     if missing:  # an image folder without test/: trained, not evaluated
       self.skip_reason = f'{missing} does not exist'
       return

@@ -23,7 +23,7 @@ class TwoTowerEvalData:
     d = config.dataset
     self.num_classes, self.class_names, self.templates = 0, (), ()
     self.test = self.zeroshot = None
-    missing = dataset.missing_split(d.eval_train_split) or dataset.missing_split(d.eval_test_split)
+    missing = base.missing_eval_split(config, dataset)
     if missing:
       self.skip_reason = f'{missing} does not exist'
       return
@@ -81,22 +81,22 @@ class TwoTower(base.Method):
   def check_config(self, config):
     x = config.text
     for key in ('max_length', 'width', 'depth', 'heads', 'mlp_dim'):
-      _check(isinstance(x[key], int) and x[key] > 0,
-             f'text.{key} must be a positive integer, got {x[key]!r}')
-    _check(x.max_length >= 2, f'text.max_length must be >= 2 (a token and end-of-text), '
-                              f'got {x.max_length}')
-    _check(x.width % x.heads == 0,
-           f'text.width {x.width} is not divisible by text.heads {x.heads}')
-    _check(config.model.embed_dim > 0,
-           f'model.embed_dim must be > 0, got {config.model.embed_dim}')
+      errors.check(isinstance(x[key], int) and x[key] > 0,
+                   f'text.{key} must be a positive integer, got {x[key]!r}')
+    errors.check(x.max_length >= 2, f'text.max_length must be >= 2 (a token and end-of-text), '
+                                    f'got {x.max_length}')
+    errors.check(x.width % x.heads == 0,
+                 f'text.width {x.width} is not divisible by text.heads {x.heads}')
+    errors.check(config.model.embed_dim > 0,
+                 f'model.embed_dim must be > 0, got {config.model.embed_dim}')
     try:
       tokenizers.build_tokenizer(x)
     except (ValueError, RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError
       raise errors.ConfigError(f'text: {errors.first_line(e)}') from None
-    _check(bool(config.dataset.text_key), 'dataset.text_key must name the caption feature')
-    _check(config.dataset.name != 'image_folder',
-           f'{self.name} needs captions: image_folder has none; use a TFDS image-text dataset '
-           f'or dataset.name=image_text_pairs')
+    errors.check(bool(config.dataset.text_key), 'dataset.text_key must name the caption feature')
+    errors.check(config.dataset.name != 'image_folder',
+                 f'{self.name} needs captions: image_folder has none; use a TFDS image-text '
+                 f'dataset or dataset.name=image_text_pairs')
 
   def make_bias(self, config):
     """The model's learned logit bias module, or None."""
@@ -180,6 +180,11 @@ class TwoTower(base.Method):
       tokenizer_spec['model_file'] = files.sentencepiece_artifact_path(output).name
       artifacts[files.sentencepiece_artifact_path(output)] = tokenizer.model_bytes
     bias = self.bias(nnx.merge(exp.eval_graphdef, params, batch_stats))
+    zeroshot = facts.get('zeroshot')
+    if not (isinstance(zeroshot, dict) and isinstance(zeroshot.get('class_names'), list)
+            and isinstance(zeroshot.get('templates'), list)):
+      raise errors.ConfigError(f'the run\'s {files.DATA_FACTS_FILE} lacks its zero-shot '
+                               f'prompts (zeroshot.class_names, zeroshot.templates)')
     metadata = {
         'text': {'file': text_file.name,
                  'input': {'shape': ['b', tokenizer.max_length], 'dtype': 'int32',
@@ -189,17 +194,14 @@ class TwoTower(base.Method):
         'tokenizer': tokenizer_spec,
         'logit_bias': None if bias is None else float(bias),
         # The prompts of eval.json's zero-shot classification.
-        'zeroshot': facts['zeroshot'],
+        'zeroshot': zeroshot,
     }
     return artifacts, metadata
 
-  def data_facts(self, config, eval_data):
+  def export_facts(self, config, dataset, eval_data=None):
     """The zero-shot prompts, which export writes beside the text embedder."""
-    del config
-    return {'zeroshot': {'class_names': list(eval_data.class_names),
-                         'templates': list(eval_data.templates)}}
-
-
-def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise errors.ConfigError(message)
+    if eval_data is None:
+      _, names, templates = zeroshot_data(config, dataset)
+    else:
+      names, templates = eval_data.class_names, eval_data.templates
+    return {'zeroshot': {'class_names': list(names), 'templates': list(templates)}}

@@ -143,7 +143,7 @@ def _moved_arrays(hlo: str):
   return moved
 
 
-@pytest.mark.parametrize('impl', ['dense', 'ring'])
+@pytest.mark.parametrize('impl', ['dense', pytest.param('ring', marks=pytest.mark.slow)])
 def test_sharded_step_moves_only_embeddings(impl):
   """Between devices the loss moves embeddings (and their ids), nothing the
   size of an image or an activation: the compiled HLO's gathers and permutes

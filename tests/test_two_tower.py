@@ -58,7 +58,8 @@ def _without_key_bias(params):
   return jax.tree_util.tree_map_with_path(zero, params)
 
 
-@pytest.fixture(scope='module', params=['clip', 'siglip'])
+# SigLIP's variants run in the full suite; the quick loop (-m 'not slow') checks CLIP's.
+@pytest.fixture(scope='module', params=['clip', pytest.param('siglip', marks=pytest.mark.slow)])
 def experiments(request):
   config_file = CLIP_CONFIG if request.param == 'clip' else SIGLIP_CONFIG
   config = tiny_config(config_file, TINY_TWO_TOWER, batch_size=16)

@@ -216,3 +216,58 @@ def copy_without_dataset(workdir, destination):
   with open(config_file, 'w') as f:
     json.dump(config, f)
   return destination
+
+
+# Runs `jaxcl` once per case in forks of one process that imported jaxcl
+# already: a second per case instead of a new interpreter's import time.
+_FORK_DRIVER = r'''
+import json, os, sys, time, traceback
+import jax  # imported, not initialized: every child initializes its own backend
+from jaxcl import cli, config, distributed  # noqa: F401
+
+cases, out = json.loads(sys.argv[1]), sys.argv[2]
+results = []
+for i, argv in enumerate(cases):
+  err_path = os.path.join(out, f'{i}.err')
+  pid = os.fork()
+  if pid == 0:
+    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    code = 1
+    sys.argv = ['jaxcl'] + argv  # config_flags reads the overrides from sys.argv
+    try:
+      cli.main(sys.argv)
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # a traceback the test will show
+      traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(code)
+  deadline = time.time() + 60
+  while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+      break
+    if time.time() > deadline:  # an override that was not refused: it started training
+      os.kill(pid, 9)
+      _, status = os.waitpid(pid, 0)
+      break
+    time.sleep(0.01)
+  results.append({'code': os.waitstatus_to_exitcode(status),
+                  'stderr': open(err_path, errors='replace').read()})
+print(json.dumps(results))
+'''
+
+
+def cli_in_forks(cases, tmp_path, devices: int = 1) -> list:
+  """[{'code': exit code, 'stderr': text}] of `jaxcl ARGV` for each ARGV in
+  `cases`, each in its own fork (killed if it runs past 60 s: an input
+  that was not refused started training)."""
+  import json  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', _FORK_DRIVER, json.dumps(cases), str(tmp_path)],
+                        env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -5,7 +5,7 @@ import os
 import pytest
 
 import messages
-from helpers import CLIP_CONFIG, DIGITS_CONFIG, jaxcl
+from helpers import CLIP_CONFIG, DIGITS_CONFIG, cli_in_forks, jaxcl
 
 # One real CLI process per bad input (left out by -m "not slow").
 pytestmark = pytest.mark.slow
@@ -62,17 +62,25 @@ CASES = {**{k: (DIGITS_CONFIG, *v) for k, v in BAD.items()},
          **{f'clip {k}': (CLIP_CONFIG, *v) for k, v in BAD_CLIP.items()}}
 
 
+@pytest.fixture(scope='module')
+def refusals(tmp_path_factory):
+  """{case: (its workdir, {'code', 'stderr'})}: `jaxcl train` with each case's
+  overrides on 8 devices, all run at once (jaxcl imported once, one fork each)."""
+  tmp = tmp_path_factory.mktemp('refusals')
+  workdirs = {case: tmp / f'run{i}' for i, case in enumerate(CASES)}
+  argvs = [['train', '--config', config_file, '--workdir', str(workdirs[case]), *overrides]
+           for case, (config_file, overrides, _) in CASES.items()]
+  return dict(zip(CASES, zip(workdirs.values(), cli_in_forks(argvs, tmp, devices=8))))
+
+
 @pytest.mark.parametrize('case', CASES)
-def test_bad_config_exits_2_with_one_line(case, tmp_path):
-  config_file, overrides, _ = CASES[case]
-  workdir = tmp_path / 'run'
-  proc = jaxcl('train', '--config', config_file, '--workdir', str(workdir), *overrides,
-               devices=8, check=False)
-  assert proc.returncode == 2, proc.stderr
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('jaxcl: error: '), proc.stderr
+def test_bad_config_exits_2_with_one_line(case, refusals):
+  workdir, proc = refusals[case]
+  assert proc['code'] == 2, proc['stderr']
+  lines = proc['stderr'].strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('jaxcl: error: '), proc['stderr']
   assert lines[0] == messages.expected(messages.CONFIG[case])
-  assert 'Traceback' not in proc.stderr
+  assert 'Traceback' not in proc['stderr']
   assert not os.path.exists(workdir)
 
 

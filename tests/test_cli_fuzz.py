@@ -6,16 +6,13 @@ traceback, and no workdir written.
 The cases run in real processes: one driver process imports the CLI once,
 then forks a child per case (a fresh interpreter each would cost ~3 s)."""
 
-import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 
 import messages
-from helpers import DIGITS_CONFIG, REPO, tiny_config
+from helpers import DIGITS_CONFIG, cli_in_forks, tiny_config
 
 NUM_CASES = 64
 
@@ -134,44 +131,6 @@ def bad_overrides(seed: int, n: int) -> list[str]:
   return cases
 
 
-DRIVER = r'''
-import json, os, sys, time, traceback
-import jax  # imported, not initialized: every child initializes its own backend
-from jaxcl import cli, config, distributed  # noqa: F401
-
-cases, out = json.loads(sys.argv[1]), sys.argv[2]
-results = []
-for i, argv in enumerate(cases):
-  err_path = os.path.join(out, f'{i}.err')
-  pid = os.fork()
-  if pid == 0:
-    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 2)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    code = 1
-    sys.argv = ['jaxcl'] + argv  # config_flags reads the overrides from sys.argv
-    try:
-      cli.main(sys.argv)
-    except SystemExit as e:
-      code = e.code if isinstance(e.code, int) else 1
-    except BaseException:  # a traceback the test will show
-      traceback.print_exc()
-    sys.stderr.flush()
-    os._exit(code)
-  deadline = time.time() + 60
-  while True:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-      break
-    if time.time() > deadline:  # an override that was not refused: it started training
-      os.kill(pid, 9)
-      _, status = os.waitpid(pid, 0)
-      break
-    time.sleep(0.01)
-  results.append({'code': os.waitstatus_to_exitcode(status),
-                  'stderr': open(err_path, errors='replace').read()})
-print(json.dumps(results))
-'''
 
 
 @pytest.mark.slow  # dozens of CLI processes
@@ -181,12 +140,7 @@ def test_random_bad_overrides_exit_2_with_one_line(tmp_path):
   assert len(overrides) >= 50
   cases = [['train', '--config', DIGITS_CONFIG, '--workdir', str(tmp_path / f'run{i}'),
             '--config.total_steps=3', override] for i, override in enumerate(overrides)]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-c', DRIVER, json.dumps(cases), str(tmp_path)],
-                        env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  results = cli_in_forks(cases, tmp_path, devices=1)
   # Seed 0's messages are reviewed word for word (tests/messages.py); other
   # seeds (JAXCL_FUZZ_SEED) check the form only.
   reviewed = messages.FUZZ_SEED_0 if seed == 0 else {}

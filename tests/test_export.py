@@ -59,12 +59,10 @@ def test_export_round_trip(tmp_path):
 
 
 @pytest.mark.slow  # a whole CLI run and export
-def test_export_needs_no_dataset(tmp_path):
+def test_export_needs_no_dataset(uninterrupted, tmp_path):
   """What export needs of the data is saved in the workdir: with the dataset
   gone, it writes the same artifact (the same embeddings, the same FILE.json)."""
-  workdir = tmp_path / 'run'
-  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
-        '--config.total_steps=2', '--config.eval.probe_steps=2')
+  workdir = uninterrupted
   with_data, without = tmp_path / 'a' / 'enc.jaxexport', tmp_path / 'b' / 'enc.jaxexport'
   jaxcl('export', '--workdir', str(workdir), '--output', str(with_data))
   moved = copy_without_dataset(workdir, tmp_path / 'moved')

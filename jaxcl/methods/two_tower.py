@@ -30,7 +30,8 @@ class TwoTowerEvalData:
     self.skip_reason = 'the evaluation splits have no labels'
     self.test, _ = dataset.split(d.eval_test_split, with_text=True)
     self.captions = [self.test[i]['captions'] for i in range(len(self.test))]
-    self.zeroshot, self.class_names, self.templates = zeroshot_data(config, dataset, self.test)
+    self.zeroshot, self.class_names, self.templates = zeroshot_data(config, dataset,
+                                                                    with_captions=True)
     self.num_classes = len(self.class_names)
 
   @property
@@ -38,22 +39,23 @@ class TwoTowerEvalData:
     return self.test is not None
 
 
-def zeroshot_data(config, dataset, test_source=None):
+def zeroshot_data(config, dataset, with_captions: bool = False):
   """(labeled source, class names, prompt templates) of zero-shot
   classification: eval.zeroshot_dataset (default: the training dataset) at
   eval.zeroshot_split (default: eval_test_split), read with the training
   dataset's keys; eval.class_names or the label feature's names;
   eval.zeroshot_templates or the dataset's own. No names: zero-shot is
   skipped, unless the user asked for a zero-shot dataset (an error).
-  dataset: the run's jaxcl.data.Dataset (the training data)."""
+  dataset: the run's jaxcl.data.Dataset (the training data). with_captions:
+  when zero-shot reads the retrieval split, open it as retrieval does, so
+  the Dataset hands back the same source and its images are read once."""
   d, e = config.dataset, config.eval
   split = e.zeroshot_split or d.eval_test_split
   zs = ml_collections.ConfigDict(d.to_dict())
   zs.name = e.zeroshot_dataset or d.name
   other = data.Dataset(zs) if zs.name != d.name else dataset
-  source, info = other.split(split)
-  if test_source is not None and zs.name == d.name and split == d.eval_test_split:
-    source = test_source  # the retrieval split: read its images once
+  retrieval_split = zs.name == d.name and split == d.eval_test_split
+  source, info = other.split(split, with_text=with_captions and retrieval_split)
   names = tuple(e.class_names) or info.class_names
   if e.class_names and len(names) != info.num_classes:
     raise errors.ConfigError(f'eval.class_names has {len(names)} names, the labels of '

@@ -1,10 +1,11 @@
-"""The `jaxcl` command: train, eval, export, sweep, report.
+"""The `jaxcl` command: train, eval, export, sweep, report, import.
 
   jaxcl train  --config FILE --workdir DIR [--config.KEY=VALUE ...] [--allow_batch_change]
   jaxcl eval   --workdir DIR
   jaxcl export --workdir DIR --output FILE [--overwrite]
   jaxcl sweep  --config FILE --workdir DIR [--temperatures 0.05,0.1,0.2,0.5,1.0,learnable]
   jaxcl report --workdir DIR
+  jaxcl import SOURCE --output DIR [--tokenizer FILE]
 
 `jaxcl COMMAND --help` lists a command's flags. Several processes (one per
 host or GPU) add --coordinator_address HOST:PORT --num_processes N
@@ -53,6 +54,9 @@ _HEARTBEAT = flags.DEFINE_integer(
 _ALLOW_BATCH_CHANGE = flags.DEFINE_bool(
     'allow_batch_change', False, 'Resume a run with a different global batch_size '
     '(reported, and recorded in the workdir).')
+_TOKENIZER = flags.DEFINE_string(
+    'tokenizer', None, "The source's tokenizer file (CLIP: tokenizer.json or "
+    "bpe_simple_vocab_16e6.txt.gz; SigLIP: its SentencePiece model), when SOURCE lacks it.")
 _TEMPERATURES = flags.DEFINE_string(
     'temperatures', '0.05,0.1,0.2,0.5,1.0,learnable',
     'Comma-separated fixed τ values and/or "learnable".')
@@ -70,7 +74,10 @@ COMMANDS = {
               ('config', 'workdir'), ('temperatures', *MULTI_PROCESS)),
     'report': ('Plots a run or a sweep: DIR/report.html and DIR/report/*.png.',
                ('workdir',), ()),
+    'import': ('Makes a workdir at step 0 from the published CLIP or SigLIP checkpoint in the '
+               'directory SOURCE (open_clip or transformers layout).', ('output',), ('tokenizer',)),
 }
+POSITIONAL = {'import': 'SOURCE'}  # the commands that take one positional argument
 HELP_FLAGS = ('-h', '--help', '-help', '--helpfull', 'help')
 
 
@@ -79,7 +86,9 @@ UsageError = errors.UsageError
 
 def _command_help(command: str) -> str:
   summary, required, optional = COMMANDS[command]
-  lines = [f'usage: jaxcl {command} ' + ' '.join(f'--{f} {f.upper()}' for f in required)
+  lines = [f'usage: jaxcl {command} ' + (f'{POSITIONAL[command]} ' if command in POSITIONAL
+                                        else '')
+           + ' '.join(f'--{f} {f.upper()}' for f in required)
            + (' [--config.KEY=VALUE ...]' if 'config' in required else '')
            + (' [flags]' if optional else ''), '', summary, '', 'flags:']
   for name in (*required, *optional):
@@ -124,7 +133,7 @@ def _check_flags(command: str, args: list[str]) -> None:
                        + ', '.join(f'--{f}' for f in sorted(own)) + ')')
 
 
-def _parse(command: str, args: list[str]) -> None:
+def _parse(command: str, args: list[str]) -> list[str]:
   _check_flags(command, args)
   config = None
   if 'config' in COMMANDS[command][1]:
@@ -148,12 +157,17 @@ def _parse(command: str, args: list[str]) -> None:
                      ) from None
   except (Exception, SystemExit) as e:  # pylint: disable=broad-except  # the config file ran twice
     raise UsageError(f'{type(e).__name__}: {errors.first_line(e)}') from None
-  if positional:
-    raise UsageError(f'jaxcl {command} takes no positional arguments, got '
+  wanted = 1 if command in POSITIONAL else 0
+  if len(positional) > wanted:
+    takes = f'one {POSITIONAL[command]}' if wanted else 'no positional arguments'
+    raise UsageError(f'jaxcl {command} takes {takes}, got '
                      + ' '.join(repr(p) for p in positional))
+  if len(positional) < wanted:
+    raise UsageError(f'jaxcl {command} needs {POSITIONAL[command]}')
   for name in COMMANDS[command][1]:
     if name != 'config' and not flags.FLAGS[name].value:
       raise UsageError(f'--{name} is required')
+  return positional
 
 
 def _check_workdir(path: str, must_exist: bool):
@@ -202,7 +216,7 @@ def run(argv: list[str]) -> int:
   if any(arg in HELP_FLAGS for arg in argv[2:]):
     print(_command_help(command))
     return 0
-  _parse(command, argv[2:])
+  positional = _parse(command, argv[2:])
   workdir = _WORKDIR.value
   _quiet()
 
@@ -233,6 +247,12 @@ def run(argv: list[str]) -> int:
       config_lib.validate(_CONFIG.value)
       train.train_and_evaluate(_CONFIG.value, workdir,
                                allow_batch_change=_ALLOW_BATCH_CHANGE.value)
+    elif command == 'import':
+      from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
+      summary = importer.import_checkpoint(positional[0], _OUTPUT.value, _TOKENIZER.value)
+      print(f'wrote {summary["workdir"]}: {summary["method"]}, {summary["parameters"]:,} '
+            f'parameters, {summary["image_size"]} px images, τ {summary["temperature"]:.4g} '
+            f'(step 0; jaxcl eval / export / train --workdir use it)')
     elif command == 'eval':
       _check_workdir(workdir, must_exist=True)
       from jaxcl import trained  # pylint: disable=g-import-not-at-top

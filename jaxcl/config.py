@@ -97,21 +97,33 @@ def base_config():
       head_layers=2,
       dtype='float32',  # activations; parameters stay float32
       embed_dim=128,  # clip/siglip: the shared embedding size of both towers
-      # ViT sizes (model.name 'vit', or non-zero to override a preset such as vit_b16)
+      # clip/siglip: False when the image tower's output is the embedding (SigLIP's MAP head)
+      image_projection=True,
+      # ViT sizes (model.name 'vit', or non-zero to override a preset such as vit_b16), and
+      # the switches of the published ViTs (jaxcl.transformer; presets.ARCHITECTURES sets them)
       vit=ml_collections.ConfigDict(dict(patch_size=0, width=0, depth=0, heads=0, mlp_dim=0,
-                                         pool='gap')),
+                                         pool='gap',  # or 'cls' (CLIP), 'map' (SigLIP)
+                                         act='gelu_tanh',  # or 'gelu', 'quick_gelu'
+                                         norm_eps=1e-6, pre_norm=False, patch_bias=True)),
   ))
 
   # clip/siglip: the text tower and its tokenizer.
   config.text = ml_collections.ConfigDict(dict(
-      tokenizer='bytes',  # or 'sentencepiece' with a model file:
+      tokenizer='bytes',  # or 'sentencepiece' with a model file, or 'clip_bpe' with a vocab file:
       sentencepiece_model='',
+      vocab_file='',  # open_clip's bpe_simple_vocab_16e6.txt.gz or a CLIP tokenizer.json
+      pad_id=-1,  # -1: the tokenizer's own; SigLIP's (c4_en) pads with its EOS, 1
+      normalize='',  # sentencepiece: 'siglip' canonicalizes text as SiglipTokenizer
       max_length=64,  # tokens, end-of-text included
       width=256,
       depth=4,
       heads=4,
       mlp_dim=1024,
       causal=True,  # CLIP's text tower is causal; False: bidirectional
+      pool='eot',  # pooled at the end-of-text token; 'last': the last position (SigLIP)
+      act='gelu_tanh',  # or 'gelu', 'quick_gelu'
+      norm_eps=1e-6,
+      projection_bias=False,  # SigLIP's text head has one
   ))
 
   # How the global-batch loss is computed (values and gradients agree):
@@ -182,6 +194,12 @@ KEYS_ADDED_LATER = {
     'loss.impl': 'dense', 'loss.block_size': 1024, 'mesh.fsdp': 1,
     'temperature.warmup_steps': 0, 'temperature.lr_multiplier': 1.0, 'temperature.period': 0,
     'nonfinite': 'stop',
+    # Published architectures (2026-12-01): jaxcl's own towers are these defaults.
+    'model.image_projection': True, 'model.vit.act': 'gelu_tanh', 'model.vit.norm_eps': 1e-6,
+    'model.vit.pre_norm': False, 'model.vit.patch_bias': True, 'text.pool': 'eot',
+    'text.act': 'gelu_tanh', 'text.norm_eps': 1e-6, 'text.projection_bias': False,
+    # Published tokenizers: earlier runs had bytes or SentencePiece with its own pad.
+    'text.vocab_file': '', 'text.pad_id': -1, 'text.normalize': '',
 }
 
 
@@ -279,4 +297,7 @@ def load_saved(workdir):
   if (epath.Path(workdir) / files.SENTENCEPIECE_FILE).exists():
     # The run's copy of the SentencePiece model, wherever the original went.
     config.text.sentencepiece_model = str(epath.Path(workdir) / files.SENTENCEPIECE_FILE)
+  for name in files.CLIP_BPE_FILES:  # likewise its CLIP BPE vocabulary
+    if (epath.Path(workdir) / name).exists():
+      config.text.vocab_file = str(epath.Path(workdir) / name)
   return config

@@ -68,6 +68,20 @@ class Experiment:
                       opt_state=self.optimizer.init(params),
                       rng=jax.random.key_data(rng_streams(self.config.seed)['augment']))
 
+  def state_from_params(self, params) -> TrainState:
+    """Step 0 with `params` (the model's nnx.State of parameters, e.g. a
+    published checkpoint's): a fresh optimizer state and RNG; the model
+    must have no batch statistics."""
+    abstract = jax.eval_shape(self._new_state)
+    if jax.tree.leaves(abstract.batch_stats):
+      raise ValueError('a model with batch statistics cannot start from parameters alone')
+    make = jax.jit(lambda p: TrainState(
+        step=jnp.int32(0), params=p, batch_stats=abstract.batch_stats,
+        opt_state=self.optimizer.init(p),
+        rng=jax.random.key_data(rng_streams(self.config.seed)['augment'])),
+                   out_shardings=self.state_sharding, donate_argnums=0)
+    return make(params)  # donated: the parameters are not held twice
+
   @functools.cached_property
   def state_sharding(self):
     """The state's layout: replicated, or with FSDP its large arrays split

@@ -24,6 +24,9 @@ SWEEP_JSON, SWEEP_CSV, SWEEP_PNG = 'sweep.json', 'sweep.csv', 'sweep.png'  # jax
 SWEEP_FILES = (SWEEP_JSON, SWEEP_CSV, SWEEP_PNG)
 TOKENIZER_FILE = 'tokenizer.json'  # two towers: the tokenizer's spec
 SENTENCEPIECE_FILE = 'tokenizer.model'  # and its SentencePiece model, if any
+# or its CLIP BPE vocabulary, as given: open_clip's merges or a Hugging Face tokenizer.json
+CLIP_BPE_GZ_FILE, CLIP_BPE_JSON_FILE = 'tokenizer.bpe.txt.gz', 'tokenizer.bpe.json'
+CLIP_BPE_FILES = (CLIP_BPE_GZ_FILE, CLIP_BPE_JSON_FILE)
 DATA_FACTS_FILE = 'data_facts.json'  # what export needs of the data (jaxcl.run_files)
 UNRESTORABLE_DIR = 'unrestorable_checkpoints'  # checkpoints set aside (jaxcl.checkpoints)
 LOCK_DIR = 'jaxcl.lock'  # held by the run in progress (jaxcl.lock)
@@ -33,8 +36,8 @@ REPORT_DIR, REPORT_FILE = 'report', 'report.html'
 # else, `jaxcl export --output` included, may write there under these names.
 WORKDIR_NAMES = frozenset({
     CONFIG_FILE, EVAL_FILE, METRICS_FILE, CHECKPOINT_DIR, BATCH_HISTORY_FILE,
-    SKIPPED_IMAGES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE, LOCK_DIR,
-    DATA_FACTS_FILE, UNRESTORABLE_DIR, REPORT_DIR, REPORT_FILE, WALL_FILE})
+    SKIPPED_IMAGES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE, *CLIP_BPE_FILES,
+    LOCK_DIR, DATA_FACTS_FILE, UNRESTORABLE_DIR, REPORT_DIR, REPORT_FILE, WALL_FILE})
 
 
 def text_artifact_path(output) -> epath.Path:
@@ -45,8 +48,14 @@ def text_artifact_path(output) -> epath.Path:
 
 def sentencepiece_artifact_path(output) -> epath.Path:
   """Where a two-tower export with a SentencePiece tokenizer copies its model."""
+  return tokenizer_artifact_path(output, SENTENCEPIECE_FILE)
+
+
+def tokenizer_artifact_path(output, name: str) -> epath.Path:
+  """Where a two-tower export copies the tokenizer's file `name` (SENTENCEPIECE_FILE,
+  one of CLIP_BPE_FILES): FILE's stem + '.' + name."""
   output = epath.Path(output)
-  return output.with_name(output.stem + '.tokenizer.model')
+  return output.with_name(f'{output.stem}.{name}')
 
 
 def write_atomically(path, data: str | bytes) -> None:

@@ -2,8 +2,7 @@
 
 Image towers: ResNet-18/34/50 (He et al.) with an optional CIFAR-style stem
 (3x3 stride-1 conv, no max-pool) for small images, and ViT (Dosovitskiy et
-al.) with the S/16 and B/16 presets. Text tower: a Transformer encoder over
-token ids, causal (CLIP) or bidirectional, pooled at the end-of-text token.
+al.; jaxcl.transformer, with the text tower).
 
 The methods (jaxcl.methods) assemble them:
 - SimCLRModel: image encoder + SimCLR's MLP head + temperature.
@@ -24,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcl.presets import IMAGE_TOWERS, RESNETS, VIT_NAMES, vit_sizes
 from jaxcl.temperature import Temperature
-
-from jaxcl.presets import IMAGE_TOWERS, RESNETS, VITS, vit_sizes  # noqa: E402,F401  (re-exported)
+from jaxcl.transformer import TextTransformer, ViT
 
 _BN_MOMENTUM = 0.9  # the value of SimCLR's and torchvision's BN
 
@@ -149,127 +148,6 @@ class SimCLRModel(nnx.Module):
     return l2_normalize(self.head(self.encoder(images)))
 
 
-# ========================================================== transformers ====
-
-_dense_init = nnx.initializers.xavier_uniform()
-
-
-class Attention(nnx.Module):
-  """Multi-head self-attention: x [b, t, width] -> [b, t, width].
-
-  Computed by `jax.nn.dot_product_attention` (its XLA implementation, which
-  runs on every platform); key padding is given as per-row lengths, the form
-  its fused kernels take too.
-  """
-
-  def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype):
-    if width % heads:
-      raise ValueError(f'transformer width {width} is not divisible by {heads} heads')
-    self.heads = heads
-    self.qkv = nnx.Linear(width, 3 * width, kernel_init=_dense_init, dtype=dtype, rngs=rngs)
-    self.out = nnx.Linear(width, width, kernel_init=_dense_init, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x, *, causal: bool = False, lengths=None):
-    b, t, width = x.shape
-    q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.heads, width // self.heads), 3, axis=2)
-    y = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths)
-    return self.out(y.reshape(b, t, width))
-
-
-class TransformerBlock(nnx.Module):
-  """Pre-LayerNorm block: x + attention(LN(x)), then x + MLP(LN(x))."""
-
-  def __init__(self, width: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype):
-    self.norm1 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
-    self.attention = Attention(width, heads, rngs=rngs, dtype=dtype)
-    self.norm2 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
-    self.mlp_in = nnx.Linear(width, mlp_dim, kernel_init=_dense_init,
-                             bias_init=nnx.initializers.normal(1e-6), dtype=dtype, rngs=rngs)
-    self.mlp_out = nnx.Linear(mlp_dim, width, kernel_init=_dense_init,
-                              bias_init=nnx.initializers.normal(1e-6), dtype=dtype, rngs=rngs)
-
-  def __call__(self, x, *, causal: bool = False, lengths=None):
-    x = x + self.attention(self.norm1(x), causal=causal, lengths=lengths)
-    return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm2(x))))
-
-
-class ViT(nnx.Module):
-  """images [b, H, W, C] float -> features [b, width] float32.
-
-  Patches of p x p pixels are embedded by a strided convolution, a learned
-  position embedding is added, and the final LayerNorm's output is pooled:
-  the mean over patches ('gap', big_vision's SigLIP default without a MAP
-  head) or a class token ('cls', CLIP's).
-  """
-
-  def __init__(self, *, image_size: int, in_channels: int, patch_size: int, width: int,
-               depth: int, heads: int, mlp_dim: int, pool: str = 'gap', rngs: nnx.Rngs,
-               dtype=jnp.float32):
-    if image_size % patch_size:
-      raise ValueError(f'image size {image_size} is not divisible by the patch size {patch_size}')
-    if pool not in ('gap', 'cls'):
-      raise ValueError(f"ViT pool must be 'gap' or 'cls', got {pool!r}")
-    self.pool, self.num_features = pool, width
-    self.patchify = nnx.Conv(in_channels, width, (patch_size, patch_size), strides=patch_size,
-                             padding='VALID', dtype=dtype, rngs=rngs)
-    num_tokens = (image_size // patch_size) ** 2 + (pool == 'cls')
-    self.position = nnx.Param(nnx.initializers.normal(width ** -0.5)(rngs.params(),
-                                                                   (1, num_tokens, width)))
-    self.cls = nnx.Param(jnp.zeros((1, 1, width))) if pool == 'cls' else None
-    self.blocks = nnx.List([TransformerBlock(width, heads, mlp_dim, rngs=rngs, dtype=dtype)
-                            for _ in range(depth)])
-    self.norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x):
-    x = self.patchify(x)
-    b, h, w, width = x.shape
-    x = x.reshape(b, h * w, width)
-    if self.cls is not None:
-      x = jnp.concatenate([jnp.broadcast_to(self.cls[...].astype(x.dtype), (b, 1, width)), x], 1)
-    x = x + self.position[...].astype(x.dtype)
-    for block in self.blocks:
-      x = block(x)
-    x = self.norm(x)
-    pooled = x[:, 0] if self.pool == 'cls' else jnp.mean(x, axis=1)
-    return pooled.astype(jnp.float32)
-
-
-def end_of_text(ids, eot_id: int):
-  """The position of the first end-of-text token in each row of ids [b, L]
-  (the last position if a row has none) -> int32 [b]."""
-  is_eot = ids == eot_id
-  return jnp.where(jnp.any(is_eot, axis=1), jnp.argmax(is_eot, axis=1),
-                   ids.shape[1] - 1).astype(jnp.int32)
-
-
-class TextTransformer(nnx.Module):
-  """Token ids int32 [b, L] -> features [b, width] float32, pooled at the
-  end-of-text token.
-
-  Causal (CLIP) or bidirectional attention; keys after the end-of-text token
-  are masked either way, so padding never changes a caption's embedding.
-  """
-
-  def __init__(self, *, vocab_size: int, max_length: int, eot_id: int, width: int, depth: int,
-               heads: int, mlp_dim: int, causal: bool, rngs: nnx.Rngs, dtype=jnp.float32):
-    self.eot_id, self.causal, self.num_features = eot_id, causal, width
-    self.embed = nnx.Embed(vocab_size, width, embedding_init=nnx.initializers.normal(0.02),
-                           dtype=dtype, rngs=rngs)
-    self.position = nnx.Param(nnx.initializers.normal(0.01)(rngs.params(), (1, max_length, width)))
-    self.blocks = nnx.List([TransformerBlock(width, heads, mlp_dim, rngs=rngs, dtype=dtype)
-                            for _ in range(depth)])
-    self.norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
-
-  def __call__(self, ids):
-    eot = end_of_text(ids, self.eot_id)
-    x = self.embed(ids)
-    x = x + self.position[...][:, :ids.shape[1]].astype(x.dtype)
-    for block in self.blocks:
-      x = block(x, causal=self.causal, lengths=eot + 1)
-    x = self.norm(x)
-    return jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-
-
 class LogitBias(nnx.Module):
   """SigLIP's learnable logit bias b (a scalar parameter, init -10)."""
 
@@ -286,20 +164,30 @@ class TwoTowerModel(nnx.Module):
   `embed_image(images)` [b, H, W, C] -> [b, D] and `embed_text(ids)` [b, L]
   -> [b, D] give L2-normalized embeddings; `embed` is `embed_image` (the
   image embedder that evaluation and export use). `bias` is None for CLIP.
+  image_projection=False: the image tower's features are the embedding
+  (SigLIP's MAP head ends in the shared space); text_projection_bias: the
+  text projection has a bias (SigLIP's text head).
   """
 
   def __init__(self, *, image_encoder, text_encoder: TextTransformer, embed_dim: int,
-               temperature: Temperature, bias: LogitBias | None, rngs: nnx.Rngs):
+               temperature: Temperature, bias: LogitBias | None, rngs: nnx.Rngs,
+               image_projection: bool = True, text_projection_bias: bool = False):
     self.image_encoder, self.text_encoder = image_encoder, text_encoder
     proj_init = lambda width: nnx.initializers.normal(width ** -0.5)
-    self.image_proj = nnx.Linear(image_encoder.num_features, embed_dim, use_bias=False,
-                                 kernel_init=proj_init(image_encoder.num_features), rngs=rngs)
-    self.text_proj = nnx.Linear(text_encoder.num_features, embed_dim, use_bias=False,
+    if not image_projection and image_encoder.num_features != embed_dim:
+      raise ValueError(f'without an image projection the image features '
+                       f'({image_encoder.num_features}) must have model.embed_dim ({embed_dim})')
+    self.image_proj = (nnx.Linear(image_encoder.num_features, embed_dim, use_bias=False,
+                                  kernel_init=proj_init(image_encoder.num_features), rngs=rngs)
+                       if image_projection else None)
+    self.text_proj = nnx.Linear(text_encoder.num_features, embed_dim,
+                                use_bias=text_projection_bias,
                                 kernel_init=proj_init(text_encoder.num_features), rngs=rngs)
     self.temperature, self.bias = temperature, bias
 
   def embed_image(self, images):
-    return l2_normalize(self.image_proj(self.image_encoder(images)))
+    features = self.image_encoder(images)
+    return l2_normalize(features if self.image_proj is None else self.image_proj(features))
 
   def embed_text(self, ids):
     return l2_normalize(self.text_proj(self.text_encoder(ids)))
@@ -320,8 +208,10 @@ def build_image_encoder(m, in_channels: int, image_size: int, rngs: nnx.Rngs):
       stages = tuple(m.stage_sizes)
     return ResNet(block=block, stage_sizes=stages, in_channels=in_channels, width=m.width,
                   small_images=m.small_images, rngs=rngs, dtype=dtype)
-  if m.name in VITS or m.name == 'vit':
-    return ViT(image_size=image_size, in_channels=in_channels, pool=m.vit.pool, rngs=rngs,
+  if m.name in VIT_NAMES:
+    v = m.vit
+    return ViT(image_size=image_size, in_channels=in_channels, pool=v.pool, act=v.act,
+               norm_eps=v.norm_eps, pre_norm=v.pre_norm, patch_bias=v.patch_bias, rngs=rngs,
                dtype=dtype, **vit_sizes(m))
   raise ValueError(f'unknown model.name {m.name!r}; choose one of {list(IMAGE_TOWERS)}')
 

@@ -2,25 +2,38 @@
 
 Every encoded row has the same layout, whichever tokenizer made it:
 
-  content tokens, exactly one end-of-text token (``eot_id``), then ``pad_id``
-  up to ``max_length``.
+  a start-of-text token (``sot_id``) if the tokenizer has one (else None),
+  content tokens, one end-of-text token (``eot_id``), then ``pad_id`` up to
+  ``max_length``.
 
-The text model pools at the first ``eot_id`` of each row and masks everything
-after it, so the EOT must be in every row, the empty string included.
-Truncation therefore keeps the first ``max_length - 1`` content tokens (CLIP's
-rule), and the pad value only has to be a valid id: it is never attended to.
+The text model finds each row's end at its first ``eot_id``, so the EOT must be
+in every row, the empty string included, and content never produces one.
+Truncation therefore keeps the first ``max_length - 1`` content tokens
+(``max_length - 2`` after a start token): open_clip's rule, big_vision's
+"sticky" EOS. For the layout the pad value only has to be a valid id, but a
+published model that attends to its pads (SigLIP, pooled at the last position)
+needs its own: SigLIP pads with its EOS. The first EOT is then still the one
+after the content.
 
 Tokenizers:
   bytes: dependency-free default. UTF-8 bytes, byte b -> b + 2, pad 0, EOT 1,
     258 ids. Content can never produce an EOT.
   sentencepiece: a trained SentencePiece model; EOT is the model's EOS (never
     produced from text, as it is a control symbol), pad is its pad id, or 0.
+    normalize='siglip' first canonicalizes text as transformers' SiglipTokenizer
+    does; with pad_id=1 (the EOS of Google's c4_en model) the rows are
+    SiglipTokenizer's (padding='max_length', truncation=True).
+  clip_bpe: CLIP's byte-level BPE (jaxcl.clip_bpe) from a vocabulary file, id
+    for id as open_clip: SOT <|startoftext|>, EOT <|endoftext|> (49406, 49407),
+    pad 0 (transformers' CLIPTokenizer pads with the EOT: pad_id=49407).
+
+pad_id (-1: the tokenizer's own) sets the pad of sentencepiece and clip_bpe.
 
 ``save(directory)`` writes ``tokenizer.json`` (the ``spec()``) and any file the
 tokenizer needs, and ``load_tokenizer(directory)`` rebuilds it, so a workdir or
 an export carries the exact tokenizer its model was trained with and the same
-ids come out later. The SentencePiece spec includes the model's SHA-256 so a
-swapped model file is caught rather than silently giving different ids.
+ids come out later. The SentencePiece and CLIP BPE specs include their file's
+SHA-256 so a swapped file is caught rather than silently giving different ids.
 """
 
 from __future__ import annotations
@@ -30,15 +43,18 @@ import functools
 import hashlib
 import itertools
 import json
+import re
+import string
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from etils import epath
 
-from jaxcl import files, presets
+from jaxcl import clip_bpe, files, presets
 
 TOKENIZERS = presets.TOKENIZERS
+NORMALIZERS = presets.TEXT_NORMALIZERS
 SPEC_FILE = files.TOKENIZER_FILE
 SENTENCEPIECE_FILE = files.SENTENCEPIECE_FILE
 
@@ -50,6 +66,7 @@ class Tokenizer(abc.ABC):
   max_length: int
   pad_id: int
   eot_id: int
+  sot_id: int | None = None
 
   @abc.abstractmethod
   def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -108,12 +125,17 @@ class ByteTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-  """A SentencePiece model; EOT is its EOS id, pad its pad id (or 0 if it has none)."""
+  """A SentencePiece model; EOT is its EOS id, pad its pad id (or 0 if it has none) unless
+  `pad_id` >= 0; `normalize`: '' (text as it is) or 'siglip'."""
 
-  def __init__(self, model_file: str | epath.PathLike, max_length: int):
+  def __init__(self, model_file: str | epath.PathLike, max_length: int, pad_id: int = -1,
+               normalize: str = ''):
     import sentencepiece  # Optional dependency: only this tokenizer needs it.
 
     self.max_length = _check_max_length(max_length)
+    if normalize not in NORMALIZERS:
+      raise ValueError(f'text.normalize must be one of {NORMALIZERS}, got {normalize!r}')
+    self.normalize = normalize
     # Kept so save() can copy the model wherever the tokenizer goes.
     self.model_bytes = epath.Path(model_file).read_bytes()
     self._sp = sentencepiece.SentencePieceProcessor(model_proto=self.model_bytes)
@@ -121,14 +143,17 @@ class SentencePieceTokenizer(Tokenizer):
       raise ValueError(f'SentencePiece model {model_file} has no EOS id, which the text model '
                        'needs as its end-of-text token; train it with eos_id >= 0')
     self.eot_id = self._sp.eos_id()
-    # Pads are never attended to, so any valid id will do; 0 unless that is the EOT, whose
-    # first occurrence must stay the one after the content.
-    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else int(self.eot_id == 0)
     self.vocab_size = self._sp.get_piece_size()
+    # By default the model's pad id, or 0 (1 where 0 is the EOT: a masked pad need only
+    # be valid, and not end the content early).
+    self.pad_id = _pad_id(pad_id, self._sp.pad_id() if self._sp.pad_id() >= 0
+                          else int(self.eot_id == 0), self.vocab_size)
 
   def encode(self, texts: Sequence[str]) -> np.ndarray:
-    pieces = [p[:self.max_length - 1]
-              for p in self._sp.encode(list(_check_texts(texts)), out_type=int)]
+    texts = list(_check_texts(texts))
+    if self.normalize == 'siglip':
+      texts = [_siglip_canonical(t) for t in texts]
+    pieces = [p[:self.max_length - 1] for p in self._sp.encode(texts, out_type=int)]
     content = np.fromiter(itertools.chain.from_iterable(pieces), np.int32)
     return _pack(content, [len(p) for p in pieces], self.max_length, self.pad_id, self.eot_id)
 
@@ -137,36 +162,115 @@ class SentencePieceTokenizer(Tokenizer):
 
   def spec(self) -> dict[str, Any]:
     # model_file is relative to the directory save() writes.
-    return {'type': 'sentencepiece', 'model_file': SENTENCEPIECE_FILE,
+    spec = {'type': 'sentencepiece', 'model_file': SENTENCEPIECE_FILE,
             'sha256': hashlib.sha256(self.model_bytes).hexdigest(),
             'max_length': self.max_length, 'pad_id': self.pad_id, 'eot_id': self.eot_id,
             'vocab_size': self.vocab_size}
+    if self.normalize:  # only then: tokenizer.json files written before it stay valid
+      spec['normalize'] = self.normalize
+    return spec
 
   def _save_files(self, directory: epath.Path) -> None:
     files.write_atomically(directory / SENTENCEPIECE_FILE, self.model_bytes)
 
 
+_NO_PUNCTUATION = str.maketrans('', '', string.punctuation)
+
+
+def _siglip_canonical(text: str) -> str:
+  """transformers' SiglipTokenizer's text (big_vision's canonicalize_text): lower case,
+  ASCII punctuation dropped, whitespace runs as one space, stripped. It also reads
+  SentencePiece's space mark as a space."""
+  text = text.replace('\u2581', ' ').lower().translate(_NO_PUNCTUATION)
+  return re.sub(r'\s+', ' ', text).strip()
+
+
+class ClipBpeTokenizer(Tokenizer):
+  """CLIP's byte-level BPE (jaxcl.clip_bpe): SOT, content, EOT, then pads (0 as open_clip,
+  unless `pad_id` >= 0)."""
+
+  def __init__(self, vocab_file: str | epath.PathLike, max_length: int, pad_id: int = -1):
+    self.max_length = _check_max_length(max_length)
+    # Kept so save() can copy the vocabulary wherever the tokenizer goes.
+    self.vocab_bytes = epath.Path(vocab_file).read_bytes()
+    self._bpe = clip_bpe.ClipBpe(self.vocab_bytes, str(vocab_file))
+    self.sot_id, self.eot_id = self._bpe.sot_id, self._bpe.eot_id
+    self.vocab_size = self._bpe.vocab_size
+    self.pad_id = _pad_id(pad_id, 0, self.vocab_size)
+    # The copy keeps the file's form, which its content, not its name, told.
+    self.vocab_name = (files.CLIP_BPE_GZ_FILE if self._bpe.kind == 'gz'
+                       else files.CLIP_BPE_JSON_FILE)
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray:
+    pieces = [p[:self.max_length - 2] for p in self._bpe.encode(_check_texts(texts))]
+    content = np.fromiter(itertools.chain.from_iterable(pieces), np.int32)
+    return _pack(content, [len(p) for p in pieces], self.max_length, self.pad_id, self.eot_id,
+                 self.sot_id)
+
+  def decode(self, ids: Any) -> list[str]:
+    return [self._bpe.decode(row) for row in _rows_up_to_eot(ids, self.eot_id)]
+
+  def spec(self) -> dict[str, Any]:
+    # vocab_file is relative to the directory save() writes.
+    return {'type': 'clip_bpe', 'vocab_file': self.vocab_name,
+            'sha256': hashlib.sha256(self.vocab_bytes).hexdigest(),
+            'max_length': self.max_length, 'pad_id': self.pad_id, 'sot_id': self.sot_id,
+            'eot_id': self.eot_id, 'vocab_size': self.vocab_size}
+
+  def _save_files(self, directory: epath.Path) -> None:
+    files.write_atomically(directory / self.vocab_name, self.vocab_bytes)
+
+
 def build_tokenizer(text_cfg: Any) -> Tokenizer:
-  """The tokenizer `text_cfg` names (fields tokenizer, sentencepiece_model, max_length)."""
+  """The tokenizer `text_cfg` names (fields tokenizer, max_length and, as it needs them,
+  sentencepiece_model, vocab_file, pad_id, normalize; one absent takes its default)."""
   name = text_cfg.tokenizer
+  pad_id, normalize = getattr(text_cfg, 'pad_id', -1), getattr(text_cfg, 'normalize', '')
+  if name not in TOKENIZERS:
+    raise ValueError(f'text.tokenizer must be one of {TOKENIZERS}, got {name!r}')
+  if normalize not in NORMALIZERS:
+    raise ValueError(f'text.normalize must be one of {NORMALIZERS}, got {normalize!r}')
+  if normalize and name != 'sentencepiece':
+    raise ValueError(f'text.normalize={normalize} is for text.tokenizer=sentencepiece, '
+                     f'not {name}')
   if name == 'bytes':
+    if pad_id != -1:
+      raise ValueError(f'text.pad_id is for sentencepiece and clip_bpe; bytes pads with 0, '
+                       f'got text.pad_id={pad_id}')
     return ByteTokenizer(text_cfg.max_length)
   if name == 'sentencepiece':
-    model = getattr(text_cfg, 'sentencepiece_model', None)
-    if not model:
-      raise ValueError('text.tokenizer=sentencepiece needs text.sentencepiece_model (a path)')
-    if not epath.Path(model).is_file():
-      raise ValueError(f'text.sentencepiece_model {model} does not exist')
-    # Validation and set-up both build it: the model file is read once.
-    stat = epath.Path(model).stat()
-    return _sentencepiece(str(model), text_cfg.max_length, (stat.mtime, stat.length))
-  raise ValueError(f'text.tokenizer must be one of {TOKENIZERS}, got {name!r}')
+    model = _existing_file(text_cfg, 'sentencepiece_model', name, 'a path')
+    return _cached(SentencePieceTokenizer, 'sentencepiece_model', model, text_cfg.max_length,
+                   pad_id, normalize, version=_version(model))
+  vocab = _existing_file(text_cfg, 'vocab_file', name,
+                         "open_clip's bpe_simple_vocab_16e6.txt.gz or a tokenizer.json")
+  return _cached(ClipBpeTokenizer, 'vocab_file', vocab, text_cfg.max_length, pad_id,
+                 version=_version(vocab))
+
+
+def _existing_file(text_cfg: Any, field: str, tokenizer: str, what: str) -> str:
+  path = getattr(text_cfg, field, None)
+  if not path:
+    raise ValueError(f'text.tokenizer={tokenizer} needs text.{field} ({what})')
+  if not epath.Path(path).is_file():
+    raise ValueError(f'text.{field} {path} does not exist')
+  return str(path)
+
+
+def _version(path: str) -> tuple:
+  stat = epath.Path(path).stat()
+  return stat.mtime, stat.length
 
 
 @functools.lru_cache(maxsize=4)
-def _sentencepiece(model: str, max_length: int, version) -> SentencePieceTokenizer:
-  del version  # (mtime, size), in the cache key: a model file rewritten is read again
-  return SentencePieceTokenizer(model, max_length)
+def _cached(cls, field: str, path: str, *args, version) -> Tokenizer:
+  """Validation and set-up both build the tokenizer: its file is read once. `version`
+  ((mtime, size), in the cache key): a file rewritten is read again."""
+  del version
+  try:
+    return cls(path, *args)
+  except OSError as e:
+    raise ValueError(f'text.{field} {path} cannot be read: {e}') from None
 
 
 def load_tokenizer(directory: str | epath.PathLike) -> Tokenizer:
@@ -176,7 +280,11 @@ def load_tokenizer(directory: str | epath.PathLike) -> Tokenizer:
   if spec.get('type') == 'bytes':
     tokenizer = ByteTokenizer(spec['max_length'])
   elif spec.get('type') == 'sentencepiece':
-    tokenizer = SentencePieceTokenizer(directory / spec['model_file'], spec['max_length'])
+    tokenizer = SentencePieceTokenizer(directory / spec['model_file'], spec['max_length'],
+                                       spec['pad_id'], spec.get('normalize', ''))
+  elif spec.get('type') == 'clip_bpe':
+    tokenizer = ClipBpeTokenizer(directory / spec['vocab_file'], spec['max_length'],
+                                 spec['pad_id'])
   else:
     raise ValueError(f'{directory / SPEC_FILE}: unknown tokenizer type {spec.get("type")!r}')
   # Same ids later or an error: the rebuilt tokenizer must describe itself identically.
@@ -199,14 +307,27 @@ def _check_texts(texts: Sequence[str]) -> Sequence[str]:
   return texts
 
 
+def _pad_id(pad_id: int, default: int, vocab_size: int) -> int:
+  if pad_id == -1:
+    return default
+  if int(pad_id) != pad_id or not 0 <= pad_id < vocab_size:
+    raise ValueError(f"text.pad_id must be -1 (the tokenizer's own) or an id in "
+                     f'[0, {vocab_size}), got {pad_id}')
+  return int(pad_id)
+
+
 def _pack(content: np.ndarray, lengths: Sequence[int], max_length: int, pad_id: int,
-          eot_id: int) -> np.ndarray:
+          eot_id: int, sot_id: int | None = None) -> np.ndarray:
   """Lays out rows: content [sum(lengths)] (already truncated) -> int32 [n, max_length]."""
   lengths = np.asarray(lengths, np.int64)
   out = np.full((len(lengths), max_length), pad_id, np.int32)
+  start = int(sot_id is not None)
+  if sot_id is not None:
+    out[:, 0] = sot_id
   # Boolean indexing fills row-major, i.e. each row's content in order.
-  out[np.arange(max_length) < lengths[:, None]] = content
-  out[np.arange(len(lengths)), lengths] = eot_id
+  positions = np.arange(max_length) - start
+  out[(positions >= 0) & (positions < lengths[:, None])] = content
+  out[np.arange(len(lengths)), start + lengths] = eot_id
   return out
 
 

@@ -103,7 +103,7 @@ def _validate(config, num_devices, process_count, check_data) -> None:
   method = methods.get(config.method)  # ConfigError for an unknown name
   check(config.model.name in presets.IMAGE_TOWERS,
          f'model.name must be one of {list(presets.IMAGE_TOWERS)}, got {config.model.name!r}')
-  if config.model.name in presets.VITS or config.model.name == 'vit':
+  if config.model.name in presets.VIT_NAMES:
     _check_vit(config.model, config.augment.image_size)
   method.check_config(config)
   check(config.optimizer.name in presets.OPTIMIZERS,
@@ -176,6 +176,8 @@ _RANGES = tuple((key,) + rule for key, rule in (
     ('model.head_out', _positive_int),
     ('model.head_layers', _positive_int),
     ('model.embed_dim', _positive_int),
+    ('model.vit.norm_eps', _positive),
+    ('text.norm_eps', _positive),
     ('optimizer.weight_decay', _non_negative),
     ('optimizer.momentum', _fraction),
     ('optimizer.b1', _fraction),
@@ -203,7 +205,10 @@ def _check_vit(m, image_size):
   check(image_size % sizes['patch_size'] == 0,
          f'augment.image_size {image_size} is not divisible by the ViT patch size '
          f'{sizes["patch_size"]}')
-  check(v.pool in ('gap', 'cls'), f"model.vit.pool must be 'gap' or 'cls', got {v.pool!r}")
+  check(v.pool in presets.VIT_POOLS, f'model.vit.pool must be one of {presets.VIT_POOLS}, '
+                                     f'got {v.pool!r}')
+  check(v.act in presets.ACTIVATIONS, f'model.vit.act must be one of {presets.ACTIVATIONS}, '
+                                      f'got {v.act!r}')
 
 
 def _check_dataset(d):

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxcl import augment, data, errors, evaluate, files, models, tokenizers
+from jaxcl import augment, data, errors, evaluate, files, models, presets, tokenizers
 from jaxcl.methods import base
 
 
@@ -91,6 +91,17 @@ class TwoTower(base.Method):
                  f'text.width {x.width} is not divisible by text.heads {x.heads}')
     errors.check(config.model.embed_dim > 0,
                  f'model.embed_dim must be > 0, got {config.model.embed_dim}')
+    errors.check(x.pool in presets.TEXT_POOLS,
+                 f'text.pool must be one of {presets.TEXT_POOLS}, got {x.pool!r}')
+    errors.check(x.act in presets.ACTIVATIONS,
+                 f'text.act must be one of {presets.ACTIVATIONS}, got {x.act!r}')
+    if not config.model.image_projection:
+      features = (presets.vit_sizes(config.model)['width']
+                  if config.model.name in presets.VIT_NAMES else None)
+      errors.check(features == config.model.embed_dim,
+                   f'model.image_projection=False needs a ViT whose width equals '
+                   f'model.embed_dim ({config.model.embed_dim}), got {config.model.name} '
+                   f'with width {features}')
     try:
       tokenizers.build_tokenizer(x)
     except (ValueError, RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError
@@ -111,11 +122,14 @@ class TwoTower(base.Method):
     text_encoder = models.TextTransformer(
         vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length,
         eot_id=tokenizer.eot_id, width=x.width, depth=x.depth, heads=x.heads, mlp_dim=x.mlp_dim,
-        causal=x.causal, rngs=rngs, dtype=models.activation_dtype(m))
+        causal=x.causal, pool=x.pool, act=x.act, norm_eps=x.norm_eps, rngs=rngs,
+        dtype=models.activation_dtype(m))
     return models.TwoTowerModel(image_encoder=image_encoder, text_encoder=text_encoder,
                                 embed_dim=m.embed_dim,
                                 temperature=models.build_temperature(config),
-                                bias=self.make_bias(config), rngs=rngs)
+                                bias=self.make_bias(config), rngs=rngs,
+                                image_projection=m.image_projection,
+                                text_projection_bias=x.projection_bias)
 
   def model_inputs(self, key, batch, config):
     # One light crop per image; the caption is the other "view".

@@ -1,0 +1,187 @@
+"""`jaxcl import SOURCE --output WORKDIR`: a published checkpoint as a jaxcl
+workdir at step 0 (config, tokenizer, data facts, an orbax checkpoint),
+which `jaxcl eval`, `jaxcl export`, training and `init.from` all use.
+
+Every check runs before anything is written, and the workdir is assembled
+under a temporary name and renamed into place: a failed import leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import uuid
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from jaxcl import checkpoints, config as config_lib, data, errors, run_files
+from jaxcl import tokenizers
+from jaxcl.hub import open_clip_layout, tensors as t, transformers_layout
+
+LAYOUTS = (open_clip_layout, transformers_layout)
+DEFAULT_DATASET = 'captioned_shapes'  # embedded: `jaxcl eval` runs on an import as it is
+
+
+def param_path(key_path) -> str:
+  """'image_encoder/blocks/0/attention/qkv/kernel' of a jax key path into
+  an nnx.State of parameters."""
+  parts = [str(getattr(k, 'key', getattr(k, 'idx', ''))) for k in key_path
+           if not isinstance(k, jax.tree_util.GetAttrKey)]
+  return '/'.join(parts)
+
+
+def _layout(source: epath.Path):
+  if not source.is_dir():
+    if source.suffix in t.TORCH_FILES:
+      raise t.SourceError(t.torch_file_message(source))
+    raise t.SourceError(f'{source} is not a directory holding a checkpoint (open_clip: '
+                        f'{open_clip_layout.CONFIG}; transformers: {transformers_layout.CONFIG})')
+  for layout in LAYOUTS:
+    if layout.matches(source):
+      if not layout.weights(source).exists():
+        torch_files = [p for p in source.iterdir() if p.suffix in t.TORCH_FILES]
+        if torch_files:
+          raise t.SourceError(t.torch_file_message(torch_files[0]))
+        raise t.SourceError(f'{source} has no {layout.weights(source).name}')
+      return layout
+  raise t.SourceError(f'{source} holds no checkpoint jaxcl knows: neither '
+                      f'{open_clip_layout.CONFIG} (open_clip) nor a CLIP or SigLIP '
+                      f'{transformers_layout.CONFIG} (transformers)')
+
+
+TOKENIZER_FILES = {'clip_bpe': ('tokenizer.json', 'bpe_simple_vocab_16e6.txt.gz'),
+                   'sentencepiece': ('spiece.model', 'tokenizer.model', 'sentencepiece.model')}
+TOKENIZER_KEYS = {'clip_bpe': 'text.vocab_file', 'sentencepiece': 'text.sentencepiece_model'}
+
+
+def _tokenizer_file(source, kind, explicit) -> str:
+  """The path of the tokenizer's vocabulary or model file."""
+  if explicit:
+    path = epath.Path(explicit)
+  else:
+    names = TOKENIZER_FILES[kind]
+    found = [source / n for n in names if (source / n).exists()]
+    if not found:
+      raise t.SourceError(f'{source} has no tokenizer file ({" or ".join(names)}); pass '
+                          f'--tokenizer FILE')
+    path = found[0]
+  if not path.is_file():
+    raise t.SourceError(f'--tokenizer {path} is not a file')
+  return str(path)
+
+
+def build_config(source, tensors: t.Tensors, layout, tokenizer_file=None):
+  values = (layout.architecture(source, tensors.shapes) if layout is open_clip_layout
+            else layout.architecture(source))
+  config = config_lib.base_config()
+  config.method = values.pop('method')
+  config.update_from_flattened_dict({k: (list(v) if isinstance(v, tuple) else v)
+                                     for k, v in values.items()})
+  kind = config.text.tokenizer
+  config.update_from_flattened_dict({TOKENIZER_KEYS[kind]: _tokenizer_file(source, kind,
+                                                                         tokenizer_file)})
+  config.name = f'imported from {source.name}'
+  config.dataset.name = DEFAULT_DATASET
+  tau = math.exp(float(-tensors['logit_scale'].reshape(())))
+  t_cfg = config.temperature
+  t_cfg.init, t_cfg.min, t_cfg.max = tau, min(t_cfg.min, tau), max(t_cfg.max, tau)
+  if 'logit_bias' in tensors:
+    t_cfg.bias_init = float(tensors['logit_bias'].reshape(()))
+  return config
+
+
+def convert_params(rules, tensors: t.Tensors, abstract_params, ignored_suffixes=()):
+  """abstract_params (an nnx.State of ShapeDtypeStructs) filled by `rules`
+  from `tensors`, one tensor at a time; SourceError naming the tensor for a
+  missing, superfluous or misshapen one."""
+  by_target = {r.target: r for r in rules}
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+  out = []
+  for key_path, leaf in leaves:
+    target = param_path(key_path)
+    if target not in by_target:
+      raise t.SourceError(f'the checkpoint has nothing for jaxcl\'s parameter {target}')
+    r = by_target.pop(target)
+    value = r.convert(*(tensors[s] for s in r.sources))
+    if tuple(value.shape) != tuple(leaf.shape):
+      raise t.SourceError(f'tensor {" + ".join(r.sources)} has shape '
+                          f'{tuple(tensors.shapes[r.sources[0]])}; the config implies '
+                          f'{tuple(leaf.shape)} for {target}')
+    out.append(jnp.asarray(value, leaf.dtype))
+  if by_target:
+    target, r = next(iter(by_target.items()))
+    raise t.SourceError(f'tensor {r.sources[0]} has no place in the architecture its config '
+                        f'describes ({target})')
+  unused = sorted(k for k in tensors.keys() if k not in tensors.used
+                  and not k.endswith(tuple(ignored_suffixes)))
+  if unused:
+    raise t.SourceError(f'tensor {unused[0]} (and {len(unused) - 1} more) has no place in the '
+                        f'architecture its config describes' if len(unused) > 1 else
+                        f'tensor {unused[0]} has no place in the architecture its config '
+                        f'describes')
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def load_source(source, tokenizer_file=None):
+  """(config, tokenizer, Experiment, TrainState at step 0) of a published
+  checkpoint directory; nothing is written."""
+  from jaxcl import experiment  # pylint: disable=g-import-not-at-top
+  source = epath.Path(source)
+  layout = _layout(source)
+  tensors = t.Tensors(layout.weights(source))
+  config = build_config(source, tensors, layout, tokenizer_file)
+  config_lib.validate(config, check_data=False)
+  tokenizer = tokenizers.build_tokenizer(config.text)
+  vocab = tensors.shapes.get(_embedding_key(tensors))
+  if vocab and vocab[0] != tokenizer.vocab_size:
+    raise t.SourceError(f'the tokenizer has {tokenizer.vocab_size} ids, the checkpoint\'s token '
+                        f'embedding {vocab[0]}')
+  size = config.augment.image_size
+  info = data.DatasetInfo((size, size, 3), 0, ())
+  exp = experiment.setup(config, tokenizer=tokenizer, info=info)
+  abstract = exp.abstract_state()
+  params = convert_params(layout.rules(_values(config), tensors.shapes), tensors,
+                          abstract.params, layout.IGNORED_SUFFIXES)
+  params = jax.device_put(params, exp.state_sharding.params)
+  return config, tokenizer, exp, exp.state_from_params(params)
+
+
+def _embedding_key(tensors):
+  for k in tensors.keys():
+    if k.endswith('token_embedding.weight'):
+      return k
+  return None
+
+
+def _values(config) -> dict:
+  return {'method': config.method, 'text.projection_bias': config.text.projection_bias}
+
+
+def import_checkpoint(source, output, tokenizer_file=None) -> dict:
+  """Writes the workdir `output` (which must not exist) for `source`;
+  returns a summary."""
+  output = epath.Path(output)
+  if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    raise errors.ConfigError(f'--output {output} exists and is not an empty directory')
+  config, tokenizer, exp, state = load_source(source, tokenizer_file)
+  facts = run_files.data_facts(exp.info, {'zeroshot': {'class_names': [], 'templates': []}})
+  staging = output.parent / f'.{output.name}.importing-{uuid.uuid4().hex[:8]}'
+  try:
+    run_files.write_run_start(staging, config, [[0, config.batch_size]], tokenizer, facts, 0)
+    manager = checkpoints.checkpoint_manager(staging, config)
+    checkpoints.save_checkpoint(manager, state)
+    checkpoints.finish_checkpoints(manager)
+    manager.close()
+    if output.exists():
+      output.rmdir()
+    staging.rename(output)
+  finally:
+    if staging.exists():
+      shutil.rmtree(staging, ignore_errors=True)
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  return {'workdir': str(output), 'method': config.method, 'parameters': n,
+          'temperature': config.temperature.init, 'image_size': config.augment.image_size}

@@ -1,0 +1,164 @@
+"""open_clip directories (`open_clip_config.json` with `model_cfg` and
+`preprocess_cfg`, and `open_clip_model.safetensors`): open_clip's own
+towers, and SigLIP with timm's image tower, as open_clip saves them."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from jaxcl import presets
+from jaxcl.hub import tensors as t
+
+CONFIG = 'open_clip_config.json'
+WEIGHTS = 'open_clip_model.safetensors'
+# timm's SigLIP image towers: heads by size (timm's vit_*_siglip_* definitions).
+TIMM_SIGLIP_HEADS = {'base': 12, 'large': 16, 'so400m': 16, 'giant': 16}
+IGNORED_SUFFIXES = ('attn_mask',)
+
+
+def matches(source) -> bool:
+  return (source / CONFIG).exists()
+
+
+def _model_cfg(source) -> dict:
+  cfg = json.loads((source / CONFIG).read_text())
+  if not isinstance(cfg.get('model_cfg'), dict):
+    raise t.SourceError(f'{source / CONFIG} has no model_cfg object')
+  return cfg
+
+
+def architecture(source, keys) -> dict:
+  cfg = _model_cfg(source)
+  m, pre = cfg['model_cfg'], cfg.get('preprocess_cfg', {})
+  v, x = m.get('vision_cfg', {}), m.get('text_cfg', {})
+  unsupported = [f'vision_cfg.{k}' for k in ('ls_init_value', 'attentional_pool', 'hf_model_name')
+                 if v.get(k)] + [f'text_cfg.{k}' for k in ('ls_init_value', 'hf_model_name',
+                                                          'embed_cls') if x.get(k)]
+  if v.get('pool_type', 'tok') != 'tok' and not v.get('timm_model_name') or v.get(
+      'global_average_pool'):
+    unsupported.append('vision_cfg.pool_type')
+  if v.get('no_ln_pre'):
+    unsupported.append('vision_cfg.no_ln_pre')
+  if unsupported:
+    raise t.SourceError(f'{CONFIG}: {unsupported[0]} is an architecture jaxcl does not have')
+  siglip = 'logit_bias' in keys
+  text_width = x.get('width', 512)
+  act = 'quick_gelu' if m.get('quick_gelu') else 'gelu'
+  text_act = ('gelu_tanh' if x.get('act_kwargs', {}).get('approximate') == 'tanh' else act)
+  pool = {'argmax': 'eot', 'eos': 'eot', 'last': 'last'}.get(x.get('pool_type', 'argmax'))
+  if pool is None:
+    raise t.SourceError(f'{CONFIG}: text_cfg.pool_type {x["pool_type"]!r} is not one jaxcl has')
+  base = presets.ARCHITECTURES['ViT-B-16-SigLIP' if siglip else 'ViT-B-16']
+  values = dict(base)
+  values.update({
+      'model.embed_dim': m.get('embed_dim', 512),
+      'augment.image_size': v.get('image_size', 224),
+      'text.max_length': x.get('context_length', 77), 'text.width': text_width,
+      'text.depth': x.get('layers', 12), 'text.heads': x.get('heads', 8),
+      'text.mlp_dim': int(text_width * x.get('mlp_ratio', 4.0)),
+      'text.causal': not x.get('no_causal_mask', False), 'text.pool': pool,
+      'text.act': text_act, 'text.norm_eps': x.get('norm_kwargs', {}).get('eps', 1e-5),
+      'text.projection_bias': bool(x.get('proj_bias', False)),
+      'text.tokenizer': 'sentencepiece' if x.get('hf_tokenizer_name') else 'clip_bpe',
+  })
+  if v.get('timm_model_name'):
+    values.update(_timm_vision(v, keys))
+  else:
+    width = v.get('width', 768)
+    values.update({
+        'model.vit.patch_size': v.get('patch_size', 16), 'model.vit.width': width,
+        'model.vit.depth': v.get('layers', 12),
+        'model.vit.heads': width // v.get('head_width', 64),
+        'model.vit.mlp_dim': int(width * v.get('mlp_ratio', 4.0)), 'model.vit.pool': 'cls',
+        'model.vit.act': act, 'model.vit.norm_eps': v.get('norm_kwargs', {}).get('eps', 1e-5),
+        'model.vit.pre_norm': True, 'model.vit.patch_bias': False,
+        'model.image_projection': True,
+    })
+  if 'mean' in pre and 'std' in pre:
+    values['dataset.mean'], values['dataset.std'] = tuple(pre['mean']), tuple(pre['std'])
+  return values
+
+
+def _timm_vision(v, keys) -> dict:
+  name = v['timm_model_name']
+  found = re.fullmatch(r'vit_([a-z0-9]+)_patch(\d+)_siglip_\d+', name)
+  if not found or found.group(1) not in TIMM_SIGLIP_HEADS or v.get('timm_pool') != 'map':
+    raise t.SourceError(f'{CONFIG}: vision_cfg.timm_model_name {name!r} with pool '
+                        f'{v.get("timm_pool")!r} is not an image tower jaxcl has (timm SigLIP '
+                        f'ViTs with the map pool)')
+  if v.get('timm_proj', 'linear') != 'none':
+    raise t.SourceError(f'{CONFIG}: vision_cfg.timm_proj {v.get("timm_proj")!r} is not one '
+                        f'jaxcl has (none)')
+  trunk = 'visual.trunk.'
+  width = _shape(keys, f'{trunk}pos_embed')[-1]
+  return {'model.vit.patch_size': int(found.group(2)), 'model.vit.width': width,
+          'model.vit.depth': t.count_blocks(keys, f'{trunk}blocks.'),
+          'model.vit.heads': TIMM_SIGLIP_HEADS[found.group(1)],
+          'model.vit.mlp_dim': _shape(keys, f'{trunk}blocks.0.mlp.fc1.weight')[0],
+          'model.vit.pool': 'map', 'model.vit.act': 'gelu_tanh', 'model.vit.norm_eps': 1e-6,
+          'model.vit.pre_norm': False, 'model.vit.patch_bias': True,
+          'model.image_projection': False}
+
+
+def _shape(keys, key):
+  if key not in keys:
+    raise t.SourceError(f'{WEIGHTS} has no tensor {key!r}, which its config implies')
+  return keys[key]
+
+
+def weights(source):
+  return source / WEIGHTS
+
+
+_BLOCK = dict(norm1='ln_1', norm2='ln_2', out='attn.out_proj', mlp_in='mlp.c_fc',
+              mlp_out='mlp.c_proj', qkv='attn.in_proj_', qkv_weight='weight', qkv_bias='bias')
+_TIMM_BLOCK = dict(norm1='norm1', norm2='norm2', out='attn.proj', mlp_in='mlp.fc1',
+                   mlp_out='mlp.fc2', qkv='attn.qkv.')
+
+
+def rules(values: dict, keys) -> list[t.Rule]:
+  text = 'text.' if any(k.startswith('text.transformer.') for k in keys) else ''
+  r = [t.rule('text_encoder/embed/embedding', f'{text}token_embedding.weight'),
+       t.rule('text_encoder/position', f'{text}positional_embedding', t.leading_one),
+       *t.norm('text_encoder/norm', f'{text}ln_final'),
+       t.rule('temperature/log_tau', 'logit_scale', t.negated_scalar)]
+  for i in range(t.count_blocks(keys, f'{text}transformer.resblocks.')):
+    r += t.block(f'text_encoder/blocks/{i}', f'{text}transformer.resblocks.{i}', _BLOCK)
+  if f'{text}text_projection' in keys:  # a parameter [width, embed]: x @ proj
+    r.append(t.rule('text_proj/kernel', f'{text}text_projection'))
+  else:
+    r += t.dense('text_proj', f'{text}text_projection', bias=values['text.projection_bias'])
+  if 'logit_bias' in keys:
+    r.append(t.rule('bias/value', 'logit_bias', t.scalar))
+  if 'visual.trunk.pos_embed' in keys:
+    return r + _timm_rules(keys)
+  r += [t.rule('image_encoder/patchify/kernel', 'visual.conv1.weight', t.conv),
+        t.rule('image_encoder/cls', 'visual.class_embedding', t.leading_one),
+        t.rule('image_encoder/position', 'visual.positional_embedding', t.leading_one),
+        *t.norm('image_encoder/pre_norm', 'visual.ln_pre'),
+        *t.norm('image_encoder/norm', 'visual.ln_post'),
+        t.rule('image_proj/kernel', 'visual.proj')]
+  for i in range(t.count_blocks(keys, 'visual.transformer.resblocks.')):
+    r += t.block(f'image_encoder/blocks/{i}', f'visual.transformer.resblocks.{i}', _BLOCK)
+  return r
+
+
+def _timm_rules(keys) -> list[t.Rule]:
+  trunk, pool = 'visual.trunk', 'visual.trunk.attn_pool'
+  r = [t.rule('image_encoder/patchify/kernel', f'{trunk}.patch_embed.proj.weight', t.conv),
+       t.rule('image_encoder/patchify/bias', f'{trunk}.patch_embed.proj.bias'),
+       t.rule('image_encoder/position', f'{trunk}.pos_embed'),
+       *t.norm('image_encoder/norm', f'{trunk}.norm'),
+       t.rule('image_encoder/map_head/probe', f'{pool}.latent'),
+       *t.dense('image_encoder/map_head/query', f'{pool}.q'),
+       *t.dense('image_encoder/map_head/key_value', f'{pool}.kv'),
+       *t.dense('image_encoder/map_head/out', f'{pool}.proj'),
+       *t.norm('image_encoder/map_head/norm', f'{pool}.norm'),
+       *t.dense('image_encoder/map_head/mlp_in', f'{pool}.mlp.fc1'),
+       *t.dense('image_encoder/map_head/mlp_out', f'{pool}.mlp.fc2')]
+  for i in range(t.count_blocks(keys, f'{trunk}.blocks.')):
+    r += t.block(f'image_encoder/blocks/{i}', f'{trunk}.blocks.{i}', _TIMM_BLOCK)
+  return r
+
+

@@ -1,0 +1,372 @@
+"""`jaxcl import`: published CLIP and SigLIP checkpoints, exactly.
+
+The references are the source frameworks themselves: open_clip and
+transformers build each model at random initialization and small size
+(nothing is downloaded), save it in the layout the model hubs use, and
+their own forward passes (float32, CPU) give the embeddings jaxcl's
+imported model must reproduce within 1e-4.
+"""
+
+import functools
+import io
+import json
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+
+import helpers
+
+TOLERANCE = 1e-4  # embeddings are unit vectors: absolute = relative
+IMAGE_SIZE = 32
+TEXTS = ['a photo of a cat.', 'Two RED squares, one circle!', '', 'x ' * 60,
+         'Café “quoted” 東京 ☕ & more']
+
+
+def _perturbed(model):
+  """Random weights everywhere: the frameworks initialize some biases and
+  LayerNorms to constants, which would hide a swapped tensor."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  return model.eval()
+
+
+def _bpe_vocab():
+  import open_clip  # pylint: disable=g-import-not-at-top
+  return open_clip.tokenizer.default_bpe()
+
+
+def _sentencepiece(path):
+  """A tiny unigram model with the special ids of Google's c4_en: pad 0, EOS 1, unk 2."""
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  model = io.BytesIO()
+  corpus = [t.lower() for t in TEXTS + ['a small blue triangle', 'the green circle']] * 8
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(corpus), model_writer=model, vocab_size=64, model_type='unigram',
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+  path.write_bytes(model.getvalue())
+  return path
+
+
+def _save_open_clip(model, model_cfg, directory, mean_std=None):
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  directory.mkdir()
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+            str(directory / 'open_clip_model.safetensors'))
+  preprocess = {'mean': list(mean_std[0]), 'std': list(mean_std[1])} if mean_std else {}
+  (directory / 'open_clip_config.json').write_text(
+      json.dumps({'model_cfg': model_cfg, 'preprocess_cfg': preprocess}))
+
+
+def make_hf_clip(directory):
+  from transformers import CLIPConfig, CLIPModel  # pylint: disable=g-import-not-at-top
+  cfg = CLIPConfig(
+      text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=20,
+                       hidden_act='quick_gelu'),
+      vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=8,
+                         hidden_act='quick_gelu'),
+      projection_dim=24)
+  model = _perturbed(CLIPModel(cfg))
+  model.save_pretrained(str(directory))
+  shutil.copy(_bpe_vocab(), directory / 'bpe_simple_vocab_16e6.txt.gz')
+  return model
+
+
+def make_hf_siglip(directory):
+  from transformers import SiglipConfig, SiglipModel  # pylint: disable=g-import-not-at-top
+  directory.mkdir()
+  vocab = _sentencepiece(directory / 'spiece.model')
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  size = sentencepiece.SentencePieceProcessor(model_file=str(vocab)).get_piece_size()
+  cfg = SiglipConfig(
+      text_config=dict(vocab_size=size, hidden_size=48, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16),
+      vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=8))
+  model = _perturbed(SiglipModel(cfg))
+  model.save_pretrained(str(directory))
+  (directory / 'preprocessor_config.json').write_text(
+      json.dumps({'image_mean': [0.5, 0.5, 0.5], 'image_std': [0.5, 0.5, 0.5]}))
+  return model
+
+
+def make_open_clip(directory):
+  import open_clip  # pylint: disable=g-import-not-at-top
+  cfg = dict(embed_dim=24, quick_gelu=True,
+             vision_cfg=dict(image_size=IMAGE_SIZE, layers=2, width=64, patch_size=8,
+                             head_width=16),
+             text_cfg=dict(context_length=20, vocab_size=49408, width=32, heads=4, layers=2))
+  model = _perturbed(open_clip.CLIP(**cfg))
+  _save_open_clip(model, cfg, directory, ((0.4, 0.5, 0.6), (0.2, 0.3, 0.25)))
+  shutil.copy(_bpe_vocab(), directory / 'bpe_simple_vocab_16e6.txt.gz')
+  return model
+
+
+def make_open_clip_siglip(directory):
+  """open_clip's SigLIP: a timm image tower (at this test's size: one block
+  of timm's vit_base_patch16_siglip definition) and open_clip's text tower."""
+  import open_clip  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
+  spm = _sentencepiece(directory.parent / 'oc_siglip_spiece.model')
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  size = sentencepiece.SentencePieceProcessor(model_file=str(spm)).get_piece_size()
+  text_cfg = dict(context_length=16, vocab_size=size, width=48, heads=4, layers=2,
+                  no_causal_mask=True, proj_bias=True, pool_type='last',
+                  norm_kwargs={'eps': 1e-6}, act_kwargs={'approximate': 'tanh'})
+  vision_cfg = dict(image_size=IMAGE_SIZE, timm_model_name='vit_base_patch16_siglip_224',
+                    timm_model_pretrained=False, timm_pool='map', timm_proj='none')
+  model = open_clip.CustomTextCLIP(embed_dim=768, vision_cfg=vision_cfg, text_cfg=text_cfg,
+                                   init_logit_bias=-10)
+  model.visual.trunk = VisionTransformer(
+      img_size=IMAGE_SIZE, patch_size=16, embed_dim=768, depth=1, num_heads=12, mlp_ratio=4,
+      class_token=False, global_pool='map', num_classes=0, act_layer='gelu_tanh',
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
+  model = _perturbed(model)
+  cfg = dict(embed_dim=768, init_logit_bias=-10, custom_text=True, vision_cfg=vision_cfg,
+             text_cfg=dict(text_cfg, hf_tokenizer_name='timm/ViT-B-16-SigLIP'))
+  _save_open_clip(model, cfg, directory)
+  shutil.copy(spm, directory / 'spiece.model')
+  return model
+
+
+MAKERS = {'transformers_clip': make_hf_clip, 'transformers_siglip': make_hf_siglip,
+          'open_clip': make_open_clip, 'open_clip_siglip': make_open_clip_siglip}
+
+
+@pytest.fixture(scope='module')
+def sources(tmp_path_factory):
+  """{name: (source directory, the torch model)}."""
+  root = tmp_path_factory.mktemp('sources')
+  return {name: (root / name, make(root / name)) for name, make in MAKERS.items()}
+
+
+def _reference_ids(name, directory, texts, length):
+  """Token ids from the source's own tokenizer."""
+  if name.endswith('siglip'):
+    from transformers import SiglipTokenizer  # pylint: disable=g-import-not-at-top
+    tok = SiglipTokenizer(vocab_file=str(directory / 'spiece.model'))
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      return np.asarray(tok(texts, padding='max_length', max_length=length,
+                            truncation=True)['input_ids'])
+  import open_clip  # pylint: disable=g-import-not-at-top
+  return open_clip.tokenize(texts, context_length=length).numpy()
+
+
+def _reference_embeddings(name, model, images, ids):
+  """L2-normalized image and text embeddings of the source framework;
+  images: float [b, H, W, C], already normalized."""
+  import torch  # pylint: disable=g-import-not-at-top
+  pixels = torch.tensor(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
+  ids = torch.tensor(np.asarray(ids, np.int64))
+  with torch.no_grad():
+    if name.startswith('open_clip'):
+      return (model.encode_image(pixels, normalize=True).numpy(),
+              model.encode_text(ids, normalize=True).numpy())
+    image = model.get_image_features(pixel_values=pixels)
+    text = model.get_text_features(input_ids=ids)
+    image, text = (getattr(x, 'pooler_output', x) for x in (image, text))
+    normalize = lambda x: torch.nn.functional.normalize(x, dim=-1).numpy()
+    return normalize(image), normalize(text)
+
+
+@pytest.fixture(scope='module')
+def imported(sources):
+  """{name: (Experiment, state)} of each source, imported in-process."""
+  from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name, (directory, _) in sources.items():
+    _, _, exp, state = importer.load_source(directory)
+    out[name] = exp, state
+  return out
+
+
+@pytest.mark.parametrize('name', sorted(MAKERS))
+def test_embeddings_equal_the_source_framework(name, sources, imported):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  directory, reference = sources[name]
+  exp, state = imported[name]
+  model = nnx.merge(exp.eval_graphdef, state.params, state.batch_stats)
+  images = np.random.default_rng(0).normal(size=(3, IMAGE_SIZE, IMAGE_SIZE, 3))
+  length = exp.tokenizer.max_length
+  ids = exp.tokenizer.encode(TEXTS)
+  np.testing.assert_array_equal(ids, _reference_ids(name, directory, TEXTS, length))
+  want_image, want_text = _reference_embeddings(name, reference, images, ids)
+  got_image = np.asarray(model.embed_image(jnp.asarray(images, jnp.float32)))
+  got_text = np.asarray(model.embed_text(jnp.asarray(ids)))
+  np.testing.assert_allclose(got_image, want_image, atol=TOLERANCE, rtol=0)
+  np.testing.assert_allclose(got_text, want_text, atol=TOLERANCE, rtol=0)
+  # τ = 1 / exp(logit scale); SigLIP's bias carried over.
+  scale = float(reference.logit_scale.detach().reshape(()))
+  np.testing.assert_allclose(float(model.temperature()), np.exp(-scale), rtol=1e-6)
+  if name.endswith('siglip'):
+    np.testing.assert_allclose(float(model.bias()), float(reference.logit_bias.reshape(())),
+                               rtol=1e-6)
+  else:
+    assert model.bias is None
+
+
+@pytest.mark.parametrize('name', sorted(MAKERS))
+def test_architecture_read_from_the_source(name, imported):
+  """Each family's switches, as the published models have them."""
+  exp, _ = imported[name]
+  c = exp.config
+  siglip = name.endswith('siglip')
+  assert c.method == ('siglip' if siglip else 'clip')
+  assert c.model.vit.pool == ('map' if siglip else 'cls')
+  assert (c.text.pool, c.text.causal) == (('last', False) if siglip else ('eot', True))
+  assert c.model.image_projection is not siglip and c.text.projection_bias is siglip
+  assert c.text.tokenizer == ('sentencepiece' if siglip else 'clip_bpe')
+  expected_mean = {'open_clip': (0.4, 0.5, 0.6), 'transformers_clip': (0.48145466, 0.4578275,
+                   0.40821073)}.get(name, (0.5, 0.5, 0.5))
+  np.testing.assert_allclose(c.dataset.mean, expected_mean)
+
+
+@pytest.fixture(scope='module')
+def workdirs(sources, tmp_path_factory):
+  """{name: workdir} written by `jaxcl import` (open_clip through the CLI)."""
+  from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('imported')
+  out = {}
+  for name, (directory, _) in sources.items():
+    out[name] = root / name
+    if name == 'open_clip':
+      proc = helpers.jaxcl('import', str(directory), '--output', str(out[name]))
+      assert 'wrote' in proc.stdout and 'clip' in proc.stdout, proc.stdout
+    else:
+      importer.import_checkpoint(directory, out[name])
+  return out
+
+
+@pytest.mark.parametrize('name', ['open_clip', 'transformers_siglip'])
+def test_exported_embedders_equal_the_source(name, sources, workdirs, tmp_path):
+  """uint8 images at the model's resolution in, the source's embeddings
+  of those images (its preprocessing: /255, mean, std) out."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxcl import export  # pylint: disable=g-import-not-at-top
+  directory, reference = sources[name]
+  output = tmp_path / 'encoder.jaxexport'
+  metadata = export.export_encoder(workdirs[name], output)
+  assert metadata['input']['shape'] == ['b', IMAGE_SIZE, IMAGE_SIZE, 3]
+  config = config_lib.load_saved(workdirs[name])
+  images = np.random.default_rng(1).integers(0, 256, (4, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+  normalized = (images / 255.0 - np.asarray(config.dataset.mean)) / np.asarray(config.dataset.std)
+  ids = _reference_ids(name, directory, TEXTS, config.text.max_length)
+  want_image, want_text = _reference_embeddings(name, reference, normalized, ids)
+  embed = jax.export.deserialize(output.read_bytes())
+  embed_text = jax.export.deserialize((tmp_path / metadata['text']['file']).read_bytes())
+  np.testing.assert_allclose(np.asarray(embed.call(images)), want_image, atol=TOLERANCE, rtol=0)
+  np.testing.assert_allclose(np.asarray(embed_text.call(ids.astype(np.int32))), want_text,
+                             atol=TOLERANCE, rtol=0)
+
+
+def test_imported_workdir_is_a_run_at_step_zero(workdirs):
+  """The workdir has what eval, export and training read: the config, the
+  tokenizer (its vocabulary copied in), data facts and checkpoint 0."""
+  from jaxcl import checkpoints, files, run_files  # pylint: disable=g-import-not-at-top
+  for name, workdir in workdirs.items():
+    assert files.is_run(workdir), name
+    assert checkpoints.complete_step(workdir) == 0, name
+    assert run_files.saved_tokenizer(workdir) is not None, name
+    assert run_files.saved_data_facts(workdir)['image_shape'] == [IMAGE_SIZE, IMAGE_SIZE, 3]
+    leftovers = [p for p in workdir.parent.iterdir() if p.name.startswith('.')]
+    assert not leftovers, leftovers
+
+
+# ------------------------------------------------------------ bad sources ---
+def _without(src, dst, drop=(), reshape=()):
+  """A copy of the open_clip source `src` without the tensors `drop` and
+  with the tensors `reshape` cut in half along their first axis."""
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  shutil.copytree(src, dst)
+  weights = load_file(str(src / 'open_clip_model.safetensors'))
+  weights = {k: (v[:v.shape[0] // 2] if k in reshape else v) for k, v in weights.items()
+             if k not in drop}
+  save_file(weights, str(dst / 'open_clip_model.safetensors'))
+  return dst
+
+
+def test_bad_sources_are_one_line_and_write_nothing(sources, tmp_path):
+  src = sources['open_clip'][0]
+  hf_src = sources['transformers_clip'][0]
+  torch_dir = tmp_path / 'torch_only'
+  torch_dir.mkdir()
+  shutil.copy(hf_src / 'config.json', torch_dir / 'config.json')
+  (torch_dir / 'pytorch_model.bin').write_bytes(b'not read')
+  missing = _without(src, tmp_path / 'missing', drop=['visual.ln_pre.weight'])
+  extra = tmp_path / 'extra'
+  _without(src, extra)
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  weights = load_file(str(extra / 'open_clip_model.safetensors'))
+  weights['visual.mystery'] = np.zeros(3, np.float32)
+  save_file(weights, str(extra / 'open_clip_model.safetensors'))
+  misshapen = _without(src, tmp_path / 'misshapen',
+                       reshape=['transformer.resblocks.1.mlp.c_fc.weight'])
+  unknown = tmp_path / 'unknown'
+  shutil.copytree(src, unknown)
+  cfg = json.loads((unknown / 'open_clip_config.json').read_text())
+  cfg['model_cfg']['vision_cfg']['ls_init_value'] = 1e-5
+  (unknown / 'open_clip_config.json').write_text(json.dumps(cfg))
+  no_tokenizer = tmp_path / 'no_tokenizer'
+  shutil.copytree(src, no_tokenizer)
+  (no_tokenizer / 'bpe_simple_vocab_16e6.txt.gz').unlink()
+  not_empty = tmp_path / 'not_empty'
+  not_empty.mkdir()
+  (not_empty / 'keep.txt').write_text('mine')
+  out = tmp_path / 'out'
+  cases = {
+      'pytorch_model.bin': [str(torch_dir), '--output', str(out)],
+      "no tensor 'visual.ln_pre.weight'": [str(missing), '--output', str(out)],
+      'visual.mystery': [str(extra), '--output', str(out)],
+      'transformer.resblocks.1.mlp.c_fc.weight': [str(misshapen), '--output', str(out)],
+      'ls_init_value': [str(unknown), '--output', str(out)],
+      '--tokenizer FILE': [str(no_tokenizer), '--output', str(out)],
+      'not an empty directory': [str(src), '--output', str(not_empty)],
+      'holds no checkpoint': [str(tmp_path), '--output', str(out)],
+      'needs SOURCE': ['--output', str(out)],
+  }
+  results = helpers.cli_in_forks([['import', *argv] for argv in cases.values()], tmp_path)
+  for (expected, argv), result in zip(cases.items(), results):
+    lines = result['stderr'].strip().splitlines()
+    assert result['code'] == 2, (argv, result)
+    assert len(lines) == 1 and lines[0].startswith('jaxcl: error:'), (argv, lines)
+    assert expected in lines[0], (expected, lines[0])
+  assert not out.exists()
+  assert sorted(p.name for p in not_empty.iterdir()) == ['keep.txt']
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith('.out')]
+
+
+def test_preset_architectures_match_open_clip_configs():
+  """presets.ARCHITECTURES against open_clip's published model configs."""
+  import open_clip  # pylint: disable=g-import-not-at-top
+  from jaxcl import presets  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(os.path.dirname(open_clip.__file__), 'model_configs')
+  for name, values in presets.ARCHITECTURES.items():
+    with open(os.path.join(folder, f'{name}.json')) as f:
+      cfg = json.load(f)
+    v, x = cfg['vision_cfg'], cfg['text_cfg']
+    assert values['model.embed_dim'] == cfg['embed_dim'], name
+    assert values['augment.image_size'] == v['image_size'], name
+    assert values['text.max_length'] == x['context_length'], name
+    assert values['text.width'] == x['width'] and values['text.heads'] == x['heads'], name
+    assert values['text.depth'] == x['layers'], name
+    assert values['text.mlp_dim'] == int(x['width'] * x.get('mlp_ratio', 4.0)), name
+    if 'timm_model_name' in v:
+      assert f'patch{values["model.vit.patch_size"]}' in v['timm_model_name'], name
+      assert values['method'] == 'siglip' and 'init_logit_bias' in cfg, name
+    else:
+      assert values['model.vit.width'] == v['width'], name
+      assert values['model.vit.depth'] == v['layers'], name
+      assert values['model.vit.patch_size'] == v['patch_size'], name
+      assert values['model.vit.heads'] == v['width'] // v.get('head_width', 64), name
+      assert (values['model.vit.act'] == 'quick_gelu') == bool(cfg.get('quick_gelu')), name

@@ -19,15 +19,18 @@ from jaxcl import errors, files
 
 
 def checkpoint_manager(workdir, config, *, cleanup: bool = False,
-                       read_only: bool = False) -> ocp.CheckpointManager:
+                       read_only: bool = False, background: bool = True
+                       ) -> ocp.CheckpointManager:
   """cleanup: delete unfinished checkpoint writes left by a killed run (orbax
   writes to a temporary directory and renames it when complete, so those
   are never restored); only the run that holds the workdir may do this.
-  read_only: for eval and export, which write nothing in the workdir."""
+  read_only: for eval and export, which write nothing in the workdir.
+  background=False: saves write before returning, without the host copy of
+  the state a background write takes (an import writes one checkpoint)."""
   # (orbax's own read_only option logs three warnings; not creating the
   # folder and not saving is all these commands need.)
   options = ocp.CheckpointManagerOptions(max_to_keep=config.get('keep_checkpoints', 3),
-                                         enable_async_checkpointing=not read_only,
+                                         enable_async_checkpointing=background and not read_only,
                                          cleanup_tmp_directories=cleanup and not read_only,
                                          create=not read_only)
   return ocp.CheckpointManager(epath.Path(workdir).absolute() / files.CHECKPOINT_DIR,

@@ -1,8 +1,8 @@
 """The `jaxcl` command: train, eval, export, sweep, report, import.
 
   jaxcl train  --config FILE --workdir DIR [--config.KEY=VALUE ...] [--allow_batch_change]
-  jaxcl eval   --workdir DIR
-  jaxcl export --workdir DIR --output FILE [--overwrite]
+  jaxcl eval   --workdir DIR [--zeroshot cifar100,imagenet2012,folder:DIR] [--retrieval NAME]
+  jaxcl export --workdir DIR --output FILE [--overwrite] [--format jax|open_clip]
   jaxcl sweep  --config FILE --workdir DIR [--temperatures 0.05,0.1,0.2,0.5,1.0,learnable]
   jaxcl report --workdir DIR
   jaxcl import SOURCE --output DIR [--tokenizer FILE]
@@ -40,9 +40,15 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for Ctrl-C
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (Python).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, eval.json.')
-_OUTPUT = flags.DEFINE_string('output', None, 'The artifact file to write.')
+_OUTPUT = flags.DEFINE_string('output', None, 'The artifact file to write (export --format '
+                              'open_clip: a directory; import: the new workdir).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False,
-                               'Replace the files --output would write if they exist.')
+                               'Replace the files --output would write if they exist (--format '
+                               'open_clip: a directory holding an earlier open_clip export).')
+_FORMAT = flags.DEFINE_enum(
+    'format', 'jax', ['jax', 'open_clip'], 'jax: jax.export artifacts (FILE, FILE.json). '
+    'open_clip: a CLIP or SigLIP model as an open_clip directory (open_clip_config.json, '
+    "open_clip_model.safetensors, the tokenizer), for open_clip.create_model('local-dir:DIR').")
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'Multi-process: HOST:PORT of process 0 (with --num_processes '
     'and --process_id). TPU pods and SLURM jobs are detected without them.')
@@ -57,6 +63,14 @@ _ALLOW_BATCH_CHANGE = flags.DEFINE_bool(
 _TOKENIZER = flags.DEFINE_string(
     'tokenizer', None, "The source's tokenizer file (CLIP: tokenizer.json or "
     "bpe_simple_vocab_16e6.txt.gz; SigLIP: its SentencePiece model), when SOURCE lacks it.")
+_ZEROSHOT = flags.DEFINE_string(
+    'zeroshot', None, 'Comma-separated zero-shot datasets evaluated by this call instead of the '
+    "run's eval.zeroshot (its saved config is unchanged): TFDS NAME[:SPLIT] or folder:PATH, "
+    "'=LIST' for a shipped name list (folder:/data/val=imagenet); results zeroshot/KEY/top1|5.")
+_RETRIEVAL = flags.DEFINE_string(
+    'retrieval', None, 'Comma-separated image-text TFDS datasets (NAME[:SPLIT], coco_captions) '
+    "for image-text retrieval by this call instead of the run's eval.retrieval; results "
+    'retrieval/KEY/i2t_r1 ... t2i_r10.')
 _TEMPERATURES = flags.DEFINE_string(
     'temperatures', '0.05,0.1,0.2,0.5,1.0,learnable',
     'Comma-separated fixed τ values and/or "learnable".')
@@ -67,9 +81,10 @@ COMMANDS = {
     'train': ('Trains a config in a workdir, or resumes the run there.',
               ('config', 'workdir'), ('allow_batch_change', *MULTI_PROCESS)),
     'eval': ("Recomputes a run's eval.json from its newest checkpoint.",
-             ('workdir',), MULTI_PROCESS),
-    'export': ('Writes the trained encoder(s) as jax.export artifacts and FILE.json.',
-               ('workdir', 'output'), ('overwrite', *MULTI_PROCESS)),
+             ('workdir',), ('zeroshot', 'retrieval', *MULTI_PROCESS)),
+    'export': ('Writes the trained encoder(s) as jax.export artifacts and FILE.json, or '
+               '(--format open_clip) a CLIP or SigLIP model as an open_clip directory.',
+               ('workdir', 'output'), ('overwrite', 'format', *MULTI_PROCESS)),
     'sweep': ('Trains one run per temperature and compares them (sweep.csv/json/png).',
               ('config', 'workdir'), ('temperatures', *MULTI_PROCESS)),
     'report': ('Plots a run or a sweep: DIR/report.html and DIR/report/*.png.',
@@ -256,7 +271,13 @@ def run(argv: list[str]) -> int:
     elif command == 'eval':
       _check_workdir(workdir, must_exist=True)
       from jaxcl import trained  # pylint: disable=g-import-not-at-top
-      print(json.dumps(trained.evaluate_workdir(workdir), indent=2))
+      zeroshot, retrieval = (None if flag.value is None else
+                             [name.strip() for name in flag.value.split(',') if name.strip()]
+                             for flag in (_ZEROSHOT, _RETRIEVAL))
+      print(json.dumps(trained.evaluate_workdir(workdir, zeroshot, retrieval), indent=2))
+    elif _FORMAT.value == 'open_clip':
+      _check_workdir(workdir, must_exist=True)
+      _export_open_clip(workdir, _OUTPUT.value)
     else:
       _check_workdir(workdir, must_exist=True)
       from jaxcl import export  # pylint: disable=g-import-not-at-top
@@ -278,6 +299,18 @@ def run(argv: list[str]) -> int:
     print(f'jaxcl: {e}', file=sys.stderr)
     return 1
   return 0
+
+
+def _export_open_clip(workdir: str, output: str) -> None:
+  from jaxcl.hub import open_clip_export  # pylint: disable=g-import-not-at-top
+  summary = open_clip_export.export_open_clip(workdir, output, overwrite=_OVERWRITE.value)
+  trunk = f' (timm {summary["timm_model_name"]})' if summary['timm_model_name'] else ''
+  print(f'wrote {output}: open_clip {summary["model"]}{trunk}, {summary["tensors"]} tensors, '
+        f'{summary["parameters"]:,} parameters from step {summary["step"]}; load it with '
+        f"open_clip.create_model_and_transforms('local-dir:{output}')")
+  print(f'tokenizer: {summary["tokenizer"]}')
+  for note in summary['notes']:
+    print(f'note: {note}')
 
 
 def main(argv=None) -> None:

@@ -29,9 +29,9 @@ import json
 
 START, END = '<|startoftext|>', '<|endoftext|>'
 CLIP_MERGES = 49152 - 256 - 2  # open_clip's SimpleTokenizer reads merges[1:CLIP_MERGES + 1]
-# CLIP's word split, as open_clip compiles it (with the `regex` module, IGNORECASE, whose
-# Unicode tables and case folding the `tokenizers` library's regex engine does not share:
-# "'ſ" is one word here, U+0345 is dropped).
+# CLIP's word split as open_clip compiles it, less its special tokens' names (text here).
+# It runs on the `regex` module with IGNORECASE, as there: the `tokenizers` library's regex
+# engine has other Unicode tables and case folding ("'ſ" is one word here, U+0345 dropped).
 WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 

@@ -25,7 +25,7 @@ CONFIG_FILE = files.CONFIG_FILE
 RESUMABLE_CHANGES = ('total_steps', 'log_every_steps', 'eval_every_steps',
                      'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval', 'loss',
                      'nonfinite',
-                     'dataset.data_dir', 'dataset.download')
+                     'dataset.data_dir', 'dataset.download', 'init')
 
 
 ConfigError = errors.ConfigError
@@ -152,7 +152,20 @@ def base_config():
       momentum=0.9,
       lars_trust_coefficient=0.001,
       grad_clip_norm=0.0,  # 0: off
+      # Regular expressions over parameter names ('image_encoder/.*': the image tower;
+      # jaxcl.param_groups): frozen parameters get no optimizer state and no gradient,
+      # and a tower frozen whole runs no backward pass (LiT locks the image tower).
+      frozen=(),
+      # 'PATTERN=FACTOR' strings: those parameters' learning rate times FACTOR (first match).
+      lr_multipliers=(),
   ))
+
+  # Start from trained weights (a fresh run only; a resumed run reads its checkpoint):
+  # `from` is a jaxcl workdir or a directory `jaxcl import` reads (open_clip,
+  # transformers). `load` names the parts taken from it: () all of them (the same
+  # architecture), or towers: 'image', 'text', 'temperature' (τ and SigLIP's bias).
+  # A ViT's position embeddings are interpolated to a new image size.
+  config.init = ml_collections.ConfigDict({'from': '', 'load': ()})
 
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=512,
@@ -170,6 +183,15 @@ def base_config():
       class_names=(),  # empty: the label feature's names
       zeroshot_dataset='',  # a labeled TFDS dataset; empty: the training dataset
       zeroshot_split='',  # empty: eval_test_split
+      # clip/siglip: more zero-shot datasets, each reported as zeroshot/KEY/top1|top5
+      # (jaxcl.zeroshot_suite): 'cifar100', 'imagenet2012', 'imagenet_v2:test' (TFDS,
+      # prepared), 'folder:/data/pets' (PATH/CLASS/*.png); '=LIST' picks a shipped
+      # name/template list ('folder:/data/in1k_val=imagenet'); the ImageNet and CIFAR
+      # families get theirs by default. `jaxcl eval --zeroshot A,B` replaces it for one call.
+      zeroshot=(),
+      # and image-text retrieval datasets (TFDS, 'coco_captions'), each reported as
+      # retrieval/KEY/i2t_r1 ... t2i_r10; `jaxcl eval --retrieval A,B` likewise.
+      retrieval=(),
   ))
   return config
 
@@ -200,6 +222,10 @@ KEYS_ADDED_LATER = {
     'text.act': 'gelu_tanh', 'text.norm_eps': 1e-6, 'text.projection_bias': False,
     # Published tokenizers: earlier runs had bytes or SentencePiece with its own pad.
     'text.vocab_file': '', 'text.pad_id': -1, 'text.normalize': '',
+    # The zero-shot suite: earlier runs evaluated eval.zeroshot_dataset alone.
+    'eval.zeroshot': [], 'eval.retrieval': [],
+    # Starting from trained weights, frozen parameters (2026-12-01): from scratch, all trained.
+    'init.from': '', 'init.load': [], 'optimizer.frozen': [], 'optimizer.lr_multipliers': [],
 }
 
 

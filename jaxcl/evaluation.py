@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from jaxcl import parallel
 from jaxcl.experiment import Experiment, TrainState
@@ -26,11 +27,27 @@ def make_embed_fns(exp: Experiment) -> dict:
   return fns
 
 
-def run_evaluation(exp: Experiment, state: TrainState, eval_data, embed_fns) -> dict:
+def run_evaluation(exp: Experiment, state: TrainState, eval_data, embed_fns,
+                   workdir=None) -> dict:
   """The method's evaluation of the model in `state` on `eval_data` (from
-  exp.method.open_eval_data); fractions in [0, 1]."""
+  exp.method.open_eval_data); fractions in [0, 1]. workdir: the run's, where
+  a text tower's zero-shot classifiers are cached (jaxcl.zeroshot_cache)."""
   bind = lambda fn: functools.partial(fn, state.params, state.batch_stats)
   text = embed_fns.get('text')
+  cached = workdir is not None and text is not None
   encoders = Encoders(config=exp.config, mesh=exp.mesh, image=bind(embed_fns['image']),
-                      text=bind(text) if text is not None else None, tokenizer=exp.tokenizer)
+                      text=bind(text) if text is not None else None, tokenizer=exp.tokenizer,
+                      workdir=workdir if cached else None, step=int(state.step),
+                      weights=weights_fingerprint(state.params) if cached else '')
   return exp.method.evaluate(encoders, eval_data)
+
+
+@jax.jit
+def _sum_of_squares(params):
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(params))
+
+
+def weights_fingerprint(params) -> str:
+  """The sum of the squared weights, to 6 digits: tells two states of one
+  step apart (a step trained again from an earlier checkpoint) for caches."""
+  return f'{float(_sum_of_squares(params)):.6g}'

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxcl import augment, data, methods, optim, parallel, tokenizers
+from jaxcl import augment, data, errors, methods, optim, param_groups, parallel, tokenizers
 from jaxcl.methods.base import standardize
 
 
@@ -110,6 +110,35 @@ class Experiment:
     return nnx.merge(self.eval_graphdef, params, batch_stats).embed_text(ids)
 
 
+def _frozen_names(config, abstract_model) -> set[str]:
+  """The names of optimizer.frozen's parameters; ConfigError for a pattern
+  that is no regular expression or matches nothing."""
+  o = config.optimizer
+  patterns = param_groups.as_patterns(o.frozen)
+  names = param_groups.names(nnx.state(abstract_model, nnx.Param))
+  try:  # (validation checked the syntax)
+    multiplied = [p for p, _ in param_groups.parse_multipliers(o.lr_multipliers,
+                                                                'optimizer.lr_multipliers')]
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+  for key, checked in (('optimizer.frozen', patterns), ('optimizer.lr_multipliers', multiplied)):
+    missing = param_groups.unmatched(names, checked)
+    if missing:
+      raise errors.ConfigError(f'{key}: {missing[0]!r} matches no parameter of this model '
+                               f'(names look like {names[0]!r})')
+  return param_groups.matching(names, patterns)
+
+
+def _freeze_batch_norms(model, frozen: set[str]) -> None:
+  """Batch norms whose scale is frozen normalize with their running
+  statistics and stop updating them, as in inference: a locked tower (LiT)
+  stays the tower it was."""
+  for path, module in model.iter_modules():
+    prefix = '/'.join(str(p) for p in path)
+    if isinstance(module, nnx.BatchNorm) and f'{prefix}/scale' in frozen:
+      module.use_running_average = True
+
+
 def _new_model(method, config, info, tokenizer):
   rngs = nnx.Rngs(rng_streams(config.seed)['init'])
   return method.build_model(config, info.image_shape[-1], rngs, tokenizer)
@@ -137,6 +166,7 @@ def setup(config, devices=None, tokenizer=None, info: data.DatasetInfo | None = 
       multihost_utils.sync_global_devices('jaxcl: dataset prepared')
     train_source, info = dataset.split(split, with_text=method.text_tower)
   abstract_model = nnx.eval_shape(lambda: _new_model(method, config, info, tokenizer))
+  _freeze_batch_norms(abstract_model, _frozen_names(config, abstract_model))
   train_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
   abstract_model.eval()
   eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)

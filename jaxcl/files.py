@@ -32,23 +32,20 @@ UNRESTORABLE_DIR = 'unrestorable_checkpoints'  # checkpoints set aside (jaxcl.ch
 LOCK_DIR = 'jaxcl.lock'  # held by the run in progress (jaxcl.lock)
 WALL_FILE = 'wall_time.json'  # a sweep run's training time
 REPORT_DIR, REPORT_FILE = 'report', 'report.html'
+ZEROSHOT_CACHE_FILE = 'zeroshot_classifiers.npz'  # the newest step's (jaxcl.zeroshot_cache)
 # Everything jaxcl keeps at the top of a workdir (files and folders): nothing
 # else, `jaxcl export --output` included, may write there under these names.
 WORKDIR_NAMES = frozenset({
     CONFIG_FILE, EVAL_FILE, METRICS_FILE, CHECKPOINT_DIR, BATCH_HISTORY_FILE,
     SKIPPED_IMAGES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE, *CLIP_BPE_FILES,
-    LOCK_DIR, DATA_FACTS_FILE, UNRESTORABLE_DIR, REPORT_DIR, REPORT_FILE, WALL_FILE})
+    LOCK_DIR, DATA_FACTS_FILE, UNRESTORABLE_DIR, REPORT_DIR, REPORT_FILE, WALL_FILE,
+    ZEROSHOT_CACHE_FILE})
 
 
 def text_artifact_path(output) -> epath.Path:
   """Where a two-tower export puts the text embedder: FILE's name + '.text'."""
   output = epath.Path(output)
   return output.with_name(output.stem + '.text' + output.suffix)
-
-
-def sentencepiece_artifact_path(output) -> epath.Path:
-  """Where a two-tower export with a SentencePiece tokenizer copies its model."""
-  return tokenizer_artifact_path(output, SENTENCEPIECE_FILE)
 
 
 def tokenizer_artifact_path(output, name: str) -> epath.Path:

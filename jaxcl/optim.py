@@ -5,6 +5,11 @@ global-norm clipping. Weight decay (and LARS's trust ratio) apply only to
 arrays of rank >= 2: convolution and dense kernels. Biases, batch-norm scales
 and offsets and the scalar temperature are left alone, as in SimCLR and
 open_clip.
+
+Parameter groups by name (jaxcl.param_groups): `optimizer.frozen` parameters
+are updated by nothing and hold no optimizer state (optax.multi_transform
+with set_to_zero), and `optimizer.lr_multipliers` scale a group's updates,
+which for these optimizers is scaling its learning rate.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import jax
 import optax
 
+from jaxcl import param_groups
 from jaxcl.presets import OPTIMIZERS  # noqa: E402,F401  (re-exported)
 
 
@@ -61,6 +67,17 @@ def build_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     opt = optax.chain(opt, optax.stateless(
         lambda updates, _: jax.tree_util.tree_map_with_path(
             lambda path, u: u * multiplier if _is_temperature(path) else u, updates)))
+  groups = param_groups.parse_multipliers(o.get('lr_multipliers', ()), 'optimizer.lr_multipliers')
+  if groups:
+    opt = optax.chain(opt, optax.stateless(
+        lambda updates, _: jax.tree.map(lambda u, f: u * f, updates,
+                                        param_groups.multipliers(updates, groups))))
+  frozen = param_groups.as_patterns(o.get('frozen', ()))
+  if frozen:  # after everything else: the frozen parameters' updates are zero, their state none
+    opt = optax.multi_transform(
+        {'trained': opt, 'frozen': optax.set_to_zero()},
+        lambda params: jax.tree.map(lambda f: 'frozen' if f else 'trained',
+                                    param_groups.selected(params, frozen)))
   return opt
 
 

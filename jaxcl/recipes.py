@@ -74,3 +74,15 @@ def image_text_pod(method: str):
   config.model.update(name='vit_b16', dtype='bfloat16')
   config.eval.batch_size = 4_096
   return config
+
+
+def from_workdir(workdir):
+  """The config of the run (or `jaxcl import`) in `workdir`, to train on
+  from its weights: the same method, architecture, tokenizer, image size
+  and normalization, τ from where it ended, init.from set to the workdir;
+  the schedule, dataset and evaluation are the caller's to set."""
+  from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_saved(workdir)
+  config.init.update({'from': str(workdir), 'load': ()})
+  config.name = f'from {workdir}'
+  return config

@@ -89,9 +89,15 @@ class Tokenizer(abc.ABC):
     files.write_atomically(directory / SPEC_FILE, json.dumps(spec, indent=2, sort_keys=True) + '\n')
     return spec
 
+  def data_file(self) -> tuple[str, str, bytes] | None:
+    """(spec key, file name, contents) of the file besides tokenizer.json that
+    the spec refers to (a SentencePiece model, a BPE vocabulary), or None."""
+    return None
+
   def _save_files(self, directory: epath.Path) -> None:
-    """Writes the files other than tokenizer.json that the spec refers to (default: none)."""
-    del directory
+    if self.data_file() is not None:
+      _, name, contents = self.data_file()
+      files.write_atomically(directory / name, contents)
 
 
 class ByteTokenizer(Tokenizer):
@@ -170,8 +176,8 @@ class SentencePieceTokenizer(Tokenizer):
       spec['normalize'] = self.normalize
     return spec
 
-  def _save_files(self, directory: epath.Path) -> None:
-    files.write_atomically(directory / SENTENCEPIECE_FILE, self.model_bytes)
+  def data_file(self) -> tuple[str, str, bytes]:
+    return 'model_file', SENTENCEPIECE_FILE, self.model_bytes
 
 
 _NO_PUNCTUATION = str.maketrans('', '', string.punctuation)
@@ -217,8 +223,8 @@ class ClipBpeTokenizer(Tokenizer):
             'max_length': self.max_length, 'pad_id': self.pad_id, 'sot_id': self.sot_id,
             'eot_id': self.eot_id, 'vocab_size': self.vocab_size}
 
-  def _save_files(self, directory: epath.Path) -> None:
-    files.write_atomically(directory / self.vocab_name, self.vocab_bytes)
+  def data_file(self) -> tuple[str, str, bytes]:
+    return 'vocab_file', self.vocab_name, self.vocab_bytes
 
 
 def build_tokenizer(text_cfg: Any) -> Tokenizer:

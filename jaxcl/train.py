@@ -21,7 +21,7 @@ from etils import epath
 from jaxcl import checkpoints, data, errors, evaluation, files, guards, parallel, run_files
 from jaxcl import config as config_lib
 from jaxcl import lock as lock_lib
-from jaxcl import train_step
+from jaxcl import train_step, warm_start
 from jaxcl import throughput
 from jaxcl.experiment import Experiment, setup
 from jaxcl.metric_writer import MetricWriter
@@ -66,7 +66,9 @@ def _restore(exp: Experiment, workdir, notes: list):
     manager = checkpoints.checkpoint_manager(workdir, exp.config)
     notes += [f'jaxcl: checkpoint {step} does not restore ({error}); moved to {aside}'
               for step, error in failures]
-  return manager, (exp.init_state() if state is None else state), state is not None
+  if state is None:  # a fresh run: initialized, or init.from's weights
+    return manager, warm_start.initial_state(exp), False
+  return manager, state, True
 
 
 def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
@@ -158,7 +160,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
         raise errors.Interrupted(message, preemption.exit_code)
 
       if step % config.eval_every_steps == 0 and step != total and eval_data.evaluates:
-        results = evaluation.run_evaluation(exp, state, eval_data, embed_fns)
+        results = evaluation.run_evaluation(exp, state, eval_data, embed_fns, workdir)
         writer.write(step, results)
         writer.print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
         timer.restart()
@@ -170,7 +172,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       checkpoints.save_checkpoint(manager, state)
     checkpoints.finish_checkpoints(manager)
     preemption.close()  # the final checkpoint is complete: from here Ctrl-C stops at once
-    results = evaluation.run_evaluation(exp, state, eval_data, embed_fns)
+    results = evaluation.run_evaluation(exp, state, eval_data, embed_fns, workdir)
     if results:
       writer.write(step, results)
     run_files.write_eval(workdir, step, results)

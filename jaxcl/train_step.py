@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxcl import losses, parallel
+from jaxcl import losses, parallel, param_groups
 from jaxcl.experiment import Experiment, TrainState
 from jaxcl.temperature import project_all
 
@@ -30,6 +30,7 @@ def make_loss_and_grads(exp: Experiment):
   shard_map over the global batch, every device's embeddings gathered.
   """
   method, config, batch_spec = exp.method, exp.config, P(parallel.BATCH_AXES)
+  frozen = param_groups.as_patterns(config.optimizer.frozen)
 
   def loss(a, b, tau, bias):
     value, metrics = method.loss(a, b, tau, bias, axis_name=parallel.BATCH_AXES,
@@ -47,6 +48,9 @@ def make_loss_and_grads(exp: Experiment):
     inputs = method.model_inputs(key, batch, config)
 
     def loss_fn(params):
+      if frozen:  # no gradient flows into them: a tower frozen whole runs no backward pass
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
+                              param_groups.selected(params, frozen))
       model = nnx.merge(exp.train_graphdef, params, state.batch_stats, copy=True)
       a, b = method.embeddings(model, inputs)
       tau = model.temperature(state.step)

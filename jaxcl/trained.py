@@ -1,6 +1,7 @@
 """A trained run loaded back from its workdir, for `jaxcl eval` and
 `jaxcl export`: its saved config, tokenizer and newest checkpoint that
-restores. Neither writes anything in the workdir but eval.json."""
+restores. Neither writes anything in the workdir but eval.json (and eval
+the zero-shot cache, jaxcl.zeroshot_cache)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from jaxcl import config as config_lib
 from jaxcl.experiment import setup
 
 
-def load_trained(workdir, *, open_data: bool = True):
+def load_trained(workdir, *, open_data: bool = True, changes: dict | None = None):
   """(Experiment, state) of the latest checkpoint in a finished or running
   workdir. open_data=False: set up from the data facts the run saved,
-  opening no dataset (a run from before data_facts.json opens it still)."""
+  opening no dataset (a run from before data_facts.json opens it still).
+  changes: {dotted key: value} applied to the saved config for this call
+  (the file is not changed), before it is validated."""
   config = config_lib.load_saved(workdir)
+  if changes:
+    config.update_from_flattened_dict(changes)
   facts = None if open_data else run_files.saved_data_facts(workdir)
   try:
     config_lib.validate(config, check_data=facts is None)  # on the devices present now
@@ -45,10 +50,16 @@ def load_trained(workdir, *, open_data: bool = True):
   return exp, state
 
 
-def evaluate_workdir(workdir) -> dict:
-  """`jaxcl eval`: recomputes eval.json from the latest checkpoint."""
-  exp, state = load_trained(workdir)
+def evaluate_workdir(workdir, zeroshot: list[str] | None = None,
+                     retrieval: list[str] | None = None) -> dict:
+  """`jaxcl eval`: recomputes eval.json from the latest checkpoint.
+  zeroshot, retrieval: the suite of this call instead of the saved config's
+  eval.zeroshot, eval.retrieval (jaxcl.zeroshot_suite); None: the saved one."""
+  changes = {f'eval.{key}': tuple(value) for key, value in
+             (('zeroshot', zeroshot), ('retrieval', retrieval)) if value is not None}
+  exp, state = load_trained(workdir, changes=changes)
   eval_data = exp.method.open_eval_data(exp.config, exp.dataset)
-  results = evaluation.run_evaluation(exp, state, eval_data, evaluation.make_embed_fns(exp))
+  results = evaluation.run_evaluation(exp, state, eval_data, evaluation.make_embed_fns(exp),
+                                      workdir)
   run_files.write_eval(workdir, int(state.step), results)
   return {'step': int(state.step), **results}

@@ -13,7 +13,7 @@ import math
 import ml_collections
 from etils import epath
 
-from jaxcl import errors, methods, presets
+from jaxcl import errors, methods, param_groups, presets, zeroshot_suite
 from jaxcl.errors import ConfigError, check
 from jaxcl.presets import MODEL_DTYPES, TEMPERATURE_MODES
 
@@ -112,6 +112,7 @@ def _validate(config, num_devices, process_count, check_data) -> None:
          f'optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}')
   check(config.optimizer.warmup_steps >= 0,
          f'optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps}')
+  _check_param_groups(config)
   check(config.model.get('dtype', 'float32') in MODEL_DTYPES,
          f'model.dtype must be one of {MODEL_DTYPES}, got {config.model.get("dtype")!r}')
   d = config.dataset
@@ -154,6 +155,7 @@ def _validate(config, num_devices, process_count, check_data) -> None:
          f'model.name), got {sizes!r}')
   if check_data:
     _check_dataset(config.dataset)
+  zeroshot_suite.check(config, method.text_tower, check_data)
 
 
 def _is_int(value) -> bool:
@@ -192,6 +194,32 @@ _RANGES = tuple((key,) + rule for key, rule in (
     ('temperature.init', (lambda v: True, 'a finite number')),
     ('optimizer.learning_rate', (lambda v: True, 'a finite number')),
 ))
+
+
+def _check_param_groups(config):
+  """optimizer.frozen, optimizer.lr_multipliers and init: their syntax
+  (which parameters they select is checked when the model is built)."""
+  o, init = config.optimizer, config.init
+  for key, value in (('optimizer.frozen', o.frozen), ('optimizer.lr_multipliers', o.lr_multipliers),
+                     ('init.load', init.load)):
+    check(isinstance(value, str) or (isinstance(value, (list, tuple))
+                                     and all(isinstance(v, str) for v in value)),
+          f'{key} must be a string or a list of strings, got {value!r}')
+  try:
+    param_groups.compile_patterns(param_groups.as_patterns(o.frozen), 'optimizer.frozen')
+    param_groups.parse_multipliers(param_groups.as_patterns(o.lr_multipliers),
+                                   'optimizer.lr_multipliers')
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  check(isinstance(init['from'], str), f'init.from must be a path, got {init["from"]!r}')
+  unknown = [t for t in param_groups.as_patterns(init.load) if t not in presets.LOADABLE]
+  check(not unknown, f'init.load: unknown part {unknown[0]!r}; choose from {presets.LOADABLE}'
+        if unknown else '')
+  check(not init.load or bool(init['from']), 'init.load names parts, but init.from is empty')
+  if init['from']:
+    check(epath.Path(init['from']).is_dir(),
+          f'init.from {init["from"]} is not a directory (a jaxcl workdir or a checkpoint '
+          f'directory jaxcl import reads)')
 
 
 def _check_vit(m, image_size):

@@ -71,7 +71,7 @@ CONFIG = {
     'clip sentencepiece model missing':
         'jaxcl: error: text: text.sentencepiece_model /no/such.model does not exist',
     'clip tokenizer':
-        "jaxcl: error: text: text.tokenizer must be one of ('bytes', 'sentencepiece'), got 'words'",
+        "jaxcl: error: text: text.tokenizer must be one of ('bytes', 'sentencepiece', 'clip_bpe'), got 'words'",
     'clip vit patch':
         'jaxcl: error: augment.image_size 32 is not divisible by the ViT patch size 5',
     'clip vit heads':
@@ -279,7 +279,8 @@ CLI = {
         'jaxcl: error: jaxcl report does not take --temperatures (its flags: --workdir)',
     'override without a config':
         'jaxcl: error: jaxcl eval does not take --config.batch_size (its flags: '
-        '--coordinator_address, --heartbeat_timeout, --num_processes, --process_id, --workdir)',
+        '--coordinator_address, --heartbeat_timeout, --num_processes, --process_id, --retrieval, '
+        '--workdir, --zeroshot)',
     'unknown flag':
         'jaxcl: error: unknown flag --workdr (did you mean --workdir?)',
     'sweep without a config':

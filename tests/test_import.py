@@ -8,6 +8,7 @@ imported model must reproduce within 1e-4.
 """
 
 import functools
+import hashlib
 import io
 import json
 import os
@@ -111,7 +112,8 @@ def make_open_clip(directory):
 
 def make_open_clip_siglip(directory):
   """open_clip's SigLIP: a timm image tower (at this test's size: one block
-  of timm's vit_base_patch16_siglip definition) and open_clip's text tower."""
+  of timm's vit_base_patch16_siglip definition, whose MLP computes exact
+  GELU) and open_clip's text tower."""
   import open_clip  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
@@ -127,7 +129,7 @@ def make_open_clip_siglip(directory):
                                    init_logit_bias=-10)
   model.visual.trunk = VisionTransformer(
       img_size=IMAGE_SIZE, patch_size=16, embed_dim=768, depth=1, num_heads=12, mlp_ratio=4,
-      class_token=False, global_pool='map', num_classes=0, act_layer='gelu_tanh',
+      class_token=False, global_pool='map', num_classes=0, act_layer='gelu',
       norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
   model = _perturbed(model)
   cfg = dict(embed_dim=768, init_logit_bias=-10, custom_text=True, vision_cfg=vision_cfg,
@@ -137,8 +139,68 @@ def make_open_clip_siglip(directory):
   return model
 
 
+def make_big_vision_siglip(directory):
+  """big_vision's SigLIP .npz, written from a transformers SiglipModel by the
+  name mapping of transformers' convert_siglip_to_hf.py, read backwards:
+  attention kernels keep their heads axis ([width, heads, head dim])."""
+  model = make_hf_siglip(directory.parent / 'bv_reference')
+  directory.mkdir()
+  shutil.copy(directory.parent / 'bv_reference' / 'spiece.model', directory / 'c4_en.model')
+  w = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  heads = model.config.vision_config.num_attention_heads
+  out = {}
+
+  def dense(name, key):
+    out[f'{name}/kernel'], out[f'{name}/bias'] = w[f'{key}.weight'].T, w[f'{key}.bias']
+
+  def norm(name, key):
+    out[f'{name}/scale'], out[f'{name}/bias'] = w[f'{key}.weight'], w[f'{key}.bias']
+
+  def attention(name, weights, biases, out_key, h):
+    for part, weight, bias in zip(('query', 'key', 'value'), weights, biases):
+      out[f'{name}/{part}/kernel'] = weight.T.reshape(weight.shape[1], h, -1)
+      out[f'{name}/{part}/bias'] = bias.reshape(h, -1)
+    out[f'{name}/out/kernel'] = w[f'{out_key}.weight'].T.reshape(h, -1, w[f'{out_key}.weight'].shape[0])
+    out[f'{name}/out/bias'] = w[f'{out_key}.bias']
+
+  def block(name, key, h):
+    norm(f'{name}/LayerNorm_0', f'{key}.layer_norm1')
+    norm(f'{name}/LayerNorm_1', f'{key}.layer_norm2')
+    dense(f'{name}/MlpBlock_0/Dense_0', f'{key}.mlp.fc1')
+    dense(f'{name}/MlpBlock_0/Dense_1', f'{key}.mlp.fc2')
+    attention(f'{name}/MultiHeadDotProductAttention_0',
+              [w[f'{key}.self_attn.{x}_proj.weight'] for x in 'qkv'],
+              [w[f'{key}.self_attn.{x}_proj.bias'] for x in 'qkv'], f'{key}.self_attn.out_proj', h)
+
+  v, x = 'vision_model', 'text_model'
+  out['params/img/embedding/kernel'] = w[f'{v}.embeddings.patch_embedding.weight'].transpose(2, 3, 1, 0)
+  out['params/img/embedding/bias'] = w[f'{v}.embeddings.patch_embedding.bias']
+  out['params/img/pos_embedding'] = w[f'{v}.embeddings.position_embedding.weight'][None]
+  for i in range(model.config.vision_config.num_hidden_layers):
+    block(f'params/img/Transformer/encoderblock_{i}', f'{v}.encoder.layers.{i}', heads)
+  norm('params/img/Transformer/encoder_norm', f'{v}.post_layernorm')
+  out['params/img/MAPHead_0/probe'] = w[f'{v}.head.probe']
+  in_w, in_b = w[f'{v}.head.attention.in_proj_weight'], w[f'{v}.head.attention.in_proj_bias']
+  attention('params/img/MAPHead_0/MultiHeadDotProductAttention_0', np.split(in_w, 3),
+            np.split(in_b, 3), f'{v}.head.attention.out_proj', heads)
+  norm('params/img/MAPHead_0/LayerNorm_0', f'{v}.head.layernorm')
+  dense('params/img/MAPHead_0/MlpBlock_0/Dense_0', f'{v}.head.mlp.fc1')
+  dense('params/img/MAPHead_0/MlpBlock_0/Dense_1', f'{v}.head.mlp.fc2')
+  out['params/txt/Embed_0/embedding'] = w[f'{x}.embeddings.token_embedding.weight']
+  out['params/txt/pos_embedding'] = w[f'{x}.embeddings.position_embedding.weight'][None]
+  for i in range(model.config.text_config.num_hidden_layers):
+    block(f'params/txt/Encoder_0/encoderblock_{i}', f'{x}.encoder.layers.{i}',
+          model.config.text_config.num_attention_heads)
+  norm('params/txt/Encoder_0/encoder_norm', f'{x}.final_layer_norm')
+  dense('params/txt/head', f'{x}.head')
+  out['params/t'], out['params/b'] = w['logit_scale'], w['logit_bias']
+  np.savez(directory / 'siglip_b8_32.npz', **out)
+  return model
+
+
 MAKERS = {'transformers_clip': make_hf_clip, 'transformers_siglip': make_hf_siglip,
-          'open_clip': make_open_clip, 'open_clip_siglip': make_open_clip_siglip}
+          'open_clip': make_open_clip, 'open_clip_siglip': make_open_clip_siglip,
+          'big_vision_siglip': make_big_vision_siglip}
 
 
 @pytest.fixture(scope='module')
@@ -152,7 +214,8 @@ def _reference_ids(name, directory, texts, length):
   """Token ids from the source's own tokenizer."""
   if name.endswith('siglip'):
     from transformers import SiglipTokenizer  # pylint: disable=g-import-not-at-top
-    tok = SiglipTokenizer(vocab_file=str(directory / 'spiece.model'))
+    vocab = directory / ('c4_en.model' if name.startswith('big_vision') else 'spiece.model')
+    tok = SiglipTokenizer(vocab_file=str(vocab))
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')
       return np.asarray(tok(texts, padding='max_length', max_length=length,
@@ -184,6 +247,8 @@ def imported(sources):
   from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
   out = {}
   for name, (directory, _) in sources.items():
+    if name.startswith('big_vision'):  # SOURCE is the .npz itself (or its folder)
+      directory = directory / 'siglip_b8_32.npz'
     _, _, exp, state = importer.load_source(directory)
     out[name] = exp, state
   return out
@@ -265,6 +330,10 @@ def test_exported_embedders_equal_the_source(name, sources, workdirs, tmp_path):
   want_image, want_text = _reference_embeddings(name, reference, normalized, ids)
   embed = jax.export.deserialize(output.read_bytes())
   embed_text = jax.export.deserialize((tmp_path / metadata['text']['file']).read_bytes())
+  # The tokenizer's vocabulary or model travels with the artifacts.
+  spec = metadata['tokenizer']
+  copied = tmp_path / spec['vocab_file' if spec['type'] == 'clip_bpe' else 'model_file']
+  assert hashlib.sha256(copied.read_bytes()).hexdigest() == spec['sha256']
   np.testing.assert_allclose(np.asarray(embed.call(images)), want_image, atol=TOLERANCE, rtol=0)
   np.testing.assert_allclose(np.asarray(embed_text.call(ids.astype(np.int32))), want_text,
                              atol=TOLERANCE, rtol=0)
@@ -370,3 +439,64 @@ def test_preset_architectures_match_open_clip_configs():
       assert values['model.vit.patch_size'] == v['patch_size'], name
       assert values['model.vit.heads'] == v['width'] // v.get('head_width', 64), name
       assert (values['model.vit.act'] == 'quick_gelu') == bool(cfg.get('quick_gelu')), name
+
+
+@pytest.mark.parametrize('family', ['clip', 'siglip'])
+def test_transformers_defaults_fill_a_sparse_config_json(family, tmp_path):
+  """A config.json that leaves sizes out (Google's SigLIP releases do) means
+  transformers' defaults; jaxcl reads the same sizes."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from jaxcl.hub import transformers_layout  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'config.json').write_text(json.dumps({'model_type': family}))
+  values = transformers_layout.architecture(tmp_path)
+  config = (transformers.CLIPConfig() if family == 'clip' else transformers.SiglipConfig())
+  v, x = config.vision_config, config.text_config
+  acts = transformers_layout.ACTIVATIONS
+  assert values['model.vit.width'] == v.hidden_size and values['model.vit.depth'] == v.num_hidden_layers
+  assert values['model.vit.heads'] == v.num_attention_heads
+  assert values['model.vit.mlp_dim'] == v.intermediate_size
+  assert values['model.vit.patch_size'] == v.patch_size
+  assert values['augment.image_size'] == v.image_size
+  assert values['model.vit.act'] == acts[v.hidden_act] and values['text.act'] == acts[x.hidden_act]
+  assert values['model.vit.norm_eps'] == v.layer_norm_eps and values['text.norm_eps'] == x.layer_norm_eps
+  assert values['text.width'] == x.hidden_size and values['text.depth'] == x.num_hidden_layers
+  assert values['text.heads'] == x.num_attention_heads
+  assert values['text.mlp_dim'] == x.intermediate_size
+  assert values['text.max_length'] == x.max_position_embeddings
+  if family == 'clip':
+    assert values['model.embed_dim'] == config.projection_dim
+
+
+def test_half_precision_tensors_read_as_torch_widens_them(tmp_path):
+  """bfloat16 (which numpy lacks, read from the file's own offsets) and
+  float16 tensors become the float32 values torch gives."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  from jaxcl.hub import tensors  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  saved = {'a': torch.randn(3, 5).to(torch.bfloat16), 'b': torch.randn(7).half(),
+           'c': torch.randn(2, 2)}
+  save_file(saved, str(tmp_path / 'w.safetensors'))
+  read = tensors.Tensors(tmp_path / 'w.safetensors')
+  for key, value in saved.items():
+    np.testing.assert_array_equal(read[key], value.float().numpy())
+    assert read.shapes[key] == tuple(value.shape)
+
+
+def test_timm_siglip_definitions_as_the_importer_reads_them():
+  """Heads and activation of every timm SigLIP ViT with the map pool, as
+  timm defines them (built on the meta device: no weights)."""
+  import re  # pylint: disable=g-import-not-at-top
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from jaxcl.hub import open_clip_layout as layout  # pylint: disable=g-import-not-at-top
+  names = [n for n in timm.list_models('vit_*siglip*') if '_gap_' not in n]
+  assert len(names) > 10
+  for name in names:
+    size = re.fullmatch(layout.TIMM_SIGLIP_NAME, name).group(1)
+    with torch.device('meta'):
+      model = timm.create_model(name)
+    act = model.blocks[0].mlp.act
+    tanh = type(act).__name__ == 'GELUTanh' or getattr(act, 'approximate', '') == 'tanh'
+    assert tanh == (name in layout.TIMM_SIGLIP_TANH), name
+    assert model.blocks[0].attn.num_heads == layout.TIMM_SIGLIP_HEADS[size], name

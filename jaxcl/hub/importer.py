@@ -10,7 +10,6 @@ nothing behind.
 from __future__ import annotations
 
 import math
-import shutil
 import uuid
 
 import jax
@@ -19,22 +18,17 @@ import numpy as np
 from etils import epath
 
 from jaxcl import checkpoints, config as config_lib, data, errors, run_files
-from jaxcl import tokenizers
-from jaxcl.hub import open_clip_layout, tensors as t, transformers_layout
+from jaxcl import param_groups, tokenizers
+from jaxcl.hub import big_vision_layout, open_clip_layout, tensors as t, transformers_layout
 
-LAYOUTS = (open_clip_layout, transformers_layout)
+LAYOUTS = (open_clip_layout, transformers_layout, big_vision_layout)
+param_path = param_groups.path_name  # (the name the importer's rules use)
 DEFAULT_DATASET = 'captioned_shapes'  # embedded: `jaxcl eval` runs on an import as it is
 
 
-def param_path(key_path) -> str:
-  """'image_encoder/blocks/0/attention/qkv/kernel' of a jax key path into
-  an nnx.State of parameters."""
-  parts = [str(getattr(k, 'key', getattr(k, 'idx', ''))) for k in key_path
-           if not isinstance(k, jax.tree_util.GetAttrKey)]
-  return '/'.join(parts)
-
-
 def _layout(source: epath.Path):
+  if source.suffix == '.npz' and source.is_file():
+    return big_vision_layout
   if not source.is_dir():
     if source.suffix in t.TORCH_FILES:
       raise t.SourceError(t.torch_file_message(source))
@@ -49,8 +43,8 @@ def _layout(source: epath.Path):
         raise t.SourceError(f'{source} has no {layout.weights(source).name}')
       return layout
   raise t.SourceError(f'{source} holds no checkpoint jaxcl knows: neither '
-                      f'{open_clip_layout.CONFIG} (open_clip) nor a CLIP or SigLIP '
-                      f'{transformers_layout.CONFIG} (transformers)')
+                      f'{open_clip_layout.CONFIG} (open_clip), a CLIP or SigLIP '
+                      f'{transformers_layout.CONFIG} (transformers) nor one big_vision .npz')
 
 
 TOKENIZER_FILES = {'clip_bpe': ('tokenizer.json', 'bpe_simple_vocab_16e6.txt.gz'),
@@ -63,8 +57,11 @@ def _tokenizer_file(source, kind, explicit) -> str:
   if explicit:
     path = epath.Path(explicit)
   else:
+    folder = source if source.is_dir() else source.parent  # (a big_vision .npz)
     names = TOKENIZER_FILES[kind]
-    found = [source / n for n in names if (source / n).exists()]
+    found = [folder / n for n in names if (folder / n).exists()]
+    if not found and kind == 'sentencepiece':  # big_vision's are named for their corpus
+      found = sorted(folder.glob('*.model'))[:1]
     if not found:
       raise t.SourceError(f'{source} has no tokenizer file ({" or ".join(names)}); pass '
                           f'--tokenizer FILE')
@@ -75,8 +72,8 @@ def _tokenizer_file(source, kind, explicit) -> str:
 
 
 def build_config(source, tensors: t.Tensors, layout, tokenizer_file=None):
-  values = (layout.architecture(source, tensors.shapes) if layout is open_clip_layout
-            else layout.architecture(source))
+  """The config of the checkpoint, and the rules that convert its tensors."""
+  values = layout.architecture(source, tensors.shapes)
   config = config_lib.base_config()
   config.method = values.pop('method')
   config.update_from_flattened_dict({k: (list(v) if isinstance(v, tuple) else v)
@@ -86,12 +83,16 @@ def build_config(source, tensors: t.Tensors, layout, tokenizer_file=None):
                                                                          tokenizer_file)})
   config.name = f'imported from {source.name}'
   config.dataset.name = DEFAULT_DATASET
-  tau = math.exp(float(-tensors['logit_scale'].reshape(())))
+  rules = {r.target: r for r in layout.rules(_values(config), tensors.shapes)}
+  converted = lambda target: float(rules[target].convert(
+      *(tensors[s] for s in rules[target].sources)))
+  # τ and SigLIP's bias are config values too: a fresh run from this config starts there.
+  tau = math.exp(converted('temperature/log_tau'))
   t_cfg = config.temperature
   t_cfg.init, t_cfg.min, t_cfg.max = tau, min(t_cfg.min, tau), max(t_cfg.max, tau)
-  if 'logit_bias' in tensors:
-    t_cfg.bias_init = float(tensors['logit_bias'].reshape(()))
-  return config
+  if 'bias/value' in rules:
+    t_cfg.bias_init = converted('bias/value')
+  return config, list(rules.values())
 
 
 def convert_params(rules, tensors: t.Tensors, abstract_params, ignored_suffixes=()):
@@ -102,7 +103,7 @@ def convert_params(rules, tensors: t.Tensors, abstract_params, ignored_suffixes=
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
   out = []
   for key_path, leaf in leaves:
-    target = param_path(key_path)
+    target = param_groups.path_name(key_path)
     if target not in by_target:
       raise t.SourceError(f'the checkpoint has nothing for jaxcl\'s parameter {target}')
     r = by_target.pop(target)
@@ -133,28 +134,21 @@ def load_source(source, tokenizer_file=None):
   source = epath.Path(source)
   layout = _layout(source)
   tensors = t.Tensors(layout.weights(source))
-  config = build_config(source, tensors, layout, tokenizer_file)
+  config, rules = build_config(source, tensors, layout, tokenizer_file)
   config_lib.validate(config, check_data=False)
   tokenizer = tokenizers.build_tokenizer(config.text)
-  vocab = tensors.shapes.get(_embedding_key(tensors))
+  embedding = next(r.sources[0] for r in rules if r.target == 'text_encoder/embed/embedding')
+  vocab = tensors.shapes.get(embedding)
   if vocab and vocab[0] != tokenizer.vocab_size:
     raise t.SourceError(f'the tokenizer has {tokenizer.vocab_size} ids, the checkpoint\'s token '
-                        f'embedding {vocab[0]}')
+                        f'embedding {embedding} {vocab[0]}')
   size = config.augment.image_size
   info = data.DatasetInfo((size, size, 3), 0, ())
   exp = experiment.setup(config, tokenizer=tokenizer, info=info)
   abstract = exp.abstract_state()
-  params = convert_params(layout.rules(_values(config), tensors.shapes), tensors,
-                          abstract.params, layout.IGNORED_SUFFIXES)
+  params = convert_params(rules, tensors, abstract.params, layout.IGNORED_SUFFIXES)
   params = jax.device_put(params, exp.state_sharding.params)
   return config, tokenizer, exp, exp.state_from_params(params)
-
-
-def _embedding_key(tensors):
-  for k in tensors.keys():
-    if k.endswith('token_embedding.weight'):
-      return k
-  return None
 
 
 def _values(config) -> dict:
@@ -180,8 +174,8 @@ def import_checkpoint(source, output, tokenizer_file=None) -> dict:
       output.rmdir()
     staging.rename(output)
   finally:
-    if staging.exists():
-      shutil.rmtree(staging, ignore_errors=True)
+    if staging.exists():  # a failed write: nothing half-written is left
+      staging.rmtree(missing_ok=True)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   return {'workdir': str(output), 'method': config.method, 'parameters': n,
           'temperature': config.temperature.init, 'image_size': config.augment.image_size}

@@ -4,6 +4,7 @@ towers, and SigLIP with timm's image tower, as open_clip saves them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -13,7 +14,17 @@ from jaxcl.hub import tensors as t
 CONFIG = 'open_clip_config.json'
 WEIGHTS = 'open_clip_model.safetensors'
 # timm's SigLIP image towers: heads by size (timm's vit_*_siglip_* definitions).
-TIMM_SIGLIP_HEADS = {'base': 12, 'large': 16, 'so400m': 16, 'giant': 16}
+TIMM_SIGLIP_HEADS = {'base': 12, 'large': 16, 'so400m': 16, 'giantopt': 16}
+# The timm SigLIP definitions whose MLPs use GELU's tanh approximation (as
+# big_vision trained them); the others compute exact GELU, and open_clip's
+# forward pass with them is what an import must reproduce (checked against
+# timm's definitions in tests/test_import.py).
+TIMM_SIGLIP_TANH = frozenset({
+    'vit_base_patch32_siglip_256', 'vit_large_patch16_siglip_512',
+    'vit_giantopt_patch16_siglip_256', 'vit_giantopt_patch16_siglip_384',
+    'vit_so400m_patch16_siglip_256', 'vit_so400m_patch16_siglip_384',
+    'vit_so400m_patch16_siglip_512'})
+TIMM_SIGLIP_NAME = r'vit_([a-z0-9]+)_patch(\d+)_siglip_(\d+)'  # size, patch, resolution
 IGNORED_SUFFIXES = ('attn_mask',)
 
 
@@ -45,7 +56,8 @@ def architecture(source, keys) -> dict:
   siglip = 'logit_bias' in keys
   text_width = x.get('width', 512)
   act = 'quick_gelu' if m.get('quick_gelu') else 'gelu'
-  text_act = ('gelu_tanh' if x.get('act_kwargs', {}).get('approximate') == 'tanh' else act)
+  tanh = lambda cfg: (cfg.get('act_kwargs') or {}).get('approximate') == 'tanh'
+  text_act = 'gelu_tanh' if tanh(x) else act
   pool = {'argmax': 'eot', 'eos': 'eot', 'last': 'last'}.get(x.get('pool_type', 'argmax'))
   if pool is None:
     raise t.SourceError(f'{CONFIG}: text_cfg.pool_type {x["pool_type"]!r} is not one jaxcl has')
@@ -71,7 +83,8 @@ def architecture(source, keys) -> dict:
         'model.vit.depth': v.get('layers', 12),
         'model.vit.heads': width // v.get('head_width', 64),
         'model.vit.mlp_dim': int(width * v.get('mlp_ratio', 4.0)), 'model.vit.pool': 'cls',
-        'model.vit.act': act, 'model.vit.norm_eps': v.get('norm_kwargs', {}).get('eps', 1e-5),
+        'model.vit.act': 'gelu_tanh' if tanh(v) else act,
+        'model.vit.norm_eps': v.get('norm_kwargs', {}).get('eps', 1e-5),
         'model.vit.pre_norm': True, 'model.vit.patch_bias': False,
         'model.image_projection': True,
     })
@@ -82,7 +95,7 @@ def architecture(source, keys) -> dict:
 
 def _timm_vision(v, keys) -> dict:
   name = v['timm_model_name']
-  found = re.fullmatch(r'vit_([a-z0-9]+)_patch(\d+)_siglip_\d+', name)
+  found = re.fullmatch(TIMM_SIGLIP_NAME, name)
   if not found or found.group(1) not in TIMM_SIGLIP_HEADS or v.get('timm_pool') != 'map':
     raise t.SourceError(f'{CONFIG}: vision_cfg.timm_model_name {name!r} with pool '
                         f'{v.get("timm_pool")!r} is not an image tower jaxcl has (timm SigLIP '
@@ -96,7 +109,9 @@ def _timm_vision(v, keys) -> dict:
           'model.vit.depth': t.count_blocks(keys, f'{trunk}blocks.'),
           'model.vit.heads': TIMM_SIGLIP_HEADS[found.group(1)],
           'model.vit.mlp_dim': _shape(keys, f'{trunk}blocks.0.mlp.fc1.weight')[0],
-          'model.vit.pool': 'map', 'model.vit.act': 'gelu_tanh', 'model.vit.norm_eps': 1e-6,
+          'model.vit.pool': 'map',
+          'model.vit.act': 'gelu_tanh' if name in TIMM_SIGLIP_TANH else 'gelu',
+          'model.vit.norm_eps': 1e-6,
           'model.vit.pre_norm': False, 'model.vit.patch_bias': True,
           'model.image_projection': False}
 
@@ -117,34 +132,62 @@ _TIMM_BLOCK = dict(norm1='norm1', norm2='norm2', out='attn.proj', mlp_in='mlp.fc
                    mlp_out='mlp.fc2', qkv='attn.qkv.')
 
 
-def rules(values: dict, keys) -> list[t.Rule]:
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What open_clip's tensor names depend on beyond jaxcl's parameters: read
+  from a checkpoint's tensor names (`source_layout`) on import, made from a
+  jaxcl config on export (jaxcl.hub.open_clip_export)."""
+  text_prefix: str  # 'text.': CustomTextCLIP's text tower; '': CLIP's own
+  text_depth: int
+  image_depth: int
+  timm: bool  # a timm SigLIP trunk (visual.trunk.*), else open_clip's ViT (visual.*)
+  projection_parameter: bool  # text_projection a [width, embed] parameter, else a Linear
+  projection_bias: bool  # the Linear's bias
+  logit_bias: bool
+
+
+def source_layout(values: dict, keys) -> Layout:
   text = 'text.' if any(k.startswith('text.transformer.') for k in keys) else ''
+  timm = 'visual.trunk.pos_embed' in keys
+  image_blocks = 'visual.trunk.blocks.' if timm else 'visual.transformer.resblocks.'
+  return Layout(text_prefix=text, text_depth=t.count_blocks(keys, f'{text}transformer.resblocks.'),
+                image_depth=t.count_blocks(keys, image_blocks), timm=timm,
+                projection_parameter=f'{text}text_projection' in keys,
+                projection_bias=values['text.projection_bias'], logit_bias='logit_bias' in keys)
+
+
+def rules(values: dict, keys) -> list[t.Rule]:
+  return layout_rules(source_layout(values, keys))
+
+
+def layout_rules(layout: Layout) -> list[t.Rule]:
+  text = layout.text_prefix
   r = [t.rule('text_encoder/embed/embedding', f'{text}token_embedding.weight'),
        t.rule('text_encoder/position', f'{text}positional_embedding', t.leading_one),
        *t.norm('text_encoder/norm', f'{text}ln_final'),
        t.rule('temperature/log_tau', 'logit_scale', t.negated_scalar)]
-  for i in range(t.count_blocks(keys, f'{text}transformer.resblocks.')):
+  for i in range(layout.text_depth):
     r += t.block(f'text_encoder/blocks/{i}', f'{text}transformer.resblocks.{i}', _BLOCK)
-  if f'{text}text_projection' in keys:  # a parameter [width, embed]: x @ proj
+  if layout.projection_parameter:  # a parameter [width, embed]: x @ proj
     r.append(t.rule('text_proj/kernel', f'{text}text_projection'))
   else:
-    r += t.dense('text_proj', f'{text}text_projection', bias=values['text.projection_bias'])
-  if 'logit_bias' in keys:
+    r += t.dense('text_proj', f'{text}text_projection', bias=layout.projection_bias)
+  if layout.logit_bias:
     r.append(t.rule('bias/value', 'logit_bias', t.scalar))
-  if 'visual.trunk.pos_embed' in keys:
-    return r + _timm_rules(keys)
+  if layout.timm:
+    return r + _timm_rules(layout.image_depth)
   r += [t.rule('image_encoder/patchify/kernel', 'visual.conv1.weight', t.conv),
         t.rule('image_encoder/cls', 'visual.class_embedding', t.leading_one),
         t.rule('image_encoder/position', 'visual.positional_embedding', t.leading_one),
         *t.norm('image_encoder/pre_norm', 'visual.ln_pre'),
         *t.norm('image_encoder/norm', 'visual.ln_post'),
         t.rule('image_proj/kernel', 'visual.proj')]
-  for i in range(t.count_blocks(keys, 'visual.transformer.resblocks.')):
+  for i in range(layout.image_depth):
     r += t.block(f'image_encoder/blocks/{i}', f'visual.transformer.resblocks.{i}', _BLOCK)
   return r
 
 
-def _timm_rules(keys) -> list[t.Rule]:
+def _timm_rules(depth: int) -> list[t.Rule]:
   trunk, pool = 'visual.trunk', 'visual.trunk.attn_pool'
   r = [t.rule('image_encoder/patchify/kernel', f'{trunk}.patch_embed.proj.weight', t.conv),
        t.rule('image_encoder/patchify/bias', f'{trunk}.patch_embed.proj.bias'),
@@ -157,7 +200,7 @@ def _timm_rules(keys) -> list[t.Rule]:
        *t.norm('image_encoder/map_head/norm', f'{pool}.norm'),
        *t.dense('image_encoder/map_head/mlp_in', f'{pool}.mlp.fc1'),
        *t.dense('image_encoder/map_head/mlp_out', f'{pool}.mlp.fc2')]
-  for i in range(t.count_blocks(keys, f'{trunk}.blocks.')):
+  for i in range(depth):
     r += t.block(f'image_encoder/blocks/{i}', f'{trunk}.blocks.{i}', _TIMM_BLOCK)
   return r
 

@@ -1,14 +1,19 @@
-"""Reading a checkpoint's tensors one at a time, and the rules that turn
-them into jaxcl parameters.
+"""Reading a checkpoint's tensors one at a time, the rules that turn them
+into jaxcl parameters, and (export) their inverses and a streaming writer.
 
 Safetensors are read with the `safetensors` package as numpy arrays, never
 through pickle, and lazily: a tensor is read when its rule asks for it, so
 importing holds the converted parameters and one source tensor at a time.
+`write_safetensors` writes the header first and then one tensor at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
+import struct
 from typing import Callable, Sequence
 
 import numpy as np
@@ -32,7 +37,7 @@ class Tensors:
       raise SourceError(torch_file_message(self.path))
     if self.path.suffix == '.npz':
       self._npz = np.load(self.path, allow_pickle=False)
-      self.shapes = {k: None for k in self._npz.files}
+      self.shapes = _npz_shapes(self.path)
     else:
       from safetensors import safe_open  # pylint: disable=g-import-not-at-top
       self._file = safe_open(str(self.path), framework='numpy')
@@ -49,8 +54,41 @@ class Tensors:
     if key not in self.shapes:
       raise SourceError(f'{self.path.name} has no tensor {key!r}, which its config implies')
     self.used.add(key)
-    array = self._npz[key] if hasattr(self, '_npz') else self._file.get_tensor(key)
+    if hasattr(self, '_npz'):
+      array = self._npz[key]
+    elif self._file.get_slice(key).get_dtype() == 'BF16':  # numpy has no bfloat16
+      array = _read_bfloat16(self.path, key)
+    else:
+      array = self._file.get_tensor(key)
     return np.asarray(array, np.float32)
+
+
+def _read_bfloat16(path, key) -> np.ndarray:
+  """A BF16 tensor of a .safetensors file, read from the offsets its header
+  gives (the format: 8-byte header size, JSON header, raw little-endian data)."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top  # jax's own dependency
+  with epath.Path(path).open('rb') as f:
+    size = struct.unpack('<Q', f.read(8))[0]
+    entry = json.loads(f.read(size))[key]
+    start, end = entry['data_offsets']
+    f.seek(8 + size + start)
+    raw = f.read(end - start)
+  return np.frombuffer(raw, ml_dtypes.bfloat16).reshape(entry['shape'])
+
+
+def _npz_shapes(path) -> dict:
+  """{name: shape} of an .npz from its members' .npy headers, no array read."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  shapes = {}
+  with zipfile.ZipFile(epath.Path(path).open('rb')) as archive:
+    for member in archive.namelist():
+      with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        shape = read(f)[0] if read else np.lib.format.read_array(f).shape
+      shapes[member.removesuffix('.npy')] = tuple(shape)
+  return shapes
 
 
 def torch_file_message(path) -> str:
@@ -101,6 +139,30 @@ def scalar(x):
   return x.reshape(())
 
 
+# Flax layouts -> torch layouts (jaxcl export --format open_clip): each one-source
+# conversion's inverse. They use only array methods, so jax.eval_shape gives the shapes.
+def _drop_leading_ones(x):  # [1, 1, d] -> [d], [1, n, d] -> [n, d] (n > 1)
+  return x.reshape(x.shape[2:] if x.shape[1] == 1 else x.shape[1:])
+
+
+INVERSES = {
+    linear: lambda kernel: kernel.T,
+    conv: lambda kernel: kernel.transpose(3, 2, 0, 1),
+    same: same,
+    leading_one: _drop_leading_ones,
+    negated_scalar: lambda log_tau: -log_tau,  # a 0-d logit scale, open_clip's own shape
+    scalar: same,
+}
+
+
+def inverse(r: Rule) -> Callable[[np.ndarray], np.ndarray]:
+  """The function from a jaxcl parameter back to the one tensor of `r`."""
+  if len(r.sources) != 1 or r.convert not in INVERSES:
+    raise ValueError(f'{r.target} comes from {len(r.sources)} tensors by {r.convert.__name__}, '
+                     f'which has no inverse here')
+  return INVERSES[r.convert]
+
+
 def rule(target, sources: str | Sequence[str], convert=same) -> Rule:
   return Rule(target, (sources,) if isinstance(sources, str) else tuple(sources), convert)
 
@@ -136,9 +198,33 @@ def block(target, source, names: dict) -> list[Rule]:
 
 
 def count_blocks(keys, prefix: str) -> int:
-  """How many numbered blocks `prefix{i}.` the keys hold."""
-  found = {int(k[len(prefix):].split('.')[0]) for k in keys
-           if k.startswith(prefix) and k[len(prefix):].split('.')[0].isdigit()}
+  """How many numbered blocks `prefix{i}.` (or `prefix{i}/`) the keys hold."""
+  number = lambda k: re.split(r'[./]', k[len(prefix):])[0]
+  found = {int(number(k)) for k in keys if k.startswith(prefix) and number(k).isdigit()}
   if found != set(range(len(found))):
     raise SourceError(f'the blocks {prefix}N are not numbered 0..{len(found) - 1}')
   return len(found)
+
+
+def write_safetensors(path, entries, metadata: dict | None = None) -> None:
+  """Writes a .safetensors file of float32 tensors from `entries`, a list of
+  (name, shape, fetch) where fetch() returns that tensor: the header first
+  (names, shapes, offsets), then each tensor as it is fetched, so that at
+  most one of them is in memory."""
+  header, offset = {}, 0
+  for name, shape, _ in entries:
+    size = 4 * math.prod(shape)
+    header[name] = {'dtype': 'F32', 'shape': list(shape), 'data_offsets': [offset, offset + size]}
+    offset += size
+  if metadata:
+    header['__metadata__'] = metadata
+  raw = json.dumps(header, separators=(',', ':')).encode()
+  raw += b' ' * (-len(raw) % 8)  # the data starts 8-byte aligned
+  with epath.Path(path).open('wb') as f:
+    f.write(struct.pack('<Q', len(raw)))
+    f.write(raw)
+    for name, shape, fetch in entries:
+      value = np.ascontiguousarray(fetch(), dtype='<f4')
+      if value.size != math.prod(shape):
+        raise ValueError(f'tensor {name} has shape {value.shape}, its header says {tuple(shape)}')
+      f.write(value.tobytes())

@@ -28,8 +28,9 @@ def _act(name, where):
   return ACTIVATIONS[name]
 
 
-def architecture(source) -> dict:
+def architecture(source, keys=None) -> dict:
   """The config values (flattened keys) of the model `source` holds."""
+  del keys  # config.json says it all
   cfg = json.loads((source / CONFIG).read_text())
   family = cfg['model_type']
   v, x = cfg.get('vision_config', {}), cfg.get('text_config', {})

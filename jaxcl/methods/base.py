@@ -20,12 +20,18 @@ from jaxcl import augment
 class Encoders:
   """A frozen model's jitted embedding functions, bound to its weights, for
   evaluation: `image` (uint8 images [b, H, W, C] -> [b, D]) and, for a
-  method with a text tower, `text` (token ids int32 [b, L] -> [b, D])."""
+  method with a text tower, `text` (token ids int32 [b, L] -> [b, D]).
+  workdir, step, weights: where evaluation may cache what depends only on
+  the weights (jaxcl.zeroshot_cache), their step and fingerprint; workdir
+  None: nothing is cached."""
   config: Any
   mesh: jax.sharding.Mesh
   image: Callable
   text: Callable | None = None
   tokenizer: Any = None
+  workdir: Any = None
+  step: int = 0
+  weights: str = ''
 
 
 class Method(abc.ABC):
@@ -41,6 +47,11 @@ class Method(abc.ABC):
   image_output = ''
   # What the run's log says when the evaluation data has no labels.
   skipped_without_labels = ''
+  # The parts init.load can name (presets.LOADABLE): part -> {role: the model
+  # attribute holding it}. Loading a part copies each role both models have,
+  # so a SimCLR encoder becomes a CLIP image encoder (LiT).
+  towers: dict = {'image': {'encoder': 'encoder'},
+                  'temperature': {'temperature': 'temperature', 'bias': 'bias'}}
 
   def check_config(self, config) -> None:
     """Raises errors.ConfigError for values this method cannot run with."""

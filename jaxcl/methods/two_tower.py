@@ -12,17 +12,26 @@ import numpy as np
 from flax import nnx
 
 from jaxcl import augment, data, errors, evaluate, files, models, presets, tokenizers
+from jaxcl import zeroshot_cache, zeroshot_suite
 from jaxcl.methods import base
 
 
 class TwoTowerEvalData:
-  """The test split with its captions (retrieval) and a labeled split with
-  class names and prompt templates (zero-shot; by default the same split)."""
+  """The test split with its captions (retrieval), a labeled split with
+  class names and prompt templates (zero-shot; by default the same split),
+  and the suite of eval.zeroshot and eval.retrieval (`suite`, `retrieval`:
+  lists of jaxcl.zeroshot_suite.Opened)."""
 
   def __init__(self, config, dataset):
     d = config.dataset
     self.num_classes, self.class_names, self.templates = 0, (), ()
     self.test = self.zeroshot = None
+    entries = [zeroshot_suite.parse_all(config.eval[group], group)
+               for group in zeroshot_suite.GROUPS]
+    channels = (dataset.split(d.train_split, with_text=True)[1].image_shape[-1]
+                if any(entries) else 0)
+    self.suite, self.retrieval = ([zeroshot_suite.open_entry(entry, config, channels)
+                                   for entry in group] for group in entries)
     missing = base.missing_eval_split(config, dataset)
     if missing:
       self.skip_reason = f'{missing} does not exist'
@@ -36,7 +45,7 @@ class TwoTowerEvalData:
 
   @property
   def evaluates(self) -> bool:
-    return self.test is not None
+    return self.test is not None or bool(self.suite or self.retrieval)
 
 
 def zeroshot_data(config, dataset, with_captions: bool = False):
@@ -77,6 +86,9 @@ class TwoTower(base.Method):
 
   batch_keys = ('image', 'text')
   text_tower = True
+  towers = {'image': {'encoder': 'image_encoder', 'projection': 'image_proj'},
+            'text': {'encoder': 'text_encoder', 'projection': 'text_proj'},
+            'temperature': {'temperature': 'temperature', 'bias': 'bias'}}
   image_output = 'L2-normalized image embeddings (the shared image-text space)'
   skipped_without_labels = 'zero-shot classification is skipped'
 
@@ -150,36 +162,33 @@ class TwoTower(base.Method):
     return TwoTowerEvalData(config, dataset)
 
   def evaluate(self, encoders, eval_data):
-    """Zero-shot top-1/5 (when a labeled split is there) and image-to-text /
-    text-to-image recall@1/5/10."""
+    """Zero-shot top-1/5 (when a labeled split is there), image-to-text /
+    text-to-image recall@1/5/10, then the suite's zeroshot/KEY/top1|top5 and
+    retrieval/KEY/i2t_r1 ... (jaxcl.zeroshot_suite)."""
+    suite = {}
+    for entry in eval_data.suite:
+      scores = _zeroshot(encoders, entry.source, entry.class_names, entry.templates)[0]
+      suite.update({f'zeroshot/{entry.key}/{k.removeprefix("zeroshot_")}': v
+                    for k, v in scores.items()})
+    for entry in eval_data.retrieval:
+      captions = [entry.source[i]['captions'] for i in range(len(entry.source))]
+      scores = _retrieval(encoders, None, entry.source, captions)
+      suite.update({f'retrieval/{entry.key}/{k}': v for k, v in scores.items()})
     if eval_data.test is None:
-      return {}
-    batch_size, mesh = encoders.config.eval.batch_size, encoders.mesh
-    results = {}
+      return suite
+    results, images = {}, None
     if eval_data.num_classes:
-      prompts = [t.format(name) for name in eval_data.class_names for t in eval_data.templates]
-      text = evaluate.embed_rows(encoders.text, mesh, encoders.tokenizer.encode(prompts),
-                                 batch_size=batch_size)
-      classifier = evaluate.zeroshot_classifier(
-          text.reshape(len(eval_data.class_names), len(eval_data.templates), -1))
-      images, labels = evaluate.extract_features(encoders.image, mesh, eval_data.zeroshot,
-                                                 batch_size=batch_size)
-      keep = labels >= 0  # images without a single class label (e.g. two shapes) are not scored
-      results.update(evaluate.zeroshot_accuracy(images[keep], labels[keep], classifier))
-    if eval_data.zeroshot is eval_data.test and eval_data.num_classes:
-      test_images = images
-    else:
-      test_images, _ = evaluate.extract_features(encoders.image, mesh, eval_data.test,
-                                                 batch_size=batch_size)
-    captions = [c for caps in eval_data.captions for c in caps]
-    owner = np.repeat(np.arange(len(eval_data.captions)), [len(c) for c in eval_data.captions])
-    text = evaluate.embed_rows(encoders.text, mesh, encoders.tokenizer.encode(captions),
-                               batch_size=batch_size)
-    results.update(evaluate.retrieval_recall(test_images, text, owner))
-    return results
+      results, images = _zeroshot(encoders, eval_data.zeroshot, eval_data.class_names,
+                                  eval_data.templates)
+    same = eval_data.zeroshot is eval_data.test and eval_data.num_classes
+    results.update(_retrieval(encoders, images if same else None, eval_data.test,
+                              eval_data.captions))
+    return {**results, **suite}
 
   def export_paths(self, output):
-    return [files.text_artifact_path(output), files.sentencepiece_artifact_path(output)]
+    return [files.text_artifact_path(output),
+            *(files.tokenizer_artifact_path(output, name)
+              for name in (files.SENTENCEPIECE_FILE, *files.CLIP_BPE_FILES))]
 
   def export_artifacts(self, exp, params, batch_stats, output, facts, export_fn):
     """The text embedder (int32 token ids [b, L] -> float32 [b, D], the
@@ -192,9 +201,10 @@ class TwoTower(base.Method):
     dim = int(exported.out_avals[0].shape[1])
     artifacts = {text_file: exported.serialize()}
     tokenizer_spec = tokenizer.spec()
-    if tokenizer_spec['type'] == 'sentencepiece':
-      tokenizer_spec['model_file'] = files.sentencepiece_artifact_path(output).name
-      artifacts[files.sentencepiece_artifact_path(output)] = tokenizer.model_bytes
+    if tokenizer.data_file() is not None:  # copied beside the artifacts, named in the spec
+      key, name, contents = tokenizer.data_file()
+      tokenizer_spec[key] = files.tokenizer_artifact_path(output, name).name
+      artifacts[files.tokenizer_artifact_path(output, name)] = contents
     bias = self.bias(nnx.merge(exp.eval_graphdef, params, batch_stats))
     zeroshot = facts.get('zeroshot')
     if not (isinstance(zeroshot, dict) and isinstance(zeroshot.get('class_names'), list)
@@ -221,3 +231,35 @@ class TwoTower(base.Method):
     else:
       names, templates = eval_data.class_names, eval_data.templates
     return {'zeroshot': {'class_names': list(names), 'templates': list(templates)}}
+
+
+def _zeroshot(encoders, source, class_names, templates):
+  """({'zeroshot_top1', 'zeroshot_top5'}, image embeddings) of a labeled
+  source; the classifier from the workdir's cache when it has it."""
+  batch_size, mesh = encoders.config.eval.batch_size, encoders.mesh
+
+  def compute():
+    prompts = [t.format(name) for name in class_names for t in templates]
+    text = evaluate.embed_rows(encoders.text, mesh, encoders.tokenizer.encode(prompts),
+                               batch_size=batch_size)
+    return evaluate.zeroshot_classifier(text.reshape(len(class_names), len(templates), -1))
+
+  classifier = zeroshot_cache.classifier(encoders.workdir, encoders.step, encoders.weights,
+                                         class_names, templates, encoders.tokenizer.spec(),
+                                         compute)
+  images, labels = evaluate.extract_features(encoders.image, mesh, source, batch_size=batch_size)
+  keep = labels >= 0  # images without a single class label (e.g. two shapes) are not scored
+  return evaluate.zeroshot_accuracy(images[keep], labels[keep], classifier), images
+
+
+def _retrieval(encoders, images, source, captions):
+  """Recall@1/5/10 both ways of a source's images (`images`: their
+  embeddings, when computed already) and their captions (a list per image)."""
+  batch_size, mesh = encoders.config.eval.batch_size, encoders.mesh
+  if images is None:
+    images, _ = evaluate.extract_features(encoders.image, mesh, source, batch_size=batch_size)
+  flat = [c for caps in captions for c in caps]
+  owner = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+  text = evaluate.embed_rows(encoders.text, mesh, encoders.tokenizer.encode(flat),
+                             batch_size=batch_size)
+  return evaluate.retrieval_recall(images, text, owner)

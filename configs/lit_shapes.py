@@ -8,7 +8,9 @@ clip_shapes' recipe with its image encoder loaded from the SimCLR run
 (init.from, init.load=image) and frozen (optimizer.frozen): no optimizer
 state and no backward pass for it; the image projection, the text tower and
 τ train. Another SimCLR run: --config.init.from=DIR. Result (2-core CPU,
-seed 0): README's "Start from a published model" table, beside clip_shapes.
+seed 0, README's table): zeroshot_top1 0.258 (clip_shapes: 0.947), bounded
+by the locked tower (its linear probe: 0.269); 907 s against clip_shapes'
+1,464 s in the same script.
 """
 
 from jaxcl import recipes

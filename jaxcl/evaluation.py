@@ -43,11 +43,20 @@ def run_evaluation(exp: Experiment, state: TrainState, eval_data, embed_fns,
 
 
 @jax.jit
-def _sum_of_squares(params):
-  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(params))
+def _bits_hash(params):
+  """A uint32 hash of the parameters' exact bits: each leaf's float32 bits,
+  weighted by their position, summed modulo 2^32. Integer sums do not depend
+  on the order XLA adds in, so every mesh gets the same value; a changed bit
+  changes it (up to 2^-32 collisions)."""
+  total = jnp.uint32(0)
+  for i, x in enumerate(jax.tree.leaves(params)):
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32).reshape(-1)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(i + 1)
+    total = total + jnp.sum(bits * weights + (bits >> 16), dtype=jnp.uint32)
+  return total
 
 
 def weights_fingerprint(params) -> str:
-  """The sum of the squared weights, to 6 digits: tells two states of one
-  step apart (a step trained again from an earlier checkpoint) for caches."""
-  return f'{float(_sum_of_squares(params)):.6g}'
+  """A hash of the parameters' exact bits: tells two states of one step
+  apart (a step trained again from an earlier checkpoint) for caches."""
+  return f'{int(_bits_hash(params)):08x}'

@@ -30,8 +30,8 @@ IMAGE_TOWERS = (*RESNETS, *VIT_NAMES)
 VIT_SIZES = ('patch_size', 'width', 'depth', 'heads', 'mlp_dim')  # the order of VITS' tuples
 VIT_POOLS = ('gap', 'cls', 'map')  # mean of patches, class token (CLIP), attention probe (SigLIP)
 TEXT_POOLS = ('eot', 'last')  # end-of-text token (CLIP), last position (SigLIP)
-ACTIVATIONS = ('gelu_tanh', 'gelu', 'quick_gelu')
-LOADABLE = ('image', 'text', 'temperature')  # the parts init.load may name (Method.towers)  # jaxcl.transformer.ACTIVATIONS
+ACTIVATIONS = ('gelu_tanh', 'gelu', 'quick_gelu')  # jaxcl.transformer.ACTIVATIONS
+LOADABLE = ('image', 'text', 'temperature')  # the parts init.load may name (Method.towers)
 
 
 def vit_sizes(model_cfg) -> dict:

@@ -76,6 +76,19 @@ def image_text_pod(method: str):
   return config
 
 
+def architecture(config, name: str) -> None:
+  """Sets a published architecture on `config`: presets.ARCHITECTURES[name]
+  (open_clip's model names: ViT-B-32, ViT-B-16-SigLIP, ...) gives the
+  method, both towers, the image size and normalization, and the tokenizer
+  kind; the tokenizer's file (text.vocab_file or text.sentencepiece_model)
+  is the caller's to set."""
+  from jaxcl import presets  # pylint: disable=g-import-not-at-top
+  if name not in presets.ARCHITECTURES:
+    raise ValueError(f'unknown architecture {name!r}; known: {", ".join(presets.ARCHITECTURES)}')
+  config.update_from_flattened_dict({k: list(v) if isinstance(v, tuple) else v
+                                     for k, v in presets.ARCHITECTURES[name].items()})
+
+
 def from_workdir(workdir):
   """The config of the run (or `jaxcl import`) in `workdir`, to train on
   from its weights: the same method, architecture, tokenizer, image size

@@ -44,20 +44,23 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> 
         f'dataset {config.dataset.name!r} has {len(exp.train_source)} training example(s), fewer '
         f'than one batch of {config.batch_size}; lower batch_size or add data')
   eval_data = exp.method.open_eval_data(config, exp.dataset)
+  # A fresh run's init.from is read before the workdir is touched: a bad one leaves nothing.
+  initial = warm_start.initial_state(exp) if not resuming and config.init['from'] else None
   with run_files.hold_workdir(workdir) as lock:
     notes = [f'jaxcl: took over the lock of a run that is gone: {lock_lib.describe(lock.took_over)}'
              ] if lock.took_over is not None else []
     try:
-      return _train(exp, eval_data, workdir, notes, lock)
+      return _train(exp, eval_data, workdir, notes, lock, initial)
     except OSError as e:  # writing the run's files: a full disk, a lost mount
       raise errors.RunError(f'cannot write to {workdir}: {e.strerror or errors.type_and_first_line(e)}; '
                             f'the last complete checkpoint is step '
                             f'{checkpoints.complete_step(workdir)}') from None
 
 
-def _restore(exp: Experiment, workdir, notes: list):
+def _restore(exp: Experiment, workdir, notes: list, initial=None):
   """(checkpoint manager, state, resumed): the newest checkpoint that
-  restores, those that do not set aside (and noted), or a fresh state."""
+  restores, those that do not set aside (and noted), or a fresh state
+  (`initial` when the caller made it)."""
   manager = checkpoints.checkpoint_manager(workdir, exp.config, cleanup=True)
   state, failures = checkpoints.restore_newest(manager, exp.abstract_state())
   if failures:
@@ -67,16 +70,16 @@ def _restore(exp: Experiment, workdir, notes: list):
     notes += [f'jaxcl: checkpoint {step} does not restore ({error}); moved to {aside}'
               for step, error in failures]
   if state is None:  # a fresh run: initialized, or init.from's weights
-    return manager, warm_start.initial_state(exp), False
+    return manager, warm_start.initial_state(exp) if initial is None else initial, False
   return manager, state, True
 
 
 def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
-           lock: lock_lib.WorkdirLock) -> dict:
+           lock: lock_lib.WorkdirLock, initial=None) -> dict:
   """The loop, in a workdir this run holds; `notes` are printed once the
   writer is up."""
   config, method = exp.config, exp.method
-  manager, state, resumed = _restore(exp, workdir, notes)
+  manager, state, resumed = _restore(exp, workdir, notes, initial)
   start_step, total = int(state.step), config.total_steps
   history = run_files.batch_history(workdir, config.batch_size, start_step)
   if len(history) > 1 and history[-1][0] == start_step:

@@ -216,10 +216,7 @@ def _check_param_groups(config):
   check(not unknown, f'init.load: unknown part {unknown[0]!r}; choose from {presets.LOADABLE}'
         if unknown else '')
   check(not init.load or bool(init['from']), 'init.load names parts, but init.from is empty')
-  if init['from']:
-    check(epath.Path(init['from']).is_dir(),
-          f'init.from {init["from"]} is not a directory (a jaxcl workdir or a checkpoint '
-          f'directory jaxcl import reads)')
+  # (Whether init.from exists matters only when a run starts fresh: jaxcl.warm_start.)
 
 
 def _check_vit(m, image_size):

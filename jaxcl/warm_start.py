@@ -12,43 +12,59 @@ other difference of shape is an error naming the parameter.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 
 from jaxcl import errors, files, param_groups
 
 
 def _source(path):
   """(params, batch_stats, method, tokenizer) of a workdir or a checkpoint directory."""
+  if not epath.Path(path).is_dir():
+    raise errors.ConfigError(f'init.from {path} is not a directory (a jaxcl workdir or a '
+                             f'checkpoint directory jaxcl import reads)')
   if files.is_run(path):
     from jaxcl import trained  # pylint: disable=g-import-not-at-top
     exp, state = trained.load_trained(path, open_data=False)
   else:
     from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
     _, _, exp, state = importer.load_source(path)
-  params, stats = jax.device_get((state.params, state.batch_stats))
-  return _flat(params), _flat(stats), exp.method, exp.tokenizer
+  return _host(state.params), _host(state.batch_stats), exp.method, exp.tokenizer
 
 
-def _flat(state) -> dict:
-  return {param_groups.path_name(p): np.asarray(v)
+def _host(state) -> dict:
+  """{name: numpy array} of a state's leaves, whole on every process (with
+  FSDP over hosts no process holds a whole array: it is gathered leaf by leaf)."""
+  def whole(x):
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return {param_groups.path_name(p): whole(v)
           for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-def _renames(path, load, source_method, method) -> list[tuple[str, str]]:
-  """[(source prefix, this model's prefix)] of the parts `load` names."""
+def _renames(path, load, source_method, method, source_names) -> list[tuple[str, str]]:
+  """[(source prefix, this model's prefix)] of the parts `load` names: each
+  role both methods know and the source has parameters for (a published
+  SigLIP image tower has no projection; this model's keeps its init)."""
+  has = lambda prefix: any(n == prefix or n.startswith(prefix + '/') for n in source_names)
   pairs = []
   for part in load:
     mine, theirs = method.towers.get(part, {}), source_method.towers.get(part, {})
     if not mine:
-      raise errors.ConfigError(f'init.load: this model has no {part!r} part')
-    if not theirs:
+      raise errors.ConfigError(f'init.load: this model ({method.name}) has no {part!r} part')
+    found = [(theirs[role], prefix) for role, prefix in mine.items()
+             if role in theirs and has(theirs[role])]
+    if not found:
       raise errors.ConfigError(f'init.load: init.from {path} ({source_method.name}) has no '
                                f'{part!r} part')
-    pairs += [(theirs[role], prefix) for role, prefix in mine.items() if role in theirs]
+    pairs += found
   return pairs
 
 
@@ -80,20 +96,21 @@ def resample_positions(position, shape):
   return np.concatenate([position[:, :extra], np.asarray(grid).reshape(1, -1, shape[2])], 1)
 
 
-def _take(name, mine, source, their_name, path):
+def _take(name, mine, source, their_name, path, image_encoder):
   value = source[their_name]
   if value.shape == tuple(mine.shape):
     return value
   resampled = (resample_positions(value, tuple(mine.shape))
-               if name.endswith('/position') and 'image' in name.split('/')[0] else None)
+               if name == f'{image_encoder}/position' else None)
   if resampled is None:
     raise errors.ConfigError(f'init.from {path}: {their_name} has shape {value.shape}, this '
                              f'model\'s {name} {tuple(mine.shape)}')
   return resampled
 
 
-def _fill(state, source: dict, renames, path, everything: bool):
-  """`state` (params or batch stats) with the loaded leaves replaced."""
+def _fill(state, source: dict, renames, path, everything: bool, image_encoder: str):
+  """`state` (params or batch stats, on the mesh) with the loaded leaves
+  replaced, each made in its own sharding from the host copy."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
   names = [param_groups.path_name(p) for p, _ in leaves]
   out, used = [], set()
@@ -103,8 +120,11 @@ def _fill(state, source: dict, renames, path, everything: bool):
       raise errors.ConfigError(f'init.from {path} has no {theirs} for this model\'s {name}'
                                + ('' if renames else '; name the parts to load in init.load'))
     used.add(theirs)
-    out.append(leaf if theirs is None else jnp.asarray(_take(name, leaf, source, theirs, path),
-                                                       leaf.dtype))
+    if theirs is None:
+      out.append(leaf)
+      continue
+    value = np.asarray(_take(name, leaf, source, theirs, path, image_encoder), leaf.dtype)
+    out.append(jax.make_array_from_callback(value.shape, leaf.sharding, lambda i, v=value: v[i]))
   extra = sorted(set(source) - used)
   if everything and extra:
     raise errors.ConfigError(f'init.from {path} has {extra[0]}, which this model lacks; name '
@@ -121,15 +141,25 @@ def initial_state(exp):
     return state
   load = param_groups.as_patterns(exp.config.init.load)
   params, stats, source_method, tokenizer = _source(path)
-  renames = _renames(path, load, source_method, exp.method) if load else None
+  renames = _renames(path, load, source_method, exp.method, params) if load else None
   if exp.method.text_tower and (not load or 'text' in load):
     _check_same_tokenizer(path, tokenizer, exp.tokenizer)
-  host_params, host_stats = jax.device_get((state.params, state.batch_stats))
-  new_params = _fill(host_params, params, renames, path, everything=not load)
-  new_stats = _fill(host_stats, stats, renames, path, everything=not load)
-  del host_params, host_stats
-  return state.replace(params=jax.device_put(new_params, exp.state_sharding.params),
-                       batch_stats=jax.device_put(new_stats, exp.state_sharding.batch_stats))
+  fill = functools.partial(_fill, source=None, renames=renames, path=path, everything=not load,
+                           image_encoder=exp.method.towers['image']['encoder'])
+  new_params = fill(state.params, source=params)
+  _check_filled(path, load, renames, exp.method, new_params)
+  return state.replace(params=new_params, batch_stats=fill(state.batch_stats, source=stats))
+
+
+def _check_filled(path, load, renames, method, params) -> None:
+  """Each part init.load names must land on parameters of this model (a
+  fixed τ has none: loading it would do nothing)."""
+  names = param_groups.names(params)
+  for part in load:
+    prefixes = [mine for _, mine in renames if mine in method.towers.get(part, {}).values()]
+    if not any(n == p or n.startswith(p + '/') for n in names for p in prefixes):
+      raise errors.ConfigError(f'init.load {part!r}: this model has no parameters for it '
+                               f'(temperature.mode fixed or cosine has no learned τ)')
 
 
 def _check_same_tokenizer(path, theirs, mine):

@@ -173,7 +173,9 @@ def open_entry(entry: Entry, config, channels: int) -> Opened:
       path, why = source.skipped[0]
       print(f'jaxcl: {entry.what}: {len(source.skipped)} image(s) skipped, unreadable or '
             f'wrongly sized (first: {path}: {why})', file=sys.stderr)
-    own_names, image_channels, templates = tuple(source.classes), 3, data.DEFAULT_TEMPLATES
+    # Folder names are identifiers ('golden_retriever'); prompts read them as words.
+    own_names = tuple(name.replace('_', ' ') for name in source.classes)
+    image_channels, templates = 3, data.DEFAULT_TEMPLATES
     list_name = entry.list_name
   else:
     source, own_names, image_channels = _open_tfds(entry, config, channels)
@@ -219,6 +221,12 @@ def _open_tfds(entry: Entry, config, channels: int):
     cfg.image_size = config.augment.image_size
   dataset = data.Dataset(cfg)
   split = entry.split or _default_split(entry, dataset.builder().info.splits)
+  import jax  # pylint: disable=g-import-not-at-top  # (validation imports this module)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:  # one process prepares an embedded or downloaded dataset
+    if jax.process_index() == 0:
+      dataset.split(split, with_text=retrieval)
+    multihost_utils.sync_global_devices(f'jaxcl: {entry.key} prepared')
   source, info = dataset.split(split, with_text=retrieval)
   return source, info.class_names, image_channels
 

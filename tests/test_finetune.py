@@ -205,7 +205,8 @@ def test_position_embeddings_resample_as_torch_does(extra):
                                          align_corners=False).permute(0, 2, 3, 1).reshape(1, 36, 5)
   np.testing.assert_allclose(out[:, extra:], want.numpy(), atol=1e-6)
   np.testing.assert_array_equal(out[:, :extra], position[:, :extra])
-  assert warm_start.resample_positions(position, (1, extra + 10, 5)) is None or extra == 1
+  # Not a square grid with the same class tokens: not resampled (an error for the caller).
+  assert warm_start.resample_positions(position, (1, 1 - extra + 36, 5)) is None
 
 
 def test_init_from_another_image_size_resamples_positions(trained_clip):
@@ -228,7 +229,46 @@ def test_bad_groups_and_sources_are_config_errors(trained_clip):
     validation.validate(config)
   with pytest.raises(errors.ConfigError, match='another tokenizer'):
     warm_start.initial_state(_clip(**{'init.from': str(workdir), 'text.max_length': 40}))
-  with pytest.raises(errors.ConfigError, match="no 'text' part"):
+  with pytest.raises(errors.ConfigError, match=r"this model \(simclr\) has no 'text' part"):
     simclr = experiment.setup(tiny_config(DIGITS_CONFIG), devices=jax.devices()[:1])
     simclr.config.init.update({'from': str(workdir), 'load': ('text',)})
     warm_start.initial_state(simclr)
+
+
+def test_parts_the_source_lacks_keep_their_init(tmp_path):
+  """A source whose image tower ends without a projection (SigLIP's MAP head
+  is the embedding) still gives its image encoder to a model with one; the
+  projection keeps its initialization."""
+  source_config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, batch_size=16, seed=5)
+  source_config.model.update(embed_dim=32, image_projection=False)
+  source = experiment.setup(source_config, devices=jax.devices()[:1])
+  state = source.init_state()
+  _save_workdir(source, state, tmp_path / 'source')
+  exp = _clip(**{'model.embed_dim': 32, 'init.from': str(tmp_path / 'source'),
+                 'init.load': ('image',)})
+  got, fresh, want = (_flat(warm_start.initial_state(exp).params),
+                      _flat(exp.init_state().params), _flat(state.params))
+  assert 'image_proj/kernel' not in want
+  np.testing.assert_array_equal(got['image_proj/kernel'], fresh['image_proj/kernel'])
+  for name in (n for n in want if n.startswith('image_encoder/')):
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_loading_a_part_this_model_lacks_is_an_error(trained_clip):
+  workdir, _ = trained_clip
+  exp = _clip(**{'init.from': str(workdir), 'init.load': ('temperature',),
+                 'temperature.mode': 'fixed'})
+  with pytest.raises(errors.ConfigError, match="init.load 'temperature'"):
+    warm_start.initial_state(exp)
+
+
+def test_a_bad_init_from_leaves_the_workdir_untouched(tmp_path):
+  """init.from is read before the workdir is held: a missing source is a
+  one-line error and the workdir stays empty (trainable with a fixed config)."""
+  from jaxcl import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, batch_size=16)
+  config.init['from'] = str(tmp_path / 'nowhere')
+  workdir = tmp_path / 'run'
+  with pytest.raises(errors.ConfigError, match='is not a directory'):
+    train.train_and_evaluate(config, workdir)
+  assert not workdir.exists() or not any(workdir.iterdir())

@@ -122,7 +122,7 @@ def make_open_clip_siglip(directory):
   size = sentencepiece.SentencePieceProcessor(model_file=str(spm)).get_piece_size()
   text_cfg = dict(context_length=16, vocab_size=size, width=48, heads=4, layers=2,
                   no_causal_mask=True, proj_bias=True, pool_type='last',
-                  norm_kwargs={'eps': 1e-6}, act_kwargs={'approximate': 'tanh'})
+                  norm_kwargs={'eps': 1e-6})  # exact GELU, as the published configs
   vision_cfg = dict(image_size=IMAGE_SIZE, timm_model_name='vit_base_patch16_siglip_224',
                     timm_model_pretrained=False, timm_pool='map', timm_proj='none')
   model = open_clip.CustomTextCLIP(embed_dim=768, vision_cfg=vision_cfg, text_cfg=text_cfg,
@@ -392,8 +392,17 @@ def test_bad_sources_are_one_line_and_write_nothing(sources, tmp_path):
   not_empty = tmp_path / 'not_empty'
   not_empty.mkdir()
   (not_empty / 'keep.txt').write_text('mine')
+  malformed = tmp_path / 'malformed'
+  malformed.mkdir()
+  (malformed / 'config.json').write_text('{"model_type": "clip",')
+  (malformed / 'model.safetensors').write_bytes(b'')
+  truncated = tmp_path / 'truncated'
+  shutil.copytree(hf_src, truncated)
+  (truncated / 'model.safetensors').write_bytes((hf_src / 'model.safetensors').read_bytes()[:5])
   out = tmp_path / 'out'
   cases = {
+      'cannot read the checkpoint (JSONDecodeError': [str(malformed), '--output', str(out)],
+      'header': [str(truncated), '--output', str(out)],
       'pytorch_model.bin': [str(torch_dir), '--output', str(out)],
       "no tensor 'visual.ln_pre.weight'": [str(missing), '--output', str(out)],
       'visual.mystery': [str(extra), '--output', str(out)],
@@ -500,3 +509,34 @@ def test_timm_siglip_definitions_as_the_importer_reads_them():
     tanh = type(act).__name__ == 'GELUTanh' or getattr(act, 'approximate', '') == 'tanh'
     assert tanh == (name in layout.TIMM_SIGLIP_TANH), name
     assert model.blocks[0].attn.num_heads == layout.TIMM_SIGLIP_HEADS[size], name
+
+
+def test_big_vision_attention_layout_is_flax_linens():
+  """big_vision's attention is flax.linen's MultiHeadDotProductAttention:
+  its kernels, converted by the big_vision rules, give jaxcl's Attention
+  the same outputs (an independent check of the heads-axis convention the
+  .npz test above writes by hand)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jaxcl import transformer  # pylint: disable=g-import-not-at-top
+  from jaxcl.hub import big_vision_layout as bv  # pylint: disable=g-import-not-at-top
+  width, heads = 24, 4
+  x = jax.random.normal(jax.random.key(0), (2, 5, width))
+  linen = nn.MultiHeadDotProductAttention(num_heads=heads, qkv_features=width, out_features=width)
+  variables = linen.init(jax.random.key(1), x, x)
+  variables = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape),
+                           variables)
+  want = linen.apply(variables, x, x)
+  p = {k: np.asarray(v) for k, v in
+       ((f'{name}/{leaf}', variables['params'][name][leaf])
+        for name in ('query', 'key', 'value', 'out') for leaf in ('kernel', 'bias'))}
+  rules = {r.target: r for r in bv._attention('attn', 'mhdpa')}  # pylint: disable=protected-access
+  ours = transformer.Attention(width, heads, rngs=nnx.Rngs(0), dtype=jnp.float32)
+  for target in rules:
+    r = rules[target]
+    value = r.convert(*(p[s.removeprefix('mhdpa/')] for s in r.sources))
+    module = ours.qkv if '/qkv/' in target else ours.out
+    getattr(module, target.rsplit('/', 1)[1])[...] = jnp.asarray(value)
+  np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(want), atol=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import uuid
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -132,10 +133,22 @@ def load_source(source, tokenizer_file=None):
   checkpoint directory; nothing is written."""
   from jaxcl import experiment  # pylint: disable=g-import-not-at-top
   source = epath.Path(source)
-  layout = _layout(source)
-  tensors = t.Tensors(layout.weights(source))
-  config, rules = build_config(source, tensors, layout, tokenizer_file)
-  config_lib.validate(config, check_data=False)
+  try:
+    layout = _layout(source)
+    tensors = t.Tensors(layout.weights(source))
+    config, rules = build_config(source, tensors, layout, tokenizer_file)
+  except t.SourceError:
+    raise
+  except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
+    # Malformed JSON, a truncated safetensors or npz file, a value of the wrong kind.
+    raise t.SourceError(f'{source}: cannot read the checkpoint '
+                        f'({errors.type_and_first_line(e)})') from None
+  except Exception as e:  # pylint: disable=broad-except  # safetensors' own error type
+    if type(e).__name__ != 'SafetensorError':
+      raise
+    raise t.SourceError(f'{source}: {errors.first_line(e)}') from None
+  # On one device: the import holds no batch, and a workdir trains on any mesh later.
+  config_lib.validate(config, num_devices=1, process_count=1, check_data=False)
   tokenizer = tokenizers.build_tokenizer(config.text)
   embedding = next(r.sources[0] for r in rules if r.target == 'text_encoder/embed/embedding')
   vocab = tensors.shapes.get(embedding)
@@ -144,7 +157,7 @@ def load_source(source, tokenizer_file=None):
                         f'embedding {embedding} {vocab[0]}')
   size = config.augment.image_size
   info = data.DatasetInfo((size, size, 3), 0, ())
-  exp = experiment.setup(config, tokenizer=tokenizer, info=info)
+  exp = experiment.setup(config, devices=jax.local_devices()[:1], tokenizer=tokenizer, info=info)
   abstract = exp.abstract_state()
   params = convert_params(rules, tensors, abstract.params, layout.IGNORED_SUFFIXES)
   params = jax.device_put(params, exp.state_sharding.params)
@@ -159,6 +172,9 @@ def import_checkpoint(source, output, tokenizer_file=None) -> dict:
   """Writes the workdir `output` (which must not exist) for `source`;
   returns a summary."""
   output = epath.Path(output)
+  if jax.process_count() > 1:
+    raise errors.ConfigError('jaxcl import runs in one process; start it without '
+                             '--num_processes (its workdir then trains on any number)')
   if output.exists() and (not output.is_dir() or any(output.iterdir())):
     raise errors.ConfigError(f'--output {output} exists and is not an empty directory')
   config, tokenizer, exp, state = load_source(source, tokenizer_file)
@@ -166,13 +182,16 @@ def import_checkpoint(source, output, tokenizer_file=None) -> dict:
   staging = output.parent / f'.{output.name}.importing-{uuid.uuid4().hex[:8]}'
   try:
     run_files.write_run_start(staging, config, [[0, config.batch_size]], tokenizer, facts, 0)
-    manager = checkpoints.checkpoint_manager(staging, config)
+    manager = checkpoints.checkpoint_manager(staging, config, background=False)
     checkpoints.save_checkpoint(manager, state)
     checkpoints.finish_checkpoints(manager)
     manager.close()
     if output.exists():
       output.rmdir()
     staging.rename(output)
+  except OSError as e:
+    raise errors.ConfigError(f'cannot write --output {output}: '
+                             f'{e.strerror or errors.first_line(e)}') from None
   finally:
     if staging.exists():  # a failed write: nothing half-written is left
       staging.rmtree(missing_ok=True)

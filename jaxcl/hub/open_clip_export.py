@@ -165,7 +165,7 @@ def write_open_clip(exp, state, output, plan: plan_lib.Plan, *, replacing: bool 
   cfg = {'model_cfg': model_cfg,
          'preprocess_cfg': {'mean': rgb(config.dataset.mean), 'std': rgb(config.dataset.std),
                             'size': config.augment.image_size, 'interpolation': 'bicubic',
-                            'resize_mode': 'shortest'},
+                            'resize_mode': 'squash'},
          'jaxcl': {'workdir': source, 'step': int(state.step), 'method': config.method,
                    'temperature': tau, 'tokenizer': spec,
                    'tokenizer_files': sorted(plan.tokenizer_files), 'notes': plan.notes}}

@@ -59,13 +59,17 @@ def architecture(source, keys) -> dict:
   tanh = lambda cfg: (cfg.get('act_kwargs') or {}).get('approximate') == 'tanh'
   text_act = 'gelu_tanh' if tanh(x) else act
   pool = {'argmax': 'eot', 'eos': 'eot', 'last': 'last'}.get(x.get('pool_type', 'argmax'))
+  if pool == 'eot' and x.get('no_causal_mask'):
+    # open_clip then attends to the pads, jaxcl's end-of-text pooling never does.
+    raise t.SourceError(f'{CONFIG}: text_cfg.no_causal_mask with pool_type '
+                        f'{x.get("pool_type", "argmax")!r} is not an architecture jaxcl has')
   if pool is None:
     raise t.SourceError(f'{CONFIG}: text_cfg.pool_type {x["pool_type"]!r} is not one jaxcl has')
   base = presets.ARCHITECTURES['ViT-B-16-SigLIP' if siglip else 'ViT-B-16']
   values = dict(base)
   values.update({
       'model.embed_dim': m.get('embed_dim', 512),
-      'augment.image_size': v.get('image_size', 224),
+      'augment.image_size': _square(v.get('image_size', 224)),
       'text.max_length': x.get('context_length', 77), 'text.width': text_width,
       'text.depth': x.get('layers', 12), 'text.heads': x.get('heads', 8),
       'text.mlp_dim': int(text_width * x.get('mlp_ratio', 4.0)),
@@ -91,6 +95,16 @@ def architecture(source, keys) -> dict:
   if 'mean' in pre and 'std' in pre:
     values['dataset.mean'], values['dataset.std'] = tuple(pre['mean']), tuple(pre['std'])
   return values
+
+
+def _square(size) -> int:
+  """open_clip's image_size: an int or a square [h, w]."""
+  if isinstance(size, (list, tuple)):
+    if len(size) != 2 or size[0] != size[1]:
+      raise t.SourceError(f'{CONFIG}: vision_cfg.image_size {size} is not square, which '
+                          f'jaxcl\'s ViT needs')
+    size = size[0]
+  return int(size)
 
 
 def _timm_vision(v, keys) -> dict:

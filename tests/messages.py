@@ -19,7 +19,7 @@ def expected(message: str, **paths) -> str:
 # tests/test_cli_config.py: `jaxcl train` with one bad override (8 devices).
 CONFIG = {
     'unknown key':
-        "jaxcl: error: unknown config key 'no_such_key' in --config.no_such_key (the keys are augment, batch_size, checkpoint_every_steps, dataset, eval, eval_every_steps, keep_checkpoints, log_every_steps, loss, mesh, method, model, name, nonfinite, optimizer, seed, temperature, text, total_steps)",
+        "jaxcl: error: unknown config key 'no_such_key' in --config.no_such_key (the keys are augment, batch_size, checkpoint_every_steps, dataset, eval, eval_every_steps, init, keep_checkpoints, log_every_steps, loss, mesh, method, model, name, nonfinite, optimizer, seed, temperature, text, total_steps)",
     'unknown nested key':
         "jaxcl: error: unknown config key 'depth' in --config.model.depth (did you mean 'width'?)",
     'wrong type':
@@ -98,76 +98,86 @@ FUZZ_SEED_0 = {
         "jaxcl: error: unknown config key 'probe_lr_size' in --config.eval.probe_lr_size (did you mean 'probe_lr'?)",
     '--config.log_every_steps=0':
         'jaxcl: error: log_every_steps must be > 0, got 0',
-    '--config.model.stage_sizes=abc':
-        "jaxcl: error: --config.model.stage_sizes takes a tuple, written (a, b) or [a, b]; got 'abc'",
-    '--config.temperatre.mode=0.5':
-        "jaxcl: error: unknown config key 'temperatre' in --config.temperatre.mode (did you mean 'temperature'?)",
-    '--config.checkpoint_every_stepp=abc':
-        "jaxcl: error: unknown config key 'checkpoint_every_stepp' in --config.checkpoint_every_stepp (did you mean 'checkpoint_every_steps'?)",
-    '--config.metuod=abc':
-        "jaxcl: error: unknown config key 'metuod' in --config.metuod (did you mean 'method'?)",
+    '--config.model.head_layers=2.5':
+        "jaxcl: error: --config.model.head_layers takes an integer, got '2.5'",
+    '--config.optimize.momentum=0.5':
+        "jaxcl: error: unknown config key 'optimize' in --config.optimize.momentum (did you mean 'optimizer'?)",
+    '--config.tqxt.act=abc':
+        "jaxcl: error: unknown config key 'tqxt' in --config.tqxt.act (did you mean 'text'?)",
+    '--config.loss.block_site=abc':
+        "jaxcl: error: unknown config key 'block_site' in --config.loss.block_site (did you mean 'block_size'?)",
     '--config.text.depth=1e3x':
         "jaxcl: error: --config.text.depth takes an integer, got '1e3x'",
-    '--config.augment.crop_scale_max=2.0':
-        'jaxcl: error: need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got 0.4, 2.0',
-    '--config.model.namet=0.5':
-        "jaxcl: error: unknown config key 'namet' in --config.model.namet (did you mean 'name'?)",
-    '--config.eval.max_train_examples=-1':
-        'jaxcl: error: eval.max_train_examples must be >= 0 (0: all), got -1',
-    '--config.datasettext_key=1':
-        "jaxcl: error: unknown config key 'datasettext_key' in --config.datasettext_key (did you mean 'dataset.text_key'?)",
+    '--config.model.stage_sizes=(-1,)':
+        'jaxcl: error: model.stage_sizes must be a tuple of positive integers (empty: the preset of model.name), got (-1,)',
+    '--config.text.projection_bcias=abc':
+        "jaxcl: error: unknown config key 'projection_bcias' in --config.text.projection_bcias (did you mean 'projection_bias'?)",
+    '--config.temperature.init=100.0':
+        'jaxcl: error: temperature.init 100.0 must lie in [temperature.min, temperature.max] = [0.01, 1.0]',
+    '--config.optimizer.lr_muhtipliers=abc':
+        "jaxcl: error: unknown config key 'lr_muhtipliers' in --config.optimizer.lr_muhtipliers (did you mean 'lr_multipliers'?)",
+    '--config.temperature.init=0.0':
+        'jaxcl: error: temperature.init must be > 0, got 0.0',
+    '--config.text.max_length=2.5':
+        "jaxcl: error: --config.text.max_length takes an integer, got '2.5'",
+    '--config.eval.knn_temperature=fast':
+        "jaxcl: error: --config.eval.knn_temperature takes a number, got 'fast'",
     '--config.augment.grayscale_prob=2.0':
         'jaxcl: error: augment.grayscale_prob must be in [0, 1], got 2.0',
     '--config.model.name=vgg16':
         "jaxcl: error: model.name must be one of ['resnet18', 'resnet34', 'resnet50', 'vit_ti16', 'vit_s16', 'vit_b16', 'vit_l16', 'vit'], got 'vgg16'",
-    '--config.eval_everry_steps=0.5':
-        "jaxcl: error: unknown config key 'eval_everry_steps' in --config.eval_everry_steps (did you mean 'eval_every_steps'?)",
-    '--config.model.stage_sizes=(1,':
-        "jaxcl: error: --config.model.stage_sizes takes a tuple, got '(1,'",
-    '--config.temperature.lr_multiplier_size=abc':
-        "jaxcl: error: unknown config key 'lr_multiplier_size' in --config.temperature.lr_multiplier_size (did you mean 'lr_multiplier'?)",
-    '--config.model.vit.depth=2.5':
-        "jaxcl: error: --config.model.vit.depth takes an integer, got '2.5'",
-    '--config.eval.probe_steps=abc':
-        "jaxcl: error: --config.eval.probe_steps takes an integer, got 'abc'",
+    '--config.eval.zeroshot_splxt=1':
+        "jaxcl: error: unknown config key 'zeroshot_splxt' in --config.eval.zeroshot_splxt (did you mean 'zeroshot_split'?)",
+    '--config.total_steps=-1':
+        'jaxcl: error: total_steps must be >= 0, got -1',
+    '--config.model.dtype=float8':
+        "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'float8'",
+    '--config.eval_every_steps=0':
+        'jaxcl: error: eval_every_steps must be > 0, got 0',
+    '--config.dataset.std=(0.0,)':
+        'jaxcl: error: dataset.std values must be > 0, got (0.0,)',
+    '--config.augment.crop_scale_min=fast':
+        "jaxcl: error: --config.augment.crop_scale_min takes a number, got 'fast'",
     '--config.model.head_layers=0':
         'jaxcl: error: model.head_layers must be a positive integer, got 0',
-    '--config.text.mlp_di=1':
-        "jaxcl: error: unknown config key 'mlp_di' in --config.text.mlp_di (did you mean 'mlp_dim'?)",
-    '--config.dataset.dataqdir=1':
-        "jaxcl: error: unknown config key 'dataqdir' in --config.dataset.dataqdir (did you mean 'data_dir'?)",
-    '--config.temperature.bias_init=fast':
-        "jaxcl: error: --config.temperature.bias_init takes a number, got 'fast'",
+    '--config.temprature.init=1':
+        "jaxcl: error: unknown config key 'temprature' in --config.temprature.init (did you mean 'temperature'?)",
+    '--config.temperature.rin=1':
+        "jaxcl: error: unknown config key 'rin' in --config.temperature.rin (did you mean 'min'?)",
+    '--config.text.pad_id=1e3x':
+        "jaxcl: error: --config.text.pad_id takes an integer, got '1e3x'",
     '--config.model.dtype=int32':
         "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'int32'",
-    '--config.nonfinite_x=1':
-        "jaxcl: error: unknown config key 'nonfinite_x' in --config.nonfinite_x (did you mean 'nonfinite'?)",
-    '--config.eva.probe_steps=0.5':
-        "jaxcl: error: unknown config key 'eva' in --config.eva.probe_steps (did you mean 'eval'?)",
-    '--config.model.width=1e3x':
-        "jaxcl: error: --config.model.width takes an integer, got '1e3x'",
-    '--config.dataet.eval_test_split=1':
-        "jaxcl: error: unknown config key 'dataet' in --config.dataet.eval_test_split (did you mean 'dataset'?)",
+    '--config.model.vit.lp_dim=1':
+        "jaxcl: error: unknown config key 'lp_dim' in --config.model.vit.lp_dim (did you mean 'mlp_dim'?)",
+    '--config.textw.act=1':
+        "jaxcl: error: unknown config key 'textw' in --config.textw.act (did you mean 'text'?)",
+    '--config.temperature.period=-5':
+        'jaxcl: error: temperature.period must be an integer >= 0, got -5',
+    '--config.method=byol':
+        "jaxcl: error: method must be one of ('simclr', 'clip', 'siglip'), got 'byol'",
+    '--config.tet.normalize=1':
+        "jaxcl: error: unknown config key 'tet' in --config.tet.normalize (did you mean 'text'?)",
     '--config.augent.crop_scale_max=abc':
         "jaxcl: error: unknown config key 'augent' in --config.augent.crop_scale_max (did you mean 'augment'?)",
-    '--config.mddel.head_out=1':
-        "jaxcl: error: unknown config key 'mddel' in --config.mddel.head_out (did you mean 'model'?)",
+    '--config.mddel.dtype=1':
+        "jaxcl: error: unknown config key 'mddel' in --config.mddel.dtype (did you mean 'model'?)",
     '--config.dataspet.text_key=1':
         "jaxcl: error: unknown config key 'dataspet' in --config.dataspet.text_key (did you mean 'dataset'?)",
-    '--config.text.mlp_dim_old=1':
-        "jaxcl: error: unknown config key 'mlp_dim_old' in --config.text.mlp_dim_old (did you mean 'mlp_dim'?)",
+    '--config.temperature.init_old=1':
+        "jaxcl: error: unknown config key 'init_old' in --config.temperature.init_old (did you mean 'init'?)",
     '--config.augment.crop_scale_min=0.0':
         'jaxcl: error: need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got 0.0, 1.0',
-    '--config.text.causal_size=1':
-        "jaxcl: error: unknown config key 'causal_size' in --config.text.causal_size (did you mean 'causal'?)",
-    '--config.optimizter.b2=1':
-        "jaxcl: error: unknown config key 'optimizter' in --config.optimizter.b2 (did you mean 'optimizer'?)",
+    '--config.optimizer.warmup_steps_size=1':
+        "jaxcl: error: unknown config key 'warmup_steps_size' in --config.optimizer.warmup_steps_size (did you mean 'warmup_steps'?)",
+    '--config.model.vit.patcth_bias=1':
+        "jaxcl: error: unknown config key 'patcth_bias' in --config.model.vit.patcth_bias (did you mean 'patch_bias'?)",
     '--config.eval.batch_size=-512':
         'jaxcl: error: eval.batch_size -512 must be a positive multiple of the 1 data shards',
     '--config.temperature.lr_multiplier=-2.0':
         'jaxcl: error: temperature.lr_multiplier must be > 0, got -2.0',
-    '--config.keep_checkpoints=abc':
-        "jaxcl: error: --config.keep_checkpoints takes an integer, got 'abc'",
+    '--config.eval.zeroshot_templates=abc':
+        "jaxcl: error: --config.eval.zeroshot_templates takes a tuple, written (a, b) or [a, b]; got 'abc'",
     '--config.eval.probe_batch_size=[1]':
         "jaxcl: error: --config.eval.probe_batch_size takes an integer, got '[1]'",
     '--config.batch_size=-32':
@@ -178,48 +188,38 @@ FUZZ_SEED_0 = {
         'jaxcl: error: optimizer.b1 must be in [0, 1), got -0.1',
     "--config.loss.impl=''":
         'jaxcl: error: loss.impl must be one of (\'dense\', \'blockwise\', \'ring\'), got "\'\'"',
-    '--config.eoss.impl=1':
-        "jaxcl: error: unknown config key 'eoss' in --config.eoss.impl (did you mean 'loss'?)",
+    '--config.text.heads=abc':
+        "jaxcl: error: --config.text.heads takes an integer, got 'abc'",
+    '--config.temperature.max=1e-5':
+        'jaxcl: error: temperature.min 0.01 must be <= temperature.max 1e-05',
+    '--config.checkpoint_every_steps=0':
+        'jaxcl: error: checkpoint_every_steps must be > 0, got 0',
     '--config.log_every_steps=-1':
         'jaxcl: error: log_every_steps must be > 0, got -1',
     '--config.optimizer.b2=1.5':
         'jaxcl: error: optimizer.b2 must be in [0, 1), got 1.5',
     '--config.augmenf.blur_prob=1':
         "jaxcl: error: unknown config key 'augmenf' in --config.augmenf.blur_prob (did you mean 'augment'?)",
-    '--config.temperature.min=[0.1]':
-        "jaxcl: error: --config.temperature.min takes a number, got '[0.1]'",
+    '--config.optimizer.momentum=[0.1]':
+        "jaxcl: error: --config.optimizer.momentum takes a number, got '[0.1]'",
     '--config.augment.color_jitter_strength=-1.0':
         'jaxcl: error: augment.color_jitter_strength must be >= 0, got -1.0',
     '--config.temperature.mode=frozen':
         "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine'), got 'frozen'",
-    '--config.temperature.min=abc':
-        "jaxcl: error: --config.temperature.min takes a number, got 'abc'",
+    '--config.optimizer.momentum=abc':
+        "jaxcl: error: --config.optimizer.momentum takes a number, got 'abc'",
     '--config.temperature.bias_init=inf':
         'jaxcl: error: temperature.bias_init must be a finite number, got inf',
-    '--config.model.stage_sizes=(-1,)':
-        'jaxcl: error: model.stage_sizes must be a tuple of positive integers (empty: the preset of model.name), got (-1,)',
     '--config.augment.crop_sckle_min=0.5':
         "jaxcl: error: unknown config key 'crop_sckle_min' in --config.augment.crop_sckle_min (did you mean 'crop_scale_min'?)",
-    '--config.model._stage_sizes=abc':
-        "jaxcl: error: unknown config key '_stage_sizes' in --config.model._stage_sizes (did you mean 'stage_sizes'?)",
-    '--config.eval_every_steps=0':
-        'jaxcl: error: eval_every_steps must be > 0, got 0',
+    '--config.text.projectin_bias=abc':
+        "jaxcl: error: unknown config key 'projectin_bias' in --config.text.projectin_bias (did you mean 'projection_bias'?)",
+    '--config.temxt.width=abc':
+        "jaxcl: error: unknown config key 'temxt' in --config.temxt.width (did you mean 'text'?)",
     '--config.augment.color_jitter_prob=fast':
         "jaxcl: error: --config.augment.color_jitter_prob takes a number, got 'fast'",
-    '--config.text.mlpg_dim=1':
-        "jaxcl: error: unknown config key 'mlpg_dim' in --config.text.mlpg_dim (did you mean 'mlp_dim'?)",
-    '--config.model.vit.heads=[1]':
-        "jaxcl: error: --config.model.vit.heads takes an integer, got '[1]'",
-    '--config.dataset.mean=(1,':
-        "jaxcl: error: --config.dataset.mean takes a tuple, got '(1,'",
-    '--config.optimizer.momentum=-0.5':
-        'jaxcl: error: optimizer.momentum must be in [0, 1), got -0.5',
-    '--config.eval.zeroshot_idataset=1':
-        "jaxcl: error: unknown config key 'zeroshot_idataset' in --config.eval.zeroshot_idataset (did you mean 'zeroshot_dataset'?)",
-    '--config.batch_size=0':
-        'jaxcl: error: batch_size must be > 0, got 0',
-    '--config.augment.color_jitter_prob=1.5':
-        'jaxcl: error: augment.color_jitter_prob must be in [0, 1], got 1.5',
+    '--config.text.tokengizer=1':
+        "jaxcl: error: unknown config key 'tokengizer' in --config.text.tokengizer (did you mean 'tokenizer'?)",
 }
 
 # tests/test_cli_safety.py: the CLI's own flags, workdirs, saved configs,
@@ -290,9 +290,9 @@ CLI = {
     'a tau twice':
         'jaxcl: error: --temperatures lists one τ twice (0.1 and 0.10)',
     'unknown command':
-        "jaxcl: error: unknown command 'fly'; choose one of: train | eval | export | sweep | report",
+        "jaxcl: error: unknown command 'fly'; choose one of: train | eval | export | sweep | report | import",
     'no command':
-        'jaxcl: error: choose a command: train | eval | export | sweep | report; jaxcl --help for '
+        'jaxcl: error: choose a command: train | eval | export | sweep | report | import; jaxcl --help for '
         'more',
     'dataset smaller than a batch':
         "jaxcl: error: dataset 'image_folder' has 3 training example(s), fewer than one batch of "

@@ -196,8 +196,10 @@ def _experiment(config, image_size):
   so that no LayerNorm or bias is a constant that would hide a swapped tensor."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxcl import config as config_lib, data, experiment  # pylint: disable=g-import-not-at-top
-  config_lib.validate(config, check_data=False)
-  exp = experiment.setup(config, info=data.DatasetInfo((image_size, image_size, 3), 0, ()))
+  config_lib.validate(config, num_devices=1, check_data=False)
+  # One device: the suite's 8 simulated ones would hold 8 replicas of a ViT-B's state.
+  exp = experiment.setup(config, devices=jax.devices()[:1],
+                         info=data.DatasetInfo((image_size, image_size, 3), 0, ()))
   state = exp.init_state()
   rng = np.random.default_rng(2)
   noisy = lambda x: jax.device_put(

@@ -64,6 +64,7 @@ def _flops(lowered):
   return (cost[0] if isinstance(cost, list) else cost)['flops']
 
 
+@pytest.mark.slow  # compiles its own steps
 def test_frozen_tower_runs_no_backward_pass():
   """Freezing the image tower takes its backward pass out of the compiled
   step: the step's flops drop by at least 1.5x the tower's forward flops
@@ -80,6 +81,7 @@ def test_frozen_tower_runs_no_backward_pass():
   assert flops[0] - flops[1] > 1.5 * forward, (flops, forward)
 
 
+@pytest.mark.slow  # compiles its own steps
 def test_lr_multipliers_scale_a_groups_sgd_step():
   """SGD without momentum: a step is -lr x gradient, so a group's step with
   multiplier 0.5 is half the plain one, and 0 leaves it in place."""
@@ -99,6 +101,7 @@ def test_lr_multipliers_scale_a_groups_sgd_step():
   assert np.abs(one['text_proj/kernel'] - start['text_proj/kernel']).max() > 0
 
 
+@pytest.mark.slow  # compiles its own steps
 def test_frozen_batch_norm_uses_its_running_statistics():
   config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, batch_size=16)
   config.model.update(name='resnet18', stage_sizes=(1,), width=8, small_images=True)
@@ -144,6 +147,7 @@ def test_init_from_a_workdir_loads_every_weight(trained_clip):
   assert int(state.step) == 0
 
 
+@pytest.mark.slow  # compiles its own steps
 def test_finetune_config_starts_from_every_weight_of_a_workdir(trained_clip):
   """configs/finetune.py:WORKDIR: the workdir's architecture and weights."""
   from jaxcl import config_files, validation  # pylint: disable=g-import-not-at-top
@@ -167,6 +171,7 @@ def test_init_load_takes_only_the_named_towers(trained_clip):
     np.testing.assert_array_equal(got[name], want, err_msg=name)
 
 
+@pytest.mark.slow  # compiles its own steps
 def test_simclr_encoder_becomes_clips_image_tower(tmp_path):
   """LiT's start: a SimCLR run's ResNet (weights and batch-norm statistics)
   as CLIP's image encoder; CLIP's image projection keeps its init."""

@@ -312,6 +312,7 @@ def workdirs(sources, tmp_path_factory):
   return out
 
 
+@pytest.mark.slow  # lowers both towers for export
 @pytest.mark.parametrize('name', ['open_clip', 'transformers_siglip'])
 def test_exported_embedders_equal_the_source(name, sources, workdirs, tmp_path):
   """uint8 images at the model's resolution in, the source's embeddings
@@ -365,6 +366,7 @@ def _without(src, dst, drop=(), reshape=()):
   return dst
 
 
+@pytest.mark.slow  # a dozen CLI processes
 def test_bad_sources_are_one_line_and_write_nothing(sources, tmp_path):
   src = sources['open_clip'][0]
   hf_src = sources['transformers_clip'][0]

@@ -274,7 +274,7 @@ def test_embeddings_equal_the_source_framework(name, sources, imported):
   scale = float(reference.logit_scale.detach().reshape(()))
   np.testing.assert_allclose(float(model.temperature()), np.exp(-scale), rtol=1e-6)
   if name.endswith('siglip'):
-    np.testing.assert_allclose(float(model.bias()), float(reference.logit_bias.reshape(())),
+    np.testing.assert_allclose(float(model.bias()), float(reference.logit_bias.detach().reshape(())),
                                rtol=1e-6)
   else:
     assert model.bias is None

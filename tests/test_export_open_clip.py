@@ -45,7 +45,6 @@ def _embed(exp, state, images, texts):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
 
   @jax.jit  # one compilation, not one per operation
   def embed(params, images, ids):
@@ -54,7 +53,8 @@ def _embed(exp, state, images, texts):
 
   ids = exp.tokenizer.encode(texts)
   image, text = embed(state.params, jnp.asarray(images, jnp.float32), jnp.asarray(ids))
-  params = {importer.param_path(k): np.asarray(v)
+  from jaxcl import param_groups  # pylint: disable=g-import-not-at-top
+  params = {param_groups.path_name(k): np.asarray(v)
             for k, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
   return np.asarray(image), np.asarray(text), ids, params
 
@@ -92,7 +92,8 @@ def _assert_reimports_equal(exported, params):
   import jax  # pylint: disable=g-import-not-at-top
   from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
   _, _, _, state = importer.load_source(exported)
-  back = {importer.param_path(k): np.asarray(v)
+  from jaxcl import param_groups  # pylint: disable=g-import-not-at-top
+  back = {param_groups.path_name(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
   if 'temperature/log_tau' not in params:  # τ fixed: imported as learnable from its value
     back.pop('temperature/log_tau')

@@ -41,36 +41,32 @@ def _prefix(keys) -> str:
   return 'params/' if any(k.startswith('params/') for k in keys) else ''
 
 
-def _shape(keys, key):
-  if key not in keys:
-    raise t.SourceError(f'the .npz has no tensor {key!r}, which a big_vision SigLIP has')
-  return keys[key]
-
 
 def architecture(source, keys) -> dict:
   p = _prefix(keys)
+  shape = lambda key: t.shape_of(keys, key, 'the .npz')
   img, txt = f'{p}img/Transformer/encoderblock_', f'{p}txt/Encoder_0/encoderblock_'
   if f'{p}img/head/kernel' in keys:
     raise t.SourceError(f'tensor {p}img/head/kernel: an image head after the MAP pooling is '
                         f'not an architecture jaxcl has')
-  patch, _, _, width = _shape(keys, f'{p}img/embedding/kernel')
-  tokens = _shape(keys, f'{p}img/pos_embedding')[1]
+  patch, _, _, width = shape(f'{p}img/embedding/kernel')
+  tokens = shape(f'{p}img/pos_embedding')[1]
   side = math.isqrt(tokens)
   if side * side != tokens:
     raise t.SourceError(f'tensor {p}img/pos_embedding: {tokens} positions are no square grid '
                         f'(a class token is not an architecture jaxcl reads from big_vision)')
-  _, heads, _ = _shape(keys, f'{img}0/MultiHeadDotProductAttention_0/query/kernel')
-  text_width = _shape(keys, f'{p}txt/Embed_0/embedding')[1]
-  _, text_heads, _ = _shape(keys, f'{txt}0/MultiHeadDotProductAttention_0/query/kernel')
+  _, heads, _ = shape(f'{img}0/MultiHeadDotProductAttention_0/query/kernel')
+  text_width = shape(f'{p}txt/Embed_0/embedding')[1]
+  _, text_heads, _ = shape(f'{txt}0/MultiHeadDotProductAttention_0/query/kernel')
   values = dict(presets.ARCHITECTURES['ViT-B-16-SigLIP'])
   values.update({
       'model.vit.patch_size': patch, 'model.vit.width': width,
       'model.vit.depth': t.count_blocks(keys, img), 'model.vit.heads': heads,
-      'model.vit.mlp_dim': _shape(keys, f'{img}0/MlpBlock_0/Dense_0/kernel')[1],
+      'model.vit.mlp_dim': shape(f'{img}0/MlpBlock_0/Dense_0/kernel')[1],
       'augment.image_size': side * patch, 'model.embed_dim': width,
-      'text.max_length': _shape(keys, f'{p}txt/pos_embedding')[1], 'text.width': text_width,
+      'text.max_length': shape(f'{p}txt/pos_embedding')[1], 'text.width': text_width,
       'text.depth': t.count_blocks(keys, txt), 'text.heads': text_heads,
-      'text.mlp_dim': _shape(keys, f'{txt}0/MlpBlock_0/Dense_0/kernel')[1],
+      'text.mlp_dim': shape(f'{txt}0/MlpBlock_0/Dense_0/kernel')[1],
       'text.act': 'gelu_tanh',  # flax's nn.gelu, big_vision's MLP
   })
   return values

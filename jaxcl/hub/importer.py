@@ -23,7 +23,6 @@ from jaxcl import param_groups, tokenizers
 from jaxcl.hub import big_vision_layout, open_clip_layout, tensors as t, transformers_layout
 
 LAYOUTS = (open_clip_layout, transformers_layout, big_vision_layout)
-param_path = param_groups.path_name  # (the name the importer's rules use)
 DEFAULT_DATASET = 'captioned_shapes'  # embedded: `jaxcl eval` runs on an import as it is
 
 

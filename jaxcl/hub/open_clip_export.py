@@ -29,8 +29,8 @@ import numpy as np
 from etils import epath
 
 from jaxcl import config as config_lib
-from jaxcl import errors, files, run_files
-from jaxcl.hub import importer, open_clip_layout as layout_lib, open_clip_plan as plan_lib
+from jaxcl import errors, files, param_groups, run_files
+from jaxcl.hub import open_clip_layout as layout_lib, open_clip_plan as plan_lib
 from jaxcl.hub import tensors as t
 
 FORMAT = plan_lib.FORMAT
@@ -148,7 +148,7 @@ def write_open_clip(exp, state, output, plan: plan_lib.Plan, *, replacing: bool 
   a summary. export_open_clip checks `output` first; this does not."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   output, config = epath.Path(output), exp.config
-  params = {importer.param_path(k): v
+  params = {param_groups.path_name(k): v
             for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
   channels = params['image_encoder/patchify/kernel'].shape[2]
   if channels != 3:

@@ -118,22 +118,17 @@ def _timm_vision(v, keys) -> dict:
     raise t.SourceError(f'{CONFIG}: vision_cfg.timm_proj {v.get("timm_proj")!r} is not one '
                         f'jaxcl has (none)')
   trunk = 'visual.trunk.'
-  width = _shape(keys, f'{trunk}pos_embed')[-1]
+  width = t.shape_of(keys, f'{trunk}pos_embed', WEIGHTS)[-1]
   return {'model.vit.patch_size': int(found.group(2)), 'model.vit.width': width,
           'model.vit.depth': t.count_blocks(keys, f'{trunk}blocks.'),
           'model.vit.heads': TIMM_SIGLIP_HEADS[found.group(1)],
-          'model.vit.mlp_dim': _shape(keys, f'{trunk}blocks.0.mlp.fc1.weight')[0],
+          'model.vit.mlp_dim': t.shape_of(keys, f'{trunk}blocks.0.mlp.fc1.weight', WEIGHTS)[0],
           'model.vit.pool': 'map',
           'model.vit.act': 'gelu_tanh' if name in TIMM_SIGLIP_TANH else 'gelu',
           'model.vit.norm_eps': 1e-6,
           'model.vit.pre_norm': False, 'model.vit.patch_bias': True,
           'model.image_projection': False}
 
-
-def _shape(keys, key):
-  if key not in keys:
-    raise t.SourceError(f'{WEIGHTS} has no tensor {key!r}, which its config implies')
-  return keys[key]
 
 
 def weights(source):

@@ -197,6 +197,13 @@ def block(target, source, names: dict) -> list[Rule]:
   return rules
 
 
+def shape_of(shapes: dict, key: str, where: str) -> tuple:
+  """The shape of tensor `key`, or SourceError naming it and `where` it was expected."""
+  if key not in shapes:
+    raise SourceError(f'{where} has no tensor {key!r}, which its architecture implies')
+  return shapes[key]
+
+
 def count_blocks(keys, prefix: str) -> int:
   """How many numbered blocks `prefix{i}.` (or `prefix{i}/`) the keys hold."""
   number = lambda k: re.split(r'[./]', k[len(prefix):])[0]

@@ -1,8 +1,9 @@
 """Checkpoints: orbax saves and restores of the train state, the fallback
 past checkpoints that do not restore, and setting those aside.
 
-The data position is not saved: it follows from the step (and the batch
-history, jaxcl.run_files), see jaxcl.data.train_iterator.
+The position in random-access data is not saved: it follows from the step
+(and the batch history, jaxcl.run_files), see jaxcl.data.train_iterator.
+The position of shard streams is: item 'data' of the checkpoint.
 """
 
 from __future__ import annotations
@@ -37,12 +38,19 @@ def checkpoint_manager(workdir, config, *, cleanup: bool = False,
                                options=options)
 
 
-def save_checkpoint(manager, state) -> None:
-  """Starts writing the train state, RNG included, in the background. A
-  failed write (here or, for the previous background one, at this call)
-  raises CheckpointError."""
+DATA_ITEM = 'data'  # where shard streams stand after the checkpoint's step
+
+
+def save_checkpoint(manager, state, stream_positions=None) -> None:
+  """Starts writing the train state, RNG included, in the background, with
+  the shard streams' positions (int64 [S, 6], jaxcl.data.stream) when the
+  run reads shards. A failed write (here or, for the previous background
+  one, at this call) raises CheckpointError."""
+  items = {'state': ocp.args.StandardSave(state)}
+  if stream_positions is not None:
+    items[DATA_ITEM] = ocp.args.JsonSave({'stream_positions': stream_positions.tolist()})
   try:
-    manager.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    manager.save(int(state.step), args=ocp.args.Composite(**items))
   except Exception as e:  # pylint: disable=broad-except  # tensorstore errors come in many types
     raise _write_failed(manager, e) from None
 
@@ -84,6 +92,15 @@ def restore_checkpoint(manager, abstract_state, step=None):
     return None
   return manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state))).state
+
+
+def stream_positions(manager, step: int) -> np.ndarray | None:
+  """The shard streams' positions saved with checkpoint `step`, None if it
+  has none (a run that does not read shards)."""
+  if not (epath.Path(manager.directory) / str(step) / DATA_ITEM).exists():
+    return None
+  saved = manager.restore(step, args=ocp.args.Composite(**{DATA_ITEM: ocp.args.JsonRestore()}))
+  return np.asarray(saved[DATA_ITEM]['stream_positions'], np.int64)
 
 
 def restore_newest(manager, abstract_state):

@@ -25,7 +25,9 @@ CONFIG_FILE = files.CONFIG_FILE
 RESUMABLE_CHANGES = ('total_steps', 'log_every_steps', 'eval_every_steps',
                      'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval', 'loss',
                      'nonfinite',
-                     'dataset.data_dir', 'dataset.download', 'init')
+                     'dataset.data_dir', 'dataset.download', 'dataset.workers',
+                     'dataset.max_bad_fraction', 'dataset.eval_urls', 'dataset.eval_samples',
+                     'init')
 
 
 ConfigError = errors.ConfigError
@@ -72,6 +74,19 @@ def base_config():
       pairs=ml_collections.ConfigDict(dict(image_column='image', caption_column='caption',
                                            test_fraction=0.05)),
       image_size=0,  # 0: the dataset's own fixed size
+      # name='webdataset': tar shards ('DIR/shard-{000000..000099}.tar'; sources joined by
+      # '::'; local or gs://), streamed: see jaxcl.data.stream.
+      urls='',
+      eval_urls='',  # held-out shards: the 'test' split (retrieval, zero-shot, kNN, probe)
+      eval_samples=10000,  # the 'train' split of a webdataset: its first samples (kNN, probe)
+      webdataset=ml_collections.ConfigDict(dict(image='jpg;png;jpeg;webp', text='txt',
+                                                label='cls')),  # member extensions
+      shuffle_buffer=1000,  # samples each stream shuffles among (a window, in memory)
+      streams=0,  # shard streams making up the global batch; 0: processes x workers
+      workers=-1,  # decoding processes per host; -1: its cores, 0: in the training process
+      crop='center',  # host crop to image_size: 'center', or 'random' (random-resized)
+      crop_scale=(0.9, 1.0),  # crop='random': the area fraction kept (open_clip's)
+      max_bad_fraction=0.05,  # stop when more of the samples read are bad
       mean=(0.5,),
       std=(0.5,),
   ))
@@ -226,6 +241,12 @@ KEYS_ADDED_LATER = {
     'eval.zeroshot': [], 'eval.retrieval': [],
     # Starting from trained weights, frozen parameters (2026-12-01): from scratch, all trained.
     'init.from': '', 'init.load': [], 'optimizer.frozen': [], 'optimizer.lr_multipliers': [],
+    # Webdataset shards (2026-12-02): earlier runs read TFDS or image folders.
+    'dataset.urls': '', 'dataset.eval_urls': '', 'dataset.eval_samples': 10000,
+    'dataset.webdataset.image': 'jpg;png;jpeg;webp', 'dataset.webdataset.text': 'txt',
+    'dataset.webdataset.label': 'cls', 'dataset.shuffle_buffer': 1000, 'dataset.streams': 0,
+    'dataset.workers': -1, 'dataset.crop': 'center', 'dataset.crop_scale': (0.9, 1.0),
+    'dataset.max_bad_fraction': 0.05,
 }
 
 

@@ -159,12 +159,11 @@ def setup(config, devices=None, tokenizer=None, info: data.DatasetInfo | None = 
   dataset = train_source = None
   if info is None:
     dataset = data.Dataset(config.dataset)
-    split = config.dataset.train_split
     if jax.process_count() > 1:  # one process prepares an embedded or converted dataset
       if jax.process_index() == 0:
-        dataset.split(split, with_text=method.text_tower)
+        dataset.training(with_text=method.text_tower)
       multihost_utils.sync_global_devices('jaxcl: dataset prepared')
-    train_source, info = dataset.split(split, with_text=method.text_tower)
+    train_source, info = dataset.training(with_text=method.text_tower)
   abstract_model = nnx.eval_shape(lambda: _new_model(method, config, info, tokenizer))
   _freeze_batch_norms(abstract_model, _frozen_names(config, abstract_model))
   train_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)

@@ -20,6 +20,7 @@ CHECKPOINT_DIR = 'checkpoints'
 CHECKPOINT_DONE = 'commit_success.txt'  # orbax's marker of a complete checkpoint
 BATCH_HISTORY_FILE = 'batch_history.json'
 SKIPPED_IMAGES_FILE = 'skipped_images.json'
+SKIPPED_SAMPLES_FILE = 'skipped_samples.json'  # shard streams' first bad samples
 SWEEP_JSON, SWEEP_CSV, SWEEP_PNG = 'sweep.json', 'sweep.csv', 'sweep.png'  # jaxcl sweep
 SWEEP_FILES = (SWEEP_JSON, SWEEP_CSV, SWEEP_PNG)
 TOKENIZER_FILE = 'tokenizer.json'  # two towers: the tokenizer's spec
@@ -37,7 +38,7 @@ ZEROSHOT_CACHE_FILE = 'zeroshot_classifiers.npz'  # the newest step's (jaxcl.zer
 # else, `jaxcl export --output` included, may write there under these names.
 WORKDIR_NAMES = frozenset({
     CONFIG_FILE, EVAL_FILE, METRICS_FILE, CHECKPOINT_DIR, BATCH_HISTORY_FILE,
-    SKIPPED_IMAGES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE, *CLIP_BPE_FILES,
+    SKIPPED_IMAGES_FILE, SKIPPED_SAMPLES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE, *CLIP_BPE_FILES,
     LOCK_DIR, DATA_FACTS_FILE, UNRESTORABLE_DIR, REPORT_DIR, REPORT_FILE, WALL_FILE,
     ZEROSHOT_CACHE_FILE})
 

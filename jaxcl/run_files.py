@@ -14,7 +14,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxcl import config as config_lib
-from jaxcl import data, errors, files, tokenizers
+from jaxcl import data, errors, files, parallel, tokenizers
 from jaxcl import lock as lock_lib
 
 MAX_LISTED = 5  # skipped images named in the run's log (all go to the file)
@@ -183,3 +183,28 @@ def write_eval(workdir, step: int, results: dict) -> None:
   if jax.process_index() == 0:
     files.write_atomically(epath.Path(workdir) / files.EVAL_FILE,
                            json.dumps({'step': int(step), **results}, indent=2) + '\n')
+
+
+# ------------------------------------------------------------ shard streams ---
+def stream_positions(train_iter):
+  """Where every shard stream of the run stands (all processes' rows,
+  int64 [S, 6]), for the checkpoint; None for random-access data."""
+  if not isinstance(train_iter, data.StreamBatches):
+    return None
+  return parallel.gather_to_host(train_iter.positions)
+
+
+def stream_metrics(workdir, train_iter) -> dict:
+  """{'skipped_samples': bad samples skipped by all processes so far} for
+  shard streams ({} otherwise); each process's first bad samples (shard and
+  key) go to workdir/skipped_samples[.pN].json."""
+  if not isinstance(train_iter, data.StreamBatches):
+    return {}
+  counts = parallel.gather_to_host(np.array([train_iter.counts()], np.int64)).sum(axis=0)
+  if train_iter.bad:
+    index = jax.process_index()
+    name = files.SKIPPED_SAMPLES_FILE.replace('.json', f'.p{index}.json' if index else '.json')
+    files.write_atomically(epath.Path(workdir) / name, json.dumps(
+        {'read': int(counts[0]), 'skipped': int(counts[1]), 'first': train_iter.bad},
+        indent=1) + '\n')
+  return {'skipped_samples': float(counts[1])}

@@ -39,9 +39,10 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> 
   config_lib.check_resumable(config, workdir, allow_batch_change)
   resuming = files.is_run(workdir)
   exp = setup(config, tokenizer=run_files.saved_tokenizer(workdir) if resuming else None)
-  if len(exp.train_source) < config.batch_size:
+  size = data.known_size(exp.train_source)
+  if size is not None and size < config.batch_size:
     raise errors.ConfigError(
-        f'dataset {config.dataset.name!r} has {len(exp.train_source)} training example(s), fewer '
+        f'dataset {config.dataset.name!r} has {size} training example(s), fewer '
         f'than one batch of {config.batch_size}; lower batch_size or add data')
   eval_data = exp.method.open_eval_data(config, exp.dataset)
   # A fresh run's init.from is read before the workdir is touched: a bad one leaves nothing.
@@ -87,11 +88,12 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
                  f'{start_step} (--allow_batch_change); recorded in {files.BATCH_HISTORY_FILE}')
   start_record, start_batch = run_files.data_position(history, start_step)
   notes += run_files.report_skipped_images(workdir, exp.dataset)
-  train_iter = data.train_iterator(
+  train_iter = data.train_batches(
       exp.train_source, batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      transform=method.record_transform(exp.tokenizer),
-      start_record=start_record, start_batch=start_batch)
+      transform=method.record_transform(exp.tokenizer), tokenizer=exp.tokenizer,
+      start_record=start_record, start_batch=start_batch,
+      stream_positions=checkpoints.stream_positions(manager, start_step) if resumed else None)
   facts = run_files.data_facts(exp.info, method.export_facts(config, exp.dataset, eval_data))
   run_files.write_run_start(workdir, config, history, exp.tokenizer, facts, start_step)
   writer = MetricWriter(workdir, total_steps=max(total, start_step), initial_step=start_step)
@@ -99,8 +101,9 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
   writer.print(
       f'jaxcl: {jax.device_count()} {jax.devices()[0].platform} device(s), '
       f'{jax.process_count()} process(es), mesh {dict(exp.mesh.shape)}; global batch '
-      f'{config.batch_size}; {config.method} on {config.dataset.name}, {len(exp.train_source)} '
-      f'train images {exp.info.image_shape}; {config.model.name}'
+      f'{config.batch_size}; {config.method} on {config.dataset.name}, '
+      f'{data.describe_size(exp.train_source)} train images {exp.info.image_shape}; '
+      f'{config.model.name}'
       + method.describe_model(config, exp.tokenizer)
       + f', {num_params / 1e6:.2f}M params; '
       + (f'resuming from step {start_step}' if resumed else 'starting from step 0'))
@@ -139,6 +142,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       if log_due:
         logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
         logged.update(timer.metrics(config.batch_size))
+        logged.update(run_files.stream_metrics(workdir, train_iter))
         logged.update(throughput.metrics(step_flops, jax.device_count(), config.batch_size,
                                          logged['step_time'], jax.devices()[0].device_kind))
         writer.write(step, logged)
@@ -152,7 +156,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
                               f'while this run stalled; stopping without writing more')
       if step % config.checkpoint_every_steps == 0 or step == total or preempted:
         finite.settle()  # never a checkpoint of a non-finite step
-        checkpoints.save_checkpoint(manager, state)
+        checkpoints.save_checkpoint(manager, state, run_files.stream_positions(train_iter))
       if preempted:
         checkpoints.finish_checkpoints(manager)
         message = (f'{preemption.describe()}: checkpoint of step {step} saved in '
@@ -172,7 +176,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
     if finite.skipped:
       writer.print(f'jaxcl: {finite.skipped} non-finite step(s) skipped (nonfinite=skip)')
     if manager.latest_step() is None:  # total_steps=0: keep the initial encoder for eval/export
-      checkpoints.save_checkpoint(manager, state)
+      checkpoints.save_checkpoint(manager, state, run_files.stream_positions(train_iter))
     checkpoints.finish_checkpoints(manager)
     preemption.close()  # the final checkpoint is complete: from here Ctrl-C stops at once
     results = evaluation.run_evaluation(exp, state, eval_data, embed_fns, workdir)

@@ -153,6 +153,15 @@ def _validate(config, num_devices, process_count, check_data) -> None:
   check(isinstance(sizes, (tuple, list)) and all(_is_int(n) and n > 0 for n in sizes),
          f'model.stage_sizes must be a tuple of positive integers (empty: the preset of '
          f'model.name), got {sizes!r}')
+  d = config.dataset
+  check(d.crop in ('center', 'random'), f"dataset.crop must be 'center' or 'random', got {d.crop!r}")
+  check(isinstance(d.crop_scale, (tuple, list)) and len(d.crop_scale) == 2
+        and all(_is_number(v) for v in d.crop_scale) and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+        f'dataset.crop_scale must be (min, max) with 0 < min <= max <= 1, got {d.crop_scale!r}')
+  if d.streams:
+    check(config.batch_size % d.streams == 0 and d.streams % process_count == 0,
+          f'dataset.streams={d.streams} must divide batch_size {config.batch_size} and be a '
+          f'multiple of the {process_count} process(es)')
   if check_data:
     _check_dataset(config.dataset)
   zeroshot_suite.check(config, method.text_tower, check_data)
@@ -193,6 +202,11 @@ _RANGES = tuple((key,) + rule for key, rule in (
     ('temperature.bias_init', (lambda v: True, 'a finite number')),
     ('temperature.init', (lambda v: True, 'a finite number')),
     ('optimizer.learning_rate', (lambda v: True, 'a finite number')),
+    ('dataset.shuffle_buffer', _positive_int),
+    ('dataset.streams', (lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0: automatic)')),
+    ('dataset.workers', (lambda v: _is_int(v) and v >= -1, 'an integer >= -1 (-1: the cores)')),
+    ('dataset.eval_samples', (lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0: all)')),
+    ('dataset.max_bad_fraction', (lambda v: 0 <= v <= 1, 'in [0, 1]')),
 ))
 
 
@@ -246,6 +260,9 @@ def _check_dataset(d):
     check(0 <= d.pairs.test_fraction < 1,
            f'dataset.pairs.test_fraction must be in [0, 1), got {d.pairs.test_fraction}')
     return
+  if d.name == data.WEBDATASET:
+    _check_webdataset(d)
+    return
   if d.name == 'image_folder':
     check(bool(d.path), 'dataset.path must name a folder when dataset.name is image_folder')
     check(epath.Path(d.path).is_dir(), f'dataset.path {d.path} is not a folder')
@@ -262,3 +279,17 @@ def _check_dataset(d):
     check(data.is_prepared(builder),
            f'dataset {d.name!r} is not prepared under {builder.data_dir_root}; prepare it or '
            f'set --config.dataset.download=True')
+
+
+def _check_webdataset(d):
+  from jaxcl.data import shards  # pylint: disable=g-import-not-at-top
+  check(bool(d.urls), "dataset.urls must name the training shards when dataset.name is "
+                      "webdataset ('DIR/shard-{000000..000099}.tar')")
+  check(d.image_size > 0, 'dataset.image_size must be > 0 for webdataset shards (images are '
+                          'cropped to it as they are decoded)')
+  for key, what in (('urls', 'dataset.urls'), ('eval_urls', 'dataset.eval_urls')):
+    if d[key]:
+      try:
+        shards.check_shards(shards.expand_urls(d[key]), what)
+      except errors.DatasetError as e:
+        raise ConfigError(str(e)) from None

@@ -50,13 +50,17 @@ from jaxcl.data.catalog import is_prepared
 from jaxcl.data.digits import Digits
 from jaxcl.data import shapes, pairs  # noqa: F401  (TFDS builders, registered on import)
 from jaxcl.data.sources import (DEFAULT_TEMPLATES, EMBEDDED, PAIRS, Dataset, DatasetError,
-                                DatasetInfo, as_strings, load_source,
-                                tfds_builder, zeroshot_templates)
+                                DatasetInfo, as_strings, describe_size, known_size, load_source,
+                                tfds_builder,
+                                train_batches, zeroshot_templates)
 from jaxcl.data.pipeline import caption_sampler, eval_batches, train_iterator
+from jaxcl.data.shard_sources import NAME as WEBDATASET
+from jaxcl.data.stream import StreamBatches
 
 __all__ = [
-    'DEFAULT_TEMPLATES', 'EMBEDDED', 'IMAGE_SUFFIXES', 'MAX_UPSCALE', 'PAIRS', 'Dataset',
-    'DatasetError', 'DatasetInfo', 'Digits', 'ImageFolderSource', 'as_strings',
-    'caption_sampler', 'center_crop_resize', 'eval_batches', 'image_problem', 'is_prepared',
-    'load_source', 'tfds_builder', 'train_iterator', 'zeroshot_templates',
+    'DEFAULT_TEMPLATES', 'EMBEDDED', 'IMAGE_SUFFIXES', 'MAX_UPSCALE', 'PAIRS', 'WEBDATASET',
+    'Dataset', 'DatasetError', 'DatasetInfo', 'Digits', 'ImageFolderSource', 'StreamBatches',
+    'as_strings', 'caption_sampler', 'center_crop_resize', 'describe_size', 'eval_batches',
+    'image_problem', 'is_prepared', 'known_size', 'load_source', 'tfds_builder', 'train_batches',
+    'train_iterator', 'zeroshot_templates',
 ]

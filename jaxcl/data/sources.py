@@ -17,7 +17,9 @@ from tensorflow_datasets.core import registered
 
 from jaxcl import errors, presets
 from jaxcl.data import catalog, digits, pairs, shapes  # noqa: F401  (digits: registers it)
+from jaxcl.data import shard_sources
 from jaxcl.data.images import ImageFolderSource, center_crop_resize
+from jaxcl.data.pipeline import train_iterator
 
 DatasetError = errors.DatasetError
 
@@ -128,16 +130,39 @@ class Dataset:
     folder = self.cfg.name == 'image_folder'
     key = (split, False if folder else bool(with_text))  # an image folder has no captions
     if key not in self._splits:
-      self._splits[key] = self._open_folder(split) if folder else self._open_tfds(split, with_text)
+      if folder:
+        self._splits[key] = self._open_folder(split)
+      elif self.cfg.name == shard_sources.NAME:
+        self._splits[key] = self._open_shards(split, with_text)
+      else:
+        self._splits[key] = self._open_tfds(split, with_text)
     return self._splits[key]
 
+  def training(self, with_text: bool = False):
+    """(source, DatasetInfo) of the pretraining split: random-access records,
+    or for shards a jaxcl.data.shard_sources.ShardStream."""
+    if self.cfg.name != shard_sources.NAME:
+      return self.split(self.cfg.train_split, with_text)
+    stream = shard_sources.ShardStream(self.cfg, with_text)
+    return stream, DatasetInfo((self.cfg.image_size, self.cfg.image_size, 3), 0)
+
   def missing_split(self, split: str) -> str | None:
-    """For an image folder, the folder of `split` if it does not exist (an
-    optional evaluation split); None otherwise."""
+    """An optional evaluation split that is absent: an image folder's
+    missing folder, a webdataset's test split without dataset.eval_urls;
+    None otherwise."""
+    if self.cfg.name == shard_sources.NAME:
+      return 'dataset.eval_urls (empty)' if split == 'test' and not self.cfg.eval_urls else None
     if self.cfg.name != 'image_folder':
       return None
     folder = epath.Path(self.cfg.path) / split
     return None if folder.is_dir() else str(folder)
+
+  def _open_shards(self, split, with_text):
+    source = shard_sources.open_split(self.cfg, split, with_text)
+    labels = [int(r['label']) for r in source.records]
+    num_classes = max(labels) + 1 if min(labels) >= 0 else 0
+    size = self.cfg.image_size
+    return source, DatasetInfo((size, size, 3), num_classes)
 
   def opened_splits(self) -> list[tuple[str, object]]:
     """(split, source) of every split opened so far, in opening order (a TFDS
@@ -218,3 +243,31 @@ def load_source(cfg, split: str, with_text: bool = False):
   every call: a run that reads several splits opens one `Dataset`.
   """
   return Dataset(cfg).split(split, with_text)
+
+
+def train_batches(source, *, batch_size: int, seed: int, process_index: int, process_count: int,
+                  transform=None, tokenizer=None, start_record: int = 0, start_batch: int = 0,
+                  stream_positions=None):
+  """This process's rows of every global batch from the training `source`
+  (Dataset.training): for records, `train_iterator` (its position follows
+  from start_record and start_batch); for shards, a StreamBatches from
+  `stream_positions` (saved with the checkpoint; None: the start), which
+  tokenizes its captions with `tokenizer`."""
+  if isinstance(source, shard_sources.ShardStream):
+    return source.batches(batch_size=batch_size, seed=seed, process_index=process_index,
+                          process_count=process_count, positions=stream_positions,
+                          tokenizer=tokenizer)
+  return train_iterator(source, batch_size=batch_size, seed=seed, process_index=process_index,
+                        process_count=process_count, transform=transform,
+                        start_record=start_record, start_batch=start_batch)
+
+
+def known_size(source) -> int | None:
+  """Examples of a training source; None for a stream of shards."""
+  return None if isinstance(source, shard_sources.ShardStream) else len(source)
+
+
+def describe_size(source) -> str:
+  """The training source's size for the run's first line."""
+  size = known_size(source)
+  return source.describe() if size is None else str(size)

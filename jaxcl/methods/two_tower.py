@@ -28,7 +28,7 @@ class TwoTowerEvalData:
     self.test = self.zeroshot = None
     entries = [zeroshot_suite.parse_all(config.eval[group], group)
                for group in zeroshot_suite.GROUPS]
-    channels = (dataset.split(d.train_split, with_text=True)[1].image_shape[-1]
+    channels = (dataset.training(with_text=True)[1].image_shape[-1]
                 if any(entries) else 0)
     self.suite, self.retrieval = ([zeroshot_suite.open_entry(entry, config, channels)
                                    for entry in group] for group in entries)
@@ -73,7 +73,7 @@ def zeroshot_data(config, dataset, with_captions: bool = False):
     raise errors.ConfigError(f'eval.zeroshot_dataset {zs.name!r} has no class names in '
                              f'its {d.label_key!r} feature; set eval.class_names')
   if names and zs.name != d.name:
-    channels = dataset.split(d.train_split, with_text=True)[1].image_shape[-1]
+    channels = dataset.training(with_text=True)[1].image_shape[-1]
     if info.image_shape[-1] != channels:
       raise errors.ConfigError(f'eval.zeroshot_dataset {zs.name!r} images have '
                                f'{info.image_shape[-1]} channels, the training images '

@@ -1,0 +1,116 @@
+"""Encoded samples -> training records, on the host (in grain's worker
+processes for streams): the image decoded with PIL and cropped to the stored
+resolution, the caption and label read and checked.
+
+`SampleFormat` says which members hold what (webdataset's defaults: the
+first of jpg/png/jpeg/webp, txt, cls) and how to crop: 'center' (the
+central square, resized: what evaluation and the embedded datasets use) or
+'random' (a random-resized crop, as open_clip's training transform, before
+the device's augmentation). `decode` returns (record, None) or (None, why).
+
+Imports only jaxcl.data.images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+
+import numpy as np
+
+from jaxcl.data.images import MAX_UPSCALE
+
+WEBDATASET_IMAGE_KEYS = 'jpg;png;jpeg;webp'
+CROPS = ('center', 'random')
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleFormat:
+  image_size: int
+  image_keys: tuple[str, ...] = tuple(WEBDATASET_IMAGE_KEYS.split(';'))
+  text_key: str | None = 'txt'  # None: images only (SimCLR)
+  label_key: str = 'cls'  # optional: -1 when absent
+  crop: str = 'center'
+  crop_scale: tuple[float, float] = (0.9, 1.0)
+
+
+def decode(sample: dict, fmt: SampleFormat, rng: np.random.Generator | None = None):
+  """(record, None) for a usable sample, (None, reason) for a bad one.
+
+  record: {'image': uint8 [S, S, 3], 'label': int32 (-1 when absent),
+  'caption': str (when fmt.text_key)}. rng draws the random crop.
+  """
+  image_key = next((k for k in fmt.image_keys if k in sample), None)
+  if image_key is None:
+    return None, f'no image ({", ".join(fmt.image_keys)})'
+  record = {}
+  if fmt.text_key:
+    if fmt.text_key not in sample:
+      return None, f'no caption ({fmt.text_key})'
+    try:
+      caption = sample[fmt.text_key].decode('utf-8').strip()
+    except UnicodeDecodeError:
+      return None, f'caption ({fmt.text_key}) is not UTF-8'
+    if not caption:
+      return None, f'empty caption ({fmt.text_key})'
+    record['caption'] = caption
+  label = -1
+  if fmt.label_key in sample:
+    try:
+      label = int(sample[fmt.label_key].decode('ascii').strip())
+    except (UnicodeDecodeError, ValueError):
+      return None, f'label ({fmt.label_key}) is not an integer'
+  record['label'] = np.int32(label)
+  image, problem = decode_image(sample[image_key], fmt, rng)
+  if problem:
+    return None, f'{problem} ({image_key})'
+  record['image'] = image
+  return record, None
+
+
+def decode_image(data: bytes, fmt: SampleFormat, rng=None):
+  """(uint8 [S, S, 3], None) or (None, why the bytes are not a usable image)."""
+  from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
+  size = fmt.image_size
+  try:
+    pil = Image.open(io.BytesIO(data))
+    if min(pil.size) < max(1, size // MAX_UPSCALE):
+      return None, (f'wrongly sized image: {pil.size[0]}x{pil.size[1]} px, under '
+                    f'1/{MAX_UPSCALE} of image_size {size}')
+    # JPEG: decode at a reduced scale, still at least the crop's size.
+    pil.draft('RGB', (size, size) if fmt.crop == 'center' else (2 * size, 2 * size))
+    pil = ImageOps.exif_transpose(pil).convert('RGB')
+  except Exception as e:  # noqa: BLE001  pylint: disable=broad-except  # PIL raises many kinds
+    return None, f'undecodable image: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+  width, height = pil.size
+  if fmt.crop == 'random':
+    box = random_crop_box(width, height, fmt.crop_scale, rng or np.random.default_rng())
+  else:
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    box = (left, top, left + side, top + side)
+  return np.asarray(pil.resize((size, size), Image.BILINEAR, box=box)), None
+
+
+def random_crop_box(width: int, height: int, scale, rng, ratio=(3 / 4, 4 / 3), tries: int = 10):
+  """torchvision's RandomResizedCrop box: an area fraction in `scale` and a
+  log-uniform aspect ratio, 10 tries, else the central crop of the nearest
+  allowed ratio."""
+  area = width * height
+  for _ in range(tries):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+      return (left, top, left + w, top + h)
+  aspect = width / height
+  if aspect < ratio[0]:
+    w, h = width, round(width / ratio[0])
+  elif aspect > ratio[1]:
+    w, h = round(height * ratio[1]), height
+  else:
+    w, h = width, height
+  left, top = (width - w) // 2, (height - h) // 2
+  return (left, top, left + w, top + h)

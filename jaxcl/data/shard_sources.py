@@ -1,0 +1,127 @@
+"""The ``webdataset`` dataset: shards named by ``dataset.urls`` (training,
+streamed) and ``dataset.eval_urls`` (held out, read once into memory).
+
+- `ShardStream`: the training split. It has no length and no random access;
+  `batches` returns a jaxcl.data.stream.StreamBatches from saved positions.
+- `ShardSamples`: a split held in memory as a random-access source of
+  {'image', 'label', 'captions'} records, center-cropped: 'test' is every
+  sample of eval_urls, 'train' (SimCLR's kNN bank and probe) the first
+  ``dataset.eval_samples`` of the training shards. Bad samples are skipped
+  and listed in `skipped`, like an image folder's unreadable files.
+
+Imports jaxcl.data.shards, decode, stream.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jaxcl import errors
+from jaxcl.data import decode as decode_lib
+from jaxcl.data import shards as shards_lib
+from jaxcl.data import stream as stream_lib
+
+NAME = 'webdataset'
+TRAIN, TEST = 'train', 'test'
+
+
+def sample_format(cfg, with_text: bool, crop: str = 'center') -> decode_lib.SampleFormat:
+  keys = cfg.webdataset
+  return decode_lib.SampleFormat(
+      image_size=cfg.image_size, image_keys=tuple(k for k in keys.image.split(';') if k),
+      text_key=keys.text if with_text else None, label_key=keys.label, crop=crop,
+      crop_scale=tuple(cfg.crop_scale))
+
+
+def host_cores() -> int:
+  return os.cpu_count() or 1
+
+
+class ShardStream:
+  """The training shards of `cfg` (the config's dataset group), checked to exist."""
+
+  def __init__(self, cfg, with_text: bool):
+    self.cfg = cfg
+    self.shards = tuple(shards_lib.expand_urls(cfg.urls))
+    shards_lib.check_shards(list(self.shards), 'dataset.urls')
+    self.format = sample_format(cfg, with_text, cfg.crop)
+    self.declared_size = sum(shards_lib.sizes(list(self.shards)).values()) or None
+
+  def describe(self) -> str:
+    size = f'{self.declared_size} samples' if self.declared_size else 'samples uncounted'
+    return f'{len(self.shards)} shards ({size}), streamed'
+
+  def workers(self) -> int:
+    return host_cores() if self.cfg.workers < 0 else self.cfg.workers
+
+  def default_streams(self, batch_size: int, process_count: int) -> int:
+    """dataset.streams, or (0) as many per process as workers divide the rows."""
+    if self.cfg.streams:
+      return self.cfg.streams
+    return process_count * stream_lib.worker_count(batch_size // process_count,
+                                                   max(1, self.workers()))
+
+  def batches(self, *, batch_size: int, seed: int, process_index: int, process_count: int,
+              positions=None, tokenizer=None) -> stream_lib.StreamBatches:
+    """This process's batches; `positions` [S, 6] where the streams stand
+    (None: a fresh run, S from default_streams)."""
+    if positions is None:
+      positions = stream_lib.start_positions(self.default_streams(batch_size, process_count))
+    streams = len(positions)
+    if streams % process_count or batch_size % streams:
+      raise errors.ConfigError(
+          f'the run reads {streams} shard streams: the number of processes ({process_count}) '
+          f'must divide it and it must divide the global batch ({batch_size})')
+    plan = stream_lib.StreamPlan(self.shards, streams, self.cfg.shuffle_buffer, seed)
+    return stream_lib.StreamBatches(plan, self.format, batch_size=batch_size,
+                                    process_index=process_index, process_count=process_count,
+                                    positions=positions, workers=self.workers(),
+                                    max_bad_fraction=self.cfg.max_bad_fraction,
+                                    tokenizer=tokenizer)
+
+
+class ShardSamples:
+  """Up to `limit` samples (0: all) of `shards` in file order, decoded and
+  center-cropped, in memory."""
+
+  def __init__(self, shards: list[str], fmt: decode_lib.SampleFormat, limit: int = 0):
+    self.records, self.skipped = [], []
+    for shard in shards:
+      for sample in shards_lib.read_samples(shard):
+        if isinstance(sample, shards_lib.TruncatedShard):
+          where = f'{shard} after {sample.key}' if sample.key else shard
+          self.skipped.append((where, f'truncated shard: {sample.reason}'))
+          continue
+        record, why = decode_lib.decode(sample, fmt)
+        if record is None:
+          self.skipped.append((f'{shard} {sample["__key__"]}', why))
+          continue
+        caption = record.pop('caption', None)
+        record['captions'] = [caption] if caption is not None else []
+        self.records.append(record)
+        if limit and len(self.records) == limit:
+          return
+    if not self.records:
+      reason = f'; first bad: {self.skipped[0][0]}: {self.skipped[0][1]}' if self.skipped else ''
+      raise errors.DatasetError(f'no usable sample in {len(shards)} shard(s) (first: '
+                                f'{shards[0]}){reason}')
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, index):
+    return self.records[index]
+
+
+def open_split(cfg, split: str, with_text: bool) -> ShardSamples:
+  """The in-memory evaluation split `split` ('train' or 'test') of `cfg`."""
+  if split == TEST:
+    urls, what, limit = cfg.eval_urls, 'dataset.eval_urls', 0
+  elif split == TRAIN:
+    urls, what, limit = cfg.urls, 'dataset.urls', cfg.eval_samples
+  else:
+    raise errors.DatasetError(f"a webdataset has splits 'train' (dataset.urls) and 'test' "
+                              f"(dataset.eval_urls), not {split!r}")
+  shards = shards_lib.expand_urls(urls)
+  shards_lib.check_shards(shards, what)
+  return ShardSamples(shards, sample_format(cfg, with_text), limit)

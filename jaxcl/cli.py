@@ -6,6 +6,7 @@
   jaxcl sweep  --config FILE --workdir DIR [--temperatures 0.05,0.1,0.2,0.5,1.0,learnable]
   jaxcl report --workdir DIR
   jaxcl import SOURCE --output DIR [--tokenizer FILE]
+  jaxcl shard  --input PAIRS_OR_FOLDER --output DIR [--shard_size MB] [--workers N]
 
 `jaxcl COMMAND --help` lists a command's flags. Several processes (one per
 host or GPU) add --coordinator_address HOST:PORT --num_processes N
@@ -41,7 +42,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, eval.json.')
 _OUTPUT = flags.DEFINE_string('output', None, 'The artifact file to write (export --format '
-                              'open_clip: a directory; import: the new workdir).')
+                              'open_clip: a directory; import: the new workdir; shard: the new '
+                              'folder of shards).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False,
                                'Replace the files --output would write if they exist (--format '
                                'open_clip: a directory holding an earlier open_clip export).')
@@ -71,6 +73,15 @@ _RETRIEVAL = flags.DEFINE_string(
     'retrieval', None, 'Comma-separated image-text TFDS datasets (NAME[:SPLIT], coco_captions) '
     "for image-text retrieval by this call instead of the run's eval.retrieval; results "
     'retrieval/KEY/i2t_r1 ... t2i_r10.')
+_INPUT = flags.DEFINE_string('input', None, 'shard: a pairs file (JSONL/CSV/TSV of image path '
+                             'and caption) or an image folder (CLASS/*.png, or train/ and test/).')
+_SHARD_SIZE = flags.DEFINE_float('shard_size', 256, 'shard: about how many MB a shard holds.',
+                                 lower_bound=0.001)
+_WORKERS = flags.DEFINE_integer('workers', -1, 'shard: processes decoding and encoding images '
+                                '(-1: the cores; 0: none besides this one).', lower_bound=-1)
+_TEST_FRACTION = flags.DEFINE_float(
+    'test_fraction', 0.0, "shard, pairs file: the fraction of images held out in test-*.tar "
+    "(by a hash of the image's path, as dataset.pairs.test_fraction).")
 _TEMPERATURES = flags.DEFINE_string(
     'temperatures', '0.05,0.1,0.2,0.5,1.0,learnable',
     'Comma-separated fixed τ values and/or "learnable".')
@@ -91,6 +102,9 @@ COMMANDS = {
                ('workdir',), ()),
     'import': ('Makes a workdir at step 0 from the published CLIP or SigLIP checkpoint in the '
                'directory SOURCE (open_clip or transformers layout).', ('output',), ('tokenizer',)),
+    'shard': ('Writes a pairs file or an image folder as webdataset shards in the new folder '
+              'DIR (train-000000.tar ..., sizes.json, manifest.json), for dataset.name=webdataset.',
+              ('input', 'output'), ('shard_size', 'workers', 'test_fraction')),
 }
 POSITIONAL = {'import': 'SOURCE'}  # the commands that take one positional argument
 HELP_FLAGS = ('-h', '--help', '-help', '--helpfull', 'help')
@@ -268,6 +282,11 @@ def run(argv: list[str]) -> int:
       print(f'wrote {summary["workdir"]}: {summary["method"]}, {summary["parameters"]:,} '
             f'parameters, {summary["image_size"]} px images, τ {summary["temperature"]:.4g} '
             f'(step 0; jaxcl eval / export / train --workdir use it)')
+    elif command == 'shard':
+      from jaxcl.data import shard_writer  # pylint: disable=g-import-not-at-top
+      workers = (os.cpu_count() or 1) if _WORKERS.value < 0 else _WORKERS.value
+      shard_writer.write_shards(_INPUT.value, _OUTPUT.value, shard_mb=_SHARD_SIZE.value,
+                                workers=workers, test_fraction=_TEST_FRACTION.value)
     elif command == 'eval':
       _check_workdir(workdir, must_exist=True)
       from jaxcl import trained  # pylint: disable=g-import-not-at-top

@@ -81,8 +81,8 @@ def base_config():
       eval_samples=10000,  # the 'train' split of a webdataset: its first samples (kNN, probe)
       webdataset=ml_collections.ConfigDict(dict(image='jpg;png;jpeg;webp', text='txt',
                                                 label='cls')),  # member extensions
-      shuffle_buffer=1000,  # samples each stream shuffles among (a window, in memory)
-      streams=0,  # shard streams making up the global batch; 0: processes x workers
+      shuffle_buffer=10000,  # samples shuffled among, over all streams (encoded, in memory)
+      streams=0,  # shard streams making up the global batch; 0: up to 64 per process
       workers=-1,  # decoding processes per host; -1: its cores, 0: in the training process
       crop='center',  # host crop to image_size: 'center', or 'random' (random-resized)
       crop_scale=(0.9, 1.0),  # crop='random': the area fraction kept (open_clip's)
@@ -244,7 +244,7 @@ KEYS_ADDED_LATER = {
     # Webdataset shards (2026-12-02): earlier runs read TFDS or image folders.
     'dataset.urls': '', 'dataset.eval_urls': '', 'dataset.eval_samples': 10000,
     'dataset.webdataset.image': 'jpg;png;jpeg;webp', 'dataset.webdataset.text': 'txt',
-    'dataset.webdataset.label': 'cls', 'dataset.shuffle_buffer': 1000, 'dataset.streams': 0,
+    'dataset.webdataset.label': 'cls', 'dataset.shuffle_buffer': 10000, 'dataset.streams': 0,
     'dataset.workers': -1, 'dataset.crop': 'center', 'dataset.crop_scale': (0.9, 1.0),
     'dataset.max_bad_fraction': 0.05,
 }

@@ -85,6 +85,14 @@ def jaxcl(*args, devices=1, check=True, **kwargs):
   return proc
 
 
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now, for a multi-process job's coordinator."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
 # The reference run of the kill/resume tests (RUN_STEPS tiny steps on 2
 # devices, conftest's `uninterrupted` fixture) and its interrupted twins.
 RUN_STEPS = 80
@@ -127,8 +135,10 @@ def logged_steps(workdir) -> list[int]:
   return [r['step'] for r in rows if 'loss' in r]
 
 
-def run_until_checkpoint(workdir, min_step: int, extra=(), **popen_kwargs):
-  """Starts the RUN training (2 devices) in `workdir` and returns the process,
+def run_until_checkpoint(workdir, min_step: int, extra=(), *, config_file=DIGITS_CONFIG,
+                         overrides=None, devices=2, **popen_kwargs):
+  """Starts the RUN training (2 devices; or `config_file` with `overrides`
+  in place of the tiny ones and RUN) in `workdir` and returns the process,
   stopped (SIGSTOP), as soon as it has a checkpoint at min_step or later.
 
   Stopped, so that it cannot run on to its end while the test looks at it and
@@ -137,9 +147,10 @@ def run_until_checkpoint(workdir, min_step: int, extra=(), **popen_kwargs):
   more). Fails if the run ends first or takes longer than CHECKPOINT_WAIT_S."""
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
-         str(workdir), *tiny_overrides(), *RUN, *extra]
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  overrides = [*tiny_overrides(), *RUN] if overrides is None else overrides
+  cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', config_file, '--workdir',
+         str(workdir), *overrides, *extra]
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, **popen_kwargs)
   deadline = time.monotonic() + CHECKPOINT_WAIT_S
   while proc.poll() is None:

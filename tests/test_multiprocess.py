@@ -6,7 +6,6 @@ stops the other in seconds; the job then resumes."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,12 +44,6 @@ def started():
       p.wait()
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _losses(workdir):
   rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   return {r['step']: (r['loss'], r['temperature'], r['grad_norm']) for r in rows if 'loss' in r}
@@ -62,7 +55,7 @@ def test_two_processes_train_like_one(tmp_path, started):
         devices=8)
 
   workdir = tmp_path / 'two_processes'
-  port = _free_port()
+  port = helpers.free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu')
   procs = [subprocess.Popen(
@@ -97,7 +90,7 @@ NEVER_ENDS = ['--config.total_steps=1000000']
 
 def _start_job(workdir, logs, started, extra=()):
   """Both processes of a 2 x 4-device job; their output goes to logs/p{0,1}.{out,err}."""
-  port = _free_port()
+  port = helpers.free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu')
   logs.mkdir(exist_ok=True)

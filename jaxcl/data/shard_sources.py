@@ -22,6 +22,10 @@ from jaxcl.data import shards as shards_lib
 from jaxcl.data import stream as stream_lib
 
 NAME = 'webdataset'
+# Streams per process by default: enough to keep the workers of a large host
+# busy (each worker decodes whole streams), few enough to keep each stream's
+# window (shuffle_buffer / streams) useful.
+STREAMS_PER_PROCESS = 64
 TRAIN, TEST = 'train', 'test'
 
 
@@ -55,11 +59,13 @@ class ShardStream:
     return host_cores() if self.cfg.workers < 0 else self.cfg.workers
 
   def default_streams(self, batch_size: int, process_count: int) -> int:
-    """dataset.streams, or (0) as many per process as workers divide the rows."""
+    """dataset.streams, or (0) per process the most streams up to
+    STREAMS_PER_PROCESS that divide its rows: never the host's cores, so
+    that the batches do not depend on the machine."""
     if self.cfg.streams:
       return self.cfg.streams
     return process_count * stream_lib.worker_count(batch_size // process_count,
-                                                   max(1, self.workers()))
+                                                   STREAMS_PER_PROCESS)
 
   def batches(self, *, batch_size: int, seed: int, process_index: int, process_count: int,
               positions=None, tokenizer=None) -> stream_lib.StreamBatches:
@@ -72,7 +78,8 @@ class ShardStream:
       raise errors.ConfigError(
           f'the run reads {streams} shard streams: the number of processes ({process_count}) '
           f'must divide it and it must divide the global batch ({batch_size})')
-    plan = stream_lib.StreamPlan(self.shards, streams, self.cfg.shuffle_buffer, seed)
+    window = max(1, self.cfg.shuffle_buffer // streams)
+    plan = stream_lib.StreamPlan(self.shards, streams, window, seed)
     return stream_lib.StreamBatches(plan, self.format, batch_size=batch_size,
                                     process_index=process_index, process_count=process_count,
                                     positions=positions, workers=self.workers(),

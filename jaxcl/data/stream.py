@@ -5,7 +5,7 @@ The global batch is made of S streams (`StreamPlan.streams`), each giving
 B / S rows per step, stream 0's rows first. Stream s reads the shards at
 positions s, s + S, s + 2S, ... of an endless shard sequence: every epoch
 of the shard list in its own seeded order, one after the other. It cuts
-what it reads into windows of `window` samples (dataset.shuffle_buffer) and
+what it reads into windows of `window` samples (dataset.shuffle_buffer / S) and
 takes each window in a seeded random order; a bad sample is skipped and
 counted. So a stream's output depends only on (seed, S, its position), and:
 

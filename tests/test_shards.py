@@ -1,0 +1,273 @@
+"""Webdataset shards: the tar format against the `webdataset` package's own
+writer and reader, the streams' determinism (worker processes, process
+counts, resume from saved positions), epochs and shuffling, bad samples of
+each kind, `jaxcl shard`, and the same first batch as the TFDS path."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from jaxcl import errors
+from jaxcl.data import decode, shards, stream
+
+SHARDS, PER_SHARD = 4, 24
+
+
+def _image_bytes(rng, fmt, size=(12, 14)):
+  out = io.BytesIO()
+  Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(out, format=fmt)
+  return out.getvalue()
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  """4 shards of 24 samples (PNG or JPEG, caption, class) by webdataset's TarWriter."""
+  folder = tmp_path_factory.mktemp('corpus')
+  rng = np.random.default_rng(0)
+  for s in range(SHARDS):
+    with wds.TarWriter(str(folder / f'shard-{s:06d}.tar')) as writer:
+      for i in range(PER_SHARD):
+        n = s * PER_SHARD + i
+        fmt = 'PNG' if n % 2 else 'JPEG'
+        writer.write({'__key__': f'{n:06d}', fmt.lower().replace('jpeg', 'jpg'):
+                      _image_bytes(rng, fmt), 'txt': f'sample {n}', 'cls': str(n % 3)})
+  return folder
+
+
+def _urls(folder, prefix='shard', count=SHARDS):
+  return f'{folder}/{prefix}-{{000000..{count - 1:06d}}}.tar'
+
+
+def _batches(folder, steps, *, streams=4, window=6, batch=8, process_index=0, process_count=1,
+             positions=None, workers=0, fmt=None):
+  plan = stream.StreamPlan(tuple(shards.expand_urls(_urls(folder))), streams, window, seed=3)
+  it = stream.StreamBatches(plan, fmt or decode.SampleFormat(image_size=8), batch_size=batch,
+                            process_index=process_index, process_count=process_count,
+                            positions=stream.start_positions(streams) if positions is None
+                            else positions, workers=workers)
+  try:
+    return [next(it) for _ in range(steps)], it.positions
+  finally:
+    it.close()
+
+
+def _same(a, b):
+  return (np.array_equal(a['image'], b['image']) and np.array_equal(a['label'], b['label'])
+          and a['captions'] == b['captions'])
+
+
+def test_expand_urls_braces_and_sources():
+  assert shards.expand_urls('a/s-{00..02}.tar::b/{x,y}.tar') == [
+      'a/s-00.tar', 'a/s-01.tar', 'a/s-02.tar', 'b/x.tar', 'b/y.tar']
+  assert shards.split_name('dir/0001.seg.jpg') == ('dir/0001', 'seg.jpg')
+  assert shards.split_name('noextension') is None
+
+
+def test_reader_reads_what_webdataset_wrote(corpus):
+  samples = list(shards.read_samples(str(corpus / 'shard-000001.tar')))
+  assert [s['__key__'] for s in samples] == [f'{n:06d}' for n in range(24, 48)]
+  assert samples[3]['txt'] == b'sample 27' and samples[3]['cls'] == b'0'
+  assert Image.open(io.BytesIO(samples[3]['png'])).size == (14, 12)
+  # From an offset: the same samples, without the first ones.
+  assert [s['__key__'] for s in shards.read_samples(str(corpus / 'shard-000001.tar'), skip=20)
+          ] == [f'{n:06d}' for n in range(44, 48)]
+
+
+def test_webdataset_reads_what_jaxcl_wrote(tmp_path):
+  writer = shards.ShardWriter(tmp_path, max_bytes=3000, prefix='train')
+  for n in range(10):
+    writer.write({'__key__': f'{n:04d}', 'jpg': bytes([n]) * 500, 'txt': f'caption {n}'})
+  writer.close()
+  assert sum(writer.written.values()) == 10 and len(writer.written) > 1
+  urls = sorted(str(tmp_path / name) for name in writer.written)
+  read = list(wds.WebDataset(urls, shardshuffle=False))
+  assert [r['__key__'] for r in read] == [f'{n:04d}' for n in range(10)]
+  assert [r['txt'] for r in read] == [f'caption {n}'.encode() for n in range(10)]
+  assert read[7]['jpg'] == bytes([7]) * 500
+  assert not list(tmp_path.glob('.*.tmp'))  # every shard completed and renamed
+
+
+def test_one_epoch_reads_every_sample_once_shuffled(corpus):
+  # 4 streams x 2 rows x 12 steps = 96 = the corpus: windows of 6 divide each
+  # stream's 24 samples, so the first 12 steps are exactly epoch 0.
+  batches, _ = _batches(corpus, 24)
+  first = [c for b in batches[:12] for c in b['captions']]
+  assert sorted(first) == sorted(f'sample {n}' for n in range(96))
+  second = [c for b in batches[12:] for c in b['captions']]
+  assert sorted(second) == sorted(first)
+  assert first != sorted(first, key=lambda c: int(c.split()[1]))  # shuffled within windows
+  assert first != second  # and anew each epoch (another shard order, other windows)
+  labels = np.concatenate([b['label'] for b in batches])
+  captions = [c for b in batches for c in b['captions']]
+  assert all(int(c.split()[1]) % 3 == label for c, label in zip(captions, labels))
+
+
+def test_worker_processes_give_the_same_batches(corpus):
+  alone, _ = _batches(corpus, 10)
+  workers, _ = _batches(corpus, 10, workers=2)
+  assert all(_same(a, b) for a, b in zip(alone, workers))
+
+
+def test_processes_split_the_global_batch_and_resume_on_another_count(corpus):
+  whole, _ = _batches(corpus, 20)
+  halves = [_batches(corpus, 20, process_index=p, process_count=2)[0] for p in range(2)]
+  for k, batch in enumerate(whole):
+    joined = {key: np.concatenate([halves[0][k][key], halves[1][k][key]])
+              for key in ('image', 'label')}
+    assert np.array_equal(joined['image'], batch['image'])
+    assert halves[0][k]['captions'] + halves[1][k]['captions'] == batch['captions']
+  # Positions after 7 steps of one process: two processes go on from there.
+  _, positions = _batches(corpus, 7)
+  resumed = [_batches(corpus, 13, process_index=p, process_count=2, positions=positions)[0]
+             for p in range(2)]
+  for k in range(13):
+    assert resumed[0][k]['captions'] + resumed[1][k]['captions'] == whole[7 + k]['captions']
+  # And one process from two processes' positions.
+  halves_positions = [_batches(corpus, 7, process_index=p, process_count=2)[1] for p in range(2)]
+  again, _ = _batches(corpus, 13, positions=np.concatenate(halves_positions))
+  assert all(_same(a, b) for a, b in zip(again, whole[7:]))
+
+
+def _write_tar(path, members):
+  with tarfile.open(path, 'w') as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_of_each_kind_are_skipped_counted_and_named(tmp_path):
+  rng = np.random.default_rng(1)
+  good = lambda n: [(f'{n}.jpg', _image_bytes(rng, 'JPEG')), (f'{n}.txt', f'good {n}'.encode())]
+  members = good('g0') + [
+      ('undecodable.jpg', b'not an image'), ('undecodable.txt', b'x'),
+      ('noimage.txt', b'caption without an image'),
+      ('nocaption.jpg', _image_bytes(rng, 'JPEG')),
+      ('emptycaption.jpg', _image_bytes(rng, 'JPEG')), ('emptycaption.txt', b'   '),
+      ('badlabel.jpg', _image_bytes(rng, 'JPEG')), ('badlabel.txt', b'y'), ('badlabel.cls', b'x'),
+      ('notutf8.jpg', _image_bytes(rng, 'JPEG')), ('notutf8.txt', b'\xff\xfe'),
+      ('tiny.png', _image_bytes(rng, 'PNG', (1, 1))), ('tiny.txt', b'z'),
+  ] + good('g1')
+  _write_tar(tmp_path / 'part-0.tar', members)
+  # A shard cut off in the middle of a member: its whole samples come first.
+  _write_tar(tmp_path / 'whole.tar', good('g2') + good('g3'))
+  data = (tmp_path / 'whole.tar').read_bytes()
+  (tmp_path / 'part-1.tar').write_bytes(data[:2048 + 1024])
+  (tmp_path / 'whole.tar').unlink()
+  fmt = decode.SampleFormat(image_size=16)  # 1x1 px is under 1/8 of it
+  plan = stream.StreamPlan(tuple(shards.expand_urls(f'{tmp_path}/part-{{0..1}}.tar')), 1,
+                           window=1, seed=0)  # window 1: file order, one epoch per batch
+  it = stream.StreamBatches(plan, fmt, batch_size=3, process_index=0, process_count=1,
+                            positions=stream.start_positions(1), workers=0)
+  assert sorted(next(it)['captions']) == ['good g0', 'good g1', 'good g2']
+  bad = '\n'.join(it.bad)
+  for where, why in [('undecodable', 'undecodable image'), ('noimage', 'no image (jpg, png'),
+                     ('nocaption', 'no caption (txt)'), ('emptycaption', 'empty caption (txt)'),
+                     ('badlabel', 'label (cls) is not an integer'),
+                     ('notutf8', 'caption (txt) is not UTF-8'), ('tiny', 'wrongly sized image'),
+                     ('part-1.tar after g2', 'truncated shard')]:
+    assert any(where in line and why in line for line in it.bad), (where, why, bad)
+  assert all(line.startswith(str(tmp_path)) for line in it.bad)
+  assert it.counts() == (11, 8)  # (read, skipped)
+  # Too many bad ones stop the run, with one line naming the first.
+  plan = stream.StreamPlan((str(tmp_path / 'part-0.tar'),), 1, window=9, seed=0)
+  with pytest.raises(errors.DatasetError, match='more than dataset.max_bad_fraction=0.5; first'):
+    it = stream.StreamBatches(plan, fmt, batch_size=1, process_index=0, process_count=1,
+                              positions=stream.start_positions(1), workers=0,
+                              max_bad_fraction=0.5)
+    for _ in range(stream.MIN_SAMPLES_FOR_BAD_FRACTION):
+      next(it)
+
+
+def test_a_missing_shard_is_named(tmp_path, corpus):
+  with pytest.raises(errors.DatasetError,
+                     match=r'cannot open shard .*shard-000004.tar \(dataset.urls\): no such file$'):
+    shards.check_shards(shards.expand_urls(_urls(corpus, count=10)), 'dataset.urls')
+  with pytest.raises(errors.DatasetError, match='cannot open shard .*nowhere'):
+    shards.check_shards([str(tmp_path / 'nowhere' / 'a.tar')], 'dataset.urls')
+
+
+def test_random_crop_is_seeded_by_the_position(corpus):
+  fmt = decode.SampleFormat(image_size=8, crop='random', crop_scale=(0.3, 0.6))
+  a, _ = _batches(corpus, 3, fmt=fmt)
+  b, _ = _batches(corpus, 3, fmt=fmt)
+  center, _ = _batches(corpus, 3)
+  assert all(_same(x, y) for x, y in zip(a, b))
+  assert not np.array_equal(a[0]['image'], center[0]['image'])
+
+
+def test_jaxcl_shard_writes_pairs_and_folders(tmp_path):
+  from jaxcl.data import shard_writer
+  rng = np.random.default_rng(2)
+  images = tmp_path / 'images'
+  (images / 'cat').mkdir(parents=True)
+  (images / 'dog').mkdir()
+  jpeg = _image_bytes(rng, 'JPEG', (20, 20))
+  (images / 'cat' / 'a.jpg').write_bytes(jpeg)
+  (images / 'cat' / 'b.png').write_bytes(_image_bytes(rng, 'PNG', (20, 20)))
+  (images / 'dog' / 'c.webp').write_bytes(_image_bytes(rng, 'WEBP', (20, 20)))
+  (images / 'dog' / 'd.jpg').write_bytes(b'broken')
+  rows = [{'image': 'images/cat/a.jpg', 'caption': 'a cat'},
+          {'image': 'images/dog/c.webp', 'caption': 'a dog'},
+          {'image': 'images/dog/d.jpg', 'caption': 'broken'},
+          {'image': 'images/cat/b.png', 'caption': ''}]
+  pairs = tmp_path / 'pairs.jsonl'
+  pairs.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  logged = []
+  manifest = shard_writer.write_shards(str(pairs), str(tmp_path / 'out'), workers=0,
+                                       log=logged.append)
+  assert manifest['splits']['train']['samples'] == 2 and manifest['skipped'] == 2
+  assert manifest['reencoded_as_jpeg'] == 1
+  assert sorted(why.split(':')[0] for _, why in manifest['bad']) == [
+      "empty 'caption'", 'unreadable image /' + str(images / 'dog' / 'd.jpg')[1:]]
+  samples = list(wds.WebDataset(str(tmp_path / 'out' / 'train-000000.tar'), shardshuffle=False))
+  assert [s['txt'] for s in samples] == [b'a cat', b'a dog']
+  assert samples[0]['jpg'] == jpeg  # a JPEG is copied byte for byte
+  assert Image.open(io.BytesIO(samples[1]['jpg'])).format == 'JPEG'  # the WebP re-encoded
+  assert json.loads((tmp_path / 'out' / 'sizes.json').read_text()) == {'train-000000.tar': 2}
+  assert "--config.dataset.urls='" in logged[0]
+
+  manifest = shard_writer.write_shards(str(images), str(tmp_path / 'folder'), workers=2)
+  assert manifest['classes'] == ['cat', 'dog'] and manifest['skipped'] == 1
+  samples = list(wds.WebDataset(str(tmp_path / 'folder' / 'train-000000.tar'),
+                                shardshuffle=False))
+  assert [s['cls'] for s in samples] == [b'0', b'0', b'1'] and 'txt' not in samples[0]
+  with pytest.raises(errors.DatasetError, match='exists and is not an empty folder'):
+    shard_writer.write_shards(str(images), str(tmp_path / 'folder'))
+
+
+def test_first_batch_from_shards_equals_the_tfds_path(tmp_path):
+  """The shapes' first TFDS batch written to a shard, read back in order
+  (one stream, window 1): the same images, labels and token ids."""
+  import helpers
+  from jaxcl import data, tokenizers
+  config = helpers.tiny_config(helpers.CLIP_CONFIG, helpers.TINY_TWO_TOWER)
+  tokenizer = tokenizers.build_tokenizer(config.text)
+  source, _ = data.load_source(config.dataset, 'train', with_text=True)
+
+  class Strings:  # the caption the sampler draws, as it is
+    encode = staticmethod(lambda texts: np.array(texts, dtype=object))
+
+  first = lambda t: next(data.train_iterator(source, batch_size=32, seed=config.seed,
+                                             transform=data.caption_sampler(t)))
+  tfds_batch, drawn = first(tokenizer), first(Strings())
+  with wds.TarWriter(str(tmp_path / 'first-0.tar')) as writer:
+    for i, (image, caption, label) in enumerate(zip(drawn['image'], drawn['text'],
+                                                    drawn['label'])):
+      png = io.BytesIO()
+      Image.fromarray(image).save(png, format='PNG')
+      writer.write({'__key__': f'{i:03d}', 'png': png.getvalue(), 'txt': caption,
+                    'cls': str(label)})
+  config.dataset.update(name='webdataset', urls=str(tmp_path / 'first-0.tar'), image_size=32,
+                        shuffle_buffer=1, streams=1, workers=0)
+  shard_source, info = data.Dataset(config.dataset).training(with_text=True)
+  assert info.image_shape == (32, 32, 3) and data.known_size(shard_source) is None
+  batch = next(data.train_batches(shard_source, batch_size=32, seed=config.seed, process_index=0,
+                                  process_count=1, tokenizer=tokenizer))
+  for key in ('image', 'label', 'text'):
+    np.testing.assert_array_equal(batch[key], tfds_batch[key], err_msg=key)

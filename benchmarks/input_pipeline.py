@@ -19,6 +19,11 @@ then measures images/s on this machine, in this run, of:
   Also the training process's own CPU time per image: it receives every
   image, so it caps one host's rate however many cores decode.
 
+Also decoding at the JPEGs' own 256 px with the crop left to the device
+(crop='center'), and the resident memory of the training process and its
+workers at each tenth of a stream of --memory_passes x the corpus (at least
+ten times --memory_buffer, dataset.shuffle_buffer).
+
 Target (the issue): with all workers, at least 0.8 x W x the limit. "Per
 core" is per worker; the training process shares those cores.
 
@@ -120,10 +125,7 @@ def stream_rate(shards, fmt, workers, streams, rows, window, warmup, seconds):
   """(images/s after the warm-up batches, seconds to the end of the warm-up,
   CPU microseconds the training process spent per image, all its threads)."""
   start = time.perf_counter()
-  plan = stream_lib.StreamPlan(tuple(shards), streams, window, seed=0)
-  batches = stream_lib.StreamBatches(plan, fmt, batch_size=rows * streams, process_index=0,
-                                     process_count=1, positions=stream_lib.start_positions(streams),
-                                     workers=workers)
+  batches = _stream(shards, fmt, streams, window, rows, workers)
   try:
     assert batches.workers == workers, (batches.workers, workers)
     for _ in range(warmup):
@@ -136,6 +138,41 @@ def stream_rate(shards, fmt, workers, streams, rows, window, warmup, seconds):
     return rate, startup, 1e6 * cpu / images
   finally:
     batches.close()
+
+
+def _stream(shards, fmt, streams, window, rows, workers):
+  component = stream_lib.ShardComponent('bench', tuple(shards), fmt, window)
+  mixture = stream_lib.Mixture((component,), (1.0,), streams, seed=0, with_text=True)
+  return stream_lib.StreamBatches(mixture, batch_size=rows * streams, process_index=0,
+                                  process_count=1, positions=stream_lib.start_positions(streams),
+                                  workers=workers)
+
+
+def _rss_mib(pid: int) -> float:
+  """Resident memory of a process and its children (the grain workers), MiB."""
+  total = 0
+  pids = [pid] + [int(p) for p in open(f'/proc/{pid}/task/{pid}/children').read().split()]
+  for p in pids:
+    with open(f'/proc/{p}/status') as f:
+      total += next(int(l.split()[1]) for l in f if l.startswith('VmRSS'))
+  return total / 1024
+
+
+def memory_over_stream(shards, fmt, workers, buffer, passes):
+  """Resident memory (training process + workers) while streaming `passes`
+  times the corpus with dataset.shuffle_buffer = `buffer`: at each tenth."""
+  streams = 2 * max(1, workers)
+  batches = _stream(shards, fmt, streams, max(1, buffer // streams), 16, workers)
+  total = passes * sum(1 for shard in shards for _ in shards_lib.read_samples(shard))
+  marks, seen = [], 0
+  try:
+    while seen < total:
+      seen += len(next(batches)['image'])
+      if len(marks) < seen * 10 // total:
+        marks.append((seen, round(_rss_mib(os.getpid()), 1)))
+  finally:
+    batches.close()
+  return marks
 
 
 def transformer_gflops(tokens: int, width: int, layers: int, mlp: int) -> float:
@@ -194,6 +231,10 @@ def main():
                       help='measured/published ViT-B/16 CLIP examples/s per v5e chip; 0: estimate')
   parser.add_argument('--h100_examples_per_s', type=float, default=0,
                       help='measured/published ViT-B/16 CLIP examples/s per H100; 0: estimate')
+  parser.add_argument('--memory_buffer', type=int, default=400,
+                      help='dataset.shuffle_buffer of the memory measurement')
+  parser.add_argument('--memory_passes', type=int, default=3,
+                      help='passes over the corpus in the memory measurement')
   parser.add_argument('--json', default='benchmarks/input_pipeline.json')
   args = parser.parse_args()
 
@@ -224,8 +265,20 @@ def main():
                    max(1, workers), rate, {'training_process_cpu_us_per_image': round(cpu_us),
                                            'startup_s': round(startup, 2)}))
       print(f'  {rows[-1][0]}: {rate:,.0f} images/s, {startup:.1f} s to the first timed batch')
+    # The alternative jaxcl defaults to: decode at the stored size (here the JPEGs' own 256),
+    # the random-resized crop to 224 on the device, where augmentation already runs.
+    center = decode_lib.SampleFormat(image_size=256, text_key='txt', crop='center')
+    workers = args.max_workers
+    rate, startup, cpu_us = stream_rate(shards, center, workers, 2 * max(1, workers), args.rows,
+                                        args.window, args.warmup, args.seconds)
+    rows.append((f'jaxcl StreamBatches, {workers} grain workers, decode at 256 (crop on the '
+                 f'device)', workers, max(1, workers), rate,
+                 {'training_process_cpu_us_per_image': round(cpu_us),
+                  'startup_s': round(startup, 2)}))
     rows.append(('Pillow decode alone (the limit), second run', '-', 1,
                  one_core_rate(pillow_decode, jpegs, args.seconds), {}))
+    memory = memory_over_stream(shards, fmt, args.max_workers, args.memory_buffer,
+                                args.memory_passes)
   finally:
     shutil.rmtree(folder, ignore_errors=True)
   limit = max(rows[0][3], rows[-1][3])  # the larger run: the stricter target
@@ -240,7 +293,7 @@ def main():
     table.append(dict(configuration=name, workers=workers, cores=cores, images_per_s=round(rate, 1),
                       images_per_s_per_core=round(rate / cores, 1), fraction=round(fraction, 3),
                       meets_target=meets, **extra))
-  full = table[-2]  # all workers: the last jaxcl row (the limit's second run follows it)
+  full = table[-3]  # all workers, crop on the host: the issue's configuration
   per_core = full['images_per_s_per_core']
   # Every image still passes through the one training process (grain's queue, the batch's
   # concatenation): its CPU per image caps a host's rate, however many cores decode.
@@ -251,12 +304,20 @@ def main():
         f"spends {full['training_process_cpu_us_per_image']} us CPU per image, a ceiling of "
         f'~{ceiling:,.0f} images/s')
   accelerators = accelerator_rows(per_core, ceiling, args)
+  print(f'\nresident memory (training process + workers) streaming {args.memory_passes} x the '
+        f'corpus = {memory[-1][0]:,} samples, {memory[-1][0] // args.memory_buffer}x '
+        f'dataset.shuffle_buffer={args.memory_buffer}:')
+  print('| samples read | RSS MiB |\n|---|---|')
+  for seen, rss in memory:
+    print(f'| {seen:,} | {rss:,.1f} |')
   with open(args.json, 'w') as f:
     json.dump({'machine': info, 'corpus': {'images': len(jpegs), 'mean_jpeg_kb': round(mean_kb, 1),
                                            'shards': len(shards)},
                'limit_images_per_s': round(limit, 1), 'rows': table,
                'training_process_ceiling_images_per_s': round(ceiling), 'mfu_assumed': args.mfu,
-               'accelerators': accelerators}, f, indent=2)
+               'accelerators': accelerators,
+               'memory': {'shuffle_buffer': args.memory_buffer, 'workers': args.max_workers,
+                          'samples_read_and_rss_mib': memory}}, f, indent=2)
     f.write('\n')
 
 

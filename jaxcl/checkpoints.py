@@ -43,8 +43,8 @@ DATA_ITEM = 'data'  # where shard streams stand after the checkpoint's step
 
 def save_checkpoint(manager, state, stream_positions=None) -> None:
   """Starts writing the train state, RNG included, in the background, with
-  the shard streams' positions (int64 [S, 6], jaxcl.data.stream) when the
-  run reads shards. A failed write (here or, for the previous background
+  the streams' positions (int64 [S, sources, 7], jaxcl.data.stream) when the
+  run reads shards or a mixture. A failed write (here or, for the previous background
   one, at this call) raises CheckpointError."""
   items = {'state': ocp.args.StandardSave(state)}
   if stream_positions is not None:

@@ -87,6 +87,9 @@ def base_config():
       crop='center',  # host crop to image_size: 'center', or 'random' (random-resized)
       crop_scale=(0.9, 1.0),  # crop='random': the area fraction kept (open_clip's)
       max_bad_fraction=0.05,  # stop when more of the samples read are bad
+      # name='mixture': 'SOURCE=WEIGHT' entries, SOURCE one of shards:URLS, pairs:FILE,
+      # folder:PATH or a TFDS name; streamed like shards, evaluated on the first's splits.
+      mixture=(),
       mean=(0.5,),
       std=(0.5,),
   ))
@@ -246,7 +249,7 @@ KEYS_ADDED_LATER = {
     'dataset.webdataset.image': 'jpg;png;jpeg;webp', 'dataset.webdataset.text': 'txt',
     'dataset.webdataset.label': 'cls', 'dataset.shuffle_buffer': 10000, 'dataset.streams': 0,
     'dataset.workers': -1, 'dataset.crop': 'center', 'dataset.crop_scale': (0.9, 1.0),
-    'dataset.max_bad_fraction': 0.05,
+    'dataset.max_bad_fraction': 0.05, 'dataset.mixture': (),
 }
 
 

@@ -187,24 +187,29 @@ def write_eval(workdir, step: int, results: dict) -> None:
 
 # ------------------------------------------------------------ shard streams ---
 def stream_positions(train_iter):
-  """Where every shard stream of the run stands (all processes' rows,
-  int64 [S, 6]), for the checkpoint; None for random-access data."""
+  """Where every stream of the run stands (all processes' streams, int64
+  [S, sources, 7]), for the checkpoint; None for random-access data."""
   if not isinstance(train_iter, data.StreamBatches):
     return None
   return parallel.gather_to_host(train_iter.positions)
 
 
 def stream_metrics(workdir, train_iter) -> dict:
-  """{'skipped_samples': bad samples skipped by all processes so far} for
-  shard streams ({} otherwise); each process's first bad samples (shard and
-  key) go to workdir/skipped_samples[.pN].json."""
+  """For streams ({} otherwise): 'skipped_samples', the bad samples skipped
+  by all processes so far, and for a mixture 'mixture/NAME', the share of
+  the rows each source gave so far. Each process's first bad samples (shard
+  and key) go to workdir/skipped_samples[.pN].json."""
   if not isinstance(train_iter, data.StreamBatches):
     return {}
-  counts = parallel.gather_to_host(np.array([train_iter.counts()], np.int64)).sum(axis=0)
+  read, skipped, rows = parallel.gather_to_host(train_iter.counts()[None]).sum(axis=0)
   if train_iter.bad:
     index = jax.process_index()
     name = files.SKIPPED_SAMPLES_FILE.replace('.json', f'.p{index}.json' if index else '.json')
     files.write_atomically(epath.Path(workdir) / name, json.dumps(
-        {'read': int(counts[0]), 'skipped': int(counts[1]), 'first': train_iter.bad},
+        {'read': int(read.sum()), 'skipped': int(skipped.sum()), 'first': train_iter.bad},
         indent=1) + '\n')
-  return {'skipped_samples': float(counts[1])}
+  metrics = {'skipped_samples': float(skipped.sum())}
+  if len(rows) > 1:
+    metrics.update({f'mixture/{name}': float(count / max(1, rows.sum()))
+                    for name, count in zip(train_iter.names, rows)})
+  return metrics

@@ -92,7 +92,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       exp.train_source, batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       transform=method.record_transform(exp.tokenizer), tokenizer=exp.tokenizer,
-      start_record=start_record, start_batch=start_batch,
+      start_record=start_record, start_batch=start_batch, start_step=start_step,
       stream_positions=checkpoints.stream_positions(manager, start_step) if resumed else None)
   facts = run_files.data_facts(exp.info, method.export_facts(config, exp.dataset, eval_data))
   run_files.write_run_start(workdir, config, history, exp.tokenizer, facts, start_step)

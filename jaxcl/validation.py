@@ -263,6 +263,17 @@ def _check_dataset(d):
   if d.name == data.WEBDATASET:
     _check_webdataset(d)
     return
+  if d.name == data.MIXTURE:
+    check(bool(d.mixture), "dataset.mixture must list 'SOURCE=WEIGHT' entries when dataset.name "
+                           "is mixture (shards:URLS, pairs:FILE, folder:PATH or a TFDS name)")
+    check(d.image_size > 0, 'dataset.image_size must be > 0 for a mixture (every source is '
+                            'read at that size)')
+    for index, (sub, _, _) in enumerate(data.component_configs(d)):
+      try:
+        _check_dataset(sub)
+      except ConfigError as e:
+        raise ConfigError(f'dataset.mixture[{index}]: {e}') from None
+    return
   if d.name == 'image_folder':
     check(bool(d.path), 'dataset.path must name a folder when dataset.name is image_folder')
     check(epath.Path(d.path).is_dir(), f'dataset.path {d.path} is not a folder')

@@ -43,11 +43,17 @@ def _urls(folder, prefix='shard', count=SHARDS):
   return f'{folder}/{prefix}-{{000000..{count - 1:06d}}}.tar'
 
 
+def _mixture(folder, *, streams=4, window=6, fmt=None, urls=None):
+  component = stream.ShardComponent('shards', tuple(shards.expand_urls(urls or _urls(folder))),
+                                    fmt or decode.SampleFormat(image_size=8), window)
+  return stream.Mixture((component,), (1.0,), streams, seed=3, with_text=True)
+
+
 def _batches(folder, steps, *, streams=4, window=6, batch=8, process_index=0, process_count=1,
              positions=None, workers=0, fmt=None):
-  plan = stream.StreamPlan(tuple(shards.expand_urls(_urls(folder))), streams, window, seed=3)
-  it = stream.StreamBatches(plan, fmt or decode.SampleFormat(image_size=8), batch_size=batch,
-                            process_index=process_index, process_count=process_count,
+  it = stream.StreamBatches(_mixture(folder, streams=streams, window=window, fmt=fmt),
+                            batch_size=batch, process_index=process_index,
+                            process_count=process_count,
                             positions=stream.start_positions(streams) if positions is None
                             else positions, workers=workers)
   try:
@@ -160,11 +166,12 @@ def test_bad_samples_of_each_kind_are_skipped_counted_and_named(tmp_path):
   (tmp_path / 'part-1.tar').write_bytes(data[:2048 + 1024])
   (tmp_path / 'whole.tar').unlink()
   fmt = decode.SampleFormat(image_size=16)  # 1x1 px is under 1/8 of it
-  plan = stream.StreamPlan(tuple(shards.expand_urls(f'{tmp_path}/part-{{0..1}}.tar')), 1,
-                           window=1, seed=0)  # window 1: file order, one epoch per batch
-  it = stream.StreamBatches(plan, fmt, batch_size=3, process_index=0, process_count=1,
-                            positions=stream.start_positions(1), workers=0)
+  # window 1: file order, one epoch per batch
+  mixture = _mixture(None, streams=1, window=1, fmt=fmt, urls=f'{tmp_path}/part-{{0..1}}.tar')
+  it = stream.StreamBatches(mixture, batch_size=3, process_index=0, process_count=1,
+                            positions=stream.start_positions(1))
   assert sorted(next(it)['captions']) == ['good g0', 'good g1', 'good g2']
+  next(it)  # past the shard that ends early, whichever of the two came first
   bad = '\n'.join(it.bad)
   for where, why in [('undecodable', 'undecodable image'), ('noimage', 'no image (jpg, png'),
                      ('nocaption', 'no caption (txt)'), ('emptycaption', 'empty caption (txt)'),
@@ -173,13 +180,13 @@ def test_bad_samples_of_each_kind_are_skipped_counted_and_named(tmp_path):
                      ('part-1.tar after g2', 'truncated shard')]:
     assert any(where in line and why in line for line in it.bad), (where, why, bad)
   assert all(line.startswith(str(tmp_path)) for line in it.bad)
-  assert it.counts() == (11, 8)  # (read, skipped)
+  read, skipped, rows = it.counts()[:, 0]
+  assert rows == 6 and read == skipped + rows and skipped == len(it.bad) >= 8
   # Too many bad ones stop the run, with one line naming the first.
-  plan = stream.StreamPlan((str(tmp_path / 'part-0.tar'),), 1, window=9, seed=0)
+  mixture = _mixture(None, streams=1, window=9, fmt=fmt, urls=str(tmp_path / 'part-0.tar'))
   with pytest.raises(errors.DatasetError, match='more than dataset.max_bad_fraction=0.5; first'):
-    it = stream.StreamBatches(plan, fmt, batch_size=1, process_index=0, process_count=1,
-                              positions=stream.start_positions(1), workers=0,
-                              max_bad_fraction=0.5)
+    it = stream.StreamBatches(mixture, batch_size=1, process_index=0, process_count=1,
+                              positions=stream.start_positions(1), max_bad_fraction=0.5)
     for _ in range(stream.MIN_SAMPLES_FOR_BAD_FRACTION):
       next(it)
 
@@ -271,3 +278,105 @@ def test_first_batch_from_shards_equals_the_tfds_path(tmp_path):
                                   process_count=1, tokenizer=tokenizer))
   for key in ('image', 'label', 'text'):
     np.testing.assert_array_equal(batch[key], tfds_batch[key], err_msg=key)
+
+
+class _Records:
+  """A random-access source of 10 records: 'record n' captions, label 7."""
+
+  def __len__(self):
+    return 10
+
+  def __getitem__(self, index):
+    return {'image': np.full((8, 8, 3), index, np.uint8), 'label': np.int32(7),
+            'captions': [f'record {index}', f'record {index} again']}
+
+
+def test_mixture_proportions_and_exact_resume(corpus):
+  shards_part = _mixture(corpus).components[0]
+  mixture = stream.Mixture((shards_part, stream.RecordComponent('records', _Records(), True)),
+                           (0.7, 0.3), streams=4, seed=5, with_text=True)
+  make = lambda steps, p=0, count=1, positions=None, start=0: (lambda it: (
+      [next(it) for _ in range(steps)], it))(stream.StreamBatches(
+          mixture, batch_size=8, process_index=p, process_count=count, start_step=start,
+          positions=stream.start_positions(4, 2) if positions is None else positions))
+  batches, it = make(300)
+  # 300 steps x 4 streams draw a source: the share of rows from the shards is
+  # binomial(1200, 0.7) / 1200, within 4 standard deviations (0.053) of 0.7.
+  read, skipped, rows = it.counts()
+  assert rows.sum() == 300 * 8 and skipped.sum() == 0
+  assert abs(rows[0] / rows.sum() - 0.7) < 4 * np.sqrt(0.7 * 0.3 / 1200)
+  from_records = [c for b in batches for c in b['captions'] if c.startswith('record')]
+  assert len(from_records) == rows[1]
+  assert {c.split()[1] for c in from_records} == {str(n) for n in range(10)}
+  assert any(c.endswith('again') for c in from_records)  # either caption is drawn
+  # A resume at step 120 by two processes sees the same batches.
+  _, first = make(120)
+  halves = [make(30, p, 2, first.positions, start=120)[0] for p in range(2)]
+  for k in range(30):
+    assert halves[0][k]['captions'] + halves[1][k]['captions'] == batches[120 + k]['captions']
+    np.testing.assert_array_equal(np.concatenate([halves[0][k]['image'],
+                                                  halves[1][k]['image']]),
+                                  batches[120 + k]['image'])
+
+
+def test_a_mixture_by_config_of_shards_and_tfds(tmp_path):
+  """A config's dataset.mixture: the shards of the shapes and the TFDS shapes."""
+  import helpers
+  from jaxcl import config as config_lib
+  from jaxcl import data
+  config = helpers.tiny_config(helpers.CLIP_CONFIG, helpers.TINY_TWO_TOWER)
+  source, _ = data.load_source(config.dataset, 'test', with_text=True)
+  with wds.TarWriter(str(tmp_path / 'shapes-0.tar')) as writer:
+    for i in range(64):
+      png = io.BytesIO()
+      Image.fromarray(source[i]['image']).save(png, format='PNG')
+      writer.write({'__key__': f'{i:03d}', 'png': png.getvalue(), 'txt': 'from shards'})
+  config.dataset.update(name='mixture', image_size=32, workers=0, mixture=(
+      f'shards:{tmp_path}/shapes-0.tar=0.5', 'captioned_shapes=0.5'))
+  config_lib.validate(config)
+  stream_source, info = data.Dataset(config.dataset).training(with_text=True)
+  assert info.image_shape == (32, 32, 3)
+  assert data.describe_size(stream_source) == (
+      'a mixture of 0:' + tmp_path.name + ' (0.5), 1:captioned_shapes (0.5), streamed')
+  it = data.train_batches(stream_source, batch_size=32, seed=0, process_index=0,
+                          process_count=1)
+  captions = [c for _ in range(4) for c in next(it)['captions']]
+  shares = it.counts()[2] / it.counts()[2].sum()
+  assert 0.2 < shares[0] < 0.8 and captions.count('from shards') == it.counts()[2][0]
+  # Evaluation reads the first source's splits: the shards' eval_urls (none here).
+  assert data.Dataset(config.dataset).missing_split('test') == (
+      'the test split (dataset.eval_urls is empty)')
+  config.dataset.mixture = ('captioned_shapes=0', )
+  with pytest.raises(config_lib.ConfigError, match="not 'SOURCE=WEIGHT' with a weight > 0"):
+    config_lib.validate(config)
+  config.dataset.mixture = ('pairs:/nowhere.jsonl=1', )
+  with pytest.raises(config_lib.ConfigError, match=r'dataset.mixture\[0\]: dataset.path '):
+    config_lib.validate(config)
+
+
+@pytest.mark.slow  # 6,000 samples decoded under tracemalloc
+def test_memory_does_not_grow_with_the_stream(tmp_path):
+  """Two passes over 3,000 samples (8 MB of JPEGs, 30x the shuffle buffer of
+  100): what Python holds after the whole stream is what it held after a
+  tenth of it, within 1 MB."""
+  import tracemalloc
+  rng = np.random.default_rng(3)
+  for s in range(12):
+    with wds.TarWriter(str(tmp_path / f'big-{s:02d}.tar')) as writer:
+      for i in range(250):
+        writer.write({'__key__': f'{i:04d}', 'jpg': _image_bytes(rng, 'JPEG', (32, 32)),
+                      'txt': f'sample {s} {i}'})
+  corpus = sum(p.stat().st_size for p in tmp_path.glob('big-*.tar'))
+  mixture = _mixture(None, streams=4, window=25, urls=f'{tmp_path}/big-{{00..11}}.tar')
+  it = stream.StreamBatches(mixture, batch_size=40, process_index=0, process_count=1,
+                            positions=stream.start_positions(4))
+  tracemalloc.start()
+  try:
+    held = []
+    for step in range(150):  # 150 x 40 = 6,000 samples
+      next(it)
+      if step in (15, 149):
+        held.append(tracemalloc.get_traced_memory()[0])
+  finally:
+    tracemalloc.stop()
+  assert corpus > 7e6 and held[1] - held[0] < 1e6, (corpus, held)

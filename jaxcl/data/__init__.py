@@ -1,6 +1,7 @@
-"""Input: TFDS array_record data sources and image folders, read with grain.
+"""Input: TFDS array_record data sources, image folders, pairs files,
+webdataset shards and mixtures of them, read with grain.
 
-Every dataset becomes a random-access source of records
+Every dataset but shards becomes a random-access source of records
 ``{'image': uint8 [H, W, C], 'label': int}`` with one fixed H, W, C (the
 "stored resolution"), plus ``'captions'`` (a list of str) for image-text
 training. The host only reads, picks a caption, tokenizes and batches;
@@ -11,7 +12,9 @@ augmentation runs on the device (jaxcl.augment).
   ``dataset.data_dir`` (TFDS's default when unset); captions come from the
   ``dataset.text_key`` feature ('a/b' for nested ones). Preparing datasets
   with Image features needs TensorFlow and, for most, the network: done once
-  by the user, or here when ``dataset.download=True``.
+  by the user, or here when ``dataset.download=True``. Reading them does
+  not: their encoded images are decoded by jaxcl.data.decode, in grain
+  worker processes when training.
 - Embedded, prepared locally on first use with no network and no TensorFlow:
   ``digits`` (jaxcl.data.digits: scikit-learn's 1,797 8x8 handwritten
   digits; train = the first 1,500, test = the remaining 297; pixel =
@@ -24,11 +27,16 @@ augmentation runs on the device (jaxcl.augment).
   for unlabeled images, label -1), resized to ``dataset.image_size``. The
   train split is required; without the evaluation splits' folders
   (``test/``) the run trains and skips evaluation.
+- ``webdataset``: tar shards (``dataset.urls``), streamed rather than read
+  at random (jaxcl.data.stream), with held-out shards (``dataset.eval_urls``)
+  read into memory; ``mixture``: several sources by weight, streamed alike.
+  Their positions are saved with the checkpoints.
 
 Training order is deterministic from the seed: grain shuffles the source,
 reshuffles each epoch, and each of P processes reads its own block of every
-global batch. Nothing of the iterator is checkpointed: its position follows
-from the step (and the batch history), see `train_iterator`.
+global batch. For random-access data nothing of the iterator is
+checkpointed: its position follows from the step (and the batch history),
+see `train_iterator`.
 With several captions per image, one is drawn per image and epoch.
 
 The modules, each importing only those above it:
@@ -38,8 +46,13 @@ The modules, each importing only those above it:
 - digits, shapes: the embedded datasets' TFDS builders.
 - pair_rows: the rows of (image path, caption) files, read and checked.
 - pairs: those files converted into a TFDS dataset.
-- sources: datasets by name: `Dataset` (opened once per run), `load_source`.
-- pipeline: `train_iterator`, `eval_batches`, `caption_sampler`.
+- shards: the webdataset tar format; decode: encoded samples -> records.
+- pipeline: `train_iterator`, `eval_batches`, `caption_sampler`, `in_workers`.
+- stream: streams of shard and record components, mixtures, `StreamBatches`.
+- shard_sources: the webdataset and mixture training splits, held-out shards.
+- sources: datasets by name: `Dataset` (opened once per run), `load_source`,
+  `train_batches`.
+- shard_writer: `jaxcl shard`.
 
 This package re-exports their public names: ``data.load_source`` etc.
 """
@@ -50,17 +63,17 @@ from jaxcl.data.catalog import is_prepared
 from jaxcl.data.digits import Digits
 from jaxcl.data import shapes, pairs  # noqa: F401  (TFDS builders, registered on import)
 from jaxcl.data.sources import (DEFAULT_TEMPLATES, EMBEDDED, PAIRS, Dataset, DatasetError,
-                                DatasetInfo, as_strings, describe_size, known_size, load_source,
-                                tfds_builder,
-                                train_batches, zeroshot_templates)
+                                DatasetInfo, as_strings, component_configs, describe_size,
+                                known_size, load_source, tfds_builder, train_batches,
+                                zeroshot_templates)
 from jaxcl.data.pipeline import caption_sampler, eval_batches, train_iterator
-from jaxcl.data.shard_sources import NAME as WEBDATASET
+from jaxcl.data.shard_sources import MIXTURE, NAME as WEBDATASET
 from jaxcl.data.stream import StreamBatches
 
 __all__ = [
-    'DEFAULT_TEMPLATES', 'EMBEDDED', 'IMAGE_SUFFIXES', 'MAX_UPSCALE', 'PAIRS', 'WEBDATASET',
-    'Dataset', 'DatasetError', 'DatasetInfo', 'Digits', 'ImageFolderSource', 'StreamBatches',
-    'as_strings', 'caption_sampler', 'center_crop_resize', 'describe_size', 'eval_batches',
-    'image_problem', 'is_prepared', 'known_size', 'load_source', 'tfds_builder', 'train_batches',
-    'train_iterator', 'zeroshot_templates',
+    'DEFAULT_TEMPLATES', 'EMBEDDED', 'IMAGE_SUFFIXES', 'MAX_UPSCALE', 'MIXTURE', 'PAIRS',
+    'WEBDATASET', 'Dataset', 'DatasetError', 'DatasetInfo', 'Digits', 'ImageFolderSource',
+    'StreamBatches', 'as_strings', 'caption_sampler', 'center_crop_resize', 'component_configs',
+    'describe_size', 'eval_batches', 'image_problem', 'is_prepared', 'known_size', 'load_source',
+    'tfds_builder', 'train_batches', 'train_iterator', 'zeroshot_templates',
 ]

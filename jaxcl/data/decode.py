@@ -33,6 +33,7 @@ class SampleFormat:
   label_key: str = 'cls'  # optional: -1 when absent
   crop: str = 'center'
   crop_scale: tuple[float, float] = (0.9, 1.0)
+  channels: int = 3  # 1: decoded as grayscale
 
 
 def decode(sample: dict, fmt: SampleFormat, rng: np.random.Generator | None = None):
@@ -70,19 +71,23 @@ def decode(sample: dict, fmt: SampleFormat, rng: np.random.Generator | None = No
 
 
 def decode_image(data: bytes, fmt: SampleFormat, rng=None):
-  """(uint8 [S, S, 3], None) or (None, why the bytes are not a usable image)."""
+  """(uint8 [S, S, C], None) or (None, why the bytes are not a usable image).
+  fmt.image_size 0: the image as it is, [H, W, C]."""
   from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
   size = fmt.image_size
+  mode = 'L' if fmt.channels == 1 else 'RGB'
   try:
     pil = Image.open(io.BytesIO(data))
-    if min(pil.size) < max(1, size // MAX_UPSCALE):
+    if size and min(pil.size) < max(1, size // MAX_UPSCALE):
       return None, (f'wrongly sized image: {pil.size[0]}x{pil.size[1]} px, under '
                     f'1/{MAX_UPSCALE} of image_size {size}')
-    # JPEG: decode at a reduced scale, still at least the crop's size.
-    pil.draft('RGB', (size, size) if fmt.crop == 'center' else (2 * size, 2 * size))
-    pil = ImageOps.exif_transpose(pil).convert('RGB')
+    if size:  # JPEG: decode at a reduced scale, still at least the crop's size
+      pil.draft(mode, (size, size) if fmt.crop == 'center' else (2 * size, 2 * size))
+    pil = ImageOps.exif_transpose(pil).convert(mode)
   except Exception as e:  # noqa: BLE001  pylint: disable=broad-except  # PIL raises many kinds
     return None, f'undecodable image: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+  if not size:
+    return np.asarray(pil).reshape(pil.size[1], pil.size[0], fmt.channels), None
   width, height = pil.size
   if fmt.crop == 'random':
     box = random_crop_box(width, height, fmt.crop_scale, rng or np.random.default_rng())
@@ -90,7 +95,8 @@ def decode_image(data: bytes, fmt: SampleFormat, rng=None):
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     box = (left, top, left + side, top + side)
-  return np.asarray(pil.resize((size, size), Image.BILINEAR, box=box)), None
+  image = np.asarray(pil.resize((size, size), Image.BILINEAR, box=box))
+  return image.reshape(size, size, fmt.channels), None
 
 
 def random_crop_box(width: int, height: int, scale, rng, ratio=(3 / 4, 4 / 3), tries: int = 10):

@@ -29,7 +29,7 @@ def caption_sampler(tokenizer):
 
 def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1, num_threads: int = 4, transform=None,
-                   start_record: int = 0, start_batch: int = 0):
+                   start_record: int = 0, start_batch: int = 0, workers: int = 0):
   """An endless iterator of this process's share of each global batch: dicts
   of numpy arrays with leading dim batch_size / processes.
 
@@ -43,6 +43,8 @@ def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0
   transform: an optional grain random_map function (record, np Generator) ->
   record, e.g. `caption_sampler`; its randomness is seeded by the record's
   place in the stream, so it too survives a resume.
+  workers: processes that read (and decode) the batches, each every W-th
+  batch, interleaved back in order: the same batches for any W.
   """
   local_batch = batch_size // process_count
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
@@ -56,7 +58,38 @@ def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0
   if start_batch:
     ds = ds[start_batch:]
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
-  return iter(ds.to_iter_dataset(options))
+  return iter(in_workers(ds.to_iter_dataset(options), workers))
+
+
+def in_workers(ds, workers: int):
+  """The grain IterDataset `ds` computed in `workers` processes (0: here),
+  each taking every W-th element, interleaved back in order."""
+  if not workers:
+    return ds
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():  # grain's worker start reads its absl flags' defaults
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=2),
+                        worker_init_fn=_exit_with_parent)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """Runs in each worker: it exits once the training process is gone (a
+  SIGKILL gives that process no chance to stop its workers), instead of
+  living on as an orphan holding memory."""
+  del worker_index, worker_count
+  import os  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True, name='jaxcl-exit-with-parent').start()
 
 
 def eval_batches(source, *, batch_size: int, process_index: int = 0, process_count: int = 1,

@@ -1,8 +1,11 @@
 """The ``webdataset`` dataset: shards named by ``dataset.urls`` (training,
-streamed) and ``dataset.eval_urls`` (held out, read once into memory).
+streamed) and ``dataset.eval_urls`` (held out, read once into memory); and
+the streamed training split of a ``mixture``.
 
-- `ShardStream`: the training split. It has no length and no random access;
-  `batches` returns a jaxcl.data.stream.StreamBatches from saved positions.
+- `Stream`: the training split, also of a ``mixture`` of shards, TFDS
+  datasets, pairs files and image folders (``dataset.mixture``). It has no
+  length and no random access; `batches` returns a
+  jaxcl.data.stream.StreamBatches from saved positions.
 - `ShardSamples`: a split held in memory as a random-access source of
   {'image', 'label', 'captions'} records, center-cropped: 'test' is every
   sample of eval_urls, 'train' (SimCLR's kNN bank and probe) the first
@@ -14,6 +17,7 @@ Imports jaxcl.data.shards, decode, stream.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from jaxcl import errors
@@ -22,6 +26,7 @@ from jaxcl.data import shards as shards_lib
 from jaxcl.data import stream as stream_lib
 
 NAME = 'webdataset'
+MIXTURE = 'mixture'
 # Streams per process by default: enough to keep the workers of a large host
 # busy (each worker decodes whole streams), few enough to keep each stream's
 # window (shuffle_buffer / streams) useful.
@@ -41,19 +46,23 @@ def host_cores() -> int:
   return os.cpu_count() or 1
 
 
-class ShardStream:
-  """The training shards of `cfg` (the config's dataset group), checked to exist."""
+class Stream:
+  """The training split of a webdataset (one shard component) or a mixture
+  (components with weights), as streams: no length, no random access;
+  `batches` returns a jaxcl.data.stream.StreamBatches from saved positions."""
 
-  def __init__(self, cfg, with_text: bool):
-    self.cfg = cfg
-    self.shards = tuple(shards_lib.expand_urls(cfg.urls))
-    shards_lib.check_shards(list(self.shards), 'dataset.urls')
-    self.format = sample_format(cfg, with_text, cfg.crop)
-    self.declared_size = sum(shards_lib.sizes(list(self.shards)).values()) or None
+  def __init__(self, cfg, with_text: bool, components: list, weights: list[float]):
+    self.cfg, self.with_text = cfg, with_text
+    self.components, self.weights = tuple(components), tuple(weights)
+    self.names = tuple(c.name for c in components)
 
   def describe(self) -> str:
-    size = f'{self.declared_size} samples' if self.declared_size else 'samples uncounted'
-    return f'{len(self.shards)} shards ({size}), streamed'
+    if len(self.components) > 1:
+      return 'a mixture of ' + ', '.join(f'{name} ({weight:g})' for name, weight
+                                          in zip(self.names, self.weights)) + ', streamed'
+    shards = self.components[0].shards
+    size = sum(shards_lib.sizes(list(shards)).values())
+    return f'{len(shards)} shards ({f"{size} samples" if size else "samples uncounted"}), streamed'
 
   def workers(self) -> int:
     return host_cores() if self.cfg.workers < 0 else self.cfg.workers
@@ -68,23 +77,65 @@ class ShardStream:
                                                    STREAMS_PER_PROCESS)
 
   def batches(self, *, batch_size: int, seed: int, process_index: int, process_count: int,
-              positions=None, tokenizer=None) -> stream_lib.StreamBatches:
-    """This process's batches; `positions` [S, 6] where the streams stand
-    (None: a fresh run, S from default_streams)."""
+              positions=None, start_step: int = 0, tokenizer=None) -> stream_lib.StreamBatches:
+    """This process's batches from step `start_step`; `positions` [S,
+    components, 7] where the streams stand (None: a fresh run, S from
+    default_streams)."""
     if positions is None:
-      positions = stream_lib.start_positions(self.default_streams(batch_size, process_count))
+      positions = stream_lib.start_positions(self.default_streams(batch_size, process_count),
+                                             len(self.components))
     streams = len(positions)
+    if positions.shape[1] != len(self.components):
+      raise errors.ConfigError(f'the run read {positions.shape[1]} data source(s); the config '
+                               f'names {len(self.components)}')
     if streams % process_count or batch_size % streams:
       raise errors.ConfigError(
-          f'the run reads {streams} shard streams: the number of processes ({process_count}) '
+          f'the run reads {streams} data streams: the number of processes ({process_count}) '
           f'must divide it and it must divide the global batch ({batch_size})')
     window = max(1, self.cfg.shuffle_buffer // streams)
-    plan = stream_lib.StreamPlan(self.shards, streams, window, seed)
-    return stream_lib.StreamBatches(plan, self.format, batch_size=batch_size,
+    components = tuple(dataclasses.replace(c, window=window)
+                       if isinstance(c, stream_lib.ShardComponent) else c
+                       for c in self.components)
+    mixture = stream_lib.Mixture(components, self.weights, streams, seed, self.with_text)
+    return stream_lib.StreamBatches(mixture, batch_size=batch_size,
                                     process_index=process_index, process_count=process_count,
-                                    positions=positions, workers=self.workers(),
+                                    positions=positions, start_step=start_step,
+                                    workers=self.workers(),
                                     max_bad_fraction=self.cfg.max_bad_fraction,
                                     tokenizer=tokenizer)
+
+
+def shard_component(cfg, with_text: bool, urls: str, what: str,
+                    name: str = 'shards') -> stream_lib.ShardComponent:
+  """The shards `urls` names (checked to exist) as a stream component."""
+  shards = shards_lib.expand_urls(urls)
+  shards_lib.check_shards(shards, what)
+  return stream_lib.ShardComponent(name, tuple(shards), sample_format(cfg, with_text, cfg.crop))
+
+
+def parse_mixture(entries) -> list[tuple[str, str, float]]:
+  """dataset.mixture entries 'SOURCE=WEIGHT' -> [(kind, what, weight)]:
+  kind 'shards' (what: urls), 'pairs' (a pairs file), 'folder' (an image
+  folder) or 'tfds' (what: the dataset's name). Raises ConfigError."""
+  parsed = []
+  for entry in entries:
+    spec, _, weight = str(entry).rpartition('=')
+    try:
+      weight = float(weight)
+    except ValueError:
+      weight = -1.0
+    if not spec or not weight > 0:
+      raise errors.ConfigError(f"dataset.mixture entry {entry!r} is not 'SOURCE=WEIGHT' with a "
+                               f"weight > 0 (SOURCE: shards:URLS, pairs:FILE, folder:PATH or a "
+                               f"TFDS name)")
+    kind, _, what = spec.partition(':')
+    if kind not in MIXTURE_KINDS:
+      kind, what = 'tfds', spec
+    parsed.append((kind, what, weight))
+  return parsed
+
+
+MIXTURE_KINDS = ('shards', 'pairs', 'folder')
 
 
 class ShardSamples:

@@ -17,7 +17,9 @@ from tensorflow_datasets.core import registered
 
 from jaxcl import errors, presets
 from jaxcl.data import catalog, digits, pairs, shapes  # noqa: F401  (digits: registers it)
+from jaxcl.data import decode as decode_lib
 from jaxcl.data import shard_sources
+from jaxcl.data import stream as stream_lib
 from jaxcl.data.images import ImageFolderSource, center_crop_resize
 from jaxcl.data.pipeline import train_iterator
 
@@ -56,22 +58,35 @@ def tfds_builder(name: str, data_dir: str | None):
 
 class _TfdsSource:
   """A TFDS data source whose records come out as {'image', 'label'} numpy
-  arrays, plus 'captions' (a list of str) when `text_key` is given."""
+  arrays, plus 'captions' (a list of str) when `text_key` is given.
 
-  def __init__(self, source, image_key, label_key, image_size, text_key=None):
+  decode: for an encoded image feature (tfds.features.Image: JPEG/PNG bytes
+  in the array_record files), the jaxcl.data.decode.SampleFormat its bytes
+  are decoded with, here rather than by TFDS: the same path as shards, run
+  in grain's worker processes when training (`workers` of them)."""
+
+  def __init__(self, source, image_key, label_key, image_size, text_key=None, decode=None,
+               workers: int = 0, where: str = ''):
+    self._where = where
     self._source, self._image_key, self._label_key = source, image_key, label_key
-    self._image_size, self._text_key = image_size, text_key
+    self._image_size, self._text_key, self._decode = image_size, text_key, decode
+    self.workers = workers if decode is not None else 0
 
   def __len__(self):
     return len(self._source)
 
   def __getitem__(self, index):
     record = self._source[index]
-    image = np.asarray(record[self._image_key])
-    if image.ndim == 2:
-      image = image[..., None]
-    if self._image_size and image.shape[:2] != (self._image_size,) * 2:
-      image = center_crop_resize(image, self._image_size)
+    if self._decode is not None:
+      image, problem = decode_lib.decode_image(record[self._image_key], self._decode)
+      if problem:  # TFDS checked every image when it prepared the dataset
+        raise DatasetError(f'record {index} of {self._where}: {problem}')
+    else:
+      image = np.asarray(record[self._image_key])
+      if image.ndim == 2:
+        image = image[..., None]
+      if self._image_size and image.shape[:2] != (self._image_size,) * 2:
+        image = center_crop_resize(image, self._image_size)
     label = record[self._label_key] if self._label_key in record else -1
     out = {'image': image.astype(np.uint8), 'label': np.int32(label)}
     if self._text_key:
@@ -119,6 +134,7 @@ class Dataset:
     self._builder = None
     self._classes = None  # an image folder's classes: its train split's sub-folders
     self._splits = {}  # (split, with_text): (source, DatasetInfo)
+    self._first = None  # a mixture's first source, whose splits it evaluates on
 
   def split(self, split: str, with_text: bool = False):
     """(random-access source, DatasetInfo) for `split`.
@@ -127,6 +143,8 @@ class Dataset:
     feature). Raises DatasetError if the dataset, the split or a feature is
     missing.
     """
+    if self.cfg.name == shard_sources.MIXTURE:  # evaluated on its first source's splits
+      return self._first_source().split(split, with_text)
     folder = self.cfg.name == 'image_folder'
     key = (split, False if folder else bool(with_text))  # an image folder has no captions
     if key not in self._splits:
@@ -140,22 +158,47 @@ class Dataset:
 
   def training(self, with_text: bool = False):
     """(source, DatasetInfo) of the pretraining split: random-access records,
-    or for shards a jaxcl.data.shard_sources.ShardStream."""
-    if self.cfg.name != shard_sources.NAME:
-      return self.split(self.cfg.train_split, with_text)
-    stream = shard_sources.ShardStream(self.cfg, with_text)
-    return stream, DatasetInfo((self.cfg.image_size, self.cfg.image_size, 3), 0)
+    or for shards and mixtures a jaxcl.data.shard_sources.Stream."""
+    cfg = self.cfg
+    info = DatasetInfo((cfg.image_size, cfg.image_size, 3), 0)
+    if cfg.name == shard_sources.NAME:
+      component = shard_sources.shard_component(cfg, with_text, cfg.urls, 'dataset.urls')
+      return shard_sources.Stream(cfg, with_text, [component], [1.0]), info
+    if cfg.name != shard_sources.MIXTURE:
+      return self.split(cfg.train_split, with_text)
+    components, weights = [], []
+    for index, (sub, kind, weight) in enumerate(component_configs(cfg)):
+      name = f'{index}:{_short_name(sub)}'
+      if kind == 'shards':
+        components.append(shard_sources.shard_component(
+            sub, with_text, sub.urls, f'dataset.mixture[{index}]', name=name))
+      else:
+        source, sub_info = Dataset(sub).training(with_text)
+        if sub_info.image_shape != info.image_shape:
+          raise DatasetError(f'dataset.mixture[{index}] ({sub.name}) has images '
+                             f'{sub_info.image_shape}, the mixture {info.image_shape}')
+        components.append(stream_lib.RecordComponent(name, source, with_text))
+      weights.append(weight)
+    return shard_sources.Stream(cfg, with_text, components, weights), info
 
   def missing_split(self, split: str) -> str | None:
     """An optional evaluation split that is absent: an image folder's
     missing folder, a webdataset's test split without dataset.eval_urls;
     None otherwise."""
+    if self.cfg.name == shard_sources.MIXTURE:
+      return self._first_source().missing_split(split)
     if self.cfg.name == shard_sources.NAME:
-      return 'dataset.eval_urls (empty)' if split == 'test' and not self.cfg.eval_urls else None
+      missing = split == 'test' and not self.cfg.eval_urls
+      return 'the test split (dataset.eval_urls is empty)' if missing else None
     if self.cfg.name != 'image_folder':
       return None
     folder = epath.Path(self.cfg.path) / split
     return None if folder.is_dir() else str(folder)
+
+  def _first_source(self) -> 'Dataset':
+    if self._first is None:
+      self._first = Dataset(component_configs(self.cfg)[0][0])
+    return self._first
 
   def _open_shards(self, split, with_text):
     source = shard_sources.open_split(self.cfg, split, with_text)
@@ -229,9 +272,47 @@ class Dataset:
     label = features[cfg.label_key] if cfg.label_key in features else None
     num_classes = getattr(label, 'num_classes', 0) or 0
     names = tuple(getattr(label, 'names', None) or ()) if num_classes else ()
-    source = _TfdsSource(builder.as_data_source(split=split), cfg.image_key, cfg.label_key,
-                         cfg.image_size, text_key=cfg.text_key if with_text else None)
+    decode = workers = None
+    if isinstance(image_feature, tfds.features.Image):  # encoded: decoded by jaxcl, not TFDS
+      decode = decode_lib.SampleFormat(image_size=cfg.image_size, channels=shape[-1])
+      workers = shard_sources.host_cores() if cfg.workers < 0 else cfg.workers
+      data_source = builder.as_data_source(
+          split=split, decoders={cfg.image_key: tfds.decode.SkipDecoding()})
+    else:
+      data_source = builder.as_data_source(split=split)
+    source = _TfdsSource(data_source, cfg.image_key, cfg.label_key, cfg.image_size,
+                         text_key=cfg.text_key if with_text else None, decode=decode,
+                         workers=workers or 0, where=f'{cfg.name} {split}')
     return source, DatasetInfo(shape, num_classes, names)
+
+
+def component_configs(cfg) -> list:
+  """[(dataset group, kind, weight)] of a mixture's sources (dataset.mixture):
+  each a copy of `cfg` naming one source, read at the mixture's image_size."""
+  configs = []
+  for kind, what, weight in shard_sources.parse_mixture(cfg.mixture):
+    sub = cfg.copy_and_resolve_references()
+    sub.mixture = ()
+    if kind == 'shards':
+      sub.update(name=shard_sources.NAME, urls=what, eval_urls='')
+    elif kind == 'pairs':
+      sub.update(name=PAIRS, path=what)
+    elif kind == 'folder':
+      sub.update(name='image_folder', path=what)
+    else:
+      sub.name = what
+    configs.append((sub, kind, weight))
+  return configs
+
+
+def _short_name(cfg) -> str:
+  """A mixture source's name in the log and metrics: the TFDS name, or the
+  file or folder of a pairs file, an image folder or shards."""
+  if cfg.name == shard_sources.NAME:
+    return epath.Path(shard_sources.shards_lib.expand_urls(cfg.urls)[0]).parent.name
+  if cfg.name in (PAIRS, 'image_folder'):
+    return epath.Path(cfg.path).stem
+  return cfg.name
 
 
 def load_source(cfg, split: str, with_text: bool = False):
@@ -247,24 +328,26 @@ def load_source(cfg, split: str, with_text: bool = False):
 
 def train_batches(source, *, batch_size: int, seed: int, process_index: int, process_count: int,
                   transform=None, tokenizer=None, start_record: int = 0, start_batch: int = 0,
-                  stream_positions=None):
+                  start_step: int = 0, stream_positions=None):
   """This process's rows of every global batch from the training `source`
   (Dataset.training): for records, `train_iterator` (its position follows
-  from start_record and start_batch); for shards, a StreamBatches from
+  from start_record and start_batch; encoded TFDS images are decoded in the
+  source's worker processes); for shards, a StreamBatches from
   `stream_positions` (saved with the checkpoint; None: the start), which
   tokenizes its captions with `tokenizer`."""
-  if isinstance(source, shard_sources.ShardStream):
+  if isinstance(source, shard_sources.Stream):
     return source.batches(batch_size=batch_size, seed=seed, process_index=process_index,
                           process_count=process_count, positions=stream_positions,
-                          tokenizer=tokenizer)
+                          start_step=start_step, tokenizer=tokenizer)
   return train_iterator(source, batch_size=batch_size, seed=seed, process_index=process_index,
                         process_count=process_count, transform=transform,
-                        start_record=start_record, start_batch=start_batch)
+                        start_record=start_record, start_batch=start_batch,
+                        workers=getattr(source, 'workers', 0))
 
 
 def known_size(source) -> int | None:
   """Examples of a training source; None for a stream of shards."""
-  return None if isinstance(source, shard_sources.ShardStream) else len(source)
+  return None if isinstance(source, shard_sources.Stream) else len(source)
 
 
 def describe_size(source) -> str:

@@ -1,27 +1,35 @@
-"""Streams of webdataset shards: exact, resumable, split across processes,
-decoded in grain worker processes.
+"""Streams: the global batch of shard datasets and mixtures, exact,
+resumable, split across processes, decoded in grain worker processes.
 
-The global batch is made of S streams (`StreamPlan.streams`), each giving
-B / S rows per step, stream 0's rows first. Stream s reads the shards at
-positions s, s + S, s + 2S, ... of an endless shard sequence: every epoch
-of the shard list in its own seeded order, one after the other. It cuts
-what it reads into windows of `window` samples (dataset.shuffle_buffer / S) and
-takes each window in a seeded random order; a bad sample is skipped and
-counted. So a stream's output depends only on (seed, S, its position), and:
+The global batch is made of S streams (`Mixture.streams`), each giving
+B / S rows per step, stream 0's rows first. At each step a stream draws one
+of the mixture's components by their weights (a pure function of seed, step
+and stream; one component: no draw) and takes its rows from its own stream
+of that component:
+
+- shards (`ShardComponent`): stream s reads the shards at positions s,
+  s + S, ... of an endless shard sequence (every epoch of the shard list in
+  its own seeded order), cut into windows of `window` samples
+  (dataset.shuffle_buffer / S) taken in a seeded order;
+- records (`RecordComponent`, TFDS / pairs / folders): stream s reads the
+  records at positions s, s + S, ... of the seeded epoch orders.
+
+Bad samples are skipped and counted. A stream's position in a component is
+seven integers (`POSITION_FIELDS`: window number, the shard cursor and
+sample offset where that window starts, samples of it taken; samples read,
+skipped; rows given), so a stream's output depends only on (seed, S, step,
+its positions), and:
 
 - process p of P reads streams [p S/P, (p+1) S/P): its own shards only, and
   its rows of the global batch, which is the same whatever P divides S;
-- a stream's position after a step is four integers (`POSITION_FIELDS`:
-  window number, the shard cursor and sample offset where that window
-  starts, samples of it taken) plus two counters (samples read, skipped).
-  The trainer saves them with each checkpoint; a resumed run, with any P
-  that divides S, continues every stream exactly where it stopped.
+- the trainer saves the positions with each checkpoint; a resumed run, with
+  any P that divides S, continues every stream exactly where it stopped.
 
 Each element grain produces is one stream's rows for one step, decoded and
 cropped in a worker (`dataset.workers` processes, each owning every W-th of
 this process's streams; grain interleaves them back in stream order).
 
-Imports jaxcl.data.shards and jaxcl.data.decode.
+Imports jaxcl.data.shards, decode and pipeline.
 """
 
 from __future__ import annotations
@@ -35,42 +43,126 @@ import numpy as np
 
 from jaxcl import errors
 from jaxcl.data import decode as decode_lib
+from jaxcl.data import pipeline
 from jaxcl.data import shards as shards_lib
 
-POSITION_FIELDS = ('window', 'cursor', 'offset', 'taken', 'read', 'skipped')
+POSITION_FIELDS = ('window', 'cursor', 'offset', 'taken', 'read', 'skipped', 'rows')
+READ, SKIPPED, ROWS = 4, 5, 6
 MAX_LISTED_BAD = 20  # bad samples listed by shard and key (all are counted)
 MIN_SAMPLES_FOR_BAD_FRACTION = 200  # fewer read: too early to judge a fraction
 
 
+@functools.lru_cache(maxsize=16)
+def _order(seed: int, salt: int, size: int, epoch: int) -> np.ndarray:
+  """The seeded order of epoch `epoch` of `size` shards or records."""
+  return np.random.default_rng([seed, salt, epoch, 0x5A4D]).permutation(size)
+
+
 @dataclasses.dataclass(frozen=True)
-class StreamPlan:
-  """Which shards stream `s` reads, in which order, and its window size."""
+class ShardComponent:
+  """Webdataset shards read as streams: stream s of S reads the shards at
+  positions s, s + S, ... of the endless sequence of seeded epoch orders,
+  in windows of `window` samples taken in a seeded order."""
+  name: str
   shards: tuple[str, ...]
+  format: decode_lib.SampleFormat
+  window: int = 1
+
+  def shard(self, seed: int, salt: int, streams: int, stream: int, cursor: int) -> str:
+    """The shard that stream `stream` reads `cursor`-th."""
+    epoch, index = divmod(stream + cursor * streams, len(self.shards))
+    return self.shards[_order(seed, salt, len(self.shards), epoch)[index]]
+
+  def records(self, seed: int, salt: int, streams: int, stream: int, position):
+    """Endless (record or None, 'where: why' or None, position after: its
+    first 6 fields) from `position`; record: {'image', 'label', 'caption'
+    (with text)}."""
+    window, cursor, offset, taken, read, skipped = (int(v) for v in position[:ROWS])
+    reader = _ShardReader(self, (seed, salt, streams, stream), cursor, offset)
+    items, order = reader.take(self.window), self._window_order(seed, salt, stream, window)
+    while True:
+      if taken == len(items):  # the window is used up: the next one starts where reading is
+        window, cursor, offset, taken = window + 1, reader.cursor, reader.offset, 0
+        items, order = reader.take(self.window), self._window_order(seed, salt, stream, window)
+      item = items[order[taken]]
+      crop_rng = np.random.default_rng([seed, salt, stream, window, taken])
+      taken, read = taken + 1, read + 1
+      if isinstance(item, shards_lib.TruncatedShard):
+        record, why = None, f'truncated shard: {item.reason}'
+        where = f'{item.shard} after {item.key}' if item.key else item.shard
+      else:
+        record, why = decode_lib.decode(item, self.format, crop_rng)
+        where = f'{item["__shard__"]} {item["__key__"]}'
+      skipped += record is None
+      yield record, None if record else f'{where}: {why}', (
+          window, cursor, offset, taken, read, skipped)
+
+  def _window_order(self, seed, salt, stream, window) -> np.ndarray:
+    return np.random.default_rng([seed, salt, stream, window, 0x5A4E]).permutation(self.window)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordComponent:
+  """A random-access source ({'image', 'label', 'captions'} records: TFDS,
+  a converted pairs file, an image folder) read as streams: stream s of S
+  reads the records at positions s, s + S, ... of the endless sequence of
+  seeded epoch orders (a global shuffle); its position is the count read."""
+  name: str
+  source: Any
+  with_text: bool
+
+  def records(self, seed: int, salt: int, streams: int, stream: int, position):
+    read, skipped = (int(v) for v in position[READ:ROWS])
+    size = len(self.source)
+    while True:
+      epoch, index = divmod(stream + read * streams, size)
+      record_index = int(_order(seed, salt, size, epoch)[index])
+      caption_rng = np.random.default_rng([seed, salt, stream, read])
+      read += 1
+      try:
+        record, why = dict(self.source[record_index]), None
+      except errors.DatasetError as e:  # an encoded image that does not decode
+        record, why = None, str(e)
+      if record is not None and self.with_text:
+        captions = record.pop('captions', [])
+        if captions:
+          record['caption'] = captions[caption_rng.integers(len(captions))]
+        else:
+          record, why = None, 'no caption'
+      skipped += record is None
+      yield record, None if record else f'{self.name} record {record_index}: {why}', (
+          0, 0, 0, 0, read, skipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+  """The global batch's S streams over one or more components: at each step
+  each stream draws its component by the weights (seeded by step and
+  stream) and gives B / S rows of it. One component: no draw."""
+  components: tuple
+  weights: tuple[float, ...]
   streams: int
-  window: int
   seed: int
+  with_text: bool
 
-  def shard(self, stream: int, cursor: int) -> str:
-    """The shard a stream reads `cursor`-th."""
-    epoch, index = divmod(stream + cursor * self.streams, len(self.shards))
-    return self.shards[_epoch_order(self.seed, len(self.shards), epoch)[index]]
-
-
-@functools.lru_cache(maxsize=8)
-def _epoch_order(seed: int, num_shards: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch, 0x5A4D]).permutation(num_shards)
+  def choose(self, stream: int, step: int) -> int:
+    if len(self.components) == 1:
+      return 0
+    p = np.asarray(self.weights, np.float64)
+    rng = np.random.default_rng([self.seed, step, stream, 0x5A4F])
+    return int(rng.choice(len(p), p=p / p.sum()))
 
 
-def start_positions(streams: int) -> np.ndarray:
-  """int64 [streams, len(POSITION_FIELDS)]: every stream at its start."""
-  return np.zeros((streams, len(POSITION_FIELDS)), np.int64)
+def start_positions(streams: int, components: int = 1) -> np.ndarray:
+  """int64 [streams, components, len(POSITION_FIELDS)]: every stream at its start."""
+  return np.zeros((streams, components, len(POSITION_FIELDS)), np.int64)
 
 
 class _ShardReader:
   """Reads a stream's raw samples from (cursor, offset) on, across shards."""
 
-  def __init__(self, plan: StreamPlan, stream: int, cursor: int, offset: int):
-    self.plan, self.stream, self.cursor, self.offset = plan, stream, cursor, offset
+  def __init__(self, component: ShardComponent, where: tuple, cursor: int, offset: int):
+    self.component, self.where, self.cursor, self.offset = component, where, cursor, offset
     self._samples = None
     self._empty_in_a_row = 0
 
@@ -79,7 +171,7 @@ class _ShardReader:
     items = []
     while len(items) < count:
       if self._samples is None:
-        shard = self.plan.shard(self.stream, self.cursor)
+        shard = self.component.shard(*self.where, self.cursor)
         self._samples = shards_lib.read_samples(shard, skip=self.offset)
       item = next(self._samples, None)
       if item is None or isinstance(item, shards_lib.TruncatedShard):
@@ -95,74 +187,78 @@ class _ShardReader:
   def _next_shard(self, got_any: bool):
     self._samples, self.cursor, self.offset = None, self.cursor + 1, 0
     self._empty_in_a_row = 0 if got_any else self._empty_in_a_row + 1
-    if self._empty_in_a_row > len(self.plan.shards):
-      raise errors.DatasetError(f'no sample in any of the {len(self.plan.shards)} shards '
-                                f'(first: {self.plan.shards[0]})')
+    shards = self.component.shards
+    if self._empty_in_a_row > len(shards):
+      raise errors.DatasetError(f'no sample in any of the {len(shards)} shards '
+                                f'(first: {shards[0]})')
 
 
-def stream_elements(plan: StreamPlan, fmt: decode_lib.SampleFormat, stream: int, rows: int,
-                    position):
-  """Endless elements of one stream from `position`: each `rows` usable
-  records {'stream', 'image' [rows, S, S, 3], 'label' [rows], 'caption'
-  [rows] (objects, with text), 'position' [6], 'bad' (up to MAX_LISTED_BAD
-  'shard key: reason' lines)}."""
-  window, cursor, offset, taken, read, skipped = (int(v) for v in position)
-  reader = _ShardReader(plan, stream, cursor, offset)
-  items = reader.take(plan.window)
-  order = _window_order(plan, stream, window)
+def stream_elements(mixture: Mixture, stream: int, rows: int, positions, start_step: int,
+                    shared_memory: bool = False):
+  """Endless elements of one stream, one per step from `start_step`, from
+  `positions` (int64 [components, 7]): `rows` usable records {'stream',
+  'image' [rows, S, S, C], 'label' [rows], 'caption' [rows] (objects, with
+  text), 'positions' [components, 7], 'bad' (up to MAX_LISTED_BAD 'where:
+  why' lines)}. shared_memory: images stacked straight into shared memory,
+  which grain hands to the training process without a copy."""
+  positions = np.array(positions, np.int64)
+  generators = [None] * len(mixture.components)
+  step = start_step
   while True:
+    chosen = mixture.choose(stream, step)
+    if generators[chosen] is None:
+      generators[chosen] = mixture.components[chosen].records(
+          mixture.seed, chosen, mixture.streams, stream, positions[chosen])
     records, bad = [], []
     while len(records) < rows:
-      if taken == len(items):  # the window is used up: the next one starts where reading is
-        window, cursor, offset, taken = window + 1, reader.cursor, reader.offset, 0
-        items = reader.take(plan.window)
-        order = _window_order(plan, stream, window)
-      item = items[order[taken]]
-      crop_rng = np.random.default_rng([plan.seed, stream, window, taken])
-      taken, read = taken + 1, read + 1
-      if isinstance(item, shards_lib.TruncatedShard):
-        record, why = None, f'truncated shard: {item.reason}'
-        where = f'{item.shard} after {item.key}' if item.key else item.shard
-      else:
-        record, why = decode_lib.decode(item, fmt, crop_rng)
-        where = f'{item["__shard__"]} {item["__key__"]}'
+      record, why, after = next(generators[chosen])
+      positions[chosen, :ROWS] = after
       if record is None:
-        skipped += 1
         if len(bad) < MAX_LISTED_BAD:
-          bad.append(f'{where}: {why}')
+          bad.append(why)
         continue
       records.append(record)
+    positions[chosen, ROWS] += rows
     element = {
         'stream': np.int32(stream),
-        'image': np.stack([r['image'] for r in records]),
+        'image': _stack([r['image'] for r in records], shared_memory),
         'label': np.array([r['label'] for r in records], np.int32),
-        'position': np.array([window, cursor, offset, taken, read, skipped], np.int64),
+        'positions': positions.copy(),
         'bad': bad}
-    if fmt.text_key:
+    if mixture.with_text:
       element['caption'] = np.array([r['caption'] for r in records], dtype=object)
     yield element
+    step += 1
 
 
-def _window_order(plan: StreamPlan, stream: int, window: int) -> np.ndarray:
-  return np.random.default_rng([plan.seed, stream, window, 0x5A4E]).permutation(plan.window)
+def _stack(images: list, shared_memory: bool) -> np.ndarray:
+  if not shared_memory:
+    return np.stack(images)
+  from grain.python import SharedMemoryArray  # pylint: disable=g-import-not-at-top
+  return np.stack(images, out=SharedMemoryArray((len(images), *images[0].shape), np.uint8))
 
 
 class _StreamsDataset(grain.IterDataset):
   """Elements of `streams` in turn, one step's rows each; grain's workers
   each take every W-th stream (set_slice)."""
 
-  def __init__(self, plan, fmt, rows, streams, positions):
+  def __init__(self, mixture, rows, streams, positions, start_step):
     super().__init__([])
-    self._plan, self._fmt, self._rows = plan, fmt, rows
+    self._mixture, self._rows, self._start_step = mixture, rows, start_step
     self._streams, self._positions = list(streams), dict(zip(streams, positions))
+    self._shared_memory = False
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
     del sequential_slice
     self._streams = self._streams[sl]
 
+  def enable_shared_memory_output(self) -> None:  # grain calls it in its workers
+    self._shared_memory = True
+
   def __iter__(self):
-    return _StreamsIterator([stream_elements(self._plan, self._fmt, s, self._rows,
-                                             self._positions[s]) for s in self._streams])
+    return _StreamsIterator([stream_elements(self._mixture, s, self._rows, self._positions[s],
+                                             self._start_step, self._shared_memory)
+                             for s in self._streams])
 
   def __str__(self):
     return f'_StreamsDataset(streams={self._streams})'
@@ -194,33 +290,28 @@ def worker_count(local_streams: int, workers: int) -> int:
 
 class StreamBatches:
   """This process's rows of every global batch, endlessly: {'image' uint8
-  [b, S, S, 3], 'label' int32 [b], and with text 'text' (int32 [b, L] ids
+  [b, S, S, C], 'label' int32 [b], and with text 'text' (int32 [b, L] ids
   from `tokenizer`; without one 'captions', a list of str)}.
 
-  `positions` (int64 [local streams, 6]) is where each of this process's
-  streams stands after the batches returned so far; `bad` lists the first
-  bad samples seen. Raises DatasetError once more than `max_bad_fraction`
-  of the samples read are bad.
+  `positions` (int64 [local streams, components, 7]) is where each of this
+  process's streams stands after the batches returned so far; `bad` lists
+  the first bad samples seen. Raises DatasetError once more than
+  `max_bad_fraction` of the samples read are bad.
   """
 
-  def __init__(self, plan: StreamPlan, fmt, *, batch_size: int, process_index: int,
-               process_count: int, positions: np.ndarray, workers: int,
+  def __init__(self, mixture: Mixture, *, batch_size: int, process_index: int,
+               process_count: int, positions: np.ndarray, start_step: int = 0, workers: int = 0,
                max_bad_fraction: float = 1.0, tokenizer=None):
-    local = plan.streams // process_count
+    local = mixture.streams // process_count
     self.streams = list(range(process_index * local, (process_index + 1) * local))
     self.positions = np.array(positions[self.streams[0]:self.streams[-1] + 1], np.int64)
     self.bad: list[str] = []
+    self.names = tuple(c.name for c in mixture.components)
     self._max_bad_fraction, self._tokenizer = max_bad_fraction, tokenizer
-    dataset = _StreamsDataset(plan, fmt, batch_size // plan.streams, self.streams,
-                              self.positions)
+    dataset = _StreamsDataset(mixture, batch_size // mixture.streams, self.streams,
+                              self.positions, start_step)
     self.workers = worker_count(local, workers) if workers else 0
-    if self.workers:
-      from absl import flags  # pylint: disable=g-import-not-at-top
-      if not flags.FLAGS.is_parsed():  # grain's worker start reads its absl flags' defaults
-        flags.FLAGS.mark_as_parsed()
-      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.workers, per_worker_buffer_size=2))
-    self._iterator = iter(dataset)
+    self._iterator = iter(pipeline.in_workers(dataset, self.workers))
 
   def __iter__(self):
     return self
@@ -230,7 +321,7 @@ class StreamBatches:
     got = [int(e['stream']) for e in elements]
     if got != self.streams:  # grain's interleaving is round-robin: a broken promise, not data
       raise RuntimeError(f'stream elements out of order: {got}, expected {self.streams}')
-    self.positions = np.stack([e['position'] for e in elements])
+    self.positions = np.stack([e['positions'] for e in elements])
     for element in elements:
       self.bad.extend(element['bad'][:MAX_LISTED_BAD - len(self.bad)])
     self._check_bad_fraction()
@@ -244,13 +335,13 @@ class StreamBatches:
         batch['text'] = self._tokenizer.encode(captions)
     return batch
 
-  def counts(self) -> tuple[int, int]:
-    """(samples read, samples skipped) by this process's streams so far."""
-    read, skipped = self.positions[:, 4].sum(), self.positions[:, 5].sum()
-    return int(read), int(skipped)
+  def counts(self) -> np.ndarray:
+    """int64 [3, components]: samples read, skipped and rows given by this
+    process's streams so far, per component."""
+    return self.positions[:, :, READ:].sum(axis=0).T
 
   def _check_bad_fraction(self):
-    read, skipped = self.counts()
+    read, skipped = (int(v) for v in self.counts()[:2].sum(axis=1))
     if read >= MIN_SAMPLES_FOR_BAD_FRACTION and skipped > self._max_bad_fraction * read:
       raise errors.DatasetError(
           f'{skipped} of the {read} samples read are bad, more than dataset.max_bad_fraction='

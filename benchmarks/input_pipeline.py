@@ -9,9 +9,9 @@ then measures images/s on this machine, in this run, of:
 
 - the limit: Pillow alone on one core, decoding the in-memory JPEGs
   (Image.open + convert('RGB')), run first and last; the larger run counts;
-- one-core references that say where the time goes: Pillow decode + the
-  random-resized crop to 224 (jaxcl's box and resize), and jaxcl's decode()
-  on in-memory samples;
+- one-core references that say where the time goes: Pillow decode + Pillow's
+  random-resized crop to 224 (torchvision's, which open_clip uses), and
+  jaxcl's decode() (Pillow decode, OpenCV crop) on in-memory samples;
 - jaxcl.data.stream.StreamBatches, SampleFormat(224, crop='random'): tar
   reading, decode, random-resized crop, batching, in the training process
   (workers=0) and with W = 1 .. --max_workers grain workers (2 W streams of
@@ -116,7 +116,9 @@ def pillow_decode(jpeg: bytes):
 
 
 def pillow_decode_crop(jpeg: bytes, rng=np.random.default_rng(0)):
-  image = pillow_decode(jpeg)  # then what jaxcl's decode_image does for crop='random'
+  """Pillow decode and Pillow's own random-resized crop (torchvision's RandomResizedCrop, what
+  open_clip runs): the host crop jaxcl replaced with OpenCV's resize."""
+  image = pillow_decode(jpeg)
   box = decode_lib.random_crop_box(*image.size, (0.9, 1.0), rng)
   return np.asarray(image.resize((224, 224), Image.BILINEAR, box=box))
 
@@ -151,7 +153,8 @@ def _stream(shards, fmt, streams, window, rows, workers):
 def _rss_mib(pid: int) -> float:
   """Resident memory of a process and its children (the grain workers), MiB."""
   total = 0
-  pids = [pid] + [int(p) for p in open(f'/proc/{pid}/task/{pid}/children').read().split()]
+  pids = [pid] + [int(child) for task in os.listdir(f'/proc/{pid}/task')  # children of every thread
+                  for child in open(f'/proc/{pid}/task/{task}/children').read().split()]
   for p in pids:
     with open(f'/proc/{p}/status') as f:
       total += next(int(l.split()[1]) for l in f if l.startswith('VmRSS'))
@@ -252,7 +255,7 @@ def main():
     # (configuration, workers, cores, images/s, extra JSON fields)
     rows = [('Pillow decode alone (the limit), first run', '-', 1,
              one_core_rate(pillow_decode, jpegs, args.seconds), {}),
-            ('Pillow decode + random-resized crop to 224', '-', 1,
+            ('Pillow decode + Pillow random-resized crop to 224 (open_clip)', '-', 1,
              one_core_rate(pillow_decode_crop, jpegs, args.seconds), {}),
             ('jaxcl decode() on in-memory samples', '-', 1,
              one_core_rate(lambda s: decode_lib.decode(s, fmt, rng), samples, args.seconds), {})]

@@ -191,17 +191,27 @@ def stream_positions(train_iter):
   [S, sources, 7]), for the checkpoint; None for random-access data."""
   if not isinstance(train_iter, data.StreamBatches):
     return None
-  return parallel.gather_to_host(train_iter.positions)
+  return _gather_int64(train_iter.positions)
 
 
-def stream_metrics(workdir, train_iter) -> dict:
-  """For streams ({} otherwise): 'skipped_samples', the bad samples skipped
-  by all processes so far, and for a mixture 'mixture/NAME', the share of
-  the rows each source gave so far. Each process's first bad samples (shard
-  and key) go to workdir/skipped_samples[.pN].json."""
+def _gather_int64(local: np.ndarray) -> np.ndarray:
+  """All processes' int64 rows, concatenated: gathered as two int32 halves,
+  since jax (without x64) would cut them to int32."""
+  halves = np.stack([local >> 31, local & (2**31 - 1)]).astype(np.int32)
+  gathered = parallel.gather_to_host(np.moveaxis(halves, 0, -1)).astype(np.int64)
+  return (gathered[..., 0] << 31) | gathered[..., 1]
+
+
+def stream_metrics(workdir, train_iter, max_bad_fraction: float) -> tuple[dict, str | None]:
+  """(metrics, stop): for streams ({}, None otherwise) 'skipped_samples', the
+  bad samples skipped by all processes so far, and for a mixture
+  'mixture/NAME', the share of the rows each source gave so far; `stop`
+  says why the run must stop, when more than `max_bad_fraction` of all the
+  samples read were bad (every process decides alike). Each process's first
+  bad samples (shard and key) go to workdir/skipped_samples[.pN].json."""
   if not isinstance(train_iter, data.StreamBatches):
-    return {}
-  read, skipped, rows = parallel.gather_to_host(train_iter.counts()[None]).sum(axis=0)
+    return {}, None
+  read, skipped, rows = _gather_int64(train_iter.counts()[None]).sum(axis=0)
   if train_iter.bad:
     index = jax.process_index()
     name = files.SKIPPED_SAMPLES_FILE.replace('.json', f'.p{index}.json' if index else '.json')
@@ -212,4 +222,11 @@ def stream_metrics(workdir, train_iter) -> dict:
   if len(rows) > 1:
     metrics.update({f'mixture/{name}': float(count / max(1, rows.sum()))
                     for name, count in zip(train_iter.names, rows)})
-  return metrics
+  stop = None
+  if (read.sum() >= data.MIN_SAMPLES_FOR_BAD_FRACTION
+      and skipped.sum() > max_bad_fraction * read.sum()):
+    first = f'; first: {train_iter.bad[0]}' if train_iter.bad else ''
+    stop = (f'{skipped.sum()} of the {read.sum()} samples read are bad, more than '
+            f'dataset.max_bad_fraction={max_bad_fraction} (all listed in '
+            f'{files.SKIPPED_SAMPLES_FILE}){first}')
+  return metrics, stop

@@ -116,6 +116,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
   embed_fns = evaluation.make_embed_fns(exp)
   step, timer = start_step, throughput.IntervalTimer()
   finite, preemption = guards.FiniteCheck(config, manager), guards.Preemption()
+  bad_data = None
   try:
     while step < total:
       t0 = time.perf_counter()
@@ -142,7 +143,9 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       if log_due:
         logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
         logged.update(timer.metrics(config.batch_size))
-        logged.update(run_files.stream_metrics(workdir, train_iter))
+        data_metrics, bad_data = run_files.stream_metrics(workdir, train_iter,
+                                                          config.dataset.max_bad_fraction)
+        logged.update(data_metrics)
         logged.update(throughput.metrics(step_flops, jax.device_count(), config.batch_size,
                                          logged['step_time'], jax.devices()[0].device_kind))
         writer.write(step, logged)
@@ -154,9 +157,12 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       if lock.lost is not None:  # this run stalled long enough for another to take over
         raise errors.RunError(f'{workdir} was taken over by {lock_lib.describe(lock.lost)} '
                               f'while this run stalled; stopping without writing more')
-      if step % config.checkpoint_every_steps == 0 or step == total or preempted:
+      if step % config.checkpoint_every_steps == 0 or step == total or preempted or bad_data:
         finite.settle()  # never a checkpoint of a non-finite step
         checkpoints.save_checkpoint(manager, state, run_files.stream_positions(train_iter))
+      if bad_data:  # too many bad samples: the data needs a look, the steps done are kept
+        checkpoints.finish_checkpoints(manager)
+        raise errors.RunError(f'{bad_data}; checkpoint of step {step} saved')
       if preempted:
         checkpoints.finish_checkpoints(manager)
         message = (f'{preemption.describe()}: checkpoint of step {step} saved in '
@@ -186,11 +192,19 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
   except (errors.RunError, OSError):  # an OSError becomes one line in train_and_evaluate
     _close_after_failure(writer, manager)  # the progress bar and orbax's logs end first
     raise
+  except errors.DatasetError:  # a shard gone mid-run: the steps done are kept (one process)
+    if jax.process_count() == 1 and manager.latest_step() != step:
+      finite.settle()
+      checkpoints.save_checkpoint(manager, state, run_files.stream_positions(train_iter))
+      checkpoints.finish_checkpoints(manager)
+    _close_after_failure(writer, manager)
+    raise
   except Exception:  # a lost process, a bug: its message comes after the progress bar
     _close_after_failure(writer)
     raise
   finally:
     preemption.close()
+    _close_after_failure(train_iter)  # its worker processes
   summary = (', '.join(f'{k} {v:.4f}' for k, v in results.items())
              or f'no evaluation ({eval_data.skip_reason})')
   writer.print(f'final (step {step}): {summary}  -> {workdir / files.EVAL_FILE}')
@@ -200,6 +214,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
 
 
 def _close_after_failure(*closables) -> None:
+  """Closes each, quietly: a failure is being reported, or there is nothing to close."""
   for closable in closables:
     try:
       closable.close()

@@ -81,7 +81,10 @@ def test_worker_processes_decode_the_same_batches(dataset_cfg):
     source, _ = data.Dataset(dataset_cfg).training(with_text=False)
     assert source.workers == workers
     it = data.train_batches(source, batch_size=8, seed=0, process_index=0, process_count=1)
-    batches[workers] = [next(it) for _ in range(7)]  # past one epoch of 40
+    try:
+      batches[workers] = [next(it) for _ in range(7)]  # past one epoch of 40
+    finally:
+      it.close()
   for a, b in zip(batches[0], batches[2]):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])

@@ -182,13 +182,43 @@ def test_bad_samples_of_each_kind_are_skipped_counted_and_named(tmp_path):
   assert all(line.startswith(str(tmp_path)) for line in it.bad)
   read, skipped, rows = it.counts()[:, 0]
   assert rows == 6 and read == skipped + rows and skipped == len(it.bad) >= 8
-  # Too many bad ones stop the run, with one line naming the first.
-  mixture = _mixture(None, streams=1, window=9, fmt=fmt, urls=str(tmp_path / 'part-0.tar'))
-  with pytest.raises(errors.DatasetError, match='more than dataset.max_bad_fraction=0.5; first'):
-    it = stream.StreamBatches(mixture, batch_size=1, process_index=0, process_count=1,
-                              positions=stream.start_positions(1), max_bad_fraction=0.5)
-    for _ in range(stream.MIN_SAMPLES_FOR_BAD_FRACTION):
-      next(it)
+  # The run stops once more than max_bad_fraction of all samples read are
+  # bad (decided on every process's counts), naming the first; 8 of 11 here.
+  from jaxcl import run_files
+  while it.counts()[0, 0] < stream.MIN_SAMPLES_FOR_BAD_FRACTION:
+    next(it)
+  workdir = tmp_path / 'workdir'
+  workdir.mkdir()
+  metrics, stop = run_files.stream_metrics(workdir, it, max_bad_fraction=0.8)
+  assert stop is None and metrics['skipped_samples'] == it.counts()[1, 0]
+  listed = json.loads((workdir / 'skipped_samples.json').read_text())
+  assert listed['skipped'] == it.counts()[1, 0] and listed['first'] == it.bad
+  _, stop = run_files.stream_metrics(workdir, it, max_bad_fraction=0.5)
+  assert stop.startswith(f'{it.counts()[1, 0]} of the {it.counts()[0, 0]} samples read are bad, '
+                         f'more than dataset.max_bad_fraction=0.5') and it.bad[0] in stop
+  # Nothing usable at all (the captions under another key): one line, not a hang.
+  wrong_key = decode.SampleFormat(image_size=16, text_key='caption')
+  mixture = _mixture(None, streams=1, window=9, fmt=wrong_key, urls=str(tmp_path / 'part-0.tar'))
+  it = stream.StreamBatches(mixture, batch_size=1, process_index=0, process_count=1,
+                            positions=stream.start_positions(1))
+  with pytest.raises(errors.DatasetError, match=r'the last 1000 samples read were all bad '
+                     r'\(shards\); the last: .*part-0.tar .*: no (caption \(caption\)|image)'):
+    next(it)
+
+
+def test_fewer_shards_than_streams_is_refused(corpus):
+  """Two streams starting on one shard would put the same rows twice in a batch."""
+  from jaxcl import config as config_lib
+  from jaxcl.data import shard_sources
+  cfg = config_lib.base_config().dataset
+  cfg.update(name='webdataset', urls=_urls(corpus), image_size=8)
+  stream_source = shard_sources.Stream(cfg, False, [shard_sources.shard_component(
+      cfg, False, cfg.urls, 'dataset.urls')], [1.0])
+  assert stream_source.default_streams(batch_size=64, process_count=1) == 4  # not 64
+  assert stream_source.default_streams(batch_size=64, process_count=2) == 4
+  cfg.streams = 8
+  with pytest.raises(errors.ConfigError, match='8 data streams read 4 shards: .* at most 4'):
+    stream_source.batches(batch_size=64, seed=0, process_index=0, process_count=1)
 
 
 def test_a_missing_shard_is_named(tmp_path, corpus):

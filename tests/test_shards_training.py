@@ -136,3 +136,8 @@ def test_two_processes_then_one_continue_the_same_streams(corpus, uninterrupted,
                        {s: (r['loss'], r['grad_norm']) for s, r in one.items()},
                        rtol=2e-5, what='step')
   assert resumed[STEPS]['skipped_samples'] == one[STEPS]['skipped_samples']
+  # And the end: the parameters after the same samples (other batches would
+  # move them by far more than the summation order does).
+  _, params = final_params(workdir)
+  _, reference = final_params(uninterrupted)
+  helpers.assert_close(params, reference, rtol=1e-3, what='params')

@@ -68,10 +68,11 @@ from jaxcl.data.sources import (DEFAULT_TEMPLATES, EMBEDDED, PAIRS, Dataset, Dat
                                 zeroshot_templates)
 from jaxcl.data.pipeline import caption_sampler, eval_batches, train_iterator
 from jaxcl.data.shard_sources import MIXTURE, NAME as WEBDATASET
-from jaxcl.data.stream import StreamBatches
+from jaxcl.data.stream import MIN_SAMPLES_FOR_BAD_FRACTION, StreamBatches
 
 __all__ = [
-    'DEFAULT_TEMPLATES', 'EMBEDDED', 'IMAGE_SUFFIXES', 'MAX_UPSCALE', 'MIXTURE', 'PAIRS',
+    'DEFAULT_TEMPLATES', 'EMBEDDED', 'IMAGE_SUFFIXES', 'MAX_UPSCALE',
+    'MIN_SAMPLES_FOR_BAD_FRACTION', 'MIXTURE', 'PAIRS',
     'WEBDATASET', 'Dataset', 'DatasetError', 'DatasetInfo', 'Digits', 'ImageFolderSource',
     'StreamBatches', 'as_strings', 'caption_sampler', 'center_crop_resize', 'component_configs',
     'describe_size', 'eval_batches', 'image_problem', 'is_prepared', 'known_size', 'load_source',

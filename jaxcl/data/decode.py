@@ -1,6 +1,7 @@
 """Encoded samples -> training records, on the host (in grain's worker
-processes for streams): the image decoded with PIL and cropped to the stored
-resolution, the caption and label read and checked.
+processes for streams): the image decoded with PIL (at a reduced scale when
+a JPEG is larger than the crop needs) and cropped and resized to the stored
+resolution with OpenCV, the caption and label read and checked.
 
 `SampleFormat` says which members hold what (webdataset's defaults: the
 first of jpg/png/jpeg/webp, txt, cls) and how to crop: 'center' (the
@@ -14,6 +15,7 @@ Imports only jaxcl.data.images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 
@@ -34,6 +36,7 @@ class SampleFormat:
   crop: str = 'center'
   crop_scale: tuple[float, float] = (0.9, 1.0)
   channels: int = 3  # 1: decoded as grayscale
+  reject_small: bool = True  # skip images under image_size / MAX_UPSCALE (web data)
 
 
 def decode(sample: dict, fmt: SampleFormat, rng: np.random.Generator | None = None):
@@ -78,25 +81,54 @@ def decode_image(data: bytes, fmt: SampleFormat, rng=None):
   mode = 'L' if fmt.channels == 1 else 'RGB'
   try:
     pil = Image.open(io.BytesIO(data))
-    if size and min(pil.size) < max(1, size // MAX_UPSCALE):
+    if size and fmt.reject_small and min(pil.size) < max(1, size // MAX_UPSCALE):
       return None, (f'wrongly sized image: {pil.size[0]}x{pil.size[1]} px, under '
                     f'1/{MAX_UPSCALE} of image_size {size}')
-    if size:  # JPEG: decode at a reduced scale, still at least the crop's size
-      pil.draft(mode, (size, size) if fmt.crop == 'center' else (2 * size, 2 * size))
-    pil = ImageOps.exif_transpose(pil).convert(mode)
+    if size:  # JPEG: decode at a reduced scale, still as large as the smallest crop needs
+      least = size if fmt.crop == 'center' else math.ceil(size / math.sqrt(fmt.crop_scale[0]))
+      pil.draft(mode, (least, least))
+    if pil.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # a rotated photo (else: no copy)
+      pil = ImageOps.exif_transpose(pil)
+    if pil.mode != mode:
+      pil = pil.convert(mode)
+    pixels = np.asarray(pil)  # decodes: a truncated file fails here
   except Exception as e:  # noqa: BLE001  pylint: disable=broad-except  # PIL raises many kinds
     return None, f'undecodable image: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+  pixels = pixels.reshape(*pixels.shape[:2], fmt.channels)
   if not size:
-    return np.asarray(pil).reshape(pil.size[1], pil.size[0], fmt.channels), None
-  width, height = pil.size
+    return pixels, None
+  height, width = pixels.shape[:2]
   if fmt.crop == 'random':
     box = random_crop_box(width, height, fmt.crop_scale, rng or np.random.default_rng())
   else:
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     box = (left, top, left + side, top + side)
-  image = np.asarray(pil.resize((size, size), Image.BILINEAR, box=box))
-  return image.reshape(size, size, fmt.channels), None
+  return crop_resize(pixels, box, size), None
+
+
+def crop_resize(pixels: np.ndarray, box, size: int) -> np.ndarray:
+  """pixels [H, W, C] inside box (left, top, right, bottom) resized to
+  [size, size, C] with OpenCV: bilinear (as big_vision's TF resize, and 6x
+  faster than Pillow's), area averaging when shrinking by more than 1.5."""
+  cv2 = _opencv()
+  left, top, right, bottom = box
+  crop = pixels[top:bottom, left:right]
+  if crop.shape[:2] == (size, size):
+    return np.ascontiguousarray(crop)
+  shrink = max(crop.shape[:2]) / size
+  interpolation = cv2.INTER_AREA if shrink > 1.5 else cv2.INTER_LINEAR
+  return cv2.resize(crop, (size, size), interpolation=interpolation).reshape(size, size, -1)
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+@functools.lru_cache(maxsize=1)
+def _opencv():
+  import cv2  # pylint: disable=g-import-not-at-top
+  cv2.setNumThreads(1)  # one image per call: the parallelism is grain's worker processes
+  return cv2
 
 
 def random_crop_box(width: int, height: int, scale, rng, ratio=(3 / 4, 4 / 3), tries: int = 10):

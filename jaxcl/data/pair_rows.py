@@ -47,12 +47,24 @@ def read_pairs(path, *, image_key: str = 'image', caption_key: str = 'caption'):
   (one line) only when the file itself is missing, unreadable or of an
   unknown kind; a bad row never raises.
   """
+  rows, bad_rows = [], []
+  for line, image, caption_or_reason in iter_pairs(path, image_key=image_key,
+                                                   caption_key=caption_key):
+    if image is None:
+      bad_rows.append((line, caption_or_reason))
+    else:
+      rows.append((line, image, caption_or_reason))
+  return rows, bad_rows
+
+
+def iter_pairs(path, *, image_key: str = 'image', caption_key: str = 'caption'):
+  """read_pairs' rows one at a time, in file order: (line, absolute image
+  path, caption) for a pair, (line, None, reason) for a bad row."""
   path = absolute_path(path)
   suffix = epath.Path(path).suffix.lower()
   if suffix not in JSON_SUFFIXES and suffix not in DELIMITERS:
     raise ValueError(f'pairs file {path} is not .jsonl, .json, .csv or .tsv')
   folder = str(epath.Path(path).parent)
-  rows, bad_rows = [], []
   try:
     # surrogateescape: a line that is not UTF-8 becomes one bad row (found by
     # _check_utf8) instead of an exception that ends the whole read.
@@ -64,17 +76,16 @@ def read_pairs(path, *, image_key: str = 'image', caption_key: str = 'caption'):
         records = _csv_records(f, DELIMITERS[suffix], image_key, caption_key)
       for line, record in records:
         if isinstance(record, str):  # already a reason
-          bad_rows.append((line, record))
+          yield line, None, record
           continue
         problem = _check_row(record, image_key, caption_key)
         if problem:
-          bad_rows.append((line, problem))
+          yield line, None, problem
           continue
         image = record[image_key].strip()
-        rows.append((line, _absolute(image, folder), record[caption_key].strip()))
+        yield line, _absolute(image, folder), record[caption_key].strip()
   except OSError as e:
     raise ValueError(f'cannot read pairs file {path}: {e.strerror or e}') from None
-  return rows, bad_rows
 
 
 def _json_records(f):

@@ -69,12 +69,23 @@ class Stream:
 
   def default_streams(self, batch_size: int, process_count: int) -> int:
     """dataset.streams, or (0) per process the most streams up to
-    STREAMS_PER_PROCESS that divide its rows: never the host's cores, so
-    that the batches do not depend on the machine."""
+    STREAMS_PER_PROCESS (and up to its share of the shards) that divide its
+    rows: never the host's cores, so that the batches do not depend on the
+    machine."""
     if self.cfg.streams:
       return self.cfg.streams
-    return process_count * stream_lib.worker_count(batch_size // process_count,
-                                                   STREAMS_PER_PROCESS)
+    most = min([STREAMS_PER_PROCESS] + [len(c.shards) // process_count for c in self.components
+                                        if isinstance(c, stream_lib.ShardComponent)])
+    if most < 1:
+      raise errors.ConfigError(f'{self.fewest_shards()} shard(s) for {process_count} processes: '
+                               f'each process needs shards of its own')
+    return process_count * stream_lib.worker_count(batch_size // process_count, most)
+
+  def fewest_shards(self) -> int | None:
+    """The fewest shards of a shard source: the most streams there can be
+    without two starting on one shard (duplicate rows in a batch)."""
+    counts = [len(c.shards) for c in self.components if isinstance(c, stream_lib.ShardComponent)]
+    return min(counts, default=None)
 
   def batches(self, *, batch_size: int, seed: int, process_index: int, process_count: int,
               positions=None, start_step: int = 0, tokenizer=None) -> stream_lib.StreamBatches:
@@ -88,6 +99,11 @@ class Stream:
     if positions.shape[1] != len(self.components):
       raise errors.ConfigError(f'the run read {positions.shape[1]} data source(s); the config '
                                f'names {len(self.components)}')
+    shards = self.fewest_shards()
+    if shards is not None and streams > shards:
+      raise errors.ConfigError(f'{streams} data streams read {shards} shards: some would read '
+                               f'the same shard at once (the same rows twice in a batch); set '
+                               f'dataset.streams to at most {shards}, or write smaller shards')
     if streams % process_count or batch_size % streams:
       raise errors.ConfigError(
           f'the run reads {streams} data streams: the number of processes ({process_count}) '
@@ -100,9 +116,7 @@ class Stream:
     return stream_lib.StreamBatches(mixture, batch_size=batch_size,
                                     process_index=process_index, process_count=process_count,
                                     positions=positions, start_step=start_step,
-                                    workers=self.workers(),
-                                    max_bad_fraction=self.cfg.max_bad_fraction,
-                                    tokenizer=tokenizer)
+                                    workers=self.workers(), tokenizer=tokenizer)
 
 
 def shard_component(cfg, with_text: bool, urls: str, what: str,

@@ -138,6 +138,7 @@ def read_samples(shard: str, skip: int = 0) -> Iterator[dict | TruncatedShard]:
           if len(data) != member.size:
             raise tarfile.ReadError('unexpected end of data')
           current[extension] = data
+          tar.members = []  # stream mode keeps every header read: a shard's worth
     except GeneratorExit:  # closed early (at exit: before the names below are gone)
       raise
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
@@ -181,6 +182,13 @@ class ShardWriter:
     self._file = (self.folder / f'.{self._name}.tmp').open('wb')
     self._tar = tarfile.open(fileobj=self._file, mode='w')
     self._bytes = self._count = 0
+
+  def abort(self) -> None:
+    """Drops the open shard, if any (its temporary file): a failed write."""
+    if self._tar is not None:
+      self._file.close()
+      (self.folder / f'.{self._name}.tmp').unlink(missing_ok=True)
+      self._tar = self._file = None
 
   def close(self) -> None:
     """Completes the open shard, if any."""

@@ -172,6 +172,9 @@ class Dataset:
       if kind == 'shards':
         components.append(shard_sources.shard_component(
             sub, with_text, sub.urls, f'dataset.mixture[{index}]', name=name))
+      elif kind == 'folder' and with_text:
+        raise DatasetError(f'dataset.mixture[{index}] is an image folder: it has no captions '
+                           f'for a method with a text tower')
       else:
         source, sub_info = Dataset(sub).training(with_text)
         if sub_info.image_shape != info.image_shape:
@@ -274,7 +277,9 @@ class Dataset:
     names = tuple(getattr(label, 'names', None) or ()) if num_classes else ()
     decode = workers = None
     if isinstance(image_feature, tfds.features.Image):  # encoded: decoded by jaxcl, not TFDS
-      decode = decode_lib.SampleFormat(image_size=cfg.image_size, channels=shape[-1])
+      # A curated dataset: every image is used, however small (as TFDS's own decode would).
+      decode = decode_lib.SampleFormat(image_size=cfg.image_size, channels=shape[-1],
+                                       reject_small=False)
       workers = shard_sources.host_cores() if cfg.workers < 0 else cfg.workers
       data_source = builder.as_data_source(
           split=split, decoders={cfg.image_key: tfds.decode.SkipDecoding()})
@@ -288,13 +293,15 @@ class Dataset:
 
 def component_configs(cfg) -> list:
   """[(dataset group, kind, weight)] of a mixture's sources (dataset.mixture):
-  each a copy of `cfg` naming one source, read at the mixture's image_size."""
+  each a copy of `cfg` naming one source, read at the mixture's image_size
+  (the first, when it is shards, with dataset.eval_urls as its test split)."""
   configs = []
-  for kind, what, weight in shard_sources.parse_mixture(cfg.mixture):
+  for index, (kind, what, weight) in enumerate(shard_sources.parse_mixture(cfg.mixture)):
     sub = cfg.copy_and_resolve_references()
     sub.mixture = ()
-    if kind == 'shards':
-      sub.update(name=shard_sources.NAME, urls=what, eval_urls='')
+    if kind == 'shards':  # the first keeps dataset.eval_urls: a mixture evaluates on its splits
+      sub.update(name=shard_sources.NAME, urls=what,
+                 eval_urls=cfg.eval_urls if index == 0 else '')
     elif kind == 'pairs':
       sub.update(name=PAIRS, path=what)
     elif kind == 'folder':

@@ -40,6 +40,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from grain.experimental import index_shuffle
 
 from jaxcl import errors
 from jaxcl.data import decode as decode_lib
@@ -50,12 +51,18 @@ POSITION_FIELDS = ('window', 'cursor', 'offset', 'taken', 'read', 'skipped', 'ro
 READ, SKIPPED, ROWS = 4, 5, 6
 MAX_LISTED_BAD = 20  # bad samples listed by shard and key (all are counted)
 MIN_SAMPLES_FOR_BAD_FRACTION = 200  # fewer read: too early to judge a fraction
+MAX_BAD_IN_A_ROW = 1000  # a stream stops, whatever max_bad_fraction allows
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def _order(seed: int, salt: int, size: int, epoch: int) -> np.ndarray:
-  """The seeded order of epoch `epoch` of `size` shards or records."""
+  """The seeded order of epoch `epoch` of `size` shards."""
   return np.random.default_rng([seed, salt, epoch, 0x5A4D]).permutation(size)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_seed(seed: int, salt: int, epoch: int) -> int:
+  return int(np.random.SeedSequence([seed, salt, epoch, 0x5A50]).generate_state(1)[0] >> 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +123,9 @@ class RecordComponent:
     size = len(self.source)
     while True:
       epoch, index = divmod(stream + read * streams, size)
-      record_index = int(_order(seed, salt, size, epoch)[index])
+      # A permutation computed per index: nothing held, whatever the source's size.
+      record_index = int(index_shuffle(index, max_index=size - 1, seed=_epoch_seed(seed, salt, epoch),
+                                       rounds=4))
       caption_rng = np.random.default_rng([seed, salt, stream, read])
       read += 1
       try:
@@ -203,7 +212,7 @@ def stream_elements(mixture: Mixture, stream: int, rows: int, positions, start_s
   which grain hands to the training process without a copy."""
   positions = np.array(positions, np.int64)
   generators = [None] * len(mixture.components)
-  step = start_step
+  step, bad_in_a_row = start_step, 0
   while True:
     chosen = mixture.choose(stream, step)
     if generators[chosen] is None:
@@ -216,7 +225,12 @@ def stream_elements(mixture: Mixture, stream: int, rows: int, positions, start_s
       if record is None:
         if len(bad) < MAX_LISTED_BAD:
           bad.append(why)
+        bad_in_a_row += 1
+        if bad_in_a_row == MAX_BAD_IN_A_ROW:  # the data, or its keys, are wrong: not a few rows
+          raise errors.DatasetError(f'the last {MAX_BAD_IN_A_ROW} samples read were all bad '
+                                    f'({mixture.components[chosen].name}); the last: {why}')
         continue
+      bad_in_a_row = 0
       records.append(record)
     positions[chosen, ROWS] += rows
     element = {
@@ -295,19 +309,20 @@ class StreamBatches:
 
   `positions` (int64 [local streams, components, 7]) is where each of this
   process's streams stands after the batches returned so far; `bad` lists
-  the first bad samples seen. Raises DatasetError once more than
-  `max_bad_fraction` of the samples read are bad.
+  the first bad samples seen (the trainer judges their fraction over all
+  processes: jaxcl.run_files.stream_metrics). A stream whose last
+  MAX_BAD_IN_A_ROW samples were all bad raises DatasetError.
   """
 
   def __init__(self, mixture: Mixture, *, batch_size: int, process_index: int,
                process_count: int, positions: np.ndarray, start_step: int = 0, workers: int = 0,
-               max_bad_fraction: float = 1.0, tokenizer=None):
+               tokenizer=None):
     local = mixture.streams // process_count
     self.streams = list(range(process_index * local, (process_index + 1) * local))
     self.positions = np.array(positions[self.streams[0]:self.streams[-1] + 1], np.int64)
     self.bad: list[str] = []
     self.names = tuple(c.name for c in mixture.components)
-    self._max_bad_fraction, self._tokenizer = max_bad_fraction, tokenizer
+    self._tokenizer = tokenizer
     dataset = _StreamsDataset(mixture, batch_size // mixture.streams, self.streams,
                               self.positions, start_step)
     self.workers = worker_count(local, workers) if workers else 0
@@ -324,7 +339,6 @@ class StreamBatches:
     self.positions = np.stack([e['positions'] for e in elements])
     for element in elements:
       self.bad.extend(element['bad'][:MAX_LISTED_BAD - len(self.bad)])
-    self._check_bad_fraction()
     batch = {'image': np.concatenate([e['image'] for e in elements]),
              'label': np.concatenate([e['label'] for e in elements])}
     if 'caption' in elements[0]:
@@ -339,13 +353,6 @@ class StreamBatches:
     """int64 [3, components]: samples read, skipped and rows given by this
     process's streams so far, per component."""
     return self.positions[:, :, READ:].sum(axis=0).T
-
-  def _check_bad_fraction(self):
-    read, skipped = (int(v) for v in self.counts()[:2].sum(axis=1))
-    if read >= MIN_SAMPLES_FOR_BAD_FRACTION and skipped > self._max_bad_fraction * read:
-      raise errors.DatasetError(
-          f'{skipped} of the {read} samples read are bad, more than dataset.max_bad_fraction='
-          f'{self._max_bad_fraction}; first: {self.bad[0] if self.bad else "?"}')
 
   def close(self):
     close = getattr(self._iterator, 'close', None)

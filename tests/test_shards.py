@@ -410,3 +410,21 @@ def test_memory_does_not_grow_with_the_stream(tmp_path):
   finally:
     tracemalloc.stop()
   assert corpus > 7e6 and held[1] - held[0] < 1e6, (corpus, held)
+
+
+def test_a_shard_gone_mid_run_is_one_line_from_a_worker(tmp_path, corpus):
+  for shard in corpus.glob('shard-*.tar'):
+    (tmp_path / shard.name).write_bytes(shard.read_bytes())
+  it = stream.StreamBatches(_mixture(None, streams=2, window=100, urls=_urls(tmp_path)),
+                            batch_size=4, process_index=0, process_count=1,
+                            positions=stream.start_positions(2), workers=2)
+  try:
+    next(it)
+    for shard in tmp_path.glob('shard-*.tar'):
+      shard.unlink()
+    with pytest.raises(errors.DatasetError, match=r'^cannot open shard .*shard-00000\d.tar: '
+                                                  r'FileNotFoundError'):
+      for _ in range(200):  # the workers run ahead: the shards they already read still come
+        next(it)
+  finally:
+    it.close()

@@ -136,12 +136,15 @@ def random_crop_box(width: int, height: int, scale, rng, ratio=(3 / 4, 4 / 3), t
   log-uniform aspect ratio, 10 tries, else the central crop of the nearest
   allowed ratio."""
   area = width * height
-  for _ in range(tries):
-    target = area * rng.uniform(*scale)
-    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+  # One draw of every try's numbers: a numpy call per number costs more than the crop.
+  fractions, log_aspects, corners = rng.random((3, tries, 2))
+  for (fraction, _), (log_aspect, _), (x, y) in zip(fractions, log_aspects, corners):
+    target = area * (scale[0] + (scale[1] - scale[0]) * fraction)
+    low, high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = math.exp(low + (high - low) * log_aspect)
     w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
     if 0 < w <= width and 0 < h <= height:
-      left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+      left, top = int(x * (width - w + 1)), int(y * (height - h + 1))
       return (left, top, left + w, top + h)
   aspect = width / height
   if aspect < ratio[0]:

@@ -428,3 +428,24 @@ def test_a_shard_gone_mid_run_is_one_line_from_a_worker(tmp_path, corpus):
         next(it)
   finally:
     it.close()
+
+
+def test_held_out_shards_are_the_test_split(tmp_path, corpus):
+  """eval_urls in memory, center-cropped, with their classes (a sample
+  without `cls` is unlabeled, -1, as the shapes' two-shape images)."""
+  from jaxcl import config as config_lib
+  from jaxcl import data
+  rng = np.random.default_rng(4)
+  with wds.TarWriter(str(tmp_path / 'held-0.tar')) as writer:
+    writer.write({'__key__': 'a', 'jpg': _image_bytes(rng, 'JPEG'), 'txt': 'one', 'cls': '4'})
+    writer.write({'__key__': 'b', 'jpg': _image_bytes(rng, 'JPEG'), 'txt': 'two'})
+    writer.write({'__key__': 'c', 'jpg': b'broken', 'txt': 'three', 'cls': '1'})
+  cfg = config_lib.base_config().dataset
+  cfg.update(name='webdataset', urls=_urls(corpus), eval_urls=str(tmp_path / 'held-0.tar'),
+             image_size=8, eval_samples=10)
+  test, info = data.Dataset(cfg).split('test', with_text=True)
+  assert info.num_classes == 5 and len(test) == 2 and test.skipped[0][0].endswith('held-0.tar c')
+  assert [int(test[i]['label']) for i in range(2)] == [4, -1]
+  assert test[0]['captions'] == ['one'] and test[0]['image'].shape == (8, 8, 3)
+  train, info = data.Dataset(cfg).split('train')  # SimCLR's kNN bank: the first eval_samples
+  assert len(train) == 10 and info.num_classes == 3 and train[0]['captions'] == []

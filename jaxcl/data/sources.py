@@ -205,8 +205,8 @@ class Dataset:
 
   def _open_shards(self, split, with_text):
     source = shard_sources.open_split(self.cfg, split, with_text)
-    labels = [int(r['label']) for r in source.records]
-    num_classes = max(labels) + 1 if min(labels) >= 0 else 0
+    # Classes 0..max of the `cls` members; -1 (no cls) is unlabeled, as in TFDS's shapes.
+    num_classes = max(int(r['label']) for r in source.records) + 1
     size = self.cfg.image_size
     return source, DatasetInfo((size, size, 3), num_classes)
 

@@ -94,40 +94,36 @@ CONFIG = {
 FUZZ_SEED_0 = {
     '--config.temperature.min=-1.0':
         'jaxcl: error: temperature.min must be > 0, got -1.0',
-    '--config.eval.probe_lr_size=0.5':
-        "jaxcl: error: unknown config key 'probe_lr_size' in --config.eval.probe_lr_size (did you mean 'probe_lr'?)",
+    '--config.dataset.train_split_size=0.5':
+        "jaxcl: error: unknown config key 'train_split_size' in --config.dataset.train_split_size (did you mean 'train_split'?)",
     '--config.log_every_steps=0':
         'jaxcl: error: log_every_steps must be > 0, got 0',
-    '--config.model.head_layers=2.5':
-        "jaxcl: error: --config.model.head_layers takes an integer, got '2.5'",
-    '--config.optimize.momentum=0.5':
-        "jaxcl: error: unknown config key 'optimize' in --config.optimize.momentum (did you mean 'optimizer'?)",
-    '--config.tqxt.act=abc':
-        "jaxcl: error: unknown config key 'tqxt' in --config.tqxt.act (did you mean 'text'?)",
-    '--config.loss.block_site=abc':
-        "jaxcl: error: unknown config key 'block_site' in --config.loss.block_site (did you mean 'block_size'?)",
-    '--config.text.depth=1e3x':
-        "jaxcl: error: --config.text.depth takes an integer, got '1e3x'",
+    '--config.keep_checkpoints=2.5':
+        "jaxcl: error: --config.keep_checkpoints takes an integer, got '2.5'",
+    '--config.model.vit.posl=abc':
+        "jaxcl: error: unknown config key 'posl' in --config.model.vit.posl (did you mean 'pool'?)",
+    '--config.mesh.data=abc':
+        "jaxcl: error: --config.mesh.data takes an integer, got 'abc'",
+    '--config.text.pool_old=1':
+        "jaxcl: error: unknown config key 'pool_old' in --config.text.pool_old (did you mean 'pool'?)",
+    '--config.method=moco':
+        "jaxcl: error: method must be one of ('simclr', 'clip', 'siglip'), got 'moco'",
+    '--config.temperature.init=[0.1]':
+        "jaxcl: error: --config.temperature.init takes a number, got '[0.1]'",
     '--config.model.stage_sizes=(-1,)':
         'jaxcl: error: model.stage_sizes must be a tuple of positive integers (empty: the preset of model.name), got (-1,)',
-    '--config.text.projection_bcias=abc':
-        "jaxcl: error: unknown config key 'projection_bcias' in --config.text.projection_bcias (did you mean 'projection_bias'?)",
-    '--config.temperature.init=100.0':
-        'jaxcl: error: temperature.init 100.0 must lie in [temperature.min, temperature.max] = [0.01, 1.0]',
-    '--config.optimizer.lr_muhtipliers=abc':
-        "jaxcl: error: unknown config key 'lr_muhtipliers' in --config.optimizer.lr_muhtipliers (did you mean 'lr_multipliers'?)",
+    '--config.xtemperature.mode=0.5':
+        "jaxcl: error: unknown config key 'xtemperature' in --config.xtemperature.mode (did you mean 'temperature'?)",
+    '--config.model.vit.patchhsize=abc':
+        "jaxcl: error: unknown config key 'patchhsize' in --config.model.vit.patchhsize (did you mean 'patch_size'?)",
     '--config.temperature.init=0.0':
         'jaxcl: error: temperature.init must be > 0, got 0.0',
-    '--config.text.max_length=2.5':
-        "jaxcl: error: --config.text.max_length takes an integer, got '2.5'",
-    '--config.eval.knn_temperature=fast':
-        "jaxcl: error: --config.eval.knn_temperature takes a number, got 'fast'",
-    '--config.augment.grayscale_prob=2.0':
-        'jaxcl: error: augment.grayscale_prob must be in [0, 1], got 2.0',
-    '--config.model.name=vgg16':
-        "jaxcl: error: model.name must be one of ['resnet18', 'resnet34', 'resnet50', 'vit_ti16', 'vit_s16', 'vit_b16', 'vit_l16', 'vit'], got 'vgg16'",
-    '--config.eval.zeroshot_splxt=1':
-        "jaxcl: error: unknown config key 'zeroshot_splxt' in --config.eval.zeroshot_splxt (did you mean 'zeroshot_split'?)",
+    '--config.temperature.max=abc':
+        "jaxcl: error: --config.temperature.max takes a number, got 'abc'",
+    '--config.dataset.shuffle_buffer=1e3x':
+        "jaxcl: error: --config.dataset.shuffle_buffer takes an integer, got '1e3x'",
+    '--config.dataset.crop_x=0.5':
+        "jaxcl: error: unknown config key 'crop_x' in --config.dataset.crop_x (did you mean 'crop'?)",
     '--config.total_steps=-1':
         'jaxcl: error: total_steps must be >= 0, got -1',
     '--config.model.dtype=float8':
@@ -140,46 +136,50 @@ FUZZ_SEED_0 = {
         "jaxcl: error: --config.augment.crop_scale_min takes a number, got 'fast'",
     '--config.model.head_layers=0':
         'jaxcl: error: model.head_layers must be a positive integer, got 0',
-    '--config.temprature.init=1':
-        "jaxcl: error: unknown config key 'temprature' in --config.temprature.init (did you mean 'temperature'?)",
-    '--config.temperature.rin=1':
-        "jaxcl: error: unknown config key 'rin' in --config.temperature.rin (did you mean 'min'?)",
-    '--config.text.pad_id=1e3x':
-        "jaxcl: error: --config.text.pad_id takes an integer, got '1e3x'",
+    '--config.optimizer.b=1':
+        "jaxcl: error: unknown config key 'b' in --config.optimizer.b (did you mean 'b2'?)",
+    '--config.text.causal_old=abc':
+        "jaxcl: error: unknown config key 'causal_old' in --config.text.causal_old (did you mean 'causal'?)",
+    '--config.model.stage_sizes=(0,1)':
+        'jaxcl: error: model.stage_sizes must be a tuple of positive integers (empty: the preset of model.name), got (0, 1)',
+    '--config.temperature.warmup_steps=1e3x':
+        "jaxcl: error: --config.temperature.warmup_steps takes an integer, got '1e3x'",
     '--config.model.dtype=int32':
         "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'int32'",
-    '--config.model.vit.lp_dim=1':
-        "jaxcl: error: unknown config key 'lp_dim' in --config.model.vit.lp_dim (did you mean 'mlp_dim'?)",
-    '--config.textw.act=1':
-        "jaxcl: error: unknown config key 'textw' in --config.textw.act (did you mean 'text'?)",
+    '--config.augment.grayscale_prob=2.0':
+        'jaxcl: error: augment.grayscale_prob must be in [0, 1], got 2.0',
+    '--config.methgd=1':
+        "jaxcl: error: unknown config key 'methgd' in --config.methgd (did you mean 'method'?)",
+    '--config.optiwmizer.name=1':
+        "jaxcl: error: unknown config key 'optiwmizer' in --config.optiwmizer.name (did you mean 'optimizer'?)",
     '--config.temperature.period=-5':
         'jaxcl: error: temperature.period must be an integer >= 0, got -5',
     '--config.method=byol':
         "jaxcl: error: method must be one of ('simclr', 'clip', 'siglip'), got 'byol'",
-    '--config.tet.normalize=1':
-        "jaxcl: error: unknown config key 'tet' in --config.tet.normalize (did you mean 'text'?)",
+    '--config.temprature.lr_multiplier=1':
+        "jaxcl: error: unknown config key 'temprature' in --config.temprature.lr_multiplier (did you mean 'temperature'?)",
     '--config.augent.crop_scale_max=abc':
         "jaxcl: error: unknown config key 'augent' in --config.augent.crop_scale_max (did you mean 'augment'?)",
-    '--config.mddel.dtype=1':
-        "jaxcl: error: unknown config key 'mddel' in --config.mddel.dtype (did you mean 'model'?)",
-    '--config.dataspet.text_key=1':
-        "jaxcl: error: unknown config key 'dataspet' in --config.dataspet.text_key (did you mean 'dataset'?)",
-    '--config.temperature.init_old=1':
-        "jaxcl: error: unknown config key 'init_old' in --config.temperature.init_old (did you mean 'init'?)",
+    '--config.evel.zeroshot_dataset=1':
+        "jaxcl: error: unknown config key 'evel' in --config.evel.zeroshot_dataset (did you mean 'eval'?)",
+    '--config.daptaset.name=1':
+        "jaxcl: error: unknown config key 'daptaset' in --config.daptaset.name (did you mean 'dataset'?)",
+    '--config.text.vocab_file_old=1':
+        "jaxcl: error: unknown config key 'vocab_file_old' in --config.text.vocab_file_old (did you mean 'vocab_file'?)",
     '--config.augment.crop_scale_min=0.0':
         'jaxcl: error: need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got 0.0, 1.0',
-    '--config.optimizer.warmup_steps_size=1':
-        "jaxcl: error: unknown config key 'warmup_steps_size' in --config.optimizer.warmup_steps_size (did you mean 'warmup_steps'?)",
-    '--config.model.vit.patcth_bias=1':
-        "jaxcl: error: unknown config key 'patcth_bias' in --config.model.vit.patcth_bias (did you mean 'patch_bias'?)",
+    '--config.modeo.width=1':
+        "jaxcl: error: unknown config key 'modeo' in --config.modeo.width (did you mean 'model'?)",
+    '--config.model.embed_ditm=1':
+        "jaxcl: error: unknown config key 'embed_ditm' in --config.model.embed_ditm (did you mean 'embed_dim'?)",
     '--config.eval.batch_size=-512':
         'jaxcl: error: eval.batch_size -512 must be a positive multiple of the 1 data shards',
     '--config.temperature.lr_multiplier=-2.0':
         'jaxcl: error: temperature.lr_multiplier must be > 0, got -2.0',
-    '--config.eval.zeroshot_templates=abc':
-        "jaxcl: error: --config.eval.zeroshot_templates takes a tuple, written (a, b) or [a, b]; got 'abc'",
-    '--config.eval.probe_batch_size=[1]':
-        "jaxcl: error: --config.eval.probe_batch_size takes an integer, got '[1]'",
+    '--config.eval.max_train_examples=abc':
+        "jaxcl: error: --config.eval.max_train_examples takes an integer, got 'abc'",
+    '--config.dataset.streams=[1]':
+        "jaxcl: error: --config.dataset.streams takes an integer, got '[1]'",
     '--config.batch_size=-32':
         'jaxcl: error: batch_size must be > 0, got -32',
     '--config.augment.color_jitter_prob=[0.1]':
@@ -188,10 +188,10 @@ FUZZ_SEED_0 = {
         'jaxcl: error: optimizer.b1 must be in [0, 1), got -0.1',
     "--config.loss.impl=''":
         'jaxcl: error: loss.impl must be one of (\'dense\', \'blockwise\', \'ring\'), got "\'\'"',
-    '--config.text.heads=abc':
-        "jaxcl: error: --config.text.heads takes an integer, got 'abc'",
-    '--config.temperature.max=1e-5':
-        'jaxcl: error: temperature.min 0.01 must be <= temperature.max 1e-05',
+    '--config.temperature.lr_multiplier=fast':
+        "jaxcl: error: --config.temperature.lr_multiplier takes a number, got 'fast'",
+    '--config.loys.block_size=1':
+        "jaxcl: error: unknown config key 'loys' in --config.loys.block_size (did you mean 'loss'?)",
     '--config.checkpoint_every_steps=0':
         'jaxcl: error: checkpoint_every_steps must be > 0, got 0',
     '--config.log_every_steps=-1':
@@ -200,26 +200,26 @@ FUZZ_SEED_0 = {
         'jaxcl: error: optimizer.b2 must be in [0, 1), got 1.5',
     '--config.augmenf.blur_prob=1':
         "jaxcl: error: unknown config key 'augmenf' in --config.augmenf.blur_prob (did you mean 'augment'?)",
-    '--config.optimizer.momentum=[0.1]':
-        "jaxcl: error: --config.optimizer.momentum takes a number, got '[0.1]'",
+    '--config.text.norm_eps=[0.1]':
+        "jaxcl: error: --config.text.norm_eps takes a number, got '[0.1]'",
+    '--config.temperature.init=100.0':
+        'jaxcl: error: temperature.init 100.0 must lie in [temperature.min, temperature.max] = [0.01, 1.0]',
     '--config.augment.color_jitter_strength=-1.0':
         'jaxcl: error: augment.color_jitter_strength must be >= 0, got -1.0',
     '--config.temperature.mode=frozen':
         "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine'), got 'frozen'",
-    '--config.optimizer.momentum=abc':
-        "jaxcl: error: --config.optimizer.momentum takes a number, got 'abc'",
+    '--config.optimizer.b1=abc':
+        "jaxcl: error: --config.optimizer.b1 takes a number, got 'abc'",
     '--config.temperature.bias_init=inf':
         'jaxcl: error: temperature.bias_init must be a finite number, got inf',
-    '--config.augment.crop_sckle_min=0.5':
-        "jaxcl: error: unknown config key 'crop_sckle_min' in --config.augment.crop_sckle_min (did you mean 'crop_scale_min'?)",
-    '--config.text.projectin_bias=abc':
-        "jaxcl: error: unknown config key 'projectin_bias' in --config.text.projectin_bias (did you mean 'projection_bias'?)",
-    '--config.temxt.width=abc':
-        "jaxcl: error: unknown config key 'temxt' in --config.temxt.width (did you mean 'text'?)",
-    '--config.augment.color_jitter_prob=fast':
-        "jaxcl: error: --config.augment.color_jitter_prob takes a number, got 'fast'",
-    '--config.text.tokengizer=1':
-        "jaxcl: error: unknown config key 'tokengizer' in --config.text.tokengizer (did you mean 'tokenizer'?)",
+    '--config.text.normalize_size=0.5':
+        "jaxcl: error: unknown config key 'normalize_size' in --config.text.normalize_size (did you mean 'normalize'?)",
+    '--config.augment.crop_scale_max=2.0':
+        'jaxcl: error: need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got 0.4, 2.0',
+    '--config.temperature.init=fast':
+        "jaxcl: error: --config.temperature.init takes a number, got 'fast'",
+    '--config.text.causa=1':
+        "jaxcl: error: unknown config key 'causa' in --config.text.causa (did you mean 'causal'?)",
 }
 
 # tests/test_cli_safety.py: the CLI's own flags, workdirs, saved configs,
@@ -290,10 +290,11 @@ CLI = {
     'a tau twice':
         'jaxcl: error: --temperatures lists one τ twice (0.1 and 0.10)',
     'unknown command':
-        "jaxcl: error: unknown command 'fly'; choose one of: train | eval | export | sweep | report | import",
+        "jaxcl: error: unknown command 'fly'; choose one of: train | eval | export | sweep | report | import "
+        '| shard',
     'no command':
-        'jaxcl: error: choose a command: train | eval | export | sweep | report | import; jaxcl --help for '
-        'more',
+        'jaxcl: error: choose a command: train | eval | export | sweep | report | import | shard; jaxcl '
+        '--help for more',
     'dataset smaller than a batch':
         "jaxcl: error: dataset 'image_folder' has 3 training example(s), fewer than one batch of "
         '8; lower batch_size or add data',

@@ -93,6 +93,20 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def start_job(args, *, devices: int, processes: int = 2, output=None) -> list:
+  """`jaxcl ARGS` as a job of local processes with `devices` CPU devices each,
+  joined through a coordinator on a free 127.0.0.1 port; returns the Popens.
+  output(i): process i's Popen output keywords (default: pipes, as text)."""
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu')
+  output = output or (lambda i: dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return [subprocess.Popen(
+      [sys.executable, '-m', 'jaxcl.cli', *args, f'--coordinator_address=127.0.0.1:{port}',
+       f'--num_processes={processes}', f'--process_id={i}'], cwd=REPO, env=env, **output(i))
+      for i in range(processes)]
+
+
 # The reference run of the kill/resume tests (RUN_STEPS tiny steps on 2
 # devices, conftest's `uninterrupted` fixture) and its interrupted twins.
 RUN_STEPS = 80

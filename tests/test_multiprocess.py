@@ -4,16 +4,13 @@ devices; SIGTERM to one process stops both at one step; a killed process
 stops the other in seconds; the job then resumes."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import helpers
 import pytest
 
-from helpers import DIGITS_CONFIG, REPO, assert_close, jaxcl, tiny_overrides
+from helpers import DIGITS_CONFIG, assert_close, jaxcl, tiny_overrides
 from jaxcl import checkpoints
 
 # Real multi-process jobs: minutes (pytest -m "not slow" leaves them out).
@@ -55,15 +52,8 @@ def test_two_processes_train_like_one(tmp_path, started):
         devices=8)
 
   workdir = tmp_path / 'two_processes'
-  port = helpers.free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
-       str(workdir), *tiny_overrides(), *RUN, f'--coordinator_address=127.0.0.1:{port}',
-       '--num_processes=2', f'--process_id={i}'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = helpers.start_job(['train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+                             *tiny_overrides(), *RUN], devices=4)
   started += procs
   outputs = [p.communicate(timeout=JOB_S) for p in procs]
   for p, (out, err) in zip(procs, outputs):
@@ -90,18 +80,12 @@ NEVER_ENDS = ['--config.total_steps=1000000']
 
 def _start_job(workdir, logs, started, extra=()):
   """Both processes of a 2 x 4-device job; their output goes to logs/p{0,1}.{out,err}."""
-  port = helpers.free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
   logs.mkdir(exist_ok=True)
-  procs = []
-  for i in range(2):
-    procs.append(subprocess.Popen(
-        [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
-         str(workdir), *tiny_overrides(), *helpers.RUN, *extra, '--heartbeat_timeout=10',
-         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-        cwd=REPO, env=env, stdout=open(logs / f'p{i}.out', 'w'),
-        stderr=open(logs / f'p{i}.err', 'w')))
+  procs = helpers.start_job(
+      ['train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
+       *helpers.RUN, *extra, '--heartbeat_timeout=10'], devices=4,
+      output=lambda i: dict(stdout=open(logs / f'p{i}.out', 'w'),
+                            stderr=open(logs / f'p{i}.err', 'w')))
   started += procs
   return procs
 

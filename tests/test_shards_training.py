@@ -5,10 +5,8 @@ samples are counted in the metrics and named in the workdir."""
 
 import io
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -18,7 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 import helpers
-from helpers import CLIP_CONFIG, REPO, TINY_TWO_TOWER, final_params, jaxcl, tiny_overrides
+from helpers import CLIP_CONFIG, TINY_TWO_TOWER, final_params, jaxcl, tiny_overrides
 
 # Whole runs and a 2-process job: minutes (pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow
@@ -104,15 +102,10 @@ def test_killed_run_resumes_exactly_from_shards(corpus, uninterrupted, tmp_path)
 
 def test_two_processes_then_one_continue_the_same_streams(corpus, uninterrupted, tmp_path):
   workdir = tmp_path / 'run'
-  port = helpers.free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu')
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', CLIP_CONFIG, '--workdir',
-       str(workdir), *_overrides(corpus), f'--coordinator_address=127.0.0.1:{port}',
-       '--num_processes=2', f'--process_id={i}'],
-      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = helpers.start_job(
+      ['train', '--config', CLIP_CONFIG, '--workdir', str(workdir), *_overrides(corpus)],
+      devices=1, output=lambda i: dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       text=True))
   try:  # killed once they have a checkpoint before the end
     deadline = time.monotonic() + helpers.CHECKPOINT_WAIT_S
     while helpers.newest_checkpoint(workdir) is None:

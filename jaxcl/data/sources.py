@@ -135,6 +135,7 @@ class Dataset:
     self._classes = None  # an image folder's classes: its train split's sub-folders
     self._splits = {}  # (split, with_text): (source, DatasetInfo)
     self._first = None  # a mixture's first source, whose splits it evaluates on
+    self._training = {}  # with_text: (source, DatasetInfo) of the pretraining split
 
   def split(self, split: str, with_text: bool = False):
     """(random-access source, DatasetInfo) for `split`.
@@ -158,7 +159,13 @@ class Dataset:
 
   def training(self, with_text: bool = False):
     """(source, DatasetInfo) of the pretraining split: random-access records,
-    or for shards and mixtures a jaxcl.data.shard_sources.Stream."""
+    or for shards and mixtures a jaxcl.data.shard_sources.Stream; opened
+    once (the shards listed once, a mixture's sources opened once)."""
+    if with_text not in self._training:
+      self._training[with_text] = self._open_training(with_text)
+    return self._training[with_text]
+
+  def _open_training(self, with_text: bool):
     cfg = self.cfg
     info = DatasetInfo((cfg.image_size, cfg.image_size, 3), 0)
     if cfg.name == shard_sources.NAME:

@@ -125,18 +125,24 @@ def simclr_view(key, image, cfg):
   return jnp.clip(image, 0.0, 1.0)
 
 
-def random_views(key, images_uint8, cfg, count: int):
-  """`count` independent augmented views of a batch: uint8 [b, H, W, C] ->
-  list of float32 [b, S, S, C] in [0, 1]; one key per example and view."""
+def view_keys(key, num_views: int, n: int):
+  """Per-example keys for `num_views` views of n examples: [n, num_views].
+  Row i depends only on `key` and i, so any slice of rows (a microbatch,
+  jaxcl.grad_cache) gets the keys the whole batch would have given it."""
+  return jnp.swapaxes(jax.random.split(key, (num_views, n)), 0, 1)
+
+
+def random_views(keys, images_uint8, cfg):
+  """Augmented views of a batch, one per column of `keys` [b, V] (from
+  `view_keys`): uint8 [b, H, W, C] -> list of V float32 [b, S, S, C] in [0, 1]."""
   images = images_uint8.astype(jnp.float32) / 255.0
-  keys = jax.random.split(key, (count, images.shape[0]))
   view = jax.vmap(lambda k, x: simclr_view(k, x, cfg))
-  return [view(keys[i], images) for i in range(count)]
+  return [view(keys[:, i], images) for i in range(keys.shape[1])]
 
 
 def two_views(key, images_uint8, cfg):
   """SimCLR's two views of each image (see `random_views`)."""
-  return tuple(random_views(key, images_uint8, cfg, 2))
+  return tuple(random_views(view_keys(key, 2, images_uint8.shape[0]), images_uint8, cfg))
 
 
 def eval_view(images_uint8, image_size: int):

@@ -24,10 +24,10 @@ CONFIG_FILE = files.CONFIG_FILE
 # experiments in one workdir.
 RESUMABLE_CHANGES = ('total_steps', 'log_every_steps', 'eval_every_steps',
                      'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval', 'loss',
-                     'nonfinite',
+                     'nonfinite', 'microbatch_size',
                      'dataset.data_dir', 'dataset.download', 'dataset.workers',
                      'dataset.max_bad_fraction', 'dataset.eval_urls', 'dataset.eval_samples',
-                     'init')
+                     'init', 'profile_steps', 'wandb')
 
 
 ConfigError = errors.ConfigError
@@ -45,6 +45,9 @@ def base_config():
   config.seed = 0
   config.total_steps = 1500
   config.batch_size = 256
+  # Global rows per chunk of the towers (0: the whole batch at once): the step computes
+  # the exact global-batch gradient holding one chunk's activations (jaxcl.grad_cache).
+  config.microbatch_size = 0
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
@@ -53,6 +56,12 @@ def base_config():
   # step and the last good checkpoint) or 'skip' (the state stays as it was;
   # counted and logged as `skipped`).
   config.nonfinite = 'stop'
+  # (A, B): a jax.profiler trace of steps A..B in WORKDIR/plugins (jaxcl.profiling); (): none.
+  config.profile_steps = ()
+  # Weights & Biases, from process 0, when `project` is set (pip install wandb): every
+  # metrics.jsonl record, the flat config; name '' is the config's name or the workdir's;
+  # mode 'online', 'offline' (WORKDIR/wandb, for `wandb sync`) or 'disabled'.
+  config.wandb = ml_collections.ConfigDict(dict(project='', entity='', name='', mode='online'))
 
   # -1: all remaining devices. The batch is split over both axes; parameters
   # and optimizer state are replicated over `data` and sharded over `fsdp`.
@@ -250,6 +259,12 @@ KEYS_ADDED_LATER = {
     'dataset.webdataset.label': 'cls', 'dataset.shuffle_buffer': 10000, 'dataset.streams': 0,
     'dataset.workers': -1, 'dataset.crop': 'center', 'dataset.crop_scale': (0.9, 1.0),
     'dataset.max_bad_fraction': 0.05, 'dataset.mixture': (),
+    # Memory (2026-12-02): the towers on the whole batch, every activation kept, plain
+    # layers, float32 optimizer state, no memory cap.
+    'microbatch_size': 0,
+    # Observability (2026-12-02): no profiler trace, no Weights & Biases.
+    'profile_steps': (), 'wandb.project': '', 'wandb.entity': '', 'wandb.name': '',
+    'wandb.mode': 'online',
 }
 
 

@@ -34,13 +34,17 @@ LOCK_DIR = 'jaxcl.lock'  # held by the run in progress (jaxcl.lock)
 WALL_FILE = 'wall_time.json'  # a sweep run's training time
 REPORT_DIR, REPORT_FILE = 'report', 'report.html'
 ZEROSHOT_CACHE_FILE = 'zeroshot_classifiers.npz'  # the newest step's (jaxcl.zeroshot_cache)
+# profile_steps' traces: jax.profiler.start_trace(WORKDIR) writes plugins/profile/<time>/,
+# where `tensorboard --logdir WORKDIR` finds them (jaxcl.profiling)
+PROFILE_DIR = 'plugins'
+WANDB_DIR = 'wandb'  # wandb.project: wandb's own files, its offline runs (jaxcl.metric_writer)
 # Everything jaxcl keeps at the top of a workdir (files and folders): nothing
 # else, `jaxcl export --output` included, may write there under these names.
 WORKDIR_NAMES = frozenset({
     CONFIG_FILE, EVAL_FILE, METRICS_FILE, CHECKPOINT_DIR, BATCH_HISTORY_FILE,
     SKIPPED_IMAGES_FILE, SKIPPED_SAMPLES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE, *CLIP_BPE_FILES,
     LOCK_DIR, DATA_FACTS_FILE, UNRESTORABLE_DIR, REPORT_DIR, REPORT_FILE, WALL_FILE,
-    ZEROSHOT_CACHE_FILE})
+    ZEROSHOT_CACHE_FILE, PROFILE_DIR, WANDB_DIR})
 
 
 def text_artifact_path(output) -> epath.Path:

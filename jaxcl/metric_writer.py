@@ -1,27 +1,33 @@
-"""Where metrics go: DIR/metrics.jsonl, TensorBoard event files in DIR, and a
-progress bar; all from process 0 only."""
+"""Where metrics go: DIR/metrics.jsonl, TensorBoard event files in DIR, a
+progress bar, and Weights & Biases when wandb.project is set; all from
+process 0 only."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
 import jax
 from etils import epath
 
-from jaxcl import files
+from jaxcl import errors, files
 
 
 class MetricWriter:
+  """wandb_config: the config's `wandb` group (project '': no wandb);
+  run_config: the flat config, which the wandb run records."""
 
-  def __init__(self, workdir, total_steps: int, initial_step: int, enabled: bool | None = None):
+  def __init__(self, workdir, total_steps: int, initial_step: int, enabled: bool | None = None,
+               *, wandb_config=None, run_config: dict | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self._jsonl = self._tb = self._bar = None
+    self._jsonl = self._tb = self._bar = self._wandb = None
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     workdir = epath.Path(workdir)
+    self._wandb = _wandb_run(workdir, wandb_config, run_config or {})  # first: it may fail
     self._jsonl = workdir.joinpath(files.METRICS_FILE).open('a')
     self._tb = SummaryWriter(str(workdir))
     self._bar = tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True,
@@ -45,6 +51,8 @@ class MetricWriter:
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
     self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log({k: float(v) for k, v in metrics.items()}, step=int(step))
 
   def print(self, message: str):
     if not self.enabled:
@@ -60,3 +68,26 @@ class MetricWriter:
     self._bar.close()
     self._tb.close()
     self._jsonl.close()
+    if self._wandb is not None:  # closed once: a failure may close the writer again
+      run, self._wandb = self._wandb, None
+      run.finish()
+
+
+def _wandb_run(workdir: epath.Path, settings, run_config: dict):
+  """The wandb run of `workdir` when settings.project is set, else None
+  (wandb is imported only then: it is optional). Its id is derived from the
+  workdir's path, so a resumed run continues the same wandb run."""
+  if settings is None or not settings['project']:
+    return None
+  import wandb  # pylint: disable=g-import-not-at-top  # validation checked it is installed
+  local = '://' not in str(workdir)  # wandb keeps its files on a local disk
+  path = str(workdir.resolve()) if local else str(workdir)
+  try:
+    return wandb.init(
+        project=settings['project'], entity=settings['entity'] or None,
+        name=settings['name'] or run_config.get('name') or workdir.name,
+        dir=str(workdir) if local else None, config=run_config, mode=settings['mode'],
+        resume='allow', id='jaxcl-' + hashlib.sha256(path.encode()).hexdigest()[:16])
+  except Exception as e:  # pylint: disable=broad-except  # no login, no network: one line
+    raise errors.RunError(f'wandb.init failed ({errors.type_and_first_line(e)}); log in with '
+                          f'`wandb login` or set --config.wandb.mode=offline') from None

@@ -22,7 +22,7 @@ from jaxcl import checkpoints, data, errors, evaluation, files, guards, parallel
 from jaxcl import config as config_lib
 from jaxcl import lock as lock_lib
 from jaxcl import train_step, warm_start
-from jaxcl import throughput
+from jaxcl import profiling, throughput
 from jaxcl.experiment import Experiment, setup
 from jaxcl.metric_writer import MetricWriter
 
@@ -96,7 +96,8 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       stream_positions=checkpoints.stream_positions(manager, start_step) if resumed else None)
   facts = run_files.data_facts(exp.info, method.export_facts(config, exp.dataset, eval_data))
   run_files.write_run_start(workdir, config, history, exp.tokenizer, facts, start_step)
-  writer = MetricWriter(workdir, total_steps=max(total, start_step), initial_step=start_step)
+  writer = MetricWriter(workdir, total_steps=max(total, start_step), initial_step=start_step,
+                        wandb_config=config.wandb, run_config=config_lib.flat_config(config))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   writer.print(
       f'jaxcl: {jax.device_count()} {jax.devices()[0].platform} device(s), '
@@ -116,9 +117,11 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
   embed_fns = evaluation.make_embed_fns(exp)
   step, timer = start_step, throughput.IntervalTimer()
   finite, preemption = guards.FiniteCheck(config, manager), guards.Preemption()
+  profiler = profiling.StepProfiler(workdir, config.profile_steps, total)
   bad_data = None
   try:
     while step < total:
+      profiler.before(step + 1)
       t0 = time.perf_counter()
       batch = parallel.put_batch(exp.mesh, train_step.model_batch(exp, next(train_iter)))
       timer.data_wait += time.perf_counter() - t0
@@ -131,6 +134,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       # bar and timings count finished steps.
       finite.push(step + 1, metrics)
       step += 1
+      profiler.after(step, state)
       timer.steps += 1
       log_due = step % config.log_every_steps == 0 or step == total
       if step == start_step + 1:  # compilation: report it, then time steady-state steps only
@@ -204,7 +208,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
     raise
   finally:
     preemption.close()
-    _close_after_failure(train_iter)  # its worker processes
+    _close_after_failure(profiler, train_iter)  # a trace in progress, the workers
   summary = (', '.join(f'{k} {v:.4f}' for k, v in results.items())
              or f'no evaluation ({eval_data.skip_reason})')
   writer.print(f'final (step {step}): {summary}  -> {workdir / files.EVAL_FILE}')

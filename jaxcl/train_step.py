@@ -2,7 +2,8 @@
 
 Inside the jitted step the device augments the images (the method's views),
 the towers run on the whole batch under GSPMD (so batch-norm statistics are
-global), and the loss runs in `jax.shard_map`: each device scores its rows
+global), or on microbatches of it (`microbatch_size`, jaxcl.grad_cache),
+and the loss runs in `jax.shard_map`: each device scores its rows
 against the embeddings gathered from all devices (jaxcl.losses). `jax.grad`
 is taken outside the shard_map, the optimizer updates the parameters, and
 the temperature is clamped back into range.
@@ -16,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxcl import losses, parallel, param_groups
+from jaxcl import augment, grad_cache, losses, parallel, param_groups
 from jaxcl.experiment import Experiment, TrainState
 from jaxcl.temperature import project_all
 
@@ -27,7 +28,8 @@ def make_loss_and_grads(exp: Experiment):
   batch: the method's batch_keys, e.g. {'image': uint8 [N, H, W, C]} (+
   'text': int32 [N, L] for a text tower), split over the batch axes. aux =
   (metrics, new batch stats, τ, logit bias or None). The loss is computed in
-  shard_map over the global batch, every device's embeddings gathered.
+  shard_map over the global batch, every device's embeddings gathered; with
+  `microbatch_size` the towers run in chunks (jaxcl.grad_cache).
   """
   method, config, batch_spec = exp.method, exp.config, P(parallel.BATCH_AXES)
   frozen = param_groups.as_patterns(config.optimizer.frozen)
@@ -43,20 +45,40 @@ def make_loss_and_grads(exp: Experiment):
   loss_on_mesh = jax.shard_map(loss, mesh=exp.mesh, in_specs=(batch_spec, batch_spec, P(), P()),
                                out_specs=(P(), P()))
 
+  def merge(params, batch_stats):
+    if frozen:  # no gradient flows into them: a tower frozen whole runs no backward pass
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
+                            param_groups.selected(params, frozen))
+    return nnx.merge(exp.train_graphdef, params, batch_stats, copy=True)
+
+  def encode(params, batch_stats, inputs):
+    """Embeddings of rows [n] of the batch; inputs: their arrays and view keys."""
+    model = merge(params, batch_stats)
+    batch, keys = inputs
+    a, b = method.embeddings(model, method.model_inputs(keys, batch, config))
+    return (a, b), nnx.state(model, nnx.BatchStat)
+
   def loss_and_grads(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    inputs = method.model_inputs(key, batch, config)
+    n = jax.tree.leaves(batch)[0].shape[0]
+    inputs = (batch, augment.view_keys(key, method.num_views, n))
+
+    def head(params, a, b):
+      """The global-batch loss of the embeddings; τ and the bias are the model's."""
+      model = merge(params, state.batch_stats)
+      tau, bias = model.temperature(state.step), method.bias(model)
+      value, metrics = loss_on_mesh(a, b, tau, jnp.float32(0) if bias is None else bias)
+      return value, (metrics, tau, bias)
+
+    if config.microbatch_size:
+      return grad_cache.loss_and_grads(encode, head, state.params, state.batch_stats, inputs,
+                                       microbatch_size=config.microbatch_size, mesh=exp.mesh,
+                                       param_shardings=exp.state_sharding.params)
 
     def loss_fn(params):
-      if frozen:  # no gradient flows into them: a tower frozen whole runs no backward pass
-        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
-                              param_groups.selected(params, frozen))
-      model = nnx.merge(exp.train_graphdef, params, state.batch_stats, copy=True)
-      a, b = method.embeddings(model, inputs)
-      tau = model.temperature(state.step)
-      bias = method.bias(model)
-      value, metrics = loss_on_mesh(a, b, tau, jnp.float32(0) if bias is None else bias)
-      return value, (metrics, nnx.state(model, nnx.BatchStat), tau, bias)
+      (a, b), batch_stats = encode(params, state.batch_stats, inputs)
+      value, (metrics, tau, bias) = head(params, a, b)
+      return value, (metrics, batch_stats, tau, bias)
 
     return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 

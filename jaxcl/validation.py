@@ -8,6 +8,7 @@ dataset's are imported when a config is validated.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import ml_collections
@@ -76,12 +77,18 @@ def _validate(config, num_devices, process_count, check_data) -> None:
          f'of the mesh {shape}')
   check(config.batch_size % process_count == 0,
          f'batch_size {config.batch_size} is not divisible by the {process_count} processes')
+  m = config.microbatch_size
+  check(_is_int(m) and m >= 0, f'microbatch_size must be an integer >= 0, got {m!r}')
+  check(not m or (config.batch_size % m == 0 and m % shards == 0),
+        f'microbatch_size {m} must divide batch_size {config.batch_size} and be a multiple '
+        f'of the {shards} data shards of the mesh {shape}')
   check(config.eval.batch_size % shards == 0 and config.eval.batch_size > 0,
          f'eval.batch_size {config.eval.batch_size} must be a positive multiple of the '
          f'{shards} data shards')
 
   check(config.nonfinite in ('stop', 'skip'),
          f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
+  _check_observability(config)
   check(config.loss.impl in presets.LOSS_IMPLS,
          f'loss.impl must be one of {presets.LOSS_IMPLS}, got {config.loss.impl!r}')
   check(isinstance(config.loss.block_size, int) and config.loss.block_size > 0,
@@ -208,6 +215,24 @@ _RANGES = tuple((key,) + rule for key, rule in (
     ('dataset.eval_samples', (lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0: all)')),
     ('dataset.max_bad_fraction', (lambda v: 0 <= v <= 1, 'in [0, 1]')),
 ))
+
+
+WANDB_MODES = ('online', 'offline', 'disabled')
+
+
+def _check_observability(config):
+  """profile_steps and wandb: checked here, so that a run never fails on them
+  after hours of training."""
+  p = config.profile_steps
+  check(isinstance(p, (tuple, list)) and (not p or len(p) == 2 and all(_is_int(s) for s in p)
+                                          and 1 <= p[0] <= p[1]),
+        f'profile_steps must be () or (first, last) steps with 1 <= first <= last, got {p!r}')
+  w = config.wandb
+  for key in ('project', 'entity', 'name'):
+    check(isinstance(w[key], str), f'wandb.{key} must be a string, got {w[key]!r}')
+  check(w.mode in WANDB_MODES, f'wandb.mode must be one of {WANDB_MODES}, got {w.mode!r}')
+  check(not w.project or importlib.util.find_spec('wandb') is not None,
+        'wandb.project is set but wandb is not installed: pip install wandb')
 
 
 def _check_param_groups(config):

@@ -188,6 +188,42 @@ def run_until_checkpoint(workdir, min_step: int, extra=(), *, config_file=DIGITS
 F32_EPS = 1.2e-7  # float32's machine epsilon (np.finfo(np.float32).eps = 1.19e-7)
 
 
+def two_tower_batch(exp, n, seed=0):
+  """n random uint8 images of the dataset's shape and tokenized random captions."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, size=(n, *exp.info.image_shape), dtype=np.uint8)
+  words = ['red', 'blue', 'circle', 'square', 'small', 'top', 'left', 'a', 'the']
+  captions = [' '.join(rng.choice(words, size=rng.integers(1, 8))) for _ in range(n)]
+  return {'image': images, 'text': exp.tokenizer.encode(captions)}
+
+
+def qkv_biases(tree):
+  """{path: each attention's qkv bias}: columns [q | k | v] (models.Attention)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return {jax.tree_util.keystr(path): np.asarray(x)
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if "['qkv']['bias']" in jax.tree_util.keystr(path)}
+
+
+def without_key_bias(params):
+  """params with the key biases set to 0. A key bias b adds q·b to all of a
+  query's logits alike, which softmax ignores: its gradient is 0 in exact
+  arithmetic, so float32 rounding noise, and Adam's m/sqrt(v) turns that noise
+  into steps of ±learning rate that differ from one mesh to another."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  def zero(path, x):
+    if "['qkv']['bias']" not in jax.tree_util.keystr(path):
+      return x
+    x, width = np.array(x), x.shape[-1] // 3
+    x[width:2 * width] = 0
+    return x
+  return jax.tree_util.tree_map_with_path(zero, params)
+
+
 def assert_close(actual, desired, *, rtol: float, what: str = ''):
   """Asserts that float results computed in float32 by different reduction
   orders (sharded vs one device, ring or blockwise vs dense, float32 vs a

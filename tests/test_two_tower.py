@@ -15,16 +15,9 @@ import optax
 import pytest
 
 from helpers import (CLIP_CONFIG, SIGLIP_CONFIG, TINY_TWO_TOWER, assert_close,
-                     copy_without_dataset, jaxcl, tiny_config, tiny_overrides)
+                     copy_without_dataset, jaxcl, qkv_biases, tiny_config, tiny_overrides,
+                     two_tower_batch, without_key_bias)
 from jaxcl import evaluate, experiment, parallel, train_step, trained
-
-
-def _batch(exp, n, seed=0):
-  rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, size=(n, *exp.info.image_shape), dtype=np.uint8)
-  words = ['red', 'blue', 'circle', 'square', 'small', 'top', 'left', 'a', 'the']
-  captions = [' '.join(rng.choice(words, size=rng.integers(1, 8))) for _ in range(n)]
-  return {'image': images, 'text': exp.tokenizer.encode(captions)}
 
 
 # ------------------------------------------------ sharded == single device ---
@@ -35,27 +28,6 @@ def _batch(exp, n, seed=0):
 RTOL_LOSS = 1e-5
 RTOL_GRAD = 3e-5
 RTOL_PARAMS = 1e-4
-
-
-def _qkv_biases(tree):
-  """{path: each attention's qkv bias}: columns [q | k | v] (models.Attention)."""
-  return {jax.tree_util.keystr(path): np.asarray(x)
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-          if "['qkv']['bias']" in jax.tree_util.keystr(path)}
-
-
-def _without_key_bias(params):
-  """params with the key biases set to 0. A key bias b adds q·b to all of a
-  query's logits alike, which softmax ignores: its gradient is 0 in exact
-  arithmetic, so float32 rounding noise, and Adam's m/sqrt(v) turns that noise
-  into steps of ±learning rate that differ from one mesh to another."""
-  def zero(path, x):
-    if "['qkv']['bias']" not in jax.tree_util.keystr(path):
-      return x
-    x, width = np.array(x), x.shape[-1] // 3
-    x[width:2 * width] = 0
-    return x
-  return jax.tree_util.tree_map_with_path(zero, params)
 
 
 # SigLIP's variants run in the full suite; the quick loop (-m 'not slow') checks CLIP's.
@@ -73,8 +45,8 @@ def test_sharded_two_tower_step_equals_single_device(experiments):
   for exp in experiments:
     state = exp.init_state()
     fn = jax.jit(train_step.make_loss_and_grads(exp))
-    (loss, (metrics, _, tau, bias)), grads = fn(state, parallel.put_batch(exp.mesh,
-                                                                          _batch(exp, 16)))
+    (loss, (metrics, _, tau, bias)), grads = fn(state, parallel.puttwo_tower_batch(exp.mesh,
+                                                                          two_tower_batch(exp, 16)))
     results.append(jax.device_get((loss, metrics, grads)))
   (loss1, m1, g1), (loss8, m8, g8) = results
   assert float(loss1) > 0
@@ -85,7 +57,7 @@ def test_sharded_two_tower_step_equals_single_device(experiments):
   assert len(jax.tree.leaves(g1)) == len(jax.tree.leaves(g8)) > 10
   assert_close(g8, g1, rtol=RTOL_GRAD, what='grads')
   # The key biases' gradients are rounding noise (see _without_key_bias).
-  key_biases = _qkv_biases(g1)
+  key_biases = qkv_biases(g1)
   assert len(key_biases) == 2  # one attention block per tower
   for name, qkv in key_biases.items():
     width = len(qkv) // 3
@@ -103,11 +75,11 @@ def test_sharded_two_tower_train_steps_equal_single_device(experiments):
   for exp in experiments:
     step, state = train_step.make_train_step(exp), exp.init_state()
     for i in range(2):
-      state, metrics = step(state, parallel.put_batch(exp.mesh, _batch(exp, 16, seed=i)))
+      state, metrics = step(state, parallel.puttwo_tower_batch(exp.mesh, two_tower_batch(exp, 16, seed=i)))
     finals.append(jax.device_get((state.params, metrics)))
   (p1, m1), (p8, m8) = finals
-  assert len(_qkv_biases(p1)) == 2
-  assert_close(_without_key_bias(p8), _without_key_bias(p1), rtol=RTOL_PARAMS, what='params')
+  assert len(qkv_biases(p1)) == 2
+  assert_close(without_key_bias(p8), without_key_bias(p1), rtol=RTOL_PARAMS, what='params')
   for key in ('loss', 'temperature', 'inv_temperature'):
     assert_close(m8[key], m1[key], rtol=RTOL_LOSS, what=key)
   if experiments[0].config.method == 'siglip':
@@ -119,7 +91,7 @@ def test_sharded_two_tower_train_steps_equal_single_device(experiments):
 def test_large_gradient_on_tau_is_clamped_without_nan(experiments):
   exp = experiments[1]  # the 8-device one
   state = exp.init_state()
-  batch = parallel.put_batch(exp.mesh, _batch(exp, 16))
+  batch = parallel.puttwo_tower_batch(exp.mesh, two_tower_batch(exp, 16))
   (_, _), grads = jax.jit(train_step.make_loss_and_grads(exp))(state, batch)
   g = float(grads['temperature']['log_tau'][...])
   assert g != 0
@@ -135,7 +107,7 @@ def test_large_gradient_on_tau_is_clamped_without_nan(experiments):
       opt_state=pushed.init(state.params), rng=state.rng), out_shardings=exp.replicated)()
   t = exp.config.temperature
   for i in range(3):
-    state, metrics = step(state, parallel.put_batch(exp.mesh, _batch(exp, 16, seed=i)))
+    state, metrics = step(state, parallel.puttwo_tower_batch(exp.mesh, two_tower_batch(exp, 16, seed=i)))
     tau = float(np.exp(jax.device_get(state.params['temperature']['log_tau'][...])))
     assert tau == pytest.approx(t.min, rel=1e-5)  # clamped every step
     if i > 0:  # the loss used the clamped τ

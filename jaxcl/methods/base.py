@@ -40,6 +40,8 @@ class Method(abc.ABC):
   name: str
   # The arrays of a host batch the step reads (records carry more: labels).
   batch_keys: tuple[str, ...] = ('image',)
+  # Augmented views of each image per step: model_inputs gets this many keys per row.
+  num_views: int = 1
   # Whether the model has a text tower: records carry captions, a tokenizer
   # is built and saved, and export writes a text embedder.
   text_tower: bool = False
@@ -61,9 +63,10 @@ class Method(abc.ABC):
     """The nnx model; `tokenizer` (text towers only) sizes the vocabulary."""
 
   @abc.abstractmethod
-  def model_inputs(self, key, batch: dict, config):
+  def model_inputs(self, keys, batch: dict, config):
     """The model's inputs for one step, made outside the gradient: the
-    augmented, standardized views of batch['image'] (and the token ids)."""
+    augmented, standardized views of batch['image'] [n, ...] (and the token
+    ids); keys [n, num_views] (augment.view_keys): row i's randomness."""
 
   @abc.abstractmethod
   def embeddings(self, model, inputs):

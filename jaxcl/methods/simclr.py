@@ -37,6 +37,7 @@ class SimCLR(base.Method):
   name = 'simclr'
   image_output = 'L2-normalized encoder features (before the projection head)'
   skipped_without_labels = 'kNN and linear probe are skipped'
+  num_views = 2
 
   def build_model(self, config, in_channels, rngs, tokenizer=None):
     m = config.model
@@ -46,9 +47,9 @@ class SimCLR(base.Method):
     return models.SimCLRModel(encoder=encoder, head=head,
                               temperature=models.build_temperature(config))
 
-  def model_inputs(self, key, batch, config):
+  def model_inputs(self, keys, batch, config):
     images = batch['image']
-    view1, view2 = augment.two_views(key, images, config.augment)
+    view1, view2 = augment.random_views(keys, images, config.augment)
     # Interleave the views, [N, 2, ...] -> [2N, ...], so each device's rows stay on it.
     views = jnp.stack([view1, view2], axis=1).reshape(2 * images.shape[0], *view1.shape[1:])
     return base.standardize(views, config)

@@ -143,9 +143,9 @@ class TwoTower(base.Method):
                                 image_projection=m.image_projection,
                                 text_projection_bias=x.projection_bias)
 
-  def model_inputs(self, key, batch, config):
+  def model_inputs(self, keys, batch, config):
     # One light crop per image; the caption is the other "view".
-    views = augment.random_views(key, batch['image'], config.augment, 1)[0]
+    views = augment.random_views(keys, batch['image'], config.augment)[0]
     return base.standardize(views, config), batch['text']
 
   def embeddings(self, model, inputs):

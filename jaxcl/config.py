@@ -24,7 +24,7 @@ CONFIG_FILE = files.CONFIG_FILE
 # experiments in one workdir.
 RESUMABLE_CHANGES = ('total_steps', 'log_every_steps', 'eval_every_steps',
                      'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval', 'loss',
-                     'nonfinite', 'microbatch_size',
+                     'nonfinite', 'microbatch_size', 'model.remat', 'model.scan_layers',
                      'dataset.data_dir', 'dataset.download', 'dataset.workers',
                      'dataset.max_bad_fraction', 'dataset.eval_urls', 'dataset.eval_samples',
                      'init', 'profile_steps', 'wandb')
@@ -123,6 +123,11 @@ def base_config():
       head_out=64,
       head_layers=2,
       dtype='float32',  # activations; parameters stay float32
+      # ViT and text towers: what a block keeps for the backward pass ('none': everything;
+      # 'full': nothing, recomputed; 'dots' / 'dots_no_batch': matmul outputs), and
+      # scan_layers: one compiled block scanned over the depth. Parameters are laid out alike.
+      remat='none',
+      scan_layers=False,
       embed_dim=128,  # clip/siglip: the shared embedding size of both towers
       # clip/siglip: False when the image tower's output is the embedding (SigLIP's MAP head)
       image_projection=True,

@@ -211,8 +211,9 @@ def build_image_encoder(m, in_channels: int, image_size: int, rngs: nnx.Rngs):
   if m.name in VIT_NAMES:
     v = m.vit
     return ViT(image_size=image_size, in_channels=in_channels, pool=v.pool, act=v.act,
-               norm_eps=v.norm_eps, pre_norm=v.pre_norm, patch_bias=v.patch_bias, rngs=rngs,
-               dtype=dtype, **vit_sizes(m))
+               norm_eps=v.norm_eps, pre_norm=v.pre_norm, patch_bias=v.patch_bias,
+               remat=m.remat, scan_layers=m.scan_layers, rngs=rngs, dtype=dtype,
+               **vit_sizes(m))
   raise ValueError(f'unknown model.name {m.name!r}; choose one of {list(IMAGE_TOWERS)}')
 
 

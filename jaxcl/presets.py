@@ -8,6 +8,9 @@ import math
 MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
 LOSS_IMPLS = ('dense', 'blockwise', 'ring')  # jaxcl.losses / jaxcl.blockwise
 OPTIMIZERS = ('lars', 'adamw', 'sgd')  # jaxcl.optim
+# What a Transformer block keeps for its backward pass (jaxcl.transformer.run_blocks):
+# everything, nothing (recomputed), or its matmul outputs (all, or those without batch dims).
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 TEMPERATURE_MODES = ('fixed', 'learnable', 'cosine')  # jaxcl.temperature
 TOKENIZERS = ('bytes', 'sentencepiece', 'clip_bpe')  # jaxcl.tokenizers
 TEXT_NORMALIZERS = ('', 'siglip')  # sentencepiece's text.normalize: none, SiglipTokenizer's

@@ -15,6 +15,9 @@ published model does:
   the last position.
 
 Blocks are pre-LayerNorm: x + attention(LN(x)), then x + MLP(LN(x)).
+Either tower may recompute its blocks' activations in the backward pass
+(`remat`) and run its blocks as one scanned block (`scan_layers`); neither
+changes the parameters' layout, so checkpoints load whichever is on.
 Attention projects q, k and v with one fused kernel whose columns are
 [q | k | v], each head's columns contiguous (torch's `in_proj_weight`).
 """
@@ -95,6 +98,45 @@ class TransformerBlock(nnx.Module):
     return x + _apply_mlp(self, self.norm2(x))
 
 
+_REMAT_POLICIES = {
+    'full': None,  # nothing saved: the block's forward runs again in the backward pass
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+assert ('none', *_REMAT_POLICIES) == presets.REMAT_POLICIES
+
+
+def run_blocks(blocks, x, *, remat: str = 'none', scan: bool = False, **kwargs):
+  """x through each block in turn: block(x, **kwargs).
+
+  remat: what each block keeps for the backward pass (presets.REMAT_POLICIES;
+  `jax.checkpoint` around the block). scan: the blocks' parameters stacked
+  and the block run under `lax.scan`, so the tower compiles one block
+  whatever its depth. The blocks stay separate modules either way (the
+  stacking happens inside the step), so the parameters' layout, and with it
+  every checkpoint and importer, is the plain tower's.
+  """
+  if remat == 'none' and not scan:
+    for block in blocks:
+      x = block(x, **kwargs)
+    return x
+  graphdef, _ = nnx.split(blocks[0])
+  states = [nnx.split(block)[1] for block in blocks]
+
+  def apply(state, x):
+    return nnx.merge(graphdef, state)(x, **kwargs)
+
+  if remat != 'none':
+    apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
+  if not scan:
+    for state in states:
+      x = apply(state, x)
+    return x
+  stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *states)
+  x, _ = jax.lax.scan(lambda x, state: (apply(state, x), None), x, stacked)
+  return x
+
+
 class MAPHead(nnx.Module):
   """Multi-head attention pooling (big_vision's MAPHead, SigLIP's image
   pooling): a learned probe attends over the tokens, then a residual MLP.
@@ -129,12 +171,14 @@ class ViT(nnx.Module):
   def __init__(self, *, image_size: int, in_channels: int, patch_size: int, width: int,
                depth: int, heads: int, mlp_dim: int, pool: str = 'gap', act: str = 'gelu_tanh',
                norm_eps: float = 1e-6, pre_norm: bool = False, patch_bias: bool = True,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+               remat: str = 'none', scan_layers: bool = False, rngs: nnx.Rngs,
+               dtype=jnp.float32):
     if image_size % patch_size:
       raise ValueError(f'image size {image_size} is not divisible by the patch size {patch_size}')
     if pool not in presets.VIT_POOLS:
       raise ValueError(f'ViT pool must be one of {presets.VIT_POOLS}, got {pool!r}')
     self.pool, self.num_features = pool, width
+    self.remat, self.scan_layers = remat, scan_layers
     self.patchify = nnx.Conv(in_channels, width, (patch_size, patch_size), strides=patch_size,
                              padding='VALID', use_bias=patch_bias, dtype=dtype, rngs=rngs)
     num_tokens = (image_size // patch_size) ** 2 + (pool == 'cls')
@@ -158,9 +202,7 @@ class ViT(nnx.Module):
     x = x + self.position[...].astype(x.dtype)
     if self.pre_norm is not None:
       x = self.pre_norm(x)
-    for block in self.blocks:
-      x = block(x)
-    x = self.norm(x)
+    x = self.norm(run_blocks(self.blocks, x, remat=self.remat, scan=self.scan_layers))
     if self.pool == 'map':
       pooled = self.map_head(x)
     else:
@@ -188,11 +230,12 @@ class TextTransformer(nnx.Module):
 
   def __init__(self, *, vocab_size: int, max_length: int, eot_id: int, width: int, depth: int,
                heads: int, mlp_dim: int, causal: bool, pool: str = 'eot',
-               act: str = 'gelu_tanh', norm_eps: float = 1e-6, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+               act: str = 'gelu_tanh', norm_eps: float = 1e-6, remat: str = 'none',
+               scan_layers: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
     if pool not in presets.TEXT_POOLS:
       raise ValueError(f'text pool must be one of {presets.TEXT_POOLS}, got {pool!r}')
     self.eot_id, self.causal, self.pool, self.num_features = eot_id, causal, pool, width
+    self.remat, self.scan_layers = remat, scan_layers
     self.embed = nnx.Embed(vocab_size, width, embedding_init=nnx.initializers.normal(0.02),
                            dtype=dtype, rngs=rngs)
     self.position = nnx.Param(nnx.initializers.normal(0.01)(rngs.params(), (1, max_length, width)))
@@ -208,7 +251,6 @@ class TextTransformer(nnx.Module):
       lengths = pooled_at + 1
     x = self.embed(ids)
     x = x + self.position[...][:, :ids.shape[1]].astype(x.dtype)
-    for block in self.blocks:
-      x = block(x, causal=self.causal, lengths=lengths)
-    x = self.norm(x)
+    x = self.norm(run_blocks(self.blocks, x, remat=self.remat, scan=self.scan_layers,
+                             causal=self.causal, lengths=lengths))
     return jnp.take_along_axis(x, pooled_at[:, None, None], axis=1)[:, 0].astype(jnp.float32)

@@ -113,6 +113,14 @@ def _validate(config, num_devices, process_count, check_data) -> None:
   if config.model.name in presets.VIT_NAMES:
     _check_vit(config.model, config.augment.image_size)
   method.check_config(config)
+  check(config.model.remat in presets.REMAT_POLICIES,
+        f'model.remat must be one of {presets.REMAT_POLICIES}, got {config.model.remat!r}')
+  check(isinstance(config.model.scan_layers, bool),
+        f'model.scan_layers must be True or False, got {config.model.scan_layers!r}')
+  check((config.model.remat == 'none' and not config.model.scan_layers)
+        or config.model.name in presets.VIT_NAMES or method.text_tower,
+        f'model.remat and model.scan_layers apply to ViT and text towers; {config.method} with '
+        f'{config.model.name} has neither')
   check(config.optimizer.name in presets.OPTIMIZERS,
          f'optimizer.name must be one of {presets.OPTIMIZERS}, got {config.optimizer.name!r}')
   check(config.optimizer.learning_rate > 0,

@@ -134,8 +134,8 @@ class TwoTower(base.Method):
     text_encoder = models.TextTransformer(
         vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length,
         eot_id=tokenizer.eot_id, width=x.width, depth=x.depth, heads=x.heads, mlp_dim=x.mlp_dim,
-        causal=x.causal, pool=x.pool, act=x.act, norm_eps=x.norm_eps, rngs=rngs,
-        dtype=models.activation_dtype(m))
+        causal=x.causal, pool=x.pool, act=x.act, norm_eps=x.norm_eps, remat=m.remat,
+        scan_layers=m.scan_layers, rngs=rngs, dtype=models.activation_dtype(m))
     return models.TwoTowerModel(image_encoder=image_encoder, text_encoder=text_encoder,
                                 embed_dim=m.embed_dim,
                                 temperature=models.build_temperature(config),

@@ -25,6 +25,7 @@ CONFIG_FILE = files.CONFIG_FILE
 RESUMABLE_CHANGES = ('total_steps', 'log_every_steps', 'eval_every_steps',
                      'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval', 'loss',
                      'nonfinite', 'microbatch_size', 'model.remat', 'model.scan_layers',
+                     'device_memory_gb',
                      'dataset.data_dir', 'dataset.download', 'dataset.workers',
                      'dataset.max_bad_fraction', 'dataset.eval_urls', 'dataset.eval_samples',
                      'init', 'profile_steps', 'wandb')
@@ -48,6 +49,9 @@ def base_config():
   # Global rows per chunk of the towers (0: the whole batch at once): the step computes
   # the exact global-batch gradient holding one chunk's activations (jaxcl.grad_cache).
   config.microbatch_size = 0
+  # Memory per device a compiled step may use, in GiB (0: what the device reports; CPUs
+  # report none). A step that needs more stops before the run writes anything.
+  config.device_memory_gb = 0.0
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
@@ -124,8 +128,9 @@ def base_config():
       head_layers=2,
       dtype='float32',  # activations; parameters stay float32
       # ViT and text towers: what a block keeps for the backward pass ('none': everything;
-      # 'full': nothing, recomputed; 'dots' / 'dots_no_batch': matmul outputs), and
-      # scan_layers: one compiled block scanned over the depth. Parameters are laid out alike.
+      # 'full': nothing, recomputed; 'dots' / 'dots_no_batch': matmul outputs; the blocks
+      # then run scanned), and scan_layers: one compiled block scanned over the depth.
+      # Parameters are laid out alike either way.
       remat='none',
       scan_layers=False,
       embed_dim=128,  # clip/siglip: the shared embedding size of both towers
@@ -184,6 +189,7 @@ def base_config():
       momentum=0.9,
       lars_trust_coefficient=0.001,
       grad_clip_norm=0.0,  # 0: off
+      mu_dtype='float32',  # or 'bfloat16': adamw's first moment, sgd's momentum (big_vision's)
       # Regular expressions over parameter names ('image_encoder/.*': the image tower;
       # jaxcl.param_groups): frozen parameters get no optimizer state and no gradient,
       # and a tower frozen whole runs no backward pass (LiT locks the image tower).
@@ -266,7 +272,8 @@ KEYS_ADDED_LATER = {
     'dataset.max_bad_fraction': 0.05, 'dataset.mixture': (),
     # Memory (2026-12-02): the towers on the whole batch, every activation kept, plain
     # layers, float32 optimizer state, no memory cap.
-    'microbatch_size': 0,
+    'microbatch_size': 0, 'model.remat': 'none', 'model.scan_layers': False,
+    'optimizer.mu_dtype': 'float32', 'device_memory_gb': 0.0,
     # Observability (2026-12-02): no profiler trace, no Weights & Biases.
     'profile_steps': (), 'wandb.project': '', 'wandb.entity': '', 'wandb.name': '',
     'wandb.mode': 'online',

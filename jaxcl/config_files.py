@@ -150,8 +150,9 @@ def value_error_message(config, args: list[str], message: str) -> str:
   """config_flags' error for an override value ('flag --config.k=v: invalid
   literal for int() ...') as 'KEY takes an integer, got V'; other flag
   errors as they are, without absl's 'flag' prefix."""
+  # The override the message names (a key given twice: the value that failed).
   for key, value in overrides(args) if config is not None else ():
-    if message.startswith(f'flag --config.{key}='):
+    if message.startswith(f'flag --config.{key}={value}:'):
       node = config
       for part in key.split('.'):
         node = node[part]

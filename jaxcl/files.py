@@ -34,6 +34,7 @@ LOCK_DIR = 'jaxcl.lock'  # held by the run in progress (jaxcl.lock)
 WALL_FILE = 'wall_time.json'  # a sweep run's training time
 REPORT_DIR, REPORT_FILE = 'report', 'report.html'
 ZEROSHOT_CACHE_FILE = 'zeroshot_classifiers.npz'  # the newest step's (jaxcl.zeroshot_cache)
+COMPILED_STEP_FILE = 'compiled_step.json'  # the step's memory and FLOPs (jaxcl.step_memory)
 # profile_steps' traces: jax.profiler.start_trace(WORKDIR) writes plugins/profile/<time>/,
 # where `tensorboard --logdir WORKDIR` finds them (jaxcl.profiling)
 PROFILE_DIR = 'plugins'
@@ -44,7 +45,7 @@ WORKDIR_NAMES = frozenset({
     CONFIG_FILE, EVAL_FILE, METRICS_FILE, CHECKPOINT_DIR, BATCH_HISTORY_FILE,
     SKIPPED_IMAGES_FILE, SKIPPED_SAMPLES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE, *CLIP_BPE_FILES,
     LOCK_DIR, DATA_FACTS_FILE, UNRESTORABLE_DIR, REPORT_DIR, REPORT_FILE, WALL_FILE,
-    ZEROSHOT_CACHE_FILE, PROFILE_DIR, WANDB_DIR})
+    ZEROSHOT_CACHE_FILE, PROFILE_DIR, WANDB_DIR, COMPILED_STEP_FILE})
 
 
 def text_artifact_path(output) -> epath.Path:

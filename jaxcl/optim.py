@@ -10,11 +10,16 @@ Parameter groups by name (jaxcl.param_groups): `optimizer.frozen` parameters
 are updated by nothing and hold no optimizer state (optax.multi_transform
 with set_to_zero), and `optimizer.lr_multipliers` scale a group's updates,
 which for these optimizers is scaling its learning rate.
+
+`optimizer.mu_dtype='bfloat16'` keeps Adam's first moment (SGD's momentum)
+in bfloat16, as big_vision does, halving it; the parameters, the second
+moment and the update arithmetic stay float32.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxcl import param_groups
@@ -54,10 +59,11 @@ def build_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
                      trust_coefficient=o.lars_trust_coefficient, momentum=o.momentum,
                      trust_ratio_mask=decay_mask)
   elif o.name == 'adamw':
-    opt = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
+    opt = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask,
+                      mu_dtype=_mu_dtype(o))
   elif o.name == 'sgd':
     opt = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
-                      optax.sgd(schedule, momentum=o.momentum))
+                      optax.sgd(schedule, momentum=o.momentum, accumulator_dtype=_mu_dtype(o)))
   else:
     raise ValueError(f'unknown optimizer.name {o.name!r}; choose one of {OPTIMIZERS}')
   if o.grad_clip_norm:
@@ -79,6 +85,12 @@ def build_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
         lambda params: jax.tree.map(lambda f: 'frozen' if f else 'trained',
                                     param_groups.selected(params, frozen)))
   return opt
+
+
+def _mu_dtype(o):
+  """optimizer.mu_dtype as optax takes it: None keeps the parameters' float32."""
+  dtype = o.get('mu_dtype', 'float32')
+  return None if dtype == 'float32' else jnp.dtype(dtype)
 
 
 def _is_temperature(path) -> bool:

@@ -8,6 +8,7 @@ import math
 MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
 LOSS_IMPLS = ('dense', 'blockwise', 'ring')  # jaxcl.losses / jaxcl.blockwise
 OPTIMIZERS = ('lars', 'adamw', 'sgd')  # jaxcl.optim
+STATE_DTYPES = ('float32', 'bfloat16')  # optimizer.mu_dtype: Adam's first moment, SGD's momentum
 # What a Transformer block keeps for its backward pass (jaxcl.transformer.run_blocks):
 # everything, nothing (recomputed), or its matmul outputs (all, or those without batch dims).
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')

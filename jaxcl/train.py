@@ -22,7 +22,7 @@ from jaxcl import checkpoints, data, errors, evaluation, files, guards, parallel
 from jaxcl import config as config_lib
 from jaxcl import lock as lock_lib
 from jaxcl import train_step, warm_start
-from jaxcl import profiling, throughput
+from jaxcl import profiling, step_memory, throughput
 from jaxcl.experiment import Experiment, setup
 from jaxcl.metric_writer import MetricWriter
 
@@ -47,11 +47,20 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> 
   eval_data = exp.method.open_eval_data(config, exp.dataset)
   # A fresh run's init.from is read before the workdir is touched: a bad one leaves nothing.
   initial = warm_start.initial_state(exp) if not resuming and config.init['from'] else None
+  # So is the step compiled, and a step that cannot fit in memory refused.
+  t0 = time.perf_counter()
+  compiled = train_step.compile_step(exp)
+  memory = step_memory.analysis(compiled, batch_size=config.batch_size,
+                                num_devices=jax.device_count())
+  step_memory.check_fits(memory, config, jax.local_devices()[0])
+  notes = [f'compiled the step in {time.perf_counter() - t0:.1f}s; it needs '
+           f'{step_memory.describe(memory["peak_bytes"])} per device ({files.COMPILED_STEP_FILE})']
   with run_files.hold_workdir(workdir) as lock:
-    notes = [f'jaxcl: took over the lock of a run that is gone: {lock_lib.describe(lock.took_over)}'
-             ] if lock.took_over is not None else []
+    if lock.took_over is not None:
+      notes.append(f'jaxcl: took over the lock of a run that is gone: '
+                   f'{lock_lib.describe(lock.took_over)}')
     try:
-      return _train(exp, eval_data, workdir, notes, lock, initial)
+      return _train(exp, eval_data, workdir, notes, lock, initial, (compiled, memory))
     except OSError as e:  # writing the run's files: a full disk, a lost mount
       raise errors.RunError(f'cannot write to {workdir}: {e.strerror or errors.type_and_first_line(e)}; '
                             f'the last complete checkpoint is step '
@@ -76,9 +85,9 @@ def _restore(exp: Experiment, workdir, notes: list, initial=None):
 
 
 def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
-           lock: lock_lib.WorkdirLock, initial=None) -> dict:
+           lock: lock_lib.WorkdirLock, initial, compiled) -> dict:
   """The loop, in a workdir this run holds; `notes` are printed once the
-  writer is up."""
+  writer is up; compiled: (the compiled step, its step_memory.analysis)."""
   config, method = exp.config, exp.method
   manager, state, resumed = _restore(exp, workdir, notes, initial)
   start_step, total = int(state.step), config.total_steps
@@ -96,6 +105,9 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       stream_positions=checkpoints.stream_positions(manager, start_step) if resumed else None)
   facts = run_files.data_facts(exp.info, method.export_facts(config, exp.dataset, eval_data))
   run_files.write_run_start(workdir, config, history, exp.tokenizer, facts, start_step)
+  compiled_step, memory = compiled
+  if jax.process_index() == 0:
+    step_memory.write(workdir, memory, config, jax.local_devices()[0])
   writer = MetricWriter(workdir, total_steps=max(total, start_step), initial_step=start_step,
                         wandb_config=config.wandb, run_config=config_lib.flat_config(config))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -113,7 +125,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
   if not eval_data.num_classes:
     writer.print(f'{eval_data.skip_reason}: {method.skipped_without_labels}')
 
-  step_fn, compiled_step, step_flops = train_step.make_train_step(exp), None, None
+  step_flops = throughput.step_flops(compiled_step)
   embed_fns = evaluation.make_embed_fns(exp)
   step, timer = start_step, throughput.IntervalTimer()
   finite, preemption = guards.FiniteCheck(config, manager), guards.Preemption()
@@ -125,9 +137,6 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       t0 = time.perf_counter()
       batch = parallel.put_batch(exp.mesh, train_step.model_batch(exp, next(train_iter)))
       timer.data_wait += time.perf_counter() - t0
-      if compiled_step is None:  # compiled ahead of time, for XLA's count of its FLOPs
-        compiled_step = step_fn.lower(state, batch).compile()
-        step_flops = throughput.step_flops(compiled_step)
       state, metrics = compiled_step(state, batch)
       # Keep one step in flight: dispatch runs ahead of the device by one step
       # at most (the check of the step before waits for it), so the progress
@@ -137,9 +146,9 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       profiler.after(step, state)
       timer.steps += 1
       log_due = step % config.log_every_steps == 0 or step == total
-      if step == start_step + 1:  # compilation: report it, then time steady-state steps only
+      if step == start_step + 1:  # report the first step, then time steady-state steps only
         jax.block_until_ready(state)
-        writer.print(f'first step (compilation included): {time.perf_counter() - t0:.1f}s')
+        writer.print(f'first step: {time.perf_counter() - t0:.1f}s')
         if not log_due:
           timer.restart()
       writer.advance(1)

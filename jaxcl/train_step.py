@@ -118,6 +118,25 @@ def make_train_step(exp: Experiment):
                  out_shardings=(exp.state_sharding, exp.replicated), donate_argnums=0)
 
 
+def abstract_batch(exp: Experiment, batch_size: int | None = None) -> dict:
+  """Shapes, dtypes and shardings of the global batch the step reads (its
+  batch_keys): uint8 images of the dataset's shape, int32 token ids."""
+  n = batch_size or exp.config.batch_size
+  shapes = {'image': ((n, *exp.info.image_shape), jnp.uint8)}
+  if exp.tokenizer is not None:
+    shapes['text'] = ((n, exp.tokenizer.max_length), jnp.int32)
+  sharding = parallel.batch_sharding(exp.mesh)
+  return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=sharding)
+          for key in exp.method.batch_keys}
+
+
+def compile_step(exp: Experiment):
+  """The train step compiled ahead of time from the state's and the batch's
+  shapes: nothing is allocated, and XLA's memory and cost analyses are
+  there before the first step (jaxcl.step_memory)."""
+  return make_train_step(exp).lower(exp.abstract_state(), abstract_batch(exp)).compile()
+
+
 def model_batch(exp: Experiment, batch: dict) -> dict:
   """The arrays of a host batch the step reads (the labels it does not)."""
   return {k: batch[k] for k in exp.method.batch_keys}

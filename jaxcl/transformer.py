@@ -109,29 +109,29 @@ assert ('none', *_REMAT_POLICIES) == presets.REMAT_POLICIES
 def run_blocks(blocks, x, *, remat: str = 'none', scan: bool = False, **kwargs):
   """x through each block in turn: block(x, **kwargs).
 
-  remat: what each block keeps for the backward pass (presets.REMAT_POLICIES;
-  `jax.checkpoint` around the block). scan: the blocks' parameters stacked
-  and the block run under `lax.scan`, so the tower compiles one block
-  whatever its depth. The blocks stay separate modules either way (the
-  stacking happens inside the step), so the parameters' layout, and with it
-  every checkpoint and importer, is the plain tower's.
+  scan: the blocks' parameters stacked and the block run under `lax.scan`,
+  so the tower compiles one block whatever its depth. remat: what each block
+  keeps for the backward pass (presets.REMAT_POLICIES; `jax.checkpoint`
+  around the block), always scanned: in the scan's backward loop each block
+  is recomputed right where its gradient needs it, while in an unrolled
+  tower XLA may schedule the recomputations early and save nothing (its CPU
+  buffer assignment did: benchmarks/RESULTS.md). The blocks stay separate
+  modules either way (the stacking happens inside the step), so the
+  parameters' layout, and with it every checkpoint and importer, is the
+  plain tower's.
   """
   if remat == 'none' and not scan:
     for block in blocks:
       x = block(x, **kwargs)
     return x
-  graphdef, _ = nnx.split(blocks[0])
+  graphdef, _ = nnx.split(blocks[0])  # every block has the first's structure
   states = [nnx.split(block)[1] for block in blocks]
 
   def apply(state, x):
     return nnx.merge(graphdef, state)(x, **kwargs)
 
-  if remat != 'none':
-    apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
-  if not scan:
-    for state in states:
-      x = apply(state, x)
-    return x
+  if remat != 'none':  # inside a scan, which keeps XLA from merging it with the forward pass
+    apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[remat], prevent_cse=False)
   stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *states)
   x, _ = jax.lax.scan(lambda x, state: (apply(state, x), None), x, stacked)
   return x

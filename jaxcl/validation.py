@@ -77,6 +77,9 @@ def _validate(config, num_devices, process_count, check_data) -> None:
          f'of the mesh {shape}')
   check(config.batch_size % process_count == 0,
          f'batch_size {config.batch_size} is not divisible by the {process_count} processes')
+  check(_is_number(config.device_memory_gb) and config.device_memory_gb >= 0,
+        f'device_memory_gb must be a number >= 0 (0: the device\'s own), got '
+        f'{config.device_memory_gb!r}')
   m = config.microbatch_size
   check(_is_int(m) and m >= 0, f'microbatch_size must be an integer >= 0, got {m!r}')
   check(not m or (config.batch_size % m == 0 and m % shards == 0),
@@ -128,6 +131,10 @@ def _validate(config, num_devices, process_count, check_data) -> None:
   check(config.optimizer.warmup_steps >= 0,
          f'optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps}')
   _check_param_groups(config)
+  o = config.optimizer
+  check(o.mu_dtype in presets.STATE_DTYPES and (o.mu_dtype == 'float32' or o.name != 'lars'),
+        f'optimizer.mu_dtype must be one of {presets.STATE_DTYPES} (bfloat16: adamw or sgd; '
+        f'optax.lars keeps float32), got {o.mu_dtype!r} with {o.name}')
   check(config.model.get('dtype', 'float32') in MODEL_DTYPES,
          f'model.dtype must be one of {MODEL_DTYPES}, got {config.model.get("dtype")!r}')
   d = config.dataset

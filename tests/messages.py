@@ -19,7 +19,7 @@ def expected(message: str, **paths) -> str:
 # tests/test_cli_config.py: `jaxcl train` with one bad override (8 devices).
 CONFIG = {
     'unknown key':
-        "jaxcl: error: unknown config key 'no_such_key' in --config.no_such_key (the keys are augment, batch_size, checkpoint_every_steps, dataset, eval, eval_every_steps, init, keep_checkpoints, log_every_steps, loss, mesh, method, model, name, nonfinite, optimizer, seed, temperature, text, total_steps)",
+        "jaxcl: error: unknown config key 'no_such_key' in --config.no_such_key (the keys are augment, batch_size, checkpoint_every_steps, dataset, device_memory_gb, eval, eval_every_steps, init, keep_checkpoints, log_every_steps, loss, mesh, method, microbatch_size, model, name, nonfinite, optimizer, profile_steps, seed, temperature, text, total_steps, wandb)",
     'unknown nested key':
         "jaxcl: error: unknown config key 'depth' in --config.model.depth (did you mean 'width'?)",
     'wrong type':
@@ -94,36 +94,32 @@ CONFIG = {
 FUZZ_SEED_0 = {
     '--config.temperature.min=-1.0':
         'jaxcl: error: temperature.min must be > 0, got -1.0',
-    '--config.dataset.train_split_size=0.5':
-        "jaxcl: error: unknown config key 'train_split_size' in --config.dataset.train_split_size (did you mean 'train_split'?)",
-    '--config.log_every_steps=0':
-        'jaxcl: error: log_every_steps must be > 0, got 0',
-    '--config.keep_checkpoints=2.5':
-        "jaxcl: error: --config.keep_checkpoints takes an integer, got '2.5'",
-    '--config.model.vit.posl=abc':
-        "jaxcl: error: unknown config key 'posl' in --config.model.vit.posl (did you mean 'pool'?)",
-    '--config.mesh.data=abc':
-        "jaxcl: error: --config.mesh.data takes an integer, got 'abc'",
-    '--config.text.pool_old=1':
-        "jaxcl: error: unknown config key 'pool_old' in --config.text.pool_old (did you mean 'pool'?)",
-    '--config.method=moco':
-        "jaxcl: error: method must be one of ('simclr', 'clip', 'siglip'), got 'moco'",
-    '--config.temperature.init=[0.1]':
-        "jaxcl: error: --config.temperature.init takes a number, got '[0.1]'",
-    '--config.model.stage_sizes=(-1,)':
-        'jaxcl: error: model.stage_sizes must be a tuple of positive integers (empty: the preset of model.name), got (-1,)',
-    '--config.xtemperature.mode=0.5':
-        "jaxcl: error: unknown config key 'xtemperature' in --config.xtemperature.mode (did you mean 'temperature'?)",
-    '--config.model.vit.patchhsize=abc':
-        "jaxcl: error: unknown config key 'patchhsize' in --config.model.vit.patchhsize (did you mean 'patch_size'?)",
+    '--config.model.embed_dim_size=0.5':
+        "jaxcl: error: unknown config key 'embed_dim_size' in --config.model.embed_dim_size (did you mean 'embed_dim'?)",
+    '--config.optimizer.b2=1.5':
+        'jaxcl: error: optimizer.b2 must be in [0, 1), got 1.5',
+    '--config.init.load=abc':
+        "jaxcl: error: --config.init.load takes a tuple, written (a, b) or [a, b]; got 'abc'",
+    '--config.micrdbatch_size=abc':
+        "jaxcl: error: unknown config key 'micrdbatch_size' in --config.micrdbatch_size (did you mean 'microbatch_size'?)",
+    '--config.model.vit.pre_nlorm=0.5':
+        "jaxcl: error: unknown config key 'pre_nlorm' in --config.model.vit.pre_nlorm (did you mean 'pre_norm'?)",
+    '--config.optimizer.learning_rate=-0.1':
+        'jaxcl: error: optimizer.learning_rate must be > 0, got -0.1',
+    '--config.model.dtype=int32':
+        "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'int32'",
+    '--config.augment.crop_scale_max_old=abc':
+        "jaxcl: error: unknown config key 'crop_scale_max_old' in --config.augment.crop_scale_max_old (did you mean 'crop_scale_max'?)",
+    '--config.text.idth=abc':
+        "jaxcl: error: unknown config key 'idth' in --config.text.idth (did you mean 'width'?)",
     '--config.temperature.init=0.0':
         'jaxcl: error: temperature.init must be > 0, got 0.0',
-    '--config.temperature.max=abc':
-        "jaxcl: error: --config.temperature.max takes a number, got 'abc'",
+    '--config.seed=2.5':
+        "jaxcl: error: --config.seed takes an integer, got '2.5'",
     '--config.dataset.shuffle_buffer=1e3x':
         "jaxcl: error: --config.dataset.shuffle_buffer takes an integer, got '1e3x'",
-    '--config.dataset.crop_x=0.5':
-        "jaxcl: error: unknown config key 'crop_x' in --config.dataset.crop_x (did you mean 'crop'?)",
+    '--config.dataset.label_key_x=0.5':
+        "jaxcl: error: unknown config key 'label_key_x' in --config.dataset.label_key_x (did you mean 'label_key'?)",
     '--config.total_steps=-1':
         'jaxcl: error: total_steps must be >= 0, got -1',
     '--config.model.dtype=float8':
@@ -136,90 +132,94 @@ FUZZ_SEED_0 = {
         "jaxcl: error: --config.augment.crop_scale_min takes a number, got 'fast'",
     '--config.model.head_layers=0':
         'jaxcl: error: model.head_layers must be a positive integer, got 0',
-    '--config.optimizer.b=1':
-        "jaxcl: error: unknown config key 'b' in --config.optimizer.b (did you mean 'b2'?)",
-    '--config.text.causal_old=abc':
-        "jaxcl: error: unknown config key 'causal_old' in --config.text.causal_old (did you mean 'causal'?)",
+    '--config.data_set.train_split=1':
+        "jaxcl: error: unknown config key 'data_set' in --config.data_set.train_split (did you mean 'dataset'?)",
+    '--config.temperature.init=100.0':
+        'jaxcl: error: temperature.init 100.0 must lie in [temperature.min, temperature.max] = [0.01, 1.0]',
     '--config.model.stage_sizes=(0,1)':
         'jaxcl: error: model.stage_sizes must be a tuple of positive integers (empty: the preset of model.name), got (0, 1)',
-    '--config.temperature.warmup_steps=1e3x':
-        "jaxcl: error: --config.temperature.warmup_steps takes an integer, got '1e3x'",
-    '--config.model.dtype=int32':
-        "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'int32'",
+    '--config.text.pad_id=1e3x':
+        "jaxcl: error: --config.text.pad_id takes an integer, got '1e3x'",
     '--config.augment.grayscale_prob=2.0':
         'jaxcl: error: augment.grayscale_prob must be in [0, 1], got 2.0',
-    '--config.methgd=1':
-        "jaxcl: error: unknown config key 'methgd' in --config.methgd (did you mean 'method'?)",
-    '--config.optiwmizer.name=1':
-        "jaxcl: error: unknown config key 'optiwmizer' in --config.optiwmizer.name (did you mean 'optimizer'?)",
-    '--config.temperature.period=-5':
-        'jaxcl: error: temperature.period must be an integer >= 0, got -5',
-    '--config.method=byol':
-        "jaxcl: error: method must be one of ('simclr', 'clip', 'siglip'), got 'byol'",
-    '--config.temprature.lr_multiplier=1':
-        "jaxcl: error: unknown config key 'temprature' in --config.temprature.lr_multiplier (did you mean 'temperature'?)",
-    '--config.augent.crop_scale_max=abc':
-        "jaxcl: error: unknown config key 'augent' in --config.augent.crop_scale_max (did you mean 'augment'?)",
-    '--config.evel.zeroshot_dataset=1':
-        "jaxcl: error: unknown config key 'evel' in --config.evel.zeroshot_dataset (did you mean 'eval'?)",
-    '--config.daptaset.name=1':
-        "jaxcl: error: unknown config key 'daptaset' in --config.daptaset.name (did you mean 'dataset'?)",
-    '--config.text.vocab_file_old=1':
-        "jaxcl: error: unknown config key 'vocab_file_old' in --config.text.vocab_file_old (did you mean 'vocab_file'?)",
+    '--config.text.tokegizer=1':
+        "jaxcl: error: unknown config key 'tokegizer' in --config.text.tokegizer (did you mean 'tokenizer'?)",
+    '--config.mdel.head_out=0.5':
+        "jaxcl: error: unknown config key 'mdel' in --config.mdel.head_out (did you mean 'model'?)",
+    '--config.microbatch_size=1e3x':
+        "jaxcl: error: --config.microbatch_size takes an integer, got '1e3x'",
+    '--config.dataset.pairs.caption_colmn=abc':
+        "jaxcl: error: unknown config key 'caption_colmn' in --config.dataset.pairs.caption_colmn (did you mean 'caption_column'?)",
+    '--config.augment.flip=yes please':
+        "jaxcl: error: --config.augment.flip takes True or False, got 'yes please'",
+    '--config.augent.grayscale_prob=abc':
+        "jaxcl: error: unknown config key 'augent' in --config.augent.grayscale_prob (did you mean 'augment'?)",
+    '--config.opdimizer.warmup_steps=1':
+        "jaxcl: error: unknown config key 'opdimizer' in --config.opdimizer.warmup_steps (did you mean 'optimizer'?)",
+    '--config.evpal.retrieval=1':
+        "jaxcl: error: unknown config key 'evpal' in --config.evpal.retrieval (did you mean 'eval'?)",
+    '--config.augment.flip_old=1':
+        "jaxcl: error: unknown config key 'flip_old' in --config.augment.flip_old (did you mean 'flip'?)",
     '--config.augment.crop_scale_min=0.0':
         'jaxcl: error: need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got 0.0, 1.0',
-    '--config.modeo.width=1':
-        "jaxcl: error: unknown config key 'modeo' in --config.modeo.width (did you mean 'model'?)",
-    '--config.model.embed_ditm=1':
-        "jaxcl: error: unknown config key 'embed_ditm' in --config.model.embed_ditm (did you mean 'embed_dim'?)",
+    '--config.model.vit.depth_x=1':
+        "jaxcl: error: unknown config key 'depth_x' in --config.model.vit.depth_x (did you mean 'depth'?)",
+    '--config.augment.color_jitter_strength=-1.0':
+        'jaxcl: error: augment.color_jitter_strength must be >= 0, got -1.0',
     '--config.eval.batch_size=-512':
         'jaxcl: error: eval.batch_size -512 must be a positive multiple of the 1 data shards',
     '--config.temperature.lr_multiplier=-2.0':
         'jaxcl: error: temperature.lr_multiplier must be > 0, got -2.0',
-    '--config.eval.max_train_examples=abc':
-        "jaxcl: error: --config.eval.max_train_examples takes an integer, got 'abc'",
-    '--config.dataset.streams=[1]':
-        "jaxcl: error: --config.dataset.streams takes an integer, got '[1]'",
-    '--config.batch_size=-32':
-        'jaxcl: error: batch_size must be > 0, got -32',
-    '--config.augment.color_jitter_prob=[0.1]':
-        "jaxcl: error: --config.augment.color_jitter_prob takes a number, got '[0.1]'",
-    '--config.optimizer.b1=-0.1':
-        'jaxcl: error: optimizer.b1 must be in [0, 1), got -0.1',
-    "--config.loss.impl=''":
-        'jaxcl: error: loss.impl must be one of (\'dense\', \'blockwise\', \'ring\'), got "\'\'"',
-    '--config.temperature.lr_multiplier=fast':
-        "jaxcl: error: --config.temperature.lr_multiplier takes a number, got 'fast'",
-    '--config.loys.block_size=1':
-        "jaxcl: error: unknown config key 'loys' in --config.loys.block_size (did you mean 'loss'?)",
-    '--config.checkpoint_every_steps=0':
-        'jaxcl: error: checkpoint_every_steps must be > 0, got 0',
-    '--config.log_every_steps=-1':
-        'jaxcl: error: log_every_steps must be > 0, got -1',
-    '--config.optimizer.b2=1.5':
-        'jaxcl: error: optimizer.b2 must be in [0, 1), got 1.5',
-    '--config.augmenf.blur_prob=1':
-        "jaxcl: error: unknown config key 'augmenf' in --config.augmenf.blur_prob (did you mean 'augment'?)",
-    '--config.text.norm_eps=[0.1]':
-        "jaxcl: error: --config.text.norm_eps takes a number, got '[0.1]'",
-    '--config.temperature.init=100.0':
-        'jaxcl: error: temperature.init 100.0 must lie in [temperature.min, temperature.max] = [0.01, 1.0]',
-    '--config.augment.color_jitter_strength=-1.0':
-        'jaxcl: error: augment.color_jitter_strength must be >= 0, got -1.0',
-    '--config.temperature.mode=frozen':
-        "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine'), got 'frozen'",
-    '--config.optimizer.b1=abc':
-        "jaxcl: error: --config.optimizer.b1 takes a number, got 'abc'",
-    '--config.temperature.bias_init=inf':
-        'jaxcl: error: temperature.bias_init must be a finite number, got inf',
-    '--config.text.normalize_size=0.5':
-        "jaxcl: error: unknown config key 'normalize_size' in --config.text.normalize_size (did you mean 'normalize'?)",
-    '--config.augment.crop_scale_max=2.0':
-        'jaxcl: error: need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got 0.4, 2.0',
-    '--config.temperature.init=fast':
-        "jaxcl: error: --config.temperature.init takes a number, got 'fast'",
+    '--config.total_steps=2.5':
+        "jaxcl: error: --config.total_steps takes an integer, got '2.5'",
+    '--config.eval.ratch_size=0.5':
+        "jaxcl: error: unknown config key 'ratch_size' in --config.eval.ratch_size (did you mean 'batch_size'?)",
     '--config.text.causa=1':
         "jaxcl: error: unknown config key 'causa' in --config.text.causa (did you mean 'causal'?)",
+    '--config.optimizer.weight_decay=nan':
+        'jaxcl: error: optimizer.weight_decay must be >= 0, got nan',
+    '--config.optimizer.name=adam_w':
+        "jaxcl: error: optimizer.name must be one of ('lars', 'adamw', 'sgd'), got 'adam_w'",
+    '--config.optimizer.warmup_steps=-10':
+        'jaxcl: error: optimizer.warmup_steps must be >= 0, got -10',
+    "--config.profile_steps={'a': 1}":
+        'jaxcl: error: --config.profile_steps takes a tuple, written (a, b) or [a, b]; got "{\'a\': 1}"',
+    '--config.text.mlp_dikm=abc':
+        "jaxcl: error: unknown config key 'mlp_dikm' in --config.text.mlp_dikm (did you mean 'mlp_dim'?)",
+    '--config.moel.name=0.5':
+        "jaxcl: error: unknown config key 'moel' in --config.moel.name (did you mean 'model'?)",
+    '--config.optimizer.learning_rate=nan':
+        'jaxcl: error: optimizer.learning_rate must be > 0, got nan',
+    "--config.loss.impl=''":
+        'jaxcl: error: loss.impl must be one of (\'dense\', \'blockwise\', \'ring\'), got "\'\'"',
+    '--config.augmenf.blur_prob=1':
+        "jaxcl: error: unknown config key 'augmenf' in --config.augmenf.blur_prob (did you mean 'augment'?)",
+    '--config.text.depth=1e3x':
+        "jaxcl: error: --config.text.depth takes an integer, got '1e3x'",
+    '--config.temperature.mode=frozen':
+        "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine'), got 'frozen'",
+    '--config.model.vit.pre_norm=maybe':
+        "jaxcl: error: --config.model.vit.pre_norm takes True or False, got 'maybe'",
+    '--config.temperature.bias_init=inf':
+        'jaxcl: error: temperature.bias_init must be a finite number, got inf',
+    '--config.model.stage_sizes=(-1,)':
+        'jaxcl: error: model.stage_sizes must be a tuple of positive integers (empty: the preset of model.name), got (-1,)',
+    '--config.checkpoint_everj_steps=0.5':
+        "jaxcl: error: unknown config key 'checkpoint_everj_steps' in --config.checkpoint_everj_steps (did you mean 'checkpoint_every_steps'?)",
+    '--config.temper_ature.lr_multiplier=abc':
+        "jaxcl: error: unknown config key 'temper_ature' in --config.temper_ature.lr_multiplier (did you mean 'temperature'?)",
+    '--config.augment.color_jitter_prob=[0.1]':
+        "jaxcl: error: --config.augment.color_jitter_prob takes a number, got '[0.1]'",
+    '--config.augment.color_jitter_prob=fast':
+        "jaxcl: error: --config.augment.color_jitter_prob takes a number, got 'fast'",
+    '--config.datasett.pairs.caption_column=abc':
+        "jaxcl: error: unknown config key 'datasett' in --config.datasett.pairs.caption_column (did you mean 'dataset'?)",
+    '--config.log_every_steps=[1]':
+        "jaxcl: error: --config.log_every_steps takes an integer, got '[1]'",
+    '--config.dataset.eval_samples=1e3x':
+        "jaxcl: error: --config.dataset.eval_samples takes an integer, got '1e3x'",
+    '--config.optimizer.momentum=-0.5':
+        'jaxcl: error: optimizer.momentum must be in [0, 1), got -0.5',
 }
 
 # tests/test_cli_safety.py: the CLI's own flags, workdirs, saved configs,

@@ -80,7 +80,7 @@ def test_remat_and_scan_give_the_plain_towers_outputs_and_gradients(tower):
 def _matmuls_in_program(depth, scan):
   """The matrix products in the lowered gradient program: XLA's work to
   compile grows with them (the parameters' stacking adds none)."""
-  model = _text(depth=depth, scan=scan, remat='full')
+  model = _text(depth=depth, scan=scan)
   graphdef, params = nnx.split(model)
   grad = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(_ids())))
   return jax.jit(grad).lower(params).as_text().count('dot_general')

@@ -1,0 +1,74 @@
+"""The compiled step's memory and FLOPs, known before a run starts.
+
+XLA's memory analysis of the compiled per-device program gives the bytes of
+its arguments (the state and the batch), its outputs, and its temporaries
+(activations, gradients, the loss's logits). Outputs written into donated
+arguments (the state) are counted once: peak = arguments + outputs +
+temporaries - aliased. A run whose peak exceeds the device's memory (or
+`device_memory_gb`) stops with one line before it writes anything, instead
+of failing in the allocator.
+"""
+
+from __future__ import annotations
+
+import json
+
+from jaxcl import errors, files, throughput
+
+GIB = 2 ** 30
+
+
+def analysis(compiled, *, batch_size: int, num_devices: int) -> dict:
+  """{argument_bytes, output_bytes, temp_bytes, alias_bytes, peak_bytes,
+  flops_per_example} of a compiled step, per device (bytes) and per example
+  of the global batch (FLOPs, all devices' work)."""
+  stats = compiled.memory_analysis()
+  out = {'argument_bytes': int(stats.argument_size_in_bytes),
+         'output_bytes': int(stats.output_size_in_bytes),
+         'temp_bytes': int(stats.temp_size_in_bytes),
+         'alias_bytes': int(stats.alias_size_in_bytes)}
+  out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes'] + out['temp_bytes']
+                       - out['alias_bytes'])
+  flops = throughput.step_flops(compiled)
+  out['flops_per_example'] = flops * num_devices / batch_size if flops else None
+  return out
+
+
+def device_memory_bytes(config, device) -> tuple[int | None, str]:
+  """(bytes a step may use per device, where that figure comes from):
+  config.device_memory_gb when set, else what the device reports (GPUs and
+  TPUs do, CPUs do not: None)."""
+  if config.device_memory_gb:
+    return int(config.device_memory_gb * GIB), 'device_memory_gb'
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  # a platform without memory stats
+    stats = {}
+  limit = stats.get('bytes_limit')
+  return (int(limit), f'{device.device_kind} memory') if limit else (None, '')
+
+
+def describe(num_bytes: int) -> str:
+  """Bytes for a person: '1.38 GiB', '12.5 MiB'."""
+  if num_bytes >= GIB:
+    return f'{num_bytes / GIB:.2f} GiB'
+  return f'{num_bytes / 2 ** 20:.1f} MiB'
+
+
+def check_fits(record: dict, config, device) -> None:
+  """ConfigError, one line, when the step's peak exceeds the memory there is."""
+  limit, source = device_memory_bytes(config, device)
+  if limit is None or record['peak_bytes'] <= limit:
+    return
+  raise errors.ConfigError(
+      f'the compiled step needs {describe(record["peak_bytes"])} per device (temporaries '
+      f'{describe(record["temp_bytes"])}), more than the {describe(limit)} of {source}; lower '
+      f'batch_size or set microbatch_size, model.remat, loss.impl=blockwise (docs/scaling.md)')
+
+
+def write(workdir, record: dict, config, device) -> None:
+  """DIR/compiled_step.json: the analysis, with what it was compiled for."""
+  limit, _ = device_memory_bytes(config, device)
+  payload = dict(record, batch_size=config.batch_size, microbatch_size=config.microbatch_size,
+                 device_kind=device.device_kind, device_memory_bytes=limit)
+  files.write_atomically(workdir / files.COMPILED_STEP_FILE, json.dumps(payload, indent=2))

@@ -34,7 +34,7 @@ CASE = r'''
 import json, os, resource, sys, time
 args = json.loads(sys.argv[1])
 os.environ['XLA_FLAGS'] = f"--xla_force_host_platform_device_count={args['devices']}"
-os.environ['JAX_PLATFORMS'] = 'cpu'
+os.environ['JAX_PLATFORMS'] = args['platform']
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from jaxcl import losses
@@ -77,9 +77,9 @@ print('ROW ' + json.dumps(row))
 '''
 
 
-def run_case(batch, dim, impl, block_size, devices, max_gb, timeout, repeat_below):
+def run_case(batch, dim, impl, block_size, devices, max_gb, timeout, repeat_below, platform):
   args = dict(batch=batch, dim=dim, impl=impl, block_size=block_size, devices=devices,
-              max_gb=max_gb, repeat_below=repeat_below)
+              platform=platform, max_gb=max_gb, repeat_below=repeat_below)
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
   try:
@@ -109,6 +109,8 @@ def main():
   parser.add_argument('--timeout', type=int, default=1800)
   parser.add_argument('--repeat_below', type=int, default=16384)
   parser.add_argument('--json', default='benchmarks/loss_memory.json')
+  parser.add_argument('--platform', default='cpu', help="jax's platform: cpu, or cuda / tpu "
+                      '(with --devices 0: one real device)')
   args = parser.parse_args()
 
   cases = [(int(b), impl, 1) for b in args.batches.split(',') for impl in ('dense', 'blockwise')]
@@ -116,12 +118,13 @@ def main():
     cases += [(int(b), impl, args.devices) for b in args.sharded_batches.split(',')
               for impl in ('blockwise', 'ring')]
   rows = []
-  print(f'clip_loss value+grad, dim {args.dim}, block {args.block_size}, float32, CPU')
+  print(f'clip_loss value+grad, dim {args.dim}, block {args.block_size}, float32, '
+        f'{args.platform}')
   print(f'{"devices":>7} | {"batch":>6} | {"impl":>9} | {"compiled peak GB":>16} | '
         f'{"peak RSS GB":>11} | {"seconds":>8}')
   for batch, impl, devices in cases:
     row = run_case(batch, args.dim, impl, args.block_size, devices, args.max_gb, args.timeout,
-                   args.repeat_below)
+                   args.repeat_below, args.platform)
     rows.append(row)
     seconds = f'{row["seconds"]:.3f}' if row.get('ran') else (
         row.get('error') or f'not run: needs > {args.max_gb:g} GB')

@@ -98,6 +98,16 @@ class Experiment:
                                                                  sharding=sharding),
                         jax.eval_shape(self._new_state), self.state_sharding)
 
+  def plain(self) -> Experiment:
+    """This experiment without microbatches, remat or scanned layers: the
+    same computation, with no loop in its step (whose FLOPs XLA then counts
+    whole: jaxcl.step_memory)."""
+    config = self.config.copy_and_resolve_references()
+    config.microbatch_size = 0
+    config.model.update(remat='none', scan_layers=False)
+    train, evaluate = _graphdefs(self.method, config, self.info, self.tokenizer)
+    return dataclasses.replace(self, config=config, train_graphdef=train, eval_graphdef=evaluate)
+
   def embed(self, params, batch_stats, images_uint8):
     """Frozen-encoder features of uint8 images [b, H, W, C] -> [b, D] float32:
     SimCLR's encoder output, or the two-tower model's normalized image embedding."""
@@ -144,6 +154,16 @@ def _new_model(method, config, info, tokenizer):
   return method.build_model(config, info.image_shape[-1], rngs, tokenizer)
 
 
+def _graphdefs(method, config, info, tokenizer):
+  """The model's graph definitions in train and in eval mode."""
+  abstract_model = nnx.eval_shape(lambda: _new_model(method, config, info, tokenizer))
+  _freeze_batch_norms(abstract_model, _frozen_names(config, abstract_model))
+  train_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
+  abstract_model.eval()
+  eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
+  return train_graphdef, eval_graphdef
+
+
 def setup(config, devices=None, tokenizer=None, info: data.DatasetInfo | None = None
           ) -> Experiment:
   """Builds the Experiment for a validated config on `devices` (default: all).
@@ -164,11 +184,7 @@ def setup(config, devices=None, tokenizer=None, info: data.DatasetInfo | None = 
         dataset.training(with_text=method.text_tower)
       multihost_utils.sync_global_devices('jaxcl: dataset prepared')
     train_source, info = dataset.training(with_text=method.text_tower)
-  abstract_model = nnx.eval_shape(lambda: _new_model(method, config, info, tokenizer))
-  _freeze_batch_norms(abstract_model, _frozen_names(config, abstract_model))
-  train_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
-  abstract_model.eval()
-  eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
+  train_graphdef, eval_graphdef = _graphdefs(method, config, info, tokenizer)
   return Experiment(config=config, mesh=mesh, method=method, info=info, dataset=dataset,
                     train_source=train_source, train_graphdef=train_graphdef,
                     eval_graphdef=eval_graphdef,

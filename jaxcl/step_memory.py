@@ -13,15 +13,37 @@ from __future__ import annotations
 
 import json
 
-from jaxcl import errors, files, throughput
+from jaxcl import errors, files, throughput, train_step
 
 GIB = 2 ** 30
 
 
-def analysis(compiled, *, batch_size: int, num_devices: int) -> dict:
+def has_loops(config) -> bool:
+  """Whether the step loops over microbatches or layers (jaxcl.grad_cache,
+  jaxcl.transformer.run_blocks)."""
+  return bool(config.microbatch_size or config.model.remat != 'none' or config.model.scan_layers)
+
+
+def flops_per_device(exp, compiled) -> float | None:
+  """The model's FLOPs in one step on one device. XLA's cost analysis counts
+  a loop's body once, so a step with loops is counted as its plain twin
+  (Experiment.plain: the same math, unrolled), lowered but not compiled,
+  whose count is of the whole mesh's program: split evenly over the devices.
+  Remat's recomputation is not counted (MFU counts the model's FLOPs)."""
+  if not has_loops(exp.config):
+    return throughput.step_flops(compiled)
+  plain = exp.plain()
+  lowered = train_step.make_train_step(plain).lower(plain.abstract_state(),
+                                                    train_step.abstract_batch(plain))
+  flops = (lowered.cost_analysis() or {}).get('flops')
+  return float(flops) / exp.mesh.size if flops else None
+
+
+def analysis(compiled, exp) -> dict:
   """{argument_bytes, output_bytes, temp_bytes, alias_bytes, peak_bytes,
-  flops_per_example} of a compiled step, per device (bytes) and per example
-  of the global batch (FLOPs, all devices' work)."""
+  flops_per_device, flops_per_example} of the compiled step of `exp`: bytes
+  per device, FLOPs per device and per example of the global batch (all
+  devices' work)."""
   stats = compiled.memory_analysis()
   out = {'argument_bytes': int(stats.argument_size_in_bytes),
          'output_bytes': int(stats.output_size_in_bytes),
@@ -29,8 +51,9 @@ def analysis(compiled, *, batch_size: int, num_devices: int) -> dict:
          'alias_bytes': int(stats.alias_size_in_bytes)}
   out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes'] + out['temp_bytes']
                        - out['alias_bytes'])
-  flops = throughput.step_flops(compiled)
-  out['flops_per_example'] = flops * num_devices / batch_size if flops else None
+  flops = flops_per_device(exp, compiled)
+  out['flops_per_device'] = flops
+  out['flops_per_example'] = flops * exp.mesh.size / exp.config.batch_size if flops else None
   return out
 
 

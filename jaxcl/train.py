@@ -50,8 +50,7 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> 
   # So is the step compiled, and a step that cannot fit in memory refused.
   t0 = time.perf_counter()
   compiled = train_step.compile_step(exp)
-  memory = step_memory.analysis(compiled, batch_size=config.batch_size,
-                                num_devices=jax.device_count())
+  memory = step_memory.analysis(compiled, exp)
   step_memory.check_fits(memory, config, jax.local_devices()[0])
   notes = [f'compiled the step in {time.perf_counter() - t0:.1f}s; it needs '
            f'{step_memory.describe(memory["peak_bytes"])} per device ({files.COMPILED_STEP_FILE})']
@@ -125,7 +124,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
   if not eval_data.num_classes:
     writer.print(f'{eval_data.skip_reason}: {method.skipped_without_labels}')
 
-  step_flops = throughput.step_flops(compiled_step)
+  step_flops = memory['flops_per_device']
   embed_fns = evaluation.make_embed_fns(exp)
   step, timer = start_step, throughput.IntervalTimer()
   finite, preemption = guards.FiniteCheck(config, manager), guards.Preemption()

@@ -1,0 +1,166 @@
+"""The largest batch per device whose compiled train step fits 16, 40 and 80 GB.
+
+  python benchmarks/max_batch.py [--models clip_b16,siglip_b16] [--budgets_gb 16,40,80]
+      [--json benchmarks/max_batch.json] [--moonshot]
+
+For the published ViT-B/16 CLIP towers at 224 px (open_clip's ViT-B-16, a
+49,408-token text table) and SigLIP B/16 (ViT-B-16-SigLIP, 32,000 tokens),
+in bfloat16 activations with AdamW, on one device, for each loss (dense,
+blockwise), microbatch size (off, 256) and remat (none, full): the step is
+compiled (never run: nothing is allocated, so this runs on a CPU) and XLA's
+memory analysis gives its peak bytes (jaxcl.step_memory). Peak memory is
+close to a quadratic in the batch N (the dense loss's N x N logits), so it is
+compiled at three batch sizes, fitted, solved for each budget, and the
+answer checked by compiling there (and stepped down until it fits).
+
+The memory at the largest batch is split into the state (parameters and
+AdamW's moments), the batch, the loss (its own compiled value-and-gradient
+on N embeddings: the logits) and the rest, the towers (activations and
+gradients). Figures are XLA's CPU buffer assignment; a GPU's or TPU's
+compiler fuses and schedules differently, so treat them as estimates of
+what a device would need, and check with compiled_step.json there.
+
+--moonshot: a 65,536-pair ViT-B/16 CLIP step (microbatches of 512, blockwise
+loss, remat full, bfloat16 first moment) against one 80 GB device.
+"""
+
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from jaxcl import config as config_lib
+from jaxcl import config_files, recipes, step_memory, synthetic, train_step
+
+_MODELS = flags.DEFINE_string('models', 'clip_b16,siglip_b16', 'Comma-separated models.')
+_BUDGETS = flags.DEFINE_string('budgets_gb', '16,40,80', 'Device memories, GB (1e9 bytes).')
+_JSON = flags.DEFINE_string('json', 'benchmarks/max_batch.json', 'Where to write the rows.')
+_MOONSHOT = flags.DEFINE_bool('moonshot', True, 'Also compile the 64k-batch CLIP step.')
+
+MODELS = {'clip_b16': ('configs/clip_vit_b16.py', 'ViT-B-16'),
+          'siglip_b16': ('configs/siglip_vit_b16.py', 'ViT-B-16-SigLIP')}
+VARIANTS = [dict(loss=loss, microbatch_size=m, remat=r)
+            for loss in ('dense', 'blockwise') for m in (0, 256) for r in ('none', 'full')]
+GB = 1e9
+
+
+def model_config(model: str):
+  path, architecture = MODELS[model]
+  config = config_files.load(path)
+  recipes.architecture(config, architecture)
+  config.model.dtype = 'bfloat16'
+  return config
+
+
+def variant_config(model, variant, batch_size, **extra):
+  config = model_config(model)
+  config.batch_size = batch_size
+  config.loss.update(impl=variant['loss'], block_size=1024)
+  config.microbatch_size = variant['microbatch_size']
+  config.model.remat = variant['remat']
+  for key, value in extra.items():
+    config.update_from_flattened_dict({key: value})
+  checked = config.copy_and_resolve_references()
+  checked.text.tokenizer = 'bytes'  # synthetic.tokenizer stands in for the vocabulary file
+  config_lib.validate(checked, num_devices=1, process_count=1, check_data=False)
+  return config
+
+
+def compiled_memory(config) -> dict:
+  """step_memory.analysis of the config's step on one device, and the parts."""
+  exp = synthetic.setup(config, devices=jax.devices()[:1])
+  t0 = time.perf_counter()
+  record = step_memory.analysis(train_step.compile_step(exp), exp)
+  record['compile_s'] = round(time.perf_counter() - t0, 1)
+  state = exp.abstract_state()
+  record['state_bytes'] = _bytes((state.params, state.opt_state))
+  record['batch_bytes'] = _bytes(train_step.abstract_batch(exp))
+  record['loss_bytes'] = loss_memory(exp)
+  return record
+
+
+def loss_memory(exp) -> int:
+  """Temporaries of the loss's value and gradient alone, on N embeddings."""
+  n, d = exp.config.batch_size, exp.config.model.embed_dim
+  method, config = exp.method, exp.config
+  embeddings = jax.ShapeDtypeStruct((n, d), np.float32)
+
+  def loss(a, b):
+    return method.loss(a, b, np.float32(0.07), np.float32(-10.0), impl=config.loss.impl,
+                       block_size=config.loss.block_size, with_metrics=True)[0]
+
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(embeddings,
+                                                                       embeddings).compile()
+  return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def _bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _round_down(n: int, multiple: int) -> int:
+  return max(multiple, n // multiple * multiple)
+
+
+def largest_batches(model, variant, budgets) -> list[dict]:
+  """For each budget, the largest batch (a multiple of the microbatch, or of
+  64) whose compiled step fits, with its memory record."""
+  multiple = variant['microbatch_size'] or 64
+  sizes = [multiple * k for k in (2, 4, 8)]
+  peaks = [compiled_memory(variant_config(model, variant, n))['peak_bytes'] for n in sizes]
+  quadratic = np.polyfit(sizes, peaks, 2)
+  rows = []
+  for budget in budgets:
+    roots = np.roots(quadratic - np.array([0, 0, budget * GB]))
+    real = [r.real for r in roots if abs(r.imag) < 1e-6 and r.real > 0]
+    n = _round_down(int(max(real)) if real else sizes[-1], multiple)
+    while True:  # check the prediction by compiling there; step down until it fits
+      record = compiled_memory(variant_config(model, variant, n))
+      if record['peak_bytes'] <= budget * GB or n == multiple:
+        break
+      n = _round_down(int(n * 0.95), multiple)
+    fits = record['peak_bytes'] <= budget * GB
+    rows.append(dict(model=model, budget_gb=budget, **variant, batch_size=n if fits else 0,
+                     **{k: record[k] for k in ('peak_bytes', 'temp_bytes', 'state_bytes',
+                                               'batch_bytes', 'loss_bytes', 'compile_s')}))
+    print(_line(rows[-1]), flush=True)
+  return rows
+
+
+def _line(row) -> str:
+  towers = row['peak_bytes'] - row['state_bytes'] - row['batch_bytes'] - row['loss_bytes']
+  return (f"| {row['model']} | {row['budget_gb']} | {row['loss']} | "
+          f"{row['microbatch_size'] or 'off'} | {row['remat']} | {row['batch_size']:,} | "
+          f"{row['peak_bytes'] / GB:.1f} | {towers / GB:.1f} | {row['loss_bytes'] / GB:.2f} | "
+          f"{row['state_bytes'] / GB:.2f} | {row['batch_bytes'] / GB:.2f} |")
+
+
+def main(argv):
+  del argv
+  budgets = [float(b) for b in _BUDGETS.value.split(',')]
+  print('| model | GB | loss | microbatch | remat | max batch | peak GB | towers GB | '
+        'loss GB | params+opt GB | batch GB |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
+  rows = []
+  for model in _MODELS.value.split(','):
+    for variant in VARIANTS:
+      rows += largest_batches(model, variant, budgets)
+  result = {'device': jax.devices()[0].device_kind, 'rows': rows}
+  if _MOONSHOT.value:
+    variant = dict(loss='blockwise', microbatch_size=512, remat='full')
+    record = compiled_memory(variant_config('clip_b16', variant, 65_536,
+                                            **{'optimizer.mu_dtype': 'bfloat16'}))
+    result['moonshot'] = dict(model='clip_b16', batch_size=65_536, **variant,
+                              mu_dtype='bfloat16', **record)
+    print(f"moonshot: CLIP ViT-B/16, batch 65,536 on one device: peak "
+          f"{record['peak_bytes'] / GB:.1f} GB ({'fits' if record['peak_bytes'] <= 80 * GB else 'does not fit'} 80 GB)")
+  with open(_JSON.value, 'w') as f:
+    json.dump(result, f, indent=2)
+  print(f'wrote {_JSON.value}', file=sys.stderr)
+
+
+if __name__ == '__main__':
+  app.run(main)

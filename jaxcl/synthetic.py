@@ -1,0 +1,54 @@
+"""Synthetic inputs: a config's model and step set up without a dataset or a
+tokenizer file, for benchmarks and for sizing a run before its data exists.
+
+The images are random uint8 arrays of the config's input size, with as many
+channels as its normalization has (dataset.mean: 1 or 3). For a text tower
+the captions are random token ids in a table of the published vocabulary's
+size (49,408 CLIP BPE tokens, 32,000 SentencePiece ones for SigLIP), so the
+embedding table, its gradient and its optimizer state weigh what they will.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxcl import data, experiment, methods, tokenizers
+
+# The text tables of the published models: open_clip's CLIP BPE, SigLIP's c4_en SentencePiece.
+VOCAB_SIZES = {'clip_bpe': 49_408, 'sentencepiece': 32_000}
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  size = config.dataset.image_size or config.augment.image_size
+  return (size, size, 3 if len(config.dataset.mean) == 3 else 1)
+
+
+def tokenizer(config):
+  """Byte tokens in a table of config.text.tokenizer's published size (bytes: its own)."""
+  text = tokenizers.ByteTokenizer(config.text.max_length)
+  text.vocab_size = max(text.vocab_size, VOCAB_SIZES.get(config.text.tokenizer, 0))
+  return text
+
+
+def setup(config, devices=None) -> experiment.Experiment:
+  """experiment.setup for a validated config, from shapes alone: no data is opened."""
+  text = tokenizer(config) if methods.get(config.method).text_tower else None
+  info = data.DatasetInfo(image_shape=image_shape(config), num_classes=0)
+  return experiment.setup(config, devices, tokenizer=text, info=info)
+
+
+def batch(exp: experiment.Experiment, n: int, seed: int = 0) -> dict:
+  """n rows of the step's inputs (exp.method.batch_keys) as NumPy arrays:
+  random images and, for a text tower, random captions of random lengths
+  (end-of-text, then padding)."""
+  rng = np.random.default_rng(seed)
+  out = {'image': rng.integers(0, 256, (n, *exp.info.image_shape), dtype=np.uint8)}
+  if exp.tokenizer is not None:
+    t = exp.tokenizer
+    ids = rng.integers(t.eot_id + 1, t.vocab_size, (n, t.max_length), dtype=np.int32)
+    lengths = rng.integers(1, t.max_length, n)
+    positions = np.arange(t.max_length)
+    ids[positions[None] == lengths[:, None]] = t.eot_id
+    ids[positions[None] > lengths[:, None]] = t.pad_id
+    out['text'] = ids
+  return {key: out[key] for key in exp.method.batch_keys}

@@ -10,8 +10,10 @@ blockwise), microbatch size (off, 256) and remat (none, full): the step is
 compiled (never run: nothing is allocated, so this runs on a CPU) and XLA's
 memory analysis gives its peak bytes (jaxcl.step_memory). Peak memory is
 close to a quadratic in the batch N (the dense loss's N x N logits), so it is
-compiled at three batch sizes, fitted, solved for each budget, and the
-answer checked by compiling there (and stepped down until it fits).
+compiled at three batch sizes (two for the blockwise loss, linear in N),
+fitted, and solved for each budget; the 80 GB answer is checked by
+compiling there (and stepped down until it fits), the smaller budgets'
+answers are the fit's.
 
 The memory at the largest batch is split into the state (parameters and
 AdamW's moments), the batch, the loss (its own compiled value-and-gradient
@@ -60,11 +62,14 @@ def variant_config(model, variant, batch_size, **extra):
   config.batch_size = batch_size
   config.loss.update(impl=variant['loss'], block_size=1024)
   config.microbatch_size = variant['microbatch_size']
-  config.model.remat = variant['remat']
+  # Scanned layers (one compiled block per tower) keep each compile to seconds; remat
+  # scans anyway, and on the CPU the unrolled towers measured 5% less (tests/test_remat_scan).
+  config.model.update(remat=variant['remat'], scan_layers=True)
   for key, value in extra.items():
     config.update_from_flattened_dict({key: value})
   checked = config.copy_and_resolve_references()
-  checked.text.tokenizer = 'bytes'  # synthetic.tokenizer stands in for the vocabulary file
+  # synthetic.tokenizer stands in for the vocabulary file and its text normalization
+  checked.text.update(tokenizer='bytes', normalize='', pad_id=-1)
   config_lib.validate(checked, num_devices=1, process_count=1, check_data=False)
   return config
 
@@ -73,7 +78,7 @@ def compiled_memory(config) -> dict:
   """step_memory.analysis of the config's step on one device, and the parts."""
   exp = synthetic.setup(config, devices=jax.devices()[:1])
   t0 = time.perf_counter()
-  record = step_memory.analysis(train_step.compile_step(exp), exp)
+  record = step_memory.analysis(train_step.compile_step(exp), exp, with_flops=False)
   record['compile_s'] = round(time.perf_counter() - t0, 1)
   state = exp.abstract_state()
   record['state_bytes'] = _bytes((state.params, state.opt_state))
@@ -107,23 +112,33 @@ def _round_down(n: int, multiple: int) -> int:
 
 def largest_batches(model, variant, budgets) -> list[dict]:
   """For each budget, the largest batch (a multiple of the microbatch, or of
-  64) whose compiled step fits, with its memory record."""
-  multiple = variant['microbatch_size'] or 64
-  sizes = [multiple * k for k in (2, 4, 8)]
-  peaks = [compiled_memory(variant_config(model, variant, n))['peak_bytes'] for n in sizes]
-  quadratic = np.polyfit(sizes, peaks, 2)
+  16) whose compiled step fits. Peak bytes are fitted through compiles at
+  three batch sizes (two for the blockwise loss, linear in N) and solved per
+  budget; the largest budget's answer is checked by compiling there (and
+  stepped down until it fits), the others are the fit's ('checked' False)."""
+  multiple = variant['microbatch_size'] or 16
+  sizes = [multiple * k for k in ((2, 8) if variant['loss'] == 'blockwise' else (2, 4, 8))]
+  records = {n: compiled_memory(variant_config(model, variant, n)) for n in sizes}
+  fit = np.polyfit(sizes, [records[n]['peak_bytes'] for n in sizes], len(sizes) - 1)
   rows = []
-  for budget in budgets:
-    roots = np.roots(quadratic - np.array([0, 0, budget * GB]))
+  for budget in sorted(budgets, reverse=True):
+    roots = np.roots(fit - np.eye(len(fit))[-1] * budget * GB)
     real = [r.real for r in roots if abs(r.imag) < 1e-6 and r.real > 0]
-    n = _round_down(int(max(real)) if real else sizes[-1], multiple)
-    while True:  # check the prediction by compiling there; step down until it fits
-      record = compiled_memory(variant_config(model, variant, n))
+    n = _round_down(int(max(real)), multiple) if real else 0
+    checked = budget == max(budgets) and n > 0
+    while checked:  # compile there; step down until it fits
+      record = records[n] = records.get(n) or compiled_memory(variant_config(model, variant, n))
       if record['peak_bytes'] <= budget * GB or n == multiple:
         break
       n = _round_down(int(n * 0.95), multiple)
-    fits = record['peak_bytes'] <= budget * GB
-    rows.append(dict(model=model, budget_gb=budget, **variant, batch_size=n if fits else 0,
+    if n and not checked:
+      record = {k: float(np.polyval(np.polyfit(sizes, [records[m][k] for m in sizes],
+                                                len(sizes) - 1), n))
+                for k in ('peak_bytes', 'temp_bytes', 'loss_bytes', 'batch_bytes')}
+      record.update(state_bytes=records[sizes[0]]['state_bytes'], compile_s=0.0)
+    if not n or record['peak_bytes'] > budget * GB:
+      n, record = 0, records[sizes[0]]
+    rows.append(dict(model=model, budget_gb=budget, **variant, batch_size=n, checked=checked,
                      **{k: record[k] for k in ('peak_bytes', 'temp_bytes', 'state_bytes',
                                                'batch_bytes', 'loss_bytes', 'compile_s')}))
     print(_line(rows[-1]), flush=True)
@@ -133,7 +148,8 @@ def largest_batches(model, variant, budgets) -> list[dict]:
 def _line(row) -> str:
   towers = row['peak_bytes'] - row['state_bytes'] - row['batch_bytes'] - row['loss_bytes']
   return (f"| {row['model']} | {row['budget_gb']} | {row['loss']} | "
-          f"{row['microbatch_size'] or 'off'} | {row['remat']} | {row['batch_size']:,} | "
+          f"{row['microbatch_size'] or 'off'} | {row['remat']} | {row['batch_size']:,}"
+          f"{'' if row['checked'] else '*'} | "
           f"{row['peak_bytes'] / GB:.1f} | {towers / GB:.1f} | {row['loss_bytes'] / GB:.2f} | "
           f"{row['state_bytes'] / GB:.2f} | {row['batch_bytes'] / GB:.2f} |")
 

@@ -121,6 +121,19 @@ class WorkdirLock:
     tmp.write_text(json.dumps(record))
     tmp.replace(self.path / HOLDER_FILE)  # readers never see half a record
 
+  def _in_use(self, holder: dict) -> WorkdirLocked:
+    return WorkdirLocked(
+        f'{self.path.parent} is in use by a live jaxcl run: {describe(holder)}'
+        f'{"" if holder else " (holder unknown)"}; wait for it, stop it, or use another '
+        f'--workdir')
+
+  def check_free(self) -> None:
+    """Raises WorkdirLocked now if a live run holds the lock: a cheap look
+    before expensive set-up (compiling the step); acquire() decides for good."""
+    holder = self.holder()
+    if holder is not None and not self._stale(holder):
+      raise self._in_use(holder)
+
   # ------------------------------------------------------------ acquire ----
   def acquire(self) -> WorkdirLock:
     for _ in range(3):  # a race with another run taking over the same stale lock
@@ -131,10 +144,7 @@ class WorkdirLock:
         if holder is None:
           continue  # released meanwhile
         if not self._stale(holder):
-          raise WorkdirLocked(
-              f'{self.path.parent} is in use by a live jaxcl run: {describe(holder)}'
-              f'{"" if holder else " (holder unknown)"}; wait for it, stop it, or use another '
-              f'--workdir') from None
+          raise self._in_use(holder) from None
         stale = self.path.parent / f'{LOCK_DIR}.stale-{self.token}'
         try:
           self.path.rename(stale)

@@ -4,14 +4,17 @@ process 0 only."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import secrets
 
 import jax
 from etils import epath
 
 from jaxcl import errors, files
+
+
+WANDB_ID_FILE = 'jaxcl_run_id'  # in WORKDIR/wandb: the run's wandb id
 
 
 class MetricWriter:
@@ -73,21 +76,33 @@ class MetricWriter:
       run.finish()
 
 
+def wandb_run_id(workdir: epath.Path) -> str:
+  """The wandb run id of the run in `workdir`: made at random by its first
+  start and kept in WORKDIR/wandb/jaxcl_run_id, so a resumed run continues
+  its wandb run and a new run in a reused path (or the same path on another
+  machine) starts its own."""
+  path = workdir / files.WANDB_DIR / WANDB_ID_FILE
+  if path.exists():
+    return path.read_text().strip()
+  run_id = 'jaxcl-' + secrets.token_hex(8)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  files.write_atomically(path, run_id + '\n')
+  return run_id
+
+
 def _wandb_run(workdir: epath.Path, settings, run_config: dict):
   """The wandb run of `workdir` when settings.project is set, else None
-  (wandb is imported only then: it is optional). Its id is derived from the
-  workdir's path, so a resumed run continues the same wandb run."""
+  (wandb is imported only then: it is optional)."""
   if settings is None or not settings['project']:
     return None
-  import wandb  # pylint: disable=g-import-not-at-top  # validation checked it is installed
+  import wandb  # pylint: disable=g-import-not-at-top  # train checked it is installed
   local = '://' not in str(workdir)  # wandb keeps its files on a local disk
-  path = str(workdir.resolve()) if local else str(workdir)
   try:
     return wandb.init(
         project=settings['project'], entity=settings['entity'] or None,
         name=settings['name'] or run_config.get('name') or workdir.name,
         dir=str(workdir) if local else None, config=run_config, mode=settings['mode'],
-        resume='allow', id='jaxcl-' + hashlib.sha256(path.encode()).hexdigest()[:16])
+        resume='allow', id=wandb_run_id(workdir))
   except Exception as e:  # pylint: disable=broad-except  # no login, no network: one line
     raise errors.RunError(f'wandb.init failed ({errors.type_and_first_line(e)}); log in with '
                           f'`wandb login` or set --config.wandb.mode=offline') from None

@@ -13,6 +13,7 @@ signal or a non-finite step stops the run cleanly (jaxcl.guards).
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import jax
@@ -37,6 +38,8 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> 
   # Everything that can fail on bad input comes before the first write.
   run_files.check_trainable_workdir(workdir)
   config_lib.check_resumable(config, workdir, allow_batch_change)
+  if config.wandb.project and importlib.util.find_spec('wandb') is None:
+    raise errors.ConfigError('wandb.project is set but wandb is not installed: pip install wandb')
   resuming = files.is_run(workdir)
   exp = setup(config, tokenizer=run_files.saved_tokenizer(workdir) if resuming else None)
   size = data.known_size(exp.train_source)
@@ -47,23 +50,35 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> 
   eval_data = exp.method.open_eval_data(config, exp.dataset)
   # A fresh run's init.from is read before the workdir is touched: a bad one leaves nothing.
   initial = warm_start.initial_state(exp) if not resuming and config.init['from'] else None
-  # So is the step compiled, and a step that cannot fit in memory refused.
-  t0 = time.perf_counter()
-  compiled = train_step.compile_step(exp)
-  memory = step_memory.analysis(compiled, exp)
-  step_memory.check_fits(memory, config, jax.local_devices()[0])
-  notes = [f'compiled the step in {time.perf_counter() - t0:.1f}s; it needs '
-           f'{step_memory.describe(memory["peak_bytes"])} per device ({files.COMPILED_STEP_FILE})']
+  # So is the step compiled (unless a live run holds the workdir, or the run is
+  # done), and a step that cannot fit in memory refused.
+  lock_lib.WorkdirLock(workdir).check_free()
+  compiled, notes = None, []
+  if not resuming or (checkpoints.complete_step(workdir) or 0) < config.total_steps:
+    t0 = time.perf_counter()
+    compiled = _compile_and_check(exp)
+    notes.append(f'compiled the step in {time.perf_counter() - t0:.1f}s; it needs '
+                 f'{step_memory.describe(compiled[1]["peak_bytes"])} per device '
+                 f'({files.COMPILED_STEP_FILE})')
   with run_files.hold_workdir(workdir) as lock:
     if lock.took_over is not None:
       notes.append(f'jaxcl: took over the lock of a run that is gone: '
                    f'{lock_lib.describe(lock.took_over)}')
     try:
-      return _train(exp, eval_data, workdir, notes, lock, initial, (compiled, memory))
+      return _train(exp, eval_data, workdir, notes, lock, initial, compiled)
     except OSError as e:  # writing the run's files: a full disk, a lost mount
       raise errors.RunError(f'cannot write to {workdir}: {e.strerror or errors.type_and_first_line(e)}; '
                             f'the last complete checkpoint is step '
                             f'{checkpoints.complete_step(workdir)}') from None
+
+
+def _compile_and_check(exp: Experiment):
+  """(the step compiled from shapes, its step_memory.analysis); ConfigError
+  when it needs more memory than the device has."""
+  compiled = train_step.compile_step(exp)
+  memory = step_memory.analysis(compiled, exp)
+  step_memory.check_fits(memory, exp.config, jax.local_devices()[0])
+  return compiled, memory
 
 
 def _restore(exp: Experiment, workdir, notes: list, initial=None):
@@ -86,7 +101,8 @@ def _restore(exp: Experiment, workdir, notes: list, initial=None):
 def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
            lock: lock_lib.WorkdirLock, initial, compiled) -> dict:
   """The loop, in a workdir this run holds; `notes` are printed once the
-  writer is up; compiled: (the compiled step, its step_memory.analysis)."""
+  writer is up; compiled: (the compiled step, its step_memory.analysis), or
+  None for a run that was done (compiled here if a step is left after all)."""
   config, method = exp.config, exp.method
   manager, state, resumed = _restore(exp, workdir, notes, initial)
   start_step, total = int(state.step), config.total_steps
@@ -104,11 +120,17 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       stream_positions=checkpoints.stream_positions(manager, start_step) if resumed else None)
   facts = run_files.data_facts(exp.info, method.export_facts(config, exp.dataset, eval_data))
   run_files.write_run_start(workdir, config, history, exp.tokenizer, facts, start_step)
-  compiled_step, memory = compiled
-  if jax.process_index() == 0:
+  if compiled is None and start_step < total:  # the newest checkpoint did not restore
+    compiled = _compile_and_check(exp)
+  compiled_step, memory = compiled or (None, {'flops_per_device': None})
+  if compiled is not None and jax.process_index() == 0:
     step_memory.write(workdir, memory, config, jax.local_devices()[0])
-  writer = MetricWriter(workdir, total_steps=max(total, start_step), initial_step=start_step,
-                        wandb_config=config.wandb, run_config=config_lib.flat_config(config))
+  try:  # wandb.init may fail (no login): the data's worker processes end too
+    writer = MetricWriter(workdir, total_steps=max(total, start_step), initial_step=start_step,
+                          wandb_config=config.wandb, run_config=config_lib.flat_config(config))
+  except BaseException:
+    _close_after_failure(train_iter, manager)
+    raise
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   writer.print(
       f'jaxcl: {jax.device_count()} {jax.devices()[0].platform} device(s), '

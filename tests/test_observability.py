@@ -45,14 +45,18 @@ def test_good_values_validate():
   _validate(profile_steps=(1, 100))
 
 
-def test_wandb_missing_fails_before_training(monkeypatch):
+def test_wandb_missing_fails_before_training(monkeypatch, tmp_path):
+  from jaxcl import train  # pylint: disable=g-import-not-at-top
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, 'find_spec',
                       lambda name, *a: None if name == 'wandb' else real(name, *a))
-  _validate()  # off: wandb is not needed
+  _validate(**{'wandb.project': 'p'})  # eval and export of such a run need no wandb
+  config = tiny_config(DIGITS_CONFIG)
+  config.wandb.project = 'p'
   with pytest.raises(errors.ConfigError) as e:
-    _validate(**{'wandb.project': 'p'})
+    train.train_and_evaluate(config, tmp_path / 'run')
   assert str(e.value) == 'wandb.project is set but wandb is not installed: pip install wandb'
+  assert not (tmp_path / 'run').exists()
 
 
 def test_default_config_does_not_import_wandb():
@@ -136,18 +140,22 @@ def test_a_run_traces_its_steps_and_logs_to_wandb(tmp_path, monkeypatch):
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
-  """The run id comes from the workdir: each start writes an offline run of
-  the same id, which `wandb sync` appends to one run."""
+  """The run id is made by the first start and kept in the workdir: each
+  start writes an offline run of that id, which `wandb sync` appends to one
+  run; another workdir gets another id."""
   _wandb_env(monkeypatch, tmp_path)
-  workdir = tmp_path / 'run'
-  workdir.mkdir()
   settings = {'project': 'jaxcl-test', 'entity': '', 'name': '', 'mode': 'offline'}
-  for step in (1, 2):
-    writer = MetricWriter(workdir, total_steps=2, initial_step=step - 1, enabled=True,
-                          wandb_config=settings, run_config={'name': ''})
-    writer.write(step, {'loss': float(step)})
-    writer.close()
-    writer.close()  # a failure may close it again
-  runs = sorted((workdir / files.WANDB_DIR).glob('offline-run-*'))
-  ids = {run.name.split('-', 3)[3] for run in runs}  # offline-run-DATE_TIME-ID (two, or
-  assert runs and len(ids) == 1 and ids.pop().startswith('jaxcl-'), runs  # one: same second)
+  ids = {}
+  for name, starts in (('run', (1, 2)), ('other', (1,))):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    for step in starts:
+      writer = MetricWriter(workdir, total_steps=2, initial_step=step - 1, enabled=True,
+                            wandb_config=settings, run_config={'name': ''})
+      writer.write(step, {'loss': float(step)})
+      writer.close()
+      writer.close()  # a failure may close it again
+    runs = sorted((workdir / files.WANDB_DIR).glob('offline-run-*'))
+    ids[name] = {run.name.split('-', 3)[3] for run in runs}  # offline-run-DATE_TIME-ID
+    assert runs and len(ids[name]) == 1, runs  # two runs (or one: the same second), one id
+  assert ids['run'] != ids['other'] and ids['run'].pop().startswith('jaxcl-')

@@ -149,3 +149,20 @@ def test_bad_microbatch_sizes_are_config_errors(batch, microbatch, devices, matc
     config_lib.validate(config, num_devices=devices, process_count=1, check_data=False)
   config.microbatch_size = 8 if devices == 8 else 4
   config_lib.validate(config, num_devices=devices, process_count=1, check_data=False)
+
+
+def test_microbatches_with_fsdp_equal_the_whole_batch():
+  """The gradient sum lives where FSDP keeps the parameters; the step is the same."""
+  results = []
+  for m in (0, 8):
+    config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, batch_size=16, microbatch_size=m)
+    config.mesh.update(data=2, fsdp=4)
+    exp = experiment.setup(config, devices=jax.devices()[:8])
+    split = [s for s in jax.tree.leaves(exp.state_sharding.params) if 'fsdp' in s.spec]
+    assert len(split) >= 2  # the token embedding and the patch embedding, at least
+    (loss, _), grads = jax.jit(train_step.make_loss_and_grads(exp))(
+        exp.init_state(), parallel.put_batch(exp.mesh, two_tower_batch(exp, 16)))
+    results.append(jax.device_get((loss, grads)))
+  (loss, grads), (loss_c, grads_c) = results
+  assert_close(loss_c, loss, rtol=RTOL_LOSS, what='loss')
+  assert_close(grads_c, grads, rtol=RTOL_GRAD, what='grads')

@@ -125,23 +125,30 @@ def _with_summary(loss, summary, positive, axis_name, num_anchors, with_metrics)
                             num_anchors)
 
 
+# The uniformity estimate's rows per device: (2 x 1024)² kernel entries (16 MB)
+# at most, where all of a device's rows would need (2n)² (68 GB for n = 65,536).
+UNIFORMITY_ROWS = 1024
+
+
 def alignment_uniformity(a: jax.Array, b: jax.Array, *, axis_name: AxisName = None) -> dict:
   """Wang and Isola (2020) on the current batch of L2-normalized pairs.
 
   alignment: E ||a_i - b_i||² over the positive pairs of the global batch
   (lower: positives closer). uniformity: log E exp(-2 ||z_i - z_j||²) over
   pairs of distinct embeddings (a and b together), taken over the pairs
-  within each device's rows and averaged over devices, so it costs (2n)²
-  per device whatever the global batch (lower: more uniform on the sphere).
+  within each device's first UNIFORMITY_ROWS rows and averaged over devices,
+  so it costs at most (2 UNIFORMITY_ROWS)² per device whatever the batch
+  (lower: more uniform on the sphere).
   """
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   num = a.shape[0] * _num_devices(axis_name)
   alignment = _global_sum(jnp.sum(jnp.sum((a - b) ** 2, axis=1)), axis_name) / num
-  z = jnp.concatenate([a, b])
+  rows = min(a.shape[0], UNIFORMITY_ROWS)
+  z = jnp.concatenate([a[:rows], b[:rows]])
   sq_dist = jnp.maximum(2.0 - 2.0 * z @ z.T, 0.0)  # unit vectors
   off_diagonal = ~jnp.eye(z.shape[0], dtype=bool)
-  mean_kernel = jnp.sum(jnp.where(off_diagonal, jnp.exp(-2.0 * sq_dist), 0.0)) / (
-      z.shape[0] * (z.shape[0] - 1))
+  pairs = float(z.shape[0] * (z.shape[0] - 1))  # a Python float: no int32 overflow
+  mean_kernel = jnp.sum(jnp.where(off_diagonal, jnp.exp(-2.0 * sq_dist), 0.0)) / pairs
   uniformity = _global_sum(jnp.log(mean_kernel), axis_name) / _num_devices(axis_name)
   return {'alignment': alignment, 'uniformity': uniformity}
 

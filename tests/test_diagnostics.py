@@ -90,6 +90,22 @@ def test_alignment_and_uniformity_match_numpy():
                                                    rel=1e-5)
 
 
+def test_uniformity_of_a_large_batch_uses_its_first_rows(monkeypatch):
+  """Past UNIFORMITY_ROWS rows per device, uniformity is estimated on the
+  first ones (memory bounded whatever the batch); alignment uses them all."""
+  monkeypatch.setattr(losses, 'UNIFORMITY_ROWS', 3)
+  rng = np.random.default_rng(4)
+  a, b = _unit(rng.normal(size=(10, 5))), _unit(rng.normal(size=(10, 5)))
+  got = losses.alignment_uniformity(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+  assert float(got['alignment']) == pytest.approx(np.mean(np.sum((a - b) ** 2, axis=1)),
+                                                  rel=1e-5)
+  z = np.concatenate([a[:3], b[:3]])
+  sq = np.sum((z[:, None] - z[None]) ** 2, axis=-1)
+  off = ~np.eye(6, dtype=bool)
+  assert float(got['uniformity']) == pytest.approx(np.log(np.mean(np.exp(-2 * sq[off]))),
+                                                   rel=1e-5)
+
+
 def test_sharded_uniformity_is_the_mean_of_the_shards():
   rng = np.random.default_rng(2)
   a, b = (jnp.asarray(_unit(rng.normal(size=(16, 4))), jnp.float32) for _ in range(2))

@@ -1,7 +1,8 @@
 """The largest batch per device whose compiled train step fits 16, 40 and 80 GB.
 
   python benchmarks/max_batch.py [--models clip_b16,siglip_b16] [--budgets_gb 16,40,80]
-      [--json benchmarks/max_batch.json] [--moonshot]
+      [--losses dense,blockwise] [--microbatch_sizes 0,256] [--remats none,full]
+      [--json benchmarks/max_batch.json] [--nomoonshot]
 
 For the published ViT-B/16 CLIP towers at 224 px (open_clip's ViT-B-16, a
 49,408-token text table) and SigLIP B/16 (ViT-B-16-SigLIP, 32,000 tokens),
@@ -44,8 +45,9 @@ _MOONSHOT = flags.DEFINE_bool('moonshot', True, 'Also compile the 64k-batch CLIP
 
 MODELS = {'clip_b16': ('configs/clip_vit_b16.py', 'ViT-B-16'),
           'siglip_b16': ('configs/siglip_vit_b16.py', 'ViT-B-16-SigLIP')}
-VARIANTS = [dict(loss=loss, microbatch_size=m, remat=r)
-            for loss in ('dense', 'blockwise') for m in (0, 256) for r in ('none', 'full')]
+_LOSSES = flags.DEFINE_string('losses', 'dense,blockwise', 'Comma-separated loss.impl values.')
+_MICROBATCHES = flags.DEFINE_string('microbatch_sizes', '0,256', 'Comma-separated; 0: off.')
+_REMATS = flags.DEFINE_string('remats', 'none,full', 'Comma-separated model.remat values.')
 GB = 1e9
 
 
@@ -126,11 +128,11 @@ def largest_batches(model, variant, budgets) -> list[dict]:
     real = [r.real for r in roots if abs(r.imag) < 1e-6 and r.real > 0]
     n = _round_down(int(max(real)), multiple) if real else 0
     checked = budget == max(budgets) and n > 0
-    while checked:  # compile there; step down until it fits
+    while checked:  # compile there; scale down by the overshoot until it fits
       record = records[n] = records.get(n) or compiled_memory(variant_config(model, variant, n))
       if record['peak_bytes'] <= budget * GB or n == multiple:
         break
-      n = _round_down(int(n * 0.95), multiple)
+      n = _round_down(int(n * min(0.98, 0.99 * budget * GB / record['peak_bytes'])), multiple)
     if n and not checked:
       record = {k: float(np.polyval(np.polyfit(sizes, [records[m][k] for m in sizes],
                                                 len(sizes) - 1), n))
@@ -161,8 +163,11 @@ def main(argv):
         'loss GB | params+opt GB | batch GB |')
   print('|---|---|---|---|---|---|---|---|---|---|---|')
   rows = []
+  variants = [dict(loss=loss, microbatch_size=int(m), remat=r)
+              for loss in _LOSSES.value.split(',') for m in _MICROBATCHES.value.split(',')
+              for r in _REMATS.value.split(',')]
   for model in _MODELS.value.split(','):
-    for variant in VARIANTS:
+    for variant in variants:
       rows += largest_batches(model, variant, budgets)
   result = {'device': jax.devices()[0].device_kind, 'rows': rows}
   if _MOONSHOT.value:

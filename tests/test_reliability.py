@@ -54,11 +54,13 @@ def test_lock_refuses_a_live_holder_and_releases(tmp_path):
 
 
 def test_lock_of_a_dead_process_is_taken_over(tmp_path):
-  gone = subprocess.Popen(['true'])
-  gone.wait()
-  _write_holder(tmp_path, host=socket.gethostname(), pid=gone.pid, started=0, heartbeat=0)
+  # A pid past the kernel's largest is never alive (a finished child's pid can
+  # be reused at once on a busy machine: threads take pids too).
+  with open('/proc/sys/kernel/pid_max') as f:
+    gone = int(f.read()) + 1
+  _write_holder(tmp_path, host=socket.gethostname(), pid=gone, started=0, heartbeat=0)
   with lock_lib.WorkdirLock(tmp_path) as lock:
-    assert lock.took_over['pid'] == gone.pid
+    assert lock.took_over['pid'] == gone
     assert json.loads((tmp_path / lock_lib.LOCK_DIR / lock_lib.HOLDER_FILE).read_text())[
         'pid'] == os.getpid()
 

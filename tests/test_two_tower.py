@@ -45,8 +45,8 @@ def test_sharded_two_tower_step_equals_single_device(experiments):
   for exp in experiments:
     state = exp.init_state()
     fn = jax.jit(train_step.make_loss_and_grads(exp))
-    (loss, (metrics, _, tau, bias)), grads = fn(state, parallel.puttwo_tower_batch(exp.mesh,
-                                                                          two_tower_batch(exp, 16)))
+    (loss, (metrics, _, tau, bias)), grads = fn(state, parallel.put_batch(
+        exp.mesh, two_tower_batch(exp, 16)))
     results.append(jax.device_get((loss, metrics, grads)))
   (loss1, m1, g1), (loss8, m8, g8) = results
   assert float(loss1) > 0
@@ -75,7 +75,8 @@ def test_sharded_two_tower_train_steps_equal_single_device(experiments):
   for exp in experiments:
     step, state = train_step.make_train_step(exp), exp.init_state()
     for i in range(2):
-      state, metrics = step(state, parallel.puttwo_tower_batch(exp.mesh, two_tower_batch(exp, 16, seed=i)))
+      state, metrics = step(state, parallel.put_batch(exp.mesh,
+                                                      two_tower_batch(exp, 16, seed=i)))
     finals.append(jax.device_get((state.params, metrics)))
   (p1, m1), (p8, m8) = finals
   assert len(qkv_biases(p1)) == 2
@@ -91,7 +92,7 @@ def test_sharded_two_tower_train_steps_equal_single_device(experiments):
 def test_large_gradient_on_tau_is_clamped_without_nan(experiments):
   exp = experiments[1]  # the 8-device one
   state = exp.init_state()
-  batch = parallel.puttwo_tower_batch(exp.mesh, two_tower_batch(exp, 16))
+  batch = parallel.put_batch(exp.mesh, two_tower_batch(exp, 16))
   (_, _), grads = jax.jit(train_step.make_loss_and_grads(exp))(state, batch)
   g = float(grads['temperature']['log_tau'][...])
   assert g != 0
@@ -107,7 +108,7 @@ def test_large_gradient_on_tau_is_clamped_without_nan(experiments):
       opt_state=pushed.init(state.params), rng=state.rng), out_shardings=exp.replicated)()
   t = exp.config.temperature
   for i in range(3):
-    state, metrics = step(state, parallel.puttwo_tower_batch(exp.mesh, two_tower_batch(exp, 16, seed=i)))
+    state, metrics = step(state, parallel.put_batch(exp.mesh, two_tower_batch(exp, 16, seed=i)))
     tau = float(np.exp(jax.device_get(state.params['temperature']['log_tau'][...])))
     assert tau == pytest.approx(t.min, rel=1e-5)  # clamped every step
     if i > 0:  # the loss used the clamped τ

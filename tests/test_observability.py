@@ -5,6 +5,7 @@ one tiny run with both, and wandb never imported when it is off."""
 import importlib.util
 import json
 import pathlib
+import re
 import struct
 import subprocess
 import sys
@@ -156,6 +157,7 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
       writer.close()
       writer.close()  # a failure may close it again
     runs = sorted((workdir / files.WANDB_DIR).glob('offline-run-*'))
-    ids[name] = {run.name.split('-', 3)[3] for run in runs}  # offline-run-DATE_TIME-ID
+    # offline-run-DATE_TIME-ID, and -1, -2... for a second start within the same second
+    ids[name] = {re.search(r'-(jaxcl-[0-9a-f]{16})(-\d+)?$', run.name).group(1) for run in runs}
     assert runs and len(ids[name]) == 1, runs  # two runs (or one: the same second), one id
   assert ids['run'] != ids['other'] and ids['run'].pop().startswith('jaxcl-')

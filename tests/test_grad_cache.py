@@ -45,7 +45,8 @@ def _setup(config_file, devices, microbatch_size, impl='dense', **extra):
 
 
 # (config, devices, loss, microbatch size): 4 chunks on 1 device, 2 on 8.
-CASES = [(CLIP_CONFIG, 1, 'dense', 4), (CLIP_CONFIG, 8, 'blockwise', 8),
+CASES = [(CLIP_CONFIG, 1, 'dense', 4),
+         pytest.param(CLIP_CONFIG, 8, 'blockwise', 8, marks=pytest.mark.slow),
          pytest.param(SIGLIP_CONFIG, 8, 'ring', 8, marks=pytest.mark.slow),
          pytest.param(SIGLIP_CONFIG, 1, 'dense', 2, marks=pytest.mark.slow)]
 
@@ -117,7 +118,8 @@ def _per_chunk_reference(exp, state, images, microbatch_size, shards):
   return jax.device_get((loss, grads, stats))
 
 
-@pytest.mark.parametrize('devices,microbatch_size', [(1, 4), (8, 8)])
+@pytest.mark.parametrize('devices,microbatch_size',
+                         [(1, 4), pytest.param(8, 8, marks=pytest.mark.slow)])
 def test_simclr_chunks_normalize_with_their_own_statistics(devices, microbatch_size):
   exp = _simclr(devices, microbatch_size)
   state = exp.init_state()
@@ -151,6 +153,7 @@ def test_bad_microbatch_sizes_are_config_errors(batch, microbatch, devices, matc
   config_lib.validate(config, num_devices=devices, process_count=1, check_data=False)
 
 
+@pytest.mark.slow
 def test_microbatches_with_fsdp_equal_the_whole_batch():
   """The gradient sum lives where FSDP keeps the parameters; the step is the same."""
   results = []

@@ -61,7 +61,10 @@ TOWERS = {
 }
 
 
-@pytest.mark.parametrize('tower', list(TOWERS))
+# The quick loop checks one image and one text tower; the full suite all four.
+@pytest.mark.parametrize('tower', [
+    'vit_cls', 'text_causal_eot', pytest.param('vit_map', marks=pytest.mark.slow),
+    pytest.param('text_last', marks=pytest.mark.slow)])
 def test_remat_and_scan_give_the_plain_towers_outputs_and_gradients(tower):
   build, inputs = TOWERS[tower]
   plain = build()

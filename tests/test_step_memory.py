@@ -63,7 +63,7 @@ def test_a_step_too_large_for_the_memory_stops_before_writing(tmp_path):
 
 
 # ------------------------------------------------- bfloat16 optimizer state ---
-@pytest.mark.parametrize('optimizer', ['adamw', 'sgd'])
+@pytest.mark.parametrize('optimizer', ['adamw', pytest.param('sgd', marks=pytest.mark.slow)])
 def test_bfloat16_first_moment_halves_it_and_steps_alike(optimizer):
   images = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8)
   results = {}

@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags
 
 from jaxcl import config as config_lib
-from jaxcl import config_files, recipes, step_memory, synthetic, train_step
+from jaxcl import config_files, parallel, recipes, step_memory, synthetic, train_step
 
 _MODELS = flags.DEFINE_string('models', 'clip_b16,siglip_b16', 'Comma-separated models.')
 _BUDGETS = flags.DEFINE_string('budgets_gb', '16,40,80', 'Device memories, GB (1e9 bytes).')
@@ -83,8 +83,8 @@ def compiled_memory(config) -> dict:
   record = step_memory.analysis(train_step.compile_step(exp), exp, with_flops=False)
   record['compile_s'] = round(time.perf_counter() - t0, 1)
   state = exp.abstract_state()
-  record['state_bytes'] = _bytes((state.params, state.opt_state))
-  record['batch_bytes'] = _bytes(train_step.abstract_batch(exp))
+  record['state_bytes'] = parallel.bytes_per_device((state.params, state.opt_state))
+  record['batch_bytes'] = parallel.bytes_per_device(train_step.abstract_batch(exp))
   record['loss_bytes'] = loss_memory(exp)
   return record
 
@@ -102,10 +102,6 @@ def loss_memory(exp) -> int:
   compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(embeddings,
                                                                        embeddings).compile()
   return int(compiled.memory_analysis().temp_size_in_bytes)
-
-
-def _bytes(tree) -> int:
-  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _round_down(n: int, multiple: int) -> int:

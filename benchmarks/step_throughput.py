@@ -10,7 +10,8 @@ the gathered loss, the update) on synthetic data (jaxcl.synthetic: random
 uint8 images of the config's input size and, for CLIP/SigLIP, random captions
 in a table of the tokenizer's published size; no dataset is read), after one
 warm-up step, and prints a table: compile time, step time, examples/s, the
-compiled step's temporaries and peak memory per device (jaxcl.step_memory),
+compiled step's temporaries and peak memory per device, the towers'
+activations (what their forward keeps for the backward: jaxcl.step_memory),
 FLOPs per example, achieved TFLOP/s per device and MFU (where the device's
 peak is known). --variants: ';'-separated sets of 'KEY=VALUE,...' overrides,
 each measured beside the config itself in the same run, so their ratios
@@ -84,6 +85,7 @@ def measure(config, batch_size, steps, name='base'):
           'devices': jax.device_count(), 'device_kind': kind, 'compile_s': round(compile_s, 2),
           'step_ms': round(1000 * step_s, 1), 'examples_per_sec': round(batch_size / step_s, 1),
           'temp_mib': round(memory['temp_bytes'] / 2**20, 1),
+          'activation_mib': round(step_memory.activation_bytes(exp) / 2**20, 1),
           'peak_mib': round(memory['peak_bytes'] / 2**20, 1),
           'gflops_per_example': round(rates.get('flops_per_example', 0) / 1e9, 4),
           'tflops_per_device': round(rates.get('tflops_per_device', 0), 4),
@@ -97,7 +99,7 @@ def main(argv):
           for name, config in variant_configs(_CONFIG.value, _VARIANTS.value,
                                               _ARCHITECTURE.value)]
   header = ('config', 'variant', 'batch_size', 'devices', 'device_kind', 'compile_s', 'step_ms',
-            'examples_per_sec', 'temp_mib', 'peak_mib', 'gflops_per_example',
+            'examples_per_sec', 'temp_mib', 'activation_mib', 'peak_mib', 'gflops_per_example',
             'tflops_per_device', 'mfu')
   print(' | '.join(header))
   for row in rows:

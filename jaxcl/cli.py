@@ -4,6 +4,7 @@
   jaxcl eval   --workdir DIR [--zeroshot cifar100,imagenet2012,folder:DIR] [--retrieval NAME]
   jaxcl export --workdir DIR --output FILE [--overwrite] [--format jax|open_clip]
   jaxcl sweep  --config FILE --workdir DIR [--temperatures 0.05,0.1,0.2,0.5,1.0,learnable]
+               [--search grid|halving --eta 2 --holdout 0.2]
   jaxcl report --workdir DIR
   jaxcl import SOURCE --output DIR [--tokenizer FILE]
   jaxcl shard  --input PAIRS_OR_FOLDER --output DIR [--shard_size MB] [--workers N]
@@ -85,6 +86,12 @@ _TEST_FRACTION = flags.DEFINE_float(
 _TEMPERATURES = flags.DEFINE_string(
     'temperatures', '0.05,0.1,0.2,0.5,1.0,learnable',
     'Comma-separated fixed τ values and/or "learnable".')
+_SEARCH = flags.DEFINE_enum('search', 'grid', ['grid', 'halving'], 'sweep: train every τ to the '
+                            'end (grid), or halve the candidates at rungs (jaxcl.halving).')
+_ETA = flags.DEFINE_integer('eta', 2, 'sweep --search halving: 1/eta of the candidates go on at '
+                            'each rung.', lower_bound=2)
+_HOLDOUT = flags.DEFINE_float('holdout', 0.2, 'sweep --search halving: the fraction of the eval '
+                              'train split that scores the rungs (0: the eval splits).')
 
 MULTI_PROCESS = ('coordinator_address', 'num_processes', 'process_id', 'heartbeat_timeout')
 # command: (what it does, its required flags, its optional flags)
@@ -96,8 +103,10 @@ COMMANDS = {
     'export': ('Writes the trained encoder(s) as jax.export artifacts and FILE.json, or '
                '(--format open_clip) a CLIP or SigLIP model as an open_clip directory.',
                ('workdir', 'output'), ('overwrite', 'format', *MULTI_PROCESS)),
-    'sweep': ('Trains one run per temperature and compares them (sweep.csv/json/png).',
-              ('config', 'workdir'), ('temperatures', *MULTI_PROCESS)),
+    'sweep': ('Trains one run per temperature, or halves them at rungs on held-out data '
+              '(--search halving), and compares them (sweep.csv/json/png).',
+              ('config', 'workdir'), ('temperatures', 'search', 'eta', 'holdout',
+                                      *MULTI_PROCESS)),
     'report': ('Plots a run or a sweep: DIR/report.html and DIR/report/*.png.',
                ('workdir',), ()),
     'import': ('Makes a workdir at step 0 from the published CLIP or SigLIP checkpoint in the '
@@ -261,7 +270,12 @@ def run(argv: list[str]) -> int:
       from jaxcl import sweep  # pylint: disable=g-import-not-at-top
       values = sweep.parse_temperatures(_TEMPERATURES.value)
       _check_workdir(workdir, must_exist=False)
-      table = sweep.run_sweep(_CONFIG.value, workdir, values)
+      if _SEARCH.value == 'halving':
+        from jaxcl import halving  # pylint: disable=g-import-not-at-top
+        table = halving.run_halving(_CONFIG.value, workdir, values, _ETA.value, _HOLDOUT.value)
+        print(f'chose tau-{table["winner"]} ({table["steps_trained"]} steps trained in all)')
+      else:
+        table = sweep.run_sweep(_CONFIG.value, workdir, values)
       print(f'wrote {workdir}/sweep.csv, sweep.json and sweep.png ({len(table["rows"])} runs)')
     elif command == 'report':
       _check_workdir(workdir, must_exist=True)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 
-from jaxcl import errors, files, throughput, train_step
+import jax
+import numpy as np
+
+from jaxcl import augment, errors, files, parallel, throughput, train_step
 
 GIB = 2 ** 30
 
@@ -43,6 +46,26 @@ def flops_per_device(exp, compiled) -> float | None:
   except Exception:  # pylint: disable=broad-except  # a platform without a cost analysis
     return None
   return float(flops) / exp.mesh.size if flops else None
+
+
+def activation_bytes(exp) -> int:
+  """Bytes per device the towers' forward pass keeps for the backward pass
+  (jax.vjp's residuals), on one chunk: the batch, or one microbatch. This is
+  what remat trades for recomputation. Counted from shapes, nothing runs.
+  Weights kept as residuals do not grow with the rows, so only the growth is
+  counted: 2 x (residuals at n rows - residuals at n/2)."""
+  _, encode = train_step.make_towers(exp)
+  state = exp.abstract_state()
+  rows = exp.config.microbatch_size or exp.config.batch_size
+
+  def residuals(n):
+    def pullback(params, batch):
+      inputs = (batch, augment.view_keys(jax.random.key(0), exp.method.num_views, n))
+      return jax.vjp(lambda p: encode(p, state.batch_stats, inputs)[0], params)[1]
+    shapes = jax.eval_shape(pullback, state.params, train_step.abstract_batch(exp, n))
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
+
+  return 2 * (residuals(rows) - residuals(rows // 2)) // parallel.num_batch_shards(exp.mesh)
 
 
 def analysis(compiled, exp, with_flops: bool = True) -> dict:

@@ -84,7 +84,7 @@ def _read_json(path):
   return value if isinstance(value, dict) else None
 
 
-def _finished(run_dir, config) -> bool:
+def finished(run_dir, config) -> bool:
   """Whether run_dir holds this config's finished, evaluated run: its
   eval.json is readable and at total_steps, and its saved config is this one."""
   results = _read_json(epath.Path(run_dir) / files.EVAL_FILE)
@@ -111,48 +111,75 @@ def summarize(run_dir, value: str) -> dict:
   return row
 
 
-def run_sweep(config, workdir, values: list[str], log=print) -> dict:
-  """Trains and evaluates every value (skipping finished runs); writes the
-  sweep files. Returns {'columns', 'rows'}."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jaxcl import run_files, train  # pylint: disable=g-import-not-at-top
+def prepare(config, workdir, values: list[str]) -> dict:
+  """{value: its run's config}, every run checked (validated, its workdir
+  trainable and resumable with this config) before the first trains; the
+  sweep's directory made. ConfigError for a directory that holds something
+  else."""
+  from jaxcl import run_files  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
-  writer = jax.process_index() == 0  # on a pod, process 0 writes the sweep's files
   if workdir.is_dir() and not (files.is_empty_dir(workdir) or files.is_sweep(workdir)):
     raise config_lib.ConfigError(f'workdir {workdir} holds files but is not a jaxcl sweep (no '
                                  f'sweep.json or tau-* runs); use a new or empty directory')
   configs = {v: run_config(config, v) for v in values}
-  for value, cfg in configs.items():  # every run is checked before the first trains
+  for value, cfg in configs.items():
     config_lib.validate(cfg)
     run_files.check_trainable_workdir(workdir / f'tau-{value}')
     config_lib.check_resumable(cfg, workdir / f'tau-{value}')
   workdir.mkdir(parents=True, exist_ok=True)
+  return configs
+
+
+def timed_train(cfg, run_dir, writer: bool, **kwargs) -> None:
+  """train.train_and_evaluate, its seconds added to the run's wall_time.json
+  (a run resumed after a kill, or continued at a rung, counts every call)."""
+  from jaxcl import train  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  train.train_and_evaluate(cfg, run_dir, **kwargs)
+  if writer:
+    before = (_read_json(run_dir / WALL_FILE) or {}).get('seconds', 0.0)
+    files.write_atomically(run_dir / WALL_FILE,
+                           json.dumps({'seconds': before + time.perf_counter() - start}))
+
+
+def run_sweep(config, workdir, values: list[str], log=print) -> dict:
+  """Trains and evaluates every value (skipping finished runs); writes the
+  sweep files. Returns {'columns', 'rows'}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(workdir)
+  writer = jax.process_index() == 0  # on a pod, process 0 writes the sweep's files
+  configs = prepare(config, workdir, values)
   rows = []
   for value, cfg in configs.items():
     run_dir = workdir / f'tau-{value}'
-    if _finished(run_dir, cfg):
+    if finished(run_dir, cfg):
       log(f'jaxcl sweep: tau-{value} is finished, skipped')
     else:
       log(f'jaxcl sweep: training tau-{value}')
-      start = time.perf_counter()
-      train.train_and_evaluate(cfg, run_dir)
-      if writer:
-        files.write_atomically(run_dir / WALL_FILE,
-                               json.dumps({'seconds': time.perf_counter() - start}))
+      timed_train(cfg, run_dir, writer)
     rows.append(summarize(run_dir, value))
-  columns = [c for c in ('run', 'tau', 'final_tau', *TRAIN_COLUMNS, *EVAL_COLUMNS, 'wall_time_s')
-             if any(r.get(c) is not None for r in rows)]
-  table = {'columns': columns, 'rows': rows}
-  if not writer:
-    return table
+  table = {'columns': columns(rows), 'rows': rows}
+  if writer:
+    write_table(workdir, table)
+    plot_sweep(workdir, table)
+  return table
+
+
+def columns(rows: list[dict], extra=()) -> list[str]:
+  """The table's columns that some row has a value for."""
+  return [c for c in ('run', 'tau', *extra, 'final_tau', *TRAIN_COLUMNS, *EVAL_COLUMNS,
+                      'wall_time_s') if any(r.get(c) is not None for r in rows)]
+
+
+def write_table(workdir, table: dict) -> None:
+  """DIR/sweep.json (the whole table) and DIR/sweep.csv (its rows)."""
+  workdir = epath.Path(workdir)
   files.write_atomically(workdir / files.SWEEP_JSON, json.dumps(table, indent=2) + '\n')
   text = io.StringIO()
-  csv_writer = csv.DictWriter(text, fieldnames=columns, extrasaction='ignore')
+  csv_writer = csv.DictWriter(text, fieldnames=table['columns'], extrasaction='ignore')
   csv_writer.writeheader()
-  csv_writer.writerows(rows)
+  csv_writer.writerows(table['rows'])
   files.write_atomically(workdir / files.SWEEP_CSV, text.getvalue())
-  plot_sweep(workdir, table)
-  return table
 
 
 def plot_sweep(workdir, table: dict) -> None:

@@ -28,12 +28,16 @@ from jaxcl.experiment import Experiment, setup
 from jaxcl.metric_writer import MetricWriter
 
 
-def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> dict:
+def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False,
+                       until_step: int | None = None) -> dict:
   """Trains, evaluates and checkpoints a validated config in `workdir`;
   resumes from the newest checkpoint there that restores, on whatever mesh
   this run has. Returns the final eval results; raises errors.Interrupted
   when SIGTERM or Ctrl-C stopped it (after saving its step).
-  allow_batch_change: resume a run whose global batch_size was different."""
+  allow_batch_change: resume a run whose global batch_size was different.
+  until_step: stop there with a checkpoint and no final evaluation (returns
+  {}); the schedules still run to total_steps, so a later call continues
+  the same run (jaxcl.halving's rungs)."""
   workdir = epath.Path(workdir)
   # Everything that can fail on bad input comes before the first write.
   run_files.check_trainable_workdir(workdir)
@@ -54,7 +58,8 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> 
   # done), and a step that cannot fit in memory refused.
   lock_lib.WorkdirLock(workdir).check_free()
   compiled, notes = None, []
-  if not resuming or (checkpoints.complete_step(workdir) or 0) < config.total_steps:
+  target = config.total_steps if until_step is None else min(until_step, config.total_steps)
+  if not resuming or (checkpoints.complete_step(workdir) or 0) < target:
     t0 = time.perf_counter()
     compiled = _compile_and_check(exp)
     notes.append(f'compiled the step in {time.perf_counter() - t0:.1f}s; it needs '
@@ -65,7 +70,7 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False) -> 
       notes.append(f'jaxcl: took over the lock of a run that is gone: '
                    f'{lock_lib.describe(lock.took_over)}')
     try:
-      return _train(exp, eval_data, workdir, notes, lock, initial, compiled)
+      return _train(exp, eval_data, workdir, notes, lock, initial, compiled, target)
     except OSError as e:  # writing the run's files: a full disk, a lost mount
       raise errors.RunError(f'cannot write to {workdir}: {e.strerror or errors.type_and_first_line(e)}; '
                             f'the last complete checkpoint is step '
@@ -99,13 +104,14 @@ def _restore(exp: Experiment, workdir, notes: list, initial=None):
 
 
 def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
-           lock: lock_lib.WorkdirLock, initial, compiled) -> dict:
-  """The loop, in a workdir this run holds; `notes` are printed once the
-  writer is up; compiled: (the compiled step, its step_memory.analysis), or
-  None for a run that was done (compiled here if a step is left after all)."""
+           lock: lock_lib.WorkdirLock, initial, compiled, total: int) -> dict:
+  """The loop, in a workdir this run holds, up to step `total` (total_steps,
+  or a step before it: then no final evaluation); `notes` are printed once
+  the writer is up; compiled: (the compiled step, its step_memory.analysis),
+  or None for a run that was done (compiled here if a step is left after all)."""
   config, method = exp.config, exp.method
   manager, state, resumed = _restore(exp, workdir, notes, initial)
-  start_step, total = int(state.step), config.total_steps
+  start_step = int(state.step)
   history = run_files.batch_history(workdir, config.batch_size, start_step)
   if len(history) > 1 and history[-1][0] == start_step:
     notes.append(f'jaxcl: global batch {history[-2][1]} -> {history[-1][1]} from step '
@@ -206,7 +212,8 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
         manager.close()
         raise errors.Interrupted(message, preemption.exit_code)
 
-      if step % config.eval_every_steps == 0 and step != total and eval_data.evaluates:
+      if (step % config.eval_every_steps == 0 and step != config.total_steps
+          and eval_data.evaluates):
         results = evaluation.run_evaluation(exp, state, eval_data, embed_fns, workdir)
         writer.write(step, results)
         writer.print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
@@ -215,6 +222,12 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
     finite.settle()
     if finite.skipped:
       writer.print(f'jaxcl: {finite.skipped} non-finite step(s) skipped (nonfinite=skip)')
+    if step < config.total_steps:  # stopped early on purpose (until_step): no final eval
+      checkpoints.finish_checkpoints(manager)
+      writer.print(f'jaxcl: stopped at step {step} of {config.total_steps}, checkpoint saved')
+      writer.close()
+      manager.close()
+      return {}
     if manager.latest_step() is None:  # total_steps=0: keep the initial encoder for eval/export
       checkpoints.save_checkpoint(manager, state, run_files.stream_positions(train_iter))
     checkpoints.finish_checkpoints(manager)

@@ -22,6 +22,29 @@ from jaxcl.experiment import Experiment, TrainState
 from jaxcl.temperature import project_all
 
 
+def make_towers(exp: Experiment):
+  """(merge, encode) for the config's method. merge(params, batch_stats) ->
+  the model (frozen parameter groups behind stop_gradient); encode(params,
+  batch_stats, (batch, view keys [n, V])) -> ((a, b) embeddings [n, d], new
+  batch stats): the augmentation and the towers on n rows of the batch."""
+  method, config = exp.method, exp.config
+  frozen = param_groups.as_patterns(config.optimizer.frozen)
+
+  def merge(params, batch_stats):
+    if frozen:  # no gradient flows into them: a tower frozen whole runs no backward pass
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
+                            param_groups.selected(params, frozen))
+    return nnx.merge(exp.train_graphdef, params, batch_stats, copy=True)
+
+  def encode(params, batch_stats, inputs):
+    model = merge(params, batch_stats)
+    batch, keys = inputs
+    a, b = method.embeddings(model, method.model_inputs(keys, batch, config))
+    return (a, b), nnx.state(model, nnx.BatchStat)
+
+  return merge, encode
+
+
 def make_loss_and_grads(exp: Experiment):
   """(state, batch) -> ((loss, aux), grads) for the config's method.
 
@@ -32,7 +55,7 @@ def make_loss_and_grads(exp: Experiment):
   `microbatch_size` the towers run in chunks (jaxcl.grad_cache).
   """
   method, config, batch_spec = exp.method, exp.config, P(parallel.BATCH_AXES)
-  frozen = param_groups.as_patterns(config.optimizer.frozen)
+  merge, encode = make_towers(exp)
 
   def loss(a, b, tau, bias):
     value, metrics = method.loss(a, b, tau, bias, axis_name=parallel.BATCH_AXES,
@@ -44,19 +67,6 @@ def make_loss_and_grads(exp: Experiment):
 
   loss_on_mesh = jax.shard_map(loss, mesh=exp.mesh, in_specs=(batch_spec, batch_spec, P(), P()),
                                out_specs=(P(), P()))
-
-  def merge(params, batch_stats):
-    if frozen:  # no gradient flows into them: a tower frozen whole runs no backward pass
-      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
-                            param_groups.selected(params, frozen))
-    return nnx.merge(exp.train_graphdef, params, batch_stats, copy=True)
-
-  def encode(params, batch_stats, inputs):
-    """Embeddings of rows [n] of the batch; inputs: their arrays and view keys."""
-    model = merge(params, batch_stats)
-    batch, keys = inputs
-    a, b = method.embeddings(model, method.model_inputs(keys, batch, config))
-    return (a, b), nnx.state(model, nnx.BatchStat)
 
   def loss_and_grads(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

@@ -57,9 +57,17 @@ def evaluate_workdir(workdir, zeroshot: list[str] | None = None,
   eval.zeroshot, eval.retrieval (jaxcl.zeroshot_suite); None: the saved one."""
   changes = {f'eval.{key}': tuple(value) for key, value in
              (('zeroshot', zeroshot), ('retrieval', retrieval)) if value is not None}
+  step, results = evaluate_checkpoint(workdir, changes)
+  run_files.write_eval(workdir, step, results)
+  return {'step': step, **results}
+
+
+def evaluate_checkpoint(workdir, changes: dict | None = None) -> tuple[int, dict]:
+  """(step, results) of the method's evaluation of the latest checkpoint,
+  the saved config changed by `changes` for this call (load_trained); writes
+  nothing but the zero-shot cache."""
   exp, state = load_trained(workdir, changes=changes)
   eval_data = exp.method.open_eval_data(exp.config, exp.dataset)
   results = evaluation.run_evaluation(exp, state, eval_data, evaluation.make_embed_fns(exp),
                                       workdir)
-  run_files.write_eval(workdir, int(state.step), results)
-  return {'step': int(state.step), **results}
+  return int(state.step), results

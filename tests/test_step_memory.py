@@ -41,6 +41,21 @@ def test_microbatches_and_remat_lower_the_temporaries():
   assert flops['chunks'] == flops['remat'] == pytest.approx(flops['plain'], rel=0.03), flops
 
 
+def test_activation_bytes_are_the_residuals_remat_drops():
+  two_tower = dict(TINY_TWO_TOWER, **{'model.vit.depth': '2', 'text.depth': '2',
+                                      'model.vit.patch_size': '4'})
+  activations = {}
+  for remat in ('none', 'full'):
+    config = tiny_config(CLIP_CONFIG, two_tower, batch_size=64, **{'model.remat': remat})
+    activations[remat] = step_memory.activation_bytes(
+        experiment.setup(config, devices=jax.devices()[:1]))
+  # remat full keeps at least each block's float32 input: [n, tokens, width] per block
+  size = config.augment.image_size
+  image_tokens = (size // 4) ** 2
+  block_inputs = 2 * 64 * 4 * (image_tokens * 32 + 48 * 32)
+  assert block_inputs <= activations['full'] < activations['none'] / 3, (block_inputs, activations)
+
+
 @pytest.mark.slow
 def test_every_run_records_its_compiled_step(uninterrupted):
   record = json.loads((uninterrupted / files.COMPILED_STEP_FILE).read_text())

@@ -262,7 +262,8 @@ class Dataset:
   def _open_tfds(self, split, with_text):
     cfg = self.cfg
     builder = self.builder()
-    if split not in builder.info.splits:
+    # TFDS's split syntax: 'train', 'train[:80%]', 'train[1000:]+test'
+    if any(part.split('[')[0].strip() not in builder.info.splits for part in split.split('+')):
       raise DatasetError(f'dataset {cfg.name!r} has no split {split!r} '
                          f'(it has {", ".join(builder.info.splits)})')
     features = builder.info.features

@@ -49,6 +49,9 @@ class Method(abc.ABC):
   image_output = ''
   # What the run's log says when the evaluation data has no labels.
   skipped_without_labels = ''
+  # Evaluation results that score a run, best first: the first one present
+  # ranks candidates (jaxcl.halving), higher is better.
+  monitor_metrics: tuple[str, ...] = ()
   # The parts init.load can name (presets.LOADABLE): part -> {role: the model
   # attribute holding it}. Loading a part copies each role both models have,
   # so a SimCLR encoder becomes a CLIP image encoder (LiT).

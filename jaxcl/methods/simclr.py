@@ -37,6 +37,7 @@ class SimCLR(base.Method):
   name = 'simclr'
   image_output = 'L2-normalized encoder features (before the projection head)'
   skipped_without_labels = 'kNN and linear probe are skipped'
+  monitor_metrics = ('knn_top1', 'linear_top1')
   num_views = 2
 
   def build_model(self, config, in_channels, rngs, tokenizer=None):

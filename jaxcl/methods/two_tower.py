@@ -91,6 +91,7 @@ class TwoTower(base.Method):
             'temperature': {'temperature': 'temperature', 'bias': 'bias'}}
   image_output = 'L2-normalized image embeddings (the shared image-text space)'
   skipped_without_labels = 'zero-shot classification is skipped'
+  monitor_metrics = ('zeroshot_top1', 'i2t_r1', 't2i_r1')
 
   def check_config(self, config):
     x = config.text

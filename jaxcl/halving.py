@@ -1,0 +1,219 @@
+"""`jaxcl sweep --search halving`: successive halving over the τ candidates.
+
+  jaxcl sweep --config CONFIG --workdir DIR --search halving \
+      --temperatures 0.05,0.1,0.2,0.5,1.0,learnable [--eta 2] [--holdout 0.2]
+
+Every candidate trains to the first rung. There the run's own monitor scores
+it on held-out data (the method's monitor_metrics: kNN top-1 for SimCLR,
+zero-shot top-1 or recall@1 for CLIP and SigLIP), and the best 1/eta continue
+from their checkpoints to the next rung. The last one trains to total_steps
+and gets the run's final evaluation, as `jaxcl train` would. The learning-rate
+and τ schedules always run to total_steps, so a survivor continues exactly
+the run it would have been.
+
+With n candidates there are R = ceil(log_eta n) rungs before the last; rung k
+trains ceil(n / eta^k) candidates to floor(total_steps * eta^k / eta^R)
+steps. Six candidates at eta 2: 6 to T/8, 3 to T/4, 2 to T/2, 1 to T, which
+is 2.125 runs' steps in all.
+
+Held-out data: the monitor replaces the evaluation splits by slices of the
+eval train split, its first (1 - holdout) as the kNN bank and probe's train
+set and its last `holdout` as the queries (for CLIP and SigLIP: zero-shot and
+retrieval), so the test split chooses nothing. --holdout 0 keeps the
+configured splits (a dataset with a validation split of its own, or
+webdataset shards whose dataset.eval_urls are held out).
+
+The sweep resumes after a kill: sweep.json records every rung's scores as
+they come, and a run continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from etils import epath
+
+from jaxcl import checkpoints, errors, files, methods, sweep
+from jaxcl.data import shard_sources
+
+
+def schedule(num_candidates: int, total_steps: int, eta: int = 2) -> list[tuple[int, int]]:
+  """[(step, how many candidates train to it)], the last (total_steps, 1)."""
+  rungs = 0
+  while eta ** rungs < num_candidates:
+    rungs += 1
+  steps = [total_steps * eta ** k // eta ** rungs for k in range(rungs + 1)]
+  if rungs and steps[0] < 1:
+    raise errors.ConfigError(f'total_steps={total_steps} is too few for {num_candidates} '
+                             f'candidates halved by {eta}: the first rung would be step 0')
+  return [(step, -(-num_candidates // eta ** k)) for k, step in enumerate(steps)]
+
+
+def survivors(scores: dict, candidates: list[str], keep: int) -> list[str]:
+  """The `keep` best candidates by score (higher is better; a missing or
+  non-finite score ranks last; ties go to the earlier candidate), in the
+  candidates' order."""
+  def rank(value):
+    score = scores.get(value)
+    good = score is not None and math.isfinite(score)
+    return (0, -score) if good else (1, 0.0)
+  kept = set(sorted(candidates, key=lambda v: (*rank(v), candidates.index(v)))[:keep])
+  return [v for v in candidates if v in kept]
+
+
+def holdout_changes(config, holdout: float) -> dict:
+  """Config changes that point the evaluation at held-out slices of the
+  eval train split (none for holdout 0); ConfigError where they cannot."""
+  if not holdout:
+    return {}
+  if not 0 < holdout < 1:
+    raise errors.ConfigError(f'--holdout must be in [0, 1), got {holdout}')
+  d = config.dataset
+  split = d.eval_train_split
+  if d.name in (shard_sources.NAME, shard_sources.MIXTURE, 'image_folder') or '[' in split:
+    raise errors.ConfigError(
+        f'--holdout slices a TFDS split; dataset {d.name!r} split {split!r} cannot be sliced: '
+        f'use --holdout=0 to monitor on the configured evaluation splits')
+  cut = round(100 * (1 - holdout))
+  return {'dataset.eval_train_split': f'{split}[:{cut}%]',
+          'dataset.eval_test_split': f'{split}[{cut}%:]', 'eval.zeroshot_dataset': '',
+          'eval.zeroshot_split': '', 'eval.zeroshot': (), 'eval.retrieval': ()}
+
+
+def monitor_score(method, results: dict) -> tuple[str | None, float | None]:
+  """(metric, value): the first of the method's monitor_metrics in `results`."""
+  for metric in method.monitor_metrics:
+    if results.get(metric) is not None:
+      return metric, float(results[metric])
+  return None, None
+
+
+def _load_record(workdir, config, values, eta: int, holdout: float) -> dict:
+  """The halving record of sweep.json, or a new one; ConfigError when the
+  sweep there was another search."""
+  try:
+    saved = json.loads((workdir / files.SWEEP_JSON).read_text())
+  except (OSError, ValueError):
+    saved = None
+  setting = {'search': 'halving', 'candidates': list(values), 'eta': eta, 'holdout': holdout,
+             'total_steps': config.total_steps}
+  if saved is None:
+    return dict(setting, rungs=[])
+  if any(saved.get(k) != v for k, v in setting.items()):
+    was = {k: saved.get(k) for k in setting}
+    raise errors.ConfigError(f'{workdir} holds a sweep with {was}, not {setting}; use a new '
+                             f'workdir')
+  return saved
+
+
+def run_halving(config, workdir, values: list[str], eta: int = 2, holdout: float = 0.2,
+                log=print) -> dict:
+  """Successive halving over `values`; writes sweep.json (every rung, as it
+  is scored), sweep.csv and sweep.png. Returns the sweep.json record."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxcl import trained  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(workdir)
+  writer = jax.process_index() == 0
+  changes = holdout_changes(config, holdout)
+  rungs = schedule(len(values), config.total_steps, eta)
+  method = methods.get(config.method)
+  configs = sweep.prepare(config, workdir, values)
+  record = _load_record(workdir, config, values, eta, holdout)
+  alive = list(values)
+  for k, (step, count) in enumerate(rungs):
+    last = k == len(rungs) - 1
+    if k == len(record['rungs']):
+      record['rungs'].append({'step': step, 'candidates': alive, 'scores': {}, 'results': {}})
+    rung = record['rungs'][k]
+    for value in alive:
+      run_dir = workdir / f'tau-{value}'
+      if value in rung['scores'] or (last and sweep.finished(run_dir, configs[value])):
+        continue
+      reached = checkpoints.complete_step(run_dir) or 0
+      if reached > step:
+        raise errors.ConfigError(f'{run_dir} has trained to step {reached}, past this rung '
+                                 f'({step}); a halving sweep needs a new workdir')
+      log(f'jaxcl sweep: rung {k + 1}/{len(rungs)}: tau-{value} to step {step}')
+      sweep.timed_train(configs[value], run_dir, writer, until_step=None if last else step)
+      if last:
+        break
+      at, results = trained.evaluate_checkpoint(run_dir, changes)
+      metric, score = monitor_score(method, results)
+      if metric is None:
+        raise errors.ConfigError(
+            f'the monitor scored nothing for tau-{value}: none of {method.monitor_metrics} in '
+            f'its held-out evaluation ({", ".join(results) or "none"}); halving needs labels there')
+      log(f'jaxcl sweep: tau-{value} at step {at}: {metric} {score} on held-out data')
+      rung['scores'][value], rung['results'][value] = score, results
+      record['metric'] = metric
+      if writer:
+        _write(workdir, record, values, rungs)
+    if not last:
+      alive = survivors(rung['scores'], alive, rungs[k + 1][1])
+  record['winner'] = alive[0]
+  if writer:
+    _write(workdir, record, values, rungs)
+    plot_rungs(workdir, record)
+  return record
+
+
+def _write(workdir, record: dict, values: list[str], rungs) -> None:
+  """sweep.json and sweep.csv: the record with one row per candidate."""
+  rows = []
+  for value in values:
+    scored = [r for r in record['rungs'] if value in r['scores']]
+    row = sweep.summarize(workdir / f'tau-{value}', value) if (
+        workdir / f'tau-{value}').is_dir() else {'run': f'tau-{value}', 'tau': value}
+    row.update(steps=scored[-1]['step'] if scored else None,
+               monitor=scored[-1]['scores'][value] if scored else None)
+    if record.get('winner') == value:
+      row['steps'] = rungs[-1][0]
+    rows.append(row)
+  record.update(columns=sweep.columns(rows, extra=('steps', 'monitor')), rows=rows,
+                steps_trained=_steps_trained(record, rungs))
+  sweep.write_table(workdir, record)
+
+
+def _steps_trained(record: dict, rungs) -> int:
+  """Training steps of all candidates so far (the winner's to the end once chosen)."""
+  reached = {}
+  for rung in record['rungs']:
+    for value in rung['scores']:
+      reached[value] = rung['step']
+  if 'winner' in record:
+    reached[record['winner']] = rungs[-1][0]
+  return sum(reached.values())
+
+
+def plot_rungs(workdir, record: dict) -> None:
+  """DIR/sweep.png: each candidate's held-out score at each rung it
+  reached, and the first rung's scores against τ."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from jaxcl import report  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for i, value in enumerate(record['candidates']):
+    points = [(r['step'], r['scores'][value]) for r in record['rungs']
+              if r['scores'].get(value) is not None]
+    if points:
+      axes[0].plot(*zip(*points), 'o-', color=f'C{i}', label=f'τ {value}'
+                   + (' (chosen)' if value == record.get('winner') else ''))
+  axes[0].set_xscale('log', base=2)
+  axes[0].set_xlabel('step (rungs)')
+  axes[0].set_ylabel(f'{record.get("metric")}, held-out')
+  axes[0].set_title('successive halving: the monitor at each rung')
+  axes[0].legend(fontsize=7)
+  axes[0].grid(alpha=0.3)
+  first = record['rungs'][0]['scores'] if record['rungs'] else {}
+  fixed = sorted((float(v), s) for v, s in first.items() if v != sweep.LEARNABLE and s is not None)
+  if fixed:
+    axes[1].plot(*zip(*fixed), 'o-', color='C0', label='fixed τ')
+  if first.get(sweep.LEARNABLE) is not None:
+    axes[1].axhline(first[sweep.LEARNABLE], color='C3', ls='--', label='learnable τ')
+  axes[1].set_xscale('log')
+  axes[1].set_xlabel('τ')
+  axes[1].set_title(f'first rung (step {record["rungs"][0]["step"] if record["rungs"] else 0})')
+  axes[1].legend(fontsize=7)
+  axes[1].grid(alpha=0.3)
+  fig.tight_layout()
+  report.save_figure(fig, epath.Path(workdir) / files.SWEEP_PNG)

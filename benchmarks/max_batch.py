@@ -10,11 +10,11 @@ in bfloat16 activations with AdamW, on one device, for each loss (dense,
 blockwise), microbatch size (off, 256) and remat (none, full): the step is
 compiled (never run: nothing is allocated, so this runs on a CPU) and XLA's
 memory analysis gives its peak bytes (jaxcl.step_memory). Peak memory is
-close to a quadratic in the batch N (the dense loss's N x N logits), so it is
-compiled at three batch sizes (two for the blockwise loss, linear in N),
-fitted, and solved for each budget; the 80 GB answer is checked by
-compiling there (and stepped down until it fits), the smaller budgets'
-answers are the fit's.
+close to linear in the batch N (the towers' activations; the dense loss's
+N x N float32 logits are 17 MB at N = 2,048), so it is compiled at two batch
+sizes, fitted by a line, and solved for each budget; the 80 GB answer is
+checked by compiling there (and bisected down until it fits), the smaller
+budgets' answers are the line's.
 
 The memory at the largest batch is split into the state (parameters and
 AdamW's moments), the batch, the loss (its own compiled value-and-gradient
@@ -104,37 +104,48 @@ def loss_memory(exp) -> int:
   return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def _round_down(n: int, multiple: int) -> int:
-  return max(multiple, n // multiple * multiple)
-
-
 def largest_batches(model, variant, budgets) -> list[dict]:
   """For each budget, the largest batch (a multiple of the microbatch, or of
-  16) whose compiled step fits. Peak bytes are fitted through compiles at
-  three batch sizes (two for the blockwise loss, linear in N) and solved per
-  budget; the largest budget's answer is checked by compiling there (and
-  stepped down until it fits), the others are the fit's ('checked' False)."""
+  16) whose compiled step fits. Peak bytes are fitted by a line through
+  compiles at two batch sizes and solved per budget. The largest budget's
+  answer is checked by compiling there; where it does not fit, a bisection
+  between the largest batch known to fit and it finds the largest that does
+  (to 2%). The smaller budgets' answers are the line's ('checked' False)."""
   multiple = variant['microbatch_size'] or 16
-  sizes = [multiple * k for k in ((2, 8) if variant['loss'] == 'blockwise' else (2, 4, 8))]
-  records = {n: compiled_memory(variant_config(model, variant, n)) for n in sizes}
-  fit = np.polyfit(sizes, [records[n]['peak_bytes'] for n in sizes], len(sizes) - 1)
+  sizes = [multiple * 2, multiple * 8]
+  records = {}
+
+  def record_at(n):
+    if n not in records:
+      records[n] = compiled_memory(variant_config(model, variant, n))
+    return records[n]
+
+  def fits(n, budget):
+    return record_at(n)['peak_bytes'] <= budget * GB
+
+  for n in sizes:
+    record_at(n)
+  line = {k: np.polyfit(sizes, [records[n][k] for n in sizes], 1)
+          for k in ('peak_bytes', 'temp_bytes', 'loss_bytes', 'batch_bytes')}
+  slope, intercept = line['peak_bytes']
   rows = []
   for budget in sorted(budgets, reverse=True):
-    roots = np.roots(fit - np.eye(len(fit))[-1] * budget * GB)
-    real = [r.real for r in roots if abs(r.imag) < 1e-6 and r.real > 0]
-    n = _round_down(int(max(real)), multiple) if real else 0
+    n = int((budget * GB - intercept) / slope) // multiple * multiple if slope > 0 else 0
     checked = budget == max(budgets) and n > 0
-    while checked:  # compile there; scale down by the overshoot until it fits
-      record = records[n] = records.get(n) or compiled_memory(variant_config(model, variant, n))
-      if record['peak_bytes'] <= budget * GB or n == multiple:
-        break
-      n = _round_down(int(n * min(0.98, 0.99 * budget * GB / record['peak_bytes'])), multiple)
-    if n and not checked:
-      record = {k: float(np.polyval(np.polyfit(sizes, [records[m][k] for m in sizes],
-                                                len(sizes) - 1), n))
-                for k in ('peak_bytes', 'temp_bytes', 'loss_bytes', 'batch_bytes')}
+    if checked and not fits(n, budget):  # the line overshot: bisect below n
+      low, high = max((m for m in records if m < n and fits(m, budget)), default=0), n
+      while high - low > max(multiple, 0.02 * high):
+        middle = (low + high) // 2 // multiple * multiple
+        if middle <= low:
+          break
+        low, high = (middle, high) if fits(middle, budget) else (low, middle)
+      n = low
+    if checked and n:
+      record = records[n]
+    elif n:
+      record = {k: float(np.polyval(line[k], n)) for k in line}
       record.update(state_bytes=records[sizes[0]]['state_bytes'], compile_s=0.0)
-    if not n or record['peak_bytes'] > budget * GB:
+    if not n or record['peak_bytes'] > budget * GB:  # none fits: the smallest compiled
       n, record = 0, records[sizes[0]]
     rows.append(dict(model=model, budget_gb=budget, **variant, batch_size=n, checked=checked,
                      **{k: record[k] for k in ('peak_bytes', 'temp_bytes', 'state_bytes',

@@ -4,7 +4,7 @@
   jaxcl eval   --workdir DIR [--zeroshot cifar100,imagenet2012,folder:DIR] [--retrieval NAME]
   jaxcl export --workdir DIR --output FILE [--overwrite] [--format jax|open_clip]
   jaxcl sweep  --config FILE --workdir DIR [--temperatures 0.05,0.1,0.2,0.5,1.0,learnable]
-               [--search grid|halving --eta 2 --holdout 0.2]
+               [--search grid|halving --eta 2 --holdout 0.2 --monitor METRIC]
   jaxcl report --workdir DIR
   jaxcl import SOURCE --output DIR [--tokenizer FILE]
   jaxcl shard  --input PAIRS_OR_FOLDER --output DIR [--shard_size MB] [--workers N]
@@ -92,6 +92,8 @@ _ETA = flags.DEFINE_integer('eta', 2, 'sweep --search halving: 1/eta of the cand
                             'each rung.', lower_bound=2)
 _HOLDOUT = flags.DEFINE_float('holdout', 0.2, 'sweep --search halving: the fraction of the eval '
                               'train split that scores the rungs (0: the eval splits).')
+_MONITOR = flags.DEFINE_string('monitor', '', 'sweep --search halving: the evaluation metric '
+                               "that ranks the candidates (default: the method's, e.g. knn_top1).")
 
 MULTI_PROCESS = ('coordinator_address', 'num_processes', 'process_id', 'heartbeat_timeout')
 # command: (what it does, its required flags, its optional flags)
@@ -105,7 +107,7 @@ COMMANDS = {
                ('workdir', 'output'), ('overwrite', 'format', *MULTI_PROCESS)),
     'sweep': ('Trains one run per temperature, or halves them at rungs on held-out data '
               '(--search halving), and compares them (sweep.csv/json/png).',
-              ('config', 'workdir'), ('temperatures', 'search', 'eta', 'holdout',
+              ('config', 'workdir'), ('temperatures', 'search', 'eta', 'holdout', 'monitor',
                                       *MULTI_PROCESS)),
     'report': ('Plots a run or a sweep: DIR/report.html and DIR/report/*.png.',
                ('workdir',), ()),
@@ -272,7 +274,8 @@ def run(argv: list[str]) -> int:
       _check_workdir(workdir, must_exist=False)
       if _SEARCH.value == 'halving':
         from jaxcl import halving  # pylint: disable=g-import-not-at-top
-        table = halving.run_halving(_CONFIG.value, workdir, values, _ETA.value, _HOLDOUT.value)
+        table = halving.run_halving(_CONFIG.value, workdir, values, _ETA.value, _HOLDOUT.value,
+                                    _MONITOR.value)
         print(f'chose tau-{table["winner"]} ({table["steps_trained"]} steps trained in all)')
       else:
         table = sweep.run_sweep(_CONFIG.value, workdir, values)

@@ -110,8 +110,8 @@ def linear_probe_top1(train_x, train_y, test_x, test_y, num_classes: int, *, ste
 
 
 def evaluate_features(train, test, num_classes: int, cfg) -> dict[str, float]:
-  """{'knn_top1', 'linear_top1'} from (features, labels) of both splits.
-  cfg: the config's `eval` group."""
+  """{'knn_top1', 'linear_top1', 'tolerance', 'test_uniformity'} from
+  (features, labels) of both splits. cfg: the config's `eval` group."""
   (train_x, train_y), (test_x, test_y) = train, test
   return {
       'knn_top1': knn_top1(train_x, train_y, test_x, test_y, num_classes, k=cfg.knn_k,
@@ -119,7 +119,38 @@ def evaluate_features(train, test, num_classes: int, cfg) -> dict[str, float]:
       'linear_top1': linear_probe_top1(train_x, train_y, test_x, test_y, num_classes,
                                        steps=cfg.probe_steps, learning_rate=cfg.probe_lr,
                                        l2=cfg.probe_l2, batch_size=cfg.probe_batch_size),
+      **tolerance_uniformity(test_x, test_y),
   }
+
+
+# --------------------------------------- embedding geometry (Wang & Liu 2021) ---
+GEOMETRY_ROWS = 2048  # at most this many rows (a seeded subset): (2048)² pairs
+
+
+def tolerance_uniformity(features, labels, *, max_rows: int = GEOMETRY_ROWS,
+                         seed: int = 0) -> dict[str, float]:
+  """{'tolerance', 'test_uniformity'} of features [n, D] (L2-normalized here)
+  with int labels [n] (negative: no class; left out of tolerance).
+
+  tolerance (Wang & Liu, CVPR 2021): the mean cosine similarity over ordered
+  pairs i != j of the same class; high: same-class examples stay close.
+  test_uniformity (Wang & Isola 2020): log of the mean of exp(-2 |z_i - z_j|²)
+  over pairs i != j; lower: more uniform on the sphere. A small τ buys
+  uniformity and loses tolerance. Over at most max_rows rows.
+  """
+  z, labels = np.asarray(features, np.float64), np.asarray(labels)
+  if len(z) > max_rows:
+    keep = np.sort(np.random.default_rng(seed).permutation(len(z))[:max_rows])
+    z, labels = z[keep], labels[keep]
+  z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+  sims = z @ z.T
+  pairs = ~np.eye(len(z), dtype=bool)
+  out = {'test_uniformity': float(np.log(np.mean(np.exp(-2.0 * np.maximum(
+      2.0 - 2.0 * sims[pairs], 0.0)))))} if len(z) > 1 else {}
+  same = pairs & (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
+  if same.any():
+    out['tolerance'] = float(np.mean(sims[same]))
+  return out
 
 
 # ------------------------------------------------- two towers (CLIP, SigLIP) ---
@@ -165,6 +196,64 @@ def zeroshot_accuracy(image_embeddings, labels, classifier, ks=(1, 5)) -> dict[s
   correct = np.arange(classifier.shape[0])[None, :] == np.asarray(labels)[:, None]
   return _recall_at(_ranks(scores, correct), [k for k in ks if k <= classifier.shape[0]],
                     'zeroshot_top')
+
+
+def expected_calibration_error(probs, labels, bins: int = 15) -> float:
+  """ECE (Guo et al. 2017): predictions binned by confidence (their top
+  probability) into `bins` equal-width bins; the mean over predictions of
+  |accuracy - mean confidence| of their bin. probs [n, C], labels int [n]."""
+  probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
+  confidence = probs.max(axis=1)
+  correct = probs.argmax(axis=1) == labels
+  which = np.minimum((confidence * bins).astype(int), bins - 1)  # bin i: [i/bins, (i+1)/bins)
+  gap = 0.0
+  for b in range(bins):
+    members = which == b
+    if members.any():
+      gap += members.sum() * abs(correct[members].mean() - confidence[members].mean())
+  return float(gap / len(labels))
+
+
+def _softmax(logits):
+  logits = logits - logits.max(axis=1, keepdims=True)
+  e = np.exp(logits)
+  return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(similarities, labels) -> float:
+  """The τ minimizing the cross-entropy of softmax(similarities / τ) [n, C]
+  against labels [n] (LeVine et al. 2023: one temperature calibrates
+  zero-shot CLIP), searched on a log grid from 1e-3 to 10, then refined."""
+  sims, labels = np.asarray(similarities, np.float64), np.asarray(labels)
+
+  def nll(tau):
+    logits = sims / tau
+    logits = logits - logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(logits).sum(axis=1))
+    return float(np.mean(lse - logits[np.arange(len(labels)), labels]))
+
+  grid = np.geomspace(1e-3, 10.0, 121)
+  for _ in range(3):  # each pass: the best point's neighbours, 40 times finer
+    best = int(np.argmin([nll(t) for t in grid]))
+    low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    grid = np.geomspace(low, high, 81)
+  return float(grid[int(np.argmin([nll(t) for t in grid]))])
+
+
+def zeroshot_calibration(image_embeddings, labels, classifier, temperature: float) -> dict:
+  """Zero-shot calibration: {'zeroshot_ece'} of softmax(cosine / τ) at the
+  training τ over all labeled images; {'zeroshot_fitted_temperature'}, one τ
+  fitted on the even-indexed images, and {'zeroshot_ece_fitted'}, the ECE
+  with it on the odd-indexed ones (fitted and scored on different images)."""
+  sims = np.asarray(image_embeddings, np.float64) @ np.asarray(classifier, np.float64).T
+  labels = np.asarray(labels)
+  out = {'zeroshot_ece': expected_calibration_error(_softmax(sims / temperature), labels)}
+  if len(labels) >= 4:
+    fitted = fit_temperature(sims[0::2], labels[0::2])
+    out.update(zeroshot_fitted_temperature=fitted,
+               zeroshot_ece_fitted=expected_calibration_error(_softmax(sims[1::2] / fitted),
+                                                              labels[1::2]))
+  return out
 
 
 def retrieval_recall(image_embeddings, text_embeddings, text_image, ks=(1, 5, 10),

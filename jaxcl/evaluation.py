@@ -8,6 +8,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxcl import parallel
 from jaxcl.experiment import Experiment, TrainState
@@ -38,8 +39,15 @@ def run_evaluation(exp: Experiment, state: TrainState, eval_data, embed_fns,
   encoders = Encoders(config=exp.config, mesh=exp.mesh, image=bind(embed_fns['image']),
                       text=bind(text) if text is not None else None, tokenizer=exp.tokenizer,
                       workdir=workdir if cached else None, step=int(state.step),
-                      weights=weights_fingerprint(state.params) if cached else '')
+                      weights=weights_fingerprint(state.params) if cached else '',
+                      temperature=model_temperature(exp, state))
   return exp.method.evaluate(encoders, eval_data)
+
+
+def model_temperature(exp: Experiment, state: TrainState) -> float:
+  """The model's τ at the state's step (a float)."""
+  model = nnx.merge(exp.eval_graphdef, state.params, state.batch_stats)
+  return float(model.temperature(state.step))
 
 
 @jax.jit

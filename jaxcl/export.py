@@ -23,10 +23,9 @@ import json
 import jax
 import jax.numpy as jnp
 from etils import epath
-from flax import nnx
 
 from jaxcl import config as config_lib
-from jaxcl import errors, files, methods, models, run_files
+from jaxcl import errors, evaluation, files, methods, models, run_files
 from jaxcl.trained import load_trained
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
@@ -98,7 +97,7 @@ def export_encoder(workdir, output, *, overwrite: bool = False) -> dict:
   exported = _export(embed, jax.ShapeDtypeStruct((batch, height, width, channels), jnp.uint8))
   dim = int(exported.out_avals[0].shape[1])
   # τ as the last step used it (learnable: the trained value; cosine: its schedule).
-  temperature = float(nnx.merge(exp.eval_graphdef, params, batch_stats).temperature(state.step))
+  temperature = evaluation.model_temperature(exp, state)
   metadata = {
       'format': 'jax.export (serialized StableHLO)',
       'load': "jax.export.deserialize(open(FILE, 'rb').read()).call(inputs)",

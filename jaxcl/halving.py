@@ -1,11 +1,12 @@
 """`jaxcl sweep --search halving`: successive halving over the τ candidates.
 
   jaxcl sweep --config CONFIG --workdir DIR --search halving \
-      --temperatures 0.05,0.1,0.2,0.5,1.0,learnable [--eta 2] [--holdout 0.2]
+      --temperatures 0.05,0.1,0.2,0.5,1.0,learnable [--eta 2] [--holdout 0.2] [--monitor M]
 
 Every candidate trains to the first rung. There the run's own monitor scores
 it on held-out data (the method's monitor_metrics: kNN top-1 for SimCLR,
-zero-shot top-1 or recall@1 for CLIP and SigLIP), and the best 1/eta continue
+zero-shot top-1 or recall@1 for CLIP and SigLIP; --monitor names another
+evaluation metric, such as linear_top1), and the best 1/eta continue
 from their checkpoints to the next rung. The last one trains to total_steps
 and gets the run's final evaluation, as `jaxcl train` would. The learning-rate
 and τ schedules always run to total_steps, so a survivor continues exactly
@@ -81,15 +82,15 @@ def holdout_changes(config, holdout: float) -> dict:
           'eval.zeroshot_split': '', 'eval.zeroshot': (), 'eval.retrieval': ()}
 
 
-def monitor_score(method, results: dict) -> tuple[str | None, float | None]:
-  """(metric, value): the first of the method's monitor_metrics in `results`."""
-  for metric in method.monitor_metrics:
+def monitor_score(metrics: tuple[str, ...], results: dict) -> tuple[str | None, float | None]:
+  """(metric, value): the first of `metrics` in `results`."""
+  for metric in metrics:
     if results.get(metric) is not None:
       return metric, float(results[metric])
   return None, None
 
 
-def _load_record(workdir, config, values, eta: int, holdout: float) -> dict:
+def _load_record(workdir, config, values, eta: int, holdout: float, monitor: str) -> dict:
   """The halving record of sweep.json, or a new one; ConfigError when the
   sweep there was another search."""
   try:
@@ -97,7 +98,7 @@ def _load_record(workdir, config, values, eta: int, holdout: float) -> dict:
   except (OSError, ValueError):
     saved = None
   setting = {'search': 'halving', 'candidates': list(values), 'eta': eta, 'holdout': holdout,
-             'total_steps': config.total_steps}
+             'monitor': monitor, 'total_steps': config.total_steps}
   if saved is None:
     return dict(setting, rungs=[])
   if any(saved.get(k) != v for k, v in setting.items()):
@@ -108,18 +109,19 @@ def _load_record(workdir, config, values, eta: int, holdout: float) -> dict:
 
 
 def run_halving(config, workdir, values: list[str], eta: int = 2, holdout: float = 0.2,
-                log=print) -> dict:
+                monitor: str = '', log=print) -> dict:
   """Successive halving over `values`; writes sweep.json (every rung, as it
-  is scored), sweep.csv and sweep.png. Returns the sweep.json record."""
+  is scored), sweep.csv and sweep.png. Returns the sweep.json record.
+  monitor: the evaluation metric that ranks (default: the method's)."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxcl import trained  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   writer = jax.process_index() == 0
   changes = holdout_changes(config, holdout)
   rungs = schedule(len(values), config.total_steps, eta)
-  method = methods.get(config.method)
+  metrics = (monitor,) if monitor else methods.get(config.method).monitor_metrics
   configs = sweep.prepare(config, workdir, values)
-  record = _load_record(workdir, config, values, eta, holdout)
+  record = _load_record(workdir, config, values, eta, holdout, monitor)
   alive = list(values)
   for k, (step, count) in enumerate(rungs):
     last = k == len(rungs) - 1
@@ -139,10 +141,10 @@ def run_halving(config, workdir, values: list[str], eta: int = 2, holdout: float
       if last:
         break
       at, results = trained.evaluate_checkpoint(run_dir, changes)
-      metric, score = monitor_score(method, results)
+      metric, score = monitor_score(metrics, results)
       if metric is None:
         raise errors.ConfigError(
-            f'the monitor scored nothing for tau-{value}: none of {method.monitor_metrics} in '
+            f'the monitor scored nothing for tau-{value}: none of {metrics} in '
             f'its held-out evaluation ({", ".join(results) or "none"}); halving needs labels there')
       log(f'jaxcl sweep: tau-{value} at step {at}: {metric} {score} on held-out data')
       rung['scores'][value], rung['results'][value] = score, results

@@ -35,7 +35,10 @@ from jaxcl import report  # noqa: E402  pylint: disable=g-import-not-at-top,wron
 LEARNABLE = 'learnable'
 TRAIN_COLUMNS = ('loss', 'entropy', 'effective_negatives', 'positive_prob', 'contrastive_top1',
                  'contrastive_top5', 'hardest_negative_share', 'alignment', 'uniformity')
-EVAL_COLUMNS = ('knn_top1', 'linear_top1', 'zeroshot_top1', 'zeroshot_top5', 'i2t_r1', 't2i_r1')
+ACCURACY_COLUMNS = ('knn_top1', 'linear_top1', 'zeroshot_top1', 'zeroshot_top5', 'i2t_r1',
+                    't2i_r1')
+EVAL_COLUMNS = (*ACCURACY_COLUMNS, 'tolerance', 'test_uniformity', 'zeroshot_ece',
+                'zeroshot_ece_fitted')
 WALL_FILE = files.WALL_FILE
 
 
@@ -189,8 +192,8 @@ def plot_sweep(workdir, table: dict) -> None:
   rows = table['rows']
   fixed = sorted((r for r in rows if r['tau'] != LEARNABLE), key=lambda r: float(r['tau']))
   learned = [r for r in rows if r['tau'] == LEARNABLE]
-  metrics = [c for c in EVAL_COLUMNS if any(r.get(c) is not None for r in rows)]
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  metrics = [c for c in ACCURACY_COLUMNS if any(r.get(c) is not None for r in rows)]
+  fig, axes = plt.subplots(1, 4, figsize=(20, 4))
   ax = axes[0]
   for i, metric in enumerate(metrics):
     color = f'C{i}'
@@ -227,6 +230,16 @@ def plot_sweep(workdir, table: dict) -> None:
   ax.set_yscale('log')
   ax.set_xlabel('step')
   ax.set_title('learnable τ over training (grey: the fixed values)')
+  ax.grid(alpha=0.3)
+  ax = axes[3]  # Wang & Liu's trade-off: a small τ buys uniformity and loses tolerance
+  for r in rows:
+    if r.get('tolerance') is not None and r.get('test_uniformity') is not None:
+      ax.plot(r['test_uniformity'], r['tolerance'], '*' if r['tau'] == LEARNABLE else 'o',
+              color='C3' if r['tau'] == LEARNABLE else 'C0')
+      ax.annotate(f"τ {r['tau']}", (r['test_uniformity'], r['tolerance']), fontsize=7)
+  ax.set_xlabel('uniformity (test; lower: more uniform)')
+  ax.set_ylabel('tolerance (test; same-class cosine)')
+  ax.set_title('uniformity against tolerance, one point per τ')
   ax.grid(alpha=0.3)
   fig.tight_layout()
   report.save_figure(fig, workdir / files.SWEEP_PNG)

@@ -23,7 +23,8 @@ class Encoders:
   method with a text tower, `text` (token ids int32 [b, L] -> [b, D]).
   workdir, step, weights: where evaluation may cache what depends only on
   the weights (jaxcl.zeroshot_cache), their step and fingerprint; workdir
-  None: nothing is cached."""
+  None: nothing is cached. temperature: the model's τ at that step (zero-shot
+  calibration)."""
   config: Any
   mesh: jax.sharding.Mesh
   image: Callable
@@ -32,6 +33,7 @@ class Encoders:
   workdir: Any = None
   step: int = 0
   weights: str = ''
+  temperature: float = 1.0
 
 
 class Method(abc.ABC):

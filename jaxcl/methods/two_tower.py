@@ -163,9 +163,10 @@ class TwoTower(base.Method):
     return TwoTowerEvalData(config, dataset)
 
   def evaluate(self, encoders, eval_data):
-    """Zero-shot top-1/5 (when a labeled split is there), image-to-text /
-    text-to-image recall@1/5/10, then the suite's zeroshot/KEY/top1|top5 and
-    retrieval/KEY/i2t_r1 ... (jaxcl.zeroshot_suite)."""
+    """Zero-shot top-1/5, its calibration and the image embeddings'
+    tolerance and uniformity (when a labeled split is there), image-to-text /
+    text-to-image recall@1/5/10, then the suite's zeroshot/KEY/top1|top5|ece...
+    and retrieval/KEY/i2t_r1 ... (jaxcl.zeroshot_suite)."""
     suite = {}
     for entry in eval_data.suite:
       scores = _zeroshot(encoders, entry.source, entry.class_names, entry.templates)[0]
@@ -179,8 +180,9 @@ class TwoTower(base.Method):
       return suite
     results, images = {}, None
     if eval_data.num_classes:
-      results, images = _zeroshot(encoders, eval_data.zeroshot, eval_data.class_names,
-                                  eval_data.templates)
+      results, (images, labels) = _zeroshot(encoders, eval_data.zeroshot, eval_data.class_names,
+                                            eval_data.templates)
+      results.update(evaluate.tolerance_uniformity(images, labels))
     same = eval_data.zeroshot is eval_data.test and eval_data.num_classes
     results.update(_retrieval(encoders, images if same else None, eval_data.test,
                               eval_data.captions))
@@ -235,8 +237,9 @@ class TwoTower(base.Method):
 
 
 def _zeroshot(encoders, source, class_names, templates):
-  """({'zeroshot_top1', 'zeroshot_top5'}, image embeddings) of a labeled
-  source; the classifier from the workdir's cache when it has it."""
+  """({'zeroshot_top1', 'zeroshot_top5'} and the calibration at the model's
+  τ, (image embeddings, labels)) of a labeled source; the classifier from the
+  workdir's cache when it has it."""
   batch_size, mesh = encoders.config.eval.batch_size, encoders.mesh
 
   def compute():
@@ -250,7 +253,9 @@ def _zeroshot(encoders, source, class_names, templates):
                                          compute)
   images, labels = evaluate.extract_features(encoders.image, mesh, source, batch_size=batch_size)
   keep = labels >= 0  # images without a single class label (e.g. two shapes) are not scored
-  return evaluate.zeroshot_accuracy(images[keep], labels[keep], classifier), images
+  return {**evaluate.zeroshot_accuracy(images[keep], labels[keep], classifier),
+          **evaluate.zeroshot_calibration(images[keep], labels[keep], classifier,
+                                          encoders.temperature)}, (images, labels)
 
 
 def _retrieval(encoders, images, source, captions):

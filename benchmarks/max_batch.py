@@ -173,10 +173,12 @@ def main(argv):
   variants = [dict(loss=loss, microbatch_size=int(m), remat=r)
               for loss in _LOSSES.value.split(',') for m in _MICROBATCHES.value.split(',')
               for r in _REMATS.value.split(',')]
+  result = {'device': jax.devices()[0].device_kind, 'rows': rows}
   for model in _MODELS.value.split(','):
     for variant in variants:
       rows += largest_batches(model, variant, budgets)
-  result = {'device': jax.devices()[0].device_kind, 'rows': rows}
+      with open(_JSON.value, 'w') as f:  # after every variant: a long run keeps what it has
+        json.dump(result, f, indent=2)
   if _MOONSHOT.value:
     variant = dict(loss='blockwise', microbatch_size=512, remat='full')
     record = compiled_memory(variant_config('clip_b16', variant, 65_536,

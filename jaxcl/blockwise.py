@@ -43,6 +43,11 @@ import jax
 import jax.numpy as jnp
 
 SOFTMAX, SIGMOID = 'softmax', 'sigmoid'
+# How a cosine similarity s becomes a logit before the scale 1/τ: 'linear'
+# (s itself), or 'arctanh' (2 artanh s = log((1 + s) / (1 - s)), the
+# temperature-free logit of Kim & Kim 2025), s clipped to 1 - FREE_EPS from ±1.
+LINEAR, ARCTANH = 'linear', 'arctanh'
+FREE_EPS = 1e-6
 
 # A finite stand-in for -inf on masked logits: exp() of it underflows to 0,
 # and unlike -inf it keeps 0 * logit products (entropy, gradients) finite.
@@ -64,9 +69,18 @@ def varying(tree, axis_name):
   return jax.tree.map(cast, tree)
 
 
-def _tile(q, k, col_ids, scale, excluded_ids):
+def logits_of(similarity, scale, transform: str = LINEAR):
+  """scale · similarity, or scale · 2 artanh(similarity) (transform 'arctanh')."""
+  if transform == ARCTANH:
+    s = jnp.clip(similarity, -1.0 + FREE_EPS, 1.0 - FREE_EPS)
+    similarity = jnp.log1p(s) - jnp.log1p(-s)
+  return similarity * scale
+
+
+def _tile(q, k, col_ids, scale, excluded_ids, transform):
   """Logits of one tile, float32 [n, b], and where they count (valid)."""
-  x = jnp.einsum('nd,bd->nb', q, k, preferred_element_type=jnp.float32) * scale
+  x = logits_of(jnp.einsum('nd,bd->nb', q, k, preferred_element_type=jnp.float32), scale,
+                transform)
   valid = (col_ids[None, :] >= 0) & (col_ids[None, :] != excluded_ids[:, None])
   return x, valid
 
@@ -149,7 +163,7 @@ def _unchunk(x, n):
   return x.reshape(-1, *x.shape[2:])[:n]
 
 
-def _forward_fold(kind, rows, scale, bias):
+def _forward_fold(kind, transform, rows, scale, bias):
   """Per-row running statistics over column tiles, rows chunked: the softmax's
   max m, Σ exp(x - m) and Σ exp(x - m)(x - m) (log-sum-exp and entropy, kept
   relative to the max so a near-one-hot softmax keeps its precision), the
@@ -157,7 +171,7 @@ def _forward_fold(kind, rows, scale, bias):
   (top-k metrics; ties count against), and for sigmoid Σ log σ(y z)."""
 
   def one_chunk(k_tile, ids_tile, row, carry):
-    x, valid = _tile(row['q'], k_tile, ids_tile, scale, row['excluded_ids'])
+    x, valid = _tile(row['q'], k_tile, ids_tile, scale, row['excluded_ids'], transform)
     is_positive = ids_tile[None, :] == row['positive_ids'][:, None]
     out = {'beaten_by': carry['beaten_by'] + jnp.sum(
         valid & ~is_positive & (x >= row['positive_logit'][:, None]), axis=1)}
@@ -186,12 +200,12 @@ def _forward_fold(kind, rows, scale, bias):
   return fold
 
 
-def _tile_objective(kind, ids_tile, row, g):
+def _tile_objective(kind, transform, ids_tile, row, g):
   """The scalar whose gradient is one tile's share of the backward pass:
   Σ_ij g_i exp(x_ij - lse_i) (softmax, lse held fixed) or Σ_ij g_i log σ(y_ij z_ij)."""
 
   def objective(q, k_tile, scale, bias):
-    x, valid = _tile(q, k_tile, ids_tile, scale, row['excluded_ids'])
+    x, valid = _tile(q, k_tile, ids_tile, scale, row['excluded_ids'], transform)
     if kind == SOFTMAX:
       terms = jnp.exp(jnp.where(valid, x, MASKED) - row['stat'][:, None])
     else:
@@ -209,8 +223,8 @@ def share_of_hardest(hardest_weight, negative_sum):
   return jnp.where(negative_sum > 0, hardest_weight / jnp.maximum(negative_sum, 1e-30), 0.0)
 
 
-def _row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, excluded_ids,
-               positive_logit, scale, bias):
+def _row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids, positive_ids,
+               excluded_ids, positive_logit, scale, bias):
   n = q.shape[0]
   rows = _chunk_rows(dict(q=q, positive_ids=positive_ids, excluded_ids=excluded_ids,
                           positive_logit=positive_logit), block_size)
@@ -221,7 +235,7 @@ def _row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, e
   if kind == SIGMOID:
     carry['sigmoid_sum'] = zeros
   carry = varying(carry, axis_name)
-  fold = _forward_fold(kind, rows, scale, bias)
+  fold = _forward_fold(kind, transform, rows, scale, bias)
   carry, _ = _over_columns(fold, carry, k, col_ids, axis_name=axis_name, ring=ring,
                            block_size=block_size)
   carry = {name: _unchunk(x, n) for name, x in carry.items()}
@@ -234,15 +248,15 @@ def _row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, e
   return (lse if kind == SOFTMAX else carry['sigmoid_sum']), summary
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def tiled_row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def tiled_row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids, positive_ids,
                     excluded_ids, positive_logit, scale, bias):
   """Per-row statistics of rows q [n, d] against every column, in tiles.
 
   kind 'softmax': stat_i = log Σ_j exp(x_ij) over the valid columns j (all
   columns but padding and excluded_ids[i]); kind 'sigmoid': stat_i =
   Σ_j log σ(y_ij (x_ij + bias)), y_ij = +1 if column j is row i's positive.
-  x_ij = scale · q_i · k_j. k [m, d]: this device's columns, ids col_ids [m]
+  x_ij = logits_of(q_i · k_j, scale, transform). k [m, d]: this device's columns, ids col_ids [m]
   (-1: padding); with axis_name, every device's columns are used.
 
   Returns (stat float32 [n], summary): summary (no gradient) holds per-row
@@ -252,18 +266,18 @@ def tiled_row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_i
   columns with x_ij >= positive_logit[i]): the diagnostics of
   jaxcl.losses. Differentiable in q, k, scale and bias.
   """
-  return _row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids,
+  return _row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids, positive_ids,
                     excluded_ids, positive_logit, scale, bias)
 
 
-def _fwd(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, excluded_ids,
-         positive_logit, scale, bias):  # pylint: disable=missing-function-docstring
-  out = _row_stats(kind, axis_name, ring, block_size, q, k, col_ids, positive_ids, excluded_ids,
-                   positive_logit, scale, bias)
+def _fwd(kind, axis_name, ring, block_size, transform, q, k, col_ids, positive_ids,
+         excluded_ids, positive_logit, scale, bias):  # pylint: disable=missing-function-docstring
+  out = _row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids, positive_ids,
+                   excluded_ids, positive_logit, scale, bias)
   return out, (q, k, col_ids, positive_ids, excluded_ids, positive_logit, scale, bias, out[0])
 
 
-def _bwd(kind, axis_name, ring, block_size, residuals, cotangents):
+def _bwd(kind, axis_name, ring, block_size, transform, residuals, cotangents):
   q, k, col_ids, positive_ids, excluded_ids, positive_logit, scale, bias, stat = residuals
   n = q.shape[0]
   rows = _chunk_rows(dict(q=q, positive_ids=positive_ids, excluded_ids=excluded_ids, stat=stat,
@@ -271,7 +285,7 @@ def _bwd(kind, axis_name, ring, block_size, residuals, cotangents):
 
   def fold(carry, k_tile, ids_tile):
     def one_chunk(acc, row):  # this row chunk's gradients against the tile
-      objective = _tile_objective(kind, ids_tile, row, row['g'])
+      objective = _tile_objective(kind, transform, ids_tile, row, row['g'])
       dq, dk, dscale, dbias = jax.grad(objective, argnums=(0, 1, 2, 3))(row['q'], k_tile, scale,
                                                                         bias)
       return (acc[0] + dk, acc[1] + dscale, acc[2] + dbias), dq

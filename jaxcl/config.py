@@ -176,6 +176,8 @@ def base_config():
       warmup_steps=0,  # learnable: τ held at init for these first steps
       lr_multiplier=1.0,  # learnable: log τ's learning rate = this x the model's
       period=0,  # cosine
+      # clip: a second τ (the same mode and init) for text-to-image, image-to-text keeping the first
+      per_direction=False,
       bias_init=-10.0))  # siglip: the learnable logit bias b
 
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -253,6 +255,7 @@ KEYS_ADDED_LATER = {
     # learning rate, and no check of non-finite steps came first.
     'loss.impl': 'dense', 'loss.block_size': 1024, 'mesh.fsdp': 1,
     'temperature.warmup_steps': 0, 'temperature.lr_multiplier': 1.0, 'temperature.period': 0,
+    'temperature.per_direction': False,
     'nonfinite': 'stop',
     # Published architectures (2026-12-01): jaxcl's own towers are these defaults.
     'model.image_projection': True, 'model.vit.act': 'gelu_tanh', 'model.vit.norm_eps': 1e-6,

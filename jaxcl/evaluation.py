@@ -13,6 +13,7 @@ from flax import nnx
 from jaxcl import parallel
 from jaxcl.experiment import Experiment, TrainState
 from jaxcl.methods.base import Encoders
+from jaxcl.temperature import logit_transform
 
 
 def make_embed_fns(exp: Experiment) -> dict:
@@ -40,7 +41,8 @@ def run_evaluation(exp: Experiment, state: TrainState, eval_data, embed_fns,
                       text=bind(text) if text is not None else None, tokenizer=exp.tokenizer,
                       workdir=workdir if cached else None, step=int(state.step),
                       weights=weights_fingerprint(state.params) if cached else '',
-                      temperature=model_temperature(exp, state))
+                      temperature=model_temperature(exp, state),
+                      logit_transform=logit_transform(exp.config.temperature.mode))
   return exp.method.evaluate(encoders, eval_data)
 
 

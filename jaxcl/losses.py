@@ -2,6 +2,9 @@
 
 Every loss takes L2-normalized embeddings and a temperature τ (logits are
 divided by τ; a Python float or a traced scalar, and gradients flow into it).
+``transform='arctanh'`` makes each logit 2 artanh(s) / τ of the cosine
+similarity s in place of s / τ: the temperature-free loss of Kim & Kim (2025),
+used with τ = 1 (temperature.mode=free).
 
 With ``axis_name=None`` the inputs are the whole batch. With ``axis_name`` set
 (a mesh axis name or a tuple of them) the function runs inside
@@ -57,10 +60,10 @@ def _global_sum(x: jax.Array, axis_name: AxisName) -> jax.Array:
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def _scaled_logits(rows: jax.Array, cols: jax.Array, temperature) -> jax.Array:
+def _scaled_logits(rows: jax.Array, cols: jax.Array, temperature, transform) -> jax.Array:
   """rows [n, d] · cols [m, d]ᵀ / τ in float32 (bf16 inputs accumulate in f32)."""
   sims = jnp.einsum('nd,md->nm', rows, cols, preferred_element_type=jnp.float32)
-  return sims / jnp.asarray(temperature, jnp.float32)
+  return blockwise.logits_of(sims, 1.0 / jnp.asarray(temperature, jnp.float32), transform)
 
 
 def _softmax_terms(logits: jax.Array, positive: jax.Array, axis_name: AxisName,
@@ -158,7 +161,7 @@ def _num_devices(axis_name: AxisName) -> int:
 
 
 def _tiled(kind, rows, cols, col_ids, positive_ids, excluded_ids, positive_logit, temperature,
-           bias, axis_name, impl, block_size):
+           bias, axis_name, impl, block_size, transform):
   """blockwise.tiled_row_stats with the temperature as a scale, replicated
   scalars marked per-device so shard_map sums their per-device gradients."""
   if impl not in ('blockwise', 'ring'):
@@ -166,8 +169,9 @@ def _tiled(kind, rows, cols, col_ids, positive_ids, excluded_ids, positive_logit
   scale = 1.0 / jnp.asarray(temperature, jnp.float32)
   scale, bias = blockwise.varying((scale, jnp.asarray(bias, jnp.float32)), axis_name)
   return blockwise.tiled_row_stats(
-      kind, axis_name, impl == 'ring' and axis_name is not None, block_size, rows, cols,
-      col_ids, positive_ids, excluded_ids, jax.lax.stop_gradient(positive_logit), scale, bias)
+      kind, axis_name, impl == 'ring' and axis_name is not None, block_size, transform, rows,
+      cols, col_ids, positive_ids, excluded_ids, jax.lax.stop_gradient(positive_logit), scale,
+      bias)
 
 
 def _local_ids(n: int, axis_name: AxisName) -> jax.Array:
@@ -176,15 +180,15 @@ def _local_ids(n: int, axis_name: AxisName) -> jax.Array:
   return offset + jnp.arange(n, dtype=jnp.int32)
 
 
-def _paired_logits(a, b, temperature):
+def _paired_logits(a, b, temperature, transform):
   """x_ii = a_i · b_i / τ for aligned rows, float32 [n]."""
   dots = jnp.einsum('nd,nd->n', a, b, preferred_element_type=jnp.float32)
-  return dots / jnp.asarray(temperature, jnp.float32)
+  return blockwise.logits_of(dots, 1.0 / jnp.asarray(temperature, jnp.float32), transform)
 
 
 def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = None,
              with_metrics: bool = False, impl: str = 'dense',
-             block_size: int = DEFAULT_BLOCK_SIZE):
+             block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR):
   """One-direction InfoNCE: row i of q against every row of k, positive k_i.
 
   q, k: [n, d] L2-normalized (n = global batch, or the local shard inside
@@ -194,32 +198,35 @@ def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = N
   if impl != 'dense':
     n = q.shape[0]
     ids = _local_ids(n, axis_name)
-    positive = _paired_logits(q, k, temperature)
+    positive = _paired_logits(q, k, temperature, transform)
     lse, summary = _tiled(blockwise.SOFTMAX, q, k, ids, ids, jnp.full(n, -1, jnp.int32),
-                          positive, temperature, 0.0, axis_name, impl, block_size)
+                          positive, temperature, 0.0, axis_name, impl, block_size, transform)
     num_anchors = n * _num_devices(axis_name)
     loss = _global_sum(jnp.sum(lse - positive), axis_name) / num_anchors
     return _with_summary(loss, summary, positive, axis_name, num_anchors, with_metrics)
   keys, offset = _gather(k, axis_name)
-  logits = _scaled_logits(q, keys, temperature)
+  logits = _scaled_logits(q, keys, temperature, transform)
   positive = offset + jnp.arange(q.shape[0], dtype=jnp.int32)
   return _softmax_terms(logits, positive, axis_name, keys.shape[0], with_metrics)
 
 
 def clip_loss(a: jax.Array, b: jax.Array, *, temperature, axis_name: AxisName = None,
               with_metrics: bool = False, impl: str = 'dense',
-              block_size: int = DEFAULT_BLOCK_SIZE):
-  """CLIP's symmetric loss: ½ (info_nce(a, b) + info_nce(b, a)). a, b: [n, d]."""
-  kwargs = dict(temperature=temperature, axis_name=axis_name, with_metrics=with_metrics,
-                impl=impl, block_size=block_size)
-  forward = info_nce(a, b, **kwargs)
-  backward = info_nce(b, a, **kwargs)
+              block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR):
+  """CLIP's symmetric loss: ½ (info_nce(a, b) + info_nce(b, a)). a, b: [n, d].
+  temperature: one τ, or [2]: τ of a → b (image to text) and of b → a."""
+  kwargs = dict(axis_name=axis_name, with_metrics=with_metrics, impl=impl,
+                block_size=block_size, transform=transform)
+  tau = jnp.asarray(temperature, jnp.float32)
+  forward_tau, backward_tau = (tau[0], tau[1]) if tau.ndim else (tau, tau)
+  forward = info_nce(a, b, temperature=forward_tau, **kwargs)
+  backward = info_nce(b, a, temperature=backward_tau, **kwargs)
   return jax.tree.map(lambda x, y: 0.5 * (x + y), forward, backward)
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = None,
             with_metrics: bool = False, impl: str = 'dense',
-            block_size: int = DEFAULT_BLOCK_SIZE):
+            block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR):
   """SimCLR's NT-Xent over 2N anchors (both views of N pairs).
 
   z1, z2: [n, d] L2-normalized views; row i of z1 and row i of z2 are the two
@@ -234,10 +241,10 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
     ids1 = _local_ids(n, axis_name)
     ids = jnp.concatenate([ids1, ids1 + big_n])
     anchors = jnp.concatenate([z1, z2], axis=0)
-    positive = jnp.tile(_paired_logits(z1, z2, temperature), 2)
+    positive = jnp.tile(_paired_logits(z1, z2, temperature, transform), 2)
     lse, summary = _tiled(blockwise.SOFTMAX, anchors, anchors, ids,
                           jnp.concatenate([ids1 + big_n, ids1]), ids, positive, temperature,
-                          0.0, axis_name, impl, block_size)
+                          0.0, axis_name, impl, block_size, transform)
     loss = _global_sum(jnp.sum(lse - positive), axis_name) / (2 * big_n)
     return _with_summary(loss, summary, positive, axis_name, 2 * big_n, with_metrics)
   all1, offset = _gather(z1, axis_name)
@@ -245,7 +252,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
   big_n = all1.shape[0]
   anchors = jnp.concatenate([z1, z2], axis=0)        # [2n, d]
   candidates = jnp.concatenate([all1, all2], axis=0)  # [2N, d]: view 1 then view 2
-  logits = _scaled_logits(anchors, candidates, temperature)
+  logits = _scaled_logits(anchors, candidates, temperature, transform)
   index = offset + jnp.arange(n, dtype=jnp.int32)
   self_col = jnp.concatenate([index, index + big_n])
   positive = jnp.concatenate([index + big_n, index])
@@ -256,7 +263,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
 
 def siglip_loss(a: jax.Array, b: jax.Array, *, temperature, bias,
                 axis_name: AxisName = None, with_metrics: bool = False, impl: str = 'dense',
-                block_size: int = DEFAULT_BLOCK_SIZE):
+                block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR):
   """SigLIP's pairwise sigmoid loss.
 
   a, b: [n, d] L2-normalized. logits = a · Bᵀ / τ + bias; y = +1 for the pair
@@ -266,14 +273,14 @@ def siglip_loss(a: jax.Array, b: jax.Array, *, temperature, bias,
   if impl != 'dense':
     n = a.shape[0]
     ids = _local_ids(n, axis_name)
-    positive = _paired_logits(a, b, temperature)
+    positive = _paired_logits(a, b, temperature, transform)
     sums, summary = _tiled(blockwise.SIGMOID, a, b, ids, ids, jnp.full(n, -1, jnp.int32),
-                           positive, temperature, bias, axis_name, impl, block_size)
+                           positive, temperature, bias, axis_name, impl, block_size, transform)
     big_n = n * _num_devices(axis_name)
     loss = -_global_sum(jnp.sum(sums), axis_name) / big_n
     return _with_summary(loss, summary, positive, axis_name, big_n, with_metrics)
   cols, offset = _gather(b, axis_name)
-  logits = _scaled_logits(a, cols, temperature) + jnp.asarray(bias, jnp.float32)
+  logits = _scaled_logits(a, cols, temperature, transform) + jnp.asarray(bias, jnp.float32)
   positive = offset + jnp.arange(a.shape[0], dtype=jnp.int32)
   is_positive = jnp.arange(cols.shape[0])[None, :] == positive[:, None]
   signs = jnp.where(is_positive, 1.0, -1.0)

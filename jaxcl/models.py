@@ -171,7 +171,8 @@ class TwoTowerModel(nnx.Module):
 
   def __init__(self, *, image_encoder, text_encoder: TextTransformer, embed_dim: int,
                temperature: Temperature, bias: LogitBias | None, rngs: nnx.Rngs,
-               image_projection: bool = True, text_projection_bias: bool = False):
+               image_projection: bool = True, text_projection_bias: bool = False,
+               temperature_t2i: Temperature | None = None):
     self.image_encoder, self.text_encoder = image_encoder, text_encoder
     proj_init = lambda width: nnx.initializers.normal(width ** -0.5)
     if not image_projection and image_encoder.num_features != embed_dim:
@@ -184,6 +185,8 @@ class TwoTowerModel(nnx.Module):
                                 use_bias=text_projection_bias,
                                 kernel_init=proj_init(text_encoder.num_features), rngs=rngs)
     self.temperature, self.bias = temperature, bias
+    if temperature_t2i is not None:  # temperature.per_direction: text-to-image's own τ
+      self.temperature_t2i = temperature_t2i
 
   def embed_image(self, images):
     features = self.image_encoder(images)

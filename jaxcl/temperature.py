@@ -11,6 +11,8 @@ Modes:
   fixed: τ = init, a constant; no parameter, no gradient.
   cosine: a schedule between τ_max and τ_min with a period in steps (Kukleva
     et al., ICLR 2023); no parameter.
+  free: no τ (it is 1): the loss's logits are 2 artanh of the cosine
+    similarity (Kim & Kim 2025, `logit_transform`); no parameter.
 
 Storing log τ keeps τ positive and makes the optimizer's steps relative: a
 step of 0.01 in log τ changes τ by 1% whatever its size.
@@ -23,9 +25,15 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcl import presets
+from jaxcl import blockwise, presets
 
 MODES = presets.TEMPERATURE_MODES
+
+
+def logit_transform(mode: str) -> str:
+  """How the loss turns a similarity into a logit for this mode
+  (jaxcl.blockwise.logits_of): 2 artanh for 'free', linear otherwise."""
+  return blockwise.ARCTANH if mode == 'free' else blockwise.LINEAR
 
 
 class Temperature(nnx.Module):
@@ -58,6 +66,8 @@ class Temperature(nnx.Module):
     """τ at `step` (an int or int32 scalar; needed by cosine and the warm-up)."""
     if self.mode == 'fixed':
       return jnp.asarray(self.init, jnp.float32)
+    if self.mode == 'free':
+      return jnp.asarray(1.0, jnp.float32)
     if self.mode == 'cosine':
       phase = 2 * jnp.pi * jnp.asarray(step, jnp.float32) / self.period
       return jnp.asarray(self.min + 0.5 * (self.max - self.min) * (1 + jnp.cos(phase)),

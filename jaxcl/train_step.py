@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxcl import augment, grad_cache, losses, parallel, param_groups
 from jaxcl.experiment import Experiment, TrainState
-from jaxcl.temperature import project_all
+from jaxcl.temperature import logit_transform, project_all
 
 
 def make_towers(exp: Experiment):
@@ -56,11 +56,12 @@ def make_loss_and_grads(exp: Experiment):
   """
   method, config, batch_spec = exp.method, exp.config, P(parallel.BATCH_AXES)
   merge, encode = make_towers(exp)
+  transform = logit_transform(config.temperature.mode)
 
   def loss(a, b, tau, bias):
     value, metrics = method.loss(a, b, tau, bias, axis_name=parallel.BATCH_AXES,
                                  with_metrics=True, impl=config.loss.impl,
-                                 block_size=config.loss.block_size)
+                                 block_size=config.loss.block_size, transform=transform)
     geometry = losses.alignment_uniformity(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b),
                                            axis_name=parallel.BATCH_AXES)
     return value, {**metrics, **geometry}
@@ -76,7 +77,7 @@ def make_loss_and_grads(exp: Experiment):
     def head(params, a, b):
       """The global-batch loss of the embeddings; τ and the bias are the model's."""
       model = merge(params, state.batch_stats)
-      tau, bias = model.temperature(state.step), method.bias(model)
+      tau, bias = method.temperature(model, state.step), method.bias(model)
       value, metrics = loss_on_mesh(a, b, tau, jnp.float32(0) if bias is None else bias)
       return value, (metrics, tau, bias)
 
@@ -109,7 +110,7 @@ def make_train_step(exp: Experiment):
     project_all(model)
     params = nnx.state(model, nnx.Param)
     grad_norm = optax.global_norm(grads)
-    metrics = dict(metrics, loss=loss, temperature=tau, inv_temperature=1.0 / tau,
+    metrics = dict(metrics, loss=loss, **exp.method.temperature_metrics(tau),
                    grad_norm=grad_norm, learning_rate=exp.schedule(state.step))
     if bias is not None:
       metrics['bias'] = bias

@@ -110,6 +110,10 @@ def _validate(config, num_devices, process_count, check_data) -> None:
          f'[{t.min}, {t.max}]')
 
   method = methods.get(config.method)  # ConfigError for an unknown name
+  check(isinstance(t.per_direction, bool) and (not t.per_direction or method.directions == 2),
+        f'temperature.per_direction=True needs a loss with two directions (clip); '
+        f'{config.method} has {method.directions}' if isinstance(t.per_direction, bool) else
+        f'temperature.per_direction must be True or False, got {t.per_direction!r}')
   check(config.model.name in presets.IMAGE_TOWERS,
          f'model.name must be one of {list(presets.IMAGE_TOWERS)}, got {config.model.name!r}')
   if config.model.name in presets.VIT_NAMES:

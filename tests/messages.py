@@ -33,7 +33,7 @@ CONFIG = {
     'tau min > max':
         'jaxcl: error: temperature.min 0.5 must be <= temperature.max 0.2',
     'tau mode':
-        "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine'), got 'warm'",
+        "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine', 'free'), got 'warm'",
     'missing dataset':
         "jaxcl: error: dataset.name: no TFDS dataset named 'no_such_dataset'",
     'unprepared dataset':
@@ -110,8 +110,8 @@ FUZZ_SEED_0 = {
         "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'int32'",
     '--config.augment.crop_scale_max_old=abc':
         "jaxcl: error: unknown config key 'crop_scale_max_old' in --config.augment.crop_scale_max_old (did you mean 'crop_scale_max'?)",
-    '--config.text.idth=abc':
-        "jaxcl: error: unknown config key 'idth' in --config.text.idth (did you mean 'width'?)",
+    '--config.text.vocabfile=abc':
+        "jaxcl: error: unknown config key 'vocabfile' in --config.text.vocabfile (did you mean 'vocab_file'?)",
     '--config.temperature.init=0.0':
         'jaxcl: error: temperature.init must be > 0, got 0.0',
     '--config.seed=2.5':
@@ -138,12 +138,14 @@ FUZZ_SEED_0 = {
         'jaxcl: error: temperature.init 100.0 must lie in [temperature.min, temperature.max] = [0.01, 1.0]',
     '--config.model.stage_sizes=(0,1)':
         'jaxcl: error: model.stage_sizes must be a tuple of positive integers (empty: the preset of model.name), got (0, 1)',
-    '--config.text.pad_id=1e3x':
-        "jaxcl: error: --config.text.pad_id takes an integer, got '1e3x'",
-    '--config.augment.grayscale_prob=2.0':
-        'jaxcl: error: augment.grayscale_prob must be in [0, 1], got 2.0',
-    '--config.text.tokegizer=1':
-        "jaxcl: error: unknown config key 'tokegizer' in --config.text.tokegizer (did you mean 'tokenizer'?)",
+    '--config.text.norm_eps=fast':
+        "jaxcl: error: --config.text.norm_eps takes a number, got 'fast'",
+    '--config.model.head_out=-16':
+        'jaxcl: error: model.head_out must be a positive integer, got -16',
+    '--config.model.vitp.pool=abc':
+        "jaxcl: error: unknown config key 'vitp' in --config.model.vitp.pool (did you mean 'vit'?)",
+    '--config.eval.batch_size=0':
+        'jaxcl: error: eval.batch_size 0 must be a positive multiple of the 1 data shards',
     '--config.mdel.head_out=0.5':
         "jaxcl: error: unknown config key 'mdel' in --config.mdel.head_out (did you mean 'model'?)",
     '--config.microbatch_size=1e3x':
@@ -170,34 +172,30 @@ FUZZ_SEED_0 = {
         'jaxcl: error: eval.batch_size -512 must be a positive multiple of the 1 data shards',
     '--config.temperature.lr_multiplier=-2.0':
         'jaxcl: error: temperature.lr_multiplier must be > 0, got -2.0',
-    '--config.total_steps=2.5':
-        "jaxcl: error: --config.total_steps takes an integer, got '2.5'",
+    '--config.text.width=2.5':
+        "jaxcl: error: --config.text.width takes an integer, got '2.5'",
     '--config.eval.ratch_size=0.5':
         "jaxcl: error: unknown config key 'ratch_size' in --config.eval.ratch_size (did you mean 'batch_size'?)",
-    '--config.text.causa=1':
-        "jaxcl: error: unknown config key 'causa' in --config.text.causa (did you mean 'causal'?)",
-    '--config.optimizer.weight_decay=nan':
-        'jaxcl: error: optimizer.weight_decay must be >= 0, got nan',
-    '--config.optimizer.name=adam_w':
-        "jaxcl: error: optimizer.name must be one of ('lars', 'adamw', 'sgd'), got 'adam_w'",
-    '--config.optimizer.warmup_steps=-10':
-        'jaxcl: error: optimizer.warmup_steps must be >= 0, got -10',
-    "--config.profile_steps={'a': 1}":
-        'jaxcl: error: --config.profile_steps takes a tuple, written (a, b) or [a, b]; got "{\'a\': 1}"',
-    '--config.text.mlp_dikm=abc':
-        "jaxcl: error: unknown config key 'mlp_dikm' in --config.text.mlp_dikm (did you mean 'mlp_dim'?)",
-    '--config.moel.name=0.5':
-        "jaxcl: error: unknown config key 'moel' in --config.moel.name (did you mean 'model'?)",
-    '--config.optimizer.learning_rate=nan':
-        'jaxcl: error: optimizer.learning_rate must be > 0, got nan',
+    '--config.tepxt.act=abc':
+        "jaxcl: error: unknown config key 'tepxt' in --config.tepxt.act (did you mean 'text'?)",
+    '--config.optimizer.b1=-0.1':
+        'jaxcl: error: optimizer.b1 must be in [0, 1), got -0.1',
     "--config.loss.impl=''":
         'jaxcl: error: loss.impl must be one of (\'dense\', \'blockwise\', \'ring\'), got "\'\'"',
+    "--config.profile_steps={'a': 1}":
+        'jaxcl: error: --config.profile_steps takes a tuple, written (a, b) or [a, b]; got "{\'a\': 1}"',
+    '--config.teyt.max_length=1':
+        "jaxcl: error: unknown config key 'teyt' in --config.teyt.max_length (did you mean 'text'?)",
+    '--config.checkpoint_every_steps=0':
+        'jaxcl: error: checkpoint_every_steps must be > 0, got 0',
+    '--config.log_every_steps=-1':
+        'jaxcl: error: log_every_steps must be > 0, got -1',
     '--config.augmenf.blur_prob=1':
         "jaxcl: error: unknown config key 'augmenf' in --config.augmenf.blur_prob (did you mean 'augment'?)",
-    '--config.text.depth=1e3x':
-        "jaxcl: error: --config.text.depth takes an integer, got '1e3x'",
+    '--config.text.causal=2':
+        "jaxcl: error: --config.text.causal takes True or False, got '2'",
     '--config.temperature.mode=frozen':
-        "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine'), got 'frozen'",
+        "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine', 'free'), got 'frozen'",
     '--config.model.vit.pre_norm=maybe':
         "jaxcl: error: --config.model.vit.pre_norm takes True or False, got 'maybe'",
     '--config.temperature.bias_init=inf':
@@ -220,6 +218,8 @@ FUZZ_SEED_0 = {
         "jaxcl: error: --config.dataset.eval_samples takes an integer, got '1e3x'",
     '--config.optimizer.momentum=-0.5':
         'jaxcl: error: optimizer.momentum must be in [0, 1), got -0.5',
+    '--config.model.image_priojection=1':
+        "jaxcl: error: unknown config key 'image_priojection' in --config.model.image_priojection (did you mean 'image_projection'?)",
 }
 
 # tests/test_cli_safety.py: the CLI's own flags, workdirs, saved configs,

@@ -114,40 +114,39 @@ LAYOUTS = {
 }
 
 
+def _on_layout(fn, layout, num_args):
+  """fn(*args, axis_name) as a function of its args: on one device, or in
+  shard_map with the rows split over the layout's axes."""
+  if LAYOUTS[layout] is None:
+    return lambda *args: fn(*args, None)
+  shape, names, axis = LAYOUTS[layout]
+  return _sharded(lambda *args: fn(*args, axis), _mesh(shape, names), axis, num_args)
+
+
+def _assert_matches(loss_fn, ref, inputs, names):
+  """loss_fn's value and gradients (float32, jitted) against ref's value and
+  its float64 central differences, for the first len(names) inputs."""
+  args = tuple(jnp.float32(v) for v in inputs)
+  value, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=tuple(range(len(names)))))(*args)
+  assert_close(value, ref(*inputs), rtol=RTOL_VALUE, what='loss')
+  for got, want, what in zip(grads, finite_diff(ref, list(inputs)), names):
+    assert_close(got, want, rtol=RTOL_GRAD, what=what)
+
+
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('name', CASES)
 def test_softmax_losses_match_reference(name, layout):
   fn, ref = CASES[name]
   x, y = _inputs()
-  tau = 0.3
-  if LAYOUTS[layout] is None:
-    loss_fn = lambda a, b, t: fn(a, b, t, None)
-  else:
-    shape, names, axis = LAYOUTS[layout]
-    loss_fn = _sharded(lambda a, b, t: fn(a, b, t, axis), _mesh(shape, names), axis, 3)
-  args = (jnp.float32(x), jnp.float32(y), jnp.float32(tau))
-  value, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)))(*args)
-  assert_close(value, ref(x, y, tau), rtol=RTOL_VALUE, what='loss')
-  for got, want, what in zip(grads, finite_diff(ref, [x, y, tau]), ('x', 'y', 'tau')):
-    assert_close(got, want, rtol=RTOL_GRAD, what=what)
+  _assert_matches(_on_layout(fn, layout, 3), ref, (x, y, 0.3), ('x', 'y', 'tau'))
 
 
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_siglip_matches_reference(layout):
   x, y = _inputs(1)
-  tau, bias = 0.5, -2.0
   fn = lambda a, b, t, c, axis: losses.siglip_loss(a, b, temperature=t, bias=c, axis_name=axis)
-  if LAYOUTS[layout] is None:
-    loss_fn = lambda a, b, t, c: fn(a, b, t, c, None)
-  else:
-    shape, names, axis = LAYOUTS[layout]
-    loss_fn = _sharded(lambda a, b, t, c: fn(a, b, t, c, axis), _mesh(shape, names), axis, 4)
-  args = (jnp.float32(x), jnp.float32(y), jnp.float32(tau), jnp.float32(bias))
-  value, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3)))(*args)
-  assert_close(value, ref_siglip(x, y, tau, bias), rtol=RTOL_VALUE, what='loss')
-  for got, want, what in zip(grads, finite_diff(ref_siglip, [x, y, tau, bias]),
-                             ('x', 'y', 'tau', 'bias')):
-    assert_close(got, want, rtol=RTOL_GRAD, what=what)
+  _assert_matches(_on_layout(fn, layout, 4), ref_siglip, (x, y, 0.5, -2.0),
+                  ('x', 'y', 'tau', 'bias'))
 
 
 def test_sharded_negatives_are_global():
@@ -206,3 +205,68 @@ def test_contrastive_accuracy_metrics(layout):
   same = jnp.ones((N, D)) / np.sqrt(D)
   _, collapsed = losses.nt_xent(same, same, temperature=0.2, with_metrics=True)
   assert float(collapsed['contrastive_top1']) == 0.0
+
+
+# ------------------------------- the τ-free logits and CLIP's per-direction τ ---
+def _ref_info_nce_logits(logits):
+  return np.mean([_lse(logits[i]) - logits[i, i] for i in range(len(logits))])
+
+
+def ref_free_clip(x, y, tau):
+  s = 2 * np.arctanh(x @ y.T) / tau
+  return 0.5 * (_ref_info_nce_logits(s) + _ref_info_nce_logits(s.T))
+
+
+def ref_free_nt_xent(z1, z2, tau):
+  n, z = len(z1), np.concatenate([z1, z2])
+  s = 2 * np.arctanh(np.clip(z @ z.T, -1, 1 - 1e-12)) / tau  # the diagonal is left out
+  return np.mean([_lse(s[i, [j for j in range(2 * n) if j != i]]) - s[i, (i + n) % (2 * n)]
+                  for i in range(2 * n)])
+
+
+def ref_free_siglip(a, b, tau, bias):
+  logits = 2 * np.arctanh(a @ b.T) / tau + bias
+  y = 2 * np.eye(len(a)) - 1
+  return -np.sum(np.log(1 / (1 + np.exp(-y * logits)))) / len(a)
+
+
+FREE_CASES = {
+    'nt_xent': (lambda x, y, t, c, **kw: losses.nt_xent(x, y, temperature=t, **kw),
+                lambda x, y, t, c: ref_free_nt_xent(x, y, t)),
+    'clip_loss': (lambda x, y, t, c, **kw: losses.clip_loss(x, y, temperature=t, **kw),
+                  lambda x, y, t, c: ref_free_clip(x, y, t)),
+    'siglip_loss': (lambda x, y, t, c, **kw: losses.siglip_loss(x, y, temperature=t, bias=c,
+                                                                **kw), ref_free_siglip),
+}
+
+
+IMPLS = ['dense', 'blockwise', pytest.param('ring', marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('layout', ['single', 'data8'])
+@pytest.mark.parametrize('name', FREE_CASES)
+def test_free_logits_match_reference(name, layout, impl):
+  fn, ref = FREE_CASES[name]
+  x, y = _inputs(2)
+  loss_fn = _on_layout(lambda a, b, t, c, axis: fn(a, b, t, c, axis_name=axis, impl=impl,
+                                                   transform='arctanh', block_size=4), layout, 4)
+  names = ('x', 'y', 'tau', 'bias') if name == 'siglip_loss' else ('x', 'y', 'tau')
+  _assert_matches(loss_fn, ref, (x, y, 1.0, -1.0), names)
+
+
+def ref_clip_per_direction(a, b, taus):
+  return 0.5 * (ref_info_nce(a, b, taus[0]) + ref_info_nce(b, a, taus[1]))
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('layout', ['single', 'data8'])
+def test_clip_per_direction_temperatures_match_reference(layout, impl):
+  x, y = _inputs(3)
+  loss_fn = _on_layout(lambda a, b, t, axis: losses.clip_loss(
+      a, b, temperature=t, axis_name=axis, impl=impl, block_size=4), layout, 3)
+  _assert_matches(loss_fn, ref_clip_per_direction, (x, y, np.array([0.2, 0.5])),
+                  ('x', 'y', 'taus'))
+  # equal τ both ways is the one-τ loss
+  same = jax.jit(loss_fn)(jnp.float32(x), jnp.float32(y), jnp.float32([0.3, 0.3]))
+  assert_close(same, ref_clip(x, y, 0.3), rtol=RTOL_VALUE, what='equal taus')

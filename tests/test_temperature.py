@@ -104,3 +104,64 @@ def test_temperature_learning_rate_multiplier():
   lr_kernel = -float(updates['kernel'][0, 0])
   assert lr_kernel > 0
   assert -float(updates['temperature']['log_tau']) == pytest.approx(10 * lr_kernel, rel=1e-6)
+
+
+# ------------------------------- temperature.mode=free and per-direction τ ---
+def _first_step(config, batch_fn, edit_params=None):
+  """(the step's loss, its metrics, the embeddings the step's towers give):
+  one train step of `config` on one device and its towers run outside it."""
+  from jaxcl import augment, experiment, parallel, train_step  # pylint: disable=g-import-not-at-top
+  exp = experiment.setup(config, devices=jax.devices()[:1])
+  state = exp.init_state()
+  if edit_params is not None:
+    state = state.replace(params=edit_params(state.params))
+  batch = parallel.put_batch(exp.mesh, batch_fn(exp))
+  _, encode = train_step.make_towers(exp)
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  n = config.batch_size
+  (a, b), _ = encode(state.params, state.batch_stats,
+                     (batch, augment.view_keys(key, exp.method.num_views, n)))
+  _, metrics = train_step.make_train_step(exp)(state, batch)
+  return float(metrics['loss']), jax.device_get(metrics), (a, b), exp
+
+
+def test_free_mode_trains_on_arctanh_logits():
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from jaxcl import losses  # pylint: disable=g-import-not-at-top
+  t = Temperature(mode='free', init=0.2)
+  assert float(t()) == 1.0 and not jax.tree.leaves(nnx.state(t, nnx.Param))
+  images = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8)
+  loss, metrics, (a, b), _ = _first_step(tiny_config(**{'temperature.mode': 'free'}),
+                                         lambda exp: {'image': images})
+  assert metrics['temperature'] == 1.0
+  want = losses.nt_xent(a, b, temperature=1.0, transform='arctanh')
+  assert loss == pytest.approx(float(want), rel=1e-5)
+  assert loss != pytest.approx(float(losses.nt_xent(a, b, temperature=1.0)), rel=1e-3)
+
+
+@pytest.mark.slow  # a two-tower step
+def test_clip_per_direction_temperatures_in_the_step():
+  from helpers import CLIP_CONFIG, TINY_TWO_TOWER, tiny_config, two_tower_batch  # pylint: disable=g-import-not-at-top
+  from jaxcl import losses  # pylint: disable=g-import-not-at-top
+  config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, **{'temperature.per_direction': True})
+
+  def text_to_image_at_half(params):
+    params['temperature_t2i']['log_tau'][...] = jnp.float32(math.log(0.5))
+    return params
+
+  loss, metrics, (a, b), exp = _first_step(config, lambda exp: two_tower_batch(exp, 32),
+                                           text_to_image_at_half)
+  init = config.temperature.init
+  assert metrics['temperature'] == pytest.approx(init) and metrics['temperature_t2i'] == 0.5
+  assert metrics['inv_temperature_t2i'] == pytest.approx(2.0)
+  want = losses.clip_loss(a, b, temperature=jnp.float32([init, 0.5]))
+  assert loss == pytest.approx(float(want), rel=1e-5)
+  # the second τ is a parameter of its own, and the optimizer treats it as τ
+  assert 'log_tau' in exp.abstract_state().params['temperature_t2i']
+
+
+def test_per_direction_is_refused_for_one_direction():
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(config_lib.ConfigError, match='per_direction'):
+    config_lib.validate(tiny_config(**{'temperature.per_direction': True}))

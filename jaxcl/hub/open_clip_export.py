@@ -150,6 +150,9 @@ def write_open_clip(exp, state, output, plan: plan_lib.Plan, *, replacing: bool 
   output, config = epath.Path(output), exp.config
   params = {param_groups.path_name(k): v
             for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  if config.temperature.mode == 'free':
+    _refuse("open_clip's logits are the cosine times a scale; this run trained on 2 artanh of "
+            "the cosine (temperature.mode=free)")
   channels = params['image_encoder/patchify/kernel'].shape[2]
   if channels != 3:
     _refuse(f"the image tower takes {channels}-channel images; open_clip's take RGB")

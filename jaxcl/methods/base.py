@@ -34,6 +34,7 @@ class Encoders:
   step: int = 0
   weights: str = ''
   temperature: float = 1.0
+  logit_transform: str = 'linear'
 
 
 class Method(abc.ABC):
@@ -44,6 +45,8 @@ class Method(abc.ABC):
   batch_keys: tuple[str, ...] = ('image',)
   # Augmented views of each image per step: model_inputs gets this many keys per row.
   num_views: int = 1
+  # Softmax directions with a τ each under temperature.per_direction (CLIP's two).
+  directions: int = 1
   # Whether the model has a text tower: records carry captions, a tokenizer
   # is built and saved, and export writes a text embedder.
   text_tower: bool = False
@@ -81,6 +84,14 @@ class Method(abc.ABC):
   def loss(self, a, b, temperature, bias, **kwargs):
     """(loss, metrics) of jaxcl.losses over the global batch; kwargs go to
     the loss function (axis_name, impl, block_size, with_metrics)."""
+
+  def temperature(self, model, step):
+    """τ for the loss at `step`: a float32 scalar (or, per direction, [directions])."""
+    return model.temperature(step)
+
+  def temperature_metrics(self, tau) -> dict:
+    """What the step logs about the τ that `temperature` gave."""
+    return {'temperature': tau, 'inv_temperature': 1.0 / tau}
 
   def bias(self, model):
     """The learned logit bias the loss takes, or None."""

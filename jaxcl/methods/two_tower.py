@@ -88,7 +88,8 @@ class TwoTower(base.Method):
   text_tower = True
   towers = {'image': {'encoder': 'image_encoder', 'projection': 'image_proj'},
             'text': {'encoder': 'text_encoder', 'projection': 'text_proj'},
-            'temperature': {'temperature': 'temperature', 'bias': 'bias'}}
+            'temperature': {'temperature': 'temperature', 'temperature_t2i': 'temperature_t2i',
+                            'bias': 'bias'}}
   image_output = 'L2-normalized image embeddings (the shared image-text space)'
   skipped_without_labels = 'zero-shot classification is skipped'
   monitor_metrics = ('zeroshot_top1', 'i2t_r1', 't2i_r1')
@@ -142,7 +143,9 @@ class TwoTower(base.Method):
                                 temperature=models.build_temperature(config),
                                 bias=self.make_bias(config), rngs=rngs,
                                 image_projection=m.image_projection,
-                                text_projection_bias=x.projection_bias)
+                                text_projection_bias=x.projection_bias,
+                                temperature_t2i=models.build_temperature(config)
+                                if config.temperature.per_direction else None)
 
   def model_inputs(self, keys, batch, config):
     # One light crop per image; the caption is the other "view".
@@ -253,9 +256,10 @@ def _zeroshot(encoders, source, class_names, templates):
                                          compute)
   images, labels = evaluate.extract_features(encoders.image, mesh, source, batch_size=batch_size)
   keep = labels >= 0  # images without a single class label (e.g. two shapes) are not scored
-  return {**evaluate.zeroshot_accuracy(images[keep], labels[keep], classifier),
-          **evaluate.zeroshot_calibration(images[keep], labels[keep], classifier,
-                                          encoders.temperature)}, (images, labels)
+  scores = {**evaluate.zeroshot_accuracy(images[keep], labels[keep], classifier),
+            **evaluate.zeroshot_calibration(images[keep], labels[keep], classifier,
+                                            encoders.temperature, encoders.logit_transform)}
+  return scores, (images, labels)
 
 
 def _retrieval(encoders, images, source, captions):

@@ -162,30 +162,29 @@ def run_halving(config, workdir, values: list[str], eta: int = 2, holdout: float
 
 def _write(workdir, record: dict, values: list[str], rungs) -> None:
   """sweep.json and sweep.csv: the record with one row per candidate."""
-  rows = []
+  reached, rows = _reached(record, rungs), []
   for value in values:
-    scored = [r for r in record['rungs'] if value in r['scores']]
-    row = sweep.summarize(workdir / f'tau-{value}', value) if (
-        workdir / f'tau-{value}').is_dir() else {'run': f'tau-{value}', 'tau': value}
-    row.update(steps=scored[-1]['step'] if scored else None,
-               monitor=scored[-1]['scores'][value] if scored else None)
-    if record.get('winner') == value:
-      row['steps'] = rungs[-1][0]
+    run_dir = workdir / f'tau-{value}'
+    row = (sweep.summarize(run_dir, value) if run_dir.is_dir()
+           else {'run': f'tau-{value}', 'tau': value})
+    scores = [r['scores'][value] for r in record['rungs'] if value in r['scores']]
+    row.update(steps=reached.get(value), monitor=scores[-1] if scores else None)
     rows.append(row)
   record.update(columns=sweep.columns(rows, extra=('steps', 'monitor')), rows=rows,
-                steps_trained=_steps_trained(record, rungs))
+                steps_trained=sum(reached.values()))
   sweep.write_table(workdir, record)
 
 
-def _steps_trained(record: dict, rungs) -> int:
-  """Training steps of all candidates so far (the winner's to the end once chosen)."""
+def _reached(record: dict, rungs) -> dict:
+  """{candidate: the step it has trained to}: its last scored rung, the
+  winner's total_steps once chosen."""
   reached = {}
   for rung in record['rungs']:
     for value in rung['scores']:
       reached[value] = rung['step']
   if 'winner' in record:
     reached[record['winner']] = rungs[-1][0]
-  return sum(reached.values())
+  return reached
 
 
 def plot_rungs(workdir, record: dict) -> None:

@@ -43,6 +43,9 @@ import jax
 import jax.numpy as jnp
 
 SOFTMAX, SIGMOID = 'softmax', 'sigmoid'
+# The softmax's log-sum-exp over the negatives alone (the positive column left
+# out): SogCLR's per-anchor term (jaxcl.estimators).
+NEGATIVES = 'negatives'
 # How a cosine similarity s becomes a logit before the scale 1/τ: 'linear'
 # (s itself), or 'arctanh' (2 artanh s = log((1 + s) / (1 - s)), the
 # temperature-free logit of Kim & Kim 2025), s clipped to 1 - FREE_EPS from ±1.
@@ -192,6 +195,15 @@ def _forward_fold(kind, transform, rows, scale, bias):
       signs = jnp.where(is_positive, 1.0, -1.0)
       terms = jnp.where(valid, jax.nn.log_sigmoid(signs * (x + bias)), 0.0)
       out['sigmoid_sum'] = carry['sigmoid_sum'] + jnp.sum(terms, axis=1)
+    if kind == NEGATIVES:  # relative to the negatives' own max: the positive may outscore
+      # them all by more than exp() can span
+      is_negative = valid & ~is_positive
+      negatives = jnp.where(is_negative, x, MASKED)
+      out['negative_max'] = jnp.maximum(carry['negative_max'], jnp.max(negatives, axis=1))
+      weights = jnp.where(is_negative, jnp.exp(negatives - out['negative_max'][:, None]), 0.0)
+      out['negative_exp'] = (carry['negative_exp'] * jnp.exp(carry['negative_max']
+                                                             - out['negative_max'])
+                             + jnp.sum(weights, axis=1))
     return out
 
   def fold(carry, k_tile, ids_tile):
@@ -202,11 +214,14 @@ def _forward_fold(kind, transform, rows, scale, bias):
 
 def _tile_objective(kind, transform, ids_tile, row, g):
   """The scalar whose gradient is one tile's share of the backward pass:
-  Σ_ij g_i exp(x_ij - lse_i) (softmax, lse held fixed) or Σ_ij g_i log σ(y_ij z_ij)."""
+  Σ_ij g_i exp(x_ij - lse_i) (softmax, or negatives over non-positive
+  columns; lse held fixed) or Σ_ij g_i log σ(y_ij z_ij)."""
 
   def objective(q, k_tile, scale, bias):
     x, valid = _tile(q, k_tile, ids_tile, scale, row['excluded_ids'], transform)
-    if kind == SOFTMAX:
+    if kind == NEGATIVES:
+      valid = valid & (ids_tile[None, :] != row['positive_ids'][:, None])
+    if kind in (SOFTMAX, NEGATIVES):
       terms = jnp.exp(jnp.where(valid, x, MASKED) - row['stat'][:, None])
     else:
       signs = jnp.where(ids_tile[None, :] == row['positive_ids'][:, None], 1.0, -1.0)
@@ -234,6 +249,8 @@ def _row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids, posi
            'exp_x_sum': zeros, 'negative_sum': zeros, 'hardest': zeros + MASKED}
   if kind == SIGMOID:
     carry['sigmoid_sum'] = zeros
+  if kind == NEGATIVES:
+    carry.update(negative_max=zeros + MASKED, negative_exp=zeros)
   carry = varying(carry, axis_name)
   fold = _forward_fold(kind, transform, rows, scale, bias)
   carry, _ = _over_columns(fold, carry, k, col_ids, axis_name=axis_name, ring=ring,
@@ -245,7 +262,9 @@ def _row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids, posi
              'entropy': log_sum - carry['exp_x_sum'] / carry['exp_sum'],
              'hardest_share': share_of_hardest(jnp.exp(carry['hardest'] - carry['max']),
                                                carry['negative_sum'])}
-  return (lse if kind == SOFTMAX else carry['sigmoid_sum']), summary
+  stat = {SOFTMAX: lambda: lse, SIGMOID: lambda: carry['sigmoid_sum'],
+          NEGATIVES: lambda: carry['negative_max'] + jnp.log(carry['negative_exp'])}[kind]()
+  return stat, summary
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
@@ -254,7 +273,8 @@ def tiled_row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids,
   """Per-row statistics of rows q [n, d] against every column, in tiles.
 
   kind 'softmax': stat_i = log Σ_j exp(x_ij) over the valid columns j (all
-  columns but padding and excluded_ids[i]); kind 'sigmoid': stat_i =
+  columns but padding and excluded_ids[i]); kind 'negatives': the same
+  over the valid columns other than the positive; kind 'sigmoid': stat_i =
   Σ_j log σ(y_ij (x_ij + bias)), y_ij = +1 if column j is row i's positive.
   x_ij = logits_of(q_i · k_j, scale, transform). k [m, d]: this device's columns, ids col_ids [m]
   (-1: padding); with axis_name, every device's columns are used.

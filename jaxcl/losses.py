@@ -39,7 +39,7 @@ from typing import Hashable, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from jaxcl import blockwise, presets
+from jaxcl import blockwise, estimators, presets
 
 AxisName = Union[Hashable, Sequence[Hashable], None]
 IMPLS = presets.LOSS_IMPLS
@@ -186,79 +186,137 @@ def _paired_logits(a, b, temperature, transform):
   return blockwise.logits_of(dots, 1.0 / jnp.asarray(temperature, jnp.float32), transform)
 
 
+def _moving_loss(result, lse_negatives, positive_logit, moving, num_negatives, axis_name,
+                 num_anchors):
+  """(result with SogCLR's gradient in place of the batch's, new log u).
+
+  The loss keeps the batch InfoNCE's value (what runs log and compare);
+  its gradient is jaxcl.estimators.sogclr_terms' mean over the anchors."""
+  terms, new_log_u = estimators.sogclr_terms(lse_negatives, positive_logit, moving,
+                                             num_negatives)
+  surrogate = _global_sum(jnp.sum(terms), axis_name) / num_anchors
+  loss = result[0] if isinstance(result, tuple) else result
+  loss = jax.lax.stop_gradient(loss) + surrogate - jax.lax.stop_gradient(surrogate)
+  return ((loss, result[1]) if isinstance(result, tuple) else loss), new_log_u
+
+
+def _dense_negatives(logits, positive):
+  """Per-row log Σ exp over the columns other than the positive, [n]."""
+  is_positive = jnp.arange(logits.shape[1])[None, :] == positive[:, None]
+  return jax.nn.logsumexp(jnp.where(is_positive, _MASKED, logits), axis=1)
+
+
 def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = None,
              with_metrics: bool = False, impl: str = 'dense',
-             block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR):
+             block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR,
+             moving: estimators.Moving | None = None):
   """One-direction InfoNCE: row i of q against every row of k, positive k_i.
 
   q, k: [n, d] L2-normalized (n = global batch, or the local shard inside
   shard_map). Returns the mean over the N global anchors of
   -log softmax(q_i · Kᵀ / τ)[i].
+  moving: SogCLR's averages of the n rows (log_u [n], jaxcl.estimators):
+  the gradient becomes SogCLR's, and the return value (result, new log u [n]).
   """
+  n = q.shape[0]
+  num_anchors = n * _num_devices(axis_name)
   if impl != 'dense':
-    n = q.shape[0]
     ids = _local_ids(n, axis_name)
     positive = _paired_logits(q, k, temperature, transform)
-    lse, summary = _tiled(blockwise.SOFTMAX, q, k, ids, ids, jnp.full(n, -1, jnp.int32),
-                          positive, temperature, 0.0, axis_name, impl, block_size, transform)
-    num_anchors = n * _num_devices(axis_name)
+    kind = blockwise.SOFTMAX if moving is None else blockwise.NEGATIVES
+    stat, summary = _tiled(kind, q, k, ids, ids, jnp.full(n, -1, jnp.int32),
+                           positive, temperature, 0.0, axis_name, impl, block_size, transform)
+    lse = stat if moving is None else jax.lax.stop_gradient(summary['lse'])
     loss = _global_sum(jnp.sum(lse - positive), axis_name) / num_anchors
-    return _with_summary(loss, summary, positive, axis_name, num_anchors, with_metrics)
+    result = _with_summary(loss, summary, positive, axis_name, num_anchors, with_metrics)
+    if moving is None:
+      return result
+    return _moving_loss(result, stat, positive, moving, num_anchors - 1, axis_name, num_anchors)
   keys, offset = _gather(k, axis_name)
   logits = _scaled_logits(q, keys, temperature, transform)
-  positive = offset + jnp.arange(q.shape[0], dtype=jnp.int32)
-  return _softmax_terms(logits, positive, axis_name, keys.shape[0], with_metrics)
+  positive = offset + jnp.arange(n, dtype=jnp.int32)
+  result = _softmax_terms(logits, positive, axis_name, keys.shape[0], with_metrics)
+  if moving is None:
+    return result
+  positive_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+  return _moving_loss(result, _dense_negatives(logits, positive), positive_logit, moving,
+                      num_anchors - 1, axis_name, num_anchors)
 
 
 def clip_loss(a: jax.Array, b: jax.Array, *, temperature, axis_name: AxisName = None,
               with_metrics: bool = False, impl: str = 'dense',
-              block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR):
+              block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR,
+              moving: estimators.Moving | None = None):
   """CLIP's symmetric loss: ½ (info_nce(a, b) + info_nce(b, a)). a, b: [n, d].
-  temperature: one τ, or [2]: τ of a → b (image to text) and of b → a."""
+  temperature: one τ, or [2]: τ of a → b (image to text) and of b → a.
+  moving: SogCLR's averages, log_u [n, 2] (the a anchors', the b anchors');
+  then returns (result, new log u [n, 2])."""
   kwargs = dict(axis_name=axis_name, with_metrics=with_metrics, impl=impl,
                 block_size=block_size, transform=transform)
   tau = jnp.asarray(temperature, jnp.float32)
   forward_tau, backward_tau = (tau[0], tau[1]) if tau.ndim else (tau, tau)
-  forward = info_nce(a, b, temperature=forward_tau, **kwargs)
-  backward = info_nce(b, a, temperature=backward_tau, **kwargs)
-  return jax.tree.map(lambda x, y: 0.5 * (x + y), forward, backward)
+  directions = [info_nce(q, k, temperature=t, **kwargs,
+                         moving=None if moving is None else
+                         estimators.Moving(moving.log_u[:, column], moving.gamma))
+                for column, (q, k, t) in enumerate(((a, b, forward_tau), (b, a, backward_tau)))]
+  if moving is not None:
+    (forward, forward_u), (backward, backward_u) = directions
+    return (jax.tree.map(lambda x, y: 0.5 * (x + y), forward, backward),
+            jnp.stack([forward_u, backward_u], axis=1))
+  return jax.tree.map(lambda x, y: 0.5 * (x + y), *directions)
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = None,
             with_metrics: bool = False, impl: str = 'dense',
-            block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR):
+            block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR,
+            moving: estimators.Moving | None = None):
   """SimCLR's NT-Xent over 2N anchors (both views of N pairs).
 
   z1, z2: [n, d] L2-normalized views; row i of z1 and row i of z2 are the two
   views of one example. Each anchor's candidates are the other 2N - 1
   embeddings of the global batch (itself excluded); its positive is the other
   view of the same example. Returns the mean over the 2N anchors.
+  moving: SogCLR's averages, log_u [n, 2] (the view-1 anchors', the view-2
+  anchors'; 2N - 2 negatives each); then returns (result, new log u [n, 2]).
   """
   n = z1.shape[0]
+  big_n = n * _num_devices(axis_name)
+  log_u = None if moving is None else estimators.Moving(
+      jnp.concatenate([moving.log_u[:, 0], moving.log_u[:, 1]]), moving.gamma)
   if impl != 'dense':
     # Column ids: view 1 of example i is i, view 2 is N + i (N global examples).
-    big_n = n * _num_devices(axis_name)
     ids1 = _local_ids(n, axis_name)
     ids = jnp.concatenate([ids1, ids1 + big_n])
     anchors = jnp.concatenate([z1, z2], axis=0)
     positive = jnp.tile(_paired_logits(z1, z2, temperature, transform), 2)
-    lse, summary = _tiled(blockwise.SOFTMAX, anchors, anchors, ids,
-                          jnp.concatenate([ids1 + big_n, ids1]), ids, positive, temperature,
-                          0.0, axis_name, impl, block_size, transform)
+    kind = blockwise.SOFTMAX if moving is None else blockwise.NEGATIVES
+    stat, summary = _tiled(kind, anchors, anchors, ids, jnp.concatenate([ids1 + big_n, ids1]),
+                           ids, positive, temperature, 0.0, axis_name, impl, block_size,
+                           transform)
+    lse = stat if moving is None else jax.lax.stop_gradient(summary['lse'])
     loss = _global_sum(jnp.sum(lse - positive), axis_name) / (2 * big_n)
-    return _with_summary(loss, summary, positive, axis_name, 2 * big_n, with_metrics)
-  all1, offset = _gather(z1, axis_name)
-  all2, _ = _gather(z2, axis_name)
-  big_n = all1.shape[0]
-  anchors = jnp.concatenate([z1, z2], axis=0)        # [2n, d]
-  candidates = jnp.concatenate([all1, all2], axis=0)  # [2N, d]: view 1 then view 2
-  logits = _scaled_logits(anchors, candidates, temperature, transform)
-  index = offset + jnp.arange(n, dtype=jnp.int32)
-  self_col = jnp.concatenate([index, index + big_n])
-  positive = jnp.concatenate([index + big_n, index])
-  is_self = jnp.arange(2 * big_n)[None, :] == self_col[:, None]
-  logits = jnp.where(is_self, _MASKED, logits)
-  return _softmax_terms(logits, positive, axis_name, 2 * big_n, with_metrics)
+    result = _with_summary(loss, summary, positive, axis_name, 2 * big_n, with_metrics)
+    lse_negatives, positive_logit = stat, positive
+  else:
+    all1, offset = _gather(z1, axis_name)
+    all2, _ = _gather(z2, axis_name)
+    anchors = jnp.concatenate([z1, z2], axis=0)        # [2n, d]
+    candidates = jnp.concatenate([all1, all2], axis=0)  # [2N, d]: view 1 then view 2
+    logits = _scaled_logits(anchors, candidates, temperature, transform)
+    index = offset + jnp.arange(n, dtype=jnp.int32)
+    self_col = jnp.concatenate([index, index + big_n])
+    positive = jnp.concatenate([index + big_n, index])
+    is_self = jnp.arange(2 * big_n)[None, :] == self_col[:, None]
+    logits = jnp.where(is_self, _MASKED, logits)
+    result = _softmax_terms(logits, positive, axis_name, 2 * big_n, with_metrics)
+    if moving is not None:
+      lse_negatives = _dense_negatives(logits, positive)
+      positive_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+  if moving is None:
+    return result
+  result, new_log_u = _moving_loss(result, lse_negatives, positive_logit, log_u, 2 * big_n - 2,
+                                   axis_name, 2 * big_n)
+  return result, jnp.stack([new_log_u[:n], new_log_u[n:]], axis=1)
 
 
 def siglip_loss(a: jax.Array, b: jax.Array, *, temperature, bias,

@@ -7,6 +7,7 @@ import math
 
 MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
 LOSS_IMPLS = ('dense', 'blockwise', 'ring')  # jaxcl.losses / jaxcl.blockwise
+LOSS_ESTIMATORS = ('batch', 'sogclr')  # jaxcl.estimators
 OPTIMIZERS = ('lars', 'adamw', 'sgd')  # jaxcl.optim
 STATE_DTYPES = ('float32', 'bfloat16')  # optimizer.mu_dtype: Adam's first moment, SGD's momentum
 # What a Transformer block keeps for its backward pass (jaxcl.transformer.run_blocks):

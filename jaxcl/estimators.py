@@ -1,0 +1,58 @@
+"""Per-anchor estimates of the softmax's negative term that outlive the batch.
+
+InfoNCE's anchor i pays -x_ii + log Σ_j exp(x_ij), and a batch of N sees only
+N - 1 of the dataset's negatives in that sum: small batches estimate it
+poorly, which is why contrastive learning wants big ones. SogCLR (Yuan et
+al., ICML 2022; FastCLIP, Wei et al. 2024, for CLIP) keeps, per training
+example and anchor, a moving average u_i of the batch's mean negative term
+
+  g_i = (1 / |negatives|) Σ_{j negative} exp(x_ij),   u_i <- (1 - γ) u_i + γ g_i,
+
+and steps along -∇x_ii + Σ_j exp(x_ij) / (|negatives| u_i) ∇x_ij: the
+gradient of the global negatives-only objective -x_ii + log mean_j exp(x_ij)
+with the batch's g_i replaced by the average over the steps that saw anchor
+i. With γ = 1 it is that objective's batch gradient.
+
+The averages are kept as log u (the exponentials of x = s / τ overflow
+float32 at small τ); -inf marks an anchor not seen yet, whose first average
+is its batch's g_i (the papers start from u = 0, which overweights the first
+epoch by 1 / γ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl import presets
+
+ESTIMATORS = presets.LOSS_ESTIMATORS
+NOT_SEEN = -jnp.inf
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Moving:
+  """SogCLR's state for the anchors of one loss call: log_u float32 [n, ...]
+  (one per anchor, NOT_SEEN for a new one) and γ, the batch's weight."""
+  log_u: jax.Array
+  gamma: float = dataclasses.field(metadata=dict(static=True))
+
+
+def sogclr_terms(lse_negatives: jax.Array, positive: jax.Array, moving: Moving,
+                 num_negatives: int) -> tuple[jax.Array, jax.Array]:
+  """(terms [n], new log u [n]) of n anchors.
+
+  lse_negatives: [n] log Σ_{j negative} exp(x_ij), differentiable; positive:
+  [n] x_ii; moving.log_u: [n]. Σ_i terms_i has SogCLR's gradient (the module
+  docstring), u_i being the updated average; its value is not a loss.
+  """
+  log_count = jnp.log(jnp.float32(num_negatives))
+  log_batch = jax.lax.stop_gradient(lse_negatives) - log_count
+  gamma = jnp.float32(moving.gamma)
+  averaged = jnp.logaddexp(jnp.log1p(-gamma) + moving.log_u, jnp.log(gamma) + log_batch)
+  new_log_u = jnp.where(jnp.isfinite(moving.log_u), averaged, log_batch)
+  terms = -positive + jnp.exp(lse_negatives - log_count - jax.lax.stop_gradient(new_log_u))
+  return terms, new_log_u

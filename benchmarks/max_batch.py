@@ -130,7 +130,8 @@ def largest_batches(model, variant, budgets) -> list[dict]:
   slope, intercept = line['peak_bytes']
   rows = []
   for budget in sorted(budgets, reverse=True):
-    n = int((budget * GB - intercept) / slope) // multiple * multiple if slope > 0 else 0
+    # (none fits where the line is above the budget at every batch: a negative n)
+    n = max(int((budget * GB - intercept) / slope) // multiple * multiple, 0) if slope > 0 else 0
     checked = budget == max(budgets) and n > 0
     if checked and not fits(n, budget):  # the line overshot: bisect below n
       low, high = max((m for m in records if m < n and fits(m, budget)), default=0), n

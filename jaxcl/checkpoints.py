@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxcl import errors, files
+from jaxcl import errors, files, parallel, per_example
 
 
 def checkpoint_manager(workdir, config, *, cleanup: bool = False,
@@ -90,8 +90,40 @@ def restore_checkpoint(manager, abstract_state, step=None):
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
+  abstract_state, strict = _per_example_resized(manager, step, abstract_state)
   return manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state))).state
+      state=ocp.args.StandardRestore(abstract_state, strict=strict))).state
+
+
+def _per_example_resized(manager, step: int, abstract_state):
+  """(abstract_state, strict) for restoring checkpoint `step`: per-example
+  tables (jaxcl.per_example) written on another number of devices have
+  other padding rows. Their target keeps the abstract's rows, or for a
+  set-up that does not know the split's size (rows 0: eval, export) the
+  saved rows padded to this mesh; orbax pads or trims the padding only
+  (strict=False), and only when nothing else differs from what was saved."""
+  if not abstract_state.per_example:
+    return abstract_state, True
+  saved = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(manager.directory) / str(step) / 'state').tree
+  saved_tables = saved.get('per_example', {})
+
+  def target(name, leaf):
+    if leaf.shape[0] or name not in saved_tables:
+      return leaf
+    shards = parallel.num_batch_shards(leaf.sharding.mesh)
+    rows = per_example.num_rows(saved_tables[name].shape[0], shards)
+    return jax.ShapeDtypeStruct((rows, *leaf.shape[1:]), leaf.dtype, sharding=leaf.sharding)
+
+  tables = {name: target(name, leaf) for name, leaf in abstract_state.per_example.items()}
+  abstract_state = abstract_state.replace(per_example=tables)
+  # The rest's shapes as a multiset (the two trees flatten in different orders).
+  shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
+  same_rest = shapes(abstract_state.replace(per_example={})) == shapes(
+      {k: v for k, v in saved.items() if k != 'per_example'})
+  resized = any(name in saved_tables and leaf.shape != saved_tables[name].shape
+                for name, leaf in tables.items())
+  return abstract_state, not (resized and same_rest)
 
 
 def stream_positions(manager, step: int) -> np.ndarray | None:

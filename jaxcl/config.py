@@ -167,7 +167,11 @@ def base_config():
   # dense materializes each device's n x N logits; blockwise and ring compute
   # them in block_size x block_size tiles (jaxcl.blockwise), with the other devices'
   # embeddings all-gathered once (blockwise) or passed around a ring (ring).
-  config.loss = ml_collections.ConfigDict(dict(impl='dense', block_size=1024))
+  # estimator: how each anchor's negative term is estimated: from the batch
+  # alone, or SogCLR's per-example moving average, weight sogclr_gamma on the
+  # batch (jaxcl.estimators; SimCLR and CLIP).
+  config.loss = ml_collections.ConfigDict(dict(impl='dense', block_size=1024, estimator='batch',
+                                               sogclr_gamma=0.9))
 
   # mode: fixed (τ = init) | learnable (log τ trained, clamped to [min, max])
   # | cosine (between max and min with `period` steps; 0: total_steps).
@@ -256,6 +260,8 @@ KEYS_ADDED_LATER = {
     'loss.impl': 'dense', 'loss.block_size': 1024, 'mesh.fsdp': 1,
     'temperature.warmup_steps': 0, 'temperature.lr_multiplier': 1.0, 'temperature.period': 0,
     'temperature.per_direction': False,
+    # SogCLR (2026-12-02): the batch's own estimate came first.
+    'loss.estimator': 'batch', 'loss.sogclr_gamma': 0.9,
     'nonfinite': 'stop',
     # Published architectures (2026-12-01): jaxcl's own towers are these defaults.
     'model.image_projection': True, 'model.vit.act': 'gelu_tanh', 'model.vit.norm_eps': 1e-6,

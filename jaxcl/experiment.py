@@ -20,7 +20,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxcl import augment, data, errors, methods, optim, param_groups, parallel, tokenizers
+from jaxcl import (augment, data, errors, estimators, methods, optim, param_groups, parallel,
+                   per_example, tokenizers)
 from jaxcl.methods.base import standardize
 
 
@@ -32,6 +33,10 @@ class TrainState:
   batch_stats: Any  # nnx.State of nnx.BatchStat
   opt_state: Any
   rng: jax.Array  # uint32 key data; step s uses fold_in(rng, s)
+  # Per training example (loss.estimator=sogclr): {name: [rows, ...]}, row i
+  # the dataset's example i (rows padded to the batch shards), split over the
+  # batch axes; {} otherwise.
+  per_example: Any = dataclasses.field(default_factory=dict)
 
 
 def rng_streams(seed: int) -> dict:
@@ -56,6 +61,9 @@ class Experiment:
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
   tokenizer: tokenizers.Tokenizer | None = None  # text towers only
+  # Examples of the training split (0 when unknown: set up from saved facts,
+  # whose checkpoints give the per-example rows their size).
+  train_examples: int = 0
 
   @property
   def replicated(self):
@@ -66,7 +74,14 @@ class Experiment:
     _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
                       opt_state=self.optimizer.init(params),
-                      rng=jax.random.key_data(rng_streams(self.config.seed)['augment']))
+                      rng=jax.random.key_data(rng_streams(self.config.seed)['augment']),
+                      per_example=self._new_per_example())
+
+  def _new_per_example(self) -> dict:
+    if self.config.loss.estimator != 'sogclr':
+      return {}
+    rows = per_example.num_rows(self.train_examples, parallel.num_batch_shards(self.mesh))
+    return {'log_u': jnp.full((rows, 2), estimators.NOT_SEEN, jnp.float32)}
 
   def state_from_params(self, params) -> TrainState:
     """Step 0 with `params` (the model's nnx.State of parameters, e.g. a
@@ -78,7 +93,8 @@ class Experiment:
     make = jax.jit(lambda p: TrainState(
         step=jnp.int32(0), params=p, batch_stats=abstract.batch_stats,
         opt_state=self.optimizer.init(p),
-        rng=jax.random.key_data(rng_streams(self.config.seed)['augment'])),
+        rng=jax.random.key_data(rng_streams(self.config.seed)['augment']),
+        per_example=self._new_per_example()),
                    out_shardings=self.state_sharding, donate_argnums=0)
     return make(params)  # donated: the parameters are not held twice
 
@@ -86,7 +102,10 @@ class Experiment:
   def state_sharding(self):
     """The state's layout: replicated, or with FSDP its large arrays split
     over the `fsdp` axis (jaxcl.parallel.state_shardings)."""
-    return parallel.state_shardings(self.mesh, jax.eval_shape(self._new_state))
+    abstract = jax.eval_shape(self._new_state)
+    return parallel.state_shardings(self.mesh, abstract).replace(
+        per_example=jax.tree.map(lambda _: parallel.batch_sharding(self.mesh),
+                                 abstract.per_example))
 
   def init_state(self) -> TrainState:
     """A fresh state, created under jit directly in its layout."""
@@ -190,4 +209,16 @@ def setup(config, devices=None, tokenizer=None, info: data.DatasetInfo | None = 
                     eval_graphdef=eval_graphdef,
                     optimizer=optim.build_optimizer(config, config.total_steps),
                     schedule=optim.learning_rate_schedule(config, config.total_steps),
-                    tokenizer=tokenizer if method.text_tower else None)
+                    tokenizer=tokenizer if method.text_tower else None,
+                    train_examples=_train_examples(config, train_source))
+
+
+def _train_examples(config, train_source) -> int:
+  """The training split's size, which per-example state needs (0 when the
+  split is not open); ConfigError for such state over a stream of shards."""
+  size = None if train_source is None else data.known_size(train_source)
+  if config.loss.estimator != 'batch' and train_source is not None and size is None:
+    raise errors.ConfigError(f'loss.estimator={config.loss.estimator} keeps state per '
+                             f'training example and needs a dataset of known size; '
+                             f'{config.dataset.name} is a stream of shards')
+  return size or 0

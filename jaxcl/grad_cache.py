@@ -61,12 +61,12 @@ def from_chunks(x, num_shards: int):
 
 def loss_and_grads(encode: Callable, head: Callable, params, batch_stats, inputs, *,
                    microbatch_size: int, mesh, param_shardings=None):
-  """((loss, (metrics, batch stats, τ, bias)), grads) of the global batch, in chunks.
+  """((loss, (head's aux, new batch stats)), grads) of the global batch, in chunks.
 
   encode(params, batch_stats, inputs) -> ((a [n, D], b [n, D]), new batch
   stats): one chunk's embeddings, its inputs any pytree of [n, ...] arrays
   (the images, the token ids, the rows' augmentation keys). head(params, a,
-  b) -> (loss, (metrics, τ, bias)): the global-batch loss of all N rows'
+  b) -> (loss, aux): the global-batch loss of all N rows'
   embeddings. inputs: the same pytree with [N, ...] leaves, split over the
   mesh's batch axes. param_shardings: where the gradient sum lives (FSDP).
   """
@@ -90,7 +90,7 @@ def loss_and_grads(encode: Callable, head: Callable, params, batch_stats, inputs
   a, b = from_chunks(a, num_shards), from_chunks(b, num_shards)
 
   # Pass 2: the loss over the global batch; its gradient to the embeddings is the cache.
-  (loss, (metrics, tau, bias)), (head_grads, grad_a, grad_b) = jax.value_and_grad(
+  (loss, head_aux), (head_grads, grad_a, grad_b) = jax.value_and_grad(
       head, argnums=(0, 1, 2), has_aux=True)(params, a, b)
   cached = jax.tree.map(lambda g: to_chunks(g, num_chunks, num_shards), (grad_a, grad_b))
 
@@ -105,4 +105,4 @@ def loss_and_grads(encode: Callable, head: Callable, params, batch_stats, inputs
     zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
   tower_grads, _ = jax.lax.scan(backprop_chunk, zeros, (chunks, cached))
   grads = jax.tree.map(jnp.add, head_grads, tower_grads)
-  return (loss, (metrics, new_stats, tau, bias)), grads
+  return (loss, (head_aux, new_stats)), grads

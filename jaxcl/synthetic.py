@@ -10,9 +10,11 @@ embedding table, its gradient and its optimizer state weigh what they will.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from jaxcl import data, experiment, methods, tokenizers
+from jaxcl import data, experiment, methods, tokenizers, train_step
 
 # The text tables of the published models: open_clip's CLIP BPE, SigLIP's c4_en SentencePiece.
 VOCAB_SIZES = {'clip_bpe': 49_408, 'sentencepiece': 32_000}
@@ -34,7 +36,9 @@ def setup(config, devices=None) -> experiment.Experiment:
   """experiment.setup for a validated config, from shapes alone: no data is opened."""
   text = tokenizer(config) if methods.get(config.method).text_tower else None
   info = data.DatasetInfo(image_shape=image_shape(config), num_classes=0)
-  return experiment.setup(config, devices, tokenizer=text, info=info)
+  exp = experiment.setup(config, devices, tokenizer=text, info=info)
+  # Per-example state (loss.estimator) gets a table of one batch's rows.
+  return dataclasses.replace(exp, train_examples=config.batch_size)
 
 
 def batch(exp: experiment.Experiment, n: int, seed: int = 0) -> dict:
@@ -51,4 +55,5 @@ def batch(exp: experiment.Experiment, n: int, seed: int = 0) -> dict:
     ids[positions[None] == lengths[:, None]] = t.eot_id
     ids[positions[None] > lengths[:, None]] = t.pad_id
     out['text'] = ids
-  return {key: out[key] for key in exp.method.batch_keys}
+  out['index'] = np.arange(n, dtype=np.int32) % max(exp.train_examples, 1)
+  return {key: out[key] for key in train_step.step_batch_keys(exp)}

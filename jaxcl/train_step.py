@@ -11,15 +11,26 @@ the temperature is clamped back into range.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxcl import augment, grad_cache, losses, parallel, param_groups
+from jaxcl import augment, estimators, grad_cache, losses, parallel, param_groups, per_example
 from jaxcl.experiment import Experiment, TrainState
 from jaxcl.temperature import logit_transform, project_all
+
+
+class StepAux(NamedTuple):
+  """What the loss of a step gives beside its value."""
+  metrics: dict
+  batch_stats: Any  # the towers' batch statistics after the step
+  temperature: jax.Array  # τ the loss used (scalar, or [directions])
+  bias: jax.Array | None  # SigLIP's logit bias
+  per_example: dict  # the batch's rows of TrainState.per_example after the step
 
 
 def make_towers(exp: Experiment):
@@ -49,8 +60,9 @@ def make_loss_and_grads(exp: Experiment):
   """(state, batch) -> ((loss, aux), grads) for the config's method.
 
   batch: the method's batch_keys, e.g. {'image': uint8 [N, H, W, C]} (+
-  'text': int32 [N, L] for a text tower), split over the batch axes. aux =
-  (metrics, new batch stats, τ, logit bias or None). The loss is computed in
+  'text': int32 [N, L] for a text tower; + 'index' int32 [N], the rows'
+  dataset indices, with per-example state), split over the batch axes.
+  aux: a StepAux. The loss is computed in
   shard_map over the global batch, every device's embeddings gathered; with
   `microbatch_size` the towers run in chunks (jaxcl.grad_cache).
   """
@@ -58,40 +70,54 @@ def make_loss_and_grads(exp: Experiment):
   merge, encode = make_towers(exp)
   transform = logit_transform(config.temperature.mode)
 
-  def loss(a, b, tau, bias):
-    value, metrics = method.loss(a, b, tau, bias, axis_name=parallel.BATCH_AXES,
-                                 with_metrics=True, impl=config.loss.impl,
-                                 block_size=config.loss.block_size, transform=transform)
+  def loss(a, b, tau, bias, rows):
+    """rows: this device's rows of the per-example state (TrainState.per_example)."""
+    kwargs = dict(axis_name=parallel.BATCH_AXES, with_metrics=True, impl=config.loss.impl,
+                  block_size=config.loss.block_size, transform=transform)
+    if 'log_u' in rows:
+      moving = estimators.Moving(rows['log_u'], config.loss.sogclr_gamma)
+      (value, metrics), log_u = method.loss(a, b, tau, bias, moving=moving, **kwargs)
+      rows = dict(rows, log_u=log_u)
+    else:
+      value, metrics = method.loss(a, b, tau, bias, **kwargs)
     geometry = losses.alignment_uniformity(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b),
                                            axis_name=parallel.BATCH_AXES)
-    return value, {**metrics, **geometry}
+    return value, {**metrics, **geometry}, rows
 
-  loss_on_mesh = jax.shard_map(loss, mesh=exp.mesh, in_specs=(batch_spec, batch_spec, P(), P()),
-                               out_specs=(P(), P()))
+  loss_on_mesh = jax.shard_map(loss, mesh=exp.mesh,
+                               in_specs=(batch_spec, batch_spec, P(), P(), batch_spec),
+                               out_specs=(P(), P(), batch_spec))
 
   def loss_and_grads(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     n = jax.tree.leaves(batch)[0].shape[0]
-    inputs = (batch, augment.view_keys(key, method.num_views, n))
+    inputs = (model_inputs_of(batch), augment.view_keys(key, method.num_views, n))
+    rows = per_example.gather(state.per_example, batch)
 
     def head(params, a, b):
-      """The global-batch loss of the embeddings; τ and the bias are the model's."""
+      """The global-batch loss of the embeddings; τ and the bias are the model's.
+      aux: (metrics, τ, bias, the batch's per-example rows after the step)."""
       model = merge(params, state.batch_stats)
       tau, bias = method.temperature(model, state.step), method.bias(model)
-      value, metrics = loss_on_mesh(a, b, tau, jnp.float32(0) if bias is None else bias)
-      return value, (metrics, tau, bias)
+      value, metrics, new_rows = loss_on_mesh(a, b, tau,
+                                              jnp.float32(0) if bias is None else bias, rows)
+      return value, (metrics, tau, bias, new_rows)
 
     if config.microbatch_size:
-      return grad_cache.loss_and_grads(encode, head, state.params, state.batch_stats, inputs,
-                                       microbatch_size=config.microbatch_size, mesh=exp.mesh,
-                                       param_shardings=exp.state_sharding.params)
+      (value, (head_aux, batch_stats)), grads = grad_cache.loss_and_grads(
+          encode, head, state.params, state.batch_stats, inputs,
+          microbatch_size=config.microbatch_size, mesh=exp.mesh,
+          param_shardings=exp.state_sharding.params)
+    else:
+      def loss_fn(params):
+        (a, b), batch_stats = encode(params, state.batch_stats, inputs)
+        value, head_aux = head(params, a, b)
+        return value, (head_aux, batch_stats)
 
-    def loss_fn(params):
-      (a, b), batch_stats = encode(params, state.batch_stats, inputs)
-      value, (metrics, tau, bias) = head(params, a, b)
-      return value, (metrics, batch_stats, tau, bias)
-
-    return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      (value, (head_aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params)
+    metrics, tau, bias, rows = head_aux
+    return (value, StepAux(metrics, batch_stats, tau, bias, rows)), grads
 
   return loss_and_grads
 
@@ -102,7 +128,7 @@ def make_train_step(exp: Experiment):
   loss_and_grads = make_loss_and_grads(exp)
 
   def train_step(state: TrainState, batch):
-    (loss, (metrics, batch_stats, tau, bias)), grads = loss_and_grads(state, batch)
+    (loss, (metrics, batch_stats, tau, bias, rows)), grads = loss_and_grads(state, batch)
     updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Clamp log τ into [log τ_min, log τ_max] after the update (open_clip's way).
@@ -114,15 +140,17 @@ def make_train_step(exp: Experiment):
                    grad_norm=grad_norm, learning_rate=exp.schedule(state.step))
     if bias is not None:
       metrics['bias'] = bias
-    updated = (params, batch_stats, opt_state)
+    metrics.update(per_example.metrics(rows))
+    updated = (params, batch_stats, opt_state, per_example.scatter(state.per_example, batch, rows))
     if exp.config.nonfinite == 'skip':  # a non-finite step leaves the state as it was
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
-                             (state.params, state.batch_stats, state.opt_state))
+                             (state.params, state.batch_stats, state.opt_state,
+                              state.per_example))
       metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
-    params, batch_stats, opt_state = updated
+    params, batch_stats, opt_state, tables = updated
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+                              opt_state=opt_state, per_example=tables)
     return new_state, metrics
 
   return jax.jit(train_step, in_shardings=(exp.state_sharding, parallel.batch_sharding(exp.mesh)),
@@ -133,12 +161,12 @@ def abstract_batch(exp: Experiment, batch_size: int | None = None) -> dict:
   """Shapes, dtypes and shardings of the global batch the step reads (its
   batch_keys): uint8 images of the dataset's shape, int32 token ids."""
   n = batch_size or exp.config.batch_size
-  shapes = {'image': ((n, *exp.info.image_shape), jnp.uint8)}
+  shapes = {'image': ((n, *exp.info.image_shape), jnp.uint8), 'index': ((n,), jnp.int32)}
   if exp.tokenizer is not None:
     shapes['text'] = ((n, exp.tokenizer.max_length), jnp.int32)
   sharding = parallel.batch_sharding(exp.mesh)
   return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=sharding)
-          for key in exp.method.batch_keys}
+          for key in step_batch_keys(exp)}
 
 
 def compile_step(exp: Experiment):
@@ -148,6 +176,17 @@ def compile_step(exp: Experiment):
   return make_train_step(exp).lower(exp.abstract_state(), abstract_batch(exp)).compile()
 
 
+def step_batch_keys(exp: Experiment) -> tuple[str, ...]:
+  """The arrays of a batch the step reads: the method's, and the rows'
+  dataset indices when there is per-example state."""
+  return exp.method.batch_keys + (('index',) if exp.config.loss.estimator != 'batch' else ())
+
+
+def model_inputs_of(batch: dict) -> dict:
+  """The batch without its dataset indices: what augmentation and the towers read."""
+  return {k: v for k, v in batch.items() if k != 'index'}
+
+
 def model_batch(exp: Experiment, batch: dict) -> dict:
   """The arrays of a host batch the step reads (the labels it does not)."""
-  return {k: batch[k] for k in exp.method.batch_keys}
+  return {k: batch[k] for k in step_batch_keys(exp)}

@@ -95,6 +95,11 @@ def _validate(config, num_devices, process_count, check_data) -> None:
          f'loss.impl must be one of {presets.LOSS_IMPLS}, got {config.loss.impl!r}')
   check(isinstance(config.loss.block_size, int) and config.loss.block_size > 0,
          f'loss.block_size must be a positive integer, got {config.loss.block_size!r}')
+  check(config.loss.estimator in presets.LOSS_ESTIMATORS,
+        f'loss.estimator must be one of {presets.LOSS_ESTIMATORS}, got {config.loss.estimator!r}')
+  gamma = config.loss.sogclr_gamma
+  check(_is_number(gamma) and 0 < gamma <= 1,
+        f'loss.sogclr_gamma must be a number in (0, 1], got {gamma!r}')
   t = config.temperature
   check(t.mode in TEMPERATURE_MODES,
          f'temperature.mode must be one of {TEMPERATURE_MODES}, got {t.mode!r}')
@@ -119,6 +124,9 @@ def _validate(config, num_devices, process_count, check_data) -> None:
   if config.model.name in presets.VIT_NAMES:
     _check_vit(config.model, config.augment.image_size)
   method.check_config(config)
+  check(config.loss.estimator == 'batch' or method.softmax_loss,
+        f'loss.estimator={config.loss.estimator} estimates a softmax denominator; '
+        f'{config.method} has none')
   check(config.model.remat in presets.REMAT_POLICIES,
         f'model.remat must be one of {presets.REMAT_POLICIES}, got {config.model.remat!r}')
   check(isinstance(config.model.scan_layers, bool),

@@ -117,7 +117,7 @@ def test_train_step_with_ring_loss_equals_dense_single_device():
     config.loss.update(impl=impl, block_size=3)
     exp = experiment.setup(config, devices=jax.devices()[:devices])
     images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
-    (loss, (metrics, _, _, _)), grads = jax.jit(train_step.make_loss_and_grads(exp))(
+    (loss, (metrics, *_)), grads = jax.jit(train_step.make_loss_and_grads(exp))(
         exp.init_state(), parallel.put_batch(exp.mesh, {'image': images}))
     results.append(jax.device_get((loss, metrics, grads)))
   (loss1, m1, g1), (loss8, m8, g8) = results

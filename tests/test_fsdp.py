@@ -55,7 +55,7 @@ def test_fsdp_step_equals_data_parallel(experiments):
   results = []
   for exp in experiments:
     state = exp.init_state()
-    (loss, (metrics, _, _, _)), grads = jax.jit(train_step.make_loss_and_grads(exp))(
+    (loss, (metrics, *_)), grads = jax.jit(train_step.make_loss_and_grads(exp))(
         state, parallel.put_batch(exp.mesh, {'image': _images(0)}))
     step = train_step.make_train_step(exp)
     for i in range(2):

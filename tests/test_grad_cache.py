@@ -58,7 +58,7 @@ def test_microbatched_step_equals_whole_batch(config_file, devices, impl, microb
     exp = _setup(config_file, devices, m, impl)
     state = exp.init_state()
     batch = parallel.put_batch(exp.mesh, two_tower_batch(exp, 16))
-    (loss, (metrics, _, tau, _)), grads = jax.jit(train_step.make_loss_and_grads(exp))(
+    (loss, (metrics, _, tau, *_)), grads = jax.jit(train_step.make_loss_and_grads(exp))(
         state, batch)
     step = train_step.make_train_step(exp)
     for i in range(3):
@@ -124,7 +124,7 @@ def test_simclr_chunks_normalize_with_their_own_statistics(devices, microbatch_s
   exp = _simclr(devices, microbatch_size)
   state = exp.init_state()
   images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
-  (loss, (_, stats, _, _)), grads = jax.device_get(jax.jit(train_step.make_loss_and_grads(exp))(
+  (loss, (_, stats, *_)), grads = jax.device_get(jax.jit(train_step.make_loss_and_grads(exp))(
       state, parallel.put_batch(exp.mesh, {'image': images})))
   on_one_device = jax.tree.map(jnp.asarray, jax.device_get(state))
   ref_loss, ref_grads, ref_stats = _per_chunk_reference(_simclr(1, 0), on_one_device, images,

@@ -49,7 +49,7 @@ def test_sharded_loss_and_grads_equal_single_device(experiments):
   for exp in experiments:
     state = exp.init_state()
     fn = jax.jit(train_step.make_loss_and_grads(exp))
-    (loss, (metrics, batch_stats, _, _)), grads = fn(
+    (loss, (metrics, batch_stats, *_)), grads = fn(
         state, parallel.put_batch(exp.mesh, {'image': _images(16)}))
     results.append(jax.device_get((loss, metrics, batch_stats, grads)))
   (loss1, m1, bs1, g1), (loss8, m8, bs8, g8) = results

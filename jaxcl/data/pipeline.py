@@ -13,7 +13,7 @@ import numpy as np
 
 
 def caption_sampler(tokenizer):
-  """A grain random_map transform: record -> {'image', 'label', 'text'}, the
+  """A grain random_map transform: record -> {'image', 'label', 'index', 'text'}, the
   text being one caption drawn at random (anew each epoch: the generator
   depends on the record's position in the repeated dataset), tokenized to
   int32 [max_length]."""
@@ -21,7 +21,7 @@ def caption_sampler(tokenizer):
   def sample(record, rng: np.random.Generator):
     captions = record['captions']
     caption = captions[rng.integers(len(captions))] if captions else ''
-    return {'image': record['image'], 'label': record['label'],
+    return {'image': record['image'], 'label': record['label'], 'index': record['index'],
             'text': tokenizer.encode([caption])[0]}
 
   return sample
@@ -31,7 +31,8 @@ def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0
                    process_count: int = 1, num_threads: int = 4, transform=None,
                    start_record: int = 0, start_batch: int = 0, workers: int = 0):
   """An endless iterator of this process's share of each global batch: dicts
-  of numpy arrays with leading dim batch_size / processes.
+  of numpy arrays with leading dim batch_size / processes; 'index' holds
+  each record's index in `source`.
 
   The records form one stream: epochs of the source, each in its own
   shuffled order, which depends only on the seed and the source. Global
@@ -47,7 +48,7 @@ def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0
   batch, interleaved back in order: the same batches for any W.
   """
   local_batch = batch_size // process_count
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  ds = grain.MapDataset.source(source).map_with_index(_with_index).seed(seed).shuffle().repeat()
   if transform is not None:
     ds = ds.random_map(transform)
   if start_record:
@@ -59,6 +60,11 @@ def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0
     ds = ds[start_batch:]
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
   return iter(in_workers(ds.to_iter_dataset(options), workers))
+
+
+def _with_index(index: int, record: dict) -> dict:
+  """The record with its place in the source (per-example state's row)."""
+  return {**record, 'index': np.int32(index)}
 
 
 def in_workers(ds, workers: int):

@@ -47,6 +47,9 @@ class Method(abc.ABC):
   num_views: int = 1
   # Softmax directions with a τ each under temperature.per_direction (CLIP's two).
   directions: int = 1
+  # Whether the loss is a softmax over candidates (SigLIP's is not): SogCLR's
+  # estimator (loss.estimator) replaces its denominator.
+  softmax_loss: bool = True
   # Whether the model has a text tower: records carry captions, a tokenizer
   # is built and saved, and export writes a text embedder.
   text_tower: bool = False

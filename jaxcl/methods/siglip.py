@@ -10,6 +10,7 @@ from jaxcl.methods import two_tower
 
 class SigLIP(two_tower.TwoTower):
   name = 'siglip'
+  softmax_loss = False
 
   def make_bias(self, config):
     return models.LogitBias(config.temperature.bias_init)

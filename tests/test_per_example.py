@@ -1,0 +1,145 @@
+"""Per-example state (TrainState.per_example; loss.estimator=sogclr): the
+batch carries each row's dataset index, the step writes exactly the batch's
+rows (the averages the loss computed, on 1 and 8 devices and in
+microbatches), the tables survive a kill and resume exactly, and a restore
+onto another number of devices keeps every example's row."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import (CLIP_CONFIG, DIGITS_CONFIG, RUN, SIGLIP_CONFIG, TINY_TWO_TOWER,
+                     assert_close, jaxcl, run_until_checkpoint, tiny_config, tiny_overrides,
+                     without_key_bias)
+from jaxcl import (augment, config as config_lib, data, errors, estimators, losses, parallel,
+                   synthetic, tokenizers, trained, train_step)
+
+# 1 and 8 devices, whole batch and microbatches sum the same float32 terms in
+# other orders (tests/test_grad_cache.py's tolerances).
+RTOL = 1e-4
+
+
+def test_records_carry_their_dataset_index():
+  config = tiny_config(DIGITS_CONFIG)
+  source, _ = data.Dataset(config.dataset).training()
+  batches = data.train_iterator(source, batch_size=32, seed=3)
+  for _ in range(2):
+    batch = next(batches)
+    assert batch['index'].dtype == np.int32 and len(set(batch['index'].tolist())) == 32
+    for image, index in zip(batch['image'], batch['index']):
+      np.testing.assert_array_equal(image, source[int(index)]['image'])
+  sample = data.caption_sampler(tokenizers.build_tokenizer(tiny_config(CLIP_CONFIG).text))
+  record = {'image': np.zeros((2, 2, 3), np.uint8), 'label': 1, 'index': np.int32(7),
+            'captions': ['a red circle']}
+  assert sample(record, np.random.default_rng(0))['index'] == 7
+
+
+def _clip(devices, microbatch_size=0, examples=40):
+  config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, batch_size=16,
+                       microbatch_size=microbatch_size)
+  config.loss.update(estimator='sogclr', sogclr_gamma=0.5)
+  config_lib.validate(config, check_data=False)
+  exp = synthetic.setup(config, devices=jax.devices()[:devices])
+  return dataclasses.replace(exp, train_examples=examples)
+
+
+STEP_ROWS = [np.arange(16), np.arange(8, 24), np.r_[30:40, 0:6]]  # rows 24-29 never read
+
+
+def _three_steps(exp):
+  step = train_step.make_train_step(exp)
+  state, batches = exp.init_state(), []
+  for i, rows in enumerate(STEP_ROWS):
+    batch = dict(synthetic.batch(exp, 16, seed=i), index=rows.astype(np.int32))
+    batches.append((jax.device_get(state), batch))  # a host copy: the step donates the state
+    state, metrics = step(state, parallel.put_batch(exp.mesh, batch))
+  return jax.device_get(state), metrics, batches
+
+
+def _reference_log_u(exp, state, batch):
+  """The averages of the batch's anchors from their embeddings, with
+  losses.clip_loss on one device: what the step must write into its rows."""
+  _, encode = train_step.make_towers(exp)
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  images_text = {k: jnp.asarray(v) for k, v in batch.items() if k != 'index'}
+  (a, b), _ = encode(state.params, state.batch_stats,
+                     (images_text, augment.view_keys(key, 1, 16)))
+  tau = jnp.exp(state.params['temperature']['log_tau'][...])
+  old = jnp.asarray(state.per_example['log_u'])[batch['index']]
+  _, new = losses.clip_loss(a, b, temperature=tau, moving=estimators.Moving(old, 0.5))
+  return np.asarray(new)
+
+
+def test_step_writes_the_batch_rows():
+  exp = _clip(1)
+  state, metrics, batches = _three_steps(exp)
+  table = np.asarray(state.per_example['log_u'])
+  assert table.shape == (40, 2) and np.isfinite(metrics['sogclr_log_u'])
+  assert np.all(np.isneginf(table[24:30]))
+  assert np.all(np.isfinite(np.delete(table, range(24, 30), 0)))
+  for i, (before, batch) in enumerate(batches):  # each step's rows hold what its loss computed
+    after = batches[i + 1][0] if i + 1 < len(batches) else state
+    got = np.asarray(after.per_example['log_u'])[batch['index']]
+    assert_close(got, _reference_log_u(exp, before, batch), rtol=RTOL, what=f'rows of step {i}')
+
+
+@pytest.mark.slow
+def test_tables_on_8_devices_and_in_microbatches_equal_1_device():
+  (table, params), *others = [
+      jax.tree.map(np.asarray, (state.per_example['log_u'], without_key_bias(state.params)))
+      for state, _, _ in (_three_steps(_clip(d, m)) for d, m in ((1, 0), (8, 0), (8, 8)))]
+  seen = np.isfinite(table)
+  for other_table, other_params in others:
+    np.testing.assert_array_equal(np.isfinite(other_table), seen)
+    assert_close(other_table[seen], table[seen], rtol=RTOL, what='log u')
+    assert_close(other_params, params, rtol=RTOL, what='params after 3 steps')
+
+
+def test_sogclr_is_refused_where_it_cannot_run():
+  config = tiny_config(SIGLIP_CONFIG, TINY_TWO_TOWER)
+  config.loss.estimator = 'sogclr'
+  with pytest.raises(errors.ConfigError, match='softmax denominator; siglip has none'):
+    config_lib.validate(config, check_data=False)
+  config = tiny_config(DIGITS_CONFIG)
+  config.loss.update(estimator='sogclr', sogclr_gamma=0.0)
+  with pytest.raises(errors.ConfigError, match=r'loss.sogclr_gamma must be a number in \(0, 1\]'):
+    config_lib.validate(config, check_data=False)
+
+
+SOGCLR = ['--config.loss.estimator=sogclr', '--config.loss.impl=blockwise',
+          '--config.loss.block_size=8']
+RESUMED_STEPS = 20
+
+
+def _log_u(workdir):
+  """The newest checkpoint's table, restored onto this process's 8 devices."""
+  _, state = trained.load_trained(str(workdir))
+  return int(state.step), np.asarray(jax.device_get(state.per_example['log_u']))
+
+
+@pytest.mark.slow
+def test_tables_survive_kill_and_resume_and_another_device_count(tmp_path):
+  run = [*tiny_overrides(), *RUN[1:], f'--config.total_steps={RESUMED_STEPS}', *SOGCLR]
+  straight = tmp_path / 'straight'
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(straight), *run, devices=2)
+  killed = tmp_path / 'killed'
+  proc = run_until_checkpoint(killed, 10, overrides=run)
+  proc.kill()
+  proc.wait()
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(killed), *run, devices=2)
+  step, table = _log_u(straight)  # restored onto 8 devices: 1,500 rows padded to 1,504
+  examples = len(data.Dataset(tiny_config(DIGITS_CONFIG).dataset).training()[0])
+  assert step == RESUMED_STEPS and table.shape == (-(-examples // 8) * 8, 2)
+  seen = np.isfinite(table[:examples]).all(axis=1)
+  assert seen.sum() == RESUMED_STEPS * 32 < examples  # within the first epoch: each row once
+  np.testing.assert_array_equal(_log_u(killed)[1], table)
+  # Another device count resumes from the 2-device checkpoint: 4 more steps
+  # fill 4 batches of new rows and leave every other row as it was.
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(straight),
+        *[a for a in run if 'total_steps' not in a], '--config.total_steps=24', devices=8)
+  step, longer = _log_u(straight)
+  assert step == 24 and np.isfinite(longer[:examples]).all(axis=1).sum() == 24 * 32
+  np.testing.assert_array_equal(longer[:examples][seen], table[:examples][seen])

@@ -107,10 +107,12 @@ def loss_memory(exp) -> int:
 def largest_batches(model, variant, budgets) -> list[dict]:
   """For each budget, the largest batch (a multiple of the microbatch, or of
   16) whose compiled step fits. Peak bytes are fitted by a line through
-  compiles at two batch sizes and solved per budget. The largest budget's
-  answer is checked by compiling there; where it does not fit, a bisection
-  between the largest batch known to fit and it finds the largest that does
-  (to 2%). The smaller budgets' answers are the line's ('checked' False)."""
+  compiles at two batch sizes and solved per budget. Each answer is checked
+  by compiling there; where it does not fit, a bisection between the
+  largest batch known to fit and it finds the largest that does (to 2%).
+  Where the line's answer fits it stands: a batch that fits, within what the
+  line says (the towers grow linearly; only the dense loss's N² logits bend
+  it, and they make the line overshoot). 'checked' False: none fits."""
   multiple = variant['microbatch_size'] or 16
   sizes = [multiple * 2, multiple * 8]
   records = {}
@@ -128,12 +130,13 @@ def largest_batches(model, variant, budgets) -> list[dict]:
   line = {k: np.polyfit(sizes, [records[n][k] for n in sizes], 1)
           for k in ('peak_bytes', 'temp_bytes', 'loss_bytes', 'batch_bytes')}
   slope, intercept = line['peak_bytes']
-  rows = []
+  rows, ceiling = [], None
   for budget in sorted(budgets, reverse=True):
     # (none fits where the line is above the budget at every batch: a negative n)
     n = max(int((budget * GB - intercept) / slope) // multiple * multiple, 0) if slope > 0 else 0
-    checked = budget == max(budgets) and n > 0
-    if checked and not fits(n, budget):  # the line overshot: bisect below n
+    if ceiling is not None:  # a smaller memory never fits a larger batch
+      n = min(n, ceiling)
+    if n and not fits(n, budget):  # the line overshot (the dense loss grows as N²): bisect
       low, high = max((m for m in records if m < n and fits(m, budget)), default=0), n
       while high - low > max(multiple, 0.02 * high):
         middle = (low + high) // 2 // multiple * multiple
@@ -141,13 +144,8 @@ def largest_batches(model, variant, budgets) -> list[dict]:
           break
         low, high = (middle, high) if fits(middle, budget) else (low, middle)
       n = low
-    if checked and n:
-      record = records[n]
-    elif n:
-      record = {k: float(np.polyval(line[k], n)) for k in line}
-      record.update(state_bytes=records[sizes[0]]['state_bytes'], compile_s=0.0)
-    if not n or record['peak_bytes'] > budget * GB:  # none fits: the smallest compiled
-      n, record = 0, records[sizes[0]]
+    record, checked = (records[n], True) if n else (records[sizes[0]], False)
+    ceiling = n
     rows.append(dict(model=model, budget_gb=budget, **variant, batch_size=n, checked=checked,
                      **{k: record[k] for k in ('peak_bytes', 'temp_bytes', 'state_bytes',
                                                'batch_bytes', 'loss_bytes', 'compile_s')}))
@@ -157,9 +155,9 @@ def largest_batches(model, variant, budgets) -> list[dict]:
 
 def _line(row) -> str:
   towers = row['peak_bytes'] - row['state_bytes'] - row['batch_bytes'] - row['loss_bytes']
+  batch = f"{row['batch_size']:,}" if row['batch_size'] else 'none fits'
   return (f"| {row['model']} | {row['budget_gb']} | {row['loss']} | "
-          f"{row['microbatch_size'] or 'off'} | {row['remat']} | {row['batch_size']:,}"
-          f"{'' if row['checked'] else '*'} | "
+          f"{row['microbatch_size'] or 'off'} | {row['remat']} | {batch} | "
           f"{row['peak_bytes'] / GB:.1f} | {towers / GB:.1f} | {row['loss_bytes'] / GB:.2f} | "
           f"{row['state_bytes'] / GB:.2f} | {row['batch_bytes'] / GB:.2f} |")
 

@@ -81,9 +81,10 @@ def logits_of(similarity, scale, transform: str = LINEAR):
 
 
 def _tile(q, k, col_ids, scale, excluded_ids, transform):
-  """Logits of one tile, float32 [n, b], and where they count (valid)."""
-  x = logits_of(jnp.einsum('nd,bd->nb', q, k, preferred_element_type=jnp.float32), scale,
-                transform)
+  """Logits of one tile, float32 [n, b], and where they count (valid);
+  scale [n]: each row's."""
+  x = logits_of(jnp.einsum('nd,bd->nb', q, k, preferred_element_type=jnp.float32),
+                scale[:, None], transform)
   valid = (col_ids[None, :] >= 0) & (col_ids[None, :] != excluded_ids[:, None])
   return x, valid
 
@@ -166,7 +167,7 @@ def _unchunk(x, n):
   return x.reshape(-1, *x.shape[2:])[:n]
 
 
-def _forward_fold(kind, transform, rows, scale, bias):
+def _forward_fold(kind, transform, rows, bias):
   """Per-row running statistics over column tiles, rows chunked: the softmax's
   max m, Σ exp(x - m) and Σ exp(x - m)(x - m) (log-sum-exp and entropy, kept
   relative to the max so a near-one-hot softmax keeps its precision), the
@@ -174,7 +175,7 @@ def _forward_fold(kind, transform, rows, scale, bias):
   (top-k metrics; ties count against), and for sigmoid Σ log σ(y z)."""
 
   def one_chunk(k_tile, ids_tile, row, carry):
-    x, valid = _tile(row['q'], k_tile, ids_tile, scale, row['excluded_ids'], transform)
+    x, valid = _tile(row['q'], k_tile, ids_tile, row['scale'], row['excluded_ids'], transform)
     is_positive = ids_tile[None, :] == row['positive_ids'][:, None]
     out = {'beaten_by': carry['beaten_by'] + jnp.sum(
         valid & ~is_positive & (x >= row['positive_logit'][:, None]), axis=1)}
@@ -242,7 +243,7 @@ def _row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids, posi
                excluded_ids, positive_logit, scale, bias):
   n = q.shape[0]
   rows = _chunk_rows(dict(q=q, positive_ids=positive_ids, excluded_ids=excluded_ids,
-                          positive_logit=positive_logit), block_size)
+                          positive_logit=positive_logit, scale=scale), block_size)
   shape = rows['positive_ids'].shape
   zeros = jnp.zeros(shape, jnp.float32)
   carry = {'beaten_by': jnp.zeros(shape, jnp.int32), 'max': zeros + MASKED, 'exp_sum': zeros,
@@ -252,7 +253,7 @@ def _row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids, posi
   if kind == NEGATIVES:
     carry.update(negative_max=zeros + MASKED, negative_exp=zeros)
   carry = varying(carry, axis_name)
-  fold = _forward_fold(kind, transform, rows, scale, bias)
+  fold = _forward_fold(kind, transform, rows, bias)
   carry, _ = _over_columns(fold, carry, k, col_ids, axis_name=axis_name, ring=ring,
                            block_size=block_size)
   carry = {name: _unchunk(x, n) for name, x in carry.items()}
@@ -276,7 +277,7 @@ def tiled_row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids,
   columns but padding and excluded_ids[i]); kind 'negatives': the same
   over the valid columns other than the positive; kind 'sigmoid': stat_i =
   Σ_j log σ(y_ij (x_ij + bias)), y_ij = +1 if column j is row i's positive.
-  x_ij = logits_of(q_i · k_j, scale, transform). k [m, d]: this device's columns, ids col_ids [m]
+  x_ij = logits_of(q_i · k_j, scale_i, transform), scale [n] per row. k [m, d]: this device's columns, ids col_ids [m]
   (-1: padding); with axis_name, every device's columns are used.
 
   Returns (stat float32 [n], summary): summary (no gradient) holds per-row
@@ -301,26 +302,25 @@ def _bwd(kind, axis_name, ring, block_size, transform, residuals, cotangents):
   q, k, col_ids, positive_ids, excluded_ids, positive_logit, scale, bias, stat = residuals
   n = q.shape[0]
   rows = _chunk_rows(dict(q=q, positive_ids=positive_ids, excluded_ids=excluded_ids, stat=stat,
-                          g=cotangents[0].astype(jnp.float32)), block_size)
+                          scale=scale, g=cotangents[0].astype(jnp.float32)), block_size)
 
   def fold(carry, k_tile, ids_tile):
     def one_chunk(acc, row):  # this row chunk's gradients against the tile
       objective = _tile_objective(kind, transform, ids_tile, row, row['g'])
-      dq, dk, dscale, dbias = jax.grad(objective, argnums=(0, 1, 2, 3))(row['q'], k_tile, scale,
-                                                                        bias)
-      return (acc[0] + dk, acc[1] + dscale, acc[2] + dbias), dq
+      dq, dk, dscale, dbias = jax.grad(objective, argnums=(0, 1, 2, 3))(row['q'], k_tile,
+                                                                        row['scale'], bias)
+      return (acc[0] + dk, acc[1] + dbias), (dq, dscale)
 
-    zeros = varying((jnp.zeros(k_tile.shape, jnp.float32), jnp.zeros_like(scale),
-                     jnp.zeros_like(bias)), axis_name)
-    (dk, dscale, dbias), dq = jax.lax.scan(one_chunk, zeros, rows)
+    zeros = varying((jnp.zeros(k_tile.shape, jnp.float32), jnp.zeros_like(bias)), axis_name)
+    (dk, dbias), (dq, dscale) = jax.lax.scan(one_chunk, zeros, rows)
     return (carry[0] + dq, carry[1] + dscale, carry[2] + dbias), dk
 
-  zeros = varying((jnp.zeros(rows['q'].shape, jnp.float32), jnp.zeros_like(scale),
+  zeros = varying((jnp.zeros(rows['q'].shape, jnp.float32), jnp.zeros(rows['scale'].shape),
                    jnp.zeros_like(bias)), axis_name)
   (dq, dscale, dbias), dk = _over_columns(fold, zeros, k, col_ids, axis_name=axis_name, ring=ring,
                                           block_size=block_size, with_grad=True)
   return (_unchunk(dq, n).astype(q.dtype), dk.astype(k.dtype), None, None, None, None,
-          dscale, dbias)
+          _unchunk(dscale, n), dbias)
 
 
 tiled_row_stats.defvjp(_fwd, _bwd)

@@ -61,9 +61,11 @@ def _global_sum(x: jax.Array, axis_name: AxisName) -> jax.Array:
 
 
 def _scaled_logits(rows: jax.Array, cols: jax.Array, temperature, transform) -> jax.Array:
-  """rows [n, d] · cols [m, d]ᵀ / τ in float32 (bf16 inputs accumulate in f32)."""
+  """rows [n, d] · cols [m, d]ᵀ / τ in float32 (bf16 inputs accumulate in f32);
+  τ a scalar or [n], each row's."""
   sims = jnp.einsum('nd,md->nm', rows, cols, preferred_element_type=jnp.float32)
-  return blockwise.logits_of(sims, 1.0 / jnp.asarray(temperature, jnp.float32), transform)
+  inverse = 1.0 / jnp.asarray(temperature, jnp.float32)
+  return blockwise.logits_of(sims, inverse[:, None] if inverse.ndim else inverse, transform)
 
 
 def _softmax_terms(logits: jax.Array, positive: jax.Array, axis_name: AxisName,
@@ -166,7 +168,7 @@ def _tiled(kind, rows, cols, col_ids, positive_ids, excluded_ids, positive_logit
   scalars marked per-device so shard_map sums their per-device gradients."""
   if impl not in ('blockwise', 'ring'):
     raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
-  scale = 1.0 / jnp.asarray(temperature, jnp.float32)
+  scale = jnp.broadcast_to(1.0 / jnp.asarray(temperature, jnp.float32), rows.shape[:1])
   scale, bias = blockwise.varying((scale, jnp.asarray(bias, jnp.float32)), axis_name)
   return blockwise.tiled_row_stats(
       kind, axis_name, impl == 'ring' and axis_name is not None, block_size, transform, rows,
@@ -214,7 +216,7 @@ def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = N
 
   q, k: [n, d] L2-normalized (n = global batch, or the local shard inside
   shard_map). Returns the mean over the N global anchors of
-  -log softmax(q_i · Kᵀ / τ)[i].
+  -log softmax(q_i · Kᵀ / τ)[i]; τ a scalar, or [n]: each anchor's.
   moving: SogCLR's averages of the n rows (log_u [n], jaxcl.estimators):
   the gradient becomes SogCLR's, and the return value (result, new log u [n]).
   """
@@ -248,13 +250,14 @@ def clip_loss(a: jax.Array, b: jax.Array, *, temperature, axis_name: AxisName = 
               block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR,
               moving: estimators.Moving | None = None):
   """CLIP's symmetric loss: ½ (info_nce(a, b) + info_nce(b, a)). a, b: [n, d].
-  temperature: one τ, or [2]: τ of a → b (image to text) and of b → a.
+  temperature: one τ; [2]: τ of a → b (image to text) and of b → a; or
+  [n, 2]: each row's τ as an a anchor and as a b anchor (per-example τ).
   moving: SogCLR's averages, log_u [n, 2] (the a anchors', the b anchors');
   then returns (result, new log u [n, 2])."""
   kwargs = dict(axis_name=axis_name, with_metrics=with_metrics, impl=impl,
                 block_size=block_size, transform=transform)
   tau = jnp.asarray(temperature, jnp.float32)
-  forward_tau, backward_tau = (tau[0], tau[1]) if tau.ndim else (tau, tau)
+  forward_tau, backward_tau = ((tau[..., 0], tau[..., 1]) if tau.ndim else (tau, tau))
   directions = [info_nce(q, k, temperature=t, **kwargs,
                          moving=None if moving is None else
                          estimators.Moving(moving.log_u[:, column], moving.gamma))
@@ -276,23 +279,25 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
   views of one example. Each anchor's candidates are the other 2N - 1
   embeddings of the global batch (itself excluded); its positive is the other
   view of the same example. Returns the mean over the 2N anchors.
+  temperature: one τ, or [n, 2]: each row's τ as a view-1 and a view-2 anchor.
   moving: SogCLR's averages, log_u [n, 2] (the view-1 anchors', the view-2
   anchors'; 2N - 2 negatives each); then returns (result, new log u [n, 2]).
   """
   n = z1.shape[0]
   big_n = n * _num_devices(axis_name)
-  log_u = None if moving is None else estimators.Moving(
-      jnp.concatenate([moving.log_u[:, 0], moving.log_u[:, 1]]), moving.gamma)
+  by_view = lambda x: jnp.concatenate([x[:, 0], x[:, 1]])  # [n, 2] -> the 2n anchors'
+  log_u = None if moving is None else estimators.Moving(by_view(moving.log_u), moving.gamma)
+  tau = jnp.asarray(temperature, jnp.float32)
+  tau = by_view(tau) if tau.ndim else tau
+  anchors = jnp.concatenate([z1, z2], axis=0)        # [2n, d]
   if impl != 'dense':
     # Column ids: view 1 of example i is i, view 2 is N + i (N global examples).
     ids1 = _local_ids(n, axis_name)
     ids = jnp.concatenate([ids1, ids1 + big_n])
-    anchors = jnp.concatenate([z1, z2], axis=0)
-    positive = jnp.tile(_paired_logits(z1, z2, temperature, transform), 2)
+    positive = _paired_logits(anchors, jnp.concatenate([z2, z1], axis=0), tau, transform)
     kind = blockwise.SOFTMAX if moving is None else blockwise.NEGATIVES
     stat, summary = _tiled(kind, anchors, anchors, ids, jnp.concatenate([ids1 + big_n, ids1]),
-                           ids, positive, temperature, 0.0, axis_name, impl, block_size,
-                           transform)
+                           ids, positive, tau, 0.0, axis_name, impl, block_size, transform)
     lse = stat if moving is None else jax.lax.stop_gradient(summary['lse'])
     loss = _global_sum(jnp.sum(lse - positive), axis_name) / (2 * big_n)
     result = _with_summary(loss, summary, positive, axis_name, 2 * big_n, with_metrics)
@@ -300,9 +305,8 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
   else:
     all1, offset = _gather(z1, axis_name)
     all2, _ = _gather(z2, axis_name)
-    anchors = jnp.concatenate([z1, z2], axis=0)        # [2n, d]
     candidates = jnp.concatenate([all1, all2], axis=0)  # [2N, d]: view 1 then view 2
-    logits = _scaled_logits(anchors, candidates, temperature, transform)
+    logits = _scaled_logits(anchors, candidates, tau, transform)
     index = offset + jnp.arange(n, dtype=jnp.int32)
     self_col = jnp.concatenate([index, index + big_n])
     positive = jnp.concatenate([index + big_n, index])

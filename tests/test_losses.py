@@ -270,3 +270,47 @@ def test_clip_per_direction_temperatures_match_reference(layout, impl):
   # equal τ both ways is the one-τ loss
   same = jax.jit(loss_fn)(jnp.float32(x), jnp.float32(y), jnp.float32([0.3, 0.3]))
   assert_close(same, ref_clip(x, y, 0.3), rtol=RTOL_VALUE, what='equal taus')
+
+
+# ---------------------------------------------- per-anchor temperatures ---
+# τ per row (the per-example τ modes): row i's logits are s_ij / τ_i.
+def ref_info_nce_rows(q, k, taus):
+  s = q @ k.T / taus[:, None]
+  return np.mean([_lse(s[i]) - s[i, i] for i in range(len(q))])
+
+
+def ref_clip_rows(a, b, taus):
+  return 0.5 * (ref_info_nce_rows(a, b, taus[:, 0]) + ref_info_nce_rows(b, a, taus[:, 1]))
+
+
+def ref_nt_xent_rows(z1, z2, taus):
+  n = len(z1)
+  z = np.concatenate([z1, z2])
+  s = z @ z.T / np.concatenate([taus[:, 0], taus[:, 1]])[:, None]
+  return np.mean([_lse(s[i, [j for j in range(2 * n) if j != i]]) - s[i, (i + n) % (2 * n)]
+                  for i in range(2 * n)])
+
+
+ROW_CASES = {'nt_xent': ref_nt_xent_rows, 'clip_loss': ref_clip_rows,
+             'info_nce': lambda q, k, taus: ref_info_nce_rows(q, k, taus[:, 0])}
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('layout', ['single', 'data8'])
+@pytest.mark.parametrize('name', ROW_CASES)
+def test_per_anchor_temperatures_match_reference(name, layout, impl):
+  x, y = _inputs(4)
+  taus = np.random.default_rng(4).uniform(0.1, 0.6, size=(N, 2))
+  fn = getattr(losses, name)
+
+  def loss(a, b, t, axis):
+    return fn(a, b, temperature=t[:, 0] if name == 'info_nce' else t, axis_name=axis,
+              impl=impl, block_size=4)
+
+  if LAYOUTS[layout] is None:
+    loss_fn = lambda a, b, t: loss(a, b, t, None)
+  else:
+    shape, names, axis = LAYOUTS[layout]
+    loss_fn = jax.shard_map(lambda a, b, t: loss(a, b, t, axis), mesh=_mesh(shape, names),
+                            in_specs=(P(axis),) * 3, out_specs=P())
+  _assert_matches(loss_fn, ROW_CASES[name], (x, y, taus), ('x', 'y', 'taus'))

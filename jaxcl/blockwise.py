@@ -202,9 +202,11 @@ def _forward_fold(kind, transform, rows, bias):
       negatives = jnp.where(is_negative, x, MASKED)
       out['negative_max'] = jnp.maximum(carry['negative_max'], jnp.max(negatives, axis=1))
       weights = jnp.where(is_negative, jnp.exp(negatives - out['negative_max'][:, None]), 0.0)
-      out['negative_exp'] = (carry['negative_exp'] * jnp.exp(carry['negative_max']
-                                                             - out['negative_max'])
-                             + jnp.sum(weights, axis=1))
+      rescale = jnp.exp(carry['negative_max'] - out['negative_max'])
+      out['negative_exp'] = carry['negative_exp'] * rescale + jnp.sum(weights, axis=1)
+      # Σ exp(x) x over the negatives, relative to their max (their softmax's mean logit)
+      out['negative_exp_x'] = carry['negative_exp_x'] * rescale + jnp.sum(
+          weights * jnp.where(is_negative, x, 0.0), axis=1)
     return out
 
   def fold(carry, k_tile, ids_tile):
@@ -251,7 +253,7 @@ def _row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids, posi
   if kind == SIGMOID:
     carry['sigmoid_sum'] = zeros
   if kind == NEGATIVES:
-    carry.update(negative_max=zeros + MASKED, negative_exp=zeros)
+    carry.update(negative_max=zeros + MASKED, negative_exp=zeros, negative_exp_x=zeros)
   carry = varying(carry, axis_name)
   fold = _forward_fold(kind, transform, rows, bias)
   carry, _ = _over_columns(fold, carry, k, col_ids, axis_name=axis_name, ring=ring,
@@ -263,6 +265,8 @@ def _row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids, posi
              'entropy': log_sum - carry['exp_x_sum'] / carry['exp_sum'],
              'hardest_share': share_of_hardest(jnp.exp(carry['hardest'] - carry['max']),
                                                carry['negative_sum'])}
+  if kind == NEGATIVES:
+    summary['negative_mean'] = carry['negative_exp_x'] / carry['negative_exp']
   stat = {SOFTMAX: lambda: lse, SIGMOID: lambda: carry['sigmoid_sum'],
           NEGATIVES: lambda: carry['negative_max'] + jnp.log(carry['negative_exp'])}[kind]()
   return stat, summary
@@ -285,7 +289,8 @@ def tiled_row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids,
   (the hardest negative's share of the negatives' softmax mass) and
   'beaten_by' (the valid non-positive
   columns with x_ij >= positive_logit[i]): the diagnostics of
-  jaxcl.losses. Differentiable in q, k, scale and bias.
+  jaxcl.losses; kind 'negatives' adds 'negative_mean', Σ_j p_ij x_ij under
+  the softmax over the negatives. Differentiable in q, k, scale and bias.
   """
   return _row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids, positive_ids,
                     excluded_ids, positive_logit, scale, bias)

@@ -40,6 +40,53 @@ class Moving:
   log_u: jax.Array
   gamma: float = dataclasses.field(metadata=dict(static=True))
 
+  def step(self, lse_negatives, positive, negative_mean, num_negatives):
+    """(terms [n], the state after this step): see `sogclr_terms`."""
+    del negative_mean
+    terms, log_u = sogclr_terms(lse_negatives, positive, self, num_negatives)
+    return terms, dataclasses.replace(self, log_u=log_u)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Individual:
+  """iSogCLR's state (Qiu et al., ICML 2023; temperature.mode=individual) for
+  the anchors of one loss call, each [n, ...]: SogCLR's log u, the anchor's
+  own τ (the loss's temperature for its row) and the moving average of its
+  τ-gradient. Each anchor's term is τ_i log g_i + τ_i ρ, a KL-constrained
+  robust loss whose τ_i the anchor learns: τ_i rises where its negatives
+  look alike (a low ρ lets it rise further)."""
+  log_u: jax.Array
+  tau: jax.Array
+  moment: jax.Array
+  gamma: float = dataclasses.field(metadata=dict(static=True))
+  beta: float = dataclasses.field(metadata=dict(static=True))
+  eta: float = dataclasses.field(metadata=dict(static=True))
+  rho: float = dataclasses.field(metadata=dict(static=True))
+  tau_min: float = dataclasses.field(metadata=dict(static=True))
+  tau_max: float = dataclasses.field(metadata=dict(static=True))
+
+  def step(self, lse_negatives, positive, negative_mean, num_negatives):
+    """(terms [n], the state after this step).
+
+    The model's gradient is SogCLR's times τ_i (stopped): the gradient of
+    τ_i log g_i in the similarities, as the paper's objective has it. τ_i's
+    own gradient, from the new u_i, is
+    G_i = log u_i + ρ - Σ_j exp(x_ij) x_ij / (|negatives| u_i)
+    (negative_mean: Σ_j p_ij x_ij under the softmax over the negatives), its
+    moving average m_i <- (1 - β) m_i + β G_i, and
+    τ_i <- clip(τ_i - η m_i, τ_min, τ_max).
+    """
+    terms, log_u = sogclr_terms(lse_negatives, positive, Moving(self.log_u, self.gamma),
+                                num_negatives)
+    terms = jax.lax.stop_gradient(self.tau) * terms
+    share = jnp.exp(jax.lax.stop_gradient(lse_negatives) - jnp.log(jnp.float32(num_negatives))
+                    - log_u)  # g_i / u_i
+    gradient = log_u + self.rho - share * jax.lax.stop_gradient(negative_mean)
+    moment = (1.0 - self.beta) * self.moment + self.beta * gradient
+    tau = jnp.clip(self.tau - self.eta * moment, self.tau_min, self.tau_max)
+    return terms, dataclasses.replace(self, log_u=log_u, tau=tau, moment=moment)
+
 
 def sogclr_terms(lse_negatives: jax.Array, positive: jax.Array, moving: Moving,
                  num_negatives: int) -> tuple[jax.Array, jax.Array]:

@@ -188,24 +188,28 @@ def _paired_logits(a, b, temperature, transform):
   return blockwise.logits_of(dots, 1.0 / jnp.asarray(temperature, jnp.float32), transform)
 
 
-def _moving_loss(result, lse_negatives, positive_logit, moving, num_negatives, axis_name,
-                 num_anchors):
-  """(result with SogCLR's gradient in place of the batch's, new log u).
+def _moving_loss(result, lse_negatives, positive_logit, negative_mean, moving, num_negatives,
+                 axis_name, num_anchors):
+  """(result with the estimator's gradient in place of the batch's, its new state).
 
   The loss keeps the batch InfoNCE's value (what runs log and compare);
-  its gradient is jaxcl.estimators.sogclr_terms' mean over the anchors."""
-  terms, new_log_u = estimators.sogclr_terms(lse_negatives, positive_logit, moving,
-                                             num_negatives)
+  its gradient is that of the mean over the anchors of moving.step's terms
+  (jaxcl.estimators)."""
+  terms, new_state = moving.step(lse_negatives, positive_logit, negative_mean, num_negatives)
   surrogate = _global_sum(jnp.sum(terms), axis_name) / num_anchors
   loss = result[0] if isinstance(result, tuple) else result
   loss = jax.lax.stop_gradient(loss) + surrogate - jax.lax.stop_gradient(surrogate)
-  return ((loss, result[1]) if isinstance(result, tuple) else loss), new_log_u
+  return ((loss, result[1]) if isinstance(result, tuple) else loss), new_state
 
 
 def _dense_negatives(logits, positive):
-  """Per-row log Σ exp over the columns other than the positive, [n]."""
+  """Per row over the columns other than the positive: log Σ exp(x) and
+  the softmax's mean logit Σ p x (no gradient), [n] each."""
   is_positive = jnp.arange(logits.shape[1])[None, :] == positive[:, None]
-  return jax.nn.logsumexp(jnp.where(is_positive, _MASKED, logits), axis=1)
+  negatives = jnp.where(is_positive, _MASKED, logits)
+  lse = jax.nn.logsumexp(negatives, axis=1)
+  p = jnp.exp(negatives - jax.lax.stop_gradient(lse)[:, None])
+  return lse, jax.lax.stop_gradient(jnp.sum(p * jnp.where(is_positive, 0.0, logits), axis=1))
 
 
 def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = None,
@@ -217,8 +221,9 @@ def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = N
   q, k: [n, d] L2-normalized (n = global batch, or the local shard inside
   shard_map). Returns the mean over the N global anchors of
   -log softmax(q_i · Kᵀ / τ)[i]; τ a scalar, or [n]: each anchor's.
-  moving: SogCLR's averages of the n rows (log_u [n], jaxcl.estimators):
-  the gradient becomes SogCLR's, and the return value (result, new log u [n]).
+  moving: an estimator's state for the n rows (jaxcl.estimators: Moving,
+  or Individual, whose τ [n] must be `temperature`): the gradient becomes
+  the estimator's, and the return value (result, its new state).
   """
   n = q.shape[0]
   num_anchors = n * _num_devices(axis_name)
@@ -233,7 +238,8 @@ def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = N
     result = _with_summary(loss, summary, positive, axis_name, num_anchors, with_metrics)
     if moving is None:
       return result
-    return _moving_loss(result, stat, positive, moving, num_anchors - 1, axis_name, num_anchors)
+    return _moving_loss(result, stat, positive, summary['negative_mean'], moving,
+                        num_anchors - 1, axis_name, num_anchors)
   keys, offset = _gather(k, axis_name)
   logits = _scaled_logits(q, keys, temperature, transform)
   positive = offset + jnp.arange(n, dtype=jnp.int32)
@@ -241,7 +247,8 @@ def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = N
   if moving is None:
     return result
   positive_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
-  return _moving_loss(result, _dense_negatives(logits, positive), positive_logit, moving,
+  lse_negatives, negative_mean = _dense_negatives(logits, positive)
+  return _moving_loss(result, lse_negatives, positive_logit, negative_mean, moving,
                       num_anchors - 1, axis_name, num_anchors)
 
 
@@ -252,20 +259,20 @@ def clip_loss(a: jax.Array, b: jax.Array, *, temperature, axis_name: AxisName = 
   """CLIP's symmetric loss: ½ (info_nce(a, b) + info_nce(b, a)). a, b: [n, d].
   temperature: one τ; [2]: τ of a → b (image to text) and of b → a; or
   [n, 2]: each row's τ as an a anchor and as a b anchor (per-example τ).
-  moving: SogCLR's averages, log_u [n, 2] (the a anchors', the b anchors');
-  then returns (result, new log u [n, 2])."""
+  moving: an estimator's state, leaves [n, 2] (the a anchors', the b
+  anchors'); then returns (result, its new state)."""
   kwargs = dict(axis_name=axis_name, with_metrics=with_metrics, impl=impl,
                 block_size=block_size, transform=transform)
   tau = jnp.asarray(temperature, jnp.float32)
   forward_tau, backward_tau = ((tau[..., 0], tau[..., 1]) if tau.ndim else (tau, tau))
   directions = [info_nce(q, k, temperature=t, **kwargs,
                          moving=None if moving is None else
-                         estimators.Moving(moving.log_u[:, column], moving.gamma))
+                         jax.tree.map(lambda x, c=column: x[:, c], moving))
                 for column, (q, k, t) in enumerate(((a, b, forward_tau), (b, a, backward_tau)))]
   if moving is not None:
-    (forward, forward_u), (backward, backward_u) = directions
+    (forward, forward_state), (backward, backward_state) = directions
     return (jax.tree.map(lambda x, y: 0.5 * (x + y), forward, backward),
-            jnp.stack([forward_u, backward_u], axis=1))
+            jax.tree.map(lambda x, y: jnp.stack([x, y], axis=1), forward_state, backward_state))
   return jax.tree.map(lambda x, y: 0.5 * (x + y), *directions)
 
 
@@ -280,13 +287,13 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
   embeddings of the global batch (itself excluded); its positive is the other
   view of the same example. Returns the mean over the 2N anchors.
   temperature: one τ, or [n, 2]: each row's τ as a view-1 and a view-2 anchor.
-  moving: SogCLR's averages, log_u [n, 2] (the view-1 anchors', the view-2
-  anchors'; 2N - 2 negatives each); then returns (result, new log u [n, 2]).
+  moving: an estimator's state, leaves [n, 2] (the view-1 anchors', the
+  view-2 anchors'; 2N - 2 negatives each); then returns (result, its new state).
   """
   n = z1.shape[0]
   big_n = n * _num_devices(axis_name)
   by_view = lambda x: jnp.concatenate([x[:, 0], x[:, 1]])  # [n, 2] -> the 2n anchors'
-  log_u = None if moving is None else estimators.Moving(by_view(moving.log_u), moving.gamma)
+  anchor_state = None if moving is None else jax.tree.map(by_view, moving)
   tau = jnp.asarray(temperature, jnp.float32)
   tau = by_view(tau) if tau.ndim else tau
   anchors = jnp.concatenate([z1, z2], axis=0)        # [2n, d]
@@ -302,6 +309,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
     loss = _global_sum(jnp.sum(lse - positive), axis_name) / (2 * big_n)
     result = _with_summary(loss, summary, positive, axis_name, 2 * big_n, with_metrics)
     lse_negatives, positive_logit = stat, positive
+    negative_mean = summary.get('negative_mean')
   else:
     all1, offset = _gather(z1, axis_name)
     all2, _ = _gather(z2, axis_name)
@@ -314,13 +322,13 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
     logits = jnp.where(is_self, _MASKED, logits)
     result = _softmax_terms(logits, positive, axis_name, 2 * big_n, with_metrics)
     if moving is not None:
-      lse_negatives = _dense_negatives(logits, positive)
+      lse_negatives, negative_mean = _dense_negatives(logits, positive)
       positive_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
   if moving is None:
     return result
-  result, new_log_u = _moving_loss(result, lse_negatives, positive_logit, log_u, 2 * big_n - 2,
-                                   axis_name, 2 * big_n)
-  return result, jnp.stack([new_log_u[:n], new_log_u[n:]], axis=1)
+  result, new_state = _moving_loss(result, lse_negatives, positive_logit, negative_mean,
+                                   anchor_state, 2 * big_n - 2, axis_name, 2 * big_n)
+  return result, jax.tree.map(lambda x: jnp.stack([x[:n], x[n:]], axis=1), new_state)
 
 
 def siglip_loss(a: jax.Array, b: jax.Array, *, temperature, bias,

@@ -76,8 +76,8 @@ def make_loss_and_grads(exp: Experiment):
                   block_size=config.loss.block_size, transform=transform)
     if 'log_u' in rows:
       moving = estimators.Moving(rows['log_u'], config.loss.sogclr_gamma)
-      (value, metrics), log_u = method.loss(a, b, tau, bias, moving=moving, **kwargs)
-      rows = dict(rows, log_u=log_u)
+      (value, metrics), moving = method.loss(a, b, tau, bias, moving=moving, **kwargs)
+      rows = dict(rows, log_u=moving.log_u)
     else:
       value, metrics = method.loss(a, b, tau, bias, **kwargs)
     geometry = losses.alignment_uniformity(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b),

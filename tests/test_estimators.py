@@ -17,6 +17,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from helpers import assert_close
 from jaxcl import estimators, losses
+import test_losses
 from test_losses import finite_diff, ref_clip, ref_nt_xent, unit_rows
 
 N, D, GAMMA = 16, 6, 0.3
@@ -85,8 +86,9 @@ def _loss(name, impl, axis_name, gamma):
   fn = getattr(losses, name)
 
   def loss(x, y, tau, log_u):
-    return fn(x, y, temperature=tau, axis_name=axis_name, impl=impl, block_size=4,
-              moving=estimators.Moving(log_u, gamma))
+    value, state = fn(x, y, temperature=tau, axis_name=axis_name, impl=impl, block_size=4,
+                      moving=estimators.Moving(log_u, gamma))
+    return value, state.log_u
 
   return loss
 
@@ -158,3 +160,71 @@ def test_small_temperature_keeps_log_u_finite():
                                            GAMMA)
   assert np.all(np.isfinite(np.asarray(new_log_u)))
   assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
+# ------------------------------------------- iSogCLR: individual τ (Qiu et al.) ---
+HYPER = dict(gamma=GAMMA, beta=0.6, eta=0.05, rho=0.3, tau_min=0.05, tau_max=0.7)
+
+
+def _rows_with_taus(name, x, y, taus):
+  """Per anchor (positive logit, negatives' logits) at each anchor's own τ
+  (anchor order: column 0's N, then column 1's)."""
+  flat = np.concatenate([taus[:, 0], taus[:, 1]])
+  unit = ROWS[name](x, y, 1.0)  # similarities
+  return [(pos / t, neg / t) for (pos, neg), t in zip(unit, flat)]
+
+
+def ref_individual(name, x, y, taus, log_u, moment):
+  """(value, new log u, new τ, new moment, surrogate of the model's gradient)."""
+  rows = _rows_with_taus(name, x, y, taus)
+  new_log_u = ref_new_log_u(rows, log_u, GAMMA)
+  u = np.exp(np.concatenate([new_log_u[:, 0], new_log_u[:, 1]]))
+  flat_tau = np.concatenate([taus[:, 0], taus[:, 1]])
+  grad = np.array([np.log(u[i]) + HYPER['rho'] - np.sum(np.exp(neg) * neg) / (len(neg) * u[i])
+                   for i, (_, neg) in enumerate(rows)])
+  old_moment = np.concatenate([moment[:, 0], moment[:, 1]])
+  new_moment = (1 - HYPER['beta']) * old_moment + HYPER['beta'] * grad
+  new_tau = np.clip(flat_tau - HYPER['eta'] * new_moment, HYPER['tau_min'], HYPER['tau_max'])
+  as_columns = lambda v: v.reshape(2, -1).T
+
+  def surrogate(a, b):
+    return np.mean([t * (-pos + np.exp(neg).sum() / (len(neg) * u[i]))
+                    for i, ((pos, neg), t) in enumerate(zip(_rows_with_taus(name, a, b, taus),
+                                                            flat_tau))])
+
+  value = {'nt_xent': test_losses.ref_nt_xent_rows, 'clip_loss': test_losses.ref_clip_rows}[name]
+  return (value(x, y, taus), new_log_u, as_columns(new_tau), as_columns(new_moment), surrogate)
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('devices', [1, 8])
+@pytest.mark.parametrize('name', ['nt_xent', 'clip_loss'])
+def test_individual_temperatures_match_reference(name, devices, impl):
+  x, y, _, log_u = _inputs(8)
+  rng = np.random.default_rng(8)
+  taus, moment = rng.uniform(0.1, 0.5, size=(N, 2)), rng.normal(size=(N, 2))
+  fn = getattr(losses, name)
+
+  def loss(a, b, t, lu, m, axis):
+    state = estimators.Individual(lu, t, m, **HYPER)
+    value, new = fn(a, b, temperature=t, axis_name=axis, impl=impl, block_size=4, moving=state)
+    return value, (new.log_u, new.tau, new.moment)
+
+  if devices == 1:
+    run = lambda *args: loss(*args, None)
+  else:
+    mesh = jax.make_mesh((devices,), ('data',), axis_types=(AxisType.Auto,))
+    run = jax.shard_map(lambda *args: loss(*args, 'data'), mesh=mesh,
+                        in_specs=(P('data'),) * 5, out_specs=(P(), P('data')))
+  (value, (new_log_u, new_tau, new_moment)), grads = jax.jit(
+      jax.value_and_grad(run, argnums=(0, 1), has_aux=True))(
+          *(jnp.float32(v) for v in (x, y, taus, log_u, moment)))
+  want_value, want_u, want_tau, want_moment, surrogate = ref_individual(name, x, y, taus, log_u,
+                                                                        moment)
+  assert_close(value, want_value, rtol=RTOL, what='loss (the batch value)')
+  assert_close(new_log_u, want_u, rtol=RTOL, what='new log u')
+  assert_close(new_moment, want_moment, rtol=1e-5, what='τ moment')
+  assert_close(new_tau, want_tau, rtol=RTOL, what='new τ')
+  assert np.any(np.asarray(new_tau) != taus.astype(np.float32))
+  for got, expected, what in zip(grads, finite_diff(surrogate, [x, y]), ('x', 'y')):
+    assert_close(got, expected, rtol=RTOL, what=what)

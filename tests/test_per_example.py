@@ -70,7 +70,7 @@ def _reference_log_u(exp, state, batch):
   tau = jnp.exp(state.params['temperature']['log_tau'][...])
   old = jnp.asarray(state.per_example['log_u'])[batch['index']]
   _, new = losses.clip_loss(a, b, temperature=tau, moving=estimators.Moving(old, 0.5))
-  return np.asarray(new)
+  return np.asarray(new.log_u)
 
 
 def test_step_writes_the_batch_rows():

@@ -182,6 +182,11 @@ def base_config():
       period=0,  # cosine
       # clip: a second τ (the same mode and init) for text-to-image, image-to-text keeping the first
       per_direction=False,
+      # individual (iSogCLR, with loss.estimator=sogclr): each example's τ
+      # starts at init and takes steps of individual_eta along its own
+      # gradient (moving average weight individual_beta), in [min, max];
+      # individual_rho: the robust objective's KL budget ρ
+      individual_rho=0.3, individual_eta=0.01, individual_beta=0.9,
       bias_init=-10.0))  # siglip: the learnable logit bias b
 
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -261,7 +266,8 @@ KEYS_ADDED_LATER = {
     'temperature.warmup_steps': 0, 'temperature.lr_multiplier': 1.0, 'temperature.period': 0,
     'temperature.per_direction': False,
     # SogCLR (2026-12-02): the batch's own estimate came first.
-    'loss.estimator': 'batch', 'loss.sogclr_gamma': 0.9,
+    'loss.estimator': 'batch', 'loss.sogclr_gamma': 0.9, 'temperature.individual_rho': 0.3,
+    'temperature.individual_eta': 0.01, 'temperature.individual_beta': 0.9,
     'nonfinite': 'stop',
     # Published architectures (2026-12-01): jaxcl's own towers are these defaults.
     'model.image_projection': True, 'model.vit.act': 'gelu_tanh', 'model.vit.norm_eps': 1e-6,

@@ -9,6 +9,7 @@ import math
 import secrets
 
 import jax
+import numpy as np
 from etils import epath
 
 from jaxcl import errors, files
@@ -43,10 +44,16 @@ class MetricWriter:
         self._bar.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
 
   def write(self, step: int, metrics: dict):
-    """One record: {'step': step, **metrics} (floats) to every sink."""
+    """One record: {'step': step, **metrics} (floats) to every sink; a
+    metric that is an array (per-example τ) goes to TensorBoard as a
+    histogram only."""
     if not self.enabled:
       return
     record = {'step': int(step)}
+    arrays = {k: np.asarray(v) for k, v in metrics.items() if np.ndim(v)}
+    metrics = {k: v for k, v in metrics.items() if k not in arrays}
+    for key, values in arrays.items():
+      self._tb.add_histogram(key, values, int(step))
     for key, value in metrics.items():
       value = float(value)
       record[key] = value if math.isfinite(value) else str(value)

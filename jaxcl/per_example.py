@@ -32,8 +32,20 @@ def scatter(tables: dict, batch: dict, rows: dict) -> dict:
   return {name: table.at[batch['index']].set(rows[name]) for name, table in tables.items()}
 
 
+QUANTILES = (0.1, 0.5, 0.9)
+
+
 def metrics(rows: dict) -> dict:
-  """What the step logs about the batch's rows after the step."""
+  """What the step logs about the batch's rows after the step: the mean
+  log u (SogCLR); with individual τ, the batch's τ (mean, quantiles, and all
+  of it as 'temperature_values', which the writer draws as a histogram)."""
   if 'log_u' not in rows:
     return {}
-  return {'sogclr_log_u': jnp.mean(rows['log_u'])}
+  out = {'sogclr_log_u': jnp.mean(rows['log_u'])}
+  if 'tau' in rows:
+    tau = rows['tau']
+    out.update(temperature=jnp.mean(tau), inv_temperature=jnp.mean(1.0 / tau),
+               temperature_values=tau.reshape(-1))
+    for q, value in zip(QUANTILES, jnp.quantile(tau, jnp.array(QUANTILES))):
+      out[f'temperature_p{round(100 * q)}'] = value
+  return out

@@ -13,6 +13,9 @@ Modes:
     et al., ICLR 2023); no parameter.
   free: no τ (it is 1): the loss's logits are 2 artanh of the cosine
     similarity (Kim & Kim 2025, `logit_transform`); no parameter.
+  individual: one τ per training example (iSogCLR), kept with the train
+    state's per-example rows (jaxcl.estimators.Individual), not here; this
+    module gives init, the τ evaluation and export use.
 
 Storing log τ keeps τ positive and makes the optimizer's steps relative: a
 step of 0.01 in log τ changes τ by 1% whatever its size.
@@ -64,7 +67,7 @@ class Temperature(nnx.Module):
 
   def __call__(self, step=None) -> jnp.ndarray:
     """τ at `step` (an int or int32 scalar; needed by cosine and the warm-up)."""
-    if self.mode == 'fixed':
+    if self.mode in ('fixed', 'individual'):
       return jnp.asarray(self.init, jnp.float32)
     if self.mode == 'free':
       return jnp.asarray(1.0, jnp.float32)

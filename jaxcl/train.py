@@ -181,7 +181,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       writer.advance(1)
 
       if log_due:
-        logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        logged = dict(jax.device_get(metrics))  # scalars, and arrays drawn as histograms
         logged.update(timer.metrics(config.batch_size))
         data_metrics, bad_data = run_files.stream_metrics(workdir, train_iter,
                                                           config.dataset.max_bad_fraction)

@@ -127,6 +127,17 @@ def _validate(config, num_devices, process_count, check_data) -> None:
   check(config.loss.estimator == 'batch' or method.softmax_loss,
         f'loss.estimator={config.loss.estimator} estimates a softmax denominator; '
         f'{config.method} has none')
+  if t.mode == 'individual':
+    check(config.loss.estimator == 'sogclr',
+          'temperature.mode=individual (iSogCLR) builds on SogCLR\'s averages: set '
+          'loss.estimator=sogclr')
+    check(not t.per_direction, 'temperature.mode=individual gives every anchor its own τ; '
+                               'temperature.per_direction does not apply')
+    for key in ('individual_rho', 'individual_eta'):
+      check(_is_number(t[key]) and t[key] >= 0,
+            f'temperature.{key} must be a number >= 0, got {t[key]!r}')
+    check(_is_number(t.individual_beta) and 0 < t.individual_beta <= 1,
+          f'temperature.individual_beta must be a number in (0, 1], got {t.individual_beta!r}')
   check(config.model.remat in presets.REMAT_POLICIES,
         f'model.remat must be one of {presets.REMAT_POLICIES}, got {config.model.remat!r}')
   check(isinstance(config.model.scan_layers, bool),

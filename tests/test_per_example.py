@@ -14,7 +14,7 @@ import pytest
 from helpers import (CLIP_CONFIG, DIGITS_CONFIG, RUN, SIGLIP_CONFIG, TINY_TWO_TOWER,
                      assert_close, jaxcl, run_until_checkpoint, tiny_config, tiny_overrides,
                      without_key_bias)
-from jaxcl import (augment, config as config_lib, data, errors, estimators, losses, parallel,
+from jaxcl import (augment, config as config_lib, data, errors, losses, parallel,
                    synthetic, tokenizers, trained, train_step)
 
 # 1 and 8 devices, whole batch and microbatches sum the same float32 terms in
@@ -37,10 +37,11 @@ def test_records_carry_their_dataset_index():
   assert sample(record, np.random.default_rng(0))['index'] == 7
 
 
-def _clip(devices, microbatch_size=0, examples=40):
+def _clip(devices, microbatch_size=0, examples=40, temperature='learnable'):
   config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, batch_size=16,
                        microbatch_size=microbatch_size)
   config.loss.update(estimator='sogclr', sogclr_gamma=0.5)
+  config.temperature.update(mode=temperature, min=0.05, max=0.7, individual_eta=0.05)
   config_lib.validate(config, check_data=False)
   exp = synthetic.setup(config, devices=jax.devices()[:devices])
   return dataclasses.replace(exp, train_examples=examples)
@@ -59,22 +60,24 @@ def _three_steps(exp):
   return jax.device_get(state), metrics, batches
 
 
-def _reference_log_u(exp, state, batch):
-  """The averages of the batch's anchors from their embeddings, with
-  losses.clip_loss on one device: what the step must write into its rows."""
+def _reference_rows(exp, state, batch):
+  """The batch's rows after the step, from their embeddings with
+  losses.clip_loss on one device: what the step must write."""
   _, encode = train_step.make_towers(exp)
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images_text = {k: jnp.asarray(v) for k, v in batch.items() if k != 'index'}
   (a, b), _ = encode(state.params, state.batch_stats,
                      (images_text, augment.view_keys(key, 1, 16)))
-  tau = jnp.exp(state.params['temperature']['log_tau'][...])
-  old = jnp.asarray(state.per_example['log_u'])[batch['index']]
-  _, new = losses.clip_loss(a, b, temperature=tau, moving=estimators.Moving(old, 0.5))
-  return np.asarray(new.log_u)
+  old = {k: jnp.asarray(v)[batch['index']] for k, v in state.per_example.items()}
+  moving = train_step.estimator_state(exp.config, old)
+  tau = (old['tau'] if 'tau' in old else jnp.exp(state.params['temperature']['log_tau'][...]))
+  _, new = losses.clip_loss(a, b, temperature=tau, moving=moving)
+  return jax.tree.map(np.asarray, train_step.per_example_rows(new))
 
 
-def test_step_writes_the_batch_rows():
-  exp = _clip(1)
+@pytest.mark.parametrize('temperature', ['learnable', 'individual'])
+def test_step_writes_the_batch_rows(temperature):
+  exp = _clip(1, temperature=temperature)
   state, metrics, batches = _three_steps(exp)
   table = np.asarray(state.per_example['log_u'])
   assert table.shape == (40, 2) and np.isfinite(metrics['sogclr_log_u'])
@@ -82,8 +85,14 @@ def test_step_writes_the_batch_rows():
   assert np.all(np.isfinite(np.delete(table, range(24, 30), 0)))
   for i, (before, batch) in enumerate(batches):  # each step's rows hold what its loss computed
     after = batches[i + 1][0] if i + 1 < len(batches) else state
-    got = np.asarray(after.per_example['log_u'])[batch['index']]
-    assert_close(got, _reference_log_u(exp, before, batch), rtol=RTOL, what=f'rows of step {i}')
+    got = {k: np.asarray(v)[batch['index']] for k, v in after.per_example.items()}
+    assert_close(got, _reference_rows(exp, before, batch), rtol=RTOL, what=f'rows of step {i}')
+  if temperature == 'individual':
+    tau = np.asarray(state.per_example['tau'])
+    assert np.all(tau[24:30] == np.float32(exp.config.temperature.init))  # never in a batch
+    assert len(np.unique(tau[:24])) > 10 and np.all((tau >= 0.05) & (tau <= 0.7))
+    assert metrics['temperature_values'].shape == (32,)
+    assert metrics['temperature_p10'] <= metrics['temperature_p50'] <= metrics['temperature_p90']
 
 
 @pytest.mark.slow
@@ -106,6 +115,10 @@ def test_sogclr_is_refused_where_it_cannot_run():
   config = tiny_config(DIGITS_CONFIG)
   config.loss.update(estimator='sogclr', sogclr_gamma=0.0)
   with pytest.raises(errors.ConfigError, match=r'loss.sogclr_gamma must be a number in \(0, 1\]'):
+    config_lib.validate(config, check_data=False)
+  config = tiny_config(DIGITS_CONFIG)
+  config.temperature.mode = 'individual'
+  with pytest.raises(errors.ConfigError, match='set loss.estimator=sogclr'):
     config_lib.validate(config, check_data=False)
 
 

@@ -27,7 +27,9 @@ REPORT_DIR, REPORT_FILE = files.REPORT_DIR, files.REPORT_FILE
 # (file name, title, metric keys, log y axis)
 RUN_PLOTS = (
     ('loss.png', 'loss', ('loss',), False),
-    ('temperature.png', 'temperature τ', ('temperature',), True),
+    # (individual τ: the batch's mean and quantiles; per-direction: text-to-image's)
+    ('temperature.png', 'temperature τ', ('temperature', 'temperature_t2i', 'temperature_p10',
+                                          'temperature_p50', 'temperature_p90'), True),
     ('positive_prob.png', 'probability of the positive', ('positive_prob',), False),
     ('entropy.png', 'softmax entropy (nats)', ('entropy',), False),
     ('accuracy.png', 'contrastive accuracy', ('contrastive_top1', 'contrastive_top5'), False),

@@ -5,6 +5,8 @@ microbatches), the tables survive a kill and resume exactly, and a restore
 onto another number of devices keeps every example's row."""
 
 import dataclasses
+import json
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -122,20 +124,38 @@ def test_sogclr_is_refused_where_it_cannot_run():
     config_lib.validate(config, check_data=False)
 
 
-SOGCLR = ['--config.loss.estimator=sogclr', '--config.loss.impl=blockwise',
-          '--config.loss.block_size=8']
+# iSogCLR: both per-example tables (u, and each example's τ with its moment).
+INDIVIDUAL = ['--config.loss.estimator=sogclr', '--config.loss.impl=blockwise',
+              '--config.loss.block_size=8', '--config.temperature.mode=individual',
+              '--config.temperature.min=0.05', '--config.temperature.max=0.7']
 RESUMED_STEPS = 20
 
 
-def _log_u(workdir):
-  """The newest checkpoint's table, restored onto this process's 8 devices."""
+def _tables(workdir):
+  """(step, per-example tables) of the newest checkpoint, restored onto
+  this process's 8 devices."""
   _, state = trained.load_trained(str(workdir))
-  return int(state.step), np.asarray(jax.device_get(state.per_example['log_u']))
+  return int(state.step), jax.tree.map(np.asarray, jax.device_get(state.per_example))
+
+
+def _summary_kinds(workdir) -> dict:
+  """{tag: [kind of each value]} of a run's TensorBoard event files (TFRecords
+  of Event protos: length, its CRC, the data, its CRC)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  kinds = {}
+  for path in workdir.glob('events.out.tfevents*'):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      size, = struct.unpack('<Q', data[i:i + 8])
+      for value in event_pb2.Event.FromString(data[i + 12:i + 12 + size]).summary.value:
+        kinds.setdefault(value.tag, []).append(value.WhichOneof('value'))
+      i += 12 + size + 4
+  return kinds
 
 
 @pytest.mark.slow
 def test_tables_survive_kill_and_resume_and_another_device_count(tmp_path):
-  run = [*tiny_overrides(), *RUN[1:], f'--config.total_steps={RESUMED_STEPS}', *SOGCLR]
+  run = [*tiny_overrides(), *RUN[1:], f'--config.total_steps={RESUMED_STEPS}', *INDIVIDUAL]
   straight = tmp_path / 'straight'
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(straight), *run, devices=2)
   killed = tmp_path / 'killed'
@@ -143,16 +163,25 @@ def test_tables_survive_kill_and_resume_and_another_device_count(tmp_path):
   proc.kill()
   proc.wait()
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(killed), *run, devices=2)
-  step, table = _log_u(straight)  # restored onto 8 devices: 1,500 rows padded to 1,504
+  step, tables = _tables(straight)  # restored onto 8 devices: 1,500 rows padded to 1,504
   examples = len(data.Dataset(tiny_config(DIGITS_CONFIG).dataset).training()[0])
-  assert step == RESUMED_STEPS and table.shape == (-(-examples // 8) * 8, 2)
-  seen = np.isfinite(table[:examples]).all(axis=1)
+  assert step == RESUMED_STEPS and tables['log_u'].shape == (-(-examples // 8) * 8, 2)
+  seen = np.isfinite(tables['log_u'][:examples]).all(axis=1)
   assert seen.sum() == RESUMED_STEPS * 32 < examples  # within the first epoch: each row once
-  np.testing.assert_array_equal(_log_u(killed)[1], table)
+  assert np.all(tables['tau'][:examples][~seen] == np.float32(0.2))  # the config's init
+  assert len(np.unique(tables['tau'][:examples][seen])) > 100
+  jax.tree.map(np.testing.assert_array_equal, _tables(killed)[1], tables)
+  # The batch's τ: quantiles in metrics.jsonl and report's plot, a TensorBoard histogram.
+  logged = [json.loads(line) for line in (straight / 'metrics.jsonl').read_text().splitlines()]
+  assert all(r['temperature_p10'] <= r['temperature_p90'] for r in logged if 'loss' in r)
+  assert _summary_kinds(straight)['temperature_values'] == ['histo'] * (RESUMED_STEPS // 5)
+  jaxcl('report', '--workdir', str(straight))
+  assert (straight / 'report' / 'temperature.png').exists()
   # Another device count resumes from the 2-device checkpoint: 4 more steps
   # fill 4 batches of new rows and leave every other row as it was.
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(straight),
         *[a for a in run if 'total_steps' not in a], '--config.total_steps=24', devices=8)
-  step, longer = _log_u(straight)
-  assert step == 24 and np.isfinite(longer[:examples]).all(axis=1).sum() == 24 * 32
-  np.testing.assert_array_equal(longer[:examples][seen], table[:examples][seen])
+  step, longer = _tables(straight)
+  assert step == 24 and np.isfinite(longer['log_u'][:examples]).all(axis=1).sum() == 24 * 32
+  for name in ('log_u', 'tau', 'tau_moment'):
+    np.testing.assert_array_equal(longer[name][:examples][seen], tables[name][:examples][seen])

@@ -225,8 +225,10 @@ def activation_dtype(m):
   return jnp.dtype(m.get('dtype', 'float32'))
 
 
-def build_temperature(config) -> Temperature:
-  """The config's τ (`temperature` group); a cosine period of 0 spans the run."""
+def build_temperature(config, embed_dim: int = 0, rngs=None) -> Temperature:
+  """The config's τ (`temperature` group); a cosine period of 0 spans the
+  run; embed_dim: the embeddings a predicted τ reads."""
   t = config.temperature
   return Temperature(mode=t.mode, init=t.init, min=t.min, max=t.max,
-                     period=t.period or config.total_steps, warmup_steps=t.warmup_steps)
+                     period=t.period or config.total_steps, warmup_steps=t.warmup_steps,
+                     embed_dim=embed_dim, rngs=rngs)

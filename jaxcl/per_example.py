@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxcl.temperature import distribution_metrics
+
 
 def num_rows(examples: int, shards: int) -> int:
   """Rows of a table: the examples, padded to a multiple of the batch shards
@@ -32,20 +34,12 @@ def scatter(tables: dict, batch: dict, rows: dict) -> dict:
   return {name: table.at[batch['index']].set(rows[name]) for name, table in tables.items()}
 
 
-QUANTILES = (0.1, 0.5, 0.9)
-
-
 def metrics(rows: dict) -> dict:
   """What the step logs about the batch's rows after the step: the mean
-  log u (SogCLR); with individual τ, the batch's τ (mean, quantiles, and all
-  of it as 'temperature_values', which the writer draws as a histogram)."""
+  log u (SogCLR); with individual τ, the batch's τ (temperature.distribution_metrics)."""
   if 'log_u' not in rows:
     return {}
   out = {'sogclr_log_u': jnp.mean(rows['log_u'])}
   if 'tau' in rows:
-    tau = rows['tau']
-    out.update(temperature=jnp.mean(tau), inv_temperature=jnp.mean(1.0 / tau),
-               temperature_values=tau.reshape(-1))
-    for q, value in zip(QUANTILES, jnp.quantile(tau, jnp.array(QUANTILES))):
-      out[f'temperature_p{round(100 * q)}'] = value
+    out.update(distribution_metrics(rows['tau']))
   return out

@@ -13,7 +13,7 @@ STATE_DTYPES = ('float32', 'bfloat16')  # optimizer.mu_dtype: Adam's first momen
 # What a Transformer block keeps for its backward pass (jaxcl.transformer.run_blocks):
 # everything, nothing (recomputed), or its matmul outputs (all, or those without batch dims).
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
-TEMPERATURE_MODES = ('fixed', 'learnable', 'cosine', 'free', 'individual')  # jaxcl.temperature
+TEMPERATURE_MODES = ('fixed', 'learnable', 'cosine', 'free', 'individual', 'predicted')  # jaxcl.temperature
 TOKENIZERS = ('bytes', 'sentencepiece', 'clip_bpe')  # jaxcl.tokenizers
 TEXT_NORMALIZERS = ('', 'siglip')  # sentencepiece's text.normalize: none, SiglipTokenizer's
 

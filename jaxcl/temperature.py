@@ -16,6 +16,10 @@ Modes:
   individual: one τ per training example (iSogCLR), kept with the train
     state's per-example rows (jaxcl.estimators.Individual), not here; this
     module gives init, the τ evaluation and export use.
+  predicted: τ(z) = min + (max - min) σ(w · z + b) of each anchor's
+    embedding z ("temperature as uncertainty", Zhang et al. 2021), w and b
+    trained with the model, starting at τ = init for every z; calling the
+    module gives init, the τ evaluation uses.
 
 Storing log τ keeps τ positive and makes the optimizer's steps relative: a
 step of 0.01 in log τ changes τ by 1% whatever its size.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -49,7 +54,8 @@ class Temperature(nnx.Module):
   """
 
   def __init__(self, *, mode: str = 'learnable', init: float = 0.1, min: float = 0.01,  # noqa: A002
-               max: float = 100.0, period: int = 0, warmup_steps: int = 0):  # noqa: A002
+               max: float = 100.0, period: int = 0, warmup_steps: int = 0,  # noqa: A002
+               embed_dim: int = 0, rngs: nnx.Rngs | None = None):
     if mode not in MODES:
       raise ValueError(f'temperature.mode must be one of {MODES}, got {mode!r}')
     if not 0 < min <= init <= max:
@@ -64,10 +70,28 @@ class Temperature(nnx.Module):
     self.period, self.warmup_steps = int(period), int(warmup_steps)
     if mode == 'learnable':
       self.log_tau = nnx.Param(jnp.asarray(math.log(init), jnp.float32))
+    if mode == 'predicted':
+      if not min < init < max:
+        raise ValueError(f'temperature.mode=predicted needs min < init < max, got {min}, '
+                         f'{init}, {max}')
+      share = (init - min) / (max - min)
+      self.head = nnx.Linear(embed_dim, 1, kernel_init=nnx.initializers.zeros,
+                             bias_init=nnx.initializers.constant(math.log(share / (1 - share))),
+                             rngs=rngs or nnx.Rngs(0))
+
+  @property
+  def predicts(self) -> bool:
+    """Whether τ is a function of each anchor's embedding (`of_embeddings`)."""
+    return self.mode == 'predicted'
+
+  def of_embeddings(self, z: jnp.ndarray) -> jnp.ndarray:
+    """Each anchor's τ from its embedding, predicted mode: z [n, D] -> [n]."""
+    logit = self.head(z.astype(jnp.float32))[:, 0]
+    return self.min + (self.max - self.min) * jax.nn.sigmoid(logit)
 
   def __call__(self, step=None) -> jnp.ndarray:
     """τ at `step` (an int or int32 scalar; needed by cosine and the warm-up)."""
-    if self.mode in ('fixed', 'individual'):
+    if self.mode in ('fixed', 'individual', 'predicted'):
       return jnp.asarray(self.init, jnp.float32)
     if self.mode == 'free':
       return jnp.asarray(1.0, jnp.float32)
@@ -84,6 +108,20 @@ class Temperature(nnx.Module):
     """Clamps the learnable log τ back into [log τ_min, log τ_max] in place."""
     if self.mode == 'learnable':
       self.log_tau[...] = jnp.clip(self.log_tau[...], self.log_min, self.log_max)
+
+
+QUANTILES = (0.1, 0.5, 0.9)
+
+
+def distribution_metrics(tau) -> dict:
+  """What a step logs of a τ per anchor (individual, predicted): the mean,
+  its quantiles, and all of it as 'temperature_values' (the metric writer
+  draws it as a TensorBoard histogram)."""
+  out = {'temperature': jnp.mean(tau), 'inv_temperature': jnp.mean(1.0 / tau),
+         'temperature_values': tau.reshape(-1)}
+  for q, value in zip(QUANTILES, jnp.quantile(tau, jnp.array(QUANTILES))):
+    out[f'temperature_p{round(100 * q)}'] = value
+  return out
 
 
 def project_all(model: nnx.Module) -> None:

@@ -17,6 +17,7 @@ import importlib.util
 import time
 
 import jax
+import numpy as np
 from etils import epath
 
 from jaxcl import checkpoints, data, errors, evaluation, files, guards, parallel, run_files
@@ -181,7 +182,8 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       writer.advance(1)
 
       if log_due:
-        logged = dict(jax.device_get(metrics))  # scalars, and arrays drawn as histograms
+        logged = {k: v if np.ndim(v) else float(v)  # arrays are drawn as histograms
+                  for k, v in jax.device_get(metrics).items()}
         logged.update(timer.metrics(config.batch_size))
         data_metrics, bad_data = run_files.stream_metrics(workdir, train_iter,
                                                           config.dataset.max_bad_fraction)

@@ -104,9 +104,11 @@ def make_loss_and_grads(exp: Experiment):
                                            axis_name=parallel.BATCH_AXES)
     return value, {**metrics, **geometry}, rows
 
-  loss_on_mesh = jax.shard_map(loss, mesh=exp.mesh,
-                               in_specs=(batch_spec, batch_spec, P(), P(), batch_spec),
-                               out_specs=(P(), P(), batch_spec))
+  def loss_on_mesh(a, b, tau, bias, rows):
+    tau_spec = batch_spec if jnp.ndim(tau) == 2 else P()  # one τ per anchor: split like the rows
+    return jax.shard_map(loss, mesh=exp.mesh,
+                         in_specs=(batch_spec, batch_spec, tau_spec, P(), batch_spec),
+                         out_specs=(P(), P(), batch_spec))(a, b, tau, bias, rows)
 
   def loss_and_grads(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -118,7 +120,7 @@ def make_loss_and_grads(exp: Experiment):
       """The global-batch loss of the embeddings; τ and the bias are the model's.
       aux: (metrics, τ, bias, the batch's per-example rows after the step)."""
       model = merge(params, state.batch_stats)
-      tau, bias = method.temperature(model, state.step), method.bias(model)
+      tau, bias = method.temperature(model, state.step, (a, b)), method.bias(model)
       value, metrics, new_rows = loss_on_mesh(a, b, tau,
                                               jnp.float32(0) if bias is None else bias, rows)
       return value, (metrics, tau, bias, new_rows)

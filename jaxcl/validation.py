@@ -127,12 +127,19 @@ def _validate(config, num_devices, process_count, check_data) -> None:
   check(config.loss.estimator == 'batch' or method.softmax_loss,
         f'loss.estimator={config.loss.estimator} estimates a softmax denominator; '
         f'{config.method} has none')
+  if t.mode in ('individual', 'predicted'):
+    check(method.softmax_loss, f'temperature.mode={t.mode} gives each anchor of a softmax its '
+                               f'own τ; {config.method} has none')
+    check(not t.per_direction, f'temperature.mode={t.mode} gives every anchor its own τ; '
+                               f'temperature.per_direction does not apply')
+  if t.mode == 'predicted':
+    check(t.min < t.init < t.max, f'temperature.mode=predicted needs temperature.min < init < '
+                                  f'max (τ(z) = min + (max - min) σ(.) starts at init), got '
+                                  f'{t.min}, {t.init}, {t.max}')
   if t.mode == 'individual':
     check(config.loss.estimator == 'sogclr',
           'temperature.mode=individual (iSogCLR) builds on SogCLR\'s averages: set '
           'loss.estimator=sogclr')
-    check(not t.per_direction, 'temperature.mode=individual gives every anchor its own τ; '
-                               'temperature.per_direction does not apply')
     for key in ('individual_rho', 'individual_eta'):
       check(_is_number(t[key]) and t[key] >= 0,
             f'temperature.{key} must be a number >= 0, got {t[key]!r}')

@@ -165,3 +165,61 @@ def test_per_direction_is_refused_for_one_direction():
   from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
   with pytest.raises(config_lib.ConfigError, match='per_direction'):
     config_lib.validate(tiny_config(**{'temperature.per_direction': True}))
+
+
+# ------------------------------------ predicted τ ("temperature as uncertainty") ---
+def test_predicted_temperature_starts_at_init_for_every_embedding():
+  t = Temperature(mode='predicted', init=0.07, min=0.01, max=0.5, embed_dim=4,
+                  rngs=nnx.Rngs(0))
+  z = jax.random.normal(jax.random.key(0), (6, 4))
+  np.testing.assert_allclose(np.asarray(t.of_embeddings(z)), 0.07, rtol=1e-6)
+  assert float(t()) == pytest.approx(0.07)  # evaluation's one τ
+  with pytest.raises(ValueError, match='min < init < max'):
+    Temperature(mode='predicted', init=0.01, min=0.01, max=0.5, embed_dim=4)
+
+
+PREDICTED = dict(init=0.2, min=0.05, max=0.9)
+
+
+def _ref_predicted_clip(a, b, w, c):
+  """CLIP's loss with τ_i = min + (max - min) σ(z_i · w + c) per anchor, float64."""
+  from test_losses import ref_clip_rows  # pylint: disable=g-import-not-at-top
+  tau = lambda z: PREDICTED['min'] + (PREDICTED['max'] - PREDICTED['min']) / (
+      1 + np.exp(-(z @ w + c)))
+  return ref_clip_rows(a, b, np.stack([tau(a), tau(b)], axis=1))
+
+
+@pytest.mark.parametrize('impl', ['dense', 'blockwise'])
+@pytest.mark.parametrize('devices', [1, 8])
+def test_predicted_temperature_gradients_match_reference(devices, impl):
+  """τ computed outside the loss's shard_map (as the step does) and passed
+  split like the rows: the gradient reaches the head and, through τ, the
+  embeddings."""
+  from helpers import assert_close  # pylint: disable=g-import-not-at-top
+  from test_losses import finite_diff, unit_rows  # pylint: disable=g-import-not-at-top
+  from jax.sharding import AxisType, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jaxcl import losses  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  a, b = unit_rows(rng, 16, 6), unit_rows(rng, 16, 6)
+  w, c = rng.normal(size=6), -0.4
+  graphdef, _ = nnx.split(Temperature(mode='predicted', embed_dim=6, **PREDICTED))
+  axis = None if devices == 1 else 'data'
+  if axis is not None:
+    mesh = jax.make_mesh((devices,), ('data',), axis_types=(AxisType.Auto,))
+    clip = jax.shard_map(lambda x, y, t: losses.clip_loss(x, y, temperature=t, axis_name=axis,
+                                                          impl=impl, block_size=4),
+                         mesh=mesh, in_specs=(P(axis),) * 3, out_specs=P())
+  else:
+    clip = lambda x, y, t: losses.clip_loss(x, y, temperature=t, impl=impl, block_size=4)
+
+  def loss(x, y, kernel, bias):
+    t = nnx.merge(graphdef, nnx.State({'head': {'kernel': nnx.Param(kernel[:, None]),
+                                                'bias': nnx.Param(bias[None])}}))
+    return clip(x, y, jnp.stack([t.of_embeddings(x), t.of_embeddings(y)], axis=1))
+
+  args = [jnp.float32(v) for v in (a, b, w, c)]
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(*args)
+  assert_close(value, _ref_predicted_clip(a, b, w, c), rtol=2e-6, what='loss')
+  for got, want, what in zip(grads, finite_diff(_ref_predicted_clip, [a, b, w, c]),
+                             ('a', 'b', 'head kernel', 'head bias')):
+    assert_close(got, want, rtol=4e-6, what=what)

@@ -12,8 +12,10 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxcl import augment
+from jaxcl import temperature as temperature_lib
 
 
 @dataclasses.dataclass
@@ -88,12 +90,18 @@ class Method(abc.ABC):
     """(loss, metrics) of jaxcl.losses over the global batch; kwargs go to
     the loss function (axis_name, impl, block_size, with_metrics)."""
 
-  def temperature(self, model, step):
-    """τ for the loss at `step`: a float32 scalar (or, per direction, [directions])."""
+  def temperature(self, model, step, embeddings=None):
+    """τ for the loss at `step`: a float32 scalar (or, per direction,
+    [directions]); a predicted τ, from the anchors' embeddings (a, b) [n, D]:
+    [n, 2], each row's τ as an a anchor and as a b anchor."""
+    if embeddings is not None and model.temperature.predicts:
+      return jnp.stack([model.temperature.of_embeddings(z) for z in embeddings], axis=1)
     return model.temperature(step)
 
   def temperature_metrics(self, tau) -> dict:
     """What the step logs about the τ that `temperature` gave."""
+    if jnp.ndim(tau) == 2:  # one per anchor
+      return temperature_lib.distribution_metrics(tau)
     return {'temperature': tau, 'inv_temperature': 1.0 / tau}
 
   def bias(self, model):

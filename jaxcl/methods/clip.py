@@ -14,13 +14,13 @@ class CLIP(two_tower.TwoTower):
   name = 'clip'
   directions = 2
 
-  def temperature(self, model, step):
+  def temperature(self, model, step, embeddings=None):
     if not hasattr(model, 'temperature_t2i'):
-      return model.temperature(step)
+      return super().temperature(model, step, embeddings)
     return jnp.stack([model.temperature(step), model.temperature_t2i(step)])
 
   def temperature_metrics(self, tau):
-    if tau.ndim == 0:
+    if tau.ndim != 1:  # one τ, or one per anchor
       return super().temperature_metrics(tau)
     return {'temperature': tau[0], 'inv_temperature': 1.0 / tau[0],
             'temperature_t2i': tau[1], 'inv_temperature_t2i': 1.0 / tau[1]}

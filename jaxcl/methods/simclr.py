@@ -46,7 +46,8 @@ class SimCLR(base.Method):
     head = models.ProjectionHead(encoder.num_features, m.head_hidden, m.head_out, m.head_layers,
                                  rngs=rngs)
     return models.SimCLRModel(encoder=encoder, head=head,
-                              temperature=models.build_temperature(config))
+                              temperature=models.build_temperature(config, config.model.head_out,
+                                                                     rngs))
 
   def model_inputs(self, keys, batch, config):
     images = batch['image']

@@ -140,7 +140,7 @@ class TwoTower(base.Method):
         scan_layers=m.scan_layers, rngs=rngs, dtype=models.activation_dtype(m))
     return models.TwoTowerModel(image_encoder=image_encoder, text_encoder=text_encoder,
                                 embed_dim=m.embed_dim,
-                                temperature=models.build_temperature(config),
+                                temperature=models.build_temperature(config, m.embed_dim, rngs),
                                 bias=self.make_bias(config), rngs=rngs,
                                 image_projection=m.image_projection,
                                 text_projection_bias=x.projection_bias,

@@ -48,6 +48,9 @@ _OUTPUT = flags.DEFINE_string('output', None, 'The artifact file to write (expor
 _OVERWRITE = flags.DEFINE_bool('overwrite', False,
                                'Replace the files --output would write if they exist (--format '
                                'open_clip: a directory holding an earlier open_clip export).')
+_WITH_TEMPERATURE = flags.DEFINE_bool(
+    'with_temperature', False, 'export: the image embedder also returns τ(x), a run with '
+    'temperature.mode=predicted (an uncertainty score).')
 _FORMAT = flags.DEFINE_enum(
     'format', 'jax', ['jax', 'open_clip'], 'jax: jax.export artifacts (FILE, FILE.json). '
     'open_clip: a CLIP or SigLIP model as an open_clip directory (open_clip_config.json, '
@@ -104,7 +107,7 @@ COMMANDS = {
              ('workdir',), ('zeroshot', 'retrieval', *MULTI_PROCESS)),
     'export': ('Writes the trained encoder(s) as jax.export artifacts and FILE.json, or '
                '(--format open_clip) a CLIP or SigLIP model as an open_clip directory.',
-               ('workdir', 'output'), ('overwrite', 'format', *MULTI_PROCESS)),
+               ('workdir', 'output'), ('overwrite', 'format', 'with_temperature', *MULTI_PROCESS)),
     'sweep': ('Trains one run per temperature, or halves them at rungs on held-out data '
               '(--search halving), and compares them (sweep.csv/json/png).',
               ('config', 'workdir'), ('temperatures', 'search', 'eta', 'holdout', 'monitor',
@@ -318,7 +321,8 @@ def run(argv: list[str]) -> int:
       _check_workdir(workdir, must_exist=True)
       from jaxcl import export  # pylint: disable=g-import-not-at-top
       output = _OUTPUT.value
-      metadata = export.export_encoder(workdir, output, overwrite=_OVERWRITE.value)
+      metadata = export.export_encoder(workdir, output, overwrite=_OVERWRITE.value,
+                                       with_temperature=_WITH_TEMPERATURE.value)
       print(f'wrote {output} and {output}.json: uint8 {metadata["input"]["shape"]} -> float32 '
             f'{metadata["output"]["shape"]}')
       if 'text' in metadata:  # a text tower's embedder, written beside the image one

@@ -138,6 +138,14 @@ class Experiment:
     views = augment.eval_view(images_uint8, self.config.augment.image_size)
     return model.embed(standardize(views, self.config))
 
+  def predicted_temperature(self, params, batch_stats, images_uint8):
+    """temperature.mode=predicted: τ(x) of uint8 images [b, H, W, C] -> [b]
+    float32, the τ the loss gives the image as an anchor (its uncertainty)."""
+    model = nnx.merge(self.eval_graphdef, params, batch_stats)
+    views = augment.eval_view(images_uint8, self.config.augment.image_size)
+    anchors = self.method.image_anchors(model, standardize(views, self.config))
+    return model.temperature.of_embeddings(anchors)
+
   def embed_text(self, params, batch_stats, ids):
     """Normalized text embeddings of token ids int32 [b, L] -> [b, D] float32."""
     return nnx.merge(self.eval_graphdef, params, batch_stats).embed_text(ids)

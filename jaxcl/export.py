@@ -74,15 +74,22 @@ def _saved_or_read_facts(workdir, exp) -> dict:
   return facts
 
 
-def export_encoder(workdir, output, *, overwrite: bool = False) -> dict:
+def export_encoder(workdir, output, *, overwrite: bool = False,
+                   with_temperature: bool = False) -> dict:
   """Writes `output` (the image embedder), for a text tower also the text
   embedder (files.text_artifact_path(output)) and the tokenizer, and `output`.json
-  describing them; returns that metadata. Every file is written under a
+  describing them; returns that metadata. with_temperature (a run with
+  temperature.mode=predicted): the image embedder returns (embeddings [b, D],
+  τ(x) [b]). Every file is written under a
   temporary name first and renamed into place only when all are written,
   FILE.json last, so a failed export leaves nothing that looks complete.
   The dataset need not be on disk: what export needs of it was saved in the
   workdir (data_facts.json)."""
-  method = methods.get(config_lib.load_saved(workdir).method)
+  saved = config_lib.load_saved(workdir)
+  method = methods.get(saved.method)
+  if with_temperature and saved.temperature.mode != 'predicted':
+    raise errors.ConfigError(f'--with_temperature exports a predicted τ(x); {workdir} was '
+                             f'trained with temperature.mode={saved.temperature.mode}')
   check_output(workdir, output, extra_paths=method.export_paths(output), overwrite=overwrite)
   exp, state = load_trained(workdir, open_data=False)
   facts = _saved_or_read_facts(workdir, exp)
@@ -90,7 +97,10 @@ def export_encoder(workdir, output, *, overwrite: bool = False) -> dict:
   config = exp.config
 
   def embed(images):
-    return models.l2_normalize(exp.embed(params, batch_stats, images))
+    embeddings = models.l2_normalize(exp.embed(params, batch_stats, images))
+    if with_temperature:
+      return embeddings, exp.predicted_temperature(params, batch_stats, images)
+    return embeddings
 
   height, width, channels = exp.info.image_shape
   (batch,) = jax.export.symbolic_shape('b')
@@ -113,6 +123,12 @@ def export_encoder(workdir, output, *, overwrite: bool = False) -> dict:
       'step': int(state.step),
       'temperature': temperature,
   }
+  if with_temperature:
+    metadata['output_temperature'] = {
+        'shape': ['b'], 'dtype': 'float32',
+        'description': 'the second output: τ(x), the temperature the model predicts for the '
+                       'image as a contrastive anchor, in [temperature.min, temperature.max]; '
+                       'an uncertainty score (higher: its embedding is less specific)'}
   artifacts = {epath.Path(output): exported.serialize()}
   extra_artifacts, extra_metadata = method.export_artifacts(exp, params, batch_stats, output,
                                                             facts, _export)

@@ -73,3 +73,30 @@ def test_export_needs_no_dataset(uninterrupted, tmp_path):
   outputs = [np.asarray(jax.export.deserialize(path.read_bytes()).call(images))
              for path in (with_data, without)]
   np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.slow  # a whole CLI run and export
+def test_export_with_predicted_temperature(uninterrupted, tmp_path):
+  """--with_temperature: the image embedder also returns τ(x), the run's
+  predicted temperature of each image as an anchor (SimCLR: read from the
+  projection head's output)."""
+  workdir = tmp_path / 'run'
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
+        '--config.total_steps=6', '--config.log_every_steps=3', '--config.temperature.mode=predicted',
+        '--config.temperature.min=0.05', '--config.temperature.max=0.9',
+        '--config.optimizer.warmup_steps=0')
+  artifact = tmp_path / 'out' / 'encoder.jaxexport'
+  jaxcl('export', '--workdir', str(workdir), '--output', str(artifact), '--with_temperature')
+  meta = json.loads(open(f'{artifact}.json').read())
+  assert meta['output_temperature']['shape'] == ['b']
+  images = np.random.default_rng(1).integers(0, 256, (7, 8, 8, 1), dtype=np.uint8)
+  embeddings, tau = jax.export.deserialize(artifact.read_bytes()).call(images)
+  exp, state = trained.load_trained(str(workdir))
+  want = jax.jit(exp.predicted_temperature)(state.params, state.batch_stats, images)
+  np.testing.assert_allclose(np.asarray(tau), np.asarray(want), rtol=1e-5)
+  assert np.all((np.asarray(tau) > 0.05) & (np.asarray(tau) < 0.9))
+  assert len(np.unique(np.asarray(tau))) > 1  # trained: no longer init for every image
+  assert embeddings.shape == (7, meta['embedding_size'])
+  refused = jaxcl('export', '--workdir', str(uninterrupted), '--output',
+                  str(tmp_path / 'x.jaxexport'), '--with_temperature', check=False)
+  assert refused.returncode == 2 and 'temperature.mode=learnable' in refused.stderr

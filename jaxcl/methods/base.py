@@ -104,6 +104,11 @@ class Method(abc.ABC):
       return temperature_lib.distribution_metrics(tau)
     return {'temperature': tau, 'inv_temperature': 1.0 / tau}
 
+  def image_anchors(self, model, images):
+    """The embeddings the loss contrasts for standardized images [b, ...]
+    (what a predicted τ reads): [b, D]."""
+    return model.embed(images)
+
   def bias(self, model):
     """The learned logit bias the loss takes, or None."""
     del model

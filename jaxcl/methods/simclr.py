@@ -60,6 +60,9 @@ class SimCLR(base.Method):
     z = model(inputs).reshape(inputs.shape[0] // 2, 2, -1)
     return z[:, 0], z[:, 1]
 
+  def image_anchors(self, model, images):
+    return model(images)  # the projection head's output, not the encoder's features
+
   def loss(self, a, b, temperature, bias, **kwargs):
     del bias
     return losses.nt_xent(a, b, temperature=temperature, **kwargs)

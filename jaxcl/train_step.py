@@ -163,16 +163,17 @@ def make_train_step(exp: Experiment):
     if bias is not None:
       metrics['bias'] = bias
     metrics.update(per_example.metrics(rows))
-    updated = (params, batch_stats, opt_state, per_example.scatter(state.per_example, batch, rows))
+    updated = (params, batch_stats, opt_state, rows)
     if exp.config.nonfinite == 'skip':  # a non-finite step leaves the state as it was
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
                              (state.params, state.batch_stats, state.opt_state,
-                              state.per_example))
+                              per_example.gather(state.per_example, batch)))
       metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
-    params, batch_stats, opt_state, tables = updated
+    params, batch_stats, opt_state, rows = updated
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, per_example=tables)
+                              opt_state=opt_state,
+                              per_example=per_example.scatter(state.per_example, batch, rows))
     return new_state, metrics
 
   return jax.jit(train_step, in_shardings=(exp.state_sharding, parallel.batch_sharding(exp.mesh)),

@@ -98,10 +98,16 @@ def test_step_writes_the_batch_rows(temperature):
 
 
 @pytest.mark.slow
-def test_tables_on_8_devices_and_in_microbatches_equal_1_device():
+@pytest.mark.parametrize('temperature', ['learnable', 'predicted'])
+def test_tables_on_8_devices_and_in_microbatches_equal_1_device(temperature):
+  """(predicted: each anchor's τ from its embedding, whose gradient reaches
+  the towers through the microbatches' cached embedding gradients too)"""
   (table, params), *others = [
       jax.tree.map(np.asarray, (state.per_example['log_u'], without_key_bias(state.params)))
-      for state, _, _ in (_three_steps(_clip(d, m)) for d, m in ((1, 0), (8, 0), (8, 8)))]
+      for state, _, _ in (_three_steps(_clip(d, m, temperature=temperature))
+                          for d, m in ((1, 0), (8, 0), (8, 8)))]
+  if temperature == 'predicted':  # the head learned: τ is no longer init for every input
+    assert np.any(np.asarray(params['temperature']['head']['kernel'][...]) != 0)
   seen = np.isfinite(table)
   for other_table, other_params in others:
     np.testing.assert_array_equal(np.isfinite(other_table), seen)

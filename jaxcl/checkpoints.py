@@ -123,7 +123,25 @@ def _per_example_resized(manager, step: int, abstract_state):
       {k: v for k, v in saved.items() if k != 'per_example'})
   resized = any(name in saved_tables and leaf.shape != saved_tables[name].shape
                 for name, leaf in tables.items())
-  return abstract_state, not (resized and same_rest)
+  # Padding differs by less than either layout's shards; more is another
+  # dataset size, which the strict restore refuses.
+  padding_only = all(
+      abs(leaf.shape[0] - saved_tables[name].shape[0]) < max(
+          parallel.num_batch_shards(leaf.sharding.mesh), _saved_shards(saved_tables[name]))
+      for name, leaf in tables.items() if name in saved_tables)
+  return abstract_state, not (resized and same_rest and padding_only)
+
+
+def _saved_shards(metadata) -> int:
+  """How many shards a saved table's rows were split into (1 if unknown)."""
+  sharding = getattr(metadata, 'sharding', None)
+  try:
+    sizes = dict(zip(sharding.axis_names, sharding.shape))
+    first = sharding.partition_spec[0]
+    axes = first if isinstance(first, (list, tuple)) else [first]
+    return max(1, int(np.prod([sizes[a] for a in axes if a is not None])))
+  except (AttributeError, IndexError, KeyError, TypeError):
+    return 1
 
 
 def stream_positions(manager, step: int) -> np.ndarray | None:

@@ -39,12 +39,16 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)
 
 
-_NO_DECAY = ('position', 'cls')  # ViT / text position embeddings, the class token
+# ViT / text position embeddings, the class token; the temperature's own
+# parameters (a predicted τ's head: decay or LARS's trust ratio would pin its
+# zero-initialized kernel near zero).
+_NO_DECAY = ('position', 'cls', 'temperature')
 
 
 def decay_mask(params):
-  """True where weight decay applies: kernels (rank >= 2), not position
-  embeddings or class tokens (open_clip's and big_vision's choice)."""
+  """True where weight decay (and LARS's trust ratio) applies: kernels
+  (rank >= 2), not position embeddings, class tokens (open_clip's and
+  big_vision's choice) or the temperature's parameters."""
   def decays(path, p):
     names = {getattr(k, 'key', getattr(k, 'name', None)) for k in path}
     return p.ndim >= 2 and not names & set(_NO_DECAY)
@@ -94,4 +98,5 @@ def _mu_dtype(o):
 
 
 def _is_temperature(path) -> bool:
-  return any(getattr(k, 'key', None) == 'log_tau' for k in path)
+  """log τ, or a parameter of the temperature module (a predicted τ's head)."""
+  return any(getattr(k, 'key', None) in ('log_tau', 'temperature') for k in path)

@@ -33,7 +33,7 @@ CONFIG = {
     'tau min > max':
         'jaxcl: error: temperature.min 0.5 must be <= temperature.max 0.2',
     'tau mode':
-        "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine', 'free'), got 'warm'",
+        "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine', 'free', 'individual', 'predicted'), got 'warm'",
     'missing dataset':
         "jaxcl: error: dataset.name: no TFDS dataset named 'no_such_dataset'",
     'unprepared dataset':
@@ -92,134 +92,134 @@ CONFIG = {
 
 # tests/test_cli_fuzz.py, seed 0: the random bad overrides of `jaxcl train` (1 device).
 FUZZ_SEED_0 = {
-    '--config.temperature.min=-1.0':
-        'jaxcl: error: temperature.min must be > 0, got -1.0',
-    '--config.model.embed_dim_size=0.5':
-        "jaxcl: error: unknown config key 'embed_dim_size' in --config.model.embed_dim_size (did you mean 'embed_dim'?)",
-    '--config.optimizer.b2=1.5':
-        'jaxcl: error: optimizer.b2 must be in [0, 1), got 1.5',
+    '--config.temperature.lr_multiplier=-2.0':
+        'jaxcl: error: temperature.lr_multiplier must be > 0, got -2.0',
+    '--config.microbatch_size_size=0.5':
+        "jaxcl: error: unknown config key 'microbatch_size_size' in --config.microbatch_size_size (did you mean 'microbatch_size'?)",
+    '--config.nonfinite=ignore':
+        "jaxcl: error: nonfinite must be 'stop' or 'skip', got 'ignore'",
     '--config.init.load=abc':
         "jaxcl: error: --config.init.load takes a tuple, written (a, b) or [a, b]; got 'abc'",
-    '--config.micrdbatch_size=abc':
-        "jaxcl: error: unknown config key 'micrdbatch_size' in --config.micrdbatch_size (did you mean 'microbatch_size'?)",
-    '--config.model.vit.pre_nlorm=0.5':
-        "jaxcl: error: unknown config key 'pre_nlorm' in --config.model.vit.pre_nlorm (did you mean 'pre_norm'?)",
-    '--config.optimizer.learning_rate=-0.1':
-        'jaxcl: error: optimizer.learning_rate must be > 0, got -0.1',
-    '--config.model.dtype=int32':
-        "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'int32'",
+    '--config.mesh.fsd=0.5':
+        "jaxcl: error: unknown config key 'fsd' in --config.mesh.fsd (did you mean 'fsdp'?)",
+    '--config.dataset.image_key_old=1':
+        "jaxcl: error: unknown config key 'image_key_old' in --config.dataset.image_key_old (did you mean 'image_key'?)",
+    '--config.mesh.data=0':
+        "jaxcl: error: mesh: mesh axis sizes must be positive or -1, got {'data': 0, 'fsdp': 1}",
+    '--config.optimizer.warmup_steps=1e3x':
+        "jaxcl: error: --config.optimizer.warmup_steps takes an integer, got '1e3x'",
+    '--config.model.head_out=-16':
+        'jaxcl: error: model.head_out must be a positive integer, got -16',
     '--config.augment.crop_scale_max_old=abc':
         "jaxcl: error: unknown config key 'crop_scale_max_old' in --config.augment.crop_scale_max_old (did you mean 'crop_scale_max'?)",
-    '--config.text.vocabfile=abc':
-        "jaxcl: error: unknown config key 'vocabfile' in --config.text.vocabfile (did you mean 'vocab_file'?)",
-    '--config.temperature.init=0.0':
-        'jaxcl: error: temperature.init must be > 0, got 0.0',
-    '--config.seed=2.5':
-        "jaxcl: error: --config.seed takes an integer, got '2.5'",
+    '--config.text.ad_id=abc':
+        "jaxcl: error: unknown config key 'ad_id' in --config.text.ad_id (did you mean 'pad_id'?)",
+    '--config.optimizer.weight_decay=-0.1':
+        'jaxcl: error: optimizer.weight_decay must be >= 0, got -0.1',
+    '--config.profile_steps=abc':
+        "jaxcl: error: --config.profile_steps takes a tuple, written (a, b) or [a, b]; got 'abc'",
     '--config.dataset.shuffle_buffer=1e3x':
         "jaxcl: error: --config.dataset.shuffle_buffer takes an integer, got '1e3x'",
     '--config.dataset.label_key_x=0.5':
         "jaxcl: error: unknown config key 'label_key_x' in --config.dataset.label_key_x (did you mean 'label_key'?)",
-    '--config.total_steps=-1':
-        'jaxcl: error: total_steps must be >= 0, got -1',
-    '--config.model.dtype=float8':
-        "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'float8'",
+    '--config.temperature.period=-5':
+        'jaxcl: error: temperature.period must be an integer >= 0, got -5',
+    '--config.mesh.fsdp=0':
+        "jaxcl: error: mesh: mesh axis sizes must be positive or -1, got {'data': -1, 'fsdp': 0}",
     '--config.eval_every_steps=0':
         'jaxcl: error: eval_every_steps must be > 0, got 0',
     '--config.dataset.std=(0.0,)':
         'jaxcl: error: dataset.std values must be > 0, got (0.0,)',
     '--config.augment.crop_scale_min=fast':
         "jaxcl: error: --config.augment.crop_scale_min takes a number, got 'fast'",
-    '--config.model.head_layers=0':
-        'jaxcl: error: model.head_layers must be a positive integer, got 0',
+    '--config.model.dtype=float8':
+        "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'float8'",
     '--config.data_set.train_split=1':
         "jaxcl: error: unknown config key 'data_set' in --config.data_set.train_split (did you mean 'dataset'?)",
-    '--config.temperature.init=100.0':
-        'jaxcl: error: temperature.init 100.0 must lie in [temperature.min, temperature.max] = [0.01, 1.0]',
-    '--config.model.stage_sizes=(0,1)':
-        'jaxcl: error: model.stage_sizes must be a tuple of positive integers (empty: the preset of model.name), got (0, 1)',
-    '--config.text.norm_eps=fast':
-        "jaxcl: error: --config.text.norm_eps takes a number, got 'fast'",
-    '--config.model.head_out=-16':
-        'jaxcl: error: model.head_out must be a positive integer, got -16',
-    '--config.model.vitp.pool=abc':
-        "jaxcl: error: unknown config key 'vitp' in --config.model.vitp.pool (did you mean 'vit'?)",
-    '--config.eval.batch_size=0':
-        'jaxcl: error: eval.batch_size 0 must be a positive multiple of the 1 data shards',
-    '--config.mdel.head_out=0.5':
-        "jaxcl: error: unknown config key 'mdel' in --config.mdel.head_out (did you mean 'model'?)",
-    '--config.microbatch_size=1e3x':
-        "jaxcl: error: --config.microbatch_size takes an integer, got '1e3x'",
+    '--config.temperature.warmup_steps=-1':
+        'jaxcl: error: temperature.warmup_steps must be an integer >= 0, got -1',
+    '--config.eval.max_train_examples=1e3x':
+        "jaxcl: error: --config.eval.max_train_examples takes an integer, got '1e3x'",
+    '--config.mesh.fsdp=5':
+        "jaxcl: error: mesh: mesh {'data': -1, 'fsdp': 5} does not divide the 1 devices",
+    '--config.augment.grayscale_prob=2.0':
+        'jaxcl: error: augment.grayscale_prob must be in [0, 1], got 2.0',
+    '--config.text.normgeps=1':
+        "jaxcl: error: unknown config key 'normgeps' in --config.text.normgeps (did you mean 'norm_eps'?)",
+    '--config.modl.head_hidden=0.5':
+        "jaxcl: error: unknown config key 'modl' in --config.modl.head_hidden (did you mean 'model'?)",
+    '--config.mesh.fsdp=1e3x':
+        "jaxcl: error: --config.mesh.fsdp takes an integer, got '1e3x'",
     '--config.dataset.pairs.caption_colmn=abc':
         "jaxcl: error: unknown config key 'caption_colmn' in --config.dataset.pairs.caption_colmn (did you mean 'caption_column'?)",
     '--config.augment.flip=yes please':
         "jaxcl: error: --config.augment.flip takes True or False, got 'yes please'",
     '--config.augent.grayscale_prob=abc':
         "jaxcl: error: unknown config key 'augent' in --config.augent.grayscale_prob (did you mean 'augment'?)",
-    '--config.opdimizer.warmup_steps=1':
-        "jaxcl: error: unknown config key 'opdimizer' in --config.opdimizer.warmup_steps (did you mean 'optimizer'?)",
+    '--config.odtimizer.name=1':
+        "jaxcl: error: unknown config key 'odtimizer' in --config.odtimizer.name (did you mean 'optimizer'?)",
     '--config.evpal.retrieval=1':
         "jaxcl: error: unknown config key 'evpal' in --config.evpal.retrieval (did you mean 'eval'?)",
     '--config.augment.flip_old=1':
         "jaxcl: error: unknown config key 'flip_old' in --config.augment.flip_old (did you mean 'flip'?)",
     '--config.augment.crop_scale_min=0.0':
         'jaxcl: error: need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got 0.0, 1.0',
-    '--config.model.vit.depth_x=1':
-        "jaxcl: error: unknown config key 'depth_x' in --config.model.vit.depth_x (did you mean 'depth'?)",
+    '--config.model.stage_sizes_x=1':
+        "jaxcl: error: unknown config key 'stage_sizes_x' in --config.model.stage_sizes_x (did you mean 'stage_sizes'?)",
     '--config.augment.color_jitter_strength=-1.0':
         'jaxcl: error: augment.color_jitter_strength must be >= 0, got -1.0',
     '--config.eval.batch_size=-512':
         'jaxcl: error: eval.batch_size -512 must be a positive multiple of the 1 data shards',
-    '--config.temperature.lr_multiplier=-2.0':
-        'jaxcl: error: temperature.lr_multiplier must be > 0, got -2.0',
-    '--config.text.width=2.5':
-        "jaxcl: error: --config.text.width takes an integer, got '2.5'",
+    '--config.temperature.bias_init=nan':
+        'jaxcl: error: temperature.bias_init must be a finite number, got nan',
+    '--config.text.mlp_dim=2.5':
+        "jaxcl: error: --config.text.mlp_dim takes an integer, got '2.5'",
     '--config.eval.ratch_size=0.5':
         "jaxcl: error: unknown config key 'ratch_size' in --config.eval.ratch_size (did you mean 'batch_size'?)",
-    '--config.tepxt.act=abc':
-        "jaxcl: error: unknown config key 'tepxt' in --config.tepxt.act (did you mean 'text'?)",
-    '--config.optimizer.b1=-0.1':
-        'jaxcl: error: optimizer.b1 must be in [0, 1), got -0.1',
-    "--config.loss.impl=''":
-        'jaxcl: error: loss.impl must be one of (\'dense\', \'blockwise\', \'ring\'), got "\'\'"',
-    "--config.profile_steps={'a': 1}":
-        'jaxcl: error: --config.profile_steps takes a tuple, written (a, b) or [a, b]; got "{\'a\': 1}"',
-    '--config.teyt.max_length=1':
-        "jaxcl: error: unknown config key 'teyt' in --config.teyt.max_length (did you mean 'text'?)",
-    '--config.checkpoint_every_steps=0':
-        'jaxcl: error: checkpoint_every_steps must be > 0, got 0',
-    '--config.log_every_steps=-1':
-        'jaxcl: error: log_every_steps must be > 0, got -1',
+    '--config.tempeprature.min=abc':
+        "jaxcl: error: unknown config key 'tempeprature' in --config.tempeprature.min (did you mean 'temperature'?)",
+    '--config.model.width=-8':
+        'jaxcl: error: model.width must be a positive integer, got -8',
+    "--config.loss.estimator=''":
+        'jaxcl: error: loss.estimator must be one of (\'batch\', \'sogclr\'), got "\'\'"',
+    '--config.optimizer.weight_decay=fast':
+        "jaxcl: error: --config.optimizer.weight_decay takes a number, got 'fast'",
+    '--config.temperature.warmup_stepks=abc':
+        "jaxcl: error: unknown config key 'warmup_stepks' in --config.temperature.warmup_stepks (did you mean 'warmup_steps'?)",
+    '--config.moel.head_out=0.5':
+        "jaxcl: error: unknown config key 'moel' in --config.moel.head_out (did you mean 'model'?)",
+    '--config.optimizer.b2=1.5':
+        'jaxcl: error: optimizer.b2 must be in [0, 1), got 1.5',
+    "--config.nonfinite=''":
+        'jaxcl: error: nonfinite must be \'stop\' or \'skip\', got "\'\'"',
+    '--config.text.pad_id=[1]':
+        "jaxcl: error: --config.text.pad_id takes an integer, got '[1]'",
+    '--config.temperature.init=-0.1':
+        'jaxcl: error: temperature.init must be > 0, got -0.1',
     '--config.augmenf.blur_prob=1':
         "jaxcl: error: unknown config key 'augmenf' in --config.augmenf.blur_prob (did you mean 'augment'?)",
-    '--config.text.causal=2':
-        "jaxcl: error: --config.text.causal takes True or False, got '2'",
-    '--config.temperature.mode=frozen':
-        "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine', 'free'), got 'frozen'",
-    '--config.model.vit.pre_norm=maybe':
-        "jaxcl: error: --config.model.vit.pre_norm takes True or False, got 'maybe'",
-    '--config.temperature.bias_init=inf':
-        'jaxcl: error: temperature.bias_init must be a finite number, got inf',
-    '--config.model.stage_sizes=(-1,)':
-        'jaxcl: error: model.stage_sizes must be a tuple of positive integers (empty: the preset of model.name), got (-1,)',
+    '--config.temperature.min=[0.1]':
+        "jaxcl: error: --config.temperature.min takes a number, got '[0.1]'",
+    '--config.optimizer.weight_decay=nan':
+        'jaxcl: error: optimizer.weight_decay must be >= 0, got nan',
+    '--config.optimizer.warmup_steps_old=abc':
+        "jaxcl: error: unknown config key 'warmup_steps_old' in --config.optimizer.warmup_steps_old (did you mean 'warmup_steps'?)",
+    '--config.eval.knin_k=abc':
+        "jaxcl: error: unknown config key 'knin_k' in --config.eval.knin_k (did you mean 'knn_k'?)",
+    '--config.model.vit.patch_size=1e3x':
+        "jaxcl: error: --config.model.vit.patch_size takes an integer, got '1e3x'",
     '--config.checkpoint_everj_steps=0.5':
         "jaxcl: error: unknown config key 'checkpoint_everj_steps' in --config.checkpoint_everj_steps (did you mean 'checkpoint_every_steps'?)",
-    '--config.temper_ature.lr_multiplier=abc':
-        "jaxcl: error: unknown config key 'temper_ature' in --config.temper_ature.lr_multiplier (did you mean 'temperature'?)",
+    '--config.temper_ature.bias_init=abc':
+        "jaxcl: error: unknown config key 'temper_ature' in --config.temper_ature.bias_init (did you mean 'temperature'?)",
     '--config.augment.color_jitter_prob=[0.1]':
         "jaxcl: error: --config.augment.color_jitter_prob takes a number, got '[0.1]'",
     '--config.augment.color_jitter_prob=fast':
         "jaxcl: error: --config.augment.color_jitter_prob takes a number, got 'fast'",
-    '--config.datasett.pairs.caption_column=abc':
-        "jaxcl: error: unknown config key 'datasett' in --config.datasett.pairs.caption_column (did you mean 'dataset'?)",
+    '--config.wandb.modge=1':
+        "jaxcl: error: unknown config key 'modge' in --config.wandb.modge (did you mean 'mode'?)",
     '--config.log_every_steps=[1]':
         "jaxcl: error: --config.log_every_steps takes an integer, got '[1]'",
-    '--config.dataset.eval_samples=1e3x':
-        "jaxcl: error: --config.dataset.eval_samples takes an integer, got '1e3x'",
-    '--config.optimizer.momentum=-0.5':
-        'jaxcl: error: optimizer.momentum must be in [0, 1), got -0.5',
-    '--config.model.image_priojection=1':
-        "jaxcl: error: unknown config key 'image_priojection' in --config.model.image_priojection (did you mean 'image_projection'?)",
 }
 
 # tests/test_cli_safety.py: the CLI's own flags, workdirs, saved configs,

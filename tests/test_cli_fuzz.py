@@ -28,6 +28,8 @@ OUT_OF_RANGE = {
     'method': ['byol', 'moco', 'SIMCLR'],
     'loss.impl': ['sparse', "''"],
     'loss.block_size': ['0', '-8'],
+    'loss.estimator': ['moving', "''"],
+    'loss.sogclr_gamma': ['0.0', '1.5', 'nan'],
     'mesh.data': ['3', '0', '-2'],
     'mesh.fsdp': ['0', '5'],
     'temperature.mode': ['frozen', 'Learnable'],

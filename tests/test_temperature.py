@@ -57,7 +57,8 @@ def test_weight_decay_skips_temperature_biases_and_norms(name):
   # move only what weight decay touches.
   cfg.optimizer.learning_rate = 0.1
   opt = optim.build_optimizer(cfg, total_steps=10)
-  params = {'kernel': jnp.ones((3, 3)), 'bias': jnp.ones((3,)), 'log_tau': jnp.float32(-1.0)}
+  params = {'kernel': jnp.ones((3, 3)), 'bias': jnp.ones((3,)), 'log_tau': jnp.float32(-1.0),
+            'temperature': {'head': {'kernel': jnp.ones((3, 1))}}}  # a predicted τ's head
   state = opt.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   for _ in range(3):  # past step 0, where the warm-up/cosine schedule gives LR 0
@@ -66,6 +67,7 @@ def test_weight_decay_skips_temperature_biases_and_norms(name):
   assert np.all(np.asarray(params_next['kernel']) < 1.0)
   np.testing.assert_array_equal(params_next['bias'], params['bias'])
   assert float(params_next['log_tau']) == -1.0
+  np.testing.assert_array_equal(params_next['temperature']['head']['kernel'], 1.0)
 
 
 def test_cosine_schedule_follows_its_formula():
@@ -96,14 +98,18 @@ def test_temperature_learning_rate_multiplier():
                      weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.0,
                      lars_trust_coefficient=0.001, grad_clip_norm=0.0)))
   opt = optim.build_optimizer(cfg, total_steps=1000)
-  params = {'kernel': jnp.ones((2, 2)), 'temperature': {'log_tau': jnp.float32(0.0)}}
-  grads = {'kernel': jnp.ones((2, 2)), 'temperature': {'log_tau': jnp.float32(1.0)}}
+  params = {'kernel': jnp.ones((2, 2)), 'temperature': {'log_tau': jnp.float32(0.0),
+                                                        'head': {'kernel': jnp.ones((2, 1))}}}
+  grads = {'kernel': jnp.ones((2, 2)), 'temperature': {'log_tau': jnp.float32(1.0),
+                                                       'head': {'kernel': jnp.ones((2, 1))}}}
   state = opt.init(params)
   for _ in range(3):  # past the schedule's first step
     updates, state = opt.update(grads, state, params)
   lr_kernel = -float(updates['kernel'][0, 0])
   assert lr_kernel > 0
   assert -float(updates['temperature']['log_tau']) == pytest.approx(10 * lr_kernel, rel=1e-6)
+  np.testing.assert_allclose(-np.asarray(updates['temperature']['head']['kernel']),
+                             10 * lr_kernel, rtol=1e-6)  # a predicted τ's head too
 
 
 # ------------------------------- temperature.mode=free and per-direction τ ---

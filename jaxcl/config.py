@@ -23,7 +23,8 @@ CONFIG_FILE = files.CONFIG_FILE
 # evaluated, where data is read from. Anything else would silently mix two
 # experiments in one workdir.
 RESUMABLE_CHANGES = ('total_steps', 'log_every_steps', 'eval_every_steps',
-                     'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval', 'loss',
+                     'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval',
+                     'loss.impl', 'loss.block_size',  # equal values and gradients (not loss.estimator)
                      'nonfinite', 'microbatch_size', 'model.remat', 'model.scan_layers',
                      'device_memory_gb',
                      'dataset.data_dir', 'dataset.download', 'dataset.workers',

@@ -54,8 +54,10 @@ class Individual:
   the anchors of one loss call, each [n, ...]: SogCLR's log u, the anchor's
   own τ (the loss's temperature for its row) and the moving average of its
   τ-gradient. Each anchor's term is τ_i log g_i + τ_i ρ, a KL-constrained
-  robust loss whose τ_i the anchor learns: τ_i rises where its negatives
-  look alike (a low ρ lets it rise further)."""
+  robust loss whose τ_i the anchor learns. With u_i = g_i its gradient is
+  ρ - KL(softmax over the negatives ‖ uniform): τ_i falls while that softmax
+  is closer to uniform than ρ allows and rises when a few negatives dominate
+  it, settling where the KL is ρ (a low ρ: higher τ)."""
   log_u: jax.Array
   tau: jax.Array
   moment: jax.Array

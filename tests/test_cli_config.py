@@ -125,3 +125,10 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
   # Changing only the schedule of events is allowed.
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
         '--config.total_steps=0', '--config.log_every_steps=7')
+  # The loss's implementation may change (equal values and gradients); its estimator may not.
+  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
+        '--config.total_steps=0', '--config.loss.impl=blockwise')
+  proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+               *tiny_overrides(), '--config.total_steps=0', '--config.loss.estimator=sogclr',
+               check=False)
+  assert proc.returncode == 2 and "loss.estimator: 'batch' there, 'sogclr' now" in proc.stderr

@@ -315,6 +315,7 @@ def run(argv: list[str]) -> int:
                              for flag in (_ZEROSHOT, _RETRIEVAL))
       print(json.dumps(trained.evaluate_workdir(workdir, zeroshot, retrieval), indent=2))
     elif _FORMAT.value == 'open_clip':
+      errors.check(not _WITH_TEMPERATURE.value, '--with_temperature needs --format jax')
       _check_workdir(workdir, must_exist=True)
       _export_open_clip(workdir, _OUTPUT.value)
     else:

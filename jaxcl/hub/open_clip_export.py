@@ -153,6 +153,9 @@ def write_open_clip(exp, state, output, plan: plan_lib.Plan, *, replacing: bool 
   if config.temperature.mode == 'free':
     _refuse("open_clip's logits are the cosine times a scale; this run trained on 2 artanh of "
             "the cosine (temperature.mode=free)")
+  if config.temperature.mode in ('individual', 'predicted'):
+    _refuse(f"open_clip has one logit scale; this run gave each anchor its own τ "
+            f"(temperature.mode={config.temperature.mode})")
   channels = params['image_encoder/patchify/kernel'].shape[2]
   if channels != 3:
     _refuse(f"the image tower takes {channels}-channel images; open_clip's take RGB")

@@ -34,7 +34,10 @@ def checkpoint_manager(workdir, config, *, cleanup: bool = False,
                                          enable_async_checkpointing=background and not read_only,
                                          cleanup_tmp_directories=cleanup and not read_only,
                                          create=not read_only)
-  return ocp.CheckpointManager(epath.Path(workdir).absolute() / files.CHECKPOINT_DIR,
+  workdir = epath.Path(workdir)
+  if not files.is_object_store(workdir):  # orbax wants an absolute local path
+    workdir = workdir.absolute()
+  return ocp.CheckpointManager(workdir / files.CHECKPOINT_DIR,
                                options=options)
 
 

@@ -2,7 +2,7 @@
 
 Every file jaxcl writes whole goes through `write_atomically`: readers (and
 a rerun after a crash) see the old file or the new one, never a part of
-either. Only the append-only logs (metrics.jsonl, TensorBoard events) and
+either. Only the append-only logs (jaxcl.metrics_log, TensorBoard events) and
 orbax's checkpoints, which are atomic in their own way, are written
 otherwise.
 """
@@ -15,7 +15,8 @@ from etils import epath
 
 CONFIG_FILE = 'config.json'  # the config a run was trained with
 EVAL_FILE = 'eval.json'  # the final (or `jaxcl eval`'s) evaluation
-METRICS_FILE = 'metrics.jsonl'  # one JSON row per log step
+METRICS_FILE = 'metrics.jsonl'  # one JSON row per log step (jaxcl.metrics_log)
+METRICS_PARTS_DIR = 'metrics.jsonl.d'  # the same rows on object stores, in parts
 CHECKPOINT_DIR = 'checkpoints'
 CHECKPOINT_DONE = 'commit_success.txt'  # orbax's marker of a complete checkpoint
 BATCH_HISTORY_FILE = 'batch_history.json'
@@ -42,7 +43,7 @@ WANDB_DIR = 'wandb'  # wandb.project: wandb's own files, its offline runs (jaxcl
 # Everything jaxcl keeps at the top of a workdir (files and folders): nothing
 # else, `jaxcl export --output` included, may write there under these names.
 WORKDIR_NAMES = frozenset({
-    CONFIG_FILE, EVAL_FILE, METRICS_FILE, CHECKPOINT_DIR, BATCH_HISTORY_FILE,
+    CONFIG_FILE, EVAL_FILE, METRICS_FILE, METRICS_PARTS_DIR, CHECKPOINT_DIR, BATCH_HISTORY_FILE,
     SKIPPED_IMAGES_FILE, SKIPPED_SAMPLES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE, *CLIP_BPE_FILES,
     LOCK_DIR, DATA_FACTS_FILE, UNRESTORABLE_DIR, REPORT_DIR, REPORT_FILE, WALL_FILE,
     ZEROSHOT_CACHE_FILE, PROFILE_DIR, WANDB_DIR, COMPILED_STEP_FILE})
@@ -71,7 +72,14 @@ def write_all_atomically(contents: dict) -> None:
   """Writes {path: bytes} so that either all files are in place or none is
   changed: every one goes to a temporary name first; the renames come once
   all are written, in the order given (put the file that marks the set
-  complete last)."""
+  complete last). On object stores, where each upload is whole but a rename
+  is a copy and a delete, each file is uploaded in place in the order given:
+  a kill between two uploads leaves the first new and the second old, so
+  there only the last file (the marker) says the set is complete."""
+  if all(is_object_store(path) for path in contents):
+    for path, data in contents.items():
+      epath.Path(path).write_bytes(data)
+    return
   temps = {}
   try:
     for path, data in contents.items():
@@ -108,9 +116,15 @@ def is_empty_dir(path) -> bool:
   return path.is_dir() and not any(True for _ in path.iterdir())
 
 
+def is_object_store(path) -> bool:
+  """Whether `path` is on an object store (gs://, s3://): no appends, no
+  renames (a copy and a delete), no exclusive directory creation."""
+  return '://' in str(path)
+
+
 def same_file(a, b) -> bool:
   """Whether two local paths name the same file (both resolved); False for
   object-store paths, whose names are compared as written."""
-  if '://' in str(a) or '://' in str(b):
+  if is_object_store(a) or is_object_store(b):
     return str(a).rstrip('/') == str(b).rstrip('/')
   return epath.Path(a).resolve() == epath.Path(b).resolve()

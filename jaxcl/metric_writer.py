@@ -1,10 +1,9 @@
-"""Where metrics go: DIR/metrics.jsonl, TensorBoard event files in DIR, a
+"""Where metrics go: the metrics log (DIR/metrics.jsonl, jaxcl.metrics_log), TensorBoard event files in DIR, a
 progress bar, and Weights & Biases when wandb.project is set; all from
 process 0 only."""
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 
@@ -12,10 +11,13 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxcl import errors, files
+from jaxcl import errors, files, metrics_log
 
 
 WANDB_ID_FILE = 'jaxcl_run_id'  # in WORKDIR/wandb: the run's wandb id
+# On object stores tensorboardX uploads an event file whole at each flush: a
+# new file every this many records keeps each upload small.
+TB_RECORDS_PER_FILE = 500
 
 
 class MetricWriter:
@@ -32,8 +34,9 @@ class MetricWriter:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     workdir = epath.Path(workdir)
     self._wandb = _wandb_run(workdir, wandb_config, run_config or {})  # first: it may fail
-    self._jsonl = workdir.joinpath(files.METRICS_FILE).open('a')
+    self._jsonl = metrics_log.MetricsLog(workdir, initial_step)
     self._tb = SummaryWriter(str(workdir))
+    self._tb_records, self._tb_rolls = 0, files.is_object_store(workdir)
     self._bar = tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True,
                      disable=total_steps == initial_step)
 
@@ -58,9 +61,12 @@ class MetricWriter:
       value = float(value)
       record[key] = value if math.isfinite(value) else str(value)
       self._tb.add_scalar(key, value, int(step))
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    self._jsonl.write(record)
     self._tb.flush()
+    self._tb_records += 1
+    if self._tb_rolls and self._tb_records % TB_RECORDS_PER_FILE == 0:
+      self._tb.close()  # the next file's name differs by its suffix (the same second)
+      self._tb = type(self._tb)(self._tb.logdir, filename_suffix=f'.{self._tb_records}')
     if self._wandb is not None:
       self._wandb.log({k: float(v) for k, v in metrics.items()}, step=int(step))
 

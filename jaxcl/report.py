@@ -21,7 +21,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from etils import epath  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-from jaxcl import errors, files  # noqa: E402  pylint: disable=wrong-import-position
+from jaxcl import errors, files, metrics_log  # noqa: E402  pylint: disable=wrong-import-position
 
 REPORT_DIR, REPORT_FILE = files.REPORT_DIR, files.REPORT_FILE
 # (file name, title, metric keys, log y axis)
@@ -45,9 +45,8 @@ def read_metrics(workdir, with_skipped: bool = False):
   """The rows of DIR/metrics.jsonl: JSON objects with an integer `step`.
   Other lines (cut short by a full disk, edited by hand) are skipped;
   with_skipped: return (rows, number of lines skipped)."""
-  path = epath.Path(workdir) / files.METRICS_FILE
   rows, skipped = [], 0
-  for line in path.read_text().splitlines() if path.exists() else ():
+  for line in metrics_log.read_lines(workdir):
     if not line.strip():
       continue
     try:
@@ -162,7 +161,7 @@ def write_report(workdir) -> tuple[epath.Path, int]:
       skipped += lost
       images = [_image(run / REPORT_DIR / name) for name in plot_run(run, rows)]
       parts.append(f'<h2>run {html.escape(row["run"])}</h2>' + ''.join(images))
-  if (workdir / files.METRICS_FILE).exists():
+  if metrics_log.exists(workdir):
     rows, lost = read_metrics(workdir, with_skipped=True)
     skipped += lost
     images = [_image(workdir / REPORT_DIR / name) for name in plot_run(workdir, rows)]

@@ -14,7 +14,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxcl import config as config_lib
-from jaxcl import data, errors, files, parallel, tokenizers
+from jaxcl import data, errors, files, metrics_log, parallel, tokenizers
 from jaxcl import lock as lock_lib
 
 MAX_LISTED = 5  # skipped images named in the run's log (all go to the file)
@@ -100,24 +100,7 @@ def write_run_start(workdir, config, history: list, tokenizer, facts: dict, step
   if tokenizer is not None:
     tokenizer.save(workdir)  # travels with the checkpoints: the same ids later
   files.write_atomically(workdir / files.DATA_FACTS_FILE, json.dumps(facts, indent=1) + '\n')
-  _drop_metrics_after(workdir, step)
-
-
-def _drop_metrics_after(workdir, step: int) -> None:
-  path = epath.Path(workdir) / files.METRICS_FILE
-  if not path.exists():
-    return
-  rows = path.read_text().splitlines()
-  kept = [r for r in rows if _row_step(r) is not None and _row_step(r) <= step]
-  if len(kept) != len(rows):  # also drops a line a full disk cut short
-    files.write_atomically(path, ''.join(r + '\n' for r in kept))
-
-
-def _row_step(row: str) -> int | None:
-  try:
-    return int(json.loads(row)['step'])
-  except (ValueError, KeyError, TypeError):
-    return None
+  metrics_log.drop_rows_after(workdir, step)
 
 
 def data_facts(info: data.DatasetInfo, extra: dict) -> dict:

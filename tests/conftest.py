@@ -26,3 +26,27 @@ def uninterrupted(tmp_path_factory):
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(), *RUN,
         devices=2)
   return workdir
+
+
+@pytest.fixture(scope='session')
+def gcs_bucket(tmp_path_factory):
+  """A local GCS server (tests/gcs_server.py) for the session, every gs://
+  client of jaxcl pointed at it (this process and the ones it starts);
+  yields its bucket, 'gs://jaxcl-test'. A server that does not start fails
+  the tests that need it, with its log."""
+  import gcs_server  # pylint: disable=g-import-not-at-top
+  from helpers import free_port  # pylint: disable=g-import-not-at-top
+  port = free_port()
+  server = gcs_server.start(port, tmp_path_factory.mktemp('gcs') / 'server.log')
+  os.environ.update(gcs_server.environment(port))
+  yield f'gs://{gcs_server.BUCKET}'
+  server.kill()
+  server.wait()
+
+
+@pytest.fixture
+def gcs_dir(gcs_bucket, request):
+  """A gs:// folder of its own for one test (an etils epath.Path)."""
+  import uuid  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(gcs_bucket) / f'{request.node.name[:40]}-{uuid.uuid4().hex[:8]}'

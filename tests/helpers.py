@@ -129,19 +129,22 @@ CHECKPOINT_WAIT_S = 300
 
 
 def newest_checkpoint(workdir) -> int | None:
+  """The newest complete checkpoint's step (on object stores, where orbax
+  writes in place, one with its commit marker)."""
+  from jaxcl import files  # pylint: disable=g-import-not-at-top
   ckpts = workdir / 'checkpoints'
-  steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+  steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit() and (
+      not files.is_object_store(p) or (p / files.CHECKPOINT_DONE).exists())
+           ] if ckpts.exists() else []
   return max(steps, default=None)
 
 
 def logged_steps(workdir) -> list[int]:
-  """The steps of the training rows in workdir/metrics.jsonl so far."""
+  """The steps of the training rows in the workdir's metrics log so far."""
   import json  # pylint: disable=g-import-not-at-top
-  path = workdir / 'metrics.jsonl'
-  if not path.exists():
-    return []
+  from jaxcl import metrics_log  # pylint: disable=g-import-not-at-top
   rows = []
-  for line in path.read_text().splitlines():
+  for line in metrics_log.read_lines(workdir):
     try:
       rows.append(json.loads(line))
     except ValueError:  # a line being written

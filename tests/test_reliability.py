@@ -6,10 +6,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -24,69 +22,6 @@ from jaxcl import files, run_files
 pytestmark = pytest.mark.slow
 
 END = RUN_STEPS  # the reference run's last step
-
-
-# ------------------------------------------------------------- the lock ---
-def _within(seconds, condition) -> bool:
-  """Whether condition() turns true within `seconds` (polled)."""
-  deadline = time.monotonic() + seconds
-  while not condition():
-    if time.monotonic() > deadline:
-      return False
-    time.sleep(0.01)
-  return True
-
-
-def _write_holder(workdir, **record):
-  path = workdir / lock_lib.LOCK_DIR
-  path.mkdir(parents=True)
-  (path / lock_lib.HOLDER_FILE).write_text(json.dumps(record))
-
-
-def test_lock_refuses_a_live_holder_and_releases(tmp_path):
-  first = lock_lib.WorkdirLock(tmp_path).acquire()
-  with pytest.raises(lock_lib.WorkdirLocked, match=f'pid {os.getpid()} on host '):
-    lock_lib.WorkdirLock(tmp_path).acquire()
-  first.release()
-  assert not (tmp_path / lock_lib.LOCK_DIR).exists()
-  with lock_lib.WorkdirLock(tmp_path) as second:
-    assert second.took_over is None
-
-
-def test_lock_of_a_dead_process_is_taken_over(tmp_path):
-  # A pid past the kernel's largest is never alive (a finished child's pid can
-  # be reused at once on a busy machine: threads take pids too).
-  with open('/proc/sys/kernel/pid_max') as f:
-    gone = int(f.read()) + 1
-  _write_holder(tmp_path, host=socket.gethostname(), pid=gone, started=0, heartbeat=0)
-  with lock_lib.WorkdirLock(tmp_path) as lock:
-    assert lock.took_over['pid'] == gone
-    assert json.loads((tmp_path / lock_lib.LOCK_DIR / lock_lib.HOLDER_FILE).read_text())[
-        'pid'] == os.getpid()
-
-
-def test_lock_of_a_reused_pid_is_taken_over(tmp_path):
-  # The recorded pid is alive but is another process than the one that locked.
-  _write_holder(tmp_path, host=socket.gethostname(), pid=os.getppid(), process_start='1',
-                started=0, heartbeat=time.time())
-  with lock_lib.WorkdirLock(tmp_path) as lock:
-    assert lock.took_over['pid'] == os.getppid()
-
-
-def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path, monkeypatch):
-  _write_holder(tmp_path, host='elsewhere', pid=1, started=0, heartbeat=time.time() - 10)
-  with pytest.raises(lock_lib.WorkdirLocked, match='pid 1 on host elsewhere'):
-    lock_lib.WorkdirLock(tmp_path).acquire()
-  record = {'host': 'elsewhere', 'pid': 1, 'started': 0,
-            'heartbeat': time.time() - lock_lib.STALE_S - 1}
-  (tmp_path / lock_lib.LOCK_DIR / lock_lib.HOLDER_FILE).write_text(json.dumps(record))
-  monkeypatch.setattr(lock_lib, 'HEARTBEAT_S', 0.05)
-  with lock_lib.WorkdirLock(tmp_path) as lock:
-    assert lock.took_over['host'] == 'elsewhere'
-    first = lock.holder()['heartbeat']
-    # The live run keeps its lock fresh: a beat every 0.05 s, waited for up to
-    # 600 beats (a thread can be held up on a busy machine).
-    assert _within(30, lambda: lock.holder().get('heartbeat', first) > first)
 
 
 # ------------------------------------------------------ batch history ---
@@ -290,16 +225,3 @@ def test_image_folder_run_reports_the_images_it_skipped(tmp_path):
   listed = json.loads((workdir / files.SKIPPED_IMAGES_FILE).read_text())
   assert sorted(p.rsplit('/', 1)[1] for p, _ in listed['train']) == bad
   assert 'test' not in listed
-
-
-def test_a_lock_taken_over_is_noticed_and_not_overwritten(tmp_path, monkeypatch):
-  monkeypatch.setattr(lock_lib, 'HEARTBEAT_S', 0.05)
-  lock = lock_lib.WorkdirLock(tmp_path).acquire()
-  other = {'host': 'elsewhere', 'pid': 7, 'started': 0, 'heartbeat': time.time(), 'token': 'x'}
-  (tmp_path / lock_lib.LOCK_DIR / lock_lib.HOLDER_FILE).write_text(json.dumps(other))
-  assert _within(30, lambda: lock.lost is not None)  # its next beat notices (every 0.05 s)
-  assert lock.lost == other
-  time.sleep(0.25)  # beats that would have come meanwhile
-  assert lock.holder() == other  # the stalled run's heartbeat left the new record alone
-  lock.release()
-  assert (tmp_path / lock_lib.LOCK_DIR).exists()  # not ours to remove

@@ -3,7 +3,7 @@ builder's dataset is prepared, preparing it, and keeping TFDS quiet.
 
 This is the one place TFDS is silenced (`quiet_tfds`: its progress bars and
 the banners it prints while preparing; `quiet_absl`: its warnings) and the
-one "is it prepared" check. It imports no other module of the package.
+one "is it prepared" check. Of the package it imports only jaxcl.files.
 """
 
 from __future__ import annotations
@@ -11,9 +11,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import pathlib
+import tempfile
 
 import tensorflow_datasets as tfds
 from etils import epath
+
+from jaxcl import files
 
 
 def is_prepared(builder) -> bool:
@@ -47,4 +51,23 @@ def prepare(builder, name: str) -> None:
   announcing it in one line."""
   print(f'jaxcl: preparing TFDS dataset {name!r} in {builder.data_dir_root} (once)', flush=True)
   with quiet_tfds():
-    builder.download_and_prepare()
+    if files.is_object_store(builder.data_dir):
+      _prepare_and_upload(builder, name)
+    else:
+      builder.download_and_prepare()
+
+
+def _prepare_and_upload(builder, name: str) -> None:
+  """Prepares `builder`'s dataset on the local disk and uploads it to its
+  object-store data_dir: array_record writes only local files (it reads
+  gs:// ones). dataset_info.json, which marks the dataset prepared, goes last."""
+  with tempfile.TemporaryDirectory(prefix='jaxcl-tfds-') as local:
+    tfds.builder(name, data_dir=local, file_format='array_record').download_and_prepare()
+    version_dir = str(builder.data_dir)[len(str(builder.data_dir_root)):].strip('/')
+    prepared = pathlib.Path(local, version_dir)  # NAME/VERSION, as in data_dir
+    paths = sorted(prepared.rglob('*'), key=lambda p: p.name == 'dataset_info.json')
+    for path in paths:
+      if path.is_file():
+        target = epath.Path(builder.data_dir) / str(path.relative_to(prepared))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())

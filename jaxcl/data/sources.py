@@ -253,6 +253,7 @@ class Dataset:
     if not catalog.is_prepared(builder):
       if cfg.name in EMBEDDED or cfg.download:
         catalog.prepare(builder, cfg.name)
+        builder = tfds_builder(cfg.name, cfg.data_dir)  # reads what was prepared
       else:
         raise DatasetError(
             f'TFDS dataset {cfg.name!r} is not prepared in {builder.data_dir_root}; prepare it '

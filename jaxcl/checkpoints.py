@@ -197,7 +197,8 @@ def set_aside(workdir, steps) -> epath.Path:
   if jax.process_index() == 0:
     aside.mkdir(parents=True, exist_ok=True)
     for step in steps:
-      (workdir / files.CHECKPOINT_DIR / str(step)).rename(aside / f'{step}-{int(time.time())}')
+      files.move_folder(workdir / files.CHECKPOINT_DIR / str(step),
+                        aside / f'{step}-{int(time.time())}')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('jaxcl: unrestorable checkpoints set aside')
   return aside

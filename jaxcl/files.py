@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import uuid
 
+import fsspec
 from etils import epath
+
+# gs:// paths go through gcsfs, whose listings cache never expires by default:
+# a process would not see the checkpoints tensorstore (or another host)
+# wrote since it last looked. Every listing asks the store.
+for _protocol in ('gs', 'gcs'):
+  fsspec.config.conf.setdefault(_protocol, {})['use_listings_cache'] = False
 
 CONFIG_FILE = 'config.json'  # the config a run was trained with
 EVAL_FILE = 'eval.json'  # the final (or `jaxcl eval`'s) evaluation
@@ -96,6 +103,25 @@ def write_all_atomically(contents: dict) -> None:
     raise
   for path, tmp in temps.items():
     tmp.replace(path)
+
+
+def move_folder(source, target) -> None:
+  """Renames folder `source` to `target`. On object stores, which have no
+  folders to rename, every object is copied (on the server) and then the
+  source deleted: a kill midway leaves the source whole."""
+  source, target = epath.Path(source), epath.Path(target)
+  if not is_object_store(source):
+    source.rename(target)
+    return
+  pending = [source]
+  while pending:
+    folder = pending.pop()
+    for path in folder.iterdir():
+      if path.is_dir():
+        pending.append(path)
+      else:
+        path.copy(target / str(path)[len(str(source)):].lstrip('/'))
+  source.rmtree()
 
 
 def is_run(path) -> bool:

@@ -8,6 +8,7 @@ The position of shard streams is: item 'data' of the checkpoint.
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -156,20 +157,46 @@ def stream_positions(manager, step: int) -> np.ndarray | None:
   return np.asarray(saved[DATA_ITEM]['stream_positions'], np.int64)
 
 
+def _reader_alone(manager) -> ocp.CheckpointManager:
+  """`manager`, or in a multi-process job a read-only manager of the same
+  checkpoints for this process alone. Orbax's restore ends in a barrier of
+  all processes, which a process whose read failed never reaches: the others
+  would wait there for it, or meet its next collective instead. Alone, each
+  process reads its own shards, and restore_newest's all-gather decides."""
+  if jax.process_count() == 1:
+    return manager
+  me = jax.process_index()
+  return ocp.CheckpointManager(manager.directory, options=ocp.CheckpointManagerOptions(
+      create=False, enable_async_checkpointing=False, cleanup_tmp_directories=False,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me,
+                                                                 active_processes={me})))
+
+
+# Tests only: 'PROCESS:STEP' makes process PROCESS fail to restore checkpoint
+# STEP, as a host whose copy of a file is unreadable would (the others read it).
+FAULT_ENV = 'JAXCL_TEST_RESTORE_FAILS'
+
+
+def _injected_fault(step: int) -> None:
+  if os.environ.get(FAULT_ENV) == f'{jax.process_index()}:{step}':
+    raise OSError(f'{FAULT_ENV}: process {jax.process_index()} cannot read step {step}')
+
+
 def restore_newest(manager, abstract_state):
   """(state, failures): the newest checkpoint that restores, and the
   (step, reason) of each newer one that did not (a truncated or missing
   file, an interrupted copy). (None, []) when there are no checkpoints;
   CheckpointError when there are some and none restores."""
-  failures = []
+  state, failures, reader = None, [], _reader_alone(manager)
   for step in sorted(manager.all_steps(), reverse=True):
     for attempt in range(2):  # once more: a transient read error (a 503) is not corruption
       try:
-        state, error = restore_checkpoint(manager, abstract_state, step=step), None
+        _injected_fault(step)
+        state, error = restore_checkpoint(reader, abstract_state, step=step), None
         break
       except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
         state, error = None, errors.type_and_first_line(e)
-        if attempt == 0 and jax.process_count() == 1:
+        if attempt == 0:
           time.sleep(1.0)
           continue
         break
@@ -178,8 +205,12 @@ def restore_newest(manager, abstract_state):
       if error is None and not np.all(restored):
         state, error = None, 'another process could not restore it'
     if error is None:
-      return state, failures
+      break
     failures.append((step, error))
+  if reader is not manager:
+    reader.close()
+  if state is not None:
+    return state, failures
   if failures:
     raise errors.CheckpointError(
         f'no checkpoint in {manager.directory} restores (' +

@@ -93,12 +93,12 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_job(args, *, devices: int, processes: int = 2, output=None) -> list:
+def start_job(args, *, devices: int, processes: int = 2, output=None, env=None) -> list:
   """`jaxcl ARGS` as a job of local processes with `devices` CPU devices each,
   joined through a coordinator on a free 127.0.0.1 port; returns the Popens.
   output(i): process i's Popen output keywords (default: pipes, as text)."""
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(env or os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu')
   output = output or (lambda i: dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   return [subprocess.Popen(

@@ -4,10 +4,14 @@ devices; SIGTERM to one process stops both at one step; a killed process
 stops the other in seconds; the job then resumes."""
 
 import json
+import os
+import shutil
 import signal
 import time
 
 import helpers
+import jax
+import numpy as np
 import pytest
 
 from helpers import DIGITS_CONFIG, assert_close, jaxcl, tiny_overrides
@@ -134,3 +138,35 @@ def test_sigterm_to_one_process_then_a_lost_process_then_resume(tmp_path, starte
   assert [p.wait(timeout=JOB_S) for p in procs] == [0, 0]
   assert f'resuming from step {last}' in (tmp_path / 'logs3' / 'p0.out').read_text()
   assert json.loads((workdir / 'eval.json').read_text())['step'] == last + 5
+
+
+def test_hosts_agree_on_a_checkpoint_one_of_them_cannot_restore(tmp_path, started):
+  """The newest checkpoint restores on process 0 but not on process 1: both
+  fall back to the one before, and end with the uninterrupted job's weights."""
+  run = [*tiny_overrides(), '--config.total_steps=9', '--config.log_every_steps=1',
+         '--config.checkpoint_every_steps=3', '--config.eval_every_steps=1000',
+         '--config.eval.probe_steps=20']
+  straight = tmp_path / 'straight'
+  procs = helpers.start_job(['train', '--config', DIGITS_CONFIG, '--workdir', str(straight), *run],
+                            devices=4)
+  started += procs
+  assert [p.wait(timeout=JOB_S) for p in procs] == [0, 0]
+
+  workdir = tmp_path / 'faulted'
+  shutil.copytree(straight, workdir)
+  shutil.rmtree(workdir / 'checkpoints' / '9')
+  (workdir / 'eval.json').unlink()
+  env = dict(os.environ, **{checkpoints.FAULT_ENV: '1:6'})
+  procs = helpers.start_job(['train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *run,
+                             '--heartbeat_timeout=10'], devices=4, env=env)
+  started += procs
+  outputs = [p.communicate(timeout=JOB_S) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+  out = outputs[0][0]
+  assert 'checkpoint 6 does not restore (another process could not restore it)' in out
+  assert 'resuming from step 3' in out
+  _, expected = helpers.final_params(straight)
+  step, params = helpers.final_params(workdir)
+  assert step == 9
+  # Exact: the same 2-process program from step 3's checkpoint.
+  jax.tree.map(np.testing.assert_array_equal, params, expected)

@@ -170,3 +170,23 @@ def test_hosts_agree_on_a_checkpoint_one_of_them_cannot_restore(tmp_path, starte
   assert step == 9
   # Exact: the same 2-process program from step 3's checkpoint.
   jax.tree.map(np.testing.assert_array_equal, params, expected)
+
+
+def test_the_coordinators_death_stops_the_job(tmp_path, started):
+  """Process 0 (the coordinator: jax's coordination service runs in it) is
+  killed: the other process exits non-zero within seconds, with jaxcl's
+  line when a collective fails first, or jax's abort when its coordination
+  client notices first."""
+  workdir = tmp_path / 'run'
+  procs = _start_job(workdir, tmp_path / 'logs', started, NEVER_ENDS)
+  _wait_for_checkpoint(workdir, procs, 4)
+  procs[0].kill()
+  killed = time.monotonic()
+  code = procs[1].wait(timeout=LOST_S)
+  assert time.monotonic() - killed < LOST_S
+  err = (tmp_path / 'logs' / 'p1.err').read_text()
+  if code == 1:
+    assert err.strip().splitlines()[-1].startswith(
+        'jaxcl: error: process 1: lost another process of the job'), err[-2000:]
+  else:
+    assert code == -signal.SIGABRT and 'another task died' in err, (code, err[-2000:])

@@ -187,6 +187,23 @@ def run_until_checkpoint(workdir, min_step: int, extra=(), *, config_file=DIGITS
                        f'{min_step}: newest {newest_checkpoint(workdir)}')
 
 
+def preempt(proc, timeout_s: float, err_path) -> None:
+  """SIGTERM to a run stopped by run_until_checkpoint, then SIGCONT: asserts
+  it exits 0 within timeout_s (its stderr, in err_path, says why not)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  try:
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGCONT)
+    assert proc.wait(timeout=timeout_s) == 0, open(err_path).read()[-3000:]
+    assert time.monotonic() - sent < timeout_s
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
 # ------------------------------------------------------------ float results ---
 F32_EPS = 1.2e-7  # float32's machine epsilon (np.finfo(np.float32).eps = 1.19e-7)
 

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import jax
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 from etils import epath
 
 from helpers import (DIGITS_CONFIG, RUN, RUN_STEPS, final_params, jaxcl, logged_steps,
-                     newest_checkpoint, run_until_checkpoint, tiny_overrides)
+                     newest_checkpoint, preempt, run_until_checkpoint, tiny_overrides)
 from jaxcl import files, report
 from jaxcl import lock as lock_lib
 
@@ -100,16 +99,7 @@ def test_sigterm_on_gcs_checkpoints_exits_0_and_resumes_exactly(uninterrupted, g
   workdir = gcs_dir
   with open(tmp_path / 'out', 'w') as out, open(tmp_path / 'err', 'w') as err:
     proc = run_until_checkpoint(workdir, 10, stdout=out, stderr=err)  # returned stopped
-  try:
-    proc.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGCONT)
-    assert proc.wait(timeout=SIGTERM_S) == 0, (tmp_path / 'err').read_text()[-3000:]
-    assert time.monotonic() - sent < SIGTERM_S
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
+  preempt(proc, SIGTERM_S, tmp_path / 'err')
   line = [l for l in (tmp_path / 'out').read_text().splitlines() if 'preempted (SIGTERM)' in l]
   assert line
   step = int(line[0].split('checkpoint of step ')[1].split()[0])

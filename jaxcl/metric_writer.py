@@ -1,11 +1,12 @@
-"""Where metrics go: the metrics log (DIR/metrics.jsonl, jaxcl.metrics_log), TensorBoard event files in DIR, a
-progress bar, and Weights & Biases when wandb.project is set; all from
-process 0 only."""
+"""Where metrics go: the metrics log (DIR/metrics.jsonl, jaxcl.metrics_log),
+TensorBoard event files in DIR, a progress bar, and Weights & Biases when
+wandb.project is set; all from process 0 only."""
 
 from __future__ import annotations
 
 import math
 import secrets
+import tempfile
 
 import jax
 import numpy as np
@@ -15,9 +16,50 @@ from jaxcl import errors, files, metrics_log
 
 
 WANDB_ID_FILE = 'jaxcl_run_id'  # in WORKDIR/wandb: the run's wandb id
-# On object stores tensorboardX uploads an event file whole at each flush: a
-# new file every this many records keeps each upload small.
+# On object stores an event file is uploaded whole at each flush: a new file
+# every this many records keeps each upload small.
 TB_RECORDS_PER_FILE = 500
+
+
+class _EventFiles:
+  """TensorBoard event files in `workdir`, written by tensorboardX. An object
+  store cannot append, so there they are written in a local folder and each
+  flush uploads the file that grew, whole; a new file every
+  TB_RECORDS_PER_FILE records keeps each upload small. (tensorboardX's own
+  gs:// writer uploads the same way, but again for every file at exit,
+  retrying for minutes when the store cannot be reached.)"""
+
+  def __init__(self, workdir: epath.Path):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._remote = workdir if files.is_object_store(workdir) else None
+    self._dir = epath.Path(tempfile.mkdtemp(prefix='jaxcl-tensorboard-') if self._remote
+                           else workdir)
+    self._new = lambda suffix: SummaryWriter(str(self._dir), filename_suffix=suffix)
+    self.writer = self._new('')
+    self._records, self._uploaded = 0, {}
+
+  def flush(self) -> None:
+    self.writer.flush()
+    if self._remote is None:
+      return
+    self._records += 1
+    if self._records % TB_RECORDS_PER_FILE == 0:
+      self.writer.close()
+      self.writer = self._new(f'.{self._records}')  # another name, even in the same second
+    self._upload()
+
+  def _upload(self) -> None:
+    for path in self._dir.iterdir():
+      size = path.stat().length
+      if self._uploaded.get(path.name) != size:
+        (self._remote / path.name).write_bytes(path.read_bytes())
+        self._uploaded[path.name] = size
+
+  def close(self) -> None:
+    self.writer.close()
+    if self._remote is not None:
+      self._upload()
+      self._dir.rmtree()
 
 
 class MetricWriter:
@@ -30,13 +72,11 @@ class MetricWriter:
     self._jsonl = self._tb = self._bar = self._wandb = None
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     workdir = epath.Path(workdir)
     self._wandb = _wandb_run(workdir, wandb_config, run_config or {})  # first: it may fail
     self._jsonl = metrics_log.MetricsLog(workdir, initial_step)
-    self._tb = SummaryWriter(str(workdir))
-    self._tb_records, self._tb_rolls = 0, files.is_object_store(workdir)
+    self._tb = _EventFiles(workdir)
     self._bar = tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True,
                      disable=total_steps == initial_step)
 
@@ -56,17 +96,13 @@ class MetricWriter:
     arrays = {k: np.asarray(v) for k, v in metrics.items() if np.ndim(v)}
     metrics = {k: v for k, v in metrics.items() if k not in arrays}
     for key, values in arrays.items():
-      self._tb.add_histogram(key, values, int(step))
+      self._tb.writer.add_histogram(key, values, int(step))
     for key, value in metrics.items():
       value = float(value)
       record[key] = value if math.isfinite(value) else str(value)
-      self._tb.add_scalar(key, value, int(step))
+      self._tb.writer.add_scalar(key, value, int(step))
     self._jsonl.write(record)
     self._tb.flush()
-    self._tb_records += 1
-    if self._tb_rolls and self._tb_records % TB_RECORDS_PER_FILE == 0:
-      self._tb.close()  # the next file's name differs by its suffix (the same second)
-      self._tb = type(self._tb)(self._tb.logdir, filename_suffix=f'.{self._tb_records}')
     if self._wandb is not None:
       self._wandb.log({k: float(v) for k, v in metrics.items()}, step=int(step))
 

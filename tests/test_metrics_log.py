@@ -1,13 +1,15 @@
 """The metrics log (jaxcl.metrics_log) on a local disk and on a real local
 GCS server: what a run and its resumed runs wrote reads back as one file,
-with the rows past each resume point replaced, in either layout."""
+with the rows past each resume point replaced, in either layout; and the
+TensorBoard files, which on object stores start anew every few records."""
 
 import json
+import struct
 
 import pytest
 from etils import epath
 
-from jaxcl import files, metrics_log, report
+from jaxcl import files, metric_writer, metrics_log, report
 
 
 @pytest.fixture(params=['local', 'gcs'])
@@ -76,3 +78,34 @@ def test_lines_that_are_not_rows_are_skipped_and_counted(workdir):
   _log(workdir, 10, [20])  # a resume drops it
   assert report.read_metrics(workdir, with_skipped=True)[1] == 0
   assert _steps(workdir) == [0, 10, 20]
+
+
+def _scalar_steps(folder) -> dict:
+  """{event file name: [step of each scalar]} of the TensorBoard files in
+  `folder` (TFRecords of Event protos: length, its CRC, the data, its CRC)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  found = {}
+  for path in folder.iterdir():
+    if path.name.startswith('events.out.tfevents'):
+      data, i, steps = path.read_bytes(), 0, []
+      while i < len(data):
+        size, = struct.unpack('<Q', data[i:i + 8])
+        event = event_pb2.Event.FromString(data[i + 12:i + 12 + size])
+        steps += [event.step for _ in event.summary.value]
+        i += 12 + size + 4
+      found[path.name] = steps
+  return found
+
+
+def test_tensorboard_files_roll_on_object_stores_only(workdir, monkeypatch):
+  monkeypatch.setattr(metric_writer, 'TB_RECORDS_PER_FILE', 3)
+  writer = metric_writer.MetricWriter(workdir, total_steps=7, initial_step=0, enabled=True)
+  for step in range(7):
+    writer.write(step, {'loss': 1.0, 'temperature': 0.1})
+  writer.close()
+  found = _scalar_steps(workdir)
+  if files.is_object_store(workdir):  # uploaded whole at each flush: 3 records per file at most
+    assert sorted(map(sorted, found.values())) == [[0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5], [6, 6]]
+  else:
+    assert list(found.values()) == [[0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]]
+  assert _steps(workdir) == list(range(7))

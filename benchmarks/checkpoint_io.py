@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -117,6 +118,7 @@ def main() -> None:
   finally:
     server.kill()
     server.wait()
+    shutil.rmtree(scratch, ignore_errors=True)
 
   print(f'ViT-B/16 CLIP state, {next(iter(rows.values()))["bytes"] / 1e9:.2f} GB on storage; '
         f'{jax.devices()[0].device_kind}, {os.cpu_count()} cores; best of {args.saves} saves')

@@ -134,3 +134,19 @@ def test_two_processes_then_one_continue_the_same_streams(corpus, uninterrupted,
   _, params = final_params(workdir)
   _, reference = final_params(uninterrupted)
   helpers.assert_close(params, reference, rtol=1e-3, what='params')
+
+
+def test_shards_and_workdir_on_gcs_train_as_on_local_disk(corpus, uninterrupted, gcs_dir):
+  """The same shards read from gs:// (a local GCS server), the run's files
+  written there: the uninterrupted local run's parameters, bit for bit."""
+  shards = gcs_dir / 'shards'
+  for path in corpus.iterdir():
+    (shards / path.name).write_bytes(path.read_bytes())
+  workdir = gcs_dir / 'run'
+  jaxcl('train', '--config', CLIP_CONFIG, '--workdir', str(workdir), *_overrides(
+      corpus, **{'dataset.urls': f'{shards}/train-{{000000..000003}}.tar',
+                 'dataset.eval_urls': f'{shards}/test-000000.tar'}), devices=2)
+  _, expected = final_params(uninterrupted)
+  step, params = final_params(workdir)
+  assert step == STEPS
+  jax.tree.map(np.testing.assert_array_equal, params, expected)

@@ -187,6 +187,13 @@ def run_until_checkpoint(workdir, min_step: int, extra=(), *, config_file=DIGITS
                        f'{min_step}: newest {newest_checkpoint(workdir)}')
 
 
+def upload_tree(local, remote) -> None:
+  """Copies local folder `local` to `remote` (an epath, gs:// say), file by file."""
+  for path in local.rglob('*'):
+    if path.is_file():
+      (remote / str(path.relative_to(local))).write_bytes(path.read_bytes())
+
+
 def preempt(proc, timeout_s: float, err_path) -> None:
   """SIGTERM to a run stopped by run_until_checkpoint, then SIGCONT: asserts
   it exits 0 within timeout_s (its stderr, in err_path, says why not)."""

@@ -5,7 +5,6 @@ stops the other in seconds; the job then resumes."""
 
 import json
 import os
-import shutil
 import signal
 import time
 
@@ -140,9 +139,11 @@ def test_sigterm_to_one_process_then_a_lost_process_then_resume(tmp_path, starte
   assert json.loads((workdir / 'eval.json').read_text())['step'] == last + 5
 
 
-def test_hosts_agree_on_a_checkpoint_one_of_them_cannot_restore(tmp_path, started):
+def test_hosts_agree_on_a_checkpoint_one_of_them_cannot_restore(tmp_path, started, gcs_dir):
   """The newest checkpoint restores on process 0 but not on process 1: both
-  fall back to the one before, and end with the uninterrupted job's weights."""
+  fall back to the one before, and end with the uninterrupted job's weights.
+  The job's workdir is on Google Cloud Storage (the local GCS server), as on
+  a pod."""
   run = [*tiny_overrides(), '--config.total_steps=9', '--config.log_every_steps=1',
          '--config.checkpoint_every_steps=3', '--config.eval_every_steps=1000',
          '--config.eval.probe_steps=20']
@@ -152,9 +153,9 @@ def test_hosts_agree_on_a_checkpoint_one_of_them_cannot_restore(tmp_path, starte
   started += procs
   assert [p.wait(timeout=JOB_S) for p in procs] == [0, 0]
 
-  workdir = tmp_path / 'faulted'
-  shutil.copytree(straight, workdir)
-  shutil.rmtree(workdir / 'checkpoints' / '9')
+  workdir = gcs_dir
+  helpers.upload_tree(straight, workdir)
+  (workdir / 'checkpoints' / '9').rmtree()
   (workdir / 'eval.json').unlink()
   env = dict(os.environ, **{checkpoints.FAULT_ENV: '1:6'})
   procs = helpers.start_job(['train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *run,

@@ -16,7 +16,8 @@ import pytest
 from etils import epath
 
 from helpers import (DIGITS_CONFIG, RUN, RUN_STEPS, final_params, jaxcl, logged_steps,
-                     newest_checkpoint, preempt, run_until_checkpoint, tiny_overrides)
+                     newest_checkpoint, preempt, run_until_checkpoint, tiny_overrides,
+                     upload_tree)
 from jaxcl import files, report
 from jaxcl import lock as lock_lib
 
@@ -32,13 +33,6 @@ def _files_under(folder: epath.Path) -> list:
   for path in folder.iterdir():
     found += _files_under(path) if path.is_dir() else [path]
   return found
-
-
-def _upload(local, remote: epath.Path) -> None:
-  for path in local.rglob('*'):
-    if path.is_file():
-      target = remote / str(path.relative_to(local))
-      target.write_bytes(path.read_bytes())
 
 
 def _same_params(workdir, reference) -> None:
@@ -112,7 +106,7 @@ def test_sigterm_on_gcs_checkpoints_exits_0_and_resumes_exactly(uninterrupted, g
 
 def test_eval_export_and_report_on_a_gcs_workdir(uninterrupted, gcs_dir, tmp_path):
   workdir = gcs_dir
-  _upload(uninterrupted, workdir)  # the same run, on the bucket
+  upload_tree(uninterrupted, workdir)  # the same run, on the bucket
   (workdir / files.EVAL_FILE).unlink()
   jaxcl('eval', '--workdir', str(workdir), devices=2)
   assert json.loads((workdir / files.EVAL_FILE).read_text()) == json.loads(

@@ -53,13 +53,6 @@ def _state(exp):
   return jax.tree.unflatten(tree, [fill(k, leaf) for k, leaf in zip(keys, leaves)])
 
 
-def _bytes_under(folder) -> int:
-  total = 0
-  for path in folder.iterdir():
-    total += _bytes_under(path) if path.is_dir() else path.stat().length
-  return total
-
-
 def measure(exp, state, workdir: str, saves: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
@@ -79,7 +72,8 @@ def measure(exp, state, workdir: str, saves: int) -> dict:
   restore_s = time.perf_counter() - start
   manager.close()
   assert int(restored.step) == newest
-  size = _bytes_under(epath.Path(workdir) / files.CHECKPOINT_DIR / str(newest))
+  size = sum(p.stat().length for p in files.files_under(
+      epath.Path(workdir) / files.CHECKPOINT_DIR / str(newest)))
   return {'blocked_s': min(blocked), 'blocked_all_s': blocked, 'written_s': min(written),
           'written_all_s': written, 'restore_s': restore_s, 'bytes': size}
 

@@ -113,15 +113,22 @@ def move_folder(source, target) -> None:
   if not is_object_store(source):
     source.rename(target)
     return
-  pending = [source]
+  for path in files_under(source):
+    path.copy(target / str(path)[len(str(source)):].lstrip('/'))
+  source.rmtree()
+
+
+def files_under(folder) -> list[epath.Path]:
+  """Every file under `folder`, at any depth (object stores refuse a
+  recursive glob, so this walks the listing)."""
+  found, pending = [], [epath.Path(folder)]
   while pending:
-    folder = pending.pop()
-    for path in folder.iterdir():
+    for path in pending.pop().iterdir():
       if path.is_dir():
         pending.append(path)
       else:
-        path.copy(target / str(path)[len(str(source)):].lstrip('/'))
-  source.rmtree()
+        found.append(path)
+  return found
 
 
 def is_run(path) -> bool:

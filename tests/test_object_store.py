@@ -27,14 +27,6 @@ pytestmark = pytest.mark.slow
 SIGTERM_S = 60  # answering SIGTERM: the step, its checkpoint uploaded, exit
 
 
-def _files_under(folder: epath.Path) -> list:
-  """Every object under `folder` (object stores refuse a recursive glob)."""
-  found = []
-  for path in folder.iterdir():
-    found += _files_under(path) if path.is_dir() else [path]
-  return found
-
-
 def _same_params(workdir, reference) -> None:
   # Exact: the same program on the same 2 devices, from a checkpoint that
   # restores the state (data position and RNG included) bit for bit.
@@ -57,14 +49,14 @@ def test_killed_run_with_corrupt_checkpoints_on_gcs_resumes_exactly(uninterrupte
   complete = sorted(int(p.name) for p in ckpts.iterdir()
                     if p.name.isdigit() and (p / files.CHECKPOINT_DONE).exists())
   good, missing, truncated = complete[-3:]
-  for path in _files_under(ckpts / str(truncated)):
+  for path in files.files_under(ckpts / str(truncated)):
     if path.parent.name == 'd':  # tensorstore's data chunks
       path.write_bytes(path.read_bytes()[:7])
   (ckpts / str(missing) / 'state').rmtree()
   # A write killed midway: orbax writes in place on object stores, so a
   # folder without its commit marker.
   half_written = ckpts / str(truncated + 5)
-  for path in _files_under(ckpts / str(good)):
+  for path in files.files_under(ckpts / str(good)):
     if path.name != files.CHECKPOINT_DONE:
       target = half_written / str(path.relative_to(ckpts / str(good)))
       target.write_bytes(path.read_bytes())

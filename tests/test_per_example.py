@@ -39,6 +39,20 @@ def test_records_carry_their_dataset_index():
   assert sample(record, np.random.default_rng(0))['index'] == 7
 
 
+def test_every_epoch_carries_the_source_rows():
+  """grain passes a repeated dataset's functions the stream position (epoch *
+  rows + row); the index must stay the row, epoch after epoch, or the tables
+  are read clamped and never written after the first epoch."""
+  source = [{'image': np.full((1,), row, np.uint8), 'label': 0} for row in range(10)]
+  batches = data.train_iterator(source, batch_size=5, seed=0)
+  stream = np.concatenate([next(batches)['index'] for _ in range(8)])  # 4 epochs
+  for epoch in stream.reshape(4, 10):
+    assert sorted(epoch.tolist()) == list(range(10))
+  assert len({tuple(e) for e in stream.reshape(4, 10)}) > 1  # each epoch shuffled anew
+  batches = data.train_iterator(source, batch_size=5, seed=0, start_record=35)
+  np.testing.assert_array_equal(next(batches)['index'], stream[35:40])
+
+
 def _clip(devices, microbatch_size=0, examples=40, temperature='learnable'):
   config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, batch_size=16,
                        microbatch_size=microbatch_size)

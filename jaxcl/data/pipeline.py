@@ -6,6 +6,7 @@ of the package.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import grain
@@ -48,7 +49,9 @@ def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0
   batch, interleaved back in order: the same batches for any W.
   """
   local_batch = batch_size // process_count
-  ds = grain.MapDataset.source(source).map_with_index(_with_index).seed(seed).shuffle().repeat()
+  rows = len(source)
+  ds = grain.MapDataset.source(source).map_with_index(functools.partial(_with_index, rows))
+  ds = ds.seed(seed).shuffle().repeat()
   if transform is not None:
     ds = ds.random_map(transform)
   if start_record:
@@ -62,9 +65,12 @@ def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0
   return iter(in_workers(ds.to_iter_dataset(options), workers))
 
 
-def _with_index(index: int, record: dict) -> dict:
-  """The record with its place in the source (per-example state's row)."""
-  return {**record, 'index': np.int32(index)}
+def _with_index(rows: int, position: int, record: dict) -> dict:
+  """The record with its row in the source (per-example state's row). In a
+  repeated dataset grain hands every function its position in the stream,
+  epoch * rows + row, wherever it sits in the chain: the row is its
+  remainder (without it the rows of epoch 2 on lie outside the tables)."""
+  return {**record, 'index': np.int32(position % rows)}
 
 
 def in_workers(ds, workers: int):

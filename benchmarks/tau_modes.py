@@ -1,0 +1,173 @@
+"""The τ modes and the SogCLR estimator side by side: one table per group.
+
+  python benchmarks/tau_modes.py --group digits_modes --seeds 0,1,2 [--root workdirs/tau_modes]
+  python benchmarks/tau_modes.py --group shapes_modes --seeds 0
+  python benchmarks/tau_modes.py --group sogclr_batch --seeds 0,1,2
+
+Each group is a list of variants: a config and its `--config.KEY=VALUE`
+overrides (VARIANTS below). Every (variant, seed) trains with `jaxcl train`
+in ROOT/GROUP/VARIANT-seedS, one after the other; a run whose eval.json is at
+total_steps is not trained again, so a killed benchmark resumes where it
+stopped (and a killed run from its checkpoint). Prints a Markdown table (one
+row per variant: each seed's final evaluation and the mean, the last log
+step's τ, its batch p10-p90 for the per-anchor modes) and writes every run's
+row to JSON (merged with the file's other groups). Accuracy figures are
+deterministic for a seed and package set; wall seconds are only comparable
+within one run on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from etils import epath
+
+DIGITS = 'configs/simclr_digits.py'
+SHAPES = 'configs/clip_shapes.py'
+SOGCLR = {'loss.estimator': 'sogclr'}
+# iSogCLR's settings: LibAUC's for unimodal data on digits, its image-text
+# ones (ρ 6, τ in [0.005, 0.05]) on the captioned shapes.
+INDIVIDUAL = {**SOGCLR, 'temperature.mode': 'individual'}
+DIGITS_INDIVIDUAL = {**INDIVIDUAL, 'temperature.min': 0.05, 'temperature.max': 0.7}
+
+
+def _equal_epochs(batch_size: int, steps: int) -> dict:
+  """The digits config at another batch, warm-up a sixth of the steps."""
+  half = steps // 2
+  return {'batch_size': batch_size, 'total_steps': steps, 'optimizer.warmup_steps': steps // 6,
+          'eval_every_steps': half, 'checkpoint_every_steps': half}
+
+
+VARIANTS = {
+    'digits_modes': {
+        'learnable': (DIGITS, {}),
+        'fixed-0.5': (DIGITS, {'temperature.mode': 'fixed', 'temperature.init': 0.5}),
+        'free': (DIGITS, {'temperature.mode': 'free'}),
+        'predicted': (DIGITS, {'temperature.mode': 'predicted', 'temperature.min': 0.05}),
+        'individual': (DIGITS, DIGITS_INDIVIDUAL),
+        'individual-eta0.1': (DIGITS, {**DIGITS_INDIVIDUAL, 'temperature.individual_eta': 0.1}),
+    },
+    'shapes_modes': {
+        'learnable': (SHAPES, {}),
+        'free': (SHAPES, {'temperature.mode': 'free'}),
+        'per-direction': (SHAPES, {'temperature.per_direction': True}),
+        'sogclr': (SHAPES, SOGCLR),
+        'individual-rho6': (SHAPES, {**INDIVIDUAL, 'temperature.individual_rho': 6.0,
+                                     'temperature.init': 0.03, 'temperature.min': 0.005,
+                                     'temperature.max': 0.05}),
+    },
+    'sogclr_batch': {  # equal epochs (about 102) at batch 64 and 512
+        'b64-batch': (DIGITS, _equal_epochs(64, 2400)),
+        'b64-sogclr': (DIGITS, {**_equal_epochs(64, 2400), **SOGCLR}),
+        'b512-batch': (DIGITS, _equal_epochs(512, 300)),
+        'b512-sogclr': (DIGITS, {**_equal_epochs(512, 300), **SOGCLR}),
+    },
+}
+ACCURACY = ('knn_top1', 'linear_top1', 'zeroshot_top1', 'i2t_r1', 't2i_r1')
+EXTRA = ('tolerance', 'test_uniformity', 'zeroshot_ece', 'zeroshot_ece_fitted',
+         'zeroshot_fitted_temperature')
+TAU = ('temperature', 'temperature_t2i', 'temperature_p10', 'temperature_p90')
+WALL = 'benchmark_wall.json'
+
+
+def _read_json(path):
+  try:
+    return json.loads(epath.Path(path).read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def train(config: str, overrides: dict, seed: int, run_dir: epath.Path) -> None:
+  """`jaxcl train` for one run unless it is finished; its wall seconds
+  recorded when it trained from the start in this call."""
+  from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
+  results = _read_json(run_dir / 'eval.json')
+  if results and results.get('step') == config_lib.read_saved(run_dir).get('total_steps'):
+    return
+  fresh = not run_dir.exists()
+  command = ['jaxcl', 'train', '--config', config, '--workdir', str(run_dir),
+             f'--config.seed={seed}', *(f'--config.{k}={v}' for k, v in overrides.items())]
+  print(' '.join(command), flush=True)
+  start = time.perf_counter()
+  subprocess.run(command, check=True)
+  if fresh:
+    (run_dir / WALL).write_text(json.dumps({'seconds': time.perf_counter() - start}))
+
+
+def summarize(run_dir: epath.Path) -> dict:
+  """The run's final evaluation and the last log step's τ."""
+  from jaxcl import report  # pylint: disable=g-import-not-at-top
+  results = _read_json(run_dir / 'eval.json') or {}
+  train_rows = [r for r in report.read_metrics(run_dir) if 'loss' in r]
+  last = train_rows[-1] if train_rows else {}
+  wall = _read_json(run_dir / WALL)
+  return {'step': results.get('step'),
+          **{k: results[k] for k in (*ACCURACY, *EXTRA) if k in results},
+          **{k: last[k] for k in TAU if k in last},
+          'wall_s': wall['seconds'] if wall else None}
+
+
+def table(group: str, rows: list[dict]) -> str:
+  """Markdown: a row per variant, each seed's accuracies and their mean."""
+  metrics = [m for m in ACCURACY + EXTRA if any(m in r for r in rows)]
+  lines = ['| variant | seeds | ' + ' | '.join(metrics) + ' | τ at the end | τ p10-p90 |',
+           '|---' * (len(metrics) + 4) + '|']
+  for variant in VARIANTS[group]:
+    mine = [r for r in rows if r['variant'] == variant]
+    if not mine:
+      continue
+    cells = []
+    for m in metrics:
+      values = [r[m] for r in mine if m in r]
+      text = ' / '.join(f'{v:.3f}' for v in values)
+      cells.append(text + (f' (**{sum(values) / len(values):.3f}**)' if len(values) > 1 else ''))
+    taus = ' / '.join(f"{r['temperature']:.3g}" for r in mine if 'temperature' in r)
+    if any('temperature_t2i' in r for r in mine):
+      taus += ' (t2i ' + ' / '.join(f"{r['temperature_t2i']:.3g}" for r in mine) + ')'
+    spread = ' / '.join(f"{r['temperature_p10']:.3g}-{r['temperature_p90']:.3g}"
+                        for r in mine if 'temperature_p10' in r)
+    seeds = ','.join(str(r['seed']) for r in mine)
+    lines.append(f'| {variant} | {seeds} | ' + ' | '.join(cells) + f' | {taus} | {spread} |')
+  return '\n'.join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--group', required=True, choices=sorted(VARIANTS))
+  parser.add_argument('--seeds', default='0')
+  parser.add_argument('--variants', default='', help='a comma-separated subset of the group')
+  parser.add_argument('--root', default='workdirs/tau_modes')
+  parser.add_argument('--json', default='benchmarks/tau_modes.json')
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(',')]
+  chosen = args.variants.split(',') if args.variants else list(VARIANTS[args.group])
+  unknown = sorted(set(chosen) - set(VARIANTS[args.group]))
+  if unknown:
+    sys.exit(f'--variants: {unknown} not in group {args.group}: {sorted(VARIANTS[args.group])}')
+  root = epath.Path(args.root) / args.group
+  for seed in seeds:  # every variant at a seed before the next seed
+    for variant in chosen:
+      config, overrides = VARIANTS[args.group][variant]
+      train(config, overrides, seed, root / f'{variant}-seed{seed}')
+  out = epath.Path(args.json)
+  everything = _read_json(out) or {}
+  rows = [r for r in everything.get(args.group, [])
+          if (r['variant'], r['seed']) not in {(v, s) for v in chosen for s in seeds}]
+  for variant in chosen:
+    config, overrides = VARIANTS[args.group][variant]
+    for seed in seeds:
+      rows.append({'variant': variant, 'seed': seed, 'config': config, 'overrides': overrides,
+                   **summarize(root / f'{variant}-seed{seed}')})
+  rows.sort(key=lambda r: (list(VARIANTS[args.group]).index(r['variant']), r['seed']))
+  everything[args.group] = rows
+  out.write_text(json.dumps(everything, indent=2) + '\n')
+  print(table(args.group, rows))
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  main()

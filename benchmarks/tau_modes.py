@@ -29,10 +29,15 @@ from etils import epath
 DIGITS = 'configs/simclr_digits.py'
 SHAPES = 'configs/clip_shapes.py'
 SOGCLR = {'loss.estimator': 'sogclr'}
-# iSogCLR's settings: LibAUC's for unimodal data on digits, its image-text
-# ones (ρ 6, τ in [0.005, 0.05]) on the captioned shapes.
+# iSogCLR's settings: LibAUC's for unimodal data on digits; on the captioned
+# shapes its image-text τ range and init (τ in [0.005, 0.05] from 0.01) with
+# ρ 4, not its 6-8: τ_i's gradient is ρ - KL(softmax over the negatives ‖
+# uniform) and that KL is at most log 255 = 5.5 at batch 256, so ρ 6 sends
+# every τ_i to the minimum (LibAUC's batches are 1,024).
 INDIVIDUAL = {**SOGCLR, 'temperature.mode': 'individual'}
 DIGITS_INDIVIDUAL = {**INDIVIDUAL, 'temperature.min': 0.05, 'temperature.max': 0.7}
+SHAPES_INDIVIDUAL = {**INDIVIDUAL, 'temperature.individual_rho': 4.0, 'temperature.init': 0.01,
+                     'temperature.min': 0.005, 'temperature.max': 0.05}
 
 
 def _equal_epochs(batch_size: int, steps: int) -> dict:
@@ -56,9 +61,9 @@ VARIANTS = {
         'free': (SHAPES, {'temperature.mode': 'free'}),
         'per-direction': (SHAPES, {'temperature.per_direction': True}),
         'sogclr': (SHAPES, SOGCLR),
-        'individual-rho6': (SHAPES, {**INDIVIDUAL, 'temperature.individual_rho': 6.0,
-                                     'temperature.init': 0.03, 'temperature.min': 0.005,
-                                     'temperature.max': 0.05}),
+        'individual': (SHAPES, SHAPES_INDIVIDUAL),
+        'individual-eta0.001': (SHAPES, {**SHAPES_INDIVIDUAL,
+                                         'temperature.individual_eta': 0.001}),
     },
     'sogclr_batch': {  # equal epochs (about 102) at batch 64 and 512
         'b64-batch': (DIGITS, _equal_epochs(64, 2400)),
@@ -155,8 +160,9 @@ def main() -> None:
       train(config, overrides, seed, root / f'{variant}-seed{seed}')
   out = epath.Path(args.json)
   everything = _read_json(out) or {}
-  rows = [r for r in everything.get(args.group, [])
-          if (r['variant'], r['seed']) not in {(v, s) for v in chosen for s in seeds}]
+  rows = [r for r in everything.get(args.group, [])  # other runs of variants still defined
+          if r['variant'] in VARIANTS[args.group]
+          and (r['variant'], r['seed']) not in {(v, s) for v in chosen for s in seeds}]
   for variant in chosen:
     config, overrides = VARIANTS[args.group][variant]
     for seed in seeds:

@@ -61,6 +61,7 @@ VARIANTS = {
         'free': (SHAPES, {'temperature.mode': 'free'}),
         'per-direction': (SHAPES, {'temperature.per_direction': True}),
         'sogclr': (SHAPES, SOGCLR),
+        'predicted': (SHAPES, {'temperature.mode': 'predicted'}),
         'individual': (SHAPES, SHAPES_INDIVIDUAL),
         'individual-eta0.001': (SHAPES, {**SHAPES_INDIVIDUAL,
                                          'temperature.individual_eta': 0.001}),

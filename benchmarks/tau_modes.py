@@ -65,6 +65,8 @@ VARIANTS = {
         'individual': (SHAPES, SHAPES_INDIVIDUAL),
         'individual-eta0.001': (SHAPES, {**SHAPES_INDIVIDUAL,
                                          'temperature.individual_eta': 0.001}),
+        'individual-rho1': (SHAPES, {**SHAPES_INDIVIDUAL, 'temperature.individual_rho': 1.0,
+                                     'temperature.individual_eta': 0.001}),
     },
     'sogclr_batch': {  # equal epochs (about 102) at batch 64 and 512
         'b64-batch': (DIGITS, _equal_epochs(64, 2400)),

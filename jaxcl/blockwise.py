@@ -30,8 +30,8 @@ Columns come from every device when `axis_name` is given (inside
   block's gradient accumulator travels with it and arrives home after a full
   turn. No device ever holds more than two blocks of columns.
 
-Every column has an integer id (its row in the all-gather of every
-device's columns; -1 for padding). Row i's positive column has id `positive_ids[i]`; a row may
+Every column has an integer id (its index in the global batch; -1 for
+padding). Row i's positive column has id `positive_ids[i]`; a row may
 exclude one column (`excluded_ids[i]`, NT-Xent's anchor itself; -1: none).
 """
 

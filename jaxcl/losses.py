@@ -10,8 +10,7 @@ With ``axis_name=None`` the inputs are the whole batch. With ``axis_name`` set
 (a mesh axis name or a tuple of them) the function runs inside
 ``jax.shard_map`` on one device's shard of n rows: it scores its local rows
 against the embeddings all-gathered from every device along those axes (an
-n x N block, N the global batch; NT-Xent's 2n anchors, a 2n x 2N block),
-each column known by its row in that all-gather, and
+n x N block, N the global batch), labels offset by ``axis_index * n``, and
 returns the loss of the whole global batch, the same value on every device.
 The all-gather's transpose is a reduce-scatter, so when ``jax.grad`` is taken
 outside the shard_map each device receives the gradient for its own rows from
@@ -181,7 +180,7 @@ def _tiled(kind, rows, cols, col_ids, positive_ids, excluded_ids, positive_logit
 
 
 def _local_ids(n: int, axis_name: AxisName) -> jax.Array:
-  """Where this device's n rows sit in their all-gather over axis_name."""
+  """Global batch indices of this device's n rows."""
   offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
   return offset + jnp.arange(n, dtype=jnp.int32)
 
@@ -224,8 +223,7 @@ def _softmax_loss(rows, cols, positive_rows, positive_ids, excluded_ids, tempera
   rows [n, d] anchors; cols [m, d] this device's candidate columns (every
   device's columns are candidates; a column's id is its row in the
   all-gather of cols, _local_ids); positive_rows [n, d] each anchor's
-  positive embedding (for the tiled paths' positive logit; the dense path
-  reads it from the logits), whose column id is positive_ids [n]; excluded_ids [n]
+  positive embedding, whose column id is positive_ids [n]; excluded_ids [n]
   a column that is not a candidate of the row (None: none). temperature: a
   scalar or [n]. moving: an estimator's state for the n anchors with
   num_negatives negatives each; then returns (result, its new state) and

@@ -68,24 +68,21 @@ def _scaled_logits(rows: jax.Array, cols: jax.Array, temperature, transform) -> 
   return blockwise.logits_of(sims, inverse[:, None] if inverse.ndim else inverse, transform)
 
 
-def _positive_logit(logits: jax.Array, is_positive: jax.Array) -> jax.Array:
-  """Each row's logit in its positive column, [n]."""
-  return jnp.sum(jnp.where(is_positive, logits, 0.0), axis=1)
-
-
-def _softmax_terms(logits: jax.Array, is_positive: jax.Array, pos_logit: jax.Array,
-                   axis_name: AxisName, num_anchors: int, with_metrics: bool):
+def _softmax_terms(logits: jax.Array, positive: jax.Array, axis_name: AxisName,
+                   num_anchors: int, with_metrics: bool):
   """Mean cross-entropy of the positive column over all anchors of all devices.
 
   logits: [n, m] float32, already masked where a column is not a candidate.
-  is_positive: [n, m] bool, one True per row; pos_logit [n] its logit.
+  positive: [n] int32 column index of each row's positive.
   num_anchors: the global number of rows (the mean's denominator).
   """
+  pos_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
   lse = jax.nn.logsumexp(logits, axis=1)
   loss = _global_sum(jnp.sum(lse - pos_logit), axis_name) / num_anchors
   if not with_metrics:
     return loss
   # Rank of the positive: candidates (other than itself) scoring at least as high.
+  is_positive = jnp.arange(logits.shape[1])[None, :] == positive[:, None]
   beaten_by = jnp.sum((logits >= pos_logit[:, None]) & ~is_positive, axis=1)
   # Entropy relative to the row max, so a near-one-hot softmax keeps its precision.
   centered = logits - jnp.max(logits, axis=1, keepdims=True)
@@ -205,61 +202,14 @@ def _moving_loss(result, lse_negatives, positive_logit, negative_mean, moving, n
   return ((loss, result[1]) if isinstance(result, tuple) else loss), new_state
 
 
-def _dense_negatives(logits, is_positive):
+def _dense_negatives(logits, positive):
   """Per row over the columns other than the positive: log Σ exp(x) and
   the softmax's mean logit Σ p x (no gradient), [n] each."""
+  is_positive = jnp.arange(logits.shape[1])[None, :] == positive[:, None]
   negatives = jnp.where(is_positive, _MASKED, logits)
   lse = jax.nn.logsumexp(negatives, axis=1)
   p = jnp.exp(negatives - jax.lax.stop_gradient(lse)[:, None])
   return lse, jax.lax.stop_gradient(jnp.sum(p * jnp.where(is_positive, 0.0, logits), axis=1))
-
-
-def _softmax_loss(rows, cols, positive_rows, positive_ids, excluded_ids, temperature, *,
-                  num_anchors, num_negatives, moving, axis_name, with_metrics, impl,
-                  block_size, transform):
-  """The mean over the global anchors of -log softmax(x_i)[positive]: the
-  body of info_nce and nt_xent.
-
-  rows [n, d] anchors; cols [m, d] this device's candidate columns (every
-  device's columns are candidates; a column's id is its row in the
-  all-gather of cols, _local_ids); positive_rows [n, d] each anchor's
-  positive embedding, whose column id is positive_ids [n]; excluded_ids [n]
-  a column that is not a candidate of the row (None: none). temperature: a
-  scalar or [n]. moving: an estimator's state for the n anchors with
-  num_negatives negatives each; then returns (result, its new state) and
-  the gradient is the estimator's.
-  """
-  if impl == 'dense':
-    cols, _ = _gather(cols, axis_name)
-    col_ids = jnp.arange(cols.shape[0], dtype=jnp.int32)
-    logits = _scaled_logits(rows, cols, temperature, transform)
-    if excluded_ids is not None:
-      logits = jnp.where(col_ids[None, :] == excluded_ids[:, None], _MASKED, logits)
-    is_positive = col_ids[None, :] == positive_ids[:, None]
-    positive_logit = _positive_logit(logits, is_positive)
-    result = _softmax_terms(logits, is_positive, positive_logit, axis_name, num_anchors,
-                            with_metrics)
-    if moving is None:
-      return result
-    lse_negatives, negative_mean = _dense_negatives(logits, is_positive)
-  else:
-    if excluded_ids is None:
-      excluded_ids = jnp.full(rows.shape[:1], -1, jnp.int32)
-    positive_logit = _paired_logits(rows, positive_rows, temperature, transform)
-    kind = blockwise.SOFTMAX if moving is None else blockwise.NEGATIVES
-    col_ids = _local_ids(cols.shape[0], axis_name)
-    stat, summary = _tiled(kind, rows, cols, col_ids, positive_ids, excluded_ids, positive_logit,
-                           temperature, 0.0, axis_name, impl, block_size, transform)
-    # With an estimator, stat is the negatives' log-sum-exp; the loss's value
-    # still takes every candidate's.
-    lse = stat if moving is None else jax.lax.stop_gradient(summary['lse'])
-    loss = _global_sum(jnp.sum(lse - positive_logit), axis_name) / num_anchors
-    result = _with_summary(loss, summary, positive_logit, axis_name, num_anchors, with_metrics)
-    if moving is None:
-      return result
-    lse_negatives, negative_mean = stat, summary['negative_mean']
-  return _moving_loss(result, lse_negatives, positive_logit, negative_mean, moving,
-                      num_negatives, axis_name, num_anchors)
 
 
 def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = None,
@@ -275,11 +225,31 @@ def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = N
   or Individual, whose τ [n] must be `temperature`): the gradient becomes
   the estimator's, and the return value (result, its new state).
   """
-  num_anchors = q.shape[0] * _num_devices(axis_name)
-  return _softmax_loss(q, k, k, _local_ids(q.shape[0], axis_name), None, temperature,
-                       num_anchors=num_anchors, num_negatives=num_anchors - 1, moving=moving,
-                       axis_name=axis_name, with_metrics=with_metrics, impl=impl,
-                       block_size=block_size, transform=transform)
+  n = q.shape[0]
+  num_anchors = n * _num_devices(axis_name)
+  if impl != 'dense':
+    ids = _local_ids(n, axis_name)
+    positive = _paired_logits(q, k, temperature, transform)
+    kind = blockwise.SOFTMAX if moving is None else blockwise.NEGATIVES
+    stat, summary = _tiled(kind, q, k, ids, ids, jnp.full(n, -1, jnp.int32),
+                           positive, temperature, 0.0, axis_name, impl, block_size, transform)
+    lse = stat if moving is None else jax.lax.stop_gradient(summary['lse'])
+    loss = _global_sum(jnp.sum(lse - positive), axis_name) / num_anchors
+    result = _with_summary(loss, summary, positive, axis_name, num_anchors, with_metrics)
+    if moving is None:
+      return result
+    return _moving_loss(result, stat, positive, summary['negative_mean'], moving,
+                        num_anchors - 1, axis_name, num_anchors)
+  keys, offset = _gather(k, axis_name)
+  logits = _scaled_logits(q, keys, temperature, transform)
+  positive = offset + jnp.arange(n, dtype=jnp.int32)
+  result = _softmax_terms(logits, positive, axis_name, keys.shape[0], with_metrics)
+  if moving is None:
+    return result
+  positive_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+  lse_negatives, negative_mean = _dense_negatives(logits, positive)
+  return _moving_loss(result, lse_negatives, positive_logit, negative_mean, moving,
+                      num_anchors - 1, axis_name, num_anchors)
 
 
 def clip_loss(a: jax.Array, b: jax.Array, *, temperature, axis_name: AxisName = None,
@@ -323,18 +293,41 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
   n = z1.shape[0]
   big_n = n * _num_devices(axis_name)
   by_view = lambda x: jnp.concatenate([x[:, 0], x[:, 1]])  # [n, 2] -> the 2n anchors'
+  anchor_state = None if moving is None else jax.tree.map(by_view, moving)
   tau = jnp.asarray(temperature, jnp.float32)
-  anchors = jnp.concatenate([z1, z2], axis=0)  # [2n, d]: every anchor is a column too
-  ids = _local_ids(2 * n, axis_name)  # this device's view 1, then its view 2
-  result = _softmax_loss(
-      anchors, anchors, jnp.concatenate([z2, z1], axis=0), jnp.roll(ids, n), ids,
-      by_view(tau) if tau.ndim else tau,
-      num_anchors=2 * big_n, num_negatives=2 * big_n - 2,
-      moving=None if moving is None else jax.tree.map(by_view, moving), axis_name=axis_name,
-      with_metrics=with_metrics, impl=impl, block_size=block_size, transform=transform)
+  tau = by_view(tau) if tau.ndim else tau
+  anchors = jnp.concatenate([z1, z2], axis=0)        # [2n, d]
+  if impl != 'dense':
+    # Column ids: view 1 of example i is i, view 2 is N + i (N global examples).
+    ids1 = _local_ids(n, axis_name)
+    ids = jnp.concatenate([ids1, ids1 + big_n])
+    positive = _paired_logits(anchors, jnp.concatenate([z2, z1], axis=0), tau, transform)
+    kind = blockwise.SOFTMAX if moving is None else blockwise.NEGATIVES
+    stat, summary = _tiled(kind, anchors, anchors, ids, jnp.concatenate([ids1 + big_n, ids1]),
+                           ids, positive, tau, 0.0, axis_name, impl, block_size, transform)
+    lse = stat if moving is None else jax.lax.stop_gradient(summary['lse'])
+    loss = _global_sum(jnp.sum(lse - positive), axis_name) / (2 * big_n)
+    result = _with_summary(loss, summary, positive, axis_name, 2 * big_n, with_metrics)
+    lse_negatives, positive_logit = stat, positive
+    negative_mean = summary.get('negative_mean')
+  else:
+    all1, offset = _gather(z1, axis_name)
+    all2, _ = _gather(z2, axis_name)
+    candidates = jnp.concatenate([all1, all2], axis=0)  # [2N, d]: view 1 then view 2
+    logits = _scaled_logits(anchors, candidates, tau, transform)
+    index = offset + jnp.arange(n, dtype=jnp.int32)
+    self_col = jnp.concatenate([index, index + big_n])
+    positive = jnp.concatenate([index + big_n, index])
+    is_self = jnp.arange(2 * big_n)[None, :] == self_col[:, None]
+    logits = jnp.where(is_self, _MASKED, logits)
+    result = _softmax_terms(logits, positive, axis_name, 2 * big_n, with_metrics)
+    if moving is not None:
+      lse_negatives, negative_mean = _dense_negatives(logits, positive)
+      positive_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
   if moving is None:
     return result
-  result, new_state = result
+  result, new_state = _moving_loss(result, lse_negatives, positive_logit, negative_mean,
+                                   anchor_state, 2 * big_n - 2, axis_name, 2 * big_n)
   return result, jax.tree.map(lambda x: jnp.stack([x[:n], x[n:]], axis=1), new_state)
 
 
@@ -365,6 +358,5 @@ def siglip_loss(a: jax.Array, b: jax.Array, *, temperature, bias,
   loss = -_global_sum(jnp.sum(jax.nn.log_sigmoid(signs * logits)), axis_name) / big_n
   if not with_metrics:
     return loss
-  _, metrics = _softmax_terms(logits, is_positive, _positive_logit(logits, is_positive),
-                              axis_name, big_n, True)
+  _, metrics = _softmax_terms(logits, positive, axis_name, big_n, True)
   return loss, metrics

@@ -56,6 +56,24 @@ def make_towers(exp: Experiment):
   return merge, encode
 
 
+def estimator_state(config, rows: dict):
+  """The loss estimator's state (jaxcl.estimators) for per-example rows."""
+  if 'tau' not in rows:
+    return estimators.Moving(rows['log_u'], config.loss.sogclr_gamma)
+  t = config.temperature
+  return estimators.Individual(rows['log_u'], rows['tau'], rows['tau_moment'],
+                               gamma=config.loss.sogclr_gamma, beta=t.individual_beta,
+                               eta=t.individual_eta, rho=t.individual_rho, tau_min=t.min,
+                               tau_max=t.max)
+
+
+def per_example_rows(state) -> dict:
+  """An estimator state back as per-example rows."""
+  if isinstance(state, estimators.Individual):
+    return {'log_u': state.log_u, 'tau': state.tau, 'tau_moment': state.moment}
+  return {'log_u': state.log_u}
+
+
 def make_loss_and_grads(exp: Experiment):
   """(state, batch) -> ((loss, aux), grads) for the config's method.
 
@@ -75,11 +93,11 @@ def make_loss_and_grads(exp: Experiment):
     kwargs = dict(axis_name=parallel.BATCH_AXES, with_metrics=True, impl=config.loss.impl,
                   block_size=config.loss.block_size, transform=transform)
     if 'log_u' in rows:
-      moving = estimators.from_rows(rows, config.loss, config.temperature)
+      moving = estimator_state(config, rows)
       if 'tau' in rows:  # each anchor's own τ
         tau = rows['tau']
       (value, metrics), moving = method.loss(a, b, tau, bias, moving=moving, **kwargs)
-      rows = moving.rows()
+      rows = per_example_rows(moving)
     else:
       value, metrics = method.loss(a, b, tau, bias, **kwargs)
     geometry = losses.alignment_uniformity(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b),

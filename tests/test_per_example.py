@@ -16,7 +16,7 @@ import pytest
 from helpers import (CLIP_CONFIG, DIGITS_CONFIG, RUN, SIGLIP_CONFIG, TINY_TWO_TOWER,
                      assert_close, jaxcl, run_until_checkpoint, tiny_config, tiny_overrides,
                      without_key_bias)
-from jaxcl import (augment, config as config_lib, data, errors, estimators, losses, parallel,
+from jaxcl import (augment, config as config_lib, data, errors, losses, parallel,
                    synthetic, tokenizers, trained, train_step)
 
 # 1 and 8 devices, whole batch and microbatches sum the same float32 terms in
@@ -85,10 +85,10 @@ def _reference_rows(exp, state, batch):
   (a, b), _ = encode(state.params, state.batch_stats,
                      (images_text, augment.view_keys(key, 1, 16)))
   old = {k: jnp.asarray(v)[batch['index']] for k, v in state.per_example.items()}
-  moving = estimators.from_rows(old, exp.config.loss, exp.config.temperature)
+  moving = train_step.estimator_state(exp.config, old)
   tau = (old['tau'] if 'tau' in old else jnp.exp(state.params['temperature']['log_tau'][...]))
   _, new = losses.clip_loss(a, b, temperature=tau, moving=moving)
-  return jax.tree.map(np.asarray, new.rows())
+  return jax.tree.map(np.asarray, train_step.per_example_rows(new))
 
 
 @pytest.mark.parametrize('temperature', ['learnable', 'individual'])

@@ -34,7 +34,7 @@ import warnings
 from absl import flags
 from ml_collections import config_flags
 
-from jaxcl import config_files, errors
+from jaxcl import config_files, errors, files
 
 USAGE = __doc__.split('\n\n')[1]
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for Ctrl-C
@@ -271,6 +271,9 @@ def run(argv: list[str]) -> int:
   except ValueError as e:
     raise UsageError(str(e)) from None
   try:
+    if command != 'shard':  # the only command that compiles nothing
+      from jaxcl import compilation_cache  # pylint: disable=g-import-not-at-top
+      compilation_cache.enable(_cache_setting(command, workdir), workdir or _OUTPUT.value)
     if command == 'sweep':
       from jaxcl import sweep  # pylint: disable=g-import-not-at-top
       values = sweep.parse_temperatures(_TEMPERATURES.value)
@@ -340,6 +343,20 @@ def run(argv: list[str]) -> int:
     print(f'jaxcl: {e}', file=sys.stderr)
     return 1
   return 0
+
+
+def _cache_setting(command: str, workdir: str | None) -> str:
+  """compilation_cache_dir of the config being run, or of the run a command reads."""
+  if 'config' in COMMANDS[command][1]:
+    return _CONFIG.value.compilation_cache_dir
+  saved = os.path.join(workdir or '', files.CONFIG_FILE)
+  if workdir and '://' not in workdir and os.path.isfile(saved):
+    try:
+      with open(saved, encoding='utf-8') as f:
+        return str(json.load(f).get('compilation_cache_dir', ''))
+    except (OSError, ValueError, AttributeError):
+      return ''  # the command itself reports a bad config.json
+  return ''
 
 
 def _export_open_clip(workdir: str, output: str) -> None:

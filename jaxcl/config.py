@@ -26,7 +26,7 @@ RESUMABLE_CHANGES = ('total_steps', 'log_every_steps', 'eval_every_steps',
                      'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval',
                      'loss.impl', 'loss.block_size',  # equal values and gradients (not loss.estimator)
                      'nonfinite', 'microbatch_size', 'model.remat', 'model.scan_layers',
-                     'device_memory_gb',
+                     'device_memory_gb', 'compilation_cache_dir',
                      'dataset.data_dir', 'dataset.download', 'dataset.workers',
                      'dataset.max_bad_fraction', 'dataset.eval_urls', 'dataset.eval_samples',
                      'init', 'profile_steps', 'wandb')
@@ -53,6 +53,9 @@ def base_config():
   # Memory per device a compiled step may use, in GiB (0: what the device reports; CPUs
   # report none). A step that needs more stops before the run writes anything.
   config.device_memory_gb = 0.0
+  # jax's persistent compilation cache (jaxcl.compilation_cache): '' = $JAX_COMPILATION_CACHE_DIR,
+  # else WORKDIR/compilation_cache on gs://, else ~/.cache/jaxcl/compilation; 'none': off.
+  config.compilation_cache_dir = ''
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
@@ -293,6 +296,8 @@ KEYS_ADDED_LATER = {
     # Observability (2026-12-02): no profiler trace, no Weights & Biases.
     'profile_steps': (), 'wandb.project': '', 'wandb.entity': '', 'wandb.name': '',
     'wandb.mode': 'online',
+    # The persistent compilation cache (2026-12-07): the default folder.
+    'compilation_cache_dir': '',
 }
 
 

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxcl import checkpoints, data, errors, evaluation, files, guards, parallel, run_files
+from jaxcl import checkpoints, compilation_cache, data, errors, evaluation, files, guards
+from jaxcl import parallel, run_files
 from jaxcl import config as config_lib
 from jaxcl import lock as lock_lib
 from jaxcl import train_step, warm_start
@@ -61,10 +62,10 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False,
   compiled, notes = None, []
   target = config.total_steps if until_step is None else min(until_step, config.total_steps)
   if not resuming or (checkpoints.complete_step(workdir) or 0) < target:
-    t0 = time.perf_counter()
     compiled = _compile_and_check(exp)
-    notes.append(f'compiled the step in {time.perf_counter() - t0:.1f}s; it needs '
-                 f'{step_memory.describe(compiled[1]["peak_bytes"])} per device '
+    notes.append(f'compiled the step in {compiled[1]["compile_seconds"]:.1f}s '
+                 f'{compilation_cache.describe(compiled[1]["from_compilation_cache"])}; '
+                 f'it needs {step_memory.describe(compiled[1]["peak_bytes"])} per device '
                  f'({files.COMPILED_STEP_FILE})')
   with run_files.hold_workdir(workdir) as lock:
     if lock.took_over is not None:
@@ -79,10 +80,14 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False,
 
 
 def _compile_and_check(exp: Experiment):
-  """(the step compiled from shapes, its step_memory.analysis); ConfigError
+  """(the step compiled from shapes, its step_memory.analysis with the
+  compile's seconds and whether the persistent cache had it); ConfigError
   when it needs more memory than the device has."""
+  t0, hits = time.perf_counter(), compilation_cache.hits()
   compiled = train_step.compile_step(exp)
-  memory = step_memory.analysis(compiled, exp)
+  seconds, from_cache = time.perf_counter() - t0, compilation_cache.hits() > hits
+  memory = dict(step_memory.analysis(compiled, exp), compile_seconds=round(seconds, 3),
+                from_compilation_cache=from_cache)
   step_memory.check_fits(memory, exp.config, jax.local_devices()[0])
   return compiled, memory
 

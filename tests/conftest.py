@@ -1,16 +1,22 @@
-"""Test set-up: 8 simulated CPU devices, set before anything imports jax."""
+"""Test set-up: 8 simulated CPU devices, set before anything imports jax,
+and one persistent compilation cache for the whole test run."""
 
 import os
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
+# Every program is compiled once per test run: this process, pytest-xdist's
+# workers and every jaxcl process a test starts inherit the variables (jax
+# reads them at import; jaxcl.compilation_cache honours them). The folder is
+# new for each run, so a fresh clone's run starts cold, as CI's does.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jaxcl-xla-cache-'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 
 import jax  # noqa: E402  (must come after the flags)
 
 jax.config.update('jax_enable_x64', False)
-
-import tempfile  # noqa: E402
 
 # The embedded digits dataset is prepared once per test session, here.
 os.environ.setdefault('TFDS_DATA_DIR', tempfile.mkdtemp(prefix='jaxcl-tfds-'))

@@ -59,9 +59,10 @@ def _embed(exp, state, images, texts):
   return np.asarray(image), np.asarray(text), ids, params
 
 
-def _jaxcl(workdir, images, texts):
+def _load(workdir):
+  """(Experiment, state) of the workdir's newest checkpoint."""
   from jaxcl.trained import load_trained  # pylint: disable=g-import-not-at-top
-  return _embed(*load_trained(workdir, open_data=False), images, texts)
+  return load_trained(workdir, open_data=False)
 
 
 _torch_embeddings = functools.partial(ti._reference_embeddings, 'open_clip')  # pylint: disable=protected-access
@@ -87,19 +88,24 @@ def _assert_bitwise_equal(exported, source):
     np.testing.assert_array_equal(got[name].view(np.uint32), value.view(np.uint32), err_msg=name)
 
 
-def _assert_reimports_equal(exported, params):
-  """`jaxcl import` of the export gives back the workdir's parameters exactly."""
-  import jax  # pylint: disable=g-import-not-at-top
+def _assert_reimports_equal(exported, exp, state):
+  """`jaxcl import` of the export is the model exported: the same tokenizer
+  (its spec, file hashes included), the same parameters exactly, and so the
+  same token ids and embeddings of the same images and texts."""
   from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
-  _, _, _, state = importer.load_source(exported)
-  from jaxcl import param_groups  # pylint: disable=g-import-not-at-top
-  back = {param_groups.path_name(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
+  _, tokenizer, back_exp, back_state = importer.load_source(exported)
+  assert tokenizer.spec() == exp.tokenizer.spec()
+  images = _images(exp.config.augment.image_size)
+  *embeddings, ids, params = _embed(exp, state, images, ti.TEXTS)
+  *back_embeddings, back_ids, back = _embed(back_exp, back_state, images, ti.TEXTS)
   if 'temperature/log_tau' not in params:  # τ fixed: imported as learnable from its value
     back.pop('temperature/log_tau')
   assert sorted(back) == sorted(params)
   for name, value in params.items():
     np.testing.assert_array_equal(back[name], value, err_msg=name)
+  np.testing.assert_array_equal(back_ids, ids)
+  for got, want in zip(back_embeddings, embeddings):
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.fixture(scope='module')
@@ -124,7 +130,8 @@ def test_clip_round_trip(sources, workdirs, clip_export):
                                    'resize_mode': 'squash'}
   _assert_bitwise_equal(out, source)
   images = _images()
-  image, text, ids, params = _jaxcl(workdirs['clip'], images, ti.TEXTS)
+  exp, state = _load(workdirs['clip'])
+  image, text, ids, _ = _embed(exp, state, images, ti.TEXTS)
   np.testing.assert_array_equal(open_clip.get_tokenizer(f'local-dir:{out}')(ti.TEXTS), ids)
   built = _load_strict(open_clip.CLIP(**cfg['model_cfg']), out)
   created = open_clip.create_model(f'local-dir:{out}').eval()  # loads the weights itself
@@ -134,7 +141,7 @@ def test_clip_round_trip(sources, workdirs, clip_export):
     for g, w, jax_value in zip(got, want, (image, text)):
       np.testing.assert_array_equal(g, w)  # the source's own weights: the same computation
       np.testing.assert_allclose(g, jax_value, atol=TOLERANCE, rtol=0)
-  _assert_reimports_equal(out, params)
+  _assert_reimports_equal(out, exp, state)
 
 
 def _siglip_model(model_cfg, directory):
@@ -180,7 +187,8 @@ def test_siglip_round_trip(sources, workdirs, tmp_path):
   assert cfg['preprocess_cfg']['mean'] == [0.5, 0.5, 0.5]
   _assert_bitwise_equal(out, source)
   images = _images()
-  image, text, ids, params = _jaxcl(workdirs['siglip'], images, ASCII_TEXTS)
+  exp, state = _load(workdirs['siglip'])
+  image, text, ids, _ = _embed(exp, state, images, ASCII_TEXTS)
   np.testing.assert_array_equal(open_clip.get_tokenizer(f'local-dir:{out}')(ASCII_TEXTS), ids)
   model = _siglip_model(m, out)
   got = _torch_embeddings(model, images, ids)
@@ -188,7 +196,7 @@ def test_siglip_round_trip(sources, workdirs, tmp_path):
   for g, w, jax_value in zip(got, want, (image, text)):
     np.testing.assert_array_equal(g, w)
     np.testing.assert_allclose(g, jax_value, atol=TOLERANCE, rtol=0)
-  _assert_reimports_equal(out, params)
+  _assert_reimports_equal(out, exp, state)
 
 
 # ------------------------------------------------- models made by jaxcl ---
@@ -220,13 +228,13 @@ def _run_files(config, workdir, image_size):
   return workdir
 
 
-def _clip_config(**changes):
+def _clip_config(config_file=helpers.CLIP_CONFIG, **changes):
   """A small CLIP from scratch that open_clip expresses with switches the
   imported model lacks: tanh GELU in the image tower (act_kwargs), exact
   GELU in the text tower, eps 1e-6, text pooled at the last position with a
   biased projection (open_clip's Linear), τ fixed (the logit scale holds it)."""
   import open_clip  # pylint: disable=g-import-not-at-top
-  config = helpers.tiny_config(helpers.CLIP_CONFIG, helpers.TINY_TWO_TOWER)
+  config = helpers.tiny_config(config_file, helpers.TINY_TWO_TOWER)
   config.model.vit.update(pool='cls', act='gelu_tanh', pre_norm=True, patch_bias=False)
   config.text.update(tokenizer='clip_bpe', vocab_file=open_clip.tokenizer.default_bpe(),
                      max_length=20, pool='last', act='gelu', projection_bias=True)
@@ -255,12 +263,45 @@ def test_clip_made_by_jaxcl(tmp_path):
   scale = load_file(str(out / 'open_clip_model.safetensors'))['logit_scale']
   assert scale.shape == () and np.isclose(scale, -np.log(0.05), rtol=1e-6)
   images = _images(config.augment.image_size)
-  image, text, ids, params = _embed(exp, state, images, ti.TEXTS)
+  image, text, ids, _ = _embed(exp, state, images, ti.TEXTS)
   model = open_clip.create_model(f'local-dir:{out}').eval()
   got = _torch_embeddings(model, images, ids)
   np.testing.assert_allclose(got[0], image, atol=TOLERANCE, rtol=0)
   np.testing.assert_allclose(got[1], text, atol=TOLERANCE, rtol=0)
-  _assert_reimports_equal(out, params)
+  _assert_reimports_equal(out, exp, state)
+
+
+# Every tokenizer kind of the shipped configs (bytes: clip_shapes.py and
+# siglip_shapes.py) and of imported models (CLIP's BPE, SentencePiece with and
+# without SigLIP's text handling), pooled at end-of-text (open_clip's argmax
+# or eos_id) or at the last position: {name: config changes, given tmp_path}.
+TOKENIZER_KINDS = {
+    'bytes, clip_shapes': lambda _: {'text.tokenizer': 'bytes', 'text.pool': 'eot'},
+    'bytes, siglip_shapes': lambda _: {'config_file': helpers.SIGLIP_CONFIG,
+                                       'text.tokenizer': 'bytes', 'text.causal': False},
+    'clip_bpe': lambda _: {'text.pool': 'eot'},
+    'sentencepiece': lambda tmp: {'text.tokenizer': 'sentencepiece', 'text.pool': 'eot',
+                                  'text.sentencepiece_model': str(ti._sentencepiece(  # pylint: disable=protected-access
+                                      tmp / 'spiece.model'))},
+    'sentencepiece, siglip': lambda tmp: {
+        'config_file': helpers.SIGLIP_CONFIG, 'text.tokenizer': 'sentencepiece',
+        'text.normalize': 'siglip', 'text.pad_id': 1, 'text.causal': False,
+        'text.sentencepiece_model': str(ti._sentencepiece(tmp / 'spiece.model'))},  # pylint: disable=protected-access
+}
+
+
+@pytest.mark.parametrize('kind', sorted(TOKENIZER_KINDS))
+def test_import_of_an_export_is_the_model_exported(kind, tmp_path):
+  """Export and import are inverses, whatever the tokenizer: the export
+  records jaxcl's tokenizer where open_clip has none (bytes, plain
+  SentencePiece) and `jaxcl import` reads it back."""
+  from jaxcl.hub import open_clip_export, open_clip_plan  # pylint: disable=g-import-not-at-top
+  config = _clip_config(**TOKENIZER_KINDS[kind](tmp_path))
+  exp, state = _experiment(config, config.augment.image_size)
+  out = tmp_path / 'oc'
+  open_clip_export.write_open_clip(exp, state, out,
+                                   open_clip_plan.plan(config, exp.tokenizer, str(out)))
+  _assert_reimports_equal(out, exp, state)
 
 
 @pytest.mark.slow  # timm's smallest SigLIP tower: 86M parameters at 224 px

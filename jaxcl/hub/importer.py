@@ -32,8 +32,13 @@ def _layout(source: epath.Path):
   if not source.is_dir():
     if source.suffix in t.TORCH_FILES:
       raise t.SourceError(t.torch_file_message(source))
-    raise t.SourceError(f'{source} is not a directory holding a checkpoint (open_clip: '
-                        f'{open_clip_layout.CONFIG}; transformers: {transformers_layout.CONFIG})')
+    if source.is_file() and epath.Path(f'{source}.json').is_file():  # jaxcl export's FILE.json
+      raise t.SourceError(f'{source} is a jax.export artifact (a compiled program), which '
+                          f'jaxcl import does not read: the workdir it was exported from is a '
+                          f'jaxcl workdir already, and its --format open_clip export imports')
+    raise t.SourceError(f'{source} is neither a directory holding a checkpoint (open_clip: '
+                        f'{open_clip_layout.CONFIG}; transformers: {transformers_layout.CONFIG}) '
+                        f'nor a big_vision .npz')
   for layout in LAYOUTS:
     if layout.matches(source):
       if not layout.weights(source).exists():
@@ -72,15 +77,18 @@ def _tokenizer_file(source, kind, explicit) -> str:
 
 
 def build_config(source, tensors: t.Tensors, layout, tokenizer_file=None):
-  """The config of the checkpoint, and the rules that convert its tensors."""
+  """(the config of the checkpoint, the rules that convert its tensors, the
+  token its text tower pools at: an id, 'argmax' (the largest id) or None)."""
   values = layout.architecture(source, tensors.shapes)
   config = config_lib.base_config()
   config.method = values.pop('method')
+  eos_id = values.pop('eos_id', None)
   config.update_from_flattened_dict({k: (list(v) if isinstance(v, tuple) else v)
                                      for k, v in values.items()})
   kind = config.text.tokenizer
-  config.update_from_flattened_dict({TOKENIZER_KEYS[kind]: _tokenizer_file(source, kind,
-                                                                         tokenizer_file)})
+  if kind in TOKENIZER_KEYS:  # (bytes need no file)
+    config.update_from_flattened_dict({TOKENIZER_KEYS[kind]: _tokenizer_file(source, kind,
+                                                                           tokenizer_file)})
   config.name = f'imported from {source.name}'
   config.dataset.name = DEFAULT_DATASET
   rules = {r.target: r for r in layout.rules(_values(config), tensors.shapes)}
@@ -92,7 +100,28 @@ def build_config(source, tensors: t.Tensors, layout, tokenizer_file=None):
   t_cfg.init, t_cfg.min, t_cfg.max = tau, min(t_cfg.min, tau), max(t_cfg.max, tau)
   if 'bias/value' in rules:
     t_cfg.bias_init = converted('bias/value')
-  return config, list(rules.values())
+  return config, list(rules.values()), eos_id
+
+
+def check_tokenizer(source, tokenizer, config, eos_id) -> None:
+  """SourceError unless `tokenizer` gives the ids the source's text tower
+  was made for: the end-of-text id it pools at, and (a jaxcl export) the
+  tokenizer the export recorded, file hashes included."""
+  if config.text.pool == 'eot' and eos_id == 'argmax':
+    if tokenizer.eot_id != tokenizer.vocab_size - 1:
+      raise t.SourceError(f'the source pools its text at the largest token id, which is not '
+                          f'the tokenizer\'s end-of-text id {tokenizer.eot_id} (of '
+                          f'{tokenizer.vocab_size} ids); jaxcl pools at end-of-text')
+  elif config.text.pool == 'eot' and eos_id is not None and eos_id != tokenizer.eot_id:
+    raise t.SourceError(f'the source pools its text at token id {eos_id} (its eos_id); the '
+                        f'tokenizer\'s end-of-text id, where jaxcl pools, is {tokenizer.eot_id}')
+  recorded = (open_clip_layout.exported_tokenizer(t.json_object(source / open_clip_layout.CONFIG))
+              if source.is_dir() and open_clip_layout.matches(source) else {})
+  for key, value in recorded.items():
+    if key not in ('model_file', 'vocab_file') and tokenizer.spec().get(key) != value:
+      raise t.SourceError(f'{open_clip_layout.CONFIG}: the export recorded a tokenizer with '
+                          f'{key} {value!r}; the one rebuilt from {source} has '
+                          f'{tokenizer.spec().get(key)!r}')
 
 
 def convert_params(rules, tensors: t.Tensors, abstract_params, ignored_suffixes=()):
@@ -107,11 +136,12 @@ def convert_params(rules, tensors: t.Tensors, abstract_params, ignored_suffixes=
     if target not in by_target:
       raise t.SourceError(f'the checkpoint has nothing for jaxcl\'s parameter {target}')
     r = by_target.pop(target)
-    value = r.convert(*(tensors[s] for s in r.sources))
-    if tuple(value.shape) != tuple(leaf.shape):
-      raise t.SourceError(f'tensor {" + ".join(r.sources)} has shape '
-                          f'{tuple(tensors.shapes[r.sources[0]])}; the config implies '
-                          f'{tuple(leaf.shape)} for {target}')
+    try:
+      value = r.convert(*(tensors[s] for s in r.sources))
+    except ValueError:  # tensors that do not fit together (a concatenation, a reshape)
+      value = None
+    if value is None or tuple(value.shape) != tuple(leaf.shape):
+      raise t.SourceError(_misshapen(r, tensors.shapes, leaf.shape, value))
     out.append(jnp.asarray(value, leaf.dtype))
   if by_target:
     target, r = next(iter(by_target.items()))
@@ -127,6 +157,23 @@ def convert_params(rules, tensors: t.Tensors, abstract_params, ignored_suffixes=
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _misshapen(r: t.Rule, shapes: dict, expected: tuple, value) -> str:
+  """The message for the tensors of `r` that do not make a parameter of
+  shape `expected`, both shapes in one layout: the source's where the rule
+  has an inverse (one tensor), else jaxcl's."""
+  expected = tuple(expected)
+  try:
+    inverse = t.inverse(r)
+  except ValueError:  # several tensors, or a conversion export never runs
+    given = ' + '.join(f'{s} {tuple(shapes[s])}' for s in r.sources)
+    made = 'do not fit together' if value is None else f'give {tuple(value.shape)}'
+    return (f'tensor {given}: {made} in jaxcl\'s layout, where the config implies '
+            f'{expected} (jaxcl\'s {r.target})')
+  want = tuple(jax.eval_shape(inverse, jax.ShapeDtypeStruct(expected, jnp.float32)).shape)
+  return (f'tensor {r.sources[0]} has shape {tuple(shapes[r.sources[0]])}; the config implies '
+          f'{want} (jaxcl\'s {r.target}, {expected} in jaxcl\'s layout)')
+
+
 def load_source(source, tokenizer_file=None):
   """(config, tokenizer, Experiment, TrainState at step 0) of a published
   checkpoint directory; nothing is written."""
@@ -135,7 +182,7 @@ def load_source(source, tokenizer_file=None):
   try:
     layout = _layout(source)
     tensors = t.Tensors(layout.weights(source))
-    config, rules = build_config(source, tensors, layout, tokenizer_file)
+    config, rules, eos_id = build_config(source, tensors, layout, tokenizer_file)
   except t.SourceError:
     raise
   except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
@@ -149,6 +196,7 @@ def load_source(source, tokenizer_file=None):
   # On one device: the import holds no batch, and a workdir trains on any mesh later.
   config_lib.validate(config, num_devices=1, process_count=1, check_data=False)
   tokenizer = tokenizers.build_tokenizer(config.text)
+  check_tokenizer(source, tokenizer, config, eos_id)
   embedding = next(r.sources[0] for r in rules if r.target == 'text_encoder/embed/embedding')
   vocab = tensors.shapes.get(embedding)
   if vocab and vocab[0] != tokenizer.vocab_size:

@@ -32,17 +32,20 @@ def matches(source) -> bool:
   return (source / CONFIG).exists()
 
 
-def _model_cfg(source) -> dict:
-  cfg = json.loads((source / CONFIG).read_text())
-  if not isinstance(cfg.get('model_cfg'), dict):
+def _config(source) -> tuple[dict, dict, dict, dict, dict]:
+  """(the whole config, model_cfg, preprocess_cfg, vision_cfg, text_cfg) of
+  `source`, each checked to be a JSON object."""
+  cfg = t.json_object(source / CONFIG)
+  if 'model_cfg' not in cfg:
     raise t.SourceError(f'{source / CONFIG} has no model_cfg object')
-  return cfg
+  m = t.section(cfg, 'model_cfg', f'{CONFIG}: ')
+  where = f'{CONFIG}: model_cfg.'
+  return (cfg, m, t.section(cfg, 'preprocess_cfg', f'{CONFIG}: '),
+          t.section(m, 'vision_cfg', where), t.section(m, 'text_cfg', where))
 
 
 def architecture(source, keys) -> dict:
-  cfg = _model_cfg(source)
-  m, pre = cfg['model_cfg'], cfg.get('preprocess_cfg', {})
-  v, x = m.get('vision_cfg', {}), m.get('text_cfg', {})
+  cfg, m, pre, v, x = _config(source)
   unsupported = [f'vision_cfg.{k}' for k in ('ls_init_value', 'attentional_pool', 'hf_model_name')
                  if v.get(k)] + [f'text_cfg.{k}' for k in ('ls_init_value', 'hf_model_name',
                                                           'embed_cls') if x.get(k)]
@@ -56,8 +59,10 @@ def architecture(source, keys) -> dict:
   siglip = 'logit_bias' in keys
   text_width = x.get('width', 512)
   act = 'quick_gelu' if m.get('quick_gelu') else 'gelu'
-  tanh = lambda cfg: (cfg.get('act_kwargs') or {}).get('approximate') == 'tanh'
-  text_act = 'gelu_tanh' if tanh(x) else act
+  kwargs = lambda cfg, name, key: t.section(cfg, key, f'{CONFIG}: model_cfg.{name}.',
+                                            null_is_empty=key == 'act_kwargs')
+  tanh = lambda cfg, name: kwargs(cfg, name, 'act_kwargs').get('approximate') == 'tanh'
+  text_act = 'gelu_tanh' if tanh(x, 'text_cfg') else act
   pool = {'argmax': 'eot', 'eos': 'eot', 'last': 'last'}.get(x.get('pool_type', 'argmax'))
   if pool == 'eot' and x.get('no_causal_mask'):
     # open_clip then attends to the pads, jaxcl's end-of-text pooling never does.
@@ -74,9 +79,12 @@ def architecture(source, keys) -> dict:
       'text.depth': x.get('layers', 12), 'text.heads': x.get('heads', 8),
       'text.mlp_dim': int(text_width * x.get('mlp_ratio', 4.0)),
       'text.causal': not x.get('no_causal_mask', False), 'text.pool': pool,
-      'text.act': text_act, 'text.norm_eps': x.get('norm_kwargs', {}).get('eps', 1e-5),
+      'text.act': text_act,
+      'text.norm_eps': kwargs(x, 'text_cfg', 'norm_kwargs').get('eps', 1e-5),
       'text.projection_bias': bool(x.get('proj_bias', False)),
-      'text.tokenizer': 'sentencepiece' if x.get('hf_tokenizer_name') else 'clip_bpe',
+      # open_clip's TextTransformer: 'argmax' pools at the largest id, 'eos' at eos_id.
+      'eos_id': int(x.get('eos_id', 2)) if x.get('pool_type') == 'eos' else 'argmax',
+      **_tokenizer(cfg, x),
   })
   if v.get('timm_model_name'):
     values.update(_timm_vision(v, keys))
@@ -87,14 +95,35 @@ def architecture(source, keys) -> dict:
         'model.vit.depth': v.get('layers', 12),
         'model.vit.heads': width // v.get('head_width', 64),
         'model.vit.mlp_dim': int(width * v.get('mlp_ratio', 4.0)), 'model.vit.pool': 'cls',
-        'model.vit.act': 'gelu_tanh' if tanh(v) else act,
-        'model.vit.norm_eps': v.get('norm_kwargs', {}).get('eps', 1e-5),
+        'model.vit.act': 'gelu_tanh' if tanh(v, 'vision_cfg') else act,
+        'model.vit.norm_eps': kwargs(v, 'vision_cfg', 'norm_kwargs').get('eps', 1e-5),
         'model.vit.pre_norm': True, 'model.vit.patch_bias': False,
         'model.image_projection': True,
     })
   if 'mean' in pre and 'std' in pre:
     values['dataset.mean'], values['dataset.std'] = tuple(pre['mean']), tuple(pre['std'])
   return values
+
+
+def _tokenizer(cfg: dict, x: dict) -> dict:
+  """The tokenizer's config values. A jaxcl export records jaxcl's tokenizer
+  in its "jaxcl" entry (bytes and plain SentencePiece have no open_clip
+  form), and that is the tokenizer; otherwise open_clip's rule: a HF
+  tokenizer is SentencePiece (SigLIP's), none CLIP's BPE."""
+  spec = exported_tokenizer(cfg)
+  if not spec:
+    return {'text.tokenizer': 'sentencepiece' if x.get('hf_tokenizer_name') else 'clip_bpe'}
+  kind = spec.get('type')
+  if kind not in presets.TOKENIZERS:
+    raise t.SourceError(f'{CONFIG}: jaxcl.tokenizer.type {kind!r} is not one of '
+                        f'{presets.TOKENIZERS}')
+  return {'text.tokenizer': kind, 'text.normalize': spec.get('normalize', ''),
+          'text.pad_id': -1 if kind == 'bytes' else spec.get('pad_id', -1)}
+
+
+def exported_tokenizer(cfg: dict) -> dict:
+  """The tokenizer spec a jaxcl export wrote in the config's "jaxcl" entry ({} if none)."""
+  return t.section(t.section(cfg, 'jaxcl', f'{CONFIG}: '), 'tokenizer', f'{CONFIG}: jaxcl.')
 
 
 def _square(size) -> int:

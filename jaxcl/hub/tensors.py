@@ -14,6 +14,7 @@ import json
 import math
 import re
 import struct
+import zipfile
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,6 +23,11 @@ from etils import epath
 from jaxcl import errors
 
 TORCH_FILES = ('.bin', '.pt', '.pth', '.ckpt')
+FLOAT_DTYPES = ('float16', 'bfloat16', 'float32', 'float64')
+SAFETENSORS_DTYPES = {'F16': 'float16', 'BF16': 'bfloat16', 'F32': 'float32', 'F64': 'float64',
+                      'I8': 'int8', 'I16': 'int16', 'I32': 'int32', 'I64': 'int64',
+                      'U8': 'uint8', 'U16': 'uint16', 'U32': 'uint32', 'U64': 'uint64',
+                      'BOOL': 'bool'}
 
 
 class SourceError(errors.ConfigError):
@@ -36,12 +42,18 @@ class Tensors:
     if self.path.suffix in TORCH_FILES:
       raise SourceError(torch_file_message(self.path))
     if self.path.suffix == '.npz':
+      with self.path.open('rb') as f:
+        if not zipfile.is_zipfile(f):  # np.load would call it pickled data
+          raise SourceError(f'{self.path} is not an npz file (a zip archive of .npy arrays)')
       self._npz = np.load(self.path, allow_pickle=False)
-      self.shapes = _npz_shapes(self.path)
+      self.shapes, self.dtypes = _npz_headers(self.path)
     else:
       from safetensors import safe_open  # pylint: disable=g-import-not-at-top
       self._file = safe_open(str(self.path), framework='numpy')
-      self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
+      slices = {k: self._file.get_slice(k) for k in self._file.keys()}
+      self.shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+      self.dtypes = {k: SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype())
+                     for k, s in slices.items()}
     self.used: set[str] = set()
 
   def keys(self):
@@ -53,10 +65,13 @@ class Tensors:
   def __getitem__(self, key) -> np.ndarray:
     if key not in self.shapes:
       raise SourceError(f'{self.path.name} has no tensor {key!r}, which its config implies')
+    if self.dtypes[key] not in FLOAT_DTYPES:  # an id table or a mask, say: never a weight
+      raise SourceError(f'tensor {key} holds {self.dtypes[key]} values; a parameter is '
+                        f'floating point ({", ".join(FLOAT_DTYPES)})')
     self.used.add(key)
     if hasattr(self, '_npz'):
       array = self._npz[key]
-    elif self._file.get_slice(key).get_dtype() == 'BF16':  # numpy has no bfloat16
+    elif self.dtypes[key] == 'bfloat16':  # numpy has no bfloat16
       array = _read_bfloat16(self.path, key)
     else:
       array = self._file.get_tensor(key)
@@ -76,19 +91,24 @@ def _read_bfloat16(path, key) -> np.ndarray:
   return np.frombuffer(raw, ml_dtypes.bfloat16).reshape(entry['shape'])
 
 
-def _npz_shapes(path) -> dict:
-  """{name: shape} of an .npz from its members' .npy headers, no array read."""
-  import zipfile  # pylint: disable=g-import-not-at-top
-  shapes = {}
+def _npz_headers(path) -> tuple[dict, dict]:
+  """({name: shape}, {name: dtype name}) of an .npz from its members' .npy
+  headers, no array read."""
+  shapes, dtypes = {}, {}
   with zipfile.ZipFile(epath.Path(path).open('rb')) as archive:
     for member in archive.namelist():
       with archive.open(member) as f:
         version = np.lib.format.read_magic(f)
         read = {(1, 0): np.lib.format.read_array_header_1_0,
                 (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        shape = read(f)[0] if read else np.lib.format.read_array(f).shape
-      shapes[member.removesuffix('.npy')] = tuple(shape)
-  return shapes
+        shape, _, dtype = read(f) if read else _shape_and_dtype(np.lib.format.read_array(f))
+      name = member.removesuffix('.npy')
+      shapes[name], dtypes[name] = tuple(shape), np.dtype(dtype).name
+  return shapes, dtypes
+
+
+def _shape_and_dtype(array) -> tuple:
+  return array.shape, None, array.dtype
 
 
 def torch_file_message(path) -> str:
@@ -202,6 +222,36 @@ def shape_of(shapes: dict, key: str, where: str) -> tuple:
   if key not in shapes:
     raise SourceError(f'{where} has no tensor {key!r}, which its architecture implies')
   return shapes[key]
+
+
+def json_object(path) -> dict:
+  """The JSON object in the file `path`; SourceError saying what it holds
+  instead (malformed JSON raises json's own ValueError)."""
+  value = json.loads(epath.Path(path).read_text())
+  if not isinstance(value, dict):
+    raise SourceError(f'{path} holds {json_kind(value)}, not a JSON object')
+  return value
+
+
+def section(parent: dict, key: str, where: str, null_is_empty: bool = False) -> dict:
+  """parent[key], which must be a JSON object: {} if absent (or null, where
+  the source's framework reads null as its defaults); SourceError naming
+  `where` + key if it is anything else."""
+  value = parent.get(key, {})
+  if value is None and null_is_empty:
+    return {}
+  if not isinstance(value, dict):
+    raise SourceError(f'{where}{key} is {json_kind(value)}, not an object')
+  return value
+
+
+def json_kind(value) -> str:
+  """'a list', 'a number', 'null'...: what a JSON value is, for a message."""
+  if value is None:
+    return 'null'
+  kinds = ((bool, 'a boolean'), (str, 'a string'), ((int, float), 'a number'), (list, 'a list'),
+           (dict, 'an object'))
+  return next(name for kind, name in kinds if isinstance(value, kind))
 
 
 def count_blocks(keys, prefix: str) -> int:

@@ -4,8 +4,6 @@ tokenizer's files): OpenAI's CLIP and Google's SigLIP as the hub serves them."""
 
 from __future__ import annotations
 
-import json
-
 from jaxcl import presets
 from jaxcl.hub import tensors as t
 
@@ -18,7 +16,7 @@ ACTIVATIONS = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu', 'gelu_pytorch_tanh': 
 def matches(source) -> bool:
   if not (source / CONFIG).exists():
     return False
-  return json.loads((source / CONFIG).read_text()).get('model_type') in ('clip', 'siglip')
+  return t.json_object(source / CONFIG).get('model_type') in ('clip', 'siglip')
 
 
 def _act(name, where):
@@ -31,9 +29,11 @@ def _act(name, where):
 def architecture(source, keys=None) -> dict:
   """The config values (flattened keys) of the model `source` holds."""
   del keys  # config.json says it all
-  cfg = json.loads((source / CONFIG).read_text())
+  cfg = t.json_object(source / CONFIG)
   family = cfg['model_type']
-  v, x = cfg.get('vision_config', {}), cfg.get('text_config', {})
+  # transformers' CLIPConfig and SiglipConfig read a null tower config as its defaults.
+  v, x = (t.section(cfg, key, f'{CONFIG}: ', null_is_empty=True)
+          for key in ('vision_config', 'text_config'))
   defaults = presets.ARCHITECTURES['ViT-B-16' if family == 'clip' else 'ViT-B-16-SigLIP']
   get = lambda group, key, fallback: group.get(key, fallback)
   width, text_width = get(v, 'hidden_size', 768), get(x, 'hidden_size', 512 if family == 'clip'
@@ -58,6 +58,10 @@ def architecture(source, keys=None) -> dict:
   })
   if family == 'clip':
     values['model.embed_dim'] = cfg.get('projection_dim', 512)
+    # CLIPTextTransformer: eos_token_id 2 (configs from before transformers#24773) pools at
+    # the largest id, any other at that id; CLIPTextConfig's default is 49407.
+    eos = x.get('eos_token_id', 49407)
+    values['eos_id'] = 'argmax' if eos == 2 else eos
   else:
     values['model.embed_dim'] = width
     if get(x, 'projection_size', text_width) != width:
@@ -68,7 +72,7 @@ def architecture(source, keys=None) -> dict:
                           f'not an architecture jaxcl has')
   preprocess = source / 'preprocessor_config.json'
   if preprocess.exists():
-    p = json.loads(preprocess.read_text())
+    p = t.json_object(preprocess)
     if 'image_mean' in p and 'image_std' in p:
       values['dataset.mean'], values['dataset.std'] = tuple(p['image_mean']), tuple(p['image_std'])
   return values

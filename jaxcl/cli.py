@@ -228,6 +228,8 @@ class _OneLine(logging.Filter):
   as jaxcl's own one-line message."""
 
   def filter(self, record):
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+      return False  # orbax's save cut by a second Ctrl-C: main's one line says it
     record.msg = (record.getMessage().splitlines() or [''])[0][:300]
     record.args, record.exc_info, record.exc_text, record.stack_info = None, None, None, None
     return True
@@ -278,6 +280,9 @@ def run(argv: list[str]) -> int:
       from jaxcl import sweep  # pylint: disable=g-import-not-at-top
       values = sweep.parse_temperatures(_TEMPERATURES.value)
       _check_workdir(workdir, must_exist=False)
+      ignored = [f'--{f}' for f in ('eta', 'holdout', 'monitor') if flags.FLAGS[f].present]
+      errors.check(_SEARCH.value == 'halving' or not ignored, f'{", ".join(ignored)}: for '
+                   '--search halving only; this is a grid sweep (add --search halving)')
       if _SEARCH.value == 'halving':
         from jaxcl import halving  # pylint: disable=g-import-not-at-top
         table = halving.run_halving(_CONFIG.value, workdir, values, _ETA.value, _HOLDOUT.value,
@@ -384,9 +389,9 @@ def main(argv=None) -> None:
     from jaxcl import distributed  # pylint: disable=g-import-not-at-top
     if distributed.multi_process():
       code = _report_in_multi_process(e)
-    else:  # a second Ctrl-C, or one outside the training loop
-      print('\njaxcl: stopped (Ctrl-C); nothing after the last complete checkpoint was saved',
-            file=sys.stderr, flush=True)
+    else:  # a second Ctrl-C, or one outside the training loop (e: a command's own words)
+      print('\njaxcl: ' + (str(e) or 'stopped (Ctrl-C); nothing after the last complete '
+                                     'checkpoint was saved'), file=sys.stderr, flush=True)
       sys.stdout.flush()
       # At once: an interpreter shutdown would wait for, and log errors from,
       # orbax's background writer (an unfinished checkpoint is never restored).

@@ -24,19 +24,29 @@ retrieval), so the test split chooses nothing. --holdout 0 keeps the
 configured splits (a dataset with a validation split of its own, or
 webdataset shards whose dataset.eval_urls are held out).
 
-The sweep resumes after a kill: sweep.json records every rung's scores as
-they come, and a run continues from its checkpoint.
+The sweep resumes after a kill or a Ctrl-C: sweep.json records every
+rung's scores as they come, and a run continues from its checkpoint. A rerun
+with other candidates, --eta, --holdout, --monitor, config or search is
+refused before anything trains (jaxcl.sweep.check_settings), as is a
+--monitor the method's evaluation does not write.
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 from etils import epath
 
-from jaxcl import checkpoints, errors, files, methods, sweep
+from jaxcl import checkpoints, errors, files, methods, sweep, zeroshot_suite
 from jaxcl.data import shard_sources
+
+# What a method's evaluation writes that can rank candidates, higher being
+# better (ECE and uniformity are better low; tolerance is no score): by
+# whether it has a text tower (zero-shot and retrieval) or not (kNN and the
+# probe on image features).
+RECALLS = tuple(f'{direction}_r{k}' for direction in ('i2t', 't2i') for k in (1, 5, 10))
+RANKABLE = {False: ('knn_top1', 'linear_top1'),
+            True: ('zeroshot_top1', 'zeroshot_top5', *RECALLS)}
 
 
 def schedule(num_candidates: int, total_steps: int, eta: int = 2) -> list[tuple[int, int]]:
@@ -68,18 +78,37 @@ def holdout_changes(config, holdout: float) -> dict:
   eval train split (none for holdout 0); ConfigError where they cannot."""
   if not holdout:
     return {}
-  if not 0 < holdout < 1:
-    raise errors.ConfigError(f'--holdout must be in [0, 1), got {holdout}')
+  cut = round(100 * (1 - holdout)) if 0 < holdout < 1 else 0
+  errors.check(0 < cut < 100, f'--holdout must be 0 (the configured splits) or a fraction in '
+                              f'[0.01, 0.99] of the eval train split (sliced in whole percents), '
+                              f'got {holdout}')
   d = config.dataset
   split = d.eval_train_split
   if d.name in (shard_sources.NAME, shard_sources.MIXTURE, 'image_folder') or '[' in split:
     raise errors.ConfigError(
         f'--holdout slices a TFDS split; dataset {d.name!r} split {split!r} cannot be sliced: '
         f'use --holdout=0 to monitor on the configured evaluation splits')
-  cut = round(100 * (1 - holdout))
   return {'dataset.eval_train_split': f'{split}[:{cut}%]',
           'dataset.eval_test_split': f'{split}[{cut}%:]', 'eval.zeroshot_dataset': '',
           'eval.zeroshot_split': '', 'eval.zeroshot': (), 'eval.retrieval': ()}
+
+
+def monitor_metrics(config, monitor: str, holdout: float) -> tuple[str, ...]:
+  """The metrics that rank, best first: (monitor,), or the method's own
+  without one; ConfigError for a monitor the method's evaluation does not
+  write (with --holdout 0, its zero-shot and retrieval suite's too)."""
+  method = methods.get(config.method)
+  if not monitor:
+    return method.monitor_metrics
+  rankable = list(RANKABLE[method.text_tower])
+  if method.text_tower and not holdout:  # held-out slices replace the suite (holdout_changes)
+    rankable += [f'zeroshot/{entry.key}/{metric}' for metric in ('top1', 'top5')
+                 for entry in zeroshot_suite.parse_all(config.eval.zeroshot)]
+    rankable += [f'retrieval/{entry.key}/{metric}' for metric in RECALLS
+                 for entry in zeroshot_suite.parse_all(config.eval.retrieval, 'retrieval')]
+  errors.check(monitor in rankable, f'--monitor={monitor}: {config.method}\'s evaluation writes no '
+                                    f'such score here; choose one of {", ".join(rankable)}')
+  return (monitor,)
 
 
 def monitor_score(metrics: tuple[str, ...], results: dict) -> tuple[str | None, float | None]:
@@ -90,38 +119,29 @@ def monitor_score(metrics: tuple[str, ...], results: dict) -> tuple[str | None, 
   return None, None
 
 
-def _load_record(workdir, config, values, eta: int, holdout: float, monitor: str) -> dict:
-  """The halving record of sweep.json, or a new one; ConfigError when the
-  sweep there was another search."""
-  try:
-    saved = json.loads((workdir / files.SWEEP_JSON).read_text())
-  except (OSError, ValueError):
-    saved = None
-  setting = {'search': 'halving', 'candidates': list(values), 'eta': eta, 'holdout': holdout,
-             'monitor': monitor, 'total_steps': config.total_steps}
-  if saved is None:
-    return dict(setting, rungs=[])
-  if any(saved.get(k) != v for k, v in setting.items()):
-    was = {k: saved.get(k) for k in setting}
-    raise errors.ConfigError(f'{workdir} holds a sweep with {was}, not {setting}; use a new '
-                             f'workdir')
-  return saved
-
-
 def run_halving(config, workdir, values: list[str], eta: int = 2, holdout: float = 0.2,
                 monitor: str = '', log=print) -> dict:
   """Successive halving over `values`; writes sweep.json (every rung, as it
   is scored), sweep.csv and sweep.png. Returns the sweep.json record.
   monitor: the evaluation metric that ranks (default: the method's)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxcl import trained  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   writer = jax.process_index() == 0
   changes = holdout_changes(config, holdout)
   rungs = schedule(len(values), config.total_steps, eta)
-  metrics = (monitor,) if monitor else methods.get(config.method).monitor_metrics
-  configs = sweep.prepare(config, workdir, values)
-  record = _load_record(workdir, config, values, eta, holdout, monitor)
+  metrics = monitor_metrics(config, monitor, holdout)
+  configs, record = sweep.prepare(
+      config, workdir, values,
+      sweep.settings(config, values, 'halving', eta=eta, holdout=holdout, monitor=monitor), writer)
+  record.setdefault('rungs', [])
+  with sweep.ctrl_c_stops_the_sweep():
+    return _halve(workdir, record, configs, values, rungs, changes, metrics, writer, log)
+
+
+def _halve(workdir, record: dict, configs: dict, values: list[str], rungs, changes: dict,
+           metrics: tuple[str, ...], writer: bool, log) -> dict:
+  """run_halving's rungs, from the first that `record` has not scored."""
+  from jaxcl import trained  # pylint: disable=g-import-not-at-top
   alive = list(values)
   for k, (step, count) in enumerate(rungs):
     last = k == len(rungs) - 1

@@ -299,6 +299,6 @@ CLI = {
         "jaxcl: error: dataset 'image_folder' has 3 training example(s), fewer than one batch of "
         '8; lower batch_size or add data',
     'sweep rerun with another config':
-        'jaxcl: error: {workdir}/tau-0.1 holds a run with a different config '
-        '(optimizer.learning_rate: 0.002 there, 0.001 now); use a new --workdir',
+        'jaxcl: error: {workdir} holds a sweep with a different config '
+        '(optimizer.learning_rate: 0.002 there, 0.001 now); use a new workdir',
 }

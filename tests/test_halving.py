@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import DIGITS_CONFIG, REPO, final_params, jaxcl, tiny_config, tiny_overrides
-from jaxcl import errors, halving, trained
+from jaxcl import errors, halving, sweep, trained
 
 
 def _candidate_steps(rungs):
@@ -144,10 +144,75 @@ def test_the_winner_ends_as_its_uninterrupted_run(halved, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def _files(folder) -> dict:
+  """{path: bytes} of every file under `folder`."""
+  return {p: p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
 @pytest.mark.slow
-def test_a_halving_sweep_is_not_resumed_with_other_candidates(halved):
+def test_a_halving_sweep_is_refused_to_other_settings_or_a_grid(halved):
   workdir, _, _ = halved
-  args = _sweep_args(workdir)
-  args[args.index(f'--temperatures={CANDIDATES}')] = '--temperatures=0.1,0.5'
-  result = jaxcl(*args, check=False)
-  assert result.returncode == 2 and 'use a new workdir' in result.stderr
+  before = _files(workdir)
+  other = _sweep_args(workdir)
+  other[other.index(f'--temperatures={CANDIDATES}')] = '--temperatures=0.1,0.5'
+  grid = [a for a in _sweep_args(workdir) if a not in ('--search', 'halving')]
+  for args, message in (
+      (other, f'holds a sweep of --temperatures={CANDIDATES}, not 0.1,0.5'),
+      # A grid would replace the record and train each loser on from its rung.
+      (grid, 'holds a halving sweep, not grid'),
+      (grid + ['--config.total_steps=16'], 'holds a halving sweep, not grid')):
+    result = jaxcl(*args, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f'jaxcl: error: {workdir} {message}'), lines[0]
+  assert _files(workdir) == before
+
+
+# ---------------------------------------------------------------- Ctrl-C ---
+@pytest.mark.slow  # two candidates to step 1, one of them to step 2
+def test_ctrl_c_between_candidates_says_how_to_resume(tmp_path):
+  workdir = tmp_path / 'sweep'
+  args = ['sweep', '--config', DIGITS_CONFIG, '--workdir', str(workdir), '--search', 'halving',
+          '--temperatures=0.1,0.5', *tiny_overrides(), '--config.total_steps=2', *RUN[1:]]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  with open(tmp_path / 'err', 'w') as err:
+    proc = subprocess.Popen([sys.executable, '-m', 'jaxcl.cli', *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+      for line in proc.stdout:  # the first candidate is scored: the second starts
+        if line.startswith('jaxcl sweep: rung 1/2: tau-0.5'):
+          proc.send_signal(signal.SIGINT)
+          break
+      proc.stdout.read()
+      proc.wait(timeout=120)
+    finally:
+      proc.kill()
+  lines = (tmp_path / 'err').read_text().strip().splitlines()
+  assert proc.returncode == 130 and not any('Traceback' in line for line in lines), lines[-20:]
+  assert lines[-1] == f'jaxcl: {sweep.INTERRUPTED}'
+  scored = json.loads((workdir / 'sweep.json').read_text())['rungs'][0]['scores']
+  assert list(scored) == ['0.1']
+  done = jaxcl(*args)  # the same command resumes: tau-0.1's score is kept, not trained again
+  assert 'rung 1/2: tau-0.1' not in done.stdout and 'rung 1/2: tau-0.5' in done.stdout
+  record = json.loads((workdir / 'sweep.json').read_text())
+  assert record['rungs'][0]['scores']['0.1'] == scored['0.1'] and 'winner' in record
+
+
+def test_orbax_errors_of_a_save_cut_by_ctrl_c_are_not_printed():
+  # A second Ctrl-C that lands in orbax's wait for its writer makes orbax log
+  # the KeyboardInterrupt as an error; jaxcl's own line says it stopped.
+  script = (
+      'from absl import logging\n'
+      'from jaxcl import cli\n'
+      'cli._quiet()\n'
+      'for error in (KeyboardInterrupt, ValueError):\n'
+      '  try:\n'
+      '    raise error()\n'
+      '  except BaseException:\n'
+      '    logging.exception("Save Finalize thread (save_finalize) failed: %s", error.__name__)\n')
+  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
+                        check=True, timeout=120)
+  lines = proc.stderr.strip().splitlines()  # the other error, in one line, is kept
+  assert len(lines) == 1 and lines[0].endswith('Save Finalize thread (save_finalize) failed: '
+                                               'ValueError'), lines

@@ -8,7 +8,7 @@ import re
 import pytest
 
 import messages
-from helpers import DIGITS_CONFIG, jaxcl, tiny_overrides
+from helpers import DIGITS_CONFIG, jaxcl, tiny_config, tiny_overrides
 from jaxcl import config as config_lib
 from jaxcl import sweep
 
@@ -18,17 +18,71 @@ RUN = ['--config.total_steps=6', '--config.log_every_steps=3', '--config.eval_ev
 
 def test_parse_temperatures():
   assert sweep.parse_temperatures('0.05, 0.1,learnable') == ['0.05', '0.1', 'learnable']
-  for bad in ('', '0.1,-1', '0.1,hot', '0.1,0.1', '0.1,0.10', '1,1.0'):
+  for bad in ('', '0.1,,0.2', '0.1,', ',0.1', '0.1,hot', '0.1,0.1', '0.1,0.10', '1,1.0'):
     with pytest.raises(config_lib.ConfigError):
       sweep.parse_temperatures(bad)
+  # Neither is a τ, and both are told so alike.
+  messages_of = {}
+  for bad in ('nan', 'inf', '-inf'):
+    with pytest.raises(config_lib.ConfigError) as e:
+      sweep.parse_temperatures(f'0.1,{bad}')
+    messages_of[bad] = str(e.value).replace(bad, 'X')
+  assert len(set(messages_of.values())) == 1, messages_of
+
+
+def test_run_configs_take_tau_as_train_takes_temperature_init():
+  config = tiny_config()  # temperature.min 0.01, max 1.0
+  for tau, problem in (('5', 'temperature.init 5.0 must lie in [temperature.min, '
+                               'temperature.max] = [0.01, 1.0]'),
+                       ('1e-9', 'temperature.init 1e-09 must lie in [temperature.min, '
+                                'temperature.max] = [0.01, 1.0]'),
+                       ('0', 'temperature.init must be > 0, got 0.0'),
+                       ('-1', 'temperature.init must be > 0, got -1.0')):
+    with pytest.raises(config_lib.ConfigError) as e:
+      sweep.run_configs(config, ['0.1', tau])
+    assert str(e.value) == f'--temperatures {tau}: {problem}'
+    with pytest.raises(config_lib.ConfigError) as e:  # as jaxcl train's validation of the run
+      config_lib.validate(tiny_config(**{'temperature.init': tau, 'temperature.mode': 'fixed'}))
+    assert str(e.value) == problem
+  config.temperature.max = 5.0  # a wider range takes it
+  assert sweep.run_configs(config, ['5'])['5'].temperature.init == 5.0
 
 
 def test_run_config_sets_the_mode():
   base = config_lib.base_config()
-  fixed = sweep.run_config(base, '2.0')
+  fixed = sweep.run_config(base, '0.5')
   assert (fixed.temperature.mode, fixed.temperature.init, fixed.temperature.max) == (
-      'fixed', 2.0, 2.0)
+      'fixed', 0.5, base.temperature.max)
   assert sweep.run_config(base, 'learnable').temperature.mode == 'learnable'
+
+
+def test_a_sweep_folder_is_refused_to_other_settings(tmp_path):
+  config, values = tiny_config(), ['0.1', 'learnable']
+  halving = sweep.settings(config, values, 'halving', eta=2, holdout=0.2, monitor='')
+  sweep.prepare(config, tmp_path, values, halving, writer=True)  # records them, trains nothing
+  other = {
+      'holds a halving sweep, not grid (--search=grid)': sweep.settings(config, values),
+      'holds a sweep of --temperatures=0.1,learnable, not 0.1': sweep.settings(
+          config, ['0.1'], 'halving', eta=2, holdout=0.2, monitor=''),
+      'holds a sweep with --holdout=0.2, not --holdout=0.1': sweep.settings(
+          config, values, 'halving', eta=2, holdout=0.1, monitor=''),
+      'holds a sweep with no --monitor, not --monitor=linear_top1': sweep.settings(
+          config, values, 'halving', eta=2, holdout=0.2, monitor='linear_top1'),
+      'holds a sweep with a different config (total_steps: 600 there, 1200 now)': sweep.settings(
+          tiny_config(total_steps=1200), values, 'halving', eta=2, holdout=0.2, monitor=''),
+      # eval changes what the runs report: a rerun may not mix two evaluations
+      'holds a sweep with a different config (eval.knn_k: 20 there, 5 now)': sweep.settings(
+          tiny_config(**{'eval.knn_k': 5}), values, 'halving', eta=2, holdout=0.2, monitor=''),
+  }
+  for message, settings in other.items():
+    with pytest.raises(config_lib.ConfigError) as e:
+      sweep.check_settings(tmp_path, settings)
+    assert str(e.value).startswith(f'{tmp_path} {message}'), str(e.value)
+  # How and where the runs go may change: another machine, more frequent logs.
+  elsewhere = tiny_config(**{'dataset.data_dir': str(tmp_path), 'log_every_steps': 7,
+                             'mesh.data': 1})
+  assert sweep.check_settings(tmp_path, sweep.settings(
+      elsewhere, values, 'halving', eta=2, holdout=0.2, monitor=''))['search'] == 'halving'
 
 
 @pytest.fixture(scope='module')
@@ -97,15 +151,13 @@ def test_sweep_rerun_with_another_config_is_refused(swept):
 
 
 @pytest.mark.slow  # a real sweep of two runs
-def test_sweep_reevaluates_a_run_whose_results_are_unreadable_or_stale(swept):
+def test_sweep_reevaluates_a_run_whose_results_are_unreadable(swept):
   workdir, _ = swept
   (workdir / 'tau-0.1' / 'eval.json').write_text('{"step": 6, "knn_to')  # cut short
   proc = jaxcl('sweep', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
-               '--temperatures=0.1,learnable', *tiny_overrides(), *RUN, '--config.eval.knn_k=5')
-  # Both runs are evaluated again: one had no readable results, and knn_k
-  # (a key a run may change) is new for both; neither is trained further.
-  assert proc.stdout.count('training tau-') == 2 and 'is finished, skipped' not in proc.stdout
-  for run in ('tau-0.1', 'tau-learnable'):
-    assert json.loads((workdir / run / 'eval.json').read_text())['step'] == 6
-    assert json.loads((workdir / run / 'config.json').read_text())['eval']['knn_k'] == 5
-    assert 'resuming from step 6' in proc.stdout
+               '--temperatures=0.1,learnable', *tiny_overrides(), *RUN)
+  # tau-0.1 is evaluated again, not trained further; tau-learnable is done.
+  assert proc.stdout.count('training tau-') == 1 and 'training tau-0.1' in proc.stdout
+  assert 'tau-learnable is finished, skipped' in proc.stdout
+  assert 'resuming from step 6' in proc.stdout
+  assert json.loads((workdir / 'tau-0.1' / 'eval.json').read_text())['step'] == 6

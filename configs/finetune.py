@@ -5,7 +5,7 @@
       --config.dataset.name=coco_captions --config.dataset.text_key=captions/text
 
 The workdir's own config (architecture, tokenizer, image size and
-normalization, τ) with every weight loaded from it (init.from), trained at
+normalization, τ) with every weight loaded from it (init.source), trained at
 open_clip's fine-tuning scale: AdamW at 1e-5 with 500 warm-up steps, weight
 decay 0.1, batch 256, 5,000 steps. LiT on top of it: add
 --config.optimizer.frozen='image_encoder/.*' (the image tower locked).

@@ -214,11 +214,13 @@ def base_config():
   ))
 
   # Start from trained weights (a fresh run only; a resumed run reads its checkpoint):
-  # `from` is a jaxcl workdir or a directory `jaxcl import` reads (open_clip,
+  # `source` is a jaxcl workdir or a directory `jaxcl import` reads (open_clip,
   # transformers). `load` names the parts taken from it: () all of them (the same
   # architecture), or towers: 'image', 'text', 'temperature' (τ and SigLIP's bias).
-  # A ViT's position embeddings are interpolated to a new image size.
-  config.init = ml_collections.ConfigDict({'from': '', 'load': ()})
+  # A ViT's position embeddings are interpolated to a new image size. (`source` was
+  # `from` until 2026-12-07, a name config files and saved configs may still use:
+  # config_files.RENAMED_KEYS.)
+  config.init = ml_collections.ConfigDict(dict(source='', load=()))
 
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=512,
@@ -282,7 +284,7 @@ KEYS_ADDED_LATER = {
     # The zero-shot suite: earlier runs evaluated eval.zeroshot_dataset alone.
     'eval.zeroshot': [], 'eval.retrieval': [],
     # Starting from trained weights, frozen parameters (2026-12-01): from scratch, all trained.
-    'init.from': '', 'init.load': [], 'optimizer.frozen': [], 'optimizer.lr_multipliers': [],
+    'init.source': '', 'init.load': [], 'optimizer.frozen': [], 'optimizer.lr_multipliers': [],
     # Webdataset shards (2026-12-02): earlier runs read TFDS or image folders.
     'dataset.urls': '', 'dataset.eval_urls': '', 'dataset.eval_samples': 10000,
     'dataset.webdataset.image': 'jpg;png;jpeg;webp', 'dataset.webdataset.text': 'txt',
@@ -339,9 +341,9 @@ def _names(keys) -> str:
 
 def read_saved(workdir) -> dict:
   """The flattened config a run in `workdir` saved, completed with
-  KEYS_ADDED_LATER. ConfigError, naming the keys, if the file is not JSON, not
-  an object, lacks other keys, has keys jaxcl does not know, or values of the
-  wrong type."""
+  KEYS_ADDED_LATER, with keys renamed since under their new names. ConfigError,
+  naming the keys, if the file is not JSON, not an object, lacks other keys, has
+  keys jaxcl does not know, or values of the wrong type."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise ConfigError(f'{workdir} has no {CONFIG_FILE}: not a jaxcl workdir')
@@ -351,7 +353,7 @@ def read_saved(workdir) -> dict:
     raise ConfigError(f'{path} is not valid JSON ({errors.first_line(e)})') from None
   if not isinstance(saved, dict):
     raise ConfigError(f'{path} holds a JSON {type(saved).__name__}, not a config object')
-  saved, defaults = _flatten(saved), flat_config(base_config())
+  saved, defaults = config_files.with_new_names(_flatten(saved), path), flat_config(base_config())
   missing = [k for k in defaults if k not in saved and k not in KEYS_ADDED_LATER]
   if missing:
     raise ConfigError(f'{path} is not a whole jaxcl config: it lacks {len(missing)} key(s) '

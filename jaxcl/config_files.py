@@ -19,6 +19,12 @@ from jaxcl import errors
 
 ConfigFileError = errors.ConfigFileError
 
+# Keys renamed since a release, old dotted name -> new. Config files and saved
+# config.json files may still use the old name; the command line names the new
+# one (`init.from` could never be set there: config_flags parses a dotted key as
+# a Python expression, and `from` is a keyword).
+RENAMED_KEYS = {'init.from': 'init.source'}
+
 
 def load(spec: str) -> ml_collections.ConfigDict:
   """The ConfigDict of config file `spec` ('path.py' or 'path.py:arg')."""
@@ -50,7 +56,38 @@ def load(spec: str) -> ml_collections.ConfigDict:
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigFileError(f'config file {path}: get_config() returned '
                           f'{type(config).__name__}, not an ml_collections.ConfigDict')
+  use_new_names(config)
   return config
+
+
+def use_new_names(config) -> None:
+  """Moves the values a config file set under an old name (RENAMED_KEYS) to
+  the new one, in place (a locked config too), so that the rest of jaxcl,
+  and the config.json a run saves, see the new name only. A new name that is
+  set too wins: `--config.init.source=DIR` over an old file's init.from."""
+  for old, new in RENAMED_KEYS.items():
+    *group_path, old_leaf = old.split('.')
+    new_leaf = new.rsplit('.', 1)[-1]  # a rename within its group
+    group = config
+    for part in group_path:
+      group = group.get(part) if isinstance(group, ml_collections.ConfigDict) else None
+    if not isinstance(group, ml_collections.ConfigDict) or old_leaf not in group:
+      continue
+    with group.unlocked():
+      value = group[old_leaf]
+      del group[old_leaf]
+      if group.get(new_leaf, '') in ('', None):
+        group[new_leaf] = value
+
+
+def with_new_names(flat: dict, where: str) -> dict:
+  """A flattened config ({dotted key: value}) with RENAMED_KEYS' old names
+  replaced by the new ones."""
+  both = [old for old, new in RENAMED_KEYS.items() if old in flat and new in flat]
+  if both:
+    raise ConfigFileError(f'{where} has both {both[0]} and {RENAMED_KEYS[both[0]]} '
+                          f'(its new name)')
+  return {RENAMED_KEYS.get(key, key): value for key, value in flat.items()}
 
 
 def _describe(e: BaseException) -> str:
@@ -99,8 +136,10 @@ def _is_subsequence(short: str, long: str) -> bool:
 
 def check_overrides(config, args: list[str]) -> None:
   """ConfigFileError for the first override that names no key of `config`,
-  or that gives a tuple field a value not written as a tuple."""
+  names a key by its old name or a whole group of keys, or gives a tuple
+  field a value not written as a tuple."""
   for key, value in overrides(args):
+    _check_not_renamed(key, value)
     node, path, parts = config, [], key.split('.')
     for depth, part in enumerate(parts):
       if not isinstance(node, ml_collections.ConfigDict):
@@ -121,11 +160,26 @@ def check_overrides(config, args: list[str]) -> None:
                f'{where}the keys are {", ".join(sorted(node.keys()))})'))
       node = node[part]
       path.append(part)
+    # config_flags would replace the whole group with a dict's keys (those of
+    # `--config.init={'source': X}` lose init.load), unchecked.
+    if isinstance(node, ml_collections.ConfigDict):
+      raise ConfigFileError(f'--config.{key} names a group of keys ({", ".join(sorted(node))}): '
+                            f'set each one, --config.{key}.KEY=VALUE')
     # config_flags would read `--config.names=abc` for a tuple as ('a', 'b', 'c').
     if isinstance(node, (tuple, list)) and value is not None and not value.strip().startswith(
         ('(', '[')):
       raise ConfigFileError(f'--config.{key} takes a tuple, written (a, b) or [a, b]; '
                             f'got {value!r}')
+
+
+def _check_not_renamed(key: str, value: str | None) -> None:
+  """An override naming a key by its old name (RENAMED_KEYS): one line with
+  the flag to type instead."""
+  for old, new in RENAMED_KEYS.items():
+    if key == old or key.startswith(old + '.'):
+      raise ConfigFileError(f'--config.{key}: {old} is now called {new}; use '
+                            f'--config.{new}{key[len(old):]}'
+                            + ('' if value is None else f'={value}'))
 
 
 def _dotted_keys(node, prefix=''):

@@ -92,10 +92,10 @@ def architecture(config, name: str) -> None:
 def from_workdir(workdir):
   """The config of the run (or `jaxcl import`) in `workdir`, to train on
   from its weights: the same method, architecture, tokenizer, image size
-  and normalization, τ from where it ended, init.from set to the workdir;
+  and normalization, τ from where it ended, init.source set to the workdir;
   the schedule, dataset and evaluation are the caller's to set."""
   from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load_saved(workdir)
-  config.init.update({'from': str(workdir), 'load': ()})
+  config.init.update(source=str(workdir), load=())
   config.name = f'from {workdir}'
   return config

@@ -54,8 +54,8 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False,
         f'dataset {config.dataset.name!r} has {size} training example(s), fewer '
         f'than one batch of {config.batch_size}; lower batch_size or add data')
   eval_data = exp.method.open_eval_data(config, exp.dataset)
-  # A fresh run's init.from is read before the workdir is touched: a bad one leaves nothing.
-  initial = warm_start.initial_state(exp) if not resuming and config.init['from'] else None
+  # A fresh run's init.source is read before the workdir is touched: a bad one leaves nothing.
+  initial = warm_start.initial_state(exp) if not resuming and config.init.source else None
   # So is the step compiled (unless a live run holds the workdir, or the run is
   # done), and a step that cannot fit in memory refused.
   lock_lib.WorkdirLock(workdir).check_free()
@@ -104,7 +104,7 @@ def _restore(exp: Experiment, workdir, notes: list, initial=None):
     manager = checkpoints.checkpoint_manager(workdir, exp.config)
     notes += [f'jaxcl: checkpoint {step} does not restore ({error}); moved to {aside}'
               for step, error in failures]
-  if state is None:  # a fresh run: initialized, or init.from's weights
+  if state is None:  # a fresh run: initialized, or init.source's weights
     return manager, warm_start.initial_state(exp) if initial is None else initial, False
   return manager, state, True
 

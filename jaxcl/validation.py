@@ -293,12 +293,12 @@ def _check_param_groups(config):
                                    'optimizer.lr_multipliers')
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  check(isinstance(init['from'], str), f'init.from must be a path, got {init["from"]!r}')
+  check(isinstance(init.source, str), f'init.source must be a path, got {init.source!r}')
   unknown = [t for t in param_groups.as_patterns(init.load) if t not in presets.LOADABLE]
   check(not unknown, f'init.load: unknown part {unknown[0]!r}; choose from {presets.LOADABLE}'
         if unknown else '')
-  check(not init.load or bool(init['from']), 'init.load names parts, but init.from is empty')
-  # (Whether init.from exists matters only when a run starts fresh: jaxcl.warm_start.)
+  check(not init.load or bool(init.source), 'init.load names parts, but init.source is empty')
+  # (Whether init.source exists matters only when a run starts fresh: jaxcl.warm_start.)
 
 
 def _check_vit(m, image_size):

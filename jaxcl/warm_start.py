@@ -1,4 +1,4 @@
-"""`init.from`: a fresh run's weights taken from a trained jaxcl run or a
+"""`init.source`: a fresh run's weights taken from a trained jaxcl run or a
 published checkpoint (what `jaxcl import` reads), all of them or the parts
 `init.load` names.
 
@@ -27,7 +27,7 @@ from jaxcl import errors, files, param_groups
 def _source(path):
   """(params, batch_stats, method, tokenizer) of a workdir or a checkpoint directory."""
   if not epath.Path(path).is_dir():
-    raise errors.ConfigError(f'init.from {path} is not a directory (a jaxcl workdir or a '
+    raise errors.ConfigError(f'init.source {path} is not a directory (a jaxcl workdir or a '
                              f'checkpoint directory jaxcl import reads)')
   if files.is_run(path):
     from jaxcl import trained  # pylint: disable=g-import-not-at-top
@@ -62,7 +62,7 @@ def _renames(path, load, source_method, method, source_names) -> list[tuple[str,
     found = [(theirs[role], prefix) for role, prefix in mine.items()
              if role in theirs and has(theirs[role])]
     if not found:
-      raise errors.ConfigError(f'init.load: init.from {path} ({source_method.name}) has no '
+      raise errors.ConfigError(f'init.load: init.source {path} ({source_method.name}) has no '
                                f'{part!r} part')
     pairs += found
   return pairs
@@ -103,7 +103,7 @@ def _take(name, mine, source, their_name, path, image_encoder):
   resampled = (resample_positions(value, tuple(mine.shape))
                if name == f'{image_encoder}/position' else None)
   if resampled is None:
-    raise errors.ConfigError(f'init.from {path}: {their_name} has shape {value.shape}, this '
+    raise errors.ConfigError(f'init.source {path}: {their_name} has shape {value.shape}, this '
                              f'model\'s {name} {tuple(mine.shape)}')
   return resampled
 
@@ -117,7 +117,7 @@ def _fill(state, source: dict, renames, path, everything: bool, image_encoder: s
   for name, (_, leaf) in zip(names, leaves):
     theirs = _source_name(name, renames)
     if theirs is not None and theirs not in source:
-      raise errors.ConfigError(f'init.from {path} has no {theirs} for this model\'s {name}'
+      raise errors.ConfigError(f'init.source {path} has no {theirs} for this model\'s {name}'
                                + ('' if renames else '; name the parts to load in init.load'))
     used.add(theirs)
     if theirs is None:
@@ -127,16 +127,16 @@ def _fill(state, source: dict, renames, path, everything: bool, image_encoder: s
     out.append(jax.make_array_from_callback(value.shape, leaf.sharding, lambda i, v=value: v[i]))
   extra = sorted(set(source) - used)
   if everything and extra:
-    raise errors.ConfigError(f'init.from {path} has {extra[0]}, which this model lacks; name '
+    raise errors.ConfigError(f'init.source {path} has {extra[0]}, which this model lacks; name '
                              f'the parts to load in init.load')
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def initial_state(exp):
-  """The state a fresh run starts from: initialized, then with init.from's
+  """The state a fresh run starts from: initialized, then with init.source's
   weights where init.load says."""
   state = exp.init_state()
-  path = exp.config.init['from']
+  path = exp.config.init.source
   if not path:
     return state
   load = param_groups.as_patterns(exp.config.init.load)
@@ -165,13 +165,13 @@ def _check_filled(path, load, renames, method, params) -> None:
 def _check_same_tokenizer(path, theirs, mine):
   """A text tower is only the same tower with the same token ids."""
   if theirs is None:
-    raise errors.ConfigError(f'init.from {path} has no text tower to load')
+    raise errors.ConfigError(f'init.source {path} has no text tower to load')
   a, b = theirs.spec(), mine.spec()
   differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                   and k not in ('model_file', 'vocab_file'))
   if differ:
     k = differ[0]
-    raise errors.ConfigError(f'init.from {path}: its text tower was trained with another '
+    raise errors.ConfigError(f'init.source {path}: its text tower was trained with another '
                              f'tokenizer ({k}: {a.get(k)!r} there, {b.get(k)!r} in this config); '
                              f'use the same text.* tokenizer settings')
 

@@ -313,10 +313,10 @@ import json, os, sys, time, traceback
 import jax  # imported, not initialized: every child initializes its own backend
 from jaxcl import cli, config, distributed  # noqa: F401
 
-cases, out = json.loads(sys.argv[1]), sys.argv[2]
+cases, out, parse_only = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] == 'parse_only'
 results = []
 for i, argv in enumerate(cases):
-  err_path = os.path.join(out, f'{i}.err')
+  err_path, config_path = os.path.join(out, f'{i}.err'), os.path.join(out, f'{i}.json')
   pid = os.fork()
   if pid == 0:
     fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -325,7 +325,17 @@ for i, argv in enumerate(cases):
     code = 1
     sys.argv = ['jaxcl'] + argv  # config_flags reads the overrides from sys.argv
     try:
-      cli.main(sys.argv)
+      if parse_only:  # the command line as `jaxcl` reads it; the command does not run
+        try:
+          cli._parse(argv[0], argv[1:])  # pylint: disable=protected-access
+        except cli.UsageError as e:
+          print(f'jaxcl: error: {e}', file=sys.stderr)
+          sys.exit(2)
+        with open(config_path, 'w') as f:
+          json.dump(config.flat_config(cli._CONFIG.value), f)  # pylint: disable=protected-access
+        code = 0
+      else:
+        cli.main(sys.argv)
     except SystemExit as e:
       code = e.code if isinstance(e.code, int) else 1
     except BaseException:  # a traceback the test will show
@@ -343,19 +353,23 @@ for i, argv in enumerate(cases):
       break
     time.sleep(0.01)
   results.append({'code': os.waitstatus_to_exitcode(status),
-                  'stderr': open(err_path, errors='replace').read()})
+                  'stderr': open(err_path, errors='replace').read(),
+                  'config': json.load(open(config_path)) if os.path.exists(config_path) else None})
 print(json.dumps(results))
 '''
 
 
-def cli_in_forks(cases, tmp_path, devices: int = 1) -> list:
-  """[{'code': exit code, 'stderr': text}] of `jaxcl ARGV` for each ARGV in
-  `cases`, each in its own fork (killed if it runs past 60 s: an input
-  that was not refused started training)."""
+def cli_in_forks(cases, tmp_path, devices: int = 1, parse_only: bool = False) -> list:
+  """[{'code': exit code, 'stderr': text, 'config'}] of `jaxcl ARGV` for each
+  ARGV in `cases`, each in its own fork (killed if it runs past 60 s: an input
+  that was not refused started training). parse_only: each fork parses ARGV
+  as `jaxcl` does and stops; 'config' is the config it read, flattened
+  ({dotted key: value}, as config.json holds it), or None."""
   import json  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-c', _FORK_DRIVER, json.dumps(cases), str(tmp_path)],
+  proc = subprocess.run([sys.executable, '-c', _FORK_DRIVER, json.dumps(cases), str(tmp_path),
+                         'parse_only' if parse_only else 'run'],
                         env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])

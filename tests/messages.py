@@ -62,6 +62,15 @@ CONFIG = {
         "jaxcl: error: dataset 'digits' has no split 'validation' (it has train, test)",
     'method':
         "jaxcl: error: method must be one of ('simclr', 'clip', 'siglip'), got 'moco'",
+    'init source missing':
+        'jaxcl: error: init.source /no/such/run is not a directory (a jaxcl workdir or a '
+        'checkpoint directory jaxcl import reads)',
+    'init old name':
+        'jaxcl: error: --config.init.from: init.from is now called init.source; use '
+        '--config.init.source=/no/such/run',
+    'init as a group':
+        'jaxcl: error: --config.init names a group of keys (load, source): set each one, '
+        '--config.init.KEY=VALUE',
     'clip text heads':
         'jaxcl: error: text.width 64 is not divisible by text.heads 5',
     'clip text length':

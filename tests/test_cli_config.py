@@ -34,6 +34,10 @@ BAD = {
     'image key': (['--config.dataset.image_key=img'], "has no feature 'img'"),
     'eval split': (['--config.dataset.eval_test_split=validation'], "has no split 'validation'"),
     'method': (['--config.method=moco'], 'method must be one of'),
+    # init.source was init.from, which config_flags could not parse (`from` is a keyword).
+    'init source missing': (['--config.init.source=/no/such/run'], 'is not a directory'),
+    'init old name': (['--config.init.from=/no/such/run'], 'init.from is now called init.source'),
+    'init as a group': (["--config.init={'source': '/no/such/run'}"], 'names a group of keys'),
 }
 # Two-tower (CLIP) configs: text tower, tokenizer, ViT, caption data.
 BAD_CLIP = {

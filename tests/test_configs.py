@@ -3,15 +3,18 @@ placeholder dataset) and builds its model; the ViT-B/16 tower has the
 published parameter count."""
 
 import glob
+import json
+import keyword
 import os
 
 import jax
+import ml_collections
 import pytest
 from flax import nnx
 
-from helpers import REPO, tiny_config
+from helpers import CLIP_CONFIG, REPO, cli_in_forks, tiny_config
 from jaxcl import config as config_lib
-from jaxcl import data, methods, models, tokenizers
+from jaxcl import config_files, data, methods, models, tokenizers
 
 # finetune.py takes a workdir (FILE:ARG): tests/test_finetune.py checks it on a run.
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
@@ -76,3 +79,104 @@ def test_config_files_load_without_the_runtime():
           '"orbax") if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '[]'
+
+
+# ------------------------------------------------- every key from the command line ---
+# Each key of each shipped config set with --config.KEY=VALUE, as a user types
+# it, through `jaxcl train`'s own parsing (config_files' checks, then
+# ml_collections' config_flags), must arrive in the parsed config. The kinds of
+# key: strings (empty ones too), integers, floats, booleans, tuples (empty, of
+# numbers, of strings; finetune.py's, read back from a config.json, are lists),
+# and None placeholders (dataset.data_dir: set to a path; None itself is the
+# flag left out). Groups of keys (ConfigDicts) are set key by key.
+
+
+def _leaves(node, prefix=''):
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def _typed(value) -> str:
+  """VALUE as a user writes it after --config.KEY=."""
+  if isinstance(value, str):
+    return value
+  return repr(tuple(value)) if isinstance(value, (tuple, list)) else repr(value)
+
+
+def _other(value):
+  """A different value of the same kind: the flag must change the config."""
+  if value is None:
+    return '/data/tensorflow_datasets'
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, (int, float)):
+    return value + (1 if isinstance(value, int) else 0.5)
+  if isinstance(value, str):
+    return value + '_x'
+  return tuple(value) + tuple(value[:1]) if value else ('x',)
+
+
+def _as_saved(value):
+  return list(value) if isinstance(value, (tuple, list)) else value
+
+
+@pytest.fixture(scope='module')
+def shipped_specs(tmp_path_factory):
+  """Every configs/*.py as `jaxcl train --config` takes it (finetune.py with a workdir)."""
+  workdir = tmp_path_factory.mktemp('imported')
+  config_lib.save(config_files.load(CLIP_CONFIG), workdir)  # what finetune.py reads
+  paths = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
+  return [p + (f':{workdir}' if p.endswith('finetune.py') else '') for p in paths]
+
+
+def test_every_key_of_every_shipped_config_is_settable_from_the_command_line(
+    shipped_specs, tmp_path):
+  cases, wanted = [], []
+  for spec in shipped_specs:
+    keys = dict(_leaves(config_files.load(spec)))
+    assert not [k for k in keys if any(keyword.iskeyword(p) for p in k.split('.'))], (
+        f'{spec}: a key named by a Python keyword, which config_flags cannot parse')
+    own = {k: v for k, v in keys.items() if v is not None}
+    for values in (own, {k: _other(v) for k, v in keys.items()}):
+      cases.append(['train', '--config', spec, '--workdir', str(tmp_path / 'never'),
+                    *(f'--config.{k}={_typed(v)}' for k, v in values.items())])
+      wanted.append((spec, values))
+  for (spec, values), result in zip(wanted, cli_in_forks(cases, tmp_path, parse_only=True)):
+    assert result['code'] == 0, (spec, result['stderr'])
+    got = result['config']
+    wrong = {k: (v, got.get(k)) for k, v in values.items() if got.get(k) != _as_saved(v)}
+    assert not wrong, (spec, wrong)
+  assert not (tmp_path / 'never').exists()
+
+
+def test_workdirs_saved_with_init_from_still_load_and_resume(tmp_path):
+  """init.source was init.from until 2026-12-07: a config.json written
+  before reads as init.source, and resumes under a config naming it so."""
+  config = config_lib.base_config()
+  config.init.update(source=str(tmp_path / 'pretrained'), load=('image',))
+  saved = json.loads(config.to_json_best_effort())
+  saved['init'] = {'from': saved['init'].pop('source'), 'load': saved['init']['load']}
+  (tmp_path / config_lib.CONFIG_FILE).write_text(json.dumps(saved))
+  loaded = config_lib.load_saved(tmp_path)
+  assert loaded.init.source == str(tmp_path / 'pretrained') and 'from' not in loaded.init
+  config_lib.check_resumable(config, tmp_path)  # no error
+  config_lib.save(loaded, tmp_path / 'again')  # and it is saved under the new name
+  assert json.loads((tmp_path / 'again' / config_lib.CONFIG_FILE).read_text())['init'] == {
+      'source': str(tmp_path / 'pretrained'), 'load': ['image']}
+
+
+def test_config_files_setting_init_from_still_work(tmp_path):
+  """A config file written for the old name (any of the ways one sets it)
+  loads with init.source set."""
+  for i, line in enumerate(["config.init.update({'from': '/runs/a', 'load': ('image',)})",
+                            "config.init['from'] = '/runs/a'",
+                            "config.init = ml_collections.ConfigDict({'from': '/runs/a', "
+                            "'load': ('image',)})"]):
+    path = tmp_path / f'old{i}.py'
+    path.write_text('import ml_collections\nfrom jaxcl.config import base_config\n\n'
+                    f'def get_config():\n  config = base_config()\n  {line}\n  return config\n')
+    config = config_files.load(str(path))
+    assert config.init.source == '/runs/a' and 'from' not in config.init, line

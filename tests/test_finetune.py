@@ -1,6 +1,6 @@
 """Fine-tuning and LiT: frozen parameter groups (no update, no optimizer
 state, no backward pass through a frozen tower, batch norms in inference
-mode), learning-rate multipliers against hand-computed SGD steps, init.from
+mode), learning-rate multipliers against hand-computed SGD steps, init.source
 (all weights, or parts by role: a SimCLR encoder as CLIP's image tower),
 and position embeddings resampled as torch resamples them."""
 
@@ -138,7 +138,7 @@ def trained_clip(tmp_path_factory):
 
 def test_init_from_a_workdir_loads_every_weight(trained_clip):
   workdir, weights = trained_clip
-  exp = _clip(**{'init.from': str(workdir)})
+  exp = _clip(**{'init.source': str(workdir)})
   state = warm_start.initial_state(exp)
   got = _flat(state.params)
   assert got.keys() == weights.keys()
@@ -155,7 +155,7 @@ def test_finetune_config_starts_from_every_weight_of_a_workdir(trained_clip):
   config = config_files.load(f'{helpers.REPO}/configs/finetune.py:{workdir}')
   config.batch_size = 16
   validation.validate(config)
-  assert config.init['from'] == str(workdir) and config.optimizer.learning_rate == 1e-5
+  assert config.init.source == str(workdir) and config.optimizer.learning_rate == 1e-5
   exp = experiment.setup(config, devices=jax.devices()[:1])
   got = _flat(warm_start.initial_state(exp).params)
   assert got.keys() == weights.keys()
@@ -164,7 +164,7 @@ def test_finetune_config_starts_from_every_weight_of_a_workdir(trained_clip):
 
 def test_init_load_takes_only_the_named_towers(trained_clip):
   workdir, weights = trained_clip
-  exp = _clip(**{'init.from': str(workdir), 'init.load': ('text',)})
+  exp = _clip(**{'init.source': str(workdir), 'init.load': ('text',)})
   fresh, got = _flat(exp.init_state().params), _flat(warm_start.initial_state(exp).params)
   for name in weights:
     want = weights[name] if name.startswith('text_') else fresh[name]
@@ -184,7 +184,7 @@ def test_simclr_encoder_becomes_clips_image_tower(tmp_path):
   config.model.update({k: simclr_config.model[k] for k in ('name', 'stage_sizes', 'width',
                                                            'small_images')})
   config.augment.image_size = simclr_config.augment.image_size
-  config.init.update({'from': str(tmp_path / 'simclr'), 'load': ('image',)})
+  config.init.update(source=str(tmp_path / 'simclr'), load=('image',))
   exp = experiment.setup(config, devices=jax.devices()[:1])
   loaded = warm_start.initial_state(exp)
   params, source = _flat(loaded.params), _flat(state.params)
@@ -216,7 +216,7 @@ def test_position_embeddings_resample_as_torch_does(extra):
 
 def test_init_from_another_image_size_resamples_positions(trained_clip):
   workdir, weights = trained_clip
-  exp = _clip(**{'init.from': str(workdir), 'augment.image_size': 48})
+  exp = _clip(**{'init.source': str(workdir), 'augment.image_size': 48})
   got = _flat(warm_start.initial_state(exp).params)
   assert got['image_encoder/position'].shape[1] > weights['image_encoder/position'].shape[1]
   np.testing.assert_array_equal(got['image_encoder/blocks/0/mlp_in/kernel'],
@@ -233,10 +233,10 @@ def test_bad_groups_and_sources_are_config_errors(trained_clip):
     config.optimizer.lr_multipliers = ('text_proj/.*',)
     validation.validate(config)
   with pytest.raises(errors.ConfigError, match='another tokenizer'):
-    warm_start.initial_state(_clip(**{'init.from': str(workdir), 'text.max_length': 40}))
+    warm_start.initial_state(_clip(**{'init.source': str(workdir), 'text.max_length': 40}))
   with pytest.raises(errors.ConfigError, match=r"this model \(simclr\) has no 'text' part"):
     simclr = experiment.setup(tiny_config(DIGITS_CONFIG), devices=jax.devices()[:1])
-    simclr.config.init.update({'from': str(workdir), 'load': ('text',)})
+    simclr.config.init.update(source=str(workdir), load=('text',))
     warm_start.initial_state(simclr)
 
 
@@ -249,7 +249,7 @@ def test_parts_the_source_lacks_keep_their_init(tmp_path):
   source = experiment.setup(source_config, devices=jax.devices()[:1])
   state = source.init_state()
   _save_workdir(source, state, tmp_path / 'source')
-  exp = _clip(**{'model.embed_dim': 32, 'init.from': str(tmp_path / 'source'),
+  exp = _clip(**{'model.embed_dim': 32, 'init.source': str(tmp_path / 'source'),
                  'init.load': ('image',)})
   got, fresh, want = (_flat(warm_start.initial_state(exp).params),
                       _flat(exp.init_state().params), _flat(state.params))
@@ -261,18 +261,18 @@ def test_parts_the_source_lacks_keep_their_init(tmp_path):
 
 def test_loading_a_part_this_model_lacks_is_an_error(trained_clip):
   workdir, _ = trained_clip
-  exp = _clip(**{'init.from': str(workdir), 'init.load': ('temperature',),
+  exp = _clip(**{'init.source': str(workdir), 'init.load': ('temperature',),
                  'temperature.mode': 'fixed'})
   with pytest.raises(errors.ConfigError, match="init.load 'temperature'"):
     warm_start.initial_state(exp)
 
 
 def test_a_bad_init_from_leaves_the_workdir_untouched(tmp_path):
-  """init.from is read before the workdir is held: a missing source is a
+  """init.source is read before the workdir is held: a missing source is a
   one-line error and the workdir stays empty (trainable with a fixed config)."""
   from jaxcl import train  # pylint: disable=g-import-not-at-top
   config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, batch_size=16)
-  config.init['from'] = str(tmp_path / 'nowhere')
+  config.init.source = str(tmp_path / 'nowhere')
   workdir = tmp_path / 'run'
   with pytest.raises(errors.ConfigError, match='is not a directory'):
     train.train_and_evaluate(config, workdir)

@@ -214,7 +214,7 @@ def _validate(config, num_devices, process_count, check_data) -> None:
           f'dataset.streams={d.streams} must divide batch_size {config.batch_size} and be a '
           f'multiple of the {process_count} process(es)')
   if check_data:
-    _check_dataset(config.dataset)
+    _check_dataset(config.dataset, process_count)
   zeroshot_suite.check(config, method.text_tower, check_data)
 
 
@@ -318,7 +318,7 @@ def _check_vit(m, image_size):
                                       f'got {v.act!r}')
 
 
-def _check_dataset(d):
+def _check_dataset(d, process_count: int):
   from jaxcl import data  # pylint: disable=g-import-not-at-top  # TFDS: only when validating
   if d.name == data.PAIRS:
     check(bool(d.path), f'dataset.path must name a JSONL or CSV file when dataset.name is '
@@ -329,7 +329,7 @@ def _check_dataset(d):
            f'dataset.pairs.test_fraction must be in [0, 1), got {d.pairs.test_fraction}')
     return
   if d.name == data.WEBDATASET:
-    _check_webdataset(d)
+    _check_webdataset(d, process_count)
     return
   if d.name == data.MIXTURE:
     check(bool(d.mixture), "dataset.mixture must list 'SOURCE=WEIGHT' entries when dataset.name "
@@ -338,7 +338,7 @@ def _check_dataset(d):
                             'read at that size)')
     for index, (sub, _, _) in enumerate(data.component_configs(d)):
       try:
-        _check_dataset(sub)
+        _check_dataset(sub, process_count)
       except ConfigError as e:
         raise ConfigError(f'dataset.mixture[{index}]: {e}') from None
     return
@@ -360,15 +360,21 @@ def _check_dataset(d):
            f'set --config.dataset.download=True')
 
 
-def _check_webdataset(d):
-  from jaxcl.data import shards  # pylint: disable=g-import-not-at-top
+def _check_webdataset(d, process_count: int):
+  """The shards exist and their first samples read (all of them, before
+  anything is compiled or written), and the streams can share them."""
+  from jaxcl.data import shard_sources, shards  # pylint: disable=g-import-not-at-top
   check(bool(d.urls), "dataset.urls must name the training shards when dataset.name is "
                       "webdataset ('DIR/shard-{000000..000099}.tar')")
   check(d.image_size > 0, 'dataset.image_size must be > 0 for webdataset shards (images are '
                           'cropped to it as they are decoded)')
   for key, what in (('urls', 'dataset.urls'), ('eval_urls', 'dataset.eval_urls')):
     if d[key]:
+      found = shards.expand_urls(d[key])
       try:
-        shards.check_shards(shards.expand_urls(d[key]), what)
+        shards.check_shards(found, what)
+        shards.check_readable(found, what)
       except errors.DatasetError as e:
         raise ConfigError(str(e)) from None
+      if key == 'urls':
+        shard_sources.check_streams(d.streams, len(found), process_count)

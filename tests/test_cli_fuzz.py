@@ -8,11 +8,12 @@ then forks a child per case (a fresh interpreter each would cost ~3 s)."""
 
 import os
 import random
+import tarfile
 
 import pytest
 
 import messages
-from helpers import DIGITS_CONFIG, cli_in_forks, tiny_config
+from helpers import CLIP_CONFIG, DIGITS_CONFIG, cli_in_forks, tiny_config
 
 NUM_CASES = 64
 
@@ -158,3 +159,46 @@ def test_random_bad_overrides_exit_2_with_one_line(tmp_path):
   if seed == 0:
     assert set(reviewed) == set(overrides), 'tests/messages.py lists other cases than seed 0 makes'
 
+
+@pytest.mark.slow  # CLI processes
+def test_bad_shard_urls_exit_2_before_anything_is_compiled(tmp_path):
+  """Shards that cannot be read (a folder, random bytes, an empty tar) and
+  more streams than shards: found before the compile, all in one line."""
+  folder = tmp_path / 'shards'
+  (folder / 'folder.tar').mkdir(parents=True)
+  (folder / 'sample.jpg').write_bytes(b'image bytes')  # the check reads them, not decodes
+  for name in ('good-0', 'good-1'):
+    with tarfile.open(folder / f'{name}.tar', 'w') as tar:
+      tar.add(folder / 'sample.jpg', arcname='000.jpg')
+  (folder / 'random.tar').write_bytes(random.Random(0).randbytes(20000))
+  tarfile.open(folder / 'empty.tar', 'w').close()
+  urls = lambda *names: '::'.join(f'{folder}/{name}.tar' for name in names)
+  cases = {  # overrides: the error's words
+      f'--config.dataset.urls={urls("folder")}':
+          f'1 of the 1 shards of dataset.urls cannot be read: {folder}/folder.tar (a folder); '
+          f'remove them from dataset.urls',
+      f'--config.dataset.urls={urls("good-0", "random")}':
+          f'1 of the 2 shards of dataset.urls cannot be read: {folder}/random.tar (not a tar '
+          f'file: ReadError: invalid header); remove them from dataset.urls',
+      f'--config.dataset.urls={urls("empty", "good-0")}':
+          f'1 of the 2 shards of dataset.urls cannot be read: {folder}/empty.tar (no sample); '
+          f'remove them from dataset.urls',
+      f'--config.dataset.urls={urls("good-0", "good-1")} --config.dataset.streams=4':
+          '4 data streams read 2 shards: some would read the same shard at once (the same rows '
+          'twice in a batch); set dataset.streams to at most 2, or write smaller shards',
+      f'--config.dataset.urls={urls("good-0", "folder", "random", "good-1", "empty")}':
+          f'3 of the 5 shards of dataset.urls cannot be read: {folder}/folder.tar (a folder), '
+          f'{folder}/random.tar (not a tar file: ReadError: invalid header), {folder}/empty.tar '
+          f'(no sample); remove them from dataset.urls',
+      f'--config.dataset.urls={urls("good-0")} --config.dataset.eval_urls={urls("random")}':
+          f'1 of the 1 shards of dataset.eval_urls cannot be read: {folder}/random.tar (not a '
+          f'tar file: ReadError: invalid header); remove them from dataset.eval_urls',
+  }
+  runs = [['train', '--config', CLIP_CONFIG, '--workdir', str(tmp_path / f'run{i}'),
+           '--config.dataset.name=webdataset', '--config.dataset.image_size=16',
+           *overrides.split(' ')] for i, overrides in enumerate(cases)]
+  results = cli_in_forks(runs, tmp_path)
+  for i, (overrides, result) in enumerate(zip(cases, results)):
+    assert result['code'] == 2, (overrides, result)
+    assert result['stderr'] == f'jaxcl: error: {cases[overrides]}\n', overrides
+    assert not (tmp_path / f'run{i}').exists(), overrides

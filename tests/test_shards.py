@@ -12,6 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+import helpers
 from jaxcl import errors
 from jaxcl.data import decode, shards, stream
 
@@ -177,7 +178,8 @@ def test_bad_samples_of_each_kind_are_skipped_counted_and_named(tmp_path):
                      ('nocaption', 'no caption (txt)'), ('emptycaption', 'empty caption (txt)'),
                      ('badlabel', 'label (cls) is not an integer'),
                      ('notutf8', 'caption (txt) is not UTF-8'), ('tiny', 'wrongly sized image'),
-                     ('part-1.tar after g2', 'truncated shard')]:
+                     ('part-1.tar after g2', 'truncated or corrupt: ReadError: unexpected end of '
+                                             'data; counted as 1 bad sample')]:
     assert any(where in line and why in line for line in it.bad), (where, why, bad)
   assert all(line.startswith(str(tmp_path)) for line in it.bad)
   read, skipped, rows = it.counts()[:, 0]
@@ -227,6 +229,98 @@ def test_a_missing_shard_is_named(tmp_path, corpus):
     shards.check_shards(shards.expand_urls(_urls(corpus, count=10)), 'dataset.urls')
   with pytest.raises(errors.DatasetError, match='cannot open shard .*nowhere'):
     shards.check_shards([str(tmp_path / 'nowhere' / 'a.tar')], 'dataset.urls')
+
+
+def _unreadable_shards(folder, corpus):
+  """Beside two good shards: a folder, random bytes, an empty tar, an empty
+  file and a tar cut off in its first member, each named as .tar."""
+  for s in range(2):
+    (folder / f'good-{s}.tar').write_bytes((corpus / f'shard-00000{s}.tar').read_bytes())
+  (folder / 'folder.tar').mkdir()
+  (folder / 'random.tar').write_bytes(np.random.default_rng(5).bytes(30000))
+  _write_tar(folder / 'empty.tar', [])
+  (folder / 'zero.tar').write_bytes(b'')
+  (folder / 'cut.tar').write_bytes((corpus / 'shard-000000.tar').read_bytes()[:1500])
+  return [str(folder / f'{name}.tar') for name in
+          ('good-0', 'folder', 'random', 'good-1', 'empty', 'zero', 'cut')]
+
+
+def test_unreadable_shards_are_named_together_before_the_run(tmp_path, corpus):
+  paths = _unreadable_shards(tmp_path, corpus)
+  with pytest.raises(errors.DatasetError) as raised:
+    shards.check_readable(paths, 'dataset.urls')
+  assert str(raised.value) == (
+      f'5 of the 7 shards of dataset.urls cannot be read: {tmp_path}/folder.tar (a folder), '
+      f'{tmp_path}/random.tar (not a tar file: ReadError: invalid header), {tmp_path}/empty.tar '
+      f'(no sample) and 2 more; remove them from dataset.urls')
+  assert [shards.first_sample_problem(p) for p in paths[-2:]] == [
+      'not a tar file: ReadError: empty file',
+      'truncated or corrupt: ReadError: truncated header']
+  shards.check_readable([paths[0], paths[3]], 'dataset.urls')  # good ones pass
+
+
+def test_unreadable_shards_on_gcs_are_named_alike(tmp_path, corpus, gcs_dir):
+  """The same check through epath's gs:// (a local GCS server): a folder
+  there is a prefix with objects under it."""
+  local = _unreadable_shards(tmp_path, corpus)
+  (tmp_path / 'folder.tar' / 'inside.txt').write_text('an object under the prefix')
+  helpers.upload_tree(tmp_path, gcs_dir)
+  with pytest.raises(errors.DatasetError) as raised:
+    shards.check_readable([p.replace(str(tmp_path), str(gcs_dir)) for p in local], 'dataset.urls')
+  assert str(raised.value) == (
+      f'5 of the 7 shards of dataset.urls cannot be read: {gcs_dir}/folder.tar (a folder), '
+      f'{gcs_dir}/random.tar (not a tar file: ReadError: invalid header), {gcs_dir}/empty.tar '
+      f'(no sample) and 2 more; remove them from dataset.urls')
+
+
+def test_a_shard_of_random_bytes_counts_as_its_samples(tmp_path, corpus):
+  """Met mid-run (corrupted after the check), a shard that is no tar counts
+  as the samples its size holds at the good shards' samples per byte, or
+  as sizes.json declares; so half the shards bad stops the run."""
+  for s in range(SHARDS):
+    data = (corpus / f'shard-{s:06d}.tar').read_bytes()
+    if s % 2:  # as large as a good shard: it stands for as many samples
+      data = np.random.default_rng(s).bytes(len(data))
+    (tmp_path / f'shard-{s:06d}.tar').write_bytes(data)
+  it = stream.StreamBatches(_mixture(None, streams=2, window=6, urls=_urls(tmp_path)),
+                            batch_size=8, process_index=0, process_count=1,
+                            positions=stream.start_positions(2))
+  while it.counts()[0, 0] < stream.MIN_SAMPLES_FOR_BAD_FRACTION:
+    next(it)
+  bad = [line for line in it.bad if 'shard-00000' in line and ' 0' not in line.split('.tar')[1]]
+  assert bad[0].endswith('.tar: not a tar file: ReadError: invalid header; counted as '
+                         f'{PER_SHARD} bad samples'), it.bad
+  read, skipped, rows = it.counts()[:, 0]
+  assert skipped == PER_SHARD * len(bad) and read == skipped + rows
+  from jaxcl import run_files
+  (tmp_path / 'workdir').mkdir()
+  _, stop = run_files.stream_metrics(tmp_path / 'workdir', it, max_bad_fraction=0.05)
+  assert stop is not None and 'not a tar file' in stop
+  it.close()
+  declared = tmp_path / 'declared'  # a folder whose sizes.json counts its shards
+  declared.mkdir()
+  (declared / 'bad.tar').write_bytes((tmp_path / 'shard-000001.tar').read_bytes())
+  (declared / 'sizes.json').write_text(json.dumps({'bad.tar': 30}))
+  assert shards.estimated_samples(str(declared / 'bad.tar'), (str(declared / 'bad.tar'),)) == 30
+
+
+@pytest.mark.parametrize('streams', [1, 2])
+def test_an_empty_shard_counts_alike_for_any_number_of_streams(tmp_path, corpus, streams):
+  """One empty tar beside a good shard (emptied after the check): each
+  stream skips it and counts it, instead of stopping with 'no sample in
+  any of the 2 shards' when its share of the epochs met it in a row."""
+  (tmp_path / 'shard-000000.tar').write_bytes((corpus / 'shard-000000.tar').read_bytes())
+  _write_tar(tmp_path / 'shard-000001.tar', [])
+  mixture = _mixture(None, streams=streams, window=4, urls=_urls(tmp_path, count=2))
+  it = stream.StreamBatches(mixture, batch_size=4, process_index=0, process_count=1,
+                            positions=stream.start_positions(streams))
+  captions = [c for _ in range(40) for c in next(it)['captions']]
+  it.close()
+  assert {int(c.split()[1]) for c in captions} == set(range(PER_SHARD))  # the good shard's
+  read, skipped, rows = it.counts()[:, 0]
+  assert rows == 160 and skipped > 0 and read == skipped + rows
+  assert all(line.endswith('shard-000001.tar: no sample; counted as 1 bad sample')
+             for line in it.bad)
 
 
 def test_random_crop_is_seeded_by_the_position(corpus):
@@ -281,7 +375,6 @@ def test_jaxcl_shard_writes_pairs_and_folders(tmp_path):
 def test_first_batch_from_shards_equals_the_tfds_path(tmp_path):
   """The shapes' first TFDS batch written to a shard, read back in order
   (one stream, window 1): the same images, labels and token ids."""
-  import helpers
   from jaxcl import data, tokenizers
   config = helpers.tiny_config(helpers.CLIP_CONFIG, helpers.TINY_TWO_TOWER)
   tokenizer = tokenizers.build_tokenizer(config.text)
@@ -351,7 +444,6 @@ def test_mixture_proportions_and_exact_resume(corpus):
 
 def test_a_mixture_by_config_of_shards_and_tfds(tmp_path):
   """A config's dataset.mixture: the shards of the shapes and the TFDS shapes."""
-  import helpers
   from jaxcl import config as config_lib
   from jaxcl import data
   config = helpers.tiny_config(helpers.CLIP_CONFIG, helpers.TINY_TWO_TOWER)

@@ -74,11 +74,9 @@ class Stream:
     machine."""
     if self.cfg.streams:
       return self.cfg.streams
+    check_streams(0, self.fewest_shards(), process_count)
     most = min([STREAMS_PER_PROCESS] + [len(c.shards) // process_count for c in self.components
                                         if isinstance(c, stream_lib.ShardComponent)])
-    if most < 1:
-      raise errors.ConfigError(f'{self.fewest_shards()} shard(s) for {process_count} processes: '
-                               f'each process needs shards of its own')
     return process_count * stream_lib.worker_count(batch_size // process_count, most)
 
   def fewest_shards(self) -> int | None:
@@ -99,11 +97,7 @@ class Stream:
     if positions.shape[1] != len(self.components):
       raise errors.ConfigError(f'the run read {positions.shape[1]} data source(s); the config '
                                f'names {len(self.components)}')
-    shards = self.fewest_shards()
-    if shards is not None and streams > shards:
-      raise errors.ConfigError(f'{streams} data streams read {shards} shards: some would read '
-                               f'the same shard at once (the same rows twice in a batch); set '
-                               f'dataset.streams to at most {shards}, or write smaller shards')
+    check_streams(streams, self.fewest_shards(), process_count)
     if streams % process_count or batch_size % streams:
       raise errors.ConfigError(
           f'the run reads {streams} data streams: the number of processes ({process_count}) '
@@ -117,6 +111,21 @@ class Stream:
                                     process_index=process_index, process_count=process_count,
                                     positions=positions, start_step=start_step,
                                     workers=self.workers(), tokenizer=tokenizer)
+
+
+def check_streams(streams: int, shards: int | None, process_count: int) -> None:
+  """Raises ConfigError when `streams` streams (0: as default_streams
+  chooses) cannot read `shards` shards (None: no shard source) over
+  `process_count` processes without two of them reading one shard."""
+  if shards is None:
+    return
+  if streams > shards:
+    raise errors.ConfigError(f'{streams} data streams read {shards} shards: some would read '
+                             f'the same shard at once (the same rows twice in a batch); set '
+                             f'dataset.streams to at most {shards}, or write smaller shards')
+  if shards < process_count:
+    raise errors.ConfigError(f'{shards} shard(s) for {process_count} processes: each process '
+                             f'needs shards of its own')
 
 
 def shard_component(cfg, with_text: bool, urls: str, what: str,
@@ -160,9 +169,8 @@ class ShardSamples:
     self.records, self.skipped = [], []
     for shard in shards:
       for sample in shards_lib.read_samples(shard):
-        if isinstance(sample, shards_lib.TruncatedShard):
-          where = f'{shard} after {sample.key}' if sample.key else shard
-          self.skipped.append((where, f'truncated shard: {sample.reason}'))
+        if isinstance(sample, shards_lib.BadShard):
+          self.skipped.append((sample.where, sample.why))
           continue
         record, why = decode_lib.decode(sample, fmt)
         if record is None:

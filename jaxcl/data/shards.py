@@ -7,8 +7,12 @@ DataComp and CC12M are distributed and open_clip reads them.
   or any epath scheme (``gs://``).
 - `read_samples`: one shard as a stream of samples ``{'__key__', ext:
   bytes, ...}``, read sequentially (one pass, bounded memory), from any
-  sample offset; a truncated member ends the shard with a `TruncatedShard`
-  marker instead of an exception.
+  sample offset; a shard that is not a tar, ends in the middle of a member
+  or holds no sample ends with a `BadShard` marker instead of an exception.
+- `check_readable`: every shard's first sample read (in threads) before a
+  run starts; the shards that cannot be read, named in one line.
+- `estimated_samples`: how many samples a shard that cannot be read stands
+  for (sizes.json, or its size at the samples per byte of a good shard).
 - `ShardWriter`: writes samples into numbered shards of about N bytes.
 - `sizes`: the sample counts a shard folder declares (``sizes.json``, as
   open_clip reads them), when it has them.
@@ -19,11 +23,15 @@ This module imports no other module of the package.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import re
+import sys
 import tarfile
+import time
 import zlib
+from concurrent import futures
 from typing import Iterator
 
 import braceexpand
@@ -34,6 +42,11 @@ from jaxcl import errors
 SOURCE_SEPARATOR = '::'
 SIZES_FILE = 'sizes.json'  # {shard file name: samples}, open_clip's convention
 MANIFEST_FILE = 'manifest.json'  # what `jaxcl shard` wrote, with its counts
+CHECK_THREADS = 32  # shards checked at once: object stores answer each request slowly
+PROGRESS_FROM = 1000  # shards: fewer are checked in seconds, without a progress line
+PROGRESS_EVERY_S = 10.0
+LISTED_PROBLEMS = 3  # unreadable shards named in the error (all are counted)
+REFERENCE_SHARDS = 3  # shards tried, in order, for the samples per byte of a good one
 
 # webdataset's rule: the key is the member's path up to the first dot of its
 # file name, the extension (lower-cased) everything after it.
@@ -85,12 +98,33 @@ def sizes(shards: list[str]) -> dict[str, int]:
   return counts
 
 
+# What a BadShard is: why its samples cannot be read.
+NOT_A_TAR = 'not a tar file'
+CUT_OFF = 'truncated or corrupt'
+NO_SAMPLE = 'no sample'  # an empty tar, or one of folders and files without an extension
+UNREADABLE = 'read failed'
+_CUT_OFF_ERRORS = ('truncated header', 'unexpected end of data')  # tarfile's ReadErrors
+
+
 @dataclasses.dataclass(frozen=True)
-class TruncatedShard:
-  """Where a shard stopped being readable: after `key` (None: at its start)."""
+class BadShard:
+  """A shard whose samples stop being readable after sample `key` (None:
+  from its start): `problem` is NOT_A_TAR, CUT_OFF, NO_SAMPLE or
+  UNREADABLE, `reason` the error; `samples`: how many bad samples it
+  counts for (the samples it holds past those read; set by the stream)."""
   shard: str
   key: str | None
-  reason: str
+  problem: str
+  reason: str = ''
+  samples: int = 1
+
+  @property
+  def where(self) -> str:
+    return f'{self.shard} after {self.key}' if self.key else self.shard
+
+  @property
+  def why(self) -> str:
+    return self.problem + (f': {self.reason}' if self.reason else '')
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -99,14 +133,14 @@ def split_name(name: str) -> tuple[str, str] | None:
   return (match.group(1), match.group(2).lower()) if match else None
 
 
-def read_samples(shard: str, skip: int = 0) -> Iterator[dict | TruncatedShard]:
+def read_samples(shard: str, skip: int = 0) -> Iterator[dict | BadShard]:
   """The samples of one shard in file order, from sample number `skip` on.
 
   A sample is ``{'__key__': key, '__shard__': shard, ext: bytes, ...}``.
   Members that are not regular files or have no extension are ignored (as
-  webdataset does). A shard that ends in the middle of a member, or whose
-  bytes are not a tar, ends with one TruncatedShard; a shard that cannot be
-  opened raises DatasetError (one line naming it).
+  webdataset does). A shard whose bytes are not a tar, that ends in the
+  middle of a member or that holds no sample ends with one BadShard; a
+  shard that cannot be opened raises DatasetError (one line naming it).
   """
   try:
     handle = epath.Path(shard).open('rb')
@@ -114,38 +148,150 @@ def read_samples(shard: str, skip: int = 0) -> Iterator[dict | TruncatedShard]:
     raise errors.DatasetError(f'cannot open shard {shard}: {errors.type_and_first_line(e)}') \
         from None
   with handle:
-    index, current, last_key = 0, None, None
+    yield from _samples_in(shard, handle, skip)
+
+
+def _samples_in(shard: str, handle, skip: int) -> Iterator[dict | BadShard]:
+  """read_samples of the open file `handle`."""
+  try:
+    # Stream mode: one sequential pass, which object stores serve well; '*':
+    # .tar.gz shards too. Opening reads the first header: bytes that are no tar fail here.
+    tar = tarfile.open(fileobj=handle, mode='r|*')
+  except (tarfile.TarError, zlib.error) as e:  # cut off in its first header, or no tar at all
+    problem = CUT_OFF if str(e) in _CUT_OFF_ERRORS else NOT_A_TAR
+    yield BadShard(shard, None, problem, errors.type_and_first_line(e))
+    return
+  except (EOFError, OSError) as e:
+    yield BadShard(shard, None, UNREADABLE, errors.type_and_first_line(e))
+    return
+  index, current, last_key = 0, None, None
+  with tar:
     try:
-      # Stream mode: one sequential pass, which object stores serve well; '*':
-      # .tar.gz shards too.
-      with tarfile.open(fileobj=handle, mode='r|*') as tar:
-        for member in tar:
-          if not member.isfile():
-            continue
-          parts = split_name(member.name)
-          if parts is None:
-            continue
-          key, extension = parts
-          if current is not None and key != current['__key__']:
-            if index >= skip:
-              yield current
-            last_key, current = current['__key__'], None
-            index += 1
-          if current is None:
-            current = {'__key__': key, '__shard__': shard}
-          # Skipped samples are still read: a stream has no random access.
-          data = tar.extractfile(member).read()
-          if len(data) != member.size:
-            raise tarfile.ReadError('unexpected end of data')
-          current[extension] = data
-          tar.members = []  # stream mode keeps every header read: a shard's worth
+      for member in tar:
+        if not member.isfile():
+          continue
+        parts = split_name(member.name)
+        if parts is None:
+          continue
+        key, extension = parts
+        if current is not None and key != current['__key__']:
+          if index >= skip:
+            yield current
+          last_key, current = current['__key__'], None
+          index += 1
+        if current is None:
+          current = {'__key__': key, '__shard__': shard}
+        # Skipped samples are still read: a stream has no random access.
+        data = tar.extractfile(member).read()
+        if len(data) != member.size:
+          raise tarfile.ReadError('unexpected end of data')
+        current[extension] = data
+        tar.members = []  # stream mode keeps every header read: a shard's worth
     except GeneratorExit:  # closed early (at exit: before the names below are gone)
       raise
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-      yield TruncatedShard(shard, last_key, errors.type_and_first_line(e))
+      yield BadShard(shard, last_key, CUT_OFF, errors.type_and_first_line(e))
       return
-    if current is not None and index >= skip:
-      yield current
+  if current is not None and index >= skip:
+    yield current
+  elif current is None and index == 0:
+    yield BadShard(shard, None, NO_SAMPLE)
+
+
+def first_sample_problem(shard: str) -> str | None:
+  """Why `shard` cannot be read as a webdataset shard ('a folder', not a
+  tar, ...), from its first sample alone; None when that sample reads."""
+  try:
+    handle = epath.Path(shard).open('rb')
+  except OSError as e:
+    problem = errors.type_and_first_line(e)
+  else:
+    with handle:
+      samples = _samples_in(shard, handle, 0)
+      first = next(samples, None)
+      samples.close()
+    if not isinstance(first, BadShard):
+      return None
+    problem = first.why
+  # Asked only now: one request less per good shard. (On gs:// a folder opens, as an empty file.)
+  return 'a folder' if _is_folder(shard) else problem
+
+
+def _is_folder(path: str) -> bool:
+  try:
+    return epath.Path(path).is_dir()
+  except OSError:
+    return False
+
+
+def check_readable(shards: list[str], what: str) -> None:
+  """Raises DatasetError when any of `shards` (named by `what`) cannot be
+  read: one line with their count and the first LISTED_PROBLEMS. The first
+  sample of each is read, CHECK_THREADS at once; with PROGRESS_FROM shards
+  or more, a progress line goes to stderr every PROGRESS_EVERY_S."""
+  problems = []
+  started = last_shown = time.monotonic()
+  with futures.ThreadPoolExecutor(min(CHECK_THREADS, max(1, len(shards)))) as pool:
+    for done, (shard, why) in enumerate(zip(shards, pool.map(first_sample_problem, shards)), 1):
+      if why is not None:
+        problems.append(f'{shard} ({why})')
+      if len(shards) >= PROGRESS_FROM and time.monotonic() - last_shown > PROGRESS_EVERY_S:
+        last_shown = time.monotonic()
+        print(f'jaxcl: checked {done} of the {len(shards)} shards of {what} '
+              f'({last_shown - started:.0f}s)', file=sys.stderr, flush=True)
+  if problems:
+    more = len(problems) - LISTED_PROBLEMS
+    raise errors.DatasetError(
+        f'{len(problems)} of the {len(shards)} shards of {what} cannot be read: '
+        + ', '.join(problems[:LISTED_PROBLEMS]) + (f' and {more} more' if more > 0 else '')
+        + f'; remove them from {what}')
+
+
+def estimated_samples(shard: str, shards: tuple[str, ...]) -> int:
+  """How many samples `shard`, one of `shards`, holds as far as can be told
+  without reading it: its count in sizes.json, else its size at the
+  samples per byte of the first of `shards` that reads whole (at least 1)."""
+  declared = _declared_sizes(shards)
+  if shard in declared:
+    return max(1, declared[shard])
+  return max(1, round(_size(shard) * _samples_per_byte(shards)))
+
+
+@functools.lru_cache(maxsize=8)
+def _declared_sizes(shards: tuple[str, ...]) -> dict[str, int]:
+  return sizes(list(shards))
+
+
+@functools.lru_cache(maxsize=8)
+def _samples_per_byte(shards: tuple[str, ...]) -> float:
+  """Of the first of `shards` (up to REFERENCE_SHARDS tried) whose count is
+  declared, or that reads whole; 0 when none does."""
+  for shard in shards[:REFERENCE_SHARDS]:
+    count = _declared_sizes(shards).get(shard) or _count_samples(shard)
+    size = _size(shard)
+    if count and size:
+      return count / size
+  return 0.0
+
+
+def _count_samples(shard: str) -> int:
+  """The samples of `shard`, 0 unless it reads whole."""
+  count = 0
+  try:
+    for sample in read_samples(shard):
+      if isinstance(sample, BadShard):
+        return 0
+      count += 1
+  except errors.DatasetError:
+    return 0
+  return count
+
+
+def _size(shard: str) -> int:
+  try:
+    return epath.Path(shard).stat().length
+  except OSError:
+    return 0
 
 
 class ShardWriter:

@@ -14,7 +14,9 @@ of that component:
 - records (`RecordComponent`, TFDS / pairs / folders): stream s reads the
   records at positions s, s + S, ... of the seeded epoch orders.
 
-Bad samples are skipped and counted. A stream's position in a component is
+Bad samples are skipped and counted; a shard that stops being readable
+counts as the samples it holds past those read (shards.estimated_samples).
+A stream's position in a component is
 seven integers (`POSITION_FIELDS`: window number, the shard cursor and
 sample offset where that window starts, samples of it taken; samples read,
 skipped; rows given), so a stream's output depends only on (seed, S, step,
@@ -93,14 +95,14 @@ class ShardComponent:
         items, order = reader.take(self.window), self._window_order(seed, salt, stream, window)
       item = items[order[taken]]
       crop_rng = np.random.default_rng([seed, salt, stream, window, taken])
-      taken, read = taken + 1, read + 1
-      if isinstance(item, shards_lib.TruncatedShard):
-        record, why = None, f'truncated shard: {item.reason}'
-        where = f'{item.shard} after {item.key}' if item.key else item.shard
+      if isinstance(item, shards_lib.BadShard):  # counts as the samples it holds unread
+        record, why, where, count = None, item.why, item.where, item.samples
+        why += f'; counted as {count} bad sample{"s" if count > 1 else ""}'
       else:
         record, why = decode_lib.decode(item, self.format, crop_rng)
-        where = f'{item["__shard__"]} {item["__key__"]}'
-      skipped += record is None
+        where, count = f'{item["__shard__"]} {item["__key__"]}', 1
+      taken, read = taken + 1, read + count
+      skipped += count if record is None else 0
       yield record, None if record else f'{where}: {why}', (
           window, cursor, offset, taken, read, skipped)
 
@@ -172,34 +174,34 @@ class _ShardReader:
 
   def __init__(self, component: ShardComponent, where: tuple, cursor: int, offset: int):
     self.component, self.where, self.cursor, self.offset = component, where, cursor, offset
-    self._samples = None
-    self._empty_in_a_row = 0
+    self._samples = self._shard = None
 
   def take(self, count: int) -> list:
-    """The next `count` items: sample dicts or shards.TruncatedShard."""
+    """The next `count` items: sample dicts, or a shards.BadShard for each
+    shard that stops being readable (standing for its samples not read)."""
     items = []
     while len(items) < count:
       if self._samples is None:
-        shard = self.component.shard(*self.where, self.cursor)
-        self._samples = shards_lib.read_samples(shard, skip=self.offset)
+        self._shard = self.component.shard(*self.where, self.cursor)
+        self._samples = shards_lib.read_samples(self._shard, skip=self.offset)
       item = next(self._samples, None)
-      if item is None or isinstance(item, shards_lib.TruncatedShard):
+      if item is None or isinstance(item, shards_lib.BadShard):
         if item is not None:
-          items.append(item)
-        self._next_shard(got_any=item is not None or self.offset > 0)
+          items.append(dataclasses.replace(item, samples=self._unread(item)))
+        self._samples, self.cursor, self.offset = None, self.cursor + 1, 0
         continue
       items.append(item)
       self.offset += 1
-      self._empty_in_a_row = 0
     return items
 
-  def _next_shard(self, got_any: bool):
-    self._samples, self.cursor, self.offset = None, self.cursor + 1, 0
-    self._empty_in_a_row = 0 if got_any else self._empty_in_a_row + 1
+  def _unread(self, bad: shards_lib.BadShard) -> int:
+    """The samples of the current shard past the `offset` read (an empty
+    one: none; it counts once): a function of the shards alone, so that a
+    resumed stream counts as the first did."""
+    if bad.problem == shards_lib.NO_SAMPLE:
+      return 1
     shards = self.component.shards
-    if self._empty_in_a_row > len(shards):
-      raise errors.DatasetError(f'no sample in any of the {len(shards)} shards '
-                                f'(first: {shards[0]})')
+    return max(1, shards_lib.estimated_samples(self._shard, shards) - self.offset)
 
 
 def stream_elements(mixture: Mixture, stream: int, rows: int, positions, start_step: int,

@@ -14,10 +14,16 @@ Where the cache lives (config key `compilation_cache_dir`):
           shared by every run of the user.
   'none'  no persistent cache.
   a path  that folder (local or gs://).
+
+With JAXCL_COMPILATION_STATS_DIR set, each process writes how many of its
+compiles used the cache and how many it found there to a file of that
+folder when it exits (the test suite reports its hit rate from them).
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import threading
 
@@ -35,7 +41,10 @@ JAX_ENV = 'JAX_COMPILATION_CACHE_DIR'
 MIN_COMPILE_SECONDS = 0.5
 _OBJECT_STORE_PREFIXES = ('gs://', 's3://')
 
+STATS_ENV = 'JAXCL_COMPILATION_STATS_DIR'
+
 _hits = 0
+_requests = 0
 _lock = threading.Lock()
 _listening = False
 
@@ -73,7 +82,7 @@ def enable(setting: str, workdir: str | None) -> str | None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs',
                       min(MIN_COMPILE_SECONDS,
                           jax.config.jax_persistent_cache_min_compile_time_secs))
-    _listen()
+    listen()
   return folder
 
 
@@ -98,14 +107,27 @@ def describe(from_cache: bool) -> str:
 
 
 def _on_event(event: str, **_) -> None:
-  global _hits
-  if event == '/jax/compilation_cache/cache_hits':
-    with _lock:
+  global _hits, _requests
+  with _lock:
+    if event == '/jax/compilation_cache/cache_hits':
       _hits += 1
+    elif event == '/jax/compilation_cache/compile_requests_use_cache':
+      _requests += 1
 
 
-def _listen() -> None:
+def write_stats() -> None:
+  """This process's counts so far to STATS_ENV's folder (one file per process)."""
+  if _requests and os.environ.get(STATS_ENV):
+    path = os.path.join(os.environ[STATS_ENV], f'{os.getpid()}.json')
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump({'requests': _requests, 'hits': _hits}, f)
+
+
+def listen() -> None:
+  """Counts this process's cache hits (hits()); and its compiles for
+  STATS_ENV's folder, when that is set."""
   global _listening
   if not _listening:
     jax.monitoring.register_event_listener(_on_event)
     _listening = True
+    atexit.register(write_stats)

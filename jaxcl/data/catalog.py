@@ -9,6 +9,7 @@ one "is it prepared" check. Of the package it imports only jaxcl.files.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import logging
 import pathlib
@@ -48,13 +49,26 @@ def quiet_absl():
 
 def prepare(builder, name: str) -> None:
   """Prepares the dataset `name` of `builder` (download_and_prepare, quietly),
-  announcing it in one line."""
-  print(f'jaxcl: preparing TFDS dataset {name!r} in {builder.data_dir_root} (once)', flush=True)
-  with quiet_tfds():
-    if files.is_object_store(builder.data_dir):
+  announcing it in one line. On a local disk, processes that prepare the
+  same dataset at once (a job's processes on one host, parallel test
+  workers) take turns, and those after the first find it prepared."""
+  if files.is_object_store(builder.data_dir):
+    _announce(builder, name)
+    with quiet_tfds():
       _prepare_and_upload(builder, name)
-    else:
-      builder.download_and_prepare()
+    return
+  root = pathlib.Path(builder.data_dir_root)
+  root.mkdir(parents=True, exist_ok=True)
+  with open(root / f'.jaxcl-preparing-{name}.lock', 'w', encoding='utf-8') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not is_prepared(builder):
+      _announce(builder, name)
+      with quiet_tfds():
+        builder.download_and_prepare()
+
+
+def _announce(builder, name: str) -> None:
+  print(f'jaxcl: preparing TFDS dataset {name!r} in {builder.data_dir_root} (once)', flush=True)
 
 
 def _prepare_and_upload(builder, name: str) -> None:

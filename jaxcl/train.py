@@ -163,7 +163,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
   step, timer = start_step, throughput.IntervalTimer()
   finite, preemption = guards.FiniteCheck(config, manager), guards.Preemption()
   profiler = profiling.StepProfiler(workdir, config.profile_steps, total)
-  bad_data = None
+  bad_data, data_metrics = None, {}
   try:
     while step < total:
       profiler.before(step + 1)
@@ -261,6 +261,9 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
     _close_after_failure(profiler, train_iter)  # a trace in progress, the workers
   summary = (', '.join(f'{k} {v:.4f}' for k, v in results.items())
              or f'no evaluation ({eval_data.skip_reason})')
+  skipped = int(data_metrics.get('skipped_samples', 0))  # the last log step's: step `total`
+  if skipped:  # bad samples, and those of shards that stopped being readable
+    summary += f'; {skipped} bad sample(s) skipped ({files.SKIPPED_SAMPLES_FILE})'
   writer.print(f'final (step {step}): {summary}  -> {workdir / files.EVAL_FILE}')
   writer.close()
   manager.close()

@@ -259,6 +259,17 @@ def test_unreadable_shards_are_named_together_before_the_run(tmp_path, corpus):
   shards.check_readable([paths[0], paths[3]], 'dataset.urls')  # good ones pass
 
 
+def test_many_shards_are_checked_with_a_progress_line(corpus, monkeypatch, capsys):
+  """Thousands of shards on an object store take a while: the check says
+  how far it got (here from 1 shard, every 0 s), on stderr only."""
+  monkeypatch.setattr(shards, 'PROGRESS_FROM', 1)
+  monkeypatch.setattr(shards, 'PROGRESS_EVERY_S', 0.0)
+  shards.check_readable(shards.expand_urls(_urls(corpus)), 'dataset.urls')
+  out, err = capsys.readouterr()
+  assert not out and err.splitlines()[-1].startswith(
+      f'jaxcl: checked {SHARDS} of the {SHARDS} shards of dataset.urls (')
+
+
 def test_unreadable_shards_on_gcs_are_named_alike(tmp_path, corpus, gcs_dir):
   """The same check through epath's gs:// (a local GCS server): a folder
   there is a prefix with objects under it."""

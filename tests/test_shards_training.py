@@ -61,6 +61,7 @@ def uninterrupted(corpus, tmp_path_factory):
   proc = jaxcl('train', '--config', CLIP_CONFIG, '--workdir', str(workdir), *_overrides(corpus),
                devices=2)
   assert '4 shards (samples uncounted), streamed' in proc.stdout
+  (workdir.parent / 'uninterrupted.stdout').write_text(proc.stdout)
   return workdir
 
 
@@ -81,6 +82,10 @@ def test_bad_samples_are_counted_and_named(uninterrupted):
                                          'BytesIO object at ')[1])
   evaluated = json.loads((uninterrupted / 'eval.json').read_text())
   assert 0 <= evaluated['i2t_r1'] <= 1  # the held-out shard was read for retrieval
+  final = (uninterrupted.parent / 'uninterrupted.stdout').read_text().splitlines()[-1]
+  assert final.startswith(f'final (step {STEPS}): ') and final.endswith(
+      f'; {listed["skipped"]} bad sample(s) skipped (skipped_samples.json)  -> '
+      f'{uninterrupted / "eval.json"}'), final
 
 
 def test_killed_run_resumes_exactly_from_shards(corpus, uninterrupted, tmp_path):

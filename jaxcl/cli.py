@@ -34,7 +34,7 @@ import warnings
 from absl import flags
 from ml_collections import config_flags
 
-from jaxcl import config_files, errors, files
+from jaxcl import config_files, errors, files, validation
 
 USAGE = __doc__.split('\n\n')[1]
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for Ctrl-C
@@ -275,6 +275,8 @@ def run(argv: list[str]) -> int:
   except ValueError as e:
     raise UsageError(str(e)) from None
   try:
+    if 'output' in COMMANDS[command][1]:  # X/sub, X a file: one line before anything starts
+      validation.check_output_path(_OUTPUT.value)
     if command != 'shard':  # the only command that compiles nothing
       from jaxcl import compilation_cache  # pylint: disable=g-import-not-at-top
       compilation_cache.enable(_cache_setting(command, workdir), workdir or _OUTPUT.value)

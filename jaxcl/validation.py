@@ -378,3 +378,11 @@ def _check_webdataset(d, process_count: int):
         raise ConfigError(str(e)) from None
       if key == 'urls':
         shard_sources.check_streams(d.streams, len(found), process_count)
+
+
+def check_output_path(output: str) -> None:
+  """ConfigError for an --output under a file (X/sub, X a file), where no
+  command can make its file or folder: one line before anything starts."""
+  parent = next((p for p in epath.Path(output).parents if p.exists()), None)
+  if parent is not None and not parent.is_dir():
+    raise ConfigError(f'--output {output}: {parent} is a file, not a folder')

@@ -13,7 +13,8 @@ An entry is a string, as in big_vision's and clip_benchmark's dataset names:
   else dataset.text_key). Default split: 'validation' for imagenet2012 (its
   test split has no labels), else 'test', else 'validation' (then 'val').
 - ``folder:PATH`` (zero-shot only): an image folder, PATH/CLASS/*.png|jpg;
-  the class folders, sorted, are the labels 0, 1, ...
+  the class folders, sorted, are the labels 0, 1, ... (one with no image is
+  refused: its class would be a candidate no image has).
 
 Zero-shot class names and prompt templates: with a suffix ``=LIST`` (one of
 jaxcl.zeroshot_lists.NAMES: 'folder:/data/imagenet/val=imagenet',
@@ -126,12 +127,24 @@ def check(config, text_tower: bool, check_data: bool) -> None:
                         f'none')
     for entry in entries if check_data else ():
       if entry.path:
-        folder = epath.Path(entry.path)
-        errors.check(folder.is_dir(), f'{entry.what}: {folder} is not a folder')
-        errors.check(any(p.is_dir() for p in folder.iterdir()),
-                     f'{entry.what}: {folder} has no class sub-folders (it needs CLASS/*.png)')
+        _check_folder(entry)
       else:
         _tfds_builder(entry, config.dataset)
+
+
+def _check_folder(entry: Entry) -> None:
+  """ConfigError unless the entry's folder has class sub-folders, each with
+  an image: an empty one would add a class no image has to the candidates."""
+  from jaxcl.data import images  # pylint: disable=g-import-not-at-top
+  folder = epath.Path(entry.path)
+  errors.check(folder.is_dir(), f'{entry.what}: {folder} is not a folder')
+  classes = images.class_folders(folder)
+  errors.check(bool(classes), f'{entry.what}: {folder} has no class sub-folders (it needs '
+                              f'CLASS/*.png)')
+  try:
+    images.check_classes_have_images(folder, classes)
+  except errors.DatasetError as e:
+    raise ConfigError(f'{entry.what}: {e}') from None
 
 
 def _tfds_builder(entry: Entry, d):

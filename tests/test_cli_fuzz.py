@@ -11,6 +11,7 @@ import random
 import tarfile
 
 import pytest
+from PIL import Image
 
 import messages
 from helpers import CLIP_CONFIG, DIGITS_CONFIG, cli_in_forks, tiny_config
@@ -202,3 +203,50 @@ def test_bad_shard_urls_exit_2_before_anything_is_compiled(tmp_path):
     assert result['code'] == 2, (overrides, result)
     assert result['stderr'] == f'jaxcl: error: {cases[overrides]}\n', overrides
     assert not (tmp_path / f'run{i}').exists(), overrides
+
+
+@pytest.mark.slow  # CLI processes
+def test_bad_shard_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
+  """`jaxcl shard` with an output it cannot use, an input it cannot read, or
+  a class folder without images: one line naming the problem, no output."""
+  (tmp_path / 'file').write_text('')
+  (tmp_path / 'full').mkdir()
+  (tmp_path / 'full' / 'mine.txt').write_text('kept')
+  for folder, files in {'good': {'cat/a.png'}, 'broken': {'cat/a.jpg'},
+                        'empty_class': {'cat/a.png', 'dog/'},
+                        'notes': {'cat/a.png', 'docs/readme.txt'}}.items():
+    for name in files:
+      path = tmp_path / folder / name
+      path.parent.mkdir(parents=True, exist_ok=True)
+      if path.suffix == '.png':
+        Image.new('RGB', (20, 20)).save(path)
+      elif path.suffix:
+        path.write_bytes(b'not an image')
+      else:
+        path.mkdir()
+  no_image = ('class folder(s) of {} hold no image (.png, .jpg, .jpeg, .bmp, .gif, .webp): {}; '
+              'every class folder is a label, so remove them or add images')
+  cases = {  # (input, output, flags): the error's words
+      ('good', 'file/sub', ''):
+          f'--output {tmp_path}/file/sub: {tmp_path}/file is a file, not a folder',
+      ('good', 'full', ''): f'--output {tmp_path}/full exists and is not an empty folder',
+      ('none', 'out', ''): f'--input {tmp_path}/none does not exist',
+      ('broken', 'out', ''):
+          f'no usable image in {tmp_path}/broken (unreadable image {tmp_path}/broken/cat/a.jpg: '
+          f'UnidentifiedImageError: not an image format PIL knows)',
+      ('empty_class', 'out', ''): '1 ' + no_image.format(tmp_path / 'empty_class', 'dog'),
+      ('notes', 'out', ''): '1 ' + no_image.format(tmp_path / 'notes', 'docs'),
+      ('good', 'out', '--shard_size=0'): '--shard_size=0: 0.0 is not number >= 0.001',
+      ('good', 'out', '--shard_size=nan'):
+          '--shard_size must be a positive number of MB, got nan',
+      ('good', 'out', '--workers=-2'): '--workers=-2: -2 is not integer >= -1',
+      ('good', 'out', '--test_fraction=1'): '--test_fraction must be in [0, 1), got 1.0',
+  }
+  runs = [['shard', '--input', str(tmp_path / source), '--output', str(tmp_path / output),
+           '--workers=0', *flags.split()] for source, output, flags in cases]
+  results = cli_in_forks(runs, tmp_path)
+  for case, result in zip(cases, results):
+    assert result['code'] == 2, (case, result)
+    assert result['stderr'] == f'jaxcl: error: {cases[case]}\n', (case, result['stderr'])
+  assert not (tmp_path / 'out').exists() and not (tmp_path / 'file').read_text()
+  assert [p.name for p in (tmp_path / 'full').iterdir()] == ['mine.txt']

@@ -5,7 +5,12 @@ each kind, `jaxcl shard`, and the same first batch as the TFDS path."""
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +19,7 @@ from PIL import Image
 
 import helpers
 from jaxcl import errors
-from jaxcl.data import decode, shards, stream
+from jaxcl.data import decode, shard_writer, shards, stream
 
 SHARDS, PER_SHARD = 4, 24
 
@@ -552,3 +557,60 @@ def test_held_out_shards_are_the_test_split(tmp_path, corpus):
   assert test[0]['captions'] == ['one'] and test[0]['image'].shape == (8, 8, 3)
   train, info = data.Dataset(cfg).split('train')  # SimCLR's kNN bank: the first eval_samples
   assert len(train) == 10 and info.num_classes == 3 and train[0]['captions'] == []
+
+
+# ------------------------------------------- jaxcl shard interrupted ---
+SHARD_WAIT_S = 300  # for its first shard: seconds on 2 idle cores, generous for a busy machine
+
+
+def _start_shard_of_many_rows(tmp_path, workers: int) -> subprocess.Popen:
+  """`jaxcl shard` of 50,000 rows (one PNG re-encoded each time, minutes of
+  work) into tmp_path/out in its own process group, as a terminal starts
+  it; returned once its first shard is complete."""
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+      tmp_path / 'image.png')
+  (tmp_path / 'pairs.jsonl').write_text(''.join(
+      json.dumps({'image': 'image.png', 'caption': f'row {i}'}) + '\n' for i in range(50000)))
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'jaxcl.cli', 'shard', '--input', str(tmp_path / 'pairs.jsonl'),
+       '--output', str(tmp_path / 'out'), '--shard_size=0.1', f'--workers={workers}'],
+      cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      start_new_session=True)
+  first = tmp_path / 'out' / shard_writer.UNFINISHED_DIR / 'train-000000.tar'
+  deadline = time.monotonic() + SHARD_WAIT_S
+  while not first.exists():
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      raise AssertionError(f'no complete shard (exit {proc.poll()}): {proc.communicate()}')
+    time.sleep(0.05)
+  return proc
+
+
+@pytest.mark.slow  # a jaxcl shard process and its workers
+def test_ctrl_c_during_jaxcl_shard_removes_what_it_wrote(tmp_path):
+  proc = _start_shard_of_many_rows(tmp_path, workers=2)
+  os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the main process and its workers
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 130
+  assert stderr.strip().splitlines() == [  # one line, no worker's traceback
+      f'jaxcl: stopped (Ctrl-C) before the shards were complete; what it wrote to '
+      f'{tmp_path / "out"} is removed: run the same command again to start over']
+  assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow  # a jaxcl shard process
+def test_jaxcl_shard_killed_leaves_no_complete_looking_shard_and_reruns(tmp_path):
+  proc = _start_shard_of_many_rows(tmp_path, workers=0)
+  proc.kill()
+  proc.communicate()
+  out = tmp_path / 'out'
+  assert [p.name for p in out.iterdir()] == [shard_writer.UNFINISHED_DIR]
+  (tmp_path / 'pairs.jsonl').write_text(''.join(  # a shorter input: the same command, quicker
+      json.dumps({'image': 'image.png', 'caption': f'row {i}'}) + '\n' for i in range(30)))
+  logged = []
+  manifest = shard_writer.write_shards(str(tmp_path / 'pairs.jsonl'), str(out), shard_mb=0.1,
+                                       log=logged.append)
+  assert logged[0] == f'removing the unfinished output of an interrupted jaxcl shard from {out}'
+  shard_names = [f'train-{i:06d}.tar' for i in range(manifest['splits']['train']['shards'])]
+  assert sorted(p.name for p in out.iterdir()) == ['manifest.json', 'sizes.json', *shard_names]
+  assert sum(json.loads((out / 'sizes.json').read_text()).values()) == 30

@@ -185,6 +185,11 @@ def test_cli_zeroshot_flag_and_one_line_errors(run, folder, tmp_path):
   shutil.copytree(run, workdir)
   saved = (workdir / files.CONFIG_FILE).read_text()
   wd = ['eval', '--workdir', str(workdir)]
+  with_empty = tmp_path / 'with_empty'  # an emptied class, and a folder of notes
+  shutil.copytree(folder, with_empty)
+  (with_empty / 'zebra').mkdir()
+  (with_empty / 'docs').mkdir()
+  (with_empty / 'docs' / 'readme.txt').write_text('not an image')
   cases = {
       'ok': (wd + ['--zeroshot', f'folder:{folder}=cifar10', '--retrieval',
                    'captioned_shapes:test'], None),
@@ -192,6 +197,11 @@ def test_cli_zeroshot_flag_and_one_line_errors(run, folder, tmp_path):
                      "eval.zeroshot: TFDS dataset 'cifar100' is not prepared under"),
       'unknown': (wd + ['--zeroshot', 'no_such_set'], "no TFDS dataset named 'no_such_set'"),
       'no folder': (wd + ['--zeroshot', f'folder:{tmp_path}/none'], 'is not a folder'),
+      'class folders without images': (
+          wd + ['--zeroshot', f'folder:{with_empty}'],
+          f"eval.zeroshot 'folder:{with_empty}': 2 class folder(s) of {with_empty} hold no image "
+          f'(.png, .jpg, .jpeg, .bmp, .gif, .webp): docs, zebra; every class folder is a label, '
+          f'so remove them or add images'),
       'list': (wd + ['--zeroshot', f'folder:{folder}=cifar100'],
                "zero-shot list 'cifar100' has 100 classes, the dataset 10"),
       'channels': (wd + ['--zeroshot', 'digits'], "'digits': its images have 1 channel(s)"),

@@ -22,6 +22,35 @@ DatasetError = errors.DatasetError
 # mostly interpolation once resized: "wrongly sized", skipped like an
 # unreadable one (a 1x1 tracking pixel, a thumbnail in a photo folder).
 MAX_UPSCALE = 8
+MAX_LISTED_CLASSES = 10  # empty class folders named in one error line
+
+
+def class_folders(root) -> list[str]:
+  """The sub-folders of image folder `root`, sorted: its classes, labels 0, 1, ..."""
+  return sorted(p.name for p in epath.Path(root).iterdir() if p.is_dir())
+
+
+def check_classes_have_images(root, classes: list[str]) -> None:
+  """DatasetError naming the class folders of `root` with no image file: each
+  would be a label without an example (an emptied class, a folder of notes),
+  silently changing the label set a classifier chooses from."""
+  root = epath.Path(root)
+  empty = [name for name in classes if not any(_is_image(p) for p in (root / name).iterdir())]
+  if empty:
+    listed = ', '.join(empty[:MAX_LISTED_CLASSES]) + (
+        f' and {len(empty) - MAX_LISTED_CLASSES} more' if len(empty) > MAX_LISTED_CLASSES else '')
+    raise DatasetError(f'{len(empty)} class folder(s) of {root} hold no image '
+                       f'({", ".join(IMAGE_SUFFIXES)}): {listed}; every class folder is a '
+                       f'label, so remove them or add images')
+
+
+def pil_error(e: Exception) -> str:
+  """Why PIL could not read an image, in one line that names no Python
+  object (PIL's own message for an unknown format quotes the file object)."""
+  from PIL import UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  why = ('not an image format PIL knows' if isinstance(e, UnidentifiedImageError)
+         else errors.first_line(e, ''))
+  return f'{type(e).__name__}: {why}'.rstrip(': ')
 
 
 def image_problem(path, image_size: int) -> str | None:
@@ -37,7 +66,7 @@ def image_problem(path, image_size: int) -> str | None:
       pil.draft('RGB', (image_size, image_size))  # JPEG: decode at a reduced scale, faster
       pil.load()  # a truncated file fails here, not in the middle of training
   except Exception as e:  # noqa: BLE001  pylint: disable=broad-except  # PIL raises many kinds
-    return f'unreadable: {type(e).__name__}: {errors.first_line(e, "")}'.rstrip(': ')
+    return f'unreadable: {pil_error(e)}'
   return None
 
 
@@ -55,8 +84,7 @@ class ImageFolderSource:
     root = epath.Path(root)
     if not root.is_dir():
       raise DatasetError(f'image folder {root} does not exist')
-    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir())
-    self.classes = classes if classes is not None else subdirs
+    self.classes = classes if classes is not None else class_folders(root)
     self.empty_classes = []  # class folders of this split with no image file
     entries = []
     if self.classes:

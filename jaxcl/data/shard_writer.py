@@ -12,10 +12,18 @@ shards, the input jaxcl streams (jaxcl.data.stream).
 Images are checked by decoding them; JPEGs are copied byte for byte, other
 formats re-encoded as JPEG (quality 95). Rows are read one at a time and
 decoded and encoded in `workers` processes with a bounded number of chunks
-in flight, so memory does not grow with the input. Shards close at about `shard_mb` MB and appear under
-their final name only when complete. Bad rows and images are skipped,
-counted and listed in manifest.json, with the counts and the shard names;
-sizes.json holds the samples per shard (open_clip's convention).
+in flight, so memory does not grow with the input. Shards close at about `shard_mb` MB. Bad rows and
+images are skipped, counted and listed in manifest.json, with the counts and
+the shard names; sizes.json holds the samples per shard (open_clip's
+convention). A class folder with no image is refused (it would be a label
+with no example).
+
+The output appears whole or not at all: the shards are written into
+OUTPUT/.jaxcl-shard-unfinished/ and moved into OUTPUT once all are
+complete, then sizes.json, then manifest.json, which marks the output
+complete. A failed or interrupted (Ctrl-C) run removes what it wrote; one
+killed outright leaves the unfinished folder, and a rerun into the same
+OUTPUT removes that run's files (nothing else is there) and starts over.
 """
 
 from __future__ import annotations
@@ -24,11 +32,16 @@ import collections
 import concurrent.futures
 import io
 import json
+import math
 import multiprocessing
+import re
+import signal
+import sys
 
 from etils import epath
 
 from jaxcl import errors, files
+from jaxcl.data import images
 from jaxcl.data.images import IMAGE_SUFFIXES
 from jaxcl.data.pair_rows import DELIMITERS, JSON_SUFFIXES, in_test_split, iter_pairs
 from jaxcl.data.shards import MANIFEST_FILE, SIZES_FILE, ShardWriter
@@ -37,6 +50,11 @@ CHUNK = 16  # rows a worker encodes per task
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: memory bounded, workers never idle
 JPEG_QUALITY = 95
 MAX_LISTED_BAD = 100
+UNFINISHED_DIR = '.jaxcl-shard-unfinished'  # the shards of a run not yet complete
+# What a run puts in OUTPUT (files.write_atomically's temporary names too):
+# all a rerun may remove from an unfinished output.
+_OWN_NAME = re.compile(r'(train|test)-\d{6}\.tar|sizes\.json|'
+                       r'\.(sizes|manifest)\.json\.[0-9a-f]{8}\.tmp|' + re.escape(UNFINISHED_DIR))
 
 
 def encode_image(path: str):
@@ -47,7 +65,7 @@ def encode_image(path: str):
     pil = Image.open(io.BytesIO(data))
     pil.load()  # a truncated file fails here
   except Exception as e:  # noqa: BLE001  pylint: disable=broad-except  # PIL raises many kinds
-    return None, f'unreadable image {path}: {type(e).__name__}: {errors.first_line(e, "")}'
+    return None, f'unreadable image {path}: {images.pil_error(e)}'
   if pil.format == 'JPEG' and pil.mode in ('RGB', 'L'):
     return data, False
   out = io.BytesIO()
@@ -75,8 +93,12 @@ def _rows(source: str, test_fraction: float, classes: list):
 
 
 def _folder_classes(root: epath.Path) -> list:
+  """The class folders of the (train split of the) image folder `root`;
+  DatasetError if one holds no image."""
   train_root = root / 'train' if (root / 'train').is_dir() else root
-  return sorted(p.name for p in train_root.iterdir() if p.is_dir())
+  classes = images.class_folders(train_root)
+  images.check_classes_have_images(train_root, classes)
+  return classes
 
 
 def _folder_rows(root: epath.Path, classes: list):
@@ -121,15 +143,31 @@ def _encoded(rows, workers: int):
   context = multiprocessing.get_context('spawn')
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
     pending = collections.deque()
-    for chunk in chunks():
-      pending.append((chunk, pool.submit(_encode_chunk,
-                                         [row[1] for row in chunk if row[1] is not None])))
-      if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+    try:
+      for chunk in chunks():
+        pending.append((chunk, _submit(pool, [row[1] for row in chunk if row[1] is not None])))
+        if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+          chunk, future = pending.popleft()
+          yield from _merge(chunk, future.result())
+      while pending:
         chunk, future = pending.popleft()
         yield from _merge(chunk, future.result())
-    while pending:
-      chunk, future = pending.popleft()
-      yield from _merge(chunk, future.result())
+    except BaseException:  # Ctrl-C, a failed write: no reason to encode the rest
+      pool.shutdown(cancel_futures=True)
+      raise
+
+
+def _submit(pool, paths: list) -> concurrent.futures.Future:
+  """pool.submit of one chunk, with Ctrl-C blocked meanwhile: a worker starts
+  on a submit and keeps the signal mask it started with, so the terminal's
+  Ctrl-C, sent to the whole process group, reaches this process alone (once
+  unblocked here; it stops the workers), not a worker, which would print a
+  traceback wherever it was (importing jaxcl, say)."""
+  old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+  try:
+    return pool.submit(_encode_chunk, paths)
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _merge(chunk, encoded):
@@ -142,11 +180,12 @@ def _merge(chunk, encoded):
 def write_shards(source: str, output: str, *, shard_mb: float = 256, workers: int = 0,
                  test_fraction: float = 0.0, log=print) -> dict:
   """Writes the shards of `source` into the new folder `output`; returns the
-  manifest. Raises DatasetError (one line) for a missing or unusable input,
-  an output folder that is not empty, or an input with no usable image."""
+  manifest. Raises DatasetError (one line, nothing written) for a missing or
+  unusable input, an output that is not an empty folder (or the unfinished
+  output of an interrupted run), or an input with no usable image;
+  errors.Interrupted after Ctrl-C, once what it wrote is removed."""
   out, path = epath.Path(output), epath.Path(source)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    raise errors.DatasetError(f'--output {output} exists and is not an empty folder')
+  unfinished = _check_output(out, output)
   if not path.exists():
     raise errors.DatasetError(f'--input {source} does not exist')
   if not path.is_dir() and path.suffix.lower() not in JSON_SUFFIXES + tuple(DELIMITERS):
@@ -154,8 +193,90 @@ def write_shards(source: str, output: str, *, shard_mb: float = 256, workers: in
                               f'(.jsonl, .json, .csv, .tsv)')
   if not 0 <= test_fraction < 1:
     raise errors.DatasetError(f'--test_fraction must be in [0, 1), got {test_fraction}')
+  if not 0 < shard_mb < math.inf:  # nan too
+    raise errors.DatasetError(f'--shard_size must be a positive number of MB, got {shard_mb}')
   classes = _folder_classes(path) if path.is_dir() else []
-  out.mkdir(parents=True, exist_ok=True)
+  if unfinished:
+    log(f'removing the unfinished output of an interrupted jaxcl shard from {output}')
+    if not _remove_unfinished(out):
+      raise errors.DatasetError(f'--output {output} holds the unfinished output of an '
+                                f'interrupted jaxcl shard, which cannot be removed; delete it')
+  new_folders = _make_output(out, output)
+  try:
+    return _write(source, out, classes, shard_mb, workers, test_fraction, log)
+  except BaseException as e:
+    if (out / MANIFEST_FILE).exists():  # written last: the output is complete
+      raise
+    removed = _remove_unfinished(out, new_folders)
+    if isinstance(e, KeyboardInterrupt):
+      raise _interrupted(output, removed) from None
+    raise
+
+
+def _check_output(out: epath.Path, output: str) -> bool:
+  """Whether `out` is the unfinished output of an interrupted run, which
+  holds nothing but that run's files (a rerun removes them); DatasetError
+  unless it is that, an empty folder or not there."""
+  if out.exists() and not out.is_dir():
+    raise errors.DatasetError(f'--output {output} exists and is not an empty folder')
+  names = {p.name for p in out.iterdir()} if out.exists() else set()
+  if UNFINISHED_DIR in names and MANIFEST_FILE not in names and all(
+      _OWN_NAME.fullmatch(name) for name in names):
+    return True
+  if names:
+    raise errors.DatasetError(f'--output {output} exists and is not an empty folder')
+  return False
+
+
+def _make_output(out: epath.Path, output: str) -> list:
+  """Makes the folder `out`; returns the folders made (it and any missing
+  parents, innermost first), which a failed run removes."""
+  new = []
+  for folder in [out, *out.parents]:
+    if folder.exists():
+      break
+    new.append(folder)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # permission denied, a file on the way (X/sub, X a file)
+    raise errors.DatasetError(f'cannot make --output {output}: '
+                              f'{e.strerror or errors.first_line(e)}') from None
+  return new
+
+
+def _remove_unfinished(out: epath.Path, new_folders=()) -> bool:
+  """Removes what a run wrote into `out` (its own names only) and the
+  folders it made; whether that worked."""
+  try:
+    for path in out.iterdir() if out.exists() else ():
+      if path.name == UNFINISHED_DIR:
+        path.rmtree()
+      elif _OWN_NAME.fullmatch(path.name):
+        path.unlink()
+    for folder in new_folders:
+      if folder.exists():
+        folder.rmdir()
+  except OSError:  # the caller says what is left; the original error is the one to report
+    return False
+  return True
+
+
+def _interrupted(output: str, removed: bool) -> errors.Interrupted:
+  """Ctrl-C's message, printed, as the exception that exits with code 130."""
+  if removed:
+    message = (f'stopped (Ctrl-C) before the shards were complete; what it wrote to {output} '
+               f'is removed: run the same command again to start over')
+  else:
+    message = (f'stopped (Ctrl-C) before the shards were complete; {output} is unfinished '
+               f'(no {MANIFEST_FILE}): the same command again removes it and starts over')
+  print(f'\njaxcl: {message}', file=sys.stderr, flush=True)
+  return errors.Interrupted(message, 128 + signal.SIGINT)
+
+
+def _write(source, out, classes, shard_mb, workers, test_fraction, log) -> dict:
+  """The shards, written into out/UNFINISHED_DIR, then moved into `out` by _finish."""
+  unfinished = out / UNFINISHED_DIR
+  unfinished.mkdir()
   writers, bad, counts = {}, [], {'bad': 0, 'reencoded': 0, 'written': 0}
   try:
     for (where, _, caption, label, split), (data, how) in _encoded(
@@ -167,7 +288,7 @@ def write_shards(source: str, output: str, *, shard_mb: float = 256, workers: in
         continue
       counts['reencoded'] += bool(how)
       if split not in writers:
-        writers[split] = ShardWriter(out, int(shard_mb * 2**20), prefix=split)
+        writers[split] = ShardWriter(unfinished, int(shard_mb * 2**20), prefix=split)
       sample = {'__key__': f'{counts["written"]:09d}', 'jpg': data}
       counts['written'] += 1
       if caption is not None:
@@ -177,19 +298,27 @@ def write_shards(source: str, output: str, *, shard_mb: float = 256, workers: in
       writers[split].write(sample)
   except BaseException:
     for writer in writers.values():
-      writer.abort()  # the complete shards stay; no manifest says they are all
+      writer.abort()
     raise
   for writer in writers.values():
     writer.close()
   if not writers:
     raise errors.DatasetError(f'no usable image in {source}'
-                              + (f' ({bad[0][0]}: {bad[0][1]})' if bad else '')
-                              + f'; {output} has no shards')
+                              + (f' ({_describe(*bad[0])})' if bad else ''))
   return _finish(source, out, writers, bad, counts, classes, log)
 
 
+def _describe(where: str, why: str) -> str:
+  """A bad row or image in words; an image's reason names its file already."""
+  return why if where in why else f'{where}: {why}'
+
+
 def _finish(source, out, writers, bad, counts, classes, log) -> dict:
+  """Moves the complete shards into `out`, then writes sizes.json and, last,
+  manifest.json; removes the emptied unfinished folder."""
   sizes = {name: count for writer in writers.values() for name, count in writer.written.items()}
+  for name in sizes:
+    (out / UNFINISHED_DIR / name).rename(out / name)
   files.write_atomically(out / SIZES_FILE, json.dumps(sizes, indent=1) + '\n')
   splits = {}
   for split, writer in writers.items():
@@ -200,11 +329,12 @@ def _finish(source, out, writers, bad, counts, classes, log) -> dict:
               'reencoded_as_jpeg': counts['reencoded'], 'classes': classes,
               'bad': [list(item) for item in bad[:MAX_LISTED_BAD]]}
   files.write_atomically(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + '\n')
+  (out / UNFINISHED_DIR).rmtree()
   for split, info in splits.items():
     log(f'{split}: {info["samples"]} samples in {info["shards"]} shard(s): '
         f"--config.dataset.{'urls' if split == 'train' else 'eval_urls'}='{info['urls']}'")
   log(f'{counts["bad"]} bad row(s) or image(s) skipped, {counts["reencoded"]} image(s) '
       f're-encoded as JPEG; {out / MANIFEST_FILE}')
   for where, why in bad[:10]:
-    log(f'  {where}: {why}')
+    log(f'  {_describe(where, why)}')
   return manifest

@@ -250,3 +250,85 @@ def test_bad_shard_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
     assert result['stderr'] == f'jaxcl: error: {cases[case]}\n', (case, result['stderr'])
   assert not (tmp_path / 'out').exists() and not (tmp_path / 'file').read_text()
   assert [p.name for p in (tmp_path / 'full').iterdir()] == ['mine.txt']
+
+
+@pytest.mark.slow  # a dozen CLI processes
+def test_bad_import_and_export_inputs_exit_2_with_one_line(tmp_path):
+  """`jaxcl import` of malformed config JSON, misshapen or integer tensors, a
+  pooling token that is not end-of-text, a text file as .npz, a jax.export
+  artifact; `jaxcl export` and import to outputs they cannot use: exit 2,
+  one line, nothing written."""
+  # Here, not at the top: test_import's makers need torch, open_clip and safetensors.
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  import test_import  # pylint: disable=g-import-not-at-top
+  from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
+  source = tmp_path / 'source'
+  test_import.make_open_clip(source)
+  workdir = tmp_path / 'run'
+  importer.import_checkpoint(source, workdir)
+
+  def variant(name, config=None, tensors=None):
+    """A copy of `source` with config(cfg) and tensors(weights) applied."""
+    path = tmp_path / name
+    shutil.copytree(source, path)
+    cfg_file, weights_file = path / 'open_clip_config.json', path / 'open_clip_model.safetensors'
+    if config:
+      cfg_file.write_text(json.dumps(config(json.loads(cfg_file.read_text()))))
+    if tensors:
+      weights = load_file(str(weights_file))
+      tensors(weights)
+      save_file(weights, str(weights_file))
+    return str(path)
+
+  c_fc = 'transformer.resblocks.0.mlp.c_fc.weight'  # [4 x 32, 32]
+  transposed = lambda w: w.update({c_fc: np.ascontiguousarray(w[c_fc].T)})
+  integer = lambda w: w.update({'ln_final.weight': w['ln_final.weight'].astype(np.int32)})
+  eos_2 = lambda cfg: {**cfg, 'model_cfg': {**cfg['model_cfg'], 'text_cfg': {
+      **cfg['model_cfg']['text_cfg'], 'pool_type': 'eos', 'eos_id': 2}}}
+  hf = tmp_path / 'hf'
+  hf.mkdir()
+  (hf / 'config.json').write_text('{"model_type": "clip", "vision_config": null, "text_config": 5}')
+  save_file({'logit_scale': np.zeros((), np.float32)}, str(hf / 'model.safetensors'))
+  (tmp_path / 'model.npz').write_text('not a zip archive\n')
+  (tmp_path / 'enc.jaxexport').write_bytes(b'serialized StableHLO')
+  (tmp_path / 'enc.jaxexport.json').write_text('{}')
+  (tmp_path / 'a_file').write_text('mine')
+  out = tmp_path / 'out'
+  imports = {
+      variant('listed', config=lambda cfg: [cfg]): 'open_clip_config.json holds a list, not a '
+                                                   'JSON object',
+      variant('numbered', config=lambda cfg: {**cfg, 'model_cfg': {**cfg['model_cfg'],
+                                                                   'vision_cfg': 224}}):
+          'open_clip_config.json: model_cfg.vision_cfg is a number, not an object',
+      str(hf): 'config.json: text_config is a number, not an object',
+      variant('transposed', tensors=transposed):
+          f"tensor {c_fc} has shape (32, 128); the config implies (128, 32) (jaxcl's "
+          f"text_encoder/blocks/0/mlp_in/kernel, (32, 128) in jaxcl's layout)",
+      variant('integer', tensors=integer): 'tensor ln_final.weight holds int32 values',
+      variant('eos', config=eos_2): 'the source pools its text at token id 2 (its eos_id)',
+      str(tmp_path / 'model.npz'): 'model.npz is not an npz file',
+      str(tmp_path / 'enc.jaxexport'): 'is a jax.export artifact',
+  }
+  export = lambda output, *more: ['export', '--workdir', str(workdir), '--output', str(output),
+                                  *more]
+  cases = {**{(s, f'--output={out}'): e for s, e in imports.items()},
+           **{tuple(export(tmp_path / 'a_file', '--format', 'open_clip')): 'is a file',
+              tuple(export(workdir / 'checkpoints' / 'x', '--format', 'open_clip')):
+                  'keeps its own files',
+              tuple(export('/proc/jaxcl-x', '--format', 'open_clip')): 'cannot write --output',
+              tuple(export(tmp_path)): 'is a directory; give a file name',
+              (str(source), f'--output={tmp_path / "a_file"}'): 'exists and is not an empty'}}
+  argvs = [list(argv) if argv[0] == 'export' else ['import', *argv] for argv in cases]
+  failures = []
+  for (argv, expected), result in zip(cases.items(), cli_in_forks(argvs, tmp_path)):
+    lines = result['stderr'].strip().splitlines()
+    if not (result['code'] == 2 and len(lines) == 1 and lines[0].startswith('jaxcl: error: ')
+            and expected in lines[0]):
+      failures.append(f'{argv}: exit {result["code"]}, stderr {result["stderr"][-600:]!r}')
+  assert not failures, '\n'.join(failures)
+  assert not out.exists() and (tmp_path / 'a_file').read_text() == 'mine'
+  assert not (workdir / 'checkpoints' / 'x').exists()
+  assert not [p.name for p in tmp_path.iterdir() if p.name.startswith('.')]

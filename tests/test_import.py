@@ -426,6 +426,67 @@ def test_bad_sources_are_one_line_and_write_nothing(sources, tmp_path):
   assert not [p for p in tmp_path.iterdir() if p.name.startswith('.out')]
 
 
+def _json_nodes(value, path=()):
+  """(path, value) of every node of a JSON value, the root first."""
+  yield path, value
+  if isinstance(value, dict):
+    for key, child in value.items():
+      yield from _json_nodes(child, (*path, key))
+
+
+def _replaced(value, path, new):
+  if not path:
+    return new
+  return {**value, path[0]: _replaced(value[path[0]], path[1:], new)}
+
+
+def test_config_json_of_any_wrong_shape_is_one_line(sources, tmp_path):
+  """Each object of each config file a layout reads, replaced by a list, a
+  number, a string, a boolean and null: the import succeeds or is refused in
+  one line (a ConfigError), never another error.
+  (open_clip's config gets the optional objects too: act_kwargs, norm_kwargs
+  and a jaxcl export's tokenizer record.)"""
+  from jaxcl import errors  # pylint: disable=g-import-not-at-top
+  from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
+  refusals = {}
+  for name, file in (('open_clip', 'open_clip_config.json'), ('transformers_clip', 'config.json'),
+                     ('transformers_siglip', 'config.json'),
+                     ('transformers_siglip', 'preprocessor_config.json')):
+    source = tmp_path / name
+    if not source.exists():
+      shutil.copytree(sources[name][0], source)
+    config = json.loads((sources[name][0] / file).read_text())
+    if name == 'open_clip':
+      config['model_cfg']['vision_cfg'].update(act_kwargs={}, norm_kwargs={'eps': 1e-5})
+      config['jaxcl'] = {'tokenizer': {'type': 'clip_bpe'}}
+    for path, value in list(_json_nodes(config)):
+      if not isinstance(value, dict):
+        continue
+      for new in ([], 7, 'x', True, None):
+        (source / file).write_text(json.dumps(_replaced(config, path, new)))
+        try:
+          importer.load_source(source)
+        except errors.ConfigError as e:
+          assert '\n' not in str(e), (file, path, new, str(e))
+          refusals[(name, file, path, json.dumps(new))] = str(e)
+    (source / file).write_text(json.dumps(config))
+  oc, hf = ('open_clip', 'open_clip_config.json'), ('transformers_clip', 'config.json')
+  assert refusals[(*oc, (), '[]')].endswith('open_clip_config.json holds a list, not a JSON object')
+  assert refusals[(*oc, ('model_cfg', 'vision_cfg'), '7')] == (
+      'open_clip_config.json: model_cfg.vision_cfg is a number, not an object')
+  assert refusals[(*hf, ('text_config',), '"x"')] == (
+      'config.json: text_config is a string, not an object')
+  # transformers reads a null tower config as its defaults (a ViT-B/32), as here:
+  assert 'the config implies' in refusals[(*hf, ('vision_config',), 'null')]
+
+
+def test_import_help_names_every_layout(capsys):
+  from jaxcl import cli  # pylint: disable=g-import-not-at-top
+  assert cli.run(['jaxcl', 'import', '--help']) == 0
+  summary = capsys.readouterr().out.split('\n\n')[1]
+  assert all(name in summary for name in ('open_clip', 'transformers', 'big_vision', '.npz'))
+
+
 def test_preset_architectures_match_open_clip_configs():
   """presets.ARCHITECTURES against open_clip's published model configs."""
   import open_clip  # pylint: disable=g-import-not-at-top

@@ -136,8 +136,9 @@ def convert_params(rules, tensors: t.Tensors, abstract_params, ignored_suffixes=
     if target not in by_target:
       raise t.SourceError(f'the checkpoint has nothing for jaxcl\'s parameter {target}')
     r = by_target.pop(target)
+    inputs = [tensors[s] for s in r.sources]  # (SourceError, a ValueError, for a bad dtype)
     try:
-      value = r.convert(*(tensors[s] for s in r.sources))
+      value = r.convert(*inputs)
     except ValueError:  # tensors that do not fit together (a concatenation, a reshape)
       value = None
     if value is None or tuple(value.shape) != tuple(leaf.shape):

@@ -135,15 +135,17 @@ def _fill(state, source: dict, renames, path, everything: bool, image_encoder: s
 def initial_state(exp):
   """The state a fresh run starts from: initialized, then with init.source's
   weights where init.load says."""
-  state = exp.init_state()
   path = exp.config.init.source
   if not path:
-    return state
+    return exp.init_state()
   load = param_groups.as_patterns(exp.config.init.load)
+  # The source and what is taken from it are checked before the model is
+  # initialized (the slow part of a fresh start): a wrong one is refused at once.
   params, stats, source_method, tokenizer = _source(path)
   renames = _renames(path, load, source_method, exp.method, params) if load else None
   if exp.method.text_tower and (not load or 'text' in load):
     _check_same_tokenizer(path, tokenizer, exp.tokenizer)
+  state = exp.init_state()
   fill = functools.partial(_fill, source=None, renames=renames, path=path, everything=not load,
                            image_encoder=exp.method.towers['image']['encoder'])
   new_params = fill(state.params, source=params)

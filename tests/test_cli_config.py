@@ -5,7 +5,7 @@ import os
 import pytest
 
 import messages
-from helpers import CLIP_CONFIG, DIGITS_CONFIG, cli_in_forks, jaxcl
+from helpers import CLIP_CONFIG, DIGITS_CONFIG, cli_in_forks, jaxcl, tiny_overrides
 
 # One real CLI process per bad input (left out by -m "not slow").
 pytestmark = pytest.mark.slow
@@ -116,7 +116,6 @@ def test_workdir_that_is_a_file(tmp_path):
 
 
 def test_resuming_with_a_different_config_is_refused(tmp_path):
-  from helpers import tiny_overrides  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'run'
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
         '--config.total_steps=0')
@@ -136,3 +135,21 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
                *tiny_overrides(), '--config.total_steps=0', '--config.loss.estimator=sogclr',
                check=False)
   assert proc.returncode == 2 and "loss.estimator: 'batch' there, 'sogclr' now" in proc.stderr
+
+
+def test_a_config_file_setting_init_from_still_trains_from_it(tmp_path):
+  """`jaxcl train` with a config file written for init.from (init.source's
+  old name) reads it as init.source: the missing source is refused before
+  anything is written, as init.source's is (the flags' copy of the config
+  is renamed too, not only the one the overrides are checked against)."""
+  old = tmp_path / 'old.py'
+  old.write_text(f'import runpy\n\ndef get_config():\n'
+                 f'  config = runpy.run_path({DIGITS_CONFIG!r})["get_config"]()\n'
+                 f'  config.init["from"] = "/no/such/run"\n  return config\n')
+  [proc] = cli_in_forks([['train', '--config', str(old), '--workdir', str(tmp_path / 'run'),
+                          *tiny_overrides()]], tmp_path)
+  assert proc['code'] == 2, proc['stderr']
+  assert proc['stderr'].strip() == ('jaxcl: error: init.source /no/such/run is not a directory '
+                                    '(a jaxcl workdir or a checkpoint directory jaxcl import '
+                                    'reads)'), proc['stderr']
+  assert not (tmp_path / 'run').exists()

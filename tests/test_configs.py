@@ -180,3 +180,9 @@ def test_config_files_setting_init_from_still_work(tmp_path):
                     f'def get_config():\n  config = base_config()\n  {line}\n  return config\n')
     config = config_files.load(str(path))
     assert config.init.source == '/runs/a' and 'from' not in config.init, line
+  # The new name, set too (--config.init.source=DIR over such a file), wins.
+  config = config_files.load(str(path))
+  with config.unlocked():
+    config.init['from'], config.init.source = '/runs/a', '/runs/b'
+  config_files.use_new_names(config)
+  assert config.init.source == '/runs/b' and 'from' not in config.init

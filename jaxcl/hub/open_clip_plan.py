@@ -20,8 +20,10 @@ SimpleTokenizer with its built-in copy of that vocabulary. A SentencePiece
 model with SigLIP's text handling (text.normalize 'siglip') is written as
 the transformers SiglipTokenizer that open_clip's HFTokenizer loads from DIR
 (text_cfg.hf_tokenizer_name names DIR; for a copy on the Hugging Face hub,
-set it to the repository). Other tokenizers have no open_clip equivalent:
-the export's `tokenizer` line says so.
+set it to the repository). Other tokenizers (bytes, plain SentencePiece)
+have no open_clip equivalent: the export's `tokenizer` line says so, and
+the "jaxcl" entry of open_clip_config.json records the tokenizer, which
+`jaxcl import` of the directory rebuilds.
 """
 
 from __future__ import annotations
@@ -201,8 +203,9 @@ def _tokenizer(tokenizer, text_cfg: dict, output) -> tuple[dict, str]:
             }, (f"open_clip.get_tokenizer('local-dir:{output}') (transformers' SiglipTokenizer "
                 f'over {SPIECE}; needs transformers and sentencepiece)')
   extra = {SPIECE: tokenizer.model_bytes} if kind == 'sentencepiece' else {}
-  return extra, (f'open_clip has no tokenizer for this model\'s {kind} ids: tokenize with jaxcl '
-                 f'(the spec is open_clip_config.json\'s "jaxcl" entry)')
+  return extra, (f'open_clip has no tokenizer for this model\'s {kind} ids (its get_tokenizer '
+                 f'would give CLIP\'s BPE ids): tokenize with jaxcl; open_clip_config.json\'s '
+                 f'"jaxcl" entry records the tokenizer, and jaxcl import reads it back')
 
 
 def plan(config, tokenizer, output, *, timm_model_name: str | None = None) -> Plan:

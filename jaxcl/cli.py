@@ -201,8 +201,8 @@ def _parse(command: str, args: list[str]) -> list[str]:
                      ) from None
   except (Exception, SystemExit) as e:  # pylint: disable=broad-except  # the config file ran twice
     raise UsageError(f'{type(e).__name__}: {errors.first_line(e)}') from None
-  if config is not None:  # config_flags' own copy, as config_files.load renamed the first
-    config_files.use_new_names(_CONFIG.value)
+  if config is not None:  # config_flags' own copy, as config_files.load settled the first
+    config_files.settle(_CONFIG.value)
   wanted = 1 if command in POSITIONAL else 0
   if len(positional) > wanted:
     takes = f'one {POSITIONAL[command]}' if wanted else 'no positional arguments'

@@ -77,7 +77,7 @@ def base_config():
 
   config.dataset = ml_collections.ConfigDict(dict(
       name='digits',
-      data_dir=config_dict.placeholder(str),  # TFDS default (~/tensorflow_datasets) when unset
+      data_dir=config_dict.placeholder(str),  # unset or '': TFDS's (~/tensorflow_datasets)
       download=False,
       path='',  # for name='image_folder'
       train_split='train',  # pretraining split (labels unused)

@@ -24,6 +24,10 @@ ConfigFileError = errors.ConfigFileError
 # one (`init.from` could never be set there: config_flags parses a dotted key as
 # a Python expression, and `from` is a keyword).
 RENAMED_KEYS = {'init.from': 'init.source'}
+# Keys whose default, None, means unset (dataset.data_dir: TFDS's own folder).
+# A flag can only give them a string: '' unsets them, as it does every other
+# path key, where TFDS would read '' as the current directory.
+UNSET_BY_EMPTY = ('dataset.data_dir',)
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -56,8 +60,27 @@ def load(spec: str) -> ml_collections.ConfigDict:
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigFileError(f'config file {path}: get_config() returned '
                           f'{type(config).__name__}, not an ml_collections.ConfigDict')
-  use_new_names(config)
+  settle(config)
   return config
+
+
+def settle(config) -> None:
+  """A loaded config (a file's, with its overrides) as the rest of jaxcl
+  reads it, in place: old key names moved to the new ones, '' in
+  UNSET_BY_EMPTY's keys as None."""
+  use_new_names(config)
+  for key in UNSET_BY_EMPTY:
+    *group_path, leaf = key.split('.')
+    group = _group(config, group_path)
+    if group is not None and group.get(leaf) == '':
+      group[leaf] = None
+
+
+def _group(config, path):
+  """The group of keys at `path` (a list of names) in `config`, or None."""
+  for part in path:
+    config = config.get(part) if isinstance(config, ml_collections.ConfigDict) else None
+  return config if isinstance(config, ml_collections.ConfigDict) else None
 
 
 def use_new_names(config) -> None:
@@ -68,10 +91,8 @@ def use_new_names(config) -> None:
   for old, new in RENAMED_KEYS.items():
     *group_path, old_leaf = old.split('.')
     new_leaf = new.rsplit('.', 1)[-1]  # a rename within its group
-    group = config
-    for part in group_path:
-      group = group.get(part) if isinstance(group, ml_collections.ConfigDict) else None
-    if not isinstance(group, ml_collections.ConfigDict) or old_leaf not in group:
+    group = _group(config, group_path)
+    if group is None or old_leaf not in group:
       continue
     with group.unlocked():
       value = group[old_leaf]

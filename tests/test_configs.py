@@ -87,8 +87,8 @@ def test_config_files_load_without_the_runtime():
 # ml_collections' config_flags), must arrive in the parsed config. The kinds of
 # key: strings (empty ones too), integers, floats, booleans, tuples (empty, of
 # numbers, of strings; finetune.py's, read back from a config.json, are lists),
-# and None placeholders (dataset.data_dir: set to a path; None itself is the
-# flag left out). Groups of keys (ConfigDicts) are set key by key.
+# and None placeholders (dataset.data_dir: set to a path, or unset again with
+# an empty value). Groups of keys (ConfigDicts) are set key by key.
 
 
 def _leaves(node, prefix=''):
@@ -101,8 +101,8 @@ def _leaves(node, prefix=''):
 
 def _typed(value) -> str:
   """VALUE as a user writes it after --config.KEY=."""
-  if isinstance(value, str):
-    return value
+  if value is None or isinstance(value, str):
+    return value or ''
   return repr(tuple(value)) if isinstance(value, (tuple, list)) else repr(value)
 
 
@@ -139,8 +139,7 @@ def test_every_key_of_every_shipped_config_is_settable_from_the_command_line(
     keys = dict(_leaves(config_files.load(spec)))
     assert not [k for k in keys if any(keyword.iskeyword(p) for p in k.split('.'))], (
         f'{spec}: a key named by a Python keyword, which config_flags cannot parse')
-    own = {k: v for k, v in keys.items() if v is not None}
-    for values in (own, {k: _other(v) for k, v in keys.items()}):
+    for values in (keys, {k: _other(v) for k, v in keys.items()}):
       cases.append(['train', '--config', spec, '--workdir', str(tmp_path / 'never'),
                     *(f'--config.{k}={_typed(v)}' for k, v in values.items())])
       wanted.append((spec, values))

@@ -244,6 +244,11 @@ def test_bad_shard_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
   }
   runs = [['shard', '--input', str(tmp_path / source), '--output', str(tmp_path / output),
            '--workers=0', *flags.split()] for source, output, flags in cases]
+  under_a_file = f'--output {tmp_path}/file/sub: {tmp_path}/file is a file, not a folder'
+  for argv in (['export', '--workdir', str(tmp_path), '--format=open_clip'],  # the others
+               ['export', '--workdir', str(tmp_path)], ['import', str(tmp_path)]):
+    runs.append(argv + ['--output', str(tmp_path / 'file' / 'sub')])
+    cases[tuple(argv)] = under_a_file
   results = cli_in_forks(runs, tmp_path)
   for case, result in zip(cases, results):
     assert result['code'] == 2, (case, result)

@@ -12,11 +12,11 @@ shards, the input jaxcl streams (jaxcl.data.stream).
 Images are checked by decoding them; JPEGs are copied byte for byte, other
 formats re-encoded as JPEG (quality 95). Rows are read one at a time and
 decoded and encoded in `workers` processes with a bounded number of chunks
-in flight, so memory does not grow with the input. Shards close at about `shard_mb` MB. Bad rows and
-images are skipped, counted and listed in manifest.json, with the counts and
-the shard names; sizes.json holds the samples per shard (open_clip's
-convention). A class folder with no image is refused (it would be a label
-with no example).
+in flight, so memory does not grow with the input. Shards close at about
+`shard_mb` MB. Bad rows and images are skipped, counted and listed in
+manifest.json, with the counts and the shard names; sizes.json holds the
+samples per shard (open_clip's convention). A class folder with no image is
+refused (it would be a label with no example).
 
 The output appears whole or not at all: the shards are written into
 OUTPUT/.jaxcl-shard-unfinished/ and moved into OUTPUT once all are
@@ -42,7 +42,6 @@ from etils import epath
 
 from jaxcl import errors, files
 from jaxcl.data import images
-from jaxcl.data.images import IMAGE_SUFFIXES
 from jaxcl.data.pair_rows import DELIMITERS, JSON_SUFFIXES, in_test_split, iter_pairs
 from jaxcl.data.shards import MANIFEST_FILE, SIZES_FILE, ShardWriter
 
@@ -111,7 +110,7 @@ def _folder_rows(root: epath.Path, classes: list):
     for folder, label in folders:
       if folder.is_dir():
         for p in sorted(folder.iterdir()):
-          if p.suffix.lower() in IMAGE_SUFFIXES:
+          if p.suffix.lower() in images.IMAGE_SUFFIXES:
             yield str(p), str(p), None, label, split or 'train'
 
 

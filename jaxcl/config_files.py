@@ -118,11 +118,15 @@ def _describe(e: BaseException) -> str:
 
 
 def overrides(args: list[str]) -> list[tuple[str, str | None]]:
-  """(dotted key, value or None) of every --config.KEY[=VALUE] in `args`."""
+  """(dotted key, value or None) of every --config.KEY[=VALUE] in `args`,
+  and (KEY, None) of every --noconfig.KEY (a boolean's False, which config_flags
+  reads too)."""
   out = []
   for i, arg in enumerate(args):
     flag = arg.lstrip('-')
-    if arg.startswith('-') and flag.startswith('config.'):
+    if arg.startswith('-') and flag.startswith('noconfig.'):
+      out.append((flag[len('noconfig.'):].partition('=')[0], None))
+    elif arg.startswith('-') and flag.startswith('config.'):
       key, eq, value = flag[len('config.'):].partition('=')
       if not eq:
         value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith('-') else None

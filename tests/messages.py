@@ -71,6 +71,11 @@ CONFIG = {
     'init as a group':
         'jaxcl: error: --config.init names a group of keys (load, source): set each one, '
         '--config.init.KEY=VALUE',
+    'negated unknown key':
+        "jaxcl: error: unknown config key 'flipp' in --config.augment.flipp (did you mean 'flip'?)",
+    'negated old name':
+        'jaxcl: error: --config.init.from: init.from is now called init.source; use '
+        '--config.init.source',
     'clip text heads':
         'jaxcl: error: text.width 64 is not divisible by text.heads 5',
     'clip text length':

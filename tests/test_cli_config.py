@@ -38,6 +38,9 @@ BAD = {
     'init source missing': (['--config.init.source=/no/such/run'], 'is not a directory'),
     'init old name': (['--config.init.from=/no/such/run'], 'init.from is now called init.source'),
     'init as a group': (["--config.init={'source': '/no/such/run'}"], 'names a group of keys'),
+    # --noconfig.KEY (a boolean's False) is checked as --config.KEY is.
+    'negated unknown key': (['--noconfig.augment.flipp'], "unknown config key 'flipp'"),
+    'negated old name': (['--noconfig.init.from'], 'init.from is now called init.source'),
 }
 # Two-tower (CLIP) configs: text tower, tokenizer, ViT, caption data.
 BAD_CLIP = {

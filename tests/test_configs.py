@@ -88,7 +88,8 @@ def test_config_files_load_without_the_runtime():
 # key: strings (empty ones too), integers, floats, booleans, tuples (empty, of
 # numbers, of strings; finetune.py's, read back from a config.json, are lists),
 # and None placeholders (dataset.data_dir: set to a path, or unset again with
-# an empty value). Groups of keys (ConfigDicts) are set key by key.
+# an empty value). Groups of keys (ConfigDicts) are set key by key. Booleans are
+# written both as --config.KEY=True|False and as --config.KEY / --noconfig.KEY.
 
 
 def _leaves(node, prefix=''):
@@ -104,6 +105,13 @@ def _typed(value) -> str:
   if value is None or isinstance(value, str):
     return value or ''
   return repr(tuple(value)) if isinstance(value, (tuple, list)) else repr(value)
+
+
+def _flag(key: str, value, bare: bool) -> str:
+  """--config.KEY=VALUE; bare: a boolean as --config.KEY or --noconfig.KEY."""
+  if bare and isinstance(value, bool):
+    return f'--config.{key}' if value else f'--noconfig.{key}'
+  return f'--config.{key}={_typed(value)}'
 
 
 def _other(value):
@@ -139,9 +147,9 @@ def test_every_key_of_every_shipped_config_is_settable_from_the_command_line(
     keys = dict(_leaves(config_files.load(spec)))
     assert not [k for k in keys if any(keyword.iskeyword(p) for p in k.split('.'))], (
         f'{spec}: a key named by a Python keyword, which config_flags cannot parse')
-    for values in (keys, {k: _other(v) for k, v in keys.items()}):
+    for values, bare in ((keys, False), ({k: _other(v) for k, v in keys.items()}, True)):
       cases.append(['train', '--config', spec, '--workdir', str(tmp_path / 'never'),
-                    *(f'--config.{k}={_typed(v)}' for k, v in values.items())])
+                    *(_flag(k, v, bare) for k, v in values.items())])
       wanted.append((spec, values))
   for (spec, values), result in zip(wanted, cli_in_forks(cases, tmp_path, parse_only=True)):
     assert result['code'] == 0, (spec, result['stderr'])

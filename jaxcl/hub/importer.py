@@ -1,6 +1,6 @@
 """`jaxcl import SOURCE --output WORKDIR`: a published checkpoint as a jaxcl
 workdir at step 0 (config, tokenizer, data facts, an orbax checkpoint),
-which `jaxcl eval`, `jaxcl export`, training and `init.from` all use.
+which `jaxcl eval`, `jaxcl export`, training and `init.source` all use.
 
 Every check runs before anything is written, and the workdir is assembled
 under a temporary name and renamed into place: a failed import leaves

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 import messages
-from helpers import CLIP_CONFIG, DIGITS_CONFIG, cli_in_forks, tiny_config
+from helpers import CLIP_CONFIG, DIGITS_CONFIG, cli_in_forks, tiny_config, tiny_overrides
+from jaxcl import sweep
 
 NUM_CASES = 64
 
@@ -337,3 +338,71 @@ def test_bad_import_and_export_inputs_exit_2_with_one_line(tmp_path):
   assert not out.exists() and (tmp_path / 'a_file').read_text() == 'mine'
   assert not (workdir / 'checkpoints' / 'x').exists()
   assert not [p.name for p in tmp_path.iterdir() if p.name.startswith('.')]
+
+
+# ------------------------------------------------------------- jaxcl sweep ---
+SWEPT = '0.1,0.5'  # the candidates of the sweep folders the reruns meet
+# Bad sweep input: (flags, words its one line holds). A new workdir is made for none.
+BAD_SWEEPS = [
+    ('--temperatures=0.1,,0.2', 'has an empty value'),
+    ('--temperatures=', 'needs at least one value'),
+    ('--temperatures=nan', "'nan' is neither a finite number nor 'learnable'"),
+    ('--temperatures=inf', "'inf' is neither a finite number nor 'learnable'"),
+    ('--temperatures=0.1,0.10', 'lists one τ twice'),
+    ('--temperatures=5', '--temperatures 5: temperature.init 5.0 must lie in'),
+    ('--temperatures=1e-9', '--temperatures 1e-9: temperature.init 1e-09 must lie in'),
+    ('--eta=3', '--eta: for --search halving only'),
+    ('--search=halving --eta=1', 'eta'),
+    ('--search=halving --eta=1000', 'too few'),
+    ('--search=halving --holdout=1', '--holdout must be 0'),
+    ('--search=halving --holdout=0.001', '--holdout must be 0'),
+    ('--search=halving --monitor=accuracy', "--monitor=accuracy: simclr's evaluation"),
+    ('--search=halving --monitor=zeroshot_top1', "--monitor=zeroshot_top1: simclr's evaluation"),
+]
+# Reruns in a sweep folder with other settings: (folder, flags, words).
+OTHER_SWEEPS = [
+    ('halving', f'--temperatures={SWEPT}', 'holds a halving sweep, not grid'),
+    ('halving', '--search=halving --temperatures=0.1,0.5,learnable',
+     f'holds a sweep of --temperatures={SWEPT}, not 0.1,0.5,learnable'),
+    ('halving', f'--search=halving --temperatures={SWEPT} --eta=3',
+     'holds a sweep with --eta=2, not --eta=3'),
+    ('halving', f'--search=halving --temperatures={SWEPT} --monitor=linear_top1',
+     'holds a sweep with no --monitor, not --monitor=linear_top1'),
+    ('halving', f'--search=halving --temperatures={SWEPT} --config.total_steps=16',
+     'holds a sweep with a different config (total_steps: 8 there, 16 now)'),
+    ('halving', f'--search=halving --temperatures={SWEPT} --config.eval.knn_k=5',
+     'holds a sweep with a different config (eval.knn_k: 20 there, 5 now)'),
+    ('grid', f'--search=halving --temperatures={SWEPT}', 'holds a grid sweep, not halving'),
+    ('grid', f'--temperatures={SWEPT} --config.optimizer.learning_rate=0.001',
+     'holds a sweep with a different config (optimizer.learning_rate: 0.002 there, 0.001 now)'),
+]
+
+
+@pytest.mark.slow  # a CLI process per case
+def test_bad_sweep_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
+  config = tiny_config(total_steps=8)
+  folders = {}  # each as a sweep leaves it before its first run trains
+  for search, options in (('halving', dict(eta=2, holdout=0.2, monitor='')), ('grid', {})):
+    folders[search] = tmp_path / search
+    sweep.prepare(config, folders[search], SWEPT.split(','),
+                  sweep.settings(config, SWEPT.split(','), search, **options), writer=True)
+  before = {p: p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()}
+  cases = [(tmp_path / f'new{i}', flags, words) for i, (flags, words) in enumerate(BAD_SWEEPS)]
+  cases += [(folders[folder], flags, words) for folder, flags, words in OTHER_SWEEPS]
+  results = cli_in_forks([['sweep', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+                           *tiny_overrides(), '--config.total_steps=8', *flags.split()]
+                          for workdir, flags, _ in cases], tmp_path)
+  failures = []
+  for (workdir, flags, words), result in zip(cases, results):
+    lines = result['stderr'].splitlines()
+    if not (result['code'] == 2 and len(lines) == 1 and lines[0].startswith('jaxcl: error: ')
+            and words in lines[0]):
+      failures.append(f'{flags}: exit {result["code"]}, stderr {result["stderr"][-600:]!r}')
+  assert not failures, '\n'.join(failures)
+  after = {p: p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()
+           and p.parent != tmp_path}  # cli_in_forks' own files lie in tmp_path
+  assert after == before and not any(w.exists() for w, _, _ in cases if w.name.startswith('new'))
+  # nan and inf are told the same
+  nan, inf = (results[[f for f, _ in BAD_SWEEPS].index(f'--temperatures={v}')]['stderr']
+              for v in ('nan', 'inf'))
+  assert nan.replace('nan', 'X') == inf.replace('inf', 'X')

@@ -89,8 +89,9 @@ def halved(tmp_path_factory):
     try:
       record = json.loads((workdir / 'sweep.json').read_text())
     except (OSError, ValueError):  # not there yet
-      record = {'rungs': [{'scores': {}}]}
-    if len(record['rungs'][0]['scores']) == 3:  # the first rung scored: the second begins
+      record = {}
+    rungs = record.get('rungs') or [{'scores': {}}]  # the settings come first, then the rungs
+    if len(rungs[0]['scores']) == 3:  # the first rung scored: the second begins
       proc.send_signal(signal.SIGKILL)
       killed_at = record
       break

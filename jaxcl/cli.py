@@ -114,9 +114,8 @@ COMMANDS = {
                                       *MULTI_PROCESS)),
     'report': ('Plots a run or a sweep: DIR/report.html and DIR/report/*.png.',
                ('workdir',), ()),
-    'import': ('Makes a workdir at step 0 from the published CLIP or SigLIP checkpoint SOURCE: '
-               'a directory in the open_clip or transformers layout, or a big_vision SigLIP .npz '
-               '(its SentencePiece model beside it).', ('output',), ('tokenizer',)),
+    'import': ('Makes a workdir at step 0 from the CLIP or SigLIP checkpoint SOURCE: an open_clip '
+               'or transformers directory, or a big_vision .npz.', ('output',), ('tokenizer',)),
     'shard': ('Writes a pairs file or an image folder as webdataset shards in the new folder '
               'DIR (train-000000.tar ..., sizes.json, manifest.json), for dataset.name=webdataset.',
               ('input', 'output'), ('shard_size', 'workers', 'test_fraction')),

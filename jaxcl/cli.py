@@ -28,13 +28,12 @@ import logging
 import os
 import signal
 import sys
-import traceback
 import warnings
 
 from absl import flags
 from ml_collections import config_flags
 
-from jaxcl import config_files, errors, files, validation
+from jaxcl import config_files, errors, validation
 
 USAGE = __doc__.split('\n\n')[1]
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for Ctrl-C
@@ -279,7 +278,8 @@ def run(argv: list[str]) -> int:
       validation.check_output_path(_OUTPUT.value)
     if command != 'shard':  # the only command that compiles nothing
       from jaxcl import compilation_cache  # pylint: disable=g-import-not-at-top
-      compilation_cache.enable(_cache_setting(command, workdir), workdir or _OUTPUT.value)
+      compilation_cache.enable(_CONFIG.value.compilation_cache_dir if _CONFIG.value else
+                               compilation_cache.saved_setting(workdir), workdir or _OUTPUT.value)
     if command == 'sweep':
       from jaxcl import sweep  # pylint: disable=g-import-not-at-top
       values = sweep.parse_temperatures(_TEMPERATURES.value)
@@ -354,20 +354,6 @@ def run(argv: list[str]) -> int:
   return 0
 
 
-def _cache_setting(command: str, workdir: str | None) -> str:
-  """compilation_cache_dir of the config being run, or of the run a command reads."""
-  if 'config' in COMMANDS[command][1]:
-    return _CONFIG.value.compilation_cache_dir
-  saved = os.path.join(workdir or '', files.CONFIG_FILE)
-  if workdir and '://' not in workdir and os.path.isfile(saved):
-    try:
-      with open(saved, encoding='utf-8') as f:
-        return str(json.load(f).get('compilation_cache_dir', ''))
-    except (OSError, ValueError, AttributeError):
-      return ''  # the command itself reports a bad config.json
-  return ''
-
-
 def _export_open_clip(workdir: str, output: str) -> None:
   from jaxcl.hub import open_clip_export  # pylint: disable=g-import-not-at-top
   summary = open_clip_export.export_open_clip(workdir, output, overwrite=_OVERWRITE.value)
@@ -392,7 +378,7 @@ def main(argv=None) -> None:
   except KeyboardInterrupt as e:
     from jaxcl import distributed  # pylint: disable=g-import-not-at-top
     if distributed.multi_process():
-      code = _report_in_multi_process(e)
+      code = distributed.report_error(e)
     else:  # a second Ctrl-C, or one outside the training loop (e: a command's own words)
       print('\njaxcl: ' + (str(e) or 'stopped (Ctrl-C); nothing after the last complete '
                                      'checkpoint was saved'), file=sys.stderr, flush=True)
@@ -404,7 +390,7 @@ def main(argv=None) -> None:
     from jaxcl import distributed  # pylint: disable=g-import-not-at-top
     if not distributed.multi_process():
       raise
-    code = _report_in_multi_process(e)
+    code = distributed.report_error(e)
   from jaxcl import distributed  # pylint: disable=g-import-not-at-top
   if code and distributed.multi_process():
     # A normal exit would run jax.distributed's shutdown barrier, which waits
@@ -416,23 +402,6 @@ def main(argv=None) -> None:
     sys.stderr.flush()
     os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
-
-
-def _report_in_multi_process(e: BaseException) -> int:
-  """One line for an error in one process of several; exit code 1."""
-  import jax  # pylint: disable=g-import-not-at-top
-  first = errors.first_line(e)[:300]
-  me = jax.process_index()
-  if type(e).__name__ == 'JaxRuntimeError' and any(
-      s in str(e) for s in ('Gloo', 'Connection reset', 'Connection closed', 'UNAVAILABLE',
-                            'Socket closed')):
-    line = (f'jaxcl: error: process {me}: lost another process of the job ({first[:200]}); '
-            f'run the same command on every process to resume from the last checkpoint')
-  else:  # a bug: the traceback helps
-    traceback.print_exc()
-    line = f'jaxcl: error: process {me}: {type(e).__name__}: {first}'
-  print('\n' + line, file=sys.stderr, flush=True)  # after any progress bar
-  return 1
 
 
 if __name__ == '__main__':

@@ -30,7 +30,7 @@ import threading
 import jax
 from etils import epath
 
-from jaxcl import errors
+from jaxcl import errors, files
 
 OFF = 'none'
 # jax's own variable; jax reads it into jax_compilation_cache_dir at import.
@@ -61,6 +61,18 @@ def resolve(setting: str, workdir: str | None) -> str | None:
     return str(epath.Path(workdir) / 'compilation_cache')
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   return os.path.join(base, 'jaxcl', 'compilation')
+
+
+def saved_setting(workdir: str | None) -> str:
+  """compilation_cache_dir of the run saved in a local `workdir`, else ''."""
+  saved = os.path.join(workdir or '', files.CONFIG_FILE)
+  if not workdir or '://' in workdir or not os.path.isfile(saved):
+    return ''
+  try:
+    with open(saved, encoding='utf-8') as f:
+      return str(json.load(f).get('compilation_cache_dir', ''))
+  except (OSError, ValueError, AttributeError):
+    return ''  # the command reports a bad config.json itself
 
 
 def enable(setting: str, workdir: str | None) -> str | None:

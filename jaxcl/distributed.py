@@ -13,6 +13,10 @@ On CPUs the processes' collectives go through gloo.
 from __future__ import annotations
 
 import os
+import sys
+import traceback
+
+from jaxcl import errors
 
 
 def cluster_detected() -> str | None:
@@ -53,8 +57,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 def multi_process() -> bool:
   """Whether jax.distributed has joined this process to others."""
-  import sys  # pylint: disable=g-import-not-at-top
   if 'jax' not in sys.modules:
     return False
   import jax  # pylint: disable=g-import-not-at-top
   return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def report_error(e: BaseException) -> int:
+  """One line on stderr for an error in one process of several (a lost
+  process named as such, a bug with its traceback); returns exit code 1."""
+  import jax  # pylint: disable=g-import-not-at-top
+  first = errors.first_line(e)[:300]
+  me = jax.process_index()
+  if type(e).__name__ == 'JaxRuntimeError' and any(
+      s in str(e) for s in ('Gloo', 'Connection reset', 'Connection closed', 'UNAVAILABLE',
+                            'Socket closed')):
+    line = (f'jaxcl: error: process {me}: lost another process of the job ({first[:200]}); '
+            f'run the same command on every process to resume from the last checkpoint')
+  else:  # a bug: the traceback helps
+    traceback.print_exc()
+    line = f'jaxcl: error: process {me}: {type(e).__name__}: {first}'
+  print('\n' + line, file=sys.stderr, flush=True)  # after any progress bar
+  return 1

@@ -2,19 +2,20 @@
 
   jaxcl sweep --config CONFIG --workdir DIR --temperatures 0.05,0.1,0.2,0.5,1.0,learnable
 
-Each value trains the config with temperature.mode=fixed at that τ (or, for
+Each value trains the config with temperature.mode=fixed at that τ (which,
+as temperature.init, must lie in [temperature.min, temperature.max]; or, for
 `learnable`, the config's learnable τ from its init) in DIR/tau-VALUE, one
 after the other, and evaluates it. A run whose eval.json is there already, for
 exactly this config, is not trained again, so an interrupted sweep resumes
 where it stopped (and a killed run resumes from its checkpoint). The sweep
 owns its folder: sweep.json records, before the first run trains, its search
 (grid, or jaxcl.halving's), candidates, options and the config keys that
-change what the runs compute (OWN_KEYS: all but those that say how or where
-they run), and a rerun with anything else is refused (exit 2) with one line
-naming the difference. Writes DIR/sweep.csv, DIR/sweep.json
-and DIR/sweep.png: the evaluation metrics against τ (log axis) with the
-learnable run marked at its final τ, entropy and contrastive accuracy against
-τ (SimCLR's Table 5), and the learnable run's τ trajectory.
+change what the runs compute (all but those that say how or where they run),
+and a rerun with anything else is refused (exit 2) with one line naming the
+difference. Writes DIR/sweep.csv, DIR/sweep.json and DIR/sweep.png: the
+evaluation metrics against τ (log axis) with the learnable run marked at its
+final τ, entropy and contrastive accuracy against τ (SimCLR's Table 5), and
+the learnable run's τ trajectory.
 
 A Ctrl-C outside a run's training loop (between runs, while one is set up or
 evaluated) stops the sweep at once with a line that says to rerun the same
@@ -40,7 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-t
 from etils import epath  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxcl import config as config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from jaxcl import errors, files  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxcl import config_files, errors, files  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxcl import report  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 LEARNABLE = 'learnable'
@@ -166,12 +167,12 @@ def _difference(workdir, key: str, was, now) -> str:
 
 
 def _check_config(workdir, was: dict, now: dict) -> None:
-  """ConfigError naming the first key the recorded config differs in."""
-  # Keys jaxcl gained after the record was written count as the values such
-  # runs behaved by.
+  """ConfigError naming the first key the recorded config differs in. Keys
+  renamed since it was written count under their new names, keys added since
+  at the values such runs behaved by (as a run's saved config)."""
   later = json.loads(json.dumps({k: v for k, v in config_lib.KEYS_ADDED_LATER.items()
                                  if k in now}))
-  was = {**later, **was}
+  was = {**later, **config_files.with_new_names(was, str(workdir / files.SWEEP_JSON))}
   changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
   if changed:
     k, more = changed[0], len(changed) - 1

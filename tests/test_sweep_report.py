@@ -50,9 +50,9 @@ def test_run_configs_take_tau_as_train_takes_temperature_init():
 
 def test_run_config_sets_the_mode():
   base = config_lib.base_config()
-  fixed = sweep.run_config(base, '0.5')
+  fixed = sweep.run_config(base, '2.0')  # outside [min, max]: run_configs refuses it
   assert (fixed.temperature.mode, fixed.temperature.init, fixed.temperature.max) == (
-      'fixed', 0.5, base.temperature.max)
+      'fixed', 2.0, base.temperature.max)
   assert sweep.run_config(base, 'learnable').temperature.mode == 'learnable'
 
 
@@ -83,6 +83,21 @@ def test_a_sweep_folder_is_refused_to_other_settings(tmp_path):
                              'mesh.data': 1})
   assert sweep.check_settings(tmp_path, sweep.settings(
       elsewhere, values, 'halving', eta=2, holdout=0.2, monitor=''))['search'] == 'halving'
+
+
+def test_an_older_sweep_record_is_checked_on_what_it_has(tmp_path):
+  config, values = tiny_config(), ['0.1']
+  grid, halving = sweep.settings(config, values), sweep.settings(
+      config, values, 'halving', eta=2, holdout=0.2, monitor='')
+  # A grid's sweep.json before sweeps recorded their settings: a table only.
+  (tmp_path / 'sweep.json').write_text(json.dumps({'columns': ['run'], 'rows': [{'run': 'a'}]}))
+  assert sweep.check_settings(tmp_path, grid)['rows'] == [{'run': 'a'}]
+  with pytest.raises(config_lib.ConfigError, match='holds a grid sweep, not halving'):
+    sweep.check_settings(tmp_path, halving)
+  # A config recorded before init.from became init.source.
+  grid['config']['init.from'] = grid['config'].pop('init.source')
+  (tmp_path / 'sweep.json').write_text(json.dumps(grid))
+  assert sweep.check_settings(tmp_path, sweep.settings(config, values))['search'] == 'grid'
 
 
 @pytest.fixture(scope='module')

@@ -39,7 +39,6 @@ JAX_ENV = 'JAX_COMPILATION_CACHE_DIR'
 # the step programs take longer, the small evaluation programs of a run pay for themselves
 # from about this).
 MIN_COMPILE_SECONDS = 0.5
-_OBJECT_STORE_PREFIXES = ('gs://', 's3://')
 
 STATS_ENV = 'JAXCL_COMPILATION_STATS_DIR'
 
@@ -57,22 +56,21 @@ def resolve(setting: str, workdir: str | None) -> str | None:
     return setting
   if os.environ.get(JAX_ENV):
     return os.environ[JAX_ENV]
-  if workdir and str(workdir).startswith(_OBJECT_STORE_PREFIXES):
+  if workdir and files.is_object_store(workdir):
     return str(epath.Path(workdir) / 'compilation_cache')
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'jaxcl', 'compilation')
+  base = epath.Path(os.environ.get('XDG_CACHE_HOME') or epath.Path('~/.cache').expanduser())
+  return str(base / 'jaxcl' / 'compilation')
 
 
 def saved_setting(workdir: str | None) -> str:
-  """compilation_cache_dir of the run saved in a local `workdir`, else ''."""
-  saved = os.path.join(workdir or '', files.CONFIG_FILE)
-  if not workdir or '://' in workdir or not os.path.isfile(saved):
+  """compilation_cache_dir of the run saved in `workdir`, else ''."""
+  if not workdir:
     return ''
   try:
-    with open(saved, encoding='utf-8') as f:
-      return str(json.load(f).get('compilation_cache_dir', ''))
+    return str(json.loads((epath.Path(workdir) / files.CONFIG_FILE).read_text())
+               .get('compilation_cache_dir', ''))
   except (OSError, ValueError, AttributeError):
-    return ''  # the command reports a bad config.json itself
+    return ''  # no run there, or a bad config.json: the command reports it itself
 
 
 def enable(setting: str, workdir: str | None) -> str | None:
@@ -81,9 +79,9 @@ def enable(setting: str, workdir: str | None) -> str | None:
   folder that cannot be made is a ConfigError when the config named it, and
   no cache when it was the default (a read-only home must not stop a run)."""
   folder = resolve(setting, workdir)
-  if folder is not None and '://' not in folder:
+  if folder is not None:
     try:
-      os.makedirs(folder, exist_ok=True)
+      epath.Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as e:
       if setting:
         raise errors.ConfigError(f'compilation_cache_dir {folder!r}: cannot create it '
@@ -130,9 +128,8 @@ def _on_event(event: str, **_) -> None:
 def write_stats() -> None:
   """This process's counts so far to STATS_ENV's folder (one file per process)."""
   if _requests and os.environ.get(STATS_ENV):
-    path = os.path.join(os.environ[STATS_ENV], f'{os.getpid()}.json')
-    with open(path, 'w', encoding='utf-8') as f:
-      json.dump({'requests': _requests, 'hits': _hits}, f)
+    path = epath.Path(os.environ[STATS_ENV]) / f'{os.getpid()}.json'
+    path.write_text(json.dumps({'requests': _requests, 'hits': _hits}))
 
 
 def listen() -> None:

@@ -106,134 +106,134 @@ CONFIG = {
 
 # tests/test_cli_fuzz.py, seed 0: the random bad overrides of `jaxcl train` (1 device).
 FUZZ_SEED_0 = {
-    '--config.temperature.lr_multiplier=-2.0':
-        'jaxcl: error: temperature.lr_multiplier must be > 0, got -2.0',
-    '--config.microbatch_size_size=0.5':
-        "jaxcl: error: unknown config key 'microbatch_size_size' in --config.microbatch_size_size (did you mean 'microbatch_size'?)",
-    '--config.nonfinite=ignore':
-        "jaxcl: error: nonfinite must be 'stop' or 'skip', got 'ignore'",
-    '--config.init.load=abc':
-        "jaxcl: error: --config.init.load takes a tuple, written (a, b) or [a, b]; got 'abc'",
-    '--config.mesh.fsd=0.5':
-        "jaxcl: error: unknown config key 'fsd' in --config.mesh.fsd (did you mean 'fsdp'?)",
-    '--config.dataset.image_key_old=1':
-        "jaxcl: error: unknown config key 'image_key_old' in --config.dataset.image_key_old (did you mean 'image_key'?)",
-    '--config.mesh.data=0':
-        "jaxcl: error: mesh: mesh axis sizes must be positive or -1, got {'data': 0, 'fsdp': 1}",
-    '--config.optimizer.warmup_steps=1e3x':
-        "jaxcl: error: --config.optimizer.warmup_steps takes an integer, got '1e3x'",
-    '--config.model.head_out=-16':
-        'jaxcl: error: model.head_out must be a positive integer, got -16',
-    '--config.augment.crop_scale_max_old=abc':
-        "jaxcl: error: unknown config key 'crop_scale_max_old' in --config.augment.crop_scale_max_old (did you mean 'crop_scale_max'?)",
-    '--config.text.ad_id=abc':
-        "jaxcl: error: unknown config key 'ad_id' in --config.text.ad_id (did you mean 'pad_id'?)",
-    '--config.optimizer.weight_decay=-0.1':
-        'jaxcl: error: optimizer.weight_decay must be >= 0, got -0.1',
-    '--config.profile_steps=abc':
-        "jaxcl: error: --config.profile_steps takes a tuple, written (a, b) or [a, b]; got 'abc'",
-    '--config.dataset.shuffle_buffer=1e3x':
-        "jaxcl: error: --config.dataset.shuffle_buffer takes an integer, got '1e3x'",
-    '--config.dataset.label_key_x=0.5':
-        "jaxcl: error: unknown config key 'label_key_x' in --config.dataset.label_key_x (did you mean 'label_key'?)",
-    '--config.temperature.period=-5':
-        'jaxcl: error: temperature.period must be an integer >= 0, got -5',
-    '--config.mesh.fsdp=0':
-        "jaxcl: error: mesh: mesh axis sizes must be positive or -1, got {'data': -1, 'fsdp': 0}",
-    '--config.eval_every_steps=0':
-        'jaxcl: error: eval_every_steps must be > 0, got 0',
-    '--config.dataset.std=(0.0,)':
-        'jaxcl: error: dataset.std values must be > 0, got (0.0,)',
-    '--config.augment.crop_scale_min=fast':
-        "jaxcl: error: --config.augment.crop_scale_min takes a number, got 'fast'",
-    '--config.model.dtype=float8':
-        "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'float8'",
-    '--config.data_set.train_split=1':
-        "jaxcl: error: unknown config key 'data_set' in --config.data_set.train_split (did you mean 'dataset'?)",
-    '--config.temperature.warmup_steps=-1':
-        'jaxcl: error: temperature.warmup_steps must be an integer >= 0, got -1',
-    '--config.eval.max_train_examples=1e3x':
-        "jaxcl: error: --config.eval.max_train_examples takes an integer, got '1e3x'",
-    '--config.mesh.fsdp=5':
-        "jaxcl: error: mesh: mesh {'data': -1, 'fsdp': 5} does not divide the 1 devices",
-    '--config.augment.grayscale_prob=2.0':
-        'jaxcl: error: augment.grayscale_prob must be in [0, 1], got 2.0',
-    '--config.text.normgeps=1':
-        "jaxcl: error: unknown config key 'normgeps' in --config.text.normgeps (did you mean 'norm_eps'?)",
-    '--config.modl.head_hidden=0.5':
-        "jaxcl: error: unknown config key 'modl' in --config.modl.head_hidden (did you mean 'model'?)",
-    '--config.mesh.fsdp=1e3x':
-        "jaxcl: error: --config.mesh.fsdp takes an integer, got '1e3x'",
-    '--config.dataset.pairs.caption_colmn=abc':
-        "jaxcl: error: unknown config key 'caption_colmn' in --config.dataset.pairs.caption_colmn (did you mean 'caption_column'?)",
-    '--config.augment.flip=yes please':
-        "jaxcl: error: --config.augment.flip takes True or False, got 'yes please'",
-    '--config.augent.grayscale_prob=abc':
-        "jaxcl: error: unknown config key 'augent' in --config.augent.grayscale_prob (did you mean 'augment'?)",
-    '--config.odtimizer.name=1':
-        "jaxcl: error: unknown config key 'odtimizer' in --config.odtimizer.name (did you mean 'optimizer'?)",
-    '--config.evpal.retrieval=1':
-        "jaxcl: error: unknown config key 'evpal' in --config.evpal.retrieval (did you mean 'eval'?)",
-    '--config.augment.flip_old=1':
-        "jaxcl: error: unknown config key 'flip_old' in --config.augment.flip_old (did you mean 'flip'?)",
-    '--config.augment.crop_scale_min=0.0':
-        'jaxcl: error: need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got 0.0, 1.0',
-    '--config.model.stage_sizes_x=1':
-        "jaxcl: error: unknown config key 'stage_sizes_x' in --config.model.stage_sizes_x (did you mean 'stage_sizes'?)",
-    '--config.augment.color_jitter_strength=-1.0':
-        'jaxcl: error: augment.color_jitter_strength must be >= 0, got -1.0',
-    '--config.eval.batch_size=-512':
-        'jaxcl: error: eval.batch_size -512 must be a positive multiple of the 1 data shards',
-    '--config.temperature.bias_init=nan':
-        'jaxcl: error: temperature.bias_init must be a finite number, got nan',
-    '--config.text.mlp_dim=2.5':
-        "jaxcl: error: --config.text.mlp_dim takes an integer, got '2.5'",
-    '--config.eval.ratch_size=0.5':
-        "jaxcl: error: unknown config key 'ratch_size' in --config.eval.ratch_size (did you mean 'batch_size'?)",
-    '--config.tempeprature.min=abc':
-        "jaxcl: error: unknown config key 'tempeprature' in --config.tempeprature.min (did you mean 'temperature'?)",
-    '--config.model.width=-8':
-        'jaxcl: error: model.width must be a positive integer, got -8',
-    "--config.loss.estimator=''":
-        'jaxcl: error: loss.estimator must be one of (\'batch\', \'sogclr\'), got "\'\'"',
-    '--config.optimizer.weight_decay=fast':
-        "jaxcl: error: --config.optimizer.weight_decay takes a number, got 'fast'",
-    '--config.temperature.warmup_stepks=abc':
-        "jaxcl: error: unknown config key 'warmup_stepks' in --config.temperature.warmup_stepks (did you mean 'warmup_steps'?)",
-    '--config.moel.head_out=0.5':
-        "jaxcl: error: unknown config key 'moel' in --config.moel.head_out (did you mean 'model'?)",
-    '--config.optimizer.b2=1.5':
-        'jaxcl: error: optimizer.b2 must be in [0, 1), got 1.5',
-    "--config.nonfinite=''":
-        'jaxcl: error: nonfinite must be \'stop\' or \'skip\', got "\'\'"',
-    '--config.text.pad_id=[1]':
-        "jaxcl: error: --config.text.pad_id takes an integer, got '[1]'",
-    '--config.temperature.init=-0.1':
-        'jaxcl: error: temperature.init must be > 0, got -0.1',
-    '--config.augmenf.blur_prob=1':
-        "jaxcl: error: unknown config key 'augmenf' in --config.augmenf.blur_prob (did you mean 'augment'?)",
-    '--config.temperature.min=[0.1]':
-        "jaxcl: error: --config.temperature.min takes a number, got '[0.1]'",
+    '--config.augment.grayscale_prob=abc':
+        "jaxcl: error: --config.augment.grayscale_prob takes a number, got 'abc'",
+    '--config.eval.probe_lr=0.0':
+        'jaxcl: error: eval.probe_lr must be > 0, got 0.0',
+    '--config.model.dtype=int32':
+        "jaxcl: error: model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'int32'",
+    '--config.optimizer.name=adam_w':
+        "jaxcl: error: optimizer.name must be one of ('lars', 'adamw', 'sgd'), got 'adam_w'",
+    '--config.method=moco':
+        "jaxcl: error: method must be one of ('simclr', 'clip', 'siglip'), got 'moco'",
+    '--config.loss.impl=sparse':
+        "jaxcl: error: loss.impl must be one of ('dense', 'blockwise', 'ring'), got 'sparse'",
+    '--config.dataset.name=no_such_dataset':
+        "jaxcl: error: dataset.name: no TFDS dataset named 'no_such_dataset'",
+    '--config.model.scan_layers=yes please':
+        "jaxcl: error: --config.model.scan_layers takes True or False, got 'yes please'",
+    '--config.loss.estimator=moving':
+        "jaxcl: error: loss.estimator must be one of ('batch', 'sogclr'), got 'moving'",
     '--config.optimizer.weight_decay=nan':
         'jaxcl: error: optimizer.weight_decay must be >= 0, got nan',
-    '--config.optimizer.warmup_steps_old=abc':
-        "jaxcl: error: unknown config key 'warmup_steps_old' in --config.optimizer.warmup_steps_old (did you mean 'warmup_steps'?)",
-    '--config.eval.knin_k=abc':
-        "jaxcl: error: unknown config key 'knin_k' in --config.eval.knin_k (did you mean 'knn_k'?)",
+    '--config.optimizer.learning_rate=fast':
+        "jaxcl: error: --config.optimizer.learning_rate takes a number, got 'fast'",
+    '--config.optimizer.momentum=1.5':
+        'jaxcl: error: optimizer.momentum must be in [0, 1), got 1.5',
+    '--config.log_every_steps=abc':
+        "jaxcl: error: --config.log_every_steps takes an integer, got 'abc'",
+    '--config.optimizer.b1_old=abc':
+        "jaxcl: error: unknown config key 'b1_old' in --config.optimizer.b1_old (did you mean 'b1'?)",
+    '--config.text.causae=0.5':
+        "jaxcl: error: unknown config key 'causae' in --config.text.causae (did you mean 'causal'?)",
+    '--config.optimizer.warmup_steps=-10':
+        'jaxcl: error: optimizer.warmup_steps must be >= 0, got -10',
+    '--config.temperature.individual_eta=fast':
+        "jaxcl: error: --config.temperature.individual_eta takes a number, got 'fast'",
+    '--config.temperature.period=-5':
+        'jaxcl: error: temperature.period must be an integer >= 0, got -5',
+    '--config.batch_size=0':
+        'jaxcl: error: batch_size must be > 0, got 0',
+    '--config.optimizer.learning_rate=0.0':
+        'jaxcl: error: optimizer.learning_rate must be > 0, got 0.0',
+    '--config.nome=0.5':
+        "jaxcl: error: unknown config key 'nome' in --config.nome (did you mean 'name'?)",
+    '--config.model.head_hidden=[1]':
+        "jaxcl: error: --config.model.head_hidden takes an integer, got '[1]'",
+    '--config.eval.zeroshot=(1,':
+        "jaxcl: error: --config.eval.zeroshot takes a tuple, got '(1,'",
+    '--config.temperature.warmup_steps=-1':
+        'jaxcl: error: temperature.warmup_steps must be an integer >= 0, got -1',
+    "--config.loss.estimator=''":
+        'jaxcl: error: loss.estimator must be one of (\'batch\', \'sogclr\'), got "\'\'"',
+    '--config.eval.prpobe_l2=0.5':
+        "jaxcl: error: unknown config key 'prpobe_l2' in --config.eval.prpobe_l2 (did you mean 'probe_l2'?)",
+    '--config.total_steps=-1':
+        'jaxcl: error: total_steps must be >= 0, got -1',
+    '--config.optimizer.grad_clp_norm=0.5':
+        "jaxcl: error: unknown config key 'grad_clp_norm' in --config.optimizer.grad_clp_norm (did you mean 'grad_clip_norm'?)",
+    '--config.eval.probe_l2=-1.0':
+        'jaxcl: error: eval.probe_l2 must be >= 0, got -1.0',
+    '--config.method=SIMCLR':
+        "jaxcl: error: method must be one of ('simclr', 'clip', 'siglip'), got 'SIMCLR'",
+    '--config.augment.crop_scale_max=2.0':
+        'jaxcl: error: need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got 0.4, 2.0',
+    '--config.model.scan_oayers=0.5':
+        "jaxcl: error: unknown config key 'scan_oayers' in --config.model.scan_oayers (did you mean 'scan_layers'?)",
+    '--config.profile_step=abc':
+        "jaxcl: error: unknown config key 'profile_step' in --config.profile_step (did you mean 'profile_steps'?)",
     '--config.model.vit.patch_size=1e3x':
         "jaxcl: error: --config.model.vit.patch_size takes an integer, got '1e3x'",
-    '--config.checkpoint_everj_steps=0.5':
-        "jaxcl: error: unknown config key 'checkpoint_everj_steps' in --config.checkpoint_everj_steps (did you mean 'checkpoint_every_steps'?)",
-    '--config.temper_ature.bias_init=abc':
-        "jaxcl: error: unknown config key 'temper_ature' in --config.temper_ature.bias_init (did you mean 'temperature'?)",
-    '--config.augment.color_jitter_prob=[0.1]':
-        "jaxcl: error: --config.augment.color_jitter_prob takes a number, got '[0.1]'",
-    '--config.augment.color_jitter_prob=fast':
-        "jaxcl: error: --config.augment.color_jitter_prob takes a number, got 'fast'",
-    '--config.wandb.modge=1':
-        "jaxcl: error: unknown config key 'modge' in --config.wandb.modge (did you mean 'mode'?)",
-    '--config.log_every_steps=[1]':
-        "jaxcl: error: --config.log_every_steps takes an integer, got '[1]'",
+    '--config.eval_every_steps_x=0.5':
+        "jaxcl: error: unknown config key 'eval_every_steps_x' in --config.eval_every_steps_x (did you mean 'eval_every_steps'?)",
+    '--config.augment.image_size=2.5':
+        "jaxcl: error: --config.augment.image_size takes an integer, got '2.5'",
+    '--config.optimizer.b2=fast':
+        "jaxcl: error: --config.optimizer.b2 takes a number, got 'fast'",
+    '--config.augment.image_size=[1]':
+        "jaxcl: error: --config.augment.image_size takes an integer, got '[1]'",
+    '--config.model.head_layers=0':
+        'jaxcl: error: model.head_layers must be a positive integer, got 0',
+    '--config.dataset.eval_test_split_x=1':
+        "jaxcl: error: unknown config key 'eval_test_split_x' in --config.dataset.eval_test_split_x (did you mean 'eval_test_split'?)",
+    '--config.temperature.init=0.0':
+        'jaxcl: error: temperature.init must be > 0, got 0.0',
+    '--config.model.heoad_out=1':
+        "jaxcl: error: unknown config key 'heoad_out' in --config.model.heoad_out (did you mean 'head_out'?)",
+    '--config.eval.probe_lr=fast':
+        "jaxcl: error: --config.eval.probe_lr takes a number, got 'fast'",
+    '--config.temperature.warmup_stmeps=0.5':
+        "jaxcl: error: unknown config key 'warmup_stmeps' in --config.temperature.warmup_stmeps (did you mean 'warmup_steps'?)",
+    '--config.temperature.mode=frozen':
+        "jaxcl: error: temperature.mode must be one of ('fixed', 'learnable', 'cosine', 'free', 'individual', 'predicted'), got 'frozen'",
+    '--config.tfemperature.period=abc':
+        "jaxcl: error: unknown config key 'tfemperature' in --config.tfemperature.period (did you mean 'temperature'?)",
+    '--config.augment.grayscale_prob=2.0':
+        'jaxcl: error: augment.grayscale_prob must be in [0, 1], got 2.0',
+    '--config.model.stage_sizes=abc':
+        "jaxcl: error: --config.model.stage_sizes takes a tuple, written (a, b) or [a, b]; got 'abc'",
+    '--config.ctemperature.init=1':
+        "jaxcl: error: unknown config key 'ctemperature' in --config.ctemperature.init (did you mean 'temperature'?)",
+    '--config.temperature.lr_multiplier=0.0':
+        'jaxcl: error: temperature.lr_multiplier must be > 0, got 0.0',
+    '--config.temperature.bias_init=inf':
+        'jaxcl: error: temperature.bias_init must be a finite number, got inf',
+    '--config.mesh.data=3':
+        "jaxcl: error: mesh: mesh {'data': 3, 'fsdp': 1} needs 3 devices, there are 1",
+    '--config.augment.color_jitter_prob=-0.1':
+        'jaxcl: error: augment.color_jitter_prob must be in [0, 1], got -0.1',
+    '--config.dataset.eval_urls_size=abc':
+        "jaxcl: error: unknown config key 'eval_urls_size' in --config.dataset.eval_urls_size (did you mean 'eval_urls'?)",
+    '--config.augment.color_jitter_strength=fast':
+        "jaxcl: error: --config.augment.color_jitter_strength takes a number, got 'fast'",
+    '--config.eval.knn_k=[1]':
+        "jaxcl: error: --config.eval.knn_k takes an integer, got '[1]'",
+    '--config.loss.block_size=0':
+        'jaxcl: error: loss.block_size must be a positive integer, got 0',
+    '--config.temperature.max_size=0.5':
+        "jaxcl: error: unknown config key 'max_size' in --config.temperature.max_size (did you mean 'max'?)",
+    '--config.temperature.lr_multiplier=fast':
+        "jaxcl: error: --config.temperature.lr_multiplier takes a number, got 'fast'",
+    '--config.eval.knn_k=1e3x':
+        "jaxcl: error: --config.eval.knn_k takes an integer, got '1e3x'",
+    '--config.augment.crop_scale_maxa=abc':
+        "jaxcl: error: unknown config key 'crop_scale_maxa' in --config.augment.crop_scale_maxa (did you mean 'crop_scale_max'?)",
+    '--config.dataset.data_dir_size=1':
+        "jaxcl: error: unknown config key 'data_dir_size' in --config.dataset.data_dir_size (did you mean 'data_dir'?)",
+    '--config.teperature.per_direction=abc':
+        "jaxcl: error: unknown config key 'teperature' in --config.teperature.per_direction (did you mean 'temperature'?)",
+    '--config.text.causal=2':
+        "jaxcl: error: --config.text.causal takes True or False, got '2'",
 }
 
 # tests/test_cli_safety.py: the CLI's own flags, workdirs, saved configs,

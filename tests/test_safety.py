@@ -20,7 +20,11 @@ OS_PATH_ALLOWED = {
     ('pair_rows.py', 'expanduser'): 'a local image path (remote ones take the epath branch)',
     ('pair_rows.py', 'relpath'): 'a local image path (remote ones take the epath branch)',
 }
-OPEN_ALLOWED = {('lock.py', "f'/proc/{pid}/stat'")}  # this machine's /proc, not a user path
+OPEN_ALLOWED = {
+    ('lock.py', "f'/proc/{pid}/stat'"): "this machine's /proc, not a user path",
+    ('catalog.py', "root / f'.jaxcl-preparing-{name}.lock'"):
+        'flock needs a file descriptor; the branch is for local data_dirs only',
+}
 
 
 def _calls(tree):

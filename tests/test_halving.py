@@ -158,10 +158,10 @@ def test_a_halving_sweep_is_refused_to_other_settings_or_a_grid(halved):
   other[other.index(f'--temperatures={CANDIDATES}')] = '--temperatures=0.1,0.5'
   grid = [a for a in _sweep_args(workdir) if a not in ('--search', 'halving')]
   for args, message in (
-      (other, f'holds a sweep of --temperatures={CANDIDATES}, not 0.1,0.5'),
       # A grid would replace the record and train each loser on from its rung.
       (grid, 'holds a halving sweep, not grid'),
-      (grid + ['--config.total_steps=16'], 'holds a halving sweep, not grid')):
+      (grid + ['--config.total_steps=16'], 'holds a halving sweep, not grid'),
+      (other, f'holds a sweep of --temperatures={CANDIDATES}, not 0.1,0.5')):
     result = jaxcl(*args, check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
@@ -191,6 +191,7 @@ def test_ctrl_c_between_candidates_says_how_to_resume(tmp_path):
       proc.kill()
   lines = (tmp_path / 'err').read_text().strip().splitlines()
   assert proc.returncode == 130 and not any('Traceback' in line for line in lines), lines[-20:]
+  assert lines[-1].endswith('run the same command again to resume')  # not "stopped (Ctrl-C)"
   assert lines[-1] == f'jaxcl: {sweep.INTERRUPTED}'
   scored = json.loads((workdir / 'sweep.json').read_text())['rungs'][0]['scores']
   assert list(scored) == ['0.1']

@@ -7,9 +7,10 @@ import os
 import shutil
 import tempfile
 
+import helpers  # no jax: it sets nothing
+
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + helpers.xla_flags(8)).strip()
 # Every program is compiled once per test run: this process, pytest-xdist's
 # workers and every jaxcl process a test starts inherit the variables (jax
 # reads them at import; jaxcl.compilation_cache honours them). The folder is

@@ -67,6 +67,17 @@ def tiny_config(config_file=DIGITS_CONFIG, tiny=None, **extra):
   return config
 
 
+# The tests compile with LLVM's optimizations off: the same programs and the
+# same float32 operations (the suite's references are float64 or compiled
+# alike), compiled about twice as fast; their tiny shapes run no slower.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a process of the tests with `devices` simulated CPU devices."""
+  return f'--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}'
+
+
 # The most a jaxcl command of the tests may take (the longest take ~30 s on 2
 # cores): a hang becomes a failure, not a suite that never ends.
 JAXCL_TIMEOUT_S = 900
@@ -76,7 +87,7 @@ def jaxcl(*args, devices=1, check=True, **kwargs):
   """Runs the `jaxcl` CLI in a fresh process with `devices` CPU devices."""
   kwargs.setdefault('timeout', JAXCL_TIMEOUT_S)
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = xla_flags(devices)
   env['JAX_PLATFORMS'] = 'cpu'
   proc = subprocess.run([sys.executable, '-m', 'jaxcl.cli', *args], capture_output=True,
                         text=True, env=env, cwd=REPO, **kwargs)
@@ -98,7 +109,7 @@ def start_job(args, *, devices: int, processes: int = 2, output=None, env=None) 
   joined through a coordinator on a free 127.0.0.1 port; returns the Popens.
   output(i): process i's Popen output keywords (default: pipes, as text)."""
   port = free_port()
-  env = dict(env or os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(env or os.environ, XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS='cpu')
   output = output or (lambda i: dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   return [subprocess.Popen(
@@ -164,7 +175,7 @@ def run_until_checkpoint(workdir, min_step: int, extra=(), *, config_file=DIGITS
   more). Fails if the run ends first or takes longer than CHECKPOINT_WAIT_S."""
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
   overrides = [*tiny_overrides(), *RUN] if overrides is None else overrides
   cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', config_file, '--workdir',
          str(workdir), *overrides, *extra]
@@ -366,7 +377,7 @@ def cli_in_forks(cases, tmp_path, devices: int = 1, parse_only: bool = False) ->
   as `jaxcl` does and stops; 'config' is the config it read, flattened
   ({dotted key: value}, as config.json holds it), or None."""
   import json  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-c', _FORK_DRIVER, json.dumps(cases), str(tmp_path),
                          'parse_only' if parse_only else 'run'],

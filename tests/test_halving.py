@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import DIGITS_CONFIG, REPO, final_params, jaxcl, tiny_config, tiny_overrides
+from helpers import DIGITS_CONFIG, REPO, final_params, jaxcl, tiny_config, tiny_overrides, xla_flags
 from jaxcl import errors, halving, sweep, trained
 
 
@@ -81,7 +81,7 @@ def halved(tmp_path_factory):
   """A halving sweep killed (SIGKILL) once the second rung has begun, then
   run again to its end."""
   workdir = tmp_path_factory.mktemp('halving')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(1))
   proc = subprocess.Popen([sys.executable, '-m', 'jaxcl.cli', *_sweep_args(workdir)], cwd=REPO,
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline, killed_at = time.monotonic() + 600, None
@@ -176,7 +176,7 @@ def test_ctrl_c_between_candidates_says_how_to_resume(tmp_path):
   args = ['sweep', '--config', DIGITS_CONFIG, '--workdir', str(workdir), '--search', 'halving',
           '--temperatures=0.1,0.5', *tiny_overrides(), '--config.total_steps=2', *RUN[1:]]
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+             XLA_FLAGS=xla_flags(1))
   with open(tmp_path / 'err', 'w') as err:
     proc = subprocess.Popen([sys.executable, '-m', 'jaxcl.cli', *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=err, text=True)

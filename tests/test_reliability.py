@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import (DIGITS_CONFIG, REPO, RUN, RUN_STEPS, assert_close, final_params, jaxcl,
-                     run_until_checkpoint, tiny_overrides)
+                     run_until_checkpoint, tiny_overrides, xla_flags)
 from jaxcl import lock as lock_lib
 from jaxcl import files, run_files
 
@@ -174,7 +174,7 @@ def test_full_disk_then_more_space_then_read_only(tmp_path):
   if shutil.which('unshare') is None:
     pytest.skip('needs unshare(1) for a private tmpfs')
   disk = tmp_path / 'disk'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
          str(disk / 'w'), *tiny_overrides(), '--config.total_steps=40',
          '--config.checkpoint_every_steps=5', '--config.log_every_steps=5',

@@ -278,8 +278,10 @@ def run(argv: list[str]) -> int:
       validation.check_output_path(_OUTPUT.value)
     if command != 'shard':  # the only command that compiles nothing
       from jaxcl import compilation_cache  # pylint: disable=g-import-not-at-top
-      compilation_cache.enable(_CONFIG.value.compilation_cache_dir if _CONFIG.value else
-                               compilation_cache.saved_setting(workdir), workdir or _OUTPUT.value)
+      if _CONFIG.value:
+        compilation_cache.enable(_CONFIG.value.compilation_cache_dir, workdir)
+      else:  # a run's saved setting: no cache where it cannot be made (another machine)
+        compilation_cache.enable(compilation_cache.saved_setting(workdir), workdir, strict=False)
     if command == 'sweep':
       from jaxcl import sweep  # pylint: disable=g-import-not-at-top
       values = sweep.parse_temperatures(_TEMPERATURES.value)

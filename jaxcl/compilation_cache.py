@@ -8,10 +8,13 @@ of that to load; a ViT-B/16 step takes minutes on a pod).
 
 Where the cache lives (config key `compilation_cache_dir`):
   ''      jax's own JAX_COMPILATION_CACHE_DIR when it is set; else, for a
-          workdir on an object store (gs://...), WORKDIR/compilation_cache,
-          which outlives the pod's VMs; else the user's cache folder,
-          $XDG_CACHE_HOME/jaxcl/compilation (~/.cache/jaxcl/compilation),
-          shared by every run of the user.
+          workdir on an object store, the bucket's jaxcl_compilation_cache
+          folder (gs://BUCKET/jaxcl_compilation_cache), which outlives a
+          pod's VMs and which every host reads; else the user's cache
+          folder, $XDG_CACHE_HOME/jaxcl/compilation
+          (~/.cache/jaxcl/compilation), shared by every run of the user.
+          Never inside the workdir: a run refused or killed during its
+          first compile must leave nothing there.
   'none'  no persistent cache.
   a path  that folder (local or gs://).
 
@@ -41,6 +44,7 @@ JAX_ENV = 'JAX_COMPILATION_CACHE_DIR'
 MIN_COMPILE_SECONDS = 0.5
 
 STATS_ENV = 'JAXCL_COMPILATION_STATS_DIR'
+BUCKET_FOLDER = 'jaxcl_compilation_cache'  # the default's folder on an object store
 
 _hits = 0
 _requests = 0
@@ -57,7 +61,8 @@ def resolve(setting: str, workdir: str | None) -> str | None:
   if os.environ.get(JAX_ENV):
     return os.environ[JAX_ENV]
   if workdir and files.is_object_store(workdir):
-    return str(epath.Path(workdir) / 'compilation_cache')
+    scheme, _, bucket = str(workdir).split('/')[:3]
+    return f'{scheme}//{bucket}/{BUCKET_FOLDER}'
   base = epath.Path(os.environ.get('XDG_CACHE_HOME') or epath.Path('~/.cache').expanduser())
   return str(base / 'jaxcl' / 'compilation')
 
@@ -73,20 +78,19 @@ def saved_setting(workdir: str | None) -> str:
     return ''  # no run there, or a bad config.json: the command reports it itself
 
 
-def enable(setting: str, workdir: str | None) -> str | None:
+def enable(setting: str, workdir: str | None, strict: bool = True) -> str | None:
   """Points jax's persistent cache at resolve(setting, workdir) (before the
-  first compile of the process); returns the folder, or None when off. A
-  folder that cannot be made is a ConfigError when the config named it, and
-  no cache when it was the default (a read-only home must not stop a run)."""
+  first compile of the process; jax makes the folder then); returns the
+  folder, or None when off. A local folder that could not be made is a
+  ConfigError when `strict` and the config named it, else no cache (a
+  read-only home, or a workdir's saved setting on another machine, must not
+  stop a command). Writes nothing."""
   folder = resolve(setting, workdir)
-  if folder is not None:
-    try:
-      epath.Path(folder).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-      if setting:
-        raise errors.ConfigError(f'compilation_cache_dir {folder!r}: cannot create it '
-                                 f'({e.strerror or e})') from None
-      folder = None
+  problem = None if folder is None else _unmakeable(folder)
+  if problem and setting and strict:
+    raise errors.ConfigError(f'compilation_cache_dir {folder!r}: {problem}')
+  if problem:
+    folder = None
   jax.config.update('jax_compilation_cache_dir', folder)
   if folder is not None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs',
@@ -94,6 +98,20 @@ def enable(setting: str, workdir: str | None) -> str | None:
                           jax.config.jax_persistent_cache_min_compile_time_secs))
     listen()
   return folder
+
+
+def _unmakeable(folder: str) -> str | None:
+  """Why a local `folder` could not be made or written, or None."""
+  if files.is_object_store(folder):
+    return None  # checked by the first write; object stores have no folders to make
+  path = epath.Path(folder).expanduser().absolute()
+  while not path.exists():
+    path = path.parent
+  if not path.is_dir():
+    return f'{path} is a file, not a folder'
+  if not os.access(path, os.W_OK):  # a local folder's permission: nothing read or written
+    return f'{path} is not writable'
+  return None
 
 
 def hits() -> int:

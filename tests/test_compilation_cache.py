@@ -4,6 +4,7 @@ start of a run loading its step from it instead of compiling it again."""
 import json
 import os
 
+import jax
 import pytest
 
 from helpers import DIGITS_CONFIG, jaxcl, tiny_overrides
@@ -16,18 +17,29 @@ def test_where_each_setting_puts_the_cache(monkeypatch, tmp_path):
   assert compilation_cache.resolve('none', 'runs/a') is None
   assert compilation_cache.resolve('/data/xla', 'runs/a') == '/data/xla'
   assert compilation_cache.resolve('', 'runs/a') == str(tmp_path / 'xdg' / 'jaxcl' / 'compilation')
-  # On a pod the VMs come and go; the workdir's bucket stays.
-  assert compilation_cache.resolve('', 'gs://bucket/run') == 'gs://bucket/run/compilation_cache'
+  # On a pod the VMs come and go; the workdir's bucket stays (never the workdir itself:
+  # a run refused or killed in its first compile must leave nothing there).
+  assert compilation_cache.resolve('', 'gs://bucket/runs/a') == (
+      'gs://bucket/jaxcl_compilation_cache')
   monkeypatch.setenv(compilation_cache.JAX_ENV, '/env/cache')
-  assert compilation_cache.resolve('', 'gs://bucket/run') == '/env/cache'
+  assert compilation_cache.resolve('', 'gs://bucket/runs/a') == '/env/cache'
   assert compilation_cache.resolve('/data/xla', 'runs/a') == '/data/xla'  # the config wins
 
 
 def test_a_folder_that_cannot_be_made(tmp_path):
+  """Named by the config: refused before anything runs. Saved in a workdir
+  read on another machine (eval, export): no cache, and the command goes on."""
   blocker = tmp_path / 'a_file'
   blocker.write_text('')
-  with pytest.raises(errors.ConfigError, match='compilation_cache_dir'):
+  with pytest.raises(errors.ConfigError, match='a_file is a file, not a folder'):
     compilation_cache.enable(str(blocker / 'cache'), None)
+  before = compilation_cache.folder()
+  try:
+    assert compilation_cache.enable(str(blocker / 'cache'), None, strict=False) is None
+    assert compilation_cache.folder() is None
+  finally:  # this test process's own cache goes on
+    jax.config.update('jax_compilation_cache_dir', before)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']  # nothing written
 
 
 @pytest.mark.slow  # two `jaxcl train` processes: the second start is what users get

@@ -59,7 +59,8 @@ def prepare(builder, name: str) -> None:
     return
   root = pathlib.Path(builder.data_dir_root)
   root.mkdir(parents=True, exist_ok=True)
-  with open(root / f'.jaxcl-preparing-{name}.lock', 'w', encoding='utf-8') as lock:
+  lock_file = root / f'.jaxcl-preparing-{name.replace("/", "--")}.lock'  # NAME/CONFIG too
+  with open(lock_file, 'w', encoding='utf-8') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
     if not is_prepared(builder):
       _announce(builder, name)

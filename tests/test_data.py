@@ -11,6 +11,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from jaxcl import augment, data
+from jaxcl.data import decode, images, pairs
 
 DIGITS = ml_collections.ConfigDict(dict(
     name='digits', data_dir=None, download=False, image_key='image', label_key='label',
@@ -141,6 +142,23 @@ def test_image_folder_skips_unreadable_and_wrongly_sized_images(tmp_path):
   assert reasons['truncated.png'].startswith('unreadable:')
   with pytest.raises(data.DatasetError, match='no usable image .* all 3 are unreadable'):
     data.ImageFolderSource(str(tmp_path / 'train' / 'b'), image_size=16)
+
+
+def test_pil_errors_read_alike_in_every_reader(tmp_path):
+  """A file that is no image, met by the image folder check, the pairs
+  converter and the shard decoder: PIL's error in the same words, naming no
+  Python object (PIL's own quotes the file object, `<_io.BytesIO object at
+  0x...>`, which would reach skipped_samples.json and the log)."""
+  words = 'UnidentifiedImageError: not an image format PIL knows'
+  (tmp_path / 'text.png').write_bytes(b'not an image')
+  assert images.image_problem(tmp_path / 'text.png', 16) == f'unreadable: {words}'
+  assert decode.decode_image(b'not an image', decode.SampleFormat(image_size=16)) == (
+      None, f'undecodable image: {words}')
+  (tmp_path / 'pairs.jsonl').write_text('{"image": "text.png", "caption": "x"}\n')
+  with pytest.raises(ValueError) as raised:
+    pairs.prepare_pairs(tmp_path / 'pairs.jsonl', image_size=16, data_dir=str(tmp_path / 'tfds'))
+  assert str(raised.value).endswith(
+      f'line 1: unreadable image: {tmp_path / "text.png"} ({words})')
 
 
 AUG = ml_collections.ConfigDict(dict(

@@ -179,7 +179,8 @@ def test_bad_samples_of_each_kind_are_skipped_counted_and_named(tmp_path):
   assert sorted(next(it)['captions']) == ['good g0', 'good g1', 'good g2']
   next(it)  # past the shard that ends early, whichever of the two came first
   bad = '\n'.join(it.bad)
-  for where, why in [('undecodable', 'undecodable image'), ('noimage', 'no image (jpg, png'),
+  for where, why in [('undecodable', 'undecodable image: UnidentifiedImageError: not an image '
+                                     'format PIL knows (jpg)'), ('noimage', 'no image (jpg, png'),
                      ('nocaption', 'no caption (txt)'), ('emptycaption', 'empty caption (txt)'),
                      ('badlabel', 'label (cls) is not an integer'),
                      ('notutf8', 'caption (txt) is not UTF-8'), ('tiny', 'wrongly sized image'),

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from jaxcl.data.images import MAX_UPSCALE
+from jaxcl.data.images import MAX_UPSCALE, pil_error
 
 WEBDATASET_IMAGE_KEYS = 'jpg;png;jpeg;webp'
 CROPS = ('center', 'random')
@@ -93,7 +93,7 @@ def decode_image(data: bytes, fmt: SampleFormat, rng=None):
       pil = pil.convert(mode)
     pixels = np.asarray(pil)  # decodes: a truncated file fails here
   except Exception as e:  # noqa: BLE001  pylint: disable=broad-except  # PIL raises many kinds
-    return None, f'undecodable image: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+    return None, f'undecodable image: {pil_error(e)}'
   pixels = pixels.reshape(*pixels.shape[:2], fmt.channels)
   if not size:
     return pixels, None

@@ -34,7 +34,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from jaxcl.data import catalog
-from jaxcl.data.images import MAX_UPSCALE, center_crop_resize
+from jaxcl.data.images import MAX_UPSCALE, center_crop_resize, pil_error
 from jaxcl.data.pair_rows import (  # noqa: F401  (DELIMITERS, JSON_SUFFIXES: re-exported)
     DELIMITERS, JSON_SUFFIXES, absolute_path, in_test_split, read_pairs)
 
@@ -195,16 +195,13 @@ def _probe(path: str) -> str | None:
 
 def _image_problem(path: str, error: Exception) -> str:
   """A bad row's reason for an image that failed to open or decode."""
-  from PIL import UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   if isinstance(error, FileNotFoundError):
     return f'image not found: {path}'
   if isinstance(error, IsADirectoryError):
     return f'image is a folder: {path}'
-  if isinstance(error, UnidentifiedImageError):
-    return f'unreadable image: {path} (not an image format PIL knows)'
   # PIL raises many kinds (OSError for truncated data, SyntaxError,
   # DecompressionBombError, ...); none may stop the conversion.
-  return f'unreadable image: {path} ({type(error).__name__}: {error})'
+  return f'unreadable image: {path} ({pil_error(error)})'
 
 
 # ----------------------------------------------------------------- preparing ---

@@ -148,6 +148,8 @@ def bad_overrides(seed: int, n: int) -> list[str]:
 
 @pytest.mark.slow  # dozens of CLI processes
 def test_random_bad_overrides_exit_2_with_one_line(tmp_path):
+  """64 real `jaxcl train` processes (forks of one driver; about 60 s on 2
+  cores): the exit code, stderr and untouched workdir are what a user sees."""
   seed = int(os.environ.get('JAXCL_FUZZ_SEED', 0))
   overrides = bad_overrides(seed=seed, n=NUM_CASES)
   assert len(overrides) >= 50
@@ -388,6 +390,7 @@ OTHER_SWEEPS = [
 
 @pytest.mark.slow  # a CLI process per case
 def test_bad_sweep_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
+  """22 real `jaxcl sweep` processes (forks of one driver; about 60 s on 2 cores)."""
   config = tiny_config(total_steps=8)
   folders = {}  # each as a sweep leaves it before its first run trains
   for search, options in (('halving', dict(eta=2, holdout=0.2, monitor='')), ('grid', {})):

@@ -104,6 +104,10 @@ def _wait_for_checkpoint(workdir, procs, after: int):
 
 
 def test_sigterm_to_one_process_then_a_lost_process_then_resume(tmp_path, started):
+  """Three starts of a real 2-process job (over 60 s): what is tested is
+  what the processes do to each other when one is signalled or killed,
+  which only real processes with a coordinator show; the three phases share
+  one workdir, so they are one test and not three runs from scratch."""
   workdir = tmp_path / 'run'
   # Preemption notice on one host only: both processes stop at the same step.
   procs = _start_job(workdir, tmp_path / 'logs1', started, NEVER_ENDS)
@@ -143,7 +147,8 @@ def test_hosts_agree_on_a_checkpoint_one_of_them_cannot_restore(tmp_path, starte
   """The newest checkpoint restores on process 0 but not on process 1: both
   fall back to the one before, and end with the uninterrupted job's weights.
   The job's workdir is on Google Cloud Storage (the local GCS server), as on
-  a pod."""
+  a pod. A whole run (over 60 s): the agreement is between real processes
+  restoring a real orbax checkpoint, and exact weights need the straight job."""
   run = [*tiny_overrides(), '--config.total_steps=9', '--config.log_every_steps=1',
          '--config.checkpoint_every_steps=3', '--config.eval_every_steps=1000',
          '--config.eval.probe_steps=20']

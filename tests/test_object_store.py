@@ -37,6 +37,8 @@ def _same_params(workdir, reference) -> None:
 
 def test_killed_run_with_corrupt_checkpoints_on_gcs_resumes_exactly(uninterrupted, gcs_dir,
                                                                      gcs_bucket, tmp_path):
+  """A whole run on gs:// killed and resumed (over 60 s): the object store's
+  half-written and corrupt checkpoints only exist after a real SIGKILL."""
   workdir, data_dir = gcs_dir, f'{gcs_bucket}/tfds'  # the first run prepares digits there
   data = [f'--config.dataset.data_dir={data_dir}']
   with open(tmp_path / 'err', 'w') as err:

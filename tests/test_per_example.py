@@ -175,6 +175,9 @@ def _summary_kinds(workdir) -> dict:
 
 @pytest.mark.slow
 def test_tables_survive_kill_and_resume_and_another_device_count(tmp_path):
+  """Whole runs (over 60 s): a SIGKILL mid-run, the resume and a device
+  count change are what the per-example tables must survive, and only real
+  processes and real checkpoints show it."""
   run = [*tiny_overrides(), *RUN[1:], f'--config.total_steps={RESUMED_STEPS}', *INDIVIDUAL]
   straight = tmp_path / 'straight'
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(straight), *run, devices=2)

@@ -25,10 +25,11 @@ configured splits (a dataset with a validation split of its own, or
 webdataset shards whose dataset.eval_urls are held out).
 
 The sweep resumes after a kill or a Ctrl-C: sweep.json records every
-rung's scores as they come, and a run continues from its checkpoint. A rerun
-with other candidates, --eta, --holdout, --monitor, config or search is
-refused before anything trains (jaxcl.sweep.check_settings), as is a
---monitor the method's evaluation does not write.
+rung's scores as they come, and a run continues from its checkpoint. Once a
+run trained, a rerun with other candidates, --eta, --holdout, --monitor,
+config or search is refused before anything trains
+(jaxcl.sweep.check_settings), as is a --monitor the method's evaluation does
+not write.
 """
 
 from __future__ import annotations
@@ -130,12 +131,14 @@ def run_halving(config, workdir, values: list[str], eta: int = 2, holdout: float
   changes = holdout_changes(config, holdout)
   rungs = schedule(len(values), config.total_steps, eta)
   metrics = monitor_metrics(config, monitor, holdout)
-  configs, record = sweep.prepare(
-      config, workdir, values,
-      sweep.settings(config, values, 'halving', eta=eta, holdout=holdout, monitor=monitor), writer)
-  record.setdefault('rungs', [])
-  with sweep.ctrl_c_stops_the_sweep():
-    return _halve(workdir, record, configs, values, rungs, changes, metrics, writer, log)
+  with sweep.undone_if_refused(workdir, writer):
+    configs, record = sweep.prepare(
+        config, workdir, values,
+        sweep.settings(config, values, 'halving', eta=eta, holdout=holdout, monitor=monitor),
+        writer)
+    record.setdefault('rungs', [])
+    with sweep.ctrl_c_stops_the_sweep():
+      return _halve(workdir, record, configs, values, rungs, changes, metrics, writer, log)
 
 
 def _halve(workdir, record: dict, configs: dict, values: list[str], rungs, changes: dict,

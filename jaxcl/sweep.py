@@ -10,9 +10,10 @@ exactly this config, is not trained again, so an interrupted sweep resumes
 where it stopped (and a killed run resumes from its checkpoint). The sweep
 owns its folder: sweep.json records, before the first run trains, its search
 (grid, or jaxcl.halving's), candidates, options and the config keys that
-change what the runs compute (all but those that say how or where they run),
-and a rerun with anything else is refused (exit 2) with one line naming the
-difference. Writes DIR/sweep.csv, DIR/sweep.json and DIR/sweep.png: the
+change what the runs compute (all but those that say how or where they run);
+once a run trained under them, a rerun with anything else is refused (exit 2)
+with one line naming the difference (a sweep refused before anything trained
+leaves no record). Writes DIR/sweep.csv, DIR/sweep.json and DIR/sweep.png: the
 evaluation metrics against τ (log axis) with the learnable run marked at its
 final τ, entropy and contrastive accuracy against τ (SimCLR's Table 5), and
 the learnable run's τ trajectory.
@@ -135,12 +136,15 @@ def _how_or_where(key: str) -> bool:
 
 
 def check_settings(workdir, new: dict) -> dict | None:
-  """The sweep record in workdir/sweep.json (None if there is none);
-  ConfigError naming the first setting it differs in from `new`. A record
-  of an older jaxcl is checked on the settings it has (a grid's had none)."""
+  """The sweep record in workdir/sweep.json (None if there is none or nothing
+  trained under it); ConfigError naming the first setting it differs in from
+  `new`. An older jaxcl's record is checked on the settings it has (a grid's
+  had none)."""
   workdir = epath.Path(workdir)
   record = _read_json(workdir / files.SWEEP_JSON)
-  if record is None:
+  # A sweep refused as its first run starts (a missing init.source, a step
+  # too big for memory) or killed before then has no results to keep apart.
+  if record is None or not _trained_under(workdir, record):
     return None
   for key, now in new.items():
     was = record.get(key, 'grid' if key == 'search' else None)
@@ -149,6 +153,15 @@ def check_settings(workdir, new: dict) -> dict | None:
     elif key in record or key == 'search':
       errors.check(was == now, _difference(workdir, key, was, now))
   return record
+
+
+def _trained_under(workdir: epath.Path, record: dict) -> bool:
+  """Whether something trained under the sweep record in `workdir`: a run
+  in a tau-* folder (its config.json is written as it starts training), or
+  a rung the record has scores of."""
+  runs = workdir.is_dir() and any(
+      p.name.startswith('tau-') and files.is_run(p) for p in workdir.iterdir())
+  return runs or any(rung.get('scores') for rung in record.get('rungs', []))
 
 
 def _difference(workdir, key: str, was, now) -> str:
@@ -240,6 +253,27 @@ def prepare(config, workdir, values: list[str], sweep_settings: dict, writer: bo
   return configs, record
 
 
+@contextlib.contextmanager
+def undone_if_refused(workdir, writer: bool):
+  """For a sweep from its prepare on: a ConfigError before anything trained
+  (the first run's own checks: a missing init.source, a step too big for
+  memory) leaves the folder as it was, its sweep.json or none, bad input's
+  record of settings taken back."""
+  workdir, record_path = epath.Path(workdir), epath.Path(workdir) / files.SWEEP_JSON
+  made, before = not workdir.exists(), record_path.read_bytes() if record_path.exists() else None
+  try:
+    yield
+  except errors.ConfigError:
+    if writer and not _trained_under(workdir, _read_json(record_path) or {}):
+      if before is None:
+        record_path.unlink(missing_ok=True)
+      elif record_path.read_bytes() != before:
+        files.write_atomically(record_path, before)
+      if made and files.is_empty_dir(workdir):
+        workdir.rmdir()
+    raise
+
+
 # What a Ctrl-C outside a run's training loop says (cli.main prints it).
 INTERRUPTED = ('interrupted (Ctrl-C) between training steps: the checkpoints and records '
                'written so far are kept; run the same command again to resume')
@@ -288,21 +322,22 @@ def run_sweep(config, workdir, values: list[str], log=print) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   writer = jax.process_index() == 0  # on a pod, process 0 writes the sweep's files
-  configs, record = prepare(config, workdir, values, settings(config, values), writer)
-  rows = []
-  with ctrl_c_stops_the_sweep():
-    for value, cfg in configs.items():
-      run_dir = workdir / f'tau-{value}'
-      if finished(run_dir, cfg):
-        log(f'jaxcl sweep: tau-{value} is finished, skipped')
-      else:
-        log(f'jaxcl sweep: training tau-{value}')
-        timed_train(cfg, run_dir, writer)
-      rows.append(summarize(run_dir, value))
-    record.update(columns=columns(rows), rows=rows)
-    if writer:
-      write_table(workdir, record)
-      plot_sweep(workdir, record)
+  with undone_if_refused(workdir, writer):
+    configs, record = prepare(config, workdir, values, settings(config, values), writer)
+    rows = []
+    with ctrl_c_stops_the_sweep():
+      for value, cfg in configs.items():
+        run_dir = workdir / f'tau-{value}'
+        if finished(run_dir, cfg):
+          log(f'jaxcl sweep: tau-{value} is finished, skipped')
+        else:
+          log(f'jaxcl sweep: training tau-{value}')
+          timed_train(cfg, run_dir, writer)
+        rows.append(summarize(run_dir, value))
+      record.update(columns=columns(rows), rows=rows)
+      if writer:
+        write_table(workdir, record)
+        plot_sweep(workdir, record)
   return record
 
 

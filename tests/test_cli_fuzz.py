@@ -16,6 +16,7 @@ from PIL import Image
 
 import messages
 from helpers import CLIP_CONFIG, DIGITS_CONFIG, cli_in_forks, tiny_config, tiny_overrides
+from jaxcl import config as config_lib
 from jaxcl import sweep
 
 NUM_CASES = 64
@@ -392,11 +393,13 @@ OTHER_SWEEPS = [
 def test_bad_sweep_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
   """22 real `jaxcl sweep` processes (forks of one driver; about 60 s on 2 cores)."""
   config = tiny_config(total_steps=8)
-  folders = {}  # each as a sweep leaves it before its first run trains
+  folders = {}  # each as a sweep leaves it once its first run started: it holds a rerun
   for search, options in (('halving', dict(eta=2, holdout=0.2, monitor='')), ('grid', {})):
     folders[search] = tmp_path / search
-    sweep.prepare(config, folders[search], SWEPT.split(','),
-                  sweep.settings(config, SWEPT.split(','), search, **options), writer=True)
+    configs, _ = sweep.prepare(config, folders[search], SWEPT.split(','),
+                               sweep.settings(config, SWEPT.split(','), search, **options),
+                               writer=True)
+    config_lib.save(configs['0.1'], folders[search] / 'tau-0.1')
   before = {p: p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()}
   cases = [(tmp_path / f'new{i}', flags, words) for i, (flags, words) in enumerate(BAD_SWEEPS)]
   cases += [(folders[folder], flags, words) for folder, flags, words in OTHER_SWEEPS]

@@ -60,6 +60,9 @@ def test_a_sweep_folder_is_refused_to_other_settings(tmp_path):
   config, values = tiny_config(), ['0.1', 'learnable']
   halving = sweep.settings(config, values, 'halving', eta=2, holdout=0.2, monitor='')
   sweep.prepare(config, tmp_path, values, halving, writer=True)  # records them, trains nothing
+  # Nothing trained under them yet (a sweep refused as its first run starts): not held to them.
+  assert sweep.check_settings(tmp_path, sweep.settings(config, values)) is None
+  config_lib.save(sweep.run_config(config, '0.1'), tmp_path / 'tau-0.1')  # the first run starts
   other = {
       'holds a halving sweep, not grid (--search=grid)': sweep.settings(config, values),
       'holds a sweep of --temperatures=0.1,learnable, not 0.1': sweep.settings(
@@ -91,6 +94,7 @@ def test_an_older_sweep_record_is_checked_on_what_it_has(tmp_path):
       config, values, 'halving', eta=2, holdout=0.2, monitor='')
   # A grid's sweep.json before sweeps recorded their settings: a table only.
   (tmp_path / 'sweep.json').write_text(json.dumps({'columns': ['run'], 'rows': [{'run': 'a'}]}))
+  config_lib.save(sweep.run_config(config, '0.1'), tmp_path / 'tau-0.1')  # a run of it
   assert sweep.check_settings(tmp_path, grid)['rows'] == [{'run': 'a'}]
   with pytest.raises(config_lib.ConfigError, match='holds a grid sweep, not halving'):
     sweep.check_settings(tmp_path, halving)
@@ -176,3 +180,23 @@ def test_sweep_reevaluates_a_run_whose_results_are_unreadable(swept):
   assert 'tau-learnable is finished, skipped' in proc.stdout
   assert 'resuming from step 6' in proc.stdout
   assert json.loads((workdir / 'tau-0.1' / 'eval.json').read_text())['step'] == 6
+
+
+@pytest.mark.slow  # jaxcl processes; init.source is the swept fixture's first run
+def test_a_sweep_refused_as_its_first_run_starts_holds_no_rerun(swept, tmp_path):
+  """A missing init.source is refused as the first run starts, after the sweep
+  recorded its settings: the record is taken back, and one that nothing
+  trained under (as a kill then leaves it) does not hold the corrected command."""
+  workdir, typo, source = tmp_path / 'sweep', tmp_path / 'typo', swept[0] / 'tau-0.1'
+  quick = {'total_steps': 0, 'eval.max_train_examples': 64, 'eval.probe_steps': 1}
+  command = ['sweep', '--config', DIGITS_CONFIG, '--workdir', str(workdir), '--temperatures=0.1',
+             *tiny_overrides(**quick)]
+  refused = jaxcl(*command, f'--config.init.source={typo}', check=False)
+  lines = refused.stderr.strip().splitlines()
+  assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+  assert lines[0].startswith(f'jaxcl: error: init.source {typo} is not a directory')
+  assert not workdir.exists()
+  config = tiny_config(**quick, **{'init.source': str(typo)})
+  sweep.prepare(config, workdir, ['0.1'], sweep.settings(config, ['0.1']), writer=True)
+  jaxcl(*command, f'--config.init.source={source}')
+  assert json.loads((workdir / 'sweep.json').read_text())['config']['init.source'] == str(source)

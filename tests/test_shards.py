@@ -389,6 +389,23 @@ def test_jaxcl_shard_writes_pairs_and_folders(tmp_path):
     shard_writer.write_shards(str(images), str(tmp_path / 'folder'))
 
 
+@pytest.mark.slow  # a jaxcl shard process
+def test_jaxcl_shard_to_gcs_completes_without_folder_objects(tmp_path, gcs_dir):
+  """An object store has no folders: the unfinished prefix is gone once its
+  shards are moved out, and removing it must not fail the complete output.
+  (Over a minute: the local server lacks GCS's moveTo; gcsfs retries it.)"""
+  rng = np.random.default_rng(4)
+  for i in range(3):
+    (tmp_path / f'{i}.png').write_bytes(_image_bytes(rng, 'PNG', (20, 20)))
+  out = gcs_dir / 'out'
+  proc = helpers.jaxcl('shard', '--input', str(tmp_path), '--output', str(out), '--workers=0')
+  assert proc.stdout.splitlines() == [  # the gs:// URL as it is, not made a local path
+      f"train: 3 samples in 1 shard(s): --config.dataset.urls='{out}/train-{{000000..000000}}.tar'",
+      f'0 bad row(s) or image(s) skipped, 3 image(s) re-encoded as JPEG; {out}/manifest.json']
+  assert sorted(p.name for p in out.iterdir()) == ['manifest.json', 'sizes.json',
+                                                   'train-000000.tar']
+  assert json.loads((out / 'sizes.json').read_text()) == {'train-000000.tar': 3}
+
 def test_first_batch_from_shards_equals_the_tfds_path(tmp_path):
   """The shapes' first TFDS batch written to a shard, read back in order
   (one stream, window 1): the same images, labels and token ids."""

@@ -42,7 +42,8 @@ from etils import epath
 
 from jaxcl import errors, files
 from jaxcl.data import images
-from jaxcl.data.pair_rows import DELIMITERS, JSON_SUFFIXES, in_test_split, iter_pairs
+from jaxcl.data.pair_rows import (DELIMITERS, JSON_SUFFIXES, absolute_path, in_test_split,
+                                  iter_pairs)
 from jaxcl.data.shards import MANIFEST_FILE, SIZES_FILE, ShardWriter
 
 CHUNK = 16  # rows a worker encodes per task
@@ -323,12 +324,13 @@ def _finish(source, out, writers, bad, counts, classes, log) -> dict:
   for split, writer in writers.items():
     names = sorted(writer.written)
     splits[split] = {'samples': sum(writer.written.values()), 'shards': len(names),
-                     'urls': f'{out.absolute()}/{split}-{{000000..{len(names) - 1:06d}}}.tar'}
+                     'urls': f'{absolute_path(out)}/{split}-{{000000..{len(names) - 1:06d}}}.tar'}
   manifest = {'input': str(source), 'splits': splits, 'skipped': counts['bad'],
               'reencoded_as_jpeg': counts['reencoded'], 'classes': classes,
               'bad': [list(item) for item in bad[:MAX_LISTED_BAD]]}
   files.write_atomically(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + '\n')
-  (out / UNFINISHED_DIR).rmtree()
+  # On an object store (gcsfs) the emptied prefix no longer exists.
+  (out / UNFINISHED_DIR).rmtree(missing_ok=True)
   for split, info in splits.items():
     log(f'{split}: {info["samples"]} samples in {info["shards"]} shard(s): '
         f"--config.dataset.{'urls' if split == 'train' else 'eval_urls'}='{info['urls']}'")

@@ -38,16 +38,8 @@ import math
 
 from etils import epath
 
-from jaxcl import checkpoints, errors, files, methods, sweep, zeroshot_suite
+from jaxcl import checkpoints, errors, files, methods, sweep
 from jaxcl.data import shard_sources
-
-# What a method's evaluation writes that can rank candidates, higher being
-# better (ECE and uniformity are better low; tolerance is no score): by
-# whether it has a text tower (zero-shot and retrieval) or not (kNN and the
-# probe on image features).
-RECALLS = tuple(f'{direction}_r{k}' for direction in ('i2t', 't2i') for k in (1, 5, 10))
-RANKABLE = {False: ('knn_top1', 'linear_top1'),
-            True: ('zeroshot_top1', 'zeroshot_top5', *RECALLS)}
 
 
 def schedule(num_candidates: int, total_steps: int, eta: int = 2) -> list[tuple[int, int]]:
@@ -94,19 +86,17 @@ def holdout_changes(config, holdout: float) -> dict:
           'eval.zeroshot_split': '', 'eval.zeroshot': (), 'eval.retrieval': ()}
 
 
-def monitor_metrics(config, monitor: str, holdout: float) -> tuple[str, ...]:
+def monitor_metrics(config, monitor: str, changes: dict) -> tuple[str, ...]:
   """The metrics that rank, best first: (monitor,), or the method's own
   without one; ConfigError for a monitor the method's evaluation does not
-  write (with --holdout 0, its zero-shot and retrieval suite's too)."""
+  write under the config the monitor evaluates with (`changes`, from
+  holdout_changes: held-out slices replace the zero-shot and retrieval suite)."""
   method = methods.get(config.method)
   if not monitor:
     return method.monitor_metrics
-  rankable = list(RANKABLE[method.text_tower])
-  if method.text_tower and not holdout:  # held-out slices replace the suite (holdout_changes)
-    rankable += [f'zeroshot/{entry.key}/{metric}' for metric in ('top1', 'top5')
-                 for entry in zeroshot_suite.parse_all(config.eval.zeroshot)]
-    rankable += [f'retrieval/{entry.key}/{metric}' for metric in RECALLS
-                 for entry in zeroshot_suite.parse_all(config.eval.retrieval, 'retrieval')]
+  monitored = config.copy_and_resolve_references()
+  monitored.update_from_flattened_dict(changes)  # as trained.evaluate_checkpoint applies them
+  rankable = method.rankable_metrics(monitored)
   errors.check(monitor in rankable, f'--monitor={monitor}: {config.method}\'s evaluation writes no '
                                     f'such score here; choose one of {", ".join(rankable)}')
   return (monitor,)
@@ -130,7 +120,7 @@ def run_halving(config, workdir, values: list[str], eta: int = 2, holdout: float
   writer = jax.process_index() == 0
   changes = holdout_changes(config, holdout)
   rungs = schedule(len(values), config.total_steps, eta)
-  metrics = monitor_metrics(config, monitor, holdout)
+  metrics = monitor_metrics(config, monitor, changes)
   with sweep.undone_if_refused(workdir, writer):
     configs, record = sweep.prepare(
         config, workdir, values,

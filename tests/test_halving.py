@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import DIGITS_CONFIG, REPO, final_params, jaxcl, tiny_config, tiny_overrides, xla_flags
-from jaxcl import errors, halving, sweep, trained
+from helpers import (CLIP_CONFIG, DIGITS_CONFIG, REPO, TINY_TWO_TOWER, final_params, jaxcl,
+                     tiny_config, tiny_overrides, xla_flags)
+from jaxcl import errors, halving, methods, sweep, trained
 
 
 def _candidate_steps(rungs):
@@ -62,6 +63,30 @@ def test_holdout_slices_the_eval_train_split():
   sizes = {split: len(dataset.split(split)[0])
            for split in ('train', 'train[:80%]', 'train[80%:]')}
   assert sizes['train[:80%]'] + sizes['train[80%:]'] == sizes['train'] == 1500
+
+
+def test_a_monitor_is_a_score_the_methods_evaluation_writes():
+  """The method says what its evaluation writes that can rank; held-out
+  slices replace a two-tower's zero-shot and retrieval suite."""
+  simclr = tiny_config()
+  assert methods.get('simclr').rankable_metrics(simclr) == ('knn_top1', 'linear_top1')
+  assert halving.monitor_metrics(simclr, 'linear_top1', {}) == ('linear_top1',)
+  with pytest.raises(errors.ConfigError, match="simclr's evaluation writes no such score here; "
+                                               'choose one of knn_top1, linear_top1$'):
+    halving.monitor_metrics(simclr, 'zeroshot_top1', {})
+  clip = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, **{'eval.zeroshot': "('cifar100',)",
+                                                     'eval.retrieval': "('coco_captions',)"})
+  rankable = methods.get('clip').rankable_metrics(clip)
+  suite = ('zeroshot/cifar100/top5', 'retrieval/coco_captions/t2i_r10')
+  assert {'zeroshot_top1', 'zeroshot_top5', 'i2t_r1', 't2i_r10', *suite} <= set(rankable)
+  assert not {'zeroshot_ece', 'test_uniformity', 'tolerance', 'knn_top1'} & set(rankable)
+  for monitor in ('t2i_r5', *suite):
+    assert halving.monitor_metrics(clip, monitor, {}) == (monitor,)
+  held_out = halving.holdout_changes(clip, 0.2)
+  assert halving.monitor_metrics(clip, 't2i_r5', held_out) == ('t2i_r5',)
+  for monitor in suite:
+    with pytest.raises(errors.ConfigError, match='writes no such score here'):
+      halving.monitor_metrics(clip, monitor, held_out)
 
 
 # ------------------------------------------------------- a real halving sweep ---

@@ -134,6 +134,12 @@ class Method(abc.ABC):
   def evaluate(self, encoders: Encoders, eval_data) -> dict:
     """The frozen model's evaluation metrics (fractions in [0, 1])."""
 
+  @abc.abstractmethod
+  def rankable_metrics(self, config) -> tuple[str, ...]:
+    """Every score `evaluate` writes under `config` that can rank runs
+    (jaxcl.halving's --monitor), higher being better: not ECE or uniformity
+    (better low), nor tolerance (no score)."""
+
   def export_paths(self, output) -> list:
     """The files an export to `output` writes beside the image embedder."""
     del output

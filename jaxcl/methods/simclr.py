@@ -40,6 +40,10 @@ class SimCLR(base.Method):
   monitor_metrics = ('knn_top1', 'linear_top1')
   num_views = 2
 
+  def rankable_metrics(self, config):
+    del config
+    return ('knn_top1', 'linear_top1')
+
   def build_model(self, config, in_channels, rngs, tokenizer=None):
     m = config.model
     encoder = models.build_image_encoder(m, in_channels, config.augment.image_size, rngs)

@@ -15,6 +15,9 @@ from jaxcl import augment, data, errors, evaluate, files, models, presets, token
 from jaxcl import zeroshot_cache, zeroshot_suite
 from jaxcl.methods import base
 
+# Recall@1/5/10 both ways: what the retrieval evaluation writes (evaluate.retrieval_recall).
+RECALLS = tuple(f'{direction}_r{k}' for direction in ('i2t', 't2i') for k in (1, 5, 10))
+
 
 class TwoTowerEvalData:
   """The test split with its captions (retrieval), a labeled split with
@@ -190,6 +193,15 @@ class TwoTower(base.Method):
     results.update(_retrieval(encoders, images if same else None, eval_data.test,
                               eval_data.captions))
     return {**results, **suite}
+
+  def rankable_metrics(self, config):
+    """Zero-shot top-1/5 and recall@k, then the same of each entry of
+    eval.zeroshot and eval.retrieval (zeroshot/KEY/top1 ..., as `evaluate`)."""
+    suite = [f'zeroshot/{entry.key}/{metric}' for metric in ('top1', 'top5')
+             for entry in zeroshot_suite.parse_all(config.eval.zeroshot)]
+    suite += [f'retrieval/{entry.key}/{metric}' for metric in RECALLS
+              for entry in zeroshot_suite.parse_all(config.eval.retrieval, 'retrieval')]
+    return ('zeroshot_top1', 'zeroshot_top5', *RECALLS, *suite)
 
   def export_paths(self, output):
     return [files.text_artifact_path(output),

@@ -373,6 +373,10 @@ def _check_webdataset(d, process_count: int):
       found = shards.expand_urls(d[key])
       try:
         shards.check_shards(found, what)
+        # On every process of a job, with no collective (it would compile
+        # before the refusal): all refuse alike a shard that cannot be read,
+        # and a read that fails once is retried so that one process alone
+        # does not.
         shards.check_readable(found, what)
       except errors.DatasetError as e:
         raise ConfigError(str(e)) from None

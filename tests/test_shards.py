@@ -7,9 +7,11 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import numpy as np
@@ -263,6 +265,25 @@ def test_unreadable_shards_are_named_together_before_the_run(tmp_path, corpus):
       'not a tar file: ReadError: empty file',
       'truncated or corrupt: ReadError: truncated header']
   shards.check_readable([paths[0], paths[3]], 'dataset.urls')  # good ones pass
+
+
+def test_a_read_that_fails_once_is_tried_again(tmp_path, corpus):
+  """A real, passing read error: a unix socket at the shard's path (open()
+  fails with ENXIO, as a flaky network file system's EIO would), replaced
+  by the shard 0.1 s later. One failed read must not refuse the run; one
+  that keeps failing still names the shard."""
+  flaky, good = tmp_path / 'flaky.tar', tmp_path / 'good.tar'
+  good.write_bytes((corpus / 'shard-000000.tar').read_bytes())
+  with socket.socket(socket.AF_UNIX) as sock:
+    sock.bind(str(flaky))
+    assert shards.first_sample_problem(str(flaky)).startswith(
+        'OSError: [Errno 6] No such device or address')  # after READ_TRIES reads
+    replace = threading.Timer(0.1, os.replace, (good, flaky))
+    replace.start()
+    try:
+      shards.check_readable([str(flaky)], 'dataset.urls')
+    finally:
+      replace.join()
 
 
 def test_many_shards_are_checked_with_a_progress_line(corpus, monkeypatch, capsys):

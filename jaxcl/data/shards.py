@@ -9,8 +9,9 @@ DataComp and CC12M are distributed and open_clip reads them.
   bytes, ...}``, read sequentially (one pass, bounded memory), from any
   sample offset; a shard that is not a tar, ends in the middle of a member
   or holds no sample ends with a `BadShard` marker instead of an exception.
-- `check_readable`: every shard's first sample read (in threads) before a
-  run starts; the shards that cannot be read, named in one line.
+- `check_readable`: every shard's first sample read (in threads; a failed
+  read tried again) before a run starts; the shards that cannot be read,
+  named in one line.
 - `estimated_samples`: how many samples a shard that cannot be read stands
   for (sizes.json, or its size at the samples per byte of a good shard).
 - `ShardWriter`: writes samples into numbered shards of about N bytes.
@@ -47,6 +48,12 @@ PROGRESS_FROM = 1000  # shards: fewer are checked in seconds, without a progress
 PROGRESS_EVERY_S = 10.0
 LISTED_PROBLEMS = 3  # unreadable shards named in the error (all are counted)
 REFERENCE_SHARDS = 3  # shards tried, in order, for the samples per byte of a good one
+READ_TRIES = 3  # reads of a shard's first sample before check_readable names it
+READ_RETRY_S = 0.5  # the wait before the second read, doubled before each later one
+# Errors opening a shard that another try cannot change (others, such as
+# EIO or a timeout from a network file system, may pass).
+_DEFINITE_OPEN_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                         PermissionError)
 
 # webdataset's rule: the key is the member's path up to the first dot of its
 # file name, the extension (lower-cased) everything after it.
@@ -189,8 +196,11 @@ def _samples_in(shard: str, handle, skip: int) -> Iterator[dict | BadShard]:
         tar.members = []  # stream mode keeps every header read: a shard's worth
     except GeneratorExit:  # closed early (at exit: before the names below are gone)
       raise
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    except (tarfile.TarError, EOFError, zlib.error) as e:
       yield BadShard(shard, last_key, CUT_OFF, errors.type_and_first_line(e))
+      return
+    except OSError as e:  # the storage failed, not the bytes
+      yield BadShard(shard, last_key, UNREADABLE, errors.type_and_first_line(e))
       return
   if current is not None and index >= skip:
     yield current
@@ -200,21 +210,36 @@ def _samples_in(shard: str, handle, skip: int) -> Iterator[dict | BadShard]:
 
 def first_sample_problem(shard: str) -> str | None:
   """Why `shard` cannot be read as a webdataset shard ('a folder', not a
-  tar, ...), from its first sample alone; None when that sample reads."""
-  try:
-    handle = epath.Path(shard).open('rb')
-  except OSError as e:
-    problem = errors.type_and_first_line(e)
-  else:
-    with handle:
-      samples = _samples_in(shard, handle, 0)
-      first = next(samples, None)
-      samples.close()
-    if not isinstance(first, BadShard):
+  tar, ...), from its first sample alone; None when that sample reads. A
+  failed read (the storage's error, not the bytes') is tried READ_TRIES
+  times, so that a flaky network file system does not refuse a run."""
+  for attempt in range(READ_TRIES):
+    problem, may_pass = _first_sample_read(shard)
+    if problem is None:
       return None
-    problem = first.why
+    if not may_pass or attempt == READ_TRIES - 1:
+      break
+    time.sleep(READ_RETRY_S * 2**attempt)
   # Asked only now: one request less per good shard. (On gs:// a folder opens, as an empty file.)
   return 'a folder' if _is_folder(shard) else problem
+
+
+def _first_sample_read(shard: str) -> tuple[str | None, bool]:
+  """(why the first sample of `shard` does not read, or None; whether
+  reading it again may succeed: the read failed, not the bytes)."""
+  try:
+    handle = epath.Path(shard).open('rb')
+  except _DEFINITE_OPEN_ERRORS as e:
+    return errors.type_and_first_line(e), False
+  except OSError as e:
+    return errors.type_and_first_line(e), True
+  with handle:
+    samples = _samples_in(shard, handle, 0)
+    first = next(samples, None)
+    samples.close()
+  if not isinstance(first, BadShard):
+    return None, False
+  return first.why, first.problem == UNREADABLE
 
 
 def _is_folder(path: str) -> bool:

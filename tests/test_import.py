@@ -478,6 +478,9 @@ def test_config_json_of_any_wrong_shape_is_one_line(sources, tmp_path):
       'config.json: text_config is a string, not an object')
   # transformers reads a null tower config as its defaults (a ViT-B/32), as here:
   assert 'the config implies' in refusals[(*hf, ('vision_config',), 'null')]
+  # open_clip reads null act_kwargs and norm_kwargs as none given (model.py), as here:
+  for key in ('act_kwargs', 'norm_kwargs'):
+    assert (*oc, ('model_cfg', 'vision_cfg', key), 'null') not in refusals, key
 
 
 def test_import_help_names_every_layout(capsys):

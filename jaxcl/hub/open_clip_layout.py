@@ -59,8 +59,9 @@ def architecture(source, keys) -> dict:
   siglip = 'logit_bias' in keys
   text_width = x.get('width', 512)
   act = 'quick_gelu' if m.get('quick_gelu') else 'gelu'
+  # act_kwargs and norm_kwargs: open_clip's model.py reads null as none given.
   kwargs = lambda cfg, name, key: t.section(cfg, key, f'{CONFIG}: model_cfg.{name}.',
-                                            null_is_empty=key == 'act_kwargs')
+                                            null_is_empty=True)
   tanh = lambda cfg, name: kwargs(cfg, name, 'act_kwargs').get('approximate') == 'tanh'
   text_act = 'gelu_tanh' if tanh(x, 'text_cfg') else act
   pool = {'argmax': 'eot', 'eos': 'eot', 'last': 'last'}.get(x.get('pool_type', 'argmax'))

@@ -16,7 +16,8 @@ tests/gcs_server.py PORT` starts it with GCS's documented rules added:
   with 412 when ifGenerationMatch differs from it and answers 304 Not
   Modified when ifGenerationNotMatch equals it.
 The emulator serves one request at a time, so a check and the write it
-guards are one step, as on GCS.
+guards are one step, as on GCS. It also gains GCS's objects.move (moveTo),
+which gcsfs uses for every rename.
 """
 
 from __future__ import annotations
@@ -127,15 +128,35 @@ def _with_generation_read(download):
   return checked
 
 
+def _move(request, response, storage, *args, **kwargs):
+  """POST b/BUCKET/o/OBJECT/moveTo/o/DEST (GCS's objects.move), which the
+  emulator lacks: gcsfs tries it for every rename and, answered 501, retries
+  with back-off for about 30 s before it copies and deletes instead."""
+  del args, kwargs
+  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+  bucket, source, dest = (request.params[k] for k in ('bucket_name', 'object_id',
+                                                       'dest_object_id'))
+  try:
+    moved = objects._copy(request.base_url, storage, bucket, source, bucket, dest)  # pylint: disable=protected-access
+  except NotFound:
+    response.status = HTTPStatus.NOT_FOUND
+    return
+  objects._delete(storage, bucket, source)  # pylint: disable=protected-access
+  response.json(moved)
+
+
 def _serve(port: int) -> None:
-  from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator import server, settings  # pylint: disable=g-import-not-at-top
   from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
   checked = {fn: _with_generation_match(fn)
              for fn in (objects.insert, objects.delete, objects.upload_partial)}
   checked[objects.download] = _with_generation_read(objects.download)
   for fn in list(checked):  # the router calls objects.insert, get calls download, by name
     setattr(objects, fn.__name__, checked[fn])
-  server.HANDLERS = tuple(
+  move = (rf'^{settings.API_ENDPOINT}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)'
+          r'/moveTo/o/(?P<dest_object_id>.*[^/]+)$', {server.POST: _move})
+  server.HANDLERS = (move,) + tuple(
       (pattern, {method: checked.get(fn, fn) for method, fn in methods.items()})
       for pattern, methods in server.HANDLERS)
   server.create_server('127.0.0.1', port, in_memory=True, default_bucket=BUCKET).run()

@@ -255,15 +255,14 @@ def prepare(config, workdir, values: list[str], sweep_settings: dict, writer: bo
 
 @contextlib.contextmanager
 def undone_if_refused(workdir, writer: bool):
-  """For a sweep from its prepare on: a ConfigError before anything trained
-  (the first run's own checks: a missing init.source, a step too big for
-  memory) leaves the folder as it was, its sweep.json or none, bad input's
-  record of settings taken back."""
+  """For a sweep from its prepare on: bad input refused before anything
+  trained (by the first run's own checks: a missing init.source, a step too
+  big for memory) leaves the folder as it was, its sweep.json or none."""
   workdir, record_path = epath.Path(workdir), epath.Path(workdir) / files.SWEEP_JSON
   made, before = not workdir.exists(), record_path.read_bytes() if record_path.exists() else None
   try:
     yield
-  except errors.ConfigError:
+  except (errors.ConfigError, errors.DatasetError):  # what cli.main exits 2 for
     if writer and not _trained_under(workdir, _read_json(record_path) or {}):
       if before is None:
         record_path.unlink(missing_ok=True)

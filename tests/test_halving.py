@@ -177,6 +177,8 @@ def _files(folder) -> dict:
 
 @pytest.mark.slow
 def test_a_halving_sweep_is_refused_to_other_settings_or_a_grid(halved):
+  """(Was test_a_halving_sweep_is_not_resumed_with_other_candidates, whose
+  case is the first below; issue 29 added the other settings and the grid.)"""
   workdir, _, _ = halved
   before = _files(workdir)
   other = _sweep_args(workdir)

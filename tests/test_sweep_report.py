@@ -171,6 +171,9 @@ def test_sweep_rerun_with_another_config_is_refused(swept):
 
 @pytest.mark.slow  # a real sweep of two runs
 def test_sweep_reevaluates_a_run_whose_results_are_unreadable(swept):
+  """(Was ..._unreadable_or_stale: a rerun with a changed eval key then
+  re-evaluated both runs; a sweep now refuses other settings,
+  test_a_sweep_folder_is_refused_to_other_settings.)"""
   workdir, _ = swept
   (workdir / 'tau-0.1' / 'eval.json').write_text('{"step": 6, "knn_to')  # cut short
   proc = jaxcl('sweep', '--config', DIGITS_CONFIG, '--workdir', str(workdir),

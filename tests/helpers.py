@@ -67,15 +67,9 @@ def tiny_config(config_file=DIGITS_CONFIG, tiny=None, **extra):
   return config
 
 
-# The tests compile with LLVM's optimizations off: the same programs and the
-# same float32 operations (the suite's references are float64 or compiled
-# alike), compiled about twice as fast; their tiny shapes run no slower.
-TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
-
-
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for a process of the tests with `devices` simulated CPU devices."""
-  return f'--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}'
+  return f'--xla_force_host_platform_device_count={devices}'
 
 
 # The most a jaxcl command of the tests may take (the longest take ~30 s on 2

@@ -17,8 +17,11 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-_LUMA = jnp.array([0.299, 0.587, 0.114], jnp.float32)
+# Constants are NumPy arrays: a jnp array made at import would start jax's
+# backend, which must wait for jax.distributed.initialize on a multi-host job.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def _gray(image):
@@ -71,10 +74,11 @@ def color_jitter(key, image, strength: float):
 
 
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
-_RGB_TO_YIQ = jnp.array([[0.299, 0.587, 0.114],
-                         [0.596, -0.274, -0.322],
-                         [0.211, -0.523, 0.312]], jnp.float32)
-_YIQ_TO_RGB = jnp.linalg.inv(_RGB_TO_YIQ)
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
+                        [0.596, -0.274, -0.322],
+                        [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
+_RGB_TO_YIQ = _RGB_TO_YIQ.astype(np.float32)
 
 
 def _rotate_hue(image, delta):
@@ -82,7 +86,7 @@ def _rotate_hue(image, delta):
   angle = 2 * jnp.pi * delta
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   rotation = jnp.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
-  transform = _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ
+  transform = jnp.asarray(_YIQ_TO_RGB) @ rotation @ _RGB_TO_YIQ
   return image @ transform.T
 
 

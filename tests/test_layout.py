@@ -3,6 +3,7 @@ the config importable without the runtime, and one place (the methods'
 registry) that knows which method is which."""
 
 import ast
+import os
 import pathlib
 import subprocess
 import sys
@@ -140,3 +141,15 @@ def test_only_the_registry_knows_method_names(name):
   found = [f'{MODULES[name].name}:{n.lineno}: {ast.unparse(n)}'
            for n in _method_comparisons(ast.parse(MODULES[name].read_text()))]
   assert not found, found
+
+
+def test_importing_jaxcl_starts_no_jax_backend():
+  """A multi-host job calls jax.distributed.initialize before any backend
+  starts; a module that made a jnp array at import would start one first (and
+  a fork driver that imported it could not fork)."""
+  modules = ', '.join(sorted(MODULES))
+  code = (f'import {modules}; from jax._src import xla_bridge; '
+          'print(xla_bridge.backends_are_initialized())')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.stdout.strip() == 'False', out.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import sys
 import tempfile
 
 import jax
@@ -21,6 +22,21 @@ WANDB_ID_FILE = 'jaxcl_run_id'  # in WORKDIR/wandb: the run's wandb id
 TB_RECORDS_PER_FILE = 500
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX
+  imports torch, when it is installed, only to accept torch tensors, which
+  jaxcl never logs, and that import costs ~2 s of CPU at every start."""
+  torch_absent = 'torch' not in sys.modules
+  if torch_absent:
+    sys.modules['torch'] = None  # makes `import torch` raise ImportError, which tensorboardX expects
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if torch_absent:
+      del sys.modules['torch']
+  return SummaryWriter
+
+
 class _EventFiles:
   """TensorBoard event files in `workdir`, written by tensorboardX. An object
   store cannot append, so there they are written in a local folder and each
@@ -30,11 +46,11 @@ class _EventFiles:
   retrying for minutes when the store cannot be reached.)"""
 
   def __init__(self, workdir: epath.Path):
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    summary_writer = _summary_writer_class()
     self._remote = workdir if files.is_object_store(workdir) else None
     self._dir = epath.Path(tempfile.mkdtemp(prefix='jaxcl-tensorboard-') if self._remote
                            else workdir)
-    self._new = lambda suffix: SummaryWriter(str(self._dir), filename_suffix=suffix)
+    self._new = lambda suffix: summary_writer(str(self._dir), filename_suffix=suffix)
     self.writer = self._new('')
     self._records, self._uploaded = 0, {}
 

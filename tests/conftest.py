@@ -2,6 +2,7 @@
 and one persistent compilation cache for the whole test run."""
 
 import atexit
+import fcntl
 import json
 import os
 import shutil
@@ -10,7 +11,15 @@ import tempfile
 import helpers  # no jax: it sets nothing
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + helpers.xla_flags(8)).strip()
+# This process's own programs (the in-process checks: formulas, sharded
+# against one device) compile with LLVM at -O0: the same XLA program, its
+# machine code less optimized, in about half the time (test_grad_cache.py
+# 225 -> 138 s, test_finetune.py 184 -> 72 s on 2 cores). The whole runs that
+# the tests start as new processes (helpers.jaxcl, helpers.start_job) get only
+# helpers.xla_flags: they compile as users' runs do. (-O0 for those too moved
+# a cross-mesh resume past its measured tolerance; see the README.)
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + helpers.xla_flags(8)
+                           + ' ' + helpers.IN_PROCESS_XLA_FLAGS).strip()
 # Every program is compiled once per test run: this process, pytest-xdist's
 # workers and every jaxcl process a test starts inherit the variables (jax
 # reads them at import; jaxcl.compilation_cache honours them). The folder is
@@ -38,14 +47,29 @@ if 'TFDS_DATA_DIR' not in os.environ:
 import pytest  # noqa: E402
 
 
+def trained_once(tmp_path_factory, name: str, *args, devices: int = 1):
+  """WORKDIR of `jaxcl train --workdir WORKDIR ARGS`, trained once per test
+  run: the first test (of any pytest-xdist worker) that asks trains it, the
+  others wait for it and share it. Tests read it; one that writes copies it."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):  # the workers' folders sit side by side in the run's
+    root = root.parent
+  workdir, done = root / 'trained-once' / name, root / 'trained-once' / f'{name}.done'
+  workdir.parent.mkdir(exist_ok=True)
+  with open(root / 'trained-once' / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # a run that failed in another worker
+      helpers.jaxcl('train', '--workdir', str(workdir), *args, devices=devices)
+      done.touch()
+  return workdir
+
+
 @pytest.fixture(scope='session')
 def uninterrupted(tmp_path_factory):
-  """The reference run: helpers.RUN on 2 devices, never interrupted."""
-  from helpers import DIGITS_CONFIG, RUN, jaxcl, tiny_overrides  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(), *RUN,
-        devices=2)
-  return workdir
+  """The reference run: helpers.RUN on 2 devices, never interrupted (trained_once)."""
+  return trained_once(tmp_path_factory, 'uninterrupted', '--config', helpers.DIGITS_CONFIG,
+                      *helpers.tiny_overrides(), *helpers.RUN, devices=2)
 
 
 @pytest.fixture(scope='session')
@@ -72,15 +96,36 @@ def gcs_dir(gcs_bucket, request):
   return epath.Path(gcs_bucket) / f'{request.node.name[:40]}-{uuid.uuid4().hex[:8]}'
 
 
+# The quick loop (-m "not slow") has a budget of 3 minutes on 2 cores: a test
+# not marked slow takes at most this long there, or the log names it.
+QUICK_TEST_S = 5.0
+_quick_seconds = {}  # nodeid: setup + call + teardown seconds, tests not marked slow
+
+
+def pytest_runtest_logreport(report):
+  if 'slow' not in report.keywords:  # the markers' names are among the keywords
+    _quick_seconds[report.nodeid] = _quick_seconds.get(report.nodeid, 0.0) + report.duration
+
+
 def pytest_sessionfinish(session):
   del session
   compilation_cache.write_stats()
 
 
 def pytest_terminal_summary(terminalreporter, config):
-  """The test run's compilation-cache hit rate, over every process that compiled."""
+  """Tests of the quick loop over their budget, and the test run's
+  compilation-cache hit rate over every process that compiled."""
+  if hasattr(config, 'workerinput'):  # an xdist worker: the controller reports
+    return
+  over = sorted(((s, name) for name, s in _quick_seconds.items() if s > QUICK_TEST_S),
+                reverse=True)
+  if over:
+    terminalreporter.write_line(
+        f'quick loop: {len(over)} tests not marked slow took over {QUICK_TEST_S:.0f} s '
+        '(mark them slow or make them smaller): '
+        + ', '.join(f'{name} {s:.0f} s' for s, name in over))
   stats_dir = os.environ.get('JAXCL_COMPILATION_STATS_DIR')
-  if hasattr(config, 'workerinput') or not stats_dir:  # an xdist worker: the controller reports
+  if not stats_dir:  # the cache folder came from outside the test run: no counts
     return
   compilation_cache.write_stats()
   counts = [json.loads(open(os.path.join(stats_dir, name), encoding='utf-8').read())

@@ -67,6 +67,10 @@ def tiny_config(config_file=DIGITS_CONFIG, tiny=None, **extra):
   return config
 
 
+# Added to the test process's own XLA_FLAGS only (conftest.py says why).
+IN_PROCESS_XLA_FLAGS = '--xla_backend_optimization_level=0'
+
+
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for a process of the tests with `devices` simulated CPU devices."""
   return f'--xla_force_host_platform_device_count={devices}'
@@ -316,17 +320,21 @@ def copy_without_dataset(workdir, destination):
 _FORK_DRIVER = r'''
 import json, os, sys, time, traceback
 import jax  # imported, not initialized: every child initializes its own backend
-from jaxcl import cli, config, distributed  # noqa: F401
+# Every command's modules, imported once here and not in each child (none
+# starts a backend at import: tests/test_layout.py checks).
+from jaxcl import cli, config, distributed, export, halving, report, sweep, train  # noqa: F401
+from jaxcl.data import shard_writer  # noqa: F401
+from jaxcl.hub import importer  # noqa: F401
 
 cases, out, parse_only = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] == 'parse_only'
 results = []
 for i, argv in enumerate(cases):
   err_path, config_path = os.path.join(out, f'{i}.err'), os.path.join(out, f'{i}.json')
+  out_path = os.path.join(out, f'{i}.out')
   pid = os.fork()
   if pid == 0:
-    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 2)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+    os.dup2(os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
     code = 1
     sys.argv = ['jaxcl'] + argv  # config_flags reads the overrides from sys.argv
     try:
@@ -341,12 +349,14 @@ for i, argv in enumerate(cases):
         code = 0
       else:
         cli.main(sys.argv)
+        code = 0
     except SystemExit as e:
       code = e.code if isinstance(e.code, int) else 1
     except BaseException:  # a traceback the test will show
       traceback.print_exc()
-    sys.stderr.flush()
-    os._exit(code)
+    # The child ends as a process does (atexit handlers, interpreter
+    # shutdown), so what a real process would print at its end shows here too.
+    sys.exit(code)
   deadline = time.time() + 60
   while True:
     done, status = os.waitpid(pid, os.WNOHANG)
@@ -359,13 +369,14 @@ for i, argv in enumerate(cases):
     time.sleep(0.01)
   results.append({'code': os.waitstatus_to_exitcode(status),
                   'stderr': open(err_path, errors='replace').read(),
+                  'stdout': open(out_path, errors='replace').read(),
                   'config': json.load(open(config_path)) if os.path.exists(config_path) else None})
 print(json.dumps(results))
 '''
 
 
 def cli_in_forks(cases, tmp_path, devices: int = 1, parse_only: bool = False) -> list:
-  """[{'code': exit code, 'stderr': text, 'config'}] of `jaxcl ARGV` for each
+  """[{'code': exit code, 'stderr', 'stdout': text, 'config'}] of `jaxcl ARGV` for each
   ARGV in `cases`, each in its own fork (killed if it runs past 60 s: an input
   that was not refused started training). parse_only: each fork parses ARGV
   as `jaxcl` does and stops; 'config' is the config it read, flattened
@@ -378,3 +389,20 @@ def cli_in_forks(cases, tmp_path, devices: int = 1, parse_only: bool = False) ->
                         env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def jaxcl_each(argvs, devices: int = 1) -> list:
+  """`jaxcl ARGV` for each ARGV in turn, as helpers.jaxcl(..., check=False)
+  returns it (a CompletedProcess), each in a fork of one process that
+  imported jaxcl (cli_in_forks): for commands that read a workdir or a
+  dataset, a second each instead of a new interpreter's start and imports
+  (a refusal made before those imports is quicker as its own process)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  folder = tempfile.mkdtemp(prefix='jaxcl-forks-')
+  try:
+    results = cli_in_forks(argvs, folder, devices=devices)
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
+  return [subprocess.CompletedProcess(['jaxcl', *argv], r['code'], r['stdout'], r['stderr'])
+          for argv, r in zip(argvs, results)]

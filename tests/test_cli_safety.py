@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import messages
-from helpers import (DIGITS_CONFIG, RUN_STEPS, jaxcl, logged_steps, run_until_checkpoint,
-                     tiny_overrides)
+from helpers import (DIGITS_CONFIG, RUN_STEPS, jaxcl, jaxcl_each, logged_steps,
+                     run_until_checkpoint, tiny_overrides)
 from jaxcl import config as config_lib
 from jaxcl import files, guards
 
@@ -36,12 +36,10 @@ def listing(folder):
                 for p in folder.rglob('*'))
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A finished 2-step tiny digits run (1 device)."""
-  workdir = tmp_path_factory.mktemp('trained') / 'run'
-  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(), *STEPS)
-  return workdir
+@pytest.fixture
+def trained(uninterrupted):
+  """A finished tiny digits run: conftest's shared one (copy_of it to write in it)."""
+  return uninterrupted
 
 
 def copy_of(trained, tmp_path):
@@ -64,24 +62,24 @@ def test_train_refuses_a_folder_that_is_not_a_workdir(tmp_path):
 def test_export_never_lands_on_a_workdir_file_or_an_existing_file(trained, tmp_path):
   workdir = copy_of(trained, tmp_path)
   before = listing(workdir)
-  for output, message in [(workdir / 'config', 'export onto config.json'),
-                          (workdir / 'eval', 'export onto eval.json'),
-                          (workdir / 'checkpoints' / 'x', 'export into checkpoints'),
-                          (tmp_path, 'export onto a folder'),
-                          ('/proc/x', 'export into /proc')]:
-    proc = jaxcl('export', '--workdir', str(workdir), '--output', str(output), '--overwrite',
-                 check=False)
-    one_error_line(proc, messages.CLI[message], workdir=workdir, tmp=tmp_path)
-  assert listing(workdir) == before
-
   mine = tmp_path / 'mine.bin'
   mine.write_text('keep me')
-  proc = jaxcl('export', '--workdir', str(workdir), '--output', str(mine), check=False)
-  one_error_line(proc, messages.CLI['export onto an existing file'], tmp=tmp_path)
+  cases = [(workdir / 'config', 'export onto config.json'),
+           (workdir / 'eval', 'export onto eval.json'),
+           (workdir / 'checkpoints' / 'x', 'export into checkpoints'),
+           (tmp_path, 'export onto a folder'),
+           ('/proc/x', 'export into /proc')]
+  procs = jaxcl_each([['export', '--workdir', str(workdir), '--output', str(output), '--overwrite']
+                      for output, _ in cases]
+                     + [['export', '--workdir', str(workdir), '--output', str(mine)]])
+  for proc, (_, message) in zip(procs, cases):
+    one_error_line(proc, messages.CLI[message], workdir=workdir, tmp=tmp_path)
+  one_error_line(procs[-1], messages.CLI['export onto an existing file'], tmp=tmp_path)
+  assert listing(workdir) == before
   assert mine.read_text() == 'keep me' and not (tmp_path / 'mine.bin.json').exists()
   jaxcl('export', '--workdir', str(workdir), '--output', str(mine), '--overwrite')
   assert mine.read_bytes() != b'keep me'
-  assert json.loads((tmp_path / 'mine.bin.json').read_text())['step'] == 2
+  assert json.loads((tmp_path / 'mine.bin.json').read_text())['step'] == RUN_STEPS
   assert listing(workdir) == before
   assert not [p for p in tmp_path.iterdir() if p.name.endswith('.tmp')]
 
@@ -108,12 +106,11 @@ def test_an_incomplete_saved_config_is_one_line_and_changes_nothing(trained, tmp
   workdir = copy_of(trained, tmp_path)
   (workdir / 'config.json').write_text(content)
   before = listing(workdir)
-  for command in (['eval'], ['export', '--output', str(tmp_path / 'enc')]):
-    proc = jaxcl(*command, '--workdir', str(workdir), check=False)
+  for proc in jaxcl_each([['eval', '--workdir', str(workdir)],
+                          ['export', '--workdir', str(workdir), '--output', str(tmp_path / 'enc')],
+                          ['train', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
+                           *tiny_overrides(), *STEPS]]):
     one_error_line(proc, messages.CLI[message], workdir=workdir)
-  proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
-               *STEPS, check=False)
-  one_error_line(proc, messages.CLI[message], workdir=workdir)
   assert listing(workdir) == before
 
 
@@ -146,8 +143,8 @@ def test_eval_and_export_without_a_checkpoint_write_nothing(trained, tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
   shutil.copy(trained / 'config.json', workdir / 'config.json')
-  for command in (['eval'], ['export', '--output', str(tmp_path / 'enc')]):
-    proc = jaxcl(*command, '--workdir', str(workdir), check=False)
+  for proc in jaxcl_each([['eval', '--workdir', str(workdir)],
+                          ['export', '--workdir', str(workdir), '--output', str(tmp_path / 'enc')]]):
     one_error_line(proc, messages.CLI['no checkpoint'], workdir=workdir)
   assert [p.name for p in workdir.iterdir()] == ['config.json']
   assert sorted(p.name for p in tmp_path.iterdir()) == ['run']

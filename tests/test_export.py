@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import DIGITS_CONFIG, copy_without_dataset, jaxcl, tiny_overrides
+from helpers import DIGITS_CONFIG, RUN_STEPS, copy_without_dataset, jaxcl, tiny_overrides
 from jaxcl import data, models, trained
 
 LOADER = r'''
@@ -28,16 +28,14 @@ print('ok', out.shape, out.dtype)
 
 
 @pytest.mark.slow  # a whole CLI run and export
-def test_export_round_trip(tmp_path):
-  workdir = tmp_path / 'run'
-  jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
-        '--config.total_steps=4', '--config.log_every_steps=2')
+def test_export_round_trip(uninterrupted, tmp_path):
+  workdir = uninterrupted
   artifact = tmp_path / 'out' / 'encoder.jaxexport'
   proc = jaxcl('export', '--workdir', str(workdir), '--output', str(artifact))
   assert 'wrote' in proc.stdout
   meta = json.loads(open(f'{artifact}.json').read())
   assert meta['input'] == {**meta['input'], 'shape': ['b', 8, 8, 1], 'dtype': 'uint8'}
-  assert meta['output']['dtype'] == 'float32' and meta['step'] == 4
+  assert meta['output']['dtype'] == 'float32' and meta['step'] == RUN_STEPS
   assert meta['config_name'] == 'simclr_digits'
 
   exp, state = trained.load_trained(str(workdir))

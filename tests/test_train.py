@@ -3,6 +3,7 @@ uninterrupted run; total_steps=0; eval recomputation."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -109,10 +110,12 @@ def test_outputs_of_a_run(uninterrupted):
 
 
 @pytest.mark.slow  # a whole CLI run
-def test_eval_recomputes_eval_json(uninterrupted):
-  before = json.loads((uninterrupted / 'eval.json').read_text())
-  proc = jaxcl('eval', '--workdir', str(uninterrupted), devices=2)
-  after = json.loads((uninterrupted / 'eval.json').read_text())
+def test_eval_recomputes_eval_json(uninterrupted, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted, workdir)  # eval writes eval.json; the shared run stays as it is
+  before = json.loads((workdir / 'eval.json').read_text())
+  proc = jaxcl('eval', '--workdir', str(workdir), devices=2)
+  after = json.loads((workdir / 'eval.json').read_text())
   # Exact: the same program on the same 2 devices, from the same checkpoint.
   assert after['step'] == before['step'] == RUN_STEPS
   assert after['knn_top1'] == pytest.approx(before['knn_top1'], abs=1e-9)

@@ -108,6 +108,7 @@ def test_unknown_impl_is_refused():
     losses.info_nce(a, b, temperature=0.1, impl='chunky')
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_train_step_with_ring_loss_equals_dense_single_device():
   from helpers import tiny_config  # pylint: disable=g-import-not-at-top
   from jaxcl import experiment, parallel, train_step  # pylint: disable=g-import-not-at-top
@@ -143,6 +144,7 @@ def _moved_arrays(hlo: str):
   return moved
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 @pytest.mark.parametrize('impl', ['dense', pytest.param('ring', marks=pytest.mark.slow)])
 def test_sharded_step_moves_only_embeddings(impl):
   """Between devices the loss moves embeddings (and their ids), nothing the

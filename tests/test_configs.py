@@ -140,6 +140,7 @@ def shipped_specs(tmp_path_factory):
   return [p + (f':{workdir}' if p.endswith('finetune.py') else '') for p in paths]
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_every_key_of_every_shipped_config_is_settable_from_the_command_line(
     shipped_specs, tmp_path):
   cases, wanted = [], []

@@ -115,6 +115,7 @@ def clip_export(workdirs, tmp_path_factory):
   return out, open_clip_export.export_open_clip(workdirs['clip'], out)
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_clip_round_trip(sources, workdirs, clip_export):
   import open_clip  # pylint: disable=g-import-not-at-top
   source, reference = sources['clip']
@@ -166,6 +167,7 @@ def _siglip_model(model_cfg, directory):
   return model.eval()
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_siglip_round_trip(sources, workdirs, tmp_path):
   import open_clip  # pylint: disable=g-import-not-at-top
   from jaxcl import errors  # pylint: disable=g-import-not-at-top
@@ -245,6 +247,7 @@ def _clip_config(config_file=helpers.CLIP_CONFIG, **changes):
   return config
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_clip_made_by_jaxcl(tmp_path):
   """A model jaxcl made (in memory: write_open_clip, the writer behind
   export_open_clip), through open_clip.create_model's own loading."""
@@ -290,6 +293,7 @@ TOKENIZER_KINDS = {
 }
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 @pytest.mark.parametrize('kind', sorted(TOKENIZER_KINDS))
 def test_import_of_an_export_is_the_model_exported(kind, tmp_path):
   """Export and import are inverses, whatever the tokenizer: the export
@@ -354,6 +358,7 @@ def test_siglip_timm_names_are_looked_up():
 
 
 # ------------------------------------------------------------- refusals ---
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_refusals_are_one_line_and_write_nothing(workdirs, clip_export, tmp_path):
   shapes_run = _run_files(helpers.tiny_config(helpers.CLIP_CONFIG, helpers.TINY_TWO_TOWER),
                           tmp_path / 'clip_shapes', 32)

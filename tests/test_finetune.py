@@ -43,6 +43,7 @@ def _steps(exp, n=2, state=None):
   return state
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_frozen_tower_keeps_its_weights_and_has_no_optimizer_state():
   exp = _clip(**{'optimizer.frozen': ('image_encoder/.*',)})
   before, after = _flat(exp.init_state().params), _flat(_steps(exp).params)
@@ -136,6 +137,7 @@ def trained_clip(tmp_path_factory):
   return workdir, _flat(state.params)
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_init_from_a_workdir_loads_every_weight(trained_clip):
   workdir, weights = trained_clip
   exp = _clip(**{'init.source': str(workdir)})
@@ -162,6 +164,7 @@ def test_finetune_config_starts_from_every_weight_of_a_workdir(trained_clip):
   assert all(np.array_equal(got[n], weights[n]) for n in weights)
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_init_load_takes_only_the_named_towers(trained_clip):
   workdir, weights = trained_clip
   exp = _clip(**{'init.source': str(workdir), 'init.load': ('text',)})
@@ -214,6 +217,7 @@ def test_position_embeddings_resample_as_torch_does(extra):
   assert warm_start.resample_positions(position, (1, 1 - extra + 36, 5)) is None
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_init_from_another_image_size_resamples_positions(trained_clip):
   workdir, weights = trained_clip
   exp = _clip(**{'init.source': str(workdir), 'augment.image_size': 48})
@@ -223,6 +227,7 @@ def test_init_from_another_image_size_resamples_positions(trained_clip):
                                 weights['image_encoder/blocks/0/mlp_in/kernel'])
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_bad_groups_and_sources_are_config_errors(trained_clip):
   workdir, _ = trained_clip
   with pytest.raises(errors.ConfigError, match="'image/.*' matches no parameter"):
@@ -259,6 +264,7 @@ def test_parts_the_source_lacks_keep_their_init(tmp_path):
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_loading_a_part_this_model_lacks_is_an_error(trained_clip):
   workdir, _ = trained_clip
   exp = _clip(**{'init.source': str(workdir), 'init.load': ('temperature',),

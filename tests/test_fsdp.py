@@ -51,6 +51,7 @@ def test_fsdp_divides_parameter_and_optimizer_memory(experiments):
   assert 3.5 < dp / fsdp <= 4.0, (dp, fsdp)
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_fsdp_step_equals_data_parallel(experiments):
   results = []
   for exp in experiments:
@@ -67,6 +68,7 @@ def test_fsdp_step_equals_data_parallel(experiments):
   assert_close(params_fsdp, params_dp, rtol=RTOL_PARAMS, what='params')
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_ring_loss_over_data_and_fsdp_axes_equals_dense():
   """The batch is split over both mesh axes, so the ring runs over both."""
   results = []

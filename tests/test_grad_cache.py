@@ -51,6 +51,7 @@ CASES = [(CLIP_CONFIG, 1, 'dense', 4),
          pytest.param(SIGLIP_CONFIG, 1, 'dense', 2, marks=pytest.mark.slow)]
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 @pytest.mark.parametrize('config_file,devices,impl,microbatch_size', CASES)
 def test_microbatched_step_equals_whole_batch(config_file, devices, impl, microbatch_size):
   results = []
@@ -118,6 +119,7 @@ def _per_chunk_reference(exp, state, images, microbatch_size, shards):
   return jax.device_get((loss, grads, stats))
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 @pytest.mark.parametrize('devices,microbatch_size',
                          [(1, 4), pytest.param(8, 8, marks=pytest.mark.slow)])
 def test_simclr_chunks_normalize_with_their_own_statistics(devices, microbatch_size):

@@ -254,6 +254,7 @@ def imported(sources):
   return out
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S): the sources, imported
 @pytest.mark.parametrize('name', sorted(MAKERS))
 def test_embeddings_equal_the_source_framework(name, sources, imported):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -280,6 +281,7 @@ def test_embeddings_equal_the_source_framework(name, sources, imported):
     assert model.bias is None
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 @pytest.mark.parametrize('name', sorted(MAKERS))
 def test_architecture_read_from_the_source(name, imported):
   """Each family's switches, as the published models have them."""
@@ -340,6 +342,7 @@ def test_exported_embedders_equal_the_source(name, sources, workdirs, tmp_path):
                              atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_imported_workdir_is_a_run_at_step_zero(workdirs):
   """The workdir has what eval, export and training read: the config, the
   tokenizer (its vocabulary copied in), data facts and checkpoint 0."""
@@ -440,6 +443,7 @@ def _replaced(value, path, new):
   return {**value, path[0]: _replaced(value[path[0]], path[1:], new)}
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_config_json_of_any_wrong_shape_is_one_line(sources, tmp_path):
   """Each object of each config file a layout reads, replaced by a list, a
   number, a string, a boolean and null: the import succeeds or is refused in

@@ -120,6 +120,7 @@ for lock in held:
 '''
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_of_racing_processes_exactly_one_takes_the_lock(workdir):
   racers, rounds = 3, 12
   start = time.time() + 8  # every racer imported and waiting by then

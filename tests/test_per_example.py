@@ -91,6 +91,7 @@ def _reference_rows(exp, state, batch):
   return jax.tree.map(np.asarray, train_step.per_example_rows(new))
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 @pytest.mark.parametrize('temperature', ['learnable', 'individual'])
 def test_step_writes_the_batch_rows(temperature):
   exp = _clip(1, temperature=temperature)

@@ -62,6 +62,7 @@ TOWERS = {
 
 
 # The quick loop checks one image and one text tower; the full suite all four.
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 @pytest.mark.parametrize('tower', [
     'vit_cls', 'text_causal_eot', pytest.param('vit_map', marks=pytest.mark.slow),
     pytest.param('text_last', marks=pytest.mark.slow)])

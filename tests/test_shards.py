@@ -427,6 +427,7 @@ def test_jaxcl_shard_to_gcs_completes_without_folder_objects(tmp_path, gcs_dir):
                                                    'train-000000.tar']
   assert json.loads((out / 'sizes.json').read_text()) == {'train-000000.tar': 3}
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_first_batch_from_shards_equals_the_tfds_path(tmp_path):
   """The shapes' first TFDS batch written to a shard, read back in order
   (one stream, window 1): the same images, labels and token ids."""
@@ -559,6 +560,7 @@ def test_memory_does_not_grow_with_the_stream(tmp_path):
   assert corpus > 7e6 and held[1] - held[0] < 1e6, (corpus, held)
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_a_shard_gone_mid_run_is_one_line_from_a_worker(tmp_path, corpus):
   for shard in corpus.glob('shard-*.tar'):
     (tmp_path / shard.name).write_bytes(shard.read_bytes())

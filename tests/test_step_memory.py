@@ -27,6 +27,7 @@ def test_analysis_adds_up_and_counts_flops():
   assert record['flops_per_example'] > 0
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_microbatches_and_remat_lower_the_temporaries():
   two_tower = dict(TINY_TWO_TOWER, **{'model.vit.depth': '2', 'text.depth': '2',
                                       'model.vit.patch_size': '4'})
@@ -78,6 +79,7 @@ def test_a_step_too_large_for_the_memory_stops_before_writing(tmp_path):
 
 
 # ------------------------------------------------- bfloat16 optimizer state ---
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 @pytest.mark.parametrize('optimizer', ['adamw', pytest.param('sgd', marks=pytest.mark.slow)])
 def test_bfloat16_first_moment_halves_it_and_steps_alike(optimizer):
   images = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8)

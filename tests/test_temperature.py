@@ -131,6 +131,7 @@ def _first_step(config, batch_fn, edit_params=None):
   return float(metrics['loss']), jax.device_get(metrics), (a, b), exp
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_free_mode_trains_on_arctanh_logits():
   from helpers import tiny_config  # pylint: disable=g-import-not-at-top
   from jaxcl import losses  # pylint: disable=g-import-not-at-top

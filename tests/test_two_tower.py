@@ -40,6 +40,7 @@ def experiments(request):
           experiment.setup(config, devices=jax.devices()[:8]))
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_sharded_two_tower_step_equals_single_device(experiments):
   results = []
   for exp in experiments:
@@ -70,6 +71,7 @@ def test_sharded_two_tower_step_equals_single_device(experiments):
     assert 'bias' not in g1
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_sharded_two_tower_train_steps_equal_single_device(experiments):
   finals = []
   for exp in experiments:
@@ -89,6 +91,7 @@ def test_sharded_two_tower_train_steps_equal_single_device(experiments):
     assert 'bias' not in m1
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_large_gradient_on_tau_is_clamped_without_nan(experiments):
   exp = experiments[1]  # the 8-device one
   state = exp.init_state()

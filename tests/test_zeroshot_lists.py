@@ -80,6 +80,7 @@ def _render(template):
   return template
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_imagenet_lists_equal_open_clips():
   zero_shot_metadata = pytest.importorskip('open_clip.zero_shot_metadata')
   names, templates = zeroshot_lists.load('imagenet')

@@ -123,6 +123,7 @@ def _cache(workdir):
     return {k: npz[k] for k in npz.files}
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_suite_results_match_a_float64_reference(run, folder):
   results = json.loads((run / files.EVAL_FILE).read_text())
   assert results['step'] == 0
@@ -144,6 +145,7 @@ def test_suite_results_match_a_float64_reference(run, folder):
     assert results[f'zeroshot/{FOLDER_KEY}/top{k}'] == pytest.approx(expected, abs=1 / len(z)), k
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_cache_hit_reads_the_file_and_a_new_step_replaces_it(run, folder):
   path = run / files.ZEROSHOT_CACHE_FILE
   before, stat = json.loads((run / files.EVAL_FILE).read_text()), os.stat(path)
@@ -180,6 +182,7 @@ def test_cache_hit_reads_the_file_and_a_new_step_replaces_it(run, folder):
                                                                  abs=1 / len(z))
 
 
+@pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_cli_zeroshot_flag_and_one_line_errors(run, folder, tmp_path):
   workdir = tmp_path / 'wd'
   shutil.copytree(run, workdir)

@@ -50,6 +50,9 @@ def _losses(workdir):
 
 
 def test_two_processes_train_like_one(tmp_path, started):
+  """A 2 x 4-device job against 1 process with 8 devices (about 70 s): the
+  gloo collectives between real processes are what is checked, and the
+  one-process run is the reference they must equal."""
   single = tmp_path / 'one_process'
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(single), *tiny_overrides(), *RUN,
         devices=8)

@@ -106,6 +106,9 @@ def test_killed_run_resumes_exactly_from_shards(corpus, uninterrupted, tmp_path)
 
 
 def test_two_processes_then_one_continue_the_same_streams(corpus, uninterrupted, tmp_path):
+  """A 2-process job killed mid-run, resumed by one process (about 60 s):
+  the shard streams' saved positions must carry over to another process
+  count, which only real processes reading real shards show."""
   workdir = tmp_path / 'run'
   procs = helpers.start_job(
       ['train', '--config', CLIP_CONFIG, '--workdir', str(workdir), *_overrides(corpus)],

@@ -2,8 +2,10 @@
 configs, and a CLI runner."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_CONFIG = os.path.join(REPO, 'configs', 'simclr_digits.py')
@@ -304,7 +306,6 @@ def copy_without_dataset(workdir, destination):
   """A copy of the run in `workdir` whose saved config points at a dataset
   folder that does not exist: what export sees after the data was deleted."""
   import json  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(workdir, destination)
   config_file = os.path.join(destination, 'config.json')
   with open(config_file) as f:
@@ -400,8 +401,6 @@ def jaxcl_each(argvs, devices: int = 1) -> list:
   imported jaxcl (cli_in_forks): for commands that read a workdir or a
   dataset, a second each instead of a new interpreter's start and imports
   (a refusal made before those imports is quicker as its own process)."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
   folder = tempfile.mkdtemp(prefix='jaxcl-forks-')
   try:
     results = cli_in_forks(argvs, folder, devices=devices)

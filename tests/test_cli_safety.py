@@ -36,15 +36,9 @@ def listing(folder):
                 for p in folder.rglob('*'))
 
 
-@pytest.fixture
-def trained(uninterrupted):
-  """A finished tiny digits run: conftest's shared one (copy_of it to write in it)."""
-  return uninterrupted
-
-
-def copy_of(trained, tmp_path):
+def copy_of(run, tmp_path):
   workdir = tmp_path / 'copy'
-  shutil.copytree(trained, workdir)
+  shutil.copytree(run, workdir)
   return workdir
 
 
@@ -59,8 +53,8 @@ def test_train_refuses_a_folder_that_is_not_a_workdir(tmp_path):
   assert listing(tmp_path) == before
 
 
-def test_export_never_lands_on_a_workdir_file_or_an_existing_file(trained, tmp_path):
-  workdir = copy_of(trained, tmp_path)
+def test_export_never_lands_on_a_workdir_file_or_an_existing_file(uninterrupted, tmp_path):
+  workdir = copy_of(uninterrupted, tmp_path)
   before = listing(workdir)
   mine = tmp_path / 'mine.bin'
   mine.write_text('keep me')
@@ -101,9 +95,9 @@ def test_a_failed_set_of_writes_leaves_nothing(tmp_path):
     ('[]', 'saved config a list'),
     ('{"batch_size": 32', 'saved config not JSON'),
 ])
-def test_an_incomplete_saved_config_is_one_line_and_changes_nothing(trained, tmp_path, content,
-                                                                    message):
-  workdir = copy_of(trained, tmp_path)
+def test_an_incomplete_saved_config_is_one_line_and_changes_nothing(uninterrupted, tmp_path,
+                                                                    content, message):
+  workdir = copy_of(uninterrupted, tmp_path)
   (workdir / 'config.json').write_text(content)
   before = listing(workdir)
   for proc in jaxcl_each([['eval', '--workdir', str(workdir)],
@@ -114,8 +108,8 @@ def test_an_incomplete_saved_config_is_one_line_and_changes_nothing(trained, tmp
   assert listing(workdir) == before
 
 
-def test_saved_configs_are_completed_only_with_keys_added_later(trained, tmp_path):
-  saved = json.loads((trained / 'config.json').read_text())
+def test_saved_configs_are_completed_only_with_keys_added_later(uninterrupted, tmp_path):
+  saved = json.loads((uninterrupted / 'config.json').read_text())
   workdir = tmp_path / 'old'
   workdir.mkdir()
   old = json.loads(json.dumps(saved))
@@ -139,12 +133,12 @@ def test_saved_configs_are_completed_only_with_keys_added_later(trained, tmp_pat
     config_lib.load_saved(workdir)
 
 
-def test_eval_and_export_without_a_checkpoint_write_nothing(trained, tmp_path):
+def test_eval_and_export_without_a_checkpoint_write_nothing(uninterrupted, tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  shutil.copy(trained / 'config.json', workdir / 'config.json')
-  for proc in jaxcl_each([['eval', '--workdir', str(workdir)],
-                          ['export', '--workdir', str(workdir), '--output', str(tmp_path / 'enc')]]):
+  shutil.copy(uninterrupted / 'config.json', workdir / 'config.json')
+  export = ['export', '--workdir', str(workdir), '--output', str(tmp_path / 'enc')]
+  for proc in jaxcl_each([['eval', '--workdir', str(workdir)], export]):
     one_error_line(proc, messages.CLI['no checkpoint'], workdir=workdir)
   assert [p.name for p in workdir.iterdir()] == ['config.json']
   assert sorted(p.name for p in tmp_path.iterdir()) == ['run']
@@ -231,8 +225,8 @@ def test_broken_config_files_are_one_line(case, tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
-def test_report_skips_unreadable_metrics_lines(trained, tmp_path):
-  workdir = copy_of(trained, tmp_path)
+def test_report_skips_unreadable_metrics_lines(uninterrupted, tmp_path):
+  workdir = copy_of(uninterrupted, tmp_path)
   rows = (workdir / 'metrics.jsonl').read_text()
   (workdir / 'metrics.jsonl').write_text(
       rows + 'garbage\n[1, 2]\n{"loss": 1.0}\n{"step": "x", "loss": 2}\n{"step": 3, "loss"')

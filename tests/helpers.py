@@ -5,7 +5,8 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
+
+import forks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_CONFIG = os.path.join(REPO, 'configs', 'simclr_digits.py')
@@ -83,17 +84,26 @@ def xla_flags(devices: int) -> str:
 JAXCL_TIMEOUT_S = 900
 
 
-def jaxcl(*args, devices=1, check=True, **kwargs):
-  """Runs the `jaxcl` CLI in a fresh process with `devices` CPU devices."""
-  kwargs.setdefault('timeout', JAXCL_TIMEOUT_S)
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = xla_flags(devices)
-  env['JAX_PLATFORMS'] = 'cpu'
-  proc = subprocess.run([sys.executable, '-m', 'jaxcl.cli', *args], capture_output=True,
-                        text=True, env=env, cwd=REPO, **kwargs)
+def jaxcl(*args, devices=1, check=True, timeout=JAXCL_TIMEOUT_S):
+  """`jaxcl ARGS` with `devices` CPU devices, as a new process runs it (in a
+  fork of one that imported jaxcl: tests/forks.py), as a CompletedProcess;
+  subprocess.TimeoutExpired past `timeout` seconds."""
+  result = forks.run(args, _cli_env(devices), REPO, timeout=timeout)
+  if result['timed_out']:
+    raise subprocess.TimeoutExpired(['jaxcl', *args], timeout, result['stdout'], result['stderr'])
+  proc = _completed(args, result)
   if check and proc.returncode != 0:
     raise AssertionError(f'jaxcl {" ".join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}')
   return proc
+
+
+def _completed(args, result: dict) -> subprocess.CompletedProcess:
+  return subprocess.CompletedProcess(['jaxcl', *args], result['code'], result['stdout'],
+                                     result['stderr'])
+
+
+def _cli_env(devices: int) -> dict:
+  return dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS='cpu')
 
 
 def free_port() -> int:
@@ -316,95 +326,17 @@ def copy_without_dataset(workdir, destination):
   return destination
 
 
-# Runs `jaxcl` once per case in forks of one process that imported jaxcl
-# already: a second per case instead of a new interpreter's import time.
-_FORK_DRIVER = r'''
-import atexit, json, os, sys, time, traceback
-import jax  # imported, not initialized: every child initializes its own backend
-# Every command's modules, imported once here and not in each child (none
-# starts a backend at import: tests/test_layout.py checks).
-from jaxcl import cli, config, distributed, export, halving, report, sweep, train  # noqa: F401
-from jaxcl.data import shard_writer  # noqa: F401
-from jaxcl.hub import importer  # noqa: F401
-
-cases, out, parse_only = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] == 'parse_only'
-results = []
-for i, argv in enumerate(cases):
-  err_path, config_path = os.path.join(out, f'{i}.err'), os.path.join(out, f'{i}.json')
-  out_path = os.path.join(out, f'{i}.out')
-  pid = os.fork()
-  if pid == 0:
-    os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-    os.dup2(os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
-    code = 1
-    sys.argv = ['jaxcl'] + argv  # config_flags reads the overrides from sys.argv
-    try:
-      if parse_only:  # the command line as `jaxcl` reads it; the command does not run
-        try:
-          cli._parse(argv[0], argv[1:])  # pylint: disable=protected-access
-        except cli.UsageError as e:
-          print(f'jaxcl: error: {e}', file=sys.stderr)
-          sys.exit(2)
-        with open(config_path, 'w') as f:
-          json.dump(config.flat_config(cli._CONFIG.value), f)  # pylint: disable=protected-access
-        code = 0
-      else:
-        cli.main(sys.argv)
-        code = 0
-    except SystemExit as e:
-      code = e.code if isinstance(e.code, int) else 1
-    except BaseException:  # a traceback the test will show
-      traceback.print_exc()
-    # The child runs the exit handlers a process would, so what they print
-    # shows here too; the interpreter's own teardown (0.5 s a case) is skipped.
-    atexit._run_exitfuncs()  # pylint: disable=protected-access  # no public way
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-  deadline = time.time() + 60
-  while True:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-      break
-    if time.time() > deadline:  # an override that was not refused: it started training
-      os.kill(pid, 9)
-      _, status = os.waitpid(pid, 0)
-      break
-    time.sleep(0.01)
-  results.append({'code': os.waitstatus_to_exitcode(status),
-                  'stderr': open(err_path, errors='replace').read(),
-                  'stdout': open(out_path, errors='replace').read(),
-                  'config': json.load(open(config_path)) if os.path.exists(config_path) else None})
-print(json.dumps(results))
-'''
-
-
-def cli_in_forks(cases, tmp_path, devices: int = 1, parse_only: bool = False) -> list:
+def cli_in_forks(cases, devices: int = 1, parse_only: bool = False) -> list:
   """[{'code': exit code, 'stderr', 'stdout': text, 'config'}] of `jaxcl ARGV` for each
-  ARGV in `cases`, each in its own fork (killed if it runs past 60 s: an input
-  that was not refused started training). parse_only: each fork parses ARGV
-  as `jaxcl` does and stops; 'config' is the config it read, flattened
+  ARGV in `cases` (tests/forks.py), each killed if it runs past 60 s (an input
+  that was not refused started training). parse_only: each parses ARGV as
+  `jaxcl` does and stops; 'config' is the config it read, flattened
   ({dotted key: value}, as config.json holds it), or None."""
-  import json  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
-             JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-c', _FORK_DRIVER, json.dumps(cases), str(tmp_path),
-                         'parse_only' if parse_only else 'run'],
-                        env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return [forks.run(argv, _cli_env(devices), REPO, timeout=60, parse_only=parse_only)
+          for argv in cases]
 
 
 def jaxcl_each(argvs, devices: int = 1) -> list:
   """`jaxcl ARGV` for each ARGV in turn, as helpers.jaxcl(..., check=False)
-  returns it (a CompletedProcess), each in a fork of one process that
-  imported jaxcl (cli_in_forks): for commands that read a workdir or a
-  dataset, a second each instead of a new interpreter's start and imports
-  (a refusal made before those imports is quicker as its own process)."""
-  folder = tempfile.mkdtemp(prefix='jaxcl-forks-')
-  try:
-    results = cli_in_forks(argvs, folder, devices=devices)
-  finally:
-    shutil.rmtree(folder, ignore_errors=True)
-  return [subprocess.CompletedProcess(['jaxcl', *argv], r['code'], r['stdout'], r['stderr'])
-          for argv, r in zip(argvs, results)]
+  returns it (a CompletedProcess), each killed past 60 s."""
+  return [_completed(argv, r) for argv, r in zip(argvs, cli_in_forks(argvs, devices=devices))]

@@ -78,7 +78,7 @@ def refusals(tmp_path_factory):
   workdirs = {case: tmp / f'run{i}' for i, case in enumerate(CASES)}
   argvs = [['train', '--config', config_file, '--workdir', str(workdirs[case]), *overrides]
            for case, (config_file, overrides, _) in CASES.items()]
-  return dict(zip(CASES, zip(workdirs.values(), cli_in_forks(argvs, tmp, devices=8))))
+  return dict(zip(CASES, zip(workdirs.values(), cli_in_forks(argvs, devices=8))))
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -151,7 +151,7 @@ def test_a_config_file_setting_init_from_still_trains_from_it(tmp_path):
                  f'  config = runpy.run_path({DIGITS_CONFIG!r})["get_config"]()\n'
                  f'  config.init["from"] = "/no/such/run"\n  return config\n')
   [proc] = cli_in_forks([['train', '--config', str(old), '--workdir', str(tmp_path / 'run'),
-                          *tiny_overrides()]], tmp_path)
+                          *tiny_overrides()]])
   assert proc['code'] == 2, proc['stderr']
   assert proc['stderr'].strip() == ('jaxcl: error: init.source /no/such/run is not a directory '
                                     '(a jaxcl workdir or a checkpoint directory jaxcl import '

@@ -156,7 +156,7 @@ def test_random_bad_overrides_exit_2_with_one_line(tmp_path):
   assert len(overrides) >= 50
   cases = [['train', '--config', DIGITS_CONFIG, '--workdir', str(tmp_path / f'run{i}'),
             '--config.total_steps=3', override] for i, override in enumerate(overrides)]
-  results = cli_in_forks(cases, tmp_path, devices=1)
+  results = cli_in_forks(cases, devices=1)
   # Seed 0's messages are reviewed word for word (tests/messages.py); other
   # seeds (JAXCL_FUZZ_SEED) check the form only.
   reviewed = messages.FUZZ_SEED_0 if seed == 0 else {}
@@ -210,7 +210,7 @@ def test_bad_shard_urls_exit_2_before_anything_is_compiled(tmp_path):
   runs = [['train', '--config', CLIP_CONFIG, '--workdir', str(tmp_path / f'run{i}'),
            '--config.dataset.name=webdataset', '--config.dataset.image_size=16',
            *overrides.split(' ')] for i, overrides in enumerate(cases)]
-  results = cli_in_forks(runs, tmp_path)
+  results = cli_in_forks(runs)
   for i, (overrides, result) in enumerate(zip(cases, results)):
     assert result['code'] == 2, (overrides, result)
     assert result['stderr'] == f'jaxcl: error: {cases[overrides]}\n', overrides
@@ -261,7 +261,7 @@ def test_bad_shard_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
                ['export', '--workdir', str(tmp_path)], ['import', str(tmp_path)]):
     runs.append(argv + ['--output', str(tmp_path / 'file' / 'sub')])
     cases[tuple(argv)] = under_a_file
-  results = cli_in_forks(runs, tmp_path)
+  results = cli_in_forks(runs)
   for case, result in zip(cases, results):
     assert result['code'] == 2, (case, result)
     assert result['stderr'] == f'jaxcl: error: {cases[case]}\n', (case, result['stderr'])
@@ -340,7 +340,7 @@ def test_bad_import_and_export_inputs_exit_2_with_one_line(tmp_path):
               (str(source), f'--output={tmp_path / "a_file"}'): 'exists and is not an empty'}}
   argvs = [list(argv) if argv[0] == 'export' else ['import', *argv] for argv in cases]
   failures = []
-  for (argv, expected), result in zip(cases.items(), cli_in_forks(argvs, tmp_path)):
+  for (argv, expected), result in zip(cases.items(), cli_in_forks(argvs)):
     lines = result['stderr'].strip().splitlines()
     if not (result['code'] == 2 and len(lines) == 1 and lines[0].startswith('jaxcl: error: ')
             and expected in lines[0]):
@@ -405,7 +405,7 @@ def test_bad_sweep_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
   cases += [(folders[folder], flags, words) for folder, flags, words in OTHER_SWEEPS]
   results = cli_in_forks([['sweep', '--config', DIGITS_CONFIG, '--workdir', str(workdir),
                            *tiny_overrides(), '--config.total_steps=8', *flags.split()]
-                          for workdir, flags, _ in cases], tmp_path)
+                          for workdir, flags, _ in cases])
   failures = []
   for (workdir, flags, words), result in zip(cases, results):
     lines = result['stderr'].splitlines()

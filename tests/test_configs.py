@@ -152,7 +152,7 @@ def test_every_key_of_every_shipped_config_is_settable_from_the_command_line(
       cases.append(['train', '--config', spec, '--workdir', str(tmp_path / 'never'),
                     *(_flag(k, v, bare) for k, v in values.items())])
       wanted.append((spec, values))
-  for (spec, values), result in zip(wanted, cli_in_forks(cases, tmp_path, parse_only=True)):
+  for (spec, values), result in zip(wanted, cli_in_forks(cases, parse_only=True)):
     assert result['code'] == 0, (spec, result['stderr'])
     got = result['config']
     wrong = {k: (v, got.get(k)) for k, v in values.items() if got.get(k) != _as_saved(v)}

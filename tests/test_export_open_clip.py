@@ -391,7 +391,7 @@ def test_refusals_are_one_line_and_write_nothing(workdirs, clip_export, tmp_path
   }
   # And one that is not refused: --overwrite replaces an earlier export.
   argvs = list(cases.values()) + [export(clip, existing, '--overwrite')]
-  results = helpers.cli_in_forks(argvs, tmp_path)
+  results = helpers.cli_in_forks(argvs)
   for (expected, argv), result in zip(cases.items(), results):
     lines = result['stderr'].strip().splitlines()
     assert result['code'] == 2, (argv, result)

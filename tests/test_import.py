@@ -418,7 +418,7 @@ def test_bad_sources_are_one_line_and_write_nothing(sources, tmp_path):
       'holds no checkpoint': [str(tmp_path), '--output', str(out)],
       'needs SOURCE': ['--output', str(out)],
   }
-  results = helpers.cli_in_forks([['import', *argv] for argv in cases.values()], tmp_path)
+  results = helpers.cli_in_forks([['import', *argv] for argv in cases.values()])
   for (expected, argv), result in zip(cases.items(), results):
     lines = result['stderr'].strip().splitlines()
     assert result['code'] == 2, (argv, result)

@@ -212,7 +212,7 @@ def test_cli_zeroshot_flag_and_one_line_errors(run, folder, tmp_path):
       'train flag': (['train', '--config', CLIP_CONFIG, '--workdir', str(tmp_path / 'x'),
                       '--zeroshot', 'cifar10'], 'jaxcl train does not take --zeroshot'),
   }
-  results = dict(zip(cases, cli_in_forks([argv for argv, _ in cases.values()], tmp_path)))
+  results = dict(zip(cases, cli_in_forks([argv for argv, _ in cases.values()])))
   assert results['ok']['code'] == 0, results['ok']['stderr'][-2000:]
   for name, (_, message) in cases.items():
     if message is None:

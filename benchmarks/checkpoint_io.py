@@ -7,7 +7,7 @@ save as `jaxcl train` uses it.
 The state is configs/clip_vit_b16.py's (open_clip's ViT-B-16 towers,
 149.6M parameters, AdamW's two moments: 1.8 GB in float32) on one device,
 filled with random values (zeros would compress). For each target it saves
---saves checkpoints through jaxcl.checkpoints as the training loop does and
+--saves checkpoints through jaxcl.trainer.checkpoints as the training loop does and
 measures:
 - blocked: how long save_checkpoint keeps the loop (the copy of the state
   to host memory; the write itself runs in the background);
@@ -56,7 +56,8 @@ def _state(exp):
 def measure(exp, state, workdir: str, saves: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
-  from jaxcl import checkpoints, files  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from jaxcl import files  # pylint: disable=g-import-not-at-top
   manager = checkpoints.checkpoint_manager(workdir, exp.config, cleanup=True)
   blocked, written = [], []
   for i in range(1, saves + 1):
@@ -95,7 +96,8 @@ def main() -> None:
   os.environ.update(gcs_server.environment(port))
   try:
     import jax  # pylint: disable=g-import-not-at-top
-    from jaxcl import config_files, recipes, synthetic  # pylint: disable=g-import-not-at-top
+    from jaxcl.config import config_files, recipes  # pylint: disable=g-import-not-at-top
+    from jaxcl.trainer import synthetic  # pylint: disable=g-import-not-at-top
     config = config_files.load(str(REPO / 'configs/clip_vit_b16.py'))
     recipes.architecture(config, 'ViT-B-16')
     config.batch_size = 16

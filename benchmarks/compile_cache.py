@@ -72,7 +72,8 @@ def _train_starts(name: str, root: str) -> list[dict]:
 
 def _vit_b16_child() -> None:
   import jax  # pylint: disable=g-import-not-at-top  # after the flags are parsed
-  from jaxcl import compilation_cache, config_files, synthetic, train_step  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer import compilation_cache, synthetic, train_step  # pylint: disable=g-import-not-at-top
+  from jaxcl.config import config_files  # pylint: disable=g-import-not-at-top
   compilation_cache.enable(_CHILD.value, None)
   config = config_files.load(os.path.join(REPO, 'configs/clip_vit_b16.py'))
   config.batch_size = 8

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT, else benchmarks/gpu
 #
 # 1. The ViT-B/16 CLIP step (open_clip's ViT-B-16 towers, 224 px, bfloat16
-#    activations, AdamW) on synthetic data (jaxcl.synthetic: no dataset), at
+#    activations, AdamW) on synthetic data (jaxcl.trainer.synthetic: no dataset), at
 #    global batches 256 and 1024 per GPU: the dense loss, the blockwise loss,
 #    and microbatches of 256 with the blockwise loss, side by side in one run.
 #    Prints and writes examples/s, MFU, step time and the compiled step's

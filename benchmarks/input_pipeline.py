@@ -46,7 +46,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw, features
 
-from jaxcl import throughput
+from jaxcl.trainer import throughput
 from jaxcl.data import decode as decode_lib
 from jaxcl.data import shards as shards_lib
 from jaxcl.data import stream as stream_lib
@@ -200,7 +200,7 @@ def accelerator_rows(per_core: float, ceiling: float, args) -> list[dict]:
     per_accel, source = given, 'given on the command line'
     if not given:
       per_accel = peak * 1e3 * args.mfu / train_gf
-      source = (f'ESTIMATE, not measured: {peak:.0f} TFLOP/s peak bf16 (jaxcl.throughput) x '
+      source = (f'ESTIMATE, not measured: {peak:.0f} TFLOP/s peak bf16 (jaxcl.trainer.throughput) x '
                 f'assumed MFU {args.mfu} / {train_gf:.0f} GFLOP')
     needed = per_accel / per_core
     by_cores, by_process = needed > vcpus / count, count * per_accel > ceiling

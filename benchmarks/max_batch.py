@@ -9,7 +9,7 @@ For the published ViT-B/16 CLIP towers at 224 px (open_clip's ViT-B-16, a
 in bfloat16 activations with AdamW, on one device, for each loss (dense,
 blockwise), microbatch size (off, 256) and remat (none, full): the step is
 compiled (never run: nothing is allocated, so this runs on a CPU) and XLA's
-memory analysis gives its peak bytes (jaxcl.step_memory). Peak memory is
+memory analysis gives its peak bytes (jaxcl.trainer.step_memory). Peak memory is
 close to linear in the batch N (the towers' activations; the dense loss's
 N x N float32 logits are 17 MB at N = 2,048), so it is compiled at two batch
 sizes, fitted by a line, and solved for each budget; the 80 GB answer is
@@ -35,8 +35,11 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from jaxcl.trainer import validation
 from jaxcl import config as config_lib
-from jaxcl import config_files, parallel, recipes, step_memory, synthetic, train_step
+from jaxcl.config import config_files, recipes
+from jaxcl import parallel
+from jaxcl.trainer import step_memory, synthetic, train_step
 
 _MODELS = flags.DEFINE_string('models', 'clip_b16,siglip_b16', 'Comma-separated models.')
 _BUDGETS = flags.DEFINE_string('budgets_gb', '16,40,80', 'Device memories, GB (1e9 bytes).')
@@ -72,7 +75,7 @@ def variant_config(model, variant, batch_size, **extra):
   checked = config.copy_and_resolve_references()
   # synthetic.tokenizer stands in for the vocabulary file and its text normalization
   checked.text.update(tokenizer='bytes', normalize='', pad_id=-1)
-  config_lib.validate(checked, num_devices=1, process_count=1, check_data=False)
+  validation.validate(checked, num_devices=1, process_count=1, check_data=False)
   return config
 
 

@@ -6,12 +6,12 @@
   python benchmarks/step_throughput.py --config configs/clip_vit_b16.py --architecture ViT-B-16
 
 Times the compiled train step of the config's method (augmentation, towers,
-the gathered loss, the update) on synthetic data (jaxcl.synthetic: random
+the gathered loss, the update) on synthetic data (jaxcl.trainer.synthetic: random
 uint8 images of the config's input size and, for CLIP/SigLIP, random captions
 in a table of the tokenizer's published size; no dataset is read), after one
 warm-up step, and prints a table: compile time, step time, examples/s, the
 compiled step's temporaries and peak memory per device, the towers'
-activations (what their forward keeps for the backward: jaxcl.step_memory),
+activations (what their forward keeps for the backward: jaxcl.trainer.step_memory),
 FLOPs per example, achieved TFLOP/s per device and MFU (where the device's
 peak is known). --variants: ';'-separated sets of 'KEY=VALUE,...' overrides,
 each measured beside the config itself in the same run, so their ratios
@@ -28,7 +28,9 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxcl import parallel, recipes, step_memory, synthetic, throughput, train_step
+from jaxcl import parallel
+from jaxcl.config import recipes
+from jaxcl.trainer import step_memory, synthetic, throughput, train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/simclr_digits.py')
 _BATCHES = flags.DEFINE_string('batch_sizes', '256', 'Comma-separated global batch sizes.')

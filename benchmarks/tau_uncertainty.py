@@ -42,7 +42,8 @@ def main() -> None:
   parser.add_argument('--workdir', required=True, help='a run with temperature.mode=predicted')
   parser.add_argument('--json', default='benchmarks/tau_uncertainty.json')
   args = parser.parse_args()
-  from jaxcl import data, trained  # pylint: disable=g-import-not-at-top
+  from jaxcl import data  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer import trained  # pylint: disable=g-import-not-at-top
   exp, state = trained.load_trained(args.workdir)
   mode = exp.config.temperature.mode
   if mode not in ('predicted', 'individual'):

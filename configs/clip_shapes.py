@@ -11,7 +11,7 @@ Result on the 2-core CPU (seed 0, README's table): zeroshot_top1 0.947 over
 7 minutes.
 """
 
-from jaxcl import recipes
+from jaxcl.config import recipes
 
 
 def get_config():

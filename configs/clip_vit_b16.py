@@ -21,7 +21,7 @@ On a single GPU host: the same `jaxcl train` line (all GPUs form the data axis).
 Result: not measured here (it needs a pod and a web-scale dataset).
 """
 
-from jaxcl import recipes
+from jaxcl.config import recipes
 
 
 def get_config():

@@ -17,7 +17,7 @@ machine cannot download); tests/test_finetune.py checks that every weight
 arrives.
 """
 
-from jaxcl import recipes
+from jaxcl.config import recipes
 
 
 def get_config(workdir: str):

@@ -13,7 +13,7 @@ by the locked tower (its linear probe: 0.269); 907 s against clip_shapes'
 1,464 s in the same script.
 """
 
-from jaxcl import recipes
+from jaxcl.config import recipes
 
 
 def get_config():

@@ -9,7 +9,7 @@ Result on the 2-core CPU (seed 0, README's table): zeroshot_top1 0.882,
 i2t_r1 0.468, t2i_r1 0.461, in about 7 minutes.
 """
 
-from jaxcl import recipes
+from jaxcl.config import recipes
 
 
 def get_config():

@@ -21,7 +21,7 @@ Result: not measured here (it needs a pod and a web-scale dataset); big_vision's
 SigLIP 2 B/16 at 224 px reaches 78.2% ImageNet zero-shot (Tschannen et al. 2025).
 """
 
-from jaxcl import recipes
+from jaxcl.config import recipes
 
 
 def get_config():

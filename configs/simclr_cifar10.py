@@ -13,7 +13,7 @@ Expected: about 85-90% kNN top-1 after 500-1000 epochs (SimCLR reports ~90%
 linear top-1 for ResNet-50 at 1000 epochs); not measured here yet.
 """
 
-from jaxcl import recipes
+from jaxcl.config import recipes
 from jaxcl.config import base_config
 
 

@@ -13,7 +13,7 @@ machine: crops alone teach this tower little about color and form
 (configs/lit_shapes.py locks it; README's "Start from a published model").
 """
 
-from jaxcl import recipes
+from jaxcl.config import recipes
 
 
 def get_config():

@@ -33,7 +33,9 @@ import warnings
 from absl import flags
 from ml_collections import config_flags
 
-from jaxcl import config_files, errors, validation
+from jaxcl.config import config_files
+from jaxcl import errors
+from jaxcl.trainer import validation
 
 USAGE = __doc__.split('\n\n')[1]
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for Ctrl-C
@@ -267,7 +269,7 @@ def run(argv: list[str]) -> int:
   _quiet()
 
   # Imported late so that `jaxcl` with bad flags answers before jax starts.
-  from jaxcl import distributed  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            heartbeat_timeout_s=_HEARTBEAT.value)
@@ -277,7 +279,7 @@ def run(argv: list[str]) -> int:
     if 'output' in COMMANDS[command][1]:  # X/sub, X a file: one line before anything starts
       validation.check_output_path(_OUTPUT.value)
     if command != 'shard':  # the only command that compiles nothing
-      from jaxcl import compilation_cache  # pylint: disable=g-import-not-at-top
+      from jaxcl.trainer import compilation_cache  # pylint: disable=g-import-not-at-top
       if _CONFIG.value:
         compilation_cache.enable(_CONFIG.value.compilation_cache_dir, workdir)
       else:  # a run's saved setting: no cache where it cannot be made (another machine)
@@ -307,7 +309,7 @@ def run(argv: list[str]) -> int:
       _check_workdir(workdir, must_exist=False)
       from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
       from jaxcl import train  # pylint: disable=g-import-not-at-top
-      config_lib.validate(_CONFIG.value)
+      validation.validate(_CONFIG.value)
       train.train_and_evaluate(_CONFIG.value, workdir,
                                allow_batch_change=_ALLOW_BATCH_CHANGE.value)
     elif command == 'import':
@@ -323,7 +325,7 @@ def run(argv: list[str]) -> int:
                                 workers=workers, test_fraction=_TEST_FRACTION.value)
     elif command == 'eval':
       _check_workdir(workdir, must_exist=True)
-      from jaxcl import trained  # pylint: disable=g-import-not-at-top
+      from jaxcl.trainer import trained  # pylint: disable=g-import-not-at-top
       zeroshot, retrieval = (None if flag.value is None else
                              [name.strip() for name in flag.value.split(',') if name.strip()]
                              for flag in (_ZEROSHOT, _RETRIEVAL))
@@ -378,7 +380,7 @@ def main(argv=None) -> None:
   except BrokenPipeError:  # `jaxcl --help | head`: the reader has what it wanted
     os._exit(0)  # pylint: disable=protected-access  # flushing stdout would fail again
   except KeyboardInterrupt as e:
-    from jaxcl import distributed  # pylint: disable=g-import-not-at-top
+    from jaxcl.trainer import distributed  # pylint: disable=g-import-not-at-top
     if distributed.multi_process():
       code = distributed.report_error(e)
     else:  # a second Ctrl-C, or one outside the training loop (e: a command's own words)
@@ -389,11 +391,11 @@ def main(argv=None) -> None:
       # orbax's background writer (an unfinished checkpoint is never restored).
       os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
   except Exception as e:  # pylint: disable=broad-except
-    from jaxcl import distributed  # pylint: disable=g-import-not-at-top
+    from jaxcl.trainer import distributed  # pylint: disable=g-import-not-at-top
     if not distributed.multi_process():
       raise
     code = distributed.report_error(e)
-  from jaxcl import distributed  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer import distributed  # pylint: disable=g-import-not-at-top
   if code and distributed.multi_process():
     # A normal exit would run jax.distributed's shutdown barrier, which waits
     # for the other processes: for a dead one until the heartbeat timeout,

@@ -25,8 +25,10 @@ import jax.numpy as jnp
 from etils import epath
 
 from jaxcl import config as config_lib
-from jaxcl import errors, evaluation, files, methods, models, run_files
-from jaxcl.trained import load_trained
+from jaxcl import errors, files, methods, models
+from jaxcl.trainer import evaluator
+from jaxcl.workdir import run_files
+from jaxcl.trainer.trained import load_trained
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 
@@ -107,7 +109,7 @@ def export_encoder(workdir, output, *, overwrite: bool = False,
   exported = _export(embed, jax.ShapeDtypeStruct((batch, height, width, channels), jnp.uint8))
   dim = int(exported.out_avals[0].shape[1])
   # τ as the last step used it (learnable: the trained value; cosine: its schedule).
-  temperature = evaluation.model_temperature(exp, state)
+  temperature = evaluator.model_temperature(exp, state)
   metadata = {
       'format': 'jax.export (serialized StableHLO)',
       'load': "jax.export.deserialize(open(FILE, 'rb').read()).call(inputs)",

@@ -2,7 +2,7 @@
 
 Every file jaxcl writes whole goes through `write_atomically`: readers (and
 a rerun after a crash) see the old file or the new one, never a part of
-either. Only the append-only logs (jaxcl.metrics_log, TensorBoard events) and
+either. Only the append-only logs (jaxcl.workdir.metrics_log, TensorBoard events) and
 orbax's checkpoints, which are atomic in their own way, are written
 otherwise.
 """
@@ -22,7 +22,7 @@ for _protocol in ('gs', 'gcs'):
 
 CONFIG_FILE = 'config.json'  # the config a run was trained with
 EVAL_FILE = 'eval.json'  # the final (or `jaxcl eval`'s) evaluation
-METRICS_FILE = 'metrics.jsonl'  # one JSON row per log step (jaxcl.metrics_log)
+METRICS_FILE = 'metrics.jsonl'  # one JSON row per log step (jaxcl.workdir.metrics_log)
 METRICS_PARTS_DIR = 'metrics.jsonl.d'  # the same rows on object stores, in parts
 CHECKPOINT_DIR = 'checkpoints'
 CHECKPOINT_DONE = 'commit_success.txt'  # orbax's marker of a complete checkpoint
@@ -36,17 +36,17 @@ SENTENCEPIECE_FILE = 'tokenizer.model'  # and its SentencePiece model, if any
 # or its CLIP BPE vocabulary, as given: open_clip's merges or a Hugging Face tokenizer.json
 CLIP_BPE_GZ_FILE, CLIP_BPE_JSON_FILE = 'tokenizer.bpe.txt.gz', 'tokenizer.bpe.json'
 CLIP_BPE_FILES = (CLIP_BPE_GZ_FILE, CLIP_BPE_JSON_FILE)
-DATA_FACTS_FILE = 'data_facts.json'  # what export needs of the data (jaxcl.run_files)
-UNRESTORABLE_DIR = 'unrestorable_checkpoints'  # checkpoints set aside (jaxcl.checkpoints)
-LOCK_DIR = 'jaxcl.lock'  # held by the run in progress (jaxcl.lock)
+DATA_FACTS_FILE = 'data_facts.json'  # what export needs of the data (jaxcl.workdir.run_files)
+UNRESTORABLE_DIR = 'unrestorable_checkpoints'  # checkpoints set aside (jaxcl.trainer.checkpoints)
+LOCK_DIR = 'jaxcl.workdir.lock'  # held by the run in progress (jaxcl.workdir.lock)
 WALL_FILE = 'wall_time.json'  # a sweep run's training time
 REPORT_DIR, REPORT_FILE = 'report', 'report.html'
-ZEROSHOT_CACHE_FILE = 'zeroshot_classifiers.npz'  # the newest step's (jaxcl.zeroshot_cache)
-COMPILED_STEP_FILE = 'compiled_step.json'  # the step's memory and FLOPs (jaxcl.step_memory)
+ZEROSHOT_CACHE_FILE = 'zeroshot_classifiers.npz'  # the newest step's (jaxcl.evaluation.zeroshot_cache)
+COMPILED_STEP_FILE = 'compiled_step.json'  # the step's memory and FLOPs (jaxcl.trainer.step_memory)
 # profile_steps' traces: jax.profiler.start_trace(WORKDIR) writes plugins/profile/<time>/,
-# where `tensorboard --logdir WORKDIR` finds them (jaxcl.profiling)
+# where `tensorboard --logdir WORKDIR` finds them (jaxcl.trainer.profiling)
 PROFILE_DIR = 'plugins'
-WANDB_DIR = 'wandb'  # wandb.project: wandb's own files, its offline runs (jaxcl.metric_writer)
+WANDB_DIR = 'wandb'  # wandb.project: wandb's own files, its offline runs (jaxcl.workdir.metric_writer)
 # Everything jaxcl keeps at the top of a workdir (files and folders): nothing
 # else, `jaxcl export --output` included, may write there under these names.
 WORKDIR_NAMES = frozenset({

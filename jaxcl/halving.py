@@ -38,7 +38,8 @@ import math
 
 from etils import epath
 
-from jaxcl import checkpoints, errors, files, methods, sweep
+from jaxcl.trainer import checkpoints
+from jaxcl import errors, files, methods, sweep
 from jaxcl.data import shard_sources
 
 
@@ -134,7 +135,7 @@ def run_halving(config, workdir, values: list[str], eta: int = 2, holdout: float
 def _halve(workdir, record: dict, configs: dict, values: list[str], rungs, changes: dict,
            metrics: tuple[str, ...], writer: bool, log) -> dict:
   """run_halving's rungs, from the first that `record` has not scored."""
-  from jaxcl import trained  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer import trained  # pylint: disable=g-import-not-at-top
   alive = list(values)
   for k, (step, count) in enumerate(rungs):
     last = k == len(rungs) - 1

@@ -6,15 +6,15 @@ from __future__ import annotations
 import math
 
 MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
-LOSS_IMPLS = ('dense', 'blockwise', 'ring')  # jaxcl.losses / jaxcl.blockwise
-LOSS_ESTIMATORS = ('batch', 'sogclr')  # jaxcl.estimators
-OPTIMIZERS = ('lars', 'adamw', 'sgd')  # jaxcl.optim
+LOSS_IMPLS = ('dense', 'blockwise', 'ring')  # jaxcl.losses / jaxcl.losses.tiled
+LOSS_ESTIMATORS = ('batch', 'sogclr')  # jaxcl.losses.estimators
+OPTIMIZERS = ('lars', 'adamw', 'sgd')  # jaxcl.trainer.optim
 STATE_DTYPES = ('float32', 'bfloat16')  # optimizer.mu_dtype: Adam's first moment, SGD's momentum
-# What a Transformer block keeps for its backward pass (jaxcl.transformer.run_blocks):
+# What a Transformer block keeps for its backward pass (jaxcl.models.transformer.run_blocks):
 # everything, nothing (recomputed), or its matmul outputs (all, or those without batch dims).
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
-TEMPERATURE_MODES = ('fixed', 'learnable', 'cosine', 'free', 'individual', 'predicted')  # jaxcl.temperature
-TOKENIZERS = ('bytes', 'sentencepiece', 'clip_bpe')  # jaxcl.tokenizers
+TEMPERATURE_MODES = ('fixed', 'learnable', 'cosine', 'free', 'individual', 'predicted')  # jaxcl.models.temperature
+TOKENIZERS = ('bytes', 'sentencepiece', 'clip_bpe')  # jaxcl.text.tokenizers
 TEXT_NORMALIZERS = ('', 'siglip')  # sentencepiece's text.normalize: none, SiglipTokenizer's
 
 # name: (block kind, blocks per stage)
@@ -35,7 +35,7 @@ IMAGE_TOWERS = (*RESNETS, *VIT_NAMES)
 VIT_SIZES = ('patch_size', 'width', 'depth', 'heads', 'mlp_dim')  # the order of VITS' tuples
 VIT_POOLS = ('gap', 'cls', 'map')  # mean of patches, class token (CLIP), attention probe (SigLIP)
 TEXT_POOLS = ('eot', 'last')  # end-of-text token (CLIP), last position (SigLIP)
-ACTIVATIONS = ('gelu_tanh', 'gelu', 'quick_gelu')  # jaxcl.transformer.ACTIVATIONS
+ACTIVATIONS = ('gelu_tanh', 'gelu', 'quick_gelu')  # jaxcl.models.transformer.ACTIVATIONS
 LOADABLE = ('image', 'text', 'temperature')  # the parts init.load may name (Method.towers)
 
 

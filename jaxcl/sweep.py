@@ -41,8 +41,10 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from etils import epath  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
+from jaxcl.trainer import validation
 from jaxcl import config as config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from jaxcl import config_files, errors, files  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxcl.config import config_files  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxcl import errors, files  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxcl import report  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 LEARNABLE = 'learnable'
@@ -109,12 +111,12 @@ def run_configs(config, values: list[str]) -> dict:
   """{value: its run's config}, each validated as `jaxcl train` validates
   it, so a fixed τ must lie in the config's [temperature.min,
   temperature.max] as temperature.init must; ConfigError naming the value."""
-  config_lib.validate(config)
+  validation.validate(config)
   configs = {}
   for value in values:
     configs[value] = run_config(config, value)
     try:  # the data were checked with the config: its runs differ in τ only
-      config_lib.validate(configs[value], check_data=False)
+      validation.validate(configs[value], check_data=False)
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f'--temperatures {value}: {e}') from None
   return configs
@@ -236,7 +238,7 @@ def prepare(config, workdir, values: list[str], sweep_settings: dict, writer: bo
   run's workdir trainable and resumable with its config) before the first
   trains; the sweep's directory made and its settings recorded (by the
   writer). ConfigError for a directory that holds something else."""
-  from jaxcl import run_files  # pylint: disable=g-import-not-at-top
+  from jaxcl.workdir import run_files  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   if workdir.is_dir() and not (files.is_empty_dir(workdir) or files.is_sweep(workdir)):
     raise config_lib.ConfigError(f'workdir {workdir} holds files but is not a jaxcl sweep (no '

@@ -3,12 +3,12 @@
 One global batch flows like this: each process reads its rows of uint8
 images (and, for a text tower, one tokenized caption per image) with grain
 (jaxcl.data) and places them on the mesh as global arrays split over the
-batch axes (jaxcl.parallel). The jitted step (jaxcl.train_step) augments them on
+batch axes (jaxcl.parallel). The jitted step (jaxcl.trainer.train_step) augments them on
 the device into the method's views (jaxcl.methods), runs the towers, and
 computes the loss over the global batch in shard_map. Every
-`checkpoint_every_steps` the state goes to orbax (jaxcl.checkpoints), every
-`eval_every_steps` the frozen model is evaluated (jaxcl.evaluation), and a
-signal or a non-finite step stops the run cleanly (jaxcl.guards).
+`checkpoint_every_steps` the state goes to orbax (jaxcl.trainer.checkpoints), every
+`eval_every_steps` the frozen model is evaluated (jaxcl.trainer.evaluator), and a
+signal or a non-finite step stops the run cleanly (jaxcl.trainer.guards).
 """
 
 from __future__ import annotations
@@ -20,14 +20,17 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxcl import checkpoints, compilation_cache, data, errors, evaluation, files, guards
-from jaxcl import parallel, run_files
+from jaxcl.trainer import checkpoints, compilation_cache, evaluator, guards
+from jaxcl import data, errors, files
+from jaxcl import parallel
+from jaxcl.workdir import run_files
 from jaxcl import config as config_lib
-from jaxcl import lock as lock_lib
-from jaxcl import train_step, warm_start
-from jaxcl import profiling, step_memory, throughput
-from jaxcl.experiment import Experiment, setup
-from jaxcl.metric_writer import MetricWriter
+from jaxcl.workdir import lock as lock_lib
+from jaxcl.trainer import train_step
+from jaxcl.hub import warm_start
+from jaxcl.trainer import profiling, step_memory, throughput
+from jaxcl.trainer.experiment import Experiment, setup
+from jaxcl.workdir.metric_writer import MetricWriter
 
 
 def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False,
@@ -159,7 +162,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
     writer.print(f'{eval_data.skip_reason}: {method.skipped_without_labels}')
 
   step_flops = memory['flops_per_device']
-  embed_fns = evaluation.make_embed_fns(exp)
+  embed_fns = evaluator.make_embed_fns(exp)
   step, timer = start_step, throughput.IntervalTimer()
   finite, preemption = guards.FiniteCheck(config, manager), guards.Preemption()
   profiler = profiling.StepProfiler(workdir, config.profile_steps, total)
@@ -221,7 +224,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
 
       if (step % config.eval_every_steps == 0 and step != config.total_steps
           and eval_data.evaluates):
-        results = evaluation.run_evaluation(exp, state, eval_data, embed_fns, workdir)
+        results = evaluator.run_evaluation(exp, state, eval_data, embed_fns, workdir)
         writer.write(step, results)
         writer.print(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
         timer.restart()
@@ -239,7 +242,7 @@ def _train(exp: Experiment, eval_data, workdir: epath.Path, notes: list,
       checkpoints.save_checkpoint(manager, state, run_files.stream_positions(train_iter))
     checkpoints.finish_checkpoints(manager)
     preemption.close()  # the final checkpoint is complete: from here Ctrl-C stops at once
-    results = evaluation.run_evaluation(exp, state, eval_data, embed_fns, workdir)
+    results = evaluator.run_evaluation(exp, state, eval_data, embed_fns, workdir)
     if results:
       writer.write(step, results)
     run_files.write_eval(workdir, step, results)

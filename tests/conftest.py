@@ -22,7 +22,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + helpers.xla_f
                            + ' ' + helpers.IN_PROCESS_XLA_FLAGS).strip()
 # Every program is compiled once per test run: this process, pytest-xdist's
 # workers and every jaxcl process a test starts inherit the variables (jax
-# reads them at import; jaxcl.compilation_cache honours them). The folder is
+# reads them at import; jaxcl.trainer.compilation_cache honours them). The folder is
 # new for each run, so a fresh clone's run starts cold, as CI's does.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # the run's first process: it owns the folder
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxcl-xla-cache-')
@@ -35,7 +35,7 @@ import jax  # noqa: E402  (must come after the flags)
 
 jax.config.update('jax_enable_x64', False)
 
-from jaxcl import compilation_cache  # noqa: E402
+from jaxcl.trainer import compilation_cache  # noqa: E402
 
 compilation_cache.listen()
 

@@ -35,7 +35,8 @@ os.dup2(preamble.fileno(), 1)
 os.dup2(preamble.fileno(), 2)
 import jax  # imported, not initialized: every child initializes its own backend
 # Every command's modules, imported once here and not in each child.
-from jaxcl import cli, config, distributed, export, halving, report, sweep, train  # noqa: F401
+from jaxcl import cli, config, export, halving, report, sweep, train  # noqa: F401
+from jaxcl.trainer import distributed  # noqa: F401
 from jaxcl.data import shard_writer  # noqa: F401
 from jaxcl.hub import importer  # noqa: F401
 sys.stdout.flush()

@@ -138,7 +138,7 @@ RUN = [f'--config.total_steps={RUN_STEPS}', '--config.checkpoint_every_steps=5',
 def final_params(workdir):
   """(step, params) of the newest checkpoint in `workdir`."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxcl import trained  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer import trained  # pylint: disable=g-import-not-at-top
   _, state = trained.load_trained(str(workdir))
   return int(state.step), jax.device_get(state.params)
 
@@ -163,7 +163,7 @@ def newest_checkpoint(workdir) -> int | None:
 def logged_steps(workdir) -> list[int]:
   """The steps of the training rows in the workdir's metrics log so far."""
   import json  # pylint: disable=g-import-not-at-top
-  from jaxcl import metrics_log  # pylint: disable=g-import-not-at-top
+  from jaxcl.workdir import metrics_log  # pylint: disable=g-import-not-at-top
   rows = []
   for line in metrics_log.read_lines(workdir):
     try:

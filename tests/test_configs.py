@@ -13,8 +13,11 @@ import pytest
 from flax import nnx
 
 from helpers import CLIP_CONFIG, REPO, cli_in_forks, tiny_config
+from jaxcl.trainer import validation
 from jaxcl import config as config_lib
-from jaxcl import config_files, data, methods, models, tokenizers
+from jaxcl.config import config_files
+from jaxcl import data, methods, models
+from jaxcl.text import tokenizers
 
 # finetune.py takes a workdir (FILE:ARG): tests/test_finetune.py checks it on a run.
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
@@ -25,7 +28,7 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
 def test_config_validates_and_builds(path):
   config = tiny_config(path, tiny={})
   try:
-    config_lib.validate(config, num_devices=8, process_count=1)
+    validation.validate(config, num_devices=8, process_count=1)
   except config_lib.ConfigError as e:  # pod recipes name datasets the user prepares
     assert 'is not prepared' in str(e) and config.dataset.name not in data.EMBEDDED, e
   method = methods.get(config.method)

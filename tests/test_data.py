@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from jaxcl import augment, data
+from jaxcl.data import augment
+from jaxcl import data
 from jaxcl.data import decode, images, pairs
 
 DIGITS = ml_collections.ConfigDict(dict(

@@ -93,7 +93,7 @@ def test_alignment_and_uniformity_match_numpy():
 def test_uniformity_of_a_large_batch_uses_its_first_rows(monkeypatch):
   """Past UNIFORMITY_ROWS rows per device, uniformity is estimated on the
   first ones (memory bounded whatever the batch); alignment uses them all."""
-  monkeypatch.setattr(losses, 'UNIFORMITY_ROWS', 3)
+  monkeypatch.setattr(losses.contrastive, 'UNIFORMITY_ROWS', 3)
   rng = np.random.default_rng(4)
   a, b = _unit(rng.normal(size=(10, 5))), _unit(rng.normal(size=(10, 5)))
   got = losses.alignment_uniformity(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))

@@ -16,7 +16,8 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from helpers import assert_close
-from jaxcl import estimators, losses
+from jaxcl.losses import estimators
+from jaxcl import losses
 import test_losses
 from test_losses import finite_diff, ref_clip, ref_nt_xent, unit_rows
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from helpers import DIGITS_CONFIG, RUN_STEPS, copy_without_dataset, jaxcl, tiny_overrides
-from jaxcl import data, models, trained
+from jaxcl import data, models
+from jaxcl.trainer import trained
 
 LOADER = r'''
 import sys

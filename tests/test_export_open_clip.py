@@ -19,6 +19,7 @@ import pytest
 
 import helpers
 import test_import as ti
+from jaxcl.trainer import validation
 
 TOLERANCE = 1e-4
 ASCII_TEXTS = ti.TEXTS[:4]  # open_clip's HFTokenizer also runs ftfy, which rewrites the 5th
@@ -53,7 +54,7 @@ def _embed(exp, state, images, texts):
 
   ids = exp.tokenizer.encode(texts)
   image, text = embed(state.params, jnp.asarray(images, jnp.float32), jnp.asarray(ids))
-  from jaxcl import param_groups  # pylint: disable=g-import-not-at-top
+  from jaxcl.models import param_groups  # pylint: disable=g-import-not-at-top
   params = {param_groups.path_name(k): np.asarray(v)
             for k, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
   return np.asarray(image), np.asarray(text), ids, params
@@ -61,7 +62,7 @@ def _embed(exp, state, images, texts):
 
 def _load(workdir):
   """(Experiment, state) of the workdir's newest checkpoint."""
-  from jaxcl.trained import load_trained  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer.trained import load_trained  # pylint: disable=g-import-not-at-top
   return load_trained(workdir, open_data=False)
 
 
@@ -206,8 +207,9 @@ def _experiment(config, image_size):
   """(Experiment, state at step 0) of `config`: random parameters, perturbed
   so that no LayerNorm or bias is a constant that would hide a swapped tensor."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxcl import config as config_lib, data, experiment  # pylint: disable=g-import-not-at-top
-  config_lib.validate(config, num_devices=1, check_data=False)
+  from jaxcl import config as config_lib, data  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer import experiment  # pylint: disable=g-import-not-at-top
+  validation.validate(config, num_devices=1, check_data=False)
   # One device: the suite's 8 simulated ones would hold 8 replicas of a ViT-B's state.
   exp = experiment.setup(config, devices=jax.devices()[:1],
                          info=data.DatasetInfo((image_size, image_size, 3), 0, ()))
@@ -221,7 +223,9 @@ def _experiment(config, image_size):
 def _run_files(config, workdir, image_size):
   """A workdir's config, tokenizer and data facts, no checkpoint: for a
   refusal, which comes before the checkpoint is read."""
-  from jaxcl import data, methods, run_files, tokenizers  # pylint: disable=g-import-not-at-top
+  from jaxcl import data, methods  # pylint: disable=g-import-not-at-top
+  from jaxcl.workdir import run_files  # pylint: disable=g-import-not-at-top
+  from jaxcl.text import tokenizers  # pylint: disable=g-import-not-at-top
   text_tower = methods.get(config.method).text_tower
   tokenizer = tokenizers.build_tokenizer(config.text) if text_tower else None
   info = data.DatasetInfo((image_size, image_size, 3), 0, ())

@@ -10,7 +10,10 @@ import pytest
 
 import helpers
 from helpers import CLIP_CONFIG, DIGITS_CONFIG, TINY_TWO_TOWER, tiny_config
-from jaxcl import checkpoints, errors, experiment, parallel, run_files, train_step, warm_start
+from jaxcl.trainer import checkpoints, experiment, train_step
+from jaxcl.hub import warm_start
+from jaxcl import errors, parallel
+from jaxcl.workdir import run_files
 
 
 def _batch(exp, n=16, seed=0):
@@ -30,7 +33,7 @@ def _clip(**overrides):
 
 
 def _flat(tree):
-  from jaxcl import param_groups  # pylint: disable=g-import-not-at-top
+  from jaxcl.models import param_groups  # pylint: disable=g-import-not-at-top
   return {param_groups.path_name(p): np.asarray(v)
           for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
@@ -152,7 +155,8 @@ def test_init_from_a_workdir_loads_every_weight(trained_clip):
 @pytest.mark.slow  # compiles its own steps
 def test_finetune_config_starts_from_every_weight_of_a_workdir(trained_clip):
   """configs/finetune.py:WORKDIR: the workdir's architecture and weights."""
-  from jaxcl import config_files, validation  # pylint: disable=g-import-not-at-top
+  from jaxcl.config import config_files  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer import validation  # pylint: disable=g-import-not-at-top
   workdir, weights = trained_clip
   config = config_files.load(f'{helpers.REPO}/configs/finetune.py:{workdir}')
   config.batch_size = 16
@@ -233,7 +237,7 @@ def test_bad_groups_and_sources_are_config_errors(trained_clip):
   with pytest.raises(errors.ConfigError, match="'image/.*' matches no parameter"):
     _clip(**{'optimizer.frozen': ('image/.*',)})
   with pytest.raises(errors.ConfigError, match='PATTERN=FACTOR'):
-    from jaxcl import validation  # pylint: disable=g-import-not-at-top
+    from jaxcl.trainer import validation  # pylint: disable=g-import-not-at-top
     config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, batch_size=16)
     config.optimizer.lr_multipliers = ('text_proj/.*',)
     validation.validate(config)

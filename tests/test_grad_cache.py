@@ -1,4 +1,4 @@
-"""Microbatches (jaxcl.grad_cache): with LayerNorm towers the chunked step is
+"""Microbatches (jaxcl.trainer.grad_cache): with LayerNorm towers the chunked step is
 the whole-batch step, on 1 and 8 devices and with every loss; with SimCLR's
 batch norm it is the exact gradient of the loss of embeddings computed chunk
 by chunk, as documented; bad chunk sizes are config errors."""
@@ -11,8 +11,12 @@ from flax import nnx
 
 from helpers import (CLIP_CONFIG, SIGLIP_CONFIG, TINY_TWO_TOWER, assert_close, tiny_config,
                      two_tower_batch, without_key_bias)
-from jaxcl import augment, config as config_lib, errors, experiment, grad_cache, losses
-from jaxcl import parallel, train_step
+from jaxcl.trainer import validation
+from jaxcl.data import augment
+from jaxcl import config as config_lib, errors, losses
+from jaxcl.trainer import experiment, grad_cache
+from jaxcl import parallel
+from jaxcl.trainer import train_step
 
 # Chunked and whole-batch steps sum the same float32 terms in other orders
 # (tests/helpers.py: assert_close), as sharded vs one device does
@@ -150,9 +154,9 @@ def test_bad_microbatch_sizes_are_config_errors(batch, microbatch, devices, matc
   config = config_lib.base_config()
   config.update(batch_size=batch, microbatch_size=microbatch)
   with pytest.raises(errors.ConfigError, match=match):
-    config_lib.validate(config, num_devices=devices, process_count=1, check_data=False)
+    validation.validate(config, num_devices=devices, process_count=1, check_data=False)
   config.microbatch_size = 8 if devices == 8 else 4
-  config_lib.validate(config, num_devices=devices, process_count=1, check_data=False)
+  validation.validate(config, num_devices=devices, process_count=1, check_data=False)
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ import pytest
 
 from helpers import (CLIP_CONFIG, DIGITS_CONFIG, REPO, TINY_TWO_TOWER, final_params, jaxcl,
                      tiny_config, tiny_overrides, xla_flags)
-from jaxcl import errors, halving, methods, sweep, trained
+from jaxcl import errors, halving, methods, sweep
+from jaxcl.trainer import trained
 
 
 def _candidate_steps(rungs):

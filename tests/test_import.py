@@ -346,7 +346,9 @@ def test_exported_embedders_equal_the_source(name, sources, workdirs, tmp_path):
 def test_imported_workdir_is_a_run_at_step_zero(workdirs):
   """The workdir has what eval, export and training read: the config, the
   tokenizer (its vocabulary copied in), data facts and checkpoint 0."""
-  from jaxcl import checkpoints, files, run_files  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from jaxcl import files  # pylint: disable=g-import-not-at-top
+  from jaxcl.workdir import run_files  # pylint: disable=g-import-not-at-top
   for name, workdir in workdirs.items():
     assert files.is_run(workdir), name
     assert checkpoints.complete_step(workdir) == 0, name
@@ -590,7 +592,7 @@ def test_big_vision_attention_layout_is_flax_linens():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from jaxcl import transformer  # pylint: disable=g-import-not-at-top
+  from jaxcl.models import transformer  # pylint: disable=g-import-not-at-top
   from jaxcl.hub import big_vision_layout as bv  # pylint: disable=g-import-not-at-top
   width, heads = 24, 4
   x = jax.random.normal(jax.random.key(0), (2, 5, width))

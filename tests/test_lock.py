@@ -1,4 +1,4 @@
-"""The workdir lock (jaxcl.lock) on a local disk and on a real local GCS
+"""The workdir lock (jaxcl.workdir.lock) on a local disk and on a real local GCS
 server (tests/gcs_server.py): live holders refused, dead ones taken over, a
 takeover noticed, and of processes racing for one workdir exactly one wins."""
 
@@ -12,7 +12,7 @@ import time
 import pytest
 from etils import epath
 
-from jaxcl import lock as lock_lib
+from jaxcl.workdir import lock as lock_lib
 
 
 @pytest.fixture(params=['local', 'gcs'])
@@ -102,7 +102,7 @@ def test_a_lock_taken_over_is_noticed_and_not_overwritten(workdir, monkeypatch):
 # until all racers are done, so that a late racer cannot take a released lock.
 _RACER = '''
 import sys, time
-from jaxcl import lock as lock_lib
+from jaxcl.workdir import lock as lock_lib
 base, rounds, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 held, won = [], []
 for r in range(rounds):

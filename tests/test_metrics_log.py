@@ -1,4 +1,4 @@
-"""The metrics log (jaxcl.metrics_log) on a local disk and on a real local
+"""The metrics log (jaxcl.workdir.metrics_log) on a local disk and on a real local
 GCS server: what a run and its resumed runs wrote reads back as one file,
 with the rows past each resume point replaced, in either layout; and the
 TensorBoard files, which on object stores start anew every few records."""
@@ -9,7 +9,8 @@ import struct
 import pytest
 from etils import epath
 
-from jaxcl import files, metric_writer, metrics_log, report
+from jaxcl import files, report
+from jaxcl.workdir import metric_writer, metrics_log
 
 
 @pytest.fixture(params=['local', 'gcs'])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import DIGITS_CONFIG, assert_close, jaxcl, tiny_overrides
-from jaxcl import checkpoints
+from jaxcl.trainer import checkpoints
 
 # Real multi-process jobs: minutes (pytest -m "not slow" leaves them out).
 pytestmark = pytest.mark.slow

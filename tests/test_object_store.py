@@ -19,7 +19,7 @@ from helpers import (DIGITS_CONFIG, RUN, RUN_STEPS, final_params, jaxcl, logged_
                      newest_checkpoint, preempt, run_until_checkpoint, tiny_overrides,
                      upload_tree)
 from jaxcl import files, report
-from jaxcl import lock as lock_lib
+from jaxcl.workdir import lock as lock_lib
 
 # Whole runs against the server: minutes (left out by -m "not slow").
 pytestmark = pytest.mark.slow

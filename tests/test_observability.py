@@ -13,15 +13,16 @@ import sys
 import pytest
 
 from helpers import DIGITS_CONFIG, REPO, tiny_config
+from jaxcl.trainer import validation
 from jaxcl import config as config_lib
 from jaxcl import errors, files
-from jaxcl.metric_writer import MetricWriter
+from jaxcl.workdir.metric_writer import MetricWriter
 
 
 def _validate(**values):
   config = config_lib.base_config()
   config.update_from_flattened_dict(values)
-  config_lib.validate(config, num_devices=8, process_count=1, check_data=False)
+  validation.validate(config, num_devices=8, process_count=1, check_data=False)
 
 
 @pytest.mark.parametrize('values, message', [
@@ -61,7 +62,7 @@ def test_wandb_missing_fails_before_training(monkeypatch, tmp_path):
 
 
 def test_default_config_does_not_import_wandb():
-  code = ('import sys, jaxcl.train, jaxcl.metric_writer, jaxcl.profiling; '
+  code = ('import sys, jaxcl.train, jaxcl.workdir.metric_writer, jaxcl.trainer.profiling; '
           'assert "wandb" not in sys.modules')
   subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO, timeout=300)
 
@@ -120,7 +121,7 @@ def test_a_run_traces_its_steps_and_logs_to_wandb(tmp_path, monkeypatch):
   config = tiny_config(DIGITS_CONFIG, total_steps=4, log_every_steps=2, eval_every_steps=1000,
                        checkpoint_every_steps=1000, profile_steps=(2, 3))
   config.wandb.update(project='jaxcl-test', mode='offline')
-  config_lib.validate(config)
+  validation.validate(config)
   workdir = tmp_path / 'run'
   train.train_and_evaluate(config, workdir)
 

@@ -16,8 +16,11 @@ import pytest
 from helpers import (CLIP_CONFIG, DIGITS_CONFIG, RUN, SIGLIP_CONFIG, TINY_TWO_TOWER,
                      assert_close, jaxcl, run_until_checkpoint, tiny_config, tiny_overrides,
                      without_key_bias)
-from jaxcl import (augment, config as config_lib, data, errors, losses, parallel,
-                   synthetic, tokenizers, trained, train_step)
+from jaxcl.trainer import validation
+from jaxcl.data import augment
+from jaxcl import config as config_lib, data, errors, losses, parallel
+from jaxcl.trainer import synthetic, trained, train_step
+from jaxcl.text import tokenizers
 
 # 1 and 8 devices, whole batch and microbatches sum the same float32 terms in
 # other orders (tests/test_grad_cache.py's tolerances).
@@ -58,7 +61,7 @@ def _clip(devices, microbatch_size=0, examples=40, temperature='learnable'):
                        microbatch_size=microbatch_size)
   config.loss.update(estimator='sogclr', sogclr_gamma=0.5)
   config.temperature.update(mode=temperature, min=0.05, max=0.7, individual_eta=0.05)
-  config_lib.validate(config, check_data=False)
+  validation.validate(config, check_data=False)
   exp = synthetic.setup(config, devices=jax.devices()[:devices])
   return dataclasses.replace(exp, train_examples=examples)
 
@@ -134,15 +137,15 @@ def test_sogclr_is_refused_where_it_cannot_run():
   config = tiny_config(SIGLIP_CONFIG, TINY_TWO_TOWER)
   config.loss.estimator = 'sogclr'
   with pytest.raises(errors.ConfigError, match='softmax denominator; siglip has none'):
-    config_lib.validate(config, check_data=False)
+    validation.validate(config, check_data=False)
   config = tiny_config(DIGITS_CONFIG)
   config.loss.update(estimator='sogclr', sogclr_gamma=0.0)
   with pytest.raises(errors.ConfigError, match=r'loss.sogclr_gamma must be a number in \(0, 1\]'):
-    config_lib.validate(config, check_data=False)
+    validation.validate(config, check_data=False)
   config = tiny_config(DIGITS_CONFIG)
   config.temperature.mode = 'individual'
   with pytest.raises(errors.ConfigError, match='set loss.estimator=sogclr'):
-    config_lib.validate(config, check_data=False)
+    validation.validate(config, check_data=False)
 
 
 # iSogCLR: both per-example tables (u, and each example's τ with its moment).

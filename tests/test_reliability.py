@@ -15,8 +15,9 @@ import pytest
 
 from helpers import (DIGITS_CONFIG, REPO, RUN, RUN_STEPS, assert_close, final_params, jaxcl,
                      run_until_checkpoint, tiny_overrides, xla_flags)
-from jaxcl import lock as lock_lib
-from jaxcl import files, run_files
+from jaxcl.workdir import lock as lock_lib
+from jaxcl import files
+from jaxcl.workdir import run_files
 
 # Real killed, corrupted and full-disk runs: minutes (left out by -m "not slow").
 pytestmark = pytest.mark.slow

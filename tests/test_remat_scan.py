@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 
 from helpers import CLIP_CONFIG, TINY_TWO_TOWER, assert_close, jaxcl, tiny_overrides
-from jaxcl import config as config_lib, errors, transformer
+from jaxcl.trainer import validation
+from jaxcl import config as config_lib, errors
+from jaxcl.models import transformer
 
 # Recomputation and scanning run the same float32 operations; XLA may fuse
 # them differently, which moves results by a few ulps of their scale.
@@ -106,7 +108,7 @@ def test_bad_remat_values_are_config_errors(overrides, match):
   config = config_lib.base_config()
   config.update_from_flattened_dict(overrides)
   with pytest.raises(errors.ConfigError, match=match):
-    config_lib.validate(config, num_devices=1, process_count=1, check_data=False)
+    validation.validate(config, num_devices=1, process_count=1, check_data=False)
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 import helpers
+from jaxcl.trainer import validation
 from jaxcl import errors
 from jaxcl.data import decode, shard_writer, shards, stream
 
@@ -194,7 +195,7 @@ def test_bad_samples_of_each_kind_are_skipped_counted_and_named(tmp_path):
   assert rows == 6 and read == skipped + rows and skipped == len(it.bad) >= 8
   # The run stops once more than max_bad_fraction of all samples read are
   # bad (decided on every process's counts), naming the first; 8 of 11 here.
-  from jaxcl import run_files
+  from jaxcl.workdir import run_files
   while it.counts()[0, 0] < stream.MIN_SAMPLES_FOR_BAD_FRACTION:
     next(it)
   workdir = tmp_path / 'workdir'
@@ -330,7 +331,7 @@ def test_a_shard_of_random_bytes_counts_as_its_samples(tmp_path, corpus):
                          f'{PER_SHARD} bad samples'), it.bad
   read, skipped, rows = it.counts()[:, 0]
   assert skipped == PER_SHARD * len(bad) and read == skipped + rows
-  from jaxcl import run_files
+  from jaxcl.workdir import run_files
   (tmp_path / 'workdir').mkdir()
   _, stop = run_files.stream_metrics(tmp_path / 'workdir', it, max_bad_fraction=0.05)
   assert stop is not None and 'not a tar file' in stop
@@ -431,7 +432,8 @@ def test_jaxcl_shard_to_gcs_completes_without_folder_objects(tmp_path, gcs_dir):
 def test_first_batch_from_shards_equals_the_tfds_path(tmp_path):
   """The shapes' first TFDS batch written to a shard, read back in order
   (one stream, window 1): the same images, labels and token ids."""
-  from jaxcl import data, tokenizers
+  from jaxcl import data
+  from jaxcl.text import tokenizers
   config = helpers.tiny_config(helpers.CLIP_CONFIG, helpers.TINY_TWO_TOWER)
   tokenizer = tokenizers.build_tokenizer(config.text)
   source, _ = data.load_source(config.dataset, 'train', with_text=True)
@@ -511,7 +513,7 @@ def test_a_mixture_by_config_of_shards_and_tfds(tmp_path):
       writer.write({'__key__': f'{i:03d}', 'png': png.getvalue(), 'txt': 'from shards'})
   config.dataset.update(name='mixture', image_size=32, workers=0, mixture=(
       f'shards:{tmp_path}/shapes-0.tar=0.5', 'captioned_shapes=0.5'))
-  config_lib.validate(config)
+  validation.validate(config)
   stream_source, info = data.Dataset(config.dataset).training(with_text=True)
   assert info.image_shape == (32, 32, 3)
   assert data.describe_size(stream_source) == (
@@ -526,10 +528,10 @@ def test_a_mixture_by_config_of_shards_and_tfds(tmp_path):
       'the test split (dataset.eval_urls is empty)')
   config.dataset.mixture = ('captioned_shapes=0', )
   with pytest.raises(config_lib.ConfigError, match="not 'SOURCE=WEIGHT' with a weight > 0"):
-    config_lib.validate(config)
+    validation.validate(config)
   config.dataset.mixture = ('pairs:/nowhere.jsonl=1', )
   with pytest.raises(config_lib.ConfigError, match=r'dataset.mixture\[0\]: dataset.path '):
-    config_lib.validate(config)
+    validation.validate(config)
 
 
 @pytest.mark.slow  # 6,000 samples decoded under tracemalloc

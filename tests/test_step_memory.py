@@ -11,7 +11,8 @@ import pytest
 
 from helpers import (CLIP_CONFIG, DIGITS_CONFIG, TINY_TWO_TOWER, assert_close, jaxcl,
                      tiny_config, tiny_overrides)
-from jaxcl import experiment, files, parallel, step_memory, train_step
+from jaxcl.trainer import experiment, step_memory, train_step
+from jaxcl import files, parallel
 
 
 def _analysis(config):

@@ -9,6 +9,7 @@ import pytest
 
 import messages
 from helpers import DIGITS_CONFIG, jaxcl, tiny_config, tiny_overrides
+from jaxcl.trainer import validation
 from jaxcl import config as config_lib
 from jaxcl import sweep
 
@@ -42,7 +43,7 @@ def test_run_configs_take_tau_as_train_takes_temperature_init():
       sweep.run_configs(config, ['0.1', tau])
     assert str(e.value) == f'--temperatures {tau}: {problem}'
     with pytest.raises(config_lib.ConfigError) as e:  # as jaxcl train's validation of the run
-      config_lib.validate(tiny_config(**{'temperature.init': tau, 'temperature.mode': 'fixed'}))
+      validation.validate(tiny_config(**{'temperature.init': tau, 'temperature.mode': 'fixed'}))
     assert str(e.value) == problem
   config.temperature.max = 5.0  # a wider range takes it
   assert sweep.run_configs(config, ['5'])['5'].temperature.init == 5.0

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxcl import optim
-from jaxcl.temperature import Temperature, project_all
+from jaxcl.trainer import validation
+from jaxcl.trainer import optim
+from jaxcl.models.temperature import Temperature, project_all
 
 
 def test_learnable_is_log_parameterized_and_clamped():
@@ -116,7 +117,9 @@ def test_temperature_learning_rate_multiplier():
 def _first_step(config, batch_fn, edit_params=None):
   """(the step's loss, its metrics, the embeddings the step's towers give):
   one train step of `config` on one device and its towers run outside it."""
-  from jaxcl import augment, experiment, parallel, train_step  # pylint: disable=g-import-not-at-top
+  from jaxcl.data import augment  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer import experiment, train_step  # pylint: disable=g-import-not-at-top
+  from jaxcl import parallel  # pylint: disable=g-import-not-at-top
   exp = experiment.setup(config, devices=jax.devices()[:1])
   state = exp.init_state()
   if edit_params is not None:
@@ -171,7 +174,7 @@ def test_per_direction_is_refused_for_one_direction():
   from helpers import tiny_config  # pylint: disable=g-import-not-at-top
   from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
   with pytest.raises(config_lib.ConfigError, match='per_direction'):
-    config_lib.validate(tiny_config(**{'temperature.per_direction': True}))
+    validation.validate(tiny_config(**{'temperature.per_direction': True}))
 
 
 # ------------------------------------ predicted τ ("temperature as uncertainty") ---

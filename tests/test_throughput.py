@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxcl import throughput
+from jaxcl.trainer import throughput
 
 
 def test_step_flops_of_a_matmul():

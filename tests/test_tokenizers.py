@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxcl import tokenizers
-from jaxcl.tokenizers import ByteTokenizer, build_tokenizer, load_tokenizer
+from jaxcl.text import tokenizers
+from jaxcl.text.tokenizers import ByteTokenizer, build_tokenizer, load_tokenizer
 
 CAPTIONS = [
     'a small red circle in the top left',

@@ -12,8 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxcl import clip_bpe, tokenizers
-from jaxcl.tokenizers import ClipBpeTokenizer, SentencePieceTokenizer, build_tokenizer
+from jaxcl.text import clip_bpe, tokenizers
+from jaxcl.text.tokenizers import ClipBpeTokenizer, SentencePieceTokenizer, build_tokenizer
 
 SOT, EOT = 49406, 49407
 # Texts on which open_clip and transformers agree: nothing ftfy or html.unescape would change.

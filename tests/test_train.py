@@ -12,7 +12,8 @@ import pytest
 from helpers import (DIGITS_CONFIG, RUN, RUN_STEPS, assert_close, final_params, jaxcl,
                      logged_steps, newest_checkpoint, preempt, run_until_checkpoint, tiny_config,
                      tiny_overrides)
-from jaxcl import checkpoints, experiment, parallel, train_step, trained
+from jaxcl.trainer import checkpoints, experiment, train_step, trained
+from jaxcl import parallel
 
 
 # ------------------------------------------------ sharded == single device ---

@@ -17,7 +17,9 @@ import pytest
 from helpers import (CLIP_CONFIG, SIGLIP_CONFIG, TINY_TWO_TOWER, assert_close,
                      copy_without_dataset, jaxcl, qkv_biases, tiny_config, tiny_overrides,
                      two_tower_batch, without_key_bias)
-from jaxcl import evaluate, experiment, parallel, train_step, trained
+from jaxcl.evaluation import probes
+from jaxcl.trainer import experiment, train_step, trained
+from jaxcl import parallel
 
 
 # ------------------------------------------------ sharded == single device ---
@@ -128,10 +130,10 @@ def test_zeroshot_accuracy_by_hand():
   labels = np.array([0, 1, 2, 2])
   # scores: img0 [.9 .1 -.9] -> 0 (right); img1 [.1 .9 -.1] -> 1 (right);
   # img2 [-.6 .8 .6] -> 1, its class 2 second (top-2 hit); img3 [.6 .8 -.6] -> class 2 last.
-  got = evaluate.zeroshot_accuracy(images, labels, classes, ks=(1, 2))
+  got = probes.zeroshot_accuracy(images, labels, classes, ks=(1, 2))
   assert got == {'zeroshot_top1': 0.5, 'zeroshot_top2': 0.75}
   # A tie with a wrong class counts against.
-  tie = evaluate.zeroshot_accuracy(np.array([[1, 1]], np.float32), np.array([0]),
+  tie = probes.zeroshot_accuracy(np.array([[1, 1]], np.float32), np.array([0]),
                                    np.array([[1, 0], [0, 1]], np.float32), ks=(1,))
   assert tie == {'zeroshot_top1': 0.0}
 
@@ -139,7 +141,7 @@ def test_zeroshot_accuracy_by_hand():
 def test_zeroshot_classifier_averages_normalized_templates():
   # Class 0's two templates: (3, 0) and (0, 1) -> normalized mean (0.5, 0.5) -> (.707, .707).
   emb = np.array([[[3, 0], [0, 1]], [[0, -2], [0, -1]]], np.float32)
-  got = evaluate.zeroshot_classifier(emb)
+  got = probes.zeroshot_classifier(emb)
   np.testing.assert_allclose(got, [[0.5 ** 0.5, 0.5 ** 0.5], [0, -1]], rtol=1e-6)
 
 
@@ -148,7 +150,7 @@ def test_retrieval_recall_by_hand():
   # Captions 0, 1 belong to image 0, caption 2 to image 1, caption 3 to image 2.
   texts = np.array([[0, 1], [0.8, 0.6], [0.6, 0.8], [-1, 0]], np.float32)
   owner = np.array([0, 0, 1, 2])
-  got = evaluate.retrieval_recall(images, texts, owner, ks=(1, 2))
+  got = probes.retrieval_recall(images, texts, owner, ks=(1, 2))
   # i2t: img0 scores [0, .8, .6, -1]: best own caption (.8) ranks 1st -> hit@1.
   # img1 scores [1, .6, .8, 0]: caption 0 (not its own) beats its caption 2 -> rank 2.
   # img2 scores [0, -.8, -.6, 1]: its caption 3 first.

@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-from jaxcl import zeroshot_lists
+from jaxcl.evaluation import zeroshot_lists
 
 COUNTS = {'imagenet': (1000, 80), 'imagenet_simple': (1000, 7),
           'cifar10': (10, 18), 'cifar100': (100, 18)}
 
 
 def test_names_are_the_shipped_files():
-  files = importlib.resources.files('jaxcl.zeroshot_lists')
+  files = importlib.resources.files('jaxcl.evaluation.zeroshot_lists')
   shipped = {p.name[:-len('.json')] for p in files.iterdir() if p.name.endswith('.json')}
   assert shipped == set(zeroshot_lists.NAMES) == set(COUNTS)
 
@@ -37,7 +37,7 @@ def test_counts_and_form(name):
 
 @pytest.mark.parametrize('name', sorted(COUNTS))
 def test_each_file_names_its_source(name):
-  text = importlib.resources.files('jaxcl.zeroshot_lists').joinpath(f'{name}.json').read_text()
+  text = importlib.resources.files('jaxcl.evaluation.zeroshot_lists').joinpath(f'{name}.json').read_text()
   data = json.loads(text)
   assert set(data) == {'source', 'class_names', 'templates'}
   assert data['source'].startswith('https://github.com/openai/CLIP/')
@@ -114,7 +114,7 @@ def test_for_dataset(tfds_name, expected):
 
 
 def test_imports_no_runtime():
-  code = ('import sys; from jaxcl import zeroshot_lists; zeroshot_lists.load("imagenet"); '
+  code = ('import sys; from jaxcl.evaluation import zeroshot_lists; zeroshot_lists.load("imagenet"); '
           'print(sorted(m for m in ("jax", "numpy", "flax", "tensorflow", "tensorflow_datasets") '
           'if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)

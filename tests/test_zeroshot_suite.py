@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from helpers import CLIP_CONFIG, DIGITS_CONFIG, TINY_TWO_TOWER, cli_in_forks, tiny_config
-from jaxcl import (checkpoints, config as config_lib, data, errors, evaluation, files, train,
-                   trained, zeroshot_cache, zeroshot_lists, zeroshot_suite)
+from jaxcl.trainer import validation
+from jaxcl.trainer import checkpoints, evaluator, trained
+from jaxcl import config as config_lib, data, errors, files, train
+from jaxcl.evaluation import zeroshot_cache, zeroshot_lists, zeroshot_suite
 
 CIFAR10 = zeroshot_lists.load('cifar10')[0]
 FOLDER_KEY = 'cifar_colors'
@@ -63,7 +65,7 @@ def test_simclr_has_no_suite():
   config = tiny_config(DIGITS_CONFIG)
   config.eval.zeroshot = ('cifar10',)
   with pytest.raises(errors.ConfigError, match='eval.zeroshot needs a text tower'):
-    config_lib.validate(config, check_data=False)
+    validation.validate(config, check_data=False)
 
 
 # ---------------------------------------------------- a step-0 CLIP run ---
@@ -89,7 +91,7 @@ def run(folder, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('clip0')
   config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, total_steps=0)
   config.eval.zeroshot = (f'folder:{folder}=cifar10', 'captioned_shapes')
-  config_lib.validate(config)
+  validation.validate(config)
   train.train_and_evaluate(config, workdir)
   return workdir
 
@@ -133,7 +135,7 @@ def test_suite_results_match_a_float64_reference(run, folder):
   exp, state = trained.load_trained(str(run))
   classifier, z, labels = _reference(exp, state, folder)
   names, templates = zeroshot_lists.load('cifar10')
-  key = zeroshot_cache.cache_key(0, evaluation.weights_fingerprint(state.params), names,
+  key = zeroshot_cache.cache_key(0, evaluator.weights_fingerprint(state.params), names,
                                  templates, exp.tokenizer.spec())
   cached = _cache(run)
   assert int(cached['step']) == 0 and len(cached) == 3  # step, the folder's and the shapes'
@@ -158,7 +160,7 @@ def test_cache_hit_reads_the_file_and_a_new_step_replaces_it(run, folder):
   exp, state = trained.load_trained(str(run))
   _, z, labels = _reference(exp, state, folder)
   cached = _cache(run)
-  key = zeroshot_cache.cache_key(0, evaluation.weights_fingerprint(state.params),
+  key = zeroshot_cache.cache_key(0, evaluator.weights_fingerprint(state.params),
                                  *zeroshot_lists.load('cifar10'), exp.tokenizer.spec())
   means = np.stack([z[labels == c].mean(0) for c in range(len(CIFAR10))])
   means /= np.linalg.norm(means, axis=1, keepdims=True)

@@ -5,7 +5,7 @@ Every dataset but shards becomes a random-access source of records
 ``{'image': uint8 [H, W, C], 'label': int}`` with one fixed H, W, C (the
 "stored resolution"), plus ``'captions'`` (a list of str) for image-text
 training. The host only reads, picks a caption, tokenizes and batches;
-augmentation runs on the device (jaxcl.augment).
+augmentation runs on the device (jaxcl.data.augment).
 
 - TFDS by name (``dataset.name = 'cifar10'``, ``'imagenet2012'``,
   ``'coco_captions'``, ...): the builder's array_record files in

@@ -312,7 +312,7 @@ class StreamBatches:
   `positions` (int64 [local streams, components, 7]) is where each of this
   process's streams stands after the batches returned so far; `bad` lists
   the first bad samples seen (the trainer judges their fraction over all
-  processes: jaxcl.run_files.stream_metrics). A stream whose last
+  processes: jaxcl.workdir.run_files.stream_metrics). A stream whose last
   MAX_BAD_IN_A_ROW samples were all bad raises DatasetError.
   """
 

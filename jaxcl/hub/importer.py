@@ -18,8 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxcl import checkpoints, config as config_lib, data, errors, run_files
-from jaxcl import param_groups, tokenizers
+from jaxcl.trainer import validation
+from jaxcl.trainer import checkpoints
+from jaxcl import config as config_lib, data, errors
+from jaxcl.workdir import run_files
+from jaxcl.models import param_groups
+from jaxcl.text import tokenizers
 from jaxcl.hub import big_vision_layout, open_clip_layout, tensors as t, transformers_layout
 
 LAYOUTS = (open_clip_layout, transformers_layout, big_vision_layout)
@@ -178,7 +182,7 @@ def _misshapen(r: t.Rule, shapes: dict, expected: tuple, value) -> str:
 def load_source(source, tokenizer_file=None):
   """(config, tokenizer, Experiment, TrainState at step 0) of a published
   checkpoint directory; nothing is written."""
-  from jaxcl import experiment  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer import experiment  # pylint: disable=g-import-not-at-top
   source = epath.Path(source)
   try:
     layout = _layout(source)
@@ -195,7 +199,7 @@ def load_source(source, tokenizer_file=None):
       raise
     raise t.SourceError(f'{source}: {errors.first_line(e)}') from None
   # On one device: the import holds no batch, and a workdir trains on any mesh later.
-  config_lib.validate(config, num_devices=1, process_count=1, check_data=False)
+  validation.validate(config, num_devices=1, process_count=1, check_data=False)
   tokenizer = tokenizers.build_tokenizer(config.text)
   check_tokenizer(source, tokenizer, config, eos_id)
   embedding = next(r.sources[0] for r in rules if r.target == 'text_encoder/embed/embedding')

@@ -29,7 +29,9 @@ import numpy as np
 from etils import epath
 
 from jaxcl import config as config_lib
-from jaxcl import errors, files, param_groups, run_files
+from jaxcl import errors, files
+from jaxcl.models import param_groups
+from jaxcl.workdir import run_files
 from jaxcl.hub import open_clip_layout as layout_lib, open_clip_plan as plan_lib
 from jaxcl.hub import tensors as t
 
@@ -130,7 +132,7 @@ def export_open_clip(workdir, output, *, overwrite: bool = False,
   or, with `overwrite`, hold an earlier export) for the newest checkpoint in
   `workdir`; returns a summary. Every check runs before anything is written.
   timm_model_name: see open_clip_plan.plan."""
-  from jaxcl.trained import load_trained  # pylint: disable=g-import-not-at-top
+  from jaxcl.trainer.trained import load_trained  # pylint: disable=g-import-not-at-top
   output = epath.Path(output)
   plan = plan_lib.plan(config_lib.load_saved(workdir), run_files.saved_tokenizer(workdir),
                        _local(output), timm_model_name=timm_model_name)

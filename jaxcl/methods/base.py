@@ -14,8 +14,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxcl import augment
-from jaxcl import temperature as temperature_lib
+from jaxcl.data import augment
+from jaxcl.models import temperature as temperature_lib
 
 
 @dataclasses.dataclass
@@ -24,7 +24,7 @@ class Encoders:
   evaluation: `image` (uint8 images [b, H, W, C] -> [b, D]) and, for a
   method with a text tower, `text` (token ids int32 [b, L] -> [b, D]).
   workdir, step, weights: where evaluation may cache what depends only on
-  the weights (jaxcl.zeroshot_cache), their step and fingerprint; workdir
+  the weights (jaxcl.evaluation.zeroshot_cache), their step and fingerprint; workdir
   None: nothing is cached. temperature: the model's τ at that step (zero-shot
   calibration)."""
   config: Any
@@ -148,7 +148,7 @@ class Method(abc.ABC):
   def export_artifacts(self, exp, params, batch_stats, output, facts: dict, export_fn):
     """({path: bytes}, metadata) that export adds for this method beside the
     image embedder. export_fn(fn, input ShapeDtypeStruct) -> jax.export.Exported;
-    facts: the run's data facts (jaxcl.run_files)."""
+    facts: the run's data facts (jaxcl.workdir.run_files)."""
     del exp, params, batch_stats, output, facts, export_fn
     return {}, {}
 

@@ -8,7 +8,9 @@ import functools
 
 import jax.numpy as jnp
 
-from jaxcl import augment, evaluate, losses, models
+from jaxcl.data import augment
+from jaxcl.evaluation import probes
+from jaxcl import losses, models
 from jaxcl.methods import base
 
 
@@ -79,12 +81,12 @@ class SimCLR(base.Method):
     if not eval_data.num_classes:
       return {}
     cfg = encoders.config.eval
-    extract = functools.partial(evaluate.extract_features, encoders.image, encoders.mesh,
+    extract = functools.partial(probes.extract_features, encoders.image, encoders.mesh,
                                 batch_size=cfg.batch_size)
     train = extract(eval_data.train, max_examples=cfg.max_train_examples or None,
                     seed=encoders.config.seed)
     test = extract(eval_data.test)
-    return evaluate.evaluate_features(train, test, eval_data.num_classes, cfg)
+    return probes.evaluate_features(train, test, eval_data.num_classes, cfg)
 
 
 METHOD = SimCLR()

@@ -11,8 +11,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxcl import augment, data, errors, evaluate, files, models, presets, tokenizers
-from jaxcl import zeroshot_cache, zeroshot_suite
+from jaxcl.data import augment
+from jaxcl import data, errors, files, models, presets
+from jaxcl.evaluation import probes
+from jaxcl.text import tokenizers
+from jaxcl.evaluation import zeroshot_cache, zeroshot_suite
 from jaxcl.methods import base
 
 # Recall@1/5/10 both ways: what the retrieval evaluation writes (evaluate.retrieval_recall).
@@ -23,7 +26,7 @@ class TwoTowerEvalData:
   """The test split with its captions (retrieval), a labeled split with
   class names and prompt templates (zero-shot; by default the same split),
   and the suite of eval.zeroshot and eval.retrieval (`suite`, `retrieval`:
-  lists of jaxcl.zeroshot_suite.Opened)."""
+  lists of jaxcl.evaluation.zeroshot_suite.Opened)."""
 
   def __init__(self, config, dataset):
     d = config.dataset
@@ -172,7 +175,7 @@ class TwoTower(base.Method):
     """Zero-shot top-1/5, its calibration and the image embeddings'
     tolerance and uniformity (when a labeled split is there), image-to-text /
     text-to-image recall@1/5/10, then the suite's zeroshot/KEY/top1|top5|ece...
-    and retrieval/KEY/i2t_r1 ... (jaxcl.zeroshot_suite)."""
+    and retrieval/KEY/i2t_r1 ... (jaxcl.evaluation.zeroshot_suite)."""
     suite = {}
     for entry in eval_data.suite:
       scores = _zeroshot(encoders, entry.source, entry.class_names, entry.templates)[0]
@@ -188,7 +191,7 @@ class TwoTower(base.Method):
     if eval_data.num_classes:
       results, (images, labels) = _zeroshot(encoders, eval_data.zeroshot, eval_data.class_names,
                                             eval_data.templates)
-      results.update(evaluate.tolerance_uniformity(images, labels))
+      results.update(probes.tolerance_uniformity(images, labels))
     same = eval_data.zeroshot is eval_data.test and eval_data.num_classes
     results.update(_retrieval(encoders, images if same else None, eval_data.test,
                               eval_data.captions))
@@ -259,17 +262,17 @@ def _zeroshot(encoders, source, class_names, templates):
 
   def compute():
     prompts = [t.format(name) for name in class_names for t in templates]
-    text = evaluate.embed_rows(encoders.text, mesh, encoders.tokenizer.encode(prompts),
+    text = probes.embed_rows(encoders.text, mesh, encoders.tokenizer.encode(prompts),
                                batch_size=batch_size)
-    return evaluate.zeroshot_classifier(text.reshape(len(class_names), len(templates), -1))
+    return probes.zeroshot_classifier(text.reshape(len(class_names), len(templates), -1))
 
   classifier = zeroshot_cache.classifier(encoders.workdir, encoders.step, encoders.weights,
                                          class_names, templates, encoders.tokenizer.spec(),
                                          compute)
-  images, labels = evaluate.extract_features(encoders.image, mesh, source, batch_size=batch_size)
+  images, labels = probes.extract_features(encoders.image, mesh, source, batch_size=batch_size)
   keep = labels >= 0  # images without a single class label (e.g. two shapes) are not scored
-  scores = {**evaluate.zeroshot_accuracy(images[keep], labels[keep], classifier),
-            **evaluate.zeroshot_calibration(images[keep], labels[keep], classifier,
+  scores = {**probes.zeroshot_accuracy(images[keep], labels[keep], classifier),
+            **probes.zeroshot_calibration(images[keep], labels[keep], classifier,
                                             encoders.temperature, encoders.logit_transform)}
   return scores, (images, labels)
 
@@ -279,9 +282,9 @@ def _retrieval(encoders, images, source, captions):
   embeddings, when computed already) and their captions (a list per image)."""
   batch_size, mesh = encoders.config.eval.batch_size, encoders.mesh
   if images is None:
-    images, _ = evaluate.extract_features(encoders.image, mesh, source, batch_size=batch_size)
+    images, _ = probes.extract_features(encoders.image, mesh, source, batch_size=batch_size)
   flat = [c for caps in captions for c in caps]
   owner = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
-  text = evaluate.embed_rows(encoders.text, mesh, encoders.tokenizer.encode(flat),
+  text = probes.embed_rows(encoders.text, mesh, encoders.tokenizer.encode(flat),
                              batch_size=batch_size)
-  return evaluate.retrieval_recall(images, text, owner)
+  return probes.retrieval_recall(images, text, owner)

@@ -2,7 +2,7 @@
 
 Inside the jitted step the device augments the images (the method's views),
 the towers run on the whole batch under GSPMD (so batch-norm statistics are
-global), or on microbatches of it (`microbatch_size`, jaxcl.grad_cache),
+global), or on microbatches of it (`microbatch_size`, jaxcl.trainer.grad_cache),
 and the loss runs in `jax.shard_map`: each device scores its rows
 against the embeddings gathered from all devices (jaxcl.losses). `jax.grad`
 is taken outside the shard_map, the optimizer updates the parameters, and
@@ -19,9 +19,13 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxcl import augment, estimators, grad_cache, losses, parallel, param_groups, per_example
-from jaxcl.experiment import Experiment, TrainState
-from jaxcl.temperature import logit_transform, project_all
+from jaxcl.data import augment
+from jaxcl.losses import estimators
+from jaxcl.trainer import grad_cache, per_example
+from jaxcl import losses, parallel
+from jaxcl.models import param_groups
+from jaxcl.trainer.experiment import Experiment, TrainState
+from jaxcl.models.temperature import logit_transform, project_all
 
 
 class StepAux(NamedTuple):
@@ -57,7 +61,7 @@ def make_towers(exp: Experiment):
 
 
 def estimator_state(config, rows: dict):
-  """The loss estimator's state (jaxcl.estimators) for per-example rows."""
+  """The loss estimator's state (jaxcl.losses.estimators) for per-example rows."""
   if 'tau' not in rows:
     return estimators.Moving(rows['log_u'], config.loss.sogclr_gamma)
   t = config.temperature
@@ -82,7 +86,7 @@ def make_loss_and_grads(exp: Experiment):
   dataset indices, with per-example state), split over the batch axes.
   aux: a StepAux. The loss is computed in
   shard_map over the global batch, every device's embeddings gathered; with
-  `microbatch_size` the towers run in chunks (jaxcl.grad_cache).
+  `microbatch_size` the towers run in chunks (jaxcl.trainer.grad_cache).
   """
   method, config, batch_spec = exp.method, exp.config, P(parallel.BATCH_AXES)
   merge, encode = make_towers(exp)
@@ -195,7 +199,7 @@ def abstract_batch(exp: Experiment, batch_size: int | None = None) -> dict:
 def compile_step(exp: Experiment):
   """The train step compiled ahead of time from the state's and the batch's
   shapes: nothing is allocated, and XLA's memory and cost analyses are
-  there before the first step (jaxcl.step_memory)."""
+  there before the first step (jaxcl.trainer.step_memory)."""
   return make_train_step(exp).lower(exp.abstract_state(), abstract_batch(exp)).compile()
 
 

@@ -21,7 +21,8 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxcl import errors, files, param_groups
+from jaxcl import errors, files
+from jaxcl.models import param_groups
 
 
 def _source(path):
@@ -30,7 +31,7 @@ def _source(path):
     raise errors.ConfigError(f'init.source {path} is not a directory (a jaxcl workdir or a '
                              f'checkpoint directory jaxcl import reads)')
   if files.is_run(path):
-    from jaxcl import trained  # pylint: disable=g-import-not-at-top
+    from jaxcl.trainer import trained  # pylint: disable=g-import-not-at-top
     exp, state = trained.load_trained(path, open_data=False)
   else:
     from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top

@@ -3,7 +3,7 @@ TensorBoard's profile tab (`tensorboard --logdir WORKDIR`).
 
 jax.profiler.start_trace(DIR) writes DIR/plugins/profile/<time>/<host>.xplane.pb
 (files.PROFILE_DIR): with DIR the workdir itself, TensorBoard finds the trace
-next to the scalars jaxcl.metric_writer writes there. Only process 0 traces:
+next to the scalars jaxcl.workdir.metric_writer writes there. Only process 0 traces:
 every process tracing would write one folder each into the same workdir, and
 all run the same program.
 """

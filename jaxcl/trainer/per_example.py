@@ -2,10 +2,10 @@
 row per example of the training split, split over the batch axes like the
 data, read and written by the batch's dataset indices (batch['index']).
 
-SogCLR's moving averages live here (jaxcl.estimators). A table's rows are the
+SogCLR's moving averages live here (jaxcl.losses.estimators). A table's rows are the
 examples padded to a multiple of the batch shards (`num_rows`);
 a restore onto another number of devices pads or trims the padding
-(jaxcl.checkpoints). Rows are read and written with a gather and a scatter
+(jaxcl.trainer.checkpoints). Rows are read and written with a gather and a scatter
 under GSPMD, which partitions them over the shards that hold the rows. If a
 batch holds an example twice (it straddles two epochs), one of its two
 updates is kept.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxcl.temperature import distribution_metrics
+from jaxcl.models.temperature import distribution_metrics
 
 
 def num_rows(examples: int, shards: int) -> int:

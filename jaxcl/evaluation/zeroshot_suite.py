@@ -17,14 +17,14 @@ An entry is a string, as in big_vision's and clip_benchmark's dataset names:
   refused: its class would be a candidate no image has).
 
 Zero-shot class names and prompt templates: with a suffix ``=LIST`` (one of
-jaxcl.zeroshot_lists.NAMES: 'folder:/data/imagenet/val=imagenet',
+jaxcl.evaluation.zeroshot_lists.NAMES: 'folder:/data/imagenet/val=imagenet',
 'folder:/data/cifar=cifar10') that shipped list's, in label order; without
 one, the list jaxcl ships for the TFDS dataset (zeroshot_lists.for_dataset:
 the ImageNet and CIFAR families), else the label feature's names (a folder's
 class folder names) and the dataset's default templates ('a photo of a {}.').
 Images are center-cropped and resized to augment.image_size where the dataset
 has no fixed size (an image folder: always), then go through the same
-evaluation view as every evaluation (jaxcl.augment.eval_view).
+evaluation view as every evaluation (jaxcl.data.augment.eval_view).
 
 Results: 'zeroshot/KEY/top1', 'zeroshot/KEY/top5' (top-5 with 5 classes or
 more) and 'retrieval/KEY/i2t_r1' ... 't2i_r10', KEY the entry without its
@@ -43,7 +43,8 @@ import sys
 
 from etils import epath
 
-from jaxcl import errors, zeroshot_lists
+from jaxcl import errors
+from jaxcl.evaluation import zeroshot_lists
 from jaxcl.errors import ConfigError
 
 FOLDER = 'folder:'

@@ -14,8 +14,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxcl import config as config_lib
-from jaxcl import data, errors, files, metrics_log, parallel, tokenizers
-from jaxcl import lock as lock_lib
+from jaxcl import data, errors, files, parallel
+from jaxcl.workdir import metrics_log
+from jaxcl.text import tokenizers
+from jaxcl.workdir import lock as lock_lib
 
 MAX_LISTED = 5  # skipped images named in the run's log (all go to the file)
 
@@ -36,7 +38,7 @@ def check_trainable_workdir(workdir) -> None:
 
 @contextlib.contextmanager
 def hold_workdir(workdir):
-  """Creates `workdir` and holds its lock (jaxcl.lock) for the body: one
+  """Creates `workdir` and holds its lock (jaxcl.workdir.lock) for the body: one
   run per workdir. Process 0 takes it for the job; every process raises
   ConfigError if the workdir is in use or cannot be written."""
   lock, error = lock_lib.WorkdirLock(workdir), None

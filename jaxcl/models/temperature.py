@@ -4,7 +4,7 @@ Modes:
   learnable: τ = exp(log_tau), log_tau an ``nnx.Param`` initialized at
     log(init) and trained with the rest of the model, optionally held at init
     for ``warmup_steps`` and with its own learning-rate multiplier
-    (jaxcl.optim). After every optimizer step ``project()`` clamps it to
+    (jaxcl.trainer.optim). After every optimizer step ``project()`` clamps it to
     [log τ_min, log τ_max], the way open_clip clamps its logit scale (CLIP
     caps 1/τ at 100, i.e. τ_min = 0.01). It is a scalar, so the optimizer's
     "decay only kernels" rule leaves it alone.
@@ -14,7 +14,7 @@ Modes:
   free: no τ (it is 1): the loss's logits are 2 artanh of the cosine
     similarity (Kim & Kim 2025, `logit_transform`); no parameter.
   individual: one τ per training example (iSogCLR), kept with the train
-    state's per-example rows (jaxcl.estimators.Individual), not here; this
+    state's per-example rows (jaxcl.losses.estimators.Individual), not here; this
     module gives init, the τ evaluation and export use.
   predicted: τ(z) = min + (max - min) σ(w · z + b) of each anchor's
     embedding z ("temperature as uncertainty", Zhang et al. 2021), w and b
@@ -33,15 +33,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcl import blockwise, presets
+from jaxcl.losses import tiled
+from jaxcl import presets
 
 MODES = presets.TEMPERATURE_MODES
 
 
 def logit_transform(mode: str) -> str:
   """How the loss turns a similarity into a logit for this mode
-  (jaxcl.blockwise.logits_of): 2 artanh for 'free', linear otherwise."""
-  return blockwise.ARCTANH if mode == 'free' else blockwise.LINEAR
+  (jaxcl.losses.tiled.logits_of): 2 artanh for 'free', linear otherwise."""
+  return tiled.ARCTANH if mode == 'free' else tiled.LINEAR
 
 
 class Temperature(nnx.Module):

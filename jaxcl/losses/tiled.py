@@ -44,7 +44,7 @@ import jax.numpy as jnp
 
 SOFTMAX, SIGMOID = 'softmax', 'sigmoid'
 # The softmax's log-sum-exp over the negatives alone (the positive column left
-# out): SogCLR's per-anchor term (jaxcl.estimators).
+# out): SogCLR's per-anchor term (jaxcl.losses.estimators).
 NEGATIVES = 'negatives'
 # How a cosine similarity s becomes a logit before the scale 1/τ: 'linear'
 # (s itself), or 'arctanh' (2 artanh s = log((1 + s) / (1 - s)), the

@@ -1,7 +1,7 @@
 """A trained run loaded back from its workdir, for `jaxcl eval` and
 `jaxcl export`: its saved config, tokenizer and newest checkpoint that
 restores. Neither writes anything in the workdir but eval.json (and eval
-the zero-shot cache, jaxcl.zeroshot_cache)."""
+the zero-shot cache, jaxcl.evaluation.zeroshot_cache)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import sys
 
 from etils import epath
 
-from jaxcl import checkpoints, errors, evaluation, files, run_files
+from jaxcl.trainer import validation
+from jaxcl.trainer import checkpoints, evaluator
+from jaxcl import errors, files
+from jaxcl.workdir import run_files
 from jaxcl import config as config_lib
-from jaxcl.experiment import setup
+from jaxcl.trainer.experiment import setup
 
 
 def load_trained(workdir, *, open_data: bool = True, changes: dict | None = None):
@@ -25,12 +28,12 @@ def load_trained(workdir, *, open_data: bool = True, changes: dict | None = None
     config.update_from_flattened_dict(changes)
   facts = None if open_data else run_files.saved_data_facts(workdir)
   try:
-    config_lib.validate(config, check_data=facts is None)  # on the devices present now
+    validation.validate(config, check_data=facts is None)  # on the devices present now
   except errors.ConfigError as e:
     if not str(e).startswith('mesh:'):
       raise
     config.mesh = config_lib.base_config().mesh  # trained on a pod, evaluated on a laptop
-    config_lib.validate(config, check_data=facts is None)
+    validation.validate(config, check_data=facts is None)
   if not (epath.Path(workdir) / files.CHECKPOINT_DIR).is_dir():
     raise errors.ConfigError(f'{workdir} has no checkpoint to load')
   exp = setup(config, tokenizer=run_files.saved_tokenizer(workdir),
@@ -54,7 +57,7 @@ def evaluate_workdir(workdir, zeroshot: list[str] | None = None,
                      retrieval: list[str] | None = None) -> dict:
   """`jaxcl eval`: recomputes eval.json from the latest checkpoint.
   zeroshot, retrieval: the suite of this call instead of the saved config's
-  eval.zeroshot, eval.retrieval (jaxcl.zeroshot_suite); None: the saved one."""
+  eval.zeroshot, eval.retrieval (jaxcl.evaluation.zeroshot_suite); None: the saved one."""
   changes = {f'eval.{key}': tuple(value) for key, value in
              (('zeroshot', zeroshot), ('retrieval', retrieval)) if value is not None}
   step, results = evaluate_checkpoint(workdir, changes)
@@ -68,6 +71,6 @@ def evaluate_checkpoint(workdir, changes: dict | None = None) -> tuple[int, dict
   nothing but the zero-shot cache."""
   exp, state = load_trained(workdir, changes=changes)
   eval_data = exp.method.open_eval_data(exp.config, exp.dataset)
-  results = evaluation.run_evaluation(exp, state, eval_data, evaluation.make_embed_fns(exp),
+  results = evaluator.run_evaluation(exp, state, eval_data, evaluator.make_embed_fns(exp),
                                       workdir)
   return int(state.step), results

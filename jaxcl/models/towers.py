@@ -2,7 +2,7 @@
 
 Image towers: ResNet-18/34/50 (He et al.) with an optional CIFAR-style stem
 (3x3 stride-1 conv, no max-pool) for small images, and ViT (Dosovitskiy et
-al.; jaxcl.transformer, with the text tower).
+al.; jaxcl.models.transformer, with the text tower).
 
 The methods (jaxcl.methods) assemble them:
 - SimCLRModel: image encoder + SimCLR's MLP head + temperature.
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcl.presets import IMAGE_TOWERS, RESNETS, VIT_NAMES, vit_sizes
-from jaxcl.temperature import Temperature
-from jaxcl.transformer import TextTransformer, ViT
+from jaxcl.models.temperature import Temperature
+from jaxcl.models.transformer import TextTransformer, ViT
 
 _BN_MOMENTUM = 0.9  # the value of SimCLR's and torchvision's BN
 

@@ -20,8 +20,12 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxcl import (augment, data, errors, estimators, methods, optim, param_groups, parallel,
-                   per_example, tokenizers)
+from jaxcl.data import augment
+from jaxcl import data, errors, methods, parallel
+from jaxcl.losses import estimators
+from jaxcl.trainer import optim, per_example
+from jaxcl.models import param_groups
+from jaxcl.text import tokenizers
 from jaxcl.methods.base import standardize
 
 
@@ -124,7 +128,7 @@ class Experiment:
   def plain(self) -> Experiment:
     """This experiment without microbatches, remat or scanned layers: the
     same computation, with no loop in its step (whose FLOPs XLA then counts
-    whole: jaxcl.step_memory)."""
+    whole: jaxcl.trainer.step_memory)."""
     config = self.config.copy_and_resolve_references()
     config.microbatch_size = 0
     config.model.update(remat='none', scan_layers=False)

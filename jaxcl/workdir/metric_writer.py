@@ -1,4 +1,4 @@
-"""Where metrics go: the metrics log (DIR/metrics.jsonl, jaxcl.metrics_log),
+"""Where metrics go: the metrics log (DIR/metrics.jsonl, jaxcl.workdir.metrics_log),
 TensorBoard event files in DIR, a progress bar, and Weights & Biases when
 wandb.project is set; all from process 0 only."""
 
@@ -13,7 +13,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxcl import errors, files, metrics_log
+from jaxcl import errors, files
+from jaxcl.workdir import metrics_log
 
 
 WANDB_ID_FILE = 'jaxcl_run_id'  # in WORKDIR/wandb: the run's wandb id

@@ -16,14 +16,16 @@ import json
 import jax
 import numpy as np
 
-from jaxcl import augment, errors, files, parallel, throughput, train_step
+from jaxcl.data import augment
+from jaxcl import errors, files, parallel
+from jaxcl.trainer import throughput, train_step
 
 GIB = 2 ** 30
 
 
 def has_loops(config) -> bool:
-  """Whether the step loops over microbatches or layers (jaxcl.grad_cache,
-  jaxcl.transformer.run_blocks)."""
+  """Whether the step loops over microbatches or layers (jaxcl.trainer.grad_cache,
+  jaxcl.models.transformer.run_blocks)."""
   return bool(config.microbatch_size or config.model.remat != 'none' or config.model.scan_layers)
 
 

@@ -132,7 +132,7 @@ def simclr_view(key, image, cfg):
 def view_keys(key, num_views: int, n: int):
   """Per-example keys for `num_views` views of n examples: [n, num_views].
   Row i depends only on `key` and i, so any slice of rows (a microbatch,
-  jaxcl.grad_cache) gets the keys the whole batch would have given it."""
+  jaxcl.trainer.grad_cache) gets the keys the whole batch would have given it."""
   return jnp.swapaxes(jax.random.split(key, (num_views, n)), 0, 1)
 
 

@@ -23,7 +23,7 @@ Tokenizers:
     normalize='siglip' first canonicalizes text as transformers' SiglipTokenizer
     does; with pad_id=1 (the EOS of Google's c4_en model) the rows are
     SiglipTokenizer's (padding='max_length', truncation=True).
-  clip_bpe: CLIP's byte-level BPE (jaxcl.clip_bpe) from a vocabulary file, id
+  clip_bpe: CLIP's byte-level BPE (jaxcl.text.clip_bpe) from a vocabulary file, id
     for id as open_clip: SOT <|startoftext|>, EOT <|endoftext|> (49406, 49407),
     pad 0 (transformers' CLIPTokenizer pads with the EOT: pad_id=49407).
 
@@ -51,7 +51,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from jaxcl import clip_bpe, files, presets
+from jaxcl.text import clip_bpe
+from jaxcl import files, presets
 
 TOKENIZERS = presets.TOKENIZERS
 NORMALIZERS = presets.TEXT_NORMALIZERS
@@ -192,7 +193,7 @@ def _siglip_canonical(text: str) -> str:
 
 
 class ClipBpeTokenizer(Tokenizer):
-  """CLIP's byte-level BPE (jaxcl.clip_bpe): SOT, content, EOT, then pads (0 as open_clip,
+  """CLIP's byte-level BPE (jaxcl.text.clip_bpe): SOT, content, EOT, then pads (0 as open_clip,
   unless `pad_id` >= 0)."""
 
   def __init__(self, vocab_file: str | epath.PathLike, max_length: int, pad_id: int = -1):

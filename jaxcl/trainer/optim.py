@@ -6,7 +6,7 @@ arrays of rank >= 2: convolution and dense kernels. Biases, batch-norm scales
 and offsets and the scalar temperature are left alone, as in SimCLR and
 open_clip.
 
-Parameter groups by name (jaxcl.param_groups): `optimizer.frozen` parameters
+Parameter groups by name (jaxcl.models.param_groups): `optimizer.frozen` parameters
 are updated by nothing and hold no optimizer state (optax.multi_transform
 with set_to_zero), and `optimizer.lr_multipliers` scale a group's updates,
 which for these optimizers is scaling its learning rate.
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcl import param_groups
+from jaxcl.models import param_groups
 from jaxcl.presets import OPTIMIZERS  # noqa: E402,F401  (re-exported)
 
 

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcl import blockwise, data, parallel
+from jaxcl.losses import tiled
+from jaxcl import data, parallel
 
 
 def extract_features(embed_fn, mesh, source, *, batch_size: int, max_examples=None, seed=0):
@@ -241,15 +242,15 @@ def fit_temperature(similarities, labels) -> float:
 
 
 def zeroshot_calibration(image_embeddings, labels, classifier, temperature: float,
-                         transform: str = blockwise.LINEAR) -> dict:
+                         transform: str = tiled.LINEAR) -> dict:
   """Zero-shot calibration: {'zeroshot_ece'} of softmax(cosine / τ) at the
   training τ over all labeled images; {'zeroshot_fitted_temperature'}, one τ
   fitted on the even-indexed images, and {'zeroshot_ece_fitted'}, the ECE
   with it on the odd-indexed ones (fitted and scored on different images).
-  transform: the training loss's (jaxcl.blockwise.logits_of; 'arctanh' for
+  transform: the training loss's (jaxcl.losses.tiled.logits_of; 'arctanh' for
   temperature.mode=free), applied to the cosine before τ."""
   sims = np.asarray(image_embeddings, np.float64) @ np.asarray(classifier, np.float64).T
-  sims = np.asarray(blockwise.logits_of(sims, 1.0, transform), np.float64)
+  sims = np.asarray(tiled.logits_of(sims, 1.0, transform), np.float64)
   labels = np.asarray(labels)
   out = {'zeroshot_ece': expected_calibration_error(_softmax(sims / temperature), labels)}
   if len(labels) >= 4:

@@ -2,7 +2,7 @@
 past checkpoints that do not restore, and setting those aside.
 
 The position in random-access data is not saved: it follows from the step
-(and the batch history, jaxcl.run_files), see jaxcl.data.train_iterator.
+(and the batch history, jaxcl.workdir.run_files), see jaxcl.data.train_iterator.
 The position of shard streams is: item 'data' of the checkpoint.
 """
 
@@ -19,7 +19,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxcl import errors, files, parallel, per_example
+from jaxcl import errors, files, parallel
+from jaxcl.trainer import per_example
 
 
 def checkpoint_manager(workdir, config, *, cleanup: bool = False,
@@ -126,7 +127,7 @@ def restore_checkpoint(manager, abstract_state, step=None):
 
 def _per_example_resized(manager, step: int, abstract_state):
   """(abstract_state, strict) for restoring checkpoint `step`: per-example
-  tables (jaxcl.per_example) written on another number of devices have
+  tables (jaxcl.trainer.per_example) written on another number of devices have
   other padding rows. Their target keeps the abstract's rows, or for a
   set-up that does not know the split's size (rows 0: eval, export) the
   saved rows padded to this mesh; orbax pads or trims the padding only

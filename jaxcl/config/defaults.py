@@ -1,7 +1,7 @@
 """Experiment configs: every key with its default (`base_config`), the
 config a run saves in its workdir and reads back, and which changes a
 resumed run may make. Config files start from `base_config()`; validation
-lives in jaxcl.validation (`validate` is re-exported here).
+is the trainer's (jaxcl.trainer.validation).
 
 Importing this module loads no jax, flax, TFDS or grain.
 """
@@ -14,8 +14,8 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from jaxcl import config_files, errors, files
-from jaxcl.validation import validate  # noqa: F401  (re-exported)
+from jaxcl.config import config_files
+from jaxcl import errors, files
 
 CONFIG_FILE = files.CONFIG_FILE
 
@@ -48,12 +48,12 @@ def base_config():
   config.total_steps = 1500
   config.batch_size = 256
   # Global rows per chunk of the towers (0: the whole batch at once): the step computes
-  # the exact global-batch gradient holding one chunk's activations (jaxcl.grad_cache).
+  # the exact global-batch gradient holding one chunk's activations (jaxcl.trainer.grad_cache).
   config.microbatch_size = 0
   # Memory per device a compiled step may use, in GiB (0: what the device reports; CPUs
   # report none). A step that needs more stops before the run writes anything.
   config.device_memory_gb = 0.0
-  # jax's persistent compilation cache (jaxcl.compilation_cache): '' = $JAX_COMPILATION_CACHE_DIR,
+  # jax's persistent compilation cache (jaxcl.trainer.compilation_cache): '' = $JAX_COMPILATION_CACHE_DIR,
   # else WORKDIR/compilation_cache on gs://, else ~/.cache/jaxcl/compilation; 'none': off.
   config.compilation_cache_dir = ''
   config.log_every_steps = 50
@@ -64,7 +64,7 @@ def base_config():
   # step and the last good checkpoint) or 'skip' (the state stays as it was;
   # counted and logged as `skipped`).
   config.nonfinite = 'stop'
-  # (A, B): a jax.profiler trace of steps A..B in WORKDIR/plugins (jaxcl.profiling); (): none.
+  # (A, B): a jax.profiler trace of steps A..B in WORKDIR/plugins (jaxcl.trainer.profiling); (): none.
   config.profile_steps = ()
   # Weights & Biases, from process 0, when `project` is set (pip install wandb): every
   # metrics.jsonl record, the flat config; name '' is the config's name or the workdir's;
@@ -141,7 +141,7 @@ def base_config():
       # clip/siglip: False when the image tower's output is the embedding (SigLIP's MAP head)
       image_projection=True,
       # ViT sizes (model.name 'vit', or non-zero to override a preset such as vit_b16), and
-      # the switches of the published ViTs (jaxcl.transformer; presets.ARCHITECTURES sets them)
+      # the switches of the published ViTs (jaxcl.models.transformer; presets.ARCHITECTURES sets them)
       vit=ml_collections.ConfigDict(dict(patch_size=0, width=0, depth=0, heads=0, mlp_dim=0,
                                          pool='gap',  # or 'cls' (CLIP), 'map' (SigLIP)
                                          act='gelu_tanh',  # or 'gelu', 'quick_gelu'
@@ -169,11 +169,11 @@ def base_config():
 
   # How the global-batch loss is computed (values and gradients agree):
   # dense materializes each device's n x N logits; blockwise and ring compute
-  # them in block_size x block_size tiles (jaxcl.blockwise), with the other devices'
+  # them in block_size x block_size tiles (jaxcl.losses.tiled), with the other devices'
   # embeddings all-gathered once (blockwise) or passed around a ring (ring).
   # estimator: how each anchor's negative term is estimated: from the batch
   # alone, or SogCLR's per-example moving average, weight sogclr_gamma on the
-  # batch (jaxcl.estimators; SimCLR and CLIP).
+  # batch (jaxcl.losses.estimators; SimCLR and CLIP).
   config.loss = ml_collections.ConfigDict(dict(impl='dense', block_size=1024, estimator='batch',
                                                sogclr_gamma=0.9))
 
@@ -206,7 +206,7 @@ def base_config():
       grad_clip_norm=0.0,  # 0: off
       mu_dtype='float32',  # or 'bfloat16': adamw's first moment, sgd's momentum (big_vision's)
       # Regular expressions over parameter names ('image_encoder/.*': the image tower;
-      # jaxcl.param_groups): frozen parameters get no optimizer state and no gradient,
+      # jaxcl.models.param_groups): frozen parameters get no optimizer state and no gradient,
       # and a tower frozen whole runs no backward pass (LiT locks the image tower).
       frozen=(),
       # 'PATTERN=FACTOR' strings: those parameters' learning rate times FACTOR (first match).
@@ -239,7 +239,7 @@ def base_config():
       zeroshot_dataset='',  # a labeled TFDS dataset; empty: the training dataset
       zeroshot_split='',  # empty: eval_test_split
       # clip/siglip: more zero-shot datasets, each reported as zeroshot/KEY/top1|top5
-      # (jaxcl.zeroshot_suite): 'cifar100', 'imagenet2012', 'imagenet_v2:test' (TFDS,
+      # (jaxcl.evaluation.zeroshot_suite): 'cifar100', 'imagenet2012', 'imagenet_v2:test' (TFDS,
       # prepared), 'folder:/data/pets' (PATH/CLASS/*.png); '=LIST' picks a shipped
       # name/template list ('folder:/data/in1k_val=imagenet'); the ImageNet and CIFAR
       # families get theirs by default. `jaxcl eval --zeroshot A,B` replaces it for one call.

@@ -13,7 +13,9 @@ import math
 import ml_collections
 from etils import epath
 
-from jaxcl import errors, methods, param_groups, presets, zeroshot_suite
+from jaxcl import errors, methods, presets
+from jaxcl.models import param_groups
+from jaxcl.evaluation import zeroshot_suite
 from jaxcl.errors import ConfigError, check
 from jaxcl.presets import MODEL_DTYPES, TEMPERATURE_MODES
 
@@ -298,7 +300,7 @@ def _check_param_groups(config):
   check(not unknown, f'init.load: unknown part {unknown[0]!r}; choose from {presets.LOADABLE}'
         if unknown else '')
   check(not init.load or bool(init.source), 'init.load names parts, but init.source is empty')
-  # (Whether init.source exists matters only when a run starts fresh: jaxcl.warm_start.)
+  # (Whether init.source exists matters only when a run starts fresh: jaxcl.hub.warm_start.)
 
 
 def _check_vit(m, image_size):

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcl import parallel
-from jaxcl.experiment import Experiment, TrainState
+from jaxcl.trainer.experiment import Experiment, TrainState
 from jaxcl.methods.base import Encoders
-from jaxcl.temperature import logit_transform
+from jaxcl.models.temperature import logit_transform
 
 
 def make_embed_fns(exp: Experiment) -> dict:
@@ -33,7 +33,7 @@ def run_evaluation(exp: Experiment, state: TrainState, eval_data, embed_fns,
                    workdir=None) -> dict:
   """The method's evaluation of the model in `state` on `eval_data` (from
   exp.method.open_eval_data); fractions in [0, 1]. workdir: the run's, where
-  a text tower's zero-shot classifiers are cached (jaxcl.zeroshot_cache)."""
+  a text tower's zero-shot classifiers are cached (jaxcl.evaluation.zeroshot_cache)."""
   bind = lambda fn: functools.partial(fn, state.params, state.batch_stats)
   text = embed_fns.get('text')
   cached = workdir is not None and text is not None

@@ -27,7 +27,7 @@ collapsed embeddings score 0, not 1.
 
 ``impl`` chooses how the logits are computed, with equal values and
 gradients: 'dense' (default) materializes each device's n x N logits;
-'blockwise' and 'ring' (jaxcl.blockwise) compute them in tiles of at most
+'blockwise' and 'ring' (jaxcl.losses.tiled) compute them in tiles of at most
 ``block_size`` x ``block_size`` in a forward and a recomputing backward pass, the columns
 all-gathered once ('blockwise') or passed around the devices ('ring').
 """
@@ -39,12 +39,13 @@ from typing import Hashable, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from jaxcl import blockwise, estimators, presets
+from jaxcl.losses import tiled, estimators
+from jaxcl import presets
 
 AxisName = Union[Hashable, Sequence[Hashable], None]
 IMPLS = presets.LOSS_IMPLS
 DEFAULT_BLOCK_SIZE = 1024
-_MASKED = blockwise.MASKED
+_MASKED = tiled.MASKED
 
 
 def _gather(x: jax.Array, axis_name: AxisName) -> tuple[jax.Array, jax.Array]:
@@ -65,7 +66,7 @@ def _scaled_logits(rows: jax.Array, cols: jax.Array, temperature, transform) -> 
   τ a scalar or [n], each row's."""
   sims = jnp.einsum('nd,md->nm', rows, cols, preferred_element_type=jnp.float32)
   inverse = 1.0 / jnp.asarray(temperature, jnp.float32)
-  return blockwise.logits_of(sims, inverse[:, None] if inverse.ndim else inverse, transform)
+  return tiled.logits_of(sims, inverse[:, None] if inverse.ndim else inverse, transform)
 
 
 def _softmax_terms(logits: jax.Array, positive: jax.Array, axis_name: AxisName,
@@ -90,7 +91,7 @@ def _softmax_terms(logits: jax.Array, positive: jax.Array, axis_name: AxisName,
   total = jnp.sum(weights, axis=1)
   entropy = jnp.log(total) - jnp.sum(weights * centered, axis=1) / total
   negative_weights = jnp.where(is_positive, 0.0, weights)
-  hardest_share = blockwise.share_of_hardest(jnp.max(negative_weights, axis=1),
+  hardest_share = tiled.share_of_hardest(jnp.max(negative_weights, axis=1),
                                              jnp.sum(negative_weights, axis=1))
   return loss, _diagnostics(beaten_by, lse, entropy, hardest_share, pos_logit, axis_name,
                             num_anchors)
@@ -169,8 +170,8 @@ def _tiled(kind, rows, cols, col_ids, positive_ids, excluded_ids, positive_logit
   if impl not in ('blockwise', 'ring'):
     raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
   scale = jnp.broadcast_to(1.0 / jnp.asarray(temperature, jnp.float32), rows.shape[:1])
-  scale, bias = blockwise.varying((scale, jnp.asarray(bias, jnp.float32)), axis_name)
-  return blockwise.tiled_row_stats(
+  scale, bias = tiled.varying((scale, jnp.asarray(bias, jnp.float32)), axis_name)
+  return tiled.tiled_row_stats(
       kind, axis_name, impl == 'ring' and axis_name is not None, block_size, transform, rows,
       cols, col_ids, positive_ids, excluded_ids, jax.lax.stop_gradient(positive_logit), scale,
       bias)
@@ -185,7 +186,7 @@ def _local_ids(n: int, axis_name: AxisName) -> jax.Array:
 def _paired_logits(a, b, temperature, transform):
   """x_ii = a_i · b_i / τ for aligned rows, float32 [n]."""
   dots = jnp.einsum('nd,nd->n', a, b, preferred_element_type=jnp.float32)
-  return blockwise.logits_of(dots, 1.0 / jnp.asarray(temperature, jnp.float32), transform)
+  return tiled.logits_of(dots, 1.0 / jnp.asarray(temperature, jnp.float32), transform)
 
 
 def _moving_loss(result, lse_negatives, positive_logit, negative_mean, moving, num_negatives,
@@ -194,7 +195,7 @@ def _moving_loss(result, lse_negatives, positive_logit, negative_mean, moving, n
 
   The loss keeps the batch InfoNCE's value (what runs log and compare);
   its gradient is that of the mean over the anchors of moving.step's terms
-  (jaxcl.estimators)."""
+  (jaxcl.losses.estimators)."""
   terms, new_state = moving.step(lse_negatives, positive_logit, negative_mean, num_negatives)
   surrogate = _global_sum(jnp.sum(terms), axis_name) / num_anchors
   loss = result[0] if isinstance(result, tuple) else result
@@ -214,14 +215,14 @@ def _dense_negatives(logits, positive):
 
 def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = None,
              with_metrics: bool = False, impl: str = 'dense',
-             block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR,
+             block_size: int = DEFAULT_BLOCK_SIZE, transform: str = tiled.LINEAR,
              moving: estimators.Moving | None = None):
   """One-direction InfoNCE: row i of q against every row of k, positive k_i.
 
   q, k: [n, d] L2-normalized (n = global batch, or the local shard inside
   shard_map). Returns the mean over the N global anchors of
   -log softmax(q_i · Kᵀ / τ)[i]; τ a scalar, or [n]: each anchor's.
-  moving: an estimator's state for the n rows (jaxcl.estimators: Moving,
+  moving: an estimator's state for the n rows (jaxcl.losses.estimators: Moving,
   or Individual, whose τ [n] must be `temperature`): the gradient becomes
   the estimator's, and the return value (result, its new state).
   """
@@ -230,7 +231,7 @@ def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = N
   if impl != 'dense':
     ids = _local_ids(n, axis_name)
     positive = _paired_logits(q, k, temperature, transform)
-    kind = blockwise.SOFTMAX if moving is None else blockwise.NEGATIVES
+    kind = tiled.SOFTMAX if moving is None else tiled.NEGATIVES
     stat, summary = _tiled(kind, q, k, ids, ids, jnp.full(n, -1, jnp.int32),
                            positive, temperature, 0.0, axis_name, impl, block_size, transform)
     lse = stat if moving is None else jax.lax.stop_gradient(summary['lse'])
@@ -254,7 +255,7 @@ def info_nce(q: jax.Array, k: jax.Array, *, temperature, axis_name: AxisName = N
 
 def clip_loss(a: jax.Array, b: jax.Array, *, temperature, axis_name: AxisName = None,
               with_metrics: bool = False, impl: str = 'dense',
-              block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR,
+              block_size: int = DEFAULT_BLOCK_SIZE, transform: str = tiled.LINEAR,
               moving: estimators.Moving | None = None):
   """CLIP's symmetric loss: ½ (info_nce(a, b) + info_nce(b, a)). a, b: [n, d].
   temperature: one τ; [2]: τ of a → b (image to text) and of b → a; or
@@ -278,7 +279,7 @@ def clip_loss(a: jax.Array, b: jax.Array, *, temperature, axis_name: AxisName = 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = None,
             with_metrics: bool = False, impl: str = 'dense',
-            block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR,
+            block_size: int = DEFAULT_BLOCK_SIZE, transform: str = tiled.LINEAR,
             moving: estimators.Moving | None = None):
   """SimCLR's NT-Xent over 2N anchors (both views of N pairs).
 
@@ -302,7 +303,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
     ids1 = _local_ids(n, axis_name)
     ids = jnp.concatenate([ids1, ids1 + big_n])
     positive = _paired_logits(anchors, jnp.concatenate([z2, z1], axis=0), tau, transform)
-    kind = blockwise.SOFTMAX if moving is None else blockwise.NEGATIVES
+    kind = tiled.SOFTMAX if moving is None else tiled.NEGATIVES
     stat, summary = _tiled(kind, anchors, anchors, ids, jnp.concatenate([ids1 + big_n, ids1]),
                            ids, positive, tau, 0.0, axis_name, impl, block_size, transform)
     lse = stat if moving is None else jax.lax.stop_gradient(summary['lse'])
@@ -333,7 +334,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature, axis_name: AxisName = 
 
 def siglip_loss(a: jax.Array, b: jax.Array, *, temperature, bias,
                 axis_name: AxisName = None, with_metrics: bool = False, impl: str = 'dense',
-                block_size: int = DEFAULT_BLOCK_SIZE, transform: str = blockwise.LINEAR):
+                block_size: int = DEFAULT_BLOCK_SIZE, transform: str = tiled.LINEAR):
   """SigLIP's pairwise sigmoid loss.
 
   a, b: [n, d] L2-normalized. logits = a · Bᵀ / τ + bias; y = +1 for the pair
@@ -344,7 +345,7 @@ def siglip_loss(a: jax.Array, b: jax.Array, *, temperature, bias,
     n = a.shape[0]
     ids = _local_ids(n, axis_name)
     positive = _paired_logits(a, b, temperature, transform)
-    sums, summary = _tiled(blockwise.SIGMOID, a, b, ids, ids, jnp.full(n, -1, jnp.int32),
+    sums, summary = _tiled(tiled.SIGMOID, a, b, ids, ids, jnp.full(n, -1, jnp.int32),
                            positive, temperature, bias, axis_name, impl, block_size, transform)
     big_n = n * _num_devices(axis_name)
     loss = -_global_sum(jnp.sum(sums), axis_name) / big_n

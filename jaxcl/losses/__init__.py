@@ -1,0 +1,22 @@
+"""Contrastive losses over the global batch, as pure functions of arrays.
+
+The modules, each importing only those above it:
+
+- estimators: per-anchor estimates of the softmax's negative term that
+  outlive the batch (SogCLR's moving average, the per-example τ tables).
+- tiled: the logits in tiles, never whole ('blockwise' and 'ring').
+- contrastive: InfoNCE, CLIP's and SimCLR's losses and SigLIP's sigmoid
+  loss, dense or tiled, and the embedding diagnostics.
+
+This package re-exports contrastive's public names: ``losses.clip_loss`` etc.
+"""
+
+from jaxcl.losses import estimators, tiled  # noqa: F401  (submodules, in import order)
+from jaxcl.losses.contrastive import (DEFAULT_BLOCK_SIZE, IMPLS, UNIFORMITY_ROWS,
+                                      alignment_uniformity, clip_loss, info_nce, nt_xent,
+                                      siglip_loss)
+
+__all__ = [
+    'DEFAULT_BLOCK_SIZE', 'IMPLS', 'UNIFORMITY_ROWS', 'alignment_uniformity', 'clip_loss',
+    'info_nce', 'nt_xent', 'siglip_loss',
+]

@@ -1,0 +1,25 @@
+"""The trainer: everything between a validated config and a trained run.
+
+The modules, each importing only those above it:
+
+- distributed: one process per host or GPU, jax.distributed started.
+- compilation_cache: jax's persistent compilation cache for every command.
+- profiling, throughput: a profiler trace of chosen steps; FLOPs and
+  examples per second.
+- validation: every check on a config before anything is compiled or written.
+- optim: optimizers and learning-rate schedules.
+- experiment: what a config builds before the first step (model, state,
+  mesh, shardings, the method).
+- per_example: state kept per training example (the per-example τ tables).
+- grad_cache: the exact large-batch step in microbatches.
+- train_step: the jitted step, (state, batch) -> (state, metrics).
+- step_memory: the compiled step's memory and FLOPs, before a run starts.
+- synthetic: a config's model and step without a dataset (benchmarks).
+- checkpoints: orbax saves and restores of the state, with fallbacks.
+- guards: stopping cleanly on a signal or a non-finite step.
+- evaluator: the frozen model's embedding functions and the method's
+  evaluation, during training, at its end and for `jaxcl eval`.
+- trained: a trained run loaded back from its workdir.
+
+The loop itself is jaxcl.train.
+"""

@@ -167,7 +167,7 @@ def test_ctrl_c_saves_the_current_step_and_says_where_to_resume(tmp_path):
                      f'{workdir / "checkpoints"}; run the same command again to resume')
   assert 10 <= step <= logged + 5 and step < RUN_STEPS
   assert max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == step
-  assert not (workdir / 'eval.json').exists() and not (workdir / 'jaxcl.workdir.lock').exists()
+  assert not (workdir / 'eval.json').exists() and not (workdir / 'jaxcl.lock').exists()
 
 
 def test_a_second_ctrl_c_raises_at_once():

@@ -1,4 +1,4 @@
-"""The workdir lock (jaxcl.workdir.lock) on a local disk and on a real local GCS
+"""The workdir lock (jaxcl.lock) on a local disk and on a real local GCS
 server (tests/gcs_server.py): live holders refused, dead ones taken over, a
 takeover noticed, and of processes racing for one workdir exactly one wins."""
 

@@ -1,4 +1,4 @@
-"""One run per workdir: `jaxcl train` holds WORKDIR/jaxcl.workdir.lock while it runs.
+"""One run per workdir: `jaxcl train` holds WORKDIR/jaxcl.lock while it runs.
 
 The lock is a directory, because creating a directory is atomic on local
 and network file systems (two runs racing for a workdir: exactly one wins).

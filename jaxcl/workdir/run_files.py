@@ -38,7 +38,7 @@ def check_trainable_workdir(workdir) -> None:
 
 @contextlib.contextmanager
 def hold_workdir(workdir):
-  """Creates `workdir` and holds its lock (jaxcl.workdir.lock) for the body: one
+  """Creates `workdir` and holds its lock (jaxcl.lock) for the body: one
   run per workdir. Process 0 takes it for the job; every process raises
   ConfigError if the workdir is in use or cannot be written."""
   lock, error = lock_lib.WorkdirLock(workdir), None

@@ -30,17 +30,24 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import sys
 import tempfile
 import time
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+
+from jaxcl import files
+from jaxcl.config import config_files, recipes
+from jaxcl.trainer import checkpoints, synthetic
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _state(exp):
   """The train state with random values in every floating leaf."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   abstract = exp.abstract_state()
   leaves, tree = jax.tree.flatten(abstract)
   keys = jax.random.split(jax.random.key(0), len(leaves))
@@ -54,10 +61,6 @@ def _state(exp):
 
 
 def measure(exp, state, workdir: str, saves: int) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from jaxcl.trainer import checkpoints  # pylint: disable=g-import-not-at-top
-  from jaxcl import files  # pylint: disable=g-import-not-at-top
   manager = checkpoints.checkpoint_manager(workdir, exp.config, cleanup=True)
   blocked, written = [], []
   for i in range(1, saves + 1):
@@ -86,8 +89,7 @@ def main() -> None:
   args = parser.parse_args()
 
   sys.path.insert(0, str(REPO / 'tests'))
-  import gcs_server  # pylint: disable=g-import-not-at-top
-  import socket  # pylint: disable=g-import-not-at-top
+  import gcs_server  # noqa: PLC0415  (from tests/, put on sys.path above)
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
@@ -95,9 +97,6 @@ def main() -> None:
   server = gcs_server.start(port, os.path.join(scratch, 'server.log'))
   os.environ.update(gcs_server.environment(port))
   try:
-    import jax  # pylint: disable=g-import-not-at-top
-    from jaxcl.config import config_files, recipes  # pylint: disable=g-import-not-at-top
-    from jaxcl.trainer import synthetic  # pylint: disable=g-import-not-at-top
     config = config_files.load(str(REPO / 'configs/clip_vit_b16.py'))
     recipes.architecture(config, 'ViT-B-16')
     config.batch_size = 16

@@ -71,9 +71,10 @@ def _train_starts(name: str, root: str) -> list[dict]:
 
 
 def _vit_b16_child() -> None:
-  import jax  # pylint: disable=g-import-not-at-top  # after the flags are parsed
-  from jaxcl.trainer import compilation_cache, synthetic, train_step  # pylint: disable=g-import-not-at-top
-  from jaxcl.config import config_files  # pylint: disable=g-import-not-at-top
+  import jax  # noqa: PLC0415  (after the flags are parsed)
+
+  from jaxcl.config import config_files  # noqa: PLC0415  (as jax)
+  from jaxcl.trainer import compilation_cache, synthetic, train_step  # noqa: PLC0415  (as jax)
   compilation_cache.enable(_CHILD.value, None)
   config = config_files.load(os.path.join(REPO, 'configs/clip_vit_b16.py'))
   config.batch_size = 8
@@ -101,8 +102,8 @@ def _halving(root: str) -> list[dict]:
   config = os.path.join(REPO, RUN_CONFIGS['digits'])
   rows = []
   for start, where in (('no cache', 'none'), ('cold cache', os.path.join(root, 'sweep_cache'))):
-    wall = _jaxcl('sweep', '--config', config, '--workdir', os.path.join(root, f'sweep_{len(rows)}'),
-                  *HALVING, cache=where)
+    wall = _jaxcl('sweep', '--config', config,
+                  '--workdir', os.path.join(root, f'sweep_{len(rows)}'), *HALVING, cache=where)
     rows.append({'part': 'halving', 'start': start, 'step_compile_s': None, 'from_cache': None,
                  'wall_s': wall})
   return rows

@@ -1,6 +1,7 @@
 """Peak memory of `jaxcl import` of a published-size checkpoint.
 
-  python benchmarks/import_memory.py [--architecture ViT-B-16] [--json benchmarks/import_memory.json]
+  python benchmarks/import_memory.py [--architecture ViT-B-16]
+      [--json benchmarks/import_memory.json]
 
 Builds transformers' CLIPModel at the architecture's published size with
 random weights (nothing is downloaded), saves it as a transformers
@@ -27,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from jaxcl import presets
+
 
 def _child_peak_mb(args) -> tuple[float, float]:
   """(peak RSS in MiB, seconds) of a fresh process running `args`."""
@@ -44,9 +47,8 @@ def _child_peak_mb(args) -> tuple[float, float]:
 
 
 def _source(directory, name):
-  import open_clip  # pylint: disable=g-import-not-at-top
-  from transformers import CLIPConfig, CLIPModel  # pylint: disable=g-import-not-at-top
-  from jaxcl import presets  # pylint: disable=g-import-not-at-top
+  import open_clip
+  from transformers import CLIPConfig, CLIPModel
   a = presets.ARCHITECTURES[name]
   cfg = CLIPConfig(
       text_config=dict(vocab_size=49408, hidden_size=a['text.width'],
@@ -88,9 +90,9 @@ def main():
   print('| architecture | parameters | weights (f32) | import peak RSS | jax baseline RSS | '
         'peak - baseline | checkpoint on disk | wall |')
   print('|---|---|---|---|---|---|---|---|')
-  print(f"| {row['architecture']} | {count:,} | {row['weights_mib']} MiB | {row['peak_rss_mib']} MiB"
-        f" | {row['baseline_rss_mib']} MiB | {peak - baseline:.0f} MiB | {row['checkpoint_mib']} MiB"
-        f" | {row['seconds']} s |")
+  print(f"| {row['architecture']} | {count:,} | {row['weights_mib']} MiB "
+        f"| {row['peak_rss_mib']} MiB | {row['baseline_rss_mib']} MiB "
+        f"| {peak - baseline:.0f} MiB | {row['checkpoint_mib']} MiB | {row['seconds']} s |")
   with open(args.json, 'w') as f:
     json.dump(row, f, indent=2)
 

@@ -46,10 +46,8 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw, features
 
+from jaxcl.data import decode as decode_lib, shards as shards_lib, stream as stream_lib
 from jaxcl.trainer import throughput
-from jaxcl.data import decode as decode_lib
-from jaxcl.data import shards as shards_lib
-from jaxcl.data import stream as stream_lib
 
 WORDS = ('a photo of', 'a red', 'the old', 'dog', 'house', 'car', 'on the beach', 'at night')
 # (machine type, accelerators, vCPUs): the Cloud TPU v5e docs' VM types table; Compute Engine's
@@ -95,7 +93,8 @@ def machine() -> dict:
   cpu = platform.processor()
   if not cpu and os.path.exists('/proc/cpuinfo'):  # platform.processor() is empty on most Linux
     with open('/proc/cpuinfo') as f:
-      cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), '')
+      cpu = next((line.split(':', 1)[1].strip() for line in f
+                  if line.startswith('model name')), '')
   ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
   return {'processor': cpu or platform.machine(), 'cpus': os.cpu_count(), 'ram_gib': round(ram, 1),
           'pillow': Image.__version__, 'libjpeg_turbo': features.check_feature('libjpeg_turbo')}
@@ -157,7 +156,7 @@ def _rss_mib(pid: int) -> float:
                   for child in open(f'/proc/{pid}/task/{task}/children').read().split()]
   for p in pids:
     with open(f'/proc/{p}/status') as f:
-      total += next(int(l.split()[1]) for l in f if l.startswith('VmRSS'))
+      total += next(int(line.split()[1]) for line in f if line.startswith('VmRSS'))
   return total / 1024
 
 
@@ -200,8 +199,8 @@ def accelerator_rows(per_core: float, ceiling: float, args) -> list[dict]:
     per_accel, source = given, 'given on the command line'
     if not given:
       per_accel = peak * 1e3 * args.mfu / train_gf
-      source = (f'ESTIMATE, not measured: {peak:.0f} TFLOP/s peak bf16 (jaxcl.trainer.throughput) x '
-                f'assumed MFU {args.mfu} / {train_gf:.0f} GFLOP')
+      source = (f'ESTIMATE, not measured: {peak:.0f} TFLOP/s peak bf16 '
+                f'(jaxcl.trainer.throughput) x assumed MFU {args.mfu} / {train_gf:.0f} GFLOP')
     needed = per_accel / per_core
     by_cores, by_process = needed > vcpus / count, count * per_accel > ceiling
     print(f'{kind}: {per_accel:,.0f} examples/s per accelerator ({source})\n'

@@ -43,8 +43,9 @@ n, d, impl, block = args['batch'], args['dim'], args['impl'], args['block_size']
 kwargs = dict(temperature=0.07, impl=impl, block_size=block)
 if args['devices'] > 1:
   mesh = jax.make_mesh((args['devices'],), ('data',), axis_types=(AxisType.Auto,))
-  loss = jax.shard_map(lambda a, b, t: losses.clip_loss(a, b, axis_name='data', **{**kwargs, 'temperature': t}),
-                       mesh=mesh, in_specs=(P('data'), P('data'), P()), out_specs=P())
+  loss = jax.shard_map(
+      lambda a, b, t: losses.clip_loss(a, b, axis_name='data', **{**kwargs, 'temperature': t}),
+      mesh=mesh, in_specs=(P('data'), P('data'), P()), out_specs=P())
   sharding = NamedSharding(mesh, P('data'))
 else:
   loss = lambda a, b, t: losses.clip_loss(a, b, **{**kwargs, 'temperature': t})
@@ -54,7 +55,8 @@ key_a, key_b = jax.random.split(jax.random.key(0))
 def embeddings(key):
   x = jax.random.normal(key, (n, d), jnp.float32)
   return x / jnp.linalg.norm(x, axis=1, keepdims=True)
-a, b = jax.jit(embeddings, out_shardings=sharding)(key_a), jax.jit(embeddings, out_shardings=sharding)(key_b)
+a = jax.jit(embeddings, out_shardings=sharding)(key_a)
+b = jax.jit(embeddings, out_shardings=sharding)(key_b)
 compiled = step.lower(a, b, jnp.float32(0.07)).compile()
 mem = compiled.memory_analysis()
 planned = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes

@@ -35,11 +35,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from jaxcl.trainer import validation
-from jaxcl import config as config_lib
-from jaxcl.config import config_files, recipes
 from jaxcl import parallel
-from jaxcl.trainer import step_memory, synthetic, train_step
+from jaxcl.config import config_files, recipes
+from jaxcl.trainer import step_memory, synthetic, train_step, validation
 
 _MODELS = flags.DEFINE_string('models', 'clip_b16,siglip_b16', 'Comma-separated models.')
 _BUDGETS = flags.DEFINE_string('budgets_gb', '16,40,80', 'Device memories, GB (1e9 bytes).')
@@ -187,8 +185,9 @@ def main(argv):
                                             **{'optimizer.mu_dtype': 'bfloat16'}))
     result['moonshot'] = dict(model='clip_b16', batch_size=65_536, **variant,
                               mu_dtype='bfloat16', **record)
+    fits = 'fits' if record['peak_bytes'] <= 80 * GB else 'does not fit'
     print(f"moonshot: CLIP ViT-B/16, batch 65,536 on one device: peak "
-          f"{record['peak_bytes'] / GB:.1f} GB ({'fits' if record['peak_bytes'] <= 80 * GB else 'does not fit'} 80 GB)")
+          f"{record['peak_bytes'] / GB:.1f} GB ({fits} 80 GB)")
   with open(_JSON.value, 'w') as f:
     json.dump(result, f, indent=2)
   print(f'wrote {_JSON.value}', file=sys.stderr)

@@ -26,6 +26,8 @@ import time
 
 from etils import epath
 
+from jaxcl import config as config_lib, report
+
 DIGITS = 'configs/simclr_digits.py'
 SHAPES = 'configs/clip_shapes.py'
 SOGCLR = {'loss.estimator': 'sogclr'}
@@ -92,7 +94,6 @@ def _read_json(path):
 def train(config: str, overrides: dict, seed: int, run_dir: epath.Path) -> None:
   """`jaxcl train` for one run unless it is finished; its wall seconds
   recorded when it trained from the start in this call."""
-  from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
   results = _read_json(run_dir / 'eval.json')
   if results and results.get('step') == config_lib.read_saved(run_dir).get('total_steps'):
     return
@@ -108,7 +109,6 @@ def train(config: str, overrides: dict, seed: int, run_dir: epath.Path) -> None:
 
 def summarize(run_dir: epath.Path) -> dict:
   """The run's final evaluation and the last log step's τ."""
-  from jaxcl import report  # pylint: disable=g-import-not-at-top
   results = _read_json(run_dir / 'eval.json') or {}
   train_rows = [r for r in report.read_metrics(run_dir) if 'loss' in r]
   last = train_rows[-1] if train_rows else {}

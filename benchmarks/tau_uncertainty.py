@@ -28,6 +28,9 @@ import sys
 import jax
 import numpy as np
 
+from jaxcl import data
+from jaxcl.trainer import trained
+
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:
   """P(score of a positive > score of a negative), ties counting half
@@ -42,13 +45,12 @@ def main() -> None:
   parser.add_argument('--workdir', required=True, help='a run with temperature.mode=predicted')
   parser.add_argument('--json', default='benchmarks/tau_uncertainty.json')
   args = parser.parse_args()
-  from jaxcl import data  # pylint: disable=g-import-not-at-top
-  from jaxcl.trainer import trained  # pylint: disable=g-import-not-at-top
   exp, state = trained.load_trained(args.workdir)
   mode = exp.config.temperature.mode
   if mode not in ('predicted', 'individual'):
     sys.exit(f'{args.workdir} has temperature.mode={mode}, neither predicted nor individual')
-  split = exp.config.dataset.eval_test_split if mode == 'predicted' else exp.config.dataset.train_split
+  d = exp.config.dataset
+  split = d.eval_test_split if mode == 'predicted' else d.train_split
   source, _ = data.load_source(exp.config.dataset, split)
   two_shapes = np.array([source[i]['label'] < 0 for i in range(len(source))])
   if mode == 'predicted':

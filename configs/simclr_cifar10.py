@@ -6,15 +6,15 @@ jitter strength 0.5, LARS with LR = 1.0 x batch / 256... here 0.3 x batch /
 format (needs TensorFlow once, to encode the images):
 
   pip install tensorflow
-  python -c "import tensorflow_datasets as tfds; tfds.builder('cifar10', file_format='array_record').download_and_prepare()"
+  python -c "import tensorflow_datasets as tfds; \
+  tfds.builder('cifar10', file_format='array_record').download_and_prepare()"
   jaxcl train --config configs/simclr_cifar10.py --workdir workdirs/cifar10
 
 Expected: about 85-90% kNN top-1 after 500-1000 epochs (SimCLR reports ~90%
 linear top-1 for ResNet-50 at 1000 epochs); not measured here yet.
 """
 
-from jaxcl.config import recipes
-from jaxcl.config import base_config
+from jaxcl.config import base_config, recipes
 
 
 def get_config():

@@ -21,7 +21,8 @@ def get_config():
   config.checkpoint_every_steps = 300
 
   config.dataset.update(name='digits', mean=(0.5,), std=(0.5,))
-  config.augment.update(image_size=8, crop_scale_min=0.4, flip=False,  # digits aren't mirror-symmetric
+  config.augment.update(image_size=8, crop_scale_min=0.4,
+                        flip=False,  # digits aren't mirror-symmetric
                         color_jitter_prob=0.8, color_jitter_strength=0.5, grayscale_prob=0.0,
                         blur_prob=0.0)
   config.model.update(name='resnet18', stage_sizes=(1, 1, 1), width=32, small_images=True,

@@ -14,8 +14,7 @@ Expected (SimCLR paper): ~64.5% linear top-1 at 100 epochs with batch 4096
 subset of train. Not measured here.
 """
 
-from jaxcl.config import recipes
-from jaxcl.config import base_config
+from jaxcl.config import base_config, recipes
 
 
 def get_config():

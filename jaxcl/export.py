@@ -24,11 +24,10 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from jaxcl import config as config_lib
-from jaxcl import errors, files, methods, models
+from jaxcl import config as config_lib, errors, files, methods, models
 from jaxcl.trainer import evaluator
-from jaxcl.workdir import run_files
 from jaxcl.trainer.trained import load_trained
+from jaxcl.workdir import run_files
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 

@@ -41,17 +41,20 @@ UNRESTORABLE_DIR = 'unrestorable_checkpoints'  # checkpoints set aside (jaxcl.tr
 LOCK_DIR = 'jaxcl.lock'  # held by the run in progress (jaxcl.workdir.lock)
 WALL_FILE = 'wall_time.json'  # a sweep run's training time
 REPORT_DIR, REPORT_FILE = 'report', 'report.html'
-ZEROSHOT_CACHE_FILE = 'zeroshot_classifiers.npz'  # the newest step's (jaxcl.evaluation.zeroshot_cache)
+# the newest step's zero-shot classifiers (jaxcl.evaluation.zeroshot_cache)
+ZEROSHOT_CACHE_FILE = 'zeroshot_classifiers.npz'
 COMPILED_STEP_FILE = 'compiled_step.json'  # the step's memory and FLOPs (jaxcl.trainer.step_memory)
 # profile_steps' traces: jax.profiler.start_trace(WORKDIR) writes plugins/profile/<time>/,
 # where `tensorboard --logdir WORKDIR` finds them (jaxcl.trainer.profiling)
 PROFILE_DIR = 'plugins'
-WANDB_DIR = 'wandb'  # wandb.project: wandb's own files, its offline runs (jaxcl.workdir.metric_writer)
+# wandb.project: wandb's own files, its offline runs (jaxcl.workdir.metric_writer)
+WANDB_DIR = 'wandb'
 # Everything jaxcl keeps at the top of a workdir (files and folders): nothing
 # else, `jaxcl export --output` included, may write there under these names.
 WORKDIR_NAMES = frozenset({
     CONFIG_FILE, EVAL_FILE, METRICS_FILE, METRICS_PARTS_DIR, CHECKPOINT_DIR, BATCH_HISTORY_FILE,
-    SKIPPED_IMAGES_FILE, SKIPPED_SAMPLES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE, *CLIP_BPE_FILES,
+    SKIPPED_IMAGES_FILE, SKIPPED_SAMPLES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE,
+    *CLIP_BPE_FILES,
     LOCK_DIR, DATA_FACTS_FILE, UNRESTORABLE_DIR, REPORT_DIR, REPORT_FILE, WALL_FILE,
     ZEROSHOT_CACHE_FILE, PROFILE_DIR, WANDB_DIR, COMPILED_STEP_FILE})
 

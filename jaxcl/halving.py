@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import math
 
+import jax
+import matplotlib.pyplot as plt
 from etils import epath
 
-from jaxcl.trainer import checkpoints
-from jaxcl import errors, files, methods, sweep
+from jaxcl import errors, files, methods, report, sweep
 from jaxcl.data import shard_sources
+from jaxcl.trainer import checkpoints, trained
 
 
 def schedule(num_candidates: int, total_steps: int, eta: int = 2) -> list[tuple[int, int]]:
@@ -116,7 +118,6 @@ def run_halving(config, workdir, values: list[str], eta: int = 2, holdout: float
   """Successive halving over `values`; writes sweep.json (every rung, as it
   is scored), sweep.csv and sweep.png. Returns the sweep.json record.
   monitor: the evaluation metric that ranks (default: the method's)."""
-  import jax  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   writer = jax.process_index() == 0
   changes = holdout_changes(config, holdout)
@@ -135,7 +136,6 @@ def run_halving(config, workdir, values: list[str], eta: int = 2, holdout: float
 def _halve(workdir, record: dict, configs: dict, values: list[str], rungs, changes: dict,
            metrics: tuple[str, ...], writer: bool, log) -> dict:
   """run_halving's rungs, from the first that `record` has not scored."""
-  from jaxcl.trainer import trained  # pylint: disable=g-import-not-at-top
   alive = list(values)
   for k, (step, count) in enumerate(rungs):
     last = k == len(rungs) - 1
@@ -204,8 +204,6 @@ def _reached(record: dict, rungs) -> dict:
 def plot_rungs(workdir, record: dict) -> None:
   """DIR/sweep.png: each candidate's held-out score at each rung it
   reached, and the first rung's scores against τ."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from jaxcl import report  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for i, value in enumerate(record['candidates']):
     points = [(r['step'], r['scores'][value]) for r in record['rungs']

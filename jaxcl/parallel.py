@@ -18,9 +18,10 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxcl.presets import BATCH_AXES, MESH_AXES, mesh_shape  # noqa: E402,F401  (re-exported)
+from jaxcl.presets import BATCH_AXES, MESH_AXES, mesh_shape  # noqa: F401  (re-exported)
 
 FSDP_AXIS = 'fsdp'  # the axis parameters and optimizer state are split over
 FSDP_MIN_SIZE = 2**12  # arrays with fewer elements stay replicated
@@ -29,8 +30,8 @@ FSDP_MIN_SIZE = 2**12  # arrays with fewer elements stay replicated
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes),
-                       devices=devices)
+  return jax.make_mesh(tuple(sizes.values()), tuple(sizes),
+                       axis_types=(AxisType.Auto,) * len(sizes), devices=devices)
 
 
 def num_batch_shards(mesh: Mesh) -> int:
@@ -85,5 +86,4 @@ def gather_to_host(tree):
   """Batch-sharded global arrays -> the whole arrays as NumPy on every process."""
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

@@ -13,7 +13,8 @@ STATE_DTYPES = ('float32', 'bfloat16')  # optimizer.mu_dtype: Adam's first momen
 # What a Transformer block keeps for its backward pass (jaxcl.models.transformer.run_blocks):
 # everything, nothing (recomputed), or its matmul outputs (all, or those without batch dims).
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
-TEMPERATURE_MODES = ('fixed', 'learnable', 'cosine', 'free', 'individual', 'predicted')  # jaxcl.models.temperature
+# jaxcl.models.temperature
+TEMPERATURE_MODES = ('fixed', 'learnable', 'cosine', 'free', 'individual', 'predicted')
 TOKENIZERS = ('bytes', 'sentencepiece', 'clip_bpe')  # jaxcl.text.tokenizers
 TEXT_NORMALIZERS = ('', 'siglip')  # sentencepiece's text.normalize: none, SiglipTokenizer's
 

@@ -16,13 +16,13 @@ import io
 import json
 
 import matplotlib
+import matplotlib.pyplot as plt
+from etils import epath
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from etils import epath  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxcl import errors, files
+from jaxcl.workdir import metrics_log
 
-from jaxcl import errors, files  # noqa: E402  pylint: disable=wrong-import-position
-from jaxcl.workdir import metrics_log  # noqa: E402  pylint: disable=wrong-import-position
+matplotlib.use('Agg')  # headless; pyplot picks its backend at the first figure
 
 REPORT_DIR, REPORT_FILE = files.REPORT_DIR, files.REPORT_FILE
 # (file name, title, metric keys, log y axis)

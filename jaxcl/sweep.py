@@ -35,17 +35,17 @@ import signal
 import threading
 import time
 
+import jax
 import matplotlib
+import matplotlib.pyplot as plt
+from etils import epath
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from etils import epath  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-
+from jaxcl import config as config_lib, errors, files, report, train
+from jaxcl.config import config_files
 from jaxcl.trainer import validation
-from jaxcl import config as config_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from jaxcl.config import config_files  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from jaxcl import errors, files  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from jaxcl import report  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxcl.workdir import run_files
+
+matplotlib.use('Agg')  # headless; pyplot picks its backend at the first figure
 
 LEARNABLE = 'learnable'
 TRAIN_COLUMNS = ('loss', 'entropy', 'effective_negatives', 'positive_prob', 'contrastive_top1',
@@ -238,7 +238,6 @@ def prepare(config, workdir, values: list[str], sweep_settings: dict, writer: bo
   run's workdir trainable and resumable with its config) before the first
   trains; the sweep's directory made and its settings recorded (by the
   writer). ConfigError for a directory that holds something else."""
-  from jaxcl.workdir import run_files  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   if workdir.is_dir() and not (files.is_empty_dir(workdir) or files.is_sweep(workdir)):
     raise config_lib.ConfigError(f'workdir {workdir} holds files but is not a jaxcl sweep (no '
@@ -287,7 +286,6 @@ def ctrl_c_stops_the_sweep():
   the sweep at once, as KeyboardInterrupt(INTERRUPTED), since everything on
   disk is whole (atomic files, complete checkpoints); a second one as a bare
   KeyboardInterrupt. Inside the loop, guards.Preemption saves the step first."""
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
     yield
     return
@@ -308,7 +306,6 @@ def ctrl_c_stops_the_sweep():
 def timed_train(cfg, run_dir, writer: bool, **kwargs) -> None:
   """train.train_and_evaluate, its seconds added to the run's wall_time.json
   (a run resumed after a kill, or continued at a rung, counts every call)."""
-  from jaxcl import train  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   train.train_and_evaluate(cfg, run_dir, **kwargs)
   if writer:
@@ -320,7 +317,6 @@ def timed_train(cfg, run_dir, writer: bool, **kwargs) -> None:
 def run_sweep(config, workdir, values: list[str], log=print) -> dict:
   """Trains and evaluates every value (skipping finished runs); writes the
   sweep files. Returns sweep.json's record: the settings, 'columns', 'rows'."""
-  import jax  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   writer = jax.process_index() == 0  # on a pod, process 0 writes the sweep's files
   with undone_if_refused(workdir, writer):

@@ -20,16 +20,20 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxcl.trainer import checkpoints, compilation_cache, evaluator, guards
-from jaxcl import data, errors, files
-from jaxcl import parallel
-from jaxcl.workdir import run_files
-from jaxcl import config as config_lib
-from jaxcl.workdir import lock as lock_lib
-from jaxcl.trainer import train_step
+from jaxcl import config as config_lib, data, errors, files, parallel
 from jaxcl.hub import warm_start
-from jaxcl.trainer import profiling, step_memory, throughput
+from jaxcl.trainer import (
+  checkpoints,
+  compilation_cache,
+  evaluator,
+  guards,
+  profiling,
+  step_memory,
+  throughput,
+  train_step,
+)
 from jaxcl.trainer.experiment import Experiment, setup
+from jaxcl.workdir import lock as lock_lib, run_files
 from jaxcl.workdir.metric_writer import MetricWriter
 
 
@@ -77,7 +81,8 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False,
     try:
       return _train(exp, eval_data, workdir, notes, lock, initial, compiled, target)
     except OSError as e:  # writing the run's files: a full disk, a lost mount
-      raise errors.RunError(f'cannot write to {workdir}: {e.strerror or errors.type_and_first_line(e)}; '
+      raise errors.RunError(f'cannot write to {workdir}: '
+                            f'{e.strerror or errors.type_and_first_line(e)}; '
                             f'the last complete checkpoint is step '
                             f'{checkpoints.complete_step(workdir)}') from None
 
@@ -278,5 +283,5 @@ def _close_after_failure(*closables) -> None:
   for closable in closables:
     try:
       closable.close()
-    except Exception:  # pylint: disable=broad-except  # the failure is being reported
+    except Exception:  # the failure is being reported
       pass

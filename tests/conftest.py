@@ -7,7 +7,12 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 
+import pytest
+from etils import epath
+
+import gcs_server  # no jax
 import helpers  # no jax: it sets nothing
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -31,20 +36,17 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # the run's first process: it
   atexit.register(shutil.rmtree, os.environ['JAXCL_COMPILATION_STATS_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 
-import jax  # noqa: E402  (must come after the flags)
+import jax  # this and jaxcl after the flags above
+
+from jaxcl.trainer import compilation_cache
 
 jax.config.update('jax_enable_x64', False)
-
-from jaxcl.trainer import compilation_cache  # noqa: E402
-
 compilation_cache.listen()
 
 # The embedded datasets are prepared once per test run, here.
 if 'TFDS_DATA_DIR' not in os.environ:
   os.environ['TFDS_DATA_DIR'] = tempfile.mkdtemp(prefix='jaxcl-tfds-')
   atexit.register(shutil.rmtree, os.environ['TFDS_DATA_DIR'], ignore_errors=True)
-
-import pytest  # noqa: E402
 
 
 def trained_once(tmp_path_factory, name: str, *args, devices: int = 1):
@@ -78,9 +80,7 @@ def gcs_bucket(tmp_path_factory):
   client of jaxcl pointed at it (this process and the ones it starts);
   yields its bucket, 'gs://jaxcl-test'. A server that does not start fails
   the tests that need it, with its log."""
-  import gcs_server  # pylint: disable=g-import-not-at-top
-  from helpers import free_port  # pylint: disable=g-import-not-at-top
-  port = free_port()
+  port = helpers.free_port()
   server = gcs_server.start(port, tmp_path_factory.mktemp('gcs') / 'server.log')
   os.environ.update(gcs_server.environment(port))
   yield f'gs://{gcs_server.BUCKET}'
@@ -91,8 +91,6 @@ def gcs_bucket(tmp_path_factory):
 @pytest.fixture
 def gcs_dir(gcs_bucket, request):
   """A gs:// folder of its own for one test (an etils epath.Path)."""
-  import uuid  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
   return epath.Path(gcs_bucket) / f'{request.node.name[:40]}-{uuid.uuid4().hex[:8]}'
 
 

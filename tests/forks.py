@@ -63,12 +63,12 @@ def child(request):
   try:
     if request['config']:  # parse only: the command line as `jaxcl` reads it
       try:
-        cli._parse(argv[0], argv[1:])  # pylint: disable=protected-access
+        cli._parse(argv[0], argv[1:])
       except cli.UsageError as e:
         print(f'jaxcl: error: {e}', file=sys.stderr)
         sys.exit(2)
       with open(request['config'], 'w') as f:
-        json.dump(config.flat_config(cli._CONFIG.value), f)  # pylint: disable=protected-access
+        json.dump(config.flat_config(cli._CONFIG.value), f)
       code = 0
     else:
       cli.main(sys.argv)
@@ -77,7 +77,7 @@ def child(request):
     code = e.code if isinstance(e.code, int) else 1
   except BaseException:  # a traceback, as the interpreter would print it
     traceback.print_exc()
-  atexit._run_exitfuncs()  # pylint: disable=protected-access  # no public way
+  atexit._run_exitfuncs()  # no public way
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)
@@ -123,8 +123,8 @@ class Server:
     paths = {name: os.path.join(self._folder, name) for name in ('out', 'err', 'config.json')}
     if os.path.exists(paths['config.json']):
       os.remove(paths['config.json'])
-    request = {'argv': list(argv), 'env': env, 'out': paths['out'], 'err': paths['err'], 'timeout': timeout,
-               'config': paths['config.json'] if parse_only else None}
+    request = {'argv': list(argv), 'env': env, 'out': paths['out'], 'err': paths['err'],
+               'timeout': timeout, 'config': paths['config.json'] if parse_only else None}
     self._proc.stdin.write(json.dumps(request) + '\n')
     self._proc.stdin.flush()
     reply = json.loads(self._proc.stdout.readline())

@@ -29,6 +29,10 @@ import time
 import urllib.request
 from http import HTTPStatus
 
+from gcp_storage_emulator import server, settings
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import objects
+
 BUCKET = 'jaxcl-test'
 
 
@@ -48,7 +52,7 @@ def environment(port: int) -> dict:
 def start(port: int, log_path) -> subprocess.Popen:
   """Starts the server on `port` with BUCKET created; waits until it answers.
   RuntimeError (with its log) if it does not start."""
-  log = open(log_path, 'wb')  # pylint: disable=consider-using-with
+  log = open(log_path, 'wb')
   process = subprocess.Popen([sys.executable, __file__, str(port)], stdout=log,
                              stderr=subprocess.STDOUT)
   deadline = time.time() + 60
@@ -81,7 +85,6 @@ def _object_name(request) -> str | None:
 
 def _generation(request, storage) -> str:
   """The named object's generation; '0' if there is none."""
-  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=g-import-not-at-top
   try:
     return str(storage.get_file_obj(request.params['bucket_name'],
                                     _object_name(request))['generation'])
@@ -133,22 +136,18 @@ def _move(request, response, storage, *args, **kwargs):
   emulator lacks: gcsfs tries it for every rename and, answered 501, retries
   with back-off for about 30 s before it copies and deletes instead."""
   del args, kwargs
-  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=g-import-not-at-top
-  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
   bucket, source, dest = (request.params[k] for k in ('bucket_name', 'object_id',
                                                        'dest_object_id'))
   try:
-    moved = objects._copy(request.base_url, storage, bucket, source, bucket, dest)  # pylint: disable=protected-access
+    moved = objects._copy(request.base_url, storage, bucket, source, bucket, dest)
   except NotFound:
     response.status = HTTPStatus.NOT_FOUND
     return
-  objects._delete(storage, bucket, source)  # pylint: disable=protected-access
+  objects._delete(storage, bucket, source)
   response.json(moved)
 
 
 def _serve(port: int) -> None:
-  from gcp_storage_emulator import server, settings  # pylint: disable=g-import-not-at-top
-  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
   checked = {fn: _with_generation_match(fn)
              for fn in (objects.insert, objects.delete, objects.upload_partial)}
   checked[objects.download] = _with_generation_read(objects.download)

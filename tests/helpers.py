@@ -1,12 +1,22 @@
 """Shared by the tests: tiny versions of the digits (SimCLR) and shapes (CLIP)
 configs, and a CLI runner."""
 
+import ast
+import importlib.util
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+
+import numpy as np
 
 import forks
+from jaxcl import files
+from jaxcl.workdir import metrics_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_CONFIG = os.path.join(REPO, 'configs', 'simclr_digits.py')
@@ -51,8 +61,6 @@ def tiny_overrides(tiny=None, **extra):
 
 def tiny_config(config_file=DIGITS_CONFIG, tiny=None, **extra):
   """A config file with the tiny overrides as a ConfigDict, for in-process tests."""
-  import ast  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('config_module', config_file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -108,7 +116,6 @@ def _cli_env(devices: int) -> dict:
 
 def free_port() -> int:
   """A TCP port free on 127.0.0.1 now, for a multi-process job's coordinator."""
-  import socket  # pylint: disable=g-import-not-at-top
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
@@ -137,8 +144,9 @@ RUN = [f'--config.total_steps={RUN_STEPS}', '--config.checkpoint_every_steps=5',
 
 def final_params(workdir):
   """(step, params) of the newest checkpoint in `workdir`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jaxcl.trainer import trained  # pylint: disable=g-import-not-at-top
+  import jax  # noqa: PLC0415  (conftest imports helpers before it sets XLA_FLAGS)
+
+  from jaxcl.trainer import trained  # noqa: PLC0415  (as jax)
   _, state = trained.load_trained(str(workdir))
   return int(state.step), jax.device_get(state.params)
 
@@ -152,7 +160,6 @@ CHECKPOINT_WAIT_S = 300
 def newest_checkpoint(workdir) -> int | None:
   """The newest complete checkpoint's step (on object stores, where orbax
   writes in place, one with its commit marker)."""
-  from jaxcl import files  # pylint: disable=g-import-not-at-top
   ckpts = workdir / 'checkpoints'
   steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit() and (
       not files.is_object_store(p) or (p / files.CHECKPOINT_DONE).exists())
@@ -162,8 +169,6 @@ def newest_checkpoint(workdir) -> int | None:
 
 def logged_steps(workdir) -> list[int]:
   """The steps of the training rows in the workdir's metrics log so far."""
-  import json  # pylint: disable=g-import-not-at-top
-  from jaxcl.workdir import metrics_log  # pylint: disable=g-import-not-at-top
   rows = []
   for line in metrics_log.read_lines(workdir):
     try:
@@ -183,8 +188,6 @@ def run_until_checkpoint(workdir, min_step: int, extra=(), *, config_file=DIGITS
   decides what to do: send SIGCONT (after SIGTERM, say) or SIGKILL. How far it
   got is logged_steps(workdir)[-1] (to at most log_every_steps - 1 steps
   more). Fails if the run ends first or takes longer than CHECKPOINT_WAIT_S."""
-  import signal  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
   overrides = [*tiny_overrides(), *RUN] if overrides is None else overrides
   cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', config_file, '--workdir',
@@ -218,8 +221,6 @@ def upload_tree(local, remote) -> None:
 def preempt(proc, timeout_s: float, err_path) -> None:
   """SIGTERM to a run stopped by run_until_checkpoint, then SIGCONT: asserts
   it exits 0 within timeout_s (its stderr, in err_path, says why not)."""
-  import signal  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
   try:
     proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
@@ -238,7 +239,6 @@ F32_EPS = 1.2e-7  # float32's machine epsilon (np.finfo(np.float32).eps = 1.19e-
 
 def two_tower_batch(exp, n, seed=0):
   """n random uint8 images of the dataset's shape and tokenized random captions."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, size=(n, *exp.info.image_shape), dtype=np.uint8)
   words = ['red', 'blue', 'circle', 'square', 'small', 'top', 'left', 'a', 'the']
@@ -248,8 +248,7 @@ def two_tower_batch(exp, n, seed=0):
 
 def qkv_biases(tree):
   """{path: each attention's qkv bias}: columns [q | k | v] (models.Attention)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax  # noqa: PLC0415  (conftest imports helpers before it sets XLA_FLAGS)
   return {jax.tree_util.keystr(path): np.asarray(x)
           for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
           if "['qkv']['bias']" in jax.tree_util.keystr(path)}
@@ -260,8 +259,7 @@ def without_key_bias(params):
   query's logits alike, which softmax ignores: its gradient is 0 in exact
   arithmetic, so float32 rounding noise, and Adam's m/sqrt(v) turns that noise
   into steps of ±learning rate that differ from one mesh to another."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax  # noqa: PLC0415  (conftest imports helpers before it sets XLA_FLAGS)
 
   def zero(path, x):
     if "['qkv']['bias']" not in jax.tree_util.keystr(path):
@@ -293,8 +291,7 @@ def assert_close(actual, desired, *, rtol: float, what: str = ''):
     tolerance whatever its magnitude: never an absolute-only tolerance.
   - integer and boolean leaves must be equal; NaN never matches.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax  # noqa: PLC0415  (conftest imports helpers before it sets XLA_FLAGS)
   paths_d, tree_d = jax.tree_util.tree_flatten_with_path(desired)
   leaves_a, tree_a = jax.tree_util.tree_flatten(actual)
   assert tree_a == tree_d, f'{what}: structures differ: {tree_a} vs {tree_d}'
@@ -315,7 +312,6 @@ def assert_close(actual, desired, *, rtol: float, what: str = ''):
 def copy_without_dataset(workdir, destination):
   """A copy of the run in `workdir` whose saved config points at a dataset
   folder that does not exist: what export sees after the data was deleted."""
-  import json  # pylint: disable=g-import-not-at-top
   shutil.copytree(workdir, destination)
   config_file = os.path.join(destination, 'config.json')
   with open(config_file) as f:

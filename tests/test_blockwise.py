@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
-from helpers import assert_close
-from jaxcl import losses
+from helpers import assert_close, tiny_config
+from jaxcl import losses, parallel
+from jaxcl.trainer import experiment, train_step
 
 LOSSES = {
     'info_nce': losses.info_nce,
@@ -110,9 +110,6 @@ def test_unknown_impl_is_refused():
 
 @pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_train_step_with_ring_loss_equals_dense_single_device():
-  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
-  from jaxcl.trainer import experiment, train_step  # pylint: disable=g-import-not-at-top
-  from jaxcl import parallel  # pylint: disable=g-import-not-at-top
   results = []
   for impl, devices in (('dense', 1), ('ring', 8)):
     config = tiny_config(batch_size=16)
@@ -151,9 +148,6 @@ def test_sharded_step_moves_only_embeddings(impl):
   """Between devices the loss moves embeddings (and their ids), nothing the
   size of an image or an activation: the compiled HLO's gathers and permutes
   are all [rows, embedding size] (or [rows] ids)."""
-  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
-  from jaxcl.trainer import experiment, train_step  # pylint: disable=g-import-not-at-top
-  from jaxcl import parallel  # pylint: disable=g-import-not-at-top
   config = tiny_config(batch_size=16)
   config.loss.update(impl=impl, block_size=4)
   exp = experiment.setup(config, devices=jax.devices()[:8])

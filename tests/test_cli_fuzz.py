@@ -7,17 +7,22 @@ The cases run in real processes: one driver process imports the CLI once,
 then forks a child per case (a fresh interpreter each would cost ~3 s)."""
 
 import hashlib
+import json
 import os
 import random
+import shutil
 import tarfile
 
+import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import load_file, save_file
 
 import messages
+import test_import
 from helpers import CLIP_CONFIG, DIGITS_CONFIG, cli_in_forks, tiny_config, tiny_overrides
-from jaxcl import config as config_lib
-from jaxcl import sweep
+from jaxcl import config as config_lib, sweep
+from jaxcl.hub import importer
 
 NUM_CASES = 64
 
@@ -276,12 +281,6 @@ def test_bad_import_and_export_inputs_exit_2_with_one_line(tmp_path):
   artifact; `jaxcl export` and import to outputs they cannot use: exit 2,
   one line, nothing written."""
   # Here, not at the top: test_import's makers need torch, open_clip and safetensors.
-  import json  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
-  import test_import  # pylint: disable=g-import-not-at-top
-  from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
   source = tmp_path / 'source'
   test_import.make_open_clip(source)
   workdir = tmp_path / 'run'

@@ -13,10 +13,16 @@ import pytest
 from PIL import Image
 
 import messages
-from helpers import (DIGITS_CONFIG, RUN_STEPS, jaxcl, jaxcl_each, logged_steps,
-                     run_until_checkpoint, tiny_overrides)
-from jaxcl import config as config_lib
-from jaxcl import files
+from helpers import (
+  DIGITS_CONFIG,
+  RUN_STEPS,
+  jaxcl,
+  jaxcl_each,
+  logged_steps,
+  run_until_checkpoint,
+  tiny_overrides,
+)
+from jaxcl import config as config_lib, files
 from jaxcl.trainer import guards
 
 # Dozens of real CLI processes and runs (left out by -m "not slow").
@@ -160,7 +166,7 @@ def test_ctrl_c_saves_the_current_step_and_says_where_to_resume(tmp_path):
   out, err = (tmp_path / 'out').read_text(), (tmp_path / 'err').read_text()
   assert proc.returncode == 130, err[-2000:]
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err
-  line = [l for l in out.splitlines() if 'interrupted (Ctrl-C)' in l]
+  line = [row for row in out.splitlines() if 'interrupted (Ctrl-C)' in row]
   assert len(line) == 1, out
   step = int(line[0].split('checkpoint of step ')[1].split()[0])
   assert line[0] == (f'jaxcl: interrupted (Ctrl-C): checkpoint of step {step} saved in '
@@ -173,10 +179,10 @@ def test_ctrl_c_saves_the_current_step_and_says_where_to_resume(tmp_path):
 def test_a_second_ctrl_c_raises_at_once():
   preemption = guards.Preemption()
   try:
-    preemption._on_signal(signal.SIGINT, None)  # pylint: disable=protected-access
+    preemption._on_signal(signal.SIGINT, None)
     assert preemption.reached(1) and preemption.exit_code == 130
     with pytest.raises(KeyboardInterrupt):
-      preemption._on_signal(signal.SIGINT, None)  # pylint: disable=protected-access
+      preemption._on_signal(signal.SIGINT, None)
   finally:
     preemption.close()
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

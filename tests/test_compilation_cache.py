@@ -8,8 +8,8 @@ import jax
 import pytest
 
 from helpers import DIGITS_CONFIG, jaxcl, tiny_overrides
-from jaxcl.trainer import compilation_cache
 from jaxcl import errors, files
+from jaxcl.trainer import compilation_cache
 
 
 def test_where_each_setting_puts_the_cache(monkeypatch, tmp_path):

@@ -6,6 +6,8 @@ import glob
 import json
 import keyword
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -13,11 +15,10 @@ import pytest
 from flax import nnx
 
 from helpers import CLIP_CONFIG, REPO, cli_in_forks, tiny_config
-from jaxcl.trainer import validation
-from jaxcl import config as config_lib
+from jaxcl import config as config_lib, data, methods, models
 from jaxcl.config import config_files
-from jaxcl import data, methods, models
 from jaxcl.text import tokenizers
+from jaxcl.trainer import validation
 
 # finetune.py takes a workdir (FILE:ARG): tests/test_finetune.py checks it on a run.
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
@@ -57,7 +58,6 @@ def test_vit_b16_has_the_published_size():
 def test_workdirs_saved_before_new_keys_still_load(tmp_path):
   """A run saved by an older jaxcl (no `method`, `text`, `model.vit` keys)
   loads with the defaults and resumes under today's config."""
-  import json  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
   saved = json.loads(config.to_json_best_effort())
   for key in ('method', 'text'):
@@ -75,8 +75,6 @@ def test_workdirs_saved_before_new_keys_still_load(tmp_path):
 def test_config_files_load_without_the_runtime():
   """`from jaxcl.config import base_config` (what config files do) loads no
   jax, flax, TFDS or grain: the config layer sits below them."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   code = ('import sys; import jaxcl.config, jaxcl.presets, jaxcl.errors, jaxcl.files; '
           'print(sorted(m for m in ("jax", "flax", "tensorflow_datasets", "grain", "optax", '
           '"orbax") if m in sys.modules))')

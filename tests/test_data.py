@@ -8,11 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.datasets import load_digits
 
-from jaxcl.data import augment
 from jaxcl import data
-from jaxcl.data import decode, images, pairs
+from jaxcl.data import augment, decode, images, pairs
 
 DIGITS = ml_collections.ConfigDict(dict(
     name='digits', data_dir=None, download=False, image_key='image', label_key='label',
@@ -31,6 +29,7 @@ def _records(source):
 
 
 def test_digits_splits_match_sklearn(digits):
+  from sklearn.datasets import load_digits
   train, test, info = digits
   assert info.image_shape == (8, 8, 1) and info.num_classes == 10
   raw = load_digits()
@@ -93,7 +92,7 @@ def test_eval_batches_cover_the_split_once(digits):
     for batch in data.eval_batches(test, batch_size=128, process_index=p, process_count=2):
       assert batch['image'].shape == (64, 8, 8, 1)
       labels.append(batch['label'][batch['mask']])
-  assert sum(len(l) for l in labels) == 297
+  assert sum(len(batch_labels) for batch_labels in labels) == 297
   assert sorted(np.concatenate(labels)) == sorted(test[i]['label'] for i in range(297))
 
 

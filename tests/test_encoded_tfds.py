@@ -10,8 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jaxcl import config as config_lib
-from jaxcl import data
+from jaxcl import config as config_lib, data
 from jaxcl.data import decode
 
 NAMES = ['dark', 'mid', 'light']

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from helpers import assert_close
-from jaxcl.losses import estimators
-from jaxcl import losses
 import test_losses
+from helpers import assert_close
+from jaxcl import losses
+from jaxcl.losses import estimators
 from test_losses import finite_diff, ref_clip, ref_nt_xent, unit_rows
 
 N, D, GAMMA = 16, 6, 0.3
@@ -41,7 +41,8 @@ def _anchor_rows(q, k, tau, negatives_of, positive_of):
 def _nt_xent_rows(z1, z2, tau):
   n = len(z1)
   z = np.concatenate([z1, z2])
-  return _anchor_rows(z, z, tau, lambda i: [j for j in range(2 * n) if j not in (i, (i + n) % (2 * n))],
+  return _anchor_rows(z, z, tau,
+                      lambda i: [j for j in range(2 * n) if j not in (i, (i + n) % (2 * n))],
                       lambda i: (i + n) % (2 * n))
 
 

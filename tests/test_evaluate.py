@@ -49,7 +49,8 @@ def test_linear_probe_separates_separable_classes():
 # -------------------------------------------- tolerance, uniformity, calibration ---
 def test_tolerance_and_uniformity_hand_computed():
   # three unit vectors: two of class 0 at 60 degrees, one unlabeled at 90 degrees from both
-  z = np.array([[1.0, 0.0, 0.0], [0.5, np.sqrt(3) / 2, 0.0], [0.0, 0.0, 2.0]])  # not unit: normalized
+  # (not unit: normalized)
+  z = np.array([[1.0, 0.0, 0.0], [0.5, np.sqrt(3) / 2, 0.0], [0.0, 0.0, 2.0]])
   labels = np.array([0, 0, -1])
   out = probes.tolerance_uniformity(z, labels)
   assert out['tolerance'] == pytest.approx(0.5)  # cos 60°, the one same-class pair (both orders)

@@ -81,7 +81,8 @@ def test_export_with_predicted_temperature(uninterrupted, tmp_path):
   projection head's output)."""
   workdir = tmp_path / 'run'
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
-        '--config.total_steps=6', '--config.log_every_steps=3', '--config.temperature.mode=predicted',
+        '--config.total_steps=6', '--config.log_every_steps=3',
+        '--config.temperature.mode=predicted',
         '--config.temperature.min=0.05', '--config.temperature.max=0.9',
         '--config.optimizer.warmup_steps=0')
   artifact = tmp_path / 'out' / 'encoder.jaxexport'

@@ -14,12 +14,22 @@ import json
 import pathlib
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
+from flax import nnx
 
 import helpers
 import test_import as ti
-from jaxcl.trainer import validation
+from jaxcl import data, errors, methods
+from jaxcl.hub import importer, open_clip_export, open_clip_plan
+from jaxcl.models import param_groups
+from jaxcl.text import tokenizers
+from jaxcl.trainer import experiment, validation
+from jaxcl.trainer.trained import load_trained
+from jaxcl.workdir import run_files
 
 TOLERANCE = 1e-4
 ASCII_TEXTS = ti.TEXTS[:4]  # open_clip's HFTokenizer also runs ftfy, which rewrites the 5th
@@ -35,7 +45,6 @@ def sources(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def workdirs(sources, tmp_path_factory):
-  from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('oc_workdirs')
   return {name: importer.import_checkpoint(directory, root / name)['workdir']
           for name, (directory, _) in sources.items()}
@@ -43,9 +52,6 @@ def workdirs(sources, tmp_path_factory):
 
 def _embed(exp, state, images, texts):
   """(image, text embeddings, token ids, params {path: array}) of jaxcl's model."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
 
   @jax.jit  # one compilation, not one per operation
   def embed(params, images, ids):
@@ -54,7 +60,6 @@ def _embed(exp, state, images, texts):
 
   ids = exp.tokenizer.encode(texts)
   image, text = embed(state.params, jnp.asarray(images, jnp.float32), jnp.asarray(ids))
-  from jaxcl.models import param_groups  # pylint: disable=g-import-not-at-top
   params = {param_groups.path_name(k): np.asarray(v)
             for k, v in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
   return np.asarray(image), np.asarray(text), ids, params
@@ -62,11 +67,10 @@ def _embed(exp, state, images, texts):
 
 def _load(workdir):
   """(Experiment, state) of the workdir's newest checkpoint."""
-  from jaxcl.trainer.trained import load_trained  # pylint: disable=g-import-not-at-top
   return load_trained(workdir, open_data=False)
 
 
-_torch_embeddings = functools.partial(ti._reference_embeddings, 'open_clip')  # pylint: disable=protected-access
+_torch_embeddings = functools.partial(ti._reference_embeddings, 'open_clip')
 
 
 def _images(size=ti.IMAGE_SIZE):
@@ -74,15 +78,14 @@ def _images(size=ti.IMAGE_SIZE):
 
 
 def _load_strict(model, directory):
-  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import load_file
   model.load_state_dict(load_file(str(directory / 'open_clip_model.safetensors')), strict=True)
   return model.eval()
 
 
 def _assert_bitwise_equal(exported, source):
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  got = load_file(str(exported / 'open_clip_model.safetensors'))
-  want = load_file(str(source / 'open_clip_model.safetensors'))
+  got = safetensors.numpy.load_file(str(exported / 'open_clip_model.safetensors'))
+  want = safetensors.numpy.load_file(str(source / 'open_clip_model.safetensors'))
   assert sorted(got) == sorted(want)
   for name, value in want.items():
     assert got[name].dtype == np.float32 and got[name].shape == value.shape, name
@@ -93,7 +96,6 @@ def _assert_reimports_equal(exported, exp, state):
   """`jaxcl import` of the export is the model exported: the same tokenizer
   (its spec, file hashes included), the same parameters exactly, and so the
   same token ids and embeddings of the same images and texts."""
-  from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
   _, tokenizer, back_exp, back_state = importer.load_source(exported)
   assert tokenizer.spec() == exp.tokenizer.spec()
   images = _images(exp.config.augment.image_size)
@@ -111,14 +113,13 @@ def _assert_reimports_equal(exported, exp, state):
 
 @pytest.fixture(scope='module')
 def clip_export(workdirs, tmp_path_factory):
-  from jaxcl.hub import open_clip_export  # pylint: disable=g-import-not-at-top
   out = tmp_path_factory.mktemp('oc_exports') / 'clip'
   return out, open_clip_export.export_open_clip(workdirs['clip'], out)
 
 
 @pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_clip_round_trip(sources, workdirs, clip_export):
-  import open_clip  # pylint: disable=g-import-not-at-top
+  import open_clip
   source, reference = sources['clip']
   out, summary = clip_export
   assert (summary['model'], summary['timm_model_name'], summary['notes']) == ('CLIP', None, [])
@@ -152,10 +153,10 @@ def _siglip_model(model_cfg, directory):
   loaded strictly. No timm name has those sizes (from the name open_clip would
   build a 12-block 224 px trunk), so the export names vit_base_patch16_siglip_224
   only when asked to, and the test builds the trunk itself."""
-  import open_clip  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
-  from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
+  import open_clip
+  import torch
+  from safetensors.torch import load_file
+  from timm.models.vision_transformer import VisionTransformer
   cfg = {k: v for k, v in model_cfg.items() if k != 'custom_text'}
   with torch.device('meta'):  # no weights made: all of them are loaded
     model = open_clip.CustomTextCLIP(**cfg)
@@ -170,9 +171,7 @@ def _siglip_model(model_cfg, directory):
 
 @pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_siglip_round_trip(sources, workdirs, tmp_path):
-  import open_clip  # pylint: disable=g-import-not-at-top
-  from jaxcl import errors  # pylint: disable=g-import-not-at-top
-  from jaxcl.hub import open_clip_export  # pylint: disable=g-import-not-at-top
+  import open_clip
   source, reference = sources['siglip']
   out = tmp_path / 'siglip'
   with pytest.raises(errors.ConfigError, match='no timm SigLIP ViT has patch 16 at 32 px'):
@@ -206,9 +205,6 @@ def test_siglip_round_trip(sources, workdirs, tmp_path):
 def _experiment(config, image_size):
   """(Experiment, state at step 0) of `config`: random parameters, perturbed
   so that no LayerNorm or bias is a constant that would hide a swapped tensor."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jaxcl import config as config_lib, data  # pylint: disable=g-import-not-at-top
-  from jaxcl.trainer import experiment  # pylint: disable=g-import-not-at-top
   validation.validate(config, num_devices=1, check_data=False)
   # One device: the suite's 8 simulated ones would hold 8 replicas of a ViT-B's state.
   exp = experiment.setup(config, devices=jax.devices()[:1],
@@ -223,9 +219,6 @@ def _experiment(config, image_size):
 def _run_files(config, workdir, image_size):
   """A workdir's config, tokenizer and data facts, no checkpoint: for a
   refusal, which comes before the checkpoint is read."""
-  from jaxcl import data, methods  # pylint: disable=g-import-not-at-top
-  from jaxcl.workdir import run_files  # pylint: disable=g-import-not-at-top
-  from jaxcl.text import tokenizers  # pylint: disable=g-import-not-at-top
   text_tower = methods.get(config.method).text_tower
   tokenizer = tokenizers.build_tokenizer(config.text) if text_tower else None
   info = data.DatasetInfo((image_size, image_size, 3), 0, ())
@@ -239,7 +232,7 @@ def _clip_config(config_file=helpers.CLIP_CONFIG, **changes):
   imported model lacks: tanh GELU in the image tower (act_kwargs), exact
   GELU in the text tower, eps 1e-6, text pooled at the last position with a
   biased projection (open_clip's Linear), τ fixed (the logit scale holds it)."""
-  import open_clip  # pylint: disable=g-import-not-at-top
+  import open_clip
   config = helpers.tiny_config(config_file, helpers.TINY_TWO_TOWER)
   config.model.vit.update(pool='cls', act='gelu_tanh', pre_norm=True, patch_bias=False)
   config.text.update(tokenizer='clip_bpe', vocab_file=open_clip.tokenizer.default_bpe(),
@@ -255,9 +248,7 @@ def _clip_config(config_file=helpers.CLIP_CONFIG, **changes):
 def test_clip_made_by_jaxcl(tmp_path):
   """A model jaxcl made (in memory: write_open_clip, the writer behind
   export_open_clip), through open_clip.create_model's own loading."""
-  import open_clip  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  from jaxcl.hub import open_clip_export, open_clip_plan  # pylint: disable=g-import-not-at-top
+  import open_clip
   config = _clip_config()
   exp, state = _experiment(config, config.augment.image_size)
   out = tmp_path / 'oc'
@@ -267,7 +258,7 @@ def test_clip_made_by_jaxcl(tmp_path):
   assert m['quick_gelu'] is False and m['vision_cfg']['act_kwargs'] == {'approximate': 'tanh'}
   assert m['vision_cfg']['norm_kwargs'] == {'eps': 1e-6}
   assert m['text_cfg']['pool_type'] == 'last' and m['text_cfg']['proj_bias']
-  scale = load_file(str(out / 'open_clip_model.safetensors'))['logit_scale']
+  scale = safetensors.numpy.load_file(str(out / 'open_clip_model.safetensors'))['logit_scale']
   assert scale.shape == () and np.isclose(scale, -np.log(0.05), rtol=1e-6)
   images = _images(config.augment.image_size)
   image, text, ids, _ = _embed(exp, state, images, ti.TEXTS)
@@ -288,12 +279,12 @@ TOKENIZER_KINDS = {
                                        'text.tokenizer': 'bytes', 'text.causal': False},
     'clip_bpe': lambda _: {'text.pool': 'eot'},
     'sentencepiece': lambda tmp: {'text.tokenizer': 'sentencepiece', 'text.pool': 'eot',
-                                  'text.sentencepiece_model': str(ti._sentencepiece(  # pylint: disable=protected-access
+                                  'text.sentencepiece_model': str(ti._sentencepiece(
                                       tmp / 'spiece.model'))},
     'sentencepiece, siglip': lambda tmp: {
         'config_file': helpers.SIGLIP_CONFIG, 'text.tokenizer': 'sentencepiece',
         'text.normalize': 'siglip', 'text.pad_id': 1, 'text.causal': False,
-        'text.sentencepiece_model': str(ti._sentencepiece(tmp / 'spiece.model'))},  # pylint: disable=protected-access
+        'text.sentencepiece_model': str(ti._sentencepiece(tmp / 'spiece.model'))},
 }
 
 
@@ -303,7 +294,6 @@ def test_import_of_an_export_is_the_model_exported(kind, tmp_path):
   """Export and import are inverses, whatever the tokenizer: the export
   records jaxcl's tokenizer where open_clip has none (bytes, plain
   SentencePiece) and `jaxcl import` reads it back."""
-  from jaxcl.hub import open_clip_export, open_clip_plan  # pylint: disable=g-import-not-at-top
   config = _clip_config(**TOKENIZER_KINDS[kind](tmp_path))
   exp, state = _experiment(config, config.augment.image_size)
   out = tmp_path / 'oc'
@@ -317,9 +307,8 @@ def test_siglip_made_by_jaxcl_loads_by_its_timm_name(tmp_path):
   """A SigLIP whose image tower is exactly timm's vit_base_patch16_siglip_224
   (exact GELU) is written under that name, and open_clip.create_model builds
   it from the config alone, loads it strictly and gives jaxcl's embeddings."""
-  import open_clip  # pylint: disable=g-import-not-at-top
-  from jaxcl.hub import open_clip_export, open_clip_plan  # pylint: disable=g-import-not-at-top
-  spm = ti._sentencepiece(tmp_path / 'spiece.model')  # pylint: disable=protected-access
+  import open_clip
+  spm = ti._sentencepiece(tmp_path / 'spiece.model')
   config = helpers.tiny_config(helpers.SIGLIP_CONFIG, helpers.TINY_TWO_TOWER)
   config.model.update(embed_dim=768, image_projection=False)
   config.model.vit.update(patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072, pool='map',
@@ -346,8 +335,6 @@ def test_siglip_timm_names_are_looked_up():
   """A 'map' ViT of timm's exact sizes is named; tanh GELU against timm's
   exact GELU is named with a note; any other size is refused naming the
   nearest definition."""
-  from jaxcl import errors  # pylint: disable=g-import-not-at-top
-  from jaxcl.hub import open_clip_plan  # pylint: disable=g-import-not-at-top
   sizes = dict(patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072)
   notes = []
   assert open_clip_plan.timm_trunk_name(sizes, 224, 'gelu', 1e-6, notes) == (

@@ -7,12 +7,15 @@ and position embeddings resampled as torch resamples them."""
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import helpers
 from helpers import CLIP_CONFIG, DIGITS_CONFIG, TINY_TWO_TOWER, tiny_config
-from jaxcl.trainer import checkpoints, experiment, train_step
+from jaxcl import errors, parallel, train
+from jaxcl.config import config_files
 from jaxcl.hub import warm_start
-from jaxcl import errors, parallel
+from jaxcl.models import param_groups
+from jaxcl.trainer import checkpoints, experiment, train_step, validation
 from jaxcl.workdir import run_files
 
 
@@ -33,7 +36,6 @@ def _clip(**overrides):
 
 
 def _flat(tree):
-  from jaxcl.models import param_groups  # pylint: disable=g-import-not-at-top
   return {param_groups.path_name(p): np.asarray(v)
           for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
@@ -73,7 +75,6 @@ def test_frozen_tower_runs_no_backward_pass():
   """Freezing the image tower takes its backward pass out of the compiled
   step: the step's flops drop by at least 1.5x the tower's forward flops
   (a backward pass costs about twice the forward)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   flops = []
   for frozen in ((), ('image_encoder/.*',)):
     exp = _clip(**{'optimizer.frozen': frozen})
@@ -155,8 +156,6 @@ def test_init_from_a_workdir_loads_every_weight(trained_clip):
 @pytest.mark.slow  # compiles its own steps
 def test_finetune_config_starts_from_every_weight_of_a_workdir(trained_clip):
   """configs/finetune.py:WORKDIR: the workdir's architecture and weights."""
-  from jaxcl.config import config_files  # pylint: disable=g-import-not-at-top
-  from jaxcl.trainer import validation  # pylint: disable=g-import-not-at-top
   workdir, weights = trained_clip
   config = config_files.load(f'{helpers.REPO}/configs/finetune.py:{workdir}')
   config.batch_size = 16
@@ -208,7 +207,7 @@ def test_simclr_encoder_becomes_clips_image_tower(tmp_path):
 
 @pytest.mark.parametrize('extra', [0, 1])
 def test_position_embeddings_resample_as_torch_does(extra):
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   rng = np.random.default_rng(0)
   position = rng.normal(size=(1, extra + 3 * 3, 5)).astype(np.float32)
   out = warm_start.resample_positions(position, (1, extra + 6 * 6, 5))
@@ -237,7 +236,6 @@ def test_bad_groups_and_sources_are_config_errors(trained_clip):
   with pytest.raises(errors.ConfigError, match="'image/.*' matches no parameter"):
     _clip(**{'optimizer.frozen': ('image/.*',)})
   with pytest.raises(errors.ConfigError, match='PATTERN=FACTOR'):
-    from jaxcl.trainer import validation  # pylint: disable=g-import-not-at-top
     config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, batch_size=16)
     config.optimizer.lr_multipliers = ('text_proj/.*',)
     validation.validate(config)
@@ -280,7 +278,6 @@ def test_loading_a_part_this_model_lacks_is_an_error(trained_clip):
 def test_a_bad_init_from_leaves_the_workdir_untouched(tmp_path):
   """init.source is read before the workdir is held: a missing source is a
   one-line error and the workdir stays empty (trainable with a fixed config)."""
-  from jaxcl import train  # pylint: disable=g-import-not-at-top
   config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, batch_size=16)
   config.init.source = str(tmp_path / 'nowhere')
   workdir = tmp_path / 'run'

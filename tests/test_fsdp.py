@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from helpers import assert_close, tiny_config
-from jaxcl.trainer import experiment, train_step
 from jaxcl import parallel
+from jaxcl.trainer import experiment, train_step
 
 # FSDP's step reduces the gradients in other orders than data parallelism
 # (tests/helpers.py: assert_close; as test_train.py's sharded-vs-one). Measured

@@ -9,14 +9,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import (CLIP_CONFIG, SIGLIP_CONFIG, TINY_TWO_TOWER, assert_close, tiny_config,
-                     two_tower_batch, without_key_bias)
-from jaxcl.trainer import validation
+from helpers import (
+  CLIP_CONFIG,
+  SIGLIP_CONFIG,
+  TINY_TWO_TOWER,
+  assert_close,
+  tiny_config,
+  two_tower_batch,
+  without_key_bias,
+)
+from jaxcl import config as config_lib, errors, losses, parallel
 from jaxcl.data import augment
-from jaxcl import config as config_lib, errors, losses
-from jaxcl.trainer import experiment, grad_cache
-from jaxcl import parallel
-from jaxcl.trainer import train_step
+from jaxcl.trainer import experiment, grad_cache, train_step, validation
 
 # Chunked and whole-batch steps sum the same float32 terms in other orders
 # (tests/helpers.py: assert_close), as sharded vs one device does

@@ -13,9 +13,19 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import (CLIP_CONFIG, DIGITS_CONFIG, REPO, TINY_TWO_TOWER, final_params, jaxcl,
-                     tiny_config, tiny_overrides, xla_flags)
+from helpers import (
+  CLIP_CONFIG,
+  DIGITS_CONFIG,
+  REPO,
+  TINY_TWO_TOWER,
+  final_params,
+  jaxcl,
+  tiny_config,
+  tiny_overrides,
+  xla_flags,
+)
 from jaxcl import errors, halving, methods, sweep
+from jaxcl.data import sources
 from jaxcl.trainer import trained
 
 
@@ -59,7 +69,6 @@ def test_holdout_slices_the_eval_train_split():
     halving.holdout_changes(config, 0.2)
   with pytest.raises(errors.ConfigError, match='holdout'):
     halving.holdout_changes(tiny_config(), 1.0)
-  from jaxcl.data import sources  # pylint: disable=g-import-not-at-top
   dataset = sources.Dataset(tiny_config().dataset)
   sizes = {split: len(dataset.split(split)[0])
            for split in ('train', 'train[:80%]', 'train[80%:]')}

@@ -12,13 +12,31 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import warnings
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
+import sentencepiece
+from flax import nnx
 
 import helpers
+from jaxcl import cli, config as config_lib, errors, export, files, presets
+from jaxcl.hub import (
+  big_vision_layout as bv,
+  importer,
+  open_clip_layout as layout,
+  tensors,
+  transformers_layout,
+)
+from jaxcl.models import transformer
+from jaxcl.trainer import checkpoints
+from jaxcl.workdir import run_files
 
 TOLERANCE = 1e-4  # embeddings are unit vectors: absolute = relative
 IMAGE_SIZE = 32
@@ -29,7 +47,7 @@ TEXTS = ['a photo of a cat.', 'Two RED squares, one circle!', '', 'x ' * 60,
 def _perturbed(model):
   """Random weights everywhere: the frameworks initialize some biases and
   LayerNorms to constants, which would hide a swapped tensor."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   torch.manual_seed(1)
   with torch.no_grad():
     for p in model.parameters():
@@ -38,13 +56,12 @@ def _perturbed(model):
 
 
 def _bpe_vocab():
-  import open_clip  # pylint: disable=g-import-not-at-top
+  import open_clip
   return open_clip.tokenizer.default_bpe()
 
 
 def _sentencepiece(path):
   """A tiny unigram model with the special ids of Google's c4_en: pad 0, EOS 1, unk 2."""
-  import sentencepiece  # pylint: disable=g-import-not-at-top
   model = io.BytesIO()
   corpus = [t.lower() for t in TEXTS + ['a small blue triangle', 'the green circle']] * 8
   sentencepiece.SentencePieceTrainer.train(
@@ -55,7 +72,7 @@ def _sentencepiece(path):
 
 
 def _save_open_clip(model, model_cfg, directory, mean_std=None):
-  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import save_file
   directory.mkdir()
   save_file({k: v.contiguous() for k, v in model.state_dict().items()},
             str(directory / 'open_clip_model.safetensors'))
@@ -65,7 +82,7 @@ def _save_open_clip(model, model_cfg, directory, mean_std=None):
 
 
 def make_hf_clip(directory):
-  from transformers import CLIPConfig, CLIPModel  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPConfig, CLIPModel
   cfg = CLIPConfig(
       text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=20,
@@ -81,10 +98,9 @@ def make_hf_clip(directory):
 
 
 def make_hf_siglip(directory):
-  from transformers import SiglipConfig, SiglipModel  # pylint: disable=g-import-not-at-top
+  from transformers import SiglipConfig, SiglipModel
   directory.mkdir()
   vocab = _sentencepiece(directory / 'spiece.model')
-  import sentencepiece  # pylint: disable=g-import-not-at-top
   size = sentencepiece.SentencePieceProcessor(model_file=str(vocab)).get_piece_size()
   cfg = SiglipConfig(
       text_config=dict(vocab_size=size, hidden_size=48, intermediate_size=64,
@@ -99,7 +115,7 @@ def make_hf_siglip(directory):
 
 
 def make_open_clip(directory):
-  import open_clip  # pylint: disable=g-import-not-at-top
+  import open_clip
   cfg = dict(embed_dim=24, quick_gelu=True,
              vision_cfg=dict(image_size=IMAGE_SIZE, layers=2, width=64, patch_size=8,
                              head_width=16),
@@ -114,11 +130,10 @@ def make_open_clip_siglip(directory):
   """open_clip's SigLIP: a timm image tower (at this test's size: one block
   of timm's vit_base_patch16_siglip definition, whose MLP computes exact
   GELU) and open_clip's text tower."""
-  import open_clip  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
+  import open_clip
+  import torch
+  from timm.models.vision_transformer import VisionTransformer
   spm = _sentencepiece(directory.parent / 'oc_siglip_spiece.model')
-  import sentencepiece  # pylint: disable=g-import-not-at-top
   size = sentencepiece.SentencePieceProcessor(model_file=str(spm)).get_piece_size()
   text_cfg = dict(context_length=16, vocab_size=size, width=48, heads=4, layers=2,
                   no_causal_mask=True, proj_bias=True, pool_type='last',
@@ -160,7 +175,8 @@ def make_big_vision_siglip(directory):
     for part, weight, bias in zip(('query', 'key', 'value'), weights, biases):
       out[f'{name}/{part}/kernel'] = weight.T.reshape(weight.shape[1], h, -1)
       out[f'{name}/{part}/bias'] = bias.reshape(h, -1)
-    out[f'{name}/out/kernel'] = w[f'{out_key}.weight'].T.reshape(h, -1, w[f'{out_key}.weight'].shape[0])
+    out_weight = w[f'{out_key}.weight']
+    out[f'{name}/out/kernel'] = out_weight.T.reshape(h, -1, out_weight.shape[0])
     out[f'{name}/out/bias'] = w[f'{out_key}.bias']
 
   def block(name, key, h):
@@ -173,7 +189,8 @@ def make_big_vision_siglip(directory):
               [w[f'{key}.self_attn.{x}_proj.bias'] for x in 'qkv'], f'{key}.self_attn.out_proj', h)
 
   v, x = 'vision_model', 'text_model'
-  out['params/img/embedding/kernel'] = w[f'{v}.embeddings.patch_embedding.weight'].transpose(2, 3, 1, 0)
+  out['params/img/embedding/kernel'] = w[f'{v}.embeddings.patch_embedding.weight'].transpose(
+      2, 3, 1, 0)
   out['params/img/embedding/bias'] = w[f'{v}.embeddings.patch_embedding.bias']
   out['params/img/pos_embedding'] = w[f'{v}.embeddings.position_embedding.weight'][None]
   for i in range(model.config.vision_config.num_hidden_layers):
@@ -213,21 +230,21 @@ def sources(tmp_path_factory):
 def _reference_ids(name, directory, texts, length):
   """Token ids from the source's own tokenizer."""
   if name.endswith('siglip'):
-    from transformers import SiglipTokenizer  # pylint: disable=g-import-not-at-top
+    from transformers import SiglipTokenizer
     vocab = directory / ('c4_en.model' if name.startswith('big_vision') else 'spiece.model')
     tok = SiglipTokenizer(vocab_file=str(vocab))
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')
       return np.asarray(tok(texts, padding='max_length', max_length=length,
                             truncation=True)['input_ids'])
-  import open_clip  # pylint: disable=g-import-not-at-top
+  import open_clip
   return open_clip.tokenize(texts, context_length=length).numpy()
 
 
 def _reference_embeddings(name, model, images, ids):
   """L2-normalized image and text embeddings of the source framework;
   images: float [b, H, W, C], already normalized."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   pixels = torch.tensor(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
   ids = torch.tensor(np.asarray(ids, np.int64))
   with torch.no_grad():
@@ -244,7 +261,6 @@ def _reference_embeddings(name, model, images, ids):
 @pytest.fixture(scope='module')
 def imported(sources):
   """{name: (Experiment, state)} of each source, imported in-process."""
-  from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
   out = {}
   for name, (directory, _) in sources.items():
     if name.startswith('big_vision'):  # SOURCE is the .npz itself (or its folder)
@@ -257,8 +273,6 @@ def imported(sources):
 @pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S): the sources, imported
 @pytest.mark.parametrize('name', sorted(MAKERS))
 def test_embeddings_equal_the_source_framework(name, sources, imported):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   directory, reference = sources[name]
   exp, state = imported[name]
   model = nnx.merge(exp.eval_graphdef, state.params, state.batch_stats)
@@ -275,8 +289,8 @@ def test_embeddings_equal_the_source_framework(name, sources, imported):
   scale = float(reference.logit_scale.detach().reshape(()))
   np.testing.assert_allclose(float(model.temperature()), np.exp(-scale), rtol=1e-6)
   if name.endswith('siglip'):
-    np.testing.assert_allclose(float(model.bias()), float(reference.logit_bias.detach().reshape(())),
-                               rtol=1e-6)
+    np.testing.assert_allclose(float(model.bias()),
+                               float(reference.logit_bias.detach().reshape(())), rtol=1e-6)
   else:
     assert model.bias is None
 
@@ -301,7 +315,6 @@ def test_architecture_read_from_the_source(name, imported):
 @pytest.fixture(scope='module')
 def workdirs(sources, tmp_path_factory):
   """{name: workdir} written by `jaxcl import` (open_clip through the CLI)."""
-  from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('imported')
   out = {}
   for name, (directory, _) in sources.items():
@@ -319,9 +332,6 @@ def workdirs(sources, tmp_path_factory):
 def test_exported_embedders_equal_the_source(name, sources, workdirs, tmp_path):
   """uint8 images at the model's resolution in, the source's embeddings
   of those images (its preprocessing: /255, mean, std) out."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jaxcl import export  # pylint: disable=g-import-not-at-top
   directory, reference = sources[name]
   output = tmp_path / 'encoder.jaxexport'
   metadata = export.export_encoder(workdirs[name], output)
@@ -346,9 +356,6 @@ def test_exported_embedders_equal_the_source(name, sources, workdirs, tmp_path):
 def test_imported_workdir_is_a_run_at_step_zero(workdirs):
   """The workdir has what eval, export and training read: the config, the
   tokenizer (its vocabulary copied in), data facts and checkpoint 0."""
-  from jaxcl.trainer import checkpoints  # pylint: disable=g-import-not-at-top
-  from jaxcl import files  # pylint: disable=g-import-not-at-top
-  from jaxcl.workdir import run_files  # pylint: disable=g-import-not-at-top
   for name, workdir in workdirs.items():
     assert files.is_run(workdir), name
     assert checkpoints.complete_step(workdir) == 0, name
@@ -362,12 +369,11 @@ def test_imported_workdir_is_a_run_at_step_zero(workdirs):
 def _without(src, dst, drop=(), reshape=()):
   """A copy of the open_clip source `src` without the tensors `drop` and
   with the tensors `reshape` cut in half along their first axis."""
-  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
   shutil.copytree(src, dst)
-  weights = load_file(str(src / 'open_clip_model.safetensors'))
+  weights = safetensors.numpy.load_file(str(src / 'open_clip_model.safetensors'))
   weights = {k: (v[:v.shape[0] // 2] if k in reshape else v) for k, v in weights.items()
              if k not in drop}
-  save_file(weights, str(dst / 'open_clip_model.safetensors'))
+  safetensors.numpy.save_file(weights, str(dst / 'open_clip_model.safetensors'))
   return dst
 
 
@@ -382,10 +388,9 @@ def test_bad_sources_are_one_line_and_write_nothing(sources, tmp_path):
   missing = _without(src, tmp_path / 'missing', drop=['visual.ln_pre.weight'])
   extra = tmp_path / 'extra'
   _without(src, extra)
-  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
-  weights = load_file(str(extra / 'open_clip_model.safetensors'))
+  weights = safetensors.numpy.load_file(str(extra / 'open_clip_model.safetensors'))
   weights['visual.mystery'] = np.zeros(3, np.float32)
-  save_file(weights, str(extra / 'open_clip_model.safetensors'))
+  safetensors.numpy.save_file(weights, str(extra / 'open_clip_model.safetensors'))
   misshapen = _without(src, tmp_path / 'misshapen',
                        reshape=['transformer.resblocks.1.mlp.c_fc.weight'])
   unknown = tmp_path / 'unknown'
@@ -452,8 +457,6 @@ def test_config_json_of_any_wrong_shape_is_one_line(sources, tmp_path):
   one line (a ConfigError), never another error.
   (open_clip's config gets the optional objects too: act_kwargs, norm_kwargs
   and a jaxcl export's tokenizer record.)"""
-  from jaxcl import errors  # pylint: disable=g-import-not-at-top
-  from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
   refusals = {}
   for name, file in (('open_clip', 'open_clip_config.json'), ('transformers_clip', 'config.json'),
                      ('transformers_siglip', 'config.json'),
@@ -490,7 +493,6 @@ def test_config_json_of_any_wrong_shape_is_one_line(sources, tmp_path):
 
 
 def test_import_help_names_every_layout(capsys):
-  from jaxcl import cli  # pylint: disable=g-import-not-at-top
   assert cli.run(['jaxcl', 'import', '--help']) == 0
   summary = capsys.readouterr().out.split('\n\n')[1]
   assert all(name in summary for name in ('open_clip', 'transformers', 'big_vision', '.npz'))
@@ -498,8 +500,7 @@ def test_import_help_names_every_layout(capsys):
 
 def test_preset_architectures_match_open_clip_configs():
   """presets.ARCHITECTURES against open_clip's published model configs."""
-  import open_clip  # pylint: disable=g-import-not-at-top
-  from jaxcl import presets  # pylint: disable=g-import-not-at-top
+  import open_clip
   folder = os.path.join(os.path.dirname(open_clip.__file__), 'model_configs')
   for name, values in presets.ARCHITECTURES.items():
     with open(os.path.join(folder, f'{name}.json')) as f:
@@ -526,20 +527,21 @@ def test_preset_architectures_match_open_clip_configs():
 def test_transformers_defaults_fill_a_sparse_config_json(family, tmp_path):
   """A config.json that leaves sizes out (Google's SigLIP releases do) means
   transformers' defaults; jaxcl reads the same sizes."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  from jaxcl.hub import transformers_layout  # pylint: disable=g-import-not-at-top
+  import transformers
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': family}))
   values = transformers_layout.architecture(tmp_path)
   config = (transformers.CLIPConfig() if family == 'clip' else transformers.SiglipConfig())
   v, x = config.vision_config, config.text_config
   acts = transformers_layout.ACTIVATIONS
-  assert values['model.vit.width'] == v.hidden_size and values['model.vit.depth'] == v.num_hidden_layers
+  assert values['model.vit.width'] == v.hidden_size
+  assert values['model.vit.depth'] == v.num_hidden_layers
   assert values['model.vit.heads'] == v.num_attention_heads
   assert values['model.vit.mlp_dim'] == v.intermediate_size
   assert values['model.vit.patch_size'] == v.patch_size
   assert values['augment.image_size'] == v.image_size
   assert values['model.vit.act'] == acts[v.hidden_act] and values['text.act'] == acts[x.hidden_act]
-  assert values['model.vit.norm_eps'] == v.layer_norm_eps and values['text.norm_eps'] == x.layer_norm_eps
+  assert values['model.vit.norm_eps'] == v.layer_norm_eps
+  assert values['text.norm_eps'] == x.layer_norm_eps
   assert values['text.width'] == x.hidden_size and values['text.depth'] == x.num_hidden_layers
   assert values['text.heads'] == x.num_attention_heads
   assert values['text.mlp_dim'] == x.intermediate_size
@@ -551,9 +553,8 @@ def test_transformers_defaults_fill_a_sparse_config_json(family, tmp_path):
 def test_half_precision_tensors_read_as_torch_widens_them(tmp_path):
   """bfloat16 (which numpy lacks, read from the file's own offsets) and
   float16 tensors become the float32 values torch gives."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
-  from jaxcl.hub import tensors  # pylint: disable=g-import-not-at-top
+  import torch
+  from safetensors.torch import save_file
   torch.manual_seed(0)
   saved = {'a': torch.randn(3, 5).to(torch.bfloat16), 'b': torch.randn(7).half(),
            'c': torch.randn(2, 2)}
@@ -567,10 +568,8 @@ def test_half_precision_tensors_read_as_torch_widens_them(tmp_path):
 def test_timm_siglip_definitions_as_the_importer_reads_them():
   """Heads and activation of every timm SigLIP ViT with the map pool, as
   timm defines them (built on the meta device: no weights)."""
-  import re  # pylint: disable=g-import-not-at-top
-  import timm  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  from jaxcl.hub import open_clip_layout as layout  # pylint: disable=g-import-not-at-top
+  import timm
+  import torch
   names = [n for n in timm.list_models('vit_*siglip*') if '_gap_' not in n]
   assert len(names) > 10
   for name in names:
@@ -588,12 +587,6 @@ def test_big_vision_attention_layout_is_flax_linens():
   its kernels, converted by the big_vision rules, give jaxcl's Attention
   the same outputs (an independent check of the heads-axis convention the
   .npz test above writes by hand)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from jaxcl.models import transformer  # pylint: disable=g-import-not-at-top
-  from jaxcl.hub import big_vision_layout as bv  # pylint: disable=g-import-not-at-top
   width, heads = 24, 4
   x = jax.random.normal(jax.random.key(0), (2, 5, width))
   linen = nn.MultiHeadDotProductAttention(num_heads=heads, qkv_features=width, out_features=width)
@@ -604,7 +597,7 @@ def test_big_vision_attention_layout_is_flax_linens():
   p = {k: np.asarray(v) for k, v in
        ((f'{name}/{leaf}', variables['params'][name][leaf])
         for name in ('query', 'key', 'value', 'out') for leaf in ('kernel', 'bias'))}
-  rules = {r.target: r for r in bv._attention('attn', 'mhdpa')}  # pylint: disable=protected-access
+  rules = {r.target: r for r in bv._attention('attn', 'mhdpa')}
   ours = transformer.Attention(width, heads, rngs=nnx.Rngs(0), dtype=jnp.float32)
   for target in rules:
     r = rules[target]

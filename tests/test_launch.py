@@ -10,7 +10,8 @@ IMAGENET = ['--config', 'configs/simclr_imagenet.py', '--workdir', 'gs://bucket/
 
 def _dry_run(script, *args):
   proc = subprocess.run(['bash', os.path.join(REPO, 'launch', script), *args], capture_output=True,
-                        text=True, check=False, env=dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=''))
+                        text=True, check=False,
+                        env=dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=''))
   return proc.returncode, proc.stdout.splitlines(), proc.stderr
 
 

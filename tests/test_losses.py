@@ -59,8 +59,8 @@ def finite_diff(f, args, eps=1e-6):
       plus, minus = x.copy(), x.copy()
       plus[pos] += eps
       minus[pos] -= eps
-      up = list(args); up[idx] = plus
-      down = list(args); down[idx] = minus
+      up, down = list(args), list(args)
+      up[idx], down[idx] = plus, minus
       g[pos] = (f(*up) - f(*down)) / (2 * eps)
     grads.append(g)
   return grads

@@ -84,7 +84,7 @@ def test_lines_that_are_not_rows_are_skipped_and_counted(workdir):
 def _scalar_steps(folder) -> dict:
   """{event file name: [step of each scalar]} of the TensorBoard files in
   `folder` (TFRecords of Event protos: length, its CRC, the data, its CRC)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2
   found = {}
   for path in folder.iterdir():
     if path.name.startswith('events.out.tfevents'):

@@ -8,11 +8,11 @@ import os
 import signal
 import time
 
-import helpers
 import jax
 import numpy as np
 import pytest
 
+import helpers
 from helpers import DIGITS_CONFIG, assert_close, jaxcl, tiny_overrides
 from jaxcl.trainer import checkpoints
 

@@ -15,9 +15,19 @@ import numpy as np
 import pytest
 from etils import epath
 
-from helpers import (DIGITS_CONFIG, RUN, RUN_STEPS, final_params, jaxcl, logged_steps,
-                     newest_checkpoint, preempt, run_until_checkpoint, tiny_overrides,
-                     upload_tree)
+from helpers import (
+  DIGITS_CONFIG,
+  RUN,
+  RUN_STEPS,
+  final_params,
+  jaxcl,
+  logged_steps,
+  newest_checkpoint,
+  preempt,
+  run_until_checkpoint,
+  tiny_overrides,
+  upload_tree,
+)
 from jaxcl import files, report
 from jaxcl.workdir import lock as lock_lib
 
@@ -88,7 +98,8 @@ def test_sigterm_on_gcs_checkpoints_exits_0_and_resumes_exactly(uninterrupted, g
   with open(tmp_path / 'out', 'w') as out, open(tmp_path / 'err', 'w') as err:
     proc = run_until_checkpoint(workdir, 10, stdout=out, stderr=err)  # returned stopped
   preempt(proc, SIGTERM_S, tmp_path / 'err')
-  line = [l for l in (tmp_path / 'out').read_text().splitlines() if 'preempted (SIGTERM)' in l]
+  line = [row for row in (tmp_path / 'out').read_text().splitlines()
+          if 'preempted (SIGTERM)' in row]
   assert line
   step = int(line[0].split('checkpoint of step ')[1].split()[0])
   assert newest_checkpoint(workdir) == step < RUN_STEPS

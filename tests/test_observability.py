@@ -13,9 +13,8 @@ import sys
 import pytest
 
 from helpers import DIGITS_CONFIG, REPO, tiny_config
+from jaxcl import config as config_lib, errors, files, train
 from jaxcl.trainer import validation
-from jaxcl import config as config_lib
-from jaxcl import errors, files
 from jaxcl.workdir.metric_writer import MetricWriter
 
 
@@ -48,7 +47,6 @@ def test_good_values_validate():
 
 
 def test_wandb_missing_fails_before_training(monkeypatch, tmp_path):
-  from jaxcl import train  # pylint: disable=g-import-not-at-top
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, 'find_spec',
                       lambda name, *a: None if name == 'wandb' else real(name, *a))
@@ -80,7 +78,7 @@ def _wandb_env(monkeypatch, tmp_path):
 def _wandb_records(path):
   """The protobuf records of an offline run's .wandb file: wandb's header
   (':W&B', magic, version), then LevelDB-log chunks in 32 KiB blocks."""
-  from wandb.proto import wandb_internal_pb2  # pylint: disable=g-import-not-at-top
+  from wandb.proto import wandb_internal_pb2
   data = pathlib.Path(path).read_bytes()
   assert data[:4] == b':W&B', data[:7]
   pos, parts, block = 7, [], 32768
@@ -116,7 +114,6 @@ def _offline_run(workdir):
 
 @pytest.mark.slow  # a training run with its evaluation
 def test_a_run_traces_its_steps_and_logs_to_wandb(tmp_path, monkeypatch):
-  from jaxcl import train  # pylint: disable=g-import-not-at-top
   _wandb_env(monkeypatch, tmp_path)
   config = tiny_config(DIGITS_CONFIG, total_steps=4, log_every_steps=2, eval_every_steps=1000,
                        checkpoint_every_steps=1000, profile_steps=(2, 3))

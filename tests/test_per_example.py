@@ -13,14 +13,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (CLIP_CONFIG, DIGITS_CONFIG, RUN, SIGLIP_CONFIG, TINY_TWO_TOWER,
-                     assert_close, jaxcl, run_until_checkpoint, tiny_config, tiny_overrides,
-                     without_key_bias)
-from jaxcl.trainer import validation
+from helpers import (
+  CLIP_CONFIG,
+  DIGITS_CONFIG,
+  RUN,
+  SIGLIP_CONFIG,
+  TINY_TWO_TOWER,
+  assert_close,
+  jaxcl,
+  run_until_checkpoint,
+  tiny_config,
+  tiny_overrides,
+  without_key_bias,
+)
+from jaxcl import data, errors, losses, parallel
 from jaxcl.data import augment
-from jaxcl import config as config_lib, data, errors, losses, parallel
-from jaxcl.trainer import synthetic, trained, train_step
 from jaxcl.text import tokenizers
+from jaxcl.trainer import synthetic, train_step, trained, validation
 
 # 1 and 8 devices, whole batch and microbatches sum the same float32 terms in
 # other orders (tests/test_grad_cache.py's tolerances).
@@ -165,7 +174,7 @@ def _tables(workdir):
 def _summary_kinds(workdir) -> dict:
   """{tag: [kind of each value]} of a run's TensorBoard event files (TFRecords
   of Event protos: length, its CRC, the data, its CRC)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2
   kinds = {}
   for path in workdir.glob('events.out.tfevents*'):
     data, i = path.read_bytes(), 0

@@ -12,12 +12,23 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from helpers import (DIGITS_CONFIG, REPO, RUN, RUN_STEPS, assert_close, final_params, jaxcl,
-                     run_until_checkpoint, tiny_overrides, xla_flags)
-from jaxcl.workdir import lock as lock_lib
+from helpers import (
+  DIGITS_CONFIG,
+  REPO,
+  RUN,
+  RUN_STEPS,
+  assert_close,
+  final_params,
+  jaxcl,
+  run_until_checkpoint,
+  tiny_overrides,
+  xla_flags,
+)
 from jaxcl import files
-from jaxcl.workdir import run_files
+from jaxcl.workdir import lock as lock_lib, run_files
+from test_data import make_bad_images
 
 # Real killed, corrupted and full-disk runs: minutes (left out by -m "not slow").
 pytestmark = pytest.mark.slow
@@ -104,7 +115,8 @@ def test_no_restorable_checkpoint_is_an_error_that_changes_nothing(uninterrupted
   message = proc.stderr.strip().splitlines()[-1]
   assert message.startswith('jaxcl: no checkpoint in') and f'step {END - 10}:' in message
   assert 'Traceback' not in proc.stderr
-  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == [str(END - 10), str(END - 5), str(END)]
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == [
+      str(END - 10), str(END - 5), str(END)]
 
 
 # --------------------------------------------------------- elastic restore ---
@@ -127,7 +139,8 @@ def test_restore_onto_another_mesh_continues_the_run(uninterrupted, tmp_path):
   _copy_at_step(uninterrupted, workdir, END - 10)
   proc = jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(workdir), *tiny_overrides(),
                *RUN, '--config.mesh.data=2', '--config.mesh.fsdp=2', devices=4)
-  assert "mesh {'data': 2, 'fsdp': 2}" in proc.stdout and f'resuming from step {END - 10}' in proc.stdout
+  assert "mesh {'data': 2, 'fsdp': 2}" in proc.stdout
+  assert f'resuming from step {END - 10}' in proc.stdout
   # 10 steps on another mesh reorder the float32 sums (tests/helpers.py:
   # assert_close); measured worst on 2 x86 cores: losses 6e-8, parameters
   # 1.4e-6 (Adam amplifies the rounding of small gradient entries).
@@ -204,8 +217,6 @@ def test_full_disk_then_more_space_then_read_only(tmp_path):
 
 # ------------------------------------------------------- bad image files ---
 def test_image_folder_run_reports_the_images_it_skipped(tmp_path):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from test_data import make_bad_images  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   for split, n in (('train', 24), ('test', 8)):
     for cls in ('a', 'b'):

@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from helpers import CLIP_CONFIG, TINY_TWO_TOWER, assert_close, jaxcl, tiny_overrides
-from jaxcl.trainer import validation
 from jaxcl import config as config_lib, errors
 from jaxcl.models import transformer
+from jaxcl.trainer import validation
 
 # Recomputation and scanning run the same float32 operations; XLA may fuse
 # them differently, which moves results by a few ulps of their scale.

@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxcl.data import pairs, shapes
@@ -94,7 +95,6 @@ def test_builder_prepares_what_generate_makes(tmp_path, monkeypatch):
   assert shapes.CaptionedShapes.SPLITS == {'train': (0, 10_000), 'test': (1, 1_000)}
   # The same class, fewer images, to stay fast.
   monkeypatch.setattr(shapes.CaptionedShapes, 'SPLITS', {'train': (0, 300), 'test': (1, 50)})
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder('captioned_shapes', data_dir=str(tmp_path), file_format='array_record')
   assert isinstance(builder, shapes.CaptionedShapes)
   tfds.disable_progress_bar()

@@ -13,16 +13,18 @@ import sys
 import tarfile
 import threading
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
 import helpers
+from jaxcl import config as config_lib, data as data_lib, errors
+from jaxcl.data import decode, shard_sources, shard_writer, shards, stream
+from jaxcl.text import tokenizers
 from jaxcl.trainer import validation
-from jaxcl import errors
-from jaxcl.data import decode, shard_writer, shards, stream
+from jaxcl.workdir import run_files
 
 SHARDS, PER_SHARD = 4, 24
 
@@ -36,6 +38,7 @@ def _image_bytes(rng, fmt, size=(12, 14)):
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):
   """4 shards of 24 samples (PNG or JPEG, caption, class) by webdataset's TarWriter."""
+  import webdataset as wds
   folder = tmp_path_factory.mktemp('corpus')
   rng = np.random.default_rng(0)
   for s in range(SHARDS):
@@ -94,6 +97,7 @@ def test_reader_reads_what_webdataset_wrote(corpus):
 
 
 def test_webdataset_reads_what_jaxcl_wrote(tmp_path):
+  import webdataset as wds
   writer = shards.ShardWriter(tmp_path, max_bytes=3000, prefix='train')
   for n in range(10):
     writer.write({'__key__': f'{n:04d}', 'jpg': bytes([n]) * 500, 'txt': f'caption {n}'})
@@ -195,7 +199,6 @@ def test_bad_samples_of_each_kind_are_skipped_counted_and_named(tmp_path):
   assert rows == 6 and read == skipped + rows and skipped == len(it.bad) >= 8
   # The run stops once more than max_bad_fraction of all samples read are
   # bad (decided on every process's counts), naming the first; 8 of 11 here.
-  from jaxcl.workdir import run_files
   while it.counts()[0, 0] < stream.MIN_SAMPLES_FOR_BAD_FRACTION:
     next(it)
   workdir = tmp_path / 'workdir'
@@ -219,8 +222,6 @@ def test_bad_samples_of_each_kind_are_skipped_counted_and_named(tmp_path):
 
 def test_fewer_shards_than_streams_is_refused(corpus):
   """Two streams starting on one shard would put the same rows twice in a batch."""
-  from jaxcl import config as config_lib
-  from jaxcl.data import shard_sources
   cfg = config_lib.base_config().dataset
   cfg.update(name='webdataset', urls=_urls(corpus), image_size=8)
   stream_source = shard_sources.Stream(cfg, False, [shard_sources.shard_component(
@@ -331,7 +332,6 @@ def test_a_shard_of_random_bytes_counts_as_its_samples(tmp_path, corpus):
                          f'{PER_SHARD} bad samples'), it.bad
   read, skipped, rows = it.counts()[:, 0]
   assert skipped == PER_SHARD * len(bad) and read == skipped + rows
-  from jaxcl.workdir import run_files
   (tmp_path / 'workdir').mkdir()
   _, stop = run_files.stream_metrics(tmp_path / 'workdir', it, max_bad_fraction=0.05)
   assert stop is not None and 'not a tar file' in stop
@@ -372,7 +372,7 @@ def test_random_crop_is_seeded_by_the_position(corpus):
 
 
 def test_jaxcl_shard_writes_pairs_and_folders(tmp_path):
-  from jaxcl.data import shard_writer
+  import webdataset as wds
   rng = np.random.default_rng(2)
   images = tmp_path / 'images'
   (images / 'cat').mkdir(parents=True)
@@ -432,17 +432,16 @@ def test_jaxcl_shard_to_gcs_completes_without_folder_objects(tmp_path, gcs_dir):
 def test_first_batch_from_shards_equals_the_tfds_path(tmp_path):
   """The shapes' first TFDS batch written to a shard, read back in order
   (one stream, window 1): the same images, labels and token ids."""
-  from jaxcl import data
-  from jaxcl.text import tokenizers
+  import webdataset as wds
   config = helpers.tiny_config(helpers.CLIP_CONFIG, helpers.TINY_TWO_TOWER)
   tokenizer = tokenizers.build_tokenizer(config.text)
-  source, _ = data.load_source(config.dataset, 'train', with_text=True)
+  source, _ = data_lib.load_source(config.dataset, 'train', with_text=True)
 
   class Strings:  # the caption the sampler draws, as it is
     encode = staticmethod(lambda texts: np.array(texts, dtype=object))
 
-  first = lambda t: next(data.train_iterator(source, batch_size=32, seed=config.seed,
-                                             transform=data.caption_sampler(t)))
+  first = lambda t: next(data_lib.train_iterator(source, batch_size=32, seed=config.seed,
+                                                 transform=data_lib.caption_sampler(t)))
   tfds_batch, drawn = first(tokenizer), first(Strings())
   with wds.TarWriter(str(tmp_path / 'first-0.tar')) as writer:
     for i, (image, caption, label) in enumerate(zip(drawn['image'], drawn['text'],
@@ -453,10 +452,10 @@ def test_first_batch_from_shards_equals_the_tfds_path(tmp_path):
                     'cls': str(label)})
   config.dataset.update(name='webdataset', urls=str(tmp_path / 'first-0.tar'), image_size=32,
                         shuffle_buffer=1, streams=1, workers=0)
-  shard_source, info = data.Dataset(config.dataset).training(with_text=True)
-  assert info.image_shape == (32, 32, 3) and data.known_size(shard_source) is None
-  batch = next(data.train_batches(shard_source, batch_size=32, seed=config.seed, process_index=0,
-                                  process_count=1, tokenizer=tokenizer))
+  shard_source, info = data_lib.Dataset(config.dataset).training(with_text=True)
+  assert info.image_shape == (32, 32, 3) and data_lib.known_size(shard_source) is None
+  batch = next(data_lib.train_batches(shard_source, batch_size=32, seed=config.seed,
+                                      process_index=0, process_count=1, tokenizer=tokenizer))
   for key in ('image', 'label', 'text'):
     np.testing.assert_array_equal(batch[key], tfds_batch[key], err_msg=key)
 
@@ -502,10 +501,9 @@ def test_mixture_proportions_and_exact_resume(corpus):
 
 def test_a_mixture_by_config_of_shards_and_tfds(tmp_path):
   """A config's dataset.mixture: the shards of the shapes and the TFDS shapes."""
-  from jaxcl import config as config_lib
-  from jaxcl import data
+  import webdataset as wds
   config = helpers.tiny_config(helpers.CLIP_CONFIG, helpers.TINY_TWO_TOWER)
-  source, _ = data.load_source(config.dataset, 'test', with_text=True)
+  source, _ = data_lib.load_source(config.dataset, 'test', with_text=True)
   with wds.TarWriter(str(tmp_path / 'shapes-0.tar')) as writer:
     for i in range(64):
       png = io.BytesIO()
@@ -514,17 +512,17 @@ def test_a_mixture_by_config_of_shards_and_tfds(tmp_path):
   config.dataset.update(name='mixture', image_size=32, workers=0, mixture=(
       f'shards:{tmp_path}/shapes-0.tar=0.5', 'captioned_shapes=0.5'))
   validation.validate(config)
-  stream_source, info = data.Dataset(config.dataset).training(with_text=True)
+  stream_source, info = data_lib.Dataset(config.dataset).training(with_text=True)
   assert info.image_shape == (32, 32, 3)
-  assert data.describe_size(stream_source) == (
+  assert data_lib.describe_size(stream_source) == (
       'a mixture of 0:' + tmp_path.name + ' (0.5), 1:captioned_shapes (0.5), streamed')
-  it = data.train_batches(stream_source, batch_size=32, seed=0, process_index=0,
+  it = data_lib.train_batches(stream_source, batch_size=32, seed=0, process_index=0,
                           process_count=1)
   captions = [c for _ in range(4) for c in next(it)['captions']]
   shares = it.counts()[2] / it.counts()[2].sum()
   assert 0.2 < shares[0] < 0.8 and captions.count('from shards') == it.counts()[2][0]
   # Evaluation reads the first source's splits: the shards' eval_urls (none here).
-  assert data.Dataset(config.dataset).missing_split('test') == (
+  assert data_lib.Dataset(config.dataset).missing_split('test') == (
       'the test split (dataset.eval_urls is empty)')
   config.dataset.mixture = ('captioned_shapes=0', )
   with pytest.raises(config_lib.ConfigError, match="not 'SOURCE=WEIGHT' with a weight > 0"):
@@ -539,7 +537,7 @@ def test_memory_does_not_grow_with_the_stream(tmp_path):
   """Two passes over 3,000 samples (8 MB of JPEGs, 30x the shuffle buffer of
   100): what Python holds after the whole stream is what it held after a
   tenth of it, within 1 MB."""
-  import tracemalloc
+  import webdataset as wds
   rng = np.random.default_rng(3)
   for s in range(12):
     with wds.TarWriter(str(tmp_path / f'big-{s:02d}.tar')) as writer:
@@ -584,8 +582,7 @@ def test_a_shard_gone_mid_run_is_one_line_from_a_worker(tmp_path, corpus):
 def test_held_out_shards_are_the_test_split(tmp_path, corpus):
   """eval_urls in memory, center-cropped, with their classes (a sample
   without `cls` is unlabeled, -1, as the shapes' two-shape images)."""
-  from jaxcl import config as config_lib
-  from jaxcl import data
+  import webdataset as wds
   rng = np.random.default_rng(4)
   with wds.TarWriter(str(tmp_path / 'held-0.tar')) as writer:
     writer.write({'__key__': 'a', 'jpg': _image_bytes(rng, 'JPEG'), 'txt': 'one', 'cls': '4'})
@@ -594,11 +591,11 @@ def test_held_out_shards_are_the_test_split(tmp_path, corpus):
   cfg = config_lib.base_config().dataset
   cfg.update(name='webdataset', urls=_urls(corpus), eval_urls=str(tmp_path / 'held-0.tar'),
              image_size=8, eval_samples=10)
-  test, info = data.Dataset(cfg).split('test', with_text=True)
+  test, info = data_lib.Dataset(cfg).split('test', with_text=True)
   assert info.num_classes == 5 and len(test) == 2 and test.skipped[0][0].endswith('held-0.tar c')
   assert [int(test[i]['label']) for i in range(2)] == [4, -1]
   assert test[0]['captions'] == ['one'] and test[0]['image'].shape == (8, 8, 3)
-  train, info = data.Dataset(cfg).split('train')  # SimCLR's kNN bank: the first eval_samples
+  train, info = data_lib.Dataset(cfg).split('train')  # SimCLR's kNN bank: the first eval_samples
   assert len(train) == 10 and info.num_classes == 3 and train[0]['captions'] == []
 
 

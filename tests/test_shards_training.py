@@ -12,7 +12,6 @@ import time
 import jax
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
 import helpers
@@ -27,6 +26,7 @@ STEPS = 12
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):
   """4 training shards of 40 samples (one undecodable) and 1 held-out shard."""
+  import webdataset as wds
   folder = tmp_path_factory.mktemp('shards')
   rng = np.random.default_rng(0)
   colors = ['red', 'green', 'blue', 'yellow']

@@ -9,10 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (CLIP_CONFIG, DIGITS_CONFIG, TINY_TWO_TOWER, assert_close, jaxcl,
-                     tiny_config, tiny_overrides)
-from jaxcl.trainer import experiment, step_memory, train_step
+from helpers import (
+  CLIP_CONFIG,
+  DIGITS_CONFIG,
+  TINY_TWO_TOWER,
+  assert_close,
+  jaxcl,
+  tiny_config,
+  tiny_overrides,
+)
 from jaxcl import files, parallel
+from jaxcl.trainer import experiment, step_memory, train_step
 
 
 def _analysis(config):

@@ -9,9 +9,8 @@ import pytest
 
 import messages
 from helpers import DIGITS_CONFIG, jaxcl, tiny_config, tiny_overrides
+from jaxcl import config as config_lib, sweep
 from jaxcl.trainer import validation
-from jaxcl import config as config_lib
-from jaxcl import sweep
 
 RUN = ['--config.total_steps=6', '--config.log_every_steps=3', '--config.eval_every_steps=1000',
        '--config.checkpoint_every_steps=6']
@@ -154,7 +153,8 @@ def test_report_references_every_plot(swept):
   # A single run's report too.
   jaxcl('report', '--workdir', str(workdir / 'tau-0.1'))
   single = (workdir / 'tau-0.1' / 'report.html').read_text()
-  assert len(re.findall('<img ', single)) == len(list((workdir / 'tau-0.1' / 'report').glob('*.png')))
+  pngs = list((workdir / 'tau-0.1' / 'report').glob('*.png'))
+  assert len(re.findall('<img ', single)) == len(pngs)
 
 
 @pytest.mark.slow  # a real sweep of two runs

@@ -8,10 +8,14 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as P
 
-from jaxcl.trainer import validation
-from jaxcl.trainer import optim
+from helpers import CLIP_CONFIG, TINY_TWO_TOWER, assert_close, tiny_config, two_tower_batch
+from jaxcl import config as config_lib, losses, parallel
+from jaxcl.data import augment
 from jaxcl.models.temperature import Temperature, project_all
+from jaxcl.trainer import experiment, optim, train_step, validation
+from test_losses import finite_diff, ref_clip_rows, unit_rows
 
 
 def test_learnable_is_log_parameterized_and_clamped():
@@ -117,9 +121,6 @@ def test_temperature_learning_rate_multiplier():
 def _first_step(config, batch_fn, edit_params=None):
   """(the step's loss, its metrics, the embeddings the step's towers give):
   one train step of `config` on one device and its towers run outside it."""
-  from jaxcl.data import augment  # pylint: disable=g-import-not-at-top
-  from jaxcl.trainer import experiment, train_step  # pylint: disable=g-import-not-at-top
-  from jaxcl import parallel  # pylint: disable=g-import-not-at-top
   exp = experiment.setup(config, devices=jax.devices()[:1])
   state = exp.init_state()
   if edit_params is not None:
@@ -136,8 +137,6 @@ def _first_step(config, batch_fn, edit_params=None):
 
 @pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_free_mode_trains_on_arctanh_logits():
-  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
-  from jaxcl import losses  # pylint: disable=g-import-not-at-top
   t = Temperature(mode='free', init=0.2)
   assert float(t()) == 1.0 and not jax.tree.leaves(nnx.state(t, nnx.Param))
   images = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8)
@@ -151,8 +150,6 @@ def test_free_mode_trains_on_arctanh_logits():
 
 @pytest.mark.slow  # a two-tower step
 def test_clip_per_direction_temperatures_in_the_step():
-  from helpers import CLIP_CONFIG, TINY_TWO_TOWER, tiny_config, two_tower_batch  # pylint: disable=g-import-not-at-top
-  from jaxcl import losses  # pylint: disable=g-import-not-at-top
   config = tiny_config(CLIP_CONFIG, TINY_TWO_TOWER, **{'temperature.per_direction': True})
 
   def text_to_image_at_half(params):
@@ -171,8 +168,6 @@ def test_clip_per_direction_temperatures_in_the_step():
 
 
 def test_per_direction_is_refused_for_one_direction():
-  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
-  from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
   with pytest.raises(config_lib.ConfigError, match='per_direction'):
     validation.validate(tiny_config(**{'temperature.per_direction': True}))
 
@@ -193,7 +188,6 @@ PREDICTED = dict(init=0.2, min=0.05, max=0.9)
 
 def _ref_predicted_clip(a, b, w, c):
   """CLIP's loss with τ_i = min + (max - min) σ(z_i · w + c) per anchor, float64."""
-  from test_losses import ref_clip_rows  # pylint: disable=g-import-not-at-top
   tau = lambda z: PREDICTED['min'] + (PREDICTED['max'] - PREDICTED['min']) / (
       1 + np.exp(-(z @ w + c)))
   return ref_clip_rows(a, b, np.stack([tau(a), tau(b)], axis=1))
@@ -205,10 +199,6 @@ def test_predicted_temperature_gradients_match_reference(devices, impl):
   """τ computed outside the loss's shard_map (as the step does) and passed
   split like the rows: the gradient reaches the head and, through τ, the
   embeddings."""
-  from helpers import assert_close  # pylint: disable=g-import-not-at-top
-  from test_losses import finite_diff, unit_rows  # pylint: disable=g-import-not-at-top
-  from jax.sharding import AxisType, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from jaxcl import losses  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   a, b = unit_rows(rng, 16, 6), unit_rows(rng, 16, 6)
   w, c = rng.normal(size=6), -0.4

@@ -11,6 +11,7 @@ import warnings
 import ml_collections
 import numpy as np
 import pytest
+import sentencepiece
 
 from jaxcl.text import clip_bpe, tokenizers
 from jaxcl.text.tokenizers import ClipBpeTokenizer, SentencePieceTokenizer, build_tokenizer
@@ -32,7 +33,7 @@ CLEANED = ['don’t “quote” it', 'fish &amp; chips &lt;b&gt; &quot;hi&quot; 
 
 @pytest.fixture(scope='module')
 def vocab_gz():
-  from open_clip.tokenizer import default_bpe  # pylint: disable=g-import-not-at-top
+  from open_clip.tokenizer import default_bpe
   return default_bpe()
 
 
@@ -44,7 +45,7 @@ def clip(vocab_gz):
 @pytest.fixture(scope='module')
 def hf_clip(vocab_gz):
   """transformers' CLIPTokenizer on the same vocabulary (it takes vocab and merges)."""
-  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPTokenizer
   _, vocab, merges = clip_bpe.read_vocab(open(vocab_gz, 'rb').read(), vocab_gz)
   return CLIPTokenizer(vocab=vocab, merges=merges)
 
@@ -58,7 +59,7 @@ def _check_layout(ids, tok):
 
 
 def test_clip_bpe_matches_open_clip(clip):
-  import open_clip  # pylint: disable=g-import-not-at-top
+  import open_clip
   texts = PLAIN + CLEANED
   ids = clip.encode(texts)
   assert ids.dtype == np.int32 and (clip.sot_id, clip.eot_id, clip.pad_id) == (SOT, EOT, 0)
@@ -71,7 +72,7 @@ def test_clip_bpe_matches_open_clip(clip):
 
 @pytest.mark.parametrize('length', [2, 3, 8])
 def test_clip_bpe_truncation_is_open_clips(vocab_gz, length):
-  import open_clip  # pylint: disable=g-import-not-at-top
+  import open_clip
   tok = ClipBpeTokenizer(vocab_gz, length)
   ids = tok.encode(PLAIN)
   # tokens[:context_length], the last set to EOT: SOT + the first length - 2 + EOT.
@@ -82,7 +83,7 @@ def test_clip_bpe_truncation_is_open_clips(vocab_gz, length):
 def test_clip_bpe_fuzz_matches_open_clip(clip):
   """Random text over scripts, marks, symbols and the regex's corner cases ("'ſ", which
   CLIP's case-insensitive split reads as "'s"; U+0345, which it drops)."""
-  from open_clip.tokenizer import SimpleTokenizer  # pylint: disable=g-import-not-at-top
+  from open_clip.tokenizer import SimpleTokenizer
   rng = random.Random(0)
   pool = ([chr(c) for c in range(0x20, 0x2000)] + list('東京🐱👍🏽❤️’“”&;#<>ſİͅ\u00a0\u2003') +
           list("ab '’s") * 40)
@@ -112,7 +113,7 @@ def test_clip_bpe_matches_transformers(clip, hf_clip, vocab_gz):
 def test_special_token_names_are_text(clip):
   """open_clip reads <end_of_text>, transformers <|endoftext|> in a text as the EOT; jaxcl
   reads both as text, so the EOT that ends the content stays the only one."""
-  import open_clip  # pylint: disable=g-import-not-at-top
+  import open_clip
   texts = ['a <|endoftext|> b', 'a <end_of_text> b <start_of_text>']
   ids = clip.encode(texts)
   _check_layout(ids, clip)
@@ -203,7 +204,6 @@ SIGLIP_CORPUS = SIGLIP_TEXTS + [
 @pytest.fixture(scope='module')
 def siglip_model(tmp_path_factory):
   """A tiny unigram model with the special ids of Google's c4_en: pad 0, EOS 1, unk 2."""
-  import sentencepiece  # pylint: disable=g-import-not-at-top
   model, path = io.BytesIO(), tmp_path_factory.mktemp('siglip') / 'spiece.model'
   sentencepiece.SentencePieceTrainer.train(
       sentence_iterator=iter([t.lower() for t in SIGLIP_TEXTS] * 4), model_writer=model,
@@ -216,7 +216,7 @@ def siglip_model(tmp_path_factory):
 @pytest.mark.parametrize('max_length', [16, 64])
 @pytest.mark.parametrize('legacy', [True, False])
 def test_sentencepiece_siglip_matches_transformers(siglip_model, max_length, legacy):
-  from transformers import SiglipTokenizer  # pylint: disable=g-import-not-at-top
+  from transformers import SiglipTokenizer
   hf = SiglipTokenizer(vocab_file=siglip_model, legacy=legacy)
   assert (hf.pad_token_id, hf.eos_token_id, hf.unk_token_id) == (1, 1, 2)
   tok = build_tokenizer(_text_cfg(tokenizer='sentencepiece', sentencepiece_model=siglip_model,
@@ -247,4 +247,4 @@ def test_sentencepiece_special_token_names_are_text(siglip_model):
   """SiglipTokenizer maps '</s>' in a text to its EOS; jaxcl keeps the text's only EOT last."""
   tok = SentencePieceTokenizer(siglip_model, 16, pad_id=1, normalize='siglip')
   ids = tok.encode(['a </s> b'])[0]
-  assert np.argmax(ids == 1) == len(tok._sp.encode('a s b'))  # pylint: disable=protected-access
+  assert np.argmax(ids == 1) == len(tok._sp.encode('a s b'))

@@ -9,12 +9,22 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import (DIGITS_CONFIG, RUN, RUN_STEPS, assert_close, final_params, jaxcl,
-                     logged_steps, newest_checkpoint, preempt, run_until_checkpoint, tiny_config,
-                     tiny_overrides)
-from jaxcl.trainer import checkpoints, experiment, train_step, trained
+from helpers import (
+  DIGITS_CONFIG,
+  RUN,
+  RUN_STEPS,
+  assert_close,
+  final_params,
+  jaxcl,
+  logged_steps,
+  newest_checkpoint,
+  preempt,
+  run_until_checkpoint,
+  tiny_config,
+  tiny_overrides,
+)
 from jaxcl import parallel
-
+from jaxcl.trainer import checkpoints, experiment, train_step, trained
 
 # ------------------------------------------------ sharded == single device ---
 # One step's loss, metrics and gradients on 8 devices against 1 differ by
@@ -96,7 +106,7 @@ def test_temperature_is_clamped_after_update(experiments, train_steps):
 # SIGKILL and resume: tests/test_reliability.py (with corrupt checkpoints).
 @pytest.mark.slow  # a whole CLI run
 def test_outputs_of_a_run(uninterrupted):
-  rows = [json.loads(l) for l in open(uninterrupted / 'metrics.jsonl')]
+  rows = [json.loads(line) for line in open(uninterrupted / 'metrics.jsonl')]
   train_rows = [r for r in rows if 'loss' in r]
   for key in ('step', 'loss', 'temperature', 'inv_temperature', 'examples_per_sec',
               'contrastive_top1', 'grad_norm', 'step_time', 'data_wait_time', 'compute_time',
@@ -154,7 +164,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(uninterrupted, tmp_path
   assert logged <= RUN_STEPS - 10, f'stopped too late to preempt: step {logged} logged'
   preempt(proc, SIGTERM_S, tmp_path / 'err')
   out = (tmp_path / 'out').read_text()
-  line = [l for l in out.splitlines() if 'preempted (SIGTERM)' in l]
+  line = [row for row in out.splitlines() if 'preempted (SIGTERM)' in row]
   assert line, out
   step = int(line[0].split('checkpoint of step ')[1].split()[0])
   assert 10 <= step <= logged + 5 < RUN_STEPS
@@ -193,7 +203,7 @@ def test_nonfinite_steps_skipped_leave_the_state(tmp_path):
   jaxcl('train', '--config', DIGITS_CONFIG, '--workdir', str(tmp_path), *tiny_overrides(),
         *EXPLODE, '--config.checkpoint_every_steps=1', '--config.keep_checkpoints=10',
         '--config.nonfinite=skip')
-  rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert [r['skipped'] for r in rows if 'skipped' in r] == [0.0] + [1.0] * 7
   exp, last = trained.load_trained(str(tmp_path))
   manager = checkpoints.checkpoint_manager(str(tmp_path), exp.config)

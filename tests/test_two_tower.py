@@ -13,14 +13,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
-from helpers import (CLIP_CONFIG, SIGLIP_CONFIG, TINY_TWO_TOWER, assert_close,
-                     copy_without_dataset, jaxcl, qkv_biases, tiny_config, tiny_overrides,
-                     two_tower_batch, without_key_bias)
+from helpers import (
+  CLIP_CONFIG,
+  SIGLIP_CONFIG,
+  TINY_TWO_TOWER,
+  assert_close,
+  copy_without_dataset,
+  jaxcl,
+  qkv_biases,
+  tiny_config,
+  tiny_overrides,
+  two_tower_batch,
+  without_key_bias,
+)
+from jaxcl import data, parallel
+from jaxcl.data import shapes
 from jaxcl.evaluation import probes
 from jaxcl.trainer import experiment, train_step, trained
-from jaxcl import parallel
-
 
 # ------------------------------------------------ sharded == single device ---
 # float32 sums reordered by 8 devices vs 1 (tests/helpers.py: assert_close);
@@ -155,7 +166,8 @@ def test_retrieval_recall_by_hand():
   # img1 scores [1, .6, .8, 0]: caption 0 (not its own) beats its caption 2 -> rank 2.
   # img2 scores [0, -.8, -.6, 1]: its caption 3 first.
   assert got['i2t_r1'] == pytest.approx(2 / 3) and got['i2t_r2'] == pytest.approx(1.0)
-  # t2i: cap0 [0, 1, 0] -> image 1 first, its image 0 ties with image 2 for second: rank 2 -> miss @2.
+  # t2i: cap0 [0, 1, 0] -> image 1 first, its image 0 ties with image 2 for second: rank 2 ->
+  # miss @2.
   # cap1 [.8, .6, -.8] -> image 0 first; cap2 [.6, .8, -.6] -> image 1 first; cap3 -> image 2.
   assert got['t2i_r1'] == pytest.approx(3 / 4) and got['t2i_r2'] == pytest.approx(3 / 4)
 
@@ -175,7 +187,7 @@ def clip_run(tmp_path_factory):
 
 @pytest.mark.slow  # a whole CLI run
 def test_clip_run_writes_metrics_and_eval(clip_run):
-  rows = [json.loads(l) for l in open(clip_run / 'metrics.jsonl')]
+  rows = [json.loads(line) for line in open(clip_run / 'metrics.jsonl')]
   train_rows = [r for r in rows if 'loss' in r]
   assert [r['step'] for r in train_rows] == [10, 20, 30]
   for key in ('temperature', 'inv_temperature', 'contrastive_top1', 'loss'):
@@ -208,7 +220,8 @@ import jax, numpy as np
 prefix, images, labels = sys.argv[1], np.load(sys.argv[2]), np.load(sys.argv[3])
 meta = json.load(open(prefix + '.json'))
 load = lambda path: jax.export.deserialize(open(path, 'rb').read())
-image_embedder, text_embedder = load(prefix), load(prefix.rsplit('/', 1)[0] + '/' + meta['text']['file'])
+image_embedder = load(prefix)
+text_embedder = load(prefix.rsplit('/', 1)[0] + '/' + meta['text']['file'])
 tok = meta['tokenizer']
 assert tok['type'] == 'bytes'
 def tokenize(texts):
@@ -245,14 +258,14 @@ def test_exported_towers_reproduce_zeroshot(clip_run, tmp_path):
       meta['zeroshot'])
 
   exp, _ = trained.load_trained(str(clip_run))
-  from jaxcl import data  # pylint: disable=g-import-not-at-top
   source, _ = data.load_source(exp.config.dataset, 'test')
   records = [source[i] for i in range(len(source))]
   labeled = [r for r in records if r['label'] >= 0]
   np.save(tmp_path / 'images.npy', np.stack([r['image'] for r in labeled]))
   np.save(tmp_path / 'labels.npy', np.array([r['label'] for r in labeled]))
-  run = subprocess.run([sys.executable, '-c', ZERO_SHOT, str(artifact), str(tmp_path / 'images.npy'),
-                        str(tmp_path / 'labels.npy')], capture_output=True, text=True,
+  run = subprocess.run([sys.executable, '-c', ZERO_SHOT, str(artifact),
+                        str(tmp_path / 'images.npy'), str(tmp_path / 'labels.npy')],
+                       capture_output=True, text=True,
                        cwd=tmp_path)  # outside the repo: jaxcl is not importable by path
   assert run.returncode == 0, run.stderr
   got = json.loads(run.stdout)['zeroshot_top1']
@@ -262,8 +275,6 @@ def test_exported_towers_reproduce_zeroshot(clip_run, tmp_path):
 
 @pytest.mark.slow  # a whole CLI run
 def test_train_on_a_pairs_file_with_broken_rows(tmp_path):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from jaxcl.data import shapes  # pylint: disable=g-import-not-at-top
   rows = []
   for i, example in enumerate(shapes.generate(seed=5, num_images=48)):
     Image.fromarray(example['image']).save(tmp_path / f'{i}.png')

@@ -37,7 +37,8 @@ def test_counts_and_form(name):
 
 @pytest.mark.parametrize('name', sorted(COUNTS))
 def test_each_file_names_its_source(name):
-  text = importlib.resources.files('jaxcl.evaluation.zeroshot_lists').joinpath(f'{name}.json').read_text()
+  folder = importlib.resources.files('jaxcl.evaluation.zeroshot_lists')
+  text = folder.joinpath(f'{name}.json').read_text()
   data = json.loads(text)
   assert set(data) == {'source', 'class_names', 'templates'}
   assert data['source'].startswith('https://github.com/openai/CLIP/')
@@ -91,7 +92,8 @@ def test_imagenet_lists_equal_open_clips():
 
 
 def test_unknown_name():
-  with pytest.raises(ValueError, match=r"unknown zero-shot list 'imagenet1k'; known: imagenet, ") as e:
+  with pytest.raises(ValueError,
+                     match=r"unknown zero-shot list 'imagenet1k'; known: imagenet, ") as e:
     zeroshot_lists.load('imagenet1k')
   assert '\n' not in str(e.value)
   for name in zeroshot_lists.NAMES:
@@ -114,7 +116,8 @@ def test_for_dataset(tfds_name, expected):
 
 
 def test_imports_no_runtime():
-  code = ('import sys; from jaxcl.evaluation import zeroshot_lists; zeroshot_lists.load("imagenet"); '
+  code = ('import sys; from jaxcl.evaluation import zeroshot_lists; '
+          'zeroshot_lists.load("imagenet"); '
           'print(sorted(m for m in ("jax", "numpy", "flax", "tensorflow", "tensorflow_datasets") '
           'if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)

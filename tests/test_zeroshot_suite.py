@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import CLIP_CONFIG, DIGITS_CONFIG, TINY_TWO_TOWER, cli_in_forks, tiny_config
-from jaxcl.trainer import validation
-from jaxcl.trainer import checkpoints, evaluator, trained
-from jaxcl import config as config_lib, data, errors, files, train
+from jaxcl import data, errors, files, train
 from jaxcl.evaluation import zeroshot_cache, zeroshot_lists, zeroshot_suite
+from jaxcl.trainer import checkpoints, evaluator, trained, validation
 
 CIFAR10 = zeroshot_lists.load('cifar10')[0]
 FOLDER_KEY = 'cifar_colors'
@@ -51,7 +51,7 @@ def test_entries_parse():
 
 
 def test_default_splits():
-  split = lambda name, splits: zeroshot_suite._default_split(  # pylint: disable=protected-access
+  split = lambda name, splits: zeroshot_suite._default_split(
       zeroshot_suite.parse(name), splits)
   assert split('imagenet2012', ('train', 'validation', 'test')) == 'validation'  # unlabeled test
   assert split('imagenet_v2', ('test',)) == 'test'
@@ -74,7 +74,6 @@ def folder(tmp_path_factory):
   """CLASS/*.png with CIFAR-10's class names: two images of one constant
   color per class, and one of noise."""
   root = tmp_path_factory.mktemp('zs') / FOLDER_KEY
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   for name in CIFAR10:
     (root / name).mkdir(parents=True)

@@ -13,9 +13,18 @@ trainer's (jaxcl.trainer.validation). This package re-exports defaults'
 public names: ``config.base_config`` etc.
 """
 
-from jaxcl.config.defaults import (CONFIG_FILE, KEYS_ADDED_LATER, RESUMABLE_CHANGES,
-                                   ConfigError, base_config, check_resumable, flat_config,
-                                   load_saved, read_saved, save)
+from jaxcl.config.defaults import (
+  CONFIG_FILE,
+  KEYS_ADDED_LATER,
+  RESUMABLE_CHANGES,
+  ConfigError,
+  base_config,
+  check_resumable,
+  flat_config,
+  load_saved,
+  read_saved,
+  save,
+)
 
 __all__ = [
     'CONFIG_FILE', 'KEYS_ADDED_LATER', 'RESUMABLE_CHANGES', 'ConfigError', 'base_config',

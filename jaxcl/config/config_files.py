@@ -13,9 +13,9 @@ import difflib
 import importlib.util
 
 import ml_collections
+from etils import epath
 
 from jaxcl import errors
-
 
 ConfigFileError = errors.ConfigFileError
 
@@ -32,7 +32,6 @@ UNSET_BY_EMPTY = ('dataset.data_dir',)
 
 def load(spec: str) -> ml_collections.ConfigDict:
   """The ConfigDict of config file `spec` ('path.py' or 'path.py:arg')."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   path, arg = spec, None
   if not epath.Path(spec).is_file() and ':' in spec:
     path, arg = spec.rsplit(':', 1)
@@ -45,7 +44,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
   except SystemExit as e:
     raise ConfigFileError(f'config file {path} called sys.exit({e.code}) while loading'
                           ) from None
-  except Exception as e:  # pylint: disable=broad-except  # the file's own error, reported
+  except Exception as e:  # the file's own error, reported
     raise ConfigFileError(f'config file {path} fails to load: {_describe(e)}') from None
   get_config = getattr(module, 'get_config', None)
   if not callable(get_config):
@@ -55,7 +54,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
   except SystemExit as e:
     raise ConfigFileError(f'config file {path}: get_config() called sys.exit({e.code})'
                           ) from None
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise ConfigFileError(f'config file {path}: get_config() raised {_describe(e)}') from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigFileError(f'config file {path}: get_config() returned '

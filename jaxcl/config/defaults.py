@@ -14,8 +14,8 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from jaxcl.config import config_files
 from jaxcl import errors, files
+from jaxcl.config import config_files
 
 CONFIG_FILE = files.CONFIG_FILE
 
@@ -24,7 +24,8 @@ CONFIG_FILE = files.CONFIG_FILE
 # experiments in one workdir.
 RESUMABLE_CHANGES = ('total_steps', 'log_every_steps', 'eval_every_steps',
                      'checkpoint_every_steps', 'keep_checkpoints', 'mesh', 'eval',
-                     'loss.impl', 'loss.block_size',  # equal values and gradients (not loss.estimator)
+                     # equal values and gradients (not loss.estimator)
+                     'loss.impl', 'loss.block_size',
                      'nonfinite', 'microbatch_size', 'model.remat', 'model.scan_layers',
                      'device_memory_gb', 'compilation_cache_dir',
                      'dataset.data_dir', 'dataset.download', 'dataset.workers',
@@ -53,8 +54,9 @@ def base_config():
   # Memory per device a compiled step may use, in GiB (0: what the device reports; CPUs
   # report none). A step that needs more stops before the run writes anything.
   config.device_memory_gb = 0.0
-  # jax's persistent compilation cache (jaxcl.trainer.compilation_cache): '' = $JAX_COMPILATION_CACHE_DIR,
-  # else WORKDIR/compilation_cache on gs://, else ~/.cache/jaxcl/compilation; 'none': off.
+  # jax's persistent compilation cache (jaxcl.trainer.compilation_cache): '' =
+  # $JAX_COMPILATION_CACHE_DIR, else WORKDIR/compilation_cache on gs://, else
+  # ~/.cache/jaxcl/compilation; 'none': off.
   config.compilation_cache_dir = ''
   config.log_every_steps = 50
   config.eval_every_steps = 500
@@ -64,7 +66,8 @@ def base_config():
   # step and the last good checkpoint) or 'skip' (the state stays as it was;
   # counted and logged as `skipped`).
   config.nonfinite = 'stop'
-  # (A, B): a jax.profiler trace of steps A..B in WORKDIR/plugins (jaxcl.trainer.profiling); (): none.
+  # (A, B): a jax.profiler trace of steps A..B in WORKDIR/plugins
+  # (jaxcl.trainer.profiling); (): none.
   config.profile_steps = ()
   # Weights & Biases, from process 0, when `project` is set (pip install wandb): every
   # metrics.jsonl record, the flat config; name '' is the config's name or the workdir's;
@@ -141,7 +144,8 @@ def base_config():
       # clip/siglip: False when the image tower's output is the embedding (SigLIP's MAP head)
       image_projection=True,
       # ViT sizes (model.name 'vit', or non-zero to override a preset such as vit_b16), and
-      # the switches of the published ViTs (jaxcl.models.transformer; presets.ARCHITECTURES sets them)
+      # the switches of the published ViTs (jaxcl.models.transformer;
+      # presets.ARCHITECTURES sets them)
       vit=ml_collections.ConfigDict(dict(patch_size=0, width=0, depth=0, heads=0, mlp_dim=0,
                                          pool='gap',  # or 'cls' (CLIP), 'map' (SigLIP)
                                          act='gelu_tanh',  # or 'gelu', 'quick_gelu'
@@ -377,7 +381,8 @@ def check_resumable(config, workdir, allow_batch_change: bool = False) -> None:
   saved, new = read_saved(workdir), flat_config(config)
   resumable = RESUMABLE_CHANGES + (('batch_size',) if allow_batch_change else ())
   allowed = lambda key: any(key == k or key.startswith(k + '.') for k in resumable)
-  changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k) and not allowed(k))
+  changed = sorted(k for k in set(saved) | set(new)
+                   if saved.get(k) != new.get(k) and not allowed(k))
   if changed == ['batch_size']:
     raise ConfigError(
         f'{workdir} holds a run with global batch_size {saved["batch_size"]}, not '

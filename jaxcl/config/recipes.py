@@ -4,6 +4,7 @@ configs/.../common.py): importable from any config file as
 
 from __future__ import annotations
 
+from jaxcl import config as config_lib, presets
 from jaxcl.config import base_config
 
 
@@ -82,7 +83,6 @@ def architecture(config, name: str) -> None:
   method, both towers, the image size and normalization, and the tokenizer
   kind; the tokenizer's file (text.vocab_file or text.sentencepiece_model)
   is the caller's to set."""
-  from jaxcl import presets  # pylint: disable=g-import-not-at-top
   if name not in presets.ARCHITECTURES:
     raise ValueError(f'unknown architecture {name!r}; known: {", ".join(presets.ARCHITECTURES)}')
   config.update_from_flattened_dict({k: list(v) if isinstance(v, tuple) else v
@@ -94,7 +94,6 @@ def from_workdir(workdir):
   from its weights: the same method, architecture, tokenizer, image size
   and normalization, τ from where it ended, init.source set to the workdir;
   the schedule, dataset and evaluation are the caller's to set."""
-  from jaxcl import config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load_saved(workdir)
   config.init.update(source=str(workdir), load=())
   config.name = f'from {workdir}'

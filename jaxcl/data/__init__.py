@@ -57,17 +57,34 @@ The modules, each importing only those above it:
 This package re-exports their public names: ``data.load_source`` etc.
 """
 
-from jaxcl.data.images import (IMAGE_SUFFIXES, MAX_UPSCALE, ImageFolderSource,
-                               center_crop_resize, image_problem)
+from jaxcl.data import pairs, shapes  # noqa: F401  (TFDS builders, registered on import)
 from jaxcl.data.catalog import is_prepared
 from jaxcl.data.digits import Digits
-from jaxcl.data import shapes, pairs  # noqa: F401  (TFDS builders, registered on import)
-from jaxcl.data.sources import (DEFAULT_TEMPLATES, EMBEDDED, PAIRS, Dataset, DatasetError,
-                                DatasetInfo, as_strings, component_configs, describe_size,
-                                known_size, load_source, tfds_builder, train_batches,
-                                zeroshot_templates)
+from jaxcl.data.images import (
+  IMAGE_SUFFIXES,
+  MAX_UPSCALE,
+  ImageFolderSource,
+  center_crop_resize,
+  image_problem,
+)
 from jaxcl.data.pipeline import caption_sampler, eval_batches, train_iterator
 from jaxcl.data.shard_sources import MIXTURE, NAME as WEBDATASET
+from jaxcl.data.sources import (
+  DEFAULT_TEMPLATES,
+  EMBEDDED,
+  PAIRS,
+  Dataset,
+  DatasetError,
+  DatasetInfo,
+  as_strings,
+  component_configs,
+  describe_size,
+  known_size,
+  load_source,
+  tfds_builder,
+  train_batches,
+  zeroshot_templates,
+)
 from jaxcl.data.stream import MIN_SAMPLES_FOR_BAD_FRACTION, StreamBatches
 
 __all__ = [

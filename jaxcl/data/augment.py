@@ -122,7 +122,8 @@ def simclr_view(key, image, cfg):
   image = _maybe(keys[2], cfg.color_jitter_prob,
                  lambda x: color_jitter(keys[3], x, cfg.color_jitter_strength), image)
   if image.shape[-1] == 3:
-    image = _maybe(keys[4], cfg.grayscale_prob, lambda x: jnp.broadcast_to(_gray(x), x.shape), image)
+    image = _maybe(keys[4], cfg.grayscale_prob, lambda x: jnp.broadcast_to(_gray(x), x.shape),
+                   image)
   if cfg.blur_prob > 0:
     size = max(3, int(round(0.1 * cfg.image_size)) | 1)  # SimCLR: 10% of the side, odd
     image = _maybe(keys[5], cfg.blur_prob, lambda x: gaussian_blur(keys[6], x, size), image)

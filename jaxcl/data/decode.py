@@ -19,7 +19,9 @@ import functools
 import io
 import math
 
+import cv2
 import numpy as np
+from PIL import Image, ImageOps
 
 from jaxcl.data.images import MAX_UPSCALE, pil_error
 
@@ -76,7 +78,6 @@ def decode(sample: dict, fmt: SampleFormat, rng: np.random.Generator | None = No
 def decode_image(data: bytes, fmt: SampleFormat, rng=None):
   """(uint8 [S, S, C], None) or (None, why the bytes are not a usable image).
   fmt.image_size 0: the image as it is, [H, W, C]."""
-  from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
   size = fmt.image_size
   mode = 'L' if fmt.channels == 1 else 'RGB'
   try:
@@ -92,7 +93,7 @@ def decode_image(data: bytes, fmt: SampleFormat, rng=None):
     if pil.mode != mode:
       pil = pil.convert(mode)
     pixels = np.asarray(pil)  # decodes: a truncated file fails here
-  except Exception as e:  # noqa: BLE001  pylint: disable=broad-except  # PIL raises many kinds
+  except Exception as e:  # PIL raises many kinds
     return None, f'undecodable image: {pil_error(e)}'
   pixels = pixels.reshape(*pixels.shape[:2], fmt.channels)
   if not size:
@@ -111,7 +112,7 @@ def crop_resize(pixels: np.ndarray, box, size: int) -> np.ndarray:
   """pixels [H, W, C] inside box (left, top, right, bottom) resized to
   [size, size, C] with OpenCV: bilinear (as big_vision's TF resize, and 6x
   faster than Pillow's), area averaging when shrinking by more than 1.5."""
-  cv2 = _opencv()
+  _opencv_single_threaded()
   left, top, right, bottom = box
   crop = pixels[top:bottom, left:right]
   if crop.shape[:2] == (size, size):
@@ -125,10 +126,8 @@ _EXIF_ORIENTATION = 0x0112
 
 
 @functools.lru_cache(maxsize=1)
-def _opencv():
-  import cv2  # pylint: disable=g-import-not-at-top
+def _opencv_single_threaded() -> None:
   cv2.setNumThreads(1)  # one image per call: the parallelism is grain's worker processes
-  return cv2
 
 
 def random_crop_box(width: int, height: int, scale, rng, ratio=(3 / 4, 4 / 3), tries: int = 10):

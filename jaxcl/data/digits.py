@@ -34,7 +34,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             'test': self._generate_examples(self.NUM_TRAIN, None)}
 
   def _generate_examples(self, start, stop):
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    from sklearn.datasets import load_digits
     digits = load_digits()
     images = np.round(digits.images * 255.0 / 16.0).astype(np.uint8)[..., None]
     stop = len(images) if stop is None else stop

@@ -11,6 +11,7 @@ import concurrent.futures
 
 import numpy as np
 from etils import epath
+from PIL import Image, UnidentifiedImageError
 
 from jaxcl import errors
 
@@ -47,7 +48,6 @@ def check_classes_have_images(root, classes: list[str]) -> None:
 def pil_error(e: Exception) -> str:
   """Why PIL could not read an image, in one line that names no Python
   object (PIL's own message for an unknown format quotes the file object)."""
-  from PIL import UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   why = ('not an image format PIL knows' if isinstance(e, UnidentifiedImageError)
          else errors.first_line(e, ''))
   return f'{type(e).__name__}: {why}'.rstrip(': ')
@@ -56,7 +56,6 @@ def pil_error(e: Exception) -> str:
 def image_problem(path, image_size: int) -> str | None:
   """Why the image file at `path` is unusable at `image_size` (it does not
   open, does not decode in full, or is too small), or None if it is fine."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with epath.Path(path).open('rb') as f:
       pil = Image.open(f)
@@ -65,7 +64,7 @@ def image_problem(path, image_size: int) -> str | None:
                 f'image_size {image_size}')
       pil.draft('RGB', (image_size, image_size))  # JPEG: decode at a reduced scale, faster
       pil.load()  # a truncated file fails here, not in the middle of training
-  except Exception as e:  # noqa: BLE001  pylint: disable=broad-except  # PIL raises many kinds
+  except Exception as e:  # PIL raises many kinds
     return f'unreadable: {pil_error(e)}'
   return None
 
@@ -79,7 +78,6 @@ class ImageFolderSource:
   """
 
   def __init__(self, root: str, image_size: int, classes: list[str] | None = None):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     self._image_lib = Image
     root = epath.Path(root)
     if not root.is_dir():
@@ -116,7 +114,7 @@ class ImageFolderSource:
     try:
       with path.open('rb') as f:
         image = np.asarray(self._image_lib.open(f).convert('RGB'))
-    except Exception as e:  # pylint: disable=broad-except  # changed since it was checked
+    except Exception as e:  # changed since it was checked
       raise DatasetError(f'image {path} no longer reads: {type(e).__name__}: {e}') from None
     return {'image': center_crop_resize(image, self._image_size), 'label': np.int32(label)}
 
@@ -127,7 +125,6 @@ def _is_image(path) -> bool:
 
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
   """The central square of `image` resized to size x size (host side, PIL)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w = image.shape[:2]
   side = min(h, w)
   top, left = (h - side) // 2, (w - side) // 2

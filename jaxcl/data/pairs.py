@@ -32,11 +32,11 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from PIL import Image, ImageOps
 
 from jaxcl.data import catalog
 from jaxcl.data.images import MAX_UPSCALE, center_crop_resize, pil_error
-from jaxcl.data.pair_rows import (  # noqa: F401  (DELIMITERS, JSON_SUFFIXES: re-exported)
-    DELIMITERS, JSON_SUFFIXES, absolute_path, in_test_split, read_pairs)
+from jaxcl.data.pair_rows import absolute_path, in_test_split, read_pairs
 
 BAD_ROWS_FILE = 'bad_rows.json'
 MAX_LOGGED_BAD_ROWS = 20
@@ -156,7 +156,6 @@ class ImageTextPairs(tfds.core.GeneratorBasedBuilder):
     return {name: self._generate_examples(items) for name, items in splits.items() if items}
 
   def _generate_examples(self, items):
-    from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
     size = self.builder_config.image_size
     for key, (path, captions) in enumerate(items):
       try:
@@ -168,7 +167,7 @@ class ImageTextPairs(tfds.core.GeneratorBasedBuilder):
             continue
           pil.draft('RGB', (2 * size, 2 * size))  # JPEG: decode at a reduced scale, much faster
           pil = ImageOps.exif_transpose(pil).convert('RGB')
-      except Exception as e:  # noqa: BLE001  pylint: disable=broad-except
+      except Exception as e:
         # A truncated or corrupt file passes _probe and fails here.
         self._skip(captions, _image_problem(path, e))
         continue
@@ -184,11 +183,10 @@ class ImageTextPairs(tfds.core.GeneratorBasedBuilder):
 
 def _probe(path: str) -> str | None:
   """Why the image at `path` cannot be opened, or None; reads only its header."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with epath.Path(path).open('rb') as f:
       Image.open(f)
-  except Exception as e:  # noqa: BLE001  pylint: disable=broad-except
+  except Exception as e:
     return _image_problem(path, e)
   return None
 
@@ -243,7 +241,7 @@ def prepare_pairs(path, *, image_size: int, data_dir: str | None = None,
   try:
     with catalog.quiet_tfds():
       builder.download_and_prepare()
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     if 'No examples were yielded' not in str(e):
       raise
     # Every image of a split passed _probe but failed to decode.

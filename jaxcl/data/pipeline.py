@@ -7,10 +7,14 @@ of the package.
 from __future__ import annotations
 
 import functools
+import os
+import threading
+import time
 from typing import Iterator
 
 import grain
 import numpy as np
+from absl import flags
 
 
 def caption_sampler(tokenizer):
@@ -78,7 +82,6 @@ def in_workers(ds, workers: int):
   each taking every W-th element, interleaved back in order."""
   if not workers:
     return ds
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():  # grain's worker start reads its absl flags' defaults
     flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
@@ -91,15 +94,12 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
   SIGKILL gives that process no chance to stop its workers), instead of
   living on as an orphan holding memory."""
   del worker_index, worker_count
-  import os  # pylint: disable=g-import-not-at-top
-  import threading  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
   parent = os.getppid()
 
   def watch():
     while os.getppid() == parent:
       time.sleep(1.0)
-    os._exit(0)  # pylint: disable=protected-access
+    os._exit(0)
 
   threading.Thread(target=watch, daemon=True, name='jaxcl-exit-with-parent').start()
 

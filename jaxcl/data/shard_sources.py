@@ -21,9 +21,7 @@ import dataclasses
 import os
 
 from jaxcl import errors
-from jaxcl.data import decode as decode_lib
-from jaxcl.data import shards as shards_lib
-from jaxcl.data import stream as stream_lib
+from jaxcl.data import decode as decode_lib, shards as shards_lib, stream as stream_lib
 
 NAME = 'webdataset'
 MIXTURE = 'mixture'

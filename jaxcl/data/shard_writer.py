@@ -39,11 +39,11 @@ import signal
 import sys
 
 from etils import epath
+from PIL import Image
 
 from jaxcl import errors, files
 from jaxcl.data import images
-from jaxcl.data.pair_rows import (DELIMITERS, JSON_SUFFIXES, absolute_path, in_test_split,
-                                  iter_pairs)
+from jaxcl.data.pair_rows import DELIMITERS, JSON_SUFFIXES, absolute_path, in_test_split, iter_pairs
 from jaxcl.data.shards import MANIFEST_FILE, SIZES_FILE, ShardWriter
 
 CHUNK = 16  # rows a worker encodes per task
@@ -59,12 +59,11 @@ _OWN_NAME = re.compile(r'(train|test)-\d{6}\.tar|sizes\.json|'
 
 def encode_image(path: str):
   """(JPEG bytes, re-encoded?) of the image file at `path`, or (None, why)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     data = epath.Path(path).read_bytes()
     pil = Image.open(io.BytesIO(data))
     pil.load()  # a truncated file fails here
-  except Exception as e:  # noqa: BLE001  pylint: disable=broad-except  # PIL raises many kinds
+  except Exception as e:  # PIL raises many kinds
     return None, f'unreadable image {path}: {images.pil_error(e)}'
   if pil.format == 'JPEG' and pil.mode in ('RGB', 'L'):
     return data, False

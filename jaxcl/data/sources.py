@@ -13,13 +13,18 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from tensorflow_datasets.core import registered
+from tensorflow_datasets.core import read_only_builder, registered
 
 from jaxcl import errors, presets
-from jaxcl.data import catalog, digits, pairs, shapes  # noqa: F401  (digits: registers it)
-from jaxcl.data import decode as decode_lib
-from jaxcl.data import shard_sources
-from jaxcl.data import stream as stream_lib
+from jaxcl.data import (
+  catalog,
+  decode as decode_lib,
+  digits,  # noqa: F401  (registers its TFDS builder)
+  pairs,
+  shapes,
+  shard_sources,
+  stream as stream_lib,
+)
 from jaxcl.data.images import ImageFolderSource, center_crop_resize
 from jaxcl.data.pipeline import train_iterator
 
@@ -46,10 +51,9 @@ def tfds_builder(name: str, data_dir: str | None):
   except ImportError as e:
     # Many builders import TensorFlow, which only preparing needs: a prepared
     # dataset is read from its own files, without the builder's code.
-    from tensorflow_datasets.core import read_only_builder  # pylint: disable=g-import-not-at-top
     try:
       return read_only_builder.builder_from_files(name, data_dir=data_dir)
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       raise DatasetError(
           f'TFDS dataset {name!r} is not prepared in {data_dir or "the TFDS data dir"}, and its '
           f'builder needs a package to prepare it ({e}); prepare it in array_record format '

@@ -43,11 +43,10 @@ from typing import Any
 import grain
 import numpy as np
 from grain.experimental import index_shuffle
+from grain.python import SharedMemoryArray
 
 from jaxcl import errors
-from jaxcl.data import decode as decode_lib
-from jaxcl.data import pipeline
-from jaxcl.data import shards as shards_lib
+from jaxcl.data import decode as decode_lib, pipeline, shards as shards_lib
 
 POSITION_FIELDS = ('window', 'cursor', 'offset', 'taken', 'read', 'skipped', 'rows')
 READ, SKIPPED, ROWS = 4, 5, 6
@@ -126,8 +125,8 @@ class RecordComponent:
     while True:
       epoch, index = divmod(stream + read * streams, size)
       # A permutation computed per index: nothing held, whatever the source's size.
-      record_index = int(index_shuffle(index, max_index=size - 1, seed=_epoch_seed(seed, salt, epoch),
-                                       rounds=4))
+      record_index = int(index_shuffle(index, max_index=size - 1,
+                                       seed=_epoch_seed(seed, salt, epoch), rounds=4))
       caption_rng = np.random.default_rng([seed, salt, stream, read])
       read += 1
       try:
@@ -250,7 +249,6 @@ def stream_elements(mixture: Mixture, stream: int, rows: int, positions, start_s
 def _stack(images: list, shared_memory: bool) -> np.ndarray:
   if not shared_memory:
     return np.stack(images)
-  from grain.python import SharedMemoryArray  # pylint: disable=g-import-not-at-top
   return np.stack(images, out=SharedMemoryArray((len(images), *images[0].shape), np.uint8))
 
 

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcl.losses import tiled
 from jaxcl import data, parallel
+from jaxcl.losses import tiled
 
 
 def extract_features(embed_fn, mesh, source, *, batch_size: int, max_examples=None, seed=0):

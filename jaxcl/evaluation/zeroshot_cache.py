@@ -22,8 +22,10 @@ import json
 import sys
 import zipfile
 
+import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from jaxcl import errors, files
 
@@ -69,7 +71,6 @@ def classifier(workdir, step: int, weights: str, class_names, templates, tokeniz
   None: no cache."""
   if workdir is None:
     return compute()
-  import jax  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir) / files.ZEROSHOT_CACHE_FILE
   key = cache_key(step, weights, class_names, templates, tokenizer_spec)
   cached = _read(path, step) if jax.process_index() == 0 else {}
@@ -77,7 +78,6 @@ def classifier(workdir, step: int, weights: str, class_names, templates, tokeniz
   if found is not None and found.shape[0] != len(class_names):
     found = None
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     shape = np.zeros(2, np.int32) if found is None else np.array(found.shape, np.int32)
     shape = np.asarray(multihost_utils.broadcast_one_to_all(shape))
     if shape[0]:

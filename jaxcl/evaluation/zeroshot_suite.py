@@ -41,11 +41,12 @@ import dataclasses
 import re
 import sys
 
+import ml_collections
 from etils import epath
 
 from jaxcl import errors
-from jaxcl.evaluation import zeroshot_lists
 from jaxcl.errors import ConfigError
+from jaxcl.evaluation import zeroshot_lists
 
 FOLDER = 'folder:'
 GROUPS = ('zeroshot', 'retrieval')  # the eval.* lists
@@ -136,7 +137,7 @@ def check(config, text_tower: bool, check_data: bool) -> None:
 def _check_folder(entry: Entry) -> None:
   """ConfigError unless the entry's folder has class sub-folders, each with
   an image: an empty one would add a class no image has to the candidates."""
-  from jaxcl.data import images  # pylint: disable=g-import-not-at-top
+  from jaxcl.data import images  # noqa: PLC0415  (TFDS: not on `jaxcl --help`)
   folder = epath.Path(entry.path)
   errors.check(folder.is_dir(), f'{entry.what}: {folder} is not a folder')
   classes = images.class_folders(folder)
@@ -151,7 +152,7 @@ def _check_folder(entry: Entry) -> None:
 def _tfds_builder(entry: Entry, d):
   """The entry's TFDS builder; ConfigError if there is no such dataset or it
   is not prepared (and may not be)."""
-  from jaxcl import data  # pylint: disable=g-import-not-at-top  # TFDS: only when checking data
+  from jaxcl import data  # noqa: PLC0415  (TFDS: not on `jaxcl --help`)
   try:
     builder = data.tfds_builder(entry.name, d.data_dir)
   except data.DatasetError as e:
@@ -176,7 +177,7 @@ def open_entry(entry: Entry, config, channels: int) -> Opened:
   """Opens the entry's split; `channels`: the model's image channels.
   DatasetError or ConfigError (one line, naming the entry) when it cannot be
   evaluated."""
-  from jaxcl import data  # pylint: disable=g-import-not-at-top
+  from jaxcl import data  # noqa: PLC0415  (TFDS: not on `jaxcl --help`)
   if entry.group == 'retrieval':
     source, _, image_channels = _open_tfds(entry, config, channels)
     _check_channels(entry, image_channels, channels)
@@ -216,8 +217,7 @@ def _check_channels(entry: Entry, image_channels: int, channels: int) -> None:
 def _open_tfds(entry: Entry, config, channels: int):
   """(source, label names, image channels) of a TFDS entry, its features
   checked before it is prepared (an embedded one, or with dataset.download)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from jaxcl import data  # pylint: disable=g-import-not-at-top
+  from jaxcl import data  # noqa: PLC0415  (TFDS: not on `jaxcl --help`)
   retrieval = entry.group == 'retrieval'
   cfg = ml_collections.ConfigDict(config.dataset.to_dict())
   cfg.update(name=entry.name, image_key='image', label_key='label', image_size=0,
@@ -235,8 +235,8 @@ def _open_tfds(entry: Entry, config, channels: int):
     cfg.image_size = config.augment.image_size
   dataset = data.Dataset(cfg)
   split = entry.split or _default_split(entry, dataset.builder().info.splits)
-  import jax  # pylint: disable=g-import-not-at-top  # (validation imports this module)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import jax  # noqa: PLC0415  (validation imports this module: no jax on `jaxcl --help`)
+  from jax.experimental import multihost_utils  # noqa: PLC0415  (as jax)
   if jax.process_count() > 1:  # one process prepares an embedded or downloaded dataset
     if jax.process_index() == 0:
       dataset.split(split, with_text=retrieval)

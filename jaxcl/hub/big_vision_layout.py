@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from jaxcl import presets
 from jaxcl.hub import tensors as t
 
@@ -81,7 +83,6 @@ def _fused(*xs):
 
 
 def _concat_last(xs):
-  import numpy as np  # pylint: disable=g-import-not-at-top
   return np.concatenate(xs, axis=-1)
 
 

@@ -18,13 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxcl.trainer import validation
-from jaxcl.trainer import checkpoints
 from jaxcl import config as config_lib, data, errors
-from jaxcl.workdir import run_files
+from jaxcl.hub import big_vision_layout, open_clip_layout, tensors as t, transformers_layout
 from jaxcl.models import param_groups
 from jaxcl.text import tokenizers
-from jaxcl.hub import big_vision_layout, open_clip_layout, tensors as t, transformers_layout
+from jaxcl.trainer import checkpoints, experiment, validation
+from jaxcl.workdir import run_files
 
 LAYOUTS = (open_clip_layout, transformers_layout, big_vision_layout)
 DEFAULT_DATASET = 'captioned_shapes'  # embedded: `jaxcl eval` runs on an import as it is
@@ -182,7 +181,6 @@ def _misshapen(r: t.Rule, shapes: dict, expected: tuple, value) -> str:
 def load_source(source, tokenizer_file=None):
   """(config, tokenizer, Experiment, TrainState at step 0) of a published
   checkpoint directory; nothing is written."""
-  from jaxcl.trainer import experiment  # pylint: disable=g-import-not-at-top
   source = epath.Path(source)
   try:
     layout = _layout(source)
@@ -194,7 +192,7 @@ def load_source(source, tokenizer_file=None):
     # Malformed JSON, a truncated safetensors or npz file, a value of the wrong kind.
     raise t.SourceError(f'{source}: cannot read the checkpoint '
                         f'({errors.type_and_first_line(e)})') from None
-  except Exception as e:  # pylint: disable=broad-except  # safetensors' own error type
+  except Exception as e:  # safetensors' own error type
     if type(e).__name__ != 'SafetensorError':
       raise
     raise t.SourceError(f'{source}: {errors.first_line(e)}') from None

@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from flax import nnx
 
-from jaxcl import config as config_lib
-from jaxcl import errors, files
+from jaxcl import config as config_lib, errors, files
+from jaxcl.hub import open_clip_layout as layout_lib, open_clip_plan as plan_lib, tensors as t
 from jaxcl.models import param_groups
+from jaxcl.trainer.trained import load_trained
 from jaxcl.workdir import run_files
-from jaxcl.hub import open_clip_layout as layout_lib, open_clip_plan as plan_lib
-from jaxcl.hub import tensors as t
 
 FORMAT = plan_lib.FORMAT
 _refuse = plan_lib.refuse
@@ -132,7 +132,6 @@ def export_open_clip(workdir, output, *, overwrite: bool = False,
   or, with `overwrite`, hold an earlier export) for the newest checkpoint in
   `workdir`; returns a summary. Every check runs before anything is written.
   timm_model_name: see open_clip_plan.plan."""
-  from jaxcl.trainer.trained import load_trained  # pylint: disable=g-import-not-at-top
   output = epath.Path(output)
   plan = plan_lib.plan(config_lib.load_saved(workdir), run_files.saved_tokenizer(workdir),
                        _local(output), timm_model_name=timm_model_name)
@@ -148,7 +147,6 @@ def write_open_clip(exp, state, output, plan: plan_lib.Plan, *, replacing: bool 
   directory `output` that `plan` (open_clip_plan.plan of its config and
   tokenizer) describes, replacing an export there if `replacing`; returns
   a summary. export_open_clip checks `output` first; this does not."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   output, config = epath.Path(output), exp.config
   params = {param_groups.path_name(k): v
             for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}

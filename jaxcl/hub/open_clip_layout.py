@@ -5,7 +5,6 @@ towers, and SigLIP with timm's image tower, as open_clip saves them."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 
 from jaxcl import presets

@@ -32,6 +32,8 @@ import dataclasses
 import json
 import re
 
+import sentencepiece
+
 from jaxcl import errors, files, methods, presets
 from jaxcl.hub import open_clip_layout as layout_lib
 
@@ -130,8 +132,8 @@ def timm_trunk_name(sizes: dict, image_size: int, act: str, norm_eps: float, not
   """The timm SigLIP ViT that is jaxcl's 'map' ViT of these sizes, looked up
   in timm (models built on torch's meta device: no weights are made)."""
   try:
-    import timm  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
+    import timm
+    import torch
   except ImportError:
     refuse("a 'map'-pooled ViT exports as a timm SigLIP tower, and finding its timm name "
            "needs timm (pip install timm)")
@@ -192,7 +194,6 @@ def _tokenizer(tokenizer, text_cfg: dict, output) -> tuple[dict, str]:
         f"open_clip.get_tokenizer('local-dir:{output}') (open_clip's SimpleTokenizer with its "
         f"built-in CLIP BPE; the run's own vocabulary is {name} there)")
   if kind == 'sentencepiece' and tokenizer.normalize == 'siglip':
-    import sentencepiece  # pylint: disable=g-import-not-at-top
     sp = sentencepiece.SentencePieceProcessor(model_proto=tokenizer.model_bytes)
     piece = lambda i: sp.id_to_piece(i)
     hf = {'tokenizer_class': 'SiglipTokenizer', 'model_max_length': tokenizer.max_length,

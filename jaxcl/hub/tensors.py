@@ -17,8 +17,10 @@ import struct
 import zipfile
 from typing import Callable, Sequence
 
+import ml_dtypes
 import numpy as np
 from etils import epath
+from safetensors import safe_open
 
 from jaxcl import errors
 
@@ -48,7 +50,6 @@ class Tensors:
       self._npz = np.load(self.path, allow_pickle=False)
       self.shapes, self.dtypes = _npz_headers(self.path)
     else:
-      from safetensors import safe_open  # pylint: disable=g-import-not-at-top
       self._file = safe_open(str(self.path), framework='numpy')
       slices = {k: self._file.get_slice(k) for k in self._file.keys()}
       self.shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
@@ -81,7 +82,6 @@ class Tensors:
 def _read_bfloat16(path, key) -> np.ndarray:
   """A BF16 tensor of a .safetensors file, read from the offsets its header
   gives (the format: 8-byte header size, JSON header, raw little-endian data)."""
-  import ml_dtypes  # pylint: disable=g-import-not-at-top  # jax's own dependency
   with epath.Path(path).open('rb') as f:
     size = struct.unpack('<Q', f.read(8))[0]
     entry = json.loads(f.read(size))[key]

@@ -22,7 +22,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxcl import errors, files
+from jaxcl.hub import importer
 from jaxcl.models import param_groups
+from jaxcl.trainer import trained
 
 
 def _source(path):
@@ -31,10 +33,8 @@ def _source(path):
     raise errors.ConfigError(f'init.source {path} is not a directory (a jaxcl workdir or a '
                              f'checkpoint directory jaxcl import reads)')
   if files.is_run(path):
-    from jaxcl.trainer import trained  # pylint: disable=g-import-not-at-top
     exp, state = trained.load_trained(path, open_data=False)
   else:
-    from jaxcl.hub import importer  # pylint: disable=g-import-not-at-top
     _, _, exp, state = importer.load_source(path)
   return _host(state.params), _host(state.batch_stats), exp.method, exp.tokenizer
 

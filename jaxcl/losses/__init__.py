@@ -12,9 +12,16 @@ This package re-exports contrastive's public names: ``losses.clip_loss`` etc.
 """
 
 from jaxcl.losses import estimators, tiled  # noqa: F401  (submodules, in import order)
-from jaxcl.losses.contrastive import (DEFAULT_BLOCK_SIZE, IMPLS, UNIFORMITY_ROWS,
-                                      alignment_uniformity, clip_loss, info_nce, nt_xent,
-                                      siglip_loss)
+from jaxcl.losses.contrastive import (
+  DEFAULT_BLOCK_SIZE,
+  IMPLS,
+  UNIFORMITY_ROWS,
+  alignment_uniformity,
+  clip_loss,
+  info_nce,
+  nt_xent,
+  siglip_loss,
+)
 
 __all__ = [
     'DEFAULT_BLOCK_SIZE', 'IMPLS', 'UNIFORMITY_ROWS', 'alignment_uniformity', 'clip_loss',

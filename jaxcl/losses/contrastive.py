@@ -39,8 +39,8 @@ from typing import Hashable, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from jaxcl.losses import tiled, estimators
 from jaxcl import presets
+from jaxcl.losses import estimators, tiled
 
 AxisName = Union[Hashable, Sequence[Hashable], None]
 IMPLS = presets.LOSS_IMPLS

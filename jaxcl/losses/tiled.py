@@ -281,8 +281,9 @@ def tiled_row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids,
   columns but padding and excluded_ids[i]); kind 'negatives': the same
   over the valid columns other than the positive; kind 'sigmoid': stat_i =
   Σ_j log σ(y_ij (x_ij + bias)), y_ij = +1 if column j is row i's positive.
-  x_ij = logits_of(q_i · k_j, scale_i, transform), scale [n] per row. k [m, d]: this device's columns, ids col_ids [m]
-  (-1: padding); with axis_name, every device's columns are used.
+  x_ij = logits_of(q_i · k_j, scale_i, transform), scale [n] per row. k [m, d]:
+  this device's columns, ids col_ids [m] (-1: padding); with axis_name, every
+  device's columns are used.
 
   Returns (stat float32 [n], summary): summary (no gradient) holds per-row
   'lse' (log Σ_j exp x_ij), 'entropy' (of softmax_j x_ij), 'hardest_share'
@@ -297,7 +298,7 @@ def tiled_row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids,
 
 
 def _fwd(kind, axis_name, ring, block_size, transform, q, k, col_ids, positive_ids,
-         excluded_ids, positive_logit, scale, bias):  # pylint: disable=missing-function-docstring
+         excluded_ids, positive_logit, scale, bias):
   out = _row_stats(kind, axis_name, ring, block_size, transform, q, k, col_ids, positive_ids,
                    excluded_ids, positive_logit, scale, bias)
   return out, (q, k, col_ids, positive_ids, excluded_ids, positive_logit, scale, bias, out[0])

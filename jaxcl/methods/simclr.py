@@ -8,9 +8,9 @@ import functools
 
 import jax.numpy as jnp
 
+from jaxcl import losses, models
 from jaxcl.data import augment
 from jaxcl.evaluation import probes
-from jaxcl import losses, models
 from jaxcl.methods import base
 
 

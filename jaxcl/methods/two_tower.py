@@ -11,12 +11,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxcl.data import augment
 from jaxcl import data, errors, files, models, presets
-from jaxcl.evaluation import probes
-from jaxcl.text import tokenizers
-from jaxcl.evaluation import zeroshot_cache, zeroshot_suite
+from jaxcl.data import augment
+from jaxcl.evaluation import probes, zeroshot_cache, zeroshot_suite
 from jaxcl.methods import base
+from jaxcl.text import tokenizers
 
 # Recall@1/5/10 both ways: what the retrieval evaluation writes (evaluate.retrieval_recall).
 RECALLS = tuple(f'{direction}_r{k}' for direction in ('i2t', 't2i') for k in (1, 5, 10))

@@ -11,10 +11,20 @@ The modules, each importing only those above it:
 This package re-exports towers' public names: ``models.TwoTowerModel`` etc.
 """
 
-from jaxcl.models import param_groups, transformer, temperature  # noqa: F401  (import order)
-from jaxcl.models.towers import (BasicBlock, Bottleneck, LogitBias, ProjectionHead, ResNet,
-                                 SimCLRModel, TwoTowerModel, activation_dtype,
-                                 build_image_encoder, build_temperature, l2_normalize)
+from jaxcl.models import param_groups, temperature, transformer  # noqa: F401  (import order)
+from jaxcl.models.towers import (
+  BasicBlock,
+  Bottleneck,
+  LogitBias,
+  ProjectionHead,
+  ResNet,
+  SimCLRModel,
+  TwoTowerModel,
+  activation_dtype,
+  build_image_encoder,
+  build_temperature,
+  l2_normalize,
+)
 
 __all__ = [
     'BasicBlock', 'Bottleneck', 'LogitBias', 'ProjectionHead', 'ResNet', 'SimCLRModel',

@@ -15,11 +15,12 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
+import jax
+
 
 def path_name(key_path) -> str:
   """The '/'-joined name of a jax key path into an nnx.State of parameters
   (the trailing `.value` of each variable left out)."""
-  import jax  # pylint: disable=g-import-not-at-top
   parts = [str(getattr(k, 'key', getattr(k, 'idx', ''))) for k in key_path
            if not isinstance(k, jax.tree_util.GetAttrKey)]
   return '/'.join(parts)
@@ -27,7 +28,6 @@ def path_name(key_path) -> str:
 
 def names(params) -> list[str]:
   """Every parameter's name, in the tree's order."""
-  import jax  # pylint: disable=g-import-not-at-top
   return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
@@ -51,7 +51,6 @@ def compile_patterns(patterns: Iterable[str], key: str) -> list[re.Pattern]:
 
 def selected(params, patterns: Sequence[str]):
   """A tree of bools like `params`: True where a pattern matches the name."""
-  import jax  # pylint: disable=g-import-not-at-top
   compiled = compile_patterns(patterns, 'patterns')
   return jax.tree_util.tree_map_with_path(
       lambda path, _: any(p.fullmatch(path_name(path)) for p in compiled), params)
@@ -77,7 +76,6 @@ def parse_multipliers(values: Sequence[str], key: str) -> list[tuple[str, float]
 def multipliers(params, rules: Sequence[tuple[str, float]]):
   """A tree of floats like `params`: the factor of the first rule whose
   pattern matches the name, else 1."""
-  import jax  # pylint: disable=g-import-not-at-top
   compiled = [(re.compile(p), f) for p, f in rules]
 
   def factor(path, _):

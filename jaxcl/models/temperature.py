@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcl.losses import tiled
 from jaxcl import presets
+from jaxcl.losses import tiled
 
 MODES = presets.TEMPERATURE_MODES
 
@@ -54,8 +54,8 @@ class Temperature(nnx.Module):
   starting at τ_max.
   """
 
-  def __init__(self, *, mode: str = 'learnable', init: float = 0.1, min: float = 0.01,  # noqa: A002
-               max: float = 100.0, period: int = 0, warmup_steps: int = 0,  # noqa: A002
+  def __init__(self, *, mode: str = 'learnable', init: float = 0.1, min: float = 0.01,
+               max: float = 100.0, period: int = 0, warmup_steps: int = 0,
                embed_dim: int = 0, rngs: nnx.Rngs | None = None):
     if mode not in MODES:
       raise ValueError(f'temperature.mode must be one of {MODES}, got {mode!r}')

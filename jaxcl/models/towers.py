@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcl.presets import IMAGE_TOWERS, RESNETS, VIT_NAMES, vit_sizes
 from jaxcl.models.temperature import Temperature
 from jaxcl.models.transformer import TextTransformer, ViT
+from jaxcl.presets import IMAGE_TOWERS, RESNETS, VIT_NAMES, vit_sizes
 
 _BN_MOMENTUM = 0.9  # the value of SimCLR's and torchvision's BN
 
@@ -51,7 +51,8 @@ class BasicBlock(nnx.Module):
     self.conv2 = _conv(width, cout, 3, 1, rngs, dtype)
     self.bn2 = _bn(cout, rngs, dtype, zero_init=True)  # each block starts as identity
     needs_projection = stride != 1 or cin != cout
-    self.shortcut = (nnx.Sequential(_conv(cin, cout, 1, stride, rngs, dtype), _bn(cout, rngs, dtype))
+    self.shortcut = (nnx.Sequential(_conv(cin, cout, 1, stride, rngs, dtype),
+                                    _bn(cout, rngs, dtype))
                      if needs_projection else None)
 
   def __call__(self, x):
@@ -70,7 +71,8 @@ class Bottleneck(nnx.Module):
     self.conv3 = _conv(width, cout, 1, 1, rngs, dtype)
     self.bn3 = _bn(cout, rngs, dtype, zero_init=True)
     needs_projection = stride != 1 or cin != cout
-    self.shortcut = (nnx.Sequential(_conv(cin, cout, 1, stride, rngs, dtype), _bn(cout, rngs, dtype))
+    self.shortcut = (nnx.Sequential(_conv(cin, cout, 1, stride, rngs, dtype),
+                                    _bn(cout, rngs, dtype))
                      if needs_projection else None)
 
   def __call__(self, x):

@@ -27,6 +27,10 @@ import gzip
 import html
 import json
 
+import ftfy
+import regex
+import tokenizers
+
 START, END = '<|startoftext|>', '<|endoftext|>'
 CLIP_MERGES = 49152 - 256 - 2  # open_clip's SimpleTokenizer reads merges[1:CLIP_MERGES + 1]
 # CLIP's word split as open_clip compiles it, less its special tokens' names (text here).
@@ -37,7 +41,6 @@ WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 def clean(text: str) -> str:
   """open_clip's SimpleTokenizer cleaning ('lower'): what CLIP was trained on."""
-  import ftfy  # pylint: disable=g-import-not-at-top
 
   text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
   return ' '.join(text.split()).lower()
@@ -91,8 +94,6 @@ class ClipBpe:
   """Texts to content ids (no SOT, EOT or truncation) and back."""
 
   def __init__(self, data: bytes, source: str):
-    import regex  # pylint: disable=g-import-not-at-top
-    import tokenizers  # pylint: disable=g-import-not-at-top
 
     self.kind, vocab, merges = read_vocab(data, source)
     self.sot_id, self.eot_id = vocab[START], vocab[END]
@@ -102,7 +103,7 @@ class ClipBpe:
     # could split a word otherwise than CLIP.
     try:
       bpe = tokenizers.models.BPE(vocab, merges, end_of_word_suffix='</w>', ignore_merges=False)
-    except Exception as e:  # pylint: disable=broad-except  (the library raises Exception)
+    except Exception as e:  # the library raises Exception
       raise ValueError(f'text.vocab_file {source}: its merges do not fit its vocab: {e}') from None
     self._bpe = tokenizers.Tokenizer(bpe)
     # Words come split already: this only maps each one's bytes to the BPE's characters.

@@ -49,10 +49,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import sentencepiece
 from etils import epath
 
-from jaxcl.text import clip_bpe
 from jaxcl import files, presets
+from jaxcl.text import clip_bpe
 
 TOKENIZERS = presets.TOKENIZERS
 NORMALIZERS = presets.TEXT_NORMALIZERS
@@ -137,7 +138,6 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, model_file: str | epath.PathLike, max_length: int, pad_id: int = -1,
                normalize: str = ''):
-    import sentencepiece  # Optional dependency: only this tokenizer needs it.
 
     self.max_length = _check_max_length(max_length)
     if normalize not in NORMALIZERS:

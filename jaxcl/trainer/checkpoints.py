@@ -81,7 +81,7 @@ def save_checkpoint(manager, state, stream_positions=None) -> None:
     items[DATA_ITEM] = ocp.args.JsonSave({'stream_positions': stream_positions.tolist()})
   try:
     manager.save(int(state.step), args=ocp.args.Composite(**items))
-  except Exception as e:  # pylint: disable=broad-except  # tensorstore errors come in many types
+  except Exception as e:  # tensorstore errors come in many types
     raise _write_failed(manager, e) from None
 
 
@@ -89,7 +89,7 @@ def finish_checkpoints(manager) -> None:
   """Blocks until the background checkpoint writes are complete."""
   try:
     manager.wait_until_finished()
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise _write_failed(manager, e) from None
 
 
@@ -108,9 +108,9 @@ def complete_step(workdir) -> int | None:
 
 def _write_failed(manager, e: Exception) -> errors.CheckpointError:
   return errors.CheckpointError(
-      f'writing a checkpoint in {manager.directory} failed ({errors.type_and_first_line(e)}); the last '
-      f'complete checkpoint is step {complete_step(manager.directory.parent)}; the unfinished '
-      f'one is never restored')
+      f'writing a checkpoint in {manager.directory} failed ({errors.type_and_first_line(e)}); '
+      f'the last complete checkpoint is step {complete_step(manager.directory.parent)}; '
+      f'the unfinished one is never restored')
 
 
 def restore_checkpoint(manager, abstract_state, step=None):
@@ -220,7 +220,7 @@ def restore_newest(manager, abstract_state):
         _injected_fault(step)
         state, error = restore_checkpoint(reader, abstract_state, step=step), None
         break
-      except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
+      except Exception as e:  # orbax/tensorstore raise many types
         state, error = None, errors.type_and_first_line(e)
         if attempt == 0:
           time.sleep(1.0)

@@ -39,7 +39,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
     raise ValueError('--coordinator_address, --num_processes and --process_id go together')
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax  # noqa: PLC0415  (this module loads no jax: cli calls multi_process at every exit)
   if coordinator_address is not None:
     if not 0 <= process_id < num_processes:
       raise ValueError(f'--process_id {process_id} must be in [0, --num_processes '
@@ -59,14 +59,14 @@ def multi_process() -> bool:
   """Whether jax.distributed has joined this process to others."""
   if 'jax' not in sys.modules:
     return False
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax  # noqa: PLC0415  (loaded already: see above)
   return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
 def report_error(e: BaseException) -> int:
   """One line on stderr for an error in one process of several (a lost
   process named as such, a bug with its traceback); returns exit code 1."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax  # noqa: PLC0415  (as in initialize)
   first = errors.first_line(e)[:300]
   me = jax.process_index()
   if type(e).__name__ == 'JaxRuntimeError' and any(

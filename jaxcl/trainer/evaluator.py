@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcl import parallel
-from jaxcl.trainer.experiment import Experiment, TrainState
 from jaxcl.methods.base import Encoders
 from jaxcl.models.temperature import logit_transform
+from jaxcl.trainer.experiment import Experiment, TrainState
 
 
 def make_embed_fns(exp: Experiment) -> dict:

@@ -20,13 +20,13 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxcl.data import augment
 from jaxcl import data, errors, methods, parallel
+from jaxcl.data import augment
 from jaxcl.losses import estimators
-from jaxcl.trainer import optim, per_example
+from jaxcl.methods.base import standardize
 from jaxcl.models import param_groups
 from jaxcl.text import tokenizers
-from jaxcl.methods.base import standardize
+from jaxcl.trainer import optim, per_example
 
 
 @flax.struct.dataclass

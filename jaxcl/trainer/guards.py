@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 
 from jaxcl import errors
@@ -48,7 +49,7 @@ class FiniteCheck:
       return 0
     try:
       self._manager.wait_until_finished()  # the message names the last checkpoint written
-    except Exception:  # pylint: disable=broad-except  # reported by the run's own message
+    except Exception:  # reported by the run's own message
       pass
     raise errors.NonFiniteError(
         f'step {step}: loss {values["loss"]} / gradient norm {values["grad_norm"]} is not '
@@ -73,7 +74,6 @@ class Preemption:
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
     self.received = None  # the first signal's number
     self._previous = {}
     self.native = (jax.process_count() > 1

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcl.models import param_groups
-from jaxcl.presets import OPTIMIZERS  # noqa: E402,F401  (re-exported)
+from jaxcl.presets import OPTIMIZERS
 
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:

@@ -16,8 +16,8 @@ import json
 import jax
 import numpy as np
 
-from jaxcl.data import augment
 from jaxcl import errors, files, parallel
+from jaxcl.data import augment
 from jaxcl.trainer import throughput, train_step
 
 GIB = 2 ** 30
@@ -45,7 +45,7 @@ def flops_per_device(exp, compiled) -> float | None:
     lowered = train_step.make_train_step(plain).lower(plain.abstract_state(),
                                                       train_step.abstract_batch(plain))
     flops = (lowered.cost_analysis() or {}).get('flops')
-  except Exception:  # pylint: disable=broad-except  # a platform without a cost analysis
+  except Exception:  # a platform without a cost analysis
     return None
   return float(flops) / exp.mesh.size if flops else None
 
@@ -77,7 +77,7 @@ def analysis(compiled, exp, with_flops: bool = True) -> dict:
   devices' work; None without with_flops)."""
   try:
     stats = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  # a backend without one
+  except Exception:  # a backend without one
     stats = None
   names = ('argument', 'output', 'temp', 'alias')
   out = {f'{name}_bytes': int(getattr(stats, f'{name}_size_in_bytes')) if stats else None
@@ -98,7 +98,7 @@ def device_memory_bytes(config, device) -> tuple[int | None, str]:
     return int(config.device_memory_gb * GIB), 'device_memory_gb'
   try:
     stats = device.memory_stats() or {}
-  except Exception:  # pylint: disable=broad-except  # a platform without memory stats
+  except Exception:  # a platform without memory stats
     stats = {}
   limit = stats.get('bytes_limit')
   return (int(limit), f'{device.device_kind} memory') if limit else (None, '')

@@ -15,8 +15,8 @@ import dataclasses
 import numpy as np
 
 from jaxcl import data, methods
-from jaxcl.trainer import experiment, train_step
 from jaxcl.text import tokenizers
+from jaxcl.trainer import experiment, train_step
 
 # The text tables of the published models: open_clip's CLIP BPE, SigLIP's c4_en SentencePiece.
 VOCAB_SIZES = {'clip_bpe': 49_408, 'sentencepiece': 32_000}

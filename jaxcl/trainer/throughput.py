@@ -42,7 +42,7 @@ def step_flops(compiled) -> float | None:
   XLA gives no cost analysis on this platform."""
   try:
     analysis = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return None
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None

@@ -19,13 +19,13 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jaxcl import losses, parallel
 from jaxcl.data import augment
 from jaxcl.losses import estimators
-from jaxcl.trainer import grad_cache, per_example
-from jaxcl import losses, parallel
 from jaxcl.models import param_groups
-from jaxcl.trainer.experiment import Experiment, TrainState
 from jaxcl.models.temperature import logit_transform, project_all
+from jaxcl.trainer import grad_cache, per_example
+from jaxcl.trainer.experiment import Experiment, TrainState
 
 
 class StepAux(NamedTuple):

@@ -9,12 +9,10 @@ import sys
 
 from etils import epath
 
-from jaxcl.trainer import validation
-from jaxcl.trainer import checkpoints, evaluator
-from jaxcl import errors, files
-from jaxcl.workdir import run_files
-from jaxcl import config as config_lib
+from jaxcl import config as config_lib, errors, files
+from jaxcl.trainer import checkpoints, evaluator, validation
 from jaxcl.trainer.experiment import setup
+from jaxcl.workdir import run_files
 
 
 def load_trained(workdir, *, open_data: bool = True, changes: dict | None = None):

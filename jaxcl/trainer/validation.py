@@ -14,11 +14,9 @@ import ml_collections
 from etils import epath
 
 from jaxcl import errors, methods, presets
-from jaxcl.models import param_groups
-from jaxcl.evaluation import zeroshot_suite
 from jaxcl.errors import ConfigError, check
+from jaxcl.evaluation import zeroshot_suite
 from jaxcl.presets import MODEL_DTYPES, TEMPERATURE_MODES
-
 
 _REQUIRED = ('method', 'total_steps', 'batch_size', 'seed', 'log_every_steps', 'eval_every_steps',
              'checkpoint_every_steps', 'dataset.name', 'temperature.mode', 'temperature.init',
@@ -44,7 +42,7 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
     _validate(config, num_devices, process_count, check_data)
   except ConfigError:
     raise
-  except Exception as e:  # pylint: disable=broad-except  # a value of a type no check expects
+  except Exception as e:  # a value of a type no check expects
     raise ConfigError(f'invalid config: {type(e).__name__}: {errors.first_line(e, "")}'
                       ) from None
 
@@ -53,7 +51,7 @@ def _validate(config, num_devices, process_count, check_data) -> None:
   for key in _REQUIRED:
     _get(config, key)
   if num_devices is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top  # only to count the devices present
+    import jax  # noqa: PLC0415  (only to count the devices; not on `jaxcl --help`)
     num_devices = jax.device_count() if num_devices is None else num_devices
     process_count = jax.process_count() if process_count is None else process_count
 
@@ -207,9 +205,11 @@ def _validate(config, num_devices, process_count, check_data) -> None:
          f'model.stage_sizes must be a tuple of positive integers (empty: the preset of '
          f'model.name), got {sizes!r}')
   d = config.dataset
-  check(d.crop in ('center', 'random'), f"dataset.crop must be 'center' or 'random', got {d.crop!r}")
+  check(d.crop in ('center', 'random'),
+        f"dataset.crop must be 'center' or 'random', got {d.crop!r}")
   check(isinstance(d.crop_scale, (tuple, list)) and len(d.crop_scale) == 2
-        and all(_is_number(v) for v in d.crop_scale) and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+        and all(_is_number(v) for v in d.crop_scale)
+        and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
         f'dataset.crop_scale must be (min, max) with 0 < min <= max <= 1, got {d.crop_scale!r}')
   if d.streams:
     check(config.batch_size % d.streams == 0 and d.streams % process_count == 0,
@@ -283,6 +283,7 @@ def _check_observability(config):
 def _check_param_groups(config):
   """optimizer.frozen, optimizer.lr_multipliers and init: their syntax
   (which parameters they select is checked when the model is built)."""
+  from jaxcl.models import param_groups  # noqa: PLC0415  (jax, flax: not on `jaxcl --help`)
   o, init = config.optimizer, config.init
   for key, value in (('optimizer.frozen', o.frozen), ('optimizer.lr_multipliers', o.lr_multipliers),
                      ('init.load', init.load)):
@@ -321,7 +322,7 @@ def _check_vit(m, image_size):
 
 
 def _check_dataset(d, process_count: int):
-  from jaxcl import data  # pylint: disable=g-import-not-at-top  # TFDS: only when validating
+  from jaxcl import data  # noqa: PLC0415  (TFDS: not on `jaxcl --help`)
   if d.name == data.PAIRS:
     check(bool(d.path), f'dataset.path must name a JSONL or CSV file when dataset.name is '
                          f'{data.PAIRS}')
@@ -365,7 +366,7 @@ def _check_dataset(d, process_count: int):
 def _check_webdataset(d, process_count: int):
   """The shards exist and their first samples read (all of them, before
   anything is compiled or written), and the streams can share them."""
-  from jaxcl.data import shard_sources, shards  # pylint: disable=g-import-not-at-top
+  from jaxcl.data import shard_sources, shards  # noqa: PLC0415  (TFDS: not on `jaxcl --help`)
   check(bool(d.urls), "dataset.urls must name the training shards when dataset.name is "
                       "webdataset ('DIR/shard-{000000..000099}.tar')")
   check(d.image_size > 0, 'dataset.image_size must be > 0 for webdataset shards (images are '

@@ -160,7 +160,7 @@ class _Lock:
         if not self._beat(record):  # stalled past STALE_S, taken over
           self.lost = self.holder() or {}
           return
-      except Exception:  # pylint: disable=broad-except  # a full disk, a network blip: retried
+      except Exception:  # a full disk, a network blip: retried
         pass
 
   def release(self) -> None:
@@ -170,7 +170,7 @@ class _Lock:
       self._thread = None
       try:
         self._remove()
-      except Exception:  # pylint: disable=broad-except  # a lost mount: it goes stale
+      except Exception:  # a lost mount: it goes stale
         pass
 
   def __enter__(self):
@@ -260,7 +260,7 @@ class _GcsLock(_Lock):
     self._generation = None  # of our record, once written
 
   def _blob(self, reload: bool = False):
-    from google.cloud import storage  # pylint: disable=g-import-not-at-top  # gcsfs brings it
+    from google.cloud import storage  # gcsfs brings it
     if self._bucket is None:
       self._bucket = storage.Client().bucket(self._bucket_name)
     return self._bucket.get_blob(self._name) if reload else self._bucket.blob(self._name)
@@ -273,7 +273,7 @@ class _GcsLock(_Lock):
       record = json.loads(blob.download_as_bytes(if_generation_match=blob.generation))
     except ValueError:
       record = {}
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       if _status(e) == 404:  # released since listed
         return None, None
       if _status(e) == 412:  # rewritten since listed: read again
@@ -296,7 +296,7 @@ class _GcsLock(_Lock):
     try:
       blob.upload_from_string(json.dumps(record), content_type='application/json',
                               if_generation_match=generation)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       if _status(e) == 412:
         return False
       raise
@@ -325,7 +325,7 @@ class _GcsLock(_Lock):
   def _remove(self) -> None:
     try:
       self._blob().delete(if_generation_match=self._generation)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       if _status(e) != 412:  # taken over: not ours to remove
         raise
 
@@ -335,7 +335,7 @@ def _status(error: Exception) -> int | None:
   return getattr(error, 'code', None)
 
 
-def WorkdirLock(workdir) -> _Lock:  # pylint: disable=invalid-name  # a class to its callers
+def WorkdirLock(workdir) -> _Lock:  # a class to its callers
   """The lock of `workdir`: an object under preconditions on gs://, a
   directory elsewhere."""
   if str(workdir).startswith('gs://'):

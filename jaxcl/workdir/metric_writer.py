@@ -12,10 +12,10 @@ import tempfile
 import jax
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from jaxcl import errors, files
 from jaxcl.workdir import metrics_log
-
 
 WANDB_ID_FILE = 'jaxcl_run_id'  # in WORKDIR/wandb: the run's wandb id
 # On object stores an event file is uploaded whole at each flush: a new file
@@ -29,9 +29,9 @@ def _summary_writer_class():
   jaxcl never logs, and that import costs ~2 s of CPU at every start."""
   torch_absent = 'torch' not in sys.modules
   if torch_absent:
-    sys.modules['torch'] = None  # makes `import torch` raise ImportError, which tensorboardX expects
+    sys.modules['torch'] = None  # `import torch` raises ImportError, which tensorboardX expects
   try:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX import SummaryWriter
   finally:
     if torch_absent:
       del sys.modules['torch']
@@ -89,7 +89,6 @@ class MetricWriter:
     self._jsonl = self._tb = self._bar = self._wandb = None
     if not self.enabled:
       return
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     workdir = epath.Path(workdir)
     self._wandb = _wandb_run(workdir, wandb_config, run_config or {})  # first: it may fail
     self._jsonl = metrics_log.MetricsLog(workdir, initial_step)
@@ -161,7 +160,7 @@ def _wandb_run(workdir: epath.Path, settings, run_config: dict):
   (wandb is imported only then: it is optional)."""
   if settings is None or not settings['project']:
     return None
-  import wandb  # pylint: disable=g-import-not-at-top  # train checked it is installed
+  import wandb  # train checked it is installed
   local = '://' not in str(workdir)  # wandb keeps its files on a local disk
   try:
     return wandb.init(
@@ -169,6 +168,6 @@ def _wandb_run(workdir: epath.Path, settings, run_config: dict):
         name=settings['name'] or run_config.get('name') or workdir.name,
         dir=str(workdir) if local else None, config=run_config, mode=settings['mode'],
         resume='allow', id=wandb_run_id(workdir))
-  except Exception as e:  # pylint: disable=broad-except  # no login, no network: one line
+  except Exception as e:  # no login, no network: one line
     raise errors.RunError(f'wandb.init failed ({errors.type_and_first_line(e)}); log in with '
                           f'`wandb login` or set --config.wandb.mode=offline') from None

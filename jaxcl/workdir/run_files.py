@@ -13,11 +13,9 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxcl import config as config_lib
-from jaxcl import data, errors, files, parallel
-from jaxcl.workdir import metrics_log
+from jaxcl import config as config_lib, data, errors, files, parallel
 from jaxcl.text import tokenizers
-from jaxcl.workdir import lock as lock_lib
+from jaxcl.workdir import lock as lock_lib, metrics_log
 
 MAX_LISTED = 5  # skipped images named in the run's log (all go to the file)
 
@@ -122,8 +120,8 @@ def saved_data_facts(workdir) -> dict | None:
     info = data.DatasetInfo(tuple(int(n) for n in facts['image_shape']),
                             int(facts['num_classes']), tuple(facts['class_names']))
   except (ValueError, KeyError, TypeError) as e:
-    raise errors.ConfigError(f'{path} is not a jaxcl data facts file ({errors.type_and_first_line(e)})'
-                             ) from None
+    raise errors.ConfigError(f'{path} is not a jaxcl data facts file '
+                             f'({errors.type_and_first_line(e)})') from None
   return {**facts, 'info': info}
 
 

@@ -138,7 +138,7 @@ class TwoTower(base.Method):
   def build_model(self, config, in_channels, rngs, tokenizer=None):
     m, x = config.model, config.text
     image_encoder = models.build_image_encoder(m, in_channels, config.augment.image_size, rngs)
-    text_encoder = models.TextTransformer(
+    text_encoder = models.transformer.TextTransformer(
         vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length,
         eot_id=tokenizer.eot_id, width=x.width, depth=x.depth, heads=x.heads, mlp_dim=x.mlp_dim,
         causal=x.causal, pool=x.pool, act=x.act, norm_eps=x.norm_eps, remat=m.remat,

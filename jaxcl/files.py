@@ -49,14 +49,46 @@ COMPILED_STEP_FILE = 'compiled_step.json'  # the step's memory and FLOPs (jaxcl.
 PROFILE_DIR = 'plugins'
 # wandb.project: wandb's own files, its offline runs (jaxcl.workdir.metric_writer)
 WANDB_DIR = 'wandb'
-# Everything jaxcl keeps at the top of a workdir (files and folders): nothing
-# else, `jaxcl export --output` included, may write there under these names.
-WORKDIR_NAMES = frozenset({
-    CONFIG_FILE, EVAL_FILE, METRICS_FILE, METRICS_PARTS_DIR, CHECKPOINT_DIR, BATCH_HISTORY_FILE,
-    SKIPPED_IMAGES_FILE, SKIPPED_SAMPLES_FILE, *SWEEP_FILES, TOKENIZER_FILE, SENTENCEPIECE_FILE,
-    *CLIP_BPE_FILES,
-    LOCK_DIR, DATA_FACTS_FILE, UNRESTORABLE_DIR, REPORT_DIR, REPORT_FILE, WALL_FILE,
-    ZEROSHOT_CACHE_FILE, PROFILE_DIR, WANDB_DIR, COMPILED_STEP_FILE})
+# Everything jaxcl keeps at the top of a workdir (files and folders), with
+# what each holds: nothing else, `jaxcl export --output` included, may write
+# there under these names. The README's "What a run writes" is made from
+# this list (docs/generate.py).
+WORKDIR_CONTENTS = (
+    (METRICS_FILE, 'one JSON row per log step: `loss`, `temperature` (τ) and '
+     '`inv_temperature`, `contrastive_top1`/`_top5`, `grad_norm`, `learning_rate`, '
+     '`examples_per_sec`, `step_time`, `data_wait_fraction`, the τ diagnostics, `bias` '
+     '(SigLIP); evaluation rows add `knn_top1`, `linear_top1` (SimCLR) or `zeroshot_top1/5`, '
+     '`i2t_r1/5/10`, `t2i_r1/5/10` (CLIP, SigLIP); beside it, TensorBoard event files'),
+    (METRICS_PARTS_DIR, 'the same rows on object stores (gs://), in parts written whole'),
+    (EVAL_FILE, 'the final evaluation (or `jaxcl eval`\'s) and its step'),
+    (CHECKPOINT_DIR, 'orbax checkpoints of the whole train state, `STEP/`, the newest '
+     '`keep_checkpoints`'),
+    (CONFIG_FILE, 'the config the run was trained with'),
+    (TOKENIZER_FILE, 'two towers: the tokenizer\'s spec, used again by eval, export and a resume'),
+    (SENTENCEPIECE_FILE, 'and its SentencePiece model, if it has one'),
+    (CLIP_BPE_GZ_FILE, 'or its CLIP BPE merges, as given (open_clip\'s file)'),
+    (CLIP_BPE_JSON_FILE, 'or a Hugging Face tokenizer.json of CLIP BPE, as given'),
+    (DATA_FACTS_FILE, 'what export needs of the data (image shape, classes, zero-shot '
+     'prompts), so a run exports with its dataset gone'),
+    (COMPILED_STEP_FILE, 'the compiled step\'s memory per device and FLOPs per example, '
+     'known before the first step; its compile time and whether the compilation cache had it'),
+    (BATCH_HISTORY_FILE, 'the global batch size from each step on (`--allow_batch_change`)'),
+    (ZEROSHOT_CACHE_FILE, 'two towers: the zero-shot classifiers of the newest evaluated step'),
+    (LOCK_DIR, 'while a run holds the workdir'),
+    (UNRESTORABLE_DIR, 'checkpoints that failed to restore, set aside (never deleted)'),
+    (SKIPPED_IMAGES_FILE, 'an image folder\'s unusable images'),
+    (SKIPPED_SAMPLES_FILE, 'shard streams\' first bad samples'),
+    (PROFILE_DIR, '`profile_steps`: the profiler\'s traces (`tensorboard --logdir DIR`)'),
+    (WANDB_DIR, '`wandb.mode=offline`: wandb\'s own files, for `wandb sync`'),
+    (REPORT_DIR, '`jaxcl report`: its plots'),
+    (REPORT_FILE, '`jaxcl report`: the page that shows them'),
+    (WALL_FILE, 'a sweep\'s run: its training time'),
+    (SWEEP_JSON, '`jaxcl sweep`: the sweep\'s record (search, candidates, config), in the '
+     'sweep\'s folder, whose runs are `tau-*/`'),
+    (SWEEP_CSV, '`jaxcl sweep`: its table'),
+    (SWEEP_PNG, '`jaxcl sweep`: its plot'),
+)
+WORKDIR_NAMES = frozenset(name for name, _ in WORKDIR_CONTENTS)
 
 
 def text_artifact_path(output) -> epath.Path:

@@ -38,8 +38,10 @@ ConfigError = errors.ConfigError
 
 # ---------------------------------------------------------------- defaults ---
 def base_config():
-  """Every key a config may set, with the defaults of the SimCLR digits run.
-  Config files start from this and override what their recipe changes."""
+  """Every key a config may set, with its default: SimCLR on digits with a
+  small ResNet at 16 px for 1,500 steps (configs/simclr_digits.py shortens
+  it to 600). Config files start from this and override what their recipe
+  changes."""
   config = ml_collections.ConfigDict()
   config.name = ''
   # simclr: two augmented views of an image, NT-Xent. clip / siglip: image and
@@ -181,8 +183,11 @@ def base_config():
   config.loss = ml_collections.ConfigDict(dict(impl='dense', block_size=1024, estimator='batch',
                                                sogclr_gamma=0.9))
 
-  # mode: fixed (τ = init) | learnable (log τ trained, clamped to [min, max])
-  # | cosine (between max and min with `period` steps; 0: total_steps).
+  # mode (jaxcl.models.temperature; docs/temperature.md): fixed (τ = init) |
+  # learnable (log τ trained, clamped to [min, max]) | cosine (between max and
+  # min with `period` steps; 0: total_steps) | free (no τ: the τ-free loss) |
+  # individual (a τ per training example) | predicted (a τ per input, from
+  # the embedding).
   config.temperature = ml_collections.ConfigDict(dict(
       mode='learnable', init=0.2, min=0.01, max=1.0,
       warmup_steps=0,  # learnable: τ held at init for these first steps

@@ -8,8 +8,9 @@ classifiers [C, D] of one step: an array per prompt set, named by the
 SHA-256 of (step, the weights' fingerprint, class names, templates, the
 tokenizer's spec). A classifier depends only on those, so datasets with the
 same prompts (imagenet2012, imagenet_v2) share one. A new step's first
-classifier replaces the file; the fingerprint (the sum of the squared
-weights) tells a step retrained from an earlier checkpoint from the first.
+classifier replaces the file; the fingerprint (a hash of the weights'
+exact bits, jaxcl.trainer.evaluator.weights_fingerprint) tells a step
+retrained from an earlier checkpoint from the first.
 A file that does not read is a miss. Process 0 reads and writes it and
 hands what it read to the others.
 """

@@ -34,7 +34,7 @@ def checkpoint_manager(workdir, config, *, cleanup: bool = False,
   the state a background write takes (an import writes one checkpoint)."""
   # (orbax's own read_only option logs three warnings; not creating the
   # folder and not saving is all these commands need.)
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.get('keep_checkpoints', 3),
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
                                          enable_async_checkpointing=background and not read_only,
                                          cleanup_tmp_directories=cleanup and not read_only,
                                          create=not read_only)
@@ -174,7 +174,7 @@ def _saved_shards(metadata) -> int:
     return 1
 
 
-def stream_positions(manager, step: int) -> np.ndarray | None:
+def saved_stream_positions(manager, step: int) -> np.ndarray | None:
   """The shard streams' positions saved with checkpoint `step`, None if it
   has none (a run that does not read shards)."""
   if not (epath.Path(manager.directory) / str(step) / DATA_ITEM).exists():

@@ -169,7 +169,7 @@ def write_eval(workdir, step: int, results: dict) -> None:
 
 
 # ------------------------------------------------------------ shard streams ---
-def stream_positions(train_iter):
+def current_stream_positions(train_iter):
   """Where every stream of the run stands (all processes' streams, int64
   [S, sources, 7]), for the checkpoint; None for random-access data."""
   if not isinstance(train_iter, data.StreamBatches):

@@ -22,8 +22,7 @@ import re
 import sys
 import tokenize
 
-from jaxcl import config as config_lib
-from jaxcl import files
+from jaxcl import config as config_lib, files
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULTS = REPO / 'jaxcl' / 'config' / 'defaults.py'

@@ -38,7 +38,6 @@ from jaxcl import errors
 from jaxcl.config import config_files
 from jaxcl.trainer import distributed, validation
 
-USAGE = __doc__.split('\n\n')[1]
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for Ctrl-C
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (Python).',

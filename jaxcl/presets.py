@@ -8,6 +8,7 @@ import math
 MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
 LOSS_IMPLS = ('dense', 'blockwise', 'ring')  # jaxcl.losses / jaxcl.losses.tiled
 LOSS_ESTIMATORS = ('batch', 'sogclr')  # jaxcl.losses.estimators
+DATASET_CROPS = ('center', 'random')  # dataset.crop: the host's crop to image_size
 OPTIMIZERS = ('lars', 'adamw', 'sgd')  # jaxcl.trainer.optim
 STATE_DTYPES = ('float32', 'bfloat16')  # optimizer.mu_dtype: Adam's first moment, SGD's momentum
 # What a Transformer block keeps for its backward pass (jaxcl.models.transformer.run_blocks):

@@ -169,7 +169,7 @@ AUG = ml_collections.ConfigDict(dict(
 @pytest.mark.parametrize('channels', [1, 3])
 def test_two_views_shapes_ranges_and_keys(channels):
   images = np.random.default_rng(1).integers(0, 256, (6, 10, 10, channels), dtype=np.uint8)
-  fn = jax.jit(lambda k, x: augment.two_views(k, x, AUG))
+  fn = jax.jit(lambda k, x: augment.random_views(augment.view_keys(k, 2, x.shape[0]), x, AUG))
   v1, v2 = fn(jax.random.key(0), images)
   assert v1.shape == (6, 12, 12, channels) and v1.dtype == jnp.float32
   assert 0 <= float(v1.min()) and float(v1.max()) <= 1

@@ -4,7 +4,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -31,13 +30,13 @@ def test_learnable_is_log_parameterized_and_clamped():
 
 
 def test_fixed_has_no_parameter():
-  t = Temperature(mode='fixed', init=0.5)
+  t = Temperature(mode='fixed', init=0.5, min=0.01, max=1.0)
   assert float(t()) == 0.5
   assert not jax.tree.leaves(nnx.state(t, nnx.Param))
 
 
 def test_gradient_reaches_log_tau():
-  t = Temperature(mode='learnable', init=0.5)
+  t = Temperature(mode='learnable', init=0.5, min=0.01, max=1.0)
   graphdef, params = nnx.split(t, nnx.Param)
   # d/d(log τ) of (c / τ) = -c / τ.
   grad = jax.grad(lambda p: 3.0 / nnx.merge(graphdef, p)())(params)
@@ -48,16 +47,15 @@ def test_gradient_reaches_log_tau():
                                  dict(init=2.0, max=1.0), dict(mode='cosine')])
 def test_bad_settings_raise(bad):
   with pytest.raises(ValueError):
-    Temperature(**bad)
+    Temperature(**{**dict(mode='learnable', init=0.1, min=0.01, max=1.0), **bad})
 
 
 @pytest.mark.parametrize('name', optim.OPTIMIZERS)
 def test_weight_decay_skips_temperature_biases_and_norms(name):
-  cfg = ml_collections.ConfigDict(dict(
-      batch_size=256, optimizer=dict(name=name, learning_rate=0.0, scale_lr_by_batch=False,
-                                     warmup_steps=0, weight_decay=0.5, b1=0.9, b2=0.999,
-                                     momentum=0.9, lars_trust_coefficient=0.001,
-                                     grad_clip_norm=0.0)))
+  cfg = config_lib.base_config()
+  cfg.optimizer.update(name=name, learning_rate=0.0, scale_lr_by_batch=False, warmup_steps=0,
+                       weight_decay=0.5, b1=0.9, b2=0.999, momentum=0.9,
+                       lars_trust_coefficient=0.001, grad_clip_norm=0.0)
   # With learning rate 0 nothing moves; with a constant LR, zero gradients
   # move only what weight decay touches.
   cfg.optimizer.learning_rate = 0.1
@@ -97,11 +95,11 @@ def test_learnable_warmup_holds_init_without_gradient():
 
 
 def test_temperature_learning_rate_multiplier():
-  cfg = ml_collections.ConfigDict(dict(
-      batch_size=256, temperature=dict(lr_multiplier=10.0),
-      optimizer=dict(name='sgd', learning_rate=0.1, scale_lr_by_batch=False, warmup_steps=0,
-                     weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.0,
-                     lars_trust_coefficient=0.001, grad_clip_norm=0.0)))
+  cfg = config_lib.base_config()
+  cfg.temperature.lr_multiplier = 10.0
+  cfg.optimizer.update(name='sgd', learning_rate=0.1, scale_lr_by_batch=False, warmup_steps=0,
+                       weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.0,
+                       lars_trust_coefficient=0.001, grad_clip_norm=0.0)
   opt = optim.build_optimizer(cfg, total_steps=1000)
   params = {'kernel': jnp.ones((2, 2)), 'temperature': {'log_tau': jnp.float32(0.0),
                                                         'head': {'kernel': jnp.ones((2, 1))}}}
@@ -137,7 +135,7 @@ def _first_step(config, batch_fn, edit_params=None):
 
 @pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
 def test_free_mode_trains_on_arctanh_logits():
-  t = Temperature(mode='free', init=0.2)
+  t = Temperature(mode='free', init=0.2, min=0.01, max=1.0)
   assert float(t()) == 1.0 and not jax.tree.leaves(nnx.state(t, nnx.Param))
   images = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 1), dtype=np.uint8)
   loss, metrics, (a, b), _ = _first_step(tiny_config(**{'temperature.mode': 'free'}),

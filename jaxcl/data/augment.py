@@ -145,11 +145,6 @@ def random_views(keys, images_uint8, cfg):
   return [view(keys[:, i], images) for i in range(keys.shape[1])]
 
 
-def two_views(key, images_uint8, cfg):
-  """SimCLR's two views of each image (see `random_views`)."""
-  return tuple(random_views(view_keys(key, 2, images_uint8.shape[0]), images_uint8, cfg))
-
-
 def eval_view(images_uint8, image_size: int):
   """uint8 [b, H, W, C] -> float32 [b, S, S, C] in [0, 1], no randomness."""
   images = images_uint8.astype(jnp.float32) / 255.0

@@ -26,7 +26,6 @@ from PIL import Image, ImageOps
 from jaxcl.data.images import MAX_UPSCALE, pil_error
 
 WEBDATASET_IMAGE_KEYS = 'jpg;png;jpeg;webp'
-CROPS = ('center', 'random')
 
 
 @dataclasses.dataclass(frozen=True)

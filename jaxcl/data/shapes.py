@@ -56,7 +56,6 @@ PLACES = {
 
 # Color-major: label = color_index * len(FORMS) + form_index.
 CLASS_NAMES = tuple(f'{color} {form}' for color in COLORS for form in FORMS)
-NUM_CLASSES = len(CLASS_NAMES)  # 24
 
 # Prompts for zero-shot classification, in the captions' own phrasing;
 # prompt ensembling averages the text embeddings over them.

@@ -26,9 +26,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxcl import presets
-
-ESTIMATORS = presets.LOSS_ESTIMATORS
 NOT_SEEN = -jnp.inf
 
 

@@ -54,9 +54,10 @@ class Temperature(nnx.Module):
   starting at τ_max.
   """
 
-  def __init__(self, *, mode: str = 'learnable', init: float = 0.1, min: float = 0.01,
-               max: float = 100.0, period: int = 0, warmup_steps: int = 0,
-               embed_dim: int = 0, rngs: nnx.Rngs | None = None):
+  # No defaults: the config's `temperature` group holds them (build_temperature).
+  def __init__(self, *, mode: str, init: float, min: float, max: float,
+               period: int = 0, warmup_steps: int = 0, embed_dim: int = 0,
+               rngs: nnx.Rngs | None = None):
     if mode not in MODES:
       raise ValueError(f'temperature.mode must be one of {MODES}, got {mode!r}')
     if not 0 < min <= init <= max:

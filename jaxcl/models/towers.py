@@ -224,7 +224,7 @@ def build_image_encoder(m, in_channels: int, image_size: int, rngs: nnx.Rngs):
 
 def activation_dtype(m):
   """The dtype of the towers' activations (`model.dtype`); parameters stay float32."""
-  return jnp.dtype(m.get('dtype', 'float32'))
+  return jnp.dtype(m.dtype)
 
 
 def build_temperature(config, embed_dim: int = 0, rngs=None) -> Temperature:

@@ -72,17 +72,17 @@ def build_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     raise ValueError(f'unknown optimizer.name {o.name!r}; choose one of {OPTIMIZERS}')
   if o.grad_clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
-  multiplier = (cfg.get('temperature') or {}).get('lr_multiplier', 1.0)
+  multiplier = cfg.temperature.lr_multiplier
   if multiplier != 1.0:  # log τ's own learning rate: its updates scaled after the optimizer
     opt = optax.chain(opt, optax.stateless(
         lambda updates, _: jax.tree_util.tree_map_with_path(
             lambda path, u: u * multiplier if _is_temperature(path) else u, updates)))
-  groups = param_groups.parse_multipliers(o.get('lr_multipliers', ()), 'optimizer.lr_multipliers')
+  groups = param_groups.parse_multipliers(o.lr_multipliers, 'optimizer.lr_multipliers')
   if groups:
     opt = optax.chain(opt, optax.stateless(
         lambda updates, _: jax.tree.map(lambda u, f: u * f, updates,
                                         param_groups.multipliers(updates, groups))))
-  frozen = param_groups.as_patterns(o.get('frozen', ()))
+  frozen = param_groups.as_patterns(o.frozen)
   if frozen:  # after everything else: the frozen parameters' updates are zero, their state none
     opt = optax.multi_transform(
         {'trained': opt, 'frozen': optax.set_to_zero()},
@@ -93,7 +93,7 @@ def build_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
 
 def _mu_dtype(o):
   """optimizer.mu_dtype as optax takes it: None keeps the parameters' float32."""
-  dtype = o.get('mu_dtype', 'float32')
+  dtype = o.mu_dtype
   return None if dtype == 'float32' else jnp.dtype(dtype)
 
 

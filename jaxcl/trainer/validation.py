@@ -164,8 +164,8 @@ def _validate(config, num_devices, process_count, check_data) -> None:
   check(o.mu_dtype in presets.STATE_DTYPES and (o.mu_dtype == 'float32' or o.name != 'lars'),
         f'optimizer.mu_dtype must be one of {presets.STATE_DTYPES} (bfloat16: adamw or sgd; '
         f'optax.lars keeps float32), got {o.mu_dtype!r} with {o.name}')
-  check(config.model.get('dtype', 'float32') in MODEL_DTYPES,
-         f'model.dtype must be one of {MODEL_DTYPES}, got {config.model.get("dtype")!r}')
+  check(config.model.dtype in MODEL_DTYPES,
+         f'model.dtype must be one of {MODEL_DTYPES}, got {config.model.dtype!r}')
   d = config.dataset
   for key in ('mean', 'std'):
     check(isinstance(d[key], (tuple, list)) and len(d[key]) in (1, 3)
@@ -200,13 +200,13 @@ def _validate(config, num_devices, process_count, check_data) -> None:
     except ConfigError:  # a config without this part (no projection head, say)
       continue
     check(_is_number(value) and ok(value), f'{key} must be {need}, got {value!r}')
-  sizes = config.model.get('stage_sizes', ())
+  sizes = config.model.stage_sizes
   check(isinstance(sizes, (tuple, list)) and all(_is_int(n) and n > 0 for n in sizes),
          f'model.stage_sizes must be a tuple of positive integers (empty: the preset of '
          f'model.name), got {sizes!r}')
   d = config.dataset
-  check(d.crop in ('center', 'random'),
-        f"dataset.crop must be 'center' or 'random', got {d.crop!r}")
+  check(d.crop in presets.DATASET_CROPS,
+        f'dataset.crop must be one of {presets.DATASET_CROPS}, got {d.crop!r}')
   check(isinstance(d.crop_scale, (tuple, list)) and len(d.crop_scale) == 2
         and all(_is_number(v) for v in d.crop_scale)
         and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,

@@ -3,7 +3,9 @@
 - README.md, "What a run writes": jaxcl.files.WORKDIR_CONTENTS;
 - README.md, the configs table: the first line of each configs/*.py docstring;
 - docs/config.md: every key of `base_config()` with its default and the
-  comment beside it in jaxcl/config/defaults.py.
+  comment beside it in jaxcl/config/defaults.py;
+- docs/results.md, the shipped configs over three seeds: the rows
+  `benchmarks/seeds.py --group results` wrote to benchmarks/seeds.json.
 
   python docs/generate.py          # rewrites what is out of date
   python docs/generate.py --check  # exit 1 naming what is (tests/test_docs.py)
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import io
+import json
 import pathlib
 import re
 import sys
@@ -26,6 +29,9 @@ from jaxcl import config as config_lib, files
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULTS = REPO / 'jaxcl' / 'config' / 'defaults.py'
+SEEDS_JSON = REPO / 'benchmarks' / 'seeds.json'
+# What the results table shows of each run's eval.json, by column.
+RESULT_METRICS = ('knn_top1', 'linear_top1', 'zeroshot_top1', 'i2t_r1', 't2i_r1')
 
 
 def workdir_contents() -> str:
@@ -39,6 +45,32 @@ def configs_table() -> str:
     first = ' '.join(doc.split('\n\n')[0].split())
     rows.append(f'| [`{path.name}`](configs/{path.name}) | {first} |')
   return '\n'.join(rows)
+
+
+def seed_results() -> str:
+  """The shipped configs' final evaluations: mean [min, max] over seeds."""
+  rows = json.loads(SEEDS_JSON.read_text()).get('results', []) if SEEDS_JSON.exists() else []
+  if not rows:
+    return '(not measured yet: python benchmarks/seeds.py --group results --seeds 0,1,2)'
+  metrics = [m for m in RESULT_METRICS if any(m in r for r in rows)]
+  out = ['| config | seeds | ' + ' | '.join(f'`{m}`' for m in metrics) + ' | τ at the end '
+         '| wall time | commit |', '|---' * (len(metrics) + 5) + '|']
+  for variant in dict.fromkeys(r['variant'] for r in rows):
+    mine = [r for r in rows if r['variant'] == variant]
+    cells = []
+    for m in metrics:
+      values = [r[m] for r in mine if m in r]
+      cells.append(f'**{sum(values) / len(values):.3f}** [{min(values):.3f}, {max(values):.3f}]'
+                   if values else '')
+    taus = [r['temperature'] for r in mine if 'temperature' in r]
+    walls = [r['wall_s'] for r in mine if r.get('wall_s')]
+    commits = sorted({r.get('commit', '?') for r in mine})
+    out.append(f'| `{mine[0]["config"]}` | {",".join(str(r["seed"]) for r in mine)} | '
+               + ' | '.join(cells)
+               + f' | {min(taus):.3g}-{max(taus):.3g} | '
+               + (f'{min(walls) / 60:.1f}-{max(walls) / 60:.1f} min' if walls else '')
+               + f' | {", ".join(commits)} |')
+  return '\n'.join(out)
 
 
 def _comments(source: str) -> dict:
@@ -130,7 +162,8 @@ def _cell(text: str) -> str:
   return text.replace('|', '\\|')
 
 
-BLOCKS = {'what-a-run-writes': workdir_contents, 'configs': configs_table}
+BLOCKS = {'what-a-run-writes': workdir_contents, 'configs': configs_table,
+          'seed-results': seed_results}
 
 
 def _with_blocks(text: str) -> str:
@@ -142,8 +175,9 @@ def _with_blocks(text: str) -> str:
 
 def pages() -> dict:
   """{path: the text it should have}."""
-  readme = REPO / 'README.md'
-  return {readme: _with_blocks(readme.read_text()), REPO / 'docs' / 'config.md': config_page()}
+  edited = {path: _with_blocks(path.read_text())
+           for path in (REPO / 'README.md', REPO / 'docs' / 'results.md')}
+  return {**edited, REPO / 'docs' / 'config.md': config_page()}
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,8 @@ import re
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-PAGES = sorted([REPO / 'README.md', *(REPO / 'docs').glob('*.md'), REPO / 'benchmarks' / 'RESULTS.md'])
+PAGES = sorted([REPO / 'README.md', *(REPO / 'docs').glob('*.md'),
+                REPO / 'benchmarks' / 'RESULTS.md'])
 
 
 def _generate():

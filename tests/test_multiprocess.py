@@ -34,6 +34,12 @@ LOST_S = 30
 
 
 @pytest.fixture
+
+def _peer_died(stderr: str) -> bool:
+  """Whether jax's abort says a process of the job died: its coordination
+  service's words, or gloo's when the peer died inside a collective."""
+  return 'another task died' in stderr or "Received data size doesn't match" in stderr
+
 def started():
   """A list for the test's processes; any still running at its end is killed."""
   procs = []
@@ -124,8 +130,10 @@ def test_sigterm_to_one_process_then_a_lost_process_then_resume(tmp_path, starte
 
   # A process dies (SIGKILL): the other stops within seconds, non-zero. Who
   # notices first is a race: jaxcl (the next collective fails: exit 1 and
-  # its one line) or jax's coordination service (abort, exit 134, with
-  # "another task died").
+  # its one line), jax's coordination service (abort, exit 134, with
+  # "another task died") or, when the peer died inside a collective, gloo
+  # (abort, with the truncated message it received: seen once on a loaded
+  # machine).
   procs = _start_job(workdir, tmp_path / 'logs2', started, NEVER_ENDS)
   _wait_for_checkpoint(workdir, procs, preempted + 4)
   assert f'resuming from step {preempted}' in (tmp_path / 'logs2' / 'p0.out').read_text()
@@ -136,7 +144,7 @@ def test_sigterm_to_one_process_then_a_lost_process_then_resume(tmp_path, starte
     assert err.strip().splitlines()[-1].startswith(
         'jaxcl: error: process 0: lost another process of the job')
   else:
-    assert code == -signal.SIGABRT and 'another task died' in err, (code, err[-2000:])
+    assert code == -signal.SIGABRT and _peer_died(err), (code, err[-2000:])
 
   # Running the job again resumes from the last complete checkpoint.
   last = checkpoints.complete_step(workdir)
@@ -198,4 +206,4 @@ def test_the_coordinators_death_stops_the_job(tmp_path, started):
     assert err.strip().splitlines()[-1].startswith(
         'jaxcl: error: process 1: lost another process of the job'), err[-2000:]
   else:
-    assert code == -signal.SIGABRT and 'another task died' in err, (code, err[-2000:])
+    assert code == -signal.SIGABRT and _peer_died(err), (code, err[-2000:])

@@ -1,8 +1,9 @@
-"""The τ modes and the SogCLR estimator side by side: one table per group.
+"""Configs and their variants over seeds, side by side: one table per group.
 
-  python benchmarks/tau_modes.py --group digits_modes --seeds 0,1,2 [--root workdirs/tau_modes]
-  python benchmarks/tau_modes.py --group shapes_modes --seeds 0
-  python benchmarks/tau_modes.py --group sogclr_batch --seeds 0,1,2
+  python benchmarks/seeds.py --group results --seeds 0,1,2  # docs/results.md
+  python benchmarks/seeds.py --group digits_modes --seeds 0,1,2 [--root workdirs/seeds]
+  python benchmarks/seeds.py --group shapes_modes --seeds 0
+  python benchmarks/seeds.py --group sogclr_batch --seeds 0,1,2
 
 Each group is a list of variants: a config and its `--config.KEY=VALUE`
 overrides (VARIANTS below). Every (variant, seed) trains with `jaxcl train`
@@ -11,7 +12,9 @@ total_steps is not trained again, so a killed benchmark resumes where it
 stopped (and a killed run from its checkpoint). Prints a Markdown table (one
 row per variant: each seed's final evaluation and the mean, the last log
 step's τ, its batch p10-p90 for the per-anchor modes) and writes every run's
-row to JSON (merged with the file's other groups). Accuracy figures are
+row, with the commit it ran on, to JSON (merged with the file's other
+groups); docs/generate.py makes docs/results.md's table from the `results`
+group. Accuracy figures are
 deterministic for a seed and package set; wall seconds are only comparable
 within one run on an otherwise idle machine.
 """
@@ -50,6 +53,11 @@ def _equal_epochs(batch_size: int, steps: int) -> dict:
 
 
 VARIANTS = {
+    'results': {  # the shipped configs as they are (docs/results.md)
+        'simclr_digits': (DIGITS, {}),
+        'clip_shapes': (SHAPES, {}),
+        'siglip_shapes': ('configs/siglip_shapes.py', {}),
+    },
     'digits_modes': {
         'learnable': (DIGITS, {}),
         'fixed-0.5': (DIGITS, {'temperature.mode': 'fixed', 'temperature.init': 0.5}),
@@ -148,8 +156,8 @@ def main() -> None:
   parser.add_argument('--group', required=True, choices=sorted(VARIANTS))
   parser.add_argument('--seeds', default='0')
   parser.add_argument('--variants', default='', help='a comma-separated subset of the group')
-  parser.add_argument('--root', default='workdirs/tau_modes')
-  parser.add_argument('--json', default='benchmarks/tau_modes.json')
+  parser.add_argument('--root', default='workdirs/seeds')
+  parser.add_argument('--json', default='benchmarks/seeds.json')
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(',')]
   chosen = args.variants.split(',') if args.variants else list(VARIANTS[args.group])
@@ -166,11 +174,13 @@ def main() -> None:
   rows = [r for r in everything.get(args.group, [])  # other runs of variants still defined
           if r['variant'] in VARIANTS[args.group]
           and (r['variant'], r['seed']) not in {(v, s) for v in chosen for s in seeds}]
+  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                          text=True, check=False).stdout.strip() or 'unknown'
   for variant in chosen:
     config, overrides = VARIANTS[args.group][variant]
     for seed in seeds:
       rows.append({'variant': variant, 'seed': seed, 'config': config, 'overrides': overrides,
-                   **summarize(root / f'{variant}-seed{seed}')})
+                   'commit': commit, **summarize(root / f'{variant}-seed{seed}')})
   rows.sort(key=lambda r: (list(VARIANTS[args.group]).index(r['variant']), r['seed']))
   everything[args.group] = rows
   out.write_text(json.dumps(everything, indent=2) + '\n')

@@ -33,13 +33,13 @@ SIGTERM_S = 60
 LOST_S = 30
 
 
-@pytest.fixture
-
 def _peer_died(stderr: str) -> bool:
   """Whether jax's abort says a process of the job died: its coordination
   service's words, or gloo's when the peer died inside a collective."""
   return 'another task died' in stderr or "Received data size doesn't match" in stderr
 
+
+@pytest.fixture
 def started():
   """A list for the test's processes; any still running at its end is killed."""
   procs = []

@@ -3,6 +3,8 @@ the whole-batch step, on 1 and 8 devices and with every loss; with SimCLR's
 batch norm it is the exact gradient of the loss of embeddings computed chunk
 by chunk, as documented; bad chunk sizes are config errors."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,7 +62,8 @@ CASES = [(CLIP_CONFIG, 1, 'dense', 4),
 
 
 @pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
-@pytest.mark.parametrize('config_file,devices,impl,microbatch_size', CASES)
+@pytest.mark.parametrize('config_file,devices,impl,microbatch_size', CASES,
+                         ids=lambda v: os.path.basename(v) if isinstance(v, str) else None)
 def test_microbatched_step_equals_whole_batch(config_file, devices, impl, microbatch_size):
   results = []
   for m in (0, microbatch_size):

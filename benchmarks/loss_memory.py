@@ -40,15 +40,15 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from jaxcl import losses
 
 n, d, impl, block = args['batch'], args['dim'], args['impl'], args['block_size']
-kwargs = dict(temperature=0.07, impl=impl, block_size=block)
 if args['devices'] > 1:
   mesh = jax.make_mesh((args['devices'],), ('data',), axis_types=(AxisType.Auto,))
-  loss = jax.shard_map(
-      lambda a, b, t: losses.clip_loss(a, b, axis_name='data', **{**kwargs, 'temperature': t}),
-      mesh=mesh, in_specs=(P('data'), P('data'), P()), out_specs=P())
+  options = losses.LossOptions('data', impl, block)
+  loss = jax.shard_map(lambda a, b, t: losses.clip_loss(a, b, t, options).loss,
+                       mesh=mesh, in_specs=(P('data'), P('data'), P()), out_specs=P())
   sharding = NamedSharding(mesh, P('data'))
 else:
-  loss = lambda a, b, t: losses.clip_loss(a, b, **{**kwargs, 'temperature': t})
+  options = losses.LossOptions(None, impl, block)
+  loss = lambda a, b, t: losses.clip_loss(a, b, t, options).loss
   sharding = None
 step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 key_a, key_b = jax.random.split(jax.random.key(0))

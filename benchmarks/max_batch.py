@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from jaxcl import parallel
+from jaxcl import losses, parallel
 from jaxcl.config import config_files, recipes
 from jaxcl.trainer import step_memory, synthetic, train_step, validation
 
@@ -97,8 +97,8 @@ def loss_memory(exp) -> int:
   embeddings = jax.ShapeDtypeStruct((n, d), np.float32)
 
   def loss(a, b):
-    return method.loss(a, b, np.float32(0.07), np.float32(-10.0), impl=config.loss.impl,
-                       block_size=config.loss.block_size, with_metrics=True)[0]
+    options = losses.LossOptions(impl=config.loss.impl, block_size=config.loss.block_size)
+    return method.loss(a, b, np.float32(0.07), np.float32(-10.0), options).loss
 
   compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(embeddings,
                                                                        embeddings).compile()

@@ -6,8 +6,9 @@ The SigLIP paper's B/16 recipe (Zhai et al. 2023, big_vision): ViT-B/16 at
 learnable τ from 0.1 and logit bias from -10; AdamW (lr 1e-3, weight decay
 1e-4 on matrices), warm-up then cosine. The sigmoid loss covers all 32,768²
 pairs of the global batch: each device scores its rows against the gathered
-columns (loss.impl dense, the default; --config.loss.impl=blockwise holds one
-tile of logits at a time instead, same values and gradients).
+columns, whole (loss.impl auto picks dense up to 4096² logits per device: 512
+rows x 32,768 on 64 chips or more) or one tile at a time on fewer (blockwise;
+same values and gradients).
 
 Set the dataset first (a placeholder here), as in clip_vit_b16.py; then on
 every host of a TPU pod:

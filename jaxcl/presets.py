@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 
 MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
-LOSS_IMPLS = ('dense', 'blockwise', 'ring')  # jaxcl.losses / jaxcl.losses.tiled
+LOSS_IMPLS = ('auto', 'dense', 'blockwise', 'ring')  # jaxcl.losses / jaxcl.losses.tiled
+LOSS_IMPL = 'auto'  # loss.impl's default, and the losses' own
+LOSS_BLOCK_SIZE = 1024  # loss.block_size's default, and the tiled losses' own
 LOSS_ESTIMATORS = ('batch', 'sogclr')  # jaxcl.losses.estimators
 DATASET_CROPS = ('center', 'random')  # dataset.crop: the host's crop to image_size
 OPTIMIZERS = ('lars', 'adamw', 'sgd')  # jaxcl.trainer.optim

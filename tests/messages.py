@@ -117,7 +117,7 @@ FUZZ_SEED_0 = {
     '--config.method=moco':
         "jaxcl: error: method must be one of ('simclr', 'clip', 'siglip'), got 'moco'",
     '--config.loss.impl=sparse':
-        "jaxcl: error: loss.impl must be one of ('dense', 'blockwise', 'ring'), got 'sparse'",
+        "jaxcl: error: loss.impl must be one of ('auto', 'dense', 'blockwise', 'ring'), got 'sparse'",
     '--config.dataset.name=no_such_dataset':
         "jaxcl: error: dataset.name: no TFDS dataset named 'no_such_dataset'",
     '--config.model.scan_layers=yes please':

@@ -46,11 +46,10 @@ def _loss_fn(name, impl, block_size, mesh=None):
   fn = LOSSES[name]
 
   def local(a, b, tau, bias, axis_name=None):
-    kwargs = dict(temperature=tau, axis_name=axis_name, with_metrics=True, impl=impl,
-                  block_size=block_size)
+    options = losses.LossOptions(axis_name, impl, block_size)
     if name == 'siglip':
-      kwargs['bias'] = bias
-    return fn(a, b, **kwargs)
+      return fn(a, b, tau, bias, options)[:2]
+    return fn(a, b, tau, options)[:2]
 
   if mesh is None:
     return local
@@ -102,10 +101,25 @@ def test_block_larger_than_the_batch_and_bf16():
   assert_close(tiled16, dense16, rtol=RTOL_LOSS)
 
 
+@pytest.mark.parametrize('name', LOSSES)
+def test_auto_is_dense_up_to_its_size_and_tiled_above(name, monkeypatch):
+  """impl='auto' computes the logits whole while a device's anchors x
+  candidates fit AUTO_DENSE_MAX_LOGITS, in tiles (a custom_vjp) above."""
+  a, b = _embeddings(8, 4, seed=3)
+  anchors = 16 * 16 if name == 'nt_xent' else 8 * 8  # NT-Xent: 2n anchors x 2N columns
+
+  def tiled(limit):
+    monkeypatch.setattr(losses.contrastive, 'AUTO_DENSE_MAX_LOGITS', limit)
+    jaxpr = str(jax.make_jaxpr(_loss_fn(name, 'auto', 4))(a, b, 0.1, -3.0))
+    return 'custom_vjp_call' in jaxpr
+
+  assert not tiled(anchors) and tiled(anchors - 1)
+  assert losses.LossOptions().impl == 'auto'
+
+
 def test_unknown_impl_is_refused():
-  a, b = _embeddings(4, 4, seed=2)
   with pytest.raises(ValueError, match='impl must be one of'):
-    losses.info_nce(a, b, temperature=0.1, impl='chunky')
+    losses.LossOptions(impl='chunky')
 
 
 @pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
@@ -157,8 +171,8 @@ def test_sharded_step_moves_only_embeddings(impl):
   assert moved, 'the loss must communicate embeddings'
   dim, n = config.model.head_out, 16
   for op, dtype, shape in moved:
-    if impl == 'dense':  # each view's embeddings of the global batch, gathered once
-      assert (op, dtype, shape) == ('all-gather', 'f32', (n, dim)), (op, dtype, shape)
+    if impl == 'dense':  # both views' embeddings of the global batch, gathered once
+      assert (op, dtype, shape) == ('all-gather', 'f32', (2 * n, dim)), (op, dtype, shape)
     else:  # this device's 2 x 2 anchors (and their ids) passed around the ring
       assert op == 'collective-permute' and shape in ((2 * n // 8, dim), (2 * n // 8,)), (
           op, dtype, shape)

@@ -37,8 +37,8 @@ def _reference(q, k, tau):
 def test_diagnostics_match_numpy(impl):
   rng = np.random.default_rng(0)
   q, k = _unit(rng.normal(size=(12, 6))), _unit(rng.normal(size=(12, 6)))
-  _, got = losses.info_nce(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
-                           temperature=0.3, with_metrics=True, impl=impl, block_size=5)
+  got = losses.info_nce(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), 0.3,
+                        losses.LossOptions(impl=impl, block_size=5)).metrics
   want = _reference(q, k, 0.3)
   # float32 sums of 12 terms per row against float64 (tests/helpers.py:
   # assert_close); measured worst on 2 x86 cores: 1.3e-7.
@@ -50,7 +50,7 @@ def test_clear_positive_by_hand():
   # 10, its single negative 0. p(pos) = e^10 / (e^10 + 1); the one negative
   # carries all of the negatives' weight (share 1).
   q = jnp.array([[1.0, 0.0], [0.0, 1.0]])
-  _, m = losses.info_nce(q, q, temperature=0.1, with_metrics=True)
+  m = losses.info_nce(q, q, 0.1).metrics
   p_pos = np.exp(10) / (np.exp(10) + 1)
   # float32 holds log-sum-exp = 10.0000454 to 4.8e-7: p = exp(10 - lse) to
   # about that, relative (measured 3.8e-7).
@@ -72,7 +72,7 @@ def test_clear_positive_by_hand():
     negatives = np.delete(p, i)
     shares.append(negatives.max() / negatives.sum())
   assert shares[0] == pytest.approx(1 / (2 + np.exp(-10)))
-  _, m4 = losses.info_nce(q4, k4, temperature=0.1, with_metrics=True)
+  m4 = losses.info_nce(q4, k4, 0.1).metrics
   assert float(m4['hardest_negative_share']) == pytest.approx(np.mean(shares), rel=1e-5)
 
 

@@ -88,9 +88,9 @@ def _loss(name, impl, axis_name, gamma):
   fn = getattr(losses, name)
 
   def loss(x, y, tau, log_u):
-    value, state = fn(x, y, temperature=tau, axis_name=axis_name, impl=impl, block_size=4,
-                      moving=estimators.Moving(log_u, gamma))
-    return value, state.log_u
+    result = fn(x, y, tau, losses.LossOptions(axis_name, impl, block_size=4),
+                state=estimators.Moving(log_u, gamma))
+    return result.loss, result.state.log_u
 
   return loss
 
@@ -209,8 +209,9 @@ def test_individual_temperatures_match_reference(name, devices, impl):
 
   def loss(a, b, t, lu, m, axis):
     state = estimators.Individual(lu, t, m, **HYPER)
-    value, new = fn(a, b, temperature=t, axis_name=axis, impl=impl, block_size=4, moving=state)
-    return value, (new.log_u, new.tau, new.moment)
+    # the loss takes each anchor's τ from the state, not from its temperature
+    result = fn(a, b, 1.0, losses.LossOptions(axis, impl, block_size=4), state=state)
+    return result.loss, (result.state.log_u, result.state.tau, result.state.moment)
 
   if devices == 1:
     run = lambda *args: loss(*args, None)

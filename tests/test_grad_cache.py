@@ -123,7 +123,7 @@ def _per_chunk_reference(exp, state, images, microbatch_size, shards):
       a.append(za)
       b.append(zb)
     tau = nnx.merge(exp.train_graphdef, params, stats).temperature(state.step)
-    loss = losses.nt_xent(jnp.concatenate(a), jnp.concatenate(b), temperature=tau)
+    loss = losses.nt_xent(jnp.concatenate(a), jnp.concatenate(b), tau).loss
     return loss, stats
 
   (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)

@@ -5,7 +5,6 @@ sharded over 8 simulated devices (one mesh axis, and a tuple of two axes).
 Reference gradients are central finite differences of the float64 reference.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -82,11 +81,11 @@ RTOL_GRAD = 2e-6
 N, D = 16, 6
 CASES = {
     # name: (jaxcl function taking (x, y, tau, extra), reference, extra args)
-    'nt_xent': (lambda x, y, t, axis: losses.nt_xent(x, y, temperature=t, axis_name=axis),
+    'nt_xent': (lambda x, y, t, axis: losses.nt_xent(x, y, t, losses.LossOptions(axis)).loss,
                 ref_nt_xent),
-    'info_nce': (lambda x, y, t, axis: losses.info_nce(x, y, temperature=t, axis_name=axis),
+    'info_nce': (lambda x, y, t, axis: losses.info_nce(x, y, t, losses.LossOptions(axis)).loss,
                  ref_info_nce),
-    'clip_loss': (lambda x, y, t, axis: losses.clip_loss(x, y, temperature=t, axis_name=axis),
+    'clip_loss': (lambda x, y, t, axis: losses.clip_loss(x, y, t, losses.LossOptions(axis)).loss,
                   ref_clip),
 }
 
@@ -144,7 +143,7 @@ def test_softmax_losses_match_reference(name, layout):
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_siglip_matches_reference(layout):
   x, y = _inputs(1)
-  fn = lambda a, b, t, c, axis: losses.siglip_loss(a, b, temperature=t, bias=c, axis_name=axis)
+  fn = lambda a, b, t, c, axis: losses.siglip_loss(a, b, t, c, losses.LossOptions(axis)).loss
   _assert_matches(_on_layout(fn, layout, 4), ref_siglip, (x, y, 0.5, -2.0),
                   ('x', 'y', 'tau', 'bias'))
 
@@ -154,7 +153,7 @@ def test_sharded_negatives_are_global():
   x, y = _inputs(2)
   local_only = np.mean([ref_nt_xent(x[i:i + 2], y[i:i + 2], 0.1) for i in range(0, N, 2)])
   mesh = _mesh((8,), ('data',))
-  fn = _sharded(lambda a, b: losses.nt_xent(a, b, temperature=0.1, axis_name='data'), mesh,
+  fn = _sharded(lambda a, b: losses.nt_xent(a, b, 0.1, losses.LossOptions('data')).loss, mesh,
                 'data', 2)
   value = fn(jnp.float32(x), jnp.float32(y))
   assert_close(value, ref_nt_xent(x, y, 0.1), rtol=RTOL_VALUE)
@@ -163,7 +162,7 @@ def test_sharded_negatives_are_global():
 
 def test_bf16_inputs_give_float32_logits():
   x, y = _inputs(3)
-  value = losses.nt_xent(jnp.bfloat16(x), jnp.bfloat16(y), temperature=0.1)
+  value = losses.nt_xent(jnp.bfloat16(x), jnp.bfloat16(y), 0.1).loss
   assert value.dtype == jnp.float32
   xb = np.asarray(jnp.bfloat16(x), np.float64)
   yb = np.asarray(jnp.bfloat16(y), np.float64)
@@ -188,22 +187,21 @@ def test_contrastive_accuracy_metrics(layout):
   x = unit_rows(rng, N, D)
   y = x + 0.6 * rng.normal(size=x.shape)  # noisy second view: some anchors miss
   y /= np.linalg.norm(y, axis=1, keepdims=True)
-  fn = lambda a, b, axis: losses.nt_xent(a, b, temperature=0.2, axis_name=axis,
-                                         with_metrics=True)
+  fn = lambda a, b, axis: losses.nt_xent(a, b, 0.2, losses.LossOptions(axis))
   if layout == 'single':
-    _, metrics = fn(jnp.float32(x), jnp.float32(y), None)
+    metrics = fn(jnp.float32(x), jnp.float32(y), None).metrics
   else:
     mesh = _mesh((8,), ('data',))
-    _, metrics = jax.shard_map(functools.partial(fn, axis='data'), mesh=mesh,
-                               in_specs=(P('data'), P('data')), out_specs=P())(
-                                   jnp.float32(x), jnp.float32(y))
+    metrics = jax.shard_map(lambda a, b: fn(a, b, 'data').metrics, mesh=mesh,
+                            in_specs=(P('data'), P('data')), out_specs=P())(
+                                jnp.float32(x), jnp.float32(y))
   top1, top5 = ref_contrastive_accuracy(x, y, 1), ref_contrastive_accuracy(x, y, 5)
   assert 0 < top1 < 1  # the case is informative
   np.testing.assert_allclose(metrics['contrastive_top1'], top1, atol=1e-6)
   np.testing.assert_allclose(metrics['contrastive_top5'], top5, atol=1e-6)
   # Collapsed embeddings: every candidate ties with the positive, top-1 is 0.
   same = jnp.ones((N, D)) / np.sqrt(D)
-  _, collapsed = losses.nt_xent(same, same, temperature=0.2, with_metrics=True)
+  collapsed = losses.nt_xent(same, same, 0.2).metrics
   assert float(collapsed['contrastive_top1']) == 0.0
 
 
@@ -231,12 +229,12 @@ def ref_free_siglip(a, b, tau, bias):
 
 
 FREE_CASES = {
-    'nt_xent': (lambda x, y, t, c, **kw: losses.nt_xent(x, y, temperature=t, **kw),
+    'nt_xent': (lambda x, y, t, c, options: losses.nt_xent(x, y, t, options).loss,
                 lambda x, y, t, c: ref_free_nt_xent(x, y, t)),
-    'clip_loss': (lambda x, y, t, c, **kw: losses.clip_loss(x, y, temperature=t, **kw),
+    'clip_loss': (lambda x, y, t, c, options: losses.clip_loss(x, y, t, options).loss,
                   lambda x, y, t, c: ref_free_clip(x, y, t)),
-    'siglip_loss': (lambda x, y, t, c, **kw: losses.siglip_loss(x, y, temperature=t, bias=c,
-                                                                **kw), ref_free_siglip),
+    'siglip_loss': (lambda x, y, t, c, options: losses.siglip_loss(x, y, t, c, options).loss,
+                    ref_free_siglip),
 }
 
 
@@ -249,8 +247,8 @@ IMPLS = ['dense', 'blockwise', pytest.param('ring', marks=pytest.mark.slow)]
 def test_free_logits_match_reference(name, layout, impl):
   fn, ref = FREE_CASES[name]
   x, y = _inputs(2)
-  loss_fn = _on_layout(lambda a, b, t, c, axis: fn(a, b, t, c, axis_name=axis, impl=impl,
-                                                   transform='arctanh', block_size=4), layout, 4)
+  loss_fn = _on_layout(lambda a, b, t, c, axis: fn(a, b, t, c, losses.LossOptions(
+      axis, impl, block_size=4, transform='arctanh')), layout, 4)
   names = ('x', 'y', 'tau', 'bias') if name == 'siglip_loss' else ('x', 'y', 'tau')
   _assert_matches(loss_fn, ref, (x, y, 1.0, -1.0), names)
 
@@ -264,7 +262,7 @@ def ref_clip_per_direction(a, b, taus):
 def test_clip_per_direction_temperatures_match_reference(layout, impl):
   x, y = _inputs(3)
   loss_fn = _on_layout(lambda a, b, t, axis: losses.clip_loss(
-      a, b, temperature=t, axis_name=axis, impl=impl, block_size=4), layout, 3)
+      a, b, t, losses.LossOptions(axis, impl, block_size=4)).loss, layout, 3)
   _assert_matches(loss_fn, ref_clip_per_direction, (x, y, np.array([0.2, 0.5])),
                   ('x', 'y', 'taus'))
   # equal τ both ways is the one-τ loss
@@ -304,8 +302,8 @@ def test_per_anchor_temperatures_match_reference(name, layout, impl):
   fn = getattr(losses, name)
 
   def loss(a, b, t, axis):
-    return fn(a, b, temperature=t[:, 0] if name == 'info_nce' else t, axis_name=axis,
-              impl=impl, block_size=4)
+    return fn(a, b, t[:, 0] if name == 'info_nce' else t,
+              losses.LossOptions(axis, impl, block_size=4)).loss
 
   if LAYOUTS[layout] is None:
     loss_fn = lambda a, b, t: loss(a, b, t, None)

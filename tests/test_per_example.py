@@ -28,6 +28,7 @@ from helpers import (
 )
 from jaxcl import data, errors, losses, parallel
 from jaxcl.data import augment
+from jaxcl.losses import estimators
 from jaxcl.text import tokenizers
 from jaxcl.trainer import synthetic, train_step, trained, validation
 
@@ -97,10 +98,11 @@ def _reference_rows(exp, state, batch):
   (a, b), _ = encode(state.params, state.batch_stats,
                      (images_text, augment.view_keys(key, 1, 16)))
   old = {k: jnp.asarray(v)[batch['index']] for k, v in state.per_example.items()}
-  moving = train_step.estimator_state(exp.config, old)
-  tau = (old['tau'] if 'tau' in old else jnp.exp(state.params['temperature']['log_tau'][...]))
-  _, new = losses.clip_loss(a, b, temperature=tau, moving=moving)
-  return jax.tree.map(np.asarray, train_step.per_example_rows(new))
+  estimator = estimators.from_rows(old, exp.config.loss, exp.config.temperature)
+  # an individual state brings each anchor's τ; the model's is unused then
+  tau = 1.0 if 'tau' in old else jnp.exp(state.params['temperature']['log_tau'][...])
+  new = losses.clip_loss(a, b, tau, state=estimator).state
+  return jax.tree.map(np.asarray, new.rows())
 
 
 @pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)

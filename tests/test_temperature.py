@@ -141,9 +141,9 @@ def test_free_mode_trains_on_arctanh_logits():
   loss, metrics, (a, b), _ = _first_step(tiny_config(**{'temperature.mode': 'free'}),
                                          lambda exp: {'image': images})
   assert metrics['temperature'] == 1.0
-  want = losses.nt_xent(a, b, temperature=1.0, transform='arctanh')
+  want = losses.nt_xent(a, b, 1.0, losses.LossOptions(transform='arctanh')).loss
   assert loss == pytest.approx(float(want), rel=1e-5)
-  assert loss != pytest.approx(float(losses.nt_xent(a, b, temperature=1.0)), rel=1e-3)
+  assert loss != pytest.approx(float(losses.nt_xent(a, b, 1.0).loss), rel=1e-3)
 
 
 @pytest.mark.slow  # a two-tower step
@@ -159,7 +159,7 @@ def test_clip_per_direction_temperatures_in_the_step():
   init = config.temperature.init
   assert metrics['temperature'] == pytest.approx(init) and metrics['temperature_t2i'] == 0.5
   assert metrics['inv_temperature_t2i'] == pytest.approx(2.0)
-  want = losses.clip_loss(a, b, temperature=jnp.float32([init, 0.5]))
+  want = losses.clip_loss(a, b, jnp.float32([init, 0.5])).loss
   assert loss == pytest.approx(float(want), rel=1e-5)
   # the second τ is a parameter of its own, and the optimizer treats it as τ
   assert 'log_tau' in exp.abstract_state().params['temperature_t2i']
@@ -202,13 +202,11 @@ def test_predicted_temperature_gradients_match_reference(devices, impl):
   w, c = rng.normal(size=6), -0.4
   graphdef, _ = nnx.split(Temperature(mode='predicted', embed_dim=6, **PREDICTED))
   axis = None if devices == 1 else 'data'
+  options = losses.LossOptions(axis, impl, block_size=4)
+  clip = lambda x, y, t: losses.clip_loss(x, y, t, options).loss
   if axis is not None:
     mesh = jax.make_mesh((devices,), ('data',), axis_types=(AxisType.Auto,))
-    clip = jax.shard_map(lambda x, y, t: losses.clip_loss(x, y, temperature=t, axis_name=axis,
-                                                          impl=impl, block_size=4),
-                         mesh=mesh, in_specs=(P(axis),) * 3, out_specs=P())
-  else:
-    clip = lambda x, y, t: losses.clip_loss(x, y, temperature=t, impl=impl, block_size=4)
+    clip = jax.shard_map(clip, mesh=mesh, in_specs=(P(axis),) * 3, out_specs=P())
 
   def loss(x, y, kernel, bias):
     t = nnx.merge(graphdef, nnx.State({'head': {'kernel': nnx.Param(kernel[:, None]),

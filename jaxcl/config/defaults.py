@@ -14,7 +14,7 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from jaxcl import errors, files
+from jaxcl import errors, files, presets
 from jaxcl.config import config_files
 
 CONFIG_FILE = files.CONFIG_FILE
@@ -176,12 +176,15 @@ def base_config():
   # How the global-batch loss is computed (values and gradients agree):
   # dense materializes each device's n x N logits; blockwise and ring compute
   # them in block_size x block_size tiles (jaxcl.losses.tiled), with the other devices'
-  # embeddings all-gathered once (blockwise) or passed around a ring (ring).
-  # estimator: how each anchor's negative term is estimated: from the batch
-  # alone, or SogCLR's per-example moving average, weight sogclr_gamma on the
-  # batch (jaxcl.losses.estimators; SimCLR and CLIP).
-  config.loss = ml_collections.ConfigDict(dict(impl='dense', block_size=1024, estimator='batch',
-                                               sogclr_gamma=0.9))
+  # embeddings all-gathered once (blockwise) or passed around a ring (ring);
+  # auto: dense while a device's logits are small, blockwise above
+  # (jaxcl.losses.contrastive.AUTO_DENSE_MAX_LOGITS). estimator: how each
+  # anchor's negative term is estimated: from the batch alone, or SogCLR's
+  # per-example moving average, weight sogclr_gamma on the batch
+  # (jaxcl.losses.estimators; SimCLR and CLIP).
+  config.loss = ml_collections.ConfigDict(dict(
+      impl=presets.LOSS_IMPL, block_size=presets.LOSS_BLOCK_SIZE, estimator='batch',
+      sogclr_gamma=0.9))
 
   # mode (jaxcl.models.temperature; docs/temperature.md): fixed (τ = init) |
   # learnable (log τ trained, clamped to [min, max]) | cosine (between max and

@@ -6,16 +6,20 @@ The modules, each importing only those above it:
   outlive the batch (SogCLR's moving average, the per-example τ tables).
 - tiled: the logits in tiles, never whole ('blockwise' and 'ring').
 - contrastive: InfoNCE, CLIP's and SimCLR's losses and SigLIP's sigmoid
-  loss, dense or tiled, and the embedding diagnostics.
+  loss, dense or tiled, with or without an estimator, behind one signature
+  (embeddings, τ, LossOptions[, state]) -> LossResult; and the embedding
+  diagnostics.
 
 This package re-exports contrastive's public names: ``losses.clip_loss`` etc.
 """
 
 from jaxcl.losses import estimators, tiled  # noqa: F401  (submodules, in import order)
 from jaxcl.losses.contrastive import (
-  DEFAULT_BLOCK_SIZE,
+  AUTO_DENSE_MAX_LOGITS,
   IMPLS,
   UNIFORMITY_ROWS,
+  LossOptions,
+  LossResult,
   alignment_uniformity,
   clip_loss,
   info_nce,
@@ -24,6 +28,6 @@ from jaxcl.losses.contrastive import (
 )
 
 __all__ = [
-    'DEFAULT_BLOCK_SIZE', 'IMPLS', 'UNIFORMITY_ROWS', 'alignment_uniformity', 'clip_loss',
-    'info_nce', 'nt_xent', 'siglip_loss',
+    'AUTO_DENSE_MAX_LOGITS', 'IMPLS', 'UNIFORMITY_ROWS', 'LossOptions', 'LossResult',
+    'alignment_uniformity', 'clip_loss', 'info_nce', 'nt_xent', 'siglip_loss',
 ]

@@ -22,6 +22,7 @@ epoch by 1 / γ).
 from __future__ import annotations
 
 import dataclasses
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,14 @@ class Moving:
     del negative_mean
     terms, log_u = sogclr_terms(lse_negatives, positive, self, num_negatives)
     return terms, dataclasses.replace(self, log_u=log_u)
+
+  def anchor_temperature(self, temperature):
+    """The τ of the loss's anchors: the model's."""
+    return temperature
+
+  def rows(self) -> dict:
+    """The state as per-example rows (TrainState.per_example's tables)."""
+    return {'log_u': self.log_u}
 
 
 @jax.tree_util.register_dataclass
@@ -85,6 +94,43 @@ class Individual:
     moment = (1.0 - self.beta) * self.moment + self.beta * gradient
     tau = jnp.clip(self.tau - self.eta * moment, self.tau_min, self.tau_max)
     return terms, dataclasses.replace(self, log_u=log_u, tau=tau, moment=moment)
+
+  def anchor_temperature(self, temperature):
+    """The τ of the loss's anchors: each anchor's own, not the model's."""
+    del temperature
+    return self.tau
+
+  def rows(self) -> dict:
+    """The state as per-example rows (TrainState.per_example's tables)."""
+    return {'log_u': self.log_u, 'tau': self.tau, 'tau_moment': self.moment}
+
+
+State = Union[Moving, Individual]
+
+
+def new_tables(num_rows: int, temperature_config) -> dict:
+  """Per-example tables for num_rows examples of two anchors each (SimCLR's
+  views; CLIP's image and caption), every anchor not seen yet; with
+  temperature.mode=individual each anchor's τ at temperature.init."""
+  tables = {'log_u': jnp.full((num_rows, 2), NOT_SEEN, jnp.float32)}
+  if temperature_config.mode == 'individual':
+    tables.update(tau=jnp.full((num_rows, 2), temperature_config.init, jnp.float32),
+                  tau_moment=jnp.zeros((num_rows, 2), jnp.float32))
+  return tables
+
+
+def from_rows(rows: dict, loss_config, temperature_config) -> State | None:
+  """The estimator's state for a batch's rows of those tables (None for no
+  tables: the batch's own estimate), its hyperparameters from the config's
+  loss and temperature groups."""
+  if not rows:
+    return None
+  if 'tau' not in rows:
+    return Moving(rows['log_u'], loss_config.sogclr_gamma)
+  t = temperature_config
+  return Individual(rows['log_u'], rows['tau'], rows['tau_moment'],
+                    gamma=loss_config.sogclr_gamma, beta=t.individual_beta,
+                    eta=t.individual_eta, rho=t.individual_rho, tau_min=t.min, tau_max=t.max)
 
 
 def sogclr_terms(lse_negatives: jax.Array, positive: jax.Array, moving: Moving,

@@ -86,9 +86,10 @@ class Method(abc.ABC):
     """The two embedding sets the loss contrasts: (a [n, D], b [n, D])."""
 
   @abc.abstractmethod
-  def loss(self, a, b, temperature, bias, **kwargs):
-    """(loss, metrics) of jaxcl.losses over the global batch; kwargs go to
-    the loss function (axis_name, impl, block_size, with_metrics)."""
+  def loss(self, a, b, temperature, bias, options, state=None):
+    """The method's loss over the global batch (a jaxcl.losses.LossResult);
+    options: a losses.LossOptions; state: a per-anchor estimator's state
+    (jaxcl.losses.estimators), for the methods whose loss takes one."""
 
   def temperature(self, model, step, embeddings=None):
     """τ for the loss at `step`: a float32 scalar (or, per direction,

@@ -25,9 +25,9 @@ class CLIP(two_tower.TwoTower):
     return {'temperature': tau[0], 'inv_temperature': 1.0 / tau[0],
             'temperature_t2i': tau[1], 'inv_temperature_t2i': 1.0 / tau[1]}
 
-  def loss(self, a, b, temperature, bias, **kwargs):
+  def loss(self, a, b, temperature, bias, options, state=None):
     del bias
-    return losses.clip_loss(a, b, temperature=temperature, **kwargs)
+    return losses.clip_loss(a, b, temperature, options, state=state)
 
 
 METHOD = CLIP()

@@ -18,8 +18,10 @@ class SigLIP(two_tower.TwoTower):
   def bias(self, model):
     return model.bias()
 
-  def loss(self, a, b, temperature, bias, **kwargs):
-    return losses.siglip_loss(a, b, temperature=temperature, bias=bias, **kwargs)
+  def loss(self, a, b, temperature, bias, options, state=None):
+    if state is not None:
+      raise ValueError('the sigmoid loss has no per-anchor estimator')
+    return losses.siglip_loss(a, b, temperature, bias, options)
 
 
 METHOD = SigLIP()

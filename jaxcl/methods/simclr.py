@@ -69,9 +69,9 @@ class SimCLR(base.Method):
   def image_anchors(self, model, images):
     return model(images)  # the projection head's output, not the encoder's features
 
-  def loss(self, a, b, temperature, bias, **kwargs):
+  def loss(self, a, b, temperature, bias, options, state=None):
     del bias
-    return losses.nt_xent(a, b, temperature=temperature, **kwargs)
+    return losses.nt_xent(a, b, temperature, options, state=state)
 
   def open_eval_data(self, config, dataset):
     return SimCLREvalData(config, dataset)

@@ -85,11 +85,7 @@ class Experiment:
     if self.config.loss.estimator != 'sogclr':
       return {}
     rows = per_example.num_rows(self.train_examples, parallel.num_batch_shards(self.mesh))
-    tables = {'log_u': jnp.full((rows, 2), estimators.NOT_SEEN, jnp.float32)}
-    if self.config.temperature.mode == 'individual':
-      tables.update(tau=jnp.full((rows, 2), self.config.temperature.init, jnp.float32),
-                    tau_moment=jnp.zeros((rows, 2), jnp.float32))
-    return tables
+    return estimators.new_tables(rows, self.config.temperature)
 
   def state_from_params(self, params) -> TrainState:
     """Step 0 with `params` (the model's nnx.State of parameters, e.g. a

@@ -60,24 +60,6 @@ def make_towers(exp: Experiment):
   return merge, encode
 
 
-def estimator_state(config, rows: dict):
-  """The loss estimator's state (jaxcl.losses.estimators) for per-example rows."""
-  if 'tau' not in rows:
-    return estimators.Moving(rows['log_u'], config.loss.sogclr_gamma)
-  t = config.temperature
-  return estimators.Individual(rows['log_u'], rows['tau'], rows['tau_moment'],
-                               gamma=config.loss.sogclr_gamma, beta=t.individual_beta,
-                               eta=t.individual_eta, rho=t.individual_rho, tau_min=t.min,
-                               tau_max=t.max)
-
-
-def per_example_rows(state) -> dict:
-  """An estimator state back as per-example rows."""
-  if isinstance(state, estimators.Individual):
-    return {'log_u': state.log_u, 'tau': state.tau, 'tau_moment': state.moment}
-  return {'log_u': state.log_u}
-
-
 def make_loss_and_grads(exp: Experiment):
   """(state, batch) -> ((loss, aux), grads) for the config's method.
 
@@ -90,23 +72,17 @@ def make_loss_and_grads(exp: Experiment):
   """
   method, config, batch_spec = exp.method, exp.config, P(parallel.BATCH_AXES)
   merge, encode = make_towers(exp)
-  transform = logit_transform(config.temperature.mode)
+  options = losses.LossOptions(parallel.BATCH_AXES, config.loss.impl, config.loss.block_size,
+                               logit_transform(config.temperature.mode))
 
   def loss(a, b, tau, bias, rows):
     """rows: this device's rows of the per-example state (TrainState.per_example)."""
-    kwargs = dict(axis_name=parallel.BATCH_AXES, with_metrics=True, impl=config.loss.impl,
-                  block_size=config.loss.block_size, transform=transform)
-    if 'log_u' in rows:
-      moving = estimator_state(config, rows)
-      if 'tau' in rows:  # each anchor's own τ
-        tau = rows['tau']
-      (value, metrics), moving = method.loss(a, b, tau, bias, moving=moving, **kwargs)
-      rows = per_example_rows(moving)
-    else:
-      value, metrics = method.loss(a, b, tau, bias, **kwargs)
+    state = estimators.from_rows(rows, config.loss, config.temperature)
+    result = method.loss(a, b, tau, bias, options, state=state)
     geometry = losses.alignment_uniformity(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b),
                                            axis_name=parallel.BATCH_AXES)
-    return value, {**metrics, **geometry}, rows
+    new_rows = rows if state is None else result.state.rows()
+    return result.loss, {**result.metrics, **geometry}, new_rows
 
   def loss_on_mesh(a, b, tau, bias, rows):
     tau_spec = batch_spec if jnp.ndim(tau) == 2 else P()  # one τ per anchor: split like the rows

@@ -61,7 +61,7 @@ def _state(exp):
 
 
 def measure(exp, state, workdir: str, saves: int) -> dict:
-  manager = checkpoints.checkpoint_manager(workdir, exp.config, cleanup=True)
+  manager = checkpoints.checkpoint_manager(workdir, exp.config.keep_checkpoints, cleanup=True)
   blocked, written = [], []
   for i in range(1, saves + 1):
     start = time.perf_counter()

@@ -69,16 +69,17 @@ def survivors(scores: dict, candidates: list[str], keep: int) -> list[str]:
   return [v for v in candidates if v in kept]
 
 
-def holdout_changes(config, holdout: float) -> dict:
+def holdout_changes(dataset_config, holdout: float) -> dict:
   """Config changes that point the evaluation at held-out slices of the
-  eval train split (none for holdout 0); ConfigError where they cannot."""
+  dataset group's eval train split (none for holdout 0); ConfigError where
+  they cannot."""
   if not holdout:
     return {}
   cut = round(100 * (1 - holdout)) if 0 < holdout < 1 else 0
   errors.check(0 < cut < 100, f'--holdout must be 0 (the configured splits) or a fraction in '
                               f'[0.01, 0.99] of the eval train split (sliced in whole percents), '
                               f'got {holdout}')
-  d = config.dataset
+  d = dataset_config
   split = d.eval_train_split
   if d.name in (shard_sources.NAME, shard_sources.MIXTURE, 'image_folder') or '[' in split:
     raise errors.ConfigError(
@@ -120,7 +121,7 @@ def run_halving(config, workdir, values: list[str], eta: int = 2, holdout: float
   monitor: the evaluation metric that ranks (default: the method's)."""
   workdir = epath.Path(workdir)
   writer = jax.process_index() == 0
-  changes = holdout_changes(config, holdout)
+  changes = holdout_changes(config.dataset, holdout)
   rungs = schedule(len(values), config.total_steps, eta)
   metrics = monitor_metrics(config, monitor, changes)
   with sweep.undone_if_refused(workdir, writer):

@@ -171,12 +171,13 @@ class _Run:
     restores, those that do not set aside (and noted), or a fresh state
     (init.source's weights when the caller read them)."""
     exp, workdir = self.exp, self.workdir
-    manager = checkpoints.checkpoint_manager(workdir, exp.config, cleanup=True)
+    manager = checkpoints.checkpoint_manager(workdir, exp.config.keep_checkpoints,
+                                             cleanup=True)
     state, failures = checkpoints.restore_newest(manager, exp.abstract_state())
     if failures:
       aside = checkpoints.set_aside(workdir, [step for step, _ in failures])
       manager.close()
-      manager = checkpoints.checkpoint_manager(workdir, exp.config)
+      manager = checkpoints.checkpoint_manager(workdir, exp.config.keep_checkpoints)
       self.notes += [f'jaxcl: checkpoint {step} does not restore ({error}); moved to {aside}'
                      for step, error in failures]
     if state is None:  # a fresh run: initialized, or init.source's weights
@@ -222,7 +223,7 @@ def _train(run: _Run, eval_data, compiled, total: int) -> dict:
 
   embed_fns = evaluator.make_embed_fns(exp)
   step, timer = start_step, throughput.IntervalTimer()
-  finite = guards.FiniteCheck(config, run.manager)
+  finite = guards.FiniteCheck(config.nonfinite, run.manager)
   preemption, profiler = run.start_loop(total)
   bad_data, data_metrics = None, {}
   try:

@@ -124,7 +124,7 @@ def _save_workdir(exp, state, workdir):
   facts = run_files.data_facts(exp.info, exp.method.export_facts(exp.config, exp.dataset))
   run_files.write_run_start(workdir, exp.config, [[0, exp.config.batch_size]], exp.tokenizer,
                             facts, 0)
-  manager = checkpoints.checkpoint_manager(workdir, exp.config)
+  manager = checkpoints.checkpoint_manager(workdir, exp.config.keep_checkpoints)
   checkpoints.save_checkpoint(manager, state)
   checkpoints.finish_checkpoints(manager)
   manager.close()

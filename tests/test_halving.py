@@ -60,15 +60,15 @@ def test_survivors_keep_the_best_in_candidate_order():
 
 def test_holdout_slices_the_eval_train_split():
   config = tiny_config()
-  changes = halving.holdout_changes(config, 0.2)
+  changes = halving.holdout_changes(config.dataset, 0.2)
   assert changes['dataset.eval_train_split'] == 'train[:80%]'
   assert changes['dataset.eval_test_split'] == 'train[80%:]'
-  assert halving.holdout_changes(config, 0) == {}
+  assert halving.holdout_changes(config.dataset, 0) == {}
   config.dataset.eval_train_split = 'train[:50%]'
   with pytest.raises(errors.ConfigError, match='cannot be sliced'):
-    halving.holdout_changes(config, 0.2)
+    halving.holdout_changes(config.dataset, 0.2)
   with pytest.raises(errors.ConfigError, match='holdout'):
-    halving.holdout_changes(tiny_config(), 1.0)
+    halving.holdout_changes(tiny_config().dataset, 1.0)
   dataset = sources.Dataset(tiny_config().dataset)
   sizes = {split: len(dataset.split(split)[0])
            for split in ('train', 'train[:80%]', 'train[80%:]')}
@@ -92,7 +92,7 @@ def test_a_monitor_is_a_score_the_methods_evaluation_writes():
   assert not {'zeroshot_ece', 'test_uniformity', 'tolerance', 'knn_top1'} & set(rankable)
   for monitor in ('t2i_r5', *suite):
     assert halving.monitor_metrics(clip, monitor, {}) == (monitor,)
-  held_out = halving.holdout_changes(clip, 0.2)
+  held_out = halving.holdout_changes(clip.dataset, 0.2)
   assert halving.monitor_metrics(clip, 't2i_r5', held_out) == ('t2i_r5',)
   for monitor in suite:
     with pytest.raises(errors.ConfigError, match='writes no such score here'):
@@ -159,7 +159,7 @@ def test_halving_records_every_rung_and_keeps_the_best(halved):
   # a recorded score is the monitor's: held-out kNN of that run's checkpoint
   loser = next(v for v in first['candidates'] if v not in second['candidates'])
   step, results = trained.evaluate_checkpoint(
-      workdir / f'tau-{loser}', halving.holdout_changes(tiny_config(), 0.2))
+      workdir / f'tau-{loser}', halving.holdout_changes(tiny_config().dataset, 0.2))
   assert step == 2 and results['knn_top1'] == first['scores'][loser]
   assert (workdir / 'sweep.png').read_bytes()[:4] == b'\x89PNG'
 

@@ -79,7 +79,8 @@ def test_module_size(name):
 # its own package (the commands, one layer, import each other without a
 # cycle). A name is a package (jaxcl/NAME/) or a top-level module.
 LAYERS = (
-    ('errors', 'presets'),  # leaves: errors and how they read; names and sizes as data
+    # leaves: errors and how they read; names and sizes as data; parameter-name patterns
+    ('errors', 'presets', 'name_patterns'),
     ('files', 'parallel'),  # a workdir's file names and how they are written; the mesh
     ('config', 'text', 'losses'),  # plain configs; tokenizers; losses as pure functions
     ('models', 'data'),

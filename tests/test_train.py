@@ -206,7 +206,7 @@ def test_nonfinite_steps_skipped_leave_the_state(tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert [r['skipped'] for r in rows if 'skipped' in r] == [0.0] + [1.0] * 7
   exp, last = trained.load_trained(str(tmp_path))
-  manager = checkpoints.checkpoint_manager(str(tmp_path), exp.config)
+  manager = checkpoints.checkpoint_manager(str(tmp_path), exp.config.keep_checkpoints)
   first = checkpoints.restore_checkpoint(manager, exp.abstract_state(), step=1)
   manager.close()
   assert int(last.step) == 8

@@ -170,7 +170,7 @@ def test_cache_hit_reads_the_file_and_a_new_step_replaces_it(run, folder):
 
   # A new checkpoint (step 1, other weights): computed again, the file holds step 1 alone.
   new = state.replace(step=jnp.int32(1), params=jax.tree.map(lambda x: x * 1.5, state.params))
-  manager = checkpoints.checkpoint_manager(str(run), exp.config)
+  manager = checkpoints.checkpoint_manager(str(run), exp.config.keep_checkpoints)
   checkpoints.save_checkpoint(manager, new)
   checkpoints.finish_checkpoints(manager)
   manager.close()

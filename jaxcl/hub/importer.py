@@ -106,16 +106,16 @@ def build_config(source, tensors: t.Tensors, layout, tokenizer_file=None):
   return config, list(rules.values()), eos_id
 
 
-def check_tokenizer(source, tokenizer, config, eos_id) -> None:
+def check_tokenizer(source, tokenizer, text_config, eos_id) -> None:
   """SourceError unless `tokenizer` gives the ids the source's text tower
   was made for: the end-of-text id it pools at, and (a jaxcl export) the
   tokenizer the export recorded, file hashes included."""
-  if config.text.pool == 'eot' and eos_id == 'argmax':
+  if text_config.pool == 'eot' and eos_id == 'argmax':
     if tokenizer.eot_id != tokenizer.vocab_size - 1:
       raise t.SourceError(f'the source pools its text at the largest token id, which is not '
                           f'the tokenizer\'s end-of-text id {tokenizer.eot_id} (of '
                           f'{tokenizer.vocab_size} ids); jaxcl pools at end-of-text')
-  elif config.text.pool == 'eot' and eos_id is not None and eos_id != tokenizer.eot_id:
+  elif text_config.pool == 'eot' and eos_id is not None and eos_id != tokenizer.eot_id:
     raise t.SourceError(f'the source pools its text at token id {eos_id} (its eos_id); the '
                         f'tokenizer\'s end-of-text id, where jaxcl pools, is {tokenizer.eot_id}')
   recorded = (open_clip_layout.exported_tokenizer(t.json_object(source / open_clip_layout.CONFIG))
@@ -199,7 +199,7 @@ def load_source(source, tokenizer_file=None):
   # On one device: the import holds no batch, and a workdir trains on any mesh later.
   validation.validate(config, num_devices=1, process_count=1, check_data=False)
   tokenizer = tokenizers.build_tokenizer(config.text)
-  check_tokenizer(source, tokenizer, config, eos_id)
+  check_tokenizer(source, tokenizer, config.text, eos_id)
   embedding = next(r.sources[0] for r in rules if r.target == 'text_encoder/embed/embedding')
   vocab = tensors.shapes.get(embedding)
   if vocab and vocab[0] != tokenizer.vocab_size:
@@ -232,7 +232,8 @@ def import_checkpoint(source, output, tokenizer_file=None) -> dict:
   staging = output.parent / f'.{output.name}.importing-{uuid.uuid4().hex[:8]}'
   try:
     run_files.write_run_start(staging, config, [[0, config.batch_size]], tokenizer, facts, 0)
-    manager = checkpoints.checkpoint_manager(staging, config, background=False)
+    manager = checkpoints.checkpoint_manager(staging, config.keep_checkpoints,
+                                             background=False)
     checkpoints.save_checkpoint(manager, state)
     checkpoints.finish_checkpoints(manager)
     manager.close()

@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxcl import errors, files
+from jaxcl import errors, files, name_patterns
 from jaxcl.hub import importer
 from jaxcl.models import param_groups
 from jaxcl.trainer import trained
@@ -139,7 +139,7 @@ def initial_state(exp):
   path = exp.config.init.source
   if not path:
     return exp.init_state()
-  load = param_groups.as_patterns(exp.config.init.load)
+  load = name_patterns.as_patterns(exp.config.init.load)
   # The source and what is taken from it are checked before the model is
   # initialized (the slow part of a fresh start): a wrong one is refused at once.
   params, stats, source_method, tokenizer = _source(path)

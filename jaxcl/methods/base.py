@@ -161,13 +161,14 @@ class Method(abc.ABC):
     return {}
 
 
-def missing_eval_split(config, dataset) -> str | None:
+def missing_eval_split(dataset_config, dataset) -> str | None:
   """An image folder's absent evaluation split folder (the run then trains
   without evaluating), or None."""
-  d = config.dataset
+  d = dataset_config
   return dataset.missing_split(d.eval_train_split) or dataset.missing_split(d.eval_test_split)
 
 
-def standardize(images, config):
-  """float32 images in [0, 1] -> the encoder's normalized input."""
-  return augment.standardize(images, config.dataset.mean, config.dataset.std)
+def standardize(images, dataset_config):
+  """float32 images in [0, 1] -> the encoder's normalized input (the
+  dataset group's mean and std)."""
+  return augment.standardize(images, dataset_config.mean, dataset_config.std)

@@ -12,8 +12,8 @@ class SigLIP(two_tower.TwoTower):
   name = 'siglip'
   softmax_loss = False
 
-  def make_bias(self, config):
-    return models.LogitBias(config.temperature.bias_init)
+  def make_bias(self, temperature_config):
+    return models.LogitBias(temperature_config.bias_init)
 
   def bias(self, model):
     return model.bias()

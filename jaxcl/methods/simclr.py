@@ -21,7 +21,7 @@ class SimCLREvalData:
   def __init__(self, config, dataset):
     d = config.dataset
     self.num_classes, self.train, self.test = 0, None, None
-    missing = base.missing_eval_split(config, dataset)
+    missing = base.missing_eval_split(config.dataset, dataset)
     if missing:  # an image folder without test/: trained, not evaluated
       self.skip_reason = f'{missing} does not exist'
       return
@@ -51,16 +51,16 @@ class SimCLR(base.Method):
     encoder = models.build_image_encoder(m, in_channels, config.augment.image_size, rngs)
     head = models.ProjectionHead(encoder.num_features, m.head_hidden, m.head_out, m.head_layers,
                                  rngs=rngs)
-    return models.SimCLRModel(encoder=encoder, head=head,
-                              temperature=models.build_temperature(config, config.model.head_out,
-                                                                     rngs))
+    temperature = models.build_temperature(config.temperature, config.total_steps, m.head_out,
+                                           rngs)
+    return models.SimCLRModel(encoder=encoder, head=head, temperature=temperature)
 
   def model_inputs(self, keys, batch, config):
     images = batch['image']
     view1, view2 = augment.random_views(keys, images, config.augment)
     # Interleave the views, [N, 2, ...] -> [2N, ...], so each device's rows stay on it.
     views = jnp.stack([view1, view2], axis=1).reshape(2 * images.shape[0], *view1.shape[1:])
-    return base.standardize(views, config)
+    return base.standardize(views, config.dataset)
 
   def embeddings(self, model, inputs):
     z = model(inputs).reshape(inputs.shape[0] // 2, 2, -1)

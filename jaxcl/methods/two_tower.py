@@ -5,6 +5,8 @@ classification and image-text retrieval. The two differ only in their loss
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,7 +39,7 @@ class TwoTowerEvalData:
                 if any(entries) else 0)
     self.suite, self.retrieval = ([zeroshot_suite.open_entry(entry, config, channels)
                                    for entry in group] for group in entries)
-    missing = base.missing_eval_split(config, dataset)
+    missing = base.missing_eval_split(config.dataset, dataset)
     if missing:
       self.skip_reason = f'{missing} does not exist'
       return
@@ -130,9 +132,9 @@ class TwoTower(base.Method):
                  f'{self.name} needs captions: image_folder has none; use a TFDS image-text '
                  f'dataset or dataset.name=image_text_pairs')
 
-  def make_bias(self, config):
-    """The model's learned logit bias module, or None."""
-    del config
+  def make_bias(self, temperature_config):
+    """The model's learned logit bias module (from the temperature group), or None."""
+    del temperature_config
     return None
 
   def build_model(self, config, in_channels, rngs, tokenizer=None):
@@ -143,19 +145,21 @@ class TwoTower(base.Method):
         eot_id=tokenizer.eot_id, width=x.width, depth=x.depth, heads=x.heads, mlp_dim=x.mlp_dim,
         causal=x.causal, pool=x.pool, act=x.act, norm_eps=x.norm_eps, remat=m.remat,
         scan_layers=m.scan_layers, rngs=rngs, dtype=models.activation_dtype(m))
+    temperature = functools.partial(models.build_temperature, config.temperature,
+                                    config.total_steps)
     return models.TwoTowerModel(image_encoder=image_encoder, text_encoder=text_encoder,
                                 embed_dim=m.embed_dim,
-                                temperature=models.build_temperature(config, m.embed_dim, rngs),
-                                bias=self.make_bias(config), rngs=rngs,
+                                temperature=temperature(m.embed_dim, rngs),
+                                bias=self.make_bias(config.temperature), rngs=rngs,
                                 image_projection=m.image_projection,
                                 text_projection_bias=x.projection_bias,
-                                temperature_t2i=models.build_temperature(config)
+                                temperature_t2i=temperature()
                                 if config.temperature.per_direction else None)
 
   def model_inputs(self, keys, batch, config):
     # One light crop per image; the caption is the other "view".
     views = augment.random_views(keys, batch['image'], config.augment)[0]
-    return base.standardize(views, config), batch['text']
+    return base.standardize(views, config.dataset), batch['text']
 
   def embeddings(self, model, inputs):
     images, ids = inputs

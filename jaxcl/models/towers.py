@@ -227,10 +227,11 @@ def activation_dtype(m):
   return jnp.dtype(m.dtype)
 
 
-def build_temperature(config, embed_dim: int = 0, rngs=None) -> Temperature:
-  """The config's τ (`temperature` group); a cosine period of 0 spans the
-  run; embed_dim: the embeddings a predicted τ reads."""
-  t = config.temperature
+def build_temperature(temperature_config, total_steps: int, embed_dim: int = 0,
+                      rngs=None) -> Temperature:
+  """The τ of the config's `temperature` group; a cosine period of 0 spans
+  the run's total_steps; embed_dim: the embeddings a predicted τ reads."""
+  t = temperature_config
   return Temperature(mode=t.mode, init=t.init, min=t.min, max=t.max,
-                     period=t.period or config.total_steps, warmup_steps=t.warmup_steps,
+                     period=t.period or total_steps, warmup_steps=t.warmup_steps,
                      embed_dim=embed_dim, rngs=rngs)

@@ -23,18 +23,20 @@ from jaxcl import errors, files, parallel
 from jaxcl.trainer import per_example
 
 
-def checkpoint_manager(workdir, config, *, cleanup: bool = False,
+def checkpoint_manager(workdir, keep_checkpoints: int | None, *, cleanup: bool = False,
                        read_only: bool = False, background: bool = True
                        ) -> ocp.CheckpointManager:
-  """cleanup: delete unfinished checkpoint writes left by a killed run (orbax
-  writes to a temporary directory and renames it when complete, so those
-  are never restored); only the run that holds the workdir may do this.
+  """keep_checkpoints: how many to keep (config.keep_checkpoints; None for
+  a reader, which deletes none). cleanup: delete unfinished checkpoint
+  writes left by a killed run (orbax writes to a temporary directory and
+  renames it when complete, so those are never restored); only the run that
+  holds the workdir may do this.
   read_only: for eval and export, which write nothing in the workdir.
   background=False: saves write before returning, without the host copy of
   the state a background write takes (an import writes one checkpoint)."""
   # (orbax's own read_only option logs three warnings; not creating the
   # folder and not saving is all these commands need.)
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints,
                                          enable_async_checkpointing=background and not read_only,
                                          cleanup_tmp_directories=cleanup and not read_only,
                                          create=not read_only)

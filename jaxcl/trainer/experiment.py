@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxcl import data, errors, methods, parallel
+from jaxcl import data, errors, methods, name_patterns, parallel
 from jaxcl.data import augment
 from jaxcl.losses import estimators
 from jaxcl.methods.base import standardize
@@ -136,14 +136,14 @@ class Experiment:
     SimCLR's encoder output, or the two-tower model's normalized image embedding."""
     model = nnx.merge(self.eval_graphdef, params, batch_stats)
     views = augment.eval_view(images_uint8, self.config.augment.image_size)
-    return model.embed(standardize(views, self.config))
+    return model.embed(standardize(views, self.config.dataset))
 
   def predicted_temperature(self, params, batch_stats, images_uint8):
     """temperature.mode=predicted: τ(x) of uint8 images [b, H, W, C] -> [b]
     float32, the τ the loss gives the image as an anchor (its uncertainty)."""
     model = nnx.merge(self.eval_graphdef, params, batch_stats)
     views = augment.eval_view(images_uint8, self.config.augment.image_size)
-    anchors = self.method.image_anchors(model, standardize(views, self.config))
+    anchors = self.method.image_anchors(model, standardize(views, self.config.dataset))
     return model.temperature.of_embeddings(anchors)
 
   def embed_text(self, params, batch_stats, ids):
@@ -151,23 +151,23 @@ class Experiment:
     return nnx.merge(self.eval_graphdef, params, batch_stats).embed_text(ids)
 
 
-def _frozen_names(config, abstract_model) -> set[str]:
+def _frozen_names(optimizer_config, abstract_model) -> set[str]:
   """The names of optimizer.frozen's parameters; ConfigError for a pattern
   that is no regular expression or matches nothing."""
-  o = config.optimizer
-  patterns = param_groups.as_patterns(o.frozen)
+  o = optimizer_config
+  patterns = name_patterns.as_patterns(o.frozen)
   names = param_groups.names(nnx.state(abstract_model, nnx.Param))
   try:  # (validation checked the syntax)
-    multiplied = [p for p, _ in param_groups.parse_multipliers(o.lr_multipliers,
+    multiplied = [p for p, _ in name_patterns.parse_multipliers(o.lr_multipliers,
                                                                 'optimizer.lr_multipliers')]
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None
   for key, checked in (('optimizer.frozen', patterns), ('optimizer.lr_multipliers', multiplied)):
-    missing = param_groups.unmatched(names, checked)
+    missing = name_patterns.unmatched(names, checked)
     if missing:
       raise errors.ConfigError(f'{key}: {missing[0]!r} matches no parameter of this model '
                                f'(names look like {names[0]!r})')
-  return param_groups.matching(names, patterns)
+  return name_patterns.matching(names, patterns)
 
 
 def _freeze_batch_norms(model, frozen: set[str]) -> None:
@@ -188,7 +188,7 @@ def _new_model(method, config, info, tokenizer):
 def _graphdefs(method, config, info, tokenizer):
   """The model's graph definitions in train and in eval mode."""
   abstract_model = nnx.eval_shape(lambda: _new_model(method, config, info, tokenizer))
-  _freeze_batch_norms(abstract_model, _frozen_names(config, abstract_model))
+  _freeze_batch_norms(abstract_model, _frozen_names(config.optimizer, abstract_model))
   train_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)
   abstract_model.eval()
   eval_graphdef, _, _ = nnx.split(abstract_model, nnx.Param, nnx.BatchStat)

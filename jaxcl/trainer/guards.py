@@ -23,8 +23,9 @@ class FiniteCheck:
   and at the end). Counts the steps skipped under nonfinite=skip; raises
   NonFiniteError under nonfinite=stop."""
 
-  def __init__(self, config, manager):
-    self._skip = config.nonfinite == 'skip'
+  def __init__(self, nonfinite: str, manager):
+    """nonfinite: config.nonfinite, 'stop' or 'skip'."""
+    self._skip = nonfinite == 'skip'
     self._manager = manager
     self._pending = None  # (step, metrics) not checked yet
     self.skipped = 0

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxcl import name_patterns
 from jaxcl.models import param_groups
 from jaxcl.presets import OPTIMIZERS
 
@@ -77,12 +78,12 @@ def build_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     opt = optax.chain(opt, optax.stateless(
         lambda updates, _: jax.tree_util.tree_map_with_path(
             lambda path, u: u * multiplier if _is_temperature(path) else u, updates)))
-  groups = param_groups.parse_multipliers(o.lr_multipliers, 'optimizer.lr_multipliers')
+  groups = name_patterns.parse_multipliers(o.lr_multipliers, 'optimizer.lr_multipliers')
   if groups:
     opt = optax.chain(opt, optax.stateless(
         lambda updates, _: jax.tree.map(lambda u, f: u * f, updates,
                                         param_groups.multipliers(updates, groups))))
-  frozen = param_groups.as_patterns(o.frozen)
+  frozen = name_patterns.as_patterns(o.frozen)
   if frozen:  # after everything else: the frozen parameters' updates are zero, their state none
     opt = optax.multi_transform(
         {'trained': opt, 'frozen': optax.set_to_zero()},

@@ -90,12 +90,12 @@ def analysis(compiled, exp, with_flops: bool = True) -> dict:
   return out
 
 
-def device_memory_bytes(config, device) -> tuple[int | None, str]:
+def device_memory_bytes(device_memory_gb: float, device) -> tuple[int | None, str]:
   """(bytes a step may use per device, where that figure comes from):
-  config.device_memory_gb when set, else what the device reports (GPUs and
-  TPUs do, CPUs do not: None)."""
-  if config.device_memory_gb:
-    return int(config.device_memory_gb * GIB), 'device_memory_gb'
+  device_memory_gb (the config's) when set, else what the device reports
+  (GPUs and TPUs do, CPUs do not: None)."""
+  if device_memory_gb:
+    return int(device_memory_gb * GIB), 'device_memory_gb'
   try:
     stats = device.memory_stats() or {}
   except Exception:  # a platform without memory stats
@@ -115,7 +115,7 @@ def describe(num_bytes: int | None) -> str:
 
 def check_fits(record: dict, config, device) -> None:
   """ConfigError, one line, when the step's peak exceeds the memory there is."""
-  limit, source = device_memory_bytes(config, device)
+  limit, source = device_memory_bytes(config.device_memory_gb, device)
   if limit is None or record['peak_bytes'] is None or record['peak_bytes'] <= limit:
     return
   raise errors.ConfigError(
@@ -126,7 +126,7 @@ def check_fits(record: dict, config, device) -> None:
 
 def write(workdir, record: dict, config, device) -> None:
   """DIR/compiled_step.json: the analysis, with what it was compiled for."""
-  limit, _ = device_memory_bytes(config, device)
+  limit, _ = device_memory_bytes(config.device_memory_gb, device)
   payload = dict(record, batch_size=config.batch_size, microbatch_size=config.microbatch_size,
                  device_kind=device.device_kind, device_memory_bytes=limit)
   files.write_atomically(workdir / files.COMPILED_STEP_FILE, json.dumps(payload, indent=2))

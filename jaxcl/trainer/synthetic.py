@@ -27,16 +27,16 @@ def image_shape(config) -> tuple[int, int, int]:
   return (size, size, 3 if len(config.dataset.mean) == 3 else 1)
 
 
-def tokenizer(config):
-  """Byte tokens in a table of config.text.tokenizer's published size (bytes: its own)."""
-  text = tokenizers.ByteTokenizer(config.text.max_length)
-  text.vocab_size = max(text.vocab_size, VOCAB_SIZES.get(config.text.tokenizer, 0))
+def tokenizer(text_config):
+  """Byte tokens in a table of text.tokenizer's published size (bytes: its own)."""
+  text = tokenizers.ByteTokenizer(text_config.max_length)
+  text.vocab_size = max(text.vocab_size, VOCAB_SIZES.get(text_config.tokenizer, 0))
   return text
 
 
 def setup(config, devices=None) -> experiment.Experiment:
   """experiment.setup for a validated config, from shapes alone: no data is opened."""
-  text = tokenizer(config) if methods.get(config.method).text_tower else None
+  text = tokenizer(config.text) if methods.get(config.method).text_tower else None
   info = data.DatasetInfo(image_shape=image_shape(config), num_classes=0)
   exp = experiment.setup(config, devices, tokenizer=text, info=info)
   # Per-example state (loss.estimator) gets a table of one batch's rows.

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxcl import losses, parallel
+from jaxcl import losses, name_patterns, parallel
 from jaxcl.data import augment
 from jaxcl.losses import estimators
 from jaxcl.models import param_groups
@@ -43,7 +43,7 @@ def make_towers(exp: Experiment):
   batch_stats, (batch, view keys [n, V])) -> ((a, b) embeddings [n, d], new
   batch stats): the augmentation and the towers on n rows of the batch."""
   method, config = exp.method, exp.config
-  frozen = param_groups.as_patterns(config.optimizer.frozen)
+  frozen = name_patterns.as_patterns(config.optimizer.frozen)
 
   def merge(params, batch_stats):
     if frozen:  # no gradient flows into them: a tower frozen whole runs no backward pass

@@ -36,7 +36,7 @@ def load_trained(workdir, *, open_data: bool = True, changes: dict | None = None
     raise errors.ConfigError(f'{workdir} has no checkpoint to load')
   exp = setup(config, tokenizer=run_files.saved_tokenizer(workdir),
               info=facts['info'] if facts else None)
-  manager = checkpoints.checkpoint_manager(workdir, config, read_only=True)
+  manager = checkpoints.checkpoint_manager(workdir, None, read_only=True)
   try:
     state, failures = checkpoints.restore_newest(manager, exp.abstract_state())
   except errors.CheckpointError as e:

@@ -13,7 +13,7 @@ import math
 import ml_collections
 from etils import epath
 
-from jaxcl import errors, methods, presets
+from jaxcl import errors, methods, name_patterns, presets
 from jaxcl.errors import ConfigError, check
 from jaxcl.evaluation import zeroshot_suite
 from jaxcl.presets import MODEL_DTYPES, TEMPERATURE_MODES
@@ -283,7 +283,6 @@ def _check_observability(config):
 def _check_param_groups(config):
   """optimizer.frozen, optimizer.lr_multipliers and init: their syntax
   (which parameters they select is checked when the model is built)."""
-  from jaxcl.models import param_groups  # noqa: PLC0415  (jax, flax: not on `jaxcl --help`)
   o, init = config.optimizer, config.init
   for key, value in (('optimizer.frozen', o.frozen), ('optimizer.lr_multipliers', o.lr_multipliers),
                      ('init.load', init.load)):
@@ -291,13 +290,13 @@ def _check_param_groups(config):
                                      and all(isinstance(v, str) for v in value)),
           f'{key} must be a string or a list of strings, got {value!r}')
   try:
-    param_groups.compile_patterns(param_groups.as_patterns(o.frozen), 'optimizer.frozen')
-    param_groups.parse_multipliers(param_groups.as_patterns(o.lr_multipliers),
-                                   'optimizer.lr_multipliers')
+    name_patterns.compile_patterns(name_patterns.as_patterns(o.frozen), 'optimizer.frozen')
+    name_patterns.parse_multipliers(name_patterns.as_patterns(o.lr_multipliers),
+                                    'optimizer.lr_multipliers')
   except ValueError as e:
     raise ConfigError(str(e)) from None
   check(isinstance(init.source, str), f'init.source must be a path, got {init.source!r}')
-  unknown = [t for t in param_groups.as_patterns(init.load) if t not in presets.LOADABLE]
+  unknown = [t for t in name_patterns.as_patterns(init.load) if t not in presets.LOADABLE]
   check(not unknown, f'init.load: unknown part {unknown[0]!r}; choose from {presets.LOADABLE}'
         if unknown else '')
   check(not init.load or bool(init.source), 'init.load names parts, but init.source is empty')

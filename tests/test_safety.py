@@ -2,6 +2,7 @@
 the trainer reads or writes goes through etils.epath (so gs:// works)."""
 
 import ast
+import functools
 import pathlib
 
 import pytest
@@ -26,6 +27,11 @@ OPEN_ALLOWED = {
 }
 
 
+@functools.cache  # each source parsed once, for every test that reads it
+def _tree(source: pathlib.Path) -> ast.Module:
+  return ast.parse(source.read_text())
+
+
 def _calls(tree):
   for node in ast.walk(tree):
     if isinstance(node, ast.Call):
@@ -34,7 +40,7 @@ def _calls(tree):
 
 @pytest.mark.parametrize('source', SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_unpickling_or_code_loading(source):
-  tree = ast.parse(source.read_text())
+  tree = _tree(source)
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
       assert not {a.name.split('.')[0] for a in node.names} & UNSAFE_MODULES, source.name
@@ -52,7 +58,7 @@ def test_no_unpickling_or_code_loading(source):
 
 @pytest.mark.parametrize('source', SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_paths_go_through_epath(source):
-  tree = ast.parse(source.read_text())
+  tree = _tree(source)
   for call in _calls(tree):
     func = call.func
     if isinstance(func, ast.Name) and func.id in BARE_FILE_CALLS:
@@ -75,7 +81,7 @@ def test_paths_go_through_epath(source):
 def _allowed_calls_found() -> set:
   found = set()
   for source in SOURCES:
-    for call in _calls(ast.parse(source.read_text())):
+    for call in _calls(_tree(source)):
       func = call.func
       if isinstance(func, ast.Name) and func.id in BARE_FILE_CALLS and call.args:
         found.add((source.name, ast.unparse(call.args[0])))

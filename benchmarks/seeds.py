@@ -57,6 +57,9 @@ VARIANTS = {
         'simclr_digits': (DIGITS, {}),
         'clip_shapes': (SHAPES, {}),
         'siglip_shapes': ('configs/siglip_shapes.py', {}),
+        # the same models untrained: what training adds
+        'simclr_digits-untrained': (DIGITS, {'total_steps': 0}),
+        'clip_shapes-untrained': (SHAPES, {'total_steps': 0}),
     },
     'digits_modes': {
         'learnable': (DIGITS, {}),
@@ -87,8 +90,9 @@ VARIANTS = {
 }
 ACCURACY = ('knn_top1', 'linear_top1', 'zeroshot_top1', 'i2t_r1', 't2i_r1')
 EXTRA = ('tolerance', 'test_uniformity', 'zeroshot_ece', 'zeroshot_ece_fitted',
-         'zeroshot_fitted_temperature')
-TAU = ('temperature', 'temperature_t2i', 'temperature_p10', 'temperature_p90')
+         'zeroshot_fitted_temperature', 'zeroshot_top5', 'i2t_r5', 'i2t_r10', 't2i_r5',
+         't2i_r10')
+TAU = ('temperature', 'temperature_t2i', 'temperature_p10', 'temperature_p90', 'bias')
 WALL = 'benchmark_wall.json'
 
 
@@ -109,10 +113,20 @@ def train(config: str, overrides: dict, seed: int, run_dir: epath.Path) -> None:
   command = ['jaxcl', 'train', '--config', config, '--workdir', str(run_dir),
              f'--config.seed={seed}', *(f'--config.{k}={v}' for k, v in overrides.items())]
   print(' '.join(command), flush=True)
-  start = time.perf_counter()
+  start, commit = time.perf_counter(), _commit()
   subprocess.run(command, check=True)
   if fresh:
-    (run_dir / WALL).write_text(json.dumps({'seconds': time.perf_counter() - start}))
+    (run_dir / WALL).write_text(json.dumps({'seconds': time.perf_counter() - start,
+                                            'commit': commit}))
+
+
+def _commit() -> str:
+  """The checkout's commit, with '+' when it has uncommitted changes."""
+  def git(*args):
+    return subprocess.run(['git', *args], capture_output=True, text=True,
+                          check=False).stdout.strip()
+  return (git('rev-parse', '--short', 'HEAD') or 'unknown') + (
+      '+' if git('status', '--porcelain', '--untracked-files=no') else '')
 
 
 def summarize(run_dir: epath.Path) -> dict:
@@ -124,7 +138,8 @@ def summarize(run_dir: epath.Path) -> dict:
   return {'step': results.get('step'),
           **{k: results[k] for k in (*ACCURACY, *EXTRA) if k in results},
           **{k: last[k] for k in TAU if k in last},
-          'wall_s': wall['seconds'] if wall else None}
+          'wall_s': wall['seconds'] if wall else None,
+          **({'commit': wall['commit']} if wall and 'commit' in wall else {})}
 
 
 def table(group: str, rows: list[dict]) -> str:
@@ -174,8 +189,7 @@ def main() -> None:
   rows = [r for r in everything.get(args.group, [])  # other runs of variants still defined
           if r['variant'] in VARIANTS[args.group]
           and (r['variant'], r['seed']) not in {(v, s) for v in chosen for s in seeds}]
-  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
-                          text=True, check=False).stdout.strip() or 'unknown'
+  commit = _commit()  # for runs that did not record theirs when they trained
   for variant in chosen:
     config, overrides = VARIANTS[args.group][variant]
     for seed in seeds:

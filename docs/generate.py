@@ -67,9 +67,45 @@ def seed_results() -> str:
     commits = sorted({r.get('commit', '?') for r in mine})
     out.append(f'| `{mine[0]["config"]}` | {",".join(str(r["seed"]) for r in mine)} | '
                + ' | '.join(cells)
-               + f' | {min(taus):.3g}-{max(taus):.3g} | '
+               + (f' | {min(taus):.3g}-{max(taus):.3g} | ' if taus else ' | (untrained) | ')
                + (f'{min(walls) / 60:.1f}-{max(walls) / 60:.1f} min' if walls else '')
                + f' | {", ".join(commits)} |')
+  return '\n'.join(out)
+
+
+# The image-text configs' evaluation in detail (docs/results.md), one row each.
+TWO_TOWER_ROWS = (('zeroshot_top1', '`zeroshot_top1` (694 single-shape test images, 24 classes)'),
+                  ('zeroshot_top5', '`zeroshot_top5`'),
+                  ('i2t_r1', '`i2t_r1` (1,000 images, 3,000 captions)'), ('i2t_r5', '`i2t_r5`'),
+                  ('i2t_r10', '`i2t_r10`'), ('t2i_r1', '`t2i_r1`'), ('t2i_r5', '`t2i_r5`'),
+                  ('t2i_r10', '`t2i_r10`'), ('temperature', 'τ at the end'),
+                  ('bias', 'SigLIP\'s bias at the end (from -10)'))
+
+
+def _mean_range(values: list, digits: int = 3) -> str:
+  if not values:
+    return ''
+  mean = sum(values) / len(values)
+  return f'{mean:.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]'
+
+
+def two_tower_results() -> str:
+  """CLIP's and SigLIP's final evaluations side by side, mean [min, max]."""
+  rows = json.loads(SEEDS_JSON.read_text()).get('results', []) if SEEDS_JSON.exists() else []
+  variants = [v for v in dict.fromkeys(r['variant'] for r in rows)
+              if any('zeroshot_top1' in r for r in rows if r['variant'] == v)]
+  if not variants:
+    return ('(not measured yet: python benchmarks/seeds.py --group results '
+            '--variants clip_shapes,siglip_shapes --seeds 0,1,2)')
+  runs = {v: [r for r in rows if r['variant'] == v] for v in variants}
+  out = ['| over seeds ' + ', '.join(sorted({str(r['seed']) for v in variants for r in runs[v]}))
+         + ' | ' + ' | '.join(f'`{runs[v][0]["config"]}`' for v in variants) + ' |',
+         '|---' * (len(variants) + 1) + '|']
+  for key, label in TWO_TOWER_ROWS:
+    cells = [_mean_range([r[key] for r in runs[v] if key in r], 2 if key == 'bias' else 3)
+             for v in variants]
+    if any(cells):
+      out.append(f'| {label} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(out)
 
 
@@ -163,7 +199,7 @@ def _cell(text: str) -> str:
 
 
 BLOCKS = {'what-a-run-writes': workdir_contents, 'configs': configs_table,
-          'seed-results': seed_results}
+          'seed-results': seed_results, 'two-tower-results': two_tower_results}
 
 
 def _with_blocks(text: str) -> str:

@@ -330,20 +330,16 @@ def run(argv: list[str]) -> int:
     elif _FORMAT.value == 'open_clip':
       errors.check(not _WITH_TEMPERATURE.value, '--with_temperature needs --format jax')
       _check_workdir(workdir, must_exist=True)
-      _export_open_clip(workdir, _OUTPUT.value)
+      from jaxcl.hub import open_clip_export
+      print(open_clip_export.describe(open_clip_export.export_open_clip(
+          workdir, _OUTPUT.value, overwrite=_OVERWRITE.value), _OUTPUT.value))
     else:
       _check_workdir(workdir, must_exist=True)
       from jaxcl import export
       output = _OUTPUT.value
       metadata = export.export_encoder(workdir, output, overwrite=_OVERWRITE.value,
                                        with_temperature=_WITH_TEMPERATURE.value)
-      print(f'wrote {output} and {output}.json: uint8 {metadata["input"]["shape"]} -> float32 '
-            f'{metadata["output"]["shape"]}')
-      if 'text' in metadata:  # a text tower's embedder, written beside the image one
-        text_file = epath.Path(output).with_name(metadata['text']['file'])
-        print(f'wrote {text_file}: int32 {metadata["text"]["input"]["shape"]} -> '
-              f'float32 {metadata["text"]["output"]["shape"]} ({metadata["tokenizer"]["type"]} '
-              f'tokenizer in {output}.json)')
+      print(export.describe(metadata, output))
   except (errors.ConfigError, errors.DatasetError) as e:
     raise UsageError(str(e)) from None
   except errors.Interrupted as e:  # the run printed where it stopped
@@ -352,18 +348,6 @@ def run(argv: list[str]) -> int:
     print(f'jaxcl: {e}', file=sys.stderr)
     return 1
   return 0
-
-
-def _export_open_clip(workdir: str, output: str) -> None:
-  from jaxcl.hub import open_clip_export
-  summary = open_clip_export.export_open_clip(workdir, output, overwrite=_OVERWRITE.value)
-  trunk = f' (timm {summary["timm_model_name"]})' if summary['timm_model_name'] else ''
-  print(f'wrote {output}: open_clip {summary["model"]}{trunk}, {summary["tensors"]} tensors, '
-        f'{summary["parameters"]:,} parameters from step {summary["step"]}; load it with '
-        f"open_clip.create_model_and_transforms('local-dir:{output}')")
-  print(f'tokenizer: {summary["tokenizer"]}')
-  for note in summary['notes']:
-    print(f'note: {note}')
 
 
 def main(argv=None) -> None:

@@ -143,3 +143,15 @@ def export_encoder(workdir, output, *, overwrite: bool = False,
       raise errors.ConfigError(f'cannot write --output {output}: '
                                f'{e.strerror or errors.first_line(e)}') from None
   return metadata
+
+
+def describe(metadata: dict, output) -> str:
+  """What export_encoder wrote, for a person: the files and their shapes."""
+  lines = [f'wrote {output} and {output}.json: uint8 {metadata["input"]["shape"]} -> float32 '
+           f'{metadata["output"]["shape"]}']
+  if 'text' in metadata:  # a text tower's embedder, written beside the image one
+    text_file = epath.Path(output).with_name(metadata['text']['file'])
+    lines.append(f'wrote {text_file}: int32 {metadata["text"]["input"]["shape"]} -> float32 '
+                 f'{metadata["text"]["output"]["shape"]} ({metadata["tokenizer"]["type"]} '
+                 f'tokenizer in {output}.json)')
+  return '\n'.join(lines)

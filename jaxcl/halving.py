@@ -40,7 +40,7 @@ import jax
 import matplotlib.pyplot as plt
 from etils import epath
 
-from jaxcl import errors, files, methods, report, sweep
+from jaxcl import errors, files, methods, report, search_records, sweep
 from jaxcl.data import shard_sources
 from jaxcl.trainer import checkpoints, trained
 
@@ -185,9 +185,9 @@ def _write(workdir, record: dict, values: list[str], rungs) -> None:
     scores = [r['scores'][value] for r in record['rungs'] if value in r['scores']]
     row.update(steps=reached.get(value), monitor=scores[-1] if scores else None)
     rows.append(row)
-  record.update(columns=sweep.columns(rows, extra=('steps', 'monitor')), rows=rows,
+  record.update(columns=search_records.columns(rows, extra=('steps', 'monitor')), rows=rows,
                 steps_trained=sum(reached.values()))
-  sweep.write_table(workdir, record)
+  search_records.write_table(workdir, record)
 
 
 def _reached(record: dict, rungs) -> dict:
@@ -219,11 +219,12 @@ def plot_rungs(workdir, record: dict) -> None:
   axes[0].legend(fontsize=7)
   axes[0].grid(alpha=0.3)
   first = record['rungs'][0]['scores'] if record['rungs'] else {}
-  fixed = sorted((float(v), s) for v, s in first.items() if v != sweep.LEARNABLE and s is not None)
+  fixed = sorted((float(v), s) for v, s in first.items()
+                 if v != search_records.LEARNABLE and s is not None)
   if fixed:
     axes[1].plot(*zip(*fixed), 'o-', color='C0', label='fixed τ')
-  if first.get(sweep.LEARNABLE) is not None:
-    axes[1].axhline(first[sweep.LEARNABLE], color='C3', ls='--', label='learnable τ')
+  if first.get(search_records.LEARNABLE) is not None:
+    axes[1].axhline(first[search_records.LEARNABLE], color='C3', ls='--', label='learnable τ')
   axes[1].set_xscale('log')
   axes[1].set_xlabel('τ')
   axes[1].set_title(f'first rung (step {record["rungs"][0]["step"] if record["rungs"] else 0})')

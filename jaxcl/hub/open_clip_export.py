@@ -183,3 +183,13 @@ def write_open_clip(exp, state, output, plan: plan_lib.Plan, *, replacing: bool 
           'timm_model_name': model_cfg['vision_cfg'].get('timm_model_name'),
           'tensors': len(entries), 'parameters': sum(math.prod(s) for _, s, _ in entries),
           'step': int(state.step), 'tokenizer': plan.tokenizer, 'notes': plan.notes}
+
+
+def describe(summary: dict, output) -> str:
+  """What export_open_clip wrote, for a person, and how to load it."""
+  trunk = f' (timm {summary["timm_model_name"]})' if summary['timm_model_name'] else ''
+  return '\n'.join(
+      [f'wrote {output}: open_clip {summary["model"]}{trunk}, {summary["tensors"]} tensors, '
+       f'{summary["parameters"]:,} parameters from step {summary["step"]}; load it with '
+       f"open_clip.create_model_and_transforms('local-dir:{output}')",
+       f'tokenizer: {summary["tokenizer"]}'] + [f'note: {note}' for note in summary['notes']])

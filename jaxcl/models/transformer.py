@@ -14,6 +14,12 @@ published model does:
 - SigLIP's text tower: bidirectional over the whole padded row, pooled at
   the last position.
 
+The ViT also takes SigLIP 2's NaFlex input (Tschannen et al. 2025): each
+image's patches at its native aspect ratio, flattened and padded to a fixed
+count, with its patch grid; the learned position grid is resized to each
+image's grid, and attention and pooling skip the padding. A square image's
+full grid is the same computation as the image path.
+
 Blocks are pre-LayerNorm: x + attention(LN(x)), then x + MLP(LN(x)).
 Either tower may recompute its blocks' activations in the backward pass
 (`remat`) and run its blocks as one scanned block (`scan_layers`); neither
@@ -25,6 +31,7 @@ Attention projects q, k and v with one fused kernel whose columns are
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -152,20 +159,46 @@ class MAPHead(nnx.Module):
     self.norm = nnx.LayerNorm(width, epsilon=norm_eps, dtype=dtype, rngs=rngs)
     _mlp(self, width, mlp_dim, act, rngs, dtype)
 
-  def __call__(self, x):
+  def __call__(self, x, lengths=None):
+    """lengths [b]: each row's tokens before its padding (None: all)."""
     probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[2]))
     k, v = jnp.split(self.key_value(x), 2, axis=-1)
-    y = self.out(_attend(self.query(probe), k, v, self.heads))
+    y = self.out(_attend(self.query(probe), k, v, self.heads, key_value_seq_lengths=lengths))
     return (y + _apply_mlp(self, self.norm(y)))[:, 0]
 
 
-class ViT(nnx.Module):
-  """images [b, H, W, C] float -> features [b, width] float32.
+def position_weights(index, size, grid: int):
+  """How output position `index` of a `size`-long axis mixes a learned axis
+  of `grid` positions when it is resized to `size`: the row of
+  jax.image.resize's bilinear, antialiased weight matrix (which matches
+  torch's F.interpolate(mode='bilinear', antialias=True) that SigLIP 2
+  uses), for traced index and size of any shape -> [..., grid] float32."""
+  inv_scale = 1.0 / (size.astype(jnp.float32) / grid)
+  kernel_scale = jnp.maximum(inv_scale, 1.0)[..., None]  # widened when shrinking
+  sample = ((index.astype(jnp.float32) + 0.5) * inv_scale - 0.5)[..., None]
+  weights = jnp.maximum(0.0, 1.0 - jnp.abs(sample - jnp.arange(grid)) / kernel_scale)
+  return weights / jnp.sum(weights, axis=-1, keepdims=True)
 
-  Patches of p x p pixels are embedded by a strided convolution, a learned
-  position embedding is added, and the final LayerNorm's output is pooled:
-  the mean over patches ('gap'), a class token ('cls', CLIP's) or a
-  multi-head attention probe ('map', SigLIP's).
+
+def patchify(images, patch_size: int):
+  """images [b, H, W, C] -> [b, (H/p)(W/p), p p C]: patches row by row, each
+  flattened (row, column, channel), as SigLIP 2's processors lay them out."""
+  b, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+class ViT(nnx.Module):
+  """images [b, H, W, C] float -> features [b, width] float32; or NaFlex
+  patches [b, N, p p C] with their grids [b, 2] (rows, columns of patches;
+  the first rows x columns patches are the image's, the rest padding).
+
+  Patches of p x p pixels are embedded by a strided convolution (a linear
+  map of flattened patches, the same kernel), a learned position embedding
+  is added (resized to a NaFlex image's grid), and the final LayerNorm's
+  output is pooled: the mean over patches ('gap'), a class token ('cls',
+  CLIP's) or a multi-head attention probe ('map', SigLIP's).
   """
 
   def __init__(self, *, image_size: int, in_channels: int, patch_size: int, width: int,
@@ -193,21 +226,60 @@ class ViT(nnx.Module):
     self.map_head = (MAPHead(width, heads, mlp_dim, act=act, norm_eps=norm_eps, rngs=rngs,
                              dtype=dtype) if pool == 'map' else None)
 
-  def __call__(self, x):
-    x = self.patchify(x)
-    b, h, w, width = x.shape
-    x = x.reshape(b, h * w, width)
+  def __call__(self, x, grid=None):
+    if grid is None:
+      x = self.patchify(x)
+      b, h, w, width = x.shape
+      x, lengths = x.reshape(b, h * w, width), None
+      position = self.position[...].astype(x.dtype)
+    else:
+      x, position, lengths = self._naflex_embed(x, grid)
+    b, _, width = x.shape
     if self.cls is not None:
       x = jnp.concatenate([jnp.broadcast_to(self.cls[...].astype(x.dtype), (b, 1, width)), x], 1)
-    x = x + self.position[...].astype(x.dtype)
+      lengths = None if lengths is None else lengths + 1
+    x = x + position
     if self.pre_norm is not None:
       x = self.pre_norm(x)
-    x = self.norm(run_blocks(self.blocks, x, remat=self.remat, scan=self.scan_layers))
+    x = self.norm(run_blocks(self.blocks, x, remat=self.remat, scan=self.scan_layers,
+                             lengths=lengths))
     if self.pool == 'map':
-      pooled = self.map_head(x)
-    else:
-      pooled = x[:, 0] if self.pool == 'cls' else jnp.mean(x, axis=1)
+      pooled = self.map_head(x, lengths)
+    elif self.pool == 'cls':
+      pooled = x[:, 0]
+    elif lengths is None:
+      pooled = jnp.mean(x, axis=1)
+    else:  # the mean over each image's own patches
+      valid = jnp.arange(x.shape[1])[None, :, None] < lengths[:, None, None]
+      pooled = jnp.sum(jnp.where(valid, x, 0), axis=1) / lengths[:, None].astype(x.dtype)
     return pooled.astype(jnp.float32)
+
+  def _naflex_embed(self, patches, grid):
+    """(patch embeddings [b, N, width], their positions (the class token's
+    first), tokens before the padding [b]) of NaFlex patches."""
+    kernel = self.patchify.kernel[...]
+    x = jnp.einsum('bnk,kd->bnd', patches.astype(self.patchify.dtype),
+                   kernel.reshape(-1, kernel.shape[-1]).astype(self.patchify.dtype))
+    if self.patchify.bias is not None:
+      x = x + self.patchify.bias[...].astype(x.dtype)
+    learned = self.position[...][0]  # [(1 +) g², width]
+    cls_position, learned = (learned[:1], learned[1:]) if self.cls is not None else (None, learned)
+    g = math.isqrt(learned.shape[0])
+    rows, cols = grid[:, :1].astype(jnp.int32), grid[:, 1:].astype(jnp.int32)
+    index = jnp.arange(patches.shape[1])[None, :]
+    # Padding takes the first patch's place (as transformers' Siglip2 does).
+    valid = index < rows * cols
+    y = jnp.where(valid, index // jnp.maximum(cols, 1), 0)
+    x_index = jnp.where(valid, index % jnp.maximum(cols, 1), 0)
+    weights = (position_weights(y, rows, g)[..., :, None]
+               * position_weights(x_index, cols, g)[..., None, :])  # [b, N, g, g]
+    position = jnp.einsum('bnk,kd->bnd', weights.reshape(*weights.shape[:2], g * g),
+                          learned.astype(jnp.float32)).astype(x.dtype)
+    if cls_position is not None:
+      position = jnp.concatenate(
+          [jnp.broadcast_to(cls_position.astype(x.dtype), (x.shape[0], 1, x.shape[2])), position],
+          axis=1)
+    return x, position, (rows * cols)[:, 0]
 
 
 def end_of_text(ids, eot_id: int):

@@ -1,7 +1,7 @@
-"""SigLIP 2's NaFlex input to the ViT: the position grid resized as
-transformers' Siglip2 resizes it (torch's bilinear, antialiased
-F.interpolate), padding that changes nothing, and the square image's full
-grid equal to the image path."""
+"""SigLIP 2's NaFlex input: the host's patches as transformers' Siglip2
+processors make them; in the ViT, the position grid resized as SigLIP 2
+resizes it, padding that changes nothing, and the square image's full grid
+equal to the image path."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from helpers import assert_close
+from jaxcl.data import naflex
 from jaxcl.models import transformer
 
 # (rows, columns) of patch grids: equal to the learned 4 x 4 grid, smaller,
@@ -99,3 +100,36 @@ def test_each_image_has_its_own_grid(vit):
   assert_close(both[0], _run(vit, wide, jnp.array([[2, 6]]))[0], rtol=1e-5, what='wide')
   assert_close(both[1], _run(vit, tall, jnp.array([[5, 2]]))[0], rtol=1e-5, what='tall')
   assert not np.allclose(both[0], both[1])
+
+
+# ------------------------------------------------------ the host's patches ---
+@pytest.mark.parametrize('size, grid', [
+    # (height, width) -> (rows, columns) at patch 16 and 256 patches, as
+    # transformers' get_image_size_for_max_num_patches gives them
+    ((480, 640), (14, 18)), ((224, 224), (16, 16)), ((1000, 300), (28, 9)),
+    ((1080, 1920), (12, 21)), ((37, 2000), (2, 109)),
+])
+def test_grid_for_budget(size, grid):
+  assert naflex.grid_for_budget(*size, 16, 256) == grid
+
+
+# Shapes around the budget: wide, tall, square, tiny (upscaled), one row.
+IMAGE_SIZES = [(30, 50), (17, 90), (64, 64), (100, 7), (5, 5), (3, 200)]
+
+
+@pytest.mark.parametrize('processor', ['Siglip2ImageProcessorPil', 'Siglip2ImageProcessor'])
+def test_patches_equal_the_reference_processor(processor):
+  """transformers' processors (PIL, and torchvision's antialiased resize) on
+  random images: the same grids, the same patches within one grey level."""
+  siglip2 = pytest.importorskip('transformers.models.siglip2')
+  reference = getattr(siglip2, processor)(patch_size=4, max_num_patches=64)
+  rng = np.random.default_rng(0)
+  for size in IMAGE_SIZES:
+    image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    want = reference(images=[image], return_tensors='np', input_data_format='channels_last')
+    patches, grid = naflex.to_patches(image, 4, 64)
+    assert tuple(grid) == tuple(want['spatial_shapes'][0]), size
+    n = int(want['pixel_attention_mask'][0].sum())
+    assert n == grid[0] * grid[1] and not patches[n:].any()
+    grey = np.round((want['pixel_values'][0][:n] * 0.5 + 0.5) * 255)  # mean = std = 0.5
+    assert np.abs(grey - patches[:n]).max() <= 1, size

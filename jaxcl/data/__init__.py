@@ -42,6 +42,7 @@ With several captions per image, one is drawn per image and epoch.
 The modules, each importing only those above it:
 
 - images: image files checked and resized with PIL; `ImageFolderSource`.
+- naflex: SigLIP 2's NaFlex patches of an image at its aspect ratio.
 - catalog: TFDS bookkeeping: `is_prepared`, `prepare`, `quiet_tfds`, `quiet_absl`.
 - digits, shapes: the embedded datasets' TFDS builders.
 - pair_rows: the rows of (image path, caption) files, read and checked.

@@ -65,7 +65,8 @@ def seed_results() -> str:
     taus = [r['temperature'] for r in mine if 'temperature' in r]
     walls = [r['wall_s'] for r in mine if r.get('wall_s')]
     commits = sorted({r.get('commit', '?') for r in mine})
-    out.append(f'| `{mine[0]["config"]}` | {",".join(str(r["seed"]) for r in mine)} | '
+    settings = ''.join(f' `--config.{k}={v}`' for k, v in mine[0].get('overrides', {}).items())
+    out.append(f'| `{mine[0]["config"]}`{settings} | {",".join(str(r["seed"]) for r in mine)} | '
                + ' | '.join(cells)
                + (f' | {min(taus):.3g}-{max(taus):.3g} | ' if taus else ' | (untrained) | ')
                + (f'{min(walls) / 60:.1f}-{max(walls) / 60:.1f} min' if walls else '')
@@ -92,8 +93,9 @@ def _mean_range(values: list, digits: int = 3) -> str:
 def two_tower_results() -> str:
   """CLIP's and SigLIP's final evaluations side by side, mean [min, max]."""
   rows = json.loads(SEEDS_JSON.read_text()).get('results', []) if SEEDS_JSON.exists() else []
-  variants = [v for v in dict.fromkeys(r['variant'] for r in rows)
-              if any('zeroshot_top1' in r for r in rows if r['variant'] == v)]
+  variants = [v for v in dict.fromkeys(r['variant'] for r in rows)  # the configs as shipped
+              if any('zeroshot_top1' in r and not r.get('overrides') for r in rows
+                     if r['variant'] == v)]
   if not variants:
     return ('(not measured yet: python benchmarks/seeds.py --group results '
             '--variants clip_shapes,siglip_shapes --seeds 0,1,2)')

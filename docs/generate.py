@@ -47,6 +47,14 @@ def configs_table() -> str:
   return '\n'.join(rows)
 
 
+def _mean_range(values: list, digits: int = 3, bold: bool = False) -> str:
+  """'mean [min, max]' of values ('' for none), the mean in bold if asked."""
+  if not values:
+    return ''
+  mean = f'{sum(values) / len(values):.{digits}f}'
+  return f'{f"**{mean}**" if bold else mean} [{min(values):.{digits}f}, {max(values):.{digits}f}]'
+
+
 def seed_results() -> str:
   """The shipped configs' final evaluations: mean [min, max] over seeds."""
   rows = json.loads(SEEDS_JSON.read_text()).get('results', []) if SEEDS_JSON.exists() else []
@@ -60,8 +68,7 @@ def seed_results() -> str:
     cells = []
     for m in metrics:
       values = [r[m] for r in mine if m in r]
-      cells.append(f'**{sum(values) / len(values):.3f}** [{min(values):.3f}, {max(values):.3f}]'
-                   if values else '')
+      cells.append(_mean_range(values, bold=True))
     taus = [r['temperature'] for r in mine if 'temperature' in r]
     walls = [r['wall_s'] for r in mine if r.get('wall_s')]
     commits = sorted({r.get('commit', '?') for r in mine})
@@ -81,13 +88,6 @@ TWO_TOWER_ROWS = (('zeroshot_top1', '`zeroshot_top1` (694 single-shape test imag
                   ('i2t_r10', '`i2t_r10`'), ('t2i_r1', '`t2i_r1`'), ('t2i_r5', '`t2i_r5`'),
                   ('t2i_r10', '`t2i_r10`'), ('temperature', 'τ at the end'),
                   ('bias', 'SigLIP\'s bias at the end (from -10)'))
-
-
-def _mean_range(values: list, digits: int = 3) -> str:
-  if not values:
-    return ''
-  mean = sum(values) / len(values)
-  return f'{mean:.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]'
 
 
 def two_tower_results() -> str:

@@ -4,6 +4,7 @@
   python benchmarks/seeds.py --group digits_modes --seeds 0,1,2 [--root workdirs/seeds]
   python benchmarks/seeds.py --group shapes_modes --seeds 0
   python benchmarks/seeds.py --group sogclr_batch --seeds 0,1,2
+  python benchmarks/seeds.py --group halving --seeds 0,1,2  # jaxcl sweep --search halving
 
 Each group is a list of variants: a config and its `--config.KEY=VALUE`
 overrides (VARIANTS below). Every (variant, seed) trains with `jaxcl train`
@@ -61,6 +62,11 @@ VARIANTS = {
         'simclr_digits-untrained': (DIGITS, {'total_steps': 0}),
         'clip_shapes-untrained': (SHAPES, {'total_steps': 0}),
     },
+    'digits_grid': {  # docs/temperature.md's sweep: the fixed τ of `jaxcl sweep` and learnable
+        **{f'fixed-{tau}': (DIGITS, {'temperature.mode': 'fixed', 'temperature.init': tau})
+           for tau in (0.05, 0.1, 0.2, 0.5, 1.0)},
+        'learnable': (DIGITS, {}),
+    },
     'digits_modes': {
         'learnable': (DIGITS, {}),
         'fixed-0.5': (DIGITS, {'temperature.mode': 'fixed', 'temperature.init': 0.5}),
@@ -87,11 +93,21 @@ VARIANTS = {
         'b512-batch': (DIGITS, _equal_epochs(512, 300)),
         'b512-sogclr': (DIGITS, {**_equal_epochs(512, 300), **SOGCLR}),
     },
+    'halving': {  # `jaxcl sweep --search halving` over the default candidates
+        'digits': (DIGITS, {}),
+        'shapes': (SHAPES, {}),
+    },
 }
+# Groups whose variants are searches: `jaxcl sweep` with these arguments, the
+# row being the chosen candidate's run (DIR/tau-WINNER) and the search's cost.
+SEARCHES = {'halving': ['--search', 'halving']}
 ACCURACY = ('knn_top1', 'linear_top1', 'zeroshot_top1', 'i2t_r1', 't2i_r1')
 EXTRA = ('tolerance', 'test_uniformity', 'zeroshot_ece', 'zeroshot_ece_fitted',
          'zeroshot_fitted_temperature', 'zeroshot_top5', 'i2t_r5', 'i2t_r10', 't2i_r5',
          't2i_r10')
+# The last log step's view of the softmax (docs/temperature.md's sweep table).
+TRAINING = ('entropy', 'effective_negatives', 'positive_prob', 'contrastive_top1',
+            'hardest_negative_share', 'alignment', 'uniformity')
 TAU = ('temperature', 'temperature_t2i', 'temperature_p10', 'temperature_p90', 'bias')
 WALL = 'benchmark_wall.json'
 
@@ -103,21 +119,36 @@ def _read_json(path):
     return None
 
 
-def train(config: str, overrides: dict, seed: int, run_dir: epath.Path) -> None:
-  """`jaxcl train` for one run unless it is finished; its wall seconds
-  recorded when it trained from the start in this call."""
-  results = _read_json(run_dir / 'eval.json')
-  if results and results.get('step') == config_lib.read_saved(run_dir).get('total_steps'):
+def train(group: str, config: str, overrides: dict, seed: int, run_dir: epath.Path) -> None:
+  """`jaxcl train` (or the group's `jaxcl sweep`) for one run unless it is
+  finished; its wall seconds recorded when it trained from the start in this call."""
+  if _finished(group, run_dir):
     return
   fresh = not run_dir.exists()
-  command = ['jaxcl', 'train', '--config', config, '--workdir', str(run_dir),
-             f'--config.seed={seed}', *(f'--config.{k}={v}' for k, v in overrides.items())]
+  command = (['jaxcl', 'sweep', *SEARCHES[group]] if group in SEARCHES else ['jaxcl', 'train'])
+  command += ['--config', config, '--workdir', str(run_dir), f'--config.seed={seed}',
+              *(f'--config.{k}={v}' for k, v in overrides.items())]
   print(' '.join(command), flush=True)
   start, commit = time.perf_counter(), _commit()
   subprocess.run(command, check=True)
   if fresh:
     (run_dir / WALL).write_text(json.dumps({'seconds': time.perf_counter() - start,
                                             'commit': commit}))
+
+
+def _chosen_run(group: str, run_dir: epath.Path) -> epath.Path | None:
+  """The run whose evaluation is the row: a search's winner, else the run itself."""
+  if group not in SEARCHES:
+    return run_dir
+  winner = (_read_json(run_dir / 'sweep.json') or {}).get('winner')
+  return run_dir / f'tau-{winner}' if winner else None
+
+
+def _finished(group: str, run_dir: epath.Path) -> bool:
+  chosen = _chosen_run(group, run_dir)
+  results = _read_json(chosen / 'eval.json') if chosen else None
+  return bool(results) and results.get('step') == config_lib.read_saved(chosen).get(
+      'total_steps')
 
 
 def _commit() -> str:
@@ -129,15 +160,21 @@ def _commit() -> str:
       '+' if git('status', '--porcelain', '--untracked-files=no') else '')
 
 
-def summarize(run_dir: epath.Path) -> dict:
-  """The run's final evaluation and the last log step's τ."""
-  results = _read_json(run_dir / 'eval.json') or {}
-  train_rows = [r for r in report.read_metrics(run_dir) if 'loss' in r]
+def summarize(group: str, run_dir: epath.Path) -> dict:
+  """The (chosen) run's final evaluation and the last log step's τ; for a
+  search, what it chose and the steps it trained."""
+  chosen = _chosen_run(group, run_dir)
+  results = _read_json(chosen / 'eval.json') or {}
+  train_rows = [r for r in report.read_metrics(chosen) if 'loss' in r]
   last = train_rows[-1] if train_rows else {}
   wall = _read_json(run_dir / WALL)
+  search = _read_json(run_dir / 'sweep.json') if group in SEARCHES else None
   return {'step': results.get('step'),
+          **({'winner': search['winner'], 'steps_trained': search['steps_trained'],
+              'total_steps': search['total_steps']} if search else {}),
           **{k: results[k] for k in (*ACCURACY, *EXTRA) if k in results},
           **{k: last[k] for k in TAU if k in last},
+          **{f'train_{k}': last[k] for k in TRAINING if k in last},
           'wall_s': wall['seconds'] if wall else None,
           **({'commit': wall['commit']} if wall and 'commit' in wall else {})}
 
@@ -183,7 +220,7 @@ def main() -> None:
   for seed in seeds:  # every variant at a seed before the next seed
     for variant in chosen:
       config, overrides = VARIANTS[args.group][variant]
-      train(config, overrides, seed, root / f'{variant}-seed{seed}')
+      train(args.group, config, overrides, seed, root / f'{variant}-seed{seed}')
   out = epath.Path(args.json)
   everything = _read_json(out) or {}
   rows = [r for r in everything.get(args.group, [])  # other runs of variants still defined
@@ -194,7 +231,7 @@ def main() -> None:
     config, overrides = VARIANTS[args.group][variant]
     for seed in seeds:
       rows.append({'variant': variant, 'seed': seed, 'config': config, 'overrides': overrides,
-                   'commit': commit, **summarize(root / f'{variant}-seed{seed}')})
+                   'commit': commit, **summarize(args.group, root / f'{variant}-seed{seed}')})
   rows.sort(key=lambda r: (list(VARIANTS[args.group]).index(r['variant']), r['seed']))
   everything[args.group] = rows
   out.write_text(json.dumps(everything, indent=2) + '\n')

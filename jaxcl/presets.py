@@ -19,7 +19,8 @@ REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 # jaxcl.models.temperature
 TEMPERATURE_MODES = ('fixed', 'learnable', 'cosine', 'free', 'individual', 'predicted')
 TOKENIZERS = ('bytes', 'sentencepiece', 'clip_bpe')  # jaxcl.text.tokenizers
-TEXT_NORMALIZERS = ('', 'siglip')  # sentencepiece's text.normalize: none, SiglipTokenizer's
+# sentencepiece's text.normalize: none, SiglipTokenizer's, SigLIP 2's lower case (Siglip2Tokenizer)
+TEXT_NORMALIZERS = ('', 'siglip', 'lower')
 
 # name: (block kind, blocks per stage)
 RESNETS = {

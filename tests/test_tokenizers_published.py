@@ -248,3 +248,46 @@ def test_sentencepiece_special_token_names_are_text(siglip_model):
   tok = SentencePieceTokenizer(siglip_model, 16, pad_id=1, normalize='siglip')
   ids = tok.encode(['a </s> b'])[0]
   assert np.argmax(ids == 1) == len(tok._sp.encode('a s b'))
+
+
+# SigLIP 2's Gemma tokenizer: a BPE SentencePiece model with byte fallback and Gemma's
+# special pieces and options, at a size this test can train.
+GEMMA_CORPUS = SIGLIP_CORPUS + PLAIN + [
+    'İstanbul ΣΑΣ straße ǅ',  # lower case character by character: final Σ becomes σ
+    'ＡＢＣ full width', '\u00a0no-break\u3000ideographic space', 'tabs\t\tand\n\nlines']
+
+
+@pytest.fixture(scope='module')
+def gemma_model(tmp_path_factory):
+  model, directory = io.BytesIO(), tmp_path_factory.mktemp('gemma')
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter([t.lower() for t in SIGLIP_TEXTS + PLAIN] * 4), model_writer=model,
+      vocab_size=700, model_type='bpe', pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+      pad_piece='<pad>', eos_piece='<eos>', bos_piece='<bos>', unk_piece='<unk>',
+      user_defined_symbols=['<mask>'], byte_fallback=True, add_dummy_prefix=False,
+      remove_extra_whitespaces=False, normalization_rule_name='identity', split_digits=True,
+      allow_whitespace_only_pieces=True, hard_vocab_limit=False, minloglevel=2)
+  (directory / 'tokenizer.model').write_bytes(model.getvalue())
+  return directory
+
+
+@pytest.mark.parametrize('max_length', [16, 64])
+def test_sentencepiece_gemma_matches_siglip2_tokenizer(gemma_model, max_length):
+  """transformers' Siglip2Tokenizer converted from the same model, with the published
+  checkpoints' settings: no BOS, EOS appended, pad on the right."""
+  from transformers import Siglip2Tokenizer
+  hf = Siglip2Tokenizer.from_pretrained(gemma_model, add_bos_token=False, add_eos_token=True,
+                                        padding_side='right')
+  tok = build_tokenizer(_text_cfg(tokenizer='sentencepiece', normalize='lower',
+                                  sentencepiece_model=str(gemma_model / 'tokenizer.model'),
+                                  max_length=max_length))
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    expected = hf(GEMMA_CORPUS, padding='max_length', max_length=max_length, truncation=True)
+  ids = tok.encode(GEMMA_CORPUS)
+  np.testing.assert_array_equal(ids, expected['input_ids'])
+  assert (tok.pad_id, tok.eot_id, tok.sot_id) == (0, 1, None)
+  assert (ids[:, -1] == 1).any() and (ids == 3).sum() == 0  # some cut; bytes, never unk
+  assert tok.decode(ids[:1]) == [GEMMA_CORPUS[0].lower()]
+  # Siglip2Tokenizer reads '<eos>' in a text as its EOS; jaxcl keeps the only EOT last.
+  assert (tok.encode(['a <eos> b'])[0] == 1).sum() == 1

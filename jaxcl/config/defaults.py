@@ -141,7 +141,7 @@ def base_config():
       sentencepiece_model='',
       vocab_file='',  # open_clip's bpe_simple_vocab_16e6.txt.gz or a CLIP tokenizer.json
       pad_id=-1,  # -1: the tokenizer's own; SigLIP's (c4_en) pads with its EOS, 1
-      normalize='',  # sentencepiece: 'siglip' canonicalizes text as SiglipTokenizer
+      normalize='',  # sentencepiece: 'siglip' as SiglipTokenizer, 'lower' as SigLIP 2's
       max_length=64,  # tokens, end-of-text included
       width=256,
       depth=4,

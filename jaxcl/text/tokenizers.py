@@ -22,7 +22,9 @@ Tokenizers:
     produced from text, as it is a control symbol), pad is its pad id, or 0.
     normalize='siglip' first canonicalizes text as transformers' SiglipTokenizer
     does; with pad_id=1 (the EOS of Google's c4_en model) the rows are
-    SiglipTokenizer's (padding='max_length', truncation=True).
+    SiglipTokenizer's (padding='max_length', truncation=True). SigLIP 2's Gemma
+    model with normalize='lower' and max_length=64 gives Siglip2Tokenizer's rows
+    (no BOS, EOS 1, pad 0 on the right: the published tokenizer_config's).
   clip_bpe: CLIP's byte-level BPE (jaxcl.text.clip_bpe) from a vocabulary file, id
     for id as open_clip: SOT <|startoftext|>, EOT <|endoftext|> (49406, 49407),
     pad 0 (transformers' CLIPTokenizer pads with the EOT: pad_id=49407).
@@ -134,7 +136,7 @@ class ByteTokenizer(Tokenizer):
 
 class SentencePieceTokenizer(Tokenizer):
   """A SentencePiece model; EOT is its EOS id, pad its pad id (or 0 if it has none) unless
-  `pad_id` >= 0; `normalize`: '' (text as it is) or 'siglip'."""
+  `pad_id` >= 0; `normalize`: '' (text as it is), 'siglip' or 'lower'."""
 
   def __init__(self, model_file: str | epath.PathLike, max_length: int, pad_id: int = -1,
                normalize: str = ''):
@@ -160,6 +162,8 @@ class SentencePieceTokenizer(Tokenizer):
     texts = list(_check_texts(texts))
     if self.normalize == 'siglip':
       texts = [_siglip_canonical(t) for t in texts]
+    elif self.normalize == 'lower':
+      texts = [_lower_each_character(t) for t in texts]
     pieces = [p[:self.max_length - 1] for p in self._sp.encode(texts, out_type=int)]
     content = np.fromiter(itertools.chain.from_iterable(pieces), np.int32)
     return _pack(content, [len(p) for p in pieces], self.max_length, self.pad_id, self.eot_id)
@@ -190,6 +194,13 @@ def _siglip_canonical(text: str) -> str:
   SentencePiece's space mark as a space."""
   text = text.replace('\u2581', ' ').lower().translate(_NO_PUNCTUATION)
   return re.sub(r'\s+', ' ', text).strip()
+
+
+def _lower_each_character(text: str) -> str:
+  """SigLIP 2's lower case as transformers' Siglip2Tokenizer makes it (the tokenizers
+  library's Lowercase normalizer): character by character, so a final capital sigma
+  becomes σ, where str.lower() would write ς."""
+  return ''.join(character.lower() for character in text)
 
 
 class ClipBpeTokenizer(Tokenizer):

@@ -69,7 +69,8 @@ _ALLOW_BATCH_CHANGE = flags.DEFINE_bool(
     '(reported, and recorded in the workdir).')
 _TOKENIZER = flags.DEFINE_string(
     'tokenizer', None, "The source's tokenizer file (CLIP: tokenizer.json or "
-    "bpe_simple_vocab_16e6.txt.gz; SigLIP: its SentencePiece model), when SOURCE lacks it.")
+    "bpe_simple_vocab_16e6.txt.gz; SigLIP: its SentencePiece model; SigLIP 2: Gemma's "
+    'tokenizer.model), when SOURCE lacks it.')
 _ZEROSHOT = flags.DEFINE_string(
     'zeroshot', None, 'Comma-separated zero-shot datasets evaluated by this call instead of the '
     "run's eval.zeroshot (its saved config is unchanged): TFDS NAME[:SPLIT] or folder:PATH, "
@@ -115,7 +116,8 @@ COMMANDS = {
                                       *MULTI_PROCESS)),
     'report': ('Plots a run or a sweep: DIR/report.html and DIR/report/*.png.',
                ('workdir',), ()),
-    'import': ('Makes a workdir at step 0 from the CLIP or SigLIP checkpoint SOURCE: an open_clip '
+    'import': ('Makes a workdir at step 0 from the CLIP, SigLIP or SigLIP 2 checkpoint SOURCE: '
+               'an open_clip '
                'or transformers directory, or a big_vision .npz.', ('output',), ('tokenizer',)),
     'shard': ('Writes a pairs file or an image folder as webdataset shards in the new folder '
               'DIR (train-000000.tar ..., sizes.json, manifest.json), for dataset.name=webdataset.',

@@ -215,7 +215,60 @@ def make_big_vision_siglip(directory):
   return model
 
 
+def _gemma_sentencepiece(path):
+  """A tiny model with the Gemma tokenizer's options and special pieces: BPE with
+  byte fallback, pad 0, EOS 1, BOS 2, unk 3 (test_tokenizers_published.py checks its
+  ids against transformers' Siglip2Tokenizer)."""
+  model = io.BytesIO()
+  corpus = [t.lower() for t in TEXTS + ['a small blue triangle', 'the green circle']] * 8
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(corpus), model_writer=model, vocab_size=340, model_type='bpe',
+      pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece='<pad>', eos_piece='<eos>',
+      bos_piece='<bos>', unk_piece='<unk>', byte_fallback=True, add_dummy_prefix=False,
+      remove_extra_whitespaces=False, normalization_rule_name='identity', split_digits=True,
+      hard_vocab_limit=False, minloglevel=2)
+  path.write_bytes(model.getvalue())
+  return sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+
+
+SIGLIP2_TEXT = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=16)
+SIGLIP2_VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, patch_size=8)
+
+
+def make_hf_siglip2(directory):
+  """SigLIP 2's NaFlex layout (model_type siglip2): a 4 x 4 learned position grid."""
+  from transformers import Siglip2Config, Siglip2Model
+  directory.mkdir()
+  size = _gemma_sentencepiece(directory / 'tokenizer.model')
+  cfg = Siglip2Config(text_config=dict(vocab_size=size, **SIGLIP2_TEXT),
+                      vision_config=dict(num_patches=(IMAGE_SIZE // 8) ** 2, **SIGLIP2_VISION))
+  model = _perturbed(Siglip2Model(cfg))
+  model.save_pretrained(str(directory))
+  (directory / 'preprocessor_config.json').write_text(json.dumps(
+      {'image_mean': [0.5, 0.5, 0.5], 'image_std': [0.5, 0.5, 0.5], 'patch_size': 8,
+       'max_num_patches': (IMAGE_SIZE // 8) ** 2}))
+  return model
+
+
+def make_hf_siglip2_fixed(directory):
+  """SigLIP 2 at a fixed resolution: SiglipModel's layout, Gemma's tokenizer."""
+  from transformers import SiglipConfig, SiglipModel
+  directory.mkdir()
+  size = _gemma_sentencepiece(directory / 'tokenizer.model')
+  cfg = SiglipConfig(text_config=dict(vocab_size=size, **SIGLIP2_TEXT),
+                     vision_config=dict(image_size=IMAGE_SIZE, **SIGLIP2_VISION))
+  model = _perturbed(SiglipModel(cfg))
+  model.save_pretrained(str(directory))
+  (directory / 'tokenizer_config.json').write_text(json.dumps(
+      {'tokenizer_class': 'GemmaTokenizer', 'add_bos_token': False, 'add_eos_token': True}))
+  return model
+
+
 MAKERS = {'transformers_clip': make_hf_clip, 'transformers_siglip': make_hf_siglip,
+          'transformers_siglip2': make_hf_siglip2,
+          'transformers_siglip2_fixed': make_hf_siglip2_fixed,
           'open_clip': make_open_clip, 'open_clip_siglip': make_open_clip_siglip,
           'big_vision_siglip': make_big_vision_siglip}
 
@@ -229,7 +282,13 @@ def sources(tmp_path_factory):
 
 def _reference_ids(name, directory, texts, length):
   """Token ids from the source's own tokenizer."""
-  if name.endswith('siglip'):
+  if 'siglip2' in name:  # with the published checkpoints' tokenizer settings
+    from transformers import Siglip2Tokenizer
+    tok = Siglip2Tokenizer.from_pretrained(directory, add_bos_token=False, add_eos_token=True,
+                                           padding_side='right')
+    return np.asarray(tok(texts, padding='max_length', max_length=length,
+                          truncation=True)['input_ids'])
+  if 'siglip' in name:
     from transformers import SiglipTokenizer
     vocab = directory / ('c4_en.model' if name.startswith('big_vision') else 'spiece.model')
     tok = SiglipTokenizer(vocab_file=str(vocab))
@@ -251,11 +310,34 @@ def _reference_embeddings(name, model, images, ids):
     if name.startswith('open_clip'):
       return (model.encode_image(pixels, normalize=True).numpy(),
               model.encode_text(ids, normalize=True).numpy())
-    image = model.get_image_features(pixel_values=pixels)
+    if type(model).__name__ == 'Siglip2Model':  # a square image is the full grid of patches
+      image = _siglip2_image_features(model, *_full_grid_patches(images))
+    else:
+      image = model.get_image_features(pixel_values=pixels)
     text = model.get_text_features(input_ids=ids)
     image, text = (getattr(x, 'pooler_output', x) for x in (image, text))
     normalize = lambda x: torch.nn.functional.normalize(x, dim=-1).numpy()
     return normalize(image), normalize(text)
+
+
+def _full_grid_patches(images, patch=8):
+  """Images [b, H, W, C] as Siglip2's processor lays out patches: [b, N, p p C] by
+  rows of patches, each flattened by (row, column, channel); and their grids."""
+  b, h, w, c = images.shape
+  patches = images.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return patches.reshape(b, -1, patch * patch * c), np.tile([h // patch, w // patch], (b, 1))
+
+
+def _siglip2_image_features(model, patches, grids):
+  """transformers' Siglip2 image features of patches [b, N, p p C] whose first
+  rows x columns are the image's (the rest padding)."""
+  import torch
+  mask = np.arange(patches.shape[1])[None] < np.prod(grids, axis=1)[:, None]
+  with torch.no_grad():
+    out = model.get_image_features(pixel_values=torch.tensor(np.asarray(patches, np.float32)),
+                                   pixel_attention_mask=torch.tensor(mask),
+                                   spatial_shapes=torch.tensor(np.asarray(grids, np.int64)))
+  return getattr(out, 'pooler_output', out)
 
 
 @pytest.fixture(scope='module')
@@ -288,7 +370,7 @@ def test_embeddings_equal_the_source_framework(name, sources, imported):
   # τ = 1 / exp(logit scale); SigLIP's bias carried over.
   scale = float(reference.logit_scale.detach().reshape(()))
   np.testing.assert_allclose(float(model.temperature()), np.exp(-scale), rtol=1e-6)
-  if name.endswith('siglip'):
+  if 'siglip' in name:
     np.testing.assert_allclose(float(model.bias()),
                                float(reference.logit_bias.detach().reshape(())), rtol=1e-6)
   else:
@@ -301,7 +383,7 @@ def test_architecture_read_from_the_source(name, imported):
   """Each family's switches, as the published models have them."""
   exp, _ = imported[name]
   c = exp.config
-  siglip = name.endswith('siglip')
+  siglip = 'siglip' in name
   assert c.method == ('siglip' if siglip else 'clip')
   assert c.model.vit.pool == ('map' if siglip else 'cls')
   assert (c.text.pool, c.text.causal) == (('last', False) if siglip else ('eot', True))
@@ -310,6 +392,29 @@ def test_architecture_read_from_the_source(name, imported):
   expected_mean = {'open_clip': (0.4, 0.5, 0.6), 'transformers_clip': (0.48145466, 0.4578275,
                    0.40821073)}.get(name, (0.5, 0.5, 0.5))
   np.testing.assert_allclose(c.dataset.mean, expected_mean)
+  # SigLIP 2: Gemma's ids of lower-cased text padded with its pad, 0; SigLIP: SiglipTokenizer's.
+  assert (c.text.normalize, c.text.pad_id) == (
+      ('lower', -1) if 'siglip2' in name else ('siglip', 1) if siglip else ('', -1))
+  assert c.augment.image_size == IMAGE_SIZE  # NaFlex: the learned grid's side in pixels
+
+
+@pytest.mark.slow  # imports the NaFlex source
+def test_siglip2_naflex_patches_equal_transformers(sources, imported):
+  """Images of several grids in one batch, padded to one patch budget: each
+  grid's resized position embeddings and the masks of attention and pooling,
+  against transformers' Siglip2 (not on 1-column grids, where torch's resize
+  differs from big_vision's: test_naflex.py)."""
+  _, reference = sources['transformers_siglip2']
+  exp, state = imported['transformers_siglip2']
+  model = nnx.merge(exp.eval_graphdef, state.params, state.batch_stats)
+  grids = np.array([[4, 4], [3, 5], [2, 8], [5, 3], [1, 6]])
+  patches = np.random.default_rng(1).normal(size=(len(grids), 20, 8 * 8 * 3))
+  patches[np.arange(20)[None] >= np.prod(grids, axis=1)[:, None]] = 0
+  want = _siglip2_image_features(reference, patches, grids).numpy()
+  want /= np.linalg.norm(want, axis=-1, keepdims=True)
+  got = model.image_encoder(jnp.asarray(patches, jnp.float32), jnp.asarray(grids))
+  got = np.asarray(got / jnp.linalg.norm(got, axis=-1, keepdims=True))
+  np.testing.assert_allclose(got, want, atol=TOLERANCE, rtol=0)
 
 
 @pytest.fixture(scope='module')

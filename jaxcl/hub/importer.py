@@ -51,7 +51,7 @@ def _layout(source: epath.Path):
         raise t.SourceError(f'{source} has no {layout.weights(source).name}')
       return layout
   raise t.SourceError(f'{source} holds no checkpoint jaxcl knows: neither '
-                      f'{open_clip_layout.CONFIG} (open_clip), a CLIP or SigLIP '
+                      f'{open_clip_layout.CONFIG} (open_clip), a CLIP, SigLIP or SigLIP 2 '
                       f'{transformers_layout.CONFIG} (transformers) nor one big_vision .npz')
 
 
@@ -215,7 +215,8 @@ def load_source(source, tokenizer_file=None):
 
 
 def _values(config) -> dict:
-  return {'method': config.method, 'text.projection_bias': config.text.projection_bias}
+  return {'method': config.method, 'text.projection_bias': config.text.projection_bias,
+          'model.vit.patch_size': config.model.vit.patch_size}
 
 
 def import_checkpoint(source, output, tokenizer_file=None) -> dict:

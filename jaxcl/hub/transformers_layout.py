@@ -1,8 +1,20 @@
-"""transformers' CLIPModel and SiglipModel directories (`config.json`,
-`model.safetensors`, optionally `preprocessor_config.json` and the
-tokenizer's files): OpenAI's CLIP and Google's SigLIP as the hub serves them."""
+"""transformers' CLIPModel, SiglipModel and Siglip2Model directories
+(`config.json`, `model.safetensors`, optionally `preprocessor_config.json` and
+the tokenizer's files): OpenAI's CLIP, Google's SigLIP and SigLIP 2 as the hub
+serves them.
+
+SigLIP 2 comes in two layouts. The fixed-resolution checkpoints
+(`google/siglip2-*-224` ...) are SiglipModel directories whose tokenizer is
+Gemma's (`tokenizer_config.json` names it); the NaFlex ones
+(`google/siglip2-*-naflex`, model_type siglip2) embed flattened patches with a
+linear map and resize a learned grid of position embeddings to each image's
+patch grid, which jaxcl's ViT does when it is given patches and grids. Either
+way the text is Gemma's SentencePiece ids of lower-cased text, 64 of them,
+padded with 0 (`text.normalize=lower`)."""
 
 from __future__ import annotations
+
+import math
 
 from jaxcl import presets
 from jaxcl.hub import tensors as t
@@ -16,7 +28,17 @@ ACTIVATIONS = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu', 'gelu_pytorch_tanh': 
 def matches(source) -> bool:
   if not (source / CONFIG).exists():
     return False
-  return t.json_object(source / CONFIG).get('model_type') in ('clip', 'siglip')
+  return t.json_object(source / CONFIG).get('model_type') in ('clip', 'siglip', 'siglip2')
+
+
+def _gemma_tokenizer(source, family) -> bool:
+  """SigLIP 2's text: every siglip2 model, and a SiglipModel whose tokenizer is Gemma's."""
+  if family == 'siglip2':
+    return True
+  tokenizer_config = source / 'tokenizer_config.json'
+  name = (t.json_object(tokenizer_config).get('tokenizer_class') or ''
+          if tokenizer_config.exists() else '')
+  return name.startswith(('Gemma', 'Siglip2'))
 
 
 def _act(name, where):
@@ -31,6 +53,8 @@ def architecture(source, keys=None) -> dict:
   del keys  # config.json says it all
   cfg = t.json_object(source / CONFIG)
   family = cfg['model_type']
+  naflex = family == 'siglip2'
+  family = 'siglip' if naflex else family
   # transformers' CLIPConfig and SiglipConfig read a null tower config as its defaults.
   v, x = (t.section(cfg, key, f'{CONFIG}: ', null_is_empty=True)
           for key in ('vision_config', 'text_config'))
@@ -70,6 +94,16 @@ def architecture(source, keys=None) -> dict:
     if not v.get('vision_use_head', True):
       raise t.SourceError(f'{CONFIG}: vision_use_head=false (no attention-pooling head) is '
                           f'not an architecture jaxcl has')
+    if _gemma_tokenizer(source, cfg['model_type']):
+      values['text.pad_id'], values['text.normalize'] = -1, 'lower'  # the model's pad: 0
+  if naflex:
+    # The learned position grid is side x side patches; a square image of that many
+    # patches is the grid unresized (NaFlex's full grid, which square evaluation uses).
+    side = math.isqrt(get(v, 'num_patches', 256))
+    if side * side != get(v, 'num_patches', 256):
+      raise t.SourceError(f'{CONFIG}: vision_config.num_patches {v["num_patches"]} is not a '
+                          f'square grid of position embeddings')
+    values['augment.image_size'] = side * values['model.vit.patch_size']
   preprocess = source / 'preprocessor_config.json'
   if preprocess.exists():
     p = t.json_object(preprocess)
@@ -115,6 +149,10 @@ def rules(values: dict, keys) -> list[t.Rule]:
           *t.dense('text_proj', 'text_projection', bias=False)]
   else:
     head = f'{vision}.head'
+    patch_embedding = f'{vision}.embeddings.patch_embedding.weight'
+    if len(keys.get(patch_embedding, ())) == 2:  # NaFlex: a linear map of flattened patches
+      r[0] = t.rule('image_encoder/patchify/kernel', patch_embedding,
+                    _patch_kernel(values['model.vit.patch_size']))
     r += [t.rule('image_encoder/patchify/bias', f'{vision}.embeddings.patch_embedding.bias'),
           *map_head_rules(f'{head}.probe', f'{head}.attention.in_proj_weight',
                           f'{head}.attention.in_proj_bias', f'{head}.attention.out_proj',
@@ -122,6 +160,15 @@ def rules(values: dict, keys) -> list[t.Rule]:
           *t.dense('text_proj', f'{text}.head'),
           t.rule('bias/value', 'logit_bias', t.scalar)]
   return r
+
+
+def _patch_kernel(patch: int):
+  """Siglip2's patch embedding, a Linear [width, p p C] of patches flattened by
+  (row, column, channel), as the convolution kernel [p, p, C, width] whose
+  flattening jaxcl's ViT applies to the same patches."""
+  def patch_kernel(w):
+    return w.T.reshape(patch, patch, w.shape[1] // (patch * patch), w.shape[0])
+  return patch_kernel
 
 
 def map_head_rules(probe, in_weight, in_bias, out, norm, fc1, fc2) -> list[t.Rule]:

@@ -10,6 +10,7 @@ LOSS_IMPLS = ('auto', 'dense', 'blockwise', 'ring')  # jaxcl.losses / jaxcl.loss
 LOSS_IMPL = 'auto'  # loss.impl's default, and the losses' own
 LOSS_BLOCK_SIZE = 1024  # loss.block_size's default, and the tiled losses' own
 LOSS_ESTIMATORS = ('batch', 'sogclr')  # jaxcl.losses.estimators
+RESOLUTIONS = ('square', 'naflex')  # dataset.resolution: resized to a square, or NaFlex
 DATASET_CROPS = ('center', 'random')  # dataset.crop: the host's crop to image_size
 OPTIMIZERS = ('lars', 'adamw', 'sgd')  # jaxcl.trainer.optim
 STATE_DTYPES = ('float32', 'bfloat16')  # optimizer.mu_dtype: Adam's first moment, SGD's momentum
@@ -124,7 +125,7 @@ ARCHITECTURES = {
 
 # Prepared locally on first use, no network: digits and jaxcl.data.shapes'
 # procedurally generated captioned shapes.
-EMBEDDED_DATASETS = frozenset({'digits', 'captioned_shapes'})
+EMBEDDED_DATASETS = frozenset({'digits', 'captioned_shapes', 'captioned_shapes_flex'})
 PAIRS = 'image_text_pairs'  # users' (image path, caption) files: jaxcl.data.pairs
 
 MESH_AXES = ('data', 'fsdp')  # known axes, in mesh order

@@ -136,7 +136,7 @@ class _Run:
           process_index=jax.process_index(), process_count=jax.process_count(),
           transform=exp.method.record_transform(exp.tokenizer), tokenizer=exp.tokenizer,
           start_record=start_record, start_batch=start_batch, start_step=self.start_step,
-          stream_positions=saved)
+          stream_positions=saved, patching=exp.patching)
       stack.push(_closer(self.train_iter, quiet=True))  # its worker processes end too
       self.history = history
       self.stack = stack.pop_all()
@@ -216,6 +216,7 @@ def _train(run: _Run, eval_data, compiled, total: int) -> dict:
   if compiled is None and start_step < total:  # the newest checkpoint did not restore
     compiled = _compile_and_check(exp)
   compiled_step, memory = compiled or (None, {'flops_per_device': None})
+  compiled_step = train_step.for_every_budget(exp, compiled_step)
   if compiled is not None and jax.process_index() == 0:
     step_memory.write(workdir, memory, config, jax.local_devices()[0])
   writer = run.open_writer(total)  # wandb.init may fail (no login): all is closed then

@@ -77,6 +77,10 @@ def base_config():
       pairs=ml_collections.ConfigDict(dict(image_column='image', caption_column='caption',
                                            test_fraction=0.05)),
       image_size=0,  # 0: the dataset's own fixed size
+      # 'square': every image resized to augment.image_size; 'naflex' (SigLIP 2, ViT towers):
+      # at its own aspect ratio, as patches within max_patches (TFDS datasets so far).
+      resolution='square',
+      max_patches=(256,),  # naflex: patch budgets, one drawn per global batch; eval: the largest
       # name='webdataset': tar shards ('DIR/shard-{000000..000099}.tar'; sources joined by
       # '::'; local or gs://), streamed: see jaxcl.data.stream.
       urls='',

@@ -18,8 +18,12 @@ augmentation runs on the device (jaxcl.data.augment).
 - Embedded, prepared locally on first use with no network and no TensorFlow:
   ``digits`` (jaxcl.data.digits: scikit-learn's 1,797 8x8 handwritten
   digits; train = the first 1,500, test = the remaining 297; pixel =
-  round(value * 255 / 16)) and ``captioned_shapes`` (jaxcl.data.shapes:
-  procedurally generated images of colored shapes with captions).
+  round(value * 255 / 16)), ``captioned_shapes`` (jaxcl.data.shapes:
+  procedurally generated images of colored shapes with captions) and
+  ``captioned_shapes_flex`` (the same on wide, tall and square canvases,
+  PNG-encoded: SigLIP 2's NaFlex data).
+- ``dataset.resolution='naflex'``: each image keeps its aspect ratio and
+  becomes patches within a budget (jaxcl.data.naflex), for ViT towers.
 - ``image_text_pairs``: users' JSONL/CSV files of (image path, caption) rows,
   converted once into a TFDS dataset by jaxcl.data.pairs (bad rows reported
   and skipped) and read like any other.
@@ -68,6 +72,7 @@ from jaxcl.data.images import (
   center_crop_resize,
   image_problem,
 )
+from jaxcl.data.naflex import Patching, patching
 from jaxcl.data.pipeline import caption_sampler, eval_batches, train_iterator
 from jaxcl.data.shard_sources import MIXTURE, NAME as WEBDATASET
 from jaxcl.data.sources import (
@@ -92,6 +97,7 @@ __all__ = [
     'DEFAULT_TEMPLATES', 'EMBEDDED', 'IMAGE_SUFFIXES', 'MAX_UPSCALE',
     'MIN_SAMPLES_FOR_BAD_FRACTION', 'MIXTURE', 'PAIRS',
     'WEBDATASET', 'Dataset', 'DatasetError', 'DatasetInfo', 'Digits', 'ImageFolderSource',
+    'Patching', 'patching',
     'StreamBatches', 'as_strings', 'caption_sampler', 'center_crop_resize', 'component_configs',
     'describe_size', 'eval_batches', 'image_problem', 'is_prepared', 'known_size', 'load_source',
     'tfds_builder', 'train_batches', 'train_iterator', 'zeroshot_templates',

@@ -151,6 +151,15 @@ def eval_view(images_uint8, image_size: int):
   return jax.vmap(lambda x: resize(x, (image_size, image_size)))(images)
 
 
+def standardize_patches(patches_uint8, mean, std):
+  """NaFlex patches uint8 [..., p p C] (flattened by row, column, channel) ->
+  float32 (x / 255 - mean) / std per channel."""
+  channels = max(len(mean), len(std))
+  x = patches_uint8.astype(jnp.float32) / 255.0
+  x = x.reshape(*x.shape[:-1], -1, channels)
+  return standardize(x, mean, std).reshape(patches_uint8.shape)
+
+
 def standardize(images, mean, std):
   """(images - mean) / std per channel; the encoder's input normalization."""
   mean = jnp.asarray(mean, jnp.float32)

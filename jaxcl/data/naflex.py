@@ -5,11 +5,14 @@ Siglip2ImageProcessor, big_vision's ops_naflex).
 
 The patches stay uint8, as square images do until the device standardizes
 them; the grid says which of the budget's rows are the image's (the first
-rows x columns, row by row), the rest being zero padding.
+rows x columns, row by row), the rest being zero padding. A batch's images
+are then {'patches': uint8 [b, N, p p C], 'grid': int32 [b, 2]}: where a
+square run has an image array, a NaFlex run has this dict.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -55,3 +58,63 @@ def to_patches(image: np.ndarray, patch_size: int, max_patches: int):
   out = np.zeros((max_patches, p * p * channels), np.uint8)
   out[:rows * cols] = patches.reshape(rows * cols, p * p * channels)
   return out, np.array([rows, cols], np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Patching:
+  """How a NaFlex run's images become patches: the model's patch size and
+  the patch budgets (`dataset.max_patches`), one drawn for each global
+  training batch, as SigLIP 2 trains several sequence lengths; evaluation
+  uses the largest."""
+  patch_size: int
+  budgets: tuple[int, ...]
+
+  @property
+  def eval_budget(self) -> int:
+    return max(self.budgets)
+
+  def batch_budget(self, seed: int, batch: int) -> int:
+    """The budget of global training batch `batch`: the same in every process
+    and after a resume."""
+    if len(self.budgets) == 1:
+      return self.budgets[0]
+    return self.budgets[int(np.random.default_rng([seed, batch]).integers(len(self.budgets)))]
+
+  def patched(self, record: dict, budget: int) -> dict:
+    """The record with its image [H, W, C] as {'patches', 'grid'} at `budget`."""
+    patches, grid = to_patches(record['image'], self.patch_size, budget)
+    return {**record, 'image': {'patches': patches, 'grid': grid}}
+
+
+def patching(dataset_config, patch_size: int) -> Patching | None:
+  """The Patching of a `dataset` group with resolution 'naflex', else None."""
+  if dataset_config.get('resolution', 'square') != 'naflex':
+    return None
+  return Patching(patch_size, budgets(dataset_config.max_patches))
+
+
+def budgets(max_patches) -> tuple[int, ...]:
+  """`dataset.max_patches` (one budget or several) as a tuple."""
+  return tuple(max_patches) if isinstance(max_patches, (tuple, list)) else (max_patches,)
+
+
+class PatchedSource:
+  """A random-access source of native-size images whose records come out as
+  NaFlex patches at one budget (evaluation's); `records` is the source itself."""
+
+  def __init__(self, records, patching_: Patching):
+    self.records, self.patching = records, patching_
+    self.workers = getattr(records, 'workers', 0)
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, index):
+    return self.patching.patched(self.records[index], self.patching.eval_budget)
+
+
+def batch_shapes(n: int, budget: int, patch_size: int, channels: int) -> dict:
+  """(shape, dtype) of a batch of n images as NaFlex patches."""
+  return {'patches': ((n, budget, patch_size * patch_size * channels), np.uint8),
+          'grid': ((n, 2), np.int32)}
+

@@ -34,7 +34,8 @@ def caption_sampler(tokenizer):
 
 def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1, num_threads: int = 4, transform=None,
-                   start_record: int = 0, start_batch: int = 0, workers: int = 0):
+                   start_record: int = 0, start_batch: int = 0, workers: int = 0,
+                   patching=None):
   """An endless iterator of this process's share of each global batch: dicts
   of numpy arrays with leading dim batch_size / processes; 'index' holds
   each record's index in `source`.
@@ -51,6 +52,8 @@ def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0
   place in the stream, so it too survives a resume.
   workers: processes that read (and decode) the batches, each every W-th
   batch, interleaved back in order: the same batches for any W.
+  patching: a jaxcl.data.naflex.Patching: each record's image becomes NaFlex
+  patches at its global batch's budget (in the workers).
   """
   local_batch = batch_size // process_count
   rows = len(source)
@@ -58,6 +61,8 @@ def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0
   ds = ds.seed(seed).shuffle().repeat()
   if transform is not None:
     ds = ds.random_map(transform)
+  if patching is not None:
+    ds = ds.map_with_index(functools.partial(_patched, patching, seed, start_record, batch_size))
   if start_record:
     ds = ds[start_record:]
   # Process p reads the p-th block of every global batch, so the assembled
@@ -75,6 +80,14 @@ def _with_index(rows: int, position: int, record: dict) -> dict:
   epoch * rows + row, wherever it sits in the chain: the row is its
   remainder (without it the rows of epoch 2 on lie outside the tables)."""
   return {**record, 'index': np.int32(position % rows)}
+
+
+def _patched(patching, seed: int, start_record: int, batch_size: int, position: int,
+             record: dict) -> dict:
+  """The record's image as NaFlex patches at the budget of the global batch
+  that its position in the stream falls in."""
+  batch = (position - start_record) // batch_size
+  return patching.patched(record, patching.batch_budget(seed, batch))
 
 
 def in_workers(ds, workers: int):
@@ -104,6 +117,21 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
   threading.Thread(target=watch, daemon=True, name='jaxcl-exit-with-parent').start()
 
 
+def _padded_images(images: list, rows: int, real: int):
+  """The first `real` of `images` stacked, zeros up to `rows`; for NaFlex
+  images (dicts), each part so, padding grids 1 x 1 (a softmax over no patch
+  would be undefined)."""
+  if isinstance(images[0], dict):
+    out = {key: _padded_images([image[key] for image in images], rows, real)
+           for key in images[0]}
+    out['grid'][real:] = 1
+    return out
+  out = np.zeros((rows, *np.shape(images[0])), np.asarray(images[0]).dtype)
+  if real:
+    out[:real] = np.stack(images[:real])
+  return out
+
+
 def eval_batches(source, *, batch_size: int, process_index: int = 0, process_count: int = 1,
                  indices=None) -> Iterator[dict]:
   """One pass over a split (or over the records `indices`) in fixed-size
@@ -121,13 +149,10 @@ def eval_batches(source, *, batch_size: int, process_index: int = 0, process_cou
     start = b * batch_size + process_index * local_batch
     chunk = indices[start:min(start + local_batch, total)]
     records = [source[int(i)] for i in chunk]
-    images = np.stack([r['image'] for r in records]) if records else None
     labels = np.array([r['label'] for r in records], np.int32)
     pad = local_batch - len(records)
-    if images is None:
-      images = np.zeros((local_batch, *source[0]['image'].shape), np.uint8)
-    else:
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
+    images = _padded_images([r['image'] for r in records] or [source[0]['image']], local_batch,
+                            len(records))
     yield {'image': images,
            'label': np.concatenate([labels, np.full(pad, -1, np.int32)]),
            'mask': np.concatenate([np.ones(len(records), bool), np.zeros(pad, bool)])}

@@ -25,10 +25,12 @@ generation order, prepared locally in a few seconds.
 
 from __future__ import annotations
 
+import io
 from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 # Well separated in RGB (every pair >= 100 apart) so that a color word is
 # unambiguous after the per-image jitter below.
@@ -103,26 +105,38 @@ _TWO = (
 _MIN_SEPARATION = 0.85
 
 
-def generate(seed: int, num_images: int, image_size: int = 32) -> list[dict]:
+def generate(seed: int, num_images: int, image_size: int = 32,
+             canvases: tuple[tuple[int, int], ...] = ()) -> list[dict]:
   """`num_images` captioned images, the same for the same arguments.
 
   Returns a list of dicts
-    'image': uint8 [S, S, 3] with S = image_size,
+    'image': uint8 [S, S, 3] with S = image_size, or [H, W, 3] with (H, W)
+      drawn from `canvases` for each image (the 3 x 3 cells then span each
+      side, and a shape's radius is a fraction of the shorter side),
     'captions': list of CAPTIONS_PER_IMAGE distinct str,
     'label': int, the CLASS_NAMES index for one shape, -1 for two.
   """
   rng = np.random.default_rng(seed)
-  # Pixel centers, shared by every shape's rasterization.
-  coords = np.arange(image_size, dtype=np.float32) + 0.5
-  ys, xs = np.meshgrid(coords, coords, indexing='ij')
-  return [_example(rng, image_size, ys, xs) for _ in range(num_images)]
+  if not canvases:
+    # Pixel centers, shared by every shape's rasterization.
+    coords = np.arange(image_size, dtype=np.float32) + 0.5
+    ys, xs = np.meshgrid(coords, coords, indexing='ij')
+    return [_example(rng, (image_size, image_size), ys, xs) for _ in range(num_images)]
+  # The canvas from a stream of its own: the shapes' stream is the square one's.
+  picks = np.random.default_rng([seed, len(canvases)]).integers(len(canvases), size=num_images)
+  grids = {}
+  for h, w in canvases:
+    ys, xs = np.meshgrid(np.arange(h, dtype=np.float32) + 0.5,
+                         np.arange(w, dtype=np.float32) + 0.5, indexing='ij')
+    grids[(h, w)] = ys, xs
+  return [_example(rng, canvases[i], *grids[canvases[i]]) for i in picks]
 
 
-def _example(rng, size, ys, xs) -> dict:
+def _example(rng, canvas, ys, xs) -> dict:
   num_shapes = 1 if rng.random() < ONE_SHAPE_PROBABILITY else 2
-  shapes = _layout(rng, size, num_shapes)
+  shapes = _layout(rng, canvas, num_shapes)
   background = rng.integers(0, BACKGROUND_MAX, size=3).astype(np.float32)
-  image = background + rng.normal(0.0, BACKGROUND_NOISE, (size, size, 3)).astype(np.float32)
+  image = background + rng.normal(0.0, BACKGROUND_NOISE, (*canvas, 3)).astype(np.float32)
   for shape in shapes:
     base = np.asarray(COLORS[shape['color']], np.float32)
     color = np.clip(base + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255)
@@ -139,9 +153,12 @@ def _example(rng, size, ys, xs) -> dict:
   return {'image': image, 'captions': captions, 'label': label}
 
 
-def _layout(rng, size, num_shapes) -> list[dict]:
-  """Attributes and pixel geometry of `num_shapes` shapes in distinct cells."""
-  cell = size / 3
+def _layout(rng, canvas, num_shapes) -> list[dict]:
+  """Attributes and pixel geometry of `num_shapes` shapes in distinct cells
+  of a canvas (height, width)."""
+  height, width = canvas
+  size = min(canvas)
+  cell_y, cell_x = height / 3, width / 3
   while True:  # rejection sampling: two large shapes in nearby cells would overlap
     cells = rng.choice(9, num_shapes, replace=False)
     shapes = []
@@ -152,10 +169,10 @@ def _layout(rng, size, num_shapes) -> list[dict]:
       # Jitter within the cell, then pull the center in so the whole shape
       # stays inside the image (large shapes in corner cells move inward, but
       # their centers stay in their cell).
-      y = (row + 0.5) * cell + rng.uniform(-cell / 4, cell / 4)
-      x = (col + 0.5) * cell + rng.uniform(-cell / 4, cell / 4)
-      y = float(np.clip(y, radius + 0.5, size - radius - 0.5))
-      x = float(np.clip(x, radius + 0.5, size - radius - 0.5))
+      y = (row + 0.5) * cell_y + rng.uniform(-cell_y / 4, cell_y / 4)
+      x = (col + 0.5) * cell_x + rng.uniform(-cell_x / 4, cell_x / 4)
+      y = float(np.clip(y, radius + 0.5, height - radius - 0.5))
+      x = float(np.clip(x, radius + 0.5, width - radius - 0.5))
       shapes.append({'color': list(COLORS)[rng.integers(len(COLORS))],
                      'form': FORMS[rng.integers(len(FORMS))],
                      'size': size_name, 'position': POSITIONS[int(c)],
@@ -242,3 +259,45 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, seed, num_images):
     yield from enumerate(generate(seed, num_images, self.IMAGE_SIZE))
+
+
+class CaptionedShapesFlex(tfds.core.GeneratorBasedBuilder):
+  """Captioned shapes on wide, tall and square canvases of about 1,000 pixels
+  (CANVASES), stored as PNG: SigLIP 2's NaFlex keeps each aspect ratio, a
+  square resize squashes the forms."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
+      '1.0.0': 'train = generate(0, 10000, canvases), test = generate(1, 1000, canvases).'}
+  # (height, width): 1:1, 1:2, 2:1, 1:3, 3:1; the shorter side is at least 20 pixels.
+  CANVASES = ((32, 32), (24, 48), (48, 24), (20, 60), (60, 20))
+  SPLITS: ClassVar[dict[str, tuple[int, int]]] = CaptionedShapes.SPLITS
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=('Captioned shapes (as captioned_shapes) on canvases of several aspect '
+                     'ratios, PNG-encoded.'),
+        features=tfds.features.FeaturesDict({
+            # Encoded bytes that TFDS stores as given (no TensorFlow); jaxcl decodes them.
+            'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
+            'captions': tfds.features.Tensor(shape=(None,), dtype=np.object_),
+            'label': tfds.features.ClassLabel(names=CLASS_NAMES),
+        }),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(seed, num)
+            for split, (seed, num) in self.SPLITS.items()}
+
+  def _generate_examples(self, seed, num_images):
+    for index, example in enumerate(generate(seed, num_images, canvases=self.CANVASES)):
+      yield index, {**example, 'image': _png(example['image'])}
+
+
+def _png(image: np.ndarray) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(image).save(out, format='PNG')
+  return out.getvalue()

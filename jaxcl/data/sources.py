@@ -20,6 +20,7 @@ from jaxcl.data import (
   catalog,
   decode as decode_lib,
   digits,  # noqa: F401  (registers its TFDS builder)
+  naflex,
   pairs,
   shapes,
   shard_sources,
@@ -119,7 +120,7 @@ DEFAULT_TEMPLATES = ('a photo of a {}.',)
 def zeroshot_templates(name: str) -> tuple[str, ...]:
   """The zero-shot prompt templates of dataset `name` ('{}' = class name):
   the embedded shapes' own list, else CLIP's basic 'a photo of a {}.'."""
-  if name == 'captioned_shapes':
+  if name in ('captioned_shapes', 'captioned_shapes_flex'):
     return tuple(shapes.ZEROSHOT_TEMPLATES)
   return DEFAULT_TEMPLATES
 
@@ -133,8 +134,12 @@ class Dataset:
   returned again. A call that raises caches nothing.
   """
 
-  def __init__(self, cfg):
+  def __init__(self, cfg, patch_size: int = 0):
     self.cfg = cfg
+    # dataset.resolution='naflex': each split's images as NaFlex patches of the
+    # model's patch size at the evaluation budget; the training split's native,
+    # for the pipeline to patch at each batch's budget.
+    self.patching = naflex.patching(cfg, patch_size)
     self._builder = None
     self._classes = None  # an image folder's classes: its train split's sub-folders
     self._splits = {}  # (split, with_text): (source, DatasetInfo)
@@ -166,7 +171,10 @@ class Dataset:
     or for shards and mixtures a jaxcl.data.shard_sources.Stream; opened
     once (the shards listed once, a mixture's sources opened once)."""
     if with_text not in self._training:
-      self._training[with_text] = self._open_training(with_text)
+      source, info = self._open_training(with_text)
+      if isinstance(source, naflex.PatchedSource):
+        source = source.records
+      self._training[with_text] = source, info
     return self._training[with_text]
 
   def _open_training(self, with_text: bool):
@@ -281,7 +289,9 @@ class Dataset:
     shape = tuple(image_feature.shape)
     if len(shape) == 2:
       shape = (*shape, 1)
-    if cfg.image_size:
+    if self.patching is not None:  # each image at its own size
+      shape = (0, 0, shape[-1])
+    elif cfg.image_size:
       shape = (cfg.image_size, cfg.image_size, shape[-1])
     if None in shape:
       raise DatasetError(f'{cfg.name!r} images have no fixed size {shape}; set dataset.image_size')
@@ -289,18 +299,21 @@ class Dataset:
     num_classes = getattr(label, 'num_classes', 0) or 0
     names = tuple(getattr(label, 'names', None) or ()) if num_classes else ()
     decode = workers = None
+    image_size = 0 if self.patching is not None else cfg.image_size
     if isinstance(image_feature, tfds.features.Image):  # encoded: decoded by jaxcl, not TFDS
       # A curated dataset: every image is used, however small (as TFDS's own decode would).
-      decode = decode_lib.SampleFormat(image_size=cfg.image_size, channels=shape[-1],
+      decode = decode_lib.SampleFormat(image_size=image_size, channels=shape[-1],
                                        reject_small=False)
       workers = shard_sources.host_cores() if cfg.workers < 0 else cfg.workers
       data_source = builder.as_data_source(
           split=split, decoders={cfg.image_key: tfds.decode.SkipDecoding()})
     else:
       data_source = builder.as_data_source(split=split)
-    source = _TfdsSource(data_source, cfg.image_key, cfg.label_key, cfg.image_size,
+    source = _TfdsSource(data_source, cfg.image_key, cfg.label_key, image_size,
                          text_key=cfg.text_key if with_text else None, decode=decode,
                          workers=workers or 0, where=f'{cfg.name} {split}')
+    if self.patching is not None:
+      source = naflex.PatchedSource(source, self.patching)
     return source, DatasetInfo(shape, num_classes, names)
 
 
@@ -348,7 +361,7 @@ def load_source(cfg, split: str, with_text: bool = False):
 
 def train_batches(source, *, batch_size: int, seed: int, process_index: int, process_count: int,
                   transform=None, tokenizer=None, start_record: int = 0, start_batch: int = 0,
-                  start_step: int = 0, stream_positions=None):
+                  start_step: int = 0, stream_positions=None, patching=None):
   """This process's rows of every global batch from the training `source`
   (Dataset.training): for records, `train_iterator` (its position follows
   from start_record and start_batch; encoded TFDS images are decoded in the
@@ -362,7 +375,7 @@ def train_batches(source, *, batch_size: int, seed: int, process_index: int, pro
   return train_iterator(source, batch_size=batch_size, seed=seed, process_index=process_index,
                         process_count=process_count, transform=transform,
                         start_record=start_record, start_batch=start_batch,
-                        workers=getattr(source, 'workers', 0))
+                        workers=getattr(source, 'workers', 0), patching=patching)
 
 
 def known_size(source) -> int | None:

@@ -233,7 +233,7 @@ def _open_tfds(entry: Entry, config, channels: int):
     return None, (), image_channels  # the caller says so
   if None in shape[:2]:  # no fixed size: the model's resolution
     cfg.image_size = config.augment.image_size
-  dataset = data.Dataset(cfg)
+  dataset = data.Dataset(cfg, config.model.vit.patch_size)
   split = entry.split or _default_split(entry, dataset.builder().info.splits)
   import jax  # noqa: PLC0415  (validation imports this module: no jax on `jaxcl --help`)
   from jax.experimental import multihost_utils  # noqa: PLC0415  (as jax)

@@ -170,5 +170,10 @@ def missing_eval_split(dataset_config, dataset) -> str | None:
 
 def standardize(images, dataset_config):
   """float32 images in [0, 1] -> the encoder's normalized input (the
-  dataset group's mean and std)."""
-  return augment.standardize(images, dataset_config.mean, dataset_config.std)
+  dataset group's mean and std); NaFlex images ({'patches': uint8, 'grid'})
+  -> their patches standardized, the grid as it is."""
+  d = dataset_config
+  if isinstance(images, dict):
+    return {'patches': augment.standardize_patches(images['patches'], d.mean, d.std),
+            'grid': images['grid']}
+  return augment.standardize(images, d.mean, d.std)

@@ -69,7 +69,7 @@ def zeroshot_data(config, dataset, with_captions: bool = False):
   split = e.zeroshot_split or d.eval_test_split
   zs = ml_collections.ConfigDict(d.to_dict())
   zs.name = e.zeroshot_dataset or d.name
-  other = data.Dataset(zs) if zs.name != d.name else dataset
+  other = data.Dataset(zs, config.model.vit.patch_size) if zs.name != d.name else dataset
   retrieval_split = zs.name == d.name and split == d.eval_test_split
   source, info = other.split(split, with_text=with_captions and retrieval_split)
   names = tuple(e.class_names) or info.class_names
@@ -157,6 +157,8 @@ class TwoTower(base.Method):
                                 if config.temperature.per_direction else None)
 
   def model_inputs(self, keys, batch, config):
+    if isinstance(batch['image'], dict):  # NaFlex patches: the image as it is, no crop
+      return base.standardize(batch['image'], config.dataset), batch['text']
     # One light crop per image; the caption is the other "view".
     views = augment.random_views(keys, batch['image'], config.augment)[0]
     return base.standardize(views, config.dataset), batch['text']

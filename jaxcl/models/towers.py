@@ -163,7 +163,8 @@ class LogitBias(nnx.Module):
 class TwoTowerModel(nnx.Module):
   """CLIP / SigLIP: image and text towers projected to one embedding space.
 
-  `embed_image(images)` [b, H, W, C] -> [b, D] and `embed_text(ids)` [b, L]
+  `embed_image(images)` [b, H, W, C] (or NaFlex {'patches', 'grid'}) -> [b, D]
+  and `embed_text(ids)` [b, L]
   -> [b, D] give L2-normalized embeddings; `embed` is `embed_image` (the
   image embedder that evaluation and export use). `bias` is None for CLIP.
   image_projection=False: the image tower's features are the embedding
@@ -191,7 +192,8 @@ class TwoTowerModel(nnx.Module):
       self.temperature_t2i = temperature_t2i
 
   def embed_image(self, images):
-    features = self.image_encoder(images)
+    features = (self.image_encoder(images['patches'], images['grid'])
+                if isinstance(images, dict) else self.image_encoder(images))
     return l2_normalize(features if self.image_proj is None else self.image_proj(features))
 
   def embed_text(self, ids):

@@ -6,6 +6,7 @@ The modules, each importing only those above it:
 - compilation_cache: jax's persistent compilation cache for every command.
 - profiling, throughput: a profiler trace of chosen steps; FLOPs and
   examples per second.
+- dataset_checks: the dataset group's checks, and with data the data's.
 - validation: every check on a config before anything is compiled or written.
 - optim: optimizers and learning-rate schedules.
 - experiment: what a config builds before the first step (model, state,

@@ -16,6 +16,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -72,6 +73,19 @@ class Experiment:
   @property
   def replicated(self):
     return parallel.replicated(self.mesh)
+
+  @property
+  def patching(self) -> data.Patching | None:
+    """dataset.resolution='naflex': how images become the ViT's patches."""
+    return data.patching(self.config.dataset, self.config.model.vit.patch_size)
+
+  def image_shapes(self, n: int):
+    """(shape, dtype) of n images as the step and the embedders take them: uint8
+    [n, H, W, C], or NaFlex patches and grids at the largest budget."""
+    if self.patching is None:
+      return (n, *self.info.image_shape), np.uint8
+    return data.naflex.batch_shapes(n, self.patching.eval_budget, self.patching.patch_size,
+                                    self.info.image_shape[-1])
 
   def _new_state(self) -> TrainState:
     model = _new_model(self.method, self.config, self.info, self.tokenizer)
@@ -135,6 +149,8 @@ class Experiment:
     """Frozen-encoder features of uint8 images [b, H, W, C] -> [b, D] float32:
     SimCLR's encoder output, or the two-tower model's normalized image embedding."""
     model = nnx.merge(self.eval_graphdef, params, batch_stats)
+    if isinstance(images_uint8, dict):  # NaFlex patches: already at their resolution
+      return model.embed(standardize(images_uint8, self.config.dataset))
     views = augment.eval_view(images_uint8, self.config.augment.image_size)
     return model.embed(standardize(views, self.config.dataset))
 
@@ -209,7 +225,7 @@ def setup(config, devices=None, tokenizer=None, info: data.DatasetInfo | None = 
     tokenizer = tokenizers.build_tokenizer(config.text)
   dataset = train_source = None
   if info is None:
-    dataset = data.Dataset(config.dataset)
+    dataset = data.Dataset(config.dataset, config.model.vit.patch_size)
     if jax.process_count() > 1:  # one process prepares an embedded or converted dataset
       if jax.process_index() == 0:
         dataset.training(with_text=method.text_tower)

@@ -48,7 +48,15 @@ def batch(exp: experiment.Experiment, n: int, seed: int = 0) -> dict:
   random images and, for a text tower, random captions of random lengths
   (end-of-text, then padding)."""
   rng = np.random.default_rng(seed)
-  out = {'image': rng.integers(0, 256, (n, *exp.info.image_shape), dtype=np.uint8)}
+  if exp.patching is None:
+    out = {'image': rng.integers(0, 256, (n, *exp.info.image_shape), dtype=np.uint8)}
+  else:  # NaFlex: random patches at the largest budget, each image on its own grid
+    shapes = exp.image_shapes(n)
+    budget = shapes['patches'][0][1]
+    grids = [data.naflex.grid_for_budget(*rng.integers(1, 4 * budget, 2), exp.patching.patch_size,
+                                         budget) for _ in range(n)]
+    out = {'image': {'patches': rng.integers(0, 256, shapes['patches'][0], dtype=np.uint8),
+                     'grid': np.array(grids, np.int32)}}
   if exp.tokenizer is not None:
     t = exp.tokenizer
     ids = rng.integers(t.eot_id + 1, t.vocab_size, (n, t.max_length), dtype=np.int32)

@@ -164,11 +164,12 @@ def abstract_batch(exp: Experiment, batch_size: int | None = None) -> dict:
   """Shapes, dtypes and shardings of the global batch the step reads (its
   batch_keys): uint8 images of the dataset's shape, int32 token ids."""
   n = batch_size or exp.config.batch_size
-  shapes = {'image': ((n, *exp.info.image_shape), jnp.uint8), 'index': ((n,), jnp.int32)}
+  shapes = {'image': exp.image_shapes(n), 'index': ((n,), jnp.int32)}
   if exp.tokenizer is not None:
     shapes['text'] = ((n, exp.tokenizer.max_length), jnp.int32)
   sharding = parallel.batch_sharding(exp.mesh)
-  return {key: jax.ShapeDtypeStruct(*shapes[key], sharding=sharding)
+  struct = lambda shape_dtype: jax.ShapeDtypeStruct(*shape_dtype, sharding=sharding)
+  return {key: jax.tree.map(struct, shapes[key], is_leaf=lambda x: isinstance(x, tuple))
           for key in step_batch_keys(exp)}
 
 
@@ -177,6 +178,21 @@ def compile_step(exp: Experiment):
   shapes: nothing is allocated, and XLA's memory and cost analyses are
   there before the first step (jaxcl.trainer.step_memory)."""
   return make_train_step(exp).lower(exp.abstract_state(), abstract_batch(exp)).compile()
+
+
+def for_every_budget(exp: Experiment, compiled):
+  """The compiled step, and for NaFlex batches at a smaller patch budget than
+  the largest (whose memory was checked) the same step, compiled at its
+  first batch of that budget."""
+  if exp.patching is None or len(exp.patching.budgets) == 1:
+    return compiled
+  jitted, largest = make_train_step(exp), exp.patching.eval_budget
+
+  def step(state, batch):
+    at_largest = batch['image']['patches'].shape[1] == largest
+    return (compiled if at_largest else jitted)(state, batch)
+
+  return step
 
 
 def step_batch_keys(exp: Experiment) -> tuple[str, ...]:

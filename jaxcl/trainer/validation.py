@@ -17,6 +17,7 @@ from jaxcl import errors, methods, name_patterns, presets
 from jaxcl.errors import ConfigError, check
 from jaxcl.evaluation import zeroshot_suite
 from jaxcl.presets import MODEL_DTYPES, TEMPERATURE_MODES
+from jaxcl.trainer import dataset_checks
 
 _REQUIRED = ('method', 'total_steps', 'batch_size', 'seed', 'log_every_steps', 'eval_every_steps',
              'checkpoint_every_steps', 'dataset.name', 'temperature.mode', 'temperature.init',
@@ -204,19 +205,7 @@ def _validate(config, num_devices, process_count, check_data) -> None:
   check(isinstance(sizes, (tuple, list)) and all(_is_int(n) and n > 0 for n in sizes),
          f'model.stage_sizes must be a tuple of positive integers (empty: the preset of '
          f'model.name), got {sizes!r}')
-  d = config.dataset
-  check(d.crop in presets.DATASET_CROPS,
-        f'dataset.crop must be one of {presets.DATASET_CROPS}, got {d.crop!r}')
-  check(isinstance(d.crop_scale, (tuple, list)) and len(d.crop_scale) == 2
-        and all(_is_number(v) for v in d.crop_scale)
-        and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
-        f'dataset.crop_scale must be (min, max) with 0 < min <= max <= 1, got {d.crop_scale!r}')
-  if d.streams:
-    check(config.batch_size % d.streams == 0 and d.streams % process_count == 0,
-          f'dataset.streams={d.streams} must divide batch_size {config.batch_size} and be a '
-          f'multiple of the {process_count} process(es)')
-  if check_data:
-    _check_dataset(config.dataset, process_count)
+  dataset_checks.check_dataset_group(config, method.text_tower, process_count, check_data)
   zeroshot_suite.check(config, method.text_tower, check_data)
 
 
@@ -318,72 +307,6 @@ def _check_vit(m, image_size):
                                      f'got {v.pool!r}')
   check(v.act in presets.ACTIVATIONS, f'model.vit.act must be one of {presets.ACTIVATIONS}, '
                                       f'got {v.act!r}')
-
-
-def _check_dataset(d, process_count: int):
-  from jaxcl import data  # noqa: PLC0415  (TFDS: not on `jaxcl --help`)
-  if d.name == data.PAIRS:
-    check(bool(d.path), f'dataset.path must name a JSONL or CSV file when dataset.name is '
-                         f'{data.PAIRS}')
-    check(epath.Path(d.path).is_file(), f'dataset.path {d.path} is not a file')
-    check(d.image_size > 0, f'dataset.image_size must be > 0 for {data.PAIRS}')
-    check(0 <= d.pairs.test_fraction < 1,
-           f'dataset.pairs.test_fraction must be in [0, 1), got {d.pairs.test_fraction}')
-    return
-  if d.name == data.WEBDATASET:
-    _check_webdataset(d, process_count)
-    return
-  if d.name == data.MIXTURE:
-    check(bool(d.mixture), "dataset.mixture must list 'SOURCE=WEIGHT' entries when dataset.name "
-                           "is mixture (shards:URLS, pairs:FILE, folder:PATH or a TFDS name)")
-    check(d.image_size > 0, 'dataset.image_size must be > 0 for a mixture (every source is '
-                            'read at that size)')
-    for index, (sub, _, _) in enumerate(data.component_configs(d)):
-      try:
-        _check_dataset(sub, process_count)
-      except ConfigError as e:
-        raise ConfigError(f'dataset.mixture[{index}]: {e}') from None
-    return
-  if d.name == 'image_folder':
-    check(bool(d.path), 'dataset.path must name a folder when dataset.name is image_folder')
-    check(epath.Path(d.path).is_dir(), f'dataset.path {d.path} is not a folder')
-    check((epath.Path(d.path) / d.train_split).is_dir(),
-           f'dataset.path {d.path} has no {d.train_split}/ folder (dataset.train_split): an '
-           f'image folder holds train/CLASS/*.png, and test/CLASS/*.png for evaluation')
-    check(d.image_size > 0, 'dataset.image_size must be > 0 for an image folder')
-    return
-  try:
-    builder = data.tfds_builder(d.name, d.data_dir)
-  except data.DatasetError as e:
-    raise ConfigError(f'dataset.name: {e}') from None
-  if d.name not in data.EMBEDDED and not d.download:
-    check(data.is_prepared(builder),
-           f'dataset {d.name!r} is not prepared under {builder.data_dir_root}; prepare it or '
-           f'set --config.dataset.download=True')
-
-
-def _check_webdataset(d, process_count: int):
-  """The shards exist and their first samples read (all of them, before
-  anything is compiled or written), and the streams can share them."""
-  from jaxcl.data import shard_sources, shards  # noqa: PLC0415  (TFDS: not on `jaxcl --help`)
-  check(bool(d.urls), "dataset.urls must name the training shards when dataset.name is "
-                      "webdataset ('DIR/shard-{000000..000099}.tar')")
-  check(d.image_size > 0, 'dataset.image_size must be > 0 for webdataset shards (images are '
-                          'cropped to it as they are decoded)')
-  for key, what in (('urls', 'dataset.urls'), ('eval_urls', 'dataset.eval_urls')):
-    if d[key]:
-      found = shards.expand_urls(d[key])
-      try:
-        shards.check_shards(found, what)
-        # On every process of a job, with no collective (it would compile
-        # before the refusal): all refuse alike a shard that cannot be read,
-        # and a read that fails once is retried so that one process alone
-        # does not.
-        shards.check_readable(found, what)
-      except errors.DatasetError as e:
-        raise ConfigError(str(e)) from None
-      if key == 'urls':
-        shard_sources.check_streams(d.streams, len(found), process_count)
 
 
 def check_output_path(output: str) -> None:

@@ -1,0 +1,145 @@
+"""SigLIP 2's NaFlex data: images at their own aspect ratio through the
+grain pipeline as patches (one budget per global batch), evaluation batches
+of patches, the non-square captioned shapes, the config's checks, and a
+NaFlex SigLIP run that trains, evaluates and resumes exactly."""
+
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+
+import helpers
+from jaxcl import config as config_lib, data, errors
+from jaxcl.data import naflex, shapes
+from jaxcl.trainer import dataset_checks
+
+PATCH = 4
+# Native images of several sizes and orientations, as a random-access source.
+SIZES = [(8, 8), (6, 20), (20, 6), (3, 9), (16, 12), (5, 5), (1, 30), (12, 4)]
+
+
+class _Images:
+  def __init__(self):
+    rng = np.random.default_rng(0)
+    self.images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, index):
+    return {'image': self.images[index], 'label': np.int32(index)}
+
+
+@pytest.mark.parametrize('processes', [1, 2])
+def test_each_global_batch_has_one_budget_and_the_reference_patches(processes):
+  """Every record of a global batch is patched at that batch's budget, the
+  same in every process (process p reads the p-th block of each batch)."""
+  patching = naflex.Patching(PATCH, (4, 9, 16))
+  source, batch_size = _Images(), 4
+  seen_budgets = set()
+  iterators = [data.train_iterator(source, batch_size=batch_size, seed=3, process_index=p,
+                                   process_count=processes, patching=patching)
+               for p in range(processes)]
+  for k in range(12):
+    parts = [next(it) for it in iterators]
+    budget = patching.batch_budget(3, k)
+    seen_budgets.add(budget)
+    for part in parts:
+      patches, grids = part['image']['patches'], part['image']['grid']
+      assert patches.shape == (batch_size // processes, budget, PATCH * PATCH * 3)
+      for label, row, grid in zip(part['label'], patches, grids):
+        want, want_grid = naflex.to_patches(source.images[label], PATCH, budget)
+        np.testing.assert_array_equal(row, want)
+        np.testing.assert_array_equal(grid, want_grid)
+  assert seen_budgets == {4, 9, 16}  # each drawn, over 12 batches
+
+
+def test_eval_batches_of_patches_pad_with_one_patch_grids():
+  source = naflex.PatchedSource(_Images(), naflex.Patching(PATCH, (4, 9)))
+  batches = list(data.eval_batches(source, batch_size=5))
+  assert [b['mask'].sum() for b in batches] == [5, 3]
+  last = batches[-1]['image']
+  assert last['patches'].shape == (5, 9, PATCH * PATCH * 3)  # the largest budget
+  np.testing.assert_array_equal(last['grid'][3:], 1)  # padding: no empty softmax
+  assert not last['patches'][3:].any()
+  want, grid = naflex.to_patches(source.records.images[6], PATCH, 9)  # a 1 x 30 image
+  np.testing.assert_array_equal(batches[1]['image']['patches'][1], want)
+  assert tuple(grid) == (1, 9)
+
+
+def test_flex_canvases_keep_the_square_stream_and_vary_the_aspect():
+  square = shapes.generate(1, 20)
+  flex = shapes.generate(1, 200, canvases=shapes.CaptionedShapesFlex.CANVASES)
+  assert {x['image'].shape[:2] for x in flex} == set(shapes.CaptionedShapesFlex.CANVASES)
+  assert all(x['image'].shape == (32, 32, 3) for x in square)
+  # The canvas is drawn from a stream of its own: on one 32 x 32 canvas the shapes'
+  # draws are the square data's.
+  one_canvas = shapes.generate(1, 20, canvases=((32, 32),))
+  for a, b in zip(square, one_canvas):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    assert a['captions'] == b['captions']
+
+
+def _dataset_group(**kwargs):
+  d = config_lib.base_config().dataset
+  d.update(**kwargs)
+  return d
+
+
+@pytest.mark.parametrize('kwargs, vit, text_tower, message', [
+    (dict(resolution='native'), True, True, 'dataset.resolution must be one of'),
+    (dict(max_patches=(0,)), True, True, 'dataset.max_patches must be a positive integer'),
+    (dict(max_patches=()), True, True, 'dataset.max_patches must be a positive integer'),
+    (dict(resolution='naflex'), False, True, 'needs a ViT image tower'),
+    (dict(resolution='naflex'), True, False, 'image-text method'),
+    (dict(resolution='naflex', name='image_folder'), True, True, 'not an image folder'),
+    (dict(resolution='naflex', name='webdataset'), True, True, 'not webdataset shards'),
+])
+def test_resolution_problems_are_one_line(kwargs, vit, text_tower, message):
+  problem = dataset_checks.resolution_problem(_dataset_group(**kwargs), vit, text_tower)
+  assert message in problem and '\n' not in problem
+  assert not dataset_checks.resolution_problem(_dataset_group(resolution='naflex'), True, True)
+
+
+def test_a_bad_resolution_is_refused_before_anything_runs(tmp_path):
+  proc = helpers.jaxcl('train', '--config', helpers.DIGITS_CONFIG, '--workdir',
+                       str(tmp_path / 'run'), '--config.dataset.resolution=naflex', check=False)
+  assert proc.returncode == 2 and 'needs a ViT image tower' in proc.stderr.splitlines()[-1]
+  assert not (tmp_path / 'run').exists()
+  with pytest.raises(errors.ConfigError, match='dataset.resolution'):
+    config = helpers.tiny_config(helpers.SIGLIP_CONFIG, helpers.TINY_TWO_TOWER)
+    config.dataset.resolution = 'native'
+    from jaxcl.trainer import validation  # noqa: PLC0415  (as the CLI loads it)
+    validation.validate(config, 1, 1, check_data=False)
+
+
+NAFLEX_RUN = {**helpers.TINY_TWO_TOWER, 'dataset.name': 'captioned_shapes_flex',
+              'dataset.resolution': 'naflex', 'dataset.max_patches': '(8, 16)',
+              'augment.image_size': '32', 'total_steps': '8', 'log_every_steps': '2',
+              'checkpoint_every_steps': '4', 'eval_every_steps': '8'}
+
+
+@pytest.mark.slow  # two short runs: the per-batch budget and its resume show only in a run
+def test_naflex_siglip_trains_evaluates_and_resumes_exactly(tmp_path):
+  whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
+  args = ('--config', helpers.SIGLIP_CONFIG, *helpers.tiny_overrides(NAFLEX_RUN))
+  out = helpers.jaxcl('train', '--workdir', str(whole), *args).stdout
+  assert 'siglip on captioned_shapes_flex' in out and 'final (step 8): zeroshot_top1' in out
+  shutil.copytree(whole, resumed)  # as if killed after checkpoint 4
+  shutil.rmtree(resumed / 'checkpoints' / '8')
+  (resumed / 'eval.json').unlink()
+  assert 'resuming from step 4' in helpers.jaxcl('train', '--workdir', str(resumed), *args).stdout
+  step_a, params_a = helpers.final_params(whole)
+  step_b, params_b = helpers.final_params(resumed)
+  assert step_a == step_b == 8
+  import jax  # noqa: PLC0415  (conftest sets XLA_FLAGS before jax loads)
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_patching_of_a_config():
+  d = ml_collections.ConfigDict({'resolution': 'naflex', 'max_patches': (64, 16)})
+  p = naflex.patching(d, 8)
+  assert (p.patch_size, p.budgets, p.eval_budget) == (8, (64, 16), 64)
+  assert naflex.patching(ml_collections.ConfigDict({'resolution': 'square'}), 8) is None

@@ -71,6 +71,10 @@ _TOKENIZER = flags.DEFINE_string(
     'tokenizer', None, "The source's tokenizer file (CLIP: tokenizer.json or "
     "bpe_simple_vocab_16e6.txt.gz; SigLIP: its SentencePiece model; SigLIP 2: Gemma's "
     'tokenizer.model), when SOURCE lacks it.')
+_MAX_PATCHES = flags.DEFINE_string(
+    'max_patches', None, 'eval of a NaFlex run (dataset.resolution=naflex): comma-separated '
+    "patch budgets evaluated by this call instead of the run's eval.max_patches; results "
+    'max_patches/N/zeroshot_top1 ...')
 _ZEROSHOT = flags.DEFINE_string(
     'zeroshot', None, 'Comma-separated zero-shot datasets evaluated by this call instead of the '
     "run's eval.zeroshot (its saved config is unchanged): TFDS NAME[:SPLIT] or folder:PATH, "
@@ -106,7 +110,7 @@ COMMANDS = {
     'train': ('Trains a config in a workdir, or resumes the run there.',
               ('config', 'workdir'), ('allow_batch_change', *MULTI_PROCESS)),
     'eval': ("Recomputes a run's eval.json from its newest checkpoint.",
-             ('workdir',), ('zeroshot', 'retrieval', *MULTI_PROCESS)),
+             ('workdir',), ('zeroshot', 'retrieval', 'max_patches', *MULTI_PROCESS)),
     'export': ('Writes the trained encoder(s) as jax.export artifacts and FILE.json, or '
                '(--format open_clip) a CLIP or SigLIP model as an open_clip directory.',
                ('workdir', 'output'), ('overwrite', 'format', 'with_temperature', *MULTI_PROCESS)),
@@ -324,11 +328,13 @@ def run(argv: list[str]) -> int:
                                 workers=workers, test_fraction=_TEST_FRACTION.value)
     elif command == 'eval':
       _check_workdir(workdir, must_exist=True)
+      from jaxcl.data import naflex
       from jaxcl.trainer import trained
       zeroshot, retrieval = (None if flag.value is None else
                              [name.strip() for name in flag.value.split(',') if name.strip()]
                              for flag in (_ZEROSHOT, _RETRIEVAL))
-      print(json.dumps(trained.evaluate_workdir(workdir, zeroshot, retrieval), indent=2))
+      budgets = None if _MAX_PATCHES.value is None else naflex.parse_budgets(_MAX_PATCHES.value)
+      print(json.dumps(trained.evaluate_workdir(workdir, zeroshot, retrieval, budgets), indent=2))
     elif _FORMAT.value == 'open_clip':
       errors.check(not _WITH_TEMPERATURE.value, '--with_temperature needs --format jax')
       _check_workdir(workdir, must_exist=True)

@@ -293,8 +293,8 @@ CLI = {
         'jaxcl: error: jaxcl report does not take --temperatures (its flags: --workdir)',
     'override without a config':
         'jaxcl: error: jaxcl eval does not take --config.batch_size (its flags: '
-        '--coordinator_address, --heartbeat_timeout, --num_processes, --process_id, --retrieval, '
-        '--workdir, --zeroshot)',
+        '--coordinator_address, --heartbeat_timeout, --max_patches, --num_processes, '
+        '--process_id, --retrieval, --workdir, --zeroshot)',
     'unknown flag':
         'jaxcl: error: unknown flag --workdr (did you mean --workdir?)',
     'sweep without a config':

@@ -3,6 +3,7 @@ grain pipeline as patches (one budget per global batch), evaluation batches
 of patches, the non-square captioned shapes, the config's checks, and a
 NaFlex SigLIP run that trains, evaluates and resumes exactly."""
 
+import json
 import shutil
 
 import ml_collections
@@ -95,9 +96,13 @@ def _dataset_group(**kwargs):
     (dict(resolution='naflex'), True, False, 'image-text method'),
     (dict(resolution='naflex', name='image_folder'), True, True, 'not an image folder'),
     (dict(resolution='naflex', name='webdataset'), True, True, 'not webdataset shards'),
+    (dict(eval_budgets=(16,)), True, True, 'eval.max_patches is for dataset.resolution=naflex'),
+    (dict(resolution='naflex', eval_budgets=(0,)), True, True, 'eval.max_patches must be'),
 ])
 def test_resolution_problems_are_one_line(kwargs, vit, text_tower, message):
-  problem = dataset_checks.resolution_problem(_dataset_group(**kwargs), vit, text_tower)
+  budgets = kwargs.pop('eval_budgets', ())
+  problem = dataset_checks.resolution_problem(_dataset_group(**kwargs), vit, text_tower,
+                                              budgets)
   assert message in problem and '\n' not in problem
   assert not dataset_checks.resolution_problem(_dataset_group(resolution='naflex'), True, True)
 
@@ -136,6 +141,21 @@ def test_naflex_siglip_trains_evaluates_and_resumes_exactly(tmp_path):
   import jax  # noqa: PLC0415  (conftest sets XLA_FLAGS before jax loads)
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
+  # One checkpoint evaluated at three budgets; the largest's are also the plain keys.
+  results = json.loads(helpers.jaxcl('eval', '--workdir', str(whole), '--max_patches',
+                                     '4,8,16').stdout)
+  for key in ('zeroshot_top1', 'i2t_r1', 't2i_r1'):
+    assert results[key] == results[f'max_patches/16/{key}']
+    assert {f'max_patches/{n}/{key}' for n in (4, 8)} <= set(results)
+  assert results['max_patches/4/i2t_r10'] != results['max_patches/16/i2t_r10'] or (
+      results['max_patches/4/tolerance'] != results['max_patches/16/tolerance'])
+
+
+@pytest.mark.parametrize('text', ['', '8,x', '0', '-4', '8;16'])
+def test_eval_budgets_flag_takes_positive_integers(text):
+  with pytest.raises(errors.ConfigError, match='--max_patches takes comma-separated'):
+    naflex.parse_budgets(text)
+  assert naflex.parse_budgets(' 16, 8 ') == [16, 8]
 
 
 def test_patching_of_a_config():

@@ -79,6 +79,8 @@ KEYS_ADDED_LATER = {
     'wandb.mode': 'online',
     # The persistent compilation cache (2026-12-07): the default folder.
     'compilation_cache_dir': '',
+    # SigLIP 2's NaFlex (2026-12-07): earlier runs resized every image to a square.
+    'dataset.resolution': 'square', 'dataset.max_patches': (256,), 'eval.max_patches': (),
 }
 
 

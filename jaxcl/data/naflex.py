@@ -18,6 +18,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from jaxcl import errors
+
 # The binary search over the scale, as the reference processors run it.
 _EPS = 1e-5
 
@@ -93,6 +95,14 @@ def patching(dataset_config, patch_size: int) -> Patching | None:
   return Patching(patch_size, budgets(dataset_config.max_patches))
 
 
+def parse_budgets(text: str) -> list[int]:
+  """`jaxcl eval --max_patches A,B` as positive integers; ConfigError otherwise."""
+  parts = [part.strip() for part in text.split(',') if part.strip()]
+  errors.check(bool(parts) and all(part.isdigit() and int(part) > 0 for part in parts),
+               f'--max_patches takes comma-separated positive integers, got {text!r}')
+  return [int(part) for part in parts]
+
+
 def budgets(max_patches) -> tuple[int, ...]:
   """`dataset.max_patches` (one budget or several) as a tuple."""
   return tuple(max_patches) if isinstance(max_patches, (tuple, list)) else (max_patches,)
@@ -100,17 +110,23 @@ def budgets(max_patches) -> tuple[int, ...]:
 
 class PatchedSource:
   """A random-access source of native-size images whose records come out as
-  NaFlex patches at one budget (evaluation's); `records` is the source itself."""
+  NaFlex patches at one budget (by default evaluation's); `records` is the
+  source itself."""
 
-  def __init__(self, records, patching_: Patching):
+  def __init__(self, records, patching_: Patching, budget: int = 0):
     self.records, self.patching = records, patching_
+    self.budget = budget or patching_.eval_budget
     self.workers = getattr(records, 'workers', 0)
+
+  def at(self, budget: int) -> PatchedSource:
+    """The same records at another budget."""
+    return PatchedSource(self.records, self.patching, budget)
 
   def __len__(self):
     return len(self.records)
 
   def __getitem__(self, index):
-    return self.patching.patched(self.records[index], self.patching.eval_budget)
+    return self.patching.patched(self.records[index], self.budget)
 
 
 def batch_shapes(n: int, budget: int, patch_size: int, channels: int) -> dict:

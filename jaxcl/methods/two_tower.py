@@ -5,6 +5,8 @@ classification and image-text retrieval. The two differ only in their loss
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 
 import jax
@@ -45,7 +47,7 @@ class TwoTowerEvalData:
       return
     self.skip_reason = 'the evaluation splits have no labels'
     self.test, _ = dataset.split(d.eval_test_split, with_text=True)
-    self.captions = [self.test[i]['captions'] for i in range(len(self.test))]
+    self.captions = _captions(self.test)
     self.zeroshot, self.class_names, self.templates = zeroshot_data(config, dataset,
                                                                     with_captions=True)
     self.num_classes = len(self.class_names)
@@ -53,6 +55,24 @@ class TwoTowerEvalData:
   @property
   def evaluates(self) -> bool:
     return self.test is not None or bool(self.suite or self.retrieval)
+
+  def at_budget(self, budget: int) -> TwoTowerEvalData:
+    """A copy whose NaFlex sources give patches at `budget` (the same split
+    opened twice stays one source: zero-shot then reuses retrieval's images)."""
+    at = {}
+    move = lambda source: at.setdefault(id(source), source.at(budget)) if isinstance(
+        source, data.naflex.PatchedSource) else source
+    other = copy.copy(self)
+    other.test, other.zeroshot = move(self.test), move(self.zeroshot)
+    other.suite, other.retrieval = ([dataclasses.replace(e, source=move(e.source)) for e in group]
+                                    for group in (self.suite, self.retrieval))
+    return other
+
+
+def _captions(source) -> list:
+  """Each record's captions, read without its image (a NaFlex source's records)."""
+  records = getattr(source, 'records', source)
+  return [records[i]['captions'] for i in range(len(records))]
 
 
 def zeroshot_data(config, dataset, with_captions: bool = False):
@@ -177,6 +197,19 @@ class TwoTower(base.Method):
     return TwoTowerEvalData(config, dataset)
 
   def evaluate(self, encoders, eval_data):
+    """`evaluate_at_budget` for a square run; for a NaFlex one at each of
+    eval.max_patches as max_patches/N/KEY, the largest's also as KEY."""
+    patching = data.patching(encoders.config.dataset, encoders.config.model.vit.patch_size)
+    budgets = tuple(encoders.config.eval.max_patches) if patching else ()
+    if not budgets:
+      return self.evaluate_at_budget(encoders, eval_data)
+    results = {}
+    for budget in sorted(budgets):
+      scores = self.evaluate_at_budget(encoders, eval_data.at_budget(budget))
+      results.update({f'max_patches/{budget}/{k}': v for k, v in scores.items()})
+    return {**scores, **results}
+
+  def evaluate_at_budget(self, encoders, eval_data):
     """Zero-shot top-1/5, its calibration and the image embeddings'
     tolerance and uniformity (when a labeled split is there), image-to-text /
     text-to-image recall@1/5/10, then the suite's zeroshot/KEY/top1|top5|ece...
@@ -187,7 +220,7 @@ class TwoTower(base.Method):
       suite.update({f'zeroshot/{entry.key}/{k.removeprefix("zeroshot_")}': v
                     for k, v in scores.items()})
     for entry in eval_data.retrieval:
-      captions = [entry.source[i]['captions'] for i in range(len(entry.source))]
+      captions = _captions(entry.source)
       scores = _retrieval(encoders, None, entry.source, captions)
       suite.update({f'retrieval/{entry.key}/{k}': v for k, v in scores.items()})
     if eval_data.test is None:

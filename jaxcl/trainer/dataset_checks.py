@@ -29,15 +29,17 @@ def check_dataset_group(config, text_tower: bool, process_count: int, check_data
     check(config.batch_size % d.streams == 0 and d.streams % process_count == 0,
           f'dataset.streams={d.streams} must divide batch_size {config.batch_size} and be a '
           f'multiple of the {process_count} process(es)')
-  problem = resolution_problem(d, config.model.name in presets.VIT_NAMES, text_tower)
+  problem = resolution_problem(d, config.model.name in presets.VIT_NAMES, text_tower,
+                               config.eval.max_patches)
   check(not problem, problem)
   if check_data:
     _check_dataset(d, process_count)
 
 
-def resolution_problem(d, vit: bool, text_tower: bool) -> str:
+def resolution_problem(d, vit: bool, text_tower: bool, eval_budgets=()) -> str:
   """What is wrong with a dataset group's resolution and max_patches for a
-  model (a ViT or not, with a text tower or not), or ''."""
+  model (a ViT or not, with a text tower or not), and with eval.max_patches
+  (`eval_budgets`), or ''."""
   if d.resolution not in presets.RESOLUTIONS:
     return (f'dataset.resolution must be one of {presets.RESOLUTIONS}, got '
             f'{d.resolution!r}')
@@ -46,6 +48,11 @@ def resolution_problem(d, vit: bool, text_tower: bool) -> str:
                           for n in sizes):
     return (f'dataset.max_patches must be a positive integer or a list of them, got '
             f'{d.max_patches!r}')
+  if not (isinstance(eval_budgets, (tuple, list)) and all(
+      isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in eval_budgets)):
+    return f'eval.max_patches must be a list of positive integers, got {eval_budgets!r}'
+  if eval_budgets and d.resolution != 'naflex':
+    return 'eval.max_patches is for dataset.resolution=naflex'
   if d.resolution == 'naflex' and not (vit and text_tower):
     return ('dataset.resolution=naflex needs a ViT image tower (model.name vit-*) and an '
             'image-text method (clip, siglip): its images are patches, not crops')

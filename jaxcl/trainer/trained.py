@@ -52,12 +52,15 @@ def load_trained(workdir, *, open_data: bool = True, changes: dict | None = None
 
 
 def evaluate_workdir(workdir, zeroshot: list[str] | None = None,
-                     retrieval: list[str] | None = None) -> dict:
+                     retrieval: list[str] | None = None,
+                     max_patches: list[int] | None = None) -> dict:
   """`jaxcl eval`: recomputes eval.json from the latest checkpoint.
-  zeroshot, retrieval: the suite of this call instead of the saved config's
-  eval.zeroshot, eval.retrieval (jaxcl.evaluation.zeroshot_suite); None: the saved one."""
+  zeroshot, retrieval, max_patches: the suite and NaFlex budgets of this call
+  instead of the saved config's eval.zeroshot, eval.retrieval
+  (jaxcl.evaluation.zeroshot_suite), eval.max_patches; None: the saved one."""
   changes = {f'eval.{key}': tuple(value) for key, value in
-             (('zeroshot', zeroshot), ('retrieval', retrieval)) if value is not None}
+             (('zeroshot', zeroshot), ('retrieval', retrieval), ('max_patches', max_patches))
+             if value is not None}
   step, results = evaluate_checkpoint(workdir, changes)
   run_files.write_eval(workdir, step, results)
   return {'step': step, **results}

@@ -5,6 +5,7 @@
   python benchmarks/seeds.py --group shapes_modes --seeds 0
   python benchmarks/seeds.py --group sogclr_batch --seeds 0,1,2
   python benchmarks/seeds.py --group halving --seeds 0,1,2  # jaxcl sweep --search halving
+  python benchmarks/seeds.py --group naflex --seeds 0,1,2  # docs/naflex.md
 
 Each group is a list of variants: a config and its `--config.KEY=VALUE`
 overrides (VARIANTS below). Every (variant, seed) trains with `jaxcl train`
@@ -93,6 +94,10 @@ VARIANTS = {
         'b512-batch': (DIGITS, _equal_epochs(512, 300)),
         'b512-sogclr': (DIGITS, {**_equal_epochs(512, 300), **SOGCLR}),
     },
+    'naflex': {  # docs/naflex.md: NaFlex against the square resize, the same compute
+        'naflex': ('configs/siglip_flex_shapes.py:naflex', {'eval.max_patches': (9, 16, 25)}),
+        'square': ('configs/siglip_flex_shapes.py:square', {}),
+    },
     'halving': {  # `jaxcl sweep --search halving` over the default candidates
         'digits': (DIGITS, {}),
         'shapes': (SHAPES, {}),
@@ -173,6 +178,7 @@ def summarize(group: str, run_dir: epath.Path) -> dict:
           **({'winner': search['winner'], 'steps_trained': search['steps_trained'],
               'total_steps': search['total_steps']} if search else {}),
           **{k: results[k] for k in (*ACCURACY, *EXTRA) if k in results},
+          **{k: v for k, v in results.items() if k.startswith('max_patches/')},
           **{k: last[k] for k in TAU if k in last},
           **{f'train_{k}': last[k] for k in TRAINING if k in last},
           'wall_s': wall['seconds'] if wall else None,

@@ -11,7 +11,7 @@ LOSS_IMPL = 'auto'  # loss.impl's default, and the losses' own
 LOSS_BLOCK_SIZE = 1024  # loss.block_size's default, and the tiled losses' own
 LOSS_ESTIMATORS = ('batch', 'sogclr')  # jaxcl.losses.estimators
 RESOLUTIONS = ('square', 'naflex')  # dataset.resolution: resized to a square, or NaFlex
-DATASET_CROPS = ('center', 'random')  # dataset.crop: the host's crop to image_size
+DATASET_CROPS = ('center', 'random', 'squash')  # dataset.crop: the host's crop to image_size
 OPTIMIZERS = ('lars', 'adamw', 'sgd')  # jaxcl.trainer.optim
 STATE_DTYPES = ('float32', 'bfloat16')  # optimizer.mu_dtype: Adam's first moment, SGD's momentum
 # What a Transformer block keeps for its backward pass (jaxcl.models.transformer.run_blocks):

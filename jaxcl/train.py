@@ -310,11 +310,13 @@ def _print_start(run: _Run, eval_data) -> None:
   """What runs where, and the notes gathered before the writer was up."""
   exp, config, writer = run.exp, run.exp.config, run.writer
   num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
+  shape = (f'at their own sizes as NaFlex patches (budgets {list(exp.patching.budgets)})'
+           if exp.patching else str(exp.info.image_shape))
   writer.print(
       f'jaxcl: {jax.device_count()} {jax.devices()[0].platform} device(s), '
       f'{jax.process_count()} process(es), mesh {dict(exp.mesh.shape)}; global batch '
       f'{config.batch_size}; {config.method} on {config.dataset.name}, '
-      f'{data.describe_size(exp.train_source)} train images {exp.info.image_shape}; '
+      f'{data.describe_size(exp.train_source)} train images {shape}; '
       f'{config.model.name}'
       + exp.method.describe_model(config, exp.tokenizer)
       + f', {num_params / 1e6:.2f}M params; '

@@ -12,7 +12,7 @@ import pytest
 
 import helpers
 from jaxcl import config as config_lib, data, errors
-from jaxcl.data import naflex, shapes
+from jaxcl.data import decode, naflex, shapes
 from jaxcl.trainer import dataset_checks
 
 PATCH = 4
@@ -80,6 +80,19 @@ def test_flex_canvases_keep_the_square_stream_and_vary_the_aspect():
   for a, b in zip(square, one_canvas):
     np.testing.assert_array_equal(a['image'], b['image'])
     assert a['captions'] == b['captions']
+
+
+def test_squash_resizes_the_whole_image_and_evaluates_alike():
+  """The square baseline of SigLIP's preprocessing: the whole canvas resized,
+  so no shape is cropped away (the central square would lose the side cells)."""
+  image = shapes.generate(2, 1, canvases=((20, 60),))[0]['image']
+  encoded = shapes._png(image)
+  fmt = decode.SampleFormat(image_size=32, crop='squash', reject_small=False)
+  squashed, problem = decode.decode_image(encoded, fmt)
+  assert problem is None
+  np.testing.assert_array_equal(squashed, decode.crop_resize(image, (0, 0, 60, 20), 32))
+  assert decode.evaluation_crop('squash') == 'squash'
+  assert decode.evaluation_crop('random') == decode.evaluation_crop('center') == 'center'
 
 
 def _dataset_group(**kwargs):

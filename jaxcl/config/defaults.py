@@ -91,7 +91,9 @@ def base_config():
       shuffle_buffer=10000,  # samples shuffled among, over all streams (encoded, in memory)
       streams=0,  # shard streams making up the global batch; 0: up to 64 per process
       workers=-1,  # decoding processes per host; -1: its cores, 0: in the training process
-      crop='center',  # host crop to image_size: 'center', or 'random' (random-resized)
+      # host crop to image_size: 'center', 'random' (random-resized; evaluation: center) or
+      # 'squash' (the whole image, its aspect ratio lost: SigLIP's resize)
+      crop='center',
       crop_scale=(0.9, 1.0),  # crop='random': the area fraction kept (open_clip's)
       max_bad_fraction=0.05,  # stop when more of the samples read are bad
       # name='mixture': 'SOURCE=WEIGHT' entries, SOURCE one of shards:URLS, pairs:FILE,

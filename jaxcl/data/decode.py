@@ -5,9 +5,10 @@ resolution with OpenCV, the caption and label read and checked.
 
 `SampleFormat` says which members hold what (webdataset's defaults: the
 first of jpg/png/jpeg/webp, txt, cls) and how to crop: 'center' (the
-central square, resized: what evaluation and the embedded datasets use) or
+central square, resized: what evaluation and the embedded datasets use),
 'random' (a random-resized crop, as open_clip's training transform, before
-the device's augmentation). `decode` returns (record, None) or (None, why).
+the device's augmentation) or 'squash' (the whole image resized to a
+square, as SigLIP's preprocessing does). `decode` returns (record, None) or (None, why).
 
 Imports only jaxcl.data.images.
 """
@@ -85,7 +86,8 @@ def decode_image(data: bytes, fmt: SampleFormat, rng=None):
       return None, (f'wrongly sized image: {pil.size[0]}x{pil.size[1]} px, under '
                     f'1/{MAX_UPSCALE} of image_size {size}')
     if size:  # JPEG: decode at a reduced scale, still as large as the smallest crop needs
-      least = size if fmt.crop == 'center' else math.ceil(size / math.sqrt(fmt.crop_scale[0]))
+      least = (size if fmt.crop in ('center', 'squash')
+               else math.ceil(size / math.sqrt(fmt.crop_scale[0])))
       pil.draft(mode, (least, least))
     if pil.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # a rotated photo (else: no copy)
       pil = ImageOps.exif_transpose(pil)
@@ -100,11 +102,19 @@ def decode_image(data: bytes, fmt: SampleFormat, rng=None):
   height, width = pixels.shape[:2]
   if fmt.crop == 'random':
     box = random_crop_box(width, height, fmt.crop_scale, rng or np.random.default_rng())
+  elif fmt.crop == 'squash':  # the whole image, its aspect ratio not kept (SigLIP's resize)
+    box = (0, 0, width, height)
   else:
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     box = (left, top, left + side, top + side)
   return crop_resize(pixels, box, size), None
+
+
+def evaluation_crop(crop: str) -> str:
+  """The crop of evaluation images for a training crop: the same where it is
+  deterministic, the central square where it is random."""
+  return 'squash' if crop == 'squash' else 'center'
 
 
 def crop_resize(pixels: np.ndarray, box, size: int) -> np.ndarray:

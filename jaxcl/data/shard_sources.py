@@ -202,4 +202,5 @@ def open_split(cfg, split: str, with_text: bool) -> ShardSamples:
                               f"(dataset.eval_urls), not {split!r}")
   shards = shards_lib.expand_urls(urls)
   shards_lib.check_shards(shards, what)
-  return ShardSamples(shards, sample_format(cfg, with_text), limit)
+  return ShardSamples(shards, sample_format(cfg, with_text, decode_lib.evaluation_crop(cfg.crop)),
+                      limit)

@@ -303,7 +303,8 @@ class Dataset:
     if isinstance(image_feature, tfds.features.Image):  # encoded: decoded by jaxcl, not TFDS
       # A curated dataset: every image is used, however small (as TFDS's own decode would).
       decode = decode_lib.SampleFormat(image_size=image_size, channels=shape[-1],
-                                       reject_small=False)
+                                       reject_small=False,
+                                       crop=decode_lib.evaluation_crop(cfg.crop))
       workers = shard_sources.host_cores() if cfg.workers < 0 else cfg.workers
       data_source = builder.as_data_source(
           split=split, decoders={cfg.image_key: tfds.decode.SkipDecoding()})

@@ -13,7 +13,9 @@ classification needs only the exported files, jax and numpy. Loading:
   embed = jax.export.deserialize(open('encoder.jaxexport', 'rb').read())
   z = embed.call(np.zeros((4, 8, 8, 1), np.uint8))  # [4, D], unit rows
 
-FILE.json beside it describes the input and output.
+FILE.json beside it describes the input and output. A NaFlex run's image
+embedder takes patches [b, n, p p C] (any n) and grids [b, 2], which
+jaxcl.data.naflex.to_patches makes on the host (FILE.json's "preprocess").
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from jaxcl.workdir import run_files
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 
-def _export(fn, spec) -> jax.export.Exported:
-  return jax.export.export(jax.jit(fn), platforms=PLATFORMS)(spec)
+def _export(fn, *specs) -> jax.export.Exported:
+  return jax.export.export(jax.jit(fn), platforms=PLATFORMS)(*specs)
 
 
 def check_output(workdir, output, *, extra_paths=(), overwrite: bool) -> list[epath.Path]:
@@ -103,9 +105,15 @@ def export_encoder(workdir, output, *, overwrite: bool = False,
       return embeddings, exp.predicted_temperature(params, batch_stats, images)
     return embeddings
 
-  height, width, channels = exp.info.image_shape
-  (batch,) = jax.export.symbolic_shape('b')
-  exported = _export(embed, jax.ShapeDtypeStruct((batch, height, width, channels), jnp.uint8))
+  if exp.patching is None:
+    height, width, channels = exp.info.image_shape
+    (batch,) = jax.export.symbolic_shape('b')
+    exported = _export(embed, jax.ShapeDtypeStruct((batch, height, width, channels), jnp.uint8))
+    inputs = {'input': {'shape': ['b', height, width, channels], 'dtype': 'uint8',
+                        'description': "images at the dataset's stored resolution, pixel "
+                                       'values 0-255'}}
+  else:
+    exported, inputs = _export_naflex(embed, exp)
   dim = int(exported.out_avals[0].shape[1])
   # τ as the last step used it (learnable: the trained value; cosine: its schedule).
   temperature = evaluator.model_temperature(exp, state)
@@ -113,8 +121,7 @@ def export_encoder(workdir, output, *, overwrite: bool = False,
       'format': 'jax.export (serialized StableHLO)',
       'load': "jax.export.deserialize(open(FILE, 'rb').read()).call(inputs)",
       'method': config.method,
-      'input': {'shape': ['b', height, width, channels], 'dtype': 'uint8',
-                'description': 'images at the dataset\'s stored resolution, pixel values 0-255'},
+      **inputs,
       'output': {'shape': ['b', dim], 'dtype': 'float32', 'description': method.image_output},
       'embedding_size': dim,
       'platforms': list(PLATFORMS),
@@ -145,10 +152,38 @@ def export_encoder(workdir, output, *, overwrite: bool = False,
   return metadata
 
 
+def _export_naflex(embed, exp):
+  """(the image embedder of NaFlex patches [b, n, p p C] and grids [b, 2], any
+  n, FILE.json's description of its inputs and of the host's preprocessing)."""
+  patch, channels = exp.patching.patch_size, exp.info.image_shape[-1]
+  width = patch * patch * channels
+  batch, n = jax.export.symbolic_shape('b, n')
+  exported = _export(lambda patches, grid: embed({'patches': patches, 'grid': grid}),
+                     jax.ShapeDtypeStruct((batch, n, width), jnp.uint8),
+                     jax.ShapeDtypeStruct((batch, 2), jnp.int32))
+  inputs = {
+      'input': {'shape': ['b', 'n', width], 'dtype': 'uint8',
+                'description': f'NaFlex patches: each image resized at its aspect ratio to '
+                               f'a grid of {patch}x{patch}-pixel patches within n, the patches '
+                               f'row by row, each flattened (row, column, channel), pixel '
+                               f'values 0-255, zero rows after the image\'s'},
+      'input_grid': {'shape': ['b', 2], 'dtype': 'int32',
+                     'description': 'each image\'s grid: rows and columns of patches'},
+      'preprocess': {'function': 'jaxcl.data.naflex.to_patches(image, patch_size, max_patches)',
+                     'patch_size': patch, 'max_patches': list(exp.patching.budgets),
+                     'rule': "transformers' Siglip2ImageProcessor: the largest grid within "
+                             'max_patches at the image\'s aspect ratio, a bilinear '
+                             'antialiased resize'},
+  }
+  return exported, inputs
+
+
 def describe(metadata: dict, output) -> str:
   """What export_encoder wrote, for a person: the files and their shapes."""
-  lines = [f'wrote {output} and {output}.json: uint8 {metadata["input"]["shape"]} -> float32 '
-           f'{metadata["output"]["shape"]}']
+  grid = (f' and int32 {metadata["input_grid"]["shape"]} (NaFlex patches and grids)'
+          if 'input_grid' in metadata else '')
+  lines = [f'wrote {output} and {output}.json: uint8 {metadata["input"]["shape"]}{grid} -> '
+           f'float32 {metadata["output"]["shape"]}']
   if 'text' in metadata:  # a text tower's embedder, written beside the image one
     text_file = epath.Path(output).with_name(metadata['text']['file'])
     lines.append(f'wrote {text_file}: int32 {metadata["text"]["input"]["shape"]} -> float32 '

@@ -162,6 +162,29 @@ def test_naflex_siglip_trains_evaluates_and_resumes_exactly(tmp_path):
     assert {f'max_patches/{n}/{key}' for n in (4, 8)} <= set(results)
   assert results['max_patches/4/i2t_r10'] != results['max_patches/16/i2t_r10'] or (
       results['max_patches/4/tolerance'] != results['max_patches/16/tolerance'])
+  _check_export(whole, tmp_path / 'image.jaxexport')
+
+
+def _check_export(workdir, output):
+  """The exported NaFlex embedder takes patches at any budget, preprocessed on the
+  host as FILE.json says, and gives the trained model's embeddings."""
+  import jax  # noqa: PLC0415  (conftest sets XLA_FLAGS before jax loads)
+
+  from jaxcl import export  # noqa: PLC0415  (as jax)
+  from jaxcl.trainer import trained  # noqa: PLC0415  (as jax)
+  metadata = export.export_encoder(workdir, output)
+  assert metadata['input']['shape'][:2] == ['b', 'n'] and metadata['preprocess']['patch_size'] == 8
+  embed = jax.export.deserialize(output.read_bytes())
+  exp, state = trained.load_trained(str(workdir), open_data=False)
+  images = [x['image'] for x in shapes.generate(5, 3, canvases=((20, 60), (48, 24)))]
+  for budget in (9, 25):  # 25: more patches than any training batch had
+    rows = [naflex.to_patches(image, 8, budget) for image in images]
+    patches, grids = (np.stack(part) for part in zip(*rows))
+    got = np.asarray(embed.call(patches, grids))
+    want = np.asarray(exp.embed(state.params, state.batch_stats,
+                                {'patches': patches, 'grid': grids}))
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-6)
 
 
 @pytest.mark.parametrize('text', ['', '8,x', '0', '-4', '8;16'])

@@ -158,7 +158,8 @@ class Experiment:
     """temperature.mode=predicted: τ(x) of uint8 images [b, H, W, C] -> [b]
     float32, the τ the loss gives the image as an anchor (its uncertainty)."""
     model = nnx.merge(self.eval_graphdef, params, batch_stats)
-    views = augment.eval_view(images_uint8, self.config.augment.image_size)
+    views = (images_uint8 if isinstance(images_uint8, dict)  # NaFlex patches
+             else augment.eval_view(images_uint8, self.config.augment.image_size))
     anchors = self.method.image_anchors(model, standardize(views, self.config.dataset))
     return model.temperature.of_embeddings(anchors)
 

@@ -45,7 +45,13 @@ _JSON = flags.DEFINE_string('json', 'benchmarks/max_batch.json', 'Where to write
 _MOONSHOT = flags.DEFINE_bool('moonshot', True, 'Also compile the 64k-batch CLIP step.')
 
 MODELS = {'clip_b16': ('configs/clip_vit_b16.py', 'ViT-B-16'),
-          'siglip_b16': ('configs/siglip_vit_b16.py', 'ViT-B-16-SigLIP')}
+          'siglip_b16': ('configs/siglip_vit_b16.py', 'ViT-B-16-SigLIP'),
+          # SigLIP 2 B/16 NaFlex: the 16 x 16 learned grid (256 px) at three patch budgets
+          **{f'siglip2_b16_naflex{n}': ('configs/siglip_vit_b16.py', 'ViT-B-16-SigLIP2-256',
+                                        {'dataset.resolution': 'naflex',
+                                         'dataset.max_patches': (n,),
+                                         'dataset.name': 'captioned_shapes_flex'})
+             for n in (256, 576, 1024)}}
 _LOSSES = flags.DEFINE_string('losses', 'dense,blockwise', 'Comma-separated loss.impl values.')
 _MICROBATCHES = flags.DEFINE_string('microbatch_sizes', '0,256', 'Comma-separated; 0: off.')
 _REMATS = flags.DEFINE_string('remats', 'none,full', 'Comma-separated model.remat values.')
@@ -53,10 +59,12 @@ GB = 1e9
 
 
 def model_config(model: str):
-  path, architecture = MODELS[model]
+  path, architecture, *overrides = MODELS[model]
   config = config_files.load(path)
   recipes.architecture(config, architecture)
   config.model.dtype = 'bfloat16'
+  for values in overrides:
+    config.update_from_flattened_dict(values)
   return config
 
 

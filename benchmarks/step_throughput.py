@@ -21,6 +21,7 @@ compare like with like. --architecture: a published architecture
 
 import ast
 import json
+import re
 import sys
 import time
 
@@ -48,7 +49,7 @@ def variant_configs(config, variants: str, architecture: str = ''):
   out = [('base', config)]
   for variant in filter(None, variants.split(';')):
     changed = config.copy_and_resolve_references()
-    for item in variant.split(','):
+    for item in re.split(r',(?![^()]*\))', variant):  # not the commas of a '(9, 16)'
       key, value = item.split('=', 1)
       changed.update_from_flattened_dict({key: _literal(value)})
     out.append((variant, changed))

@@ -20,7 +20,8 @@ from jaxcl.config import recipes
 
 def get_config(resolution: str = 'naflex'):
   if resolution not in ('naflex', 'square'):
-    raise ValueError(f"configs/siglip_flex_shapes.py takes 'naflex' or 'square', got {resolution!r}")
+    raise ValueError(f"configs/siglip_flex_shapes.py takes 'naflex' or 'square', "
+                     f'got {resolution!r}')
   config = recipes.captioned_shapes('siglip')
   config.name = f'siglip_flex_shapes_{resolution}'
   config.temperature.update(mode='learnable', init=0.1, min=0.01, max=1.0, bias_init=-10.0)

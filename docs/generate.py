@@ -90,25 +90,84 @@ TWO_TOWER_ROWS = (('zeroshot_top1', '`zeroshot_top1` (694 single-shape test imag
                   ('bias', 'SigLIP\'s bias at the end (from -10)'))
 
 
-def two_tower_results() -> str:
-  """CLIP's and SigLIP's final evaluations side by side, mean [min, max]."""
-  rows = json.loads(SEEDS_JSON.read_text()).get('results', []) if SEEDS_JSON.exists() else []
-  variants = [v for v in dict.fromkeys(r['variant'] for r in rows)  # the configs as shipped
-              if any('zeroshot_top1' in r and not r.get('overrides') for r in rows
-                     if r['variant'] == v)]
+def _group(name: str) -> list:
+  return json.loads(SEEDS_JSON.read_text()).get(name, []) if SEEDS_JSON.exists() else []
+
+
+def _side_by_side(rows: list, variants: list, row_specs, missing: str) -> str:
+  """A column per variant, a row per (key, label) of row_specs: mean [min, max]
+  over the variant's seeds; `missing` where nothing was measured."""
   if not variants:
-    return ('(not measured yet: python benchmarks/seeds.py --group results '
-            '--variants clip_shapes,siglip_shapes --seeds 0,1,2)')
+    return missing
   runs = {v: [r for r in rows if r['variant'] == v] for v in variants}
   out = ['| over seeds ' + ', '.join(sorted({str(r['seed']) for v in variants for r in runs[v]}))
          + ' | ' + ' | '.join(f'`{runs[v][0]["config"]}`' for v in variants) + ' |',
          '|---' * (len(variants) + 1) + '|']
-  for key, label in TWO_TOWER_ROWS:
+  for key, label in row_specs:
     cells = [_mean_range([r[key] for r in runs[v] if key in r], 2 if key == 'bias' else 3)
              for v in variants]
     if any(cells):
       out.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  commits = sorted({r.get('commit', '?') for v in variants for r in runs[v]})
+  return '\n'.join(out + ['', f'Commit: {", ".join(commits)}.'])
+
+
+def two_tower_results() -> str:
+  """CLIP's and SigLIP's final evaluations side by side, mean [min, max]."""
+  rows = _group('results')
+  variants = [v for v in dict.fromkeys(r['variant'] for r in rows)  # the configs as shipped
+              if any('zeroshot_top1' in r and not r.get('overrides') for r in rows
+                     if r['variant'] == v)]
+  return _side_by_side(rows, variants, TWO_TOWER_ROWS,
+                       '(not measured yet: python benchmarks/seeds.py --group results '
+                       '--variants clip_shapes,siglip_shapes --seeds 0,1,2)')
+
+
+# NaFlex against the square resize on the non-square shapes (docs/naflex.md).
+NAFLEX_ROWS = (('zeroshot_top1', '`zeroshot_top1` (at the run\'s own 16 patches)'),
+               ('zeroshot_top5', '`zeroshot_top5`'), ('i2t_r1', '`i2t_r1`'),
+               ('i2t_r5', '`i2t_r5`'), ('t2i_r1', '`t2i_r1`'), ('t2i_r5', '`t2i_r5`'),
+               *((f'max_patches/{n}/{key}', f'`{key}` evaluated at {n} patches')
+                 for n in (9, 25) for key in ('zeroshot_top1', 'i2t_r1')),
+               ('temperature', 'τ at the end'), ('bias', 'bias at the end (from -10)'))
+
+
+def naflex_budgets() -> str:
+  """benchmarks/naflex_budgets.json (benchmarks/step_throughput.py's rows)."""
+  path = REPO / 'benchmarks' / 'naflex_budgets.json'
+  if not path.exists():
+    return '(not measured yet)'
+  out = ['| images as | step ms | examples/s | GFLOP per example | peak MiB per device |',
+         '|---|---|---|---|---|']
+  for row in json.loads(path.read_text()):
+    changed = row['variant'].removeprefix('dataset.')
+    what = ('squares of 32 px (16 patches)' if 'square' in changed else
+            f'NaFlex, {changed.split("=(")[1].rstrip(",)") if "=" in changed else 16} patches')
+    out.append(f'| {what} | {row["step_ms"]:.0f} | {row["examples_per_sec"]:.0f} | '
+               f'{row["gflops_per_example"]:.3f} | {row["peak_mib"]:.0f} |')
   return '\n'.join(out)
+
+
+def naflex_max_batch() -> str:
+  """benchmarks/max_batch_siglip2_naflex.json: the largest batch per budget."""
+  path = REPO / 'benchmarks' / 'max_batch_siglip2_naflex.json'
+  if not path.exists():
+    return '(not measured yet: python benchmarks/max_batch.py --models siglip2_b16_naflex256,...)'
+  rows = json.loads(path.read_text())['rows']
+  out = ['| patches per image | device memory | largest batch per device | its peak GB |',
+         '|---|---|---|---|']
+  for row in rows:
+    out.append(f'| {row["model"].removeprefix("siglip2_b16_naflex")} | {row["budget_gb"]:g} GB | '
+               f'{row["max_batch"]:,} | {row["peak_gb"]:.1f} |')
+  return '\n'.join(out)
+
+
+def naflex_results() -> str:
+  rows = _group('naflex')
+  variants = list(dict.fromkeys(r['variant'] for r in rows))
+  return _side_by_side(rows, variants, NAFLEX_ROWS,
+                       '(not measured yet: python benchmarks/seeds.py --group naflex '
+                       '--seeds 0,1,2)')
 
 
 def _comments(source: str) -> dict:
@@ -201,7 +260,9 @@ def _cell(text: str) -> str:
 
 
 BLOCKS = {'what-a-run-writes': workdir_contents, 'configs': configs_table,
-          'seed-results': seed_results, 'two-tower-results': two_tower_results}
+          'seed-results': seed_results, 'two-tower-results': two_tower_results,
+          'naflex-results': naflex_results, 'naflex-budgets': naflex_budgets,
+          'naflex-max-batch': naflex_max_batch}
 
 
 def _with_blocks(text: str) -> str:
@@ -214,7 +275,8 @@ def _with_blocks(text: str) -> str:
 def pages() -> dict:
   """{path: the text it should have}."""
   edited = {path: _with_blocks(path.read_text())
-           for path in (REPO / 'README.md', REPO / 'docs' / 'results.md')}
+           for path in (REPO / 'README.md', *(REPO / 'docs' / f'{name}.md'
+                                              for name in ('results', 'naflex', 'temperature')))}
   return {**edited, REPO / 'docs' / 'config.md': config_page()}
 
 

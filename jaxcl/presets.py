@@ -99,6 +99,14 @@ def _siglip(patch, width, depth, heads, mlp_dim, text_length, image_size=224, te
   }
 
 
+def _siglip2(patch, width, depth, heads, mlp_dim, image_size=224):
+  """SigLIP 2: SigLIP's towers (both GELU with tanh), 64 tokens of Gemma's
+  SentencePiece model of lower-cased text (transformers' Siglip2Tokenizer),
+  padded with its pad id 0."""
+  return {**_siglip(patch, width, depth, heads, mlp_dim, 64, image_size, text_act='gelu_tanh'),
+          'text.pad_id': -1, 'text.normalize': 'lower'}
+
+
 # open_clip's model names -> the config values of that architecture, from the
 # published configs (open_clip's model_configs/*.json; for SigLIP's timm image
 # towers, timm's vit_*_siglip_* definitions). recipes.architecture applies one.
@@ -121,6 +129,21 @@ ARCHITECTURES = {
     'ViT-L-16-SigLIP-384': _siglip(16, 1024, 24, 16, 4096, 64, image_size=384),
     'ViT-SO400M-14-SigLIP': _siglip(14, 1152, 27, 16, 4304, 16),
     'ViT-SO400M-14-SigLIP-384': _siglip(14, 1152, 27, 16, 4304, 64, image_size=384),
+    # SigLIP 2 (the fixed-resolution towers; NaFlex ones are these at the learned grid's
+    # size with dataset.resolution=naflex): Gemma's 256k tokens of lower-cased text.
+    'ViT-B-16-SigLIP2': _siglip2(16, 768, 12, 12, 3072),
+    'ViT-B-16-SigLIP2-256': _siglip2(16, 768, 12, 12, 3072, image_size=256),
+    'ViT-B-16-SigLIP2-384': _siglip2(16, 768, 12, 12, 3072, image_size=384),
+    'ViT-B-16-SigLIP2-512': _siglip2(16, 768, 12, 12, 3072, image_size=512),
+    'ViT-B-32-SigLIP2-256': _siglip2(32, 768, 12, 12, 3072, image_size=256),
+    'ViT-L-16-SigLIP2-256': _siglip2(16, 1024, 24, 16, 4096, image_size=256),
+    'ViT-L-16-SigLIP2-384': _siglip2(16, 1024, 24, 16, 4096, image_size=384),
+    'ViT-L-16-SigLIP2-512': _siglip2(16, 1024, 24, 16, 4096, image_size=512),
+    'ViT-SO400M-14-SigLIP2': _siglip2(14, 1152, 27, 16, 4304),
+    'ViT-SO400M-14-SigLIP2-378': _siglip2(14, 1152, 27, 16, 4304, image_size=378),
+    'ViT-SO400M-16-SigLIP2-256': _siglip2(16, 1152, 27, 16, 4304, image_size=256),
+    'ViT-SO400M-16-SigLIP2-384': _siglip2(16, 1152, 27, 16, 4304, image_size=384),
+    'ViT-SO400M-16-SigLIP2-512': _siglip2(16, 1152, 27, 16, 4304, image_size=512),
 }
 
 # Prepared locally on first use, no network: digits and jaxcl.data.shapes'

@@ -396,6 +396,8 @@ def test_architecture_read_from_the_source(name, imported):
   assert (c.text.normalize, c.text.pad_id) == (
       ('lower', -1) if 'siglip2' in name else ('siglip', 1) if siglip else ('', -1))
   assert c.augment.image_size == IMAGE_SIZE  # NaFlex: the learned grid's side in pixels
+  assert (c.dataset.resolution, tuple(c.dataset.max_patches)) == (
+      ('naflex', (16,)) if name == 'transformers_siglip2' else ('square', (256,)))
 
 
 @pytest.mark.slow  # imports the NaFlex source

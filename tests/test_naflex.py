@@ -127,8 +127,9 @@ def test_grid_for_budget(size, grid):
   assert naflex.grid_for_budget(*size, 16, 256) == grid
 
 
-# Shapes around the budget: wide, tall, square, tiny (upscaled), one row.
-IMAGE_SIZES = [(30, 50), (17, 90), (64, 64), (100, 7), (5, 5), (3, 200)]
+# Shapes around the budget: wide, tall, square, tiny (upscaled), one row of patches,
+# and the extremes, one pixel high and one pixel wide.
+IMAGE_SIZES = [(30, 50), (17, 90), (64, 64), (100, 7), (5, 5), (3, 200), (1, 120), (90, 1)]
 
 
 @pytest.mark.parametrize('processor', ['Siglip2ImageProcessorPil', 'Siglip2ImageProcessor'])

@@ -8,7 +8,9 @@ SigLIP 2 comes in two layouts. The fixed-resolution checkpoints
 Gemma's (`tokenizer_config.json` names it); the NaFlex ones
 (`google/siglip2-*-naflex`, model_type siglip2) embed flattened patches with a
 linear map and resize a learned grid of position embeddings to each image's
-patch grid, which jaxcl's ViT does when it is given patches and grids. Either
+patch grid, which jaxcl's ViT does when it is given patches and grids; its
+workdir reads data as NaFlex patches within the processor's max_num_patches.
+Either
 way the text is Gemma's SentencePiece ids of lower-cased text, 64 of them,
 padded with 0 (`text.normalize=lower`)."""
 
@@ -104,6 +106,10 @@ def architecture(source, keys=None) -> dict:
       raise t.SourceError(f'{CONFIG}: vision_config.num_patches {v["num_patches"]} is not a '
                           f'square grid of position embeddings')
     values['augment.image_size'] = side * values['model.vit.patch_size']
+    values['dataset.resolution'] = 'naflex'
+    budget = (t.json_object(source / 'preprocessor_config.json').get('max_num_patches', 256)
+              if (source / 'preprocessor_config.json').exists() else 256)
+    values['dataset.max_patches'] = (int(budget),)
   preprocess = source / 'preprocessor_config.json'
   if preprocess.exists():
     p = t.json_object(preprocess)

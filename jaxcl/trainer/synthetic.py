@@ -18,8 +18,9 @@ from jaxcl import data, methods
 from jaxcl.text import tokenizers
 from jaxcl.trainer import experiment, train_step
 
-# The text tables of the published models: open_clip's CLIP BPE, SigLIP's c4_en SentencePiece.
-VOCAB_SIZES = {'clip_bpe': 49_408, 'sentencepiece': 32_000}
+# The text tables of the published models: open_clip's CLIP BPE, SigLIP's c4_en SentencePiece,
+# SigLIP 2's Gemma SentencePiece (text.normalize=lower).
+VOCAB_SIZES = {'clip_bpe': 49_408, 'sentencepiece': 32_000, 'gemma': 256_000}
 
 
 def image_shape(config) -> tuple[int, int, int]:
@@ -30,7 +31,10 @@ def image_shape(config) -> tuple[int, int, int]:
 def tokenizer(text_config):
   """Byte tokens in a table of text.tokenizer's published size (bytes: its own)."""
   text = tokenizers.ByteTokenizer(text_config.max_length)
-  text.vocab_size = max(text.vocab_size, VOCAB_SIZES.get(text_config.tokenizer, 0))
+  gemma = text_config.tokenizer == 'sentencepiece' and text_config.get('normalize') == 'lower'
+  published = VOCAB_SIZES['gemma' if gemma else text_config.tokenizer] if (
+      gemma or text_config.tokenizer in VOCAB_SIZES) else 0
+  text.vocab_size = max(text.vocab_size, published)
   return text
 
 

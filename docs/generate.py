@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import io
 import json
 import pathlib
@@ -130,6 +131,83 @@ NAFLEX_ROWS = (('zeroshot_top1', '`zeroshot_top1` (at the run\'s own 16 patches)
                *((f'max_patches/{n}/{key}', f'`{key}` evaluated at {n} patches')
                  for n in (9, 25) for key in ('zeroshot_top1', 'i2t_r1')),
                ('temperature', 'τ at the end'), ('bias', 'bias at the end (from -10)'))
+
+
+# docs/temperature.md's tables: (key, header, 'range' for mean [min, max] or 'mean', digits).
+_TAU_END = ('temperature', 'τ at the end', 'mean', 3)
+TAU_TABLES = {
+    'tau-grid': ('digits_grid', (
+        _TAU_END, ('train_entropy', 'entropy', 'mean', 2),
+        ('train_effective_negatives', 'eff. negatives', 'mean', 0),
+        ('train_positive_prob', 'p(positive)', 'mean', 3),
+        ('train_contrastive_top1', 'contrastive top-1', 'range', 3),
+        ('train_hardest_negative_share', 'hardest share', 'mean', 3),
+        ('train_alignment', 'alignment', 'mean', 3), ('train_uniformity', 'uniformity', 'mean', 2),
+        ('knn_top1', '`knn_top1`', 'range', 3), ('linear_top1', '`linear_top1`', 'range', 3))),
+    'tau-digits-modes': ('digits_modes', (
+        ('knn_top1', '`knn_top1`', 'range', 3), ('linear_top1', '`linear_top1`', 'range', 3),
+        ('tolerance', 'tolerance', 'mean', 3), ('test_uniformity', 'test uniformity', 'mean', 3),
+        _TAU_END, ('temperature_p10', 'batch τ p10', 'mean', 3),
+        ('temperature_p90', 'batch τ p90', 'mean', 3))),
+    'tau-shapes-modes': ('shapes_modes', (
+        ('zeroshot_top1', '`zeroshot_top1`', 'range', 3), ('i2t_r1', '`i2t_r1`', 'range', 3),
+        ('t2i_r1', '`t2i_r1`', 'range', 3), ('zeroshot_ece', 'ECE', 'mean', 3),
+        ('zeroshot_ece_fitted', 'ECE, fitted τ', 'mean', 3),
+        ('zeroshot_fitted_temperature', 'fitted τ', 'mean', 3),
+        ('tolerance', 'tolerance', 'mean', 3), ('test_uniformity', 'test uniformity', 'mean', 3),
+        _TAU_END, ('temperature_t2i', 'τ t2i', 'mean', 4))),
+    'tau-sogclr': ('sogclr_batch', (
+        ('knn_top1', '`knn_top1`', 'range', 3), ('linear_top1', '`linear_top1`', 'range', 3),
+        _TAU_END)),
+}
+
+
+def _variant_rows(group: str, columns) -> str:
+  """A row per variant of a benchmarks/seeds.py group: its seeds, then each
+  column's mean [min, max] or mean over them, then the commits they ran on."""
+  rows = _group(group)
+  if not rows:
+    return f'(not measured yet: python benchmarks/seeds.py --group {group} --seeds 0,1,2)'
+  present = [c for c in columns if any(c[0] in r for r in rows)]
+  out = ['| variant | seeds | ' + ' | '.join(c[1] for c in present) + ' | commit |',
+         '|---' * (len(present) + 3) + '|']
+  for variant in dict.fromkeys(r['variant'] for r in rows):
+    mine = [r for r in rows if r['variant'] == variant]
+    cells = []
+    for key, _, kind, digits in present:
+      values = [r[key] for r in mine if r.get(key) is not None  # τ-free logs no τ
+                and not (key.startswith('temperature') and _mode(r) == 'free')]
+      mean = f'{sum(values) / len(values):.{digits}f}' if values else '—'
+      cells.append(_mean_range(values, digits) if kind == 'range' and len(values) > 1
+                   else mean)
+    commits = sorted({r.get('commit', 'not recorded') for r in mine})
+    out.append(f'| {variant} | {",".join(str(r["seed"]) for r in mine)} | '
+               + ' | '.join(cells) + f' | {", ".join(commits)} |')
+  return '\n'.join(out)
+
+
+def _mode(row: dict) -> str:
+  return (row.get('overrides') or {}).get('temperature.mode', '')
+
+
+def halving_results() -> str:
+  """Each seed's halving choice on digits against the same seed's full grid."""
+  searches = [r for r in _group('halving') if r['variant'] == 'digits']
+  grid = _group('digits_grid')
+  if not searches:
+    return '(not measured yet: python benchmarks/seeds.py --group halving --variants digits)'
+  out = ['| seed | halving chose | its `linear_top1` | the grid\'s best (by `linear_top1`) | '
+         'its `linear_top1` | points from the best | steps trained | wall time | commit |',
+         '|---|---|---|---|---|---|---|---|---|']
+  for r in sorted(searches, key=lambda r: r['seed']):
+    same_seed = [g for g in grid if g['seed'] == r['seed'] and 'linear_top1' in g]
+    best = max(same_seed, key=lambda g: g['linear_top1']) if same_seed else None
+    best_cells = (f'{best["variant"]} | {best["linear_top1"]:.3f} | '
+                  f'{100 * (best["linear_top1"] - r["linear_top1"]):.1f}' if best else '— | — | —')
+    out.append(f'| {r["seed"]} | τ {r["winner"]} | {r["linear_top1"]:.3f} | {best_cells} | '
+               f'{r["steps_trained"]:,} ({r["steps_trained"] / r["total_steps"]:.3f} runs) | '
+               f'{(r.get("wall_s") or 0) / 60:.1f} min | {r.get("commit", "?")} |')
+  return '\n'.join(out)
 
 
 def naflex_budgets() -> str:
@@ -262,7 +340,9 @@ def _cell(text: str) -> str:
 BLOCKS = {'what-a-run-writes': workdir_contents, 'configs': configs_table,
           'seed-results': seed_results, 'two-tower-results': two_tower_results,
           'naflex-results': naflex_results, 'naflex-budgets': naflex_budgets,
-          'naflex-max-batch': naflex_max_batch}
+          'naflex-max-batch': naflex_max_batch, 'tau-halving': halving_results,
+          **{name: functools.partial(_variant_rows, group, columns)
+             for name, (group, columns) in TAU_TABLES.items()}}
 
 
 def _with_blocks(text: str) -> str:

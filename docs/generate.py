@@ -234,9 +234,12 @@ def naflex_max_batch() -> str:
   rows = json.loads(path.read_text())['rows']
   out = ['| patches per image | device memory | largest batch per device | its peak GB |',
          '|---|---|---|---|']
-  for row in rows:
-    out.append(f'| {row["model"].removeprefix("siglip2_b16_naflex")} | {row["budget_gb"]:g} GB | '
-               f'{row["max_batch"]:,} | {row["peak_gb"]:.1f} |')
+  patches = lambda row: int(row['model'].removeprefix('siglip2_b16_naflex'))
+  for row in sorted(rows, key=lambda row: (patches(row), row['budget_gb'])):
+    fits = row['checked'] and row['batch_size']
+    out.append(f'| {patches(row):,} | {row["budget_gb"]:g} GB | '
+               + (f'{row["batch_size"]:,} | {row["peak_bytes"] / 1e9:.1f} |' if fits
+                  else 'none fits | — |'))
   return '\n'.join(out)
 
 

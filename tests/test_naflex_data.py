@@ -9,10 +9,12 @@ import shutil
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 import helpers
 from jaxcl import config as config_lib, data, errors
 from jaxcl.data import decode, naflex, shapes
+from jaxcl.evaluation import zeroshot_suite
 from jaxcl.trainer import dataset_checks
 
 PATCH = 4
@@ -93,6 +95,21 @@ def test_squash_resizes_the_whole_image_and_evaluates_alike():
   np.testing.assert_array_equal(squashed, decode.crop_resize(image, (0, 0, 60, 20), 32))
   assert decode.evaluation_crop('squash') == 'squash'
   assert decode.evaluation_crop('random') == decode.evaluation_crop('center') == 'center'
+
+
+def test_a_zero_shot_folder_of_a_naflex_run_gives_patches(tmp_path):
+  """eval.zeroshot's folder:PATH entries keep each image's aspect ratio too."""
+  rng = np.random.default_rng(0)
+  for name, size in (('cat', (20, 60)), ('dog', (48, 24))):
+    (tmp_path / name).mkdir()
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+        tmp_path / name / 'a.png')
+  config = helpers.tiny_config(helpers.SIGLIP_CONFIG, NAFLEX_RUN)
+  (entry,) = zeroshot_suite.parse_all((f'folder:{tmp_path}',))
+  opened = zeroshot_suite.open_entry(entry, config, 3)
+  grids = [tuple(opened.source[i]['image']['grid']) for i in range(2)]
+  assert grids == [naflex.grid_for_budget(20, 60, 8, 16), naflex.grid_for_budget(48, 24, 8, 16)]
+  assert opened.class_names == ('cat', 'dog')
 
 
 def _dataset_group(**kwargs):

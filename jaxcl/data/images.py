@@ -62,7 +62,8 @@ def image_problem(path, image_size: int) -> str | None:
       if min(pil.size) < max(1, image_size // MAX_UPSCALE):
         return (f'wrongly sized: {pil.size[0]}x{pil.size[1]} px, under 1/{MAX_UPSCALE} of '
                 f'image_size {image_size}')
-      pil.draft('RGB', (image_size, image_size))  # JPEG: decode at a reduced scale, faster
+      if image_size:  # JPEG: decode at a reduced scale, faster
+        pil.draft('RGB', (image_size, image_size))
       pil.load()  # a truncated file fails here, not in the middle of training
   except Exception as e:  # PIL raises many kinds
     return f'unreadable: {pil_error(e)}'
@@ -70,7 +71,8 @@ def image_problem(path, image_size: int) -> str | None:
 
 
 class ImageFolderSource:
-  """Images under `root` (one sub-folder per class, or none), decoded with PIL.
+  """Images under `root` (one sub-folder per class, or none), decoded with PIL,
+  cropped and resized to image_size (0: each at its own size).
 
   Every image is checked once, in parallel, when the source is opened:
   unreadable or wrongly sized ones (image_problem) are left out and listed
@@ -116,7 +118,9 @@ class ImageFolderSource:
         image = np.asarray(self._image_lib.open(f).convert('RGB'))
     except Exception as e:  # changed since it was checked
       raise DatasetError(f'image {path} no longer reads: {type(e).__name__}: {e}') from None
-    return {'image': center_crop_resize(image, self._image_size), 'label': np.int32(label)}
+    if self._image_size:
+      image = center_crop_resize(image, self._image_size)
+    return {'image': image, 'label': np.int32(label)}
 
 
 def _is_image(path) -> bool:

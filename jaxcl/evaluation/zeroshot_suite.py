@@ -183,7 +183,8 @@ def open_entry(entry: Entry, config, channels: int) -> Opened:
     _check_channels(entry, image_channels, channels)
     return Opened(entry.key, source)
   if entry.path:
-    source = data.ImageFolderSource(entry.path, config.augment.image_size)
+    patching = data.patching(config.dataset, config.model.vit.patch_size)
+    source = data.ImageFolderSource(entry.path, 0 if patching else config.augment.image_size)
     if source.skipped:
       path, why = source.skipped[0]
       print(f'jaxcl: {entry.what}: {len(source.skipped)} image(s) skipped, unreadable or '
@@ -192,6 +193,8 @@ def open_entry(entry: Entry, config, channels: int) -> Opened:
     own_names = tuple(name.replace('_', ' ') for name in source.classes)
     image_channels, templates = 3, data.DEFAULT_TEMPLATES
     list_name = entry.list_name
+    if patching:  # NaFlex: each image at its aspect ratio, as patches
+      source = data.naflex.PatchedSource(source, patching)
   else:
     source, own_names, image_channels = _open_tfds(entry, config, channels)
     templates = data.zeroshot_templates(_base(entry.name))

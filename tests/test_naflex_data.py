@@ -125,7 +125,7 @@ def _dataset_group(**kwargs):
     (dict(resolution='naflex'), False, True, 'needs a ViT image tower'),
     (dict(resolution='naflex'), True, False, 'image-text method'),
     (dict(resolution='naflex', name='image_folder'), True, True, 'not an image folder'),
-    (dict(resolution='naflex', name='webdataset'), True, True, 'not webdataset shards'),
+    (dict(resolution='naflex', name='mixture'), True, True, 'not a mixture'),
     (dict(eval_budgets=(16,)), True, True, 'eval.max_patches is for dataset.resolution=naflex'),
     (dict(resolution='naflex', eval_budgets=(0,)), True, True, 'eval.max_patches must be'),
 ])
@@ -209,6 +209,46 @@ def test_eval_budgets_flag_takes_positive_integers(text):
   with pytest.raises(errors.ConfigError, match='--max_patches takes comma-separated'):
     naflex.parse_budgets(text)
   assert naflex.parse_budgets(' 16, 8 ') == [16, 8]
+
+
+@pytest.fixture(scope='module')
+def flex_shards(tmp_path_factory):
+  """The non-square shapes as webdataset shards: 2 training shards of 48 PNGs
+  (one undecodable) and a held-out one of 32."""
+  import webdataset as wds  # noqa: PLC0415  (a test-only reference library)
+  folder = tmp_path_factory.mktemp('flex_shards')
+  canvases = shapes.CaptionedShapesFlex.CANVASES
+  for name, seed, count in (('train-000000', 0, 48), ('train-000001', 1, 48), ('test-000000', 2,
+                                                                                32)):
+    with wds.TarWriter(str(folder / f'{name}.tar')) as writer:
+      for i, example in enumerate(shapes.generate(seed, count, canvases=canvases)):
+        png = shapes._png(example['image']) if (name, i) != ('train-000001', 5) else b'broken'
+        writer.write({'__key__': f'{name}-{i:03d}', 'png': png, 'txt': example['captions'][0],
+                      'cls': str(example['label'])})
+  return folder
+
+
+@pytest.mark.slow  # two short runs: streamed NaFlex batches and their resume show only in a run
+def test_naflex_from_shards_trains_and_resumes_exactly(flex_shards, tmp_path):
+  whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
+  run = {**NAFLEX_RUN, 'dataset.name': 'webdataset', 'dataset.image_size': '0',
+         'dataset.urls': f'{flex_shards}/train-{{000000..000001}}.tar',
+         'dataset.eval_urls': f'{flex_shards}/test-000000.tar', 'dataset.streams': '2',
+         'dataset.workers': '2', 'dataset.shuffle_buffer': '16', 'total_steps': '6',
+         'checkpoint_every_steps': '3', 'eval_every_steps': '6'}
+  args = ('--config', helpers.SIGLIP_CONFIG, *helpers.tiny_overrides(run))
+  out = helpers.jaxcl('train', '--workdir', str(whole), *args).stdout
+  assert 'NaFlex patches (budgets [8, 16])' in out and 'final (step 6):' in out
+  shutil.copytree(whole, resumed)  # as if killed after checkpoint 3
+  shutil.rmtree(resumed / 'checkpoints' / '6')
+  (resumed / 'eval.json').unlink()
+  assert 'resuming from step 3' in helpers.jaxcl('train', '--workdir', str(resumed), *args).stdout
+  import jax  # noqa: PLC0415  (conftest sets XLA_FLAGS before jax loads)
+  (_, params_a), (_, params_b) = helpers.final_params(whole), helpers.final_params(resumed)
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+  rows = [json.loads(line) for line in (whole / 'metrics.jsonl').read_text().splitlines()]
+  assert max(r.get('skipped_samples', 0) for r in rows) >= 1  # the broken PNG, counted
 
 
 def test_patching_of_a_config():

@@ -33,9 +33,11 @@ TRAIN, TEST = 'train', 'test'
 
 
 def sample_format(cfg, with_text: bool, crop: str = 'center') -> decode_lib.SampleFormat:
+  """How the samples decode: at dataset.image_size, or for NaFlex at their own size."""
   keys = cfg.webdataset
   return decode_lib.SampleFormat(
-      image_size=cfg.image_size, image_keys=tuple(k for k in keys.image.split(';') if k),
+      image_size=0 if cfg.get('resolution') == 'naflex' else cfg.image_size,
+      image_keys=tuple(k for k in keys.image.split(';') if k),
       text_key=keys.text if with_text else None, label_key=keys.label, crop=crop,
       crop_scale=tuple(cfg.crop_scale))
 
@@ -84,10 +86,11 @@ class Stream:
     return min(counts, default=None)
 
   def batches(self, *, batch_size: int, seed: int, process_index: int, process_count: int,
-              positions=None, start_step: int = 0, tokenizer=None) -> stream_lib.StreamBatches:
+              positions=None, start_step: int = 0, tokenizer=None,
+              patching=None) -> stream_lib.StreamBatches:
     """This process's batches from step `start_step`; `positions` [S,
     components, 7] where the streams stand (None: a fresh run, S from
-    default_streams)."""
+    default_streams); patching: NaFlex patches at each step's budget."""
     if positions is None:
       positions = stream_lib.start_positions(self.default_streams(batch_size, process_count),
                                              len(self.components))
@@ -104,7 +107,8 @@ class Stream:
     components = tuple(dataclasses.replace(c, window=window)
                        if isinstance(c, stream_lib.ShardComponent) else c
                        for c in self.components)
-    mixture = stream_lib.Mixture(components, self.weights, streams, seed, self.with_text)
+    mixture = stream_lib.Mixture(components, self.weights, streams, seed, self.with_text,
+                                 patching)
     return stream_lib.StreamBatches(mixture, batch_size=batch_size,
                                     process_index=process_index, process_count=process_count,
                                     positions=positions, start_step=start_step,

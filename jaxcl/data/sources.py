@@ -227,6 +227,8 @@ class Dataset:
     # Classes 0..max of the `cls` members; -1 (no cls) is unlabeled, as in TFDS's shapes.
     num_classes = max(int(r['label']) for r in source.records) + 1
     size = self.cfg.image_size
+    if self.patching is not None:
+      return naflex.PatchedSource(source, self.patching), DatasetInfo((0, 0, 3), num_classes)
     return source, DatasetInfo((size, size, 3), num_classes)
 
   def opened_splits(self) -> list[tuple[str, object]]:
@@ -372,7 +374,7 @@ def train_batches(source, *, batch_size: int, seed: int, process_index: int, pro
   if isinstance(source, shard_sources.Stream):
     return source.batches(batch_size=batch_size, seed=seed, process_index=process_index,
                           process_count=process_count, positions=stream_positions,
-                          start_step=start_step, tokenizer=tokenizer)
+                          start_step=start_step, tokenizer=tokenizer, patching=patching)
   return train_iterator(source, batch_size=batch_size, seed=seed, process_index=process_index,
                         process_count=process_count, transform=transform,
                         start_record=start_record, start_batch=start_batch,

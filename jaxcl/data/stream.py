@@ -154,6 +154,7 @@ class Mixture:
   streams: int
   seed: int
   with_text: bool
+  patching: Any = None  # jaxcl.data.naflex.Patching: images as patches at each step's budget
 
   def choose(self, stream: int, step: int) -> int:
     if len(self.components) == 1:
@@ -234,6 +235,9 @@ def stream_elements(mixture: Mixture, stream: int, rows: int, positions, start_s
       bad_in_a_row = 0
       records.append(record)
     positions[chosen, ROWS] += rows
+    if mixture.patching is not None:  # one budget for the global batch of this step
+      budget = mixture.patching.batch_budget(mixture.seed, step)
+      records = [mixture.patching.patched(r, budget) for r in records]
     element = {
         'stream': np.int32(stream),
         'image': _stack([r['image'] for r in records], shared_memory),
@@ -246,7 +250,10 @@ def stream_elements(mixture: Mixture, stream: int, rows: int, positions, start_s
     step += 1
 
 
-def _stack(images: list, shared_memory: bool) -> np.ndarray:
+def _stack(images: list, shared_memory: bool):
+  if isinstance(images[0], dict):  # NaFlex: the patches (in shared memory) and the grids
+    return {'patches': _stack([i['patches'] for i in images], shared_memory),
+            'grid': np.stack([i['grid'] for i in images])}
   if not shared_memory:
     return np.stack(images)
   return np.stack(images, out=SharedMemoryArray((len(images), *images[0].shape), np.uint8))
@@ -339,7 +346,9 @@ class StreamBatches:
     self.positions = np.stack([e['positions'] for e in elements])
     for element in elements:
       self.bad.extend(element['bad'][:MAX_LISTED_BAD - len(self.bad)])
-    batch = {'image': np.concatenate([e['image'] for e in elements]),
+    images = [e['image'] for e in elements]
+    batch = {'image': ({key: np.concatenate([i[key] for i in images]) for key in images[0]}
+                       if isinstance(images[0], dict) else np.concatenate(images)),
              'label': np.concatenate([e['label'] for e in elements])}
     if 'caption' in elements[0]:
       captions = [str(c) for e in elements for c in e['caption']]

@@ -12,7 +12,7 @@ from jaxcl.errors import ConfigError, check
 
 # Sources whose images do not reach the pipeline at their own size yet.
 _NOT_NATIVE = {'image_folder': 'an image folder', 'image_text_pairs': 'a pairs file',
-               'webdataset': 'webdataset shards', 'mixture': 'a mixture'}
+               'mixture': 'a mixture'}
 
 
 def check_dataset_group(config, text_tower: bool, process_count: int, check_data: bool) -> None:
@@ -57,7 +57,7 @@ def resolution_problem(d, vit: bool, text_tower: bool, eval_budgets=()) -> str:
     return ('dataset.resolution=naflex needs a ViT image tower (model.name vit-*) and an '
             'image-text method (clip, siglip): its images are patches, not crops')
   if d.resolution == 'naflex' and d.name in _NOT_NATIVE:
-    return (f'dataset.resolution=naflex reads TFDS datasets so far, not '
+    return (f'dataset.resolution=naflex reads TFDS datasets and webdataset shards so far, not '
             f'{_NOT_NATIVE[d.name]} ({d.name})')
   return ''
 
@@ -110,8 +110,9 @@ def _check_webdataset(d, process_count: int):
   from jaxcl.data import shard_sources, shards  # noqa: PLC0415  (TFDS: not on `jaxcl --help`)
   check(bool(d.urls), "dataset.urls must name the training shards when dataset.name is "
                       "webdataset ('DIR/shard-{000000..000099}.tar')")
-  check(d.image_size > 0, 'dataset.image_size must be > 0 for webdataset shards (images are '
-                          'cropped to it as they are decoded)')
+  check(d.image_size > 0 or d.resolution == 'naflex',
+        'dataset.image_size must be > 0 for webdataset shards (images are cropped to it as '
+        'they are decoded)')
   for key, what in (('urls', 'dataset.urls'), ('eval_urls', 'dataset.eval_urls')):
     if d[key]:
       found = shards.expand_urls(d[key])

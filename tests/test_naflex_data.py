@@ -161,16 +161,7 @@ def test_naflex_siglip_trains_evaluates_and_resumes_exactly(tmp_path):
   args = ('--config', helpers.SIGLIP_CONFIG, *helpers.tiny_overrides(NAFLEX_RUN))
   out = helpers.jaxcl('train', '--workdir', str(whole), *args).stdout
   assert 'siglip on captioned_shapes_flex' in out and 'final (step 8): zeroshot_top1' in out
-  shutil.copytree(whole, resumed)  # as if killed after checkpoint 4
-  shutil.rmtree(resumed / 'checkpoints' / '8')
-  (resumed / 'eval.json').unlink()
-  assert 'resuming from step 4' in helpers.jaxcl('train', '--workdir', str(resumed), *args).stdout
-  step_a, params_a = helpers.final_params(whole)
-  step_b, params_b = helpers.final_params(resumed)
-  assert step_a == step_b == 8
-  import jax  # noqa: PLC0415  (conftest sets XLA_FLAGS before jax loads)
-  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
-    np.testing.assert_array_equal(a, b)
+  _check_resume_is_exact(whole, resumed, args, checkpoint=4, last=8)
   # One checkpoint evaluated at three budgets; the largest's are also the plain keys.
   results = json.loads(helpers.jaxcl('eval', '--workdir', str(whole), '--max_patches',
                                      '4,8,16').stdout)
@@ -180,6 +171,20 @@ def test_naflex_siglip_trains_evaluates_and_resumes_exactly(tmp_path):
   assert results['max_patches/4/i2t_r10'] != results['max_patches/16/i2t_r10'] or (
       results['max_patches/4/tolerance'] != results['max_patches/16/tolerance'])
   _check_export(whole, tmp_path / 'image.jaxexport')
+
+
+def _check_resume_is_exact(whole, resumed, args, *, checkpoint: int, last: int):
+  """`whole` as if killed after `checkpoint`, resumed in `resumed`: the same final weights."""
+  shutil.copytree(whole, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / str(last))
+  (resumed / 'eval.json').unlink()
+  out = helpers.jaxcl('train', '--workdir', str(resumed), *args).stdout
+  assert f'resuming from step {checkpoint}' in out
+  import jax  # noqa: PLC0415  (conftest sets XLA_FLAGS before jax loads)
+  (step_a, params_a), (step_b, params_b) = (helpers.final_params(w) for w in (whole, resumed))
+  assert step_a == step_b == last
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
 
 
 def _check_export(workdir, output):
@@ -239,14 +244,7 @@ def test_naflex_from_shards_trains_and_resumes_exactly(flex_shards, tmp_path):
   args = ('--config', helpers.SIGLIP_CONFIG, *helpers.tiny_overrides(run))
   out = helpers.jaxcl('train', '--workdir', str(whole), *args).stdout
   assert 'NaFlex patches (budgets [8, 16])' in out and 'final (step 6):' in out
-  shutil.copytree(whole, resumed)  # as if killed after checkpoint 3
-  shutil.rmtree(resumed / 'checkpoints' / '6')
-  (resumed / 'eval.json').unlink()
-  assert 'resuming from step 3' in helpers.jaxcl('train', '--workdir', str(resumed), *args).stdout
-  import jax  # noqa: PLC0415  (conftest sets XLA_FLAGS before jax loads)
-  (_, params_a), (_, params_b) = helpers.final_params(whole), helpers.final_params(resumed)
-  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
-    np.testing.assert_array_equal(a, b)
+  _check_resume_is_exact(whole, resumed, args, checkpoint=3, last=6)
   rows = [json.loads(line) for line in (whole / 'metrics.jsonl').read_text().splitlines()]
   assert max(r.get('skipped_samples', 0) for r in rows) >= 1  # the broken PNG, counted
 

@@ -161,6 +161,23 @@ def make_big_vision_siglip(directory):
   model = make_hf_siglip(directory.parent / 'bv_reference')
   directory.mkdir()
   shutil.copy(directory.parent / 'bv_reference' / 'spiece.model', directory / 'c4_en.model')
+  _write_big_vision(model, directory / 'siglip_b8_32.npz')
+  return model
+
+
+def make_big_vision_siglip2(directory):
+  """big_vision's SigLIP 2 NaFlex .npz (naflex_vit.py: the patch embedding a
+  Dense over flattened patches, the position embeddings a [g, g, width]
+  grid), written from a transformers Siglip2Model as convert_siglip2_to_hf.py
+  reads it, backwards; Gemma's tokenizer beside it."""
+  model = make_hf_siglip2(directory.parent / 'bv2_reference')
+  directory.mkdir()
+  shutil.copy(directory.parent / 'bv2_reference' / 'tokenizer.model', directory)
+  _write_big_vision(model, directory / 'siglip_b8_32.npz')
+  return model
+
+
+def _write_big_vision(model, path):
   w = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   heads = model.config.vision_config.num_attention_heads
   out = {}
@@ -189,10 +206,16 @@ def make_big_vision_siglip(directory):
               [w[f'{key}.self_attn.{x}_proj.bias'] for x in 'qkv'], f'{key}.self_attn.out_proj', h)
 
   v, x = 'vision_model', 'text_model'
-  out['params/img/embedding/kernel'] = w[f'{v}.embeddings.patch_embedding.weight'].transpose(
-      2, 3, 1, 0)
+  patch_embedding = w[f'{v}.embeddings.patch_embedding.weight']
+  positions = w[f'{v}.embeddings.position_embedding.weight']
+  if patch_embedding.ndim == 2:  # NaFlex: Dense [p p C, width], a [g, g, width] grid
+    side = int(np.sqrt(positions.shape[0]))
+    out['params/img/embedding/kernel'] = patch_embedding.T
+    out['params/img/pos_embedding'] = positions.reshape(side, side, -1)
+  else:
+    out['params/img/embedding/kernel'] = patch_embedding.transpose(2, 3, 1, 0)
+    out['params/img/pos_embedding'] = positions[None]
   out['params/img/embedding/bias'] = w[f'{v}.embeddings.patch_embedding.bias']
-  out['params/img/pos_embedding'] = w[f'{v}.embeddings.position_embedding.weight'][None]
   for i in range(model.config.vision_config.num_hidden_layers):
     block(f'params/img/Transformer/encoderblock_{i}', f'{v}.encoder.layers.{i}', heads)
   norm('params/img/Transformer/encoder_norm', f'{v}.post_layernorm')
@@ -211,8 +234,7 @@ def make_big_vision_siglip(directory):
   norm('params/txt/Encoder_0/encoder_norm', f'{x}.final_layer_norm')
   dense('params/txt/head', f'{x}.head')
   out['params/t'], out['params/b'] = w['logit_scale'], w['logit_bias']
-  np.savez(directory / 'siglip_b8_32.npz', **out)
-  return model
+  np.savez(path, **out)
 
 
 def _gemma_sentencepiece(path):
@@ -270,7 +292,8 @@ MAKERS = {'transformers_clip': make_hf_clip, 'transformers_siglip': make_hf_sigl
           'transformers_siglip2': make_hf_siglip2,
           'transformers_siglip2_fixed': make_hf_siglip2_fixed,
           'open_clip': make_open_clip, 'open_clip_siglip': make_open_clip_siglip,
-          'big_vision_siglip': make_big_vision_siglip}
+          'big_vision_siglip': make_big_vision_siglip,
+          'big_vision_siglip2': make_big_vision_siglip2}
 
 
 @pytest.fixture(scope='module')
@@ -397,17 +420,19 @@ def test_architecture_read_from_the_source(name, imported):
       ('lower', -1) if 'siglip2' in name else ('siglip', 1) if siglip else ('', -1))
   assert c.augment.image_size == IMAGE_SIZE  # NaFlex: the learned grid's side in pixels
   assert (c.dataset.resolution, tuple(c.dataset.max_patches)) == (
-      ('naflex', (16,)) if name == 'transformers_siglip2' else ('square', (256,)))
+      ('naflex', (16,)) if name == 'transformers_siglip2' else
+      ('naflex', (256,)) if name == 'big_vision_siglip2' else ('square', (256,)))
 
 
 @pytest.mark.slow  # imports the NaFlex source
-def test_siglip2_naflex_patches_equal_transformers(sources, imported):
+@pytest.mark.parametrize('name', ['transformers_siglip2', 'big_vision_siglip2'])
+def test_siglip2_naflex_patches_equal_transformers(name, sources, imported):
   """Images of several grids in one batch, padded to one patch budget: each
   grid's resized position embeddings and the masks of attention and pooling,
   against transformers' Siglip2 (not on 1-column grids, where torch's resize
   differs from big_vision's: test_naflex.py)."""
-  _, reference = sources['transformers_siglip2']
-  exp, state = imported['transformers_siglip2']
+  _, reference = sources[name]
+  exp, state = imported[name]
   model = nnx.merge(exp.eval_graphdef, state.params, state.batch_stats)
   grids = np.array([[4, 4], [3, 5], [2, 8], [5, 3], [1, 6]])
   patches = np.random.default_rng(1).normal(size=(len(grids), 20, 8 * 8 * 3))

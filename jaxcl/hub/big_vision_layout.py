@@ -1,4 +1,4 @@
-"""big_vision's SigLIP checkpoints: one `.npz` of flattened parameter names
+"""big_vision's SigLIP and SigLIP 2 checkpoints: one `.npz` of flattened parameter names
 (`params/img/...`, `params/txt/...`, `params/t`, `params/b`) as its
 `utils.save_checkpoint` writes them, beside its SentencePiece model.
 
@@ -9,7 +9,10 @@ text length, the blocks their number. So SOURCE is the .npz (or a directory
 holding one), and the config big_vision trained it with is read from its
 shapes: ViT with a MAP head, a bidirectional text Transformer pooled at its
 last token with a biased head (big_vision's `two_towers` with
-`text_transformer`, pool_type 'last').
+`text_transformer`, pool_type 'last'). SigLIP 2's NaFlex towers
+(`naflex_vit`) embed flattened patches with a Dense and keep their
+position embeddings as a [g, g, width] grid; SigLIP 2's text is Gemma's
+256k-token table of lower-cased text.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from jaxcl import presets
 from jaxcl.hub import tensors as t
 
 IGNORED_SUFFIXES = ()
+GEMMA_VOCABULARY = 256_000  # SigLIP 2's text table (SigLIP's c4_en: 32,000)
 
 
 def _npz(source):
@@ -51,12 +55,18 @@ def architecture(source, keys) -> dict:
   if f'{p}img/head/kernel' in keys:
     raise t.SourceError(f'tensor {p}img/head/kernel: an image head after the MAP pooling is '
                         f'not an architecture jaxcl has')
-  patch, _, _, width = shape(f'{p}img/embedding/kernel')
-  tokens = shape(f'{p}img/pos_embedding')[1]
-  side = math.isqrt(tokens)
-  if side * side != tokens:
-    raise t.SourceError(f'tensor {p}img/pos_embedding: {tokens} positions are no square grid '
-                        f'(a class token is not an architecture jaxcl reads from big_vision)')
+  embedding, positions = shape(f'{p}img/embedding/kernel'), shape(f'{p}img/pos_embedding')
+  naflex = len(embedding) == 2  # naflex_vit: a Dense over flattened RGB patches, a grid
+  if naflex:
+    patch, side = math.isqrt(embedding[0] // 3), positions[0]
+    width = embedding[1]
+  else:
+    patch, _, _, width = embedding
+    side = math.isqrt(positions[1])
+    if side * side != positions[1]:
+      raise t.SourceError(f'tensor {p}img/pos_embedding: {positions[1]} positions are no '
+                          f'square grid (a class token is not an architecture jaxcl reads '
+                          f'from big_vision)')
   _, heads, _ = shape(f'{img}0/MultiHeadDotProductAttention_0/query/kernel')
   text_width = shape(f'{p}txt/Embed_0/embedding')[1]
   _, text_heads, _ = shape(f'{txt}0/MultiHeadDotProductAttention_0/query/kernel')
@@ -71,6 +81,10 @@ def architecture(source, keys) -> dict:
       'text.mlp_dim': shape(f'{txt}0/MlpBlock_0/Dense_0/kernel')[1],
       'text.act': 'gelu_tanh',  # flax's nn.gelu, big_vision's MLP
   })
+  if naflex or shape(f'{p}txt/Embed_0/embedding')[0] == GEMMA_VOCABULARY:  # SigLIP 2
+    values.update({'text.pad_id': -1, 'text.normalize': 'lower'})  # Gemma's pad, 0
+  if naflex:  # its training budgets are not in the file: SigLIP 2's default, 256
+    values.update({'dataset.resolution': 'naflex', 'dataset.max_patches': (256,)})
   return values
 
 
@@ -112,13 +126,25 @@ def _block(target, source) -> list[t.Rule]:
           + _flax(f'{target}/mlp_out', f'{source}/MlpBlock_0/Dense_1', 'dense'))
 
 
+def _patch_kernel(patch: int):
+  """naflex_vit's embedding, Dense [p p C, width] over (row, column, channel)-
+  flattened patches, as the convolution kernel [p, p, C, width]."""
+  def patch_kernel(w):
+    return w.reshape(patch, patch, -1, w.shape[1])
+  return patch_kernel
+
+
+def _grid(x):  # naflex_vit's position grid [g, g, width] -> [1, g g, width]
+  return x.reshape(1, -1, x.shape[-1])
+
+
 def rules(values: dict, keys) -> list[t.Rule]:
-  del values
   p = _prefix(keys)
   img, txt, head = f'{p}img/Transformer', f'{p}txt/Encoder_0', f'{p}img/MAPHead_0'
   attention = f'{head}/MultiHeadDotProductAttention_0'
+  naflex = len(keys.get(f'{p}img/embedding/kernel', ())) == 2
   r = [*_flax('image_encoder/patchify', f'{p}img/embedding', 'dense'),
-       t.rule('image_encoder/position', f'{p}img/pos_embedding'),
+       t.rule('image_encoder/position', f'{p}img/pos_embedding', _grid if naflex else t.same),
        *_flax('image_encoder/norm', f'{img}/encoder_norm', 'norm'),
        t.rule('image_encoder/map_head/probe', f'{head}/probe'),
        t.rule('image_encoder/map_head/query/kernel', f'{attention}/query/kernel', _flatten_heads),
@@ -138,6 +164,9 @@ def rules(values: dict, keys) -> list[t.Rule]:
        *_flax('text_proj', f'{p}txt/head', 'dense'),
        t.rule('temperature/log_tau', f'{p}t', t.negated_scalar),
        t.rule('bias/value', f'{p}b', t.scalar)]
+  if naflex:
+    r[0] = t.rule('image_encoder/patchify/kernel', f'{p}img/embedding/kernel',
+                  _patch_kernel(values['model.vit.patch_size']))
   for i in range(t.count_blocks(keys, f'{img}/encoderblock_')):
     r += _block(f'image_encoder/blocks/{i}', f'{img}/encoderblock_{i}')
   for i in range(t.count_blocks(keys, f'{txt}/encoderblock_')):

@@ -8,9 +8,9 @@ clip_shapes' recipe with its image encoder loaded from the SimCLR run
 (init.source, init.load=image) and frozen (optimizer.frozen): no optimizer
 state and no backward pass for it; the image projection, the text tower and
 τ train. Another SimCLR run: --config.init.source=DIR. Result (2-core CPU,
-seed 0, README's table): zeroshot_top1 0.258 (clip_shapes: 0.947), bounded
-by the locked tower (its linear probe: 0.269); 907 s against clip_shapes'
-1,464 s in the same script.
+seed 0 only, so read it to about 1.5 points): zeroshot_top1 0.258
+(clip_shapes: 0.940 over 3 seeds), bounded by the locked tower (its linear
+probe: 0.269); 907 s against clip_shapes' 1,464 s in the same script.
 """
 
 from jaxcl.config import recipes

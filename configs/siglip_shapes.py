@@ -5,8 +5,9 @@
 recipes.captioned_shapes (the same data, towers and schedule as
 clip_shapes.py) trained with SigLIP's pairwise sigmoid loss, τ learnable
 from 0.1 and the logit bias from -10, as in the SigLIP paper.
-Result on the 2-core CPU (seed 0, README's table): zeroshot_top1 0.882,
-i2t_r1 0.468, t2i_r1 0.461, in about 7 minutes.
+Result on the 2-core CPU, mean [min, max] over seeds 0-2 (docs/results.md):
+zeroshot_top1 0.844 [0.810, 0.882], i2t_r1 0.456 [0.446, 0.468], t2i_r1
+0.440 [0.428, 0.461], in 7-15 minutes.
 """
 
 from jaxcl.config import recipes

@@ -7,9 +7,9 @@ pooled), trained by SimCLR on the 10,000 shapes images without their
 captions. The augmentation is crops only: color and left/right are what the
 captions name (the classes are colors x shapes), so color jitter and flips
 would train the tower to ignore them. Evaluated by kNN and a linear probe on
-the one-shape images' 24 color-shape labels. Result (2-core CPU, seed 0):
-knn_top1 0.156, linear_top1 0.269 after 1,000 steps, 1,588 s on a shared
-machine: crops alone teach this tower little about color and form
+the one-shape images' 24 color-shape labels. Result (2-core CPU, seed 0
+only): knn_top1 0.156, linear_top1 0.269 after 1,000 steps, 1,588 s on a
+shared machine: crops alone teach this tower little about color and form
 (configs/lit_shapes.py locks it; README's "Start from a published model").
 """
 

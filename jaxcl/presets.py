@@ -20,8 +20,10 @@ REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 # jaxcl.models.temperature
 TEMPERATURE_MODES = ('fixed', 'learnable', 'cosine', 'free', 'individual', 'predicted')
 TOKENIZERS = ('bytes', 'sentencepiece', 'clip_bpe')  # jaxcl.text.tokenizers
-# sentencepiece's text.normalize: none, SiglipTokenizer's, SigLIP 2's lower case (Siglip2Tokenizer)
-TEXT_NORMALIZERS = ('', 'siglip', 'lower')
+# sentencepiece's text.normalize: none, SiglipTokenizer's, SigLIP 2's lower case (Siglip2Tokenizer),
+# and open_clip's HFTokenizer cleanings (its SigLIP and SigLIP 2 models: 'canonicalize').
+TEXT_NORMALIZERS = ('', 'siglip', 'lower', 'open_clip_canonicalize', 'open_clip_lower',
+                    'open_clip_whitespace')
 
 # name: (block kind, blocks per stage)
 RESNETS = {

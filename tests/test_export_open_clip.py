@@ -40,7 +40,8 @@ def sources(tmp_path_factory):
   """{name: (open_clip source directory, its torch model)}."""
   root = tmp_path_factory.mktemp('oc_sources')
   return {'clip': (root / 'clip', ti.make_open_clip(root / 'clip')),
-          'siglip': (root / 'siglip', ti.make_open_clip_siglip(root / 'siglip'))}
+          'siglip': (root / 'siglip', ti.make_open_clip_siglip(root / 'siglip')),
+          'siglip2': (root / 'siglip2', ti.make_open_clip_siglip(root / 'siglip2', siglip2=True))}
 
 
 @pytest.fixture(scope='module')
@@ -170,26 +171,31 @@ def _siglip_model(model_cfg, directory):
 
 
 @pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
-def test_siglip_round_trip(sources, workdirs, tmp_path):
+@pytest.mark.parametrize('name', ['siglip', 'siglip2'])
+def test_siglip_round_trip(name, sources, workdirs, tmp_path):
+  """SigLIP, and SigLIP 2 with Gemma's tokenizer, out to open_clip and back."""
   import open_clip
-  source, reference = sources['siglip']
-  out = tmp_path / 'siglip'
+  source, reference = sources[name]
+  out = tmp_path / name
   with pytest.raises(errors.ConfigError, match='no timm SigLIP ViT has patch 16 at 32 px'):
-    open_clip_export.export_open_clip(workdirs['siglip'], out)
+    open_clip_export.export_open_clip(workdirs[name], out)
   assert not out.exists()
-  summary = open_clip_export.export_open_clip(workdirs['siglip'], out,
+  summary = open_clip_export.export_open_clip(workdirs[name], out,
                                               timm_model_name='vit_base_patch16_siglip_224')
-  assert summary['model'] == 'CustomTextCLIP' and 'SiglipTokenizer' in summary['tokenizer']
+  tokenizer = 'GemmaTokenizer' if name == 'siglip2' else 'SiglipTokenizer'
+  assert summary['model'] == 'CustomTextCLIP' and tokenizer in summary['tokenizer']
   cfg = json.loads((out / 'open_clip_config.json').read_text())
   m = cfg['model_cfg']
   assert m['custom_text'] and m['vision_cfg']['image_size'] == ti.IMAGE_SIZE
   assert m['init_logit_bias'] == float(reference.logit_bias.detach().reshape(()))
-  assert 'act_kwargs' not in m['text_cfg']  # exact GELU, as the source said
+  # exact GELU as SigLIP's source said, tanh as SigLIP 2's
+  assert m['text_cfg'].get('act_kwargs') == ({'approximate': 'tanh'} if name == 'siglip2'
+                                             else None)
   assert m['text_cfg']['hf_tokenizer_name'] == str(out.absolute())
   assert cfg['preprocess_cfg']['mean'] == [0.5, 0.5, 0.5]
   _assert_bitwise_equal(out, source)
   images = _images()
-  exp, state = _load(workdirs['siglip'])
+  exp, state = _load(workdirs[name])
   image, text, ids, _ = _embed(exp, state, images, ASCII_TEXTS)
   np.testing.assert_array_equal(open_clip.get_tokenizer(f'local-dir:{out}')(ASCII_TEXTS), ids)
   model = _siglip_model(m, out)

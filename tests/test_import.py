@@ -71,9 +71,9 @@ def _sentencepiece(path):
   return path
 
 
-def _save_open_clip(model, model_cfg, directory, mean_std=None):
+def _save_open_clip(model, model_cfg, directory, mean_std=None, exist_ok=False):
   from safetensors.torch import save_file
-  directory.mkdir()
+  directory.mkdir(exist_ok=exist_ok)
   save_file({k: v.contiguous() for k, v in model.state_dict().items()},
             str(directory / 'open_clip_model.safetensors'))
   preprocess = {'mean': list(mean_std[0]), 'std': list(mean_std[1])} if mean_std else {}
@@ -126,18 +126,25 @@ def make_open_clip(directory):
   return model
 
 
-def make_open_clip_siglip(directory):
+def make_open_clip_siglip(directory, siglip2=False):
   """open_clip's SigLIP: a timm image tower (at this test's size: one block
   of timm's vit_base_patch16_siglip definition, whose MLP computes exact
-  GELU) and open_clip's text tower."""
+  GELU) and open_clip's text tower; siglip2: its ViT-*-SigLIP2 configs' text
+  (Gemma's tokenizer, tanh GELU, canonicalized text)."""
   import open_clip
   import torch
   from timm.models.vision_transformer import VisionTransformer
-  spm = _sentencepiece(directory.parent / 'oc_siglip_spiece.model')
-  size = sentencepiece.SentencePieceProcessor(model_file=str(spm)).get_piece_size()
+  if siglip2:
+    directory.mkdir()
+    size = _gemma_sentencepiece(directory / 'tokenizer.model')
+  else:
+    spm = _sentencepiece(directory.parent / 'oc_siglip_spiece.model')
+    size = sentencepiece.SentencePieceProcessor(model_file=str(spm)).get_piece_size()
   text_cfg = dict(context_length=16, vocab_size=size, width=48, heads=4, layers=2,
                   no_causal_mask=True, proj_bias=True, pool_type='last',
                   norm_kwargs={'eps': 1e-6})  # exact GELU, as the published configs
+  if siglip2:  # as open_clip's ViT-B-16-SigLIP2.json
+    text_cfg['act_kwargs'] = {'approximate': 'tanh'}
   vision_cfg = dict(image_size=IMAGE_SIZE, timm_model_name='vit_base_patch16_siglip_224',
                     timm_model_pretrained=False, timm_pool='map', timm_proj='none')
   model = open_clip.CustomTextCLIP(embed_dim=768, vision_cfg=vision_cfg, text_cfg=text_cfg,
@@ -147,10 +154,13 @@ def make_open_clip_siglip(directory):
       class_token=False, global_pool='map', num_classes=0, act_layer='gelu',
       norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
   model = _perturbed(model)
+  tokenizer = {'hf_tokenizer_name': 'timm/ViT-B-16-SigLIP2' if siglip2 else 'timm/ViT-B-16-SigLIP',
+               'tokenizer_kwargs': {'clean': 'canonicalize'}}
   cfg = dict(embed_dim=768, init_logit_bias=-10, custom_text=True, vision_cfg=vision_cfg,
-             text_cfg=dict(text_cfg, hf_tokenizer_name='timm/ViT-B-16-SigLIP'))
-  _save_open_clip(model, cfg, directory)
-  shutil.copy(spm, directory / 'spiece.model')
+             text_cfg=dict(text_cfg, **tokenizer))
+  _save_open_clip(model, cfg, directory, exist_ok=siglip2)
+  if not siglip2:
+    shutil.copy(spm, directory / 'spiece.model')
   return model
 
 
@@ -293,7 +303,8 @@ MAKERS = {'transformers_clip': make_hf_clip, 'transformers_siglip': make_hf_sigl
           'transformers_siglip2_fixed': make_hf_siglip2_fixed,
           'open_clip': make_open_clip, 'open_clip_siglip': make_open_clip_siglip,
           'big_vision_siglip': make_big_vision_siglip,
-          'big_vision_siglip2': make_big_vision_siglip2}
+          'big_vision_siglip2': make_big_vision_siglip2,
+          'open_clip_siglip2': functools.partial(make_open_clip_siglip, siglip2=True)}
 
 
 @pytest.fixture(scope='module')
@@ -305,6 +316,17 @@ def sources(tmp_path_factory):
 
 def _reference_ids(name, directory, texts, length):
   """Token ids from the source's own tokenizer."""
+  if name.startswith('open_clip_siglip'):  # open_clip's HFTokenizer, the hub's settings
+    import open_clip
+    hub = ({'tokenizer_class': 'GemmaTokenizer', 'add_bos_token': False, 'add_eos_token': True,
+            'padding_side': 'right'} if name.endswith('2') else
+           {'tokenizer_class': 'SiglipTokenizer', 'eos_token': '</s>', 'pad_token': '</s>'})
+    (directory / 'tokenizer_config.json').write_text(json.dumps(hub))
+    tok = open_clip.tokenizer.HFTokenizer(str(directory), context_length=length,
+                                          clean='canonicalize')
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      return tok(texts).numpy()
   if 'siglip2' in name:  # with the published checkpoints' tokenizer settings
     from transformers import Siglip2Tokenizer
     tok = Siglip2Tokenizer.from_pretrained(directory, add_bos_token=False, add_eos_token=True,
@@ -417,7 +439,9 @@ def test_architecture_read_from_the_source(name, imported):
   np.testing.assert_allclose(c.dataset.mean, expected_mean)
   # SigLIP 2: Gemma's ids of lower-cased text padded with its pad, 0; SigLIP: SiglipTokenizer's.
   assert (c.text.normalize, c.text.pad_id) == (
-      ('lower', -1) if 'siglip2' in name else ('siglip', 1) if siglip else ('', -1))
+      ('open_clip_canonicalize', 1 if name.endswith('siglip') else -1)
+      if name.startswith('open_clip_siglip') else ('lower', -1) if 'siglip2' in name
+      else ('siglip', 1) if siglip else ('', -1))
   assert c.augment.image_size == IMAGE_SIZE  # NaFlex: the learned grid's side in pixels
   assert (c.dataset.resolution, tuple(c.dataset.max_patches)) == (
       ('naflex', (16,)) if name == 'transformers_siglip2' else

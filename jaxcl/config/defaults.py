@@ -147,7 +147,9 @@ def base_config():
       sentencepiece_model='',
       vocab_file='',  # open_clip's bpe_simple_vocab_16e6.txt.gz or a CLIP tokenizer.json
       pad_id=-1,  # -1: the tokenizer's own; SigLIP's (c4_en) pads with its EOS, 1
-      normalize='',  # sentencepiece: 'siglip' as SiglipTokenizer, 'lower' as SigLIP 2's
+      # sentencepiece: 'siglip' as SiglipTokenizer, 'lower' as SigLIP 2's Siglip2Tokenizer,
+      # 'open_clip_canonicalize' (_lower, _whitespace) as open_clip's HFTokenizer cleans
+      normalize='',
       max_length=64,  # tokens, end-of-text included
       width=256,
       depth=4,

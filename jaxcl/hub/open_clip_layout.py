@@ -70,7 +70,8 @@ def architecture(source, keys) -> dict:
                         f'{x.get("pool_type", "argmax")!r} is not an architecture jaxcl has')
   if pool is None:
     raise t.SourceError(f'{CONFIG}: text_cfg.pool_type {x["pool_type"]!r} is not one jaxcl has')
-  base = presets.ARCHITECTURES['ViT-B-16-SigLIP' if siglip else 'ViT-B-16']
+  base = presets.ARCHITECTURES[('ViT-B-16-SigLIP2' if _siglip2(x) else 'ViT-B-16-SigLIP')
+                               if siglip else 'ViT-B-16']
   values = dict(base)
   values.update({
       'model.embed_dim': m.get('embed_dim', 512),
@@ -105,14 +106,31 @@ def architecture(source, keys) -> dict:
   return values
 
 
+def _siglip2(x: dict) -> bool:
+  """open_clip's SigLIP 2 (ViT-*-SigLIP2*): Gemma's 256k-token table, named by its tokenizer."""
+  return 'siglip2' in str(x.get('hf_tokenizer_name', '')).lower() or x.get('vocab_size') == 256_000
+
+
+# open_clip's HFTokenizer `clean` -> jaxcl's text.normalize.
+CLEAN = {kind: f'open_clip_{kind}' for kind in ('canonicalize', 'lower', 'whitespace')}
+
+
 def _tokenizer(cfg: dict, x: dict) -> dict:
   """The tokenizer's config values. A jaxcl export records jaxcl's tokenizer
   in its "jaxcl" entry (bytes and plain SentencePiece have no open_clip
   form), and that is the tokenizer; otherwise open_clip's rule: a HF
   tokenizer is SentencePiece (SigLIP's), none CLIP's BPE."""
   spec = exported_tokenizer(cfg)
+  if not spec and x.get('hf_tokenizer_name'):
+    clean = t.section(x, 'tokenizer_kwargs', f'{CONFIG}: model_cfg.text_cfg.',
+                      null_is_empty=True).get('clean')
+    if clean is not None and clean not in CLEAN:
+      raise t.SourceError(f'{CONFIG}: text_cfg.tokenizer_kwargs.clean {clean!r} is not one of '
+                          f'{sorted(CLEAN)}')
+    return {'text.tokenizer': 'sentencepiece',
+            **({'text.normalize': CLEAN[clean]} if clean is not None else {})}
   if not spec:
-    return {'text.tokenizer': 'sentencepiece' if x.get('hf_tokenizer_name') else 'clip_bpe'}
+    return {'text.tokenizer': 'clip_bpe'}
   kind = spec.get('type')
   if kind not in presets.TOKENIZERS:
     raise t.SourceError(f'{CONFIG}: jaxcl.tokenizer.type {kind!r} is not one of '

@@ -40,6 +40,11 @@ from jaxcl.hub import open_clip_layout as layout_lib
 FORMAT = 'open_clip'
 BPE_GZ, BPE_JSON, SPIECE, HF_CONFIG = ('bpe_simple_vocab_16e6.txt.gz', 'tokenizer.json',
                                        'spiece.model', 'tokenizer_config.json')
+GEMMA = 'tokenizer.model'
+# text.normalize -> open_clip's HFTokenizer clean for a Gemma model: the same ids where
+# open_clip's own cleaning is the source's, else the nearest (its clean also runs ftfy).
+GEMMA_CLEAN = {'open_clip_canonicalize': 'canonicalize', 'siglip': 'canonicalize',
+               'open_clip_lower': 'lower', 'lower': 'lower'}
 EXPORT_FILES = frozenset({layout_lib.CONFIG, layout_lib.WEIGHTS, BPE_GZ, BPE_JSON, SPIECE,
                           HF_CONFIG})
 OPEN_CLIP_EPS = 1e-5  # open_clip's LayerNorm default
@@ -193,8 +198,17 @@ def _tokenizer(tokenizer, text_cfg: dict, output) -> tuple[dict, str]:
     return {name: tokenizer.vocab_bytes}, (
         f"open_clip.get_tokenizer('local-dir:{output}') (open_clip's SimpleTokenizer with its "
         f"built-in CLIP BPE; the run's own vocabulary is {name} there)")
-  if kind == 'sentencepiece' and tokenizer.normalize == 'siglip':
-    sp = sentencepiece.SentencePieceProcessor(model_proto=tokenizer.model_bytes)
+  sp = (sentencepiece.SentencePieceProcessor(model_proto=tokenizer.model_bytes)
+        if kind == 'sentencepiece' else None)
+  clean = GEMMA_CLEAN.get(tokenizer.normalize) if kind == 'sentencepiece' else None
+  if clean and sp.id_to_piece(tokenizer.eot_id) == '<eos>':  # SigLIP 2's Gemma model
+    hf = {'tokenizer_class': 'GemmaTokenizer', 'model_max_length': tokenizer.max_length,
+          'add_bos_token': False, 'add_eos_token': True, 'padding_side': 'right'}
+    text_cfg.update(hf_tokenizer_name=str(output), tokenizer_kwargs={'clean': clean})
+    return {GEMMA: tokenizer.model_bytes, HF_CONFIG: (json.dumps(hf, indent=2) + '\n').encode()
+            }, (f"open_clip.get_tokenizer('local-dir:{output}') (transformers' GemmaTokenizer "
+                f"over {GEMMA}, open_clip's clean={clean!r})")
+  if kind == 'sentencepiece' and tokenizer.normalize in ('siglip', 'open_clip_canonicalize'):
     piece = lambda i: sp.id_to_piece(i)
     hf = {'tokenizer_class': 'SiglipTokenizer', 'model_max_length': tokenizer.max_length,
           'do_lower_case': True, 'eos_token': piece(tokenizer.eot_id),

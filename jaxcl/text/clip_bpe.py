@@ -39,11 +39,14 @@ CLIP_MERGES = 49152 - 256 - 2  # open_clip's SimpleTokenizer reads merges[1:CLIP
 WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
+def basic_clean(text: str) -> str:
+  """open_clip's basic_clean: ftfy's fixes, HTML entities unescaped twice, stripped."""
+  return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
 def clean(text: str) -> str:
   """open_clip's SimpleTokenizer cleaning ('lower'): what CLIP was trained on."""
-
-  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-  return ' '.join(text.split()).lower()
+  return ' '.join(basic_clean(text).split()).lower()
 
 
 @functools.cache

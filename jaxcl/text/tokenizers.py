@@ -22,7 +22,9 @@ Tokenizers:
     produced from text, as it is a control symbol), pad is its pad id, or 0.
     normalize='siglip' first canonicalizes text as transformers' SiglipTokenizer
     does; with pad_id=1 (the EOS of Google's c4_en model) the rows are
-    SiglipTokenizer's (padding='max_length', truncation=True). SigLIP 2's Gemma
+    SiglipTokenizer's (padding='max_length', truncation=True). The
+    open_clip_* normalizations are open_clip's HFTokenizer cleanings, for
+    open_clip's SigLIP models (`clean: canonicalize`). SigLIP 2's Gemma
     model with normalize='lower' and max_length=64 gives Siglip2Tokenizer's rows
     (no BOS, EOS 1, pad 0 on the right: the published tokenizer_config's).
   clip_bpe: CLIP's byte-level BPE (jaxcl.text.clip_bpe) from a vocabulary file, id
@@ -164,6 +166,8 @@ class SentencePieceTokenizer(Tokenizer):
       texts = [_siglip_canonical(t) for t in texts]
     elif self.normalize == 'lower':
       texts = [_lower_each_character(t) for t in texts]
+    elif self.normalize:
+      texts = [_open_clip_clean(self.normalize.removeprefix('open_clip_'), t) for t in texts]
     pieces = [p[:self.max_length - 1] for p in self._sp.encode(texts, out_type=int)]
     content = np.fromiter(itertools.chain.from_iterable(pieces), np.int32)
     return _pack(content, [len(p) for p in pieces], self.max_length, self.pad_id, self.eot_id)
@@ -201,6 +205,18 @@ def _lower_each_character(text: str) -> str:
   library's Lowercase normalizer): character by character, so a final capital sigma
   becomes σ, where str.lower() would write ς."""
   return ''.join(character.lower() for character in text)
+
+
+def _open_clip_clean(kind: str, text: str) -> str:
+  """open_clip's HFTokenizer cleaning `kind` ('canonicalize', 'lower', 'whitespace'):
+  basic_clean (ftfy, HTML entities), then its canonicalize_text (underscores as spaces,
+  ASCII punctuation dropped, lower case) or lower case, whitespace runs as one space."""
+  text = clip_bpe.basic_clean(text)
+  if kind == 'canonicalize':
+    text = text.replace('_', ' ').translate(_NO_PUNCTUATION).lower()
+  elif kind == 'lower':
+    text = text.lower()
+  return ' '.join(text.split())
 
 
 class ClipBpeTokenizer(Tokenizer):

@@ -161,8 +161,10 @@ def _commit() -> str:
   def git(*args):
     return subprocess.run(['git', *args], capture_output=True, text=True,
                           check=False).stdout.strip()
+  # (this script's own output, benchmarks/seeds.json, is no change to the code)
   return (git('rev-parse', '--short', 'HEAD') or 'unknown') + (
-      '+' if git('status', '--porcelain', '--untracked-files=no') else '')
+      '+' if git('status', '--porcelain', '--untracked-files=no', '--', '.',
+                 ':!benchmarks/seeds.json') else '')
 
 
 def summarize(group: str, run_dir: epath.Path) -> dict:

@@ -204,9 +204,10 @@ def halving_results() -> str:
     best = max(same_seed, key=lambda g: g['linear_top1']) if same_seed else None
     best_cells = (f'{best["variant"]} | {best["linear_top1"]:.3f} | '
                   f'{100 * (best["linear_top1"] - r["linear_top1"]):.1f}' if best else '— | — | —')
+    wall = f'{r["wall_s"] / 60:.1f} min' if r.get('wall_s') else '— (resumed)'
     out.append(f'| {r["seed"]} | τ {r["winner"]} | {r["linear_top1"]:.3f} | {best_cells} | '
                f'{r["steps_trained"]:,} ({r["steps_trained"] / r["total_steps"]:.3f} runs) | '
-               f'{(r.get("wall_s") or 0) / 60:.1f} min | {r.get("commit", "?")} |')
+               f'{wall} | {r.get("commit", "?")} |')
   return '\n'.join(out)
 
 

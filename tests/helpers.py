@@ -238,9 +238,19 @@ F32_EPS = 1.2e-7  # float32's machine epsilon (np.finfo(np.float32).eps = 1.19e-
 
 
 def two_tower_batch(exp, n, seed=0):
-  """n random uint8 images of the dataset's shape and tokenized random captions."""
+  """n random uint8 images of the dataset's shape (a NaFlex run's: patches on
+  random grids within its largest budget) and tokenized random captions."""
   rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, size=(n, *exp.info.image_shape), dtype=np.uint8)
+  if exp.patching is None:
+    images = rng.integers(0, 256, size=(n, *exp.info.image_shape), dtype=np.uint8)
+  else:
+    from jaxcl.data import naflex  # noqa: PLC0415  (conftest imports helpers before XLA_FLAGS)
+    budget, patch = exp.patching.eval_budget, exp.patching.patch_size
+    grids = np.array([naflex.grid_for_budget(*rng.integers(1, 64, 2), patch, budget)
+                      for _ in range(n)], np.int32)
+    patches = rng.integers(0, 256, size=(n, budget, patch * patch * 3), dtype=np.uint8)
+    patches[np.arange(budget)[None] >= np.prod(grids, axis=1)[:, None]] = 0
+    images = {'patches': patches, 'grid': grids}
   words = ['red', 'blue', 'circle', 'square', 'small', 'top', 'left', 'a', 'the']
   captions = [' '.join(rng.choice(words, size=rng.integers(1, 8))) for _ in range(n)]
   return {'image': images, 'text': exp.tokenizer.encode(captions)}

@@ -47,27 +47,31 @@ def test_chunks_take_each_shards_own_rows():
       grad_cache.from_chunks(grad_cache.to_chunks(images, 2, 4), 4), images)
 
 
-def _setup(config_file, devices, microbatch_size, impl='dense', **extra):
+def _setup(config_file, devices, microbatch_size, impl='dense', naflex=False, **extra):
   config = tiny_config(config_file, TINY_TWO_TOWER, batch_size=16,
                        microbatch_size=microbatch_size, **extra)
+  if naflex:  # images as patches on their own grids, {'patches', 'grid'}: chunked alike
+    config.dataset.update(resolution='naflex', max_patches=(6,))
   config.loss.update(impl=impl, block_size=3)
   return experiment.setup(config, devices=jax.devices()[:devices])
 
 
 # (config, devices, loss, microbatch size): 4 chunks on 1 device, 2 on 8.
-CASES = [(CLIP_CONFIG, 1, 'dense', 4),
-         pytest.param(CLIP_CONFIG, 8, 'blockwise', 8, marks=pytest.mark.slow),
-         pytest.param(SIGLIP_CONFIG, 8, 'ring', 8, marks=pytest.mark.slow),
-         pytest.param(SIGLIP_CONFIG, 1, 'dense', 2, marks=pytest.mark.slow)]
+CASES = [(CLIP_CONFIG, 1, 'dense', 4, False),
+         pytest.param(CLIP_CONFIG, 8, 'blockwise', 8, False, marks=pytest.mark.slow),
+         pytest.param(SIGLIP_CONFIG, 8, 'ring', 8, False, marks=pytest.mark.slow),
+         pytest.param(SIGLIP_CONFIG, 1, 'dense', 2, False, marks=pytest.mark.slow),
+         pytest.param(SIGLIP_CONFIG, 8, 'dense', 8, True, marks=pytest.mark.slow)]
 
 
 @pytest.mark.slow  # too long for the quick loop (conftest.py: QUICK_TEST_S)
-@pytest.mark.parametrize('config_file,devices,impl,microbatch_size', CASES,
+@pytest.mark.parametrize('config_file,devices,impl,microbatch_size,naflex', CASES,
                          ids=lambda v: os.path.basename(v) if isinstance(v, str) else None)
-def test_microbatched_step_equals_whole_batch(config_file, devices, impl, microbatch_size):
+def test_microbatched_step_equals_whole_batch(config_file, devices, impl, microbatch_size,
+                                              naflex):
   results = []
   for m in (0, microbatch_size):
-    exp = _setup(config_file, devices, m, impl)
+    exp = _setup(config_file, devices, m, impl, naflex)
     state = exp.init_state()
     batch = parallel.put_batch(exp.mesh, two_tower_batch(exp, 16))
     (loss, (metrics, _, tau, *_)), grads = jax.jit(train_step.make_loss_and_grads(exp))(

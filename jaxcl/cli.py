@@ -319,7 +319,7 @@ def run(argv: list[str]) -> int:
       from jaxcl.hub import importer
       summary = importer.import_checkpoint(positional[0], _OUTPUT.value, _TOKENIZER.value)
       print(f'wrote {summary["workdir"]}: {summary["method"]}, {summary["parameters"]:,} '
-            f'parameters, {summary["image_size"]} px images, τ {summary["temperature"]:.4g} '
+            f'parameters, {summary["images"]}, τ {summary["temperature"]:.4g} '
             f'(step 0; jaxcl eval / export / train --workdir use it)')
     elif command == 'shard':
       from jaxcl.data import shard_writer

@@ -249,4 +249,7 @@ def import_checkpoint(source, output, tokenizer_file=None) -> dict:
       staging.rmtree(missing_ok=True)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   return {'workdir': str(output), 'method': config.method, 'parameters': n,
-          'temperature': config.temperature.init, 'image_size': config.augment.image_size}
+          'temperature': config.temperature.init, 'image_size': config.augment.image_size,
+          'images': (f'NaFlex patches within {max(config.dataset.max_patches)}'
+                     if config.dataset.resolution == 'naflex'
+                     else f'{config.augment.image_size} px images')}

@@ -162,12 +162,12 @@ def test_naflex_siglip_trains_evaluates_and_resumes_exactly(tmp_path):
   out = helpers.jaxcl('train', '--workdir', str(whole), *args).stdout
   assert 'siglip on captioned_shapes_flex' in out and 'final (step 8): zeroshot_top1' in out
   _check_resume_is_exact(whole, resumed, args, checkpoint=4, last=8)
-  # One checkpoint evaluated at three budgets; the largest's are also the plain keys.
+  # One checkpoint evaluated at three more budgets; the plain keys are the run's own (16).
   results = json.loads(helpers.jaxcl('eval', '--workdir', str(whole), '--max_patches',
-                                     '4,8,16').stdout)
+                                     '4,8,25,16').stdout)
   for key in ('zeroshot_top1', 'i2t_r1', 't2i_r1'):
     assert results[key] == results[f'max_patches/16/{key}']
-    assert {f'max_patches/{n}/{key}' for n in (4, 8)} <= set(results)
+    assert {f'max_patches/{n}/{key}' for n in (4, 8, 25)} <= set(results)
   assert results['max_patches/4/i2t_r10'] != results['max_patches/16/i2t_r10'] or (
       results['max_patches/4/tolerance'] != results['max_patches/16/tolerance'])
   _check_export(whole, tmp_path / 'image.jaxexport')

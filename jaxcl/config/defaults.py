@@ -248,8 +248,9 @@ def base_config():
       # and image-text retrieval datasets (TFDS, 'coco_captions'), each reported as
       # retrieval/KEY/i2t_r1 ... t2i_r10; `jaxcl eval --retrieval A,B` likewise.
       retrieval=(),
-      # dataset.resolution=naflex: the patch budgets evaluated, each reported as
-      # max_patches/N/zeroshot_top1 ...; empty: the largest of dataset.max_patches alone.
+      # dataset.resolution=naflex: more patch budgets evaluated, each reported as
+      # max_patches/N/zeroshot_top1 ...; the plain keys are the run's own (the largest of
+      # dataset.max_patches).
       # `jaxcl eval --max_patches A,B` likewise.
       max_patches=(),
   ))

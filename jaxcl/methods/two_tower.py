@@ -197,16 +197,15 @@ class TwoTower(base.Method):
     return TwoTowerEvalData(config, dataset)
 
   def evaluate(self, encoders, eval_data):
-    """`evaluate_at_budget` for a square run; for a NaFlex one at each of
-    eval.max_patches as max_patches/N/KEY, the largest's also as KEY."""
+    """`evaluate_at_budget`: a NaFlex run's at its own budget (the largest of
+    dataset.max_patches), and at each of eval.max_patches as max_patches/N/KEY."""
+    scores = self.evaluate_at_budget(encoders, eval_data)
     patching = data.patching(encoders.config.dataset, encoders.config.model.vit.patch_size)
-    budgets = tuple(encoders.config.eval.max_patches) if patching else ()
-    if not budgets:
-      return self.evaluate_at_budget(encoders, eval_data)
     results = {}
-    for budget in sorted(budgets):
-      scores = self.evaluate_at_budget(encoders, eval_data.at_budget(budget))
-      results.update({f'max_patches/{budget}/{k}': v for k, v in scores.items()})
+    for budget in sorted(encoders.config.eval.max_patches) if patching else ():
+      at_budget = (scores if budget == patching.eval_budget
+                   else self.evaluate_at_budget(encoders, eval_data.at_budget(budget)))
+      results.update({f'max_patches/{budget}/{k}': v for k, v in at_budget.items()})
     return {**scores, **results}
 
   def evaluate_at_budget(self, encoders, eval_data):

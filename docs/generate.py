@@ -53,6 +53,8 @@ def _mean_range(values: list, digits: int = 3, bold: bool = False) -> str:
   if not values:
     return ''
   mean = f'{sum(values) / len(values):.{digits}f}'
+  if len(values) == 1:  # one seed: no range to give
+    return f'**{mean}**' if bold else mean
   return f'{f"**{mean}**" if bold else mean} [{min(values):.{digits}f}, {max(values):.{digits}f}]'
 
 

@@ -213,14 +213,20 @@ def halving_results() -> str:
   return '\n'.join(out)
 
 
+def _benchmark(name: str):
+  """benchmarks/NAME.json, or None where it is not measured yet."""
+  path = REPO / 'benchmarks' / f'{name}.json'
+  return json.loads(path.read_text()) if path.exists() else None
+
+
 def naflex_budgets() -> str:
   """benchmarks/naflex_budgets.json (benchmarks/step_throughput.py's rows)."""
-  path = REPO / 'benchmarks' / 'naflex_budgets.json'
-  if not path.exists():
+  rows = _benchmark('naflex_budgets')
+  if rows is None:
     return '(not measured yet)'
   out = ['| images as | step ms | examples/s | GFLOP per example | peak MiB per device |',
          '|---|---|---|---|---|']
-  for row in json.loads(path.read_text()):
+  for row in rows:
     changed = row['variant'].removeprefix('dataset.')
     what = ('squares of 32 px (16 patches)' if 'square' in changed else
             f'NaFlex, {changed.split("=(")[1].rstrip(",)") if "=" in changed else 16} patches')
@@ -231,10 +237,10 @@ def naflex_budgets() -> str:
 
 def naflex_max_batch() -> str:
   """benchmarks/max_batch_siglip2_naflex.json: the largest batch per budget."""
-  path = REPO / 'benchmarks' / 'max_batch_siglip2_naflex.json'
-  if not path.exists():
+  measured = _benchmark('max_batch_siglip2_naflex')
+  if measured is None:
     return '(not measured yet: python benchmarks/max_batch.py --models siglip2_b16_naflex256,...)'
-  rows = json.loads(path.read_text())['rows']
+  rows = measured['rows']
   out = ['| patches per image | device memory | largest batch per device | its peak GB |',
          '|---|---|---|---|']
   patches = lambda row: int(row['model'].removeprefix('siglip2_b16_naflex'))

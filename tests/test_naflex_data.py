@@ -206,7 +206,7 @@ def _check_export(workdir, output):
     want = np.asarray(exp.embed(state.params, state.batch_stats,
                                 {'patches': patches, 'grid': grids}))
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, rtol=1e-6)  # unit rows
 
 
 @pytest.mark.parametrize('text', ['', '8,x', '0', '-4', '8;16'])

@@ -126,14 +126,6 @@ def _block(target, source) -> list[t.Rule]:
           + _flax(f'{target}/mlp_out', f'{source}/MlpBlock_0/Dense_1', 'dense'))
 
 
-def _patch_kernel(patch: int):
-  """naflex_vit's embedding, Dense [p p C, width] over (row, column, channel)-
-  flattened patches, as the convolution kernel [p, p, C, width]."""
-  def patch_kernel(w):
-    return w.reshape(patch, patch, -1, w.shape[1])
-  return patch_kernel
-
-
 def _grid(x):  # naflex_vit's position grid [g, g, width] -> [1, g g, width]
   return x.reshape(1, -1, x.shape[-1])
 
@@ -166,7 +158,7 @@ def rules(values: dict, keys) -> list[t.Rule]:
        t.rule('bias/value', f'{p}b', t.scalar)]
   if naflex:
     r[0] = t.rule('image_encoder/patchify/kernel', f'{p}img/embedding/kernel',
-                  _patch_kernel(values['model.vit.patch_size']))
+                  t.patch_kernel(values['model.vit.patch_size']))
   for i in range(t.count_blocks(keys, f'{img}/encoderblock_')):
     r += _block(f'image_encoder/blocks/{i}', f'{img}/encoderblock_{i}')
   for i in range(t.count_blocks(keys, f'{txt}/encoderblock_')):

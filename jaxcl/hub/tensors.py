@@ -143,6 +143,15 @@ def conv(w):  # [out, in, kh, kw] -> [kh, kw, in, out]
   return w.transpose(2, 3, 1, 0)
 
 
+def patch_kernel(patch: int):
+  """A linear patch embedding [p p C, width] over (row, column, channel)-
+  flattened patches (NaFlex's) -> the convolution kernel [p, p, C, width]
+  whose flattening jaxcl's ViT applies to the same patches."""
+  def convert(w):
+    return w.reshape(patch, patch, -1, w.shape[1])
+  return convert
+
+
 def same(x):
   return x
 

@@ -158,7 +158,7 @@ def rules(values: dict, keys) -> list[t.Rule]:
     patch_embedding = f'{vision}.embeddings.patch_embedding.weight'
     if len(keys.get(patch_embedding, ())) == 2:  # NaFlex: a linear map of flattened patches
       r[0] = t.rule('image_encoder/patchify/kernel', patch_embedding,
-                    _patch_kernel(values['model.vit.patch_size']))
+                    _linear_patch_kernel(values['model.vit.patch_size']))
     r += [t.rule('image_encoder/patchify/bias', f'{vision}.embeddings.patch_embedding.bias'),
           *map_head_rules(f'{head}.probe', f'{head}.attention.in_proj_weight',
                           f'{head}.attention.in_proj_bias', f'{head}.attention.out_proj',
@@ -168,13 +168,11 @@ def rules(values: dict, keys) -> list[t.Rule]:
   return r
 
 
-def _patch_kernel(patch: int):
-  """Siglip2's patch embedding, a Linear [width, p p C] of patches flattened by
-  (row, column, channel), as the convolution kernel [p, p, C, width] whose
-  flattening jaxcl's ViT applies to the same patches."""
-  def patch_kernel(w):
-    return w.T.reshape(patch, patch, w.shape[1] // (patch * patch), w.shape[0])
-  return patch_kernel
+def _linear_patch_kernel(patch: int):
+  """Siglip2's patch embedding, a torch Linear [width, p p C]: transposed, as
+  naflex_vit's Dense, then tensors.patch_kernel."""
+  dense = t.patch_kernel(patch)
+  return lambda w: dense(w.T)
 
 
 def map_head_rules(probe, in_weight, in_bias, out, norm, fc1, fc2) -> list[t.Rule]:

@@ -149,19 +149,21 @@ class Experiment:
     """Frozen-encoder features of uint8 images [b, H, W, C] -> [b, D] float32:
     SimCLR's encoder output, or the two-tower model's normalized image embedding."""
     model = nnx.merge(self.eval_graphdef, params, batch_stats)
-    if isinstance(images_uint8, dict):  # NaFlex patches: already at their resolution
-      return model.embed(standardize(images_uint8, self.config.dataset))
-    views = augment.eval_view(images_uint8, self.config.augment.image_size)
-    return model.embed(standardize(views, self.config.dataset))
+    return model.embed(self._eval_inputs(images_uint8))
 
   def predicted_temperature(self, params, batch_stats, images_uint8):
     """temperature.mode=predicted: τ(x) of uint8 images [b, H, W, C] -> [b]
     float32, the τ the loss gives the image as an anchor (its uncertainty)."""
     model = nnx.merge(self.eval_graphdef, params, batch_stats)
-    views = (images_uint8 if isinstance(images_uint8, dict)  # NaFlex patches
-             else augment.eval_view(images_uint8, self.config.augment.image_size))
-    anchors = self.method.image_anchors(model, standardize(views, self.config.dataset))
+    anchors = self.method.image_anchors(model, self._eval_inputs(images_uint8))
     return model.temperature.of_embeddings(anchors)
+
+  def _eval_inputs(self, images_uint8):
+    """The encoder's standardized input for evaluation: images resized to
+    augment.image_size, or NaFlex patches as they are (at their resolution)."""
+    views = (images_uint8 if isinstance(images_uint8, dict)
+             else augment.eval_view(images_uint8, self.config.augment.image_size))
+    return standardize(views, self.config.dataset)
 
   def embed_text(self, params, batch_stats, ids):
     """Normalized text embeddings of token ids int32 [b, L] -> [b, D] float32."""

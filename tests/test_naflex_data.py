@@ -3,6 +3,7 @@ grain pipeline as patches (one budget per global batch), evaluation batches
 of patches, the non-square captioned shapes, the config's checks, and a
 NaFlex SigLIP run that trains, evaluates and resumes exactly."""
 
+import io
 import json
 import shutil
 
@@ -124,8 +125,6 @@ def _dataset_group(**kwargs):
     (dict(max_patches=()), True, True, 'dataset.max_patches must be a positive integer'),
     (dict(resolution='naflex'), False, True, 'needs a ViT image tower'),
     (dict(resolution='naflex'), True, False, 'image-text method'),
-    (dict(resolution='naflex', name='image_folder'), True, True, 'not an image folder'),
-    (dict(resolution='naflex', name='mixture'), True, True, 'not a mixture'),
     (dict(eval_budgets=(16,)), True, True, 'eval.max_patches is for dataset.resolution=naflex'),
     (dict(resolution='naflex', eval_budgets=(0,)), True, True, 'eval.max_patches must be'),
 ])
@@ -219,7 +218,8 @@ def test_eval_budgets_flag_takes_positive_integers(text):
 @pytest.fixture(scope='module')
 def flex_shards(tmp_path_factory):
   """The non-square shapes as webdataset shards: 2 training shards of 48 PNGs
-  (one undecodable) and a held-out one of 32."""
+  (one undecodable, and each beginning with a 1-pixel strip) and a
+  held-out one of 32."""
   import webdataset as wds  # noqa: PLC0415  (a test-only reference library)
   folder = tmp_path_factory.mktemp('flex_shards')
   canvases = shapes.CaptionedShapesFlex.CANVASES
@@ -228,6 +228,8 @@ def flex_shards(tmp_path_factory):
     with wds.TarWriter(str(folder / f'{name}.tar')) as writer:
       for i, example in enumerate(shapes.generate(seed, count, canvases=canvases)):
         png = shapes._png(example['image']) if (name, i) != ('train-000001', 5) else b'broken'
+        if name.startswith('train') and i == 0:  # a 1-pixel strip: too thin for 8-px patches
+          png = shapes._png(example['image'][:1])
         writer.write({'__key__': f'{name}-{i:03d}', 'png': png, 'txt': example['captions'][0],
                       'cls': str(example['label'])})
   return folder
@@ -246,7 +248,9 @@ def test_naflex_from_shards_trains_and_resumes_exactly(flex_shards, tmp_path):
   assert 'NaFlex patches (budgets [8, 16])' in out and 'final (step 6):' in out
   _check_resume_is_exact(whole, resumed, args, checkpoint=3, last=6)
   rows = [json.loads(line) for line in (whole / 'metrics.jsonl').read_text().splitlines()]
-  assert max(r.get('skipped_samples', 0) for r in rows) >= 1  # the broken PNG, counted
+  assert max(r.get('skipped_samples', 0) for r in rows) >= 1  # counted, and listed:
+  skipped = json.loads((whole / 'skipped_samples.json').read_text())['first']
+  assert any('x1 px, enlarged 8 times' in why for why in skipped)  # a 1-pixel strip
 
 
 def test_patching_of_a_config():
@@ -254,3 +258,124 @@ def test_patching_of_a_config():
   p = naflex.patching(d, 8)
   assert (p.patch_size, p.budgets, p.eval_budget) == (8, (64, 16), 64)
   assert naflex.patching(ml_collections.ConfigDict({'resolution': 'square'}), 8) is None
+
+
+@pytest.mark.parametrize('height, width, patch, budget, bad', [
+    (1, 60, 8, 16, True),  # a 1-pixel strip: its one row of patches enlarges it 8 times
+    (60, 1, 16, 256, True),
+    (20, 60, 8, 16, False),
+    (32, 32, 8, 16, False),
+    (32, 32, 8, 1024, True),  # a thumbnail at a large budget: 32 x 32 patches of 8 px
+    (4, 4, 8, 16, True),
+    (5, 5, 8, 16, False),  # 6.4 times
+    (30, 2000, 16, 256, False),  # a panorama keeps its aspect: 2 x 125 patches
+])
+def test_the_naflex_size_rule_refuses_what_its_grid_would_enlarge_8_times(
+    height, width, patch, budget, bad):
+  problem = naflex.size_problem(height, width, patch, budget)
+  assert (problem is not None) == bad
+  assert naflex.size_problem(width, height, patch, budget) == (
+      problem and problem.replace(f'{width}x{height}', f'{height}x{width}').replace(
+          '{}x{} grid'.format(*naflex.grid_for_budget(height, width, patch, budget)),
+          '{}x{} grid'.format(*naflex.grid_for_budget(width, height, patch, budget))))
+
+
+def _encoded(image, kind='PNG'):
+  out = io.BytesIO()
+  Image.fromarray(image).save(out, format=kind, quality=95)
+  return out.getvalue()
+
+
+def test_naflex_decoding_skips_strips_and_corrupt_images_and_drafts_big_jpegs():
+  rng = np.random.default_rng(0)
+  fmt = decode.SampleFormat(image_size=0, naflex=(8, 16))
+  strip = _encoded(rng.integers(0, 256, (1, 60, 3), dtype=np.uint8))
+  image, problem = decode.decode_image(strip, fmt)
+  assert image is None and problem.startswith('wrongly sized image: 60x1 px')
+  kept, _ = decode.decode_image(strip, decode.SampleFormat(image_size=0, naflex=(8, 16),
+                                                           reject_small=False))
+  assert kept.shape == (1, 60, 3)  # a curated TFDS dataset uses every image
+  assert decode.decode_image(b'not an image', fmt)[1].startswith('undecodable image')
+  # A 640 x 480 JPEG for 16 patches of 8 (a 4 x 3 grid: 32 x 24 px) decodes at 1/8 scale.
+  smooth = np.kron(rng.integers(0, 256, (6, 8, 3)), np.ones((80, 80, 1))).astype(np.uint8)
+  jpeg = _encoded(smooth, 'JPEG')
+  full, _ = decode.decode_image(jpeg, fmt)
+  drafted, _ = decode.decode_image(jpeg, decode.SampleFormat(image_size=0, naflex=(8, 16),
+                                                             naflex_draft=True))
+  assert full.shape == (480, 640, 3) and drafted.shape == (60, 80, 3)
+  (a, grid_a), (b, grid_b) = (naflex.to_patches(x, 8, 16) for x in (full, drafted))
+  np.testing.assert_array_equal(grid_a, grid_b)
+  assert np.abs(a.astype(int) - b.astype(int)).mean() < 2  # grey levels
+
+
+@pytest.fixture(scope='module')
+def flex_pairs(tmp_path_factory):
+  """A pairs file of non-square images: two PNGs, a JPEG, a 1-pixel strip and
+  a corrupt file (the last two bad rows)."""
+  folder = tmp_path_factory.mktemp('flex_pairs')
+  rng = np.random.default_rng(1)
+  rows = []
+  for name, size, kind in (('wide.png', (20, 60), 'PNG'), ('tall.png', (48, 24), 'PNG'),
+                           ('photo.jpg', (40, 50), 'JPEG'), ('strip.png', (1, 60), 'PNG')):
+    (folder / name).write_bytes(_encoded(rng.integers(0, 256, (*size, 3), dtype=np.uint8),
+                                         kind))
+    rows.append({'image': name, 'caption': f'a picture named {name}'})
+  noise = _encoded(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+  (folder / 'broken.png').write_bytes(noise[:len(noise) // 2])
+  rows.append({'image': 'broken.png', 'caption': 'cut short'})
+  (folder / 'pairs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return folder
+
+
+def _naflex_group(**kwargs):
+  return _dataset_group(**{'resolution': 'naflex', 'max_patches': (8, 16), 'workers': 0,
+                          'image_size': 0, **kwargs})
+
+
+def test_a_pairs_file_at_native_size_gives_the_reference_patches(flex_pairs, tmp_path):
+  d = _naflex_group(name=data.PAIRS, path=str(flex_pairs / 'pairs.jsonl'),
+                    data_dir=str(tmp_path))
+  dataset = data.Dataset(d, 8)
+  source, info = dataset.split('train', with_text=True)
+  assert info.image_shape == (0, 0, 3) and len(source) == 3
+  bad = dict(dataset.builder().bad_rows)
+  assert bad[4].startswith('wrongly sized image: 60x1 px') and bad[5].startswith('undecodable')
+  for index, name in enumerate(('wide.png', 'tall.png', 'photo.jpg')):
+    record = source[index]
+    with Image.open(flex_pairs / name) as pil:
+      want, grid = naflex.to_patches(np.asarray(pil.convert('RGB')), 8, 16)
+    np.testing.assert_array_equal(record['image']['patches'], want)
+    np.testing.assert_array_equal(record['image']['grid'], grid)
+    assert record['captions'] == [f'a picture named {name}']
+  # Another budget is another conversion: the strip's rule depends on it.
+  assert data.Dataset(_naflex_group(name=data.PAIRS, path=str(flex_pairs / 'pairs.jsonl'),
+                                    data_dir=str(tmp_path), max_patches=(4,)),
+                      8).builder().data_dir != dataset.builder().data_dir
+
+
+def test_a_naflex_mixture_of_shards_and_a_pairs_file_streams_patches(flex_shards, flex_pairs,
+                                                                     tmp_path):
+  """Every kind of source at its own size in one stream: each global batch at
+  its budget, the 1-pixel strip of the shards and the broken PNG skipped."""
+  d = _naflex_group(name='mixture', data_dir=str(tmp_path), mixture=(
+      f'shards:{flex_shards}/train-{{000000..000001}}.tar=0.5',
+      f'pairs:{flex_pairs}/pairs.jsonl=0.5'), eval_urls=f'{flex_shards}/test-000000.tar')
+  dataset = data.Dataset(d, 8)
+  stream, info = dataset.training(with_text=True)
+  assert info.image_shape == (0, 0, 3)
+  it = data.train_batches(stream, batch_size=8, seed=0, process_index=0, process_count=1,
+                          patching=dataset.patching)
+  try:
+    for step in range(12):
+      batch = next(it)
+      budget = dataset.patching.batch_budget(0, step)
+      assert batch['image']['patches'].shape == (8, budget, 8 * 8 * 3)
+      rows, cols = batch['image']['grid'].T
+      assert (rows * cols <= budget).all() and (rows * cols >= budget // 2).all()
+    _, skipped, rows = it.counts()
+  finally:
+    it.close()
+  assert rows[0] > 0 and rows[1] > 0  # both sources in the batches
+  assert skipped[0] >= 1 and any('wrongly sized image: 60x1 px' in why for why in it.bad)
+  test, _ = dataset.split('test', with_text=True)  # the first source's held-out shards
+  assert test[0]['image']['patches'].shape == (16, 8 * 8 * 3)

@@ -78,7 +78,7 @@ def base_config():
                                            test_fraction=0.05)),
       image_size=0,  # 0: the dataset's own fixed size
       # 'square': every image resized to augment.image_size; 'naflex' (SigLIP 2, ViT towers):
-      # at its own aspect ratio, as patches within max_patches (TFDS datasets so far).
+      # at its own aspect ratio, as patches within max_patches (docs/naflex.md).
       resolution='square',
       max_patches=(256,),  # naflex: patch budgets, one drawn per global batch; eval: the largest
       # name='webdataset': tar shards ('DIR/shard-{000000..000099}.tar'; sources joined by

@@ -52,6 +52,7 @@ The modules, each importing only those above it:
 - pair_rows: the rows of (image path, caption) files, read and checked.
 - pairs: those files converted into a TFDS dataset.
 - shards: the webdataset tar format; decode: encoded samples -> records.
+- tfds_records: a prepared TFDS split as records; `tfds_builder`.
 - pipeline: `train_iterator`, `eval_batches`, `caption_sampler`, `in_workers`.
 - stream: streams of shard and record components, mixtures, `StreamBatches`.
 - shard_sources: the webdataset and mixture training splits, held-out shards.
@@ -82,16 +83,15 @@ from jaxcl.data.sources import (
   Dataset,
   DatasetError,
   DatasetInfo,
-  as_strings,
   component_configs,
   describe_size,
   known_size,
   load_source,
-  tfds_builder,
   train_batches,
   zeroshot_templates,
 )
 from jaxcl.data.stream import MIN_SAMPLES_FOR_BAD_FRACTION, StreamBatches
+from jaxcl.data.tfds_records import as_strings, tfds_builder
 
 __all__ = [
     'DEFAULT_TEMPLATES', 'EMBEDDED', 'IMAGE_SUFFIXES', 'MAX_UPSCALE',

@@ -9,8 +9,13 @@ central square, resized: what evaluation and the embedded datasets use),
 'random' (a random-resized crop, as open_clip's training transform, before
 the device's augmentation) or 'squash' (the whole image resized to a
 square, as SigLIP's preprocessing does). `decode` returns (record, None) or (None, why).
+At image_size 0 (NaFlex) the image keeps its size; with `naflex` (the patch
+size and the run's largest budget), an image its grid would enlarge
+MAX_UPSCALE times is refused (reject_small; jaxcl.data.naflex.size_problem)
+and, for training (`naflex_draft`), a JPEG is decoded only as large as that
+budget's grid needs.
 
-Imports only jaxcl.data.images.
+Imports only jaxcl.data.images and naflex.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from jaxcl.data import naflex as naflex_lib
 from jaxcl.data.images import MAX_UPSCALE, pil_error
 
 WEBDATASET_IMAGE_KEYS = 'jpg;png;jpeg;webp'
@@ -39,6 +45,11 @@ class SampleFormat:
   crop_scale: tuple[float, float] = (0.9, 1.0)
   channels: int = 3  # 1: decoded as grayscale
   reject_small: bool = True  # skip images under image_size / MAX_UPSCALE (web data)
+  # image_size 0: (patch size, largest budget) of a NaFlex run, else None.
+  naflex: tuple[int, int] | None = None
+  # Decode JPEGs at a reduced scale for that budget: training only, whose
+  # budgets are at most it (evaluation may ask more: `jaxcl eval --max_patches`).
+  naflex_draft: bool = False
 
 
 def decode(sample: dict, fmt: SampleFormat, rng: np.random.Generator | None = None):
@@ -89,6 +100,15 @@ def decode_image(data: bytes, fmt: SampleFormat, rng=None):
       least = (size if fmt.crop in ('center', 'squash')
                else math.ceil(size / math.sqrt(fmt.crop_scale[0])))
       pil.draft(mode, (least, least))
+    elif fmt.naflex:  # the same at the largest budget's grid (its sides in pil.size's order)
+      width, height = pil.size
+      patch_size, budget = fmt.naflex
+      problem = naflex_lib.size_problem(height, width, patch_size, budget)
+      if problem and fmt.reject_small:
+        return None, problem
+      if fmt.naflex_draft:
+        rows, cols = naflex_lib.grid_for_budget(height, width, patch_size, budget)
+        pil.draft(mode, (cols * patch_size, rows * patch_size))
     if pil.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # a rotated photo (else: no copy)
       pil = ImageOps.exif_transpose(pil)
     if pil.mode != mode:

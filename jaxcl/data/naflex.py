@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from jaxcl import errors
+from jaxcl.data.images import MAX_UPSCALE
 
 # The binary search over the scale, as the reference processors run it.
 _EPS = 1e-5
@@ -43,6 +44,20 @@ def grid_for_budget(height: int, width: int, patch_size: int,
     else:
       high = middle
   return patches(low, height), patches(low, width)
+
+
+def size_problem(height: int, width: int, patch_size: int, max_patches: int) -> str | None:
+  """Why a height x width image is unusable as NaFlex patches at a budget of
+  max_patches, or None: a side enlarged MAX_UPSCALE times or more to fill
+  its whole patches (a 1-pixel-wide strip; a thumbnail at a large budget),
+  the rule of the square resize (a shorter side under 1/MAX_UPSCALE of the
+  image size) for grids. Checked at the run's largest budget, which
+  enlarges most, so an image is used at every budget or at none."""
+  rows, cols = grid_for_budget(height, width, patch_size, max_patches)
+  if max(rows * patch_size / height, cols * patch_size / width) < MAX_UPSCALE:
+    return None
+  return (f'wrongly sized image: {width}x{height} px, enlarged {MAX_UPSCALE} times or more to '
+          f'its {rows}x{cols} grid of {patch_size}-px patches ({max_patches} patches)')
 
 
 def to_patches(image: np.ndarray, patch_size: int, max_patches: int):

@@ -10,6 +10,11 @@ into array_record files with the same features as jaxcl.data.shapes:
     'image': uint8 [S, S, 3] (PIL decode, RGB, central square resized to S),
     'captions': object array of UTF-8 bytes, one or more per image,
 
+or, at image size 0 (NaFlex runs, which keep each image's aspect ratio),
+'image' as the file's own bytes, decoded when read; an image is then
+checked at the run's patch size and largest budget (a 1-pixel-wide strip
+is a bad row: jaxcl.data.naflex.size_problem).
+
 read like any TFDS dataset with ``builder.as_data_source(split)``. Bad rows
 (unparseable, missing key, empty caption, missing or unreadable image) never
 stop a conversion: they are skipped, counted, and listed with their line
@@ -34,7 +39,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageOps
 
-from jaxcl.data import catalog
+from jaxcl.data import catalog, decode
 from jaxcl.data.images import MAX_UPSCALE, center_crop_resize, pil_error
 from jaxcl.data.pair_rows import absolute_path, in_test_split, read_pairs
 
@@ -65,30 +70,37 @@ class ImageTextPairsConfig(tfds.core.BuilderConfig):
   """
 
   path: str = ''
-  image_size: int = 0
+  image_size: int = 0  # 0: each image's own bytes (NaFlex), checked at the two below
   image_key: str = 'image'
   caption_key: str = 'caption'
   test_fraction: float = 0.0
+  patch_size: int = 0
+  max_patches: int = 0
 
   @classmethod
   def create(cls, path, *, image_size: int, image_key: str = 'image',
-             caption_key: str = 'caption', test_fraction: float = 0.0):
+             caption_key: str = 'caption', test_fraction: float = 0.0,
+             patch_size: int = 0, max_patches: int = 0):
     path = absolute_path(path)
-    if image_size <= 0:
-      raise ValueError(f'image_size must be positive, got {image_size}')
+    if image_size < 0 or (image_size == 0) != (patch_size > 0 and max_patches > 0):
+      raise ValueError(f'image_size must be positive, or 0 with a patch size and budget; got '
+                       f'{image_size} ({patch_size}-px patches, budget {max_patches})')
     if not 0.0 <= test_fraction < 1.0:
       raise ValueError(f'test_fraction must be in [0, 1), got {test_fraction}')
     # The file's contents are part of the identity: a pairs file edited in
     # place is converted anew, one merely touched or copied is not.
+    native = [patch_size, max_patches] if not image_size else []
     identity = json.dumps([path, image_size, image_key, caption_key, test_fraction,
-                           _content_hash(path)])
+                           _content_hash(path), *native])
     digest = hashlib.sha1(identity.encode('utf-8')).hexdigest()[:8]
     stem = re.sub(r'[^a-z0-9]+', '_', epath.Path(path).stem.lower())
     stem = stem.strip('_')[:40] or 'pairs'
-    return cls(name=f'{stem}_{digest}',
-               description=f'{path} at {image_size}x{image_size}',
+    size = (f'{image_size}x{image_size}' if image_size else
+            f'its own size ({max_patches} patches of {patch_size} px at most)')
+    return cls(name=f'{stem}_{digest}', description=f'{path} at {size}',
                path=path, image_size=image_size, image_key=image_key,
-               caption_key=caption_key, test_fraction=test_fraction)
+               caption_key=caption_key, test_fraction=test_fraction,
+               patch_size=patch_size, max_patches=max_patches)
 
 
 class ImageTextPairs(tfds.core.GeneratorBasedBuilder):
@@ -100,7 +112,8 @@ class ImageTextPairs(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES: ClassVar[dict[str, str]] = {
-      '1.0.0': 'image uint8 [S, S, 3] + captions; train and optional test.'}
+      '1.0.0': 'image uint8 [S, S, 3] (at size 0: the file\'s bytes) + captions; train and '
+               'optional test.'}
 
   def __init__(self, *, config: ImageTextPairsConfig | None = None, **kwargs):
     if not isinstance(config, ImageTextPairsConfig):
@@ -112,11 +125,14 @@ class ImageTextPairs(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     size = self.builder_config.image_size
+    # Native: the file's bytes (Tensor features need no TensorFlow to encode).
+    image = (tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8) if size
+             else tfds.features.Tensor(shape=(), dtype=np.object_))
     return tfds.core.DatasetInfo(
         builder=self,
         description=f'Image-caption pairs from {self.builder_config.path}.',
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8),
+            'image': image,
             # Encodes and decodes without TensorFlow; decodes to an object
             # array of UTF-8 bytes.
             'captions': tfds.features.Tensor(shape=(None,), dtype=np.object_),
@@ -158,6 +174,15 @@ class ImageTextPairs(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, items):
     size = self.builder_config.image_size
     for key, (path, captions) in enumerate(items):
+      if not size:
+        image, problem = self._native(path)
+        if problem:
+          self._skip(captions, problem)
+          continue
+        self.num_pairs += len(captions)
+        self.num_images += 1
+        yield key, {'image': image, 'captions': [caption for _, caption in captions]}
+        continue
       try:
         with epath.Path(path).open('rb') as f:
           pil = Image.open(f)
@@ -176,6 +201,18 @@ class ImageTextPairs(tfds.core.GeneratorBasedBuilder):
       self.num_images += 1
       yield key, {'image': image, 'captions': [caption for _, caption in captions]}
     self.bad_rows.sort()
+
+  def _native(self, path):
+    """(the file's bytes, None), or (None, why) for an image that does not
+    decode or is wrongly sized for NaFlex, found as the training read would."""
+    cfg = self.builder_config
+    try:
+      data = epath.Path(path).read_bytes()
+    except Exception as e:
+      return None, _image_problem(path, e)
+    fmt = decode.SampleFormat(image_size=0, naflex=(cfg.patch_size, cfg.max_patches))
+    _, problem = decode.decode_image(data, fmt)
+    return (None, f'{problem} ({path})') if problem else (data, None)
 
   def _skip(self, captions, reason):
     self.bad_rows.extend((line, reason) for line, _ in captions)
@@ -208,8 +245,11 @@ _ANNOUNCED = set()  # prepared datasets this process has reported
 
 def prepare_pairs(path, *, image_size: int, data_dir: str | None = None,
                   image_key: str = 'image', caption_key: str = 'caption',
-                  test_fraction: float = 0.0, log: Callable[[str], None] = print):
-  """The prepared ImageTextPairs builder for the pairs file `path`.
+                  test_fraction: float = 0.0, patch_size: int = 0, max_patches: int = 0,
+                  log: Callable[[str], None] = print):
+  """The prepared ImageTextPairs builder for the pairs file `path` (at
+  image_size, or at 0 the images' own bytes for NaFlex patches of
+  patch_size within max_patches).
 
   Converts the file on the first call for these arguments, logging one line
   with the counts and then up to MAX_LOGGED_BAD_ROWS bad rows; the full list
@@ -218,7 +258,8 @@ def prepare_pairs(path, *, image_size: int, data_dir: str | None = None,
   if the file is missing or unreadable or has no valid row.
   """
   config = ImageTextPairsConfig.create(path, image_size=image_size, image_key=image_key,
-                                       caption_key=caption_key, test_fraction=test_fraction)
+                                       caption_key=caption_key, test_fraction=test_fraction,
+                                       patch_size=patch_size, max_patches=max_patches)
   with catalog.quiet_absl():  # TFDS warns that the config is not one of BUILDER_CONFIGS
     builder = ImageTextPairs(config=config, data_dir=data_dir, file_format='array_record')
   bad_rows_path = epath.Path(builder.data_dir) / BAD_ROWS_FILE

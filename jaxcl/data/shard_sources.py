@@ -32,14 +32,19 @@ STREAMS_PER_PROCESS = 64
 TRAIN, TEST = 'train', 'test'
 
 
-def sample_format(cfg, with_text: bool, crop: str = 'center') -> decode_lib.SampleFormat:
-  """How the samples decode: at dataset.image_size, or for NaFlex at their own size."""
+def sample_format(cfg, with_text: bool, crop: str = 'center', patching=None,
+                  training: bool = False) -> decode_lib.SampleFormat:
+  """How the samples decode: at dataset.image_size, or for NaFlex
+  (`patching`, a jaxcl.data.naflex.Patching) at their own size, checked at
+  its largest budget."""
   keys = cfg.webdataset
   return decode_lib.SampleFormat(
-      image_size=0 if cfg.get('resolution') == 'naflex' else cfg.image_size,
+      image_size=0 if patching else cfg.image_size,
       image_keys=tuple(k for k in keys.image.split(';') if k),
       text_key=keys.text if with_text else None, label_key=keys.label, crop=crop,
-      crop_scale=tuple(cfg.crop_scale))
+      crop_scale=tuple(cfg.crop_scale),
+      naflex=(patching.patch_size, patching.eval_budget) if patching else None,
+      naflex_draft=training)
 
 
 def host_cores() -> int:
@@ -130,12 +135,14 @@ def check_streams(streams: int, shards: int | None, process_count: int) -> None:
                              f'needs shards of its own')
 
 
-def shard_component(cfg, with_text: bool, urls: str, what: str,
-                    name: str = 'shards') -> stream_lib.ShardComponent:
-  """The shards `urls` names (checked to exist) as a stream component."""
+def shard_component(cfg, with_text: bool, urls: str, what: str, name: str = 'shards',
+                    patching=None) -> stream_lib.ShardComponent:
+  """The shards `urls` names (checked to exist) as a stream component
+  (`patching`: a NaFlex run's, whose images keep their size)."""
   shards = shards_lib.expand_urls(urls)
   shards_lib.check_shards(shards, what)
-  return stream_lib.ShardComponent(name, tuple(shards), sample_format(cfg, with_text, cfg.crop))
+  fmt = sample_format(cfg, with_text, cfg.crop, patching, training=True)
+  return stream_lib.ShardComponent(name, tuple(shards), fmt)
 
 
 def parse_mixture(entries) -> list[tuple[str, str, float]]:
@@ -195,8 +202,9 @@ class ShardSamples:
     return self.records[index]
 
 
-def open_split(cfg, split: str, with_text: bool) -> ShardSamples:
-  """The in-memory evaluation split `split` ('train' or 'test') of `cfg`."""
+def open_split(cfg, split: str, with_text: bool, patching=None) -> ShardSamples:
+  """The in-memory evaluation split `split` ('train' or 'test') of `cfg`
+  (`patching`: a NaFlex run's, whose images keep their size)."""
   if split == TEST:
     urls, what, limit = cfg.eval_urls, 'dataset.eval_urls', 0
   elif split == TRAIN:
@@ -206,5 +214,5 @@ def open_split(cfg, split: str, with_text: bool) -> ShardSamples:
                               f"(dataset.eval_urls), not {split!r}")
   shards = shards_lib.expand_urls(urls)
   shards_lib.check_shards(shards, what)
-  return ShardSamples(shards, sample_format(cfg, with_text, decode_lib.evaluation_crop(cfg.crop)),
-                      limit)
+  fmt = sample_format(cfg, with_text, decode_lib.evaluation_crop(cfg.crop), patching)
+  return ShardSamples(shards, fmt, limit)

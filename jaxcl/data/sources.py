@@ -13,7 +13,6 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from tensorflow_datasets.core import read_only_builder, registered
 
 from jaxcl import errors, presets
 from jaxcl.data import (
@@ -26,8 +25,9 @@ from jaxcl.data import (
   shard_sources,
   stream as stream_lib,
 )
-from jaxcl.data.images import ImageFolderSource, center_crop_resize
+from jaxcl.data.images import ImageFolderSource
 from jaxcl.data.pipeline import train_iterator
+from jaxcl.data.tfds_records import TfdsRecords, tfds_builder
 
 DatasetError = errors.DatasetError
 
@@ -39,79 +39,6 @@ class DatasetInfo:
   image_shape: tuple[int, int, int]  # the stored resolution (H, W, C)
   num_classes: int  # 0 when unlabeled
   class_names: tuple[str, ...] = ()  # the label feature's names, when it has them
-
-
-def tfds_builder(name: str, data_dir: str | None):
-  """The TFDS builder for `name`, or DatasetError if TFDS has no such dataset."""
-  try:
-    registered.imported_builder_cls(name.split(':')[0].split('/')[0])
-  except registered.DatasetNotFoundError:
-    raise DatasetError(f'no TFDS dataset named {name!r}') from None
-  try:
-    return tfds.builder(name, data_dir=data_dir, file_format='array_record')
-  except ImportError as e:
-    # Many builders import TensorFlow, which only preparing needs: a prepared
-    # dataset is read from its own files, without the builder's code.
-    try:
-      return read_only_builder.builder_from_files(name, data_dir=data_dir)
-    except Exception:
-      raise DatasetError(
-          f'TFDS dataset {name!r} is not prepared in {data_dir or "the TFDS data dir"}, and its '
-          f'builder needs a package to prepare it ({e}); prepare it in array_record format '
-          f'where that package is installed') from None
-
-
-class _TfdsSource:
-  """A TFDS data source whose records come out as {'image', 'label'} numpy
-  arrays, plus 'captions' (a list of str) when `text_key` is given.
-
-  decode: for an encoded image feature (tfds.features.Image: JPEG/PNG bytes
-  in the array_record files), the jaxcl.data.decode.SampleFormat its bytes
-  are decoded with, here rather than by TFDS: the same path as shards, run
-  in grain's worker processes when training (`workers` of them)."""
-
-  def __init__(self, source, image_key, label_key, image_size, text_key=None, decode=None,
-               workers: int = 0, where: str = ''):
-    self._where = where
-    self._source, self._image_key, self._label_key = source, image_key, label_key
-    self._image_size, self._text_key, self._decode = image_size, text_key, decode
-    self.workers = workers if decode is not None else 0
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, index):
-    record = self._source[index]
-    if self._decode is not None:
-      image, problem = decode_lib.decode_image(record[self._image_key], self._decode)
-      if problem:  # TFDS checked every image when it prepared the dataset
-        raise DatasetError(f'record {index} of {self._where}: {problem}')
-    else:
-      image = np.asarray(record[self._image_key])
-      if image.ndim == 2:
-        image = image[..., None]
-      if self._image_size and image.shape[:2] != (self._image_size,) * 2:
-        image = center_crop_resize(image, self._image_size)
-    label = record[self._label_key] if self._label_key in record else -1
-    out = {'image': image.astype(np.uint8), 'label': np.int32(label)}
-    if self._text_key:
-      out['captions'] = as_strings(_nested(record, self._text_key))
-    return out
-
-
-def _nested(record, key: str):
-  """record['a']['b'] for key 'a/b' (TFDS nests Sequence/FeaturesDict features)."""
-  for part in key.split('/'):
-    record = record[part]
-  return record
-
-
-def as_strings(value) -> list[str]:
-  """A caption feature's value (str, bytes, or an array/list of them) -> list of str."""
-  if isinstance(value, (str, bytes)):
-    value = [value]
-  return [v.decode('utf-8', errors='replace') if isinstance(v, bytes) else str(v)
-          for v in np.asarray(value, dtype=object).reshape(-1)]
 
 
 DEFAULT_TEMPLATES = ('a photo of a {}.',)
@@ -140,6 +67,7 @@ class Dataset:
     # model's patch size at the evaluation budget; the training split's native,
     # for the pipeline to patch at each batch's budget.
     self.patching = naflex.patching(cfg, patch_size)
+    self._patch_size = patch_size  # a mixture's sources are opened with it
     self._builder = None
     self._classes = None  # an image folder's classes: its train split's sub-folders
     self._splits = {}  # (split, with_text): (source, DatasetInfo)
@@ -179,9 +107,11 @@ class Dataset:
 
   def _open_training(self, with_text: bool):
     cfg = self.cfg
-    info = DatasetInfo((cfg.image_size, cfg.image_size, 3), 0)
+    size = 0 if self.patching else cfg.image_size  # NaFlex: each image at its own size
+    info = DatasetInfo((size, size, 3), 0)
     if cfg.name == shard_sources.NAME:
-      component = shard_sources.shard_component(cfg, with_text, cfg.urls, 'dataset.urls')
+      component = shard_sources.shard_component(cfg, with_text, cfg.urls, 'dataset.urls',
+                                                patching=self.patching)
       return shard_sources.Stream(cfg, with_text, [component], [1.0]), info
     if cfg.name != shard_sources.MIXTURE:
       return self.split(cfg.train_split, with_text)
@@ -190,12 +120,13 @@ class Dataset:
       name = f'{index}:{_short_name(sub)}'
       if kind == 'shards':
         components.append(shard_sources.shard_component(
-            sub, with_text, sub.urls, f'dataset.mixture[{index}]', name=name))
+            sub, with_text, sub.urls, f'dataset.mixture[{index}]', name=name,
+            patching=self.patching))
       elif kind == 'folder' and with_text:
         raise DatasetError(f'dataset.mixture[{index}] is an image folder: it has no captions '
                            f'for a method with a text tower')
       else:
-        source, sub_info = Dataset(sub).training(with_text)
+        source, sub_info = Dataset(sub, self._patch_size).training(with_text)
         if sub_info.image_shape != info.image_shape:
           raise DatasetError(f'dataset.mixture[{index}] ({sub.name}) has images '
                              f'{sub_info.image_shape}, the mixture {info.image_shape}')
@@ -219,11 +150,11 @@ class Dataset:
 
   def _first_source(self) -> 'Dataset':
     if self._first is None:
-      self._first = Dataset(component_configs(self.cfg)[0][0])
+      self._first = Dataset(component_configs(self.cfg)[0][0], self._patch_size)
     return self._first
 
   def _open_shards(self, split, with_text):
-    source = shard_sources.open_split(self.cfg, split, with_text)
+    source = shard_sources.open_split(self.cfg, split, with_text, self.patching)
     # Classes 0..max of the `cls` members; -1 (no cls) is unlabeled, as in TFDS's shapes.
     num_classes = max(int(r['label']) for r in source.records) + 1
     size = self.cfg.image_size
@@ -256,11 +187,15 @@ class Dataset:
   def _prepared_builder(self):
     cfg = self.cfg
     if cfg.name == PAIRS:
+      # NaFlex: the images' own bytes, checked at the run's largest budget.
+      native = ({'image_size': 0, 'patch_size': self.patching.patch_size,
+                 'max_patches': self.patching.eval_budget} if self.patching
+                else {'image_size': cfg.image_size})
       try:
-        return pairs.prepare_pairs(cfg.path, image_size=cfg.image_size, data_dir=cfg.data_dir,
+        return pairs.prepare_pairs(cfg.path, data_dir=cfg.data_dir,
                                    image_key=cfg.pairs.image_column,
                                    caption_key=cfg.pairs.caption_column,
-                                   test_fraction=cfg.pairs.test_fraction)
+                                   test_fraction=cfg.pairs.test_fraction, **native)
       except ValueError as e:
         raise DatasetError(str(e)) from None
     builder = tfds_builder(cfg.name, cfg.data_dir)
@@ -288,7 +223,10 @@ class Dataset:
         raise DatasetError(f'dataset {cfg.name!r} has no feature {key!r} ({what}); '
                            f'it has {", ".join(features.keys())}')
     image_feature = features[cfg.image_key]
-    shape = tuple(image_feature.shape)
+    # Encoded images: TFDS's Image feature, or a native pairs file's scalar bytes.
+    encoded = isinstance(image_feature, tfds.features.Image) or (
+        image_feature.shape == () and image_feature.np_dtype == np.object_)
+    shape = (None, None, 3) if image_feature.shape == () else tuple(image_feature.shape)
     if len(shape) == 2:
       shape = (*shape, 1)
     if self.patching is not None:  # each image at its own size
@@ -302,17 +240,19 @@ class Dataset:
     names = tuple(getattr(label, 'names', None) or ()) if num_classes else ()
     decode = workers = None
     image_size = 0 if self.patching is not None else cfg.image_size
-    if isinstance(image_feature, tfds.features.Image):  # encoded: decoded by jaxcl, not TFDS
-      # A curated dataset: every image is used, however small (as TFDS's own decode would).
+    if encoded:  # decoded by jaxcl, not TFDS
+      # A curated dataset (or a pairs file, checked when converted): every image
+      # is used, however small (as TFDS's own decode would).
       decode = decode_lib.SampleFormat(image_size=image_size, channels=shape[-1],
                                        reject_small=False,
                                        crop=decode_lib.evaluation_crop(cfg.crop))
       workers = shard_sources.host_cores() if cfg.workers < 0 else cfg.workers
-      data_source = builder.as_data_source(
-          split=split, decoders={cfg.image_key: tfds.decode.SkipDecoding()})
+      skip = ({cfg.image_key: tfds.decode.SkipDecoding()}
+              if isinstance(image_feature, tfds.features.Image) else None)
+      data_source = builder.as_data_source(split=split, decoders=skip)
     else:
       data_source = builder.as_data_source(split=split)
-    source = _TfdsSource(data_source, cfg.image_key, cfg.label_key, image_size,
+    source = TfdsRecords(data_source, cfg.image_key, cfg.label_key, image_size,
                          text_key=cfg.text_key if with_text else None, decode=decode,
                          workers=workers or 0, where=f'{cfg.name} {split}')
     if self.patching is not None:

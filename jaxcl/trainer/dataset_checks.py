@@ -10,10 +10,6 @@ from etils import epath
 from jaxcl import errors, presets
 from jaxcl.errors import ConfigError, check
 
-# Sources whose images do not reach the pipeline at their own size yet.
-_NOT_NATIVE = {'image_folder': 'an image folder', 'image_text_pairs': 'a pairs file',
-               'mixture': 'a mixture'}
-
 
 def check_dataset_group(config, text_tower: bool, process_count: int, check_data: bool) -> None:
   """ConfigError for the first invalid value of config.dataset; with
@@ -56,9 +52,6 @@ def resolution_problem(d, vit: bool, text_tower: bool, eval_budgets=()) -> str:
   if d.resolution == 'naflex' and not (vit and text_tower):
     return ('dataset.resolution=naflex needs a ViT image tower (model.name vit-*) and an '
             'image-text method (clip, siglip): its images are patches, not crops')
-  if d.resolution == 'naflex' and d.name in _NOT_NATIVE:
-    return (f'dataset.resolution=naflex reads TFDS datasets and webdataset shards so far, not '
-            f'{_NOT_NATIVE[d.name]} ({d.name})')
   return ''
 
 
@@ -68,7 +61,8 @@ def _check_dataset(d, process_count: int):
     check(bool(d.path), f'dataset.path must name a JSONL or CSV file when dataset.name is '
                          f'{data.PAIRS}')
     check(epath.Path(d.path).is_file(), f'dataset.path {d.path} is not a file')
-    check(d.image_size > 0, f'dataset.image_size must be > 0 for {data.PAIRS}')
+    check(d.image_size > 0 or d.resolution == 'naflex',
+          f'dataset.image_size must be > 0 for {data.PAIRS}')
     check(0 <= d.pairs.test_fraction < 1,
            f'dataset.pairs.test_fraction must be in [0, 1), got {d.pairs.test_fraction}')
     return
@@ -78,8 +72,8 @@ def _check_dataset(d, process_count: int):
   if d.name == data.MIXTURE:
     check(bool(d.mixture), "dataset.mixture must list 'SOURCE=WEIGHT' entries when dataset.name "
                            "is mixture (shards:URLS, pairs:FILE, folder:PATH or a TFDS name)")
-    check(d.image_size > 0, 'dataset.image_size must be > 0 for a mixture (every source is '
-                            'read at that size)')
+    check(d.image_size > 0 or d.resolution == 'naflex',
+          'dataset.image_size must be > 0 for a mixture (every source is read at that size)')
     for index, (sub, _, _) in enumerate(data.component_configs(d)):
       try:
         _check_dataset(sub, process_count)

@@ -603,6 +603,14 @@ def test_held_out_shards_are_the_test_split(tmp_path, corpus):
 SHARD_WAIT_S = 300  # for its first shard: seconds on 2 idle cores, generous for a busy machine
 
 
+def _with_ctrl_c():
+  """SIGINT as a terminal's foreground job has it: pytest started in the
+  background of a shell without job control (`pytest ... &` in a script)
+  has it ignored, and its children inherit that, so Ctrl-C would not stop
+  the command under test."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_shard_of_many_rows(tmp_path, workers: int) -> subprocess.Popen:
   """`jaxcl shard` of 50,000 rows (one PNG re-encoded each time, minutes of
   work) into tmp_path/out in its own process group, as a terminal starts
@@ -615,7 +623,7 @@ def _start_shard_of_many_rows(tmp_path, workers: int) -> subprocess.Popen:
       [sys.executable, '-m', 'jaxcl.cli', 'shard', '--input', str(tmp_path / 'pairs.jsonl'),
        '--output', str(tmp_path / 'out'), '--shard_size=0.1', f'--workers={workers}'],
       cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      start_new_session=True)
+      start_new_session=True, preexec_fn=_with_ctrl_c)
   first = tmp_path / 'out' / shard_writer.UNFINISHED_DIR / 'train-000000.tar'
   deadline = time.monotonic() + SHARD_WAIT_S
   while not first.exists():

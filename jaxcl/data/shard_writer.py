@@ -37,6 +37,7 @@ import multiprocessing
 import re
 import signal
 import sys
+import threading
 
 from etils import epath
 from PIL import Image
@@ -161,12 +162,27 @@ def _submit(pool, paths: list) -> concurrent.futures.Future:
   on a submit and keeps the signal mask it started with, so the terminal's
   Ctrl-C, sent to the whole process group, reaches this process alone (once
   unblocked here; it stops the workers), not a worker, which would print a
-  traceback wherever it was (importing jaxcl, say)."""
+  traceback wherever it was (importing jaxcl, say).
+
+  The mask only blocks this thread: the kernel may hand the signal to the
+  pool's manager thread, and Python would then raise KeyboardInterrupt in
+  this thread, in the middle of submit's bookkeeping, leaving a pool whose
+  shutdown can wait forever. So a Ctrl-C is also held back at the Python
+  level and raised once submit has returned."""
+  received = []
+  handler = signal.getsignal(signal.SIGINT)
+  held = callable(handler) and threading.current_thread() is threading.main_thread()
+  if held:  # not when SIGINT is ignored (a background job) or not ours to handle
+    signal.signal(signal.SIGINT, lambda *_: received.append(True))
   old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
   try:
     return pool.submit(_encode_chunk, paths)
   finally:
     signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    if held:
+      signal.signal(signal.SIGINT, handler)
+      if received:
+        handler(signal.SIGINT, None)  # KeyboardInterrupt, or the caller's own handler
 
 
 def _merge(chunk, encoded):

@@ -9,8 +9,10 @@ The modules, each importing only those above it:
   loss, dense or tiled, with or without an estimator, behind one signature
   (embeddings, τ, LossOptions[, state]) -> LossResult; and the embedding
   diagnostics.
+- distill: a student's softmaxes over the batch pulled toward a teacher's
+  (open_clip's distillation loss), under the same signature.
 
-This package re-exports contrastive's public names: ``losses.clip_loss`` etc.
+This package re-exports their public names: ``losses.clip_loss`` etc.
 """
 
 from jaxcl.losses import estimators, tiled  # noqa: F401  (submodules, in import order)
@@ -26,8 +28,9 @@ from jaxcl.losses.contrastive import (
   nt_xent,
   siglip_loss,
 )
+from jaxcl.losses.distill import distill_loss
 
 __all__ = [
     'AUTO_DENSE_MAX_LOGITS', 'IMPLS', 'UNIFORMITY_ROWS', 'LossOptions', 'LossResult',
-    'alignment_uniformity', 'clip_loss', 'info_nce', 'nt_xent', 'siglip_loss',
+    'alignment_uniformity', 'clip_loss', 'distill_loss', 'info_nce', 'nt_xent', 'siglip_loss',
 ]

@@ -252,6 +252,20 @@ def naflex_max_batch() -> str:
   return '\n'.join(out)
 
 
+def per_example_comm() -> str:
+  """benchmarks/per_example_comm.json: the step's collectives per device."""
+  rows = _benchmark('per_example_comm')
+  if rows is None:
+    return '(not measured yet: python benchmarks/per_example_comm.py)'
+  out = ['| examples | estimator | collectives | KiB exchanged per device and step |',
+         '|---|---|---|---|']
+  for row in rows:
+    ops = ', '.join(f'{v["count"]} {op}' for op, v in row['collectives'].items())
+    out.append(f'| {row["examples"]:,} | {row["variant"]} | {ops} | '
+               f'{row["total_bytes"] / 1024:,.0f} |')
+  return '\n'.join(out)
+
+
 def naflex_results() -> str:
   rows = _group('naflex')
   variants = list(dict.fromkeys(r['variant'] for r in rows))
@@ -353,6 +367,7 @@ BLOCKS = {'what-a-run-writes': workdir_contents, 'configs': configs_table,
           'seed-results': seed_results, 'two-tower-results': two_tower_results,
           'naflex-results': naflex_results, 'naflex-budgets': naflex_budgets,
           'naflex-max-batch': naflex_max_batch, 'tau-halving': halving_results,
+          'per-example-comm': per_example_comm,
           **{name: functools.partial(_variant_rows, group, columns)
              for name, (group, columns) in TAU_TABLES.items()}}
 

@@ -219,20 +219,26 @@ def _benchmark(name: str):
   return json.loads(path.read_text()) if path.exists() else None
 
 
+def _table(columns: list[str], rows: list[list]) -> str:
+  """A Markdown table of `rows` (cells already formatted) under `columns`."""
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  return '\n'.join(lines + ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows])
+
+
 def naflex_budgets() -> str:
   """benchmarks/naflex_budgets.json (benchmarks/step_throughput.py's rows)."""
   rows = _benchmark('naflex_budgets')
   if rows is None:
     return '(not measured yet)'
-  out = ['| images as | step ms | examples/s | GFLOP per example | peak MiB per device |',
-         '|---|---|---|---|---|']
+  cells = []
   for row in rows:
     changed = row['variant'].removeprefix('dataset.')
     what = ('squares of 32 px (16 patches)' if 'square' in changed else
             f'NaFlex, {changed.split("=(")[1].rstrip(",)") if "=" in changed else 16} patches')
-    out.append(f'| {what} | {row["step_ms"]:.0f} | {row["examples_per_sec"]:.0f} | '
-               f'{row["gflops_per_example"]:.3f} | {row["peak_mib"]:.0f} |')
-  return '\n'.join(out)
+    cells.append([what, f'{row["step_ms"]:.0f}', f'{row["examples_per_sec"]:.0f}',
+                  f'{row["gflops_per_example"]:.3f}', f'{row["peak_mib"]:.0f}'])
+  return _table(['images as', 'step ms', 'examples/s', 'GFLOP per example',
+                 'peak MiB per device'], cells)
 
 
 def naflex_max_batch() -> str:
@@ -241,15 +247,15 @@ def naflex_max_batch() -> str:
   if measured is None:
     return '(not measured yet: python benchmarks/max_batch.py --models siglip2_b16_naflex256,...)'
   rows = measured['rows']
-  out = ['| patches per image | device memory | largest batch per device | its peak GB |',
-         '|---|---|---|---|']
   patches = lambda row: int(row['model'].removeprefix('siglip2_b16_naflex'))
+  cells = []
   for row in sorted(rows, key=lambda row: (patches(row), row['budget_gb'])):
     fits = row['checked'] and row['batch_size']
-    out.append(f'| {patches(row):,} | {row["budget_gb"]:g} GB | '
-               + (f'{row["batch_size"]:,} | {row["peak_bytes"] / 1e9:.1f} |' if fits
-                  else 'none fits | — |'))
-  return '\n'.join(out)
+    cells.append([f'{patches(row):,}', f'{row["budget_gb"]:g} GB',
+                  *([f'{row["batch_size"]:,}', f'{row["peak_bytes"] / 1e9:.1f}'] if fits
+                    else ['none fits', '—'])])
+  return _table(['patches per image', 'device memory', 'largest batch per device',
+                 'its peak GB'], cells)
 
 
 def per_example_comm() -> str:
@@ -257,13 +263,11 @@ def per_example_comm() -> str:
   rows = _benchmark('per_example_comm')
   if rows is None:
     return '(not measured yet: python benchmarks/per_example_comm.py)'
-  out = ['| examples | estimator | collectives | KiB exchanged per device and step |',
-         '|---|---|---|---|']
-  for row in rows:
-    ops = ', '.join(f'{v["count"]} {op}' for op, v in row['collectives'].items())
-    out.append(f'| {row["examples"]:,} | {row["variant"]} | {ops} | '
-               f'{row["total_bytes"] / 1024:,.0f} |')
-  return '\n'.join(out)
+  cells = [[f'{row["examples"]:,}', row['variant'],
+            ', '.join(f'{v["count"]} {op}' for op, v in row['collectives'].items()),
+            f'{row["total_bytes"] / 1024:,.0f}'] for row in rows]
+  return _table(['examples', 'estimator', 'collectives', 'KiB exchanged per device and step'],
+                cells)
 
 
 def naflex_results() -> str:

@@ -37,6 +37,7 @@ SENTENCEPIECE_FILE = 'tokenizer.model'  # and its SentencePiece model, if any
 CLIP_BPE_GZ_FILE, CLIP_BPE_JSON_FILE = 'tokenizer.bpe.txt.gz', 'tokenizer.bpe.json'
 CLIP_BPE_FILES = (CLIP_BPE_GZ_FILE, CLIP_BPE_JSON_FILE)
 DATA_FACTS_FILE = 'data_facts.json'  # what export needs of the data (jaxcl.workdir.run_files)
+TEACHER_FILE = 'teacher.json'  # distill.teacher's workdir and step (jaxcl.trainer.teacher)
 UNRESTORABLE_DIR = 'unrestorable_checkpoints'  # checkpoints set aside (jaxcl.trainer.checkpoints)
 LOCK_DIR = 'jaxcl.lock'  # held by the run in progress (jaxcl.workdir.lock)
 WALL_FILE = 'wall_time.json'  # a sweep run's training time
@@ -68,6 +69,8 @@ WORKDIR_CONTENTS = (
     (SENTENCEPIECE_FILE, 'and its SentencePiece model, if it has one'),
     (CLIP_BPE_GZ_FILE, 'or its CLIP BPE merges, as given (open_clip\'s file)'),
     (CLIP_BPE_JSON_FILE, 'or a Hugging Face tokenizer.json of CLIP BPE, as given'),
+    (TEACHER_FILE, 'distill.teacher: the teacher\'s workdir and the step of its weights '
+     'that teach the run, pinned for every resume'),
     (DATA_FACTS_FILE, 'what export needs of the data (image shape, classes, zero-shot '
      'prompts), so a run exports with its dataset gone'),
     (COMPILED_STEP_FILE, 'the compiled step\'s memory per device and FLOPs per example, '

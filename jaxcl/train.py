@@ -14,6 +14,7 @@ signal or a non-finite step stops the run cleanly (jaxcl.trainer.guards).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import time
 
@@ -30,6 +31,7 @@ from jaxcl.trainer import (
   guards,
   profiling,
   step_memory,
+  teacher as teacher_lib,
   throughput,
   train_step,
 )
@@ -56,6 +58,9 @@ def train_and_evaluate(config, workdir, *, allow_batch_change: bool = False,
     raise errors.ConfigError('wandb.project is set but wandb is not installed: pip install wandb')
   resuming = files.is_run(workdir)
   exp = setup(config, tokenizer=run_files.saved_tokenizer(workdir) if resuming else None)
+  if config.distill.teacher:  # its weights on this mesh, at the step the run pinned
+    exp = dataclasses.replace(exp, teacher=teacher_lib.load(config.distill.teacher, exp,
+                                                            workdir))
   size = data.known_size(exp.train_source)
   if size is not None and size < config.batch_size:
     raise errors.ConfigError(
@@ -134,7 +139,8 @@ class _Run:
       self.train_iter = data.train_batches(
           exp.train_source, batch_size=config.batch_size, seed=config.seed,
           process_index=jax.process_index(), process_count=jax.process_count(),
-          transform=exp.method.record_transform(exp.tokenizer), tokenizer=exp.tokenizer,
+          transform=exp.method.record_transform(exp.text_tokenizers()),
+          tokenizer=exp.text_tokenizers(),
           start_record=start_record, start_batch=start_batch, start_step=self.start_step,
           stream_positions=saved, patching=exp.patching)
       stack.push(_closer(self.train_iter, quiet=True))  # its worker processes end too
@@ -213,10 +219,12 @@ def _train(run: _Run, eval_data, compiled, total: int) -> dict:
   config, method = exp.config, exp.method
   facts = run_files.data_facts(exp.info, method.export_facts(config, exp.dataset, eval_data))
   run_files.write_run_start(workdir, config, run.history, exp.tokenizer, facts, start_step)
+  if exp.teacher is not None and jax.process_index() == 0:
+    teacher_lib.pin(workdir, exp.teacher)
   if compiled is None and start_step < total:  # the newest checkpoint did not restore
     compiled = _compile_and_check(exp)
   compiled_step, memory = compiled or (None, {'flops_per_device': None})
-  compiled_step = train_step.for_every_budget(exp, compiled_step)
+  compiled_step = train_step.runnable(exp, compiled_step)
   if compiled is not None and jax.process_index() == 0:
     step_memory.write(workdir, memory, config, jax.local_devices()[0])
   writer = run.open_writer(total)  # wandb.init may fail (no login): all is closed then
@@ -321,6 +329,9 @@ def _print_start(run: _Run, eval_data) -> None:
       + exp.method.describe_model(config, exp.tokenizer)
       + f', {num_params / 1e6:.2f}M params; '
       + (f'resuming from step {run.start_step}' if run.resumed else 'starting from step 0'))
+  if exp.teacher is not None:
+    writer.print(f'jaxcl: {exp.teacher.describe()}, weight {config.distill.weight:g} from step '
+                 f'{config.distill.start_step}')
   for note in run.notes:
     writer.print(note)
   if not eval_data.num_classes:

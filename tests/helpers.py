@@ -239,7 +239,8 @@ F32_EPS = 1.2e-7  # float32's machine epsilon (np.finfo(np.float32).eps = 1.19e-
 
 def two_tower_batch(exp, n, seed=0):
   """n random uint8 images of the dataset's shape (a NaFlex run's: patches on
-  random grids within its largest budget) and tokenized random captions."""
+  random grids within its largest budget) and tokenized random captions (and
+  a teacher's ids of them, with its own tokenizer)."""
   rng = np.random.default_rng(seed)
   if exp.patching is None:
     images = rng.integers(0, 256, size=(n, *exp.info.image_shape), dtype=np.uint8)
@@ -253,7 +254,8 @@ def two_tower_batch(exp, n, seed=0):
     images = {'patches': patches, 'grid': grids}
   words = ['red', 'blue', 'circle', 'square', 'small', 'top', 'left', 'a', 'the']
   captions = [' '.join(rng.choice(words, size=rng.integers(1, 8))) for _ in range(n)]
-  return {'image': images, 'text': exp.tokenizer.encode(captions)}
+  from jaxcl.data import pipeline  # noqa: PLC0415  (as naflex)
+  return {'image': images, **pipeline.tokenized(exp.text_tokenizers(), captions)}
 
 
 def qkv_biases(tree):

@@ -223,6 +223,13 @@ def base_config():
   # config_files.RENAMED_KEYS.)
   config.init = ml_collections.ConfigDict(dict(source='', load=()))
 
+  # Distillation from a trained model (clip, siglip; open_clip's loss form,
+  # jaxcl.losses.distill): `teacher` is a workdir (jaxcl train or jaxcl import)
+  # whose image-text similarities the model learns beside its own loss, weight
+  # `weight`, from step `start_step`; '' off. The teacher is frozen, sees the
+  # same crops, and reads the captions with its own tokenizer.
+  config.distill = ml_collections.ConfigDict(dict(teacher='', weight=1.0, start_step=0))
+
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=512,
       max_train_examples=0,  # 0: the whole labeled train split

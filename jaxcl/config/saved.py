@@ -81,6 +81,8 @@ KEYS_ADDED_LATER = {
     'compilation_cache_dir': '',
     # SigLIP 2's NaFlex (2026-12-07): earlier runs resized every image to a square.
     'dataset.resolution': 'square', 'dataset.max_patches': (256,), 'eval.max_patches': (),
+    # Distillation from a teacher (2026-12-07): earlier runs learned from their loss alone.
+    'distill.teacher': '', 'distill.weight': 1.0, 'distill.start_step': 0,
 }
 
 

@@ -21,15 +21,22 @@ def caption_sampler(tokenizer):
   """A grain random_map transform: record -> {'image', 'label', 'index', 'text'}, the
   text being one caption drawn at random (anew each epoch: the generator
   depends on the record's position in the repeated dataset), tokenized to
-  int32 [max_length]."""
+  int32 [max_length] (with a {key: tokenizer} dict, under each key: `tokenized`)."""
 
   def sample(record, rng: np.random.Generator):
     captions = record['captions']
     caption = captions[rng.integers(len(captions))] if captions else ''
-    return {'image': record['image'], 'label': record['label'], 'index': record['index'],
-            'text': tokenizer.encode([caption])[0]}
+    ids = {key: rows[0] for key, rows in tokenized(tokenizer, [caption]).items()}
+    return {'image': record['image'], 'label': record['label'], 'index': record['index'], **ids}
 
   return sample
+
+
+def tokenized(tokenizer, captions: list) -> dict:
+  """{batch key: int32 [n, L]} of the captions: 'text' for one tokenizer;
+  each key of a {key: tokenizer} dict (a teacher reading its own ids)."""
+  tokenizers = tokenizer if isinstance(tokenizer, dict) else {'text': tokenizer}
+  return {key: each.encode(captions) for key, each in tokenizers.items()}
 
 
 def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0,

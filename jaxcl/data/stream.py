@@ -312,7 +312,9 @@ def worker_count(local_streams: int, workers: int) -> int:
 class StreamBatches:
   """This process's rows of every global batch, endlessly: {'image' uint8
   [b, S, S, C], 'label' int32 [b], and with text 'text' (int32 [b, L] ids
-  from `tokenizer`; without one 'captions', a list of str)}.
+  from `tokenizer`, and a teacher's ids under its key with a dict of
+  tokenizers: jaxcl.data.pipeline.tokenized; without one 'captions', a
+  list of str)}.
 
   `positions` (int64 [local streams, components, 7]) is where each of this
   process's streams stands after the batches returned so far; `bad` lists
@@ -355,7 +357,7 @@ class StreamBatches:
       if self._tokenizer is None:
         batch['captions'] = captions
       else:
-        batch['text'] = self._tokenizer.encode(captions)
+        batch.update(pipeline.tokenized(self._tokenizer, captions))
     return batch
 
   def counts(self) -> np.ndarray:

@@ -176,12 +176,17 @@ class TwoTower(base.Method):
                                 temperature_t2i=temperature()
                                 if config.temperature.per_direction else None)
 
+  def views(self, keys, batch, config):
+    """The images as the towers see them before standardizing (a teacher
+    sees them too): one light crop per image, float32 [n, S, S, C] in
+    [0, 1]; NaFlex patches as they are, no crop."""
+    if isinstance(batch['image'], dict):
+      return batch['image']
+    return augment.random_views(keys, batch['image'], config.augment)[0]
+
   def model_inputs(self, keys, batch, config):
-    if isinstance(batch['image'], dict):  # NaFlex patches: the image as it is, no crop
-      return base.standardize(batch['image'], config.dataset), batch['text']
-    # One light crop per image; the caption is the other "view".
-    views = augment.random_views(keys, batch['image'], config.augment)[0]
-    return base.standardize(views, config.dataset), batch['text']
+    # The caption is the other "view".
+    return base.standardize(self.views(keys, batch, config), config.dataset), batch['text']
 
   def embeddings(self, model, inputs):
     images, ids = inputs

@@ -127,6 +127,18 @@ def restore_checkpoint(manager, abstract_state, step=None):
       state=ocp.args.StandardRestore(abstract_state, strict=strict))).state
 
 
+def restore_weights(manager, abstract_state, step: int):
+  """(params, batch_stats) of checkpoint `step` alone, in the layout of
+  `abstract_state`'s: a frozen model's weights without its optimizer
+  state, which is never read into memory (orbax's partial restore)."""
+  weights = {'params': abstract_state.params, 'batch_stats': abstract_state.batch_stats}
+  restore_args = jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(
+      sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype), weights)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=weights, restore_args=restore_args, partial_restore=True))).state
+  return restored['params'], restored['batch_stats']
+
+
 def _per_example_resized(manager, step: int, abstract_state):
   """(abstract_state, strict) for restoring checkpoint `step`: per-example
   tables (jaxcl.trainer.per_example) written on another number of devices have

@@ -69,6 +69,14 @@ class Experiment:
   # Examples of the training split (0 when unknown: set up from saved facts,
   # whose checkpoints give the per-example rows their size).
   train_examples: int = 0
+  teacher: Any = None  # distill.teacher, once loaded (jaxcl.trainer.teacher.Teacher)
+
+  def text_tokenizers(self):
+    """What the data pipeline tokenizes captions with: the tokenizer, or with
+    a teacher of its own tokenizer {batch key: tokenizer}."""
+    if self.teacher is None or self.teacher.text_key == 'text':
+      return self.tokenizer
+    return {'text': self.tokenizer, self.teacher.text_key: self.teacher.tokenizer}
 
   @property
   def replicated(self):

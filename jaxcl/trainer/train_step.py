@@ -6,7 +6,10 @@ global), or on microbatches of it (`microbatch_size`, jaxcl.trainer.grad_cache),
 and the loss runs in `jax.shard_map`: each device scores its rows
 against the embeddings gathered from all devices (jaxcl.losses). `jax.grad`
 is taken outside the shard_map, the optimizer updates the parameters, and
-the temperature is clamped back into range.
+the temperature is clamped back into range. With a teacher
+(config.distill, jaxcl.trainer.teacher) its embeddings of the same crops
+and captions join the loss's shard_map: the distillation term
+(jaxcl.losses.distill) is added with its weight from its start step.
 """
 
 from __future__ import annotations
@@ -75,26 +78,45 @@ def make_loss_and_grads(exp: Experiment):
   options = losses.LossOptions(parallel.BATCH_AXES, config.loss.impl, config.loss.block_size,
                                logit_transform(config.temperature.mode))
 
-  def loss(a, b, tau, bias, rows):
-    """rows: this device's rows of the per-example state (TrainState.per_example)."""
+  def loss(a, b, tau, bias, rows, taught):
+    """rows: this device's rows of the per-example state (TrainState.per_example);
+    taught: () or the teacher's (a', b', τ') and the term's weight at this step."""
     state = estimators.from_rows(rows, config.loss, config.temperature)
     result = method.loss(a, b, tau, bias, options, state=state)
+    value, metrics = result.loss, result.metrics
+    if taught:
+      teacher_a, teacher_b, teacher_tau, weight = taught
+      term = losses.distill_loss(a, b, teacher_a, teacher_b, tau, teacher_tau, options)
+      value = value + weight * term.loss
+      metrics = {**metrics, 'distill_loss': term.loss, **term.metrics}
     geometry = losses.alignment_uniformity(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b),
                                            axis_name=parallel.BATCH_AXES)
     new_rows = rows if state is None else result.state.rows()
-    return result.loss, {**result.metrics, **geometry}, new_rows
+    return value, {**metrics, **geometry}, new_rows
 
-  def loss_on_mesh(a, b, tau, bias, rows):
+  def loss_on_mesh(a, b, tau, bias, rows, taught):
     tau_spec = batch_spec if jnp.ndim(tau) == 2 else P()  # one τ per anchor: split like the rows
+    taught_specs = (batch_spec, batch_spec, P(), P()) if taught else ()
     return jax.shard_map(loss, mesh=exp.mesh,
-                         in_specs=(batch_spec, batch_spec, tau_spec, P(), batch_spec),
-                         out_specs=(P(), P(), batch_spec))(a, b, tau, bias, rows)
+                         in_specs=(batch_spec, batch_spec, tau_spec, P(), batch_spec,
+                                   taught_specs),
+                         out_specs=(P(), P(), batch_spec))(a, b, tau, bias, rows, taught)
 
-  def loss_and_grads(state: TrainState, batch):
+  def loss_and_grads(state: TrainState, batch, teacher_weights=None):
+    """teacher_weights: the teacher's (params, batch_stats), with a teacher."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     n = jax.tree.leaves(batch)[0].shape[0]
     inputs = (model_inputs_of(batch), augment.view_keys(key, method.num_views, n))
     rows = per_example.gather(state.per_example, batch)
+    taught = ()
+    if exp.teacher is not None:  # outside the gradient; the same crops as the student's
+      teacher = exp.teacher
+      views = method.views(inputs[1], inputs[0], config)
+      teacher_a, teacher_b, teacher_tau = teacher.embeddings(teacher_weights, views,
+                                                             batch[teacher.text_key])
+      weight = jnp.where(state.step >= config.distill.start_step,
+                         jnp.float32(config.distill.weight), jnp.float32(0))
+      taught = (teacher_a, teacher_b, jnp.asarray(teacher_tau, jnp.float32), weight)
 
     def head(params, a, b):
       """The global-batch loss of the embeddings; τ and the bias are the model's.
@@ -102,7 +124,8 @@ def make_loss_and_grads(exp: Experiment):
       model = merge(params, state.batch_stats)
       tau, bias = method.temperature(model, state.step, (a, b)), method.bias(model)
       value, metrics, new_rows = loss_on_mesh(a, b, tau,
-                                              jnp.float32(0) if bias is None else bias, rows)
+                                              jnp.float32(0) if bias is None else bias, rows,
+                                              taught)
       return value, (metrics, tau, bias, new_rows)
 
     if config.microbatch_size:
@@ -129,8 +152,9 @@ def make_train_step(exp: Experiment):
   donated; the batch is split over the batch axes."""
   loss_and_grads = make_loss_and_grads(exp)
 
-  def train_step(state: TrainState, batch):
-    (loss, (metrics, batch_stats, tau, bias, rows)), grads = loss_and_grads(state, batch)
+  def train_step(state: TrainState, batch, *teacher_weights):
+    (loss, (metrics, batch_stats, tau, bias, rows)), grads = loss_and_grads(state, batch,
+                                                                           *teacher_weights)
     updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Clamp log τ into [log τ_min, log τ_max] after the update (open_clip's way).
@@ -156,7 +180,9 @@ def make_train_step(exp: Experiment):
                               per_example=per_example.scatter(state.per_example, batch, rows))
     return new_state, metrics
 
-  return jax.jit(train_step, in_shardings=(exp.state_sharding, parallel.batch_sharding(exp.mesh)),
+  teacher = () if exp.teacher is None else (exp.teacher.shardings,)
+  return jax.jit(train_step, in_shardings=(exp.state_sharding, parallel.batch_sharding(exp.mesh),
+                                           *teacher),
                  out_shardings=(exp.state_sharding, exp.replicated), donate_argnums=0)
 
 
@@ -167,6 +193,8 @@ def abstract_batch(exp: Experiment, batch_size: int | None = None) -> dict:
   shapes = {'image': exp.image_shapes(n), 'index': ((n,), jnp.int32)}
   if exp.tokenizer is not None:
     shapes['text'] = ((n, exp.tokenizer.max_length), jnp.int32)
+  if exp.teacher is not None:
+    shapes['teacher_text'] = ((n, exp.teacher.tokenizer.max_length), jnp.int32)
   sharding = parallel.batch_sharding(exp.mesh)
   struct = lambda shape_dtype: jax.ShapeDtypeStruct(*shape_dtype, sharding=sharding)
   return {key: jax.tree.map(struct, shapes[key], is_leaf=lambda x: isinstance(x, tuple))
@@ -177,33 +205,42 @@ def compile_step(exp: Experiment):
   """The train step compiled ahead of time from the state's and the batch's
   shapes: nothing is allocated, and XLA's memory and cost analyses are
   there before the first step (jaxcl.trainer.step_memory)."""
-  return make_train_step(exp).lower(exp.abstract_state(), abstract_batch(exp)).compile()
+  teacher = () if exp.teacher is None else (jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      exp.teacher.weights),)
+  return make_train_step(exp).lower(exp.abstract_state(), abstract_batch(exp),
+                                    *teacher).compile()
 
 
-def for_every_budget(exp: Experiment, compiled):
-  """The compiled step, and for NaFlex batches at a smaller patch budget than
-  the largest (whose memory was checked) the same step, compiled at its
-  first batch of that budget."""
+def runnable(exp: Experiment, compiled):
+  """The compiled step as the loop calls it, step(state, batch): with a
+  teacher, its weights passed along; for NaFlex batches at a smaller patch
+  budget than the largest (whose memory was checked), the same step
+  compiled at its first batch of that budget."""
+  teacher = () if exp.teacher is None else (exp.teacher.weights,)
   if exp.patching is None or len(exp.patching.budgets) == 1:
-    return compiled
+    return lambda state, batch: compiled(state, batch, *teacher)
   jitted, largest = make_train_step(exp), exp.patching.eval_budget
 
   def step(state, batch):
     at_largest = batch['image']['patches'].shape[1] == largest
-    return (compiled if at_largest else jitted)(state, batch)
+    return (compiled if at_largest else jitted)(state, batch, *teacher)
 
   return step
 
 
 def step_batch_keys(exp: Experiment) -> tuple[str, ...]:
-  """The arrays of a batch the step reads: the method's, and the rows'
-  dataset indices when there is per-example state."""
-  return exp.method.batch_keys + (('index',) if exp.config.loss.estimator != 'batch' else ())
+  """The arrays of a batch the step reads: the method's, the rows' dataset
+  indices when there is per-example state, and a teacher's own token ids."""
+  teacher = exp.teacher
+  return (exp.method.batch_keys + (('index',) if exp.config.loss.estimator != 'batch' else ())
+          + ((teacher.text_key,) if teacher is not None and teacher.text_key != 'text' else ()))
 
 
 def model_inputs_of(batch: dict) -> dict:
-  """The batch without its dataset indices: what augmentation and the towers read."""
-  return {k: v for k, v in batch.items() if k != 'index'}
+  """The batch without its dataset indices and a teacher's token ids: what
+  augmentation and the student's towers read."""
+  return {k: v for k, v in batch.items() if k not in ('index', 'teacher_text')}
 
 
 def model_batch(exp: Experiment, batch: dict) -> dict:

@@ -24,6 +24,7 @@ def load_trained(workdir, *, open_data: bool = True, changes: dict | None = None
   config = config_lib.load_saved(workdir)
   if changes:
     config.update_from_flattened_dict(changes)
+  config.distill.teacher = ''  # a teacher teaches training only: gone, it stops no eval
   facts = None if open_data else run_files.saved_data_facts(workdir)
   try:
     validation.validate(config, check_data=facts is None)  # on the devices present now

@@ -6,6 +6,7 @@
   python benchmarks/seeds.py --group sogclr_batch --seeds 0,1,2
   python benchmarks/seeds.py --group halving --seeds 0,1,2  # jaxcl sweep --search halving
   python benchmarks/seeds.py --group naflex --seeds 0,1,2  # docs/naflex.md
+  python benchmarks/seeds.py --group distill --seeds 0,1,2  # docs/pretrained.md
 
 Each group is a list of variants: a config and its `--config.KEY=VALUE`
 overrides (VARIANTS below). Every (variant, seed) trains with `jaxcl train`
@@ -45,6 +46,12 @@ INDIVIDUAL = {**SOGCLR, 'temperature.mode': 'individual'}
 DIGITS_INDIVIDUAL = {**INDIVIDUAL, 'temperature.min': 0.05, 'temperature.max': 0.7}
 SHAPES_INDIVIDUAL = {**INDIVIDUAL, 'temperature.individual_rho': 4.0, 'temperature.init': 0.01,
                      'temperature.min': 0.005, 'temperature.max': 0.05}
+
+
+# A CLIP of a tenth of the shapes CLIP's width, one block per tower: the student.
+SMALL_CLIP = {'model.vit.width': 32, 'model.vit.depth': 1, 'model.vit.heads': 2,
+              'model.vit.mlp_dim': 64, 'text.width': 32, 'text.depth': 1, 'text.heads': 2,
+              'text.mlp_dim': 64}
 
 
 def _equal_epochs(batch_size: int, steps: int) -> dict:
@@ -97,6 +104,12 @@ VARIANTS = {
     'naflex': {  # docs/naflex.md: NaFlex against the square resize, the same compute
         'naflex': ('configs/siglip_flex_shapes.py:naflex', {'eval.max_patches': (9, 16, 25)}),
         'square': ('configs/siglip_flex_shapes.py:square', {}),
+    },
+    'distill': {  # docs/pretrained.md: the small CLIP alone, and taught by its seed's shapes CLIP
+        'teacher': (SHAPES, {}),
+        'alone': (SHAPES, SMALL_CLIP),
+        # {group_root}, {seed}: this group's folder and the run's seed (main)
+        'taught': (SHAPES, {**SMALL_CLIP, 'distill.teacher': '{group_root}/teacher-seed{seed}'}),
     },
     'halving': {  # `jaxcl sweep --search halving` over the default candidates
         'digits': (DIGITS, {}),
@@ -228,6 +241,8 @@ def main() -> None:
   for seed in seeds:  # every variant at a seed before the next seed
     for variant in chosen:
       config, overrides = VARIANTS[args.group][variant]
+      overrides = {k: v.format(group_root=root, seed=seed) if isinstance(v, str) else v
+                   for k, v in overrides.items()}
       train(args.group, config, overrides, seed, root / f'{variant}-seed{seed}')
   out = epath.Path(args.json)
   everything = _read_json(out) or {}

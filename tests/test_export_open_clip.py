@@ -362,6 +362,8 @@ def test_refusals_are_one_line_and_write_nothing(workdirs, clip_export, tmp_path
   simclr_run = _run_files(helpers.tiny_config(), tmp_path / 'simclr', 8)
   patch_bias_run = _run_files(_clip_config(**{'model.vit.patch_bias': True}),
                               tmp_path / 'patch_bias', 32)
+  naflex_run = _run_files(_clip_config(**{'dataset.resolution': 'naflex'}), tmp_path / 'naflex',
+                          0)
   earlier, _ = clip_export
   existing = tmp_path / 'existing'
   shutil.copytree(earlier, existing)
@@ -379,6 +381,7 @@ def test_refusals_are_one_line_and_write_nothing(workdirs, clip_export, tmp_path
       "model.vit.pool 'gap'": export(shapes_run, out),
       'the simclr model has no text tower': export(simclr_run, out),
       'model.vit.patch_bias True': export(patch_bias_run, out),
+      'open_clip has no NaFlex towers': export(naflex_run, out),
       'is not empty; pass --overwrite': export(clip, existing),
       'holds notes.txt: not an open_clip export': export(clip, mine, '--overwrite'),
       'is a file': export(clip, a_file),

@@ -232,6 +232,9 @@ def plan(config, tokenizer, output, *, timm_model_name: str | None = None) -> Pl
     refuse(f'the {config.method} model has no text tower; open_clip models pair an image '
            f'and a text tower')
   m, x = config.model, config.text
+  if config.dataset.resolution == 'naflex':
+    refuse('a NaFlex model (dataset.resolution=naflex): open_clip has no NaFlex towers '
+           '(3.3.0); `jaxcl export` without --format writes its embedders for any budget')
   if m.name not in presets.VIT_NAMES:
     refuse(f"model.name {m.name!r}: open_clip's ResNet (ModifiedResNet) is not jaxcl's; "
            f"only ViT image towers export")

@@ -182,9 +182,12 @@ mount -o remount,ro "$disk" || exit 92
 
 
 def test_full_disk_then_more_space_then_read_only(tmp_path):
-  """In a private mount namespace: a 900 KB tmpfs fills up at the fourth
-  checkpoint; then, with room, the same command resumes from the last
-  complete one; then, read-only, a run is refused before it starts."""
+  """In a private mount namespace: a 900 KB tmpfs fills up after a few
+  checkpoints; then, with room, the same command resumes from the last
+  complete one; then, read-only, a run is refused before it starts. Every
+  checkpoint is kept: with keep_checkpoints=3 the disk filled or not
+  depending on when orbax removed the oldest (a loaded machine's suite
+  once ran all 40 steps)."""
   if shutil.which('unshare') is None:
     pytest.skip('needs unshare(1) for a private tmpfs')
   disk = tmp_path / 'disk'
@@ -192,7 +195,7 @@ def test_full_disk_then_more_space_then_read_only(tmp_path):
   cmd = [sys.executable, '-m', 'jaxcl.cli', 'train', '--config', DIGITS_CONFIG, '--workdir',
          str(disk / 'w'), *tiny_overrides(), '--config.total_steps=40',
          '--config.checkpoint_every_steps=5', '--config.log_every_steps=5',
-         '--config.eval_every_steps=1000']
+         '--config.eval_every_steps=1000', '--config.keep_checkpoints=100']
   proc = subprocess.run(['unshare', '-rm', 'bash', '-c', DISK_SCRIPT, 'disk', str(disk), *cmd],
                         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
   if proc.returncode in (90, 91, 92) or 'unshare failed' in proc.stderr:

@@ -103,13 +103,39 @@ def test_builder_prepares_what_generate_makes(tmp_path, monkeypatch):
   assert features['label'].names == list(shapes.CLASS_NAMES)
   for split, (seed, num) in {'train': (0, 300), 'test': (1, 50)}.items():
     source = builder.as_data_source(split)
-    expected = shapes.generate(seed, num, S)
+    expected = shapes.generate(seed, num, S, geometry=True)
     assert len(source) == num
     for i in range(num):  # generation order is kept
       record = source[i]
       np.testing.assert_array_equal(record['image'], expected[i]['image'])
       assert [c.decode('utf-8') for c in record['captions']] == expected[i]['captions']
       assert record['label'] == expected[i]['label']
+      for key in ('boxes', 'box_labels', 'segmentation'):
+        np.testing.assert_array_equal(record[key], expected[i][key])
+
+
+def test_geometry_draws_nothing_and_says_where_each_shape_is(examples):
+  """generate(geometry=True) makes the same images; each shape's box holds
+  every pixel it mostly covers, and the segmentation names its class there."""
+  located = shapes.generate(0, 200, S, geometry=True)
+  for plain, example in zip(examples, located):
+    np.testing.assert_array_equal(plain['image'], example['image'])
+    assert plain['captions'] == example['captions'] and plain['label'] == example['label']
+    boxes, labels, segmentation = (example[k] for k in ('boxes', 'box_labels', 'segmentation'))
+    assert len(boxes) == len(labels) == (1 if example['label'] >= 0 else 2)
+    if example['label'] >= 0:
+      assert labels[0] == example['label']
+    for label in set(labels):  # two shapes may share a class: their boxes' union
+      rows, cols = np.nonzero(segmentation == label + 1)
+      inside = np.zeros(len(rows), bool)
+      for top, left, bottom, right in boxes[labels == label]:
+        assert 0 <= top < bottom <= 1 and 0 <= left < right <= 1
+        inside |= ((rows >= top * S) & (rows < bottom * S) & (cols >= left * S)
+                   & (cols < right * S))
+      assert inside.all() and len(rows) > 0
+      # The shape is drawn there: its pixels are far brighter than the dark background.
+      assert example['image'][rows, cols].max(axis=1).min() > shapes.BACKGROUND_MAX + 40
+    assert (segmentation == 0).mean() > 0.5  # mostly background
 
 
 # ------------------------------------------------------------------ pairs ---

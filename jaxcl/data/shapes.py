@@ -106,7 +106,7 @@ _MIN_SEPARATION = 0.85
 
 
 def generate(seed: int, num_images: int, image_size: int = 32,
-             canvases: tuple[tuple[int, int], ...] = ()) -> list[dict]:
+             canvases: tuple[tuple[int, int], ...] = (), geometry: bool = False) -> list[dict]:
   """`num_images` captioned images, the same for the same arguments.
 
   Returns a list of dicts
@@ -114,14 +114,22 @@ def generate(seed: int, num_images: int, image_size: int = 32,
       drawn from `canvases` for each image (the 3 x 3 cells then span each
       side, and a shape's radius is a fraction of the shorter side),
     'captions': list of CAPTIONS_PER_IMAGE distinct str,
-    'label': int, the CLASS_NAMES index for one shape, -1 for two.
+    'label': int, the CLASS_NAMES index for one shape, -1 for two;
+  with `geometry` (the same images: it draws no random number) also
+    'boxes': float32 [k, 4], each shape's (top, left, bottom, right) as
+      fractions of the height and width: the box of the pixels it covers at
+      least half of, in drawing order,
+    'box_labels': int32 [k], each shape's CLASS_NAMES index,
+    'segmentation': uint8 [H, W], 1 + the class of the shape covering at
+      least half of each pixel (the later one where two do), 0 elsewhere.
   """
   rng = np.random.default_rng(seed)
   if not canvases:
     # Pixel centers, shared by every shape's rasterization.
     coords = np.arange(image_size, dtype=np.float32) + 0.5
     ys, xs = np.meshgrid(coords, coords, indexing='ij')
-    return [_example(rng, (image_size, image_size), ys, xs) for _ in range(num_images)]
+    return [_example(rng, (image_size, image_size), ys, xs, geometry)
+            for _ in range(num_images)]
   # The canvas from a stream of its own: the shapes' stream is the square one's.
   picks = np.random.default_rng([seed, len(canvases)]).integers(len(canvases), size=num_images)
   grids = {}
@@ -129,28 +137,46 @@ def generate(seed: int, num_images: int, image_size: int = 32,
     ys, xs = np.meshgrid(np.arange(h, dtype=np.float32) + 0.5,
                          np.arange(w, dtype=np.float32) + 0.5, indexing='ij')
     grids[(h, w)] = ys, xs
-  return [_example(rng, canvases[i], *grids[canvases[i]]) for i in picks]
+  return [_example(rng, canvases[i], *grids[canvases[i]], geometry) for i in picks]
 
 
-def _example(rng, canvas, ys, xs) -> dict:
+def _example(rng, canvas, ys, xs, geometry: bool = False) -> dict:
   num_shapes = 1 if rng.random() < ONE_SHAPE_PROBABILITY else 2
   shapes = _layout(rng, canvas, num_shapes)
   background = rng.integers(0, BACKGROUND_MAX, size=3).astype(np.float32)
   image = background + rng.normal(0.0, BACKGROUND_NOISE, (*canvas, 3)).astype(np.float32)
+  alphas = []
   for shape in shapes:
     base = np.asarray(COLORS[shape['color']], np.float32)
     color = np.clip(base + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3), 0, 255)
     alpha = _coverage(shape['form'], ys - shape['y'], xs - shape['x'], shape['radius'])
     image = image * (1.0 - alpha[..., None]) + color * alpha[..., None]
+    alphas.append(alpha)
   image = np.clip(np.round(image), 0, 255).astype(np.uint8)
   templates = _ONE if num_shapes == 1 else _TWO
   chosen = rng.choice(len(templates), CAPTIONS_PER_IMAGE, replace=False)
   captions = [_caption(templates[i], shapes) for i in chosen]
-  if num_shapes == 1:
-    label = list(COLORS).index(shapes[0]['color']) * len(FORMS) + FORMS.index(shapes[0]['form'])
-  else:
-    label = -1
-  return {'image': image, 'captions': captions, 'label': label}
+  classes = [list(COLORS).index(shape['color']) * len(FORMS) + FORMS.index(shape['form'])
+             for shape in shapes]
+  example = {'image': image, 'captions': captions,
+             'label': classes[0] if num_shapes == 1 else -1}
+  return {**example, **_geometry(alphas, classes)} if geometry else example
+
+
+def _geometry(alphas: list, classes: list) -> dict:
+  """generate's 'boxes', 'box_labels' and 'segmentation' of the shapes'
+  coverages (float32 [H, W] each, in drawing order) and classes."""
+  height, width = alphas[0].shape
+  segmentation = np.zeros((height, width), np.uint8)
+  boxes = []
+  for alpha, label in zip(alphas, classes):
+    inside = alpha >= 0.5
+    segmentation[inside] = label + 1
+    rows, cols = np.nonzero(inside.any(axis=1))[0], np.nonzero(inside.any(axis=0))[0]
+    boxes.append([rows[0] / height, cols[0] / width, (rows[-1] + 1) / height,
+                  (cols[-1] + 1) / width])
+  return {'boxes': np.asarray(boxes, np.float32), 'box_labels': np.asarray(classes, np.int32),
+          'segmentation': segmentation}
 
 
 def _layout(rng, canvas, num_shapes) -> list[dict]:
@@ -226,10 +252,11 @@ def _caption(template: str, shapes: list[dict]) -> str:
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
   """Procedural captioned shapes: 32x32 RGB, 3 captions each, 24 classes."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES: ClassVar[dict[str, str]] = {
       '1.0.0': 'train = generate(0, 10000), test = generate(1, 1000), 32x32.',
-      '1.1.0': 'Captions vary in detail: some leave out the position or the size.'}
+      '1.1.0': 'Captions vary in detail: some leave out the position or the size.',
+      '1.2.0': 'Each shape\'s box and class, and a segmentation map (the same images).'}
   IMAGE_SIZE = 32
   # split: (seed, number of images)
   SPLITS: ClassVar[dict[str, tuple[int, int]]] = {'train': (0, 10_000), 'test': (1, 1_000)}
@@ -247,6 +274,11 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
             # array of UTF-8 bytes.
             'captions': tfds.features.Tensor(shape=(None,), dtype=np.object_),
             'label': tfds.features.ClassLabel(names=CLASS_NAMES),
+            # generate(geometry=True): boxes (top, left, bottom, right) as fractions,
+            # their classes, and 1 + the class of each pixel (0: background)
+            'boxes': tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+            'box_labels': tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            'segmentation': tfds.features.Tensor(shape=(size, size), dtype=np.uint8),
         }),
         # Records stay in generation order: source[i] == generate(seed, n)[i].
         disable_shuffling=True,
@@ -258,7 +290,7 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
             for split, (seed, num) in self.SPLITS.items()}
 
   def _generate_examples(self, seed, num_images):
-    yield from enumerate(generate(seed, num_images, self.IMAGE_SIZE))
+    yield from enumerate(generate(seed, num_images, self.IMAGE_SIZE, geometry=True))
 
 
 class CaptionedShapesFlex(tfds.core.GeneratorBasedBuilder):

@@ -37,6 +37,8 @@ class Encoders:
   weights: str = ''
   temperature: float = 1.0
   logit_transform: str = 'linear'
+  # A ViT's patch tokens of uint8 images, flattened [b, patches x width] (the patch probe).
+  patch_tokens: Callable | None = None
 
 
 class Method(abc.ABC):

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxcl import data, errors, files, models, presets
 from jaxcl.data import augment
-from jaxcl.evaluation import probes, zeroshot_cache, zeroshot_suite
+from jaxcl.evaluation import patch_probe, probes, zeroshot_cache, zeroshot_suite
 from jaxcl.methods import base
 from jaxcl.text import tokenizers
 
@@ -34,7 +34,7 @@ class TwoTowerEvalData:
   def __init__(self, config, dataset):
     d = config.dataset
     self.num_classes, self.class_names, self.templates = 0, (), ()
-    self.test = self.zeroshot = None
+    self.test = self.zeroshot = self.patches = None
     entries = [zeroshot_suite.parse_all(config.eval[group], group)
                for group in zeroshot_suite.GROUPS]
     channels = (dataset.training(with_text=True)[1].image_shape[-1]
@@ -51,6 +51,7 @@ class TwoTowerEvalData:
     self.zeroshot, self.class_names, self.templates = zeroshot_data(config, dataset,
                                                                     with_captions=True)
     self.num_classes = len(self.class_names)
+    self.patches = patch_probe.open_data(config, dataset)  # None where it does not apply
 
   @property
   def evaluates(self) -> bool:
@@ -216,8 +217,10 @@ class TwoTower(base.Method):
   def evaluate_at_budget(self, encoders, eval_data):
     """Zero-shot top-1/5, its calibration and the image embeddings'
     tolerance and uniformity (when a labeled split is there), image-to-text /
-    text-to-image recall@1/5/10, then the suite's zeroshot/KEY/top1|top5|ece...
-    and retrieval/KEY/i2t_r1 ... (jaxcl.evaluation.zeroshot_suite)."""
+    text-to-image recall@1/5/10, the patch probe (where the data has a
+    segmentation: jaxcl.evaluation.patch_probe), then the suite's
+    zeroshot/KEY/top1|top5|ece... and retrieval/KEY/i2t_r1 ...
+    (jaxcl.evaluation.zeroshot_suite)."""
     suite = {}
     for entry in eval_data.suite:
       scores = _zeroshot(encoders, entry.source, entry.class_names, entry.templates)[0]
@@ -237,16 +240,22 @@ class TwoTower(base.Method):
     same = eval_data.zeroshot is eval_data.test and eval_data.num_classes
     results.update(_retrieval(encoders, images if same else None, eval_data.test,
                               eval_data.captions))
+    if eval_data.patches is not None and encoders.patch_tokens is not None:
+      results.update(patch_probe.evaluate(encoders.patch_tokens, encoders.mesh,
+                                          eval_data.patches, encoders.config.eval))
     return {**results, **suite}
 
   def rankable_metrics(self, config):
-    """Zero-shot top-1/5 and recall@k, then the same of each entry of
-    eval.zeroshot and eval.retrieval (zeroshot/KEY/top1 ..., as `evaluate`)."""
+    """Zero-shot top-1/5, recall@k and a ViT's patch probe, then the same of
+    each entry of eval.zeroshot and eval.retrieval (zeroshot/KEY/top1 ...,
+    as `evaluate`)."""
     suite = [f'zeroshot/{entry.key}/{metric}' for metric in ('top1', 'top5')
              for entry in zeroshot_suite.parse_all(config.eval.zeroshot)]
     suite += [f'retrieval/{entry.key}/{metric}' for metric in RECALLS
               for entry in zeroshot_suite.parse_all(config.eval.retrieval, 'retrieval')]
-    return ('zeroshot_top1', 'zeroshot_top5', *RECALLS, *suite)
+    dense = (('patch_probe_top1',) if config.model.name in presets.VIT_NAMES
+             and config.dataset.resolution == 'square' else ())
+    return ('zeroshot_top1', 'zeroshot_top5', *RECALLS, *dense, *suite)
 
   def export_paths(self, output):
     return [files.text_artifact_path(output),

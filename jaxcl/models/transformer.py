@@ -227,6 +227,13 @@ class ViT(nnx.Module):
                              dtype=dtype) if pool == 'map' else None)
 
   def __call__(self, x, grid=None):
+    return self.pooled(*self.tokens(x, grid))
+
+  def tokens(self, x, grid=None):
+    """(the final LayerNorm's tokens [b, T, width], each image's tokens
+    before its padding [b] or None): the class token first for 'cls',
+    then the patches row by row, unpooled (what dense probes and a
+    decoder's cross-attention read)."""
     if grid is None:
       x = self.patchify(x)
       b, h, w, width = x.shape
@@ -243,6 +250,10 @@ class ViT(nnx.Module):
       x = self.pre_norm(x)
     x = self.norm(run_blocks(self.blocks, x, remat=self.remat, scan=self.scan_layers,
                              lengths=lengths))
+    return x, lengths
+
+  def pooled(self, x, lengths):
+    """tokens(...)'s output pooled as `pool` says: float32 [b, width]."""
     if self.pool == 'map':
       pooled = self.map_head(x, lengths)
     elif self.pool == 'cls':

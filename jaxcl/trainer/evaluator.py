@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcl import parallel
+from jaxcl import parallel, presets
 from jaxcl.methods.base import Encoders
 from jaxcl.models.temperature import logit_transform
 from jaxcl.trainer.experiment import Experiment, TrainState
@@ -26,6 +26,8 @@ def make_embed_fns(exp: Experiment) -> dict:
   fns = {'image': jax.jit(exp.embed, **shardings)}
   if exp.method.text_tower:
     fns['text'] = jax.jit(exp.embed_text, **shardings)
+    if exp.config.model.name in presets.VIT_NAMES:  # jaxcl.evaluation.patch_probe
+      fns['patch_tokens'] = jax.jit(exp.patch_tokens, **shardings)
   return fns
 
 
@@ -35,10 +37,11 @@ def run_evaluation(exp: Experiment, state: TrainState, eval_data, embed_fns,
   exp.method.open_eval_data); fractions in [0, 1]. workdir: the run's, where
   a text tower's zero-shot classifiers are cached (jaxcl.evaluation.zeroshot_cache)."""
   bind = lambda fn: functools.partial(fn, state.params, state.batch_stats)
-  text = embed_fns.get('text')
+  text, patch_tokens = embed_fns.get('text'), embed_fns.get('patch_tokens')
   cached = workdir is not None and text is not None
   encoders = Encoders(config=exp.config, mesh=exp.mesh, image=bind(embed_fns['image']),
                       text=bind(text) if text is not None else None, tokenizer=exp.tokenizer,
+                      patch_tokens=bind(patch_tokens) if patch_tokens is not None else None,
                       workdir=workdir if cached else None, step=int(state.step),
                       weights=weights_fingerprint(state.params) if cached else '',
                       temperature=model_temperature(exp, state),

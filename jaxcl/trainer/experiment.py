@@ -173,6 +173,14 @@ class Experiment:
              else augment.eval_view(images_uint8, self.config.augment.image_size))
     return standardize(views, self.config.dataset)
 
+  def patch_tokens(self, params, batch_stats, images_uint8):
+    """A two-tower ViT's patch tokens of uint8 images [b, H, W, C],
+    flattened: float32 [b, patches x width] (the class token left out)."""
+    model = nnx.merge(self.eval_graphdef, params, batch_stats)
+    tokens, _ = model.image_encoder.tokens(self._eval_inputs(images_uint8))
+    tokens = tokens[:, 1:] if model.image_encoder.cls is not None else tokens
+    return tokens.reshape(tokens.shape[0], -1).astype(jnp.float32)
+
   def embed_text(self, params, batch_stats, ids):
     """Normalized text embeddings of token ids int32 [b, L] -> [b, D] float32."""
     return nnx.merge(self.eval_graphdef, params, batch_stats).embed_text(ids)

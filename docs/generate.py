@@ -270,6 +270,22 @@ def per_example_comm() -> str:
                 cells)
 
 
+def tau_sogclr_floor() -> str:
+  """benchmarks/tau_sogclr_floor.json: the two objectives' shapes in τ."""
+  rows = _benchmark('tau_sogclr_floor')
+  if rows is None:
+    return '(not measured yet: python benchmarks/tau_sogclr_floor.py --workdir RUN)'
+  at = lambda row, key, tau: row[key][min(range(len(row['taus'])),
+                                          key=lambda i: abs(row['taus'][i] - tau))]
+  return _table(['batch', 'positive outranks every negative', 'mean margin',
+                 'InfoNCE least at τ', 'negatives-only least at τ',
+                 'negatives-only at τ 0.1 / 0.046 / 0.01'],
+                [[f'{row["batch"]}', f'{row["positive_top1"]:.3f}', f'{row["mean_margin"]:.3f}',
+                  f'{row["info_nce_argmin"]:.3f}', f'{row["negatives_only_argmin"]:.3f}',
+                  ' / '.join(f'{at(row, "negatives_only", t):.1f}' for t in (0.1, 0.046, 0.01))]
+                 for row in rows])
+
+
 def naflex_results() -> str:
   rows = _group('naflex')
   variants = list(dict.fromkeys(r['variant'] for r in rows))
@@ -371,7 +387,7 @@ BLOCKS = {'what-a-run-writes': workdir_contents, 'configs': configs_table,
           'seed-results': seed_results, 'two-tower-results': two_tower_results,
           'naflex-results': naflex_results, 'naflex-budgets': naflex_budgets,
           'naflex-max-batch': naflex_max_batch, 'tau-halving': halving_results,
-          'per-example-comm': per_example_comm,
+          'per-example-comm': per_example_comm, 'tau-sogclr-floor': tau_sogclr_floor,
           **{name: functools.partial(_variant_rows, group, columns)
              for name, (group, columns) in TAU_TABLES.items()}}
 

@@ -5,13 +5,19 @@ The modules, each importing only those above it:
 - param_groups: parameters by '/'-joined path, matched by pattern (plain
   Python; used by the optimizer, freezing, import and export).
 - transformer: the ViT image encoder and the text encoder.
+- decoder: a text decoder on the image tokens (SigLIP 2's LocCa decoder).
 - temperature: the contrastive temperature τ as a module, in every mode.
 - towers: ResNets, projection heads, `SimCLRModel` and `TwoTowerModel`.
 
 This package re-exports towers' public names: ``models.TwoTowerModel`` etc.
 """
 
-from jaxcl.models import param_groups, temperature, transformer  # noqa: F401  (import order)
+from jaxcl.models import (  # noqa: F401  (import order)
+  decoder,
+  param_groups,
+  temperature,
+  transformer,
+)
 from jaxcl.models.towers import (
   BasicBlock,
   Bottleneck,

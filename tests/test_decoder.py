@@ -1,0 +1,100 @@
+"""The LocCa decoder (jaxcl.models.decoder) and its loss
+(jaxcl.losses.captioning): the loss against a float64 NumPy reference on one
+and 8 devices; teacher forcing sees no later token, parallel prediction no
+token at all; image padding changes nothing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import assert_close
+from jaxcl import losses
+from jaxcl.losses import captioning
+from jaxcl.models import decoder
+from test_losses import LAYOUTS, RTOL_GRAD, RTOL_VALUE, _mesh, finite_diff
+
+N, L, V = 16, 5, 7
+
+
+def ref_token_cross_entropy(logits, targets, weights):
+  logits = logits - logits.max(-1, keepdims=True)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  picked = np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+  return -(weights * picked).sum() / weights.sum()
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  weights = (rng.random((N, L)) < 0.7).astype(np.float64)
+  weights[0] = 0  # an example whose tokens do not count
+  return rng.normal(size=(N, L, V)) * 2, rng.integers(0, V, (N, L)), weights
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_token_cross_entropy_matches_the_float64_reference(layout):
+  logits, targets, weights = _inputs()
+
+  def loss(logits, targets, weights, axis=None):
+    result = captioning.token_cross_entropy(logits, targets, weights, losses.LossOptions(axis))
+    return result.loss, result.metrics
+
+  fn = loss
+  if LAYOUTS[layout] is not None:
+    shape, names, axis = LAYOUTS[layout]
+    spec = jax.sharding.PartitionSpec(axis)
+    fn = jax.shard_map(lambda *a: loss(*a, axis=axis), mesh=_mesh(shape, names),
+                       in_specs=(spec,) * 3, out_specs=jax.sharding.PartitionSpec())
+  (value, metrics), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(
+      jnp.float32(logits), jnp.int32(targets), jnp.float32(weights))
+  assert_close(value, ref_token_cross_entropy(logits, targets, weights), rtol=RTOL_VALUE,
+               what='loss')
+  small = (slice(0, 3), slice(None), slice(None))  # central differences on a few rows
+  want = finite_diff(lambda x: ref_token_cross_entropy(
+      np.concatenate([x, logits[3:]]), targets, weights), [logits[small]])[0]
+  assert_close(grad[small], want, rtol=RTOL_GRAD, what='dlogits')
+  counted = weights > 0
+  assert float(metrics['decoder_tokens']) == counted.sum()
+  assert_close(metrics['decoder_accuracy'],
+               (logits.argmax(-1) == targets)[counted].mean(), rtol=1e-6, what='accuracy')
+
+
+def _decoder():
+  return decoder.CaptionDecoder(vocab_size=V, max_length=L, image_width=12, width=8, depth=2,
+                                heads=2, mlp_dim=16, rngs=nnx.Rngs(0))
+
+
+def test_teacher_forcing_sees_no_later_token_and_parallel_none():
+  model = _decoder()
+  # A non-zero output layer: the decoder starts at zero logits (big_vision's init).
+  model.logits.kernel[...] = jax.random.normal(jax.random.key(1), model.logits.kernel.shape)
+  rng = np.random.default_rng(0)
+  image = jnp.float32(rng.normal(size=(4, 6, 12)))
+  ids = jnp.int32(rng.integers(1, V, (4, L)))
+  later = ids.at[:, 3].set((ids[:, 3] % (V - 1)) + 1)  # another token at position 3
+  forcing, parallel = jnp.zeros(4, bool), jnp.ones(4, bool)
+  a, b = model(image, ids, forcing), model(image, later, forcing)
+  # Position t predicts ids[t] from ids[:t]: position 3's change reaches 4 only.
+  np.testing.assert_array_equal(a[:, :4], b[:, :4])
+  assert not np.allclose(a[:, 4], b[:, 4])
+  np.testing.assert_array_equal(model(image, ids, parallel), model(image, later, parallel))
+  assert not np.allclose(model(image, ids, parallel), a)
+  mixed = model(image, ids, jnp.array([True, False, True, False]))
+  np.testing.assert_allclose(mixed[1::2], a[1::2], rtol=1e-6, atol=1e-6)
+
+
+def test_image_padding_changes_nothing():
+  model = _decoder()
+  model.logits.kernel[...] = jax.random.normal(jax.random.key(1), model.logits.kernel.shape)
+  rng = np.random.default_rng(1)
+  image = jnp.float32(rng.normal(size=(2, 4, 12)))
+  padded = jnp.concatenate([image, jnp.float32(rng.normal(size=(2, 3, 12)))], axis=1)
+  ids, forcing = jnp.int32(rng.integers(1, V, (2, L))), jnp.zeros(2, bool)
+  np.testing.assert_allclose(model(padded, ids, forcing, jnp.int32([4, 4])),
+                             model(image, ids, forcing), rtol=1e-5, atol=1e-6)
+
+
+def test_parallel_examples_take_their_share():
+  chosen = decoder.parallel_examples(jax.random.key(0), 10_000, 0.75)
+  assert 0.73 < float(chosen.mean()) < 0.77

@@ -112,6 +112,7 @@ def test_builder_prepares_what_generate_makes(tmp_path, monkeypatch):
       assert record['label'] == expected[i]['label']
       for key in ('boxes', 'box_labels', 'segmentation'):
         np.testing.assert_array_equal(record[key], expected[i][key])
+      assert [c.decode('utf-8') for c in record['box_captions']] == expected[i]['box_captions']
 
 
 def test_geometry_draws_nothing_and_says_where_each_shape_is(examples):
@@ -125,6 +126,9 @@ def test_geometry_draws_nothing_and_says_where_each_shape_is(examples):
     assert len(boxes) == len(labels) == (1 if example['label'] >= 0 else 2)
     if example['label'] >= 0:
       assert labels[0] == example['label']
+    for described, label in zip(example['box_captions'], labels):  # 'small red circle'
+      assert described.split(' ', 1)[1] == shapes.CLASS_NAMES[label]
+      assert described.split(' ', 1)[0] in shapes.SIZES
     for label in set(labels):  # two shapes may share a class: their boxes' union
       rows, cols = np.nonzero(segmentation == label + 1)
       inside = np.zeros(len(rows), bool)

@@ -53,6 +53,8 @@ The modules, each importing only those above it:
 - pairs: those files converted into a TFDS dataset.
 - shards: the webdataset tar format; decode: encoded samples -> records.
 - tfds_records: a prepared TFDS split as records; `tfds_builder`.
+- locca: LocCa's decoder tasks (caption, referring expression, grounded
+  caption) as token sequences.
 - pipeline: `train_iterator`, `eval_batches`, `caption_sampler`, `in_workers`.
 - stream: streams of shard and record components, mixtures, `StreamBatches`.
 - shard_sources: the webdataset and mixture training splits, held-out shards.

@@ -120,6 +120,7 @@ def generate(seed: int, num_images: int, image_size: int = 32,
       fractions of the height and width: the box of the pixels it covers at
       least half of, in drawing order,
     'box_labels': int32 [k], each shape's CLASS_NAMES index,
+    'box_captions': [k] str, each shape described ("small red circle"),
     'segmentation': uint8 [H, W], 1 + the class of the shape covering at
       least half of each pixel (the later one where two do), 0 elsewhere.
   """
@@ -160,7 +161,10 @@ def _example(rng, canvas, ys, xs, geometry: bool = False) -> dict:
              for shape in shapes]
   example = {'image': image, 'captions': captions,
              'label': classes[0] if num_shapes == 1 else -1}
-  return {**example, **_geometry(alphas, classes)} if geometry else example
+  if not geometry:
+    return example
+  described = [f"{shape['size']} {shape['color']} {shape['form']}" for shape in shapes]
+  return {**example, **_geometry(alphas, classes), 'box_captions': described}
 
 
 def _geometry(alphas: list, classes: list) -> dict:
@@ -256,7 +260,8 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES: ClassVar[dict[str, str]] = {
       '1.0.0': 'train = generate(0, 10000), test = generate(1, 1000), 32x32.',
       '1.1.0': 'Captions vary in detail: some leave out the position or the size.',
-      '1.2.0': 'Each shape\'s box and class, and a segmentation map (the same images).'}
+      '1.2.0': 'Each shape\'s box, class and description, and a segmentation map (the same '
+               'images).'}
   IMAGE_SIZE = 32
   # split: (seed, number of images)
   SPLITS: ClassVar[dict[str, tuple[int, int]]] = {'train': (0, 10_000), 'test': (1, 1_000)}
@@ -275,9 +280,10 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
             'captions': tfds.features.Tensor(shape=(None,), dtype=np.object_),
             'label': tfds.features.ClassLabel(names=CLASS_NAMES),
             # generate(geometry=True): boxes (top, left, bottom, right) as fractions,
-            # their classes, and 1 + the class of each pixel (0: background)
+            # their classes and descriptions, and 1 + the class of each pixel (0: background)
             'boxes': tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
             'box_labels': tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            'box_captions': tfds.features.Tensor(shape=(None,), dtype=np.object_),
             'segmentation': tfds.features.Tensor(shape=(size, size), dtype=np.uint8),
         }),
         # Records stay in generation order: source[i] == generate(seed, n)[i].

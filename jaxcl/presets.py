@@ -18,6 +18,8 @@ STATE_DTYPES = ('float32', 'bfloat16')  # optimizer.mu_dtype: Adam's first momen
 # everything, nothing (recomputed), or its matmul outputs (all, or those without batch dims).
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 # jaxcl.models.temperature
+# LocCa's decoder tasks (jaxcl.data.locca).
+DECODER_TASKS = ('caption', 'refer', 'ground')
 TEMPERATURE_MODES = ('fixed', 'learnable', 'cosine', 'free', 'individual', 'predicted')
 TOKENIZERS = ('bytes', 'sentencepiece', 'clip_bpe')  # jaxcl.text.tokenizers
 # sentencepiece's text.normalize: none, SiglipTokenizer's, SigLIP 2's lower case (Siglip2Tokenizer),

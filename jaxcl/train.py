@@ -139,8 +139,8 @@ class _Run:
       self.train_iter = data.train_batches(
           exp.train_source, batch_size=config.batch_size, seed=config.seed,
           process_index=jax.process_index(), process_count=jax.process_count(),
-          transform=exp.method.record_transform(exp.text_tokenizers()),
-          tokenizer=exp.text_tokenizers(),
+          transform=exp.method.record_transform(exp.caption_fields()),
+          tokenizer=exp.caption_fields(),
           start_record=start_record, start_batch=start_batch, start_step=self.start_step,
           stream_positions=saved, patching=exp.patching)
       stack.push(_closer(self.train_iter, quiet=True))  # its worker processes end too

@@ -255,7 +255,7 @@ def two_tower_batch(exp, n, seed=0):
   words = ['red', 'blue', 'circle', 'square', 'small', 'top', 'left', 'a', 'the']
   captions = [' '.join(rng.choice(words, size=rng.integers(1, 8))) for _ in range(n)]
   from jaxcl.data import pipeline  # noqa: PLC0415  (as naflex)
-  return {'image': images, **pipeline.tokenized(exp.text_tokenizers(), captions)}
+  return {'image': images, **pipeline.tokenized(exp.caption_fields(), captions)}
 
 
 def qkv_biases(tree):

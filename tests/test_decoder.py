@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import helpers
 from helpers import assert_close
-from jaxcl import losses
+from jaxcl import config as config_lib, losses, parallel
+from jaxcl.data import augment
 from jaxcl.losses import captioning
 from jaxcl.models import decoder
+from jaxcl.trainer import experiment, train_step, validation
 from test_losses import LAYOUTS, RTOL_GRAD, RTOL_VALUE, _mesh, finite_diff
 
 N, L, V = 16, 5, 7
@@ -98,3 +101,71 @@ def test_image_padding_changes_nothing():
 def test_parallel_examples_take_their_share():
   chosen = decoder.parallel_examples(jax.random.key(0), 10_000, 0.75)
   assert 0.73 < float(chosen.mean()) < 0.77
+
+
+# ---------------------------------------------------------- in the step ---
+def _student(devices=1, **extra):
+  config = helpers.tiny_config(helpers.CLIP_CONFIG, helpers.TINY_TWO_TOWER, batch_size=16,
+                               **extra)
+  config.decoder.update(weight=0.5, start_step=1, parallel_fraction=0.5)
+  validation.validate(config, check_data=False)
+  return experiment.setup(config, devices=jax.devices()[:devices])
+
+
+def _reference(exp, state, batch):
+  """(contrastive loss, the decoder's loss) from the model's own forward pass
+  on the step's crops and the decoder's rows, and the two loss functions."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  keys = augment.view_keys(key, 1, len(batch['text']))
+  model = nnx.merge(exp.eval_graphdef, state.params, state.batch_stats)
+  inputs = {k: batch[k] for k in ('image', 'text', 'decoder_ids')}
+  a, b, logits = model(*exp.method.model_inputs(keys, inputs, exp.config))
+  decoded = captioning.token_cross_entropy(logits, batch['decoder_ids'], batch['decoder_weights'])
+  return losses.clip_loss(a, b, model.temperature(state.step)).loss, decoded.loss
+
+
+@pytest.mark.slow  # the taught step compiled on 1 and on 8 devices
+def test_the_step_adds_the_decoders_term_from_its_start_step():
+  exp = _student()
+  host = helpers.two_tower_batch(exp, 16)
+  assert host['decoder_weights'].sum() > 0 and host['decoder_ids'].shape == host['text'].shape
+  batch = parallel.put_batch(exp.mesh, {k: host[k] for k in train_step.step_batch_keys(exp)})
+  loss_and_grads = jax.jit(train_step.make_loss_and_grads(exp))
+  reference = jax.jit(lambda state, batch: _reference(exp, state, batch))
+  state = exp.init_state()
+  results = []
+  for step, weight in ((0, 0.0), (1, 0.5)):
+    state = state.replace(step=jnp.int32(step))
+    (value, (metrics, *_)), grads = loss_and_grads(state, batch)
+    contrastive, decoded = reference(state, batch)
+    assert_close(metrics['decoder_loss'], decoded, rtol=1e-5, what='decoder_loss')
+    assert_close(value, contrastive + weight * decoded, rtol=1e-5, what=f'loss at {step}')
+    results.append(jax.device_get((value, grads)))
+  decoder_grads = jax.tree.leaves(results[1][1]['decoder'])
+  assert all(not np.any(g) for g in jax.tree.leaves(results[0][1]['decoder']))
+  assert any(np.any(g) for g in decoder_grads)  # trained from its start step on
+
+  sharded = _student(devices=8, **{'mesh.fsdp': 2})
+  batch = parallel.put_batch(sharded.mesh,
+                             {k: host[k] for k in train_step.step_batch_keys(sharded)})
+  state = sharded.init_state().replace(step=jnp.int32(1))
+  (value, _), grads = jax.jit(train_step.make_loss_and_grads(sharded))(state, batch)
+  assert_close(value, results[1][0], rtol=1e-5, what='loss on 8 devices')
+  assert_close(jax.device_get(grads), results[1][1], rtol=3e-5, what='grads on 8 devices')
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(method='simclr'), 'the decoder writes captions, simclr has none'),
+    ({'model.name': 'resnet18'}, "reads a ViT's patch tokens"),
+    ({'microbatch_size': 8}, 'with microbatch_size is not supported yet'),
+    ({'decoder.tasks': ('caption', 'describe')}, 'decoder.tasks must name some of'),
+    ({'decoder.parallel_fraction': 1.5}, 'decoder.parallel_fraction must be in [0, 1]'),
+    ({'decoder.heads': 3}, 'is not divisible by its 3 heads'),
+])
+def test_a_bad_decoder_group_is_one_line(change, message):
+  config = helpers.tiny_config(helpers.CLIP_CONFIG, helpers.TINY_TWO_TOWER)
+  config.decoder.weight = 1.0
+  config.update_from_flattened_dict(change)
+  with pytest.raises(config_lib.ConfigError) as raised:
+    validation.validate(config, check_data=False)
+  assert message in str(raised.value) and '\n' not in str(raised.value)

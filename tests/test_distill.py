@@ -263,21 +263,25 @@ def test_a_teacher_that_cannot_teach_is_one_line(tmp_path):
 
 @pytest.mark.slow  # two short taught runs: the resume, and its pinned teacher, show only in a run
 def test_a_taught_run_resumes_exactly_with_its_teacher_pinned(teacher_workdir, tmp_path):
-  """A run killed after its checkpoint 2 and resumed gives the whole run's
-  weights, although its teacher's workdir gained a newer checkpoint (other
-  weights) meanwhile: the run keeps the teacher's step it started with. Its
-  checkpoints load (as eval and export load them) with the teacher gone."""
+  """A run with every recipe term on (the teacher, the LocCa decoder and its
+  tasks drawn per example) killed after its checkpoint 2 and resumed gives
+  the whole run's weights, although its teacher's workdir gained a newer
+  checkpoint (other weights) meanwhile: the run keeps the teacher's step it
+  started with. Its checkpoints load (as eval and export load them) with
+  the teacher gone."""
   teacher = tmp_path / 'teacher'
   shutil.copytree(teacher_workdir, teacher)
   whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
   args = ('--config', helpers.CLIP_CONFIG, *helpers.tiny_overrides(helpers.TINY_TWO_TOWER),
-          f'--config.distill.teacher={teacher}', '--config.total_steps=4',
+          f'--config.distill.teacher={teacher}', '--config.decoder.weight=0.5',
+          '--config.total_steps=4',
           '--config.checkpoint_every_steps=2', '--config.eval_every_steps=4',
           '--config.log_every_steps=2')
   out = helpers.jaxcl('train', '--workdir', str(whole), *args).stdout
   assert f'taught by {teacher} (step 0, clip, vit, its own tokenizer)' in out
   rows = [json.loads(line) for line in (whole / 'metrics.jsonl').read_text().splitlines()]
-  assert all(row['distill_loss'] > 0 and row['distill_kl'] > 0 for row in rows if 'loss' in row)
+  assert all(row['distill_loss'] > 0 and row['distill_kl'] > 0 and row['decoder_loss'] > 0
+             for row in rows if 'loss' in row)
   _add_a_newer_checkpoint(teacher, step=7)
   shutil.copytree(whole, resumed)
   shutil.rmtree(resumed / 'checkpoints' / '4')

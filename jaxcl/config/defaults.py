@@ -223,6 +223,16 @@ def base_config():
   # config_files.RENAMED_KEYS.)
   config.init = ml_collections.ConfigDict(dict(source='', load=()))
 
+  # SigLIP 2's decoder (LocCa; jaxcl.models.decoder, jaxcl.data.locca; clip, siglip with a
+  # ViT): a text decoder on the image tower's patch tokens trained on `tasks` (caption,
+  # refer: a region's box as text, ground: a box's description), one drawn per example,
+  # weight `weight` (0: no decoder) from `start_step`; parallel_fraction of the examples
+  # predicted from mask tokens at once (CapPa's 0.75, big_vision). width, heads, mlp_dim 0:
+  # the text tower's; depth 0: half its blocks (CapPa's 6 of 12).
+  config.decoder = ml_collections.ConfigDict(dict(
+      weight=0.0, start_step=0, tasks=('caption', 'refer', 'ground'), parallel_fraction=0.75,
+      width=0, depth=0, heads=0, mlp_dim=0))
+
   # Distillation from a trained model (clip, siglip; open_clip's loss form,
   # jaxcl.losses.distill): `teacher` is a workdir (jaxcl train or jaxcl import)
   # whose image-text similarities the model learns beside its own loss, weight

@@ -83,6 +83,10 @@ KEYS_ADDED_LATER = {
     'dataset.resolution': 'square', 'dataset.max_patches': (256,), 'eval.max_patches': (),
     # Distillation from a teacher (2026-12-07): earlier runs learned from their loss alone.
     'distill.teacher': '', 'distill.weight': 1.0, 'distill.start_step': 0,
+    # SigLIP 2's decoder (2026-12-07): earlier runs had none.
+    'decoder.weight': 0.0, 'decoder.start_step': 0, 'decoder.tasks': ('caption', 'refer', 'ground'),
+    'decoder.parallel_fraction': 0.75, 'decoder.width': 0, 'decoder.depth': 0,
+    'decoder.heads': 0, 'decoder.mlp_dim': 0,
 }
 
 

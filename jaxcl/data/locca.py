@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-TASKS = ('caption', 'refer', 'ground')
+from jaxcl import presets
+
+TASKS = presets.DECODER_TASKS
 BOX_BINS = 100
 
 

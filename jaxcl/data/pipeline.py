@@ -6,6 +6,7 @@ of the package.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import threading
@@ -16,27 +17,60 @@ import grain
 import numpy as np
 from absl import flags
 
+from jaxcl.data import locca
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFields:
+  """What a batch holds of each record's caption: its token ids under each
+  key of `tokenizers` ('text': the run's; 'teacher_text': a teacher's own),
+  and with `decoder_tasks` the decoder's rows from the 'text' tokenizer
+  ('decoder_ids', 'decoder_weights': jaxcl.data.locca; a stream's records
+  have no regions: the caption task)."""
+  tokenizers: dict
+  decoder_tasks: tuple = ()
+
+  def of_record(self, record, caption: str, rng: np.random.Generator) -> dict:
+    out = {key: each.encode([caption])[0] for key, each in self.tokenizers.items()}
+    if self.decoder_tasks:
+      ids, weights, _ = locca.example(record, caption, self.tokenizers['text'],
+                                      self.decoder_tasks, rng)
+      out.update(decoder_ids=ids, decoder_weights=weights)
+    return out
+
+  def of_captions(self, captions: list) -> dict:
+    out = {key: each.encode(captions) for key, each in self.tokenizers.items()}
+    if self.decoder_tasks:
+      rows = [locca.sequence(self.tokenizers['text'], '', caption) for caption in captions]
+      counted = 'caption' in self.decoder_tasks
+      out.update(decoder_ids=np.stack([ids for ids, _ in rows]),
+                 decoder_weights=np.stack([weights * counted for _, weights in rows]))
+    return out
+
+
+def _fields(tokenizer) -> TextFields:
+  return tokenizer if isinstance(tokenizer, TextFields) else TextFields({'text': tokenizer})
+
 
 def caption_sampler(tokenizer):
   """A grain random_map transform: record -> {'image', 'label', 'index', 'text'}, the
   text being one caption drawn at random (anew each epoch: the generator
   depends on the record's position in the repeated dataset), tokenized to
-  int32 [max_length] (with a {key: tokenizer} dict, under each key: `tokenized`)."""
+  int32 [max_length]; with TextFields, its fields of that caption."""
 
   def sample(record, rng: np.random.Generator):
     captions = record['captions']
     caption = captions[rng.integers(len(captions))] if captions else ''
-    ids = {key: rows[0] for key, rows in tokenized(tokenizer, [caption]).items()}
-    return {'image': record['image'], 'label': record['label'], 'index': record['index'], **ids}
+    return {'image': record['image'], 'label': record['label'], 'index': record['index'],
+            **_fields(tokenizer).of_record(record, caption, rng)}
 
   return sample
 
 
 def tokenized(tokenizer, captions: list) -> dict:
-  """{batch key: int32 [n, L]} of the captions: 'text' for one tokenizer;
-  each key of a {key: tokenizer} dict (a teacher reading its own ids)."""
-  tokenizers = tokenizer if isinstance(tokenizer, dict) else {'text': tokenizer}
-  return {key: each.encode(captions) for key, each in tokenizers.items()}
+  """{batch key: [n, L]} of the captions: 'text' for one tokenizer; a
+  TextFields' fields."""
+  return _fields(tokenizer).of_captions(captions)
 
 
 def train_iterator(source, *, batch_size: int, seed: int, process_index: int = 0,

@@ -75,6 +75,9 @@ class TfdsRecords:
     out = {'image': image.astype(np.uint8), 'label': np.int32(label)}
     if self._text_key:
       out['captions'] = as_strings(_nested(record, self._text_key))
+      if 'box_captions' in record:  # regions (captioned_shapes): the decoder's LocCa tasks
+        out['boxes'] = np.asarray(record['boxes'], np.float32)
+        out['box_captions'] = as_strings(record['box_captions'])
     return out
 
 

@@ -168,6 +168,13 @@ class TwoTower(base.Method):
         scan_layers=m.scan_layers, rngs=rngs, dtype=models.activation_dtype(m))
     temperature = functools.partial(models.build_temperature, config.temperature,
                                     config.total_steps)
+    d = config.decoder
+    decoder = (models.decoder.CaptionDecoder(
+        vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length,
+        image_width=image_encoder.num_features, width=d.width or x.width,
+        depth=d.depth or -(-x.depth // 2), heads=d.heads or x.heads,
+        mlp_dim=d.mlp_dim or x.mlp_dim, act=x.act, norm_eps=x.norm_eps, rngs=rngs,
+        dtype=models.activation_dtype(m)) if d.weight else None)
     return models.TwoTowerModel(image_encoder=image_encoder, text_encoder=text_encoder,
                                 embed_dim=m.embed_dim,
                                 temperature=temperature(m.embed_dim, rngs),
@@ -175,7 +182,8 @@ class TwoTower(base.Method):
                                 image_projection=m.image_projection,
                                 text_projection_bias=x.projection_bias,
                                 temperature_t2i=temperature()
-                                if config.temperature.per_direction else None)
+                                if config.temperature.per_direction else None,
+                                decoder=decoder)
 
   def views(self, keys, batch, config):
     """The images as the towers see them before standardizing (a teacher
@@ -186,12 +194,18 @@ class TwoTower(base.Method):
     return augment.random_views(keys, batch['image'], config.augment)[0]
 
   def model_inputs(self, keys, batch, config):
+    """(images, token ids), and with the decoder's rows in the batch
+    (config.decoder) its (ids, which rows it predicts in parallel)."""
     # The caption is the other "view".
-    return base.standardize(self.views(keys, batch, config), config.dataset), batch['text']
+    inputs = (base.standardize(self.views(keys, batch, config), config.dataset), batch['text'])
+    if 'decoder_ids' not in batch:
+      return inputs
+    draws = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1)))(keys[:, 0])
+    return (*inputs, (batch['decoder_ids'], draws < config.decoder.parallel_fraction))
 
   def embeddings(self, model, inputs):
-    images, ids = inputs
-    return model(images, ids)
+    """(a, b), and the decoder's logits when `inputs` carry its rows."""
+    return model(*inputs)
 
   def describe_model(self, config, tokenizer):
     return f' + text transformer ({config.text.tokenizer} tokens, length {tokenizer.max_length})'

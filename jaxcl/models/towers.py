@@ -175,8 +175,10 @@ class TwoTowerModel(nnx.Module):
   def __init__(self, *, image_encoder, text_encoder: TextTransformer, embed_dim: int,
                temperature: Temperature, bias: LogitBias | None, rngs: nnx.Rngs,
                image_projection: bool = True, text_projection_bias: bool = False,
-               temperature_t2i: Temperature | None = None):
+               temperature_t2i: Temperature | None = None, decoder=None):
     self.image_encoder, self.text_encoder = image_encoder, text_encoder
+    if decoder is not None:  # config.decoder: SigLIP 2's (jaxcl.models.decoder), training only
+      self.decoder = decoder
     proj_init = lambda width: nnx.initializers.normal(width ** -0.5)
     if not image_projection and image_encoder.num_features != embed_dim:
       raise ValueError(f'without an image projection the image features '
@@ -196,14 +198,32 @@ class TwoTowerModel(nnx.Module):
                 if isinstance(images, dict) else self.image_encoder(images))
     return l2_normalize(features if self.image_proj is None else self.image_proj(features))
 
+  def _image_tokens(self, images):
+    """A ViT's (tokens, lengths) of images or NaFlex patches."""
+    if isinstance(images, dict):
+      return self.image_encoder.tokens(images['patches'], images['grid'])
+    return self.image_encoder.tokens(images)
+
+  def _image_embedding(self, tokens, lengths):
+    """embed_image's result from the ViT's tokens (its pooling, the projection)."""
+    features = self.image_encoder.pooled(tokens, lengths)
+    return l2_normalize(features if self.image_proj is None else self.image_proj(features))
+
   def embed_text(self, ids):
     return l2_normalize(self.text_proj(self.text_encoder(ids)))
 
   def embed(self, images):
     return self.embed_image(images)
 
-  def __call__(self, images, ids):
-    return self.embed_image(images), self.embed_text(ids)
+  def __call__(self, images, ids, decoder_rows=None):
+    """(image, text embeddings [b, D]); with decoder_rows (the decoder's ids
+    [b, L], which rows it predicts in parallel [b]) also its logits [b, L, V]
+    from the same image tokens."""
+    if decoder_rows is None:
+      return self.embed_image(images), self.embed_text(ids)
+    tokens, lengths = self._image_tokens(images)
+    logits = self.decoder(tokens, *decoder_rows, image_lengths=lengths)
+    return self._image_embedding(tokens, lengths), self.embed_text(ids), logits
 
 
 def build_image_encoder(m, in_channels: int, image_size: int, rngs: nnx.Rngs):

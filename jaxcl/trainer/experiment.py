@@ -71,12 +71,16 @@ class Experiment:
   train_examples: int = 0
   teacher: Any = None  # distill.teacher, once loaded (jaxcl.trainer.teacher.Teacher)
 
-  def text_tokenizers(self):
-    """What the data pipeline tokenizes captions with: the tokenizer, or with
-    a teacher of its own tokenizer {batch key: tokenizer}."""
-    if self.teacher is None or self.teacher.text_key == 'text':
+  def caption_fields(self):
+    """What the data pipeline makes of captions: the tokenizer's ids, or a
+    jaxcl.data.TextFields (a teacher's own ids, the decoder's rows)."""
+    tokenizers = {'text': self.tokenizer}
+    if self.teacher is not None and self.teacher.text_key != 'text':
+      tokenizers[self.teacher.text_key] = self.teacher.tokenizer
+    tasks = tuple(self.config.decoder.tasks) if self.config.decoder.weight else ()
+    if len(tokenizers) == 1 and not tasks:
       return self.tokenizer
-    return {'text': self.tokenizer, self.teacher.text_key: self.teacher.tokenizer}
+    return data.pipeline.TextFields(tokenizers, tasks)
 
   @property
   def replicated(self):

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxcl import losses, name_patterns, parallel
 from jaxcl.data import augment
-from jaxcl.losses import estimators
+from jaxcl.losses import captioning, estimators
 from jaxcl.models import param_groups
 from jaxcl.models.temperature import logit_transform, project_all
 from jaxcl.trainer import grad_cache, per_example
@@ -44,7 +44,8 @@ def make_towers(exp: Experiment):
   """(merge, encode) for the config's method. merge(params, batch_stats) ->
   the model (frozen parameter groups behind stop_gradient); encode(params,
   batch_stats, (batch, view keys [n, V])) -> ((a, b) embeddings [n, d], new
-  batch stats): the augmentation and the towers on n rows of the batch."""
+  batch stats): the augmentation and the towers on n rows of the batch;
+  with the decoder's rows in the batch (config.decoder), (a, b, its logits)."""
   method, config = exp.method, exp.config
   frozen = name_patterns.as_patterns(config.optimizer.frozen)
 
@@ -57,8 +58,8 @@ def make_towers(exp: Experiment):
   def encode(params, batch_stats, inputs):
     model = merge(params, batch_stats)
     batch, keys = inputs
-    a, b = method.embeddings(model, method.model_inputs(keys, batch, config))
-    return (a, b), nnx.state(model, nnx.BatchStat)
+    outputs = method.embeddings(model, method.model_inputs(keys, batch, config))
+    return tuple(outputs), nnx.state(model, nnx.BatchStat)
 
   return merge, encode
 
@@ -135,8 +136,16 @@ def make_loss_and_grads(exp: Experiment):
           param_shardings=exp.state_sharding.params)
     else:
       def loss_fn(params):
-        (a, b), batch_stats = encode(params, state.batch_stats, inputs)
+        (a, b, *decoded), batch_stats = encode(params, state.batch_stats, inputs)
         value, head_aux = head(params, a, b)
+        if decoded:  # the decoder's term (config.decoder): its own tokens, no other row's
+          term = captioning.token_cross_entropy(decoded[0], batch['decoder_ids'],
+                                                batch['decoder_weights'])
+          weight = jnp.where(state.step >= config.decoder.start_step,
+                             jnp.float32(config.decoder.weight), jnp.float32(0))
+          value = value + weight * term.loss
+          metrics = {**head_aux[0], 'decoder_loss': term.loss, **term.metrics}
+          head_aux = (metrics, *head_aux[1:])
         return value, (head_aux, batch_stats)
 
       (value, (head_aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -195,6 +204,9 @@ def abstract_batch(exp: Experiment, batch_size: int | None = None) -> dict:
     shapes['text'] = ((n, exp.tokenizer.max_length), jnp.int32)
   if exp.teacher is not None:
     shapes['teacher_text'] = ((n, exp.teacher.tokenizer.max_length), jnp.int32)
+  if exp.config.decoder.weight:
+    shapes['decoder_ids'] = ((n, exp.tokenizer.max_length), jnp.int32)
+    shapes['decoder_weights'] = ((n, exp.tokenizer.max_length), jnp.float32)
   sharding = parallel.batch_sharding(exp.mesh)
   struct = lambda shape_dtype: jax.ShapeDtypeStruct(*shape_dtype, sharding=sharding)
   return {key: jax.tree.map(struct, shapes[key], is_leaf=lambda x: isinstance(x, tuple))
@@ -231,16 +243,19 @@ def runnable(exp: Experiment, compiled):
 
 def step_batch_keys(exp: Experiment) -> tuple[str, ...]:
   """The arrays of a batch the step reads: the method's, the rows' dataset
-  indices when there is per-example state, and a teacher's own token ids."""
+  indices when there is per-example state, a teacher's own token ids, and
+  the decoder's rows (config.decoder)."""
   teacher = exp.teacher
   return (exp.method.batch_keys + (('index',) if exp.config.loss.estimator != 'batch' else ())
-          + ((teacher.text_key,) if teacher is not None and teacher.text_key != 'text' else ()))
+          + ((teacher.text_key,) if teacher is not None and teacher.text_key != 'text' else ())
+          + (('decoder_ids', 'decoder_weights') if exp.config.decoder.weight else ()))
 
 
 def model_inputs_of(batch: dict) -> dict:
-  """The batch without its dataset indices and a teacher's token ids: what
-  augmentation and the student's towers read."""
-  return {k: v for k, v in batch.items() if k not in ('index', 'teacher_text')}
+  """The batch without its dataset indices, a teacher's token ids and the
+  decoder's weights: what augmentation and the student's model read."""
+  return {k: v for k, v in batch.items()
+          if k not in ('index', 'teacher_text', 'decoder_weights')}
 
 
 def model_batch(exp: Experiment, batch: dict) -> dict:

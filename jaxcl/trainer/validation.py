@@ -17,7 +17,7 @@ from jaxcl import errors, methods, name_patterns, presets
 from jaxcl.errors import ConfigError, check
 from jaxcl.evaluation import zeroshot_suite
 from jaxcl.presets import MODEL_DTYPES, TEMPERATURE_MODES
-from jaxcl.trainer import dataset_checks, distill_checks
+from jaxcl.trainer import dataset_checks, recipe_checks
 
 _REQUIRED = ('method', 'total_steps', 'batch_size', 'seed', 'log_every_steps', 'eval_every_steps',
              'checkpoint_every_steps', 'dataset.name', 'temperature.mode', 'temperature.init',
@@ -206,7 +206,8 @@ def _validate(config, num_devices, process_count, check_data) -> None:
          f'model.stage_sizes must be a tuple of positive integers (empty: the preset of '
          f'model.name), got {sizes!r}')
   dataset_checks.check_dataset_group(config, method.text_tower, process_count, check_data)
-  distill_checks.check_distill_group(config, method.text_tower, check_data)
+  recipe_checks.check_distill_group(config, method.text_tower, check_data)
+  recipe_checks.check_decoder_group(config, method.text_tower)
   zeroshot_suite.check(config, method.text_tower, check_data)
 
 

@@ -1,0 +1,96 @@
+"""Checks on the config groups of SigLIP 2's recipe terms (validation's
+part for them): `decoder` (LocCa) and `distill` with, when check_data, its
+teacher's workdir. Like validation, it loads no jax at import: the teacher
+is read from its config.json alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+from etils import epath
+
+from jaxcl import config as config_lib, errors, files, methods, presets
+from jaxcl.errors import check
+
+# τ modes with one τ per anchor: the distillation softmax takes one τ per direction.
+_PER_ANCHOR = ('individual', 'predicted')
+
+
+def check_decoder_group(config, text_tower: bool) -> None:
+  """ConfigError for the first invalid value of config.decoder."""
+  d = config.decoder
+  _check_weight_and_start(d, 'decoder')
+  for key in ('width', 'depth', 'heads', 'mlp_dim'):
+    check(isinstance(d[key], int) and not isinstance(d[key], bool) and d[key] >= 0,
+          f'decoder.{key} must be an integer >= 0 (0: from the text tower), got {d[key]!r}')
+  check(isinstance(d.parallel_fraction, (int, float)) and 0 <= d.parallel_fraction <= 1,
+        f'decoder.parallel_fraction must be in [0, 1], got {d.parallel_fraction!r}')
+  tasks = tuple(d.tasks) if isinstance(d.tasks, (tuple, list)) else ()
+  check(bool(tasks) and set(tasks) <= set(presets.DECODER_TASKS),
+        f'decoder.tasks must name some of {presets.DECODER_TASKS}, got {d.tasks!r}')
+  if not d.weight:
+    return
+  check(text_tower, f'decoder.weight: the decoder writes captions, {config.method} has none')
+  check(config.model.name in presets.VIT_NAMES,
+        'decoder.weight: the decoder reads a ViT\'s patch tokens (model.name vit-*)')
+  check(not config.microbatch_size,
+        'decoder.weight with microbatch_size is not supported yet: the decoder\'s term runs '
+        'on the whole batch')
+  width = d.width or config.text.width
+  check(width % (d.heads or config.text.heads) == 0,
+        f'decoder width {width} is not divisible by its {d.heads or config.text.heads} heads')
+
+
+def _check_weight_and_start(group, name: str) -> None:
+  check(isinstance(group.weight, (int, float)) and not isinstance(group.weight, bool)
+        and math.isfinite(group.weight) and group.weight >= 0,
+        f'{name}.weight must be a number >= 0, got {group.weight!r}')
+  check(isinstance(group.start_step, int) and not isinstance(group.start_step, bool)
+        and group.start_step >= 0, f'{name}.start_step must be an integer >= 0, got '
+                                   f'{group.start_step!r}')
+
+
+def check_distill_group(config, text_tower: bool, check_data: bool) -> None:
+  """ConfigError for the first invalid value of config.distill."""
+  d = config.distill
+  check(isinstance(d.teacher, str), f'distill.teacher must be a workdir, got {d.teacher!r}')
+  _check_weight_and_start(d, 'distill')
+  if not d.teacher:
+    return
+  check(text_tower, f'distill.teacher teaches an image-text model (clip, siglip), not '
+                    f'{config.method}')
+  problem = _side_problem(config)
+  check(not problem, f'distill.teacher: this run {problem}')
+  if check_data:
+    _check_teacher(d.teacher)
+
+
+def _check_teacher(workdir: str) -> None:
+  try:
+    teacher = config_lib.load_saved(workdir)
+  except errors.ConfigError as e:
+    raise errors.ConfigError(f'distill.teacher: {e}') from None
+  try:
+    text_tower = methods.get(teacher.method).text_tower
+  except errors.ConfigError as e:
+    raise errors.ConfigError(f'distill.teacher {workdir}: {e}') from None
+  check(text_tower, f'distill.teacher {workdir} is a {teacher.method} run: a teacher is an '
+                    f'image-text model (clip, siglip)')
+  problem = _side_problem(teacher)
+  check(not problem, f'distill.teacher {workdir} {problem}')
+  check((epath.Path(workdir) / files.CHECKPOINT_DIR).is_dir(),
+        f'distill.teacher {workdir} has no checkpoint to teach with')
+  check((epath.Path(workdir) / files.DATA_FACTS_FILE).exists(),
+        f'distill.teacher {workdir} has no {files.DATA_FACTS_FILE} (a run from before jaxcl '
+        f'wrote it): resume it once with this jaxcl to write it')
+
+
+def _side_problem(config) -> str:
+  """Why a teacher's or a student's config cannot take part, or ''."""
+  if config.temperature.mode in _PER_ANCHOR:
+    return (f'has temperature.mode={config.temperature.mode} (a τ per anchor): distillation '
+            f'takes one τ per softmax direction')
+  if config.dataset.resolution == 'naflex':
+    return 'takes NaFlex patches: distillation reads square images'
+  return ''

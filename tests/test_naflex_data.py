@@ -286,6 +286,16 @@ def _encoded(image, kind='PNG'):
   return out.getvalue()
 
 
+def test_naflex_decoding_skips_huge_images(monkeypatch):
+  """An image over twice PIL's pixel limit (a decompression bomb) is a bad
+  image, found from its header alone; here the limit is lowered to 1,000
+  pixels so that a 64 x 64 image is one."""
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1_000)
+  image, problem = decode.decode_image(_encoded(np.zeros((64, 64, 3), np.uint8)),
+                                       decode.SampleFormat(image_size=0, naflex=(8, 16)))
+  assert image is None and 'DecompressionBombError' in problem
+
+
 def test_naflex_decoding_skips_strips_and_corrupt_images_and_drafts_big_jpegs():
   rng = np.random.default_rng(0)
   fmt = decode.SampleFormat(image_size=0, naflex=(8, 16))

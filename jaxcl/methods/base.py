@@ -39,6 +39,8 @@ class Encoders:
   logit_transform: str = 'linear'
   # A ViT's patch tokens of uint8 images, flattened [b, patches x width] (the patch probe).
   patch_tokens: Callable | None = None
+  # The decoder's teacher-forced logits of (uint8 images, ids) (config.decoder).
+  decoder: Callable | None = None
 
 
 class Method(abc.ABC):

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxcl import data, errors, files, models, presets
 from jaxcl.data import augment
-from jaxcl.evaluation import patch_probe, probes, zeroshot_cache, zeroshot_suite
+from jaxcl.evaluation import decoder_eval, patch_probe, probes, zeroshot_cache, zeroshot_suite
 from jaxcl.methods import base
 from jaxcl.text import tokenizers
 
@@ -257,6 +257,10 @@ class TwoTower(base.Method):
     if eval_data.patches is not None and encoders.patch_tokens is not None:
       results.update(patch_probe.evaluate(encoders.patch_tokens, encoders.mesh,
                                           eval_data.patches, encoders.config.eval))
+    if encoders.decoder is not None and not isinstance(eval_data.test,
+                                                        data.naflex.PatchedSource):
+      results.update(decoder_eval.evaluate(encoders.decoder, encoders.mesh, eval_data.test,
+                                           encoders.tokenizer, encoders.config.eval.batch_size))
     return {**results, **suite}
 
   def rankable_metrics(self, config):

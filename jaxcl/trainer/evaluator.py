@@ -28,6 +28,9 @@ def make_embed_fns(exp: Experiment) -> dict:
     fns['text'] = jax.jit(exp.embed_text, **shardings)
     if exp.config.model.name in presets.VIT_NAMES:  # jaxcl.evaluation.patch_probe
       fns['patch_tokens'] = jax.jit(exp.patch_tokens, **shardings)
+    if exp.config.decoder.weight:  # jaxcl.evaluation.decoder_eval
+      fns['decoder'] = jax.jit(exp.decoder_logits, in_shardings=(
+          state.params, state.batch_stats, batch, batch), out_shardings=batch)
   return fns
 
 
@@ -38,10 +41,12 @@ def run_evaluation(exp: Experiment, state: TrainState, eval_data, embed_fns,
   a text tower's zero-shot classifiers are cached (jaxcl.evaluation.zeroshot_cache)."""
   bind = lambda fn: functools.partial(fn, state.params, state.batch_stats)
   text, patch_tokens = embed_fns.get('text'), embed_fns.get('patch_tokens')
+  decoder = embed_fns.get('decoder')
   cached = workdir is not None and text is not None
   encoders = Encoders(config=exp.config, mesh=exp.mesh, image=bind(embed_fns['image']),
                       text=bind(text) if text is not None else None, tokenizer=exp.tokenizer,
                       patch_tokens=bind(patch_tokens) if patch_tokens is not None else None,
+                      decoder=bind(decoder) if decoder is not None else None,
                       workdir=workdir if cached else None, step=int(state.step),
                       weights=weights_fingerprint(state.params) if cached else '',
                       temperature=model_temperature(exp, state),

@@ -185,6 +185,13 @@ class Experiment:
     tokens = tokens[:, 1:] if model.image_encoder.cls is not None else tokens
     return tokens.reshape(tokens.shape[0], -1).astype(jnp.float32)
 
+  def decoder_logits(self, params, batch_stats, images_uint8, ids):
+    """The decoder's teacher-forced logits [b, L, V] of token ids [b, L] on
+    uint8 images' tokens (config.decoder)."""
+    model = nnx.merge(self.eval_graphdef, params, batch_stats)
+    tokens, lengths = model._image_tokens(self._eval_inputs(images_uint8))
+    return model.decoder(tokens, ids, jnp.zeros(ids.shape[0], bool), lengths)
+
   def embed_text(self, params, batch_stats, ids):
     """Normalized text embeddings of token ids int32 [b, L] -> [b, D] float32."""
     return nnx.merge(self.eval_graphdef, params, batch_stats).embed_text(ids)

@@ -19,7 +19,7 @@ def expected(message: str, **paths) -> str:
 # tests/test_cli_config.py: `jaxcl train` with one bad override (8 devices).
 CONFIG = {
     'unknown key':
-        "jaxcl: error: unknown config key 'no_such_key' in --config.no_such_key (the keys are augment, batch_size, checkpoint_every_steps, compilation_cache_dir, dataset, device_memory_gb, eval, eval_every_steps, init, keep_checkpoints, log_every_steps, loss, mesh, method, microbatch_size, model, name, nonfinite, optimizer, profile_steps, seed, temperature, text, total_steps, wandb)",
+        "jaxcl: error: unknown config key 'no_such_key' in --config.no_such_key (the keys are augment, batch_size, checkpoint_every_steps, compilation_cache_dir, dataset, decoder, device_memory_gb, distill, eval, eval_every_steps, init, keep_checkpoints, log_every_steps, loss, mesh, method, microbatch_size, model, name, nonfinite, optimizer, profile_steps, seed, temperature, text, total_steps, wandb)",
     'unknown nested key':
         "jaxcl: error: unknown config key 'depth' in --config.model.depth (did you mean 'width'?)",
     'wrong type':
@@ -91,7 +91,7 @@ CONFIG = {
     'clip vit heads':
         'jaxcl: error: model.vit.width 128 is not divisible by model.vit.heads 5',
     'clip text key':
-        "jaxcl: error: dataset 'captioned_shapes' has no feature 'caption' (dataset.text_key); it has image, captions, label",
+        "jaxcl: error: dataset 'captioned_shapes' has no feature 'caption' (dataset.text_key); it has image, captions, label, boxes, box_labels, box_captions, segmentation",
     'clip template':
         "jaxcl: error: eval.zeroshot_templates: 'a photo' needs exactly one '{}' for the class name and no other braces",
     'clip template field':
@@ -134,8 +134,6 @@ FUZZ_SEED_0 = {
         "jaxcl: error: --config.log_every_steps takes an integer, got 'abc'",
     '--config.optimizer.b1_old=abc':
         "jaxcl: error: unknown config key 'b1_old' in --config.optimizer.b1_old (did you mean 'b1'?)",
-    '--config.text.causae=0.5':
-        "jaxcl: error: unknown config key 'causae' in --config.text.causae (did you mean 'causal'?)",
     '--config.optimizer.warmup_steps=-10':
         'jaxcl: error: optimizer.warmup_steps must be >= 0, got -10',
     '--config.temperature.individual_eta=fast':
@@ -170,8 +168,6 @@ FUZZ_SEED_0 = {
         'jaxcl: error: need 0 < augment.crop_scale_min <= crop_scale_max <= 1, got 0.4, 2.0',
     '--config.model.scan_oayers=0.5':
         "jaxcl: error: unknown config key 'scan_oayers' in --config.model.scan_oayers (did you mean 'scan_layers'?)",
-    '--config.profile_step=abc':
-        "jaxcl: error: unknown config key 'profile_step' in --config.profile_step (did you mean 'profile_steps'?)",
     '--config.model.vit.patch_size=1e3x':
         "jaxcl: error: --config.model.vit.patch_size takes an integer, got '1e3x'",
     '--config.eval_every_steps_x=0.5':
@@ -188,8 +184,6 @@ FUZZ_SEED_0 = {
         "jaxcl: error: unknown config key 'eval_test_split_x' in --config.dataset.eval_test_split_x (did you mean 'eval_test_split'?)",
     '--config.temperature.init=0.0':
         'jaxcl: error: temperature.init must be > 0, got 0.0',
-    '--config.model.heoad_out=1':
-        "jaxcl: error: unknown config key 'heoad_out' in --config.model.heoad_out (did you mean 'head_out'?)",
     '--config.eval.probe_lr=fast':
         "jaxcl: error: --config.eval.probe_lr takes a number, got 'fast'",
     '--config.temperature.warmup_stmeps=0.5':
@@ -224,8 +218,6 @@ FUZZ_SEED_0 = {
         "jaxcl: error: unknown config key 'max_size' in --config.temperature.max_size (did you mean 'max'?)",
     '--config.temperature.lr_multiplier=fast':
         "jaxcl: error: --config.temperature.lr_multiplier takes a number, got 'fast'",
-    '--config.eval.knn_k=1e3x':
-        "jaxcl: error: --config.eval.knn_k takes an integer, got '1e3x'",
     '--config.augment.crop_scale_maxa=abc':
         "jaxcl: error: unknown config key 'crop_scale_maxa' in --config.augment.crop_scale_maxa (did you mean 'crop_scale_max'?)",
     '--config.dataset.data_dir_size=1':
@@ -234,6 +226,14 @@ FUZZ_SEED_0 = {
         "jaxcl: error: unknown config key 'teperature' in --config.teperature.per_direction (did you mean 'temperature'?)",
     '--config.text.causal=2':
         "jaxcl: error: --config.text.causal takes True or False, got '2'",
+    '--config.decoder.weeght=0.5':
+        "jaxcl: error: unknown config key 'weeght' in --config.decoder.weeght (did you mean 'weight'?)",
+    '--config.decoder.mlp_dim_old=0.5':
+        "jaxcl: error: unknown config key 'mlp_dim_old' in --config.decoder.mlp_dim_old (did you mean 'mlp_dim'?)",
+    '--config.distill.teacher_x=0.5':
+        "jaxcl: error: unknown config key 'teacher_x' in --config.distill.teacher_x (did you mean 'teacher'?)",
+    '--config.decoder.tasks=(1,':
+        "jaxcl: error: --config.decoder.tasks takes a tuple, got '(1,'",
 }
 
 # tests/test_cli_safety.py: the CLI's own flags, workdirs, saved configs,

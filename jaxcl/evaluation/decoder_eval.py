@@ -5,7 +5,8 @@
 - `refer_accuracy`: given a region's description, the box the decoder
   writes greedily (jaxcl.data.locca's four integers) overlaps the region's
   box with IoU above 0.5 (LocCa's referring-expression score), for the
-  first region of every test image that has regions.
+  first region of the first REFER_IMAGES test images that have regions
+  (each written token runs the model again: a bounded cost per evaluation).
 
 `decoder_fn(images uint8 [b, H, W, C], ids int32 [b, L]) -> logits [b, L, V]`
 runs the frozen model's decoder on its own image tokens, teacher-forced.
@@ -21,6 +22,7 @@ from jaxcl import parallel
 from jaxcl.data import locca
 
 IOU_THRESHOLD = 0.5
+REFER_IMAGES = 256
 
 
 def evaluate(decoder_fn, mesh, source, tokenizer, batch_size: int) -> dict:
@@ -34,7 +36,7 @@ def evaluate(decoder_fn, mesh, source, tokenizer, batch_size: int) -> dict:
   log_p = logits - _logsumexp(logits)
   picked = np.take_along_axis(log_p, ids[..., None], -1)[..., 0]
   results = {'decoder_perplexity': float(np.exp(-(weights * picked).sum() / weights.sum()))}
-  regions = [i for i, r in enumerate(records) if len(r.get('boxes', ())) > 0]
+  regions = [i for i, r in enumerate(records) if len(r.get('boxes', ()))][:REFER_IMAGES]
   if regions:
     written = _greedy_box(decoder_fn, mesh, images[regions], tokenizer,
                           [records[i]['box_captions'][0] for i in regions], batch_size)

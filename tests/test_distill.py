@@ -255,6 +255,13 @@ def test_a_teacher_that_cannot_teach_is_one_line(tmp_path):
   config_lib.save(config_lib.base_config(), simclr)
   with pytest.raises(config_lib.ConfigError, match='is a simclr run: a teacher is an image-text'):
     validation.validate(_config(teacher=str(simclr)))
+  free = tmp_path / 'free'
+  free.mkdir()
+  free_config = _config()
+  free_config.temperature.mode = 'free'
+  config_lib.save(free_config, free)
+  with pytest.raises(config_lib.ConfigError, match=r'has no τ \(temperature.mode=free\)'):
+    validation.validate(_config(teacher=str(free)))
   proc = helpers.jaxcl('train', '--config', helpers.CLIP_CONFIG, '--workdir',
                        str(tmp_path / 'run'), f'--config.distill.teacher={simclr}', check=False)
   assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1

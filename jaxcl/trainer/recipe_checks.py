@@ -79,6 +79,9 @@ def _check_teacher(workdir: str) -> None:
                     f'image-text model (clip, siglip)')
   problem = _side_problem(teacher)
   check(not problem, f'distill.teacher {workdir} {problem}')
+  check(teacher.temperature.mode != 'free',
+        f'distill.teacher {workdir} has no τ (temperature.mode=free): its softmax over '
+        f'cosines is not the one it trained with')
   check((epath.Path(workdir) / files.CHECKPOINT_DIR).is_dir(),
         f'distill.teacher {workdir} has no checkpoint to teach with')
   check((epath.Path(workdir) / files.DATA_FACTS_FILE).exists(),

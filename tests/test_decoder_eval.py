@@ -6,6 +6,7 @@ a little and by a lot."""
 import numpy as np
 import pytest
 
+from helpers import assert_close
 from jaxcl import parallel
 from jaxcl.data import locca, shapes
 from jaxcl.evaluation import decoder_eval
@@ -15,7 +16,7 @@ from jaxcl.text import tokenizers
 def test_iou_of_boxes():
   a = np.array([[0, 0, 0.5, 0.5], [0, 0, 1, 1], [0, 0, 0.5, 0.5], [np.nan] * 4])
   b = np.array([[0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1], [0, 0, 1, 1]])
-  np.testing.assert_allclose(decoder_eval.iou(a, b), [1, 0.25, 0, 0])
+  assert_close(decoder_eval.iou(a, b), np.array([1, 0.25, 0, 0]), rtol=1e-12, what='iou')
 
 
 class _Oracle:

@@ -200,8 +200,8 @@ class TwoTower(base.Method):
     inputs = (base.standardize(self.views(keys, batch, config), config.dataset), batch['text'])
     if 'decoder_ids' not in batch:
       return inputs
-    draws = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1)))(keys[:, 0])
-    return (*inputs, (batch['decoder_ids'], draws < config.decoder.parallel_fraction))
+    parallel = models.decoder.parallel_examples(keys[:, 0], config.decoder.parallel_fraction)
+    return (*inputs, (batch['decoder_ids'], parallel))
 
   def embeddings(self, model, inputs):
     """(a, b), and the decoder's logits when `inputs` carry its rows."""

@@ -80,7 +80,9 @@ class CaptionDecoder(nnx.Module):
     return self.logits(self.norm(x)).astype(jnp.float32)
 
 
-def parallel_examples(key, n: int, fraction: float):
+def parallel_examples(row_keys, fraction: float):
   """bool [n]: which examples a step predicts in parallel, each with
-  probability `fraction`."""
-  return jax.random.uniform(key, (n,)) < fraction
+  probability `fraction`, drawn from its row's own key [n] (so a row's
+  draw does not depend on the rows beside it: microbatches, shards)."""
+  draws = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1)))(row_keys)
+  return draws < fraction

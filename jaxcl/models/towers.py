@@ -198,7 +198,7 @@ class TwoTowerModel(nnx.Module):
                 if isinstance(images, dict) else self.image_encoder(images))
     return l2_normalize(features if self.image_proj is None else self.image_proj(features))
 
-  def _image_tokens(self, images):
+  def image_tokens(self, images):
     """A ViT's (tokens, lengths) of images or NaFlex patches."""
     if isinstance(images, dict):
       return self.image_encoder.tokens(images['patches'], images['grid'])
@@ -221,7 +221,7 @@ class TwoTowerModel(nnx.Module):
     from the same image tokens."""
     if decoder_rows is None:
       return self.embed_image(images), self.embed_text(ids)
-    tokens, lengths = self._image_tokens(images)
+    tokens, lengths = self.image_tokens(images)
     logits = self.decoder(tokens, *decoder_rows, image_lengths=lengths)
     return self._image_embedding(tokens, lengths), self.embed_text(ids), logits
 

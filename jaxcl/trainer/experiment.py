@@ -189,7 +189,7 @@ class Experiment:
     """The decoder's teacher-forced logits [b, L, V] of token ids [b, L] on
     uint8 images' tokens (config.decoder)."""
     model = nnx.merge(self.eval_graphdef, params, batch_stats)
-    tokens, lengths = model._image_tokens(self._eval_inputs(images_uint8))
+    tokens, lengths = model.image_tokens(self._eval_inputs(images_uint8))
     return model.decoder(tokens, ids, jnp.zeros(ids.shape[0], bool), lengths)
 
   def embed_text(self, params, batch_stats, ids):

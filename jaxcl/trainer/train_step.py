@@ -115,9 +115,8 @@ def make_loss_and_grads(exp: Experiment):
       views = method.views(inputs[1], inputs[0], config)
       teacher_a, teacher_b, teacher_tau = teacher.embeddings(teacher_weights, views,
                                                              batch[teacher.text_key])
-      weight = jnp.where(state.step >= config.distill.start_step,
-                         jnp.float32(config.distill.weight), jnp.float32(0))
-      taught = (teacher_a, teacher_b, jnp.asarray(teacher_tau, jnp.float32), weight)
+      taught = (teacher_a, teacher_b, jnp.asarray(teacher_tau, jnp.float32),
+                term_weight(config.distill, state.step))
 
     def head(params, a, b):
       """The global-batch loss of the embeddings; τ and the bias are the model's.
@@ -141,9 +140,7 @@ def make_loss_and_grads(exp: Experiment):
         if decoded:  # the decoder's term (config.decoder): its own tokens, no other row's
           term = captioning.token_cross_entropy(decoded[0], batch['decoder_ids'],
                                                 batch['decoder_weights'])
-          weight = jnp.where(state.step >= config.decoder.start_step,
-                             jnp.float32(config.decoder.weight), jnp.float32(0))
-          value = value + weight * term.loss
+          value = value + term_weight(config.decoder, state.step) * term.loss
           metrics = {**head_aux[0], 'decoder_loss': term.loss, **term.metrics}
           head_aux = (metrics, *head_aux[1:])
         return value, (head_aux, batch_stats)
@@ -154,6 +151,12 @@ def make_loss_and_grads(exp: Experiment):
     return (value, StepAux(metrics, batch_stats, tau, bias, rows)), grads
 
   return loss_and_grads
+
+
+def term_weight(group, step):
+  """A recipe term's weight at `step` (its config group's `weight` from its
+  `start_step` on, 0 before): float32 scalar."""
+  return jnp.where(step >= group.start_step, jnp.float32(group.weight), jnp.float32(0))
 
 
 def make_train_step(exp: Experiment):

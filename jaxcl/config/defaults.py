@@ -240,6 +240,21 @@ def base_config():
   # same crops, and reads the captions with its own tokenizer.
   config.distill = ml_collections.ConfigDict(dict(teacher='', weight=1.0, start_step=0))
 
+  # SigLIP 2's self-distillation (clip, siglip with a square ViT; jaxcl.trainer.ema_teacher):
+  # from `start_step` (SigLIP 2: 80% of training) an EMA of the image tower and its heads
+  # (fixed `momentum`, as SILC) teaches the tower. `weight`: SILC's local-to-global term, the
+  # student's `local_views` crops (area `local_scale`, `local_size` px; 0: 3/7 of the image
+  # size in whole patches, DINO's 96 of 224) matched to the teacher's global crop (area
+  # `global_scale`). `masked_weight`: TIPS's masked term, `mask_ratio` of the student's patches
+  # of that global crop masked and matched to the teacher's there. DINO's heads (MLP to
+  # `head_bottleneck`, then `prototypes`), temperatures and center momentum; iBOT's patch
+  # teacher temperature. Both weights 0: off.
+  config.self_distill = ml_collections.ConfigDict(dict(
+      weight=0.0, masked_weight=0.0, start_step=0, momentum=0.996, local_views=8,
+      local_size=0, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), mask_ratio=0.5,
+      student_temperature=0.1, teacher_temperature=0.04, patch_teacher_temperature=0.07,
+      center_momentum=0.9, head_hidden=2048, head_bottleneck=256, prototypes=65536))
+
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=512,
       max_train_examples=0,  # 0: the whole labeled train split

@@ -87,6 +87,14 @@ KEYS_ADDED_LATER = {
     'decoder.weight': 0.0, 'decoder.start_step': 0, 'decoder.tasks': ('caption', 'refer', 'ground'),
     'decoder.parallel_fraction': 0.75, 'decoder.width': 0, 'decoder.depth': 0,
     'decoder.heads': 0, 'decoder.mlp_dim': 0,
+    # SigLIP 2's self-distillation (2026-12-08): earlier runs had no EMA teacher.
+    'self_distill.weight': 0.0, 'self_distill.masked_weight': 0.0, 'self_distill.start_step': 0,
+    'self_distill.momentum': 0.996, 'self_distill.local_views': 8, 'self_distill.local_size': 0,
+    'self_distill.global_scale': (0.4, 1.0), 'self_distill.local_scale': (0.05, 0.4),
+    'self_distill.mask_ratio': 0.5, 'self_distill.student_temperature': 0.1,
+    'self_distill.teacher_temperature': 0.04, 'self_distill.patch_teacher_temperature': 0.07,
+    'self_distill.center_momentum': 0.9, 'self_distill.head_hidden': 2048,
+    'self_distill.head_bottleneck': 256, 'self_distill.prototypes': 65536,
 }
 
 

@@ -175,6 +175,10 @@ class TwoTower(base.Method):
         depth=d.depth or -(-x.depth // 2), heads=d.heads or x.heads,
         mlp_dim=d.mlp_dim or x.mlp_dim, act=x.act, norm_eps=x.norm_eps, rngs=rngs,
         dtype=models.activation_dtype(m)) if d.weight else None)
+    s = config.self_distill
+    heads = (models.self_distill.SelfDistillHeads(
+        image_encoder.num_features, s.head_hidden, s.head_bottleneck, s.prototypes, rngs=rngs,
+        dtype=models.activation_dtype(m)) if s.weight or s.masked_weight else None)
     return models.TwoTowerModel(image_encoder=image_encoder, text_encoder=text_encoder,
                                 embed_dim=m.embed_dim,
                                 temperature=temperature(m.embed_dim, rngs),
@@ -183,7 +187,7 @@ class TwoTower(base.Method):
                                 text_projection_bias=x.projection_bias,
                                 temperature_t2i=temperature()
                                 if config.temperature.per_direction else None,
-                                decoder=decoder)
+                                decoder=decoder, self_distill=heads)
 
   def views(self, keys, batch, config):
     """The images as the towers see them before standardizing (a teacher

@@ -6,6 +6,8 @@ The modules, each importing only those above it:
   Python; used by the optimizer, freezing, import and export).
 - transformer: the ViT image encoder and the text encoder.
 - decoder: a text decoder on the image tokens (SigLIP 2's LocCa decoder).
+- self_distill: the prototype heads and mask token of SigLIP 2's
+  self-distillation (SILC, TIPS).
 - temperature: the contrastive temperature τ as a module, in every mode.
 - towers: ResNets, projection heads, `SimCLRModel` and `TwoTowerModel`.
 
@@ -15,6 +17,7 @@ This package re-exports towers' public names: ``models.TwoTowerModel`` etc.
 from jaxcl.models import (  # noqa: F401  (import order)
   decoder,
   param_groups,
+  self_distill,
   temperature,
   transformer,
 )

@@ -175,10 +175,12 @@ class TwoTowerModel(nnx.Module):
   def __init__(self, *, image_encoder, text_encoder: TextTransformer, embed_dim: int,
                temperature: Temperature, bias: LogitBias | None, rngs: nnx.Rngs,
                image_projection: bool = True, text_projection_bias: bool = False,
-               temperature_t2i: Temperature | None = None, decoder=None):
+               temperature_t2i: Temperature | None = None, decoder=None, self_distill=None):
     self.image_encoder, self.text_encoder = image_encoder, text_encoder
     if decoder is not None:  # config.decoder: SigLIP 2's (jaxcl.models.decoder), training only
       self.decoder = decoder
+    if self_distill is not None:  # config.self_distill: its heads (jaxcl.models.self_distill)
+      self.self_distill = self_distill
     proj_init = lambda width: nnx.initializers.normal(width ** -0.5)
     if not image_projection and image_encoder.num_features != embed_dim:
       raise ValueError(f'without an image projection the image features '

@@ -229,11 +229,13 @@ class ViT(nnx.Module):
   def __call__(self, x, grid=None):
     return self.pooled(*self.tokens(x, grid))
 
-  def tokens(self, x, grid=None):
+  def tokens(self, x, grid=None, mask=None, mask_token=None):
     """(the final LayerNorm's tokens [b, T, width], each image's tokens
     before its padding [b] or None): the class token first for 'cls',
     then the patches row by row, unpooled (what dense probes and a
-    decoder's cross-attention read)."""
+    decoder's cross-attention read). mask [b, patches] bool: those patches'
+    embeddings replaced by mask_token [1, 1, width] before the positions
+    are added (iBOT's and TIPS's masked image modeling)."""
     if grid is None:
       x = self.patchify(x)
       b, h, w, width = x.shape
@@ -241,6 +243,8 @@ class ViT(nnx.Module):
       position = self.position[...].astype(x.dtype)
     else:
       x, position, lengths = self._naflex_embed(x, grid)
+    if mask is not None:
+      x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
     b, _, width = x.shape
     if self.cls is not None:
       x = jnp.concatenate([jnp.broadcast_to(self.cls[...].astype(x.dtype), (b, 1, width)), x], 1)

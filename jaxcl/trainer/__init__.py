@@ -9,6 +9,7 @@ The modules, each importing only those above it:
 - dataset_checks: the dataset group's checks, and with data the data's.
 - validation: every check on a config before anything is compiled or written.
 - optim: optimizers and learning-rate schedules.
+- ema_teacher: SigLIP 2's self-distillation terms and their EMA teacher.
 - experiment: what a config builds before the first step (model, state,
   mesh, shardings, the method).
 - per_example: state kept per training example (the per-example τ tables).

@@ -27,7 +27,7 @@ from jaxcl.losses import estimators
 from jaxcl.methods.base import standardize
 from jaxcl.models import param_groups
 from jaxcl.text import tokenizers
-from jaxcl.trainer import optim, per_example
+from jaxcl.trainer import ema_teacher, optim, per_example
 
 
 @flax.struct.dataclass
@@ -42,6 +42,10 @@ class TrainState:
   # the dataset's example i (rows padded to the batch shards), split over the
   # batch axes; {} otherwise.
   per_example: Any = dataclasses.field(default_factory=dict)
+  # SigLIP 2's self-distillation teacher (config.self_distill): {'params': the
+  # EMA copy of the taught parts, 'center': its running centers}; {} otherwise
+  # (jaxcl.trainer.ema_teacher).
+  ema: Any = dataclasses.field(default_factory=dict)
 
 
 def rng_streams(seed: int) -> dict:
@@ -105,7 +109,8 @@ class Experiment:
     return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
                       opt_state=self.optimizer.init(params),
                       rng=jax.random.key_data(rng_streams(self.config.seed)['augment']),
-                      per_example=self._new_per_example())
+                      per_example=self._new_per_example(),
+                      ema=ema_teacher.new_state(params, self.config))
 
   def _new_per_example(self) -> dict:
     if self.config.loss.estimator != 'sogclr':
@@ -124,7 +129,7 @@ class Experiment:
         step=jnp.int32(0), params=p, batch_stats=abstract.batch_stats,
         opt_state=self.optimizer.init(p),
         rng=jax.random.key_data(rng_streams(self.config.seed)['augment']),
-        per_example=self._new_per_example()),
+        per_example=self._new_per_example(), ema=ema_teacher.new_state(p, self.config)),
                    out_shardings=self.state_sharding, donate_argnums=0)
     return make(params)  # donated: the parameters are not held twice
 

@@ -1,7 +1,7 @@
 """Checks on the config groups of SigLIP 2's recipe terms (validation's
-part for them): `decoder` (LocCa) and `distill` with, when check_data, its
-teacher's workdir. Like validation, it loads no jax at import: the teacher
-is read from its config.json alone.
+part for them): `decoder` (LocCa), `self_distill` (SILC, TIPS) and
+`distill` with, when check_data, its teacher's workdir. Like validation,
+it loads no jax at import: the teacher is read from its config.json alone.
 """
 
 from __future__ import annotations
@@ -40,6 +40,60 @@ def check_decoder_group(config, text_tower: bool) -> None:
   width = d.width or config.text.width
   check(width % (d.heads or config.text.heads) == 0,
         f'decoder width {width} is not divisible by its {d.heads or config.text.heads} heads')
+
+
+def check_self_distill_group(config, text_tower: bool) -> None:
+  """ConfigError for the first invalid value of config.self_distill."""
+  s = config.self_distill
+  _check_weight_and_start(s, 'self_distill')
+  check(_number(s.masked_weight) and s.masked_weight >= 0,
+        f'self_distill.masked_weight must be a number >= 0, got {s.masked_weight!r}')
+  for key in ('local_views', 'head_hidden', 'head_bottleneck', 'prototypes'):
+    check(_integer(s[key]) and s[key] > 0,
+          f'self_distill.{key} must be a positive integer, got {s[key]!r}')
+  check(_integer(s.local_size) and s.local_size >= 0,
+        f'self_distill.local_size must be an integer >= 0 (0: 3/7 of the image size), got '
+        f'{s.local_size!r}')
+  for key in ('momentum', 'center_momentum'):
+    check(_number(s[key]) and 0 <= s[key] < 1,
+          f'self_distill.{key} must be in [0, 1), got {s[key]!r}')
+  check(_number(s.mask_ratio) and 0 < s.mask_ratio < 1,
+        f'self_distill.mask_ratio must be in (0, 1), got {s.mask_ratio!r}')
+  for key in ('student_temperature', 'teacher_temperature', 'patch_teacher_temperature'):
+    check(_number(s[key]) and s[key] > 0, f'self_distill.{key} must be > 0, got {s[key]!r}')
+  for key in ('global_scale', 'local_scale'):
+    pair = s[key]
+    check(isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_number(x) for x in pair)
+          and 0 < pair[0] <= pair[1] <= 1,
+          f'self_distill.{key} must be (min, max) areas with 0 < min <= max <= 1, got {pair!r}')
+  if not (s.weight or s.masked_weight):
+    return
+  check(text_tower, f'self_distill: SigLIP 2\'s self-distillation trains an image-text '
+                    f'model (clip, siglip), not {config.method}')
+  check(config.model.name in presets.VIT_NAMES,
+        'self_distill: the terms read a ViT\'s patch tokens (model.name vit-*)')
+  check(config.dataset.resolution == 'square',
+        'self_distill: a NaFlex run has no square crops to distill (SigLIP 2 trains its '
+        'NaFlex variant without these terms)')
+  check(not config.microbatch_size,
+        'self_distill with microbatch_size is not supported yet: its terms run on the whole '
+        'batch')
+  patch, size = config.model.vit.patch_size, config.augment.image_size
+  check(s.local_size % patch == 0 and s.local_size <= size,
+        f'self_distill.local_size {s.local_size} must be whole patches of {patch} px, at '
+        f'most augment.image_size {size}')
+  patches = (size // patch) ** 2
+  check(0 < round(s.mask_ratio * patches) < patches,
+        f'self_distill.mask_ratio {s.mask_ratio} of {patches} patches masks none or all')
+
+
+def _integer(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
 
 
 def _check_weight_and_start(group, name: str) -> None:

@@ -27,7 +27,7 @@ from jaxcl.data import augment
 from jaxcl.losses import captioning, estimators
 from jaxcl.models import param_groups
 from jaxcl.models.temperature import logit_transform, project_all
-from jaxcl.trainer import grad_cache, per_example
+from jaxcl.trainer import ema_teacher, grad_cache, per_example
 from jaxcl.trainer.experiment import Experiment, TrainState
 
 
@@ -38,6 +38,7 @@ class StepAux(NamedTuple):
   temperature: jax.Array  # τ the loss used (scalar, or [directions])
   bias: jax.Array | None  # SigLIP's logit bias
   per_example: dict  # the batch's rows of TrainState.per_example after the step
+  centers: dict  # the EMA teacher's centers after the step (config.self_distill), or {}
 
 
 def make_towers(exp: Experiment):
@@ -128,11 +129,32 @@ def make_loss_and_grads(exp: Experiment):
                                               taught)
       return value, (metrics, tau, bias, new_rows)
 
+    def self_distilled(params):
+      """(value, metrics, centers) of the self-distillation terms at this
+      step: nothing computed before their start step."""
+      group = config.self_distill
+
+      def active(params):
+        student = merge(params, state.batch_stats)
+        teacher = nnx.merge(exp.train_graphdef, ema_teacher.teacher_params(
+            params, state.ema, state.step, group.start_step), state.batch_stats, copy=True)
+        return ema_teacher.terms(student, teacher, state.ema['center'],
+                                 jax.random.fold_in(key, SELF_DISTILL_STREAM), batch['image'],
+                                 config)
+
+      def inactive(params):
+        value, metrics, _ = jax.eval_shape(active, params)
+        zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+        return zeros(value), zeros(metrics), state.ema['center']
+
+      return jax.lax.cond(state.step >= group.start_step, active, inactive, params)
+
     if config.microbatch_size:
       (value, (head_aux, batch_stats)), grads = grad_cache.loss_and_grads(
           encode, head, state.params, state.batch_stats, inputs,
           microbatch_size=config.microbatch_size, mesh=exp.mesh,
           param_shardings=exp.state_sharding.params)
+      centers = {}
     else:
       def loss_fn(params):
         (a, b, *decoded), batch_stats = encode(params, state.batch_stats, inputs)
@@ -143,14 +165,23 @@ def make_loss_and_grads(exp: Experiment):
           value = value + term_weight(config.decoder, state.step) * term.loss
           metrics = {**head_aux[0], 'decoder_loss': term.loss, **term.metrics}
           head_aux = (metrics, *head_aux[1:])
-        return value, (head_aux, batch_stats)
+        if state.ema:  # SigLIP 2's self-distillation (config.self_distill)
+          term, term_metrics, centers = self_distilled(params)
+          value = value + term
+          head_aux = ({**head_aux[0], **term_metrics}, *head_aux[1:])
+          return value, (head_aux, batch_stats, centers)
+        return value, (head_aux, batch_stats, {})
 
-      (value, (head_aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state.params)
+      (value, (head_aux, batch_stats, centers)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(state.params)
     metrics, tau, bias, rows = head_aux
-    return (value, StepAux(metrics, batch_stats, tau, bias, rows)), grads
+    return (value, StepAux(metrics, batch_stats, tau, bias, rows, centers)), grads
 
   return loss_and_grads
+
+
+# The step's key folded with this gives the self-distillation crops and masks.
+SELF_DISTILL_STREAM = 0x5D15
 
 
 def term_weight(group, step):
@@ -165,8 +196,8 @@ def make_train_step(exp: Experiment):
   loss_and_grads = make_loss_and_grads(exp)
 
   def train_step(state: TrainState, batch, *teacher_weights):
-    (loss, (metrics, batch_stats, tau, bias, rows)), grads = loss_and_grads(state, batch,
-                                                                           *teacher_weights)
+    (loss, (metrics, batch_stats, tau, bias, rows, centers)), grads = loss_and_grads(
+        state, batch, *teacher_weights)
     updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Clamp log τ into [log τ_min, log τ_max] after the update (open_clip's way).
@@ -179,17 +210,20 @@ def make_train_step(exp: Experiment):
     if bias is not None:
       metrics['bias'] = bias
     metrics.update(per_example.metrics(rows))
-    updated = (params, batch_stats, opt_state, rows)
+    ema = ema_teacher.updated(state.ema, state.params, params, centers, state.step,
+                              exp.config.self_distill)
+    updated = (params, batch_stats, opt_state, rows, ema)
     if exp.config.nonfinite == 'skip':  # a non-finite step leaves the state as it was
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
                              (state.params, state.batch_stats, state.opt_state,
-                              per_example.gather(state.per_example, batch)))
+                              per_example.gather(state.per_example, batch), state.ema))
       metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
-    params, batch_stats, opt_state, rows = updated
+    params, batch_stats, opt_state, rows, ema = updated
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state,
-                              per_example=per_example.scatter(state.per_example, batch, rows))
+                              per_example=per_example.scatter(state.per_example, batch, rows),
+                              ema=ema)
     return new_state, metrics
 
   teacher = () if exp.teacher is None else (exp.teacher.shardings,)

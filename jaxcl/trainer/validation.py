@@ -208,6 +208,7 @@ def _validate(config, num_devices, process_count, check_data) -> None:
   dataset_checks.check_dataset_group(config, method.text_tower, process_count, check_data)
   recipe_checks.check_distill_group(config, method.text_tower, check_data)
   recipe_checks.check_decoder_group(config, method.text_tower)
+  recipe_checks.check_self_distill_group(config, method.text_tower)
   zeroshot_suite.check(config, method.text_tower, check_data)
 
 

@@ -271,8 +271,9 @@ def test_a_teacher_that_cannot_teach_is_one_line(tmp_path):
 @pytest.mark.slow  # two short taught runs: the resume, and its pinned teacher, show only in a run
 def test_a_taught_run_resumes_exactly_with_its_teacher_pinned(teacher_workdir, tmp_path):
   """A run with every recipe term on (the teacher, the LocCa decoder and its
-  tasks drawn per example) killed after its checkpoint 2 and resumed gives
-  the whole run's weights, although its teacher's workdir gained a newer
+  tasks drawn per example, self-distillation from step 1 with its EMA
+  teacher) killed after its checkpoint 2 and resumed gives the whole run's
+  weights and EMA teacher, although its teacher's workdir gained a newer
   checkpoint (other weights) meanwhile: the run keeps the teacher's step it
   started with. Its checkpoints load (as eval and export load them) with
   the teacher gone."""
@@ -281,6 +282,10 @@ def test_a_taught_run_resumes_exactly_with_its_teacher_pinned(teacher_workdir, t
   whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
   args = ('--config', helpers.CLIP_CONFIG, *helpers.tiny_overrides(helpers.TINY_TWO_TOWER),
           f'--config.distill.teacher={teacher}', '--config.decoder.weight=0.5',
+          '--config.self_distill.weight=1.0', '--config.self_distill.masked_weight=0.25',
+          '--config.self_distill.start_step=1', '--config.self_distill.local_views=2',
+          '--config.self_distill.head_hidden=16', '--config.self_distill.head_bottleneck=8',
+          '--config.self_distill.prototypes=32',
           '--config.total_steps=4',
           '--config.checkpoint_every_steps=2', '--config.eval_every_steps=4',
           '--config.log_every_steps=2')
@@ -288,6 +293,7 @@ def test_a_taught_run_resumes_exactly_with_its_teacher_pinned(teacher_workdir, t
   assert f'taught by {teacher} (step 0, clip, vit, its own tokenizer)' in out
   rows = [json.loads(line) for line in (whole / 'metrics.jsonl').read_text().splitlines()]
   assert all(row['distill_loss'] > 0 and row['distill_kl'] > 0 and row['decoder_loss'] > 0
+             and row['self_distill_loss'] > 0 and row['masked_loss'] > 0
              for row in rows if 'loss' in row)
   _add_a_newer_checkpoint(teacher, step=7)
   shutil.copytree(whole, resumed)
@@ -296,9 +302,10 @@ def test_a_taught_run_resumes_exactly_with_its_teacher_pinned(teacher_workdir, t
   out = helpers.jaxcl('train', '--workdir', str(resumed), *args).stdout
   assert 'resuming from step 2' in out and f'taught by {teacher} (step 0,' in out
   shutil.rmtree(teacher)  # what eval and export load needs no teacher
-  (step_a, params_a), (step_b, params_b) = (helpers.final_params(w) for w in (whole, resumed))
-  assert step_a == step_b == 4
-  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+  (_, state_a), (_, state_b) = (trained.load_trained(str(w)) for w in (whole, resumed))
+  assert int(state_a.step) == int(state_b.step) == 4 and state_a.ema
+  for a, b in zip(*(jax.tree.leaves(jax.device_get((s.params, s.ema)))
+                    for s in (state_a, state_b))):
     np.testing.assert_array_equal(a, b)
 
 

@@ -39,7 +39,7 @@ FORMAT = plan_lib.FORMAT
 _refuse = plan_lib.refuse
 
 
-TRAINING_ONLY = ('decoder/',)  # parameter groups no exported model has
+TRAINING_ONLY = ('decoder/', 'self_distill/')  # parameter groups no exported model has
 
 
 def weight_entries(params: dict, layout: layout_lib.Layout, tau: float) -> list:
@@ -153,7 +153,7 @@ def write_open_clip(exp, state, output, plan: plan_lib.Plan, *, replacing: bool 
   output, config = epath.Path(output), exp.config
   params = {param_groups.path_name(k): v
             for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
-  # What only training uses stays behind: the decoder (config.decoder).
+  # What only training uses stays behind: the decoder and the self-distillation heads.
   params = {k: v for k, v in params.items() if not k.startswith(TRAINING_ONLY)}
   if config.temperature.mode == 'free':
     _refuse("open_clip's logits are the cosine times a scale; this run trained on 2 artanh of "

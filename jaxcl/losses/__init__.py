@@ -12,11 +12,18 @@ The modules, each importing only those above it:
 - distill: a student's softmaxes over the batch pulled toward a teacher's
   (open_clip's distillation loss), under the same signature.
 - captioning: the decoder's token cross-entropy (SigLIP 2's LocCa term).
+- self_distill: DINO's cross-entropy against an EMA teacher's prototypes and
+  its running center (SigLIP 2's SILC and TIPS terms).
 
 This package re-exports their public names: ``losses.clip_loss`` etc.
 """
 
-from jaxcl.losses import captioning, estimators, tiled  # noqa: F401  (submodules, in import order)
+from jaxcl.losses import (  # noqa: F401  (submodules, in import order)
+  captioning,
+  estimators,
+  self_distill,
+  tiled,
+)
 from jaxcl.losses.contrastive import (
   AUTO_DENSE_MAX_LOGITS,
   IMPLS,

@@ -46,7 +46,8 @@ def prototype_cross_entropy(student, teacher, center, student_temperature: float
   teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
   if teacher.ndim == 2:
     teacher = teacher[:, None, :]
-  log_p_teacher = jax.nn.log_softmax((teacher - center) / teacher_temperature)
+  log_p_teacher = jax.nn.log_softmax((teacher - jax.lax.stop_gradient(center))
+                                     / teacher_temperature)
   log_p_student = jax.nn.log_softmax(student.astype(jnp.float32) / student_temperature)
   p_teacher = jnp.exp(log_p_teacher)
   per_output = -jnp.sum(p_teacher * log_p_student, axis=-1)  # [n, V]

@@ -78,7 +78,8 @@ def views(key, images_uint8, config):
   and i alone. Each mask hides exactly round(mask_ratio x patches) patches."""
   s, a = config.self_distill, config.augment
   n = images_uint8.shape[0]
-  keys = augment.view_keys(key, 2 + s.local_views, n)  # global, mask, locals
+  rows = augment.view_keys(key, 1, n)[:, 0]  # row i's from the key and i alone
+  keys = jax.vmap(lambda k: jax.random.split(k, 2 + s.local_views))(rows)  # global, mask, locals
   images = images_uint8.astype(jnp.float32) / 255.0
   crop = lambda cfg: jax.vmap(lambda k, x: augment.simclr_view(k, x, cfg))
   global_crops = crop(_crop_config(a, s.global_scale, a.image_size))(keys[:, 0], images)

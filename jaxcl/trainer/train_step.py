@@ -9,7 +9,9 @@ is taken outside the shard_map, the optimizer updates the parameters, and
 the temperature is clamped back into range. With a teacher
 (config.distill, jaxcl.trainer.teacher) its embeddings of the same crops
 and captions join the loss's shard_map: the distillation term
-(jaxcl.losses.distill) is added with its weight from its start step.
+(jaxcl.losses.distill) is added with its weight from its start step; so
+are the decoder's (config.decoder) and, from theirs, the self-distillation
+terms of an EMA teacher kept in the state (jaxcl.trainer.ema_teacher).
 """
 
 from __future__ import annotations

@@ -132,8 +132,9 @@ def simclr_view(key, image, cfg):
 
 def view_keys(key, num_views: int, n: int):
   """Per-example keys for `num_views` views of n examples: [n, num_views].
-  Row i depends only on `key` and i, so any slice of rows (a microbatch,
-  jaxcl.trainer.grad_cache) gets the keys the whole batch would have given it."""
+  Made once for the whole batch: a microbatch (jaxcl.trainer.grad_cache)
+  takes its rows' slice. The first column depends only on `key` and the
+  row; the later ones on n too (jax.random.split numbers keys row-major)."""
   return jnp.swapaxes(jax.random.split(key, (num_views, n)), 0, 1)
 
 

@@ -7,6 +7,7 @@
   python benchmarks/seeds.py --group halving --seeds 0,1,2  # jaxcl sweep --search halving
   python benchmarks/seeds.py --group naflex --seeds 0,1,2  # docs/naflex.md
   python benchmarks/seeds.py --group distill --seeds 0,1,2  # docs/pretrained.md
+  python benchmarks/seeds.py --group siglip2 --seeds 0,1,2  # docs/siglip2_recipe.md
 
 Each group is a list of variants: a config and its `--config.KEY=VALUE`
 overrides (VARIANTS below). Every (variant, seed) trains with `jaxcl train`
@@ -111,6 +112,12 @@ VARIANTS = {
         # {group_root}, {seed}: this group's folder and the run's seed (main)
         'taught': (SHAPES, {**SMALL_CLIP, 'distill.teacher': '{group_root}/teacher-seed{seed}'}),
     },
+    'siglip2': {  # docs/siglip2_recipe.md: what SigLIP 2's terms buy, the same 1,000 steps
+        'siglip': ('configs/siglip_shapes.py', {}),
+        'decoder': ('configs/siglip2_shapes.py', {'self_distill.weight': 0.0,
+                                                  'self_distill.masked_weight': 0.0}),
+        'all': ('configs/siglip2_shapes.py', {}),
+    },
     'halving': {  # `jaxcl sweep --search halving` over the default candidates
         'digits': (DIGITS, {}),
         'shapes': (SHAPES, {}),
@@ -122,11 +129,13 @@ SEARCHES = {'halving': ['--search', 'halving']}
 ACCURACY = ('knn_top1', 'linear_top1', 'zeroshot_top1', 'i2t_r1', 't2i_r1')
 EXTRA = ('tolerance', 'test_uniformity', 'zeroshot_ece', 'zeroshot_ece_fitted',
          'zeroshot_fitted_temperature', 'zeroshot_top5', 'i2t_r5', 'i2t_r10', 't2i_r5',
-         't2i_r10')
+         't2i_r10', 'patch_probe_top1', 'refer_accuracy', 'decoder_perplexity')
 # The last log step's view of the softmax (docs/temperature.md's sweep table).
 TRAINING = ('entropy', 'effective_negatives', 'positive_prob', 'contrastive_top1',
             'hardest_negative_share', 'alignment', 'uniformity')
 TAU = ('temperature', 'temperature_t2i', 'temperature_p10', 'temperature_p90', 'bias')
+# The last log step's recipe terms and its seconds per step (SigLIP 2's terms run last).
+RECIPE = ('decoder_loss', 'self_distill_loss', 'masked_loss', 'step_time')
 WALL = 'benchmark_wall.json'
 
 
@@ -188,6 +197,7 @@ def summarize(group: str, run_dir: epath.Path) -> dict:
   train_rows = [r for r in report.read_metrics(chosen) if 'loss' in r]
   last = train_rows[-1] if train_rows else {}
   wall = _read_json(run_dir / WALL)
+  compiled = _read_json(chosen / 'compiled_step.json')
   search = _read_json(run_dir / 'sweep.json') if group in SEARCHES else None
   return {'step': results.get('step'),
           **({'winner': search['winner'], 'steps_trained': search['steps_trained'],
@@ -195,7 +205,8 @@ def summarize(group: str, run_dir: epath.Path) -> dict:
           **{k: results[k] for k in (*ACCURACY, *EXTRA) if k in results},
           **{k: v for k, v in results.items() if k.startswith('max_patches/')},
           **{k: last[k] for k in TAU if k in last},
-          **{f'train_{k}': last[k] for k in TRAINING if k in last},
+          **{f'train_{k}': last[k] for k in TRAINING + RECIPE if k in last},
+          **({'peak_mib': compiled['peak_bytes'] / 2**20} if compiled else {}),
           'wall_s': wall['seconds'] if wall else None,
           **({'commit': wall['commit']} if wall and 'commit' in wall else {})}
 

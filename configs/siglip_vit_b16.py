@@ -26,15 +26,6 @@ from jaxcl.config import recipes
 
 
 def get_config():
-  config = recipes.image_text_pod('siglip')
+  config = recipes.siglip_b16()
   config.name = 'siglip_vit_b16'
-  config.total_steps = 275_000  # ~9B pairs seen
-  config.dataset.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-  config.model.update(embed_dim=768)
-  config.model.vit.update(pool='gap')
-  config.text.update(tokenizer='bytes', max_length=64, width=768, depth=12, heads=12,
-                     mlp_dim=3072, causal=False)
-  config.temperature.update(mode='learnable', init=0.1, min=0.01, max=1.0, bias_init=-10.0)
-  config.optimizer.update(name='adamw', learning_rate=1e-3, warmup_steps=5_000,
-                          weight_decay=1e-4, b1=0.9, b2=0.95, grad_clip_norm=1.0)
   return config

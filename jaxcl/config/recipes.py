@@ -77,6 +77,32 @@ def image_text_pod(method: str):
   return config
 
 
+def siglip_b16():
+  """The SigLIP paper's B/16 recipe at pod scale (Zhai et al. 2023,
+  big_vision; configs/siglip_vit_b16.py says what it is)."""
+  config = image_text_pod('siglip')
+  config.total_steps = 275_000  # ~9B pairs seen
+  config.dataset.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+  config.model.update(embed_dim=768)
+  config.model.vit.update(pool='gap')
+  config.text.update(tokenizer='bytes', max_length=64, width=768, depth=12, heads=12,
+                     mlp_dim=3072, causal=False)
+  config.temperature.update(mode='learnable', init=0.1, min=0.01, max=1.0, bias_init=-10.0)
+  config.optimizer.update(name='adamw', learning_rate=1e-3, warmup_steps=5_000,
+                          weight_decay=1e-4, b1=0.9, b2=0.95, grad_clip_norm=1.0)
+  return config
+
+
+def siglip2_terms(config) -> None:
+  """SigLIP 2's additions to the sigmoid loss (Tschannen et al. 2025, §2):
+  the LocCa decoder from the start (weight 1: the paper's was not at hand),
+  and from 80% of training SILC's and TIPS's terms weighted 1 and 0.25
+  times the paper's factor for B models, 0.25 (docs/siglip2_recipe.md)."""
+  config.decoder.update(weight=1.0, start_step=0)
+  config.self_distill.update(weight=0.25, masked_weight=0.0625,
+                             start_step=int(0.8 * config.total_steps))
+
+
 def architecture(config, name: str) -> None:
   """Sets a published architecture on `config`: presets.ARCHITECTURES[name]
   (open_clip's model names: ViT-B-32, ViT-B-16-SigLIP, ...) gives the

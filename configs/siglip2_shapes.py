@@ -11,8 +11,10 @@ and (docs/siglip2_recipe.md):
   image tower, SILC's term (8 local crops of 16 px against the teacher's
   global crop) and TIPS's (half the student's patches masked), weighted as
   SigLIP 2 weights its B models: 1 and 0.25, times 0.25;
-- DINO's heads at a width this tower's 128 features can feed (512 hidden,
-  128 bottleneck, 4,096 prototypes, where DINO has 2,048 / 256 / 65,536).
+- DINO's heads scaled to this tower (256 hidden, 64 bottleneck, 1,024
+  prototypes, where DINO has 2,048 / 256 / 65,536): a head costs about a
+  quarter of a token's pass through the tower, as DINO's does beside a
+  ViT-B.
 `eval.json` adds the decoder's caption perplexity and referring accuracy and
 the patch probe. What each term buys here, over three seeds:
 docs/siglip2_recipe.md (`benchmarks/seeds.py --group siglip2`).
@@ -26,5 +28,5 @@ def get_config():
   config.name = 'siglip2_shapes'
   config.temperature.update(mode='learnable', init=0.1, min=0.01, max=1.0, bias_init=-10.0)
   recipes.siglip2_terms(config)  # the decoder; self-distillation from step 800
-  config.self_distill.update(head_hidden=512, head_bottleneck=128, prototypes=4096)
+  config.self_distill.update(head_hidden=256, head_bottleneck=64, prototypes=1024)
   return config

@@ -48,9 +48,9 @@ def setup(config, devices=None) -> experiment.Experiment:
 
 
 def batch(exp: experiment.Experiment, n: int, seed: int = 0) -> dict:
-  """n rows of the step's inputs (exp.method.batch_keys) as NumPy arrays:
-  random images and, for a text tower, random captions of random lengths
-  (end-of-text, then padding)."""
+  """n rows of the step's inputs (train_step.step_batch_keys) as NumPy
+  arrays: random images and, for a text tower, random captions of random
+  lengths (end-of-text, then padding), which the decoder also writes."""
   rng = np.random.default_rng(seed)
   if exp.patching is None:
     out = {'image': rng.integers(0, 256, (n, *exp.info.image_shape), dtype=np.uint8)}
@@ -69,5 +69,8 @@ def batch(exp: experiment.Experiment, n: int, seed: int = 0) -> dict:
     ids[positions[None] == lengths[:, None]] = t.eot_id
     ids[positions[None] > lengths[:, None]] = t.pad_id
     out['text'] = ids
+    # The decoder's rows (config.decoder): the caption, every token to its end counted.
+    out['decoder_ids'] = ids
+    out['decoder_weights'] = (positions[None] <= lengths[:, None]).astype(np.float32)
   out['index'] = np.arange(n, dtype=np.int32) % max(exp.train_examples, 1)
   return {key: out[key] for key in train_step.step_batch_keys(exp)}

@@ -46,6 +46,9 @@ _MOONSHOT = flags.DEFINE_bool('moonshot', True, 'Also compile the 64k-batch CLIP
 
 MODELS = {'clip_b16': ('configs/clip_vit_b16.py', 'ViT-B-16'),
           'siglip_b16': ('configs/siglip_vit_b16.py', 'ViT-B-16-SigLIP'),
+          # SigLIP 2's recipe on it: the decoder, and the EMA teacher's terms (on: start_step 0)
+          'siglip2_b16_recipe': ('configs/siglip2_b16.py', 'ViT-B-16-SigLIP',
+                                 {'self_distill.start_step': 0}),
           # SigLIP 2 B/16 NaFlex: the 16 x 16 learned grid (256 px) at three patch budgets
           **{f'siglip2_b16_naflex{n}': ('configs/siglip_vit_b16.py', 'ViT-B-16-SigLIP2-256',
                                         {'dataset.resolution': 'naflex',

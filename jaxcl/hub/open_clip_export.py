@@ -29,7 +29,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from jaxcl import config as config_lib, errors, files
+from jaxcl import config as config_lib, errors, files, models
 from jaxcl.hub import open_clip_layout as layout_lib, open_clip_plan as plan_lib, tensors as t
 from jaxcl.models import param_groups
 from jaxcl.trainer.trained import load_trained
@@ -38,8 +38,6 @@ from jaxcl.workdir import run_files
 FORMAT = plan_lib.FORMAT
 _refuse = plan_lib.refuse
 
-
-TRAINING_ONLY = ('decoder/', 'self_distill/')  # parameter groups no exported model has
 
 
 def weight_entries(params: dict, layout: layout_lib.Layout, tau: float) -> list:
@@ -154,7 +152,8 @@ def write_open_clip(exp, state, output, plan: plan_lib.Plan, *, replacing: bool 
   params = {param_groups.path_name(k): v
             for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
   # What only training uses stays behind: the decoder and the self-distillation heads.
-  params = {k: v for k, v in params.items() if not k.startswith(TRAINING_ONLY)}
+  params = {k: v for k, v in params.items()
+            if not k.startswith(tuple(f'{part}/' for part in models.TRAINING_ONLY))}
   if config.temperature.mode == 'free':
     _refuse("open_clip's logits are the cosine times a scale; this run trained on 2 artanh of "
             "the cosine (temperature.mode=free)")

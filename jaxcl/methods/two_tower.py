@@ -212,7 +212,11 @@ class TwoTower(base.Method):
     return model(*inputs)
 
   def describe_model(self, config, tokenizer):
-    return f' + text transformer ({config.text.tokenizer} tokens, length {tokenizer.max_length})'
+    d, s = config.decoder, config.self_distill
+    terms = ([f'LocCa decoder from step {d.start_step}'] if d.weight else []) + (
+        [f'EMA self-distillation from step {s.start_step}'] if s.weight or s.masked_weight else [])
+    return (f' + text transformer ({config.text.tokenizer} tokens, length {tokenizer.max_length})'
+            + ''.join(f' + {term}' for term in terms))
 
   def record_transform(self, tokenizer):
     return data.caption_sampler(tokenizer)

@@ -22,6 +22,7 @@ from jaxcl.models import (  # noqa: F401  (import order)
   transformer,
 )
 from jaxcl.models.towers import (
+  TRAINING_ONLY,
   BasicBlock,
   Bottleneck,
   LogitBias,
@@ -37,6 +38,7 @@ from jaxcl.models.towers import (
 
 __all__ = [
     'BasicBlock', 'Bottleneck', 'LogitBias', 'ProjectionHead', 'ResNet', 'SimCLRModel',
+    'TRAINING_ONLY',
     'TwoTowerModel', 'activation_dtype', 'build_image_encoder', 'build_temperature',
     'l2_normalize',
 ]

@@ -160,6 +160,11 @@ class LogitBias(nnx.Module):
     return self.value[...]
 
 
+# TwoTowerModel's parts only training uses (config.decoder, config.self_distill):
+# exports leave them behind.
+TRAINING_ONLY = ('decoder', 'self_distill')
+
+
 class TwoTowerModel(nnx.Module):
   """CLIP / SigLIP: image and text towers projected to one embedding space.
 

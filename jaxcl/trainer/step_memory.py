@@ -16,7 +16,7 @@ import json
 import jax
 import numpy as np
 
-from jaxcl import errors, files, parallel
+from jaxcl import errors, files, models, parallel
 from jaxcl.data import augment
 from jaxcl.trainer import throughput, train_step
 
@@ -72,9 +72,11 @@ def activation_bytes(exp) -> int:
 
 def analysis(compiled, exp, with_flops: bool = True) -> dict:
   """{argument_bytes, output_bytes, temp_bytes, alias_bytes, peak_bytes,
-  flops_per_device, flops_per_example} of the compiled step of `exp`: bytes
-  per device, FLOPs per device and per example of the global batch (all
-  devices' work; None without with_flops)."""
+  state_bytes (params, opt_state, ema, per_example), training_only_param_bytes
+  (the decoder's, the self-distillation heads'), flops_per_device,
+  flops_per_example} of the compiled step of `exp`: bytes per device, FLOPs
+  per device and per example of the global batch (all devices' work; None
+  without with_flops)."""
   try:
     stats = compiled.memory_analysis()
   except Exception:  # a backend without one
@@ -84,6 +86,13 @@ def analysis(compiled, exp, with_flops: bool = True) -> dict:
          for name in names}
   out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes'] + out['temp_bytes']
                        - out['alias_bytes']) if stats else None
+  state = exp.abstract_state()
+  # The state's parts, and the parameters of the training-only parts SigLIP 2's recipe adds.
+  out['state_bytes'] = {field: parallel.bytes_per_device(getattr(state, field))
+                        for field in ('params', 'opt_state', 'ema', 'per_example')}
+  out['training_only_param_bytes'] = {
+      part: parallel.bytes_per_device(state.params[part])
+      for part in models.TRAINING_ONLY if part in state.params}
   flops = flops_per_device(exp, compiled) if with_flops else None
   out['flops_per_device'] = flops
   out['flops_per_example'] = flops * exp.mesh.size / exp.config.batch_size if flops else None

@@ -157,7 +157,6 @@ def test_the_step_adds_the_decoders_term_from_its_start_step():
 @pytest.mark.parametrize('change, message', [
     (dict(method='simclr'), 'the decoder writes captions, simclr has none'),
     ({'model.name': 'resnet18'}, "reads a ViT's patch tokens"),
-    ({'microbatch_size': 8}, 'with microbatch_size is not supported yet'),
     ({'decoder.tasks': ('caption', 'describe')}, 'decoder.tasks must name some of'),
     ({'decoder.parallel_fraction': 1.5}, 'decoder.parallel_fraction must be in [0, 1]'),
     ({'decoder.heads': 3}, 'is not divisible by its 3 heads'),

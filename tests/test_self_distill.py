@@ -16,7 +16,7 @@ from jaxcl import config as config_lib, losses, parallel
 from jaxcl.data import augment
 from jaxcl.losses import self_distill
 from jaxcl.models import transformer
-from jaxcl.trainer import ema_teacher, experiment, train_step, validation
+from jaxcl.trainer import ema_teacher, experiment, recipe_terms, train_step, validation
 from test_losses import LAYOUTS, RTOL_GRAD, RTOL_VALUE, _mesh, finite_diff
 
 N, V, K = 16, 3, 6
@@ -122,14 +122,14 @@ def _config(**self_distill):
 def test_each_row_has_its_crops_and_exactly_its_share_of_masked_patches():
   config = _config(mask_ratio=0.3)
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)), jnp.uint8)
-  key = jax.random.key(3)
-  global_crops, local_crops, masks = ema_teacher.views(key, images, config)
+  keys = jax.random.split(jax.random.key(3), 8)
+  global_crops, local_crops, masks = ema_teacher.views(keys, images, config)
   assert global_crops.shape == (8, 32, 32, 3) and local_crops.shape == (8, 2, 16, 16, 3)
   np.testing.assert_array_equal(masks.sum(1), round(0.3 * 16))
   assert len({tuple(m) for m in np.asarray(masks)}) > 1  # each row draws its own
-  # Row i's crops and mask depend on the key and i alone (microbatches see the same).
+  # Row i's crops and mask depend on its key alone (a microbatch's rows see the same).
   for whole, part in zip((global_crops, local_crops, masks),
-                         ema_teacher.views(key, images[:4], config)):
+                         ema_teacher.views(keys[:4], images[:4], config)):
     np.testing.assert_array_equal(whole[:4], part)
 
 
@@ -169,8 +169,9 @@ def _forward(exp, state, batch):
   and masks."""
   config = exp.config
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  key = jax.random.fold_in(key, train_step.SELF_DISTILL_STREAM)
-  global_crops, local_crops, masks = ema_teacher.views(key, batch['image'], config)
+  key = jax.random.fold_in(key, recipe_terms.SELF_DISTILL_STREAM)
+  row_keys = augment.view_keys(key, 1, len(batch['image']))[:, 0]
+  global_crops, local_crops, masks = ema_teacher.views(row_keys, batch['image'], config)
   model = nnx.merge(exp.eval_graphdef, state.params, state.batch_stats)
   encoder, heads = model.image_encoder, model.self_distill
   norm = lambda x: augment.standardize(x, config.dataset.mean, config.dataset.std)
@@ -261,10 +262,34 @@ def test_the_terms_start_at_their_step_and_the_ema_follows_exactly():
   del value
 
 
+@pytest.mark.slow  # the step with every term compiled whole and in microbatches
+def test_microbatches_give_the_whole_batchs_terms():
+  """With the decoder and both self-distillation terms on, microbatches of 8
+  (GradCache: the contrastive loss over the global batch, each chunk's
+  terms its share) give the whole batch's loss, gradients, metrics and
+  centers."""
+  whole = _setup(**{'decoder.weight': 0.5, 'self_distill.start_step': 0})
+  chunked = _setup(**{'decoder.weight': 0.5, 'self_distill.start_step': 0,
+                      'microbatch_size': 8})
+  host = helpers.two_tower_batch(whole, 16)
+  results = []
+  for exp in (whole, chunked):
+    batch = parallel.put_batch(exp.mesh, {k: host[k] for k in train_step.step_batch_keys(exp)})
+    results.append(jax.device_get(jax.jit(train_step.make_loss_and_grads(exp))(
+        exp.init_state(), batch)))
+  ((value_w, aux_w), grads_w), ((value_c, aux_c), grads_c) = results
+  assert aux_w.metrics['decoder_loss'] > 0 and aux_w.metrics['masked_loss'] > 0
+  assert_close(value_c, value_w, rtol=1e-5, what='loss')
+  assert_close(grads_c, grads_w, rtol=3e-5, what='grads')
+  keys = [k for k in aux_w.metrics if k.startswith(('decoder_', 'self_distill_', 'masked_'))]
+  assert_close({k: aux_c.metrics[k] for k in keys}, {k: aux_w.metrics[k] for k in keys},
+               rtol=1e-5, what='metrics')
+  assert_close(aux_c.centers, aux_w.centers, rtol=1e-5, what='centers')
+
+
 @pytest.mark.parametrize('change, message', [
     (dict(method='simclr'), 'trains an image-text model (clip, siglip), not simclr'),
     ({'model.name': 'resnet18'}, "read a ViT's patch tokens"),
-    ({'microbatch_size': 8}, 'with microbatch_size is not supported yet'),
     ({'dataset.resolution': 'naflex'}, 'a NaFlex run has no square crops'),
     ({'self_distill.momentum': 1.0}, 'self_distill.momentum must be in [0, 1)'),
     ({'self_distill.mask_ratio': 0.01}, 'masks none or all'),

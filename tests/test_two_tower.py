@@ -59,7 +59,7 @@ def test_sharded_two_tower_step_equals_single_device(experiments):
   for exp in experiments:
     state = exp.init_state()
     fn = jax.jit(train_step.make_loss_and_grads(exp))
-    (loss, (metrics, _, tau, bias, _)), grads = fn(state, parallel.put_batch(
+    (loss, (metrics, _, tau, bias, *_)), grads = fn(state, parallel.put_batch(
         exp.mesh, two_tower_batch(exp, 16)))
     results.append(jax.device_get((loss, metrics, grads)))
   (loss1, m1, g1), (loss8, m8, g8) = results

@@ -10,6 +10,8 @@ The modules, each importing only those above it:
 - validation: every check on a config before anything is compiled or written.
 - optim: optimizers and learning-rate schedules.
 - ema_teacher: SigLIP 2's self-distillation terms and their EMA teacher.
+- recipe_terms: the per-example terms of SigLIP 2's recipe (the decoder's,
+  self-distillation's) on any rows: the whole batch or a microbatch.
 - experiment: what a config builds before the first step (model, state,
   mesh, shardings, the method).
 - per_example: state kept per training example (the per-example τ tables).

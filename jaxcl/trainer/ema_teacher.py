@@ -72,14 +72,15 @@ def _crop_config(augment_config, scale, size: int):
   return crops
 
 
-def views(key, images_uint8, config):
+def views(row_keys, images_uint8, config):
   """(global crops float32 [n, S, S, C], local crops [n, V, s, s, C], patch
-  masks bool [n, patches]) of a batch, all in [0, 1]; row i's from `key`
-  and i alone. Each mask hides exactly round(mask_ratio x patches) patches."""
+  masks bool [n, patches]) of a batch, all in [0, 1]; row i's from its key
+  row_keys[i] alone. Each mask hides exactly round(mask_ratio x patches)
+  patches."""
   s, a = config.self_distill, config.augment
   n = images_uint8.shape[0]
-  rows = augment.view_keys(key, 1, n)[:, 0]  # row i's from the key and i alone
-  keys = jax.vmap(lambda k: jax.random.split(k, 2 + s.local_views))(rows)  # global, mask, locals
+  # Each row's: its global crop, its mask, its local crops.
+  keys = jax.vmap(lambda k: jax.random.split(k, 2 + s.local_views))(row_keys)
   images = images_uint8.astype(jnp.float32) / 255.0
   crop = lambda cfg: jax.vmap(lambda k, x: augment.simclr_view(k, x, cfg))
   global_crops = crop(_crop_config(a, s.global_scale, a.image_size))(keys[:, 0], images)
@@ -97,12 +98,12 @@ def _patch_tokens(encoder, tokens):
   return tokens[:, 1:] if encoder.cls is not None else tokens
 
 
-def terms(student, teacher, center, key, images_uint8, config):
+def terms(student, teacher, center, row_keys, images_uint8, config):
   """(the two terms' weighted sum, metrics, the new centers) of one batch:
   student and teacher are TwoTowerModels (the teacher's taught parts its EMA
   copy, no gradient), center {'image', 'patch': [prototypes]}."""
   s, d = config.self_distill, config.dataset
-  global_crops, local_crops, masks = views(key, images_uint8, config)
+  global_crops, local_crops, masks = views(row_keys, images_uint8, config)
   encoder = teacher.image_encoder
   tokens, _ = encoder.tokens(standardize(global_crops, d))
   teacher_image = teacher.self_distill.image(encoder.pooled(tokens, None))

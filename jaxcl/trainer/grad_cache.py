@@ -59,8 +59,10 @@ def from_chunks(x, num_shards: int):
 
 
 def loss_and_grads(encode: Callable, head: Callable, params, batch_stats, inputs, *,
-                   microbatch_size: int, mesh, param_shardings=None):
-  """((loss, (head's aux, new batch stats)), grads) of the global batch, in chunks.
+                   microbatch_size: int, mesh, param_shardings=None,
+                   encode_with_terms: Callable | None = None):
+  """((loss, (head's aux, the terms' aux, new batch stats)), grads) of the
+  global batch, in chunks.
 
   encode(params, batch_stats, inputs) -> ((a [n, D], b [n, D]), new batch
   stats): one chunk's embeddings, its inputs any pytree of [n, ...] arrays
@@ -68,6 +70,11 @@ def loss_and_grads(encode: Callable, head: Callable, params, batch_stats, inputs
   b) -> (loss, aux): the global-batch loss of all N rows'
   embeddings. inputs: the same pytree with [N, ...] leaves, split over the
   mesh's batch axes. param_shardings: where the gradient sum lives (FSDP).
+  encode_with_terms(params, batch_stats, inputs) -> (((a, b), (value,
+  aux)), new batch stats): the embeddings and, from the same forward pass,
+  per-example terms (each chunk's value and aux its share of the global
+  batch's: summed over the chunks), added to the loss in pass 3; None:
+  no terms (aux ({}, {})).
   """
   n = jax.tree.leaves(inputs)[0].shape[0]
   num_shards = parallel.num_batch_shards(mesh)
@@ -93,15 +100,32 @@ def loss_and_grads(encode: Callable, head: Callable, params, batch_stats, inputs
       head, argnums=(0, 1, 2), has_aux=True)(params, a, b)
   cached = jax.tree.map(lambda g: to_chunks(g, num_chunks, num_shards), (grad_a, grad_b))
 
-  # Pass 3: re-encode each chunk and pull its cached gradient back to the parameters.
-  def backprop_chunk(total, chunk_and_grads):
+  # Pass 3: re-encode each chunk and pull its cached gradient back to the parameters
+  # (with its per-example terms' own gradient, from the same forward pass).
+  if encode_with_terms is None:
+    encode_with_terms = lambda p, stats, chunk: (
+        (encode(p, stats, chunk)[0], (jnp.float32(0), ({}, {}))), None)
+
+  def backprop_chunk(carry, chunk_and_grads):
+    total, term_total = carry
     chunk, grads = chunk_and_grads
-    _, pull_back = jax.vjp(lambda p: encode(p, batch_stats, chunk)[0], params)
-    return jax.tree.map(jnp.add, total, pull_back(grads)[0]), None
+
+    def forward(p):
+      embeddings, (value, aux) = encode_with_terms(p, batch_stats, chunk)[0]
+      return (embeddings, value), aux
+
+    (_, value), pull_back, aux = jax.vjp(forward, params, has_aux=True)
+    chunk_grads = pull_back((grads, jnp.ones_like(value)))[0]
+    return (jax.tree.map(jnp.add, total, chunk_grads),
+            jax.tree.map(jnp.add, term_total, (value, aux))), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   if param_shardings is not None:
     zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-  tower_grads, _ = jax.lax.scan(backprop_chunk, zeros, (chunks, cached))
+  first = jax.tree.map(lambda x: x[0], chunks)
+  term_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+      lambda: encode_with_terms(params, batch_stats, first)[0][1]))
+  (tower_grads, (term, term_aux)), _ = jax.lax.scan(backprop_chunk, (zeros, term_zeros),
+                                                   (chunks, cached))
   grads = jax.tree.map(jnp.add, head_grads, tower_grads)
-  return (loss, (head_aux, new_stats)), grads
+  return (loss + term, (head_aux, term_aux, new_stats)), grads

@@ -34,9 +34,6 @@ def check_decoder_group(config, text_tower: bool) -> None:
   check(text_tower, f'decoder.weight: the decoder writes captions, {config.method} has none')
   check(config.model.name in presets.VIT_NAMES,
         'decoder.weight: the decoder reads a ViT\'s patch tokens (model.name vit-*)')
-  check(not config.microbatch_size,
-        'decoder.weight with microbatch_size is not supported yet: the decoder\'s term runs '
-        'on the whole batch')
   width = d.width or config.text.width
   check(width % (d.heads or config.text.heads) == 0,
         f'decoder width {width} is not divisible by its {d.heads or config.text.heads} heads')
@@ -75,9 +72,6 @@ def check_self_distill_group(config, text_tower: bool) -> None:
   check(config.dataset.resolution == 'square',
         'self_distill: a NaFlex run has no square crops to distill (SigLIP 2 trains its '
         'NaFlex variant without these terms)')
-  check(not config.microbatch_size,
-        'self_distill with microbatch_size is not supported yet: its terms run on the whole '
-        'batch')
   patch, size = config.model.vit.patch_size, config.augment.image_size
   check(s.local_size % patch == 0 and s.local_size <= size,
         f'self_distill.local_size {s.local_size} must be whole patches of {patch} px, at '

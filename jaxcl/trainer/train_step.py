@@ -26,10 +26,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxcl import losses, name_patterns, parallel
 from jaxcl.data import augment
-from jaxcl.losses import captioning, estimators
+from jaxcl.losses import estimators
 from jaxcl.models import param_groups
 from jaxcl.models.temperature import logit_transform, project_all
-from jaxcl.trainer import ema_teacher, grad_cache, per_example
+from jaxcl.trainer import ema_teacher, grad_cache, per_example, recipe_terms
 from jaxcl.trainer.experiment import Experiment, TrainState
 
 
@@ -119,7 +119,7 @@ def make_loss_and_grads(exp: Experiment):
       teacher_a, teacher_b, teacher_tau = teacher.embeddings(teacher_weights, views,
                                                              batch[teacher.text_key])
       taught = (teacher_a, teacher_b, jnp.asarray(teacher_tau, jnp.float32),
-                term_weight(config.distill, state.step))
+                recipe_terms.term_weight(config.distill, state.step))
 
     def head(params, a, b):
       """The global-batch loss of the embeddings; τ and the bias are the model's.
@@ -131,65 +131,39 @@ def make_loss_and_grads(exp: Experiment):
                                               taught)
       return value, (metrics, tau, bias, new_rows)
 
-    def self_distilled(params):
-      """(value, metrics, centers) of the self-distillation terms at this
-      step: nothing computed before their start step."""
-      group = config.self_distill
+    terms = recipe_terms.Terms(exp, state, batch, key, merge)
 
-      def active(params):
-        student = merge(params, state.batch_stats)
-        teacher = nnx.merge(exp.train_graphdef, ema_teacher.teacher_params(
-            params, state.ema, state.step, group.start_step), state.batch_stats, copy=True)
-        return ema_teacher.terms(student, teacher, state.ema['center'],
-                                 jax.random.fold_in(key, SELF_DISTILL_STREAM), batch['image'],
-                                 config)
-
-      def inactive(params):
-        value, metrics, _ = jax.eval_shape(active, params)
-        zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
-        return zeros(value), zeros(metrics), state.ema['center']
-
-      return jax.lax.cond(state.step >= group.start_step, active, inactive, params)
+    def encode_with_terms(params, batch_stats, chunk):
+      """Rows' embeddings (a, b) and their share of the per-example terms
+      (value, (metrics, centers)), from one forward pass; new batch stats."""
+      rows_batch, keys, extras = chunk
+      (a, b, *decoded), stats = encode(params, batch_stats, (rows_batch, keys))
+      return ((a, b), terms(params, rows_batch, extras, decoded)), stats
 
     if config.microbatch_size:
-      (value, (head_aux, batch_stats)), grads = grad_cache.loss_and_grads(
-          encode, head, state.params, state.batch_stats, inputs,
-          microbatch_size=config.microbatch_size, mesh=exp.mesh,
-          param_shardings=exp.state_sharding.params)
-      centers = {}
+      # The embeddings' pass reads no decoder rows; the pass that takes gradients does.
+      plain = lambda params, stats, chunk: encode(
+          params, stats, ({k: v for k, v in chunk[0].items() if k != 'decoder_ids'}, chunk[1]))
+      (value, (head_aux, (term_metrics, centers), batch_stats)), grads = (
+          grad_cache.loss_and_grads(
+              plain, head, state.params, state.batch_stats, (*inputs, terms.extras),
+              microbatch_size=config.microbatch_size, mesh=exp.mesh,
+              param_shardings=exp.state_sharding.params,
+              encode_with_terms=encode_with_terms if terms else None))
     else:
       def loss_fn(params):
-        (a, b, *decoded), batch_stats = encode(params, state.batch_stats, inputs)
+        ((a, b), (term, term_aux)), batch_stats = encode_with_terms(
+            params, state.batch_stats, (*inputs, terms.extras))
         value, head_aux = head(params, a, b)
-        if decoded:  # the decoder's term (config.decoder): its own tokens, no other row's
-          term = captioning.token_cross_entropy(decoded[0], batch['decoder_ids'],
-                                                batch['decoder_weights'])
-          value = value + term_weight(config.decoder, state.step) * term.loss
-          metrics = {**head_aux[0], 'decoder_loss': term.loss, **term.metrics}
-          head_aux = (metrics, *head_aux[1:])
-        if state.ema:  # SigLIP 2's self-distillation (config.self_distill)
-          term, term_metrics, centers = self_distilled(params)
-          value = value + term
-          head_aux = ({**head_aux[0], **term_metrics}, *head_aux[1:])
-          return value, (head_aux, batch_stats, centers)
-        return value, (head_aux, batch_stats, {})
+        return value + term, (head_aux, term_aux, batch_stats)
 
-      (value, (head_aux, batch_stats, centers)), grads = jax.value_and_grad(
+      (value, (head_aux, (term_metrics, centers), batch_stats)), grads = jax.value_and_grad(
           loss_fn, has_aux=True)(state.params)
+    head_aux = ({**head_aux[0], **term_metrics}, *head_aux[1:])
     metrics, tau, bias, rows = head_aux
     return (value, StepAux(metrics, batch_stats, tau, bias, rows, centers)), grads
 
   return loss_and_grads
-
-
-# The step's key folded with this gives the self-distillation crops and masks.
-SELF_DISTILL_STREAM = 0x5D15
-
-
-def term_weight(group, step):
-  """A recipe term's weight at `step` (its config group's `weight` from its
-  `start_step` on, 0 before): float32 scalar."""
-  return jnp.where(step >= group.start_step, jnp.float32(group.weight), jnp.float32(0))
 
 
 def make_train_step(exp: Experiment):

@@ -2,7 +2,8 @@
 jaxcl.trainer.ema_teacher): DINO's cross-entropy and its center against a
 float64 NumPy reference on one and 8 devices; the crops and masks; in the
 step, the terms from their start step on with the student as the first
-teacher, the EMA update to the last bit, and 8 devices equal to one."""
+teacher, microbatches equal to the whole batch, the EMA update to the last
+bit, and 8 devices equal to one."""
 
 import jax
 import jax.numpy as jnp
@@ -201,9 +202,13 @@ def _reference(exp, state, batch):
   return silc, tips
 
 
-@pytest.mark.slow  # the step compiled on 1 and on 8 devices
+@pytest.mark.slow  # the step compiled on 1 and on 8 devices, and in microbatches
 def test_the_terms_start_at_their_step_and_the_ema_follows_exactly():
-  exp = _setup()
+  """With the decoder on too: before the start step nothing; at it the
+  reference's terms, and microbatches of 8 (GradCache, each chunk its
+  share) give the whole batch's loss, gradients, metrics and centers; the
+  EMA exact; 8 devices with FSDP equal to one."""
+  exp = _setup(**{'decoder.weight': 0.5})
   s = exp.config.self_distill
   host = helpers.two_tower_batch(exp, 16)
   batch = parallel.put_batch(exp.mesh, {k: host[k] for k in train_step.step_batch_keys(exp)})
@@ -226,6 +231,16 @@ def test_the_terms_start_at_their_step_and_the_ema_follows_exactly():
   assert_close(aux.metrics['self_distill_loss'], silc, rtol=1e-5, what='SILC term')
   assert_close(aux.metrics['masked_loss'], tips, rtol=1e-5, what='TIPS term')
   assert any(np.any(g) for g in jax.tree.leaves(grads['self_distill']))
+  chunked = _setup(**{'decoder.weight': 0.5, 'microbatch_size': 8})
+  (value_c, aux_c), grads_c = jax.jit(train_step.make_loss_and_grads(chunked))(state, batch)
+  assert_close(value_c, value, rtol=1e-5, what='loss in microbatches')
+  assert_close(jax.device_get(grads_c), jax.device_get(grads), rtol=3e-5,
+               what='grads in microbatches')
+  keys = [k for k in aux.metrics if k.startswith(('decoder_', 'self_distill_', 'masked_'))]
+  assert aux.metrics['decoder_loss'] > 0 and len(keys) > 6
+  assert_close({k: aux_c.metrics[k] for k in keys}, {k: aux.metrics[k] for k in keys},
+               rtol=1e-5, what='metrics in microbatches')
+  assert_close(aux_c.centers, aux.centers, rtol=1e-5, what='centers in microbatches')
   before = jax.device_get(state.params)
   state, _ = step(state, batch)
   after = jax.device_get(state.params)
@@ -238,7 +253,7 @@ def test_the_terms_start_at_their_step_and_the_ema_follows_exactly():
   assert np.any(jax.device_get(state.ema['center']['image']))
 
   # After it the teacher is the EMA: one more step moves it from itself.
-  ema, before = jax.device_get(state.ema['params']), jax.device_get(state.params)
+  ema = jax.device_get(state.ema['params'])
   state, metrics = step(state, batch)
   after = jax.device_get(state.params)
   want = jax.tree.map(lambda t, p: m * t + (np.float32(1) - m) * p, ema['image_encoder'],
@@ -247,10 +262,9 @@ def test_the_terms_start_at_their_step_and_the_ema_follows_exactly():
                     jax.tree.leaves(want)):
     np.testing.assert_array_equal(got, w)
   assert np.isfinite(float(metrics['loss']))
-  del before
 
   # 8 devices (data 4 x fsdp 2) give one device's loss and gradients.
-  sharded = _setup(devices=8, **{'mesh.fsdp': 2})
+  sharded = _setup(devices=8, **{'mesh.fsdp': 2, 'decoder.weight': 0.5})
   state_1, state_8 = (e.init_state().replace(step=jnp.int32(2)) for e in (exp, sharded))
   (value_1, _), grads_1 = loss_and_grads(state_1, batch)
   batch_8 = parallel.put_batch(sharded.mesh,
@@ -259,32 +273,6 @@ def test_the_terms_start_at_their_step_and_the_ema_follows_exactly():
   assert_close(value_8, value_1, rtol=1e-5, what='loss on 8 devices')
   assert_close(jax.device_get(grads_8), jax.device_get(grads_1), rtol=3e-5,
                what='grads on 8 devices')
-  del value
-
-
-@pytest.mark.slow  # the step with every term compiled whole and in microbatches
-def test_microbatches_give_the_whole_batchs_terms():
-  """With the decoder and both self-distillation terms on, microbatches of 8
-  (GradCache: the contrastive loss over the global batch, each chunk's
-  terms its share) give the whole batch's loss, gradients, metrics and
-  centers."""
-  whole = _setup(**{'decoder.weight': 0.5, 'self_distill.start_step': 0})
-  chunked = _setup(**{'decoder.weight': 0.5, 'self_distill.start_step': 0,
-                      'microbatch_size': 8})
-  host = helpers.two_tower_batch(whole, 16)
-  results = []
-  for exp in (whole, chunked):
-    batch = parallel.put_batch(exp.mesh, {k: host[k] for k in train_step.step_batch_keys(exp)})
-    results.append(jax.device_get(jax.jit(train_step.make_loss_and_grads(exp))(
-        exp.init_state(), batch)))
-  ((value_w, aux_w), grads_w), ((value_c, aux_c), grads_c) = results
-  assert aux_w.metrics['decoder_loss'] > 0 and aux_w.metrics['masked_loss'] > 0
-  assert_close(value_c, value_w, rtol=1e-5, what='loss')
-  assert_close(grads_c, grads_w, rtol=3e-5, what='grads')
-  keys = [k for k in aux_w.metrics if k.startswith(('decoder_', 'self_distill_', 'masked_'))]
-  assert_close({k: aux_c.metrics[k] for k in keys}, {k: aux_w.metrics[k] for k in keys},
-               rtol=1e-5, what='metrics')
-  assert_close(aux_c.centers, aux_w.centers, rtol=1e-5, what='centers')
 
 
 @pytest.mark.parametrize('change, message', [

@@ -303,3 +303,26 @@ def siglip2_costs() -> str:
 
 TABLES.update({'siglip2-costs': siglip2_costs,
                'siglip2-results': functools.partial(_variant_rows, 'siglip2', SIGLIP2_COLUMNS)})
+
+
+def siglip2_max_batch() -> str:
+  """benchmarks/max_batch_siglip2_recipe.json: SigLIP B/16 alone and with
+  SigLIP 2's recipe terms, the largest batch per device per budget."""
+  measured = _benchmark('max_batch_siglip2_recipe')
+  if measured is None:
+    return ('(not measured yet: python benchmarks/max_batch.py --models '
+            'siglip_b16,siglip2_b16_recipe --losses blockwise --microbatch_sizes 0 '
+            '--remats full --nomoonshot --json benchmarks/max_batch_siglip2_recipe.json)')
+  names = {'siglip_b16': 'SigLIP B/16', 'siglip2_b16_recipe': 'with the decoder and the '
+                                                               'EMA teacher\'s terms'}
+  cells = []
+  for row in sorted(measured['rows'], key=lambda r: (r['budget_gb'], r['model'] != 'siglip_b16')):
+    fits = row['checked'] and row['batch_size']
+    cells.append([names.get(row['model'], row['model']), f'{row["budget_gb"]:g} GB',
+                  *([f'{row["batch_size"]:,}', f'{row["peak_bytes"] / 1e9:.1f}',
+                     f'{row["state_bytes"] / 1e9:.2f}'] if fits else ['none fits', '—', '—'])])
+  return _table(['model', 'device memory', 'largest batch per device', 'its peak GB',
+                 'parameters and AdamW state GB'], cells)
+
+
+TABLES['siglip2-max-batch'] = siglip2_max_batch

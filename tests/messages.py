@@ -19,7 +19,7 @@ def expected(message: str, **paths) -> str:
 # tests/test_cli_config.py: `jaxcl train` with one bad override (8 devices).
 CONFIG = {
     'unknown key':
-        "jaxcl: error: unknown config key 'no_such_key' in --config.no_such_key (the keys are augment, batch_size, checkpoint_every_steps, compilation_cache_dir, dataset, decoder, device_memory_gb, distill, eval, eval_every_steps, init, keep_checkpoints, log_every_steps, loss, mesh, method, microbatch_size, model, name, nonfinite, optimizer, profile_steps, seed, temperature, text, total_steps, wandb)",
+        "jaxcl: error: unknown config key 'no_such_key' in --config.no_such_key (the keys are augment, batch_size, checkpoint_every_steps, compilation_cache_dir, dataset, decoder, device_memory_gb, distill, eval, eval_every_steps, init, keep_checkpoints, log_every_steps, loss, mesh, method, microbatch_size, model, name, nonfinite, optimizer, profile_steps, seed, self_distill, temperature, text, total_steps, wandb)",
     'unknown nested key':
         "jaxcl: error: unknown config key 'depth' in --config.model.depth (did you mean 'width'?)",
     'wrong type':

@@ -65,3 +65,22 @@ def test_perplexity_and_referring_accuracy(knows, shift, accuracy):
     assert results['decoder_perplexity'] == pytest.approx(1.0, abs=1e-6)
   else:  # uniform over the vocabulary
     assert results['decoder_perplexity'] == pytest.approx(tokenizer.vocab_size, rel=1e-5)
+
+
+def test_greedy_decoding_stops_after_a_boxs_tokens():
+  """A decoder that writes '1' forever (never its end-of-text) is read at
+  most MAX_BOX_TOKENS times for the boxes, not once per free position."""
+  tokenizer = tokenizers.ByteTokenizer(96)
+  records = shapes.generate(3, 8, geometry=True)  # one batch of 8
+  calls = []
+
+  def ones(images, ids):
+    calls.append(1)
+    logits = np.zeros((*np.asarray(ids).shape, tokenizer.vocab_size), np.float32)
+    logits[..., ord('1') + tokenizer.byte_offset] = 30.0
+    return logits
+
+  mesh = parallel.make_mesh({'data': -1, 'fsdp': 1}, __import__('jax').devices()[:1])
+  results = decoder_eval.evaluate(ones, mesh, records, tokenizer, batch_size=8)
+  assert results['refer_accuracy'] == 0.0  # '1111...': no four integers
+  assert len(calls) == 1 + decoder_eval.MAX_BOX_TOKENS  # the perplexity's pass, then the boxes'

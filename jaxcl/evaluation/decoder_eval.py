@@ -23,6 +23,10 @@ from jaxcl.data import locca
 
 IOU_THRESHOLD = 0.5
 REFER_IMAGES = 256
+# A box is four integers below 100 and three spaces (jaxcl.data.locca), then the
+# end-of-text: no tokenizer needs more tokens than this for one, so greedy decoding
+# stops here even when a decoder never writes its end-of-text.
+MAX_BOX_TOKENS = 16
 
 
 def evaluate(decoder_fn, mesh, source, tokenizer, batch_size: int) -> dict:
@@ -71,7 +75,7 @@ def _greedy_box(decoder_fn, mesh, images, tokenizer, descriptions, batch_size) -
   starts = np.array([int(np.argmax(weights)) for _, weights in rows])
   ids[np.arange(len(ids)), starts] = tokenizer.pad_id
   done = np.zeros(len(ids), bool)
-  for step in range(ids.shape[1] - int(starts.min())):
+  for step in range(min(MAX_BOX_TOKENS, ids.shape[1] - int(starts.min()))):
     position = np.minimum(starts + step, ids.shape[1] - 1)
     logits = _run(decoder_fn, mesh, images, ids, batch_size)
     chosen = logits[np.arange(len(ids)), position].argmax(-1)

@@ -19,9 +19,9 @@ LEARNABLE = 'learnable'
 TRAIN_COLUMNS = ('loss', 'entropy', 'effective_negatives', 'positive_prob', 'contrastive_top1',
                  'contrastive_top5', 'hardest_negative_share', 'alignment', 'uniformity')
 ACCURACY_COLUMNS = ('knn_top1', 'linear_top1', 'zeroshot_top1', 'zeroshot_top5', 'i2t_r1',
-                    't2i_r1')
-EVAL_COLUMNS = (*ACCURACY_COLUMNS, 'tolerance', 'test_uniformity', 'zeroshot_ece',
-                'zeroshot_ece_fitted')
+                    't2i_r1', 'patch_probe_top1', 'refer_accuracy')
+EVAL_COLUMNS = (*ACCURACY_COLUMNS, 'decoder_perplexity', 'tolerance', 'test_uniformity',
+                'zeroshot_ece', 'zeroshot_ece_fitted')
 
 
 def columns(rows: list[dict], extra=()) -> list[str]:

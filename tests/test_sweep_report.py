@@ -9,7 +9,7 @@ import pytest
 
 import messages
 from helpers import DIGITS_CONFIG, jaxcl, tiny_config, tiny_overrides
-from jaxcl import config as config_lib, sweep
+from jaxcl import config as config_lib, search_records, sweep
 from jaxcl.trainer import validation
 
 RUN = ['--config.total_steps=6', '--config.log_every_steps=3', '--config.eval_every_steps=1000',
@@ -204,3 +204,12 @@ def test_a_sweep_refused_as_its_first_run_starts_holds_no_rerun(swept, tmp_path)
   sweep.prepare(config, workdir, ['0.1'], sweep.settings(config, ['0.1']), writer=True)
   jaxcl(*command, f'--config.init.source={source}')
   assert json.loads((workdir / 'sweep.json').read_text())['config']['init.source'] == str(source)
+
+
+def test_the_sweep_table_has_the_dense_and_decoder_scores_a_run_has():
+  """A ViT run's patch probe and a decoder's scores are columns, where a run has them."""
+  rows = [{'run': 'tau-0.1', 'tau': 0.1, 'zeroshot_top1': 0.9, 'patch_probe_top1': 0.8,
+           'refer_accuracy': 0.2, 'decoder_perplexity': 3.4}, {'run': 'tau-0.2', 'tau': 0.2}]
+  columns = search_records.columns(rows)
+  assert {'patch_probe_top1', 'refer_accuracy', 'decoder_perplexity'} <= set(columns)
+  assert 'knn_top1' not in columns

@@ -124,7 +124,7 @@ def _reference(exp, state, batch):
   return losses.clip_loss(a, b, model.temperature(state.step)).loss, decoded.loss
 
 
-@pytest.mark.slow  # the taught step compiled on 1 and on 8 devices
+@pytest.mark.slow  # the step and a reference compiled
 def test_the_step_adds_the_decoders_term_from_its_start_step():
   exp = _student()
   host = helpers.two_tower_batch(exp, 16)
@@ -144,14 +144,8 @@ def test_the_step_adds_the_decoders_term_from_its_start_step():
   decoder_grads = jax.tree.leaves(results[1][1]['decoder'])
   assert all(not np.any(g) for g in jax.tree.leaves(results[0][1]['decoder']))
   assert any(np.any(g) for g in decoder_grads)  # trained from its start step on
-
-  sharded = _student(devices=8, **{'mesh.fsdp': 2})
-  batch = parallel.put_batch(sharded.mesh,
-                             {k: host[k] for k in train_step.step_batch_keys(sharded)})
-  state = sharded.init_state().replace(step=jnp.int32(1))
-  (value, _), grads = jax.jit(train_step.make_loss_and_grads(sharded))(state, batch)
-  assert_close(value, results[1][0], rtol=1e-5, what='loss on 8 devices')
-  assert_close(jax.device_get(grads), results[1][1], rtol=3e-5, what='grads on 8 devices')
+  # On 8 devices with FSDP, and in microbatches, the decoder's step is checked with the
+  # self-distillation terms (tests/test_self_distill.py), one compile for both.
 
 
 @pytest.mark.parametrize('change, message', [

@@ -104,14 +104,13 @@ def terms(student, teacher, center, row_keys, images_uint8, config):
   copy, no gradient), center {'image', 'patch': [prototypes]}."""
   s, d = config.self_distill, config.dataset
   global_crops, local_crops, masks = views(row_keys, images_uint8, config)
-  encoder = teacher.image_encoder
-  tokens, _ = encoder.tokens(standardize(global_crops, d))
-  teacher_image = teacher.self_distill.image(encoder.pooled(tokens, None))
-  teacher_patch = teacher.self_distill.patch(_patch_tokens(encoder, tokens))
-  teacher_image, teacher_patch = jax.lax.stop_gradient((teacher_image, teacher_patch))
+  global_input = standardize(global_crops, d)
+  teacher_tokens, _ = teacher.image_encoder.tokens(global_input)
   value, metrics, new_center = jnp.float32(0), {}, dict(center)
   encoder = student.image_encoder
   if s.weight:
+    teacher_image = jax.lax.stop_gradient(teacher.self_distill.image(
+        teacher.image_encoder.pooled(teacher_tokens, None)))
     n, v, size = local_crops.shape[:3]
     patch = config.model.vit.patch_size
     flat = standardize(local_crops.reshape(n * v, size, size, -1), d)
@@ -126,7 +125,9 @@ def terms(student, teacher, center, row_keys, images_uint8, config):
     new_center['image'] = self_distill.updated_center(center['image'], teacher_image,
                                                        s.center_momentum)
   if s.masked_weight:
-    masked_tokens, _ = encoder.tokens(standardize(global_crops, d), mask=masks,
+    teacher_patch = jax.lax.stop_gradient(teacher.self_distill.patch(
+        _patch_tokens(teacher.image_encoder, teacher_tokens)))
+    masked_tokens, _ = encoder.tokens(global_input, mask=masks,
                                       mask_token=student.self_distill.mask_token[...])
     predicted = student.self_distill.patch(_patch_tokens(encoder, masked_tokens))
     term = self_distill.prototype_cross_entropy(predicted, teacher_patch, center['patch'],

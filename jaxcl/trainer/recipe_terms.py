@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxcl.data import augment
 from jaxcl.losses import captioning
@@ -37,9 +36,8 @@ class Terms:
   beside the model's inputs (chunked with them); calling it on some rows
   gives (value, (metrics, centers)), each that rows' share."""
 
-  def __init__(self, exp, state, batch, key, merge):
-    self.exp, self.state, self.merge = exp, state, merge
-    self.config = exp.config
+  def __init__(self, config, state, batch, key, merge):
+    self.config, self.state, self.merge = config, state, merge
     n = jax.tree.leaves(batch)[0].shape[0]
     self.extras = {}
     if 'decoder_weights' in batch:
@@ -84,8 +82,8 @@ class Terms:
 
     def active(params):
       student = self.merge(params, state.batch_stats)
-      teacher = nnx.merge(self.exp.train_graphdef, ema_teacher.teacher_params(
-          params, state.ema, state.step, group.start_step), state.batch_stats, copy=True)
+      teacher = self.merge(ema_teacher.teacher_params(params, state.ema, state.step,
+                                                      group.start_step), state.batch_stats)
       return ema_teacher.terms(student, teacher, state.ema['center'], row_keys, images, config)
 
     def inactive(params):

@@ -131,7 +131,7 @@ def make_loss_and_grads(exp: Experiment):
                                               taught)
       return value, (metrics, tau, bias, new_rows)
 
-    terms = recipe_terms.Terms(exp, state, batch, key, merge)
+    terms = recipe_terms.Terms(config, state, batch, key, merge)
 
     def encode_with_terms(params, batch_stats, chunk):
       """Rows' embeddings (a, b) and their share of the per-example terms
